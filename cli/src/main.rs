@@ -1,0 +1,151 @@
+//! `qscript`: run, check and watch training recipes, or open the REPL.
+//!
+//! Exit codes: 0 success, 1 script or user error, 2 usage or internal error.
+
+mod repl;
+mod watch;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::{Args, Parser, Subcommand};
+use qscript_stdlib::context::DEFAULT_MAX_OPERATIONS;
+use qscript_stdlib::{RunOptions, Session, StdSink};
+
+/// Notebook-style scripting runtime for LLM training recipes.
+#[derive(Parser, Debug)]
+#[command(name = "qscript", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a recipe (the same as `qscript FILE`).
+    Run(RunArgs),
+    /// Parse a recipe and resolve its params without running it.
+    Check(RunArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct RunArgs {
+    /// The recipe to run; without one, the REPL opens.
+    file: Option<PathBuf>,
+    /// Override a param declared with `params(#{ ... })`, e.g. `--set lr=2e-4`.
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
+    set: Vec<(String, String)>,
+    /// Run, then re-run from the first edited cell on every save.
+    #[arg(long)]
+    watch: bool,
+    /// Where the run writes (default `./runs/<recipe-name>`).
+    #[arg(long, value_name = "DIR")]
+    output_dir: Option<PathBuf>,
+    /// Let the recipe read under PATH too (repeatable).
+    #[arg(long, value_name = "PATH")]
+    allow_read: Vec<PathBuf>,
+    /// Stop scripts after this many operations (0 = no limit).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_OPERATIONS)]
+    max_operations: u64,
+}
+
+fn parse_set(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("expected `KEY=VALUE`, found `{s}`")),
+    }
+}
+
+/// Set by Ctrl-C; the watch loop reads it to tell "cancel the run" from "quit".
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (args, check) = match cli.command {
+        Some(Command::Run(a)) => (a, false),
+        Some(Command::Check(a)) => (a, true),
+        None => (cli.run, false),
+    };
+    match run(&args, check) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
+    let cwd = std::env::current_dir()?;
+    let (base, name) = match &args.file {
+        Some(f) => {
+            let dir = f.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let stem = f.file_stem().map_or("recipe".into(), |s| s.to_string_lossy().into_owned());
+            (dir.to_path_buf(), stem)
+        }
+        None => (cwd.clone(), "repl".to_string()),
+    };
+    if let Some(f) = &args.file
+        && !f.is_file()
+    {
+        eprintln!("error: cannot read recipe `{}`: no such file", f.display());
+        return Ok(ExitCode::from(1));
+    }
+    let mut opts = RunOptions::new(&base, args.output_dir.clone().unwrap_or(cwd.join("runs").join(name)));
+    opts.allow_read.clone_from(&args.allow_read);
+    opts.overrides.clone_from(&args.set);
+    opts.max_operations = args.max_operations;
+    let mut session = match Session::new(&opts, Arc::new(StdSink)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let cancel = session.context().cancel.clone();
+    ctrlc::set_handler(move || {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        cancel.cancel();
+    })?;
+
+    let Some(file) = &args.file else {
+        return Ok(if std::io::stdin().is_terminal() {
+            repl::interactive(&mut session)?
+        } else {
+            repl::piped(&mut session)?
+        });
+    };
+    if check {
+        return Ok(match qscript_stdlib::check::check(&session, file) {
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        });
+    }
+    if args.watch {
+        return watch::watch(&mut session, file);
+    }
+    let report = match session.load_file(file) {
+        Ok(r) => r,
+        Err(e) => return Ok(fail(&e)),
+    };
+    if let Some(e) = &report.error {
+        return Ok(fail(e));
+    }
+    if let Err(e) = session.check_overrides_used() {
+        return Ok(fail(&e));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fail(e: &qscript_stdlib::ScriptError) -> ExitCode {
+    eprintln!("{e}");
+    ExitCode::from(1)
+}

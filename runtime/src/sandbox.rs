@@ -1,0 +1,204 @@
+//! The path policy of a run. Recipes are shared between teams, so a recipe may read only under its
+//! own directory, the run's output directory and the paths the user allowed (`--allow-read`), and
+//! may write only under the output directory. Every function that takes a path goes through
+//! [`Sandbox::resolve_read`] or [`Sandbox::resolve_write`]; symlinks are resolved before the check,
+//! so a link that points out of the tree is refused like the path it points to.
+
+use std::path::{Component, Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// Where a recipe may read and write.
+#[derive(Clone, Debug)]
+pub struct Sandbox {
+    base: PathBuf,
+    output: PathBuf,
+    read_roots: Vec<PathBuf>,
+}
+
+impl Sandbox {
+    /// A sandbox for a recipe in `base` (relative reads resolve there), writing under `output`
+    /// (relative writes resolve there; created on first write), and reading also under each of
+    /// `allow_read`.
+    pub fn new(base: &Path, output: impl Into<PathBuf>, allow_read: &[PathBuf]) -> Result<Self> {
+        let base = base.canonicalize().map_err(|e| Error::io(base, e))?;
+        let output = absolute(&output.into())?;
+        let mut read_roots = vec![base.clone()];
+        for p in allow_read {
+            let c = p.canonicalize().map_err(|e| {
+                Error::InvalidArgument(format!("`--allow-read {}`: {e}", p.display()))
+            })?;
+            read_roots.push(c);
+        }
+        Ok(Self { base, output, read_roots })
+    }
+
+    /// The directory relative reads resolve against (the recipe's).
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+
+    /// The run's output directory (absolute; it may not exist yet).
+    pub fn output_dir(&self) -> &Path {
+        &self.output
+    }
+
+    /// Resolves `path` for reading: relative to the recipe directory, symlinks followed, and
+    /// refused unless it lies under a readable root.
+    pub fn resolve_read(&self, path: impl AsRef<Path>) -> Result<PathBuf> {
+        let path = path.as_ref();
+        let joined = self.base.join(path);
+        let real = joined.canonicalize().map_err(|e| Error::io(&joined, e))?;
+        let output = self.output.canonicalize().ok();
+        let allowed = self.read_roots.iter().chain(output.as_ref()).any(|r| real.starts_with(r));
+        if allowed {
+            Ok(real)
+        } else {
+            Err(Error::Sandbox(format!(
+                "cannot read `{}`: it is outside the recipe's sandbox (readable: {}); \
+                 pass `--allow-read PATH` to allow more",
+                path.display(),
+                self.readable_list(),
+            )))
+        }
+    }
+
+    /// Resolves `path` for writing: relative to the output directory, refused unless it stays
+    /// under it (after `..` and symlinks). Creates the missing parent directories.
+    pub fn resolve_write(&self, path: impl AsRef<Path>) -> Result<PathBuf> {
+        let path = path.as_ref();
+        let refuse = || {
+            Error::Sandbox(format!(
+                "cannot write `{}`: recipes may write only under the output directory `{}`",
+                path.display(),
+                self.output.display()
+            ))
+        };
+        let target = normalize(&self.output.join(path));
+        if !target.starts_with(&self.output) || target == self.output {
+            return Err(refuse());
+        }
+        let parent = target.parent().ok_or_else(refuse)?;
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        let out_real = self.output.canonicalize().map_err(|e| Error::io(&self.output, e))?;
+        let parent_real = parent.canonicalize().map_err(|e| Error::io(parent, e))?;
+        let name = target.file_name().ok_or_else(refuse)?;
+        let real = parent_real.join(name);
+        if !parent_real.starts_with(&out_real) {
+            return Err(refuse());
+        }
+        if std::fs::symlink_metadata(&real).is_ok_and(|m| m.file_type().is_symlink()) {
+            let pointee = real.canonicalize().map_err(|e| Error::io(&real, e))?;
+            if !pointee.starts_with(&out_real) {
+                return Err(refuse());
+            }
+        }
+        Ok(real)
+    }
+
+    /// Writes `bytes` to `path` (see [`Sandbox::resolve_write`]) atomically: a temporary file in
+    /// the same directory, then a rename, so a crash never leaves a half-written file.
+    pub fn write_atomic(&self, path: impl AsRef<Path>, bytes: &[u8]) -> Result<PathBuf> {
+        let real = self.resolve_write(path)?;
+        write_atomic(&real, bytes)?;
+        Ok(real)
+    }
+
+    fn readable_list(&self) -> String {
+        self.read_roots
+            .iter()
+            .chain(std::iter::once(&self.output))
+            .map(|p| format!("`{}`", p.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary sibling and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().map_err(|e| Error::io(".", e))?.join(p)
+    };
+    Ok(normalize(&abs))
+}
+
+/// Removes `.` and resolves `..` lexically (no file-system access).
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, Sandbox) {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe = dir.path().join("recipe");
+        std::fs::create_dir(&recipe).unwrap();
+        std::fs::write(recipe.join("data.txt"), "hi").unwrap();
+        std::fs::write(dir.path().join("secret.txt"), "s").unwrap();
+        let sb = Sandbox::new(&recipe, dir.path().join("out"), &[]).unwrap();
+        (dir, sb)
+    }
+
+    #[test]
+    fn reads_inside_and_refuses_outside() {
+        let (_d, sb) = setup();
+        assert!(sb.resolve_read("data.txt").is_ok());
+        let e = sb.resolve_read("/etc/passwd").unwrap_err();
+        assert!(e.to_string().contains("outside the recipe's sandbox"), "{e}");
+        assert!(matches!(sb.resolve_read("../secret.txt"), Err(Error::Sandbox(_))));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn refuses_symlinks_out_of_the_tree() {
+        let (d, sb) = setup();
+        std::os::unix::fs::symlink(d.path().join("secret.txt"), sb.base().join("link")).unwrap();
+        assert!(matches!(sb.resolve_read("link"), Err(Error::Sandbox(_))));
+        std::fs::create_dir_all(sb.output_dir()).unwrap();
+        std::os::unix::fs::symlink(d.path(), sb.output_dir().join("escape")).unwrap();
+        assert!(matches!(sb.resolve_write("escape/x.txt"), Err(Error::Sandbox(_))));
+    }
+
+    #[test]
+    fn writes_only_under_output() {
+        let (_d, sb) = setup();
+        let p = sb.write_atomic("sub/a.txt", b"x").unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "x");
+        assert!(sb.resolve_read(&p).is_ok(), "output dir is readable");
+        assert!(matches!(sb.resolve_write("../x.txt"), Err(Error::Sandbox(_))));
+        assert!(matches!(sb.resolve_write("/tmp/x.txt"), Err(Error::Sandbox(_))));
+    }
+
+    #[test]
+    fn allow_read_extends_and_names_bad_paths() {
+        let (d, _) = setup();
+        let sb = Sandbox::new(&d.path().join("recipe"), d.path().join("out"), &[d.path().into()])
+            .unwrap();
+        assert!(sb.resolve_read("../secret.txt").is_ok());
+        let e = Sandbox::new(d.path(), d.path().join("o"), &["/no/such".into()]).unwrap_err();
+        assert!(e.to_string().contains("--allow-read /no/such"), "{e}");
+    }
+}

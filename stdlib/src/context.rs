@@ -1,0 +1,245 @@
+//! The state a run shares with every script function: the sandbox, `--set` overrides, the cancel
+//! token, the memo cache and where output goes. One [`RunContext`] lives for a whole session; the
+//! engine carries it as its default tag, so `#[export_module]` functions reach it through
+//! [`RunContext::of`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use qscript_runtime::cancel::CancelToken;
+use qscript_runtime::sandbox::Sandbox;
+use rhai::{Dynamic, EvalAltResult, NativeCallContext};
+
+use crate::error::script_error;
+
+/// Where `print`, `debug` and progress text go.
+pub trait OutputSink: Send + Sync {
+    /// One line of normal output (`print`), without the trailing newline.
+    fn out(&self, line: &str);
+    /// One line of diagnostics (notices, progress, `debug`), without the trailing newline.
+    fn err(&self, line: &str);
+}
+
+/// Prints to the process's stdout and stderr.
+#[derive(Debug, Default)]
+pub struct StdSink;
+
+#[allow(clippy::print_stdout, clippy::print_stderr)]
+impl OutputSink for StdSink {
+    fn out(&self, line: &str) {
+        println!("{line}");
+    }
+    fn err(&self, line: &str) {
+        eprintln!("{line}");
+    }
+}
+
+/// Collects output in memory, for tests and transcripts. Both streams go to one buffer, in order;
+/// diagnostics are prefixed with `[err] `.
+#[derive(Debug, Default, Clone)]
+pub struct BufferSink(Arc<Mutex<String>>);
+
+impl BufferSink {
+    /// Takes everything written so far.
+    pub fn take(&self) -> String {
+        std::mem::take(&mut *lock(&self.0))
+    }
+}
+
+impl OutputSink for BufferSink {
+    fn out(&self, line: &str) {
+        let mut b = lock(&self.0);
+        b.push_str(line);
+        b.push('\n');
+    }
+    fn err(&self, line: &str) {
+        let mut b = lock(&self.0);
+        b.push_str("[err] ");
+        b.push_str(line);
+        b.push('\n');
+    }
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How a session was started.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Directory relative reads and imports resolve against (the recipe's).
+    pub base_dir: PathBuf,
+    /// Where the run may write.
+    pub output_dir: PathBuf,
+    /// Extra readable paths (`--allow-read`).
+    pub allow_read: Vec<PathBuf>,
+    /// `--set key=value` overrides for `params`, in the order given.
+    pub overrides: Vec<(String, String)>,
+    /// The operation limit that stops runaway scripts (0 = none).
+    pub max_operations: u64,
+}
+
+impl RunOptions {
+    /// Options for a recipe in `base_dir`, writing to `output_dir`, with the default limits.
+    pub fn new(base_dir: impl Into<PathBuf>, output_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            base_dir: base_dir.into(),
+            output_dir: output_dir.into(),
+            allow_read: Vec::new(),
+            overrides: Vec::new(),
+            max_operations: DEFAULT_MAX_OPERATIONS,
+        }
+    }
+}
+
+/// The default operation limit: far above any recipe (the heavy work runs natively and counts as
+/// one operation), low enough that an endless loop stops within seconds.
+pub const DEFAULT_MAX_OPERATIONS: u64 = 200_000_000;
+
+/// State shared by a session and its script functions.
+pub struct RunContext {
+    /// The path policy.
+    pub sandbox: Sandbox,
+    /// Stops running work (Ctrl-C, reloads).
+    pub cancel: CancelToken,
+    /// Output destination.
+    pub sink: Arc<dyn OutputSink>,
+    /// Memo cache for expensive calls.
+    pub memo: Memo,
+    pub(crate) overrides: BTreeMap<String, String>,
+    pub(crate) params_declared: Mutex<Option<Vec<String>>>,
+    pub(crate) imports: Mutex<BTreeSet<PathBuf>>,
+}
+
+impl std::fmt::Debug for RunContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunContext").field("sandbox", &self.sandbox).finish_non_exhaustive()
+    }
+}
+
+impl RunContext {
+    /// Builds the context; fails on a missing base dir or `--allow-read` path.
+    pub fn new(opts: &RunOptions, sink: Arc<dyn OutputSink>) -> qscript_runtime::Result<Self> {
+        let sandbox = Sandbox::new(&opts.base_dir, opts.output_dir.clone(), &opts.allow_read)?;
+        Ok(Self {
+            sandbox,
+            cancel: CancelToken::new(),
+            sink,
+            memo: Memo::default(),
+            overrides: opts.overrides.iter().cloned().collect(),
+            params_declared: Mutex::new(None),
+            imports: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    /// The context of the engine running `ctx`.
+    pub fn of(ctx: &NativeCallContext) -> Result<Arc<RunContext>, Box<EvalAltResult>> {
+        ctx.tag()
+            .and_then(|t| t.clone().try_cast::<Arc<RunContext>>())
+            .ok_or_else(|| script_error("internal", "the engine has no run context"))
+    }
+
+    /// Whether `--set` overrides the param `key`.
+    pub fn is_overridden(&self, key: &str) -> bool {
+        self.overrides.contains_key(key)
+    }
+
+    /// Records a file the current cell imported.
+    pub(crate) fn note_import(&self, path: &Path) {
+        lock(&self.imports).insert(path.to_path_buf());
+    }
+
+    /// Returns and clears the imports recorded since the last call.
+    pub(crate) fn take_imports(&self) -> BTreeSet<PathBuf> {
+        std::mem::take(&mut *lock(&self.imports))
+    }
+}
+
+/// A cache of expensive results, keyed by function name, arguments and the content hashes of the
+/// files they read, so a re-run cell with the same inputs gets the same value instantly.
+#[derive(Default)]
+pub struct Memo {
+    map: Mutex<HashMap<String, Dynamic>>,
+}
+
+impl std::fmt::Debug for Memo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Memo").field("entries", &self.len()).finish()
+    }
+}
+
+impl Memo {
+    /// The key for `function` called with `args` (any stable text form) reading `files`.
+    pub fn key(function: &str, args: &str, files: &[&Path]) -> qscript_runtime::Result<String> {
+        let mut h = blake3::Hasher::new();
+        h.update(function.as_bytes());
+        h.update(&[0]);
+        h.update(args.as_bytes());
+        for f in files {
+            h.update(&[0]);
+            h.update(qscript_runtime::hash::hash_path(f)?.as_bytes());
+        }
+        Ok(h.finalize().to_hex().to_string())
+    }
+
+    /// The cached value for `key`, or the result of `compute`, which is stored when it succeeds.
+    pub fn get_or_try_insert<E>(
+        &self,
+        key: &str,
+        compute: impl FnOnce() -> Result<Dynamic, E>,
+    ) -> Result<Dynamic, E> {
+        if let Some(v) = lock(&self.map).get(key) {
+            return Ok(v.clone());
+        }
+        let v = compute()?;
+        lock(&self.map).insert(key.to_string(), v.clone());
+        Ok(v)
+    }
+
+    /// Number of cached entries.
+    pub fn len(&self) -> usize {
+        lock(&self.map).len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops every entry.
+    pub fn clear(&self) {
+        lock(&self.map).clear();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memo_reuses_until_a_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("d.json");
+        std::fs::write(&f, "[1]").unwrap();
+        let memo = Memo::default();
+        let mut calls = 0;
+        let mut get = |memo: &Memo| {
+            let key = Memo::key("data::load", "\"d.json\"", &[&f]).unwrap();
+            memo.get_or_try_insert::<()>(&key, || {
+                calls += 1;
+                Ok(Dynamic::from(calls))
+            })
+            .unwrap()
+            .as_int()
+            .unwrap()
+        };
+        assert_eq!(get(&memo), 1);
+        assert_eq!(get(&memo), 1);
+        std::fs::write(&f, "[2]").unwrap();
+        assert_eq!(get(&memo), 2);
+        assert_eq!(memo.len(), 2);
+    }
+}

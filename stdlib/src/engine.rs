@@ -1,0 +1,88 @@
+//! The one place an [`Engine`] is built, so the CLI, the REPL and the tests run the same engine:
+//! limits, output routing, cancellation, the sandboxed module resolver and every module.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rhai::module_resolvers::FileModuleResolver;
+use rhai::{Dynamic, Engine, EvalAltResult, Module, ModuleResolver, Position, Shared};
+
+use crate::context::RunContext;
+use crate::error::to_rhai;
+use crate::modules;
+
+/// Call depth allowed to scripts; deeper recursion is stopped with a clear message.
+pub const MAX_CALL_LEVELS: usize = 64;
+
+/// Builds the engine for a session.
+pub fn build_engine(ctx: &Arc<RunContext>, max_operations: u64) -> Engine {
+    let mut engine = Engine::new();
+    engine.set_max_operations(max_operations);
+    engine.set_max_call_levels(MAX_CALL_LEVELS);
+    engine.set_max_expr_depths(256, 128);
+    engine.set_default_tag(Dynamic::from(ctx.clone()));
+
+    let sink = ctx.sink.clone();
+    engine.on_print(move |s| {
+        for line in s.split('\n') {
+            sink.out(line);
+        }
+    });
+    let sink = ctx.sink.clone();
+    engine.on_debug(move |s, src, pos| {
+        let at = match (src, pos.line()) {
+            (Some(src), Some(l)) => format!("{src}:{l}: "),
+            (None, Some(l)) => format!("line {l}: "),
+            _ => String::new(),
+        };
+        sink.err(&format!("{at}{s}"));
+    });
+    let cancel = ctx.cancel.clone();
+    engine.on_progress(move |_| cancel.is_cancelled().then(|| Dynamic::from("cancelled")));
+
+    engine.set_module_resolver(SandboxedResolver::new(ctx.clone()));
+    engine.register_global_module(rhai::exported_module!(modules::core::core_module).into());
+    engine.register_global_module(rhai::exported_module!(modules::params::params_module).into());
+    engine.register_static_module("io", rhai::exported_module!(modules::io::io_module).into());
+    engine
+}
+
+/// Resolves `import "x" as y` relative to the importing file (the recipe's directory for the
+/// recipe itself), through the sandbox, and records each imported file so the session can re-run
+/// the cells that import a file when it changes. No caching: a re-run sees the file as it is now.
+struct SandboxedResolver {
+    ctx: Arc<RunContext>,
+    files: FileModuleResolver,
+}
+
+impl SandboxedResolver {
+    fn new(ctx: Arc<RunContext>) -> Self {
+        let mut files = FileModuleResolver::new();
+        files.enable_cache(false);
+        Self { ctx, files }
+    }
+}
+
+impl ModuleResolver for SandboxedResolver {
+    fn resolve(
+        &self,
+        engine: &Engine,
+        source: Option<&str>,
+        path: &str,
+        pos: Position,
+    ) -> Result<Shared<Module>, Box<EvalAltResult>> {
+        let dir = source
+            .and_then(|s| Path::new(s).parent())
+            .filter(|p| p.is_absolute())
+            .unwrap_or(self.ctx.sandbox.base());
+        let mut file = dir.join(path);
+        if file.extension().is_none() {
+            file.set_extension("rhai");
+        }
+        let real = self.ctx.sandbox.resolve_read(&file).map_err(|e| {
+            Box::new(EvalAltResult::ErrorInModule(path.to_string(), to_rhai(e), pos))
+        })?;
+        self.ctx.note_import(&real);
+        self.files.resolve(engine, None, &real.to_string_lossy(), pos)
+    }
+}

@@ -1,0 +1,6 @@
+//! One `#[export_module]` per domain, registered as static modules (`io::read_text(..)`), plus
+//! the global functions every recipe uses (`params`).
+
+pub mod core;
+pub mod io;
+pub mod params;
