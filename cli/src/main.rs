@@ -84,8 +84,13 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
     let cwd = std::env::current_dir()?;
     let (base, name) = match &args.file {
         Some(f) => {
-            let dir = f.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            let stem = f.file_stem().map_or("recipe".into(), |s| s.to_string_lossy().into_owned());
+            let dir = f
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let stem = f
+                .file_stem()
+                .map_or("recipe".into(), |s| s.to_string_lossy().into_owned());
             (dir.to_path_buf(), stem)
         }
         None => (cwd.clone(), "repl".to_string()),
@@ -96,7 +101,12 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
         eprintln!("error: cannot read recipe `{}`: no such file", f.display());
         return Ok(ExitCode::from(1));
     }
-    let mut opts = RunOptions::new(&base, args.output_dir.clone().unwrap_or(cwd.join("runs").join(name)));
+    let mut opts = RunOptions::new(
+        &base,
+        args.output_dir
+            .clone()
+            .unwrap_or(cwd.join("runs").join(name)),
+    );
     opts.allow_read.clone_from(&args.allow_read);
     opts.overrides.clone_from(&args.set);
     opts.max_operations = args.max_operations;

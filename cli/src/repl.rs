@@ -56,7 +56,11 @@ pub fn piped(session: &mut Session) -> anyhow::Result<ExitCode> {
 }
 
 fn code(had_error: bool) -> ExitCode {
-    if had_error { ExitCode::from(1) } else { ExitCode::SUCCESS }
+    if had_error {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// The interactive REPL.
@@ -90,7 +94,10 @@ pub fn interactive(session: &mut Session) -> anyhow::Result<ExitCode> {
         DefaultPromptSegment::Basic("qscript".into()),
         DefaultPromptSegment::Empty,
     );
-    println!("qscript {} — `:help` for help, Ctrl-D to quit", env!("CARGO_PKG_VERSION"));
+    println!(
+        "qscript {} — `:help` for help, Ctrl-D to quit",
+        env!("CARGO_PKG_VERSION")
+    );
     let mut had_error = false;
     loop {
         match editor.read_line(&prompt)? {
@@ -109,7 +116,9 @@ pub fn interactive(session: &mut Session) -> anyhow::Result<ExitCode> {
 }
 
 fn history_path() -> Option<PathBuf> {
-    dirs::state_dir().or_else(dirs::data_local_dir).map(|d| d.join("qscript").join("history.txt"))
+    dirs::state_dir()
+        .or_else(dirs::data_local_dir)
+        .map(|d| d.join("qscript").join("history.txt"))
 }
 
 fn history() -> anyhow::Result<FileBackedHistory> {
@@ -192,7 +201,9 @@ impl Highlighter for RhaiHighlighter {
                 j = (j + 1).min(chars.len());
                 Style::new().fg(Color::Green)
             } else if c.is_ascii_digit() {
-                while j < chars.len() && (chars[j].1.is_ascii_alphanumeric() || matches!(chars[j].1, '.' | '_')) {
+                while j < chars.len()
+                    && (chars[j].1.is_ascii_alphanumeric() || matches!(chars[j].1, '.' | '_'))
+                {
                     j += 1;
                 }
                 Style::new().fg(Color::Purple)

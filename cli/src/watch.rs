@@ -28,8 +28,10 @@ pub fn watch(session: &mut Session, file: &Path) -> anyhow::Result<ExitCode> {
         let Ok(events) = res else { return };
         let files = w.lock().unwrap_or_else(PoisonError::into_inner);
         let relevant = events.iter().any(|e| {
-            matches!(e.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_))
-                && e.paths.iter().any(|p| files.contains(p))
+            matches!(
+                e.kind,
+                EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+            ) && e.paths.iter().any(|p| files.contains(p))
         });
         if relevant {
             if r.load(Ordering::SeqCst) {
@@ -40,14 +42,8 @@ pub fn watch(session: &mut Session, file: &Path) -> anyhow::Result<ExitCode> {
     })?;
 
     let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut result = session.load_file(file);
-    loop {
-        running.store(false, Ordering::SeqCst);
-        show(&result);
-        let files: BTreeSet<PathBuf> = match session.watched_files() {
-            f if f.is_empty() => std::iter::once(std::path::absolute(file)?).collect(),
-            f => f.into_iter().collect(),
-        };
+    let recipe = file.canonicalize()?;
+    let mut watch_files = |files: BTreeSet<PathBuf>| -> anyhow::Result<()> {
         for f in &files {
             if let Some(d) = f.parent()
                 && dirs.insert(d.to_path_buf())
@@ -56,7 +52,20 @@ pub fn watch(session: &mut Session, file: &Path) -> anyhow::Result<ExitCode> {
             }
         }
         *watched.lock().unwrap_or_else(PoisonError::into_inner) = files;
-        eprintln!("[watch] watching {} for changes (Ctrl-C to quit)", file.display());
+        Ok(())
+    };
+    watch_files(std::iter::once(recipe.clone()).collect())?;
+    let mut result = session.load_file(file);
+    loop {
+        running.store(false, Ordering::SeqCst);
+        show(&result);
+        let mut files: BTreeSet<PathBuf> = session.watched_files().into_iter().collect();
+        files.insert(recipe.clone());
+        watch_files(files)?;
+        eprintln!(
+            "[watch] watching {} for changes (Ctrl-C to quit)",
+            file.display()
+        );
         INTERRUPTED.store(false, Ordering::SeqCst);
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {

@@ -33,7 +33,11 @@ impl CancelToken {
 
     /// `Err(Error::Cancelled)` once cancelled: the one-line cancellation point for native loops.
     pub fn check(&self) -> crate::Result<()> {
-        if self.is_cancelled() { Err(crate::Error::Cancelled) } else { Ok(()) }
+        if self.is_cancelled() {
+            Err(crate::Error::Cancelled)
+        } else {
+            Ok(())
+        }
     }
 }
 

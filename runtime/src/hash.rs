@@ -30,7 +30,9 @@ fn feed(hasher: &mut blake3::Hasher, root: &Path, path: &Path) -> Result<()> {
         hasher.update(rel.to_string_lossy().as_bytes());
         hasher.update(&[0]);
         let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        hasher.update_reader(&mut file).map_err(|e| Error::io(path, e))?;
+        hasher
+            .update_reader(&mut file)
+            .map_err(|e| Error::io(path, e))?;
         hasher.update(&[0]);
     }
     Ok(())

@@ -14,7 +14,12 @@
 //! assert!(sb.resolve_read("/etc/passwd").is_err());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
-#![warn(missing_docs, clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
+#![warn(
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::print_stdout,
+    clippy::print_stderr
+)]
 
 pub mod cancel;
 pub mod error;

@@ -30,7 +30,11 @@ impl Sandbox {
             })?;
             read_roots.push(c);
         }
-        Ok(Self { base, output, read_roots })
+        Ok(Self {
+            base,
+            output,
+            read_roots,
+        })
     }
 
     /// The directory relative reads resolve against (the recipe's).
@@ -50,7 +54,11 @@ impl Sandbox {
         let joined = self.base.join(path);
         let real = joined.canonicalize().map_err(|e| Error::io(&joined, e))?;
         let output = self.output.canonicalize().ok();
-        let allowed = self.read_roots.iter().chain(output.as_ref()).any(|r| real.starts_with(r));
+        let allowed = self
+            .read_roots
+            .iter()
+            .chain(output.as_ref())
+            .any(|r| real.starts_with(r));
         if allowed {
             Ok(real)
         } else {
@@ -80,7 +88,10 @@ impl Sandbox {
         }
         let parent = target.parent().ok_or_else(refuse)?;
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let out_real = self.output.canonicalize().map_err(|e| Error::io(&self.output, e))?;
+        let out_real = self
+            .output
+            .canonicalize()
+            .map_err(|e| Error::io(&self.output, e))?;
         let parent_real = parent.canonicalize().map_err(|e| Error::io(parent, e))?;
         let name = target.file_name().ok_or_else(refuse)?;
         let real = parent_real.join(name);
@@ -117,7 +128,10 @@ impl Sandbox {
 /// Writes `bytes` to `path` through a temporary sibling and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
@@ -127,7 +141,9 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     let abs = if p.is_absolute() {
         p.to_path_buf()
     } else {
-        std::env::current_dir().map_err(|e| Error::io(".", e))?.join(p)
+        std::env::current_dir()
+            .map_err(|e| Error::io(".", e))?
+            .join(p)
     };
     Ok(normalize(&abs))
 }
@@ -167,8 +183,14 @@ mod tests {
         let (_d, sb) = setup();
         assert!(sb.resolve_read("data.txt").is_ok());
         let e = sb.resolve_read("/etc/passwd").unwrap_err();
-        assert!(e.to_string().contains("outside the recipe's sandbox"), "{e}");
-        assert!(matches!(sb.resolve_read("../secret.txt"), Err(Error::Sandbox(_))));
+        assert!(
+            e.to_string().contains("outside the recipe's sandbox"),
+            "{e}"
+        );
+        assert!(matches!(
+            sb.resolve_read("../secret.txt"),
+            Err(Error::Sandbox(_))
+        ));
     }
 
     #[cfg(unix)]
@@ -179,7 +201,10 @@ mod tests {
         assert!(matches!(sb.resolve_read("link"), Err(Error::Sandbox(_))));
         std::fs::create_dir_all(sb.output_dir()).unwrap();
         std::os::unix::fs::symlink(d.path(), sb.output_dir().join("escape")).unwrap();
-        assert!(matches!(sb.resolve_write("escape/x.txt"), Err(Error::Sandbox(_))));
+        assert!(matches!(
+            sb.resolve_write("escape/x.txt"),
+            Err(Error::Sandbox(_))
+        ));
     }
 
     #[test]
@@ -188,15 +213,25 @@ mod tests {
         let p = sb.write_atomic("sub/a.txt", b"x").unwrap();
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "x");
         assert!(sb.resolve_read(&p).is_ok(), "output dir is readable");
-        assert!(matches!(sb.resolve_write("../x.txt"), Err(Error::Sandbox(_))));
-        assert!(matches!(sb.resolve_write("/tmp/x.txt"), Err(Error::Sandbox(_))));
+        assert!(matches!(
+            sb.resolve_write("../x.txt"),
+            Err(Error::Sandbox(_))
+        ));
+        assert!(matches!(
+            sb.resolve_write("/tmp/x.txt"),
+            Err(Error::Sandbox(_))
+        ));
     }
 
     #[test]
     fn allow_read_extends_and_names_bad_paths() {
         let (d, _) = setup();
-        let sb = Sandbox::new(&d.path().join("recipe"), d.path().join("out"), &[d.path().into()])
-            .unwrap();
+        let sb = Sandbox::new(
+            &d.path().join("recipe"),
+            d.path().join("out"),
+            &[d.path().into()],
+        )
+        .unwrap();
         assert!(sb.resolve_read("../secret.txt").is_ok());
         let e = Sandbox::new(d.path(), d.path().join("o"), &["/no/such".into()]).unwrap_err();
         assert!(e.to_string().contains("--allow-read /no/such"), "{e}");

@@ -36,7 +36,12 @@ impl Cell {
 /// blank; a file without markers is one cell.
 pub fn split(source: &str) -> Vec<Cell> {
     let mut cells: Vec<Cell> = Vec::new();
-    let mut current = Cell { index: 0, title: None, start_line: 1, text: String::new() };
+    let mut current = Cell {
+        index: 0,
+        title: None,
+        start_line: 1,
+        text: String::new(),
+    };
     for (i, line) in source.split_inclusive('\n').enumerate() {
         if let Some(rest) = line.trim_start().strip_prefix("// %%") {
             if !(cells.is_empty() && current.text.trim().is_empty()) {

@@ -6,11 +6,15 @@ use std::path::Path;
 
 use rhai::Map;
 
-use crate::session::{ScriptError, Session};
+use crate::session::{CompiledRecipe, ScriptError, Session};
 
 /// Checks the recipe at `path` and returns the report to print.
 pub fn check(session: &Session, path: &Path) -> Result<String, ScriptError> {
-    let (path, source, cells) = session.compile_file(path)?;
+    let CompiledRecipe {
+        path,
+        source,
+        cells,
+    } = session.compile_file(path)?;
     let mut out = String::new();
     let _ = writeln!(out, "recipe: {}", path.display());
     let _ = writeln!(out, "cells:");
@@ -26,7 +30,7 @@ pub fn check(session: &Session, path: &Path) -> Result<String, ScriptError> {
         Some(call) => {
             let mut ast = session
                 .engine()
-                .compile(&call.padded())
+                .compile(call.padded())
                 .map_err(|e| session.render_error(&e.into(), &label, &source))?;
             ast.set_source(label.as_ref());
             let map = session
@@ -34,9 +38,13 @@ pub fn check(session: &Session, path: &Path) -> Result<String, ScriptError> {
                 .eval_ast::<Map>(&ast)
                 .map_err(|e| session.render_error(&e, &label, &source))?;
             let _ = writeln!(out, "params:");
-            let width = map.keys().map(|k| k.len()).max().unwrap_or(0);
+            let width = map.keys().map(|k| k.as_str().len()).max().unwrap_or(0);
             for (k, v) in &map {
-                let set = if session.context().is_overridden(k) { "  (--set)" } else { "" };
+                let set = if session.context().is_overridden(k) {
+                    "  (--set)"
+                } else {
+                    ""
+                };
                 let _ = writeln!(out, "  {k:<width$} = {v:?}{set}");
             }
         }
@@ -56,7 +64,12 @@ struct Call {
 impl Call {
     /// The call padded so that positions match the file.
     fn padded(&self) -> String {
-        format!("{}{}{}", "\n".repeat(self.line - 1), " ".repeat(self.column - 1), self.text)
+        format!(
+            "{}{}{}",
+            "\n".repeat(self.line - 1),
+            " ".repeat(self.column - 1),
+            self.text
+        )
     }
 }
 
@@ -78,13 +91,21 @@ fn find_call(source: &str, name: &str) -> Option<Call> {
         };
         let end = match (c, next) {
             ('/', Some('/')) => skip_to(i, &|j| chars[j] == '\n'),
-            ('/', Some('*')) => skip_to(i + 2, &|j| chars[j] == '*' && chars.get(j + 1) == Some(&'/')) + 2,
+            ('/', Some('*')) => {
+                skip_to(i + 2, &|j| {
+                    chars[j] == '*' && chars.get(j + 1) == Some(&'/')
+                }) + 2
+            }
             ('"' | '`' | '\'', _) => skip_to(i + 1, &|j| chars[j] == c) + 1,
             _ => i,
         };
         if end > i {
             for &ch in &chars[i..end.min(chars.len())] {
-                (line, col) = if ch == '\n' { (line + 1, 1) } else { (line, col + 1) };
+                (line, col) = if ch == '\n' {
+                    (line + 1, 1)
+                } else {
+                    (line, col + 1)
+                };
             }
             i = end;
             continue;
@@ -96,7 +117,11 @@ fn find_call(source: &str, name: &str) -> Option<Call> {
                     depth -= 1;
                     if depth == 0 {
                         let (l, cl, _) = start?;
-                        return Some(Call { line: l, column: cl, text: chars[s..=i].iter().collect() });
+                        return Some(Call {
+                            line: l,
+                            column: cl,
+                            text: chars[s..=i].iter().collect(),
+                        });
                     }
                 }
                 _ => {}
@@ -110,7 +135,11 @@ fn find_call(source: &str, name: &str) -> Option<Call> {
                 start = Some((line, col, i));
             }
         }
-        (line, col) = if c == '\n' { (line + 1, 1) } else { (line, col + 1) };
+        (line, col) = if c == '\n' {
+            (line + 1, 1)
+        } else {
+            (line, col + 1)
+        };
         i += 1;
     }
     None
@@ -118,7 +147,8 @@ fn find_call(source: &str, name: &str) -> Option<Call> {
 
 fn source_word_at(chars: &[char], i: usize, word: &str) -> bool {
     let w: Vec<char> = word.chars().collect();
-    let before_ok = i == 0 || !(chars[i - 1].is_alphanumeric() || matches!(chars[i - 1], '_' | '.' | ':'));
+    let before_ok =
+        i == 0 || !(chars[i - 1].is_alphanumeric() || matches!(chars[i - 1], '_' | '.' | ':'));
     let after = chars.get(i + w.len()).copied().unwrap_or(' ');
     before_ok && chars[i..].starts_with(&w) && !(after.is_alphanumeric() || after == '_')
 }

@@ -115,7 +115,9 @@ pub struct RunContext {
 
 impl std::fmt::Debug for RunContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunContext").field("sandbox", &self.sandbox).finish_non_exhaustive()
+        f.debug_struct("RunContext")
+            .field("sandbox", &self.sandbox)
+            .finish_non_exhaustive()
     }
 }
 
@@ -166,7 +168,9 @@ pub struct Memo {
 
 impl std::fmt::Debug for Memo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Memo").field("entries", &self.len()).finish()
+        f.debug_struct("Memo")
+            .field("entries", &self.len())
+            .finish()
     }
 }
 
@@ -225,12 +229,12 @@ mod tests {
         let f = dir.path().join("d.json");
         std::fs::write(&f, "[1]").unwrap();
         let memo = Memo::default();
-        let mut calls = 0;
+        let mut calls = 0i32;
         let mut get = |memo: &Memo| {
             let key = Memo::key("data::load", "\"d.json\"", &[&f]).unwrap();
             memo.get_or_try_insert::<()>(&key, || {
                 calls += 1;
-                Ok(Dynamic::from(calls))
+                Ok(Dynamic::from(rhai::INT::from(calls)))
             })
             .unwrap()
             .as_int()

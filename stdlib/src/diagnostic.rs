@@ -88,23 +88,30 @@ fn headline(err: &EvalAltResult, cx: &Context) -> (String, Option<String>) {
             Some((kind, message)) => (format!("error[{kind}]: {message}"), None),
             None => (format!("error: {value}"), None),
         },
-        EvalAltResult::ErrorFunctionNotFound(sig, _) => {
-            (format!("error: function not found: `{sig}`"), function_hint(sig, cx))
-        }
-        EvalAltResult::ErrorVariableNotFound(name, _) => {
-            (format!("error: variable not found: `{name}`"), closest(name, &cx.names))
-        }
+        EvalAltResult::ErrorFunctionNotFound(sig, _) => (
+            format!("error: function not found: `{sig}`"),
+            function_hint(sig, cx),
+        ),
+        EvalAltResult::ErrorVariableNotFound(name, _) => (
+            format!("error: variable not found: `{name}`"),
+            closest(name, &cx.names),
+        ),
         EvalAltResult::ErrorTooManyOperations(_) => (
             "error: the script was stopped after too many operations (an endless loop?)".into(),
             Some("raise the limit with `--max-operations N` (0 = no limit)".into()),
         ),
         EvalAltResult::ErrorStackOverflow(_) => (
-            format!("error: calls nested deeper than {} levels", crate::engine::MAX_CALL_LEVELS),
+            format!(
+                "error: calls nested deeper than {} levels",
+                crate::engine::MAX_CALL_LEVELS
+            ),
             Some("is there a recursion without an end?".into()),
         ),
         EvalAltResult::ErrorTerminated(..) => ("error: cancelled".into(), None),
         EvalAltResult::ErrorParsing(..) => {
-            (format!("error: syntax error: {}", without_position(err)), None)
+            let text = without_position(err);
+            let text = text.strip_prefix("Syntax error: ").unwrap_or(&text);
+            (format!("error: syntax error: {text}"), None)
         }
         other => (format!("error: {}", without_position(other)), None),
     }
@@ -118,7 +125,8 @@ fn without_position(err: &EvalAltResult) -> String {
         return text;
     }
     let suffix = format!(" ({pos})");
-    text.strip_suffix(&suffix).map_or_else(|| text.clone(), str::to_string)
+    text.strip_suffix(&suffix)
+        .map_or_else(|| text.clone(), str::to_string)
 }
 
 /// For `name (types)`: a close name, or the real signatures when only the types are wrong.
@@ -127,7 +135,10 @@ fn function_hint(sig: &str, cx: &Context) -> Option<String> {
     let same: Vec<_> = cx.functions.iter().filter(|f| f.name == name).collect();
     if !same.is_empty() {
         let sigs: Vec<_> = same.iter().map(|f| format!("`{}`", f.signature)).collect();
-        return Some(format!("wrong argument types; `{name}` takes: {}", sigs.join(", ")));
+        return Some(format!(
+            "wrong argument types; `{name}` takes: {}",
+            sigs.join(", ")
+        ));
     }
     let mut names: Vec<String> = cx.functions.iter().map(|f| f.name.clone()).collect();
     names.extend(cx.names.iter().cloned());
@@ -153,7 +164,9 @@ fn snippet(out: &mut String, label: &str, pos: Position, cx: &Context) {
     let text = if label == cx.label {
         cx.source.lines().nth(line - 1).map(str::to_string)
     } else {
-        std::fs::read_to_string(label).ok().and_then(|s| s.lines().nth(line - 1).map(Into::into))
+        std::fs::read_to_string(label)
+            .ok()
+            .and_then(|s| s.lines().nth(line - 1).map(Into::into))
     };
     if let Some(text) = text {
         let caret: String = text

@@ -58,8 +58,12 @@ struct FnMeta {
 
 /// The functions this engine registers (not Rhai's standard library), sorted by name.
 pub fn collect(engine: &Engine) -> Vec<FnDoc> {
-    let Ok(json) = engine.gen_fn_metadata_to_json(false) else { return Vec::new() };
-    let Ok(meta) = serde_json::from_str::<Meta>(&json) else { return Vec::new() };
+    let Ok(json) = engine.gen_fn_metadata_to_json(false) else {
+        return Vec::new();
+    };
+    let Ok(meta) = serde_json::from_str::<Meta>(&json) else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     walk(&meta, "", &mut out);
     out.sort_by(|a, b| a.name.cmp(&b.name).then(a.signature.cmp(&b.signature)));
@@ -69,14 +73,18 @@ pub fn collect(engine: &Engine) -> Vec<FnDoc> {
 
 fn walk(meta: &Meta, prefix: &str, out: &mut Vec<FnDoc>) {
     for f in &meta.functions {
-        if f.name.starts_with("get$") || f.name.starts_with("set$") || f.name.starts_with("anon$")
-        {
+        if f.name.starts_with("get$") || f.name.starts_with("set$") || f.name.starts_with("anon$") {
             continue;
         }
         out.push(FnDoc {
             name: format!("{prefix}{}", f.name),
             signature: format!("{prefix}{}", clean_signature(&f.signature)),
-            docs: f.doc_comments.iter().map(|c| strip_comment(c)).collect::<Vec<_>>().join("\n"),
+            docs: f
+                .doc_comments
+                .iter()
+                .map(|c| strip_comment(c))
+                .collect::<Vec<_>>()
+                .join("\n"),
         });
     }
     for (name, m) in &meta.modules {
@@ -99,7 +107,10 @@ fn strip_comment(c: &str) -> String {
     c.lines()
         .map(|l| {
             let l = l.trim_start();
-            let l = l.strip_prefix("///").or_else(|| l.strip_prefix("//!")).unwrap_or(l);
+            let l = l
+                .strip_prefix("///")
+                .or_else(|| l.strip_prefix("//!"))
+                .unwrap_or(l);
             l.strip_prefix(' ').unwrap_or(l)
         })
         .collect::<Vec<_>>()

@@ -80,9 +80,14 @@ impl ModuleResolver for SandboxedResolver {
             file.set_extension("rhai");
         }
         let real = self.ctx.sandbox.resolve_read(&file).map_err(|e| {
-            Box::new(EvalAltResult::ErrorInModule(path.to_string(), to_rhai(e), pos))
+            Box::new(EvalAltResult::ErrorInModule(
+                path.to_string(),
+                to_rhai(e),
+                pos,
+            ))
         })?;
         self.ctx.note_import(&real);
-        self.files.resolve(engine, None, &real.to_string_lossy(), pos)
+        self.files
+            .resolve(engine, None, &real.to_string_lossy(), pos)
     }
 }

@@ -14,9 +14,10 @@ pub fn script_error(kind: &str, message: impl Into<String>) -> Box<EvalAltResult
 /// Converts an engine error. `Cancelled` terminates the script instead of being catchable.
 pub fn to_rhai(e: qscript_runtime::Error) -> Box<EvalAltResult> {
     match e {
-        qscript_runtime::Error::Cancelled => {
-            Box::new(EvalAltResult::ErrorTerminated("cancelled".into(), Position::NONE))
-        }
+        qscript_runtime::Error::Cancelled => Box::new(EvalAltResult::ErrorTerminated(
+            "cancelled".into(),
+            Position::NONE,
+        )),
         other => script_error(other.kind(), other.to_string()),
     }
 }

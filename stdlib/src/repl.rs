@@ -11,10 +11,22 @@ use crate::session::{ScriptError, Session};
 
 /// The REPL's commands, for `:help` and completion.
 pub const COMMANDS: &[(&str, &str)] = &[
-    (":help", "`:help` lists functions; `:help NAME` shows one function's signature and docs"),
-    (":load", "`:load FILE` runs a recipe into the session, cell by cell"),
-    (":reload", "run the loaded recipe again from its first changed cell"),
-    (":cells", "list the loaded recipe's cells with their last run times"),
+    (
+        ":help",
+        "`:help` lists functions; `:help NAME` shows one function's signature and docs",
+    ),
+    (
+        ":load",
+        "`:load FILE` runs a recipe into the session, cell by cell",
+    ),
+    (
+        ":reload",
+        "run the loaded recipe again from its first changed cell",
+    ),
+    (
+        ":cells",
+        "list the loaded recipe's cells with their last run times",
+    ),
     (":quit", "leave the REPL (Ctrl-D does too)"),
 ];
 
@@ -37,10 +49,13 @@ pub fn is_complete(engine: &Engine, input: &str) -> bool {
     if trimmed.starts_with(':') || trimmed.is_empty() {
         return true;
     }
-    let Err(err) = engine.compile(input) else { return true };
+    let Err(err) = engine.compile(input) else {
+        return true;
+    };
     match err.err_type() {
-        ParseErrorType::UnexpectedEOF
-        | ParseErrorType::BadInput(LexError::UnterminatedString) => false,
+        ParseErrorType::UnexpectedEOF | ParseErrorType::BadInput(LexError::UnterminatedString) => {
+            false
+        }
         ParseErrorType::MissingToken(..) => !at_end(input, err.position()),
         _ => true,
     }
@@ -69,7 +84,9 @@ pub fn handle(session: &mut Session, input: &str) -> Outcome {
             Err(e) => Outcome::Error(e),
         };
     };
-    let (name, arg) = command.split_once(char::is_whitespace).unwrap_or((command, ""));
+    let (name, arg) = command
+        .split_once(char::is_whitespace)
+        .unwrap_or((command, ""));
     let arg = arg.trim();
     match name {
         "q" | "quit" | "exit" => Outcome::Quit,
@@ -80,7 +97,11 @@ pub fn handle(session: &mut Session, input: &str) -> Outcome {
         "cells" => Outcome::Output(cells(session)),
         other => Outcome::Output(format!(
             "unknown command `:{other}`; commands: {}",
-            COMMANDS.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ")
+            COMMANDS
+                .iter()
+                .map(|(c, _)| *c)
+                .collect::<Vec<_>>()
+                .join(", ")
         )),
     }
 }
@@ -105,7 +126,11 @@ fn help(session: &Session, name: &str) -> String {
             let _ = writeln!(out, "  {c:<8} {what}");
         }
         out.push_str("functions (`:help NAME` for details):\n");
-        let mut names: Vec<_> = session.functions().iter().map(|f| f.name.as_str()).collect();
+        let mut names: Vec<_> = session
+            .functions()
+            .iter()
+            .map(|f| f.name.as_str())
+            .collect();
         names.dedup();
         for n in names {
             let _ = writeln!(out, "  {n}");
@@ -113,12 +138,14 @@ fn help(session: &Session, name: &str) -> String {
         return out.trim_end().to_string();
     }
     let name = name.trim_start_matches(':');
-    if let Some((c, what)) = COMMANDS.iter().find(|(c, _)| c.trim_start_matches(':') == name) {
+    if let Some((c, what)) = COMMANDS
+        .iter()
+        .find(|(c, _)| c.trim_start_matches(':') == name)
+    {
         return format!("{c}: {what}");
     }
-    docs::help(session.functions(), name).unwrap_or_else(|| {
-        format!("no function `{name}`; `:help` lists them")
-    })
+    docs::help(session.functions(), name)
+        .unwrap_or_else(|| format!("no function `{name}`; `:help` lists them"))
 }
 
 fn cells(session: &Session) -> String {
@@ -128,7 +155,9 @@ fn cells(session: &Session) -> String {
     }
     let mut out = String::new();
     for c in cells {
-        let status = c.elapsed.map_or("not run".to_string(), |d| format!("{:.2}s", d.as_secs_f64()));
+        let status = c.elapsed.map_or("not run".to_string(), |d| {
+            format!("{:.2}s", d.as_secs_f64())
+        });
         let _ = writeln!(out, "{:<28} line {:<5} {status}", c.label, c.start_line);
     }
     out.trim_end().to_string()

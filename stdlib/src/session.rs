@@ -62,7 +62,11 @@ impl RunReport {
         }
         let first = self.reused + 1;
         let last = self.reused + self.ran.len();
-        let range = if first == last { format!("cell {first}") } else { format!("cells {first}-{last}") };
+        let range = if first == last {
+            format!("cell {first}")
+        } else {
+            format!("cells {first}-{last}")
+        };
         let times: Vec<_> = self
             .ran
             .iter()
@@ -82,6 +86,16 @@ pub struct CellInfo {
     pub start_line: usize,
     /// Time of its last successful run, if it has one.
     pub elapsed: Option<Duration>,
+}
+
+/// A recipe read and compiled, cell by cell, not run.
+pub struct CompiledRecipe {
+    /// The canonical path.
+    pub path: PathBuf,
+    /// The whole text.
+    pub source: String,
+    /// Each cell with its compiled code.
+    pub cells: Vec<(Cell, AST)>,
 }
 
 struct Snapshot {
@@ -108,6 +122,7 @@ pub struct Session {
     engine: Engine,
     ctx: Arc<RunContext>,
     functions: Vec<FnDoc>,
+    std_names: Vec<String>,
     scope: Scope<'static>,
     repl_functions: AST,
     notebook: Option<Notebook>,
@@ -119,10 +134,23 @@ impl Session {
         let ctx = Arc::new(RunContext::new(opts, sink)?);
         let engine = crate::engine::build_engine(&ctx, opts.max_operations);
         let functions = docs::collect(&engine);
+        let mut std_names: Vec<String> = engine
+            .gen_fn_signatures(true)
+            .iter()
+            .filter_map(|s| s.split('(').next())
+            .filter(|n| {
+                n.chars()
+                    .all(|c| c.is_alphanumeric() || c == '_' || c == ':')
+            })
+            .map(str::to_string)
+            .collect();
+        std_names.sort();
+        std_names.dedup();
         Ok(Self {
             engine,
             ctx,
             functions,
+            std_names,
             scope: Scope::new(),
             repl_functions: AST::empty(),
             notebook: None,
@@ -146,7 +174,10 @@ impl Session {
 
     /// Names of the variables in the session scope.
     pub fn variables(&self) -> Vec<String> {
-        self.scope.iter().map(|(name, _, _)| name.to_string()).collect()
+        self.scope
+            .iter()
+            .map(|(name, _, _)| name.to_string())
+            .collect()
     }
 
     /// Evaluates one REPL entry against the session scope. Returns the echo of its value
@@ -158,13 +189,19 @@ impl Session {
             .compile_with_scope(&self.scope, code)
             .map_err(|e| self.render(&e.into(), "<repl>", code))?;
         let ast = self.repl_functions.merge(&ast);
-        let result = self.engine.eval_ast_with_scope::<Dynamic>(&mut self.scope, &ast);
+        let result = self
+            .engine
+            .eval_ast_with_scope::<Dynamic>(&mut self.scope, &ast);
         self.repl_functions = ast.clone_functions_only();
         let value = result.map_err(|e| self.render(&e, "<repl>", code))?;
         if value.is_unit() {
             return Ok(None);
         }
-        Ok(Some(format!("=> {} : {}", self.show(&value), self.engine.map_type_name(value.type_name()))))
+        Ok(Some(format!(
+            "=> {} : {}",
+            self.show(&value),
+            self.engine.map_type_name(value.type_name())
+        )))
     }
 
     /// The debug form of a value, through the script's `to_debug` so custom types show nicely.
@@ -179,10 +216,19 @@ impl Session {
     /// Loads a recipe and runs it. If the same file is loaded already, runs only from the first
     /// changed cell; a file that does not parse leaves the state as it was.
     pub fn load_file(&mut self, path: &Path) -> Result<RunReport, ScriptError> {
-        let (path, source, compiled) = self.compile_file(path)?;
-        let mut fresh: Vec<_> = compiled
+        let CompiledRecipe {
+            path,
+            source,
+            cells,
+        } = self.compile_file(path)?;
+        let mut fresh: Vec<_> = cells
             .into_iter()
-            .map(|(cell, ast)| CellState { cell, ast, imports: Vec::new(), done: None })
+            .map(|(cell, ast)| CellState {
+                cell,
+                ast,
+                imports: Vec::new(),
+                done: None,
+            })
             .collect();
         let mut old = match self.notebook.take() {
             Some(nb) if nb.path == path => nb.cells,
@@ -193,13 +239,17 @@ impl Session {
             new.imports = prev.imports;
             new.done = prev.done;
         }
-        self.notebook = Some(Notebook { path, source, cells: fresh });
+        self.notebook = Some(Notebook {
+            path,
+            source,
+            cells: fresh,
+        });
         Ok(self.run_from(reused))
     }
 
     /// Reads and compiles every cell of a recipe without running it. Returns the canonical path,
     /// the source and the compiled cells; the first syntax error is rendered against the file.
-    pub fn compile_file(&self, path: &Path) -> Result<(PathBuf, String, Vec<(Cell, AST)>), ScriptError> {
+    pub fn compile_file(&self, path: &Path) -> Result<CompiledRecipe, ScriptError> {
         let read_err = |e: std::io::Error| plain_error(&format!("`{}`: {e}", path.display()));
         let path = path.canonicalize().map_err(read_err)?;
         let source = std::fs::read_to_string(&path).map_err(read_err)?;
@@ -213,7 +263,11 @@ impl Session {
             ast.set_source(label.as_str());
             out.push((cell, ast));
         }
-        Ok((path, source, out))
+        Ok(CompiledRecipe {
+            path,
+            source,
+            cells: out,
+        })
     }
 
     /// Loads the current recipe again (`:reload`).
@@ -227,13 +281,22 @@ impl Session {
     fn run_from(&mut self, start: usize) -> RunReport {
         self.ctx.cancel.reset();
         let Some(nb) = self.notebook.as_mut() else {
-            return RunReport { reused: 0, ran: Vec::new(), error: None };
+            return RunReport {
+                reused: 0,
+                ran: Vec::new(),
+                error: None,
+            };
         };
-        let (mut scope, mut functions) = match start.checked_sub(1).and_then(|i| nb.cells[i].done.as_ref()) {
-            Some(s) => (s.scope.clone(), s.functions.clone()),
-            None => (Scope::new(), AST::empty()),
+        let (mut scope, mut functions) =
+            match start.checked_sub(1).and_then(|i| nb.cells[i].done.as_ref()) {
+                Some(s) => (s.scope.clone(), s.functions.clone()),
+                None => (Scope::new(), AST::empty()),
+            };
+        let mut report = RunReport {
+            reused: start,
+            ran: Vec::new(),
+            error: None,
         };
-        let mut report = RunReport { reused: start, ran: Vec::new(), error: None };
         for i in start..nb.cells.len() {
             let state = &mut nb.cells[i];
             state.done = None;
@@ -251,18 +314,26 @@ impl Session {
                     (p, h)
                 })
                 .collect();
-            report.ran.push(CellTiming { label: state.cell.label(), elapsed });
+            report.ran.push(CellTiming {
+                label: state.cell.label(),
+                elapsed,
+            });
             if let Err(e) = result {
                 let label = nb.path.to_string_lossy().into_owned();
                 for later in &mut nb.cells[i..] {
                     later.done = None;
                 }
-                let names = scope.iter().map(|(n, _, _)| n.to_string()).collect();
+                let mut names: Vec<_> = scope.iter().map(|(n, _, _)| n.to_string()).collect();
+                names.extend(self.std_names.iter().cloned());
                 report.error = Some(render_with(&self.functions, names, &e, &label, &nb.source));
                 break;
             }
             functions = ast.clone_functions_only();
-            state.done = Some(Snapshot { scope: scope.clone(), functions: functions.clone(), elapsed });
+            state.done = Some(Snapshot {
+                scope: scope.clone(),
+                functions: functions.clone(),
+                elapsed,
+            });
         }
         self.scope = scope;
         self.repl_functions = functions;
@@ -284,7 +355,9 @@ impl Session {
 
     /// The loaded recipe and every file its cells imported: what `--watch` watches.
     pub fn watched_files(&self) -> Vec<PathBuf> {
-        let Some(nb) = &self.notebook else { return Vec::new() };
+        let Some(nb) = &self.notebook else {
+            return Vec::new();
+        };
         let mut files = vec![nb.path.clone()];
         for c in &nb.cells {
             files.extend(c.imports.iter().map(|(p, _)| p.clone()));
@@ -299,7 +372,12 @@ impl Session {
         if self.ctx.overrides.is_empty() || lock(&self.ctx.params_declared).is_some() {
             return Ok(());
         }
-        let keys: Vec<_> = self.ctx.overrides.keys().map(|k| format!("`{k}`")).collect();
+        let keys: Vec<_> = self
+            .ctx
+            .overrides
+            .keys()
+            .map(|k| format!("`{k}`"))
+            .collect();
         Err(plain_error(&format!(
             "error: `--set` was given ({}), but the recipe declares no params; \
              declare them with `let p = params(#{{ ... }});`",
@@ -313,7 +391,9 @@ impl Session {
     }
 
     fn render(&self, err: &EvalAltResult, label: &str, source: &str) -> ScriptError {
-        render_with(&self.functions, self.variables(), err, label, source)
+        let mut names = self.variables();
+        names.extend(self.std_names.iter().cloned());
+        render_with(&self.functions, names, err, label, source)
     }
 }
 
@@ -324,14 +404,28 @@ fn render_with(
     label: &str,
     source: &str,
 ) -> ScriptError {
-    let cx = diagnostic::Context { label, source, functions, names };
-    ScriptError { failure: diagnostic::failure(err), rendered: diagnostic::render(err, &cx) }
+    let cx = diagnostic::Context {
+        label,
+        source,
+        functions,
+        names,
+    };
+    ScriptError {
+        failure: diagnostic::failure(err),
+        rendered: diagnostic::render(err, &cx),
+    }
 }
 
 fn plain_error(message: &str) -> ScriptError {
-    let rendered =
-        if message.starts_with("error") { message.to_string() } else { format!("error: {message}") };
-    ScriptError { failure: Failure::Script, rendered }
+    let rendered = if message.starts_with("error") {
+        message.to_string()
+    } else {
+        format!("error: {message}")
+    };
+    ScriptError {
+        failure: Failure::Script,
+        rendered,
+    }
 }
 
 /// Index of the first cell of `fresh` that must run: its text or its imports changed, or it did
@@ -343,9 +437,10 @@ fn first_changed(old: &[CellState], fresh: &[CellState]) -> usize {
         .take_while(|(new, prev)| {
             prev.done.is_some()
                 && new.cell.text == prev.cell.text
-                && prev.imports.iter().all(|(p, h)| {
-                    qscript_runtime::hash::hash_path(p).is_ok_and(|now| &now == h)
-                })
+                && prev
+                    .imports
+                    .iter()
+                    .all(|(p, h)| qscript_runtime::hash::hash_path(p).is_ok_and(|now| &now == h))
         })
         .count()
 }

@@ -17,7 +17,11 @@ pub mod core_module {
     /// ```
     #[rhai_fn(name = "assert", return_raw)]
     pub fn assert(condition: bool) -> Result<(), Box<EvalAltResult>> {
-        if condition { Ok(()) } else { Err(script_error("assertion", "assertion failed")) }
+        if condition {
+            Ok(())
+        } else {
+            Err(script_error("assertion", "assertion failed"))
+        }
     }
 
     /// Stops the script with an error of kind `assertion` and `message` unless `condition` is
@@ -32,7 +36,10 @@ pub mod core_module {
         if condition {
             Ok(())
         } else {
-            Err(script_error("assertion", format!("assertion failed: {message}")))
+            Err(script_error(
+                "assertion",
+                format!("assertion failed: {message}"),
+            ))
         }
     }
 }

@@ -44,7 +44,10 @@ pub mod io_module {
         text: &str,
     ) -> Result<String, Box<EvalAltResult>> {
         let rc = RunContext::of(&ctx)?;
-        let real = rc.sandbox.write_atomic(path, text.as_bytes()).map_err(to_rhai_at(&ctx))?;
+        let real = rc
+            .sandbox
+            .write_atomic(path, text.as_bytes())
+            .map_err(to_rhai_at(&ctx))?;
         Ok(real.to_string_lossy().into_owned())
     }
 
@@ -60,9 +63,14 @@ pub mod io_module {
     pub fn read_json(ctx: NativeCallContext, path: &str) -> Result<Dynamic, Box<EvalAltResult>> {
         let rc = RunContext::of(&ctx)?;
         let real = rc.sandbox.resolve_read(path).map_err(to_rhai_at(&ctx))?;
-        let text = std::fs::read_to_string(&real).map_err(|e| to_rhai_at(&ctx)(Error::io(&real, e)))?;
-        let value: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|source| to_rhai_at(&ctx)(Error::Json { path: real.clone(), source }))?;
+        let text =
+            std::fs::read_to_string(&real).map_err(|e| to_rhai_at(&ctx)(Error::io(&real, e)))?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|source| {
+            to_rhai_at(&ctx)(Error::Json {
+                path: real.clone(),
+                source,
+            })
+        })?;
         rhai::serde::to_dynamic(value)
     }
 

@@ -14,8 +14,11 @@ pub fn resolve(defaults: &Map, overrides: &BTreeMap<String, String>) -> Result<M
     for (key, raw) in overrides {
         let Some(default) = defaults.get(key.as_str()) else {
             let declared: Vec<_> = defaults.keys().map(|k| format!("`{k}`")).collect();
-            let declared =
-                if declared.is_empty() { "none".to_string() } else { declared.join(", ") };
+            let declared = if declared.is_empty() {
+                "none".to_string()
+            } else {
+                declared.join(", ")
+            };
             return Err(format!(
                 "unknown param `{key}` in `--set {key}={raw}`; the recipe declares: {declared}"
             ));
@@ -32,9 +35,13 @@ pub fn resolve(defaults: &Map, overrides: &BTreeMap<String, String>) -> Result<M
 fn coerce(raw: &str, default: &Dynamic) -> Result<Dynamic, &'static str> {
     let raw = raw.trim();
     if default.is_int() {
-        raw.parse::<rhai::INT>().map(Dynamic::from).map_err(|_| "an integer")
+        raw.parse::<rhai::INT>()
+            .map(Dynamic::from)
+            .map_err(|_| "an integer")
     } else if default.is_float() {
-        raw.parse::<rhai::FLOAT>().map(Dynamic::from).map_err(|_| "a number")
+        raw.parse::<rhai::FLOAT>()
+            .map(Dynamic::from)
+            .map_err(|_| "a number")
     } else if default.is_bool() {
         match raw {
             "true" => Ok(true.into()),
@@ -106,14 +113,22 @@ mod tests {
     }
 
     fn set(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect()
     }
 
     #[test]
     fn overrides_take_the_type_of_the_default() {
         let p = resolve(
             &defaults(),
-            &set(&[("lr", "2e-4"), ("steps", "3"), ("bf16", "false"), ("targets", r#"["a","b"]"#)]),
+            &set(&[
+                ("lr", "2e-4"),
+                ("steps", "3"),
+                ("bf16", "false"),
+                ("targets", r#"["a","b"]"#),
+            ]),
         )
         .unwrap();
         assert!((p["lr"].as_float().unwrap() - 2e-4).abs() < 1e-12);
@@ -126,11 +141,20 @@ mod tests {
     #[test]
     fn bad_overrides_are_explained() {
         let e = resolve(&defaults(), &set(&[("steps", "ten")])).unwrap_err();
-        assert_eq!(e, "`--set steps=ten`: expected an integer (the default is `10`)");
+        assert_eq!(
+            e,
+            "`--set steps=ten`: expected an integer (the default is `10`)"
+        );
         let e = resolve(&defaults(), &set(&[("bf16", "yes")])).unwrap_err();
-        assert_eq!(e, "`--set bf16=yes`: expected `true` or `false` (the default is `true`)");
+        assert_eq!(
+            e,
+            "`--set bf16=yes`: expected `true` or `false` (the default is `true`)"
+        );
         let e = resolve(&defaults(), &set(&[("lrr", "1")])).unwrap_err();
-        assert!(e.starts_with("unknown param `lrr` in `--set lrr=1`; the recipe declares: "), "{e}");
+        assert!(
+            e.starts_with("unknown param `lrr` in `--set lrr=1`; the recipe declares: "),
+            "{e}"
+        );
         assert!(e.contains("`lr`"), "{e}");
     }
 }

@@ -1,0 +1,276 @@
+//! The `qscript` binary: running recipes, `--set`, `check`, exit codes, the sandbox from the
+//! command line, piped REPL input and Ctrl-C.
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+
+use insta::assert_snapshot;
+use support::{Env, qscript, run_in, stderr, stdout};
+
+const RECIPE: &str = r#"// %% params
+let p = params(#{ lr: 1e-4, max_steps: 100, bf16: true, model: "tiny" });
+// %% show
+print(`lr=${p.lr} max_steps=${p.max_steps} bf16=${p.bf16} model=${p.model}`);
+io::write_text("done.txt", "ok");
+"#;
+
+fn env_with_recipe() -> Env {
+    let env = Env::new();
+    env.write("r.rhai", RECIPE);
+    env
+}
+
+#[test]
+fn runs_a_recipe_with_overrides() {
+    let env = env_with_recipe();
+    let o = run_in(
+        env.dir.path(),
+        &[
+            "recipe/r.rhai",
+            "--set",
+            "lr=2e-4",
+            "--set",
+            "max_steps=5",
+            "--set",
+            "model=/m",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "lr=0.0002 max_steps=5 bf16=true model=/m\n");
+    assert!(
+        env.dir.path().join("runs/r/done.txt").exists(),
+        "default output dir is ./runs/<name>"
+    );
+}
+
+#[test]
+fn run_subcommand_and_output_dir() {
+    let env = env_with_recipe();
+    let out = env.dir.path().join("elsewhere");
+    let o = run_in(
+        env.dir.path(),
+        &[
+            "run",
+            "recipe/r.rhai",
+            "--output-dir",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(out.join("done.txt").exists());
+}
+
+#[test]
+fn set_values_are_checked_against_the_defaults() {
+    let env = env_with_recipe();
+    let o = run_in(env.dir.path(), &["recipe/r.rhai", "--set", "max_steps=ten"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_snapshot!("set_wrong_type", env.filter(&stderr(&o)));
+    let o = run_in(env.dir.path(), &["recipe/r.rhai", "--set", "bf16=1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("`--set bf16=1`: expected `true` or `false`"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run_in(
+        env.dir.path(),
+        &["recipe/r.rhai", "--set", "learning_rate=1"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains(
+            "unknown param `learning_rate` in `--set learning_rate=1`; the recipe declares: `bf16`, `lr`, `max_steps`, `model`"
+        ),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn set_without_params_is_an_error() {
+    let env = Env::new();
+    env.write("plain.rhai", "print(1);\n");
+    let o = run_in(env.dir.path(), &["recipe/plain.rhai", "--set", "lr=1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("the recipe declares no params"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn usage_errors_exit_2_and_user_errors_exit_1() {
+    let env = env_with_recipe();
+    let o = run_in(env.dir.path(), &["recipe/r.rhai", "--set", "novalue"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("expected `KEY=VALUE`, found `novalue`"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run_in(env.dir.path(), &["recipe/r.rhai", "--no-such-flag"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = run_in(env.dir.path(), &["recipe/missing.rhai"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("cannot read recipe `recipe/missing.rhai`"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run_in(
+        env.dir.path(),
+        &["recipe/r.rhai", "--allow-read", "/no/such/dir"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("`--allow-read /no/such/dir`"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn script_errors_show_file_line_and_caret() {
+    let env = Env::new();
+    env.write(
+        "bad.rhai",
+        "// %% a\nlet x = 1;\n// %% b\nlet y = lenn(x);\n",
+    );
+    let o = run_in(env.dir.path(), &["recipe/bad.rhai"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_snapshot!("unknown_function", env.filter(&stderr(&o)));
+    env.write("syntax.rhai", "let x = 1;\n// %% b\nlet y = (x + ;\n");
+    let o = run_in(env.dir.path(), &["recipe/syntax.rhai"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_snapshot!("syntax_error", env.filter(&stderr(&o)));
+}
+
+#[test]
+fn check_parses_and_resolves_params_without_running() {
+    let env = env_with_recipe();
+    let o = run_in(
+        env.dir.path(),
+        &["check", "recipe/r.rhai", "--set", "lr=3e-4"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_snapshot!("check_ok", env.filter(&stdout(&o)));
+    assert!(!env.dir.path().join("runs").exists(), "check runs nothing");
+    let o = run_in(
+        env.dir.path(),
+        &["check", "recipe/r.rhai", "--set", "lr=fast"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("`--set lr=fast`: expected a number"),
+        "{}",
+        stderr(&o)
+    );
+    env.write(
+        "syntax.rhai",
+        "let p = params(#{ a: 1 });\n// %% b\nfn f( {\n",
+    );
+    let o = run_in(env.dir.path(), &["check", "recipe/syntax.rhai"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("syntax.rhai:3:"), "{}", stderr(&o));
+}
+
+#[test]
+fn sandbox_refusals_from_the_command_line() {
+    let env = Env::new();
+    std::fs::write(env.dir.path().join("secret.txt"), "s").unwrap();
+    env.write("passwd.rhai", "print(io::read_text(\"/etc/passwd\"));\n");
+    env.write("escape.rhai", "print(io::read_text(\"../secret.txt\"));\n");
+    env.write("write.rhai", "io::write_text(\"../../x.txt\", \"x\");\n");
+    for name in ["passwd", "escape", "write"] {
+        let o = run_in(env.dir.path(), &[&format!("recipe/{name}.rhai")]);
+        assert_eq!(o.status.code(), Some(1), "{name}");
+        assert!(
+            stderr(&o).starts_with("error[sandbox]: cannot "),
+            "{name}: {}",
+            stderr(&o)
+        );
+        assert!(stdout(&o).is_empty(), "{name}");
+    }
+    let o = run_in(env.dir.path(), &["recipe/escape.rhai", "--allow-read", "."]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "s\n");
+}
+
+#[test]
+fn an_endless_loop_is_stopped_by_the_operation_limit() {
+    let env = Env::new();
+    env.write("loop.rhai", "let i = 0;\nwhile true { i += 1; }\n");
+    let o = run_in(
+        env.dir.path(),
+        &["recipe/loop.rhai", "--max-operations", "100000"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("error: the script was stopped after too many operations"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn piped_repl_evaluates_lines_in_order() {
+    let env = Env::new();
+    let mut child = qscript()
+        .current_dir(env.dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(b"let x = [1,\n2, 3];\nx.len()\nprint(\"hi\");\nnope()\nx[0]\n")
+            .unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(stdout(&o), "=> 3 : i64\nhi\n=> 1 : i64\n");
+    assert!(
+        stderr(&o).contains("function not found: `nope ()`"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(o.status.code(), Some(1), "an entry failed");
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_cancels_a_running_recipe() {
+    let env = Env::new();
+    env.write(
+        "spin.rhai",
+        "print(\"started\");\nlet i = 0;\nloop { i += 1; }\n",
+    );
+    let mut child = qscript()
+        .current_dir(env.dir.path())
+        .args(["recipe/spin.rhai", "--max-operations", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "started\n");
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("error: cancelled"), "{}", stderr(&o));
+}

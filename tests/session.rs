@@ -1,0 +1,289 @@
+//! Sessions without a terminal: REPL transcripts, notebook cells and re-runs, imports, sandbox
+//! refusals, limits and cancellation.
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+
+use insta::assert_snapshot;
+use qscript_stdlib::Failure;
+use support::{Env, transcript};
+
+#[test]
+fn repl_multiline_echo_and_functions() {
+    let env = Env::new();
+    let mut s = env.session();
+    let t = transcript(
+        &env,
+        &mut s,
+        "let x = 1 +\n2;\nx * 2\nfn twice(v) {\n  v * 2\n}\ntwice(x)\n\"text\"\n[1, 2]\nprint(`x is ${x}`);\nlet m = #{\n  a: 1,\n  b: \"two\"\n};\nm.b\n",
+    );
+    assert_snapshot!("repl_multiline", t);
+}
+
+#[test]
+fn repl_errors_show_position_and_caret() {
+    let env = Env::new();
+    let mut s = env.session();
+    let t = transcript(
+        &env,
+        &mut s,
+        "let x = 1; }\nio::read_txt(\"a\")\nio::read_text(42)\nlet y = undefined_var + 1;\nfn f() {\n  io::read_text(\"/etc/passwd\")\n}\nf()\nlet kind = ();\ntry { f() } catch (e) { kind = e.kind }\nkind\nlet ok = 1;\nok\n",
+    );
+    assert_snapshot!("repl_errors", t);
+}
+
+#[test]
+fn repl_help_and_commands() {
+    let env = Env::new();
+    let mut s = env.session();
+    let t = transcript(
+        &env,
+        &mut s,
+        ":help params\n:help io::write_text\n:help nope\n:cells\n:reload\n:bogus\n",
+    );
+    assert_snapshot!("repl_help", t);
+    let t = transcript(&env, &mut s, ":help\n");
+    assert!(t.contains(":load") && t.contains("io::read_json"), "{t}");
+}
+
+const RECIPE: &str = r#"// %% setup
+let counter = 10;
+print("cell 1 ran");
+// %% step
+counter += 1;
+print(`cell 2 ran: ${counter}`);
+// %% report
+print(`cell 3 ran: ${counter}`);
+"#;
+
+#[test]
+fn an_edit_reruns_from_the_changed_cell_with_the_scope_before_it() {
+    let env = Env::new();
+    let path = env.write("r.rhai", RECIPE);
+    let mut s = env.session();
+    let first = s.load_file(&path).unwrap();
+    assert!(first.error.is_none());
+    assert_eq!(first.reused, 0);
+    assert_eq!(
+        env.sink.take(),
+        "cell 1 ran\ncell 2 ran: 11\ncell 3 ran: 11\n"
+    );
+
+    // Unchanged file: nothing runs.
+    let again = s.load_file(&path).unwrap();
+    assert_eq!((again.reused, again.ran.len()), (3, 0));
+    assert_eq!(again.summary(), "nothing changed");
+
+    // Edit cell 2: cells 2 and 3 re-run, from the scope after cell 1 (counter = 10, not 11).
+    env.write("r.rhai", &RECIPE.replace("counter += 1;", "counter += 5;"));
+    let rerun = s.load_file(&path).unwrap();
+    assert!(rerun.error.is_none());
+    assert_eq!(rerun.reused, 1);
+    assert_eq!(env.sink.take(), "cell 2 ran: 15\ncell 3 ran: 15\n");
+    assert!(
+        rerun
+            .summary()
+            .starts_with("re-ran cells 2-3 (cell 2 \"step\" "),
+        "{}",
+        rerun.summary()
+    );
+
+    // Edit only the last cell.
+    env.write(
+        "r.rhai",
+        &RECIPE
+            .replace("counter += 1;", "counter += 5;")
+            .replace("cell 3 ran", "cell 3 again"),
+    );
+    let last = s.load_file(&path).unwrap();
+    assert_eq!(last.reused, 2);
+    assert_eq!(env.sink.take(), "cell 3 again: 15\n");
+    assert_eq!(s.eval("counter").unwrap().as_deref(), Some("=> 15 : i64"));
+}
+
+#[test]
+fn a_parse_error_keeps_the_state_and_a_fix_resumes() {
+    let env = Env::new();
+    let path = env.write("r.rhai", RECIPE);
+    let mut s = env.session();
+    s.load_file(&path).unwrap();
+    env.sink.take();
+    env.write("r.rhai", &RECIPE.replace("counter += 1;", "counter += ;"));
+    let err = s.load_file(&path).unwrap_err();
+    assert_snapshot!("reload_parse_error", env.filter(&err.rendered));
+    assert_eq!(env.sink.take(), "", "nothing ran");
+    assert!(
+        s.cells().iter().all(|c| c.elapsed.is_some()),
+        "old cells kept"
+    );
+    assert_eq!(s.eval("counter").unwrap().as_deref(), Some("=> 11 : i64"));
+
+    env.write("r.rhai", &RECIPE.replace("counter += 1;", "counter += 2;"));
+    let fixed = s.load_file(&path).unwrap();
+    assert_eq!(fixed.reused, 1);
+    assert_eq!(env.sink.take(), "cell 2 ran: 12\ncell 3 ran: 12\n");
+}
+
+#[test]
+fn a_failed_cell_runs_again_on_the_next_load_and_functions_carry_over() {
+    let env = Env::new();
+    let src = "// %% a\nfn inc(v) { v + 1 }\nlet n = 1;\n// %% b\nlet m = inc(n);\nif m > 1 { throw \"boom\" }\n";
+    let path = env.write("r.rhai", src);
+    let mut s = env.session();
+    let r = s.load_file(&path).unwrap();
+    let e = r.error.unwrap();
+    assert!(e.rendered.contains("boom"), "{}", e.rendered);
+    assert_eq!(s.cells()[1].elapsed, None);
+    env.write("r.rhai", &src.replace("m > 1", "m > 5"));
+    let r = s.load_file(&path).unwrap();
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert_eq!(r.reused, 1, "cell a is reused, its function still defined");
+    assert_eq!(s.eval("m").unwrap().as_deref(), Some("=> 2 : i64"));
+}
+
+#[test]
+fn changing_an_imported_file_reruns_the_cells_that_import_it() {
+    let env = Env::new();
+    env.write("lib.rhai", "export const SCALE = 2;\n");
+    let src = "// %% a\nprint(\"a\");\n// %% b\nimport \"lib\" as lib;\nprint(`b ${lib::SCALE}`);\n// %% c\nprint(\"c\");\n";
+    let path = env.write("r.rhai", src);
+    let mut s = env.session();
+    s.load_file(&path).unwrap();
+    assert_eq!(env.sink.take(), "a\nb 2\nc\n");
+    assert_eq!(s.watched_files().len(), 2);
+    env.write("lib.rhai", "export const SCALE = 3;\n");
+    let r = s.load_file(&path).unwrap();
+    assert_eq!(r.reused, 1);
+    assert_eq!(env.sink.take(), "b 3\nc\n");
+}
+
+#[test]
+fn imports_go_through_the_sandbox() {
+    let env = Env::new();
+    std::fs::write(env.dir.path().join("outside.rhai"), "export const X = 1;").unwrap();
+    let path = env.write("r.rhai", "import \"../outside\" as o;\n");
+    let mut s = env.session();
+    let e = s.load_file(&path).unwrap().error.unwrap();
+    assert!(
+        e.rendered.contains("error[sandbox]: cannot read"),
+        "{}",
+        e.rendered
+    );
+}
+
+#[test]
+fn sandbox_refusals_are_catchable_errors_of_kind_sandbox() {
+    let env = Env::new();
+    std::fs::write(env.dir.path().join("secret.txt"), "s").unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(
+        env.dir.path().join("secret.txt"),
+        env.recipe_dir().join("link.txt"),
+    )
+    .unwrap();
+    let mut s = env.session();
+    let kind = |s: &mut qscript_stdlib::Session, code: &str| {
+        let code =
+            format!("let k = \"no error\";\ntry {{ {code}; }} catch (e) {{ k = e.kind; }}\nk");
+        s.eval(&code).unwrap().unwrap()
+    };
+    assert_eq!(
+        kind(&mut s, r#"io::read_text("/etc/passwd")"#),
+        r#"=> "sandbox" : string"#
+    );
+    assert_eq!(
+        kind(&mut s, r#"io::read_text("../secret.txt")"#),
+        r#"=> "sandbox" : string"#
+    );
+    #[cfg(unix)]
+    assert_eq!(
+        kind(&mut s, r#"io::read_text("link.txt")"#),
+        r#"=> "sandbox" : string"#
+    );
+    assert_eq!(
+        kind(&mut s, r#"io::write_text("../escape.txt", "x")"#),
+        r#"=> "sandbox" : string"#
+    );
+    assert_eq!(
+        kind(&mut s, r#"io::write_text("/tmp/qscript-escape.txt", "x")"#),
+        r#"=> "sandbox" : string"#
+    );
+    assert_eq!(
+        kind(&mut s, r#"io::read_text("missing.txt")"#),
+        r#"=> "io" : string"#
+    );
+    assert!(!env.dir.path().join("escape.txt").exists());
+    // Inside the tree everything works, and the output dir is readable.
+    assert_eq!(
+        kind(&mut s, r#"io::write_text("ok.txt", "x")"#),
+        r#"=> "no error" : string"#
+    );
+    assert!(env.out_dir().join("ok.txt").exists());
+}
+
+#[test]
+fn allow_read_opens_more_paths() {
+    let env = Env::new();
+    std::fs::write(env.dir.path().join("data.json"), r#"{"a": [1, 2]}"#).unwrap();
+    let mut opts = env.options();
+    opts.allow_read.push(env.dir.path().to_path_buf());
+    let mut s = env.session_with(&opts);
+    assert_eq!(
+        s.eval(r#"io::read_json("../data.json").a.len()"#)
+            .unwrap()
+            .as_deref(),
+        Some("=> 2 : i64")
+    );
+}
+
+#[test]
+fn a_bad_json_file_names_file_line_and_column() {
+    let env = Env::new();
+    env.write("bad.json", "{\n  \"a\": 1,\n  oops\n}");
+    let mut s = env.session();
+    let e = s.eval(r#"io::read_json("bad.json")"#).unwrap_err();
+    assert!(
+        e.rendered
+            .contains("bad.json`: invalid JSON: key must be a string at line 3 column 3"),
+        "{}",
+        e.rendered
+    );
+}
+
+#[test]
+fn runaway_scripts_are_stopped() {
+    let env = Env::new();
+    let mut opts = env.options();
+    opts.max_operations = 100_000;
+    let mut s = env.session_with(&opts);
+    let e = s.eval("let i = 0;\nloop { i += 1; }").unwrap_err();
+    assert_snapshot!("operation_limit", e.rendered);
+    let e = s.eval("fn down(n) { down(n + 1) }\ndown(0)").unwrap_err();
+    assert!(
+        e.rendered
+            .contains("error: calls nested deeper than 64 levels"),
+        "{}",
+        e.rendered
+    );
+}
+
+#[test]
+fn the_cancel_token_stops_a_running_evaluation() {
+    let env = Env::new();
+    let mut opts = env.options();
+    opts.max_operations = 0;
+    let mut s = env.session_with(&opts);
+    let cancel = s.context().cancel.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        cancel.cancel();
+    });
+    let e = s.eval("let i = 0;\nloop { i += 1; }").unwrap_err();
+    t.join().unwrap();
+    assert_eq!(e.failure, Failure::Cancelled);
+    // The session goes on.
+    assert_eq!(s.eval("i > 0").unwrap().as_deref(), Some("=> true : bool"));
+}
