@@ -150,5 +150,9 @@ fn a_save_during_a_run_cancels_it_and_starts_again() {
             "out: fast",
         ],
     );
-    assert_eq!(outs(&seen), ["slow started", "fast"], "cell one is not re-run: {seen:?}");
+    assert_eq!(
+        outs(&seen),
+        ["slow started", "fast"],
+        "cell one is not re-run: {seen:?}"
+    );
 }
