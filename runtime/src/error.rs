@@ -25,6 +25,56 @@ pub enum Error {
         /// The parser's message, with line and column.
         source: serde_json::Error,
     },
+    /// A model or tokenizer config is invalid.
+    #[error("`{}`: {message}", path.display())]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong, with line and column where serde knows them.
+        message: String,
+    },
+    /// `architectures[0]` is not one qscript implements.
+    #[error("unsupported architecture `{name}`; supported: {supported}")]
+    UnsupportedArchitecture {
+        /// The name in config.json.
+        name: String,
+        /// The supported names.
+        supported: String,
+    },
+    /// A weight the architecture needs is not in the checkpoint.
+    #[error("tensor `{name}` is missing from the checkpoint in `{}`", path.display())]
+    MissingTensor {
+        /// The HF tensor name.
+        name: String,
+        /// The checkpoint directory.
+        path: PathBuf,
+    },
+    /// A weight has the wrong shape for the config.
+    #[error("tensor `{name}` in `{}` has shape {found:?}, but the config implies {expected:?}", path.display())]
+    ShapeMismatch {
+        /// The HF tensor name.
+        name: String,
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// The shape config.json implies.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
+    /// A safetensors file is truncated or corrupt.
+    #[error("`{}`: not a valid safetensors file: {message}", path.display())]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// A tokenizer failed to load, encode or decode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A chat template failed to compile or render (including `raise_exception`).
+    #[error("chat template: {0}")]
+    Template(String),
     /// A path is outside what the recipe may touch.
     #[error("{0}")]
     Sandbox(String),
@@ -46,6 +96,13 @@ impl Error {
             Error::Io { .. } => "io",
             Error::Json { .. } => "json",
             Error::Sandbox(_) => "sandbox",
+            Error::Config { .. } => "config",
+            Error::UnsupportedArchitecture { .. } => "unsupported_architecture",
+            Error::MissingTensor { .. }
+            | Error::ShapeMismatch { .. }
+            | Error::Safetensors { .. } => "checkpoint",
+            Error::Tokenizer(_) => "tokenizer",
+            Error::Template(_) => "template",
             Error::InvalidArgument(_) => "invalid_argument",
             Error::Cancelled => "cancelled",
             Error::Candle(_) => "tensor",

@@ -24,7 +24,10 @@
 pub mod cancel;
 pub mod error;
 pub mod hash;
+pub mod model;
+pub mod nn;
 pub mod sandbox;
+pub mod testing;
 
 pub use candle_core;
 pub use error::{Error, Result};

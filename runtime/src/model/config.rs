@@ -1,0 +1,363 @@
+//! `config.json` of an HF checkpoint, straight through serde, and the facts the decoder derives
+//! from it. Reads both transformers 4 (`rope_theta`, `rope_scaling`) and transformers 5
+//! (`rope_parameters`) layouts.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The architectures the decoder implements, chosen by `architectures[0]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// `LlamaForCausalLM`: Llama 2/3, TinyLlama; GQA through `num_key_value_heads`.
+    Llama,
+    /// `MistralForCausalLM`: the Llama layout (sliding window not applied).
+    Mistral,
+    /// `Qwen2ForCausalLM`: Qwen1.5, Qwen2, Qwen2.5 (bias on q/k/v).
+    Qwen2,
+    /// `Qwen3ForCausalLM`: q/k RMS norms, explicit `head_dim`, no bias.
+    Qwen3,
+}
+
+/// The `architectures` names qscript loads.
+pub const SUPPORTED: &[&str] = &[
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+];
+
+impl Arch {
+    /// The architecture for an `architectures[0]` name.
+    pub fn from_name(name: &str) -> Result<Self> {
+        Ok(match name {
+            "LlamaForCausalLM" => Arch::Llama,
+            "MistralForCausalLM" => Arch::Mistral,
+            "Qwen2ForCausalLM" => Arch::Qwen2,
+            "Qwen3ForCausalLM" => Arch::Qwen3,
+            other => {
+                return Err(Error::UnsupportedArchitecture {
+                    name: other.to_string(),
+                    supported: SUPPORTED.join(", "),
+                });
+            }
+        })
+    }
+
+    /// The HF class name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+
+    /// The `model_type` in config.json.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Mistral => "mistral",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+}
+
+/// A token id or a list of them (`eos_token_id` is either).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// One id.
+    One(u32),
+    /// Several ids.
+    Many(Vec<u32>),
+}
+
+impl OneOrMany {
+    /// All ids.
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            OneOrMany::One(x) => vec![*x],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// RoPE parameters (`rope_scaling` in transformers 4, `rope_parameters` in 5).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct RopeParams {
+    /// `default`, `linear` or `llama3`.
+    #[serde(default, alias = "type", skip_serializing_if = "Option::is_none")]
+    pub rope_type: Option<String>,
+    /// The base (transformers 5 keeps it here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    /// Scaling factor (`linear`, `llama3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f64>,
+    /// `llama3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low_freq_factor: Option<f64>,
+    /// `llama3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_freq_factor: Option<f64>,
+    /// `llama3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+/// The fields of `config.json` the decoder uses. Unknown fields are ignored (checkpoints carry
+/// many); missing required ones are errors that name the field and the file.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct ModelConfig {
+    /// `["Qwen2ForCausalLM"]`.
+    pub architectures: Vec<String>,
+    /// Vocabulary size (rows of the embedding).
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Decoder blocks.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (GQA); defaults to the query heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base (transformers 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    /// RoPE scaling (transformers 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeParams>,
+    /// RoPE base and scaling (transformers 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<RopeParams>,
+    /// Longest context.
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    /// Whether `lm_head` shares the embedding.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v/o (Llama); Qwen2 always has q/k/v bias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_bias: Option<bool>,
+    /// Activation; only `silu` is supported.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Beginning-of-sequence id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence id(s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<OneOrMany>,
+    /// The dtype the weights were saved in (`torch_dtype` in transformers 4).
+    #[serde(
+        default,
+        alias = "torch_dtype",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub dtype: Option<String>,
+    /// `llama`, `qwen2`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_type: Option<String>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_max_pos() -> usize {
+    4096
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+impl ModelConfig {
+    /// Reads and validates `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.validate().map_err(|message| Error::Config {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: a known architecture, consistent head counts, a known RoPE type.
+    pub fn validate(&self) -> Result<(), String> {
+        let name = self
+            .architectures
+            .first()
+            .ok_or("`architectures` is empty")?;
+        Arch::from_name(name).map_err(|e| e.to_string())?;
+        if self.hidden_act != "silu" {
+            return Err(format!(
+                "`hidden_act` is `{}`; only `silu` is supported",
+                self.hidden_act
+            ));
+        }
+        let (h, kv) = (self.num_attention_heads, self.num_kv_heads());
+        if h == 0 || kv == 0 || !h.is_multiple_of(kv) {
+            return Err(format!(
+                "`num_attention_heads` ({h}) must be a positive multiple of `num_key_value_heads` ({kv})"
+            ));
+        }
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(h) {
+            return Err(format!(
+                "`hidden_size` ({}) is not divisible by `num_attention_heads` ({h}) and no `head_dim` is given",
+                self.hidden_size
+            ));
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(format!(
+                "`head_dim` ({}) must be even for RoPE",
+                self.head_dim()
+            ));
+        }
+        match self.rope().rope_type.as_deref().unwrap_or("default") {
+            "default" | "linear" | "llama3" => Ok(()),
+            other => Err(format!(
+                "unsupported RoPE type `{other}`; supported: `default`, `linear`, `llama3`"
+            )),
+        }
+    }
+
+    /// The architecture (validated on load).
+    pub fn arch(&self) -> Result<Arch> {
+        Arch::from_name(self.architectures.first().map_or("", String::as_str))
+    }
+
+    /// Key/value heads.
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Per-head width.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// RoPE parameters, merged from either layout, with the base filled in.
+    pub fn rope(&self) -> RopeParams {
+        let mut p = self
+            .rope_parameters
+            .clone()
+            .or_else(|| self.rope_scaling.clone())
+            .unwrap_or_default();
+        if p.rope_theta.is_none() {
+            p.rope_theta = Some(self.rope_theta.unwrap_or(10_000.0));
+        }
+        p
+    }
+
+    /// Whether q/k/v projections have a bias.
+    pub fn qkv_bias(&self) -> bool {
+        self.attention_bias
+            .unwrap_or(matches!(self.arch(), Ok(Arch::Qwen2)))
+    }
+
+    /// Whether o_proj has a bias (Llama with `attention_bias`).
+    pub fn o_bias(&self) -> bool {
+        self.attention_bias.unwrap_or(false) && !matches!(self.arch(), Ok(Arch::Qwen2))
+    }
+
+    /// End-of-sequence ids from the config.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        self.eos_token_id
+            .as_ref()
+            .map(OneOrMany::to_vec)
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<ModelConfig, String> {
+        let c: ModelConfig = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    const BASE: &str = r#""vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2"#;
+
+    #[test]
+    fn reads_both_rope_layouts() {
+        let v4 = parse(&format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], {BASE}, "rope_theta": 500000.0,
+               "rope_scaling": {{"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}}}"#
+        ))
+        .unwrap();
+        let v5 = parse(&format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], {BASE}, "rope_parameters": {{"rope_theta": 500000.0,
+               "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(v4.rope(), v5.rope());
+        assert_eq!(v4.rope().rope_theta, Some(500_000.0));
+    }
+
+    #[test]
+    fn bad_configs_are_named() {
+        let e = parse(r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 10}"#).unwrap_err();
+        assert!(e.contains("missing field `hidden_size`"), "{e}");
+        let e = parse(&format!(
+            r#"{{"architectures": ["GPT2LMHeadModel"], {BASE}}}"#
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("`GPT2LMHeadModel`") && e.contains("Qwen3ForCausalLM"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], {BASE}, "num_key_value_heads": 3}}"#
+        ))
+        .unwrap_err();
+        assert!(e.contains("multiple of `num_key_value_heads` (3)"), "{e}");
+        let e = parse(&format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], {BASE}, "rope_scaling": {{"type": "yarn", "factor": 2.0}}}}"#
+        ))
+        .unwrap_err();
+        assert!(e.contains("unsupported RoPE type `yarn`"), "{e}");
+    }
+
+    #[test]
+    fn real_configs_parse() {
+        let Some(dir) = crate::testing::fixtures_dir("real model configs") else {
+            return;
+        };
+        for name in [
+            "Qwen3-4B",
+            "Llama-3.2-1B",
+            "Qwen2.5-7B-Instruct",
+            "Qwen1.5-7B-Chat",
+            "Qwen3-32B",
+        ] {
+            let c = ModelConfig::from_file(&dir.join("configs").join(name).join("config.json"))
+                .unwrap();
+            assert!(c.num_hidden_layers > 0, "{name}");
+        }
+    }
+}

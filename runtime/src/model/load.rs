@@ -1,0 +1,361 @@
+//! Building a [`Model`]: from an HF checkpoint directory, or from tensors in memory (the built-in
+//! tiny models); saving it back as an HF directory.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::Deserialize;
+
+use super::config::{Arch, ModelConfig, OneOrMany};
+use super::decoder::{Attention, Block, Decoder, Mlp};
+use super::rope::Rope;
+use super::weights::WeightSource;
+use crate::nn::Linear;
+use crate::{Error, Result};
+
+/// `dtype` and `device` choices for loading, as scripts spell them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// `f32`, `bf16`, `f16` or `auto` (bf16 on GPUs that support it, else f16; f32 on CPU).
+    pub dtype: String,
+    /// `cpu`, `cuda:N`, or `auto` (the first GPU if there is one, else CPU).
+    pub device: String,
+    /// Make every weight a `Var` (full fine-tuning, gradient checks).
+    pub trainable: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: "auto".into(),
+            device: "auto".into(),
+            trainable: false,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// The device named by `device`.
+    pub fn resolve_device(&self) -> Result<Device> {
+        match self.device.as_str() {
+            "auto" => Ok(Device::cuda_if_available(0)?),
+            "cpu" => Ok(Device::Cpu),
+            d => match d.strip_prefix("cuda").map(|r| r.trim_start_matches(':')) {
+                Some("") => Ok(Device::new_cuda(0)?),
+                Some(n) => {
+                    let n: usize = n.parse().map_err(|_| bad_device(d))?;
+                    Ok(Device::new_cuda(n)?)
+                }
+                None => Err(bad_device(d)),
+            },
+        }
+    }
+
+    /// The dtype named by `dtype` for `device`.
+    pub fn resolve_dtype(&self, device: &Device) -> Result<DType> {
+        Ok(match self.dtype.as_str() {
+            "auto" if device.is_cpu() => DType::F32,
+            "auto" if device.supports_bf16() => DType::BF16,
+            "auto" => DType::F16,
+            "f32" | "float32" => DType::F32,
+            "bf16" | "bfloat16" => DType::BF16,
+            "f16" | "float16" => DType::F16,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown dtype `{other}`; use `auto`, `f32`, `bf16` or `f16`"
+                )));
+            }
+        })
+    }
+}
+
+fn bad_device(d: &str) -> Error {
+    Error::InvalidArgument(format!(
+        "unknown device `{d}`; use `auto`, `cpu` or `cuda:N`"
+    ))
+}
+
+/// `generation_config.json`: the defaults `generate` starts from.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+pub struct GenerationConfig {
+    /// End-of-sequence id(s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<OneOrMany>,
+    /// Beginning-of-sequence id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<u32>,
+    /// Sample instead of greedy decoding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub do_sample: Option<bool>,
+    /// Sampling temperature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// Top-k sampling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    /// Repetition penalty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f32>,
+}
+
+/// A loaded causal LM: the decoder plus what came with it.
+#[derive(Clone, Debug)]
+pub struct Model {
+    /// The network.
+    pub decoder: Decoder,
+    /// The architecture.
+    pub arch: Arch,
+    /// Generation defaults.
+    pub generation: GenerationConfig,
+    /// The checkpoint directory, if loaded from one.
+    pub source: Option<PathBuf>,
+    /// Every weight by HF name (tied weights once).
+    pub named: Vec<(String, Tensor)>,
+    /// The weights as `Var`s when loaded `trainable`.
+    pub vars: Vec<(String, Var)>,
+}
+
+impl Model {
+    /// Loads an HF checkpoint directory: `config.json`, the safetensors weights, and
+    /// `generation_config.json` when present.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such checkpoint directory"),
+            ));
+        }
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let device = opts.resolve_device()?;
+        let dtype = opts.resolve_dtype(&device)?;
+        let src = WeightSource::open(dir)?;
+        let gen_path = dir.join("generation_config.json");
+        let generation = if gen_path.is_file() {
+            let text = std::fs::read_to_string(&gen_path).map_err(|e| Error::io(&gen_path, e))?;
+            serde_json::from_str(&text).map_err(|e| Error::Config {
+                path: gen_path,
+                message: e.to_string(),
+            })?
+        } else {
+            GenerationConfig::default()
+        };
+        let mut m = Self::build(cfg, &src, dtype, &device, opts.trainable)?;
+        m.generation = generation;
+        m.source = Some(dir.to_path_buf());
+        Ok(m)
+    }
+
+    /// Builds the model from `src`, checking every tensor's presence and shape.
+    pub fn build(
+        cfg: ModelConfig,
+        src: &WeightSource,
+        dtype: DType,
+        device: &Device,
+        trainable: bool,
+    ) -> Result<Self> {
+        cfg.validate().map_err(|message| Error::Config {
+            path: src.dir().join("config.json"),
+            message,
+        })?;
+        let arch = cfg.arch()?;
+        let mut l = Loader {
+            src,
+            dtype,
+            device,
+            trainable,
+            named: Vec::new(),
+            vars: Vec::new(),
+        };
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (q_out, kv_out) = (cfg.num_attention_heads * hd, cfg.num_kv_heads() * hd);
+        let embed = l.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let qkv_bias = cfg.qkv_bias();
+            let q = l.linear(&format!("{p}.self_attn.q_proj"), q_out, h, qkv_bias)?;
+            let k = l.linear(&format!("{p}.self_attn.k_proj"), kv_out, h, qkv_bias)?;
+            let v = l.linear(&format!("{p}.self_attn.v_proj"), kv_out, h, qkv_bias)?;
+            let o = l.linear(&format!("{p}.self_attn.o_proj"), h, q_out, cfg.o_bias())?;
+            let norms = if arch == Arch::Qwen3 {
+                Some((
+                    l.get(&format!("{p}.self_attn.q_norm.weight"), &[hd])?,
+                    l.get(&format!("{p}.self_attn.k_norm.weight"), &[hd])?,
+                ))
+            } else {
+                None
+            };
+            let attn = Attention::new(&cfg, q, k, v, o, norms);
+            let mlp = Mlp {
+                gate: l.linear(
+                    &format!("{p}.mlp.gate_proj"),
+                    cfg.intermediate_size,
+                    h,
+                    false,
+                )?,
+                up: l.linear(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
+                down: l.linear(
+                    &format!("{p}.mlp.down_proj"),
+                    h,
+                    cfg.intermediate_size,
+                    false,
+                )?,
+            };
+            let input_norm = l.get(&format!("{p}.input_layernorm.weight"), &[h])?;
+            let post_norm = l.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
+            blocks.push(Block {
+                input_norm,
+                attn,
+                post_norm,
+                mlp,
+            });
+        }
+        let norm = l.get("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(l.linear("lm_head", cfg.vocab_size, h, false)?)
+        };
+        let rope = Rope::new(&cfg);
+        let generation = GenerationConfig {
+            eos_token_id: cfg.eos_token_id.clone(),
+            bos_token_id: cfg.bos_token_id,
+            ..GenerationConfig::default()
+        };
+        let decoder = Decoder {
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+        };
+        Ok(Self {
+            decoder,
+            arch,
+            generation,
+            source: None,
+            named: l.named,
+            vars: l.vars,
+        })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.decoder.cfg
+    }
+
+    /// End-of-sequence ids from `generation_config.json`, else config.json.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        match &self.generation.eos_token_id {
+            Some(e) => e.to_vec(),
+            None => self.config().eos_ids(),
+        }
+    }
+
+    /// Writes an HF checkpoint directory: `config.json`, `generation_config.json` and
+    /// `model.safetensors` (each file atomically).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut cfg = self.config().clone();
+        cfg.dtype = Some(dtype_name(self.decoder.dtype()).into());
+        cfg.model_type = Some(self.arch.model_type().into());
+        let json = |v: &dyn erased::Json| v.to_json();
+        crate::sandbox::write_atomic(&dir.join("config.json"), json(&cfg).as_bytes())?;
+        crate::sandbox::write_atomic(
+            &dir.join("generation_config.json"),
+            json(&self.generation).as_bytes(),
+        )?;
+        let tensors: HashMap<String, Tensor> = self.named.iter().cloned().collect();
+        let tmp = dir.join(".model.safetensors.tmp");
+        candle_core::safetensors::save(&tensors, &tmp)?;
+        std::fs::rename(&tmp, dir.join("model.safetensors")).map_err(|e| Error::io(dir, e))
+    }
+}
+
+mod erased {
+    pub trait Json {
+        fn to_json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> String {
+            serde_json::to_string_pretty(self).unwrap_or_default() + "\n"
+        }
+    }
+}
+
+/// `bfloat16`, `float32`, ... as config.json spells dtypes.
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        _ => "float32",
+    }
+}
+
+impl fmt::Display for Model {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = self.config();
+        let n = self.decoder.num_params();
+        let params = if n >= 1_000_000_000 {
+            format!("{:.2}B", n as f64 / 1e9)
+        } else if n >= 1_000_000 {
+            format!("{:.1}M", n as f64 / 1e6)
+        } else {
+            format!("{n}")
+        };
+        write!(
+            f,
+            "Model({}, {params} params, {} layers, hidden {}, heads {}/{}, vocab {}, {}, {:?})",
+            self.arch.name(),
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_kv_heads(),
+            c.vocab_size,
+            dtype_name(self.decoder.dtype()),
+            self.decoder.device().location(),
+        )
+    }
+}
+
+struct Loader<'a> {
+    src: &'a WeightSource,
+    dtype: DType,
+    device: &'a Device,
+    trainable: bool,
+    named: Vec<(String, Tensor)>,
+    vars: Vec<(String, Var)>,
+}
+
+impl Loader<'_> {
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.src.get(name, shape, self.dtype, self.device)?;
+        let t = if self.trainable {
+            let v = Var::from_tensor(&t)?;
+            let t = v.as_tensor().clone();
+            self.vars.push((name.to_string(), v));
+            t
+        } else {
+            t
+        };
+        self.named.push((name.to_string(), t.clone()));
+        Ok(t)
+    }
+
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let w = self.get(&format!("{prefix}.weight"), &[out, inp])?;
+        let b = if bias {
+            Some(self.get(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear::new(w, b))
+    }
+}

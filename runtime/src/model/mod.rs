@@ -1,0 +1,11 @@
+//! Models: HF checkpoints in, a differentiable Llama-family decoder, generation.
+
+pub mod config;
+pub mod decoder;
+pub mod load;
+pub mod rope;
+pub mod weights;
+
+pub use config::{Arch, ModelConfig};
+pub use decoder::{Decoder, KvCache};
+pub use load::{LoadOptions, Model};

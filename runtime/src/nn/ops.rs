@@ -1,0 +1,150 @@
+//! Composite, differentiable ops (see the module docs of [`crate::nn`]).
+
+use candle_core::{D, DType, Result, Tensor};
+
+/// RMSNorm as HF computes it: in f32, `x * rsqrt(mean(x^2) + eps)`, cast back, times `weight`.
+///
+/// # Shapes
+/// `x: [.., d]`, `weight: [d]` -> `[.., d]`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = x32.broadcast_div(&(var + eps)?.sqrt()?)?;
+    y.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// Softmax over the last dimension, shifted by the (constant) row maximum.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// `log_softmax` over the last dimension.
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// `x * sigmoid(x)` (candle's op records its backward).
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    x.silu()
+}
+
+/// The second half of the last dimension, negated, then the first half (HF `rotate_half`).
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// Applies rotary embeddings.
+///
+/// # Shapes
+/// `x: [b, heads, seq, d]`, `cos`/`sin`: `[seq, d]` -> `[b, heads, seq, d]`.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(cos)?
+        .add(&rotate_half(x)?.broadcast_mul(sin)?)
+}
+
+/// Mean cross-entropy of `logits` against `labels`, skipping labels equal to -100 (HF's
+/// `ignore_index`). Computed in f32. Returns a scalar, and the number of counted labels.
+///
+/// # Shapes
+/// `logits: [n, vocab]`, `labels: [n]` (i64).
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
+    let labels_v = labels.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+    let keep: Vec<f32> = labels_v
+        .iter()
+        .map(|&l| if l == -100 { 0.0 } else { 1.0 })
+        .collect();
+    let idx: Vec<u32> = labels_v
+        .iter()
+        .map(|&l| u32::try_from(l).unwrap_or(0))
+        .collect();
+    let count = keep.iter().filter(|&&k| k > 0.0).count();
+    let device = logits.device();
+    let logp = log_softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+    let idx = Tensor::from_vec(idx, (labels_v.len(), 1), device)?;
+    let picked = logp.gather(&idx, 1)?.squeeze(1)?;
+    let keep = Tensor::from_vec(keep, labels_v.len(), device)?;
+    let total = picked.mul(&keep)?.sum_all()?;
+    let loss = (total.neg()? / count.max(1) as f64)?;
+    Ok((loss, count))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn composite_ops_match_candle_fused_forward() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 8), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.1, 8, &dev).unwrap();
+        let a = rms_norm(&x, &w, 1e-6).unwrap();
+        let b = candle_nn_free_rms(&x, &w, 1e-6);
+        assert!(
+            a.sub(&b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                < 1e-5
+        );
+        let s = softmax_last_dim(&x).unwrap().sum_keepdim(1).unwrap();
+        for v in s.flatten_all().unwrap().to_vec1::<f32>().unwrap() {
+            assert!((v - 1.0).abs() < 1e-5);
+        }
+    }
+
+    fn candle_nn_free_rms(x: &Tensor, w: &Tensor, eps: f32) -> Tensor {
+        let rows = x.to_vec2::<f32>().unwrap();
+        let w = w.to_vec1::<f32>().unwrap();
+        let out: Vec<Vec<f32>> = rows
+            .iter()
+            .map(|r| {
+                let ms = r.iter().map(|v| v * v).sum::<f32>() / r.len() as f32;
+                r.iter()
+                    .zip(&w)
+                    .map(|(v, w)| v / (ms + eps).sqrt() * w)
+                    .collect()
+            })
+            .collect();
+        Tensor::new(out, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn gradients_flow_through_every_op() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 6), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.1, 6, &dev).unwrap()).unwrap();
+        let h = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
+        let h = silu(&h).unwrap();
+        let h = softmax_last_dim(&h).unwrap();
+        let labels = Tensor::new(&[1i64, -100, 3, 0], &dev).unwrap();
+        let (loss, n) = cross_entropy(&h, &labels).unwrap();
+        assert_eq!(n, 3);
+        let grads = loss.backward().unwrap();
+        for v in [&x, &w] {
+            let g = grads.get(v.as_tensor()).unwrap();
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm.is_finite() && norm > 0.0);
+        }
+    }
+}
