@@ -148,3 +148,34 @@ fn loss_and_every_gradient_match_transformers() {
         );
     }
 }
+
+#[test]
+fn stories260k_greedy_decoding_matches_its_golden() {
+    let Some(fx) = qscript_runtime::testing::fixtures_dir("the stories260K checkpoint") else {
+        return;
+    };
+    let root = fx.join("models/stories260K");
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("golden_greedy.json")).unwrap())
+            .unwrap();
+    let ids = |k: &str| -> Vec<u32> {
+        golden[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| u32::try_from(v.as_u64().unwrap()).unwrap())
+            .collect()
+    };
+    let (prompt, want) = (ids("prompt_ids"), ids("greedy_ids"));
+    let m = Model::load(&root.join("hf"), &cpu_f32(false)).unwrap();
+    let opts = qscript_runtime::model::GenerateOptions {
+        max_new_tokens: want.len() - prompt.len(),
+        ..Default::default()
+    };
+    let cancel = qscript_runtime::cancel::CancelToken::new();
+    let new = m
+        .generate(&prompt, &opts, &cancel, &mut |_| Ok(()))
+        .unwrap();
+    let got: Vec<u32> = prompt.iter().chain(&new).copied().collect();
+    assert_eq!(got, want);
+}

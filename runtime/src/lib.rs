@@ -22,12 +22,14 @@
 )]
 
 pub mod cancel;
+pub mod chat_template;
 pub mod error;
 pub mod hash;
 pub mod model;
 pub mod nn;
 pub mod sandbox;
 pub mod testing;
+pub mod tokenizer;
 
 pub use candle_core;
 pub use error::{Error, Result};

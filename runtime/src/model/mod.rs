@@ -2,10 +2,12 @@
 
 pub mod config;
 pub mod decoder;
+pub mod generate;
 pub mod load;
 pub mod rope;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};
 pub use decoder::{Decoder, KvCache};
+pub use generate::GenerateOptions;
 pub use load::{LoadOptions, Model};

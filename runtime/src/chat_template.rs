@@ -1,0 +1,204 @@
+//! Chat templates: the model's Jinja `chat_template`, rendered as transformers renders it
+//! (`trim_blocks`, `lstrip_blocks`, loop controls, `raise_exception`, Python's `tojson`, Python
+//! string methods such as `.strip()` and `.startswith()`, `strftime_now`).
+
+use minijinja::value::Value;
+use minijinja::{Environment, ErrorKind};
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+/// ChatML, the template of the built-in tokenizer (and of Qwen without tools).
+pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Renders `template` with `context` (`messages`, `add_generation_prompt`, `bos_token`, ...).
+pub fn render(template: &str, context: &serde_json::Value) -> Result<String> {
+    let mut env = Environment::new();
+    let syntax = minijinja::syntax::SyntaxConfig::builder()
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .build()
+        .map_err(|e| Error::Template(e.to_string()))?;
+    env.set_syntax(syntax);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<Value, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
+    env.add_function("strftime_now", |fmt: String| strftime_now(&fmt));
+    env.add_filter("tojson", tojson);
+    let tmpl = env
+        .template_from_str(template)
+        .map_err(|e| Error::Template(describe(&e)))?;
+    tmpl.render(minijinja::value::Serde(context))
+        .map_err(|e| Error::Template(describe(&e)))
+}
+
+fn describe(e: &minijinja::Error) -> String {
+    let mut msg = match e.detail() {
+        Some(d) if e.kind() == ErrorKind::InvalidOperation => d.to_string(),
+        _ => e.to_string(),
+    };
+    if let Some(line) = e.line() {
+        msg.push_str(&format!(" (template line {line})"));
+    }
+    msg
+}
+
+/// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`: `", "` and `": "` separators
+/// without indent, `","` and `": "` with it.
+fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> Result<Value, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let mut json = serde_json::to_value(&value)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    if sort_keys.unwrap_or(false) {
+        json.sort_all_objects();
+    }
+    let mut out = Vec::new();
+    let written = match indent {
+        Some(n) => {
+            let pad = vec![b' '; n];
+            let fmt = serde_json::ser::PrettyFormatter::with_indent(&pad);
+            json.serialize(&mut serde_json::Serializer::with_formatter(&mut out, fmt))
+        }
+        None => json.serialize(&mut serde_json::Serializer::with_formatter(
+            &mut out,
+            PySeparators,
+        )),
+    };
+    written.map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    Ok(Value::from_safe_string(
+        String::from_utf8_lossy(&out).into_owned(),
+    ))
+}
+
+struct PySeparators;
+
+impl serde_json::ser::Formatter for PySeparators {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first { Ok(()) } else { w.write_all(b", ") }
+    }
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first { Ok(()) } else { w.write_all(b", ") }
+    }
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+}
+
+/// `strftime_now(fmt)` for the directives chat templates use: `%d %m %Y %y %b %B %H %M %S %%`.
+fn strftime_now(fmt: &str) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = (secs / 86_400) as i64;
+    let (y, m, d) = civil_from_days(days);
+    let rem = secs % 86_400;
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    let month = MONTHS[(m - 1) as usize];
+    let mut out = String::new();
+    let mut chars = fmt.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{d:02}")),
+            Some('m') => out.push_str(&format!("{m:02}")),
+            Some('Y') => out.push_str(&y.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", y % 100)),
+            Some('b') => out.push_str(&month[..3]),
+            Some('B') => out.push_str(month),
+            Some('H') => out.push_str(&format!("{:02}", rem / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", rem / 60 % 60)),
+            Some('S') => out.push_str(&format!("{:02}", rem % 60)),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+/// Days since 1970-01-01 to (year, month, day), Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn chatml_and_python_json() {
+        let ctx =
+            json!({"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": true});
+        assert_eq!(
+            render(CHATML, &ctx).unwrap(),
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let t = "{{ x | tojson }}|{{ x | tojson(indent=2) }}";
+        let out = render(t, &json!({"x": {"b": [1, 2.5], "a": "é<\"/"}})).unwrap();
+        assert_eq!(
+            out,
+            "{\"b\": [1, 2.5], \"a\": \"é<\\\"/\"}|{\n  \"b\": [\n    1,\n    2.5\n  ],\n  \"a\": \"é<\\\"/\"\n}"
+        );
+    }
+
+    #[test]
+    fn raise_exception_shows_its_message() {
+        let e = render("{% if messages|length == 0 %}{{ raise_exception('Conversation roles must alternate') }}{% endif %}", &json!({"messages": []}))
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("chat template: Conversation roles must alternate"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_415), (2025, 11, 23));
+        assert_eq!(strftime_now("%%").len(), 1);
+    }
+}

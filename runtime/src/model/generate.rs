@@ -1,0 +1,101 @@
+//! Text generation through the KV cache: greedy when the temperature is 0, else sampling with
+//! top-k / top-p (candle-transformers' `LogitsProcessor`), an optional repetition penalty, and
+//! stops on any end-of-sequence id.
+
+use candle_core::{DType, IndexOp, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+
+use super::decoder::KvCache;
+use super::load::Model;
+use crate::cancel::CancelToken;
+use crate::{Error, Result};
+
+/// How to generate. `None` fields fall back to the model's `generation_config.json`, then to
+/// greedy decoding.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GenerateOptions {
+    /// New tokens at most.
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: Option<f64>,
+    /// Nucleus sampling.
+    pub top_p: Option<f64>,
+    /// Top-k sampling.
+    pub top_k: Option<usize>,
+    /// > 1 discourages repeats (as in transformers).
+    pub repetition_penalty: Option<f32>,
+    /// Sampling seed.
+    pub seed: u64,
+    /// Extra stop ids (the tokenizer's eos, for instance).
+    pub stop_ids: Vec<u32>,
+}
+
+impl Model {
+    /// Generates up to `max_new_tokens` after `prompt`, calling `on_token` with each new id.
+    /// Returns the new ids (the stop token included when one ended the run).
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        cancel: &CancelToken,
+        on_token: &mut dyn FnMut(u32) -> Result<()>,
+    ) -> Result<Vec<u32>> {
+        if prompt.is_empty() {
+            return Err(Error::InvalidArgument(
+                "`generate` needs a non-empty prompt".into(),
+            ));
+        }
+        let g = &self.generation;
+        let sampled = g.do_sample.unwrap_or(false) || opts.temperature.is_some();
+        let temperature = opts
+            .temperature
+            .or(if sampled { g.temperature } else { None })
+            .unwrap_or(0.0);
+        let top_k = opts.top_k.or(if sampled { g.top_k } else { None });
+        let top_p = opts
+            .top_p
+            .or(if sampled { g.top_p } else { None })
+            .filter(|p| *p < 1.0);
+        let sampling = if temperature <= 0.0 {
+            Sampling::ArgMax
+        } else {
+            match (top_k, top_p) {
+                (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
+                (Some(k), None) => Sampling::TopK { k, temperature },
+                (None, Some(p)) => Sampling::TopP { p, temperature },
+                (None, None) => Sampling::All { temperature },
+            }
+        };
+        let penalty = opts
+            .repetition_penalty
+            .or(g.repetition_penalty)
+            .unwrap_or(1.0);
+        let mut stops = self.eos_ids();
+        stops.extend(&opts.stop_ids);
+        let mut sampler = LogitsProcessor::from_sampling(opts.seed, sampling);
+        let mut cache = KvCache::new(self.config().num_hidden_layers);
+        let device = self.decoder.device();
+        let mut context: Vec<u32> = prompt.to_vec();
+        let mut input = Tensor::new(prompt, device)?.unsqueeze(0)?;
+        let mut out = Vec::new();
+        for _ in 0..opts.max_new_tokens {
+            cancel.check()?;
+            let logits = self.decoder.forward(&input, None, Some(&mut cache))?;
+            let last = logits.i((0, logits.dim(1)? - 1))?.to_dtype(DType::F32)?;
+            let last = if (penalty - 1.0).abs() > f32::EPSILON {
+                candle_transformers::utils::apply_repeat_penalty(&last, penalty, &context)?
+            } else {
+                last
+            };
+            let next = sampler.sample(&last)?;
+            out.push(next);
+            context.push(next);
+            on_token(next)?;
+            if stops.contains(&next) {
+                break;
+            }
+            input = Tensor::new(&[next], device)?.unsqueeze(0)?;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,333 @@
+//! Tokenizers: `tokenizer.json` through the `tokenizers` crate, plus `tokenizer_config.json` (special
+//! tokens, the chat template). Also a byte-level tokenizer built in code, with ChatML special
+//! tokens, for the built-in tiny models.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::chat_template;
+use crate::{Error, Result};
+
+/// A token in `tokenizer_config.json`: a string or `{"content": ...}`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum TokenSpec {
+    Text(String),
+    Added { content: String },
+}
+
+impl TokenSpec {
+    fn text(self) -> String {
+        match self {
+            TokenSpec::Text(s) | TokenSpec::Added { content: s } => s,
+        }
+    }
+}
+
+/// `chat_template`: one string, or named templates.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum TemplateSpec {
+    One(String),
+    Named(Vec<NamedTemplate>),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+struct NamedTemplate {
+    name: String,
+    template: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct TokenizerConfig {
+    #[serde(default)]
+    bos_token: Option<TokenSpec>,
+    #[serde(default)]
+    eos_token: Option<TokenSpec>,
+    #[serde(default)]
+    pad_token: Option<TokenSpec>,
+    #[serde(default)]
+    unk_token: Option<TokenSpec>,
+    #[serde(default)]
+    chat_template: Option<TemplateSpec>,
+}
+
+/// Options of `apply_chat_template`, with transformers' names. Other keys are passed to the
+/// template as variables (`enable_thinking`, `tools`, ...).
+#[derive(Clone, Debug, Default)]
+pub struct TemplateOptions {
+    /// Append the assistant turn's opening.
+    pub add_generation_prompt: bool,
+    /// Extra template variables.
+    pub extra: serde_json::Map<String, Value>,
+}
+
+/// A tokenizer with its special tokens and chat template.
+#[derive(Clone, Debug)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Beginning-of-sequence token.
+    pub bos_token: Option<String>,
+    /// End-of-sequence token.
+    pub eos_token: Option<String>,
+    /// Padding token (eos when the config has none; see [`Tokenizer::pad_is_eos_fallback`]).
+    pub pad_token: Option<String>,
+    /// Unknown token.
+    pub unk_token: Option<String>,
+    /// The Jinja chat template.
+    pub chat_template: Option<String>,
+    /// True when the config had no pad token and eos stands in for it (as seed recipes do).
+    pub pad_is_eos_fallback: bool,
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` and `chat_template.jinja`
+    /// from `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let file = dir.join("tokenizer.json");
+        if !file.is_file() {
+            return Err(Error::io(
+                &file,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no `tokenizer.json` here"),
+            ));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&file)
+            .map_err(|e| Error::Tokenizer(format!("`{}`: {e}", file.display())))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: TokenizerConfig = if cfg_path.is_file() {
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+            serde_json::from_str(&text).map_err(|e| Error::Config {
+                path: cfg_path.clone(),
+                message: e.to_string(),
+            })?
+        } else {
+            TokenizerConfig::default()
+        };
+        let mut chat_template = match cfg.chat_template {
+            Some(TemplateSpec::One(t)) => Some(t),
+            Some(TemplateSpec::Named(v)) => v
+                .iter()
+                .find(|t| t.name == "default")
+                .or(v.first())
+                .map(|t| t.template.clone()),
+            None => None,
+        };
+        let jinja = dir.join("chat_template.jinja");
+        if chat_template.is_none() && jinja.is_file() {
+            chat_template =
+                Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+        }
+        Ok(Self::assemble(
+            inner,
+            cfg.bos_token.map(TokenSpec::text),
+            cfg.eos_token.map(TokenSpec::text),
+            cfg.pad_token.map(TokenSpec::text),
+            cfg.unk_token.map(TokenSpec::text),
+            chat_template,
+        ))
+    }
+
+    fn assemble(
+        inner: tokenizers::Tokenizer,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        pad_token: Option<String>,
+        unk_token: Option<String>,
+        chat_template: Option<String>,
+    ) -> Self {
+        let pad_is_eos_fallback = pad_token.is_none() && eos_token.is_some();
+        let pad_token = pad_token.or_else(|| eos_token.clone());
+        Self {
+            inner,
+            bos_token,
+            eos_token,
+            pad_token,
+            unk_token,
+            chat_template,
+            pad_is_eos_fallback,
+        }
+    }
+
+    /// The built-in byte-level tokenizer: 256 byte tokens plus `<|endoftext|>` (eos),
+    /// `<|im_start|>` and `<|im_end|>`, with the ChatML template.
+    pub fn builtin() -> Result<Self> {
+        let vocab: serde_json::Map<String, Value> = byte_chars()
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.to_string(), json!(i)))
+            .collect();
+        let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+        let added: Vec<Value> = specials
+            .iter()
+            .enumerate()
+            .map(|(i, t)| json!({"id": 256 + i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+            .collect();
+        let spec = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": false, "vocab": vocab, "merges": []}
+        });
+        let inner: tokenizers::Tokenizer = spec
+            .to_string()
+            .parse()
+            .map_err(|e: tokenizers::Error| Error::Tokenizer(format!("built-in tokenizer: {e}")))?;
+        Ok(Self::assemble(
+            inner,
+            None,
+            Some("<|endoftext|>".into()),
+            Some("<|endoftext|>".into()),
+            None,
+            Some(chat_template::CHATML.into()),
+        ))
+    }
+
+    /// Token ids of `text`; `add_special_tokens` as in transformers (BOS for Llama, for instance).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token strings of `text` (for display).
+    pub fn tokens(&self, text: &str, add_special_tokens: bool) -> Result<Vec<String>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_tokens().to_vec())
+    }
+
+    /// Text of `ids`.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// The id of a token string.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The eos id.
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos_token.as_deref().and_then(|t| self.token_to_id(t))
+    }
+
+    /// The pad id.
+    pub fn pad_id(&self) -> Option<u32> {
+        self.pad_token.as_deref().and_then(|t| self.token_to_id(t))
+    }
+
+    /// Vocabulary size with added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Renders `messages` through the chat template, as transformers' `apply_chat_template(...,
+    /// tokenize=False)`.
+    pub fn apply_chat_template(&self, messages: &Value, opts: &TemplateOptions) -> Result<String> {
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            Error::Template("this tokenizer has no `chat_template`; pass a template or use one with `chat_template` in tokenizer_config.json".into())
+        })?;
+        let mut ctx = opts.extra.clone();
+        ctx.insert("messages".into(), messages.clone());
+        ctx.insert(
+            "add_generation_prompt".into(),
+            json!(opts.add_generation_prompt),
+        );
+        ctx.insert(
+            "bos_token".into(),
+            json!(self.bos_token.clone().unwrap_or_default()),
+        );
+        ctx.insert(
+            "eos_token".into(),
+            json!(self.eos_token.clone().unwrap_or_default()),
+        );
+        if let Some(p) = &self.pad_token {
+            ctx.entry("pad_token").or_insert(json!(p));
+        }
+        chat_template::render(template, &Value::Object(ctx))
+    }
+
+    /// Writes `tokenizer.json` and `tokenizer_config.json` to `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let json = self
+            .inner
+            .to_string(true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        crate::sandbox::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+        let mut cfg = serde_json::Map::new();
+        let mut put = |k: &str, v: &Option<String>| {
+            cfg.insert(k.into(), v.as_ref().map_or(Value::Null, |s| json!(s)));
+        };
+        put("bos_token", &self.bos_token);
+        put("eos_token", &self.eos_token);
+        put(
+            "pad_token",
+            &if self.pad_is_eos_fallback {
+                None
+            } else {
+                self.pad_token.clone()
+            },
+        );
+        put("unk_token", &self.unk_token);
+        put("chat_template", &self.chat_template);
+        let text = serde_json::to_string_pretty(&Value::Object(cfg)).unwrap_or_default();
+        crate::sandbox::write_atomic(&dir.join("tokenizer_config.json"), text.as_bytes())
+    }
+}
+
+/// GPT-2's byte -> printable char table (index = byte).
+fn byte_chars() -> Vec<char> {
+    let printable = |b: u32| {
+        (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+    };
+    let mut next = 256;
+    (0..256u32)
+        .map(|b| {
+            let code = if printable(b) {
+                b
+            } else {
+                next += 1;
+                next - 1
+            };
+            char::from_u32(code).unwrap_or('?')
+        })
+        .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_round_trips_any_text_and_knows_chatml() {
+        let t = Tokenizer::builtin().unwrap();
+        assert_eq!(t.vocab_size(), 259);
+        for text in ["Hello, world!", "你好，世界", "  two\n\nlines\t"] {
+            let ids = t.encode(text, true).unwrap();
+            assert_eq!(ids.len(), text.len(), "one token per byte");
+            assert_eq!(t.decode(&ids, false).unwrap(), text);
+        }
+        let ids = t.encode("<|im_start|>user\nhi<|im_end|>", false).unwrap();
+        assert_eq!(ids[0], 257);
+        assert_eq!(*ids.last().unwrap(), 258);
+        assert_eq!(t.eos_id(), Some(256));
+        assert_eq!(t.pad_id(), Some(256));
+    }
+}
