@@ -179,3 +179,143 @@ fn stories260k_greedy_decoding_matches_its_golden() {
     let got: Vec<u32> = prompt.iter().chain(&new).copied().collect();
     assert_eq!(got, want);
 }
+
+/// A copy of the tiny Qwen2 checkpoint in a temp dir, to break.
+fn scratch_checkpoint() -> tempfile::TempDir {
+    let src = repo_fixtures().join("models/tiny-qwen2");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    dir
+}
+
+fn load_err(dir: &std::path::Path) -> String {
+    Model::load(dir, &cpu_f32(false)).unwrap_err().to_string()
+}
+
+fn edit_config(dir: &std::path::Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(p, v.to_string()).unwrap();
+}
+
+#[test]
+fn bad_checkpoints_are_explained() {
+    let missing = load_err(std::path::Path::new("/no/such/model"));
+    assert!(
+        missing.contains("`/no/such/model`: no such checkpoint directory"),
+        "{missing}"
+    );
+
+    let d = scratch_checkpoint();
+    std::fs::remove_file(d.path().join("config.json")).unwrap();
+    let e = load_err(d.path());
+    assert!(e.contains("config.json`: No such file"), "{e}");
+
+    let d = scratch_checkpoint();
+    std::fs::remove_file(d.path().join("model.safetensors")).unwrap();
+    let e = load_err(d.path());
+    assert!(
+        e.contains("no `model.safetensors` or `model.safetensors.index.json`"),
+        "{e}"
+    );
+
+    let d = scratch_checkpoint();
+    edit_config(d.path(), |v| {
+        v["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"])
+    });
+    let e = load_err(d.path());
+    assert!(
+        e.contains("unsupported architecture `GPTNeoXForCausalLM`; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
+        "{e}"
+    );
+
+    let d = scratch_checkpoint();
+    edit_config(d.path(), |v| {
+        v.as_object_mut().unwrap().remove("num_hidden_layers");
+    });
+    let e = load_err(d.path());
+    assert!(
+        e.contains("config.json`: missing field `num_hidden_layers`"),
+        "{e}"
+    );
+
+    let d = scratch_checkpoint();
+    edit_config(d.path(), |v| v["num_hidden_layers"] = serde_json::json!(3));
+    let e = load_err(d.path());
+    assert!(
+        e.contains(
+            "tensor `model.layers.2.self_attn.q_proj.weight` is missing from the checkpoint"
+        ),
+        "{e}"
+    );
+
+    let d = scratch_checkpoint();
+    edit_config(d.path(), |v| v["intermediate_size"] = serde_json::json!(48));
+    let e = load_err(d.path());
+    assert!(
+        e.contains("tensor `model.layers.0.mlp.gate_proj.weight`")
+            && e.contains("has shape [64, 32], but the config implies [48, 32]"),
+        "{e}"
+    );
+
+    let d = scratch_checkpoint();
+    let st = d.path().join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    let e = load_err(d.path());
+    assert!(
+        e.contains("model.safetensors`: not a valid safetensors file"),
+        "{e}"
+    );
+
+    let d = scratch_checkpoint();
+    std::fs::write(
+        d.path().join("model.safetensors"),
+        b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage",
+    )
+    .unwrap();
+    let e = load_err(d.path());
+    assert!(e.contains("not a valid safetensors file"), "{e}");
+}
+
+#[test]
+fn sharded_checkpoints_load_through_the_index() {
+    let (m, _) = load("tiny-llama3", false);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = (HashMap::new(), HashMap::new());
+    let mut map = serde_json::Map::new();
+    for (i, (name, t)) in m.named.iter().enumerate() {
+        let (shard, file) = if i % 2 == 0 {
+            (&mut a, "model-00001-of-00002.safetensors")
+        } else {
+            (&mut b, "model-00002-of-00002.safetensors")
+        };
+        shard.insert(name.clone(), t.clone());
+        map.insert(name.clone(), serde_json::json!(file));
+    }
+    candle_core::safetensors::save(&a, dir.path().join("model-00001-of-00002.safetensors"))
+        .unwrap();
+    candle_core::safetensors::save(&b, dir.path().join("model-00002-of-00002.safetensors"))
+        .unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo_fixtures().join("models/tiny-llama3/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let sharded = Model::load(dir.path(), &cpu_f32(false)).unwrap();
+    let ids = Tensor::new(&[[3u32, 4, 5]], &Device::Cpu).unwrap();
+    let d = max_diff(
+        &sharded.decoder.forward(&ids, None, None).unwrap(),
+        &m.decoder.forward(&ids, None, None).unwrap(),
+    );
+    assert_eq!(d, 0.0);
+}
