@@ -225,7 +225,7 @@ fn bad_checkpoints_are_explained() {
 
     let d = scratch_checkpoint();
     edit_config(d.path(), |v| {
-        v["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"])
+        v["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
     });
     let e = load_err(d.path());
     assert!(
@@ -244,7 +244,9 @@ fn bad_checkpoints_are_explained() {
     );
 
     let d = scratch_checkpoint();
-    edit_config(d.path(), |v| v["num_hidden_layers"] = serde_json::json!(3));
+    edit_config(d.path(), |v| {
+        v["num_hidden_layers"] = serde_json::json!(3);
+    });
     let e = load_err(d.path());
     assert!(
         e.contains(
@@ -254,7 +256,9 @@ fn bad_checkpoints_are_explained() {
     );
 
     let d = scratch_checkpoint();
-    edit_config(d.path(), |v| v["intermediate_size"] = serde_json::json!(48));
+    edit_config(d.path(), |v| {
+        v["intermediate_size"] = serde_json::json!(48);
+    });
     let e = load_err(d.path());
     assert!(
         e.contains("tensor `model.layers.0.mlp.gate_proj.weight`")
