@@ -19,6 +19,8 @@ pub trait OutputSink: Send + Sync {
     fn out(&self, line: &str);
     /// One line of diagnostics (notices, progress, `debug`), without the trailing newline.
     fn err(&self, line: &str);
+    /// A piece of normal output with no newline (streamed generation).
+    fn stream(&self, text: &str);
 }
 
 /// Prints to the process's stdout and stderr.
@@ -32,6 +34,12 @@ impl OutputSink for StdSink {
     }
     fn err(&self, line: &str) {
         eprintln!("{line}");
+    }
+    fn stream(&self, text: &str) {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(text.as_bytes());
+        let _ = out.flush();
     }
 }
 
@@ -58,6 +66,9 @@ impl OutputSink for BufferSink {
         b.push_str("[err] ");
         b.push_str(line);
         b.push('\n');
+    }
+    fn stream(&self, text: &str) {
+        lock(&self.0).push_str(text);
     }
 }
 
@@ -111,6 +122,8 @@ pub struct RunContext {
     pub(crate) overrides: BTreeMap<String, String>,
     pub(crate) params_declared: Mutex<Option<Vec<String>>>,
     pub(crate) imports: Mutex<BTreeSet<PathBuf>>,
+    /// Whether generation streams token by token by default (the interactive REPL).
+    pub stream_by_default: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for RunContext {
@@ -133,6 +146,7 @@ impl RunContext {
             overrides: opts.overrides.iter().cloned().collect(),
             params_declared: Mutex::new(None),
             imports: Mutex::new(BTreeSet::new()),
+            stream_by_default: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -146,6 +160,27 @@ impl RunContext {
     /// Whether `--set` overrides the param `key`.
     pub fn is_overridden(&self, key: &str) -> bool {
         self.overrides.contains_key(key)
+    }
+
+    /// Resolves a directory for reading (model checkpoints, tokenizers): the directory and every
+    /// file in it must pass the sandbox, so a symlink inside it cannot reach out.
+    pub fn resolve_read_dir(&self, dir: &str) -> qscript_runtime::Result<PathBuf> {
+        let real = self.sandbox.resolve_read(dir)?;
+        let entries = std::fs::read_dir(&real).map_err(|e| qscript_runtime::Error::io(&real, e))?;
+        for entry in entries.flatten() {
+            self.sandbox.resolve_read(entry.path())?;
+        }
+        Ok(real)
+    }
+
+    /// Resolves a directory for writing under the output directory, creating it.
+    pub fn resolve_write_dir(&self, dir: &str) -> qscript_runtime::Result<PathBuf> {
+        let probe = self
+            .sandbox
+            .resolve_write(Path::new(dir).join("config.json"))?;
+        let real = probe.parent().map(Path::to_path_buf).unwrap_or(probe);
+        std::fs::create_dir_all(&real).map_err(|e| qscript_runtime::Error::io(&real, e))?;
+        Ok(real)
     }
 
     /// Records a file the current cell imported.

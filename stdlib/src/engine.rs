@@ -43,7 +43,16 @@ pub fn build_engine(ctx: &Arc<RunContext>, max_operations: u64) -> Engine {
     engine.set_module_resolver(SandboxedResolver::new(ctx.clone()));
     engine.register_global_module(rhai::exported_module!(modules::core::core_module).into());
     engine.register_global_module(rhai::exported_module!(modules::params::params_module).into());
+    crate::handles::register(&mut engine);
     engine.register_static_module("io", rhai::exported_module!(modules::io::io_module).into());
+    engine.register_static_module(
+        "model",
+        rhai::exported_module!(modules::model::model_module).into(),
+    );
+    engine.register_static_module(
+        "tokenizer",
+        rhai::exported_module!(modules::tokenizer::tokenizer_module).into(),
+    );
     engine
 }
 

@@ -5,6 +5,8 @@
 //! |---|---|
 //! | global | `params(#{ ... })`: recipe knobs with `--set` overrides |
 //! | `io` | `read_text`, `write_text`, `read_json`, `output_dir`, all through the sandbox |
+//! | `model` | `load` (HF checkpoints), `tiny`; `m.save`, `m.generate`, `m.chat` |
+//! | `tokenizer` | `load`, `builtin`; `tok.encode`, `tok.decode`, `tok.apply_chat_template` |
 //!
 //! ```
 //! use std::sync::Arc;
@@ -32,7 +34,9 @@ pub mod diagnostic;
 pub mod docs;
 pub mod engine;
 pub mod error;
+pub mod handles;
 pub mod modules;
+pub mod options;
 pub mod repl;
 pub mod session;
 

@@ -250,6 +250,15 @@ impl Model {
         &self.decoder.cfg
     }
 
+    /// `cpu` or `cuda:N`.
+    pub fn device_name(&self) -> String {
+        match self.decoder.device().location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+            candle_core::DeviceLocation::Cpu => "cpu".into(),
+        }
+    }
+
     /// End-of-sequence ids from `generation_config.json`, else config.json.
     pub fn eos_ids(&self) -> Vec<u32> {
         match &self.generation.eos_token_id {
@@ -312,7 +321,7 @@ impl fmt::Display for Model {
         };
         write!(
             f,
-            "Model({}, {params} params, {} layers, hidden {}, heads {}/{}, vocab {}, {}, {:?})",
+            "Model({}, {params} params, {} layers, hidden {}, heads {}/{}, vocab {}, {}, {})",
             self.arch.name(),
             c.num_hidden_layers,
             c.hidden_size,
@@ -320,7 +329,7 @@ impl fmt::Display for Model {
             c.num_kv_heads(),
             c.vocab_size,
             dtype_name(self.decoder.dtype()),
-            self.decoder.device().location(),
+            self.device_name(),
         )
     }
 }

@@ -3,4 +3,6 @@
 
 pub mod core;
 pub mod io;
+pub mod model;
 pub mod params;
+pub mod tokenizer;

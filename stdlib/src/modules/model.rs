@@ -1,0 +1,389 @@
+//! `model`: loading HF checkpoints and built-in tiny models, saving, generating, chatting.
+
+#[allow(clippy::wildcard_imports)]
+use rhai::plugin::*;
+
+use std::sync::atomic::Ordering;
+
+use qscript_runtime::model::GenerateOptions;
+use rhai::EvalAltResult;
+use serde::Deserialize;
+
+use crate::context::RunContext;
+use crate::error::to_rhai_at;
+use crate::handles::{ModelHandle, TokenizerHandle};
+
+/// Options of `model::load`.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct LoadOpts {
+    dtype: String,
+    device: String,
+}
+
+impl Default for LoadOpts {
+    fn default() -> Self {
+        Self {
+            dtype: "auto".into(),
+            device: "auto".into(),
+        }
+    }
+}
+
+/// Options of `generate` and `chat`.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct GenOpts {
+    max_new_tokens: usize,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<usize>,
+    repetition_penalty: Option<f32>,
+    seed: u64,
+    stream: Option<bool>,
+    skip_special_tokens: bool,
+    enable_thinking: Option<bool>,
+}
+
+impl Default for GenOpts {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 128,
+            temperature: None,
+            top_p: None,
+            top_k: None,
+            repetition_penalty: None,
+            seed: 0,
+            stream: None,
+            skip_special_tokens: true,
+            enable_thinking: None,
+        }
+    }
+}
+
+/// Generates after `prompt` and returns the new text, streaming it when asked (or by default in
+/// the interactive REPL).
+fn run_generate(
+    ctx: &NativeCallContext,
+    m: &ModelHandle,
+    tok: &TokenizerHandle,
+    prompt: &[u32],
+    opts: &GenOpts,
+) -> Result<String, Box<EvalAltResult>> {
+    let rc = RunContext::of(ctx)?;
+    let stream = opts
+        .stream
+        .unwrap_or_else(|| rc.stream_by_default.load(Ordering::Relaxed));
+    let mut stop_ids: Vec<u32> = tok.0.eos_id().into_iter().collect();
+    stop_ids.extend(tok.0.token_to_id("<|im_end|>"));
+    let g = GenerateOptions {
+        max_new_tokens: opts.max_new_tokens,
+        temperature: opts.temperature,
+        top_p: opts.top_p,
+        top_k: opts.top_k,
+        repetition_penalty: opts.repetition_penalty,
+        seed: opts.seed,
+        stop_ids,
+    };
+    let mut new_ids: Vec<u32> = Vec::new();
+    let mut shown = 0usize;
+    let skip = opts.skip_special_tokens;
+    let ids = m.0.generate(prompt, &g, &rc.cancel, &mut |id| {
+        if stream {
+            new_ids.push(id);
+            let text = tok.0.decode(&new_ids, skip)?;
+            if text.len() > shown && text.is_char_boundary(shown) && !text.ends_with('\u{fffd}') {
+                rc.sink.stream(&text[shown..]);
+                shown = text.len();
+            }
+        }
+        Ok(())
+    });
+    if stream {
+        rc.sink.stream("\n");
+    }
+    let ids = ids.map_err(to_rhai_at(ctx))?;
+    tok.0.decode(&ids, skip).map_err(to_rhai_at(ctx))
+}
+
+/// The `model` module and the `Model` methods.
+// rhai's macro unwraps the `&mut` receiver of functions that also take a NativeCallContext.
+#[allow(clippy::unwrap_used)]
+#[export_module]
+pub mod model_module {
+    use std::sync::Arc;
+
+    use qscript_runtime::model::{LoadOptions, Model, TinyConfig, tiny as make_tiny};
+    use rhai::{Array, EvalAltResult, Map};
+
+    use super::{GenOpts, LoadOpts, run_generate};
+    use crate::context::{Memo, RunContext};
+    use crate::error::{to_rhai, to_rhai_at};
+    use crate::handles::{ModelHandle, TokenizerHandle};
+    use crate::options::{from_options, to_ids};
+
+    type Res<T> = Result<T, Box<EvalAltResult>>;
+
+    /// Loads an HF checkpoint directory (`config.json`, `model.safetensors` or a sharded index,
+    /// `generation_config.json`) with `dtype: "auto"` and `device: "auto"`. Memoized by path,
+    /// options and file contents, so a re-run cell does not reload.
+    ///
+    /// ```rhai
+    /// model::tiny(#{ seed: 1 }).save("ckpt");
+    /// let m = model::load(io::output_dir() + "/ckpt");
+    /// assert(m.arch == "Qwen2ForCausalLM");
+    /// ```
+    #[rhai_fn(return_raw)]
+    pub fn load(ctx: NativeCallContext, dir: &str) -> Res<ModelHandle> {
+        load_with(ctx, dir, Map::new())
+    }
+
+    /// Loads an HF checkpoint directory.
+    ///
+    /// # Options
+    /// | key | values |
+    /// |---|---|
+    /// | `dtype` | `"auto"` (bf16 on GPUs that support it, else f16; f32 on CPU), `"f32"`, `"bf16"`, `"f16"` |
+    /// | `device` | `"auto"` (first GPU, else CPU), `"cpu"`, `"cuda:N"` |
+    ///
+    /// ```rhai
+    /// model::tiny(#{ seed: 1 }).save("ckpt");
+    /// let m = model::load(io::output_dir() + "/ckpt", #{ dtype: "f32", device: "cpu" });
+    /// print(m);
+    /// ```
+    #[rhai_fn(name = "load", return_raw)]
+    pub fn load_with(ctx: NativeCallContext, dir: &str, opts: Map) -> Res<ModelHandle> {
+        let rc = RunContext::of(&ctx)?;
+        let o: LoadOpts = from_options(&ctx, "model::load", opts)?;
+        let real = rc.resolve_read_dir(dir).map_err(to_rhai_at(&ctx))?;
+        let args = format!("{} {o:?}", real.display());
+        let key = Memo::key("model::load", &args, &[&real]).map_err(to_rhai)?;
+        let value = rc.memo.get_or_try_insert(&key, || {
+            let lo = LoadOptions {
+                dtype: o.dtype.clone(),
+                device: o.device.clone(),
+                trainable: false,
+            };
+            let m = Model::load(&real, &lo).map_err(to_rhai_at(&ctx))?;
+            Ok::<_, Box<EvalAltResult>>(Dynamic::from(ModelHandle(Arc::new(m))))
+        })?;
+        Ok(value.cast())
+    }
+
+    /// A tiny model with random weights from a seed: the no-download default of recipes.
+    ///
+    /// # Options
+    /// `arch` (`"qwen2"`, `"qwen3"`, `"llama"`), `hidden` (64), `layers` (2), `heads` (4),
+    /// `kv_heads` (2), `intermediate` (172), `vocab` (259, the built-in tokenizer's),
+    /// `max_positions` (512), `tie_embeddings` (true), `seed` (0), `dtype` (`"f32"`), `device`
+    /// (`"cpu"`).
+    ///
+    /// ```rhai
+    /// let m = model::tiny(#{ arch: "llama", hidden: 32, layers: 1, seed: 3 });
+    /// assert(m.num_layers == 1);
+    /// ```
+    #[rhai_fn(name = "tiny", return_raw)]
+    pub fn tiny_with(ctx: NativeCallContext, opts: Map) -> Res<ModelHandle> {
+        let cfg: TinyConfig = from_options(&ctx, "model::tiny", opts)?;
+        Ok(ModelHandle(Arc::new(
+            make_tiny(&cfg).map_err(to_rhai_at(&ctx))?,
+        )))
+    }
+
+    /// The default tiny model (Qwen2 layout, hidden 64, 2 layers, seed 0).
+    ///
+    /// ```rhai
+    /// let m = model::tiny();
+    /// assert(m.vocab_size == 259);
+    /// ```
+    #[rhai_fn(name = "tiny", return_raw)]
+    pub fn tiny(ctx: NativeCallContext) -> Res<ModelHandle> {
+        tiny_with(ctx, Map::new())
+    }
+
+    /// Writes the model as an HF checkpoint (`config.json`, `generation_config.json`,
+    /// `model.safetensors`) under the output directory.
+    ///
+    /// ```rhai
+    /// model::tiny().save("tiny-checkpoint");
+    /// ```
+    #[rhai_fn(global, pure, return_raw)]
+    pub fn save(ctx: NativeCallContext, m: &mut ModelHandle, dir: &str) -> Res<()> {
+        let rc = RunContext::of(&ctx)?;
+        let real = rc.resolve_write_dir(dir).map_err(to_rhai_at(&ctx))?;
+        m.0.save(&real).map_err(to_rhai_at(&ctx))
+    }
+
+    /// Writes the model and its tokenizer files, a directory transformers loads as is.
+    ///
+    /// ```rhai
+    /// model::tiny().save("tiny-with-tokenizer", tokenizer::builtin());
+    /// ```
+    #[rhai_fn(global, pure, name = "save", return_raw)]
+    pub fn save_with_tokenizer(
+        ctx: NativeCallContext,
+        m: &mut ModelHandle,
+        dir: &str,
+        tok: TokenizerHandle,
+    ) -> Res<()> {
+        let rc = RunContext::of(&ctx)?;
+        let real = rc.resolve_write_dir(dir).map_err(to_rhai_at(&ctx))?;
+        m.0.save(&real).map_err(to_rhai_at(&ctx))?;
+        tok.0.save(&real).map_err(to_rhai_at(&ctx))
+    }
+
+    /// Generates text after `prompt` (a string, encoded with special tokens, or an array of
+    /// token ids) and returns the new text. Greedy unless a `temperature` is given.
+    ///
+    /// ```rhai
+    /// let m = model::tiny();
+    /// let text = m.generate(tokenizer::builtin(), "Once upon a time", #{ max_new_tokens: 5 });
+    /// assert(type_of(text) == "string");
+    /// ```
+    #[rhai_fn(global, pure, return_raw)]
+    pub fn generate(
+        ctx: NativeCallContext,
+        m: &mut ModelHandle,
+        tok: TokenizerHandle,
+        prompt: Dynamic,
+        opts: Map,
+    ) -> Res<String> {
+        let o: GenOpts = from_options(&ctx, "generate", opts)?;
+        let ids = if let Some(arr) = prompt.clone().try_cast::<Array>() {
+            to_ids("prompt", &arr)?
+        } else if let Ok(text) = prompt.into_string() {
+            tok.0.encode(&text, true).map_err(to_rhai_at(&ctx))?
+        } else {
+            let mut e = crate::error::script_error(
+                "invalid_argument",
+                "`prompt` must be a string or an array of token ids",
+            );
+            e.set_position(ctx.call_position());
+            return Err(e);
+        };
+        run_generate(&ctx, m, &tok, &ids, &o)
+    }
+
+    /// Generates with the default options (greedy, at most 128 new tokens).
+    ///
+    /// # Options (of the 4-argument form)
+    /// `max_new_tokens` (128), `temperature` (0 = greedy), `top_p`, `top_k`,
+    /// `repetition_penalty`, `seed` (0), `stream` (true in the interactive REPL),
+    /// `skip_special_tokens` (true).
+    ///
+    /// ```rhai
+    /// let m = model::tiny();
+    /// let ids = tokenizer::builtin().encode("hi");
+    /// let text = m.generate(tokenizer::builtin(), ids);
+    /// ```
+    #[rhai_fn(global, pure, name = "generate", return_raw)]
+    pub fn generate_default(
+        ctx: NativeCallContext,
+        m: &mut ModelHandle,
+        tok: TokenizerHandle,
+        prompt: Dynamic,
+    ) -> Res<String> {
+        generate(ctx, m, tok, prompt, Map::new())
+    }
+
+    /// Applies the chat template to `messages` (with the assistant's opening), generates, and
+    /// returns the reply. Takes `generate`'s options and `enable_thinking` (Qwen3).
+    ///
+    /// ```rhai
+    /// let m = model::tiny();
+    /// let reply = m.chat(tokenizer::builtin(), [#{ role: "user", content: "你是谁？" }], #{ max_new_tokens: 4 });
+    /// ```
+    #[rhai_fn(global, pure, return_raw)]
+    pub fn chat(
+        ctx: NativeCallContext,
+        m: &mut ModelHandle,
+        tok: TokenizerHandle,
+        messages: Array,
+        opts: Map,
+    ) -> Res<String> {
+        let o: GenOpts = from_options(&ctx, "chat", opts)?;
+        let messages: serde_json::Value =
+            rhai::serde::from_dynamic(&Dynamic::from_array(messages))?;
+        let mut extra = serde_json::Map::new();
+        if let Some(t) = o.enable_thinking {
+            extra.insert("enable_thinking".into(), t.into());
+        }
+        let topts = qscript_runtime::tokenizer::TemplateOptions {
+            add_generation_prompt: true,
+            extra,
+        };
+        let text = tok
+            .0
+            .apply_chat_template(&messages, &topts)
+            .map_err(to_rhai_at(&ctx))?;
+        let ids = tok.0.encode(&text, false).map_err(to_rhai_at(&ctx))?;
+        run_generate(&ctx, m, &tok, &ids, &o)
+    }
+
+    /// `chat` with the default options.
+    ///
+    /// ```rhai
+    /// let reply = model::tiny().chat(tokenizer::builtin(), [#{ role: "user", content: "hi" }]);
+    /// ```
+    #[rhai_fn(global, pure, name = "chat", return_raw)]
+    pub fn chat_default(
+        ctx: NativeCallContext,
+        m: &mut ModelHandle,
+        tok: TokenizerHandle,
+        messages: Array,
+    ) -> Res<String> {
+        chat(ctx, m, tok, messages, Map::new())
+    }
+
+    /// The architecture (`Qwen2ForCausalLM`, ...).
+    #[rhai_fn(global, get = "arch", pure)]
+    pub fn arch(m: &mut ModelHandle) -> String {
+        m.0.arch.name().into()
+    }
+
+    /// Number of parameters.
+    #[rhai_fn(global, get = "num_params", pure)]
+    pub fn num_params(m: &mut ModelHandle) -> rhai::INT {
+        rhai::INT::try_from(m.0.decoder.num_params()).unwrap_or(rhai::INT::MAX)
+    }
+
+    /// Number of decoder blocks.
+    #[rhai_fn(global, get = "num_layers", pure)]
+    pub fn num_layers(m: &mut ModelHandle) -> rhai::INT {
+        rhai::INT::try_from(m.0.config().num_hidden_layers).unwrap_or(rhai::INT::MAX)
+    }
+
+    /// Model width.
+    #[rhai_fn(global, get = "hidden_size", pure)]
+    pub fn hidden_size(m: &mut ModelHandle) -> rhai::INT {
+        rhai::INT::try_from(m.0.config().hidden_size).unwrap_or(rhai::INT::MAX)
+    }
+
+    /// Vocabulary size.
+    #[rhai_fn(global, get = "vocab_size", pure)]
+    pub fn vocab_size(m: &mut ModelHandle) -> rhai::INT {
+        rhai::INT::try_from(m.0.config().vocab_size).unwrap_or(rhai::INT::MAX)
+    }
+
+    /// `bfloat16`, `float32`, ...
+    #[rhai_fn(global, get = "dtype", pure)]
+    pub fn dtype(m: &mut ModelHandle) -> String {
+        qscript_runtime::model::load::dtype_name(m.0.decoder.dtype()).into()
+    }
+
+    /// `cpu` or `cuda:N`.
+    #[rhai_fn(global, get = "device", pure)]
+    pub fn device(m: &mut ModelHandle) -> String {
+        m.0.device_name()
+    }
+
+    /// `Model(Qwen2ForCausalLM, 0.1M params, 2 layers, ...)`.
+    ///
+    /// ```rhai
+    /// print(model::tiny());
+    /// ```
+    #[rhai_fn(global, name = "to_string", name = "to_debug", pure)]
+    pub fn describe(m: &mut ModelHandle) -> String {
+        m.0.to_string()
+    }
+}

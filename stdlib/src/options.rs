@@ -1,0 +1,65 @@
+//! Option maps -> runtime config structs. Unknown keys are errors that list the valid ones;
+//! integers are narrowed with a check, never `as`.
+
+use rhai::{Dynamic, EvalAltResult, Map};
+use serde::de::DeserializeOwned;
+
+use crate::error::script_error;
+
+/// Parses `opts` into `T` (`#[serde(deny_unknown_fields)]`), naming `function` in errors.
+pub fn from_options<T: DeserializeOwned>(
+    ctx: &rhai::NativeCallContext,
+    function: &str,
+    opts: Map,
+) -> Result<T, Box<EvalAltResult>> {
+    rhai::serde::from_dynamic(&Dynamic::from_map(opts)).map_err(|e| {
+        let mut e = *e;
+        let _ = e.take_position();
+        let text = e.to_string();
+        let text = text
+            .strip_prefix("Syntax error: ")
+            .unwrap_or(&text)
+            .to_string();
+        let mut err = script_error(
+            "options",
+            format!("invalid options for `{function}`: {text}"),
+        );
+        err.set_position(ctx.call_position());
+        err
+    })
+}
+
+/// A non-negative script integer as `usize`.
+pub fn to_usize(what: &str, v: rhai::INT) -> Result<usize, Box<EvalAltResult>> {
+    usize::try_from(v).map_err(|_| {
+        script_error(
+            "invalid_argument",
+            format!("`{what}` must be >= 0, got {v}"),
+        )
+    })
+}
+
+/// A script array of token ids as `u32`s.
+pub fn to_ids(what: &str, arr: &rhai::Array) -> Result<Vec<u32>, Box<EvalAltResult>> {
+    arr.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            v.as_int()
+                .ok()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| {
+                    script_error(
+                        "invalid_argument",
+                        format!("`{what}[{i}]` is `{v}`, not a token id"),
+                    )
+                })
+        })
+        .collect()
+}
+
+/// Token ids as a script array.
+pub fn from_ids(ids: &[u32]) -> rhai::Array {
+    ids.iter()
+        .map(|&i| Dynamic::from(rhai::INT::from(i)))
+        .collect()
+}
