@@ -1,0 +1,123 @@
+//! Embedding the runtime from Rust, and the model measurements of the GPU machine:
+//!
+//! ```sh
+//! # bf16 logits against a reference file written by scripts/gpu_reference.py
+//! model_bench logits DIR REF.safetensors
+//! # load time, then greedy decoding tokens/s at batch 1 (after one warm-up run)
+//! model_bench speed DIR [NEW_TOKENS] [PROMPT_LEN]
+//! ```
+//! Prints one JSON line per measurement. Build with `--features cuda` for the GPU.
+#![allow(clippy::print_stdout, clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use qscript_runtime::cancel::CancelToken;
+use qscript_runtime::model::{GenerateOptions, LoadOptions, Model};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opts = LoadOptions {
+        dtype: "bf16".into(),
+        device: "auto".into(),
+        trainable: false,
+    };
+    match args.first().map(String::as_str) {
+        Some("logits") => logits(Path::new(&args[1]), Path::new(&args[2]), &opts),
+        Some("speed") => {
+            let new_tokens = args.get(2).map_or(Ok(128), |s| s.parse())?;
+            let prompt_len = args.get(3).map_or(Ok(32), |s| s.parse())?;
+            speed(Path::new(&args[1]), new_tokens, prompt_len, &opts)
+        }
+        _ => anyhow::bail!(
+            "usage: model_bench logits DIR REF | model_bench speed DIR [NEW] [PROMPT]"
+        ),
+    }
+}
+
+fn sync(d: &Device) -> anyhow::Result<()> {
+    d.synchronize()?;
+    Ok(())
+}
+
+fn logits(dir: &Path, reference: &Path, opts: &LoadOptions) -> anyhow::Result<()> {
+    let m = Model::load(dir, opts)?;
+    let dev = m.decoder.device().clone();
+    let r = candle_core::safetensors::load(reference, &Device::Cpu)?;
+    let ids = r["input_ids"].to_dtype(DType::U32)?.to_device(&dev)?;
+    let want = r["logits"].to_dtype(DType::F32)?;
+    let got = m
+        .decoder
+        .forward(&ids, None, None)?
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?;
+    let diff = got.sub(&want)?.abs()?;
+    let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let max_abs = diff.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let mean_abs = diff.mean_all()?.to_scalar::<f32>()?;
+    // Also the fraction of positions whose argmax agrees.
+    let (a, b) = (
+        got.argmax(2)?.flatten_all()?.to_vec1::<u32>()?,
+        want.argmax(2)?.flatten_all()?.to_vec1::<u32>()?,
+    );
+    let agree = a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64;
+    let ref_vs_f32 = r.get("logits_f32").map(|f| {
+        let d = want
+            .sub(&f.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap();
+        d.flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    });
+    println!(
+        "{}",
+        serde_json::json!({"system": "qscript", "check": "bf16 logits vs transformers bf16", "model": m.to_string(),
+            "max_abs_diff": max_abs, "max_rel_diff": max_abs / scale, "mean_abs_diff": mean_abs, "logit_scale": scale,
+            "argmax_agreement": agree, "hf_bf16_vs_hf_f32_max_abs": ref_vs_f32,
+            "first": got.i((0, 0, 0..4))?.to_vec1::<f32>()?})
+    );
+    Ok(())
+}
+
+fn speed(
+    dir: &Path,
+    new_tokens: usize,
+    prompt_len: usize,
+    opts: &LoadOptions,
+) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let m = Model::load(dir, opts)?;
+    let dev = m.decoder.device().clone();
+    sync(&dev)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let prompt: Vec<u32> = (0..prompt_len as u32)
+        .map(|i| 100 + (i * 37) % 900)
+        .collect();
+    let g = GenerateOptions {
+        max_new_tokens: new_tokens,
+        ..Default::default()
+    };
+    let mut m = m;
+    m.generation.eos_token_id = None;
+    m.decoder.cfg.eos_token_id = None;
+    let cancel = CancelToken::new();
+    m.generate(&prompt, &g, &cancel, &mut |_| Ok(()))?;
+    sync(&dev)?;
+    let t1 = Instant::now();
+    let out = m.generate(&prompt, &g, &cancel, &mut |_| Ok(()))?;
+    sync(&dev)?;
+    let gen_s = t1.elapsed().as_secs_f64();
+    let _ = Tensor::zeros(1, DType::F32, &dev)?;
+    println!(
+        "{}",
+        serde_json::json!({"system": "qscript", "dir": dir, "model": m.to_string(), "load_s": (load_s * 100.0).round() / 100.0,
+            "decode_tok_per_s": ((out.len() as f64 / gen_s) * 10.0).round() / 10.0, "new_tokens": out.len()})
+    );
+    Ok(())
+}
