@@ -23,6 +23,7 @@
 
 pub mod cancel;
 pub mod chat_template;
+pub mod data;
 pub mod error;
 pub mod hash;
 pub mod model;

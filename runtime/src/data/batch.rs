@@ -1,0 +1,172 @@
+//! Batching for the trainer: dynamic padding to the longest example (rounded up to
+//! `pad_to_multiple_of`), labels padded with -100, and the epoch order: shuffled from the seed, or
+//! length-grouped like transformers' `LengthGroupedSampler` (mega-batches of 50 batches, each
+//! sorted by length, the longest first) and still shuffled per epoch.
+
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+
+use super::sft::{Example, IGNORE};
+use crate::Result;
+
+/// One padded batch.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// `[b, len]` u32.
+    pub input_ids: Tensor,
+    /// `[b, len]` u32: 1 for tokens, 0 for padding.
+    pub attention_mask: Tensor,
+    /// `[b, len]` i64, -100 on padding and unlearned tokens.
+    pub labels: Tensor,
+    /// Real (unpadded) tokens in the batch.
+    pub tokens: usize,
+}
+
+/// Pads `examples` on the right to a common length.
+pub fn collate(
+    examples: &[&Example],
+    pad_id: u32,
+    pad_to_multiple_of: Option<usize>,
+    device: &Device,
+) -> Result<Batch> {
+    let longest = examples
+        .iter()
+        .map(|e| e.input_ids.len())
+        .max()
+        .unwrap_or(0);
+    let len = match pad_to_multiple_of {
+        Some(m) if m > 1 => longest.div_ceil(m) * m,
+        _ => longest,
+    };
+    let b = examples.len();
+    let (mut ids, mut mask, mut labels) = (
+        Vec::with_capacity(b * len),
+        Vec::with_capacity(b * len),
+        Vec::with_capacity(b * len),
+    );
+    let mut tokens = 0;
+    for e in examples {
+        let n = e.input_ids.len();
+        tokens += n;
+        ids.extend(&e.input_ids);
+        ids.extend(std::iter::repeat_n(pad_id, len - n));
+        mask.extend(std::iter::repeat_n(1u32, n));
+        mask.extend(std::iter::repeat_n(0u32, len - n));
+        labels.extend(&e.labels);
+        labels.extend(std::iter::repeat_n(IGNORE, len - n));
+    }
+    Ok(Batch {
+        input_ids: Tensor::from_vec(ids, (b, len), device)?,
+        attention_mask: Tensor::from_vec(mask, (b, len), device)?,
+        labels: Tensor::from_vec(labels, (b, len), device)?,
+        tokens,
+    })
+}
+
+/// The order of examples for `epoch`: a permutation of `0..lengths.len()` from `seed` and `epoch`;
+/// with `group_by_length`, examples of similar length end up in the same batch.
+pub fn epoch_order(
+    lengths: &[usize],
+    batch_size: usize,
+    group_by_length: bool,
+    seed: u64,
+    epoch: u64,
+) -> Vec<usize> {
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(epoch));
+    let mut idx: Vec<usize> = (0..lengths.len()).collect();
+    idx.shuffle(&mut rng);
+    if !group_by_length {
+        return idx;
+    }
+    let mega = (batch_size.max(1) * 50).max(1);
+    let mut megabatches: Vec<Vec<usize>> = idx.chunks(mega).map(<[usize]>::to_vec).collect();
+    for m in &mut megabatches {
+        m.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+    }
+    // The longest example goes first, so an out-of-memory error shows at step 1.
+    if let Some((k, _)) = megabatches
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, m)| m.first().map_or(0, |&i| lengths[i]))
+    {
+        let longest = megabatches[k][0];
+        megabatches[k][0] = megabatches[0][0];
+        megabatches[0][0] = longest;
+    }
+    megabatches.concat()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pads_to_a_multiple_with_ignored_labels() {
+        let a = Example {
+            input_ids: vec![1, 2, 3],
+            labels: vec![IGNORE, 2, 3],
+        };
+        let b = Example {
+            input_ids: vec![4],
+            labels: vec![4],
+        };
+        let batch = collate(&[&a, &b], 0, Some(8), &Device::Cpu).unwrap();
+        assert_eq!(batch.input_ids.dims(), [2, 8]);
+        assert_eq!(
+            batch.input_ids.to_vec2::<u32>().unwrap()[1],
+            [4, 0, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            batch.attention_mask.to_vec2::<u32>().unwrap()[0],
+            [1, 1, 1, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            batch.labels.to_vec2::<i64>().unwrap()[0],
+            [IGNORE, 2, 3, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE]
+        );
+        assert_eq!(batch.tokens, 4);
+        assert_eq!(
+            collate(&[&a, &b], 0, None, &Device::Cpu)
+                .unwrap()
+                .input_ids
+                .dims(),
+            [2, 3]
+        );
+    }
+
+    #[test]
+    fn epoch_orders_are_seeded_permutations_and_grouping_groups() {
+        let lengths: Vec<usize> = (0..1000).map(|i| (i * 7919) % 500 + 1).collect();
+        let a = epoch_order(&lengths, 4, false, 42, 0);
+        assert_eq!(a, epoch_order(&lengths, 4, false, 42, 0));
+        assert_ne!(a, epoch_order(&lengths, 4, false, 42, 1));
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+        let g = epoch_order(&lengths, 4, true, 42, 0);
+        assert_eq!(lengths[g[0]], 500, "longest first");
+        // Within a batch of a grouped order, lengths are close; in a shuffled order they are not.
+        let spread = |o: &[usize]| -> usize {
+            o.chunks(4)
+                .map(|c| {
+                    c.iter().map(|&i| lengths[i]).max().unwrap()
+                        - c.iter().map(|&i| lengths[i]).min().unwrap()
+                })
+                .sum()
+        };
+        assert!(
+            spread(&g) * 5 < spread(&a),
+            "{} vs {}",
+            spread(&g),
+            spread(&a)
+        );
+        assert_ne!(
+            g,
+            epoch_order(&lengths, 4, true, 42, 1),
+            "still shuffled per epoch"
+        );
+    }
+}

@@ -1,0 +1,332 @@
+//! SFT tokenization: chat messages -> `input_ids` and `labels`, with -100 on every token the model
+//! should not learn (system, user and template tokens). The conversation is rendered through the
+//! chat template message by message; each segment is tokenized on its own and concatenated, so
+//! the label mask follows segment boundaries exactly (LLaMA-Factory does the same).
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::records::Dataset;
+use crate::tokenizer::{TemplateOptions, Tokenizer};
+use crate::{Error, Result};
+
+/// Label of tokens the loss ignores (HF's `ignore_index`).
+pub const IGNORE: i64 = -100;
+
+/// Options of `data::sft`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SftOptions {
+    /// Examples are cut to this many tokens.
+    pub max_length: usize,
+    /// `assistant` (every assistant turn), `last_assistant`, or `all`.
+    pub train_on: String,
+    /// `model` (the tokenizer's chat template) or a Jinja template.
+    pub template: String,
+}
+
+impl Default for SftOptions {
+    fn default() -> Self {
+        Self {
+            max_length: 1024,
+            train_on: "assistant".into(),
+            template: "model".into(),
+        }
+    }
+}
+
+/// One tokenized example.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Example {
+    /// Token ids.
+    pub input_ids: Vec<u32>,
+    /// Ids to learn, -100 elsewhere.
+    pub labels: Vec<i64>,
+}
+
+/// What `sft` did.
+#[derive(Clone, Debug, Default)]
+pub struct SftReport {
+    /// The examples kept, in order.
+    pub examples: Vec<Example>,
+    /// Index in the input of each kept example.
+    pub source_index: Vec<usize>,
+    /// How many were cut at `max_length`.
+    pub truncated: usize,
+    /// How many were dropped because no label was left after truncation.
+    pub dropped: usize,
+}
+
+/// The text segments of one conversation, each marked trainable or not.
+pub fn segments(
+    tok: &Tokenizer,
+    template: Option<&str>,
+    record: &Value,
+    train_on: &str,
+) -> std::result::Result<Vec<(String, bool)>, String> {
+    let messages = record
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or("no `messages` list (convert with `data::to_messages` first)")?;
+    let extra: serde_json::Map<String, Value> = match record.get("tools") {
+        Some(t) => [("tools".to_string(), t.clone())].into_iter().collect(),
+        None => serde_json::Map::new(),
+    };
+    let render = |upto: usize, generation_prompt: bool| -> std::result::Result<String, String> {
+        let msgs = Value::Array(messages[..upto].to_vec());
+        let opts = TemplateOptions {
+            add_generation_prompt: generation_prompt,
+            extra: extra.clone(),
+        };
+        match template {
+            None => tok.apply_chat_template(&msgs, &opts),
+            Some(t) => {
+                let mut ctx = extra.clone();
+                ctx.insert("messages".into(), msgs);
+                ctx.insert("add_generation_prompt".into(), json!(generation_prompt));
+                ctx.insert(
+                    "bos_token".into(),
+                    json!(tok.bos_token.clone().unwrap_or_default()),
+                );
+                ctx.insert(
+                    "eos_token".into(),
+                    json!(tok.eos_token.clone().unwrap_or_default()),
+                );
+                crate::chat_template::render(t, &Value::Object(ctx))
+            }
+        }
+        .map_err(|e| e.to_string())
+    };
+    let assistant: Vec<usize> = messages
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m["role"] == "assistant")
+        .map(|(i, _)| i)
+        .collect();
+    let last = *assistant.last().ok_or("no assistant message")?;
+    if train_on == "all" {
+        return Ok(vec![(render(last + 1, false)?, true)]);
+    }
+    let mut out = Vec::new();
+    let mut done = String::new();
+    let turns: &[usize] = if train_on == "last_assistant" {
+        &assistant[assistant.len() - 1..]
+    } else {
+        &assistant
+    };
+    for &i in turns {
+        let prompt = render(i, true)?;
+        let full = render(i + 1, false)?;
+        let (Some(p), true) = (
+            prompt.strip_prefix(done.as_str()),
+            full.starts_with(&prompt),
+        ) else {
+            return Err(format!(
+                "the chat template does not render message {i} as an extension of the messages before it; \
+                 use `train_on: \"last_assistant\"` or a custom `template`"
+            ));
+        };
+        out.push((p.to_string(), false));
+        out.push((full[prompt.len()..].to_string(), true));
+        done = full;
+    }
+    Ok(out)
+}
+
+/// Tokenizes every conversation of `ds` (records with `messages`).
+pub fn sft(ds: &Dataset, tok: &Tokenizer, opts: &SftOptions) -> Result<SftReport> {
+    if !matches!(
+        opts.train_on.as_str(),
+        "assistant" | "last_assistant" | "all"
+    ) {
+        return Err(Error::InvalidArgument(format!(
+            "unknown `train_on` `{}`; use `assistant`, `last_assistant` or `all`",
+            opts.train_on
+        )));
+    }
+    if opts.max_length == 0 {
+        return Err(Error::InvalidArgument(
+            "`max_length` must be at least 1".into(),
+        ));
+    }
+    let template = (opts.template != "model").then_some(opts.template.as_str());
+    let mut report = SftReport::default();
+    for (i, r) in ds.rows.iter().enumerate() {
+        let segs = segments(tok, template, r, &opts.train_on)
+            .map_err(|m| Error::InvalidArgument(format!("`{}`: record {i}: {m}", ds.source)))?;
+        let ex = encode_segments(tok, &segs)?;
+        let ex = truncate(ex, opts.max_length, &mut report.truncated);
+        if ex.labels.iter().all(|&l| l == IGNORE) {
+            report.dropped += 1;
+            continue;
+        }
+        report.examples.push(ex);
+        report.source_index.push(i);
+    }
+    Ok(report)
+}
+
+/// Tokenizes each segment (no special tokens added) and concatenates, labelling trainable ones.
+pub fn encode_segments(tok: &Tokenizer, segs: &[(String, bool)]) -> Result<Example> {
+    let mut ex = Example {
+        input_ids: Vec::new(),
+        labels: Vec::new(),
+    };
+    for (text, train) in segs {
+        let ids = tok.encode(text, false)?;
+        ex.labels.extend(
+            ids.iter()
+                .map(|&id| if *train { i64::from(id) } else { IGNORE }),
+        );
+        ex.input_ids.extend(ids);
+    }
+    Ok(ex)
+}
+
+fn truncate(mut ex: Example, max: usize, count: &mut usize) -> Example {
+    if ex.input_ids.len() > max {
+        *count += 1;
+        ex.input_ids.truncate(max);
+        ex.labels.truncate(max);
+    }
+    ex
+}
+
+/// Length statistics of tokenized examples.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LengthStats {
+    /// Examples.
+    pub count: usize,
+    /// Shortest.
+    pub min: usize,
+    /// Longest.
+    pub max: usize,
+    /// Mean length.
+    pub mean: f64,
+    /// Median.
+    pub p50: usize,
+    /// 90th percentile.
+    pub p90: usize,
+    /// 99th percentile.
+    pub p99: usize,
+    /// Tokens with a label.
+    pub trained_tokens: usize,
+    /// All tokens.
+    pub total_tokens: usize,
+}
+
+/// Statistics of `examples`.
+pub fn stats(examples: &[Example]) -> LengthStats {
+    let mut lens: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
+    lens.sort_unstable();
+    let pct = |p: f64| {
+        lens.get(((lens.len().saturating_sub(1)) as f64 * p).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    let total: usize = lens.iter().sum();
+    LengthStats {
+        count: lens.len(),
+        min: lens.first().copied().unwrap_or(0),
+        max: lens.last().copied().unwrap_or(0),
+        mean: if lens.is_empty() {
+            0.0
+        } else {
+            total as f64 / lens.len() as f64
+        },
+        p50: pct(0.5),
+        p90: pct(0.9),
+        p99: pct(0.99),
+        trained_tokens: examples
+            .iter()
+            .map(|e| e.labels.iter().filter(|&&l| l != IGNORE).count())
+            .sum(),
+        total_tokens: total,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn conv() -> Value {
+        json!({"messages": [
+            {"role": "system", "content": "S"}, {"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}]})
+    }
+
+    #[test]
+    fn only_assistant_tokens_are_labelled() {
+        let tok = Tokenizer::builtin().unwrap();
+        let ds = Dataset {
+            rows: vec![conv()],
+            source: "t".into(),
+        };
+        let r = sft(&ds, &tok, &SftOptions::default()).unwrap();
+        let ex = &r.examples[0];
+        let learned: Vec<u32> = ex
+            .labels
+            .iter()
+            .filter(|&&l| l != IGNORE)
+            .map(|&l| u32::try_from(l).unwrap())
+            .collect();
+        assert_eq!(
+            tok.decode(&learned, false).unwrap(),
+            "a1<|im_end|>\na2<|im_end|>\n"
+        );
+        let full = tok
+            .apply_chat_template(&conv()["messages"], &TemplateOptions::default())
+            .unwrap();
+        assert_eq!(tok.decode(&ex.input_ids, false).unwrap(), full);
+        let last = sft(
+            &ds,
+            &tok,
+            &SftOptions {
+                train_on: "last_assistant".into(),
+                ..SftOptions::default()
+            },
+        )
+        .unwrap();
+        let learned: Vec<u32> = last.examples[0]
+            .labels
+            .iter()
+            .filter(|&&l| l != IGNORE)
+            .map(|&l| u32::try_from(l).unwrap())
+            .collect();
+        assert_eq!(tok.decode(&learned, false).unwrap(), "a2<|im_end|>\n");
+    }
+
+    #[test]
+    fn truncation_counts_and_fully_masked_examples_are_dropped() {
+        let tok = Tokenizer::builtin().unwrap();
+        let ds = Dataset {
+            rows: vec![conv(), conv()],
+            source: "t".into(),
+        };
+        // The first assistant token sits after "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nu1<|im_end|>\n<|im_start|>assistant\n".
+        let r = sft(
+            &ds,
+            &tok,
+            &SftOptions {
+                max_length: 10,
+                ..SftOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((r.examples.len(), r.dropped, r.truncated), (0, 2, 2));
+        let r = sft(
+            &ds,
+            &tok,
+            &SftOptions {
+                max_length: 40,
+                ..SftOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((r.examples.len(), r.dropped, r.truncated), (2, 0, 2));
+        assert!(r.examples.iter().all(|e| e.input_ids.len() == 40));
+        let s = stats(&r.examples);
+        assert_eq!((s.count, s.min, s.max), (2, 40, 40));
+    }
+}
