@@ -122,6 +122,9 @@ pub struct RunContext {
     pub(crate) overrides: BTreeMap<String, String>,
     pub(crate) params_declared: Mutex<Option<Vec<String>>>,
     pub(crate) imports: Mutex<BTreeSet<PathBuf>>,
+    /// The script functions of the code running now, so native code can call script closures
+    /// from other threads (`Dataset.map` runs them in parallel).
+    pub functions: Mutex<rhai::AST>,
     /// Whether generation streams token by token by default (the interactive REPL).
     pub stream_by_default: std::sync::atomic::AtomicBool,
 }
@@ -146,6 +149,7 @@ impl RunContext {
             overrides: opts.overrides.iter().cloned().collect(),
             params_declared: Mutex::new(None),
             imports: Mutex::new(BTreeSet::new()),
+            functions: Mutex::new(rhai::AST::empty()),
             stream_by_default: std::sync::atomic::AtomicBool::new(false),
         })
     }

@@ -44,6 +44,10 @@ pub fn build_engine(ctx: &Arc<RunContext>, max_operations: u64) -> Engine {
     engine.register_global_module(rhai::exported_module!(modules::core::core_module).into());
     engine.register_global_module(rhai::exported_module!(modules::params::params_module).into());
     crate::handles::register(&mut engine);
+    engine.register_static_module(
+        "data",
+        rhai::exported_module!(modules::data::data_module).into(),
+    );
     engine.register_static_module("io", rhai::exported_module!(modules::io::io_module).into());
     engine.register_static_module(
         "model",

@@ -189,6 +189,7 @@ impl Session {
             .compile_with_scope(&self.scope, code)
             .map_err(|e| self.render(&e.into(), "<repl>", code))?;
         let ast = self.repl_functions.merge(&ast);
+        *lock(&self.ctx.functions) = ast.clone_functions_only();
         let result = self
             .engine
             .eval_ast_with_scope::<Dynamic>(&mut self.scope, &ast);
@@ -302,6 +303,7 @@ impl Session {
             state.done = None;
             self.ctx.take_imports();
             let ast = functions.merge(&state.ast);
+            *lock(&self.ctx.functions) = ast.clone_functions_only();
             let t0 = Instant::now();
             let result = self.engine.run_ast_with_scope(&mut scope, &ast);
             let elapsed = t0.elapsed();

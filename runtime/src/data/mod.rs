@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod formats;
+pub mod info;
 pub mod records;
 pub mod sft;
 

@@ -2,6 +2,7 @@
 //! the global functions every recipe uses (`params`).
 
 pub mod core;
+pub mod data;
 pub mod io;
 pub mod model;
 pub mod params;

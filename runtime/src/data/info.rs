@@ -1,0 +1,104 @@
+//! LLaMA-Factory's `dataset_info.json`: an entry names a file, its `formatting` (alpaca or
+//! sharegpt), its `columns` and its ShareGPT `tags`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::formats::{Columns, FormatOptions, Tags};
+use crate::{Error, Result};
+
+#[derive(Debug, Deserialize)]
+struct Entry {
+    #[serde(default)]
+    file_name: Option<String>,
+    #[serde(default)]
+    hf_hub_url: Option<String>,
+    #[serde(default)]
+    ms_hub_url: Option<String>,
+    #[serde(default)]
+    formatting: Option<String>,
+    #[serde(default)]
+    ranking: bool,
+    #[serde(default)]
+    columns: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    tags: Option<Tags>,
+}
+
+/// The data file and the format options of entry `name` in the `dataset_info.json` at `path`.
+pub fn read_info(path: &Path, name: &str) -> Result<(PathBuf, FormatOptions)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let all: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let bad =
+        |m: String| Error::InvalidArgument(format!("`{}`: entry `{name}`: {m}", path.display()));
+    let raw = all.get(name).ok_or_else(|| {
+        let mut names: Vec<&String> = all.keys().collect();
+        names.sort();
+        let close: Vec<String> = names
+            .iter()
+            .filter(|n| n.contains(name) || name.contains(n.as_str()))
+            .take(5)
+            .map(|n| format!("`{n}`"))
+            .collect();
+        let hint = if close.is_empty() {
+            format!("it has {} entries", names.len())
+        } else {
+            format!("close names: {}", close.join(", "))
+        };
+        Error::InvalidArgument(format!("`{}`: no entry `{name}`; {hint}", path.display()))
+    })?;
+    let e: Entry = serde_json::from_value(raw.clone()).map_err(|e| bad(e.to_string()))?;
+    if e.ranking {
+        return Err(bad(
+            "preference (`ranking`) data is for DPO/KTO, not supervised fine-tuning".into(),
+        ));
+    }
+    let Some(file) = e.file_name else {
+        let hub = e.hf_hub_url.or(e.ms_hub_url).unwrap_or_default();
+        return Err(bad(format!(
+            "it has no `file_name` (hub dataset `{hub}`?); qscript reads local files only"
+        )));
+    };
+    let mut columns = Columns::default();
+    let mut messages_col = None;
+    for (k, v) in &e.columns {
+        let v = v.as_str().map(str::to_string);
+        match k.as_str() {
+            "prompt" => columns.prompt = v,
+            "query" => columns.query = v,
+            "response" => columns.response = v,
+            "history" => columns.history = v,
+            "system" => columns.system = v,
+            "messages" => messages_col = v,
+            "tools" => columns.tools = v,
+            "images" | "videos" | "audios" => {
+                return Err(bad(format!("multimodal column `{k}` is not supported")));
+            }
+            _ => {}
+        }
+    }
+    columns.messages = messages_col;
+    let formatting = e.formatting.unwrap_or_else(|| "alpaca".into());
+    let format = match formatting.as_str() {
+        "alpaca" => "alpaca",
+        "sharegpt" => "sharegpt",
+        other => {
+            return Err(bad(format!(
+                "unknown `formatting` `{other}`; expected `alpaca` or `sharegpt`"
+            )));
+        }
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let opts = FormatOptions {
+        format: format.into(),
+        columns,
+        tags: e.tags.unwrap_or_default(),
+        ..FormatOptions::default()
+    };
+    Ok((dir.join(file), opts))
+}

@@ -1,0 +1,658 @@
+//! `data`: datasets from JSON/JSONL files or LLaMA-Factory's dataset_info.json, conversion to chat
+//! messages, SFT tokenization with label masks, and the usual dataset operations.
+
+#[allow(clippy::wildcard_imports)]
+use rhai::plugin::*;
+
+use std::path::PathBuf;
+
+use rhai::{EvalAltResult, FnPtr};
+use serde::Deserialize;
+
+use crate::context::RunContext;
+use crate::error::{script_error, to_rhai};
+use crate::handles::{Data, DatasetHandle};
+use qscript_runtime::data::Dataset;
+
+type Res<T> = Result<T, Box<EvalAltResult>>;
+
+/// Options of `data::load`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct LoadOpts {
+    /// Keep the first N records (LLaMA-Factory's `max_samples`).
+    max_samples: Option<usize>,
+}
+
+/// Expands `pattern` (relative to the recipe directory; `*`, `?` and `[..]` glob) into files the
+/// sandbox allows.
+fn expand(rc: &RunContext, pattern: &str) -> Res<Vec<PathBuf>> {
+    if !pattern.contains(['*', '?', '[']) {
+        return Ok(vec![rc.sandbox.resolve_read(pattern).map_err(to_rhai)?]);
+    }
+    let full = rc.sandbox.base().join(pattern);
+    let paths = glob::glob(&full.to_string_lossy())
+        .map_err(|e| script_error("invalid_argument", format!("bad glob `{pattern}`: {e}")))?;
+    let mut out = Vec::new();
+    for p in paths {
+        let p = p.map_err(|e| script_error("io", e.to_string()))?;
+        out.push(rc.sandbox.resolve_read(&p).map_err(to_rhai)?);
+    }
+    if out.is_empty() {
+        return Err(script_error("io", format!("no files match `{pattern}`")));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Calls `f(record)` on every record in parallel (order kept); errors name the record.
+fn par_call(
+    ctx: &NativeCallContext,
+    ds: &DatasetHandle,
+    f: &FnPtr,
+    what: &str,
+) -> Res<Vec<Dynamic>> {
+    use rayon::prelude::*;
+    let engine = ctx.engine();
+    let n = ds.len();
+    let bar = (n >= 20_000).then(|| {
+        let b = indicatif::ProgressBar::new(n as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}<{eta}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_message(what.to_string());
+        b
+    });
+    let ast = crate::context::lock(&RunContext::of(ctx)?.functions).clone();
+    let results: Vec<Res<Dynamic>> = (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let row = ds.row_json(i).unwrap_or_default();
+            let arg = rhai::serde::to_dynamic(&row)?;
+            let r = f.call::<Dynamic>(engine, &ast, (arg,)).map_err(|e| {
+                let shown = serde_json::to_string(&row).unwrap_or_default();
+                let shown: String = shown.chars().take(400).collect();
+                script_error(what, format!("record {i}: {e}\n  record: {shown}"))
+            });
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+            r
+        })
+        .collect();
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    results.into_iter().collect()
+}
+
+/// Positions an error at the script's call site unless it has a position.
+fn at(ctx: &NativeCallContext, mut e: Box<EvalAltResult>) -> Box<EvalAltResult> {
+    if e.position().is_none() {
+        e.set_position(ctx.call_position());
+    }
+    e
+}
+
+pub(crate) fn edit_records(
+    ds: &DatasetHandle,
+    f: impl Fn(&mut serde_json::Map<String, serde_json::Value>),
+) -> Res<DatasetHandle> {
+    let Data::Records(d) = &*ds.0 else {
+        return Err(script_error(
+            "invalid_argument",
+            "tokenized examples have fixed columns",
+        ));
+    };
+    let mut rows = d.rows.clone();
+    for r in &mut rows {
+        if let Some(m) = r.as_object_mut() {
+            f(m);
+        }
+    }
+    Ok(DatasetHandle::records(Dataset {
+        rows,
+        source: d.source.clone(),
+    }))
+}
+
+/// The `data` module and the `Dataset` methods.
+// rhai's macro unwraps the `&mut` receiver of functions that also take a NativeCallContext.
+#[allow(clippy::unwrap_used)]
+#[export_module]
+pub mod data_module {
+    use std::sync::Arc;
+
+    use qscript_runtime::data::formats::{self, FormatOptions};
+    use qscript_runtime::data::sft::{self as sft_impl, SftOptions};
+    use qscript_runtime::data::{Dataset, info, load_files};
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    use rhai::{Array, FnPtr, Map};
+
+    use super::{LoadOpts, Res, at, edit_records, expand, par_call};
+    use crate::context::{Memo, RunContext};
+    use crate::error::{script_error, to_rhai, to_rhai_at};
+    use crate::handles::{Data, DatasetHandle, Tokenized, TokenizerHandle};
+    use crate::options::{from_options, to_usize};
+
+    /// Loads records from a JSON array, a JSONL file, or a glob of them (`data/*.jsonl`),
+    /// relative to the recipe. A bad JSONL line is reported with its file and line number.
+    ///
+    /// ```rhai
+    /// io::write_text("d.jsonl", "{\"instruction\": \"hi\", \"output\": \"hello\"}\n");
+    /// let ds = data::load(io::output_dir() + "/d.jsonl");
+    /// assert(ds.len() == 1);
+    /// ```
+    #[rhai_fn(return_raw)]
+    pub fn load(ctx: NativeCallContext, path: &str) -> Res<DatasetHandle> {
+        load_with(ctx, path, Map::new())
+    }
+
+    /// Loads records with options: `max_samples` keeps the first N.
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"x": 1}, {"x": 2}, {"x": 3}]`);
+    /// let ds = data::load(io::output_dir() + "/d.json", #{ max_samples: 2 });
+    /// assert(ds.len() == 2);
+    /// ```
+    #[rhai_fn(name = "load", return_raw)]
+    pub fn load_with(ctx: NativeCallContext, path: &str, opts: Map) -> Res<DatasetHandle> {
+        let rc = RunContext::of(&ctx)?;
+        let o: LoadOpts = from_options(&ctx, "data::load", opts)?;
+        let files = expand(&rc, path).map_err(|e| at(&ctx, e))?;
+        let refs: Vec<&std::path::Path> = files.iter().map(PathBuf::as_path).collect();
+        let key = Memo::key("data::load", &format!("{files:?} {o:?}"), &refs).map_err(to_rhai)?;
+        let v = rc.memo.get_or_try_insert(&key, || {
+            let mut ds = load_files(&files).map_err(to_rhai_at(&ctx))?;
+            if let Some(n) = o.max_samples {
+                ds.rows.truncate(n);
+            }
+            Ok::<_, Box<EvalAltResult>>(Dynamic::from(DatasetHandle::records(ds)))
+        })?;
+        Ok(v.cast())
+    }
+
+    /// Loads entry `name` of a LLaMA-Factory `dataset_info.json` (`file_name`, `formatting`,
+    /// `columns`, `tags`) and converts it to chat messages.
+    ///
+    /// ```rhai
+    /// io::write_text("info/d.json", `[{"q": "hi", "a": "hello"}]`);
+    /// io::write_text("info/dataset_info.json", `{"demo": {"file_name": "d.json", "columns": {"prompt": "q", "response": "a"}}}`);
+    /// let ds = data::from_info(io::output_dir() + "/info/dataset_info.json", "demo");
+    /// assert(ds[0].messages[1].content == "hello");
+    /// ```
+    #[rhai_fn(return_raw)]
+    pub fn from_info(ctx: NativeCallContext, path: &str, name: &str) -> Res<DatasetHandle> {
+        let rc = RunContext::of(&ctx)?;
+        let real = rc.sandbox.resolve_read(path).map_err(to_rhai_at(&ctx))?;
+        let (file, opts) = info::read_info(&real, name).map_err(to_rhai_at(&ctx))?;
+        let file = rc.sandbox.resolve_read(&file).map_err(to_rhai_at(&ctx))?;
+        let ds = load_files(&[file]).map_err(to_rhai_at(&ctx))?;
+        let conv = formats::to_messages(&ds, &opts).map_err(to_rhai_at(&ctx))?;
+        rc.sink.err(&format!(
+            "data: `{name}`: {} records, format `{}` from dataset_info.json",
+            conv.dataset.len(),
+            conv.format
+        ));
+        Ok(DatasetHandle::records(conv.dataset))
+    }
+
+    /// Converts records to chat messages (`#{ messages: [#{ role, content }] }`).
+    ///
+    /// # Options
+    /// `format` (`"auto"`, `"alpaca"`, `"sharegpt"`, `"messages"`, `"conversation"`), `system`
+    /// (a system prompt for records without one), `columns` and `tags` (LLaMA-Factory's names),
+    /// `input_separator` (`"\n"`). `auto` prints what it detected and why.
+    ///
+    /// ```rhai
+    /// io::write_text("a.json", `[{"instruction": "你是谁？", "input": "", "output": "我是甄嬛。"}]`);
+    /// let ds = data::to_messages(data::load(io::output_dir() + "/a.json"), #{ system: "现在你要扮演甄嬛" });
+    /// assert(ds[0].messages.len() == 3);
+    /// ```
+    #[rhai_fn(return_raw)]
+    pub fn to_messages(ctx: NativeCallContext, ds: DatasetHandle, opts: Map) -> Res<DatasetHandle> {
+        let rc = RunContext::of(&ctx)?;
+        let o: FormatOptions = from_options(&ctx, "data::to_messages", opts)?;
+        let Data::Records(records) = &*ds.0 else {
+            return Err(at(
+                &ctx,
+                script_error(
+                    "invalid_argument",
+                    "`data::to_messages` takes records, not tokenized examples",
+                ),
+            ));
+        };
+        let conv = formats::to_messages(records, &o).map_err(to_rhai_at(&ctx))?;
+        if o.format == "auto" {
+            rc.sink.err(&format!(
+                "data: detected format `{}`: {}",
+                conv.format, conv.reason
+            ));
+        }
+        Ok(DatasetHandle::records(conv.dataset))
+    }
+
+    /// Converts records to chat messages, detecting the format.
+    ///
+    /// ```rhai
+    /// io::write_text("s.json", `[{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]`);
+    /// let ds = data::to_messages(data::load(io::output_dir() + "/s.json"));
+    /// assert(ds[0].messages[0].role == "user");
+    /// ```
+    #[rhai_fn(name = "to_messages", return_raw)]
+    pub fn to_messages_auto(ctx: NativeCallContext, ds: DatasetHandle) -> Res<DatasetHandle> {
+        to_messages(ctx, ds, Map::new())
+    }
+
+    /// Tokenizes conversations for supervised fine-tuning: `input_ids`, `labels` (-100 on system,
+    /// user and template tokens) and `attention_mask`. Reports how many examples were truncated,
+    /// and drops (with a count) those left with no label.
+    ///
+    /// # Options
+    /// `max_length` (1024), `train_on` (`"assistant"`, `"last_assistant"`, `"all"`), `template`
+    /// (`"model"` or a Jinja template).
+    ///
+    /// ```rhai
+    /// io::write_text("a.json", `[{"instruction": "hi", "output": "hello"}]`);
+    /// let msgs = data::to_messages(data::load(io::output_dir() + "/a.json"));
+    /// let ds = data::sft(msgs, tokenizer::builtin(), #{ max_length: 128 });
+    /// assert(ds[0].labels[0] == -100);
+    /// ```
+    #[rhai_fn(return_raw)]
+    pub fn sft(
+        ctx: NativeCallContext,
+        ds: DatasetHandle,
+        tok: TokenizerHandle,
+        opts: Map,
+    ) -> Res<DatasetHandle> {
+        let rc = RunContext::of(&ctx)?;
+        let o: SftOptions = from_options(&ctx, "data::sft", opts)?;
+        let Data::Records(records) = &*ds.0 else {
+            return Err(at(
+                &ctx,
+                script_error(
+                    "invalid_argument",
+                    "`data::sft` takes conversations (records with `messages`), not tokenized examples",
+                ),
+            ));
+        };
+        let r = sft_impl::sft(records, &tok.0, &o).map_err(to_rhai_at(&ctx))?;
+        rc.sink.err(&format!(
+            "data: tokenized {} examples ({} truncated at {} tokens, {} dropped with every label masked)",
+            r.examples.len(),
+            r.truncated,
+            o.max_length,
+            r.dropped
+        ));
+        if r.examples.is_empty() {
+            return Err(at(
+                &ctx,
+                script_error(
+                    "data",
+                    format!("`{}`: no example is left to train on", records.source),
+                ),
+            ));
+        }
+        Ok(DatasetHandle(Arc::new(Data::Tokenized(Tokenized {
+            examples: r.examples,
+            source: records.source.clone(),
+            truncated: r.truncated,
+            dropped: r.dropped,
+        }))))
+    }
+
+    /// `sft` with the default options.
+    ///
+    /// ```rhai
+    /// io::write_text("a.json", `[{"instruction": "hi", "output": "hello"}]`);
+    /// let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/a.json")), tokenizer::builtin());
+    /// assert(ds.len() == 1);
+    /// ```
+    #[rhai_fn(name = "sft", return_raw)]
+    pub fn sft_default(
+        ctx: NativeCallContext,
+        ds: DatasetHandle,
+        tok: TokenizerHandle,
+    ) -> Res<DatasetHandle> {
+        sft(ctx, ds, tok, Map::new())
+    }
+
+    /// Number of records.
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"x": 1}]`);
+    /// assert(data::load(io::output_dir() + "/d.json").len() == 1);
+    /// ```
+    #[rhai_fn(global, pure)]
+    pub fn len(ds: &mut DatasetHandle) -> rhai::INT {
+        rhai::INT::try_from(ds.len()).unwrap_or(rhai::INT::MAX)
+    }
+
+    /// Record `i` as a map (negative counts from the end).
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"x": 1}, {"x": 2}]`);
+    /// let ds = data::load(io::output_dir() + "/d.json");
+    /// assert(ds[0].x == 1 && ds[-1].x == 2);
+    /// ```
+    #[rhai_fn(global, index_get, return_raw)]
+    pub fn get(ds: &mut DatasetHandle, i: rhai::INT) -> Res<Dynamic> {
+        let n = rhai::INT::try_from(ds.len()).unwrap_or(rhai::INT::MAX);
+        let k = if i < 0 { n + i } else { i };
+        let row = usize::try_from(k)
+            .ok()
+            .and_then(|k| ds.row_json(k))
+            .ok_or_else(|| {
+                script_error(
+                    "index",
+                    format!("record {i} is out of range: the dataset has {n} records"),
+                )
+            })?;
+        rhai::serde::to_dynamic(row)
+    }
+
+    /// Column names, in first-seen order.
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"a": 1, "b": 2}]`);
+    /// assert(data::load(io::output_dir() + "/d.json").columns() == ["a", "b"]);
+    /// ```
+    #[rhai_fn(global, pure)]
+    pub fn columns(ds: &mut DatasetHandle) -> Array {
+        match &*ds.0 {
+            Data::Records(d) => d.columns().into_iter().map(Dynamic::from).collect(),
+            Data::Tokenized(_) => ["input_ids", "labels", "attention_mask"]
+                .into_iter()
+                .map(Dynamic::from)
+                .collect(),
+        }
+    }
+
+    /// The records in `range` (`ds.select(0..100)`).
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"x": 1}, {"x": 2}, {"x": 3}]`);
+    /// assert(data::load(io::output_dir() + "/d.json").select(1..3).len() == 2);
+    /// ```
+    #[rhai_fn(global, pure, return_raw)]
+    pub fn select(ds: &mut DatasetHandle, range: std::ops::Range<rhai::INT>) -> Res<DatasetHandle> {
+        let (a, b) = (
+            to_usize("start", range.start)?,
+            to_usize("end", range.end)?.min(ds.len()),
+        );
+        Ok(ds.subset(&(a.min(b)..b).collect::<Vec<_>>()))
+    }
+
+    /// The records in an inclusive range (`ds.select(0..=9)`).
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"x": 1}, {"x": 2}, {"x": 3}]`);
+    /// assert(data::load(io::output_dir() + "/d.json").select(0..=1).len() == 2);
+    /// ```
+    #[rhai_fn(global, pure, name = "select", return_raw)]
+    pub fn select_inclusive(
+        ds: &mut DatasetHandle,
+        range: std::ops::RangeInclusive<rhai::INT>,
+    ) -> Res<DatasetHandle> {
+        let end = range.end().saturating_add(1);
+        select(ds, *range.start()..end)
+    }
+
+    /// The records in an order shuffled from `seed`.
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"x": 1}, {"x": 2}, {"x": 3}]`);
+    /// let ds = data::load(io::output_dir() + "/d.json");
+    /// assert(ds.shuffle(1).len() == 3);
+    /// ```
+    #[rhai_fn(global, pure, return_raw)]
+    pub fn shuffle(ds: &mut DatasetHandle, seed: rhai::INT) -> Res<DatasetHandle> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(u64::try_from(seed).unwrap_or(0));
+        let mut idx: Vec<usize> = (0..ds.len()).collect();
+        idx.shuffle(&mut rng);
+        Ok(ds.subset(&idx))
+    }
+
+    /// The records for which `f(record)` is true (run in parallel).
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"x": 1}, {"x": 2}, {"x": 3}]`);
+    /// assert(data::load(io::output_dir() + "/d.json").filter(|r| r.x > 1).len() == 2);
+    /// ```
+    #[rhai_fn(global, pure, return_raw)]
+    pub fn filter(ctx: NativeCallContext, ds: &mut DatasetHandle, f: FnPtr) -> Res<DatasetHandle> {
+        let keep = par_call(&ctx, ds, &f, "filter").map_err(|e| at(&ctx, e))?;
+        let mut idx = Vec::new();
+        for (i, k) in keep.into_iter().enumerate() {
+            match k.as_bool() {
+                Ok(true) => idx.push(i),
+                Ok(false) => {}
+                Err(t) => {
+                    return Err(at(
+                        &ctx,
+                        script_error(
+                            "filter",
+                            format!("record {i}: the function returned {t}, not a bool"),
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(ds.subset(&idx))
+    }
+
+    /// A new dataset of `f(record)` for every record, computed in parallel on all cores, in order.
+    /// Memoized on the function and the input, so a re-run cell is instant. An error names the
+    /// record and shows it.
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"instruction": "a", "output": "b"}]`);
+    /// let ds = data::load(io::output_dir() + "/d.json").map(|r| #{ prompt: r.instruction, answer: r.output });
+    /// assert(ds[0].answer == "b");
+    /// ```
+    #[rhai_fn(global, pure, return_raw)]
+    pub fn map(ctx: NativeCallContext, ds: &mut DatasetHandle, f: FnPtr) -> Res<DatasetHandle> {
+        let rc = RunContext::of(&ctx)?;
+        let content: Vec<serde_json::Value> =
+            (0..ds.len()).filter_map(|i| ds.row_json(i)).collect();
+        let args = format!(
+            "{} {:?} {}",
+            f.fn_name(),
+            f.curry(),
+            serde_json::to_string(&content).unwrap_or_default()
+        );
+        let key = Memo::key("Dataset.map", &args, &[]).map_err(to_rhai)?;
+        let source = ds.source().to_string();
+        let v = rc.memo.get_or_try_insert(&key, || {
+            let out = par_call(&ctx, ds, &f, "map").map_err(|e| at(&ctx, e))?;
+            let mut rows = Vec::with_capacity(out.len());
+            for (i, d) in out.into_iter().enumerate() {
+                let v: serde_json::Value = rhai::serde::from_dynamic(&d)?;
+                if !v.is_object() {
+                    return Err(at(
+                        &ctx,
+                        script_error(
+                            "map",
+                            format!(
+                                "record {i}: the function returned {}, not a map",
+                                d.type_name()
+                            ),
+                        ),
+                    ));
+                }
+                rows.push(v);
+            }
+            Ok(Dynamic::from(DatasetHandle::records(Dataset {
+                rows,
+                source: source.clone(),
+            })))
+        })?;
+        Ok(v.cast())
+    }
+
+    /// Splits into `#{ train, test }` after a seeded shuffle; `test_size` is a fraction (0.1) or
+    /// a count (100).
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"x": 1}, {"x": 2}, {"x": 3}, {"x": 4}]`);
+    /// let s = data::load(io::output_dir() + "/d.json").train_test_split(#{ test_size: 0.25, seed: 0 });
+    /// assert(s.train.len() == 3 && s.test.len() == 1);
+    /// ```
+    #[rhai_fn(global, pure, return_raw)]
+    pub fn train_test_split(ctx: NativeCallContext, ds: &mut DatasetHandle, opts: Map) -> Res<Map> {
+        let mut test_size = 0.1f64;
+        let mut seed = 0u64;
+        for (k, v) in &opts {
+            match k.as_str() {
+                "test_size" => {
+                    test_size = v
+                        .as_float()
+                        .or_else(|_| v.as_int().map(|i| i as f64))
+                        .map_err(|t| {
+                            script_error(
+                                "options",
+                                format!("`test_size` is {t}, expected a number"),
+                            )
+                        })?;
+                }
+                "seed" => {
+                    seed = v
+                        .as_int()
+                        .ok()
+                        .and_then(|i| u64::try_from(i).ok())
+                        .ok_or_else(|| {
+                            script_error("options", "`seed` must be a non-negative integer")
+                        })?;
+                }
+                other => {
+                    return Err(at(
+                        &ctx,
+                        script_error(
+                            "options",
+                            format!(
+                                "invalid options for `train_test_split`: unknown field `{other}`, expected one of `test_size`, `seed`"
+                            ),
+                        ),
+                    ));
+                }
+            }
+        }
+        let n = ds.len();
+        let n_test = if test_size < 1.0 {
+            (n as f64 * test_size).ceil() as usize
+        } else {
+            test_size as usize
+        };
+        if n_test == 0 || n_test >= n {
+            return Err(at(
+                &ctx,
+                script_error(
+                    "options",
+                    format!(
+                        "`test_size` {test_size} leaves {n_test} of {n} records for test; both splits must be non-empty"
+                    ),
+                ),
+            ));
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut idx: Vec<usize> = (0..n).collect();
+        idx.shuffle(&mut rng);
+        let mut out = Map::new();
+        out.insert("test".into(), Dynamic::from(ds.subset(&idx[..n_test])));
+        out.insert("train".into(), Dynamic::from(ds.subset(&idx[n_test..])));
+        Ok(out)
+    }
+
+    /// The records without the given columns.
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"a": 1, "b": 2}]`);
+    /// assert(data::load(io::output_dir() + "/d.json").remove_columns(["b"]).columns() == ["a"]);
+    /// ```
+    #[rhai_fn(global, pure, return_raw)]
+    pub fn remove_columns(ds: &mut DatasetHandle, names: Array) -> Res<DatasetHandle> {
+        let names: Vec<String> = names.into_iter().map(|n| n.to_string()).collect();
+        edit_records(ds, |m| {
+            for n in &names {
+                m.remove(n);
+            }
+        })
+    }
+
+    /// The records with column `from` renamed to `to`.
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"q": 1}]`);
+    /// assert(data::load(io::output_dir() + "/d.json").rename_column("q", "instruction").columns() == ["instruction"]);
+    /// ```
+    #[rhai_fn(global, pure, return_raw)]
+    pub fn rename_column(ds: &mut DatasetHandle, from: &str, to: &str) -> Res<DatasetHandle> {
+        edit_records(ds, |m| {
+            if let Some(v) = m.remove(from) {
+                m.insert(to.to_string(), v);
+            }
+        })
+    }
+
+    /// Length statistics of tokenized examples: `count`, `min`, `max`, `mean`, `p50`, `p90`,
+    /// `p99`, `trained_tokens`, `total_tokens`, `truncated`, `dropped`.
+    ///
+    /// ```rhai
+    /// io::write_text("a.json", `[{"instruction": "hi", "output": "hello"}]`);
+    /// let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/a.json")), tokenizer::builtin());
+    /// print(ds.stats());
+    /// ```
+    #[rhai_fn(global, pure, return_raw)]
+    pub fn stats(ds: &mut DatasetHandle) -> Res<Map> {
+        let Data::Tokenized(t) = &*ds.0 else {
+            return Err(script_error(
+                "invalid_argument",
+                "`stats` describes tokenized examples; call `data::sft` first",
+            ));
+        };
+        let s = sft_impl::stats(&t.examples);
+        let mut m = Map::new();
+        let int = |v: usize| Dynamic::from(rhai::INT::try_from(v).unwrap_or(rhai::INT::MAX));
+        for (k, v) in [
+            ("count", s.count),
+            ("min", s.min),
+            ("max", s.max),
+            ("p50", s.p50),
+            ("p90", s.p90),
+            ("p99", s.p99),
+            ("trained_tokens", s.trained_tokens),
+            ("total_tokens", s.total_tokens),
+            ("truncated", t.truncated),
+            ("dropped", t.dropped),
+        ] {
+            m.insert(k.into(), int(v));
+        }
+        m.insert("mean".into(), Dynamic::from(s.mean));
+        Ok(m)
+    }
+
+    /// `Dataset(3729 records from huanhuan.json, columns: instruction, input, output)`.
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"a": 1}]`);
+    /// print(data::load(io::output_dir() + "/d.json"));
+    /// ```
+    #[rhai_fn(global, name = "to_string", name = "to_debug", pure)]
+    pub fn describe(ds: &mut DatasetHandle) -> String {
+        match &*ds.0 {
+            Data::Records(d) => format!(
+                "Dataset({} records from {}, columns: {})",
+                d.len(),
+                d.source,
+                d.columns().join(", ")
+            ),
+            Data::Tokenized(t) => format!(
+                "Dataset({} tokenized examples from {})",
+                t.examples.len(),
+                t.source
+            ),
+        }
+    }
+}
