@@ -242,6 +242,17 @@ impl Tokenizer {
         let template = self.chat_template.as_deref().ok_or_else(|| {
             Error::Template("this tokenizer has no `chat_template`; pass a template or use one with `chat_template` in tokenizer_config.json".into())
         })?;
+        self.render_template(template, messages, opts)
+    }
+
+    /// Renders `messages` through `template` with this tokenizer's special tokens (`bos_token`,
+    /// `eos_token`, `pad_token`) in scope.
+    pub fn render_template(
+        &self,
+        template: &str,
+        messages: &Value,
+        opts: &TemplateOptions,
+    ) -> Result<String> {
         let mut ctx = opts.extra.clone();
         ctx.insert("messages".into(), messages.clone());
         ctx.insert(

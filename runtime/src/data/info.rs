@@ -39,11 +39,16 @@ pub fn read_info(path: &Path, name: &str) -> Result<(PathBuf, FormatOptions)> {
     let raw = all.get(name).ok_or_else(|| {
         let mut names: Vec<&String> = all.keys().collect();
         names.sort();
-        let close: Vec<String> = names
+        let mut scored: Vec<(f64, &String)> = names
             .iter()
-            .filter(|n| n.contains(name) || name.contains(n.as_str()))
-            .take(5)
-            .map(|n| format!("`{n}`"))
+            .map(|n| (strsim::jaro_winkler(name, n), *n))
+            .filter(|(s, _)| *s > 0.8)
+            .collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let close: Vec<String> = scored
+            .iter()
+            .take(3)
+            .map(|(_, n)| format!("`{n}`"))
             .collect();
         let hint = if close.is_empty() {
             format!("it has {} entries", names.len())

@@ -80,20 +80,7 @@ pub fn segments(
         };
         match template {
             None => tok.apply_chat_template(&msgs, &opts),
-            Some(t) => {
-                let mut ctx = extra.clone();
-                ctx.insert("messages".into(), msgs);
-                ctx.insert("add_generation_prompt".into(), json!(generation_prompt));
-                ctx.insert(
-                    "bos_token".into(),
-                    json!(tok.bos_token.clone().unwrap_or_default()),
-                );
-                ctx.insert(
-                    "eos_token".into(),
-                    json!(tok.eos_token.clone().unwrap_or_default()),
-                );
-                crate::chat_template::render(t, &Value::Object(ctx))
-            }
+            Some(t) => tok.render_template(t, &msgs, &opts),
         }
         .map_err(|e| e.to_string())
     };

@@ -65,6 +65,12 @@ fn par_call(
         b
     });
     let ast = crate::context::lock(&RunContext::of(ctx)?.functions).clone();
+    // Captured variables are shared cells; parallel calls would contend for them. Each call gets
+    // a plain copy instead (so a map function cannot mutate what it captured).
+    let mut f = f.clone();
+    let captured: Vec<Dynamic> = f.curry().iter().map(Dynamic::flatten_clone).collect();
+    f.set_curry(captured);
+    let f = &f;
     let results: Vec<Res<Dynamic>> = (0..n)
         .into_par_iter()
         .map(|i| {

@@ -1,0 +1,241 @@
+//! Data on the real fixtures: huanhuan (alpaca), LLaMA-Factory's dataset_info.json demos (alpaca,
+//! sharegpt with tool calls, custom tags), FastChat ShareGPT, EmoLLM messages and `[{human,
+//! assistant}]` conversations, tokenized with the real Qwen2.5 and Qwen3 tokenizers. Snapshots show
+//! the rendered prompt with the learned spans in `[[...]]`.
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::path::PathBuf;
+
+use insta::assert_snapshot;
+use qscript_runtime::testing::fixtures_dir;
+use support::Env;
+
+/// A session that may read the fixtures.
+fn session(env: &Env, fx: &std::path::Path) -> qscript_stdlib::Session {
+    let mut opts = env.options();
+    opts.allow_read.push(fx.to_path_buf());
+    env.session_with(&opts)
+}
+
+/// Record `i` of tokenized dataset `var`, decoded span by span, learned spans in `[[...]]`.
+fn masked(s: &mut qscript_stdlib::Session, var: &str, i: usize) -> String {
+    let code = format!(
+        r#"let ex = {var}[{i}];
+let out = ""; let cur = []; let learn = false;
+for k in 0..ex.input_ids.len() {{
+    let l = ex.labels[k] != -100;
+    if l != learn && cur.len() > 0 {{ out += if learn {{ "[[" + tok.decode(cur) + "]]" }} else {{ tok.decode(cur) }}; cur = []; }}
+    learn = l; cur.push(ex.input_ids[k]);
+}}
+if cur.len() > 0 {{ out += if learn {{ "[[" + tok.decode(cur) + "]]" }} else {{ tok.decode(cur) }}; }}
+`${{ex.input_ids.len()}} tokens: ${{ex.input_ids}}\n${{out}}`"#
+    );
+    let v = s.eval(&code).unwrap().unwrap();
+    let text = v
+        .strip_prefix("=> \"")
+        .and_then(|t| t.strip_suffix("\" : string"))
+        .unwrap()
+        .to_string();
+    text.replace("\\n", "\n").replace("\\\"", "\"")
+}
+
+fn setup(env: &Env) -> Option<(qscript_stdlib::Session, PathBuf)> {
+    let fx = fixtures_dir("datasets and tokenizers")?;
+    let mut s = session(env, &fx);
+    s.eval(&format!("const FX = {:?};", fx.to_string_lossy()))
+        .unwrap();
+    s.eval(r#"let tok = tokenizer::load(FX + "/tokenizers/qwen2.5");"#)
+        .unwrap();
+    Some((s, fx))
+}
+
+#[test]
+fn huanhuan_alpaca_to_masked_chatml() {
+    let env = Env::new();
+    let Some((mut s, _)) = setup(&env) else {
+        return;
+    };
+    s.eval(
+        r#"let raw = data::load(FX + "/datasets/huanhuan/huanhuan.json");
+let msgs = data::to_messages(raw, #{ system: "现在你要扮演皇帝身边的女人--甄嬛" });
+let ds = data::sft(msgs, tok, #{ max_length: 128 });"#,
+    )
+    .unwrap();
+    let log = env.sink.take();
+    assert!(
+        log.contains("detected format `alpaca`: record 0 has `instruction` and `output`"),
+        "{log}"
+    );
+    assert_eq!(
+        s.eval("raw.len()").unwrap().as_deref(),
+        Some("=> 3729 : i64")
+    );
+    assert_snapshot!("huanhuan_record0", masked(&mut s, "ds", 0));
+    assert_snapshot!("huanhuan_stats", s.eval("ds.stats()").unwrap().unwrap());
+    assert_snapshot!("huanhuan_log", log);
+}
+
+#[test]
+fn seed_000_handwritten_mapping_equals_sft_with_its_template() {
+    let env = Env::new();
+    let Some((mut s, _)) = setup(&env) else {
+        return;
+    };
+    s.eval(
+        r#"const SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛";
+let raw = data::load(FX + "/datasets/huanhuan/huanhuan.json").select(0..200);
+// Seed 000, as users write it in Python, with tok.encode.
+let by_hand = raw.map(|r| {
+    let inst = tok.encode("<|im_start|>system\n" + SYSTEM + "<|im_end|>\n<|im_start|>user\n" + r.instruction + r.input + "<|im_end|>\n<|im_start|>assistant\n", false);
+    let resp = tok.encode(r.output, false);
+    let ids = inst + resp + [tok.pad_id];
+    let labels = [];
+    for x in inst { labels.push(-100); }
+    labels += resp + [tok.pad_id];
+    if ids.len() > 128 { ids = ids.extract(0, 128); labels = labels.extract(0, 128); }
+    #{ input_ids: ids, labels: labels }
+});
+const SEED_TEMPLATE = "{% for m in messages %}{% if m.role == 'assistant' %}<|im_start|>assistant\n{{ m.content }}{{ pad_token }}{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+let by_sft = data::sft(data::to_messages(raw, #{ system: SYSTEM, input_separator: "" }), tok, #{ max_length: 128, template: SEED_TEMPLATE });"#,
+    )
+    .unwrap();
+    // sft drops what truncation left without a label (HF would train on nothing there).
+    let log = env.sink.take();
+    assert!(
+        log.contains("tokenized 199 examples (")
+            && log.contains(", 1 dropped with every label masked)"),
+        "{log}"
+    );
+    s.eval("by_hand = by_hand.filter(|r| r.labels.some(|l| l != -100));")
+        .unwrap();
+    assert_eq!(
+        s.eval("by_hand.len()").unwrap().as_deref(),
+        Some("=> 199 : i64")
+    );
+    let same = s
+        .eval("let same = true; for i in 0..by_hand.len() { if by_hand[i].input_ids != by_sft[i].input_ids || by_hand[i].labels != by_sft[i].labels { same = false; } } same && by_hand.len() == by_sft.len()")
+        .unwrap();
+    let diff = s
+        .eval("let d = (); for i in 0..by_hand.len() { if d == () && (by_hand[i].input_ids != by_sft[i].input_ids || by_hand[i].labels != by_sft[i].labels) { d = `${i}: ${by_hand[i]} vs ${by_sft[i]}`; } } d")
+        .unwrap();
+    assert_eq!(same.as_deref(), Some("=> true : bool"), "{diff:?}");
+}
+
+#[test]
+fn llamafactory_dataset_info_entries() {
+    let env = Env::new();
+    let Some((mut s, _)) = setup(&env) else {
+        return;
+    };
+    s.eval(r#"const INFO = FX + "/datasets/llamafactory/dataset_info.json";"#)
+        .unwrap();
+    for (name, var) in [
+        ("alpaca_zh_demo", "a"),
+        ("glaive_toolcall_en_demo", "g"),
+        ("kto_en_demo", "k"),
+        ("identity", "i"),
+    ] {
+        s.eval(&format!(r#"let {var} = data::sft(data::from_info(INFO, "{name}"), tok, #{{ max_length: 512 }});"#)).unwrap();
+    }
+    let log = env.sink.take();
+    assert!(
+        log.contains("data: `glaive_toolcall_en_demo`: 300 records, format `sharegpt`"),
+        "{log}"
+    );
+    assert_snapshot!("lf_alpaca_zh_record0", masked(&mut s, "a", 0));
+    assert_snapshot!("lf_glaive_toolcall_record0", masked(&mut s, "g", 0));
+    assert_snapshot!("lf_kto_record0", masked(&mut s, "k", 0));
+    let e = s
+        .eval(r#"data::from_info(INFO, "dpo_en_demo")"#)
+        .unwrap_err();
+    assert!(
+        e.rendered
+            .contains("entry `dpo_en_demo`: preference (`ranking`) data is for DPO/KTO"),
+        "{}",
+        e.rendered
+    );
+    let e = s
+        .eval(r#"data::from_info(INFO, "alpaca_demo")"#)
+        .unwrap_err();
+    assert!(
+        e.rendered.contains("no entry `alpaca_demo`; close names: "),
+        "{}",
+        e.rendered
+    );
+}
+
+#[test]
+fn sharegpt_messages_and_conversation_formats() {
+    let env = Env::new();
+    let Some((mut s, _)) = setup(&env) else {
+        return;
+    };
+    s.eval(r#"let tok3 = tokenizer::load(FX + "/tokenizers/qwen3");"#)
+        .unwrap();
+    s.eval(
+        r#"let fc = data::sft(data::to_messages(data::load(FX + "/datasets/fastchat/dummy_conversation.json")), tok, #{ max_length: 256 });
+let em = data::sft(data::to_messages(data::load(FX + "/datasets/emollm/emollm_messages.jsonl", #{ max_samples: 50 })), tok3, #{ max_length: 2048, train_on: "last_assistant" });
+let ff = data::sft(data::to_messages(data::load(FX + "/datasets/emollm/emollm_firefly.jsonl", #{ max_samples: 50 }), #{ system: "现在你是一个心理专家" }), tok, #{ max_length: 2048 });"#,
+    )
+    .unwrap();
+    let log = env.sink.take();
+    assert!(
+        log.contains("detected format `sharegpt`: record 0 has `conversations`"),
+        "{log}"
+    );
+    assert!(log.contains("detected format `messages`"), "{log}");
+    assert!(log.contains("detected format `conversation`"), "{log}");
+    assert_snapshot!("fastchat_record0", masked(&mut s, "fc", 0));
+    s.eval("let tok_keep = tok; tok = tok3;").unwrap();
+    assert_snapshot!(
+        "emollm_qwen3_last_assistant_record0",
+        masked(&mut s, "em", 0)
+    );
+    s.eval("tok = tok_keep;").unwrap();
+    assert_snapshot!("firefly_record0", masked(&mut s, "ff", 0));
+}
+
+#[test]
+fn bad_data_is_reported_with_file_record_and_fields() {
+    let env = Env::new();
+    let mut s = env.session();
+    env.write(
+        "missing.json",
+        r#"[{"instruction": "a", "output": "b"}, {"instruction": "c"}]"#,
+    );
+    env.write("type.json", r#"[{"instruction": "a", "output": 42}]"#);
+    env.write(
+        "bad.jsonl",
+        "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"a\" \"output\": \"b\"}\n",
+    );
+    env.write(
+        "role.json",
+        r#"[{"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]}]"#,
+    );
+    env.write("empty.json", "[]");
+    env.write("unknown.json", r#"[{"text": "just text"}]"#);
+    env.write(
+        "long.json",
+        r#"[{"instruction": "a very long prompt that will not fit", "output": "b"}]"#,
+    );
+    let t = support::transcript(
+        &env,
+        &mut s,
+        r#"data::to_messages(data::load("missing.json"))
+data::to_messages(data::load("type.json"))
+data::load("bad.jsonl")
+data::to_messages(data::load("role.json"))
+data::load("empty.json")
+data::to_messages(data::load("unknown.json"))
+data::sft(data::to_messages(data::load("long.json")), tokenizer::builtin(), #{ max_length: 8 })
+data::sft(data::load("long.json"), tokenizer::builtin())
+data::sft(data::to_messages(data::load("long.json")), tokenizer::builtin(), #{ max_len: 8 })
+data::load("nothing-*.json")
+data::load("long.json").map(|r| r.missing.len())
+"#,
+    );
+    assert_snapshot!("bad_data", t);
+}
