@@ -90,10 +90,13 @@ fn load_file(path: &Path) -> Result<Vec<Value>> {
                 continue;
             }
             let v: Value = serde_json::from_str(line).map_err(|e| {
+                let msg = e.to_string();
+                let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
                 Error::InvalidArgument(format!(
-                    "`{}`: line {}: invalid JSON: {e}",
+                    "`{}`: line {}, column {}: invalid JSON: {msg}",
                     path.display(),
-                    i + 1
+                    i + 1,
+                    e.column()
                 ))
             })?;
             if !v.is_object() {
@@ -157,7 +160,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = write(d.path(), "bad.jsonl", "{\"x\": 1}\n{\"x\": 2,}\n");
         let e = load_files(&[p]).unwrap_err().to_string();
-        assert!(e.contains("bad.jsonl`: line 2: invalid JSON"), "{e}");
+        assert!(
+            e.contains("bad.jsonl`: line 2, column 9: invalid JSON: trailing comma"),
+            "{e}"
+        );
         let p = write(d.path(), "arr.jsonl", "{\"x\": 1}\n[1]\n");
         let e = load_files(&[p]).unwrap_err().to_string();
         assert!(

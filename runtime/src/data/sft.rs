@@ -3,8 +3,9 @@
 //! chat template message by message; each segment is tokenized on its own and concatenated, so
 //! the label mask follows segment boundaries exactly (LLaMA-Factory does the same).
 
+use rayon::prelude::*;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::records::Dataset;
 use crate::tokenizer::{TemplateOptions, Tokenizer};
@@ -137,12 +138,20 @@ pub fn sft(ds: &Dataset, tok: &Tokenizer, opts: &SftOptions) -> Result<SftReport
         ));
     }
     let template = (opts.template != "model").then_some(opts.template.as_str());
+    // Render and tokenize every record in parallel; keep the order, report the first error.
+    let encoded: Vec<Result<Example>> = ds
+        .rows
+        .par_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let segs = segments(tok, template, r, &opts.train_on)
+                .map_err(|m| Error::InvalidArgument(format!("`{}`: record {i}: {m}", ds.source)))?;
+            encode_segments(tok, &segs)
+        })
+        .collect();
     let mut report = SftReport::default();
-    for (i, r) in ds.rows.iter().enumerate() {
-        let segs = segments(tok, template, r, &opts.train_on)
-            .map_err(|m| Error::InvalidArgument(format!("`{}`: record {i}: {m}", ds.source)))?;
-        let ex = encode_segments(tok, &segs)?;
-        let ex = truncate(ex, opts.max_length, &mut report.truncated);
+    for (i, ex) in encoded.into_iter().enumerate() {
+        let ex = truncate(ex?, opts.max_length, &mut report.truncated);
         if ex.labels.iter().all(|&l| l == IGNORE) {
             report.dropped += 1;
             continue;
@@ -236,6 +245,7 @@ pub fn stats(examples: &[Example]) -> LengthStats {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn conv() -> Value {
         json!({"messages": [
