@@ -26,6 +26,7 @@ pub mod chat_template;
 pub mod data;
 pub mod error;
 pub mod hash;
+pub mod lora;
 pub mod model;
 pub mod nn;
 pub mod sandbox;

@@ -118,6 +118,8 @@ pub struct Model {
     pub named: Vec<(String, Tensor)>,
     /// The weights as `Var`s when loaded `trainable`.
     pub vars: Vec<(String, Var)>,
+    /// The LoRA config when adapters are attached (see [`crate::lora`]).
+    pub lora: Option<crate::lora::LoraConfig>,
 }
 
 impl Model {
@@ -242,6 +244,7 @@ impl Model {
             source: None,
             named: l.named,
             vars: l.vars,
+            lora: None,
         })
     }
 

@@ -1,0 +1,384 @@
+//! LoRA, as PEFT does it: `LoraConfig` straight from `adapter_config.json`, injection by module
+//! name, regex or `all-linear`, PEFT's initialisation (A kaiming-uniform, B zeros) and scaling
+//! (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA), adapters saved and loaded under PEFT's tensor
+//! names, and merging into plain weights.
+//!
+//! [`attach`] returns a new [`Model`] that shares every frozen base tensor with its input and owns
+//! fresh adapter `Var`s; the input model is not changed.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Tensor, Var};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Uniform};
+use serde::{Deserialize, Serialize};
+
+use crate::model::Model;
+use crate::nn::linear::{Linear, LoraAdapter};
+use crate::{Error, Result};
+
+/// `target_modules`: names, or one regex / `all-linear`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Targets {
+    /// Module names; a module matches if its path equals a name or ends with `.name`.
+    Names(Vec<String>),
+    /// A regex (full match on the module path) or `all-linear`.
+    Pattern(String),
+}
+
+impl Default for Targets {
+    fn default() -> Self {
+        Targets::Names(vec!["q_proj".into(), "v_proj".into()])
+    }
+}
+
+/// PEFT's `adapter_config.json` for LoRA (fields qscript uses; others are kept when read and
+/// ignored).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct LoraConfig {
+    /// Rank.
+    pub r: usize,
+    /// Scaling numerator.
+    pub lora_alpha: f64,
+    /// Dropout on the adapter input while training.
+    pub lora_dropout: f64,
+    /// Which linear layers get adapters.
+    pub target_modules: Targets,
+    /// Only `none` is supported.
+    pub bias: String,
+    /// Scale by `alpha / sqrt(r)` instead of `alpha / r`.
+    pub use_rslora: bool,
+    /// `CAUSAL_LM`.
+    pub task_type: String,
+    /// `LORA`.
+    pub peft_type: String,
+    /// The base checkpoint, for loaders that look.
+    pub base_model_name_or_path: Option<String>,
+    /// PEFT writes it; always false here.
+    pub fan_in_fan_out: bool,
+    /// PEFT writes it.
+    pub inference_mode: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            lora_alpha: 8.0,
+            lora_dropout: 0.0,
+            target_modules: Targets::default(),
+            bias: "none".into(),
+            use_rslora: false,
+            task_type: "CAUSAL_LM".into(),
+            peft_type: "LORA".into(),
+            base_model_name_or_path: None,
+            fan_in_fan_out: false,
+            inference_mode: true,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The factor applied to `B A x`.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }
+    }
+
+    /// Checks values PEFT would reject.
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::InvalidArgument("LoRA `r` must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(Error::InvalidArgument(format!(
+                "`lora_dropout` must be in [0, 1), got {}",
+                self.lora_dropout
+            )));
+        }
+        if self.bias != "none" {
+            return Err(Error::InvalidArgument(format!(
+                "`bias: \"{}\"` is not supported; use `\"none\"`",
+                self.bias
+            )));
+        }
+        if self.fan_in_fan_out {
+            return Err(Error::InvalidArgument("`fan_in_fan_out: true` is for GPT-2 style Conv1D layers, which these models do not have".into()));
+        }
+        Ok(())
+    }
+
+    /// Reads `adapter_config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        if cfg.peft_type != "LORA" {
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "`peft_type` is `{}`; only `LORA` adapters are supported",
+                    cfg.peft_type
+                ),
+            });
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// The names of the linear layers of one block, as HF names them under `model.layers.N.`.
+pub const BLOCK_LINEARS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// Whether the module at `path` (`model.layers.0.self_attn.q_proj`) is a target.
+pub fn is_target(targets: &Targets, path: &str) -> Result<bool> {
+    Ok(match targets {
+        Targets::Names(names) => names
+            .iter()
+            .any(|n| path == n || path.ends_with(&format!(".{n}"))),
+        Targets::Pattern(p) if p == "all-linear" => true,
+        Targets::Pattern(p) => {
+            let re = regex::Regex::new(&format!("^(?:{p})$")).map_err(|e| {
+                Error::InvalidArgument(format!("`target_modules` is not a valid regex: {e}"))
+            })?;
+            re.is_match(path)
+        }
+    })
+}
+
+fn linear_mut<'a>(model: &'a mut Model, layer: usize, name: &str) -> &'a mut Linear {
+    let b = &mut model.decoder.blocks[layer];
+    match name {
+        "self_attn.q_proj" => &mut b.attn.q,
+        "self_attn.k_proj" => &mut b.attn.k,
+        "self_attn.v_proj" => &mut b.attn.v,
+        "self_attn.o_proj" => &mut b.attn.o,
+        "mlp.gate_proj" => &mut b.mlp.gate,
+        "mlp.up_proj" => &mut b.mlp.up,
+        _ => &mut b.mlp.down,
+    }
+}
+
+/// Every linear layer of the model with its module path.
+pub fn linears(model: &Model) -> Vec<(String, &Linear)> {
+    let mut out = Vec::new();
+    for (i, b) in model.decoder.blocks.iter().enumerate() {
+        let l = [
+            &b.attn.q,
+            &b.attn.k,
+            &b.attn.v,
+            &b.attn.o,
+            &b.mlp.gate,
+            &b.mlp.up,
+            &b.mlp.down,
+        ];
+        for (name, lin) in BLOCK_LINEARS.iter().zip(l) {
+            out.push((format!("model.layers.{i}.{name}"), lin));
+        }
+    }
+    out
+}
+
+/// A copy of `model` with fresh adapters on the target modules (A kaiming-uniform from `seed`,
+/// B zeros), sharing the frozen base tensors. Errors when no module matches.
+pub fn attach(model: &Model, cfg: &LoraConfig, seed: u64) -> Result<Model> {
+    cfg.validate()?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = model.clone();
+    out.lora = None;
+    let mut count = 0;
+    for i in 0..out.decoder.blocks.len() {
+        for name in BLOCK_LINEARS {
+            let path = format!("model.layers.{i}.{name}");
+            if !is_target(&cfg.target_modules, &path)? {
+                continue;
+            }
+            let lin = linear_mut(&mut out, i, name);
+            let (o, inp) = (lin.out_features(), lin.in_features());
+            let bound = 1.0 / (inp as f32).sqrt();
+            let uni =
+                Uniform::new(-bound, bound).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            let a: Vec<f32> = (0..cfg.r * inp).map(|_| uni.sample(&mut rng)).collect();
+            let device = lin.weight.device().clone();
+            let a = Tensor::from_vec(a, (cfg.r, inp), &device)?;
+            let b = Tensor::zeros((o, cfg.r), DType::F32, &device)?;
+            lin.lora = Some(LoraAdapter::new(a, b, cfg.scale(), cfg.lora_dropout)?);
+            count += 1;
+        }
+    }
+    if count == 0 {
+        let modules: Vec<String> = BLOCK_LINEARS
+            .iter()
+            .map(|n| n.rsplit('.').next().unwrap_or(n).to_string())
+            .collect();
+        return Err(Error::InvalidArgument(format!(
+            "`target_modules` {:?} matches no module; this model's linear layers are {}",
+            cfg.target_modules,
+            modules.join(", ")
+        )));
+    }
+    out.lora = Some(cfg.clone());
+    Ok(out)
+}
+
+/// `(module path, adapter)` for every adapter of `model`.
+pub fn adapters(model: &Model) -> Vec<(String, &LoraAdapter)> {
+    linears(model)
+        .into_iter()
+        .filter_map(|(p, l)| l.lora.as_ref().map(|a| (p, a)))
+        .collect()
+}
+
+/// The adapter `Var`s under PEFT's tensor names.
+pub fn adapter_vars(model: &Model) -> Vec<(String, Var)> {
+    let mut out = Vec::new();
+    for (p, a) in adapters(model) {
+        out.push((format!("base_model.model.{p}.lora_A.weight"), a.a.clone()));
+        out.push((format!("base_model.model.{p}.lora_B.weight"), a.b.clone()));
+    }
+    out
+}
+
+/// PEFT's `print_trainable_parameters` line.
+pub fn trainable_parameters(model: &Model) -> String {
+    let trainable: usize = adapter_vars(model)
+        .iter()
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    let all = model.decoder.num_params() + trainable;
+    format!(
+        "trainable params: {} || all params: {} || trainable%: {:.4}",
+        thousands(trainable),
+        thousands(all),
+        100.0 * trainable as f64 / all.max(1) as f64
+    )
+}
+
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Writes `adapter_config.json` and `adapter_model.safetensors` (PEFT's layout) to `dir`.
+pub fn save_adapter(model: &Model, dir: &Path) -> Result<()> {
+    let cfg = model
+        .lora
+        .as_ref()
+        .ok_or_else(|| Error::InvalidArgument("this model has no LoRA adapters to save".into()))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut cfg = cfg.clone();
+    cfg.base_model_name_or_path = cfg
+        .base_model_name_or_path
+        .or_else(|| model.source.as_ref().map(|p| p.display().to_string()));
+    let json = serde_json::to_string_pretty(&cfg).unwrap_or_default();
+    crate::sandbox::write_atomic(&dir.join("adapter_config.json"), json.as_bytes())?;
+    let tensors: HashMap<String, Tensor> = adapter_vars(model)
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    let tmp = dir.join(".adapter_model.safetensors.tmp");
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, dir.join("adapter_model.safetensors")).map_err(|e| Error::io(dir, e))
+}
+
+/// Loads a PEFT adapter directory onto `model` (a new model; `model` is not changed).
+pub fn load_adapter(model: &Model, dir: &Path) -> Result<Model> {
+    let cfg = LoraConfig::from_file(&dir.join("adapter_config.json"))?;
+    let file = dir.join("adapter_model.safetensors");
+    if !file.is_file() {
+        return Err(Error::io(
+            &file,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no `adapter_model.safetensors` in the adapter directory",
+            ),
+        ));
+    }
+    let tensors =
+        candle_core::safetensors::load(&file, &candle_core::Device::Cpu).map_err(|e| {
+            Error::Safetensors {
+                path: file.clone(),
+                message: e.to_string(),
+            }
+        })?;
+    let mut out = attach(model, &cfg, 0)?;
+    let names: Vec<String> = adapters(&out).into_iter().map(|(p, _)| p).collect();
+    for p in names {
+        let (i, name) = split_path(&p);
+        let lin = linear_mut(&mut out, i, name);
+        let (o, inp) = (lin.out_features(), lin.in_features());
+        let device = lin.weight.device().clone();
+        let get = |suffix: &str, shape: [usize; 2]| -> Result<Tensor> {
+            let key = format!("base_model.model.{p}.{suffix}.weight");
+            let t = tensors.get(&key).ok_or_else(|| Error::MissingTensor {
+                name: key.clone(),
+                path: dir.to_path_buf(),
+            })?;
+            if t.dims() != shape {
+                return Err(Error::ShapeMismatch {
+                    name: key,
+                    path: dir.to_path_buf(),
+                    expected: shape.to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+            Ok(t.to_dtype(DType::F32)?.to_device(&device)?)
+        };
+        let (a, b) = (get("lora_A", [cfg.r, inp])?, get("lora_B", [o, cfg.r])?);
+        lin.lora = Some(LoraAdapter::new(a, b, cfg.scale(), cfg.lora_dropout)?);
+    }
+    Ok(out)
+}
+
+fn split_path(p: &str) -> (usize, &str) {
+    let rest = p.strip_prefix("model.layers.").unwrap_or(p);
+    let (i, name) = rest.split_once('.').unwrap_or(("0", rest));
+    (i.parse().unwrap_or(0), name)
+}
+
+/// A plain model with every adapter folded into its base weight: `W + scale * B A`.
+pub fn merge(model: &Model) -> Result<Model> {
+    let mut out = model.clone();
+    let names: Vec<String> = adapters(model).into_iter().map(|(p, _)| p).collect();
+    let mut replaced: HashMap<String, Tensor> = HashMap::new();
+    for p in names {
+        let (i, name) = split_path(&p);
+        let lin = linear_mut(&mut out, i, name);
+        if let Some(ad) = lin.lora.take() {
+            let delta = (ad.b.as_tensor().matmul(ad.a.as_tensor())? * ad.scale)?;
+            let w = (lin.weight.to_dtype(DType::F32)? + delta)?.to_dtype(lin.weight.dtype())?;
+            lin.weight = w.clone();
+            replaced.insert(format!("{p}.weight"), w);
+        }
+    }
+    for (name, t) in &mut out.named {
+        if let Some(w) = replaced.remove(name) {
+            *t = w;
+        }
+    }
+    out.lora = None;
+    Ok(out)
+}
