@@ -32,6 +32,7 @@ pub mod nn;
 pub mod sandbox;
 pub mod testing;
 pub mod tokenizer;
+pub mod train;
 
 pub use candle_core;
 pub use error::{Error, Result};

@@ -92,6 +92,8 @@ pub struct Step<'a> {
     pub sin: &'a Tensor,
     /// Additive attention bias `[b, 1, seq, total]` in f32, or `None` when nothing is masked.
     pub bias: Option<&'a Tensor>,
+    /// Training (LoRA dropout on).
+    pub train: bool,
 }
 
 impl Attention {
@@ -125,9 +127,12 @@ impl Attention {
         norm: Option<&Tensor>,
         x: &Tensor,
         heads: usize,
+        train: bool,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let y = lin.forward(x)?.reshape((b, s, heads, self.head_dim))?;
+        let y = lin
+            .forward_t(x, train)?
+            .reshape((b, s, heads, self.head_dim))?;
         let y = match norm {
             Some(w) => rms_norm(&y, w, self.eps)?,
             None => y,
@@ -145,16 +150,16 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let q = apply_rope(
-            &self.project(&self.q, self.q_norm.as_ref(), x, self.heads)?,
+            &self.project(&self.q, self.q_norm.as_ref(), x, self.heads, step.train)?,
             step.cos,
             step.sin,
         )?;
         let k = apply_rope(
-            &self.project(&self.k, self.k_norm.as_ref(), x, self.kv_heads)?,
+            &self.project(&self.k, self.k_norm.as_ref(), x, self.kv_heads, step.train)?,
             step.cos,
             step.sin,
         )?;
-        let v = self.project(&self.v, None, x, self.kv_heads)?;
+        let v = self.project(&self.v, None, x, self.kv_heads, step.train)?;
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -179,7 +184,7 @@ impl Attention {
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((b, s, self.heads * self.head_dim))?;
-        self.o.forward(&out)
+        self.o.forward_t(&out, step.train)
     }
 }
 
@@ -196,9 +201,9 @@ fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
 impl Mlp {
     /// # Shapes
     /// `x: [.., hidden]` -> `[.., hidden]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = silu(&self.gate.forward(x)?)?.mul(&self.up.forward(x)?)?;
-        self.down.forward(&h)
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let h = silu(&self.gate.forward_t(x, train)?)?.mul(&self.up.forward_t(x, train)?)?;
+        self.down.forward_t(&h, train)
     }
 }
 
@@ -218,7 +223,9 @@ impl Block {
             .attn
             .forward(&rms_norm(x, &self.input_norm, eps)?, step, cache)?;
         let x = x.add(&h)?;
-        let h = self.mlp.forward(&rms_norm(&x, &self.post_norm, eps)?)?;
+        let h = self
+            .mlp
+            .forward(&rms_norm(&x, &self.post_norm, eps)?, step.train)?;
         x.add(&h)
     }
 }
@@ -262,7 +269,18 @@ impl Decoder {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        self.forward_t(input_ids, attention_mask, cache, false)
+    }
+
+    /// [`Decoder::forward`] with `train` (LoRA dropout on while training).
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
+        train: bool,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len);
@@ -277,6 +295,7 @@ impl Decoder {
             cos: &cos,
             sin: &sin,
             bias: bias.as_ref(),
+            train,
         };
         let mut x = x;
         for (i, block) in self.blocks.iter().enumerate() {

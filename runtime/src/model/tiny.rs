@@ -1,6 +1,7 @@
 //! Built-in tiny models with random weights from a seed: the no-download default of recipes and
-//! the models tests train. Initialised as transformers does (normal(0, 0.02) matrices, unit norms,
-//! zero biases), so they behave like a fresh `from_config` model.
+//! the models tests train. Matrices are normal(0, 0.02), norms one and biases zero, as transformers
+//! initialises them; the embedding has its own `embed_std` (1.0 by default) so that a tiny
+//! tied-embedding model can reach confident logits and its loss can fall visibly.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -39,6 +40,9 @@ pub struct TinyConfig {
     pub tie_embeddings: bool,
     /// Seed of the random weights.
     pub seed: u64,
+    /// Standard deviation of the embedding (transformers uses 0.02 everywhere; a larger one lets a
+    /// tiny tied-embedding model reach confident logits, so its loss can fall visibly).
+    pub embed_std: f64,
     /// `f32`, `bf16`, `f16` or `auto`.
     pub dtype: String,
     /// `cpu`, `cuda:N` or `auto`.
@@ -58,6 +62,7 @@ impl Default for TinyConfig {
             max_positions: 512,
             tie_embeddings: true,
             seed: 0,
+            embed_std: 1.0,
             dtype: "f32".into(),
             device: "cpu".into(),
         }
@@ -117,11 +122,14 @@ pub fn tiny(t: &TinyConfig) -> Result<Model> {
     let dtype = opts.resolve_dtype(&device)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(t.seed);
     let normal = Normal::new(0f32, 0.02).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let embed_normal =
+        Normal::new(0f32, t.embed_std as f32).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let mut tensors = HashMap::new();
     let mut add = |name: String, shape: &[usize], kind: Init| -> Result<()> {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = match kind {
             Init::Normal => (0..n).map(|_| normal.sample(&mut rng)).collect(),
+            Init::Embed => (0..n).map(|_| embed_normal.sample(&mut rng)).collect(),
             Init::Ones => vec![1.0; n],
             Init::Zeros => vec![0.0; n],
         };
@@ -133,7 +141,7 @@ pub fn tiny(t: &TinyConfig) -> Result<Model> {
     add(
         "model.embed_tokens.weight".into(),
         &[cfg.vocab_size, h],
-        Init::Normal,
+        Init::Embed,
     )?;
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
@@ -189,6 +197,7 @@ pub fn tiny(t: &TinyConfig) -> Result<Model> {
 #[derive(Clone, Copy)]
 enum Init {
     Normal,
+    Embed,
     Ones,
     Zeros,
 }

@@ -1,0 +1,179 @@
+//! `TrainConfig`: HF TrainingArguments names and defaults. Unknown keys are errors that list the
+//! valid ones.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Training options (the subset of HF `TrainingArguments` qscript implements).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Where checkpoints, `metrics.jsonl` and the loss plot go (resolved by the caller).
+    pub output_dir: String,
+    /// Examples per micro-batch.
+    pub per_device_train_batch_size: usize,
+    /// Examples per evaluation batch.
+    pub per_device_eval_batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub gradient_accumulation_steps: usize,
+    /// Epochs (fractions allowed).
+    pub num_train_epochs: f64,
+    /// Optimizer steps; overrides `num_train_epochs` when > 0.
+    pub max_steps: i64,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// AdamW decoupled weight decay (not on biases and norms).
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    pub adam_beta1: f64,
+    /// AdamW beta2.
+    pub adam_beta2: f64,
+    /// AdamW epsilon.
+    pub adam_epsilon: f64,
+    /// `linear`, `cosine`, `constant`, `constant_with_warmup`.
+    pub lr_scheduler_type: String,
+    /// Warmup as a fraction of the total steps.
+    pub warmup_ratio: f64,
+    /// Warmup steps (wins over `warmup_ratio` when > 0).
+    pub warmup_steps: usize,
+    /// Global-norm clipping (0 = off).
+    pub max_grad_norm: f64,
+    /// Train in bfloat16 (the model should be loaded in bf16; adapters and optimizer stay f32).
+    pub bf16: bool,
+    /// Train in float16.
+    pub fp16: bool,
+    /// Recompute each decoder block in backward.
+    pub gradient_checkpointing: bool,
+    /// Put examples of similar length in the same batch (still shuffled per epoch).
+    pub group_by_length: bool,
+    /// Round padded lengths up to a multiple of this.
+    pub pad_to_multiple_of: Option<usize>,
+    /// Seed of the data order and of new adapters.
+    pub seed: u64,
+    /// Log every N optimizer steps.
+    pub logging_steps: usize,
+    /// `no` or `steps`.
+    pub eval_strategy: String,
+    /// Evaluate every N steps (defaults to `logging_steps`).
+    pub eval_steps: Option<usize>,
+    /// Save a checkpoint every N steps (0 = never).
+    pub save_steps: usize,
+    /// Keep at most this many checkpoints.
+    pub save_total_limit: Option<usize>,
+    /// Return the best checkpoint's weights at the end (needs eval).
+    pub load_best_model_at_end: bool,
+    /// `eval_loss` (the only metric so far).
+    pub metric_for_best_model: Option<String>,
+    /// Stop after this many evaluations without improvement.
+    pub early_stopping_patience: Option<usize>,
+    /// A checkpoint directory, or `true` for the latest in `output_dir`.
+    pub resume_from_checkpoint: Option<serde_json::Value>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            output_dir: String::new(),
+            per_device_train_batch_size: 8,
+            per_device_eval_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            num_train_epochs: 3.0,
+            max_steps: -1,
+            learning_rate: 5e-5,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            lr_scheduler_type: "linear".into(),
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            max_grad_norm: 1.0,
+            bf16: false,
+            fp16: false,
+            gradient_checkpointing: false,
+            group_by_length: false,
+            pad_to_multiple_of: None,
+            seed: 42,
+            logging_steps: 10,
+            eval_strategy: "no".into(),
+            eval_steps: None,
+            save_steps: 500,
+            save_total_limit: None,
+            load_best_model_at_end: false,
+            metric_for_best_model: None,
+            early_stopping_patience: None,
+            resume_from_checkpoint: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks values and combinations.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
+            return bad("`per_device_train_batch_size` and `gradient_accumulation_steps` must be at least 1".into());
+        }
+        if self.learning_rate <= 0.0 || !self.learning_rate.is_finite() {
+            return bad(format!(
+                "`learning_rate` must be positive, got {}",
+                self.learning_rate
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return bad(format!(
+                "`warmup_ratio` must be in [0, 1], got {}",
+                self.warmup_ratio
+            ));
+        }
+        if self.bf16 && self.fp16 {
+            return bad("`bf16` and `fp16` cannot both be true".into());
+        }
+        if !matches!(self.eval_strategy.as_str(), "no" | "steps") {
+            return bad(format!(
+                "`eval_strategy` `{}` is not supported; use `no` or `steps`",
+                self.eval_strategy
+            ));
+        }
+        if let Some(m) = &self.metric_for_best_model
+            && m != "eval_loss"
+            && m != "loss"
+        {
+            return bad(format!(
+                "`metric_for_best_model` `{m}` is not supported; use `eval_loss`"
+            ));
+        }
+        if self.load_best_model_at_end && self.eval_strategy == "no" {
+            return bad(
+                "`load_best_model_at_end` needs `eval_strategy: \"steps\"` and an eval dataset"
+                    .into(),
+            );
+        }
+        if self.max_steps <= 0 && self.num_train_epochs <= 0.0 {
+            return bad("set `max_steps` or a positive `num_train_epochs`".into());
+        }
+        Ok(())
+    }
+
+    /// Micro-batches per epoch for `n` examples, optimizer steps per epoch, and total steps.
+    pub fn plan(&self, n: usize) -> (usize, usize, usize) {
+        let micro = n.div_ceil(self.per_device_train_batch_size);
+        let per_epoch = (micro / self.gradient_accumulation_steps).max(1);
+        let total = if self.max_steps > 0 {
+            usize::try_from(self.max_steps).unwrap_or(usize::MAX)
+        } else {
+            (self.num_train_epochs * per_epoch as f64).ceil() as usize
+        };
+        (micro, per_epoch, total.max(1))
+    }
+
+    /// Warmup steps for `total` steps.
+    pub fn warmup(&self, total: usize) -> usize {
+        if self.warmup_steps > 0 {
+            self.warmup_steps
+        } else {
+            (self.warmup_ratio * total as f64).ceil() as usize
+        }
+    }
+}

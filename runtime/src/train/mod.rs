@@ -1,0 +1,11 @@
+//! Training: HF TrainingArguments semantics (batches, accumulation, AdamW, schedules, clipping,
+//! logging, eval, checkpoints, resume) over the decoder, for LoRA adapters or full fine-tuning.
+
+pub mod checkpoint;
+pub mod config;
+pub mod optim;
+pub mod schedule;
+pub mod trainer;
+
+pub use config::TrainConfig;
+pub use trainer::{Event, TrainReport, fit};

@@ -1,0 +1,258 @@
+//! The trainer on a tiny model (CPU): overfitting, accumulation = bigger batch, resume = one run,
+//! checkpoint rotation, NaN detection, and options errors.
+#![allow(clippy::unwrap_used)]
+
+use qscript_runtime::cancel::CancelToken;
+use qscript_runtime::data::Dataset;
+use qscript_runtime::data::formats::{FormatOptions, to_messages};
+use qscript_runtime::data::sft::{Example, SftOptions, sft};
+use qscript_runtime::lora::{self, LoraConfig, Targets};
+use qscript_runtime::model::{Model, TinyConfig, tiny};
+use qscript_runtime::tokenizer::Tokenizer;
+use qscript_runtime::train::{Event, TrainConfig, fit};
+
+fn examples(n: usize) -> Vec<Example> {
+    let tok = Tokenizer::builtin().unwrap();
+    let rows = (0..n)
+        .map(|i| serde_json::json!({"instruction": format!("question {i}?"), "output": format!("answer number {i}.")}))
+        .collect();
+    let msgs = to_messages(
+        &Dataset {
+            rows,
+            source: "t".into(),
+        },
+        &FormatOptions::default(),
+    )
+    .unwrap();
+    sft(
+        &msgs.dataset,
+        &tok,
+        &SftOptions {
+            max_length: 64,
+            ..SftOptions::default()
+        },
+    )
+    .unwrap()
+    .examples
+}
+
+fn peft(seed: u64) -> Model {
+    let m = tiny(&TinyConfig {
+        hidden: 32,
+        layers: 2,
+        intermediate: 64,
+        seed,
+        ..TinyConfig::default()
+    })
+    .unwrap();
+    let cfg = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: Targets::Pattern("all-linear".into()),
+        ..LoraConfig::default()
+    };
+    lora::attach(&m, &cfg, seed).unwrap()
+}
+
+fn cfg(dir: &std::path::Path) -> TrainConfig {
+    TrainConfig {
+        output_dir: dir.to_string_lossy().into_owned(),
+        per_device_train_batch_size: 4,
+        learning_rate: 1e-2,
+        lr_scheduler_type: "constant".into(),
+        max_steps: 6,
+        logging_steps: 1,
+        save_steps: 0,
+        ..TrainConfig::default()
+    }
+}
+
+fn run(
+    m: &Model,
+    data: &[Example],
+    c: &TrainConfig,
+    cancel_after: Option<usize>,
+) -> qscript_runtime::train::TrainReport {
+    let cancel = CancelToken::new();
+    let c2 = cancel.clone();
+    fit(m, data, None, c, 256, &cancel, &mut |e| {
+        if let (Event::Step { step, .. }, Some(n)) = (e, cancel_after)
+            && *step == n
+        {
+            c2.cancel();
+        }
+        Ok(())
+    })
+    .unwrap()
+}
+
+#[test]
+fn overfitting_one_batch_drives_the_loss_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = examples(4);
+    let c = TrainConfig {
+        max_steps: 60,
+        learning_rate: 3e-2,
+        ..cfg(dir.path())
+    };
+    let m = peft(0);
+    let r = run(&m, &data, &c, None);
+    let (first, last) = (r.losses[0].1, r.losses.last().unwrap().1);
+    assert!(last < 0.1 * first, "loss {first} -> {last}");
+    // The input handle is untouched: its adapters are still B = 0.
+    let b = &lora::adapters(&m)[0].1.b;
+    assert_eq!(
+        b.as_tensor()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+    assert!(dir.path().join("metrics.jsonl").is_file() && dir.path().join("loss.svg").is_file());
+    let lines = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 60);
+}
+
+#[test]
+fn accumulating_k_micro_batches_equals_a_k_times_larger_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = examples(8);
+    let big = TrainConfig {
+        max_steps: 2,
+        ..cfg(dir.path())
+    };
+    let small = TrainConfig {
+        per_device_train_batch_size: 1,
+        gradient_accumulation_steps: 4,
+        ..big.clone()
+    };
+    let a = run(&peft(1), &data, &big, None);
+    let dir2 = tempfile::tempdir().unwrap();
+    let b = run(
+        &peft(1),
+        &data,
+        &TrainConfig {
+            output_dir: dir2.path().to_string_lossy().into_owned(),
+            ..small
+        },
+        None,
+    );
+    for ((_, la), (_, lb)) in a.losses.iter().zip(&b.losses) {
+        assert!((la - lb).abs() < 1e-5, "{la} vs {lb}");
+    }
+    for ((n, va), (_, vb)) in lora::adapter_vars(&a.model)
+        .iter()
+        .zip(lora::adapter_vars(&b.model).iter())
+    {
+        let d: f32 = va
+            .as_tensor()
+            .sub(vb.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(d < 1e-5, "{n} differs by {d}");
+    }
+}
+
+#[test]
+fn resuming_reproduces_the_uninterrupted_run_exactly() {
+    let data = examples(12);
+    let d1 = tempfile::tempdir().unwrap();
+    let full = run(&peft(2), &data, &cfg(d1.path()), None);
+    let d2 = tempfile::tempdir().unwrap();
+    let c = cfg(d2.path());
+    let first = run(&peft(2), &data, &c, Some(3));
+    assert!(first.interrupted, "cancelled after step 3");
+    assert!(
+        d2.path()
+            .join("checkpoint-3/adapter_model.safetensors")
+            .is_file()
+    );
+    let resumed = run(
+        &peft(2),
+        &data,
+        &TrainConfig {
+            resume_from_checkpoint: Some(serde_json::json!(true)),
+            ..c
+        },
+        None,
+    );
+    let tail: Vec<f64> = full.losses.iter().skip(3).map(|l| l.1).collect();
+    let got: Vec<f64> = resumed.losses.iter().map(|l| l.1).collect();
+    assert_eq!(got, tail);
+}
+
+#[test]
+fn save_total_limit_keeps_the_newest_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = TrainConfig {
+        save_steps: 1,
+        save_total_limit: Some(2),
+        ..cfg(dir.path())
+    };
+    run(&peft(3), &examples(8), &c, None);
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["checkpoint-5", "checkpoint-6"]);
+}
+
+#[test]
+fn a_nan_loss_names_the_step_and_bad_options_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = TrainConfig {
+        learning_rate: 1e6,
+        max_grad_norm: 0.0,
+        max_steps: 20,
+        ..cfg(dir.path())
+    };
+    let broken = peft(4);
+    let b = &lora::adapters(&broken)[0].1.b;
+    b.set(&(b.as_tensor().ones_like().unwrap() * f64::NAN).unwrap())
+        .unwrap();
+    let e = fit(
+        &broken,
+        &examples(4),
+        None,
+        &c,
+        256,
+        &CancelToken::new(),
+        &mut |_| Ok(()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("the loss is") && e.contains("at step"), "{e}");
+    let bad: Result<TrainConfig, _> =
+        serde_json::from_value(serde_json::json!({"learning_rat": 1e-4}));
+    let e = bad.unwrap_err().to_string();
+    assert!(
+        e.contains("unknown field `learning_rat`, expected one of")
+            && e.contains("`learning_rate`"),
+        "{e}"
+    );
+    let plain = tiny(&TinyConfig::default()).unwrap();
+    let e = fit(
+        &plain,
+        &examples(2),
+        None,
+        &cfg(dir.path()),
+        256,
+        &CancelToken::new(),
+        &mut |_| Ok(()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("the model has nothing to train"), "{e}");
+}
