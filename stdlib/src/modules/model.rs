@@ -175,7 +175,7 @@ pub mod model_module {
     /// # Options
     /// `arch` (`"qwen2"`, `"qwen3"`, `"llama"`), `hidden` (64), `layers` (2), `heads` (4),
     /// `kv_heads` (2), `intermediate` (172), `vocab` (259, the built-in tokenizer's),
-    /// `max_positions` (512), `tie_embeddings` (true), `seed` (0), `dtype` (`"f32"`), `device`
+    /// `max_positions` (512), `tie_embeddings` (true), `seed` (0), `embed_std` (1.0), `dtype` (`"f32"`), `device`
     /// (`"cpu"`).
     ///
     /// ```rhai
