@@ -28,14 +28,19 @@ fn recipes_and_examples_run() {
         .collect();
     assert!(all.len() >= 4, "{all:?}");
     for script in all {
-        let o = run_in(
-            out.path(),
-            &[
-                script.to_str().unwrap(),
-                "--output-dir",
-                out.path().join("o").to_str().unwrap(),
-            ],
-        );
+        let o_dir = out.path().join("o");
+        let mut args = vec![
+            script.to_str().unwrap(),
+            "--output-dir",
+            o_dir.to_str().unwrap(),
+        ];
+        if std::fs::read_to_string(&script)
+            .unwrap()
+            .contains("max_steps:")
+        {
+            args.extend(["--set", "max_steps=3"]);
+        }
+        let o = run_in(out.path(), &args);
         assert_eq!(
             o.status.code(),
             Some(0),
@@ -43,5 +48,40 @@ fn recipes_and_examples_run() {
             script.display(),
             stderr(&o)
         );
+    }
+}
+
+#[test]
+fn the_huanhuan_recipe_trains_saves_and_chats() {
+    let out = tempfile::tempdir().unwrap();
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/huanhuan_lora.rhai");
+    let o_dir = out.path().join("o");
+    let args = [
+        recipe.to_str().unwrap(),
+        "--output-dir",
+        o_dir.to_str().unwrap(),
+        "--set",
+        "max_steps=4",
+        "--set",
+        "epochs=1.0",
+    ];
+    let o = run_in(out.path(), &args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("Total optimization steps = 4"), "{err}");
+    let out_text = support::stdout(&o);
+    assert!(
+        out_text.contains("trainable params: 7,168 || all params: 114,944 || trainable%: 6.2361"),
+        "{out_text}"
+    );
+    for f in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/tokenizer.json",
+        "metrics.jsonl",
+        "loss.svg",
+        "training_args.json",
+    ] {
+        assert!(o_dir.join(f).is_file(), "{f} missing");
     }
 }

@@ -48,6 +48,14 @@ pub fn build_engine(ctx: &Arc<RunContext>, max_operations: u64) -> Engine {
         "data",
         rhai::exported_module!(modules::data::data_module).into(),
     );
+    engine.register_static_module(
+        "lora",
+        rhai::exported_module!(modules::lora::lora_module).into(),
+    );
+    engine.register_static_module(
+        "train",
+        rhai::exported_module!(modules::train::train_module).into(),
+    );
     engine.register_static_module("io", rhai::exported_module!(modules::io::io_module).into());
     engine.register_static_module(
         "model",

@@ -12,21 +12,18 @@ pub fn from_options<T: DeserializeOwned>(
     function: &str,
     opts: Map,
 ) -> Result<T, Box<EvalAltResult>> {
-    rhai::serde::from_dynamic(&Dynamic::from_map(opts)).map_err(|e| {
-        let mut e = *e;
-        let _ = e.take_position();
-        let text = e.to_string();
-        let text = text
-            .strip_prefix("Syntax error: ")
-            .unwrap_or(&text)
-            .to_string();
+    // Through JSON, so that `lora_alpha: 32` fills an f64 as users expect.
+    let fail = |text: String| {
         let mut err = script_error(
             "options",
             format!("invalid options for `{function}`: {text}"),
         );
         err.set_position(ctx.call_position());
         err
-    })
+    };
+    let json: serde_json::Value =
+        rhai::serde::from_dynamic(&Dynamic::from_map(opts)).map_err(|e| fail(e.to_string()))?;
+    serde_json::from_value(json).map_err(|e| fail(e.to_string()))
 }
 
 /// A non-negative script integer as `usize`.

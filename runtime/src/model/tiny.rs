@@ -1,6 +1,6 @@
 //! Built-in tiny models with random weights from a seed: the no-download default of recipes and
 //! the models tests train. Matrices are normal(0, 0.02), norms one and biases zero, as transformers
-//! initialises them; the embedding has its own `embed_std` (1.0 by default) so that a tiny
+//! initialises them; the embedding has its own `embed_std` (0.1 by default) so that a tiny
 //! tied-embedding model can reach confident logits and its loss can fall visibly.
 
 use std::collections::HashMap;
@@ -62,7 +62,7 @@ impl Default for TinyConfig {
             max_positions: 512,
             tie_embeddings: true,
             seed: 0,
-            embed_std: 1.0,
+            embed_std: 0.1,
             dtype: "f32".into(),
             device: "cpu".into(),
         }

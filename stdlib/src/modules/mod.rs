@@ -4,6 +4,8 @@
 pub mod core;
 pub mod data;
 pub mod io;
+pub mod lora;
 pub mod model;
 pub mod params;
 pub mod tokenizer;
+pub mod train;

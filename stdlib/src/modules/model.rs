@@ -61,6 +61,18 @@ impl Default for GenOpts {
     }
 }
 
+/// A model with adapters saves its adapter (PEFT's `save_pretrained`); a plain model its weights.
+fn save_model(
+    m: &qscript_runtime::model::Model,
+    dir: &std::path::Path,
+) -> qscript_runtime::Result<()> {
+    if m.lora.is_some() {
+        qscript_runtime::lora::save_adapter(m, dir)
+    } else {
+        m.save(dir)
+    }
+}
+
 /// Generates after `prompt` and returns the new text, streaming it when asked (or by default in
 /// the interactive REPL).
 fn run_generate(
@@ -175,7 +187,7 @@ pub mod model_module {
     /// # Options
     /// `arch` (`"qwen2"`, `"qwen3"`, `"llama"`), `hidden` (64), `layers` (2), `heads` (4),
     /// `kv_heads` (2), `intermediate` (172), `vocab` (259, the built-in tokenizer's),
-    /// `max_positions` (512), `tie_embeddings` (true), `seed` (0), `embed_std` (1.0), `dtype` (`"f32"`), `device`
+    /// `max_positions` (512), `tie_embeddings` (true), `seed` (0), `embed_std` (0.1), `dtype` (`"f32"`), `device`
     /// (`"cpu"`).
     ///
     /// ```rhai
@@ -202,7 +214,8 @@ pub mod model_module {
     }
 
     /// Writes the model as an HF checkpoint (`config.json`, `generation_config.json`,
-    /// `model.safetensors`) under the output directory.
+    /// `model.safetensors`) under the output directory; a model with LoRA adapters writes the
+    /// adapter in PEFT's layout instead (`adapter_config.json`, `adapter_model.safetensors`).
     ///
     /// ```rhai
     /// model::tiny().save("tiny-checkpoint");
@@ -211,7 +224,7 @@ pub mod model_module {
     pub fn save(ctx: NativeCallContext, m: &mut ModelHandle, dir: &str) -> Res<()> {
         let rc = RunContext::of(&ctx)?;
         let real = rc.resolve_write_dir(dir).map_err(to_rhai_at(&ctx))?;
-        m.0.save(&real).map_err(to_rhai_at(&ctx))
+        save_model(&m.0, &real).map_err(to_rhai_at(&ctx))
     }
 
     /// Writes the model and its tokenizer files, a directory transformers loads as is.
@@ -228,7 +241,7 @@ pub mod model_module {
     ) -> Res<()> {
         let rc = RunContext::of(&ctx)?;
         let real = rc.resolve_write_dir(dir).map_err(to_rhai_at(&ctx))?;
-        m.0.save(&real).map_err(to_rhai_at(&ctx))?;
+        save_model(&m.0, &real).map_err(to_rhai_at(&ctx))?;
         tok.0.save(&real).map_err(to_rhai_at(&ctx))
     }
 
