@@ -12,7 +12,29 @@ use crate::{Error, Result};
 pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 /// Renders `template` with `context` (`messages`, `add_generation_prompt`, `bos_token`, ...).
+/// Compiled templates are cached, so rendering thousands of records compiles each template once.
 pub fn render(template: &str, context: &serde_json::Value) -> Result<String> {
+    let env = compiled(template)?;
+    let tmpl = env
+        .get_template("chat")
+        .map_err(|e| Error::Template(describe(&e)))?;
+    tmpl.render(minijinja::value::Serde(context))
+        .map_err(|e| Error::Template(describe(&e)))
+}
+
+type Cache =
+    std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Environment<'static>>>>;
+
+fn compiled(template: &str) -> Result<std::sync::Arc<Environment<'static>>> {
+    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Cache::default);
+    if let Some(env) = cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(template)
+    {
+        return Ok(env.clone());
+    }
     let mut env = Environment::new();
     let syntax = minijinja::syntax::SyntaxConfig::builder()
         .trim_blocks(true)
@@ -29,11 +51,14 @@ pub fn render(template: &str, context: &serde_json::Value) -> Result<String> {
     );
     env.add_function("strftime_now", |fmt: String| strftime_now(&fmt));
     env.add_filter("tojson", tojson);
-    let tmpl = env
-        .template_from_str(template)
+    env.add_template_owned("chat", template.to_string())
         .map_err(|e| Error::Template(describe(&e)))?;
-    tmpl.render(minijinja::value::Serde(context))
-        .map_err(|e| Error::Template(describe(&e)))
+    let env = std::sync::Arc::new(env);
+    cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(template.to_string(), env.clone());
+    Ok(env)
 }
 
 fn describe(e: &minijinja::Error) -> String {
