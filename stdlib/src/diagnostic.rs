@@ -107,7 +107,10 @@ fn headline(err: &EvalAltResult, cx: &Context) -> (String, Option<String>) {
             ),
             Some("is there a recursion without an end?".into()),
         ),
-        EvalAltResult::ErrorTerminated(..) => ("error: cancelled".into(), None),
+        EvalAltResult::ErrorTerminated(value, _) => match value.clone().into_string() {
+            Ok(text) if text != "cancelled" => (format!("error: cancelled: {text}"), None),
+            _ => ("error: cancelled".into(), None),
+        },
         EvalAltResult::ErrorParsing(..) => {
             let text = without_position(err);
             let text = text.strip_prefix("Syntax error: ").unwrap_or(&text);
