@@ -256,3 +256,85 @@ fn a_nan_loss_names_the_step_and_bad_options_are_explained() {
     .to_string();
     assert!(e.contains("the model has nothing to train"), "{e}");
 }
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    use qscript_runtime::data::batch::collate;
+    use qscript_runtime::train::trainer::micro_grads;
+    let data = examples(3);
+    let refs: Vec<&Example> = data.iter().collect();
+    let batch = collate(&refs, 256, Some(8), &candle_core::Device::Cpu).unwrap();
+    // LoRA adapters with nonzero B, and full fine-tuning of every weight.
+    let saved = tempfile::tempdir().unwrap();
+    tiny(&TinyConfig {
+        hidden: 32,
+        layers: 3,
+        intermediate: 64,
+        seed: 5,
+        ..TinyConfig::default()
+    })
+    .unwrap()
+    .save(saved.path())
+    .unwrap();
+    let opts = qscript_runtime::model::LoadOptions {
+        dtype: "f32".into(),
+        device: "cpu".into(),
+        trainable: true,
+    };
+    let full = Model::load(saved.path(), &opts).unwrap();
+    let lora_model = peft(5);
+    for (_, a) in lora::adapters(&lora_model) {
+        a.b.set(&(a.b.as_tensor().ones_like().unwrap() * 0.05).unwrap())
+            .unwrap();
+    }
+    let cases: [(&str, &Model, Vec<candle_core::Tensor>); 2] = [
+        (
+            "lora",
+            &lora_model,
+            lora::adapter_vars(&lora_model)
+                .iter()
+                .map(|(_, v)| v.as_tensor().clone())
+                .collect(),
+        ),
+        (
+            "full",
+            &full,
+            full.vars
+                .iter()
+                .map(|(_, v)| v.as_tensor().clone())
+                .collect(),
+        ),
+    ];
+    for (name, m, params) in cases {
+        let (l1, g1) = micro_grads(m, &batch, 10.0, &params, false).unwrap();
+        let (l2, g2) = micro_grads(m, &batch, 10.0, &params, true).unwrap();
+        assert!((l1 - l2).abs() < 1e-6, "{name}: loss {l1} vs {l2}");
+        for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+            let d: f32 = a
+                .sub(b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            let scale: f32 = a
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(
+                scale > 0.0 && d <= 1e-6 + 1e-4 * scale,
+                "{name}: param {i} differs by {d} (scale {scale})"
+            );
+        }
+    }
+}

@@ -284,13 +284,8 @@ impl Decoder {
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len);
-        let device = self.device().clone();
-        let x = self
-            .embed
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, s, self.cfg.hidden_size))?;
-        let (cos, sin) = self.rope.tables(offset, s, self.dtype(), &device)?;
-        let bias = attention_bias(b, s, offset, attention_mask, &device)?;
+        let x = self.embed_tokens(input_ids)?;
+        let (cos, sin, bias) = self.step_inputs(b, s, offset, attention_mask)?;
         let step = Step {
             cos: &cos,
             sin: &sin,
@@ -305,7 +300,34 @@ impl Decoder {
         if let Some(c) = cache {
             c.len += s;
         }
-        let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        self.head(&x)
+    }
+
+    /// Embeddings of `input_ids` `[b, seq]` -> `[b, seq, hidden]`.
+    pub fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        self.embed
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, s, self.cfg.hidden_size))
+    }
+
+    /// RoPE tables and the attention bias for `b` sequences of `s` new tokens after `offset`.
+    pub fn step_inputs(
+        &self,
+        b: usize,
+        s: usize,
+        offset: usize,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let device = self.device().clone();
+        let (cos, sin) = self.rope.tables(offset, s, self.dtype(), &device)?;
+        let bias = attention_bias(b, s, offset, attention_mask, &device)?;
+        Ok((cos, sin, bias))
+    }
+
+    /// Final norm and LM head: hidden states -> logits.
+    pub fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let x = rms_norm(x, &self.norm, self.cfg.rms_norm_eps)?;
         match &self.lm_head {
             Some(head) => head.forward(&x),
             None => Linear::new(self.embed.clone(), None).forward(&x),

@@ -124,11 +124,8 @@ fn fresh_trainables(model: &Model) -> Result<(Model, Vec<(String, Var)>)> {
     Ok((rebuilt, vars))
 }
 
-fn batch_loss(model: &Model, batch: &Batch) -> Result<(Tensor, usize)> {
-    let logits =
-        model
-            .decoder
-            .forward_t(&batch.input_ids, Some(&batch.attention_mask), None, true)?;
+/// The summed token loss of `logits` against the batch labels (shifted), and the token count.
+fn loss_of(logits: &Tensor, batch: &Batch) -> Result<(Tensor, usize)> {
     let (b, s, v) = logits.dims3()?;
     if s < 2 {
         return Ok((Tensor::zeros((), DType::F32, logits.device())?, 0));
@@ -137,6 +134,86 @@ fn batch_loss(model: &Model, batch: &Batch) -> Result<(Tensor, usize)> {
     let labels = batch.labels.i((.., 1..))?.flatten_all()?;
     let (mean, count) = cross_entropy(&shifted, &labels)?;
     Ok(((mean * count as f64)?, count))
+}
+
+/// The loss of one micro-batch divided by `denom` (its value) and the gradient of every tensor in
+/// `params`. With `checkpoint`, blocks run forward without keeping activations and are recomputed
+/// one at a time in backward: each block's backward is that of `sum(out * grad_out)`.
+pub fn micro_grads(
+    model: &Model,
+    batch: &Batch,
+    denom: f64,
+    params: &[Tensor],
+    checkpoint: bool,
+) -> Result<(f64, Vec<Option<Tensor>>)> {
+    let mut out: Vec<Option<Tensor>> = vec![None; params.len()];
+    let pick =
+        |g: &candle_core::backprop::GradStore, out: &mut Vec<Option<Tensor>>| -> Result<()> {
+            for (p, acc) in params.iter().zip(out.iter_mut()) {
+                if let Some(gi) = g.get(p) {
+                    *acc = Some(match acc.take() {
+                        Some(a) => (a + gi)?,
+                        None => gi.clone(),
+                    });
+                }
+            }
+            Ok(())
+        };
+    let d = &model.decoder;
+    if !checkpoint {
+        let logits = d.forward_t(&batch.input_ids, Some(&batch.attention_mask), None, true)?;
+        let scaled = (loss_of(&logits, batch)?.0 / denom)?;
+        let value = f64::from(scaled.to_scalar::<f32>()?);
+        if value.is_finite() {
+            pick(&scaled.backward()?, &mut out)?;
+        }
+        return Ok((value, out));
+    }
+    let (b, s) = batch.input_ids.dims2()?;
+    let (cos, sin, bias) = d.step_inputs(b, s, 0, Some(&batch.attention_mask))?;
+    let step = crate::model::decoder::Step {
+        cos: &cos,
+        sin: &sin,
+        bias: bias.as_ref(),
+        train: true,
+    };
+    let eps = d.cfg.rms_norm_eps;
+    let mut xs = vec![d.embed_tokens(&batch.input_ids)?.detach()];
+    for blk in &d.blocks {
+        let y = blk.forward(&xs[xs.len() - 1], eps, &step, None)?.detach();
+        xs.push(y);
+    }
+    let top = Var::from_tensor(&xs[xs.len() - 1])?;
+    let scaled = (loss_of(&d.head(top.as_tensor())?, batch)?.0 / denom)?;
+    let value = f64::from(scaled.to_scalar::<f32>()?);
+    if !value.is_finite() {
+        return Ok((value, out));
+    }
+    let g = scaled.backward()?;
+    pick(&g, &mut out)?;
+    let mut grad_out = g
+        .get(top.as_tensor())
+        .cloned()
+        .unwrap_or(top.as_tensor().zeros_like()?);
+    for i in (0..d.blocks.len()).rev() {
+        let x_in = Var::from_tensor(&xs[i])?;
+        let y = d.blocks[i].forward(x_in.as_tensor(), eps, &step, None)?;
+        let g = y.mul(&grad_out)?.sum_all()?.backward()?;
+        pick(&g, &mut out)?;
+        grad_out = g
+            .get(x_in.as_tensor())
+            .cloned()
+            .unwrap_or(x_in.as_tensor().zeros_like()?);
+    }
+    if params.iter().any(|p| p.id() == d.embed.id()) {
+        let g = d
+            .embed_tokens(&batch.input_ids)?
+            .mul(&grad_out)?
+            .sum_all()?
+            .backward()?;
+        pick(&g, &mut out)?;
+    }
+    Ok((value, out))
 }
 
 fn learned_tokens(examples: &[&Example]) -> usize {
@@ -203,6 +280,11 @@ pub fn fit(
             weight_decay: cfg.weight_decay,
         },
     )?;
+    let params: Vec<Tensor> = opt
+        .slots
+        .iter()
+        .map(|s| s.var.as_tensor().clone())
+        .collect();
     let (micro_per_epoch, _, total) = cfg.plan(train.len());
     let sched = Schedule::new(
         &cfg.lr_scheduler_type,
@@ -282,9 +364,13 @@ pub fn fit(
                 let batch = collate(ex, pad_id, cfg.pad_to_multiple_of, &device)?;
                 tokens_seen += batch.tokens;
                 tokens_since_log += batch.tokens;
-                let (sum, _) = batch_loss(&model, &batch)?;
-                let scaled = (sum / window_tokens.max(1) as f64)?;
-                let value = f64::from(scaled.to_scalar::<f32>()?);
+                let (value, micro) = micro_grads(
+                    &model,
+                    &batch,
+                    window_tokens.max(1) as f64,
+                    &params,
+                    cfg.gradient_checkpointing,
+                )?;
                 if !value.is_finite() {
                     return Err(Error::InvalidArgument(format!(
                         "the loss is {value} at step {} (micro-batch {k} of the window, examples {:?}); lower `learning_rate` or check the data",
@@ -293,12 +379,11 @@ pub fn fit(
                     )));
                 }
                 loss_sum += value;
-                let g = scaled.backward()?;
-                for (slot, acc) in opt.slots.iter().zip(grads.iter_mut()) {
-                    if let Some(gi) = g.get(slot.var.as_tensor()) {
+                for (acc, g) in grads.iter_mut().zip(micro) {
+                    if let Some(g) = g {
                         *acc = Some(match acc.take() {
-                            Some(a) => (a + gi)?,
-                            None => gi.clone(),
+                            Some(a) => (a + g)?,
+                            None => g,
                         });
                     }
                 }

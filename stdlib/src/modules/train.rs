@@ -61,8 +61,8 @@ fn run_fit(
             real.to_string_lossy().into_owned(),
         ));
     }
-    if cfg.gradient_checkpointing {
-        rc.sink.err("note: `gradient_checkpointing` is accepted but not implemented yet: every activation is kept");
+    if cfg.gradient_checkpointing && model.0.lora.as_ref().is_some_and(|l| l.lora_dropout > 0.0) {
+        rc.sink.err("note: with `gradient_checkpointing`, LoRA dropout draws a new mask when a block is recomputed, so its gradients are not exactly those of the forward pass; set `lora_dropout: 0` for exact gradients");
     }
     let dtype = qscript_runtime::model::load::dtype_name(model.0.decoder.dtype());
     if (cfg.bf16 && dtype != "bfloat16") || (cfg.fp16 && dtype != "float16") {
