@@ -274,3 +274,50 @@ fn ctrl_c_cancels_a_running_recipe() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("error: cancelled"), "{}", stderr(&o));
 }
+
+#[test]
+fn check_renders_the_first_examples_and_fails_on_bad_data() {
+    let env = Env::new();
+    let recipe =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/huanhuan_lora.rhai");
+    std::fs::copy(&recipe, env.recipe_dir().join("h.rhai")).unwrap();
+    std::fs::create_dir(env.recipe_dir().join("data")).unwrap();
+    std::fs::copy(
+        recipe.parent().unwrap().join("data/huanhuan_demo.json"),
+        env.recipe_dir().join("data/huanhuan_demo.json"),
+    )
+    .unwrap();
+    let o = run_in(env.dir.path(), &["check", "recipe/h.rhai"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("check: example 0 (record 0), 153 tokens, learned spans in [[...]]:"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "<|im_start|>assistant\n[[臣妾是宫里的甄嬛，承蒙皇上错爱，封为莞嫔。<|im_end|>\n]]"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("stopped before cell 4 \"model"), "{out}");
+    assert!(
+        !out.contains("Running training") && !env.dir.path().join("runs").exists(),
+        "nothing trained or written"
+    );
+    env.write(
+        "bad.json",
+        r#"[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": ["d"]}]"#,
+    );
+    let o = run_in(
+        env.dir.path(),
+        &["check", "recipe/h.rhai", "--set", "data=bad.json"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o)
+            .contains("bad.json`: record 1 (alpaca): `output` is an array, expected a string"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -131,13 +131,15 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
         });
     };
     if check {
-        return Ok(match qscript_stdlib::check::check(&session, file) {
-            Ok(report) => {
-                println!("{report}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(&e),
-        });
+        return Ok(
+            match qscript_stdlib::check::check_and_run(&mut session, file) {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            },
+        );
     }
     if args.watch {
         return watch::watch(&mut session, file);

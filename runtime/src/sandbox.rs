@@ -107,6 +107,22 @@ impl Sandbox {
         Ok(real)
     }
 
+    /// The path a write of `path` would go to, checked without touching the file system (for
+    /// `qscript check`, which writes nothing).
+    pub fn check_write(&self, path: impl AsRef<Path>) -> Result<PathBuf> {
+        let path = path.as_ref();
+        let target = normalize(&self.output.join(path));
+        if target.starts_with(&self.output) && target != self.output {
+            Ok(target)
+        } else {
+            Err(Error::Sandbox(format!(
+                "cannot write `{}`: recipes may write only under the output directory `{}`",
+                path.display(),
+                self.output.display()
+            )))
+        }
+    }
+
     /// Writes `bytes` to `path` (see [`Sandbox::resolve_write`]) atomically: a temporary file in
     /// the same directory, then a rename, so a crash never leaves a half-written file.
     pub fn write_atomic(&self, path: impl AsRef<Path>, bytes: &[u8]) -> Result<PathBuf> {

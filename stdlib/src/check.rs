@@ -8,6 +8,23 @@ use rhai::Map;
 
 use crate::session::{CompiledRecipe, ScriptError, Session};
 
+/// Checks the recipe at `path`: parses every cell and resolves the params (see [`check`]), then
+/// runs the cells before the first one that loads weights or trains, so data and template
+/// errors surface and the first examples are shown with their masked spans.
+pub fn check_and_run(session: &mut Session, path: &Path) -> Result<String, ScriptError> {
+    let mut out = check(session, path)?;
+    let (report, stopped) = session.check_file(path)?;
+    if let Some(e) = report.error {
+        return Err(e);
+    }
+    let ran = report.ran.len();
+    out.push_str(&match stopped {
+        Some(label) => format!("\nran {ran} cells without loading weights; stopped before {label}, which loads weights or trains"),
+        None => format!("\nran all {ran} cells (none loads weights or trains)"),
+    });
+    Ok(out)
+}
+
 /// Checks the recipe at `path` and returns the report to print.
 pub fn check(session: &Session, path: &Path) -> Result<String, ScriptError> {
     let CompiledRecipe {

@@ -125,6 +125,8 @@ pub struct RunContext {
     /// The script functions of the code running now, so native code can call script closures
     /// from other threads (`Dataset.map` runs them in parallel).
     pub functions: Mutex<rhai::AST>,
+    /// Set while `qscript check` runs a recipe: data functions show what they would feed the model.
+    pub check_mode: std::sync::atomic::AtomicBool,
     /// Whether generation streams token by token by default (the interactive REPL).
     pub stream_by_default: std::sync::atomic::AtomicBool,
 }
@@ -150,6 +152,7 @@ impl RunContext {
             params_declared: Mutex::new(None),
             imports: Mutex::new(BTreeSet::new()),
             functions: Mutex::new(rhai::AST::empty()),
+            check_mode: std::sync::atomic::AtomicBool::new(false),
             stream_by_default: std::sync::atomic::AtomicBool::new(false),
         })
     }

@@ -280,6 +280,58 @@ impl Session {
     }
 
     fn run_from(&mut self, start: usize) -> RunReport {
+        self.run_range(start, usize::MAX)
+    }
+
+    /// `qscript check`: runs the cells of a recipe up to the first one that loads weights or
+    /// trains (`model::load`, `lora::load`, `train::fit`, `.generate(`, `.chat(`), with the run in
+    /// check mode (data functions show their first examples). Returns the report and the label of
+    /// the cell it stopped before, if any.
+    pub fn check_file(&mut self, path: &Path) -> Result<(RunReport, Option<String>), ScriptError> {
+        const HEAVY: [&str; 5] = [
+            "model::load",
+            "lora::load",
+            "train::fit",
+            ".generate(",
+            ".chat(",
+        ];
+        let CompiledRecipe {
+            path,
+            source,
+            cells,
+        } = self.compile_file(path)?;
+        let stop = cells.iter().position(|(c, _)| {
+            c.text.lines().any(|l| {
+                let code = l.split("//").next().unwrap_or("");
+                HEAVY.iter().any(|h| code.contains(h))
+            })
+        });
+        let stopped = stop.map(|i| cells[i].0.label());
+        let fresh = cells
+            .into_iter()
+            .map(|(cell, ast)| CellState {
+                cell,
+                ast,
+                imports: Vec::new(),
+                done: None,
+            })
+            .collect();
+        self.notebook = Some(Notebook {
+            path,
+            source,
+            cells: fresh,
+        });
+        self.ctx
+            .check_mode
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let report = self.run_range(0, stop.unwrap_or(usize::MAX));
+        self.ctx
+            .check_mode
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        Ok((report, stopped))
+    }
+
+    fn run_range(&mut self, start: usize, end: usize) -> RunReport {
         self.ctx.cancel.reset();
         let Some(nb) = self.notebook.as_mut() else {
             return RunReport {
@@ -298,7 +350,7 @@ impl Session {
             ran: Vec::new(),
             error: None,
         };
-        for i in start..nb.cells.len() {
+        for i in start..nb.cells.len().min(end) {
             let state = &mut nb.cells[i];
             state.done = None;
             self.ctx.take_imports();

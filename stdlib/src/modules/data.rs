@@ -93,6 +93,36 @@ fn par_call(
     results.into_iter().collect()
 }
 
+/// The decoded example with the learned spans in `[[...]]`.
+pub fn masked_spans(
+    tok: &qscript_runtime::tokenizer::Tokenizer,
+    ex: &qscript_runtime::data::sft::Example,
+) -> String {
+    let mut out = String::new();
+    let mut start = 0;
+    while start < ex.input_ids.len() {
+        let learn = ex.labels[start] != qscript_runtime::data::sft::IGNORE;
+        let mut end = start;
+        while end < ex.input_ids.len()
+            && (ex.labels[end] != qscript_runtime::data::sft::IGNORE) == learn
+        {
+            end += 1;
+        }
+        let text = tok
+            .decode(&ex.input_ids[start..end], false)
+            .unwrap_or_default();
+        if learn {
+            out.push_str("[[");
+            out.push_str(&text);
+            out.push_str("]]");
+        } else {
+            out.push_str(&text);
+        }
+        start = end;
+    }
+    out
+}
+
 /// Positions an error at the script's call site unless it has a position.
 fn at(ctx: &NativeCallContext, mut e: Box<EvalAltResult>) -> Box<EvalAltResult> {
     if e.position().is_none() {
@@ -300,6 +330,16 @@ pub mod data_module {
                     format!("`{}`: no example is left to train on", records.source),
                 ),
             ));
+        }
+        if rc.check_mode.load(std::sync::atomic::Ordering::Relaxed) {
+            for (k, ex) in r.examples.iter().take(2).enumerate() {
+                rc.sink.out(&format!(
+                    "check: example {k} (record {}), {} tokens, learned spans in [[...]]:",
+                    r.source_index[k],
+                    ex.input_ids.len()
+                ));
+                rc.sink.out(&super::masked_spans(&tok.0, ex));
+            }
         }
         Ok(DatasetHandle(Arc::new(Data::Tokenized(Tokenized {
             examples: r.examples,

@@ -44,6 +44,12 @@ pub mod io_module {
         text: &str,
     ) -> Result<String, Box<EvalAltResult>> {
         let rc = RunContext::of(&ctx)?;
+        if rc.check_mode.load(std::sync::atomic::Ordering::Relaxed) {
+            let real = rc.sandbox.check_write(path).map_err(to_rhai_at(&ctx))?;
+            rc.sink
+                .err(&format!("check: would write `{}`", real.display()));
+            return Ok(real.to_string_lossy().into_owned());
+        }
         let real = rc
             .sandbox
             .write_atomic(path, text.as_bytes())
