@@ -37,6 +37,10 @@ fn examples(n: usize) -> Vec<Example> {
 }
 
 fn peft(seed: u64) -> Model {
+    peft_with(seed, 0.1)
+}
+
+fn peft_with(seed: u64, lora_dropout: f64) -> Model {
     let m = tiny(&TinyConfig {
         hidden: 32,
         layers: 2,
@@ -45,9 +49,11 @@ fn peft(seed: u64) -> Model {
         ..TinyConfig::default()
     })
     .unwrap();
+    // Dropout on, so resume and checkpointing are checked with the masks they must replay.
     let cfg = LoraConfig {
         r: 4,
         lora_alpha: 8.0,
+        lora_dropout,
         target_modules: Targets::Pattern("all-linear".into()),
         ..LoraConfig::default()
     };
@@ -118,6 +124,7 @@ fn overfitting_one_batch_drives_the_loss_down() {
 
 #[test]
 fn accumulating_k_micro_batches_equals_a_k_times_larger_batch() {
+    // Without dropout: with it, each micro-batch draws its own masks.
     let dir = tempfile::tempdir().unwrap();
     let data = examples(8);
     let big = TrainConfig {
@@ -129,10 +136,10 @@ fn accumulating_k_micro_batches_equals_a_k_times_larger_batch() {
         gradient_accumulation_steps: 4,
         ..big.clone()
     };
-    let a = run(&peft(1), &data, &big, None);
+    let a = run(&peft_with(1, 0.0), &data, &big, None);
     let dir2 = tempfile::tempdir().unwrap();
     let b = run(
-        &peft(1),
+        &peft_with(1, 0.0),
         &data,
         &TrainConfig {
             output_dir: dir2.path().to_string_lossy().into_owned(),
@@ -306,8 +313,8 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         ),
     ];
     for (name, m, params) in cases {
-        let (l1, g1) = micro_grads(m, &batch, 10.0, &params, false).unwrap();
-        let (l2, g2) = micro_grads(m, &batch, 10.0, &params, true).unwrap();
+        let (l1, g1) = micro_grads(m, &batch, 10.0, &params, false, 7).unwrap();
+        let (l2, g2) = micro_grads(m, &batch, 10.0, &params, true, 7).unwrap();
         assert!((l1 - l2).abs() < 1e-6, "{name}: loss {l1} vs {l2}");
         for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
             let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
@@ -337,4 +344,36 @@ fn gradient_checkpointing_gives_the_same_gradients() {
             );
         }
     }
+}
+
+#[test]
+fn lora_dropout_is_seeded_and_only_active_in_training() {
+    let m = peft(9);
+    for (_, a) in lora::adapters(&m) {
+        a.b.set(&(a.b.as_tensor().ones_like().unwrap() * 0.05).unwrap())
+            .unwrap();
+    }
+    let ids = candle_core::Tensor::new(&[[5u32, 9, 17, 33]], &candle_core::Device::Cpu).unwrap();
+    let f = |seed: Option<u64>| m.decoder.forward_t(&ids, None, None, seed).unwrap();
+    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
+        a.sub(b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    assert_eq!(diff(&f(Some(1)), &f(Some(1))), 0.0, "same seed, same masks");
+    assert!(
+        diff(&f(Some(1)), &f(Some(2))) > 1e-4,
+        "another seed, other masks"
+    );
+    assert!(
+        diff(&f(None), &f(Some(1))) > 1e-4,
+        "no dropout at inference"
+    );
 }

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use super::config::ModelConfig;
 use super::rope::Rope;
 use crate::nn::Linear;
+use crate::nn::linear::{Dropout, mix};
 use crate::nn::ops::{apply_rope, rms_norm, silu, softmax_last_dim};
 
 /// Self-attention with GQA.
@@ -92,8 +93,8 @@ pub struct Step<'a> {
     pub sin: &'a Tensor,
     /// Additive attention bias `[b, 1, seq, total]` in f32, or `None` when nothing is masked.
     pub bias: Option<&'a Tensor>,
-    /// Training (LoRA dropout on).
-    pub train: bool,
+    /// Training: the seed of this forward's dropout masks (`None` = inference, no dropout).
+    pub train_seed: Option<u64>,
 }
 
 impl Attention {
@@ -127,11 +128,11 @@ impl Attention {
         norm: Option<&Tensor>,
         x: &Tensor,
         heads: usize,
-        train: bool,
+        dropout: Option<&Dropout>,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let y = lin
-            .forward_t(x, train)?
+            .forward_t(x, dropout)?
             .reshape((b, s, heads, self.head_dim))?;
         let y = match norm {
             Some(w) => rms_norm(&y, w, self.eps)?,
@@ -147,19 +148,20 @@ impl Attention {
         x: &Tensor,
         step: &Step,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        dropout: Option<&Dropout>,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let q = apply_rope(
-            &self.project(&self.q, self.q_norm.as_ref(), x, self.heads, step.train)?,
+            &self.project(&self.q, self.q_norm.as_ref(), x, self.heads, dropout)?,
             step.cos,
             step.sin,
         )?;
         let k = apply_rope(
-            &self.project(&self.k, self.k_norm.as_ref(), x, self.kv_heads, step.train)?,
+            &self.project(&self.k, self.k_norm.as_ref(), x, self.kv_heads, dropout)?,
             step.cos,
             step.sin,
         )?;
-        let v = self.project(&self.v, None, x, self.kv_heads, step.train)?;
+        let v = self.project(&self.v, None, x, self.kv_heads, dropout)?;
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -184,7 +186,7 @@ impl Attention {
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((b, s, self.heads * self.head_dim))?;
-        self.o.forward_t(&out, step.train)
+        self.o.forward_t(&out, dropout)
     }
 }
 
@@ -201,14 +203,14 @@ fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
 impl Mlp {
     /// # Shapes
     /// `x: [.., hidden]` -> `[.., hidden]`.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = silu(&self.gate.forward_t(x, train)?)?.mul(&self.up.forward_t(x, train)?)?;
-        self.down.forward_t(&h, train)
+    pub fn forward(&self, x: &Tensor, dropout: Option<&Dropout>) -> Result<Tensor> {
+        let h = silu(&self.gate.forward_t(x, dropout)?)?.mul(&self.up.forward_t(x, dropout)?)?;
+        self.down.forward_t(&h, dropout)
     }
 }
 
 impl Block {
-    /// Pre-norm residual block.
+    /// Pre-norm residual block; `layer` seeds its dropout masks when training.
     ///
     /// # Shapes
     /// `x: [b, seq, hidden]` -> `[b, seq, hidden]`.
@@ -218,14 +220,19 @@ impl Block {
         eps: f64,
         step: &Step,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        layer: usize,
     ) -> Result<Tensor> {
-        let h = self
-            .attn
-            .forward(&rms_norm(x, &self.input_norm, eps)?, step, cache)?;
+        let dropout = step.train_seed.map(|s| Dropout::new(mix(s, layer as u64)));
+        let h = self.attn.forward(
+            &rms_norm(x, &self.input_norm, eps)?,
+            step,
+            cache,
+            dropout.as_ref(),
+        )?;
         let x = x.add(&h)?;
         let h = self
             .mlp
-            .forward(&rms_norm(&x, &self.post_norm, eps)?, step.train)?;
+            .forward(&rms_norm(&x, &self.post_norm, eps)?, dropout.as_ref())?;
         x.add(&h)
     }
 }
@@ -271,16 +278,16 @@ impl Decoder {
         attention_mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        self.forward_t(input_ids, attention_mask, cache, false)
+        self.forward_t(input_ids, attention_mask, cache, None)
     }
 
-    /// [`Decoder::forward`] with `train` (LoRA dropout on while training).
+    /// [`Decoder::forward`] for training: `train_seed` seeds the LoRA dropout masks.
     pub fn forward_t(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
-        train: bool,
+        train_seed: Option<u64>,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len);
@@ -290,12 +297,12 @@ impl Decoder {
             cos: &cos,
             sin: &sin,
             bias: bias.as_ref(),
-            train,
+            train_seed,
         };
         let mut x = x;
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = block.forward(&x, self.cfg.rms_norm_eps, &step, slot)?;
+            x = block.forward(&x, self.cfg.rms_norm_eps, &step, slot, i)?;
         }
         if let Some(c) = cache {
             c.len += s;

@@ -1,6 +1,9 @@
 //! The one seam every projection goes through, so LoRA can replace it by module name.
 
+use std::cell::Cell;
+
 use candle_core::{D, DType, Result, Tensor, Var};
+use rand::{Rng, SeedableRng};
 
 /// A LoRA adapter on a linear layer: `scale * B (A dropout(x))`, kept in f32.
 #[derive(Clone, Debug)]
@@ -25,6 +28,47 @@ impl LoraAdapter {
             dropout,
         })
     }
+}
+
+/// Seeded dropout: the mask of the k-th call comes from `(seed, k)`, so recomputing a block
+/// (gradient checkpointing) or replaying a step (resume) draws the same masks.
+#[derive(Debug)]
+pub struct Dropout {
+    seed: u64,
+    calls: Cell<u64>,
+}
+
+impl Dropout {
+    /// Masks from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            calls: Cell::new(0),
+        }
+    }
+
+    /// Zeroes each element with probability `p` and scales the rest by `1 / (1 - p)`.
+    pub fn apply(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        let k = self.calls.get();
+        self.calls.set(k + 1);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(mix(self.seed, k));
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
+}
+
+/// Mixes two numbers into a seed (splitmix64 of their combination).
+pub fn mix(a: u64, b: u64) -> u64 {
+    let mut z = a ^ b
+        .wrapping_add(0x9E37_79B9_7F4A_7C15)
+        .wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// `y = x W^T + b`, with `W: [out, in]` as HF stores it, plus a LoRA adapter when attached.
@@ -53,14 +97,14 @@ impl Linear {
     /// # Shapes
     /// `x: [.., in]` -> `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_t(x, false)
+        self.forward_t(x, None)
     }
 
-    /// Forward; `train` applies the adapter's dropout.
+    /// Forward; with `dropout` (training), the adapter's input dropout is applied.
     ///
     /// # Shapes
     /// `x: [.., in]` -> `[.., out]`.
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward_t(&self, x: &Tensor, dropout: Option<&Dropout>) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let inner = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -73,8 +117,10 @@ impl Linear {
         let y = match &self.lora {
             Some(l) => {
                 let mut h = x2.to_dtype(DType::F32)?;
-                if train && l.dropout > 0.0 {
-                    h = candle_nn::ops::dropout(&h, l.dropout as f32)?;
+                if let Some(d) = dropout
+                    && l.dropout > 0.0
+                {
+                    h = d.apply(&h, l.dropout)?;
                 }
                 let delta = (h
                     .matmul(&l.a.as_tensor().t()?)?

@@ -139,12 +139,14 @@ fn loss_of(logits: &Tensor, batch: &Batch) -> Result<(Tensor, usize)> {
 /// The loss of one micro-batch divided by `denom` (its value) and the gradient of every tensor in
 /// `params`. With `checkpoint`, blocks run forward without keeping activations and are recomputed
 /// one at a time in backward: each block's backward is that of `sum(out * grad_out)`.
+/// `train_seed` seeds the dropout masks, so the recomputation draws the masks of the forward.
 pub fn micro_grads(
     model: &Model,
     batch: &Batch,
     denom: f64,
     params: &[Tensor],
     checkpoint: bool,
+    train_seed: u64,
 ) -> Result<(f64, Vec<Option<Tensor>>)> {
     let mut out: Vec<Option<Tensor>> = vec![None; params.len()];
     let pick =
@@ -161,7 +163,12 @@ pub fn micro_grads(
         };
     let d = &model.decoder;
     if !checkpoint {
-        let logits = d.forward_t(&batch.input_ids, Some(&batch.attention_mask), None, true)?;
+        let logits = d.forward_t(
+            &batch.input_ids,
+            Some(&batch.attention_mask),
+            None,
+            Some(train_seed),
+        )?;
         let scaled = (loss_of(&logits, batch)?.0 / denom)?;
         let value = f64::from(scaled.to_scalar::<f32>()?);
         if value.is_finite() {
@@ -175,12 +182,14 @@ pub fn micro_grads(
         cos: &cos,
         sin: &sin,
         bias: bias.as_ref(),
-        train: true,
+        train_seed: Some(train_seed),
     };
     let eps = d.cfg.rms_norm_eps;
     let mut xs = vec![d.embed_tokens(&batch.input_ids)?.detach()];
-    for blk in &d.blocks {
-        let y = blk.forward(&xs[xs.len() - 1], eps, &step, None)?.detach();
+    for (i, blk) in d.blocks.iter().enumerate() {
+        let y = blk
+            .forward(&xs[xs.len() - 1], eps, &step, None, i)?
+            .detach();
         xs.push(y);
     }
     let top = Var::from_tensor(&xs[xs.len() - 1])?;
@@ -197,7 +206,7 @@ pub fn micro_grads(
         .unwrap_or(top.as_tensor().zeros_like()?);
     for i in (0..d.blocks.len()).rev() {
         let x_in = Var::from_tensor(&xs[i])?;
-        let y = d.blocks[i].forward(x_in.as_tensor(), eps, &step, None)?;
+        let y = d.blocks[i].forward(x_in.as_tensor(), eps, &step, None, i)?;
         let g = y.mul(&grad_out)?.sum_all()?.backward()?;
         pick(&g, &mut out)?;
         grad_out = g
@@ -370,6 +379,10 @@ pub fn fit(
                     window_tokens.max(1) as f64,
                     &params,
                     cfg.gradient_checkpointing,
+                    crate::nn::linear::mix(
+                        cfg.seed,
+                        (state.global_step * cfg.gradient_accumulation_steps + k) as u64,
+                    ),
                 )?;
                 if !value.is_finite() {
                     return Err(Error::InvalidArgument(format!(

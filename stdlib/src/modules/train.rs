@@ -61,9 +61,6 @@ fn run_fit(
             real.to_string_lossy().into_owned(),
         ));
     }
-    if cfg.gradient_checkpointing && model.0.lora.as_ref().is_some_and(|l| l.lora_dropout > 0.0) {
-        rc.sink.err("note: with `gradient_checkpointing`, LoRA dropout draws a new mask when a block is recomputed, so its gradients are not exactly those of the forward pass; set `lora_dropout: 0` for exact gradients");
-    }
     let dtype = qscript_runtime::model::load::dtype_name(model.0.decoder.dtype());
     if (cfg.bf16 && dtype != "bfloat16") || (cfg.fp16 && dtype != "float16") {
         rc.sink.err(&format!("note: the model is {dtype}; `bf16`/`fp16` train in the dtype the model was loaded with (`model::load(dir, #{{ dtype: \"bf16\" }})`)"));
