@@ -19,6 +19,7 @@ use crate::handles::{ModelHandle, TokenizerHandle};
 struct LoadOpts {
     dtype: String,
     device: String,
+    trainable: bool,
 }
 
 impl Default for LoadOpts {
@@ -26,6 +27,7 @@ impl Default for LoadOpts {
         Self {
             dtype: "auto".into(),
             device: "auto".into(),
+            trainable: false,
         }
     }
 }
@@ -157,6 +159,7 @@ pub mod model_module {
     /// |---|---|
     /// | `dtype` | `"auto"` (bf16 on GPUs that support it, else f16; f32 on CPU), `"f32"`, `"bf16"`, `"f16"` |
     /// | `device` | `"auto"` (first GPU, else CPU), `"cpu"`, `"cuda:N"` |
+    /// | `trainable` | `true` makes every weight trainable: full fine-tuning with `train::fit` |
     ///
     /// ```rhai
     /// model::tiny(#{ seed: 1 }).save("ckpt");
@@ -174,7 +177,7 @@ pub mod model_module {
             let lo = LoadOptions {
                 dtype: o.dtype.clone(),
                 device: o.device.clone(),
-                trainable: false,
+                trainable: o.trainable,
             };
             let m = Model::load(&real, &lo).map_err(to_rhai_at(&ctx))?;
             Ok::<_, Box<EvalAltResult>>(Dynamic::from(ModelHandle(Arc::new(m))))
