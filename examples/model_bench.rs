@@ -30,8 +30,9 @@ fn main() -> anyhow::Result<()> {
             let prompt_len = args.get(3).map_or(Ok(32), |s| s.parse())?;
             speed(Path::new(&args[1]), new_tokens, prompt_len, &opts)
         }
+        Some("export") => export(Path::new(&args[1]), Path::new(&args[2])),
         _ => anyhow::bail!(
-            "usage: model_bench logits DIR REF | model_bench speed DIR [NEW] [PROMPT]"
+            "usage: model_bench logits DIR REF | speed DIR [NEW] [PROMPT] | export BASE OUT"
         ),
     }
 }
@@ -82,6 +83,45 @@ fn logits(dir: &Path, reference: &Path, opts: &LoadOptions) -> anyhow::Result<()
             "argmax_agreement": agree, "hf_bf16_vs_hf_f32_max_abs": ref_vs_f32,
             "first": got.i((0, 0, 0..4))?.to_vec1::<f32>()?})
     );
+    Ok(())
+}
+
+/// Writes what `scripts/verify_exports.py` loads with PEFT and transformers: a LoRA adapter with
+/// random B on the checkpoint `base`, the merged model, and qscript's logits for both.
+fn export(base: &Path, out: &Path) -> anyhow::Result<()> {
+    use qscript_runtime::lora::{self, LoraConfig, Targets};
+    let cpu = LoadOptions {
+        dtype: "f32".into(),
+        device: "cpu".into(),
+        trainable: false,
+    };
+    let m = Model::load(base, &cpu)?;
+    let cfg = LoraConfig {
+        r: 4,
+        lora_alpha: 16.0,
+        target_modules: Targets::Pattern("all-linear".into()),
+        ..LoraConfig::default()
+    };
+    let peft = lora::attach(&m, &cfg, 3)?;
+    for (_, a) in lora::adapters(&peft) {
+        a.b.set(&a.b.as_tensor().randn_like(0.0, 0.1)?)?;
+    }
+    lora::save_adapter(&peft, &out.join("adapter"))?;
+    let merged = lora::merge(&peft)?;
+    merged.save(&out.join("merged"))?;
+    let ids = Tensor::new(&[[3u32, 17, 42, 99, 5, 64, 11]], &Device::Cpu)?;
+    let mut t = std::collections::HashMap::new();
+    t.insert("input_ids".to_string(), ids.to_dtype(DType::I64)?);
+    t.insert(
+        "adapter_logits".to_string(),
+        peft.decoder.forward(&ids, None, None)?,
+    );
+    t.insert(
+        "merged_logits".to_string(),
+        merged.decoder.forward(&ids, None, None)?,
+    );
+    candle_core::safetensors::save(&t, out.join("qscript_logits.safetensors"))?;
+    println!("wrote {}", out.display());
     Ok(())
 }
 

@@ -154,6 +154,66 @@ mod tests {
         assert!((p[1] - (-2.0 * (1.0 - 0.001) + 0.01)).abs() < 1e-6, "{p:?}");
     }
 
+    fn golden() -> serde_json::Value {
+        let path = crate::testing::repo_fixtures().join("train/goldens.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn floats(v: &serde_json::Value) -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    }
+
+    /// torch.optim.AdamW(lr=0.01, weight_decay=0.1), three steps (scripts/make_train_goldens.py).
+    #[test]
+    fn adamw_matches_torch() {
+        let g = golden();
+        let a = &g["adamw"];
+        let v = Var::from_tensor(&Tensor::new(floats(&a["init"]), &Device::Cpu).unwrap()).unwrap();
+        let mut opt = AdamW::new(
+            vec![("w".into(), v.clone())],
+            AdamWConfig {
+                weight_decay: 0.1,
+                ..AdamWConfig::default()
+            },
+        )
+        .unwrap();
+        for step in a["steps"].as_array().unwrap() {
+            opt.step(
+                &[Tensor::new(floats(&step["grad"]), &Device::Cpu).unwrap()],
+                0.01,
+            )
+            .unwrap();
+            let got = v.as_tensor().to_vec1::<f32>().unwrap();
+            for (x, y) in got.iter().zip(floats(&step["param"])) {
+                assert!((x - y).abs() < 1e-6, "{got:?}");
+            }
+        }
+    }
+
+    /// torch.nn.utils.clip_grad_norm_(max_norm=1.0) on two tensors.
+    #[test]
+    fn clipping_matches_torch() {
+        let g = golden();
+        let c = &g["clip"];
+        let grads: Vec<Tensor> = c["grads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| Tensor::new(floats(t), &Device::Cpu).unwrap())
+            .collect();
+        let (norm, clipped) = clip_grad_norm(&grads, 1.0).unwrap();
+        assert!((norm - c["norm"].as_f64().unwrap()).abs() < 1e-5);
+        for (got, want) in clipped.iter().zip(c["clipped"].as_array().unwrap()) {
+            for (x, y) in got.to_vec1::<f32>().unwrap().iter().zip(floats(want)) {
+                assert!((x - y).abs() < 1e-6);
+            }
+        }
+    }
+
     #[test]
     fn clipping_scales_to_the_max_norm() {
         let a = Tensor::new(&[3.0f32, 0.0], &Device::Cpu).unwrap();

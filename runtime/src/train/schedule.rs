@@ -63,61 +63,17 @@ impl Schedule {
 mod tests {
     use super::*;
 
-    /// transformers 5.17: `get_scheduler(name, AdamW([p], lr=1e-3), num_warmup_steps=3,
-    /// num_training_steps=10)`, `scheduler.get_last_lr()` before each of 10 steps.
+    /// `tests/fixtures/train/goldens.json` (scripts/make_train_goldens.py, transformers 5.17):
+    /// `get_scheduler(name, AdamW(lr=1e-3), num_warmup_steps=3, num_training_steps=10)`.
     #[test]
     fn matches_transformers_step_by_step() {
-        let want: [(&str, [f64; 10]); 4] = [
-            (
-                "linear",
-                [
-                    0.0,
-                    3.333_333_333_333_333e-4,
-                    6.666_666_666_666_666e-4,
-                    1e-3,
-                    8.571_428_571_428_571e-4,
-                    7.142_857_142_857_143e-4,
-                    5.714_285_714_285_714e-4,
-                    4.285_714_285_714_286e-4,
-                    2.857_142_857_142_857e-4,
-                    1.428_571_428_571_428_6e-4,
-                ],
-            ),
-            (
-                "cosine",
-                [
-                    0.0,
-                    3.333_333_333_333_333e-4,
-                    6.666_666_666_666_666e-4,
-                    1e-3,
-                    9.504_844_339_512_095e-4,
-                    8.117_449_009_293_668e-4,
-                    6.112_604_669_781_572e-4,
-                    3.887_395_330_218_428_4e-4,
-                    1.882_550_990_706_332e-4,
-                    4.951_556_604_879_043e-5,
-                ],
-            ),
-            ("constant", [1e-3; 10]),
-            (
-                "constant_with_warmup",
-                [
-                    0.0,
-                    3.333_333_333_333_333e-4,
-                    6.666_666_666_666_666e-4,
-                    1e-3,
-                    1e-3,
-                    1e-3,
-                    1e-3,
-                    1e-3,
-                    1e-3,
-                    1e-3,
-                ],
-            ),
-        ];
-        for (name, lrs) in want {
+        let path = crate::testing::repo_fixtures().join("train/goldens.json");
+        let g: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        for (name, lrs) in g["schedules"].as_object().unwrap() {
             let s = Schedule::new(name, 1e-3, 3, 10).unwrap();
-            for (step, w) in lrs.iter().enumerate() {
+            for (step, w) in lrs.as_array().unwrap().iter().enumerate() {
+                let w = w.as_f64().unwrap();
                 assert!(
                     (s.lr(step) - w).abs() < 1e-12,
                     "{name} step {step}: {} vs {w}",
