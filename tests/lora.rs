@@ -38,18 +38,7 @@ fn golden(case: &str) -> HashMap<String, Tensor> {
     .unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    a.sub(b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
+use qscript_runtime::testing::max_abs_diff as max_diff;
 
 fn loss(m: &Model, g: &HashMap<String, Tensor>) -> (Tensor, Tensor) {
     let ids = g["input_ids"].to_dtype(DType::U32).unwrap();

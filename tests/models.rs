@@ -27,18 +27,7 @@ fn load(name: &str, trainable: bool) -> (Model, HashMap<String, Tensor>) {
     (m, g)
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    a.sub(b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
+use qscript_runtime::testing::max_abs_diff as max_diff;
 
 #[test]
 fn logits_match_transformers_with_padding() {

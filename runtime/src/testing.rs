@@ -35,3 +35,18 @@ pub fn fixtures_dir(needed_for: &str) -> Option<PathBuf> {
 pub fn repo_fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
+
+/// The largest absolute element-wise difference of two tensors of one shape.
+///
+/// # Panics
+/// When the shapes differ or the tensors cannot be read.
+#[allow(clippy::unwrap_used)]
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    let d = a.sub(b).unwrap().abs().unwrap().flatten_all().unwrap();
+    d.to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
