@@ -8,4 +8,4 @@ pub mod schedule;
 pub mod trainer;
 
 pub use config::TrainConfig;
-pub use trainer::{Event, TrainReport, fit};
+pub use trainer::{Event, StepOutcome, TrainReport, Trainer, fit};

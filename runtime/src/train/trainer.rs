@@ -4,6 +4,7 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
@@ -255,8 +256,408 @@ pub fn evaluate(model: &Model, data: &[Example], cfg: &TrainConfig, pad_id: u32)
     Ok(total / count.max(1) as f64)
 }
 
-/// Trains `model` on `train` (and evaluates on `eval`), reporting through `on_event`.
-#[allow(clippy::too_many_arguments)]
+/// A training run driven one optimizer step at a time: what `fit` loops over, and what scripts
+/// use for custom loops (`train::trainer`). Each step follows the config: logging, eval and
+/// checkpoints happen inside [`Trainer::step`] and come back as events.
+pub struct Trainer {
+    model: Model,
+    opt: AdamW,
+    params: Vec<Tensor>,
+    sched: Schedule,
+    cfg: TrainConfig,
+    state: TrainerState,
+    train: Arc<Vec<Example>>,
+    eval: Option<Arc<Vec<Example>>>,
+    lengths: Vec<usize>,
+    out_dir: PathBuf,
+    metrics: std::fs::File,
+    pad_id: u32,
+    device: Device,
+    total: usize,
+    micro_per_epoch: usize,
+    trainable: usize,
+    losses: Vec<(usize, f64)>,
+    window_log: Vec<(f64, f64)>,
+    tokens_seen: usize,
+    tokens_since_log: usize,
+    started: Instant,
+    last_log: Instant,
+    stopped_early: bool,
+    last_checkpoint: Option<PathBuf>,
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Debug)]
+pub struct StepOutcome {
+    /// Steps done, this one included.
+    pub step: usize,
+    /// Loss of the step (token-normalized over the accumulation window).
+    pub loss: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub learning_rate: f64,
+    /// Logs, evals and checkpoints the config asked for at this step.
+    pub events: Vec<Event>,
+    /// Whether training should stop (total steps reached, or early stopping).
+    pub done: bool,
+}
+
+impl Trainer {
+    /// Prepares a run: fresh trainable copies, optimizer, schedule, `output_dir`, and the
+    /// checkpoint to resume from, if asked.
+    pub fn new(
+        model: &Model,
+        train: Arc<Vec<Example>>,
+        eval: Option<Arc<Vec<Example>>>,
+        cfg: &TrainConfig,
+        pad_id: u32,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        if train.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the training dataset is empty".into(),
+            ));
+        }
+        if cfg.eval_strategy == "steps" && eval.as_ref().is_none_or(|e| e.is_empty()) {
+            return Err(Error::InvalidArgument(
+                "`eval_strategy: \"steps\"` needs an eval dataset: `train::fit(model, train, opts, eval)`".into(),
+            ));
+        }
+        let out_dir = PathBuf::from(&cfg.output_dir);
+        std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+        let (model, vars) = fresh_trainables(model)?;
+        let device: Device = model.decoder.device().clone();
+        let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+        let mut opt = AdamW::new(
+            vars,
+            AdamWConfig {
+                beta1: cfg.adam_beta1,
+                beta2: cfg.adam_beta2,
+                eps: cfg.adam_epsilon,
+                weight_decay: cfg.weight_decay,
+            },
+        )?;
+        let params: Vec<Tensor> = opt
+            .slots
+            .iter()
+            .map(|s| s.var.as_tensor().clone())
+            .collect();
+        let (micro_per_epoch, _, total) = cfg.plan(train.len());
+        let sched = Schedule::new(
+            &cfg.lr_scheduler_type,
+            cfg.learning_rate,
+            cfg.warmup(total),
+            total,
+        )?;
+        let mut state = TrainerState::default();
+        if let Some(dir) = resume_dir(cfg, &out_dir)? {
+            state = checkpoint::restore(&dir, &model, &mut opt)?;
+        }
+        let json = serde_json::to_string_pretty(cfg).unwrap_or_default();
+        crate::sandbox::write_atomic(&out_dir.join("training_args.json"), json.as_bytes())?;
+        let metrics_path = out_dir.join("metrics.jsonl");
+        let metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| Error::io(&metrics_path, e))?;
+        let lengths = train.iter().map(|e| e.input_ids.len()).collect();
+        Ok(Self {
+            model,
+            opt,
+            params,
+            sched,
+            cfg: cfg.clone(),
+            state,
+            train,
+            eval,
+            lengths,
+            out_dir,
+            metrics,
+            pad_id,
+            device,
+            total,
+            micro_per_epoch,
+            trainable,
+            losses: Vec::new(),
+            window_log: Vec::new(),
+            tokens_seen: 0,
+            tokens_since_log: 0,
+            started: Instant::now(),
+            last_log: Instant::now(),
+            stopped_early: false,
+            last_checkpoint: None,
+        })
+    }
+
+    /// The plan, as `Event::Start`.
+    pub fn start_event(&self) -> Event {
+        Event::Start {
+            examples: self.train.len(),
+            epochs: self.cfg.num_train_epochs,
+            total_batch: self.cfg.per_device_train_batch_size
+                * self.cfg.gradient_accumulation_steps,
+            total_steps: self.total,
+            trainable: self.trainable,
+            resumed_at: self.state.global_step,
+        }
+    }
+
+    /// Optimizer steps done.
+    pub fn global_step(&self) -> usize {
+        self.state.global_step
+    }
+
+    /// Optimizer steps planned.
+    pub fn total_steps(&self) -> usize {
+        self.total
+    }
+
+    /// Whether training is over (all steps done, or early stopping).
+    pub fn is_done(&self) -> bool {
+        self.stopped_early || self.state.global_step >= self.total
+    }
+
+    /// The model being trained (its trainable `Var`s are updated by each step).
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The remaining accumulation windows of the current epoch (each a list of micro-batches of
+    /// example indices); when the epoch is used up, moves to the next one. Empty when done.
+    pub fn windows(&mut self) -> Vec<Vec<Vec<usize>>> {
+        if self.is_done() {
+            return Vec::new();
+        }
+        for _ in 0..2 {
+            let order = epoch_order(
+                &self.lengths,
+                self.cfg.per_device_train_batch_size,
+                self.cfg.group_by_length,
+                self.cfg.seed,
+                self.state.epoch as u64,
+            );
+            let micro: Vec<Vec<usize>> = order
+                .chunks(self.cfg.per_device_train_batch_size)
+                .map(<[usize]>::to_vec)
+                .collect();
+            let k = self.cfg.gradient_accumulation_steps;
+            let full_windows_only = self.micro_per_epoch >= k;
+            let out: Vec<Vec<Vec<usize>>> = micro
+                .chunks(k)
+                .scan(0usize, |consumed, w| {
+                    let start = *consumed;
+                    *consumed += w.len();
+                    Some((start, w))
+                })
+                .filter(|(start, w)| {
+                    *start >= self.state.micro_in_epoch && (!full_windows_only || w.len() == k)
+                })
+                .map(|(_, w)| w.to_vec())
+                .collect();
+            if !out.is_empty() {
+                return out;
+            }
+            self.state.epoch += 1;
+            self.state.micro_in_epoch = 0;
+        }
+        Vec::new()
+    }
+
+    /// One optimizer step on `window` (micro-batches of example indices).
+    pub fn step(&mut self, window: &[Vec<usize>]) -> Result<StepOutcome> {
+        if self.is_done() {
+            return Err(Error::InvalidArgument(format!(
+                "training is done: all {} steps have run",
+                self.total
+            )));
+        }
+        let examples: Vec<Vec<&Example>> = window
+            .iter()
+            .map(|ix| {
+                ix.iter()
+                    .map(|&i| {
+                        self.train.get(i).ok_or_else(|| {
+                            Error::InvalidArgument(format!("example {i} is out of range"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?;
+        let window_tokens: usize = examples.iter().map(|e| learned_tokens(e)).sum();
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.opt.slots.len()];
+        let mut loss_sum = 0f64;
+        for (k, ex) in examples.iter().enumerate() {
+            let batch = collate(ex, self.pad_id, self.cfg.pad_to_multiple_of, &self.device)?;
+            self.tokens_seen += batch.tokens;
+            self.tokens_since_log += batch.tokens;
+            let seed = crate::nn::linear::mix(
+                self.cfg.seed,
+                (self.state.global_step * self.cfg.gradient_accumulation_steps + k) as u64,
+            );
+            let (value, micro) = micro_grads(
+                &self.model,
+                &batch,
+                window_tokens.max(1) as f64,
+                &self.params,
+                self.cfg.gradient_checkpointing,
+                seed,
+            )?;
+            if !value.is_finite() {
+                return Err(Error::InvalidArgument(format!(
+                    "the loss is {value} at step {} (micro-batch {k} of the window, examples {:?}); lower `learning_rate` or check the data",
+                    self.state.global_step + 1,
+                    window[k]
+                )));
+            }
+            loss_sum += value;
+            for (acc, g) in grads.iter_mut().zip(micro) {
+                if let Some(g) = g {
+                    *acc = Some(match acc.take() {
+                        Some(a) => (a + g)?,
+                        None => g,
+                    });
+                }
+            }
+        }
+        let grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&self.opt.slots)
+            .map(|(g, s)| {
+                g.map_or_else(
+                    || Tensor::zeros(s.var.shape(), DType::F32, &self.device),
+                    Ok,
+                )
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let (grad_norm, grads) = clip_grad_norm(&grads, self.cfg.max_grad_norm)?;
+        let lr = self.sched.lr(self.state.global_step);
+        self.opt.step(&grads, lr)?;
+        self.state.global_step += 1;
+        self.state.micro_in_epoch += window.len();
+        self.losses.push((self.state.global_step, loss_sum));
+        self.window_log.push((loss_sum, grad_norm));
+        let step = self.state.global_step;
+        let mut events = vec![Event::Step {
+            step,
+            total: self.total,
+            loss: loss_sum,
+        }];
+        let epoch_f = self.state.epoch as f64
+            + self.state.micro_in_epoch as f64 / self.micro_per_epoch.max(1) as f64;
+        if step % self.cfg.logging_steps.max(1) == 0 || step == self.total {
+            let n = self.window_log.len().max(1) as f64;
+            let secs = self.last_log.elapsed().as_secs_f64().max(1e-9);
+            let rec = json!({
+                "step": step,
+                "epoch": (epoch_f * 1000.0).round() / 1000.0,
+                "loss": self.window_log.iter().map(|w| w.0).sum::<f64>() / n,
+                "grad_norm": self.window_log.iter().map(|w| w.1).sum::<f64>() / n,
+                "learning_rate": lr,
+                "tokens_per_second": (self.tokens_since_log as f64 / secs).round(),
+            });
+            self.window_log.clear();
+            self.tokens_since_log = 0;
+            self.last_log = Instant::now();
+            self.record(&rec)?;
+            events.push(Event::Log(rec));
+        }
+        let eval_every = self.cfg.eval_steps.unwrap_or(self.cfg.logging_steps).max(1);
+        if self.cfg.eval_strategy == "steps" && (step % eval_every == 0 || step == self.total) {
+            let eval_loss = self.evaluate()?;
+            let rec = json!({"step": step, "eval_loss": eval_loss});
+            self.record(&rec)?;
+            events.push(Event::Eval(rec));
+            if self.state.best_metric.is_none_or(|b| eval_loss < b) {
+                self.state.best_metric = Some(eval_loss);
+                self.state.best_model_checkpoint = Some(format!("checkpoint-{step}"));
+                self.state.evals_without_improvement = 0;
+                if self.cfg.load_best_model_at_end {
+                    events.push(Event::Saved(self.save_checkpoint()?));
+                }
+            } else {
+                self.state.evals_without_improvement += 1;
+                self.stopped_early = self
+                    .cfg
+                    .early_stopping_patience
+                    .is_some_and(|p| self.state.evals_without_improvement >= p);
+            }
+        }
+        if self.cfg.save_steps > 0 && step % self.cfg.save_steps == 0 {
+            events.push(Event::Saved(self.save_checkpoint()?));
+        }
+        Ok(StepOutcome {
+            step,
+            loss: loss_sum,
+            grad_norm,
+            learning_rate: lr,
+            events,
+            done: self.is_done(),
+        })
+    }
+
+    fn record(&mut self, rec: &serde_json::Value) -> Result<()> {
+        writeln!(self.metrics, "{rec}")
+            .map_err(|e| Error::io(self.out_dir.join("metrics.jsonl"), e))?;
+        self.state.log_history.push(rec.clone());
+        Ok(())
+    }
+
+    /// Mean token loss on the eval dataset.
+    pub fn evaluate(&self) -> Result<f64> {
+        let data = self
+            .eval
+            .as_deref()
+            .ok_or_else(|| Error::InvalidArgument("no eval dataset was given".into()))?;
+        evaluate(&self.model, data, &self.cfg, self.pad_id)
+    }
+
+    /// Writes `checkpoint-{step}` (atomically) and applies `save_total_limit`.
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let path = checkpoint::save(&self.out_dir, &self.model, &self.opt, &self.state)?;
+        if let Some(limit) = self.cfg.save_total_limit {
+            let keep = self
+                .state
+                .best_model_checkpoint
+                .as_deref()
+                .filter(|_| self.cfg.load_best_model_at_end);
+            checkpoint::rotate(&self.out_dir, limit, keep)?;
+        }
+        self.last_checkpoint = Some(path.clone());
+        Ok(path)
+    }
+
+    /// Ends the run: restores the best checkpoint if asked, writes `loss.svg`, returns the report.
+    pub fn finish(mut self, interrupted: bool) -> Result<TrainReport> {
+        if self.cfg.load_best_model_at_end
+            && let Some(best) = &self.state.best_model_checkpoint
+        {
+            let dir = self.out_dir.join(best);
+            if dir.is_dir() {
+                checkpoint::restore(&dir, &self.model, &mut self.opt)?;
+            }
+        }
+        write_plot(
+            &self.out_dir.join("loss.svg"),
+            &self.losses,
+            &self.state.log_history,
+        )?;
+        Ok(TrainReport {
+            steps: self.state.global_step,
+            losses: self.losses,
+            log_history: self.state.log_history,
+            tokens_per_second: self.tokens_seen as f64
+                / self.started.elapsed().as_secs_f64().max(1e-9),
+            interrupted,
+            last_checkpoint: self.last_checkpoint,
+            model: self.model,
+        })
+    }
+}
+
+/// Trains `model` on `train` (and evaluates on `eval`), reporting through `on_event`. Ctrl-C
+/// (`cancel`) saves a checkpoint at the next step boundary and stops.
 pub fn fit(
     model: &Model,
     train: &[Example],
@@ -266,259 +667,35 @@ pub fn fit(
     cancel: &CancelToken,
     on_event: &mut dyn FnMut(&Event) -> Result<()>,
 ) -> Result<TrainReport> {
-    cfg.validate()?;
-    if train.is_empty() {
-        return Err(Error::InvalidArgument(
-            "the training dataset is empty".into(),
-        ));
-    }
-    if cfg.eval_strategy == "steps" && eval.is_none_or(<[Example]>::is_empty) {
-        return Err(Error::InvalidArgument("`eval_strategy: \"steps\"` needs an eval dataset: `train::fit(model, train, opts, eval)`".into()));
-    }
-    let out_dir = PathBuf::from(&cfg.output_dir);
-    std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
-    let (model, vars) = fresh_trainables(model)?;
-    let device: Device = model.decoder.device().clone();
-    let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = AdamW::new(
-        vars,
-        AdamWConfig {
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_epsilon,
-            weight_decay: cfg.weight_decay,
-        },
+    let mut t = Trainer::new(
+        model,
+        Arc::new(train.to_vec()),
+        eval.map(|e| Arc::new(e.to_vec())),
+        cfg,
+        pad_id,
     )?;
-    let params: Vec<Tensor> = opt
-        .slots
-        .iter()
-        .map(|s| s.var.as_tensor().clone())
-        .collect();
-    let (micro_per_epoch, _, total) = cfg.plan(train.len());
-    let sched = Schedule::new(
-        &cfg.lr_scheduler_type,
-        cfg.learning_rate,
-        cfg.warmup(total),
-        total,
-    )?;
-    let mut state = TrainerState::default();
-    if let Some(dir) = resume_dir(cfg, &out_dir)? {
-        state = checkpoint::restore(&dir, &model, &mut opt)?;
-    }
-    let json = serde_json::to_string_pretty(cfg).unwrap_or_default();
-    crate::sandbox::write_atomic(&out_dir.join("training_args.json"), json.as_bytes())?;
-    on_event(&Event::Start {
-        examples: train.len(),
-        epochs: cfg.num_train_epochs,
-        total_batch: cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
-        total_steps: total,
-        trainable,
-        resumed_at: state.global_step,
-    })?;
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(out_dir.join("metrics.jsonl"))
-        .map_err(|e| Error::io(out_dir.join("metrics.jsonl"), e))?;
-    let lengths: Vec<usize> = train.iter().map(|e| e.input_ids.len()).collect();
-    let mut report = TrainReport {
-        model: model.clone(),
-        steps: state.global_step,
-        losses: Vec::new(),
-        log_history: state.log_history.clone(),
-        tokens_per_second: 0.0,
-        interrupted: false,
-        last_checkpoint: None,
-    };
-    let started = Instant::now();
-    let (mut tokens_seen, mut window_log) = (0usize, Vec::<(f64, f64)>::new());
-    let mut last_log = Instant::now();
-    let mut tokens_since_log = 0usize;
-    'epochs: while state.global_step < total {
-        let order = epoch_order(
-            &lengths,
-            cfg.per_device_train_batch_size,
-            cfg.group_by_length,
-            cfg.seed,
-            state.epoch as u64,
-        );
-        let micro: Vec<&[usize]> = order.chunks(cfg.per_device_train_batch_size).collect();
-        let windows: Vec<&[&[usize]]> = micro.chunks(cfg.gradient_accumulation_steps).collect();
-        let mut consumed = 0;
-        for window in windows {
-            if consumed < state.micro_in_epoch {
-                consumed += window.len();
-                continue;
-            }
-            if window.len() < cfg.gradient_accumulation_steps
-                && micro_per_epoch >= cfg.gradient_accumulation_steps
-            {
-                break; // HF drops the incomplete last window of an epoch
-            }
+    on_event(&t.start_event())?;
+    while !t.is_done() {
+        let windows = t.windows();
+        if windows.is_empty() {
+            break;
+        }
+        for w in windows {
             if cancel.is_cancelled() {
-                let path = checkpoint::save(&out_dir, &model, &opt, &state)?;
-                on_event(&Event::Saved(path.clone()))?;
-                report.last_checkpoint = Some(path);
-                report.interrupted = true;
-                break 'epochs;
+                let path = t.save_checkpoint()?;
+                on_event(&Event::Saved(path))?;
+                return t.finish(true);
             }
-            let examples: Vec<Vec<&Example>> = window
-                .iter()
-                .map(|ix| ix.iter().map(|&i| &train[i]).collect())
-                .collect();
-            let window_tokens: usize = examples.iter().map(|e| learned_tokens(e)).sum();
-            let mut grads: Vec<Option<Tensor>> = vec![None; opt.slots.len()];
-            let mut loss_sum = 0f64;
-            for (k, ex) in examples.iter().enumerate() {
-                let batch = collate(ex, pad_id, cfg.pad_to_multiple_of, &device)?;
-                tokens_seen += batch.tokens;
-                tokens_since_log += batch.tokens;
-                let (value, micro) = micro_grads(
-                    &model,
-                    &batch,
-                    window_tokens.max(1) as f64,
-                    &params,
-                    cfg.gradient_checkpointing,
-                    crate::nn::linear::mix(
-                        cfg.seed,
-                        (state.global_step * cfg.gradient_accumulation_steps + k) as u64,
-                    ),
-                )?;
-                if !value.is_finite() {
-                    return Err(Error::InvalidArgument(format!(
-                        "the loss is {value} at step {} (micro-batch {k} of the window, examples {:?}); lower `learning_rate` or check the data",
-                        state.global_step + 1,
-                        window[k]
-                    )));
-                }
-                loss_sum += value;
-                for (acc, g) in grads.iter_mut().zip(micro) {
-                    if let Some(g) = g {
-                        *acc = Some(match acc.take() {
-                            Some(a) => (a + g)?,
-                            None => g,
-                        });
-                    }
-                }
+            let out = t.step(&w)?;
+            for e in &out.events {
+                on_event(e)?;
             }
-            let grads: Vec<Tensor> = grads
-                .into_iter()
-                .zip(&opt.slots)
-                .map(|(g, s)| {
-                    g.map_or_else(|| Tensor::zeros(s.var.shape(), DType::F32, &device), Ok)
-                })
-                .collect::<candle_core::Result<_>>()?;
-            let (grad_norm, grads) = clip_grad_norm(&grads, cfg.max_grad_norm)?;
-            let lr = sched.lr(state.global_step);
-            opt.step(&grads, lr)?;
-            state.global_step += 1;
-            consumed += window.len();
-            state.micro_in_epoch = consumed;
-            report.losses.push((state.global_step, loss_sum));
-            window_log.push((loss_sum, grad_norm));
-            on_event(&Event::Step {
-                step: state.global_step,
-                total,
-                loss: loss_sum,
-            })?;
-            let epoch_f = state.epoch as f64 + consumed as f64 / micro_per_epoch.max(1) as f64;
-            if state.global_step % cfg.logging_steps.max(1) == 0 || state.global_step == total {
-                let n = window_log.len().max(1) as f64;
-                let secs = last_log.elapsed().as_secs_f64().max(1e-9);
-                let rec = json!({
-                    "step": state.global_step,
-                    "epoch": (epoch_f * 1000.0).round() / 1000.0,
-                    "loss": window_log.iter().map(|w| w.0).sum::<f64>() / n,
-                    "grad_norm": window_log.iter().map(|w| w.1).sum::<f64>() / n,
-                    "learning_rate": lr,
-                    "tokens_per_second": (tokens_since_log as f64 / secs).round(),
-                });
-                window_log.clear();
-                tokens_since_log = 0;
-                last_log = Instant::now();
-                writeln!(metrics, "{rec}")
-                    .map_err(|e| Error::io(out_dir.join("metrics.jsonl"), e))?;
-                state.log_history.push(rec.clone());
-                on_event(&Event::Log(rec))?;
-            }
-            let eval_every = cfg.eval_steps.unwrap_or(cfg.logging_steps).max(1);
-            let mut stop = false;
-            if cfg.eval_strategy == "steps"
-                && (state.global_step % eval_every == 0 || state.global_step == total)
-            {
-                let eval_loss = evaluate(&model, eval.unwrap_or_default(), cfg, pad_id)?;
-                let rec = json!({"step": state.global_step, "eval_loss": eval_loss});
-                writeln!(metrics, "{rec}")
-                    .map_err(|e| Error::io(out_dir.join("metrics.jsonl"), e))?;
-                state.log_history.push(rec.clone());
-                on_event(&Event::Eval(rec))?;
-                if state.best_metric.is_none_or(|b| eval_loss < b) {
-                    state.best_metric = Some(eval_loss);
-                    state.best_model_checkpoint = Some(format!("checkpoint-{}", state.global_step));
-                    state.evals_without_improvement = 0;
-                    if cfg.load_best_model_at_end {
-                        let path = save_and_rotate(&out_dir, &model, &opt, &state, cfg)?;
-                        on_event(&Event::Saved(path.clone()))?;
-                        report.last_checkpoint = Some(path);
-                    }
-                } else {
-                    state.evals_without_improvement += 1;
-                    stop = cfg
-                        .early_stopping_patience
-                        .is_some_and(|p| state.evals_without_improvement >= p);
-                }
-            }
-            if cfg.save_steps > 0 && state.global_step % cfg.save_steps == 0 {
-                let path = save_and_rotate(&out_dir, &model, &opt, &state, cfg)?;
-                on_event(&Event::Saved(path.clone()))?;
-                report.last_checkpoint = Some(path);
-            }
-            if stop || state.global_step >= total {
-                break 'epochs;
+            if out.done {
+                break;
             }
         }
-        state.epoch += 1;
-        state.micro_in_epoch = 0;
     }
-    report.steps = state.global_step;
-    report.log_history.clone_from(&state.log_history);
-    report.tokens_per_second = tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
-    report.model = model;
-    if cfg.load_best_model_at_end
-        && let Some(best) = &state.best_model_checkpoint
-    {
-        let dir = out_dir.join(best);
-        if dir.is_dir() {
-            checkpoint::restore(&dir, &report.model, &mut opt)?;
-        }
-    }
-    write_plot(
-        &out_dir.join("loss.svg"),
-        &report.losses,
-        &state.log_history,
-    )?;
-    Ok(report)
-}
-
-fn save_and_rotate(
-    out: &Path,
-    model: &Model,
-    opt: &AdamW,
-    state: &TrainerState,
-    cfg: &TrainConfig,
-) -> Result<PathBuf> {
-    let path = checkpoint::save(out, model, opt, state)?;
-    if let Some(limit) = cfg.save_total_limit {
-        checkpoint::rotate(
-            out,
-            limit,
-            state
-                .best_model_checkpoint
-                .as_deref()
-                .filter(|_| cfg.load_best_model_at_end),
-        )?;
-    }
-    Ok(path)
+    t.finish(false)
 }
 
 fn resume_dir(cfg: &TrainConfig, out: &Path) -> Result<Option<PathBuf>> {
