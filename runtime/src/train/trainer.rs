@@ -546,7 +546,7 @@ impl Trainer {
         }];
         let epoch_f = self.state.epoch as f64
             + self.state.micro_in_epoch as f64 / self.micro_per_epoch.max(1) as f64;
-        if step % self.cfg.logging_steps.max(1) == 0 || step == self.total {
+        if step.is_multiple_of(self.cfg.logging_steps.max(1)) || step == self.total {
             let n = self.window_log.len().max(1) as f64;
             let secs = self.last_log.elapsed().as_secs_f64().max(1e-9);
             let rec = json!({
@@ -564,7 +564,9 @@ impl Trainer {
             events.push(Event::Log(rec));
         }
         let eval_every = self.cfg.eval_steps.unwrap_or(self.cfg.logging_steps).max(1);
-        if self.cfg.eval_strategy == "steps" && (step % eval_every == 0 || step == self.total) {
+        if self.cfg.eval_strategy == "steps"
+            && (step.is_multiple_of(eval_every) || step == self.total)
+        {
             let eval_loss = self.evaluate()?;
             let rec = json!({"step": step, "eval_loss": eval_loss});
             self.record(&rec)?;
@@ -584,7 +586,7 @@ impl Trainer {
                     .is_some_and(|p| self.state.evals_without_improvement >= p);
             }
         }
-        if self.cfg.save_steps > 0 && step % self.cfg.save_steps == 0 {
+        if self.cfg.save_steps > 0 && step.is_multiple_of(self.cfg.save_steps) {
             events.push(Event::Saved(self.save_checkpoint()?));
         }
         Ok(StepOutcome {
