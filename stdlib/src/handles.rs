@@ -102,4 +102,5 @@ pub fn register(engine: &mut rhai::Engine) {
     engine.register_type_with_name::<ModelHandle>("Model");
     engine.register_type_with_name::<TokenizerHandle>("Tokenizer");
     engine.register_type_with_name::<DatasetHandle>("Dataset");
+    engine.register_type_with_name::<crate::modules::train::TrainerHandle>("Trainer");
 }

@@ -77,7 +77,7 @@ pub struct TrainReport {
 
 /// A copy of `model` whose trainable tensors are fresh `Var`s holding the same values, so training
 /// never changes the input handle. Returns the copy and its named trainable vars.
-fn fresh_trainables(model: &Model) -> Result<(Model, Vec<(String, Var)>)> {
+pub fn fresh_trainables(model: &Model) -> Result<(Model, Vec<(String, Var)>)> {
     let mut m = model.clone();
     if m.lora.is_some() {
         for b in &mut m.decoder.blocks {

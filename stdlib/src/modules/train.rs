@@ -28,18 +28,113 @@ fn examples<'a>(
     }
 }
 
-fn run_fit(
+/// Prints training events: the plan as HF prints it, a progress bar, log and eval lines.
+struct Printer {
+    sink: Arc<dyn crate::context::OutputSink>,
+    bar: Option<indicatif::ProgressBar>,
+    batch: usize,
+    accumulation: usize,
+}
+
+impl Printer {
+    fn new(sink: Arc<dyn crate::context::OutputSink>, cfg: &TrainConfig) -> Self {
+        Self {
+            sink,
+            bar: None,
+            batch: cfg.per_device_train_batch_size,
+            accumulation: cfg.gradient_accumulation_steps,
+        }
+    }
+
+    fn show(&mut self, e: &Event) {
+        match e {
+            Event::Start {
+                examples,
+                epochs,
+                total_batch,
+                total_steps,
+                trainable,
+                resumed_at,
+            } => {
+                let sink = &self.sink;
+                sink.err("***** Running training *****");
+                sink.err(&format!("  Num examples = {examples}"));
+                sink.err(&format!("  Num Epochs = {epochs}"));
+                sink.err(&format!(
+                    "  Instantaneous batch size per device = {}",
+                    self.batch
+                ));
+                sink.err(&format!(
+                    "  Total train batch size (w. accumulation) = {total_batch}"
+                ));
+                sink.err(&format!(
+                    "  Gradient Accumulation steps = {}",
+                    self.accumulation
+                ));
+                sink.err(&format!("  Total optimization steps = {total_steps}"));
+                sink.err(&format!("  Number of trainable parameters = {trainable}"));
+                if *resumed_at > 0 {
+                    sink.err(&format!("  Resumed from step {resumed_at}"));
+                }
+                let b = indicatif::ProgressBar::new(*total_steps as u64);
+                b.set_position(*resumed_at as u64);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                self.bar = Some(b);
+            }
+            Event::Step { step, loss, .. } => {
+                if let Some(b) = &self.bar {
+                    b.set_position(*step as u64);
+                    b.set_message(format!("loss {loss:.4}"));
+                }
+            }
+            Event::Log(rec) | Event::Eval(rec) => {
+                if let (Some(b), Some(tps)) = (&self.bar, rec.get("tokens_per_second")) {
+                    let lr = rec
+                        .get("learning_rate")
+                        .and_then(serde_json::Value::as_f64)
+                        .unwrap_or(0.0);
+                    let gn = rec
+                        .get("grad_norm")
+                        .and_then(serde_json::Value::as_f64)
+                        .unwrap_or(0.0);
+                    let loss = rec
+                        .get("loss")
+                        .and_then(serde_json::Value::as_f64)
+                        .unwrap_or(0.0);
+                    b.set_message(format!(
+                        "loss {loss:.4} lr {lr:.2e} grad_norm {gn:.3} {tps} tok/s"
+                    ));
+                }
+                let line = format_log(rec);
+                match &self.bar {
+                    Some(b) => b.suspend(|| self.sink.out(&line)),
+                    None => self.sink.out(&line),
+                }
+            }
+            Event::Saved(p) => self.sink.err(&format!("saved {}", p.display())),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Resolves `output_dir` and `resume_from_checkpoint` through the sandbox and says what the
+/// options cannot do with this model.
+fn prepare(
     ctx: &NativeCallContext,
+    rc: &RunContext,
     model: &ModelHandle,
-    train: &DatasetHandle,
     opts: Map,
-    eval: Option<&DatasetHandle>,
-) -> Result<ModelHandle, Box<EvalAltResult>> {
-    let rc = RunContext::of(ctx)?;
-    let at = |mut e: Box<EvalAltResult>| {
-        e.set_position(ctx.call_position());
-        e
-    };
+) -> Result<TrainConfig, Box<EvalAltResult>> {
     let mut cfg: TrainConfig = from_options(ctx, "train::fit", opts)?;
     let out = rc
         .resolve_write_dir(if cfg.output_dir.is_empty() {
@@ -65,11 +160,26 @@ fn run_fit(
     if (cfg.bf16 && dtype != "bfloat16") || (cfg.fp16 && dtype != "float16") {
         rc.sink.err(&format!("note: the model is {dtype}; `bf16`/`fp16` train in the dtype the model was loaded with (`model::load(dir, #{{ dtype: \"bf16\" }})`)"));
     }
+    Ok(cfg)
+}
+
+fn run_fit(
+    ctx: &NativeCallContext,
+    model: &ModelHandle,
+    train: &DatasetHandle,
+    opts: Map,
+    eval: Option<&DatasetHandle>,
+) -> Result<ModelHandle, Box<EvalAltResult>> {
+    let rc = RunContext::of(ctx)?;
+    let at = |mut e: Box<EvalAltResult>| {
+        e.set_position(ctx.call_position());
+        e
+    };
+    let cfg = prepare(ctx, &rc, model, opts)?;
     let train_ex = examples(train, "training").map_err(at)?;
     let eval_ex = eval.map(|d| examples(d, "eval")).transpose().map_err(at)?;
     let pad = model.0.eos_ids().first().copied().unwrap_or(0);
-    let bar = std::cell::RefCell::new(None::<indicatif::ProgressBar>);
-    let sink = rc.sink.clone();
+    let mut printer = Printer::new(rc.sink.clone(), &cfg);
     let report = qscript_runtime::train::fit(
         &model.0,
         train_ex,
@@ -78,65 +188,11 @@ fn run_fit(
         pad,
         &rc.cancel,
         &mut |e| {
-            match e {
-                Event::Start {
-                    examples,
-                    epochs,
-                    total_batch,
-                    total_steps,
-                    trainable,
-                    resumed_at,
-                } => {
-                    sink.err("***** Running training *****");
-                    sink.err(&format!("  Num examples = {examples}"));
-                    sink.err(&format!("  Num Epochs = {epochs}"));
-                    sink.err(&format!(
-                        "  Instantaneous batch size per device = {}",
-                        cfg.per_device_train_batch_size
-                    ));
-                    sink.err(&format!(
-                        "  Total train batch size (w. accumulation) = {total_batch}"
-                    ));
-                    sink.err(&format!(
-                        "  Gradient Accumulation steps = {}",
-                        cfg.gradient_accumulation_steps
-                    ));
-                    sink.err(&format!("  Total optimization steps = {total_steps}"));
-                    sink.err(&format!("  Number of trainable parameters = {trainable}"));
-                    if *resumed_at > 0 {
-                        sink.err(&format!("  Resumed from step {resumed_at}"));
-                    }
-                    let b = indicatif::ProgressBar::new(*total_steps as u64);
-                    b.set_position(*resumed_at as u64);
-                    b.set_style(
-                        indicatif::ProgressStyle::with_template(
-                            "{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}",
-                        )
-                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                    );
-                    *bar.borrow_mut() = Some(b);
-                }
-                Event::Step { step, loss, .. } => {
-                    if let Some(b) = &*bar.borrow() {
-                        b.set_position(*step as u64);
-                        b.set_message(format!("loss {loss:.4}"));
-                    }
-                }
-                Event::Log(rec) | Event::Eval(rec) => {
-                    let line = format_log(rec);
-                    match &*bar.borrow() {
-                        Some(b) => b.suspend(|| sink.out(&line)),
-                        None => sink.out(&line),
-                    }
-                }
-                Event::Saved(p) => sink.err(&format!("saved {}", p.display())),
-            }
+            printer.show(e);
             Ok(())
         },
     );
-    if let Some(b) = bar.borrow_mut().take() {
-        b.finish_and_clear();
-    }
+    printer.finish();
     let report = report.map_err(to_rhai_at(ctx))?;
     if report.interrupted {
         let saved = report
@@ -159,9 +215,55 @@ fn run_fit(
         "trained {} steps: loss {first:.4} -> {last:.4}, {:.0} tokens/s; metrics in `{}`",
         report.steps,
         report.tokens_per_second,
-        out.join("metrics.jsonl").display()
+        std::path::Path::new(&cfg.output_dir)
+            .join("metrics.jsonl")
+            .display()
     ));
     Ok(ModelHandle(Arc::new(report.model)))
+}
+
+/// A step-at-a-time trainer (`Trainer` in scripts).
+#[derive(Clone)]
+pub struct TrainerHandle(Arc<std::sync::Mutex<TrainerState>>);
+
+/// The trainer and its printer.
+pub struct TrainerState {
+    trainer: qscript_runtime::train::Trainer,
+    printer: Printer,
+}
+
+impl std::fmt::Debug for TrainerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Trainer")
+    }
+}
+
+fn new_trainer(
+    ctx: &NativeCallContext,
+    model: &ModelHandle,
+    train: &DatasetHandle,
+    opts: Map,
+    eval: Option<&DatasetHandle>,
+) -> Result<TrainerHandle, Box<EvalAltResult>> {
+    let rc = RunContext::of(ctx)?;
+    let at = |mut e: Box<EvalAltResult>| {
+        e.set_position(ctx.call_position());
+        e
+    };
+    let cfg = prepare(ctx, &rc, model, opts)?;
+    let train_ex = Arc::new(examples(train, "training").map_err(at)?.to_vec());
+    let eval_ex = eval
+        .map(|d| examples(d, "eval").map(|e| Arc::new(e.to_vec())))
+        .transpose()
+        .map_err(at)?;
+    let pad = model.0.eos_ids().first().copied().unwrap_or(0);
+    let trainer = qscript_runtime::train::Trainer::new(&model.0, train_ex, eval_ex, &cfg, pad)
+        .map_err(to_rhai_at(ctx))?;
+    let mut printer = Printer::new(rc.sink.clone(), &cfg);
+    printer.show(&trainer.start_event());
+    Ok(TrainerHandle(Arc::new(std::sync::Mutex::new(
+        TrainerState { trainer, printer },
+    ))))
 }
 
 fn format_log(rec: &serde_json::Value) -> String {
@@ -180,6 +282,8 @@ fn format_log(rec: &serde_json::Value) -> String {
 }
 
 /// The `train` module.
+// rhai's macro unwraps the `&mut` receiver of functions that also take a NativeCallContext.
+#[allow(clippy::unwrap_used)]
 #[export_module]
 pub mod train_module {
     use rhai::Map;
@@ -230,5 +334,199 @@ pub mod train_module {
         eval: DatasetHandle,
     ) -> Result<ModelHandle, Box<rhai::EvalAltResult>> {
         run_fit(&ctx, &model, &train, opts, Some(&eval))
+    }
+
+    /// A trainer for custom loops: `for batch in t.batches() { let out = t.step(batch); }`.
+    /// Takes `train::fit`'s options; logging, eval and checkpoints follow them at each step.
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]`);
+    /// let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/d.json")), tokenizer::builtin());
+    /// let t = train::trainer(lora::attach(model::tiny(), #{ r: 4 }), ds, #{ per_device_train_batch_size: 1, max_steps: 3, save_steps: 0 });
+    /// for batch in t.batches() {
+    ///     let out = t.step(batch);
+    ///     print(`step ${out.step}: loss ${out.loss}`);
+    /// }
+    /// let trained = t.model;
+    /// ```
+    #[rhai_fn(return_raw)]
+    pub fn trainer(
+        ctx: NativeCallContext,
+        model: ModelHandle,
+        train: DatasetHandle,
+        opts: Map,
+    ) -> Result<super::TrainerHandle, Box<rhai::EvalAltResult>> {
+        super::new_trainer(&ctx, &model, &train, opts, None)
+    }
+
+    /// A trainer with an eval dataset (for `t.evaluate()` and `eval_strategy: "steps"`).
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"instruction": "a", "output": "b"}]`);
+    /// let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/d.json")), tokenizer::builtin());
+    /// let t = train::trainer(lora::attach(model::tiny(), #{ r: 4 }), ds, #{ max_steps: 1, save_steps: 0 }, ds);
+    /// print(t.evaluate());
+    /// ```
+    #[rhai_fn(name = "trainer", return_raw)]
+    pub fn trainer_eval(
+        ctx: NativeCallContext,
+        model: ModelHandle,
+        train: DatasetHandle,
+        opts: Map,
+        eval: DatasetHandle,
+    ) -> Result<super::TrainerHandle, Box<rhai::EvalAltResult>> {
+        super::new_trainer(&ctx, &model, &train, opts, Some(&eval))
+    }
+
+    /// The remaining batches of the current epoch (each one optimizer step: a list of
+    /// micro-batches of example indices); the next call moves to the next epoch; empty when done.
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"instruction": "a", "output": "b"}]`);
+    /// let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/d.json")), tokenizer::builtin());
+    /// let t = train::trainer(lora::attach(model::tiny(), #{ r: 4 }), ds, #{ max_steps: 2, save_steps: 0 });
+    /// assert(t.batches().len() == 1);
+    /// ```
+    #[rhai_fn(global, pure)]
+    pub fn batches(t: &mut super::TrainerHandle) -> rhai::Array {
+        let mut s = crate::context::lock(&t.0);
+        s.trainer
+            .windows()
+            .into_iter()
+            .map(|w| {
+                let w: rhai::Array = w
+                    .into_iter()
+                    .map(|m| {
+                        Dynamic::from_array(
+                            m.into_iter()
+                                .map(|i| Dynamic::from(rhai::INT::try_from(i).unwrap_or(0)))
+                                .collect(),
+                        )
+                    })
+                    .collect();
+                Dynamic::from_array(w)
+            })
+            .collect()
+    }
+
+    /// One optimizer step on `batch` (from `t.batches()`); returns `#{ step, loss, grad_norm,
+    /// learning_rate, done }`.
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"instruction": "a", "output": "b"}]`);
+    /// let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/d.json")), tokenizer::builtin());
+    /// let t = train::trainer(lora::attach(model::tiny(), #{ r: 4 }), ds, #{ max_steps: 1, save_steps: 0 });
+    /// let out = t.step(t.batches()[0]);
+    /// assert(out.done);
+    /// ```
+    #[rhai_fn(global, pure, return_raw)]
+    pub fn step(
+        ctx: NativeCallContext,
+        t: &mut super::TrainerHandle,
+        batch: rhai::Array,
+    ) -> Result<Map, Box<rhai::EvalAltResult>> {
+        let mut window = Vec::new();
+        for m in batch {
+            let arr = m.into_array().map_err(|t| {
+                crate::error::script_error(
+                    "invalid_argument",
+                    format!(
+                        "a batch is a list of micro-batches (arrays of example indices), found {t}"
+                    ),
+                )
+            })?;
+            window.push(
+                arr.iter()
+                    .map(|i| {
+                        i.as_int()
+                            .ok()
+                            .and_then(|i| usize::try_from(i).ok())
+                            .unwrap_or(usize::MAX)
+                    })
+                    .collect::<Vec<usize>>(),
+            );
+        }
+        let mut s = crate::context::lock(&t.0);
+        let out = s
+            .trainer
+            .step(&window)
+            .map_err(crate::error::to_rhai_at(&ctx))?;
+        for e in &out.events {
+            s.printer.show(e);
+        }
+        if out.done {
+            s.printer.finish();
+        }
+        let mut m = Map::new();
+        m.insert(
+            "step".into(),
+            Dynamic::from(rhai::INT::try_from(out.step).unwrap_or(0)),
+        );
+        m.insert("loss".into(), Dynamic::from(out.loss));
+        m.insert("grad_norm".into(), Dynamic::from(out.grad_norm));
+        m.insert("learning_rate".into(), Dynamic::from(out.learning_rate));
+        m.insert("done".into(), Dynamic::from(out.done));
+        Ok(m)
+    }
+
+    /// Mean token loss on the eval dataset.
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"instruction": "a", "output": "b"}]`);
+    /// let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/d.json")), tokenizer::builtin());
+    /// let t = train::trainer(lora::attach(model::tiny(), #{ r: 4 }), ds, #{ max_steps: 1, save_steps: 0 }, ds);
+    /// assert(t.evaluate() > 0.0);
+    /// ```
+    #[rhai_fn(global, pure, return_raw)]
+    pub fn evaluate(
+        ctx: NativeCallContext,
+        t: &mut super::TrainerHandle,
+    ) -> Result<f64, Box<rhai::EvalAltResult>> {
+        crate::context::lock(&t.0)
+            .trainer
+            .evaluate()
+            .map_err(crate::error::to_rhai_at(&ctx))
+    }
+
+    /// Writes `checkpoint-{step}` in the output dir now; returns its path.
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"instruction": "a", "output": "b"}]`);
+    /// let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/d.json")), tokenizer::builtin());
+    /// let t = train::trainer(lora::attach(model::tiny(), #{ r: 4 }), ds, #{ max_steps: 1, save_steps: 0, output_dir: "custom" });
+    /// t.step(t.batches()[0]);
+    /// assert(t.save_checkpoint().ends_with("checkpoint-1"));
+    /// ```
+    #[rhai_fn(global, pure, return_raw)]
+    pub fn save_checkpoint(
+        ctx: NativeCallContext,
+        t: &mut super::TrainerHandle,
+    ) -> Result<String, Box<rhai::EvalAltResult>> {
+        let p = crate::context::lock(&t.0)
+            .trainer
+            .save_checkpoint()
+            .map_err(crate::error::to_rhai_at(&ctx))?;
+        Ok(p.to_string_lossy().into_owned())
+    }
+
+    /// A snapshot of the model as trained so far (later steps do not change it).
+    #[rhai_fn(global, get = "model", pure, return_raw)]
+    pub fn model(t: &mut super::TrainerHandle) -> Result<ModelHandle, Box<rhai::EvalAltResult>> {
+        let s = crate::context::lock(&t.0);
+        let (m, _) = qscript_runtime::train::trainer::fresh_trainables(s.trainer.model())
+            .map_err(crate::error::to_rhai)?;
+        Ok(ModelHandle(Arc::new(m)))
+    }
+
+    /// Optimizer steps done.
+    #[rhai_fn(global, get = "global_step", pure)]
+    pub fn global_step(t: &mut super::TrainerHandle) -> rhai::INT {
+        rhai::INT::try_from(crate::context::lock(&t.0).trainer.global_step()).unwrap_or(0)
+    }
+
+    /// Optimizer steps planned.
+    #[rhai_fn(global, get = "total_steps", pure)]
+    pub fn total_steps(t: &mut super::TrainerHandle) -> rhai::INT {
+        rhai::INT::try_from(crate::context::lock(&t.0).trainer.total_steps()).unwrap_or(0)
     }
 }
