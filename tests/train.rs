@@ -377,3 +377,53 @@ fn lora_dropout_is_seeded_and_only_active_in_training() {
         "no dropout at inference"
     );
 }
+
+#[test]
+fn early_stopping_and_the_best_model_at_end() {
+    use qscript_runtime::train::trainer::evaluate;
+    let dir = tempfile::tempdir().unwrap();
+    let data = examples(8);
+    // A learning rate far too high: the eval loss gets worse after the first steps.
+    let c = TrainConfig {
+        max_steps: 50,
+        learning_rate: 0.5,
+        max_grad_norm: 0.0,
+        eval_strategy: "steps".into(),
+        eval_steps: Some(1),
+        early_stopping_patience: Some(2),
+        load_best_model_at_end: true,
+        metric_for_best_model: Some("eval_loss".into()),
+        save_total_limit: Some(1),
+        ..cfg(dir.path())
+    };
+    let r = fit(
+        &peft_with(6, 0.0),
+        &data,
+        Some(&data),
+        &c,
+        256,
+        &CancelToken::new(),
+        &mut |_| Ok(()),
+    )
+    .unwrap();
+    assert!(r.steps < 50, "stopped early at step {}", r.steps);
+    let evals: Vec<f64> = r
+        .log_history
+        .iter()
+        .filter_map(|x| x.get("eval_loss").and_then(serde_json::Value::as_f64))
+        .collect();
+    let best = evals.iter().copied().fold(f64::MAX, f64::min);
+    let last_two = &evals[evals.len() - 2..];
+    assert!(last_two.iter().all(|&e| e > best), "{evals:?}");
+    let final_loss = evaluate(&r.model, &data, &c, 256).unwrap();
+    assert!(
+        (final_loss - best).abs() < 1e-6,
+        "the best checkpoint was restored: {final_loss} vs {best}"
+    );
+    let kept: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "save_total_limit keeps the best");
+}

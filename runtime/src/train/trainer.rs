@@ -503,7 +503,8 @@ impl Trainer {
                 &self.params,
                 self.cfg.gradient_checkpointing,
                 seed,
-            )?;
+            )
+            .map_err(|e| self.out_of_memory_hint(e, batch.input_ids.dims()))?;
             if !value.is_finite() {
                 return Err(Error::InvalidArgument(format!(
                     "the loss is {value} at step {} (micro-batch {k} of the window, examples {:?}); lower `learning_rate` or check the data",
@@ -597,6 +598,27 @@ impl Trainer {
             events,
             done: self.is_done(),
         })
+    }
+
+    /// Turns a device out-of-memory error into one that says what to reduce.
+    fn out_of_memory_hint(&self, e: Error, dims: &[usize]) -> Error {
+        let text = e.to_string();
+        if !(text.contains("OUT_OF_MEMORY") || text.to_lowercase().contains("out of memory")) {
+            return e;
+        }
+        Error::InvalidArgument(format!(
+            "out of memory at step {} on a batch of {:?} (examples x tokens): lower `per_device_train_batch_size` \
+             (raise `gradient_accumulation_steps` to keep the effective batch of {}), lower `max_length` in `data::sft`, \
+             or set `gradient_checkpointing: true`{}; the device said: {text}",
+            self.state.global_step + 1,
+            dims,
+            self.cfg.per_device_train_batch_size * self.cfg.gradient_accumulation_steps,
+            if self.cfg.gradient_checkpointing {
+                " (already on)"
+            } else {
+                ""
+            },
+        ))
     }
 
     fn record(&mut self, rec: &serde_json::Value) -> Result<()> {
