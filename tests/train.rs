@@ -422,7 +422,7 @@ fn early_stopping_and_the_best_model_at_end() {
     );
     let kept: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
-        .filter_map(|e| e.ok())
+        .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
         .collect();
     assert_eq!(kept.len(), 1, "save_total_limit keeps the best");
