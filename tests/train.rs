@@ -8,6 +8,7 @@ use qscript_runtime::data::formats::{FormatOptions, to_messages};
 use qscript_runtime::data::sft::{Example, SftOptions, sft};
 use qscript_runtime::lora::{self, LoraConfig, Targets};
 use qscript_runtime::model::{Model, TinyConfig, tiny};
+use qscript_runtime::testing::{max_abs, max_abs_diff};
 use qscript_runtime::tokenizer::Tokenizer;
 use qscript_runtime::train::{Event, TrainConfig, fit};
 
@@ -154,18 +155,7 @@ fn accumulating_k_micro_batches_equals_a_k_times_larger_batch() {
         .iter()
         .zip(lora::adapter_vars(&b.model).iter())
     {
-        let d: f32 = va
-            .as_tensor()
-            .sub(vb.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = max_abs_diff(va.as_tensor(), vb.as_tensor());
         assert!(d < 1e-5, "{n} differs by {d}");
     }
 }
@@ -318,26 +308,8 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         assert!((l1 - l2).abs() < 1e-6, "{name}: loss {l1} vs {l2}");
         for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
             let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
-            let d: f32 = a
-                .sub(b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            let scale: f32 = a
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let d = max_abs_diff(a, b);
+            let scale = max_abs(a);
             assert!(
                 scale > 0.0 && d <= 1e-6 + 1e-4 * scale,
                 "{name}: param {i} differs by {d} (scale {scale})"
@@ -355,18 +327,7 @@ fn lora_dropout_is_seeded_and_only_active_in_training() {
     }
     let ids = candle_core::Tensor::new(&[[5u32, 9, 17, 33]], &candle_core::Device::Cpu).unwrap();
     let f = |seed: Option<u64>| m.decoder.forward_t(&ids, None, None, seed).unwrap();
-    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
-        a.sub(b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    };
+    let diff = max_abs_diff;
     assert_eq!(diff(&f(Some(1)), &f(Some(1))), 0.0, "same seed, same masks");
     assert!(
         diff(&f(Some(1)), &f(Some(2))) > 1e-4,

@@ -50,3 +50,18 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .to_scalar()
         .unwrap()
 }
+
+/// The largest absolute element of a tensor.
+///
+/// # Panics
+/// When the tensor cannot be read.
+#[allow(clippy::unwrap_used)]
+pub fn max_abs(t: &candle_core::Tensor) -> f32 {
+    let d = t.abs().unwrap().flatten_all().unwrap();
+    d.to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}

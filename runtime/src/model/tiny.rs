@@ -235,17 +235,7 @@ mod tests {
             let ids = Tensor::new(&[[1u32, 5, 9, 200]], &Device::Cpu).unwrap();
             let la = a.decoder.forward(&ids, None, None).unwrap();
             let lc = c.decoder.forward(&ids, None, None).unwrap();
-            let d: f32 = la
-                .sub(&lc)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let d = crate::testing::max_abs_diff(&la, &lc);
             assert_eq!(d, 0.0, "{arch}: saved and loaded model differ");
             assert_eq!(c.to_string(), a.to_string());
         }
