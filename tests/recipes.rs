@@ -85,3 +85,46 @@ fn the_huanhuan_recipe_trains_saves_and_chats() {
         assert!(o_dir.join(f).is_file(), "{f} missing");
     }
 }
+
+#[test]
+fn editing_the_training_cell_reuses_the_model_and_the_tokenized_data() {
+    use std::sync::Arc;
+    let out = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
+    let dir = out.path().join("recipes");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    std::fs::copy(
+        src.join("data/huanhuan_demo.json"),
+        dir.join("data/huanhuan_demo.json"),
+    )
+    .unwrap();
+    let recipe = std::fs::read_to_string(src.join("huanhuan_lora.rhai")).unwrap();
+    let path = dir.join("h.rhai");
+    std::fs::write(&path, &recipe).unwrap();
+    let mut opts = qscript_stdlib::RunOptions::new(&dir, out.path().join("o"));
+    opts.overrides = vec![
+        ("max_steps".into(), "2".into()),
+        ("epochs".into(), "1.0".into()),
+    ];
+    let sink = qscript_stdlib::BufferSink::default();
+    let mut s = qscript_stdlib::Session::new(&opts, Arc::new(sink.clone())).unwrap();
+    let first = s.load_file(&path).unwrap();
+    assert!(first.error.is_none(), "{:?}", first.error);
+    let log = sink.take();
+    assert!(log.contains("data: tokenized 40 examples"), "{log}");
+    // Edit only the training cell: params, data, model and LoRA cells are reused.
+    std::fs::write(
+        &path,
+        recipe.replace("warmup_ratio: 0.03,", "warmup_ratio: 0.1,"),
+    )
+    .unwrap();
+    let again = s.load_file(&path).unwrap();
+    assert!(again.error.is_none(), "{:?}", again.error);
+    assert_eq!(again.reused, 5, "{}", again.summary());
+    let log = sink.take();
+    assert!(
+        !log.contains("data: tokenized") && !log.contains("Model(Qwen2ForCausalLM"),
+        "nothing reloaded: {log}"
+    );
+    assert!(log.contains("Total optimization steps = 2"), "{log}");
+}
