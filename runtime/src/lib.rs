@@ -24,6 +24,7 @@
 pub mod cancel;
 pub mod chat_template;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod hash;
 pub mod lora;

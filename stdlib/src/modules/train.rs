@@ -31,15 +31,21 @@ fn examples<'a>(
 /// Prints training events: the plan as HF prints it, a progress bar, log and eval lines.
 struct Printer {
     sink: Arc<dyn crate::context::OutputSink>,
+    memory: Option<String>,
     bar: Option<indicatif::ProgressBar>,
     batch: usize,
     accumulation: usize,
 }
 
 impl Printer {
-    fn new(sink: Arc<dyn crate::context::OutputSink>, cfg: &TrainConfig) -> Self {
+    fn new(
+        sink: Arc<dyn crate::context::OutputSink>,
+        cfg: &TrainConfig,
+        model: &ModelHandle,
+    ) -> Self {
         Self {
             sink,
+            memory: qscript_runtime::device::memory_line(model.0.decoder.device()),
             bar: None,
             batch: cfg.per_device_train_batch_size,
             accumulation: cfg.gradient_accumulation_steps,
@@ -73,6 +79,9 @@ impl Printer {
                 ));
                 sink.err(&format!("  Total optimization steps = {total_steps}"));
                 sink.err(&format!("  Number of trainable parameters = {trainable}"));
+                if let Some(line) = &self.memory {
+                    sink.err(&format!("  {line}"));
+                }
                 if *resumed_at > 0 {
                     sink.err(&format!("  Resumed from step {resumed_at}"));
                 }
@@ -179,7 +188,7 @@ fn run_fit(
     let train_ex = examples(train, "training").map_err(at)?;
     let eval_ex = eval.map(|d| examples(d, "eval")).transpose().map_err(at)?;
     let pad = model.0.eos_ids().first().copied().unwrap_or(0);
-    let mut printer = Printer::new(rc.sink.clone(), &cfg);
+    let mut printer = Printer::new(rc.sink.clone(), &cfg, model);
     let report = qscript_runtime::train::fit(
         &model.0,
         train_ex,
@@ -259,7 +268,7 @@ fn new_trainer(
     let pad = model.0.eos_ids().first().copied().unwrap_or(0);
     let trainer = qscript_runtime::train::Trainer::new(&model.0, train_ex, eval_ex, &cfg, pad)
         .map_err(to_rhai_at(ctx))?;
-    let mut printer = Printer::new(rc.sink.clone(), &cfg);
+    let mut printer = Printer::new(rc.sink.clone(), &cfg, model);
     printer.show(&trainer.start_event());
     Ok(TrainerHandle(Arc::new(std::sync::Mutex::new(
         TrainerState { trainer, printer },
