@@ -113,7 +113,8 @@ impl WeightSource {
         let t = match self {
             WeightSource::Files { files, routing, .. } => {
                 let i = *routing.get(name).ok_or_else(missing)?;
-                files[i].load(name, &Device::Cpu)?
+                // Straight from the mapped file to the target device (no intermediate CPU copy).
+                files[i].load(name, device)?
             }
             WeightSource::Memory { tensors, .. } => tensors.get(name).ok_or_else(missing)?.clone(),
         };
