@@ -1,5 +1,7 @@
 //! Content hashes of files and directories, used as memo-cache keys: a cached result is reused
-//! only while the bytes it was computed from are the same.
+//! only while the bytes it was computed from are the same. Files over 64 MiB (checkpoint shards)
+//! are fingerprinted by length, modification time and their first and last MiB, so a re-run cell
+//! does not read 15 GB to find its cached model.
 
 use std::path::Path;
 
@@ -30,11 +32,39 @@ fn feed(hasher: &mut blake3::Hasher, root: &Path, path: &Path) -> Result<()> {
         hasher.update(rel.to_string_lossy().as_bytes());
         hasher.update(&[0]);
         let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        hasher
-            .update_reader(&mut file)
-            .map_err(|e| Error::io(path, e))?;
+        if meta.len() > BIG {
+            fingerprint(hasher, &mut file, &meta).map_err(|e| Error::io(path, e))?;
+        } else {
+            hasher
+                .update_reader(&mut file)
+                .map_err(|e| Error::io(path, e))?;
+        }
         hasher.update(&[0]);
     }
+    Ok(())
+}
+
+/// Files larger than this are fingerprinted instead of hashed in full.
+const BIG: u64 = 64 << 20;
+
+fn fingerprint(
+    hasher: &mut blake3::Hasher,
+    file: &mut std::fs::File,
+    meta: &std::fs::Metadata,
+) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    hasher.update(&meta.len().to_le_bytes());
+    if let Ok(t) = meta.modified()
+        && let Ok(d) = t.duration_since(std::time::UNIX_EPOCH)
+    {
+        hasher.update(&d.as_nanos().to_le_bytes());
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    file.read_exact(&mut buf)?;
+    hasher.update(&buf);
+    file.seek(SeekFrom::End(-(1 << 20)))?;
+    file.read_exact(&mut buf)?;
+    hasher.update(&buf);
     Ok(())
 }
 
@@ -53,6 +83,14 @@ mod tests {
         assert_ne!(h1, hash_path(&f)?);
         assert_ne!(d1, hash_path(dir.path())?);
         assert!(hash_path(&dir.path().join("missing")).is_err());
+        // A big file is fingerprinted: a change in its first MiB is seen.
+        let big = dir.path().join("big.bin");
+        let mut bytes = vec![7u8; (BIG + 1) as usize];
+        std::fs::write(&big, &bytes).map_err(|e| Error::io(&big, e))?;
+        let b1 = hash_path(&big)?;
+        bytes[10] = 8;
+        std::fs::write(&big, &bytes).map_err(|e| Error::io(&big, e))?;
+        assert_ne!(b1, hash_path(&big)?);
         Ok(())
     }
 }
