@@ -117,3 +117,13 @@ impl Error {
         }
     }
 }
+
+/// Reads a JSON config file (`config.json`, `adapter_config.json`, ...) into `T`; a read error names
+/// the file, a parse error names the file with serde's line and column.
+pub fn read_config<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}

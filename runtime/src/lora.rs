@@ -116,11 +116,7 @@ impl LoraConfig {
 
     /// Reads `adapter_config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let cfg: Self = crate::error::read_config(path)?;
         if cfg.peft_type != "LORA" {
             return Err(Error::Config {
                 path: path.to_path_buf(),

@@ -42,13 +42,7 @@ pub fn repo_fixtures() -> PathBuf {
 /// When the shapes differ or the tensors cannot be read.
 #[allow(clippy::unwrap_used)]
 pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    let d = a.sub(b).unwrap().abs().unwrap().flatten_all().unwrap();
-    d.to_dtype(candle_core::DType::F32)
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    max_abs(&a.sub(b).unwrap())
 }
 
 /// The largest absolute element of a tensor.

@@ -97,11 +97,7 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(format!("`{}`: {e}", file.display())))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: TokenizerConfig = if cfg_path.is_file() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-            serde_json::from_str(&text).map_err(|e| Error::Config {
-                path: cfg_path.clone(),
-                message: e.to_string(),
-            })?
+            crate::error::read_config(&cfg_path)?
         } else {
             TokenizerConfig::default()
         };

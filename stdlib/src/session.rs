@@ -111,6 +111,18 @@ struct CellState {
     done: Option<Snapshot>,
 }
 
+impl CellState {
+    /// A compiled cell that has not run.
+    fn fresh(cell: Cell, ast: AST) -> Self {
+        Self {
+            cell,
+            ast,
+            imports: Vec::new(),
+            done: None,
+        }
+    }
+}
+
 struct Notebook {
     path: PathBuf,
     source: String,
@@ -224,12 +236,7 @@ impl Session {
         } = self.compile_file(path)?;
         let mut fresh: Vec<_> = cells
             .into_iter()
-            .map(|(cell, ast)| CellState {
-                cell,
-                ast,
-                imports: Vec::new(),
-                done: None,
-            })
+            .map(|(cell, ast)| CellState::fresh(cell, ast))
             .collect();
         let mut old = match self.notebook.take() {
             Some(nb) if nb.path == path => nb.cells,
@@ -309,12 +316,7 @@ impl Session {
         let stopped = stop.map(|i| cells[i].0.label());
         let fresh = cells
             .into_iter()
-            .map(|(cell, ast)| CellState {
-                cell,
-                ast,
-                imports: Vec::new(),
-                done: None,
-            })
+            .map(|(cell, ast)| CellState::fresh(cell, ast))
             .collect();
         self.notebook = Some(Notebook {
             path,

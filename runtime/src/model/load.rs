@@ -138,11 +138,7 @@ impl Model {
         let src = WeightSource::open(dir)?;
         let gen_path = dir.join("generation_config.json");
         let generation = if gen_path.is_file() {
-            let text = std::fs::read_to_string(&gen_path).map_err(|e| Error::io(&gen_path, e))?;
-            serde_json::from_str(&text).map_err(|e| Error::Config {
-                path: gen_path,
-                message: e.to_string(),
-            })?
+            crate::error::read_config(&gen_path)?
         } else {
             GenerationConfig::default()
         };

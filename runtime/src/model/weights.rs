@@ -49,11 +49,7 @@ impl WeightSource {
         let paths: Vec<PathBuf> = if single.is_file() {
             vec![single]
         } else if index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let idx: Index = serde_json::from_str(&text).map_err(|e| Error::Config {
-                path: index.clone(),
-                message: e.to_string(),
-            })?;
+            let idx: Index = crate::error::read_config(&index)?;
             let mut names: Vec<&String> = idx.weight_map.values().collect();
             names.sort();
             names.dedup();

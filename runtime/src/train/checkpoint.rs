@@ -107,11 +107,7 @@ pub fn rotate(output_dir: &Path, limit: usize, keep: Option<&str>) -> Result<()>
 /// Restores weights and optimizer moments from `dir`; returns the trainer state.
 pub fn restore(dir: &Path, model: &Model, opt: &mut AdamW) -> Result<TrainerState> {
     let state_path = dir.join("trainer_state.json");
-    let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
-    let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::Config {
-        path: state_path,
-        message: e.to_string(),
-    })?;
+    let state: TrainerState = crate::error::read_config(&state_path)?;
     let weights_file = if model.lora.is_some() {
         "adapter_model.safetensors"
     } else {
