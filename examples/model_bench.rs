@@ -102,10 +102,13 @@ fn export(base: &Path, out: &Path) -> anyhow::Result<()> {
         target_modules: Targets::Pattern("all-linear".into()),
         ..LoraConfig::default()
     };
-    let peft = lora::attach(&m, &cfg, 3)?;
-    for (_, a) in lora::adapters(&peft) {
-        a.b.set(&a.b.as_tensor().randn_like(0.0, 0.1)?)?;
-    }
+    let mut peft = lora::attach(&m, &cfg, 3)?;
+    qscript_runtime::model::params::visit_adapters_mut(&mut peft.decoder, &mut |name, t| {
+        if name.ends_with("lora_B.weight") {
+            *t = t.randn_like(0.0, 0.1)?;
+        }
+        Ok(())
+    })?;
     lora::save_adapter(&peft, &out.join("adapter"))?;
     let merged = lora::merge(&peft)?;
     merged.save(&out.join("merged"))?;

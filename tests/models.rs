@@ -7,8 +7,10 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use qscript_runtime::model::{KvCache, LoadOptions, Model};
+use qscript_runtime::nn::AttnMask;
 use qscript_runtime::nn::ops::cross_entropy;
 use qscript_runtime::testing::repo_fixtures;
+use qscript_runtime::train::engine::gradients;
 
 const MODELS: &[&str] = &["tiny-qwen2", "tiny-qwen3", "tiny-llama3"];
 
@@ -104,29 +106,37 @@ fn loss_and_every_gradient_match_transformers() {
         let want: f32 = g["loss"].to_scalar().unwrap();
         let got: f32 = loss.to_scalar().unwrap();
         assert!((got - want).abs() < 1e-5, "{name}: loss {got} vs {want}");
-        let grads = loss.backward().unwrap();
-        assert!(!m.vars.is_empty());
-        for (pname, var) in &m.vars {
-            let got = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient for {pname}"));
-            let want = &g[&format!("grad.{pname}")];
-            let scale = qscript_runtime::testing::max_abs(want);
-            let d = max_diff(got, want);
+        // The training engine (block-wise, hand-written backward) on the same batch, with and
+        // without recomputation.
+        let mask = AttnMask::from_attention_mask(&g["attention_mask"], 0).unwrap();
+        let labels = g["labels"].flatten_all().unwrap().to_vec1::<i64>().unwrap();
+        for recompute in [false, true] {
+            let (engine_loss, grads) =
+                gradients(&m, &ids, &mask, &labels, None, recompute).unwrap();
             assert!(
-                scale > 0.0 && d.is_finite(),
-                "{name}: {pname} zero or non-finite gradient"
+                (engine_loss as f32 - want).abs() < 1e-5,
+                "{name}: engine loss {engine_loss} vs {want}"
             );
-            assert!(
-                d <= 1e-5 + 1e-3 * scale,
-                "{name}: {pname} gradient differs by {d} (scale {scale})"
+            assert!(!grads.is_empty());
+            for (pname, got) in &grads {
+                let want = &g[&format!("grad.{pname}")];
+                let scale = qscript_runtime::testing::max_abs(want);
+                let d = max_diff(got, want);
+                assert!(
+                    scale > 0.0 && d.is_finite(),
+                    "{name}: {pname} zero or non-finite gradient"
+                );
+                assert!(
+                    d <= 1e-5 + 1e-3 * scale,
+                    "{name}: {pname} gradient differs by {d} (scale {scale})"
+                );
+            }
+            assert_eq!(
+                grads.len(),
+                g.keys().filter(|k| k.starts_with("grad.")).count(),
+                "{name}: every parameter"
             );
         }
-        assert_eq!(
-            m.vars.len(),
-            g.keys().filter(|k| k.starts_with("grad.")).count(),
-            "{name}: every parameter"
-        );
     }
 }
 
@@ -273,7 +283,7 @@ fn sharded_checkpoints_load_through_the_index() {
     let dir = tempfile::tempdir().unwrap();
     let (mut a, mut b) = (HashMap::new(), HashMap::new());
     let mut map = serde_json::Map::new();
-    for (i, (name, t)) in m.named.iter().enumerate() {
+    for (i, (name, t)) in m.named().iter().enumerate() {
         let (shard, file) = if i % 2 == 0 {
             (&mut a, "model-00001-of-00002.safetensors")
         } else {

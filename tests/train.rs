@@ -109,8 +109,7 @@ fn overfitting_one_batch_drives_the_loss_down() {
     // The input handle is untouched: its adapters are still B = 0.
     let b = &lora::adapters(&m)[0].1.b;
     assert_eq!(
-        b.as_tensor()
-            .abs()
+        b.abs()
             .unwrap()
             .sum_all()
             .unwrap()
@@ -151,11 +150,11 @@ fn accumulating_k_micro_batches_equals_a_k_times_larger_batch() {
     for ((_, la), (_, lb)) in a.losses.iter().zip(&b.losses) {
         assert!((la - lb).abs() < 1e-5, "{la} vs {lb}");
     }
-    for ((n, va), (_, vb)) in lora::adapter_vars(&a.model)
+    for ((n, va), (_, vb)) in lora::adapter_tensors(&a.model)
         .iter()
-        .zip(lora::adapter_vars(&b.model).iter())
+        .zip(lora::adapter_tensors(&b.model).iter())
     {
-        let d = max_abs_diff(va.as_tensor(), vb.as_tensor());
+        let d = max_abs_diff(va, vb);
         assert!(d < 1e-5, "{n} differs by {d}");
     }
 }
@@ -215,10 +214,8 @@ fn a_nan_loss_names_the_step_and_bad_options_are_explained() {
         max_steps: 20,
         ..cfg(dir.path())
     };
-    let broken = peft(4);
-    let b = &lora::adapters(&broken)[0].1.b;
-    b.set(&(b.as_tensor().ones_like().unwrap() * f64::NAN).unwrap())
-        .unwrap();
+    let mut broken = peft(4);
+    set_lora_b(&mut broken, f64::NAN);
     let e = fit(
         &broken,
         &examples(4),
@@ -257,7 +254,8 @@ fn a_nan_loss_names_the_step_and_bad_options_are_explained() {
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients() {
     use qscript_runtime::data::batch::collate;
-    use qscript_runtime::train::trainer::micro_grads;
+    use qscript_runtime::nn::AttnMask;
+    use qscript_runtime::train::engine::gradients;
     let data = examples(3);
     let refs: Vec<&Example> = data.iter().collect();
     let batch = collate(&refs, 256, Some(8), &candle_core::Device::Cpu).unwrap();
@@ -279,52 +277,50 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         trainable: true,
     };
     let full = Model::load(saved.path(), &opts).unwrap();
-    let lora_model = peft(5);
-    for (_, a) in lora::adapters(&lora_model) {
-        a.b.set(&(a.b.as_tensor().ones_like().unwrap() * 0.05).unwrap())
-            .unwrap();
-    }
-    let cases: [(&str, &Model, Vec<candle_core::Tensor>); 2] = [
-        (
-            "lora",
-            &lora_model,
-            lora::adapter_vars(&lora_model)
-                .iter()
-                .map(|(_, v)| v.as_tensor().clone())
-                .collect(),
-        ),
-        (
-            "full",
-            &full,
-            full.vars
-                .iter()
-                .map(|(_, v)| v.as_tensor().clone())
-                .collect(),
-        ),
-    ];
-    for (name, m, params) in cases {
-        let (l1, g1) = micro_grads(m, &batch, 10.0, &params, false, 7).unwrap();
-        let (l2, g2) = micro_grads(m, &batch, 10.0, &params, true, 7).unwrap();
+    let mut lora_model = peft(5);
+    set_lora_b(&mut lora_model, 0.05);
+    let mask = AttnMask::right_padded(&batch.lens);
+    for (name, m) in [("lora", &lora_model), ("full", &full)] {
+        let run = |recompute| {
+            gradients(
+                m,
+                &batch.input_ids,
+                &mask,
+                &batch.labels_host,
+                Some(7),
+                recompute,
+            )
+            .unwrap()
+        };
+        let ((l1, g1), (l2, g2)) = (run(false), run(true));
         assert!((l1 - l2).abs() < 1e-6, "{name}: loss {l1} vs {l2}");
-        for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
-            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+        assert!(!g1.is_empty());
+        for ((n, a), (_, b)) in g1.iter().zip(&g2) {
             let d = max_abs_diff(a, b);
             let scale = max_abs(a);
             assert!(
                 scale > 0.0 && d <= 1e-6 + 1e-4 * scale,
-                "{name}: param {i} differs by {d} (scale {scale})"
+                "{name}: {n} differs by {d} (scale {scale})"
             );
         }
     }
 }
 
+/// Sets every LoRA B of `m` to `value` (so adapters contribute).
+fn set_lora_b(m: &mut Model, value: f64) {
+    qscript_runtime::model::params::visit_adapters_mut(&mut m.decoder, &mut |name, t| {
+        if name.ends_with("lora_B.weight") {
+            *t = (t.ones_like()? * value)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
 #[test]
 fn lora_dropout_is_seeded_and_only_active_in_training() {
-    let m = peft(9);
-    for (_, a) in lora::adapters(&m) {
-        a.b.set(&(a.b.as_tensor().ones_like().unwrap() * 0.05).unwrap())
-            .unwrap();
-    }
+    let mut m = peft(9);
+    set_lora_b(&mut m, 0.05);
     let ids = candle_core::Tensor::new(&[[5u32, 9, 17, 33]], &candle_core::Device::Cpu).unwrap();
     let f = |seed: Option<u64>| m.decoder.forward_t(&ids, None, None, seed).unwrap();
     let diff = max_abs_diff;

@@ -84,6 +84,16 @@ pub enum Error {
     /// The run was cancelled (Ctrl-C, or a watch reload).
     #[error("cancelled")]
     Cancelled,
+    /// A tensor op failed inside the training engine: which pass, which layer, on what shape.
+    #[error("{op} failed on a micro-batch of {shape:?} (examples x tokens): {source}")]
+    Engine {
+        /// `forward of layer 3`, `loss`, `backward of layer 0`, ...
+        op: String,
+        /// The micro-batch shape.
+        shape: Vec<usize>,
+        /// What candle said.
+        source: candle_core::Error,
+    },
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -105,7 +115,7 @@ impl Error {
             Error::Template(_) => "template",
             Error::InvalidArgument(_) => "invalid_argument",
             Error::Cancelled => "cancelled",
-            Error::Candle(_) => "tensor",
+            Error::Candle(_) | Error::Engine { .. } => "tensor",
         }
     }
 

@@ -9,12 +9,13 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Uniform};
 use serde::{Deserialize, Serialize};
 
 use crate::model::Model;
+use crate::model::block::Proj;
 use crate::nn::linear::{Linear, LoraAdapter};
 use crate::{Error, Result};
 
@@ -131,17 +132,6 @@ impl LoraConfig {
     }
 }
 
-/// The names of the linear layers of one block, as HF names them under `model.layers.N.`.
-pub const BLOCK_LINEARS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
-
 /// Whether the module at `path` (`model.layers.0.self_attn.q_proj`) is a target.
 pub fn is_target(targets: &Targets, path: &str) -> Result<bool> {
     Ok(match targets {
@@ -158,34 +148,16 @@ pub fn is_target(targets: &Targets, path: &str) -> Result<bool> {
     })
 }
 
-fn linear_mut<'a>(model: &'a mut Model, layer: usize, name: &str) -> &'a mut Linear {
-    let b = &mut model.decoder.blocks[layer];
-    match name {
-        "self_attn.q_proj" => &mut b.attn.q,
-        "self_attn.k_proj" => &mut b.attn.k,
-        "self_attn.v_proj" => &mut b.attn.v,
-        "self_attn.o_proj" => &mut b.attn.o,
-        "mlp.gate_proj" => &mut b.mlp.gate,
-        "mlp.up_proj" => &mut b.mlp.up,
-        _ => &mut b.mlp.down,
-    }
+fn linear_mut<'a>(model: &'a mut Model, layer: usize, proj: Proj) -> &'a mut Linear {
+    model.decoder.blocks[layer].proj_mut(proj)
 }
 
 /// Every linear layer of the model with its module path.
 pub fn linears(model: &Model) -> Vec<(String, &Linear)> {
     let mut out = Vec::new();
     for (i, b) in model.decoder.blocks.iter().enumerate() {
-        let l = [
-            &b.attn.q,
-            &b.attn.k,
-            &b.attn.v,
-            &b.attn.o,
-            &b.mlp.gate,
-            &b.mlp.up,
-            &b.mlp.down,
-        ];
-        for (name, lin) in BLOCK_LINEARS.iter().zip(l) {
-            out.push((format!("model.layers.{i}.{name}"), lin));
+        for p in Proj::ALL {
+            out.push((format!("model.layers.{i}.{}", p.path()), b.proj(p)));
         }
     }
     out
@@ -200,12 +172,12 @@ pub fn attach(model: &Model, cfg: &LoraConfig, seed: u64) -> Result<Model> {
     out.lora = None;
     let mut count = 0;
     for i in 0..out.decoder.blocks.len() {
-        for name in BLOCK_LINEARS {
-            let path = format!("model.layers.{i}.{name}");
+        for proj in Proj::ALL {
+            let path = format!("model.layers.{i}.{}", proj.path());
             if !is_target(&cfg.target_modules, &path)? {
                 continue;
             }
-            let lin = linear_mut(&mut out, i, name);
+            let lin = linear_mut(&mut out, i, proj);
             let (o, inp) = (lin.out_features(), lin.in_features());
             let bound = 1.0 / (inp as f32).sqrt();
             let uni =
@@ -219,10 +191,7 @@ pub fn attach(model: &Model, cfg: &LoraConfig, seed: u64) -> Result<Model> {
         }
     }
     if count == 0 {
-        let modules: Vec<String> = BLOCK_LINEARS
-            .iter()
-            .map(|n| n.rsplit('.').next().unwrap_or(n).to_string())
-            .collect();
+        let modules: Vec<&str> = Proj::ALL.iter().map(|p| p.short()).collect();
         return Err(Error::InvalidArgument(format!(
             "`target_modules` {:?} matches no module; this model's linear layers are {}",
             cfg.target_modules,
@@ -241,19 +210,20 @@ pub fn adapters(model: &Model) -> Vec<(String, &LoraAdapter)> {
         .collect()
 }
 
-/// The adapter `Var`s under PEFT's tensor names.
-pub fn adapter_vars(model: &Model) -> Vec<(String, Var)> {
+/// The adapter tensors under PEFT's tensor names (shared, not copied).
+pub fn adapter_tensors(model: &Model) -> Vec<(String, Tensor)> {
     let mut out = Vec::new();
-    for (p, a) in adapters(model) {
-        out.push((format!("base_model.model.{p}.lora_A.weight"), a.a.clone()));
-        out.push((format!("base_model.model.{p}.lora_B.weight"), a.b.clone()));
-    }
+    let mut copy = model.decoder.clone();
+    let _ = crate::model::params::visit_adapters_mut(&mut copy, &mut |n, t| {
+        out.push((n.to_string(), t.clone()));
+        Ok(())
+    });
     out
 }
 
 /// PEFT's `print_trainable_parameters` line.
 pub fn trainable_parameters(model: &Model) -> String {
-    let trainable: usize = adapter_vars(model)
+    let trainable: usize = adapter_tensors(model)
         .iter()
         .map(|(_, v)| v.elem_count())
         .sum();
@@ -291,10 +261,7 @@ pub fn save_adapter(model: &Model, dir: &Path) -> Result<()> {
         .or_else(|| model.source.as_ref().map(|p| p.display().to_string()));
     let json = serde_json::to_string_pretty(&cfg).unwrap_or_default();
     crate::sandbox::write_atomic(&dir.join("adapter_config.json"), json.as_bytes())?;
-    let tensors: HashMap<String, Tensor> = adapter_vars(model)
-        .into_iter()
-        .map(|(n, v)| (n, v.as_tensor().clone()))
-        .collect();
+    let tensors: HashMap<String, Tensor> = adapter_tensors(model).into_iter().collect();
     let tmp = dir.join(".adapter_model.safetensors.tmp");
     candle_core::safetensors::save(&tensors, &tmp)?;
     std::fs::rename(&tmp, dir.join("adapter_model.safetensors")).map_err(|e| Error::io(dir, e))
@@ -323,8 +290,8 @@ pub fn load_adapter(model: &Model, dir: &Path) -> Result<Model> {
     let mut out = attach(model, &cfg, 0)?;
     let names: Vec<String> = adapters(&out).into_iter().map(|(p, _)| p).collect();
     for p in names {
-        let (i, name) = split_path(&p);
-        let lin = linear_mut(&mut out, i, name);
+        let (i, proj) = split_path(&p);
+        let lin = linear_mut(&mut out, i, proj);
         let (o, inp) = (lin.out_features(), lin.in_features());
         let device = lin.weight.device().clone();
         let get = |suffix: &str, shape: [usize; 2]| -> Result<Tensor> {
@@ -349,30 +316,27 @@ pub fn load_adapter(model: &Model, dir: &Path) -> Result<Model> {
     Ok(out)
 }
 
-fn split_path(p: &str) -> (usize, &str) {
+fn split_path(p: &str) -> (usize, Proj) {
     let rest = p.strip_prefix("model.layers.").unwrap_or(p);
     let (i, name) = rest.split_once('.').unwrap_or(("0", rest));
-    (i.parse().unwrap_or(0), name)
+    let proj = Proj::ALL
+        .into_iter()
+        .find(|q| q.path() == name)
+        .unwrap_or(Proj::Q);
+    (i.parse().unwrap_or(0), proj)
 }
 
 /// A plain model with every adapter folded into its base weight: `W + scale * B A`.
 pub fn merge(model: &Model) -> Result<Model> {
     let mut out = model.clone();
     let names: Vec<String> = adapters(model).into_iter().map(|(p, _)| p).collect();
-    let mut replaced: HashMap<String, Tensor> = HashMap::new();
     for p in names {
-        let (i, name) = split_path(&p);
-        let lin = linear_mut(&mut out, i, name);
+        let (i, proj) = split_path(&p);
+        let lin = linear_mut(&mut out, i, proj);
         if let Some(ad) = lin.lora.take() {
-            let delta = (ad.b.as_tensor().matmul(ad.a.as_tensor())? * ad.scale)?;
-            let w = (lin.weight.to_dtype(DType::F32)? + delta)?.to_dtype(lin.weight.dtype())?;
-            lin.weight = w.clone();
-            replaced.insert(format!("{p}.weight"), w);
-        }
-    }
-    for (name, t) in &mut out.named {
-        if let Some(w) = replaced.remove(name) {
-            *t = w;
+            let delta = (ad.b.matmul(&ad.a)? * ad.scale)?;
+            lin.weight =
+                (lin.weight.to_dtype(DType::F32)? + delta)?.to_dtype(lin.weight.dtype())?;
         }
     }
     out.lora = None;

@@ -21,6 +21,10 @@ pub struct Batch {
     pub labels: Tensor,
     /// Real (unpadded) tokens in the batch.
     pub tokens: usize,
+    /// Real tokens of each row (the rest is right padding).
+    pub lens: Vec<usize>,
+    /// `labels` on the host, row-major (the loss picks its rows from it without a read-back).
+    pub labels_host: Vec<i64>,
 }
 
 /// Pads `examples` on the right to a common length.
@@ -46,9 +50,11 @@ pub fn collate(
         Vec::with_capacity(b * len),
     );
     let mut tokens = 0;
+    let mut lens = Vec::with_capacity(b);
     for e in examples {
         let n = e.input_ids.len();
         tokens += n;
+        lens.push(n);
         ids.extend(&e.input_ids);
         ids.extend(std::iter::repeat_n(pad_id, len - n));
         mask.extend(std::iter::repeat_n(1u32, n));
@@ -59,8 +65,10 @@ pub fn collate(
     Ok(Batch {
         input_ids: Tensor::from_vec(ids, (b, len), device)?,
         attention_mask: Tensor::from_vec(mask, (b, len), device)?,
-        labels: Tensor::from_vec(labels, (b, len), device)?,
+        labels: Tensor::from_slice(&labels, (b, len), device)?,
         tokens,
+        lens,
+        labels_host: labels,
     })
 }
 

@@ -5,11 +5,12 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use super::block::{Attention, Block, Mlp};
 use super::config::{Arch, ModelConfig, OneOrMany};
-use super::decoder::{Attention, Block, Decoder, Mlp};
+use super::decoder::Decoder;
 use super::rope::Rope;
 use super::weights::WeightSource;
 use crate::nn::Linear;
@@ -40,13 +41,13 @@ impl LoadOptions {
     /// The device named by `device`.
     pub fn resolve_device(&self) -> Result<Device> {
         match self.device.as_str() {
-            "auto" => Ok(Device::cuda_if_available(0)?),
+            "auto" => crate::device::auto(),
             "cpu" => Ok(Device::Cpu),
             d => match d.strip_prefix("cuda").map(|r| r.trim_start_matches(':')) {
-                Some("") => Ok(Device::new_cuda(0)?),
+                Some("") => crate::device::cuda(0),
                 Some(n) => {
                     let n: usize = n.parse().map_err(|_| bad_device(d))?;
-                    Ok(Device::new_cuda(n)?)
+                    crate::device::cuda(n)
                 }
                 None => Err(bad_device(d)),
             },
@@ -114,10 +115,8 @@ pub struct Model {
     pub generation: GenerationConfig,
     /// The checkpoint directory, if loaded from one.
     pub source: Option<PathBuf>,
-    /// Every weight by HF name (tied weights once).
-    pub named: Vec<(String, Tensor)>,
-    /// The weights as `Var`s when loaded `trainable`.
-    pub vars: Vec<(String, Var)>,
+    /// Every weight is trained (full fine-tuning), not only adapters.
+    pub trainable: bool,
     /// The LoRA config when adapters are attached (see [`crate::lora`]).
     pub lora: Option<crate::lora::LoraConfig>,
 }
@@ -161,14 +160,7 @@ impl Model {
             message,
         })?;
         let arch = cfg.arch()?;
-        let mut l = Loader {
-            src,
-            dtype,
-            device,
-            trainable,
-            named: Vec::new(),
-            vars: Vec::new(),
-        };
+        let l = Loader { src, dtype, device };
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         let (q_out, kv_out) = (cfg.num_attention_heads * hd, cfg.num_kv_heads() * hd);
         let embed = l.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
@@ -211,6 +203,7 @@ impl Model {
                 attn,
                 post_norm,
                 mlp,
+                eps: cfg.rms_norm_eps,
             });
         }
         let norm = l.get("model.norm.weight", &[h])?;
@@ -238,10 +231,14 @@ impl Model {
             arch,
             generation,
             source: None,
-            named: l.named,
-            vars: l.vars,
+            trainable,
             lora: None,
         })
+    }
+
+    /// Every weight by HF name (tied weights once), shared with the model.
+    pub fn named(&self) -> Vec<(String, Tensor)> {
+        super::params::named(&self.decoder)
     }
 
     /// The config.
@@ -279,7 +276,7 @@ impl Model {
             &dir.join("generation_config.json"),
             json(&self.generation).as_bytes(),
         )?;
-        let tensors: HashMap<String, Tensor> = self.named.iter().cloned().collect();
+        let tensors: HashMap<String, Tensor> = self.named().into_iter().collect();
         let tmp = dir.join(".model.safetensors.tmp");
         candle_core::safetensors::save(&tensors, &tmp)?;
         std::fs::rename(&tmp, dir.join("model.safetensors")).map_err(|e| Error::io(dir, e))
@@ -337,27 +334,14 @@ struct Loader<'a> {
     src: &'a WeightSource,
     dtype: DType,
     device: &'a Device,
-    trainable: bool,
-    named: Vec<(String, Tensor)>,
-    vars: Vec<(String, Var)>,
 }
 
 impl Loader<'_> {
-    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.src.get(name, shape, self.dtype, self.device)?;
-        let t = if self.trainable {
-            let v = Var::from_tensor(&t)?;
-            let t = v.as_tensor().clone();
-            self.vars.push((name.to_string(), v));
-            t
-        } else {
-            t
-        };
-        self.named.push((name.to_string(), t.clone()));
-        Ok(t)
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.src.get(name, shape, self.dtype, self.device)
     }
 
-    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
         let w = self.get(&format!("{prefix}.weight"), &[out, inp])?;
         let b = if bias {
             Some(self.get(&format!("{prefix}.bias"), &[out])?)

@@ -1,9 +1,11 @@
 //! Models: HF checkpoints in, a differentiable Llama-family decoder, generation.
 
+pub mod block;
 pub mod config;
 pub mod decoder;
 pub mod generate;
 pub mod load;
+pub mod params;
 pub mod rope;
 pub mod tiny;
 pub mod weights;

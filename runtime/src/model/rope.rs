@@ -1,7 +1,10 @@
 //! Rotary position embeddings: inverse frequencies from the config (default, linear, llama3
-//! scaling, as transformers computes them) and cos/sin tables for a range of positions.
+//! scaling, as transformers computes them) and cos/sin tables for a range of positions, built
+//! once per device and dtype (grown when a longer sequence comes) and sliced per forward.
 
-use candle_core::{DType, Device, Result, Tensor};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, DeviceLocation, Result, Tensor};
 
 use super::config::ModelConfig;
 
@@ -9,6 +12,16 @@ use super::config::ModelConfig;
 #[derive(Clone, Debug)]
 pub struct Rope {
     inv_freq: Vec<f32>,
+    cache: Arc<Mutex<Vec<Cached>>>,
+}
+
+#[derive(Debug)]
+struct Cached {
+    location: DeviceLocation,
+    dtype: DType,
+    len: usize,
+    cos: Tensor,
+    sin: Tensor,
 }
 
 impl Rope {
@@ -53,14 +66,59 @@ impl Rope {
         }
         Self {
             inv_freq: inv.into_iter().map(|v| v as f32).collect(),
+            cache: Arc::default(),
         }
     }
 
-    /// `(cos, sin)` for positions `offset..offset + len`.
+    /// `(cos, sin)` for positions `offset..offset + len`, sliced from the cached tables.
     ///
     /// # Shapes
     /// Each `[len, head_dim]`.
     pub fn tables(
+        &self,
+        offset: usize,
+        len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let need = offset + len;
+        let location = device.location();
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("rope cache poisoned".into()))?;
+        let pos = cache
+            .iter()
+            .position(|c| c.location == location && c.dtype == dtype && c.same_device(device));
+        let pos = match pos {
+            Some(i) if cache[i].len >= need => i,
+            found => {
+                let n = need.next_power_of_two().max(256);
+                let (cos, sin) = self.build(0, n, dtype, device)?;
+                let entry = Cached {
+                    location,
+                    dtype,
+                    len: n,
+                    cos,
+                    sin,
+                };
+                match found {
+                    Some(i) => {
+                        cache[i] = entry;
+                        i
+                    }
+                    None => {
+                        cache.push(entry);
+                        cache.len() - 1
+                    }
+                }
+            }
+        };
+        let c = &cache[pos];
+        Ok((c.cos.narrow(0, offset, len)?, c.sin.narrow(0, offset, len)?))
+    }
+
+    fn build(
         &self,
         offset: usize,
         len: usize,
@@ -80,5 +138,12 @@ impl Rope {
         let cos = Tensor::from_vec(cos, (len, half * 2), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (len, half * 2), device)?.to_dtype(dtype)?;
         Ok((cos, sin))
+    }
+}
+
+impl Cached {
+    /// The same device object (two `Device::new_cuda(0)` are different devices to candle).
+    fn same_device(&self, device: &Device) -> bool {
+        self.cos.device().same_device(device)
     }
 }

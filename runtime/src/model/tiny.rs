@@ -217,8 +217,8 @@ mod tests {
             };
             let a = tiny(&t).unwrap();
             let b = tiny(&t).unwrap();
-            assert_eq!(a.named.len(), b.named.len());
-            for ((n1, t1), (_, t2)) in a.named.iter().zip(&b.named) {
+            assert_eq!(a.named().len(), b.named().len());
+            for ((n1, t1), (_, t2)) in a.named().iter().zip(&b.named()) {
                 assert_eq!(t1.to_vec1::<f32>().ok(), t2.to_vec1::<f32>().ok(), "{n1}");
             }
             let dir = tempfile::tempdir().unwrap();

@@ -1,17 +1,19 @@
-//! The one seam every projection goes through, so LoRA can replace it by module name.
+//! The one seam every projection goes through, so LoRA can replace it by module name, with its
+//! explicit backward. A frozen weight gets no gradient and no weight-gradient matmul: only `dX`.
 
-use std::cell::Cell;
+use candle_core::{D, DType, Result, Tensor};
 
-use candle_core::{D, DType, Result, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use super::GradSink;
+use super::dropout;
 
-/// A LoRA adapter on a linear layer: `scale * B (A dropout(x))`, kept in f32.
+/// A LoRA adapter on a linear layer: `scale * B (A dropout(x))`. A and B are stored in f32 (the
+/// optimizer's master copy) and applied in the dtype of the activations.
 #[derive(Clone, Debug)]
 pub struct LoraAdapter {
     /// `lora_A` `[r, in]`.
-    pub a: Var,
+    pub a: Tensor,
     /// `lora_B` `[out, r]`.
-    pub b: Var,
+    pub b: Tensor,
     /// `alpha / r` (or `alpha / sqrt(r)`).
     pub scale: f64,
     /// Dropout on the adapter's input while training.
@@ -22,53 +24,12 @@ impl LoraAdapter {
     /// An adapter from initial A and B.
     pub fn new(a: Tensor, b: Tensor, scale: f64, dropout: f64) -> Result<Self> {
         Ok(Self {
-            a: Var::from_tensor(&a.to_dtype(DType::F32)?)?,
-            b: Var::from_tensor(&b.to_dtype(DType::F32)?)?,
+            a: a.to_dtype(DType::F32)?,
+            b: b.to_dtype(DType::F32)?,
             scale,
             dropout,
         })
     }
-}
-
-/// Seeded dropout: the mask of the k-th call comes from `(seed, k)`, so recomputing a block
-/// (gradient checkpointing) or replaying a step (resume) draws the same masks.
-#[derive(Debug)]
-pub struct Dropout {
-    seed: u64,
-    calls: Cell<u64>,
-}
-
-impl Dropout {
-    /// Masks from `seed`.
-    pub fn new(seed: u64) -> Self {
-        Self {
-            seed,
-            calls: Cell::new(0),
-        }
-    }
-
-    /// Zeroes each element with probability `p` and scales the rest by `1 / (1 - p)`.
-    pub fn apply(&self, x: &Tensor, p: f64) -> Result<Tensor> {
-        let k = self.calls.get();
-        self.calls.set(k + 1);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(mix(self.seed, k));
-        let keep = (1.0 / (1.0 - p)) as f32;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&mask)
-    }
-}
-
-/// Mixes two numbers into a seed (splitmix64 of their combination).
-pub fn mix(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b
-        .wrapping_add(0x9E37_79B9_7F4A_7C15)
-        .wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// `y = x W^T + b`, with `W: [out, in]` as HF stores it, plus a LoRA adapter when attached.
@@ -80,6 +41,15 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// The adapter, if any.
     pub lora: Option<LoraAdapter>,
+}
+
+/// What [`Linear::backward`] needs from the forward.
+#[derive(Clone, Debug)]
+pub struct LinearSaved {
+    /// The input, flattened to `[rows, in]`.
+    x: Tensor,
+    /// `dropout(x) A^T` `[rows, r]` and the dropout key (`None`: no dropout).
+    lora: Option<(Tensor, Option<u64>)>,
 }
 
 impl Linear {
@@ -97,42 +67,94 @@ impl Linear {
     /// # Shapes
     /// `x: [.., in]` -> `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_t(x, None)
+        self.forward_t(x, None, None)
     }
 
-    /// Forward; with `dropout` (training), the adapter's input dropout is applied.
+    /// Forward; `dropout_key` (training) applies the adapter's input dropout with masks keyed by
+    /// it, and `saved` records what [`Linear::backward`] needs.
     ///
     /// # Shapes
     /// `x: [.., in]` -> `[.., out]`.
-    pub fn forward_t(&self, x: &Tensor, dropout: Option<&Dropout>) -> Result<Tensor> {
+    pub fn forward_t(
+        &self,
+        x: &Tensor,
+        dropout_key: Option<u64>,
+        saved: Option<&mut Option<LinearSaved>>,
+    ) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let inner = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, inner))?;
-        let y = x2.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let y = match &self.lora {
-            Some(l) => {
-                let mut h = x2.to_dtype(DType::F32)?;
-                if let Some(d) = dropout
-                    && l.dropout > 0.0
-                {
-                    h = d.apply(&h, l.dropout)?;
-                }
-                let delta = (h
-                    .matmul(&l.a.as_tensor().t()?)?
-                    .matmul(&l.b.as_tensor().t()?)?
-                    * l.scale)?;
-                y.add(&delta.to_dtype(y.dtype())?)?
-            }
-            None => y,
-        };
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut lora_saved = None;
+        if let Some(l) = &self.lora {
+            let key = dropout_key.filter(|_| l.dropout > 0.0);
+            let h = match key {
+                Some(k) => dropout::apply(&x2, l.dropout, k)?,
+                None => x2.clone(),
+            };
+            let dtype = x2.dtype();
+            let xa = h.matmul(&l.a.to_dtype(dtype)?.t()?)?;
+            let delta = (xa.matmul(&l.b.to_dtype(dtype)?.t()?)? * l.scale)?;
+            y = y.add(&delta)?;
+            lora_saved = Some((xa, key));
+        }
+        if let Some(slot) = saved {
+            *slot = Some(LinearSaved {
+                x: x2,
+                lora: lora_saved,
+            });
+        }
         let mut out = dims;
         *out.last_mut().unwrap_or(&mut 0) = self.weight.dim(0)?;
         y.reshape(out)
+    }
+
+    /// Backward from `dy` (`[.., out]`): returns `dx` (`[rows, in]`) and adds the gradients of the
+    /// tensors `grads` wants (adapters; every weight in full fine-tuning). A frozen weight costs
+    /// one matmul (`dx`), no more.
+    pub fn backward(
+        &self,
+        saved: &LinearSaved,
+        dy: &Tensor,
+        grads: &mut dyn GradSink,
+    ) -> Result<Tensor> {
+        let rows = saved.x.dim(0)?;
+        let dy = dy.reshape((rows, self.out_features()))?;
+        let mut dx = dy.matmul(&self.weight)?;
+        if grads.wants(&self.weight) {
+            grads.add(&self.weight, &dy.t()?.matmul(&saved.x)?)?;
+        }
+        if let Some(b) = &self.bias
+            && grads.wants(b)
+        {
+            grads.add(b, &dy.to_dtype(DType::F32)?.sum(0)?)?;
+        }
+        if let (Some(l), Some((xa, key))) = (&self.lora, &saved.lora) {
+            let dtype = dy.dtype();
+            let (a, b) = (l.a.to_dtype(dtype)?, l.b.to_dtype(dtype)?);
+            let dxa = (dy.matmul(&b)? * l.scale)?;
+            if grads.wants(&l.b) {
+                grads.add(&l.b, &(dy.t()?.matmul(xa)? * l.scale)?)?;
+            }
+            if grads.wants(&l.a) {
+                let h = match key {
+                    Some(k) => dropout::apply(&saved.x, l.dropout, *k)?,
+                    None => saved.x.clone(),
+                };
+                grads.add(&l.a, &dxa.t()?.matmul(&h)?)?;
+            }
+            let dh = dxa.matmul(&a)?;
+            let dh = match key {
+                Some(k) => dropout::apply(&dh, l.dropout, *k)?,
+                None => dh,
+            };
+            dx = dx.add(&dh)?;
+        }
+        Ok(dx)
     }
 
     /// Output features.

@@ -1,9 +1,52 @@
-//! Differentiable building blocks. candle's fused `rms_norm`, `softmax_last_dim`, `rope` and SDPA
-//! record no backward op (gradients silently stop there), so the training path is built from
-//! composite ops that candle's autograd understands. Fused kernels with an explicit backward come
-//! later, each checked against these.
+//! The op facade: every op the decoder runs, each with its forward and its explicit backward.
+//! The implementations here are the reference ones (composite candle ops: the CPU path and the
+//! oracle that every fused kernel is tested against); a device with a fused kernel for an op
+//! takes it inside the op's function, so callers never change. candle's own fused `rms_norm`,
+//! `softmax_last_dim`, `rope` and SDPA record no backward op, and its autograd keeps every
+//! activation and computes a gradient for every frozen operand, so the training engine does not
+//! use autograd at all: it calls these backward functions block by block.
+//!
+//! | op | forward | backward |
+//! |---|---|---|
+//! | RMSNorm | [`ops::rms_norm`] | [`ops::rms_norm_backward`] |
+//! | RoPE | [`ops::apply_rope`] | [`ops::rope_backward`] |
+//! | SwiGLU | [`ops::swiglu`] | [`ops::swiglu_backward`] |
+//! | attention | [`attention::attention`] | [`attention::attention_backward`] |
+//! | linear + LoRA | [`Linear::forward_t`] | [`Linear::backward`] |
+//! | dropout | [`dropout::apply`] | the same mask, re-derived from its key |
+//! | causal-LM loss | [`loss::causal_lm_loss`] (from the final hidden states) | returns dHidden |
 
+pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod dropout;
 pub mod linear;
+pub mod loss;
 pub mod ops;
 
+use candle_core::{Result, Tensor};
+
+pub use attention::AttnMask;
 pub use linear::Linear;
+
+/// Where backward functions put parameter gradients. `wants` says whether a tensor is trained
+/// (asked before its gradient is computed, so frozen weights cost nothing); `add` accumulates.
+pub trait GradSink {
+    /// Whether `param` gets a gradient.
+    fn wants(&self, param: &Tensor) -> bool;
+    /// Adds `grad` (any float dtype, `param`'s shape) to `param`'s gradient.
+    fn add(&mut self, param: &Tensor, grad: &Tensor) -> Result<()>;
+}
+
+/// A sink that wants nothing: inference-only backward (input gradients only).
+#[derive(Debug, Default)]
+pub struct NoGrads;
+
+impl GradSink for NoGrads {
+    fn wants(&self, _: &Tensor) -> bool {
+        false
+    }
+    fn add(&mut self, _: &Tensor, _: &Tensor) -> Result<()> {
+        Ok(())
+    }
+}

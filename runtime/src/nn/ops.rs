@@ -7,11 +7,71 @@ use candle_core::{D, DType, Result, Tensor};
 /// # Shapes
 /// `x: [.., d]`, `weight: [d]` -> `[.., d]`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
+    let (normed, _) = normalize(x, eps)?;
+    normed.to_dtype(x.dtype())?.broadcast_mul(weight)
+}
+
+/// `(x * rstd, rstd)` in f32.
+fn normalize(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     let x32 = x.to_dtype(DType::F32)?;
-    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = x32.broadcast_div(&(var + eps)?.sqrt()?)?;
-    y.to_dtype(dtype)?.broadcast_mul(weight)
+    let rstd = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    Ok((x32.broadcast_mul(&rstd)?, rstd))
+}
+
+/// Backward of [`rms_norm`] from its input: `dx`, and `dweight` when `want_dw`.
+/// `dx = rstd * (g - x̂ * mean(g * x̂))` with `g = dy * weight`; `dweight = Σ dy * x̂`.
+pub fn rms_norm_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    dy: &Tensor,
+    want_dw: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (xhat, rstd) = normalize(x, eps)?;
+    let dy32 = dy.to_dtype(DType::F32)?;
+    let g = dy32.broadcast_mul(&weight.to_dtype(DType::F32)?)?;
+    let dot = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
+    let dx = g
+        .sub(&xhat.broadcast_mul(&dot)?)?
+        .broadcast_mul(&rstd)?
+        .to_dtype(x.dtype())?;
+    let dw = if want_dw {
+        let d = weight.dim(0)?;
+        let rows = dy32.elem_count() / d;
+        let xh = xhat.to_dtype(x.dtype())?.to_dtype(DType::F32)?;
+        Some((dy32 * xh)?.reshape((rows, d))?.sum(0)?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
+}
+
+/// `silu(gate) * up`, the SwiGLU of the MLP.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.silu()?.mul(up)
+}
+
+/// Backward of [`swiglu`]: `(dgate, dup)`, computed in f32.
+pub fn swiglu_backward(gate: &Tensor, up: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dtype = gate.dtype();
+    let g = gate.to_dtype(DType::F32)?;
+    let dh = dh.to_dtype(DType::F32)?;
+    let s = crate::nn::ops::sigmoid(&g)?;
+    let silu = (&g * &s)?;
+    let dup = (&dh * &silu)?.to_dtype(dtype)?;
+    // silu'(g) = s * (1 + g * (1 - s))
+    let dsilu = (&s * ((&g * s.affine(-1.0, 1.0)?)? + 1.0)?)?;
+    let dgate = (dh * up.to_dtype(DType::F32)?)?
+        .mul(&dsilu)?
+        .to_dtype(dtype)?;
+    Ok((dgate, dup))
+}
+
+/// `1 / (1 + exp(-x))`.
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
 }
 
 /// Softmax over the last dimension, shifted by the (constant) row maximum.
@@ -29,17 +89,20 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&lse)
 }
 
-/// `x * sigmoid(x)` (candle's op records its backward).
-pub fn silu(x: &Tensor) -> Result<Tensor> {
-    x.silu()
-}
-
 /// The second half of the last dimension, negated, then the first half (HF `rotate_half`).
 fn rotate_half(x: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
     Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// The transpose of [`rotate_half`]: the second half, then the first half negated.
+fn rotate_half_t(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
+    Tensor::cat(&[&x2, &x1.neg()?], D::Minus1)
 }
 
 /// Applies rotary embeddings.
@@ -49,6 +112,12 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)?
         .add(&rotate_half(x)?.broadcast_mul(sin)?)
+}
+
+/// Backward of [`apply_rope`]: `dx = dy * cos + rotate_half_t(dy * sin)`.
+pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    dy.broadcast_mul(cos)?
+        .add(&rotate_half_t(&dy.broadcast_mul(sin)?)?)
 }
 
 /// Mean cross-entropy of `logits` against `labels`, skipping labels equal to -100 (HF's
@@ -129,7 +198,7 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 6), &dev).unwrap()).unwrap();
         let w = Var::from_tensor(&Tensor::randn(1f32, 0.1, 6, &dev).unwrap()).unwrap();
         let h = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
-        let h = silu(&h).unwrap();
+        let h = h.silu().unwrap();
         let h = softmax_last_dim(&h).unwrap();
         let labels = Tensor::new(&[1i64, -100, 3, 0], &dev).unwrap();
         let (loss, n) = cross_entropy(&h, &labels).unwrap();
@@ -146,5 +215,43 @@ mod tests {
                 .unwrap();
             assert!(norm.is_finite() && norm > 0.0);
         }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        a.sub(b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Each hand-written backward equals candle's autograd through the composite forward.
+    #[test]
+    fn backward_ops_match_autograd() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
+        let u = Var::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
+        let w = Var::randn(1f32, 0.2, 8, &dev).unwrap();
+        let dy = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
+        let seed = |t: Tensor| t.mul(&dy).unwrap().sum_all().unwrap().backward().unwrap();
+
+        let g = seed(rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap());
+        let (dx, dw) = rms_norm_backward(x.as_tensor(), w.as_tensor(), 1e-6, &dy, true).unwrap();
+        assert!(max_diff(&dx, g.get(x.as_tensor()).unwrap()) < 1e-5);
+        assert!(max_diff(&dw.unwrap(), g.get(w.as_tensor()).unwrap()) < 1e-4);
+
+        let g = seed(swiglu(x.as_tensor(), u.as_tensor()).unwrap());
+        let (dg, du) = swiglu_backward(x.as_tensor(), u.as_tensor(), &dy).unwrap();
+        assert!(max_diff(&dg, g.get(x.as_tensor()).unwrap()) < 1e-5);
+        assert!(max_diff(&du, g.get(u.as_tensor()).unwrap()) < 1e-5);
+
+        let cos = Tensor::randn(0f32, 1.0, (5, 8), &dev).unwrap();
+        let sin = Tensor::randn(0f32, 1.0, (5, 8), &dev).unwrap();
+        let g = seed(apply_rope(x.as_tensor(), &cos, &sin).unwrap());
+        let dx = rope_backward(&dy, &cos, &sin).unwrap();
+        assert!(max_diff(&dx, g.get(x.as_tensor()).unwrap()) < 1e-5);
     }
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+use super::flat::FlatParams;
 use super::optim::AdamW;
 use crate::model::Model;
 use crate::{Error, Result};
@@ -35,6 +36,7 @@ pub struct TrainerState {
 pub fn save(
     output_dir: &Path,
     model: &Model,
+    params: &FlatParams,
     opt: &AdamW,
     state: &TrainerState,
 ) -> Result<PathBuf> {
@@ -54,9 +56,9 @@ pub fn save(
         model.save(&tmp)?;
     }
     let mut moments: HashMap<String, Tensor> = HashMap::new();
-    for s in &opt.slots {
-        moments.insert(format!("m.{}", s.name), s.m.clone());
-        moments.insert(format!("v.{}", s.name), s.v.clone());
+    for s in &params.slots {
+        moments.insert(format!("m.{}", s.name), s.of(&opt.m)?);
+        moments.insert(format!("v.{}", s.name), s.of(&opt.v)?);
     }
     candle_core::safetensors::save(&moments, tmp.join("optimizer.safetensors"))?;
     let json = serde_json::to_string_pretty(state).unwrap_or_default();
@@ -105,7 +107,12 @@ pub fn rotate(output_dir: &Path, limit: usize, keep: Option<&str>) -> Result<()>
 }
 
 /// Restores weights and optimizer moments from `dir`; returns the trainer state.
-pub fn restore(dir: &Path, model: &Model, opt: &mut AdamW) -> Result<TrainerState> {
+pub fn restore(
+    dir: &Path,
+    model: &Model,
+    params: &FlatParams,
+    opt: &mut AdamW,
+) -> Result<TrainerState> {
     let state_path = dir.join("trainer_state.json");
     let state: TrainerState = crate::error::read_config(&state_path)?;
     let weights_file = if model.lora.is_some() {
@@ -113,10 +120,7 @@ pub fn restore(dir: &Path, model: &Model, opt: &mut AdamW) -> Result<TrainerStat
     } else {
         "model.safetensors"
     };
-    let device = opt
-        .slots
-        .first()
-        .map_or(candle_core::Device::Cpu, |s| s.var.device().clone());
+    let device = params.device().clone();
     let weights = candle_core::safetensors::load(dir.join(weights_file), &device).map_err(|e| {
         Error::Safetensors {
             path: dir.join(weights_file),
@@ -128,22 +132,30 @@ pub fn restore(dir: &Path, model: &Model, opt: &mut AdamW) -> Result<TrainerStat
             path: dir.join("optimizer.safetensors"),
             message: e.to_string(),
         })?;
-    for s in &mut opt.slots {
-        let missing = |n: &str| Error::MissingTensor {
-            name: n.to_string(),
-            path: dir.to_path_buf(),
-        };
+    let missing = |n: &str| Error::MissingTensor {
+        name: n.to_string(),
+        path: dir.to_path_buf(),
+    };
+    let (mut m, mut v) = (Vec::new(), Vec::new());
+    for (i, s) in params.slots.iter().enumerate() {
         let w = weights.get(&s.name).ok_or_else(|| missing(&s.name))?;
-        s.var.set(&w.to_dtype(s.var.dtype())?)?;
-        s.m = moments
-            .get(&format!("m.{}", s.name))
-            .ok_or_else(|| missing(&format!("m.{}", s.name)))?
-            .clone();
-        s.v = moments
-            .get(&format!("v.{}", s.name))
-            .ok_or_else(|| missing(&format!("v.{}", s.name)))?
-            .clone();
+        params.set_slot(i, w)?;
+        for (prefix, out) in [("m", &mut m), ("v", &mut v)] {
+            let key = format!("{prefix}.{}", s.name);
+            let t = moments.get(&key).ok_or_else(|| missing(&key))?;
+            if t.shape() != &s.shape {
+                return Err(Error::ShapeMismatch {
+                    name: key,
+                    path: dir.to_path_buf(),
+                    expected: s.shape.dims().to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+            out.push(t.to_dtype(candle_core::DType::F32)?.flatten_all()?);
+        }
     }
+    opt.m = Tensor::cat(&m, 0)?;
+    opt.v = Tensor::cat(&v, 0)?;
     opt.step = state.global_step;
     Ok(state)
 }

@@ -3,6 +3,8 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod engine;
+pub mod flat;
 pub mod optim;
 pub mod schedule;
 pub mod trainer;

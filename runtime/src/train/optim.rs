@@ -1,8 +1,9 @@
 //! AdamW as torch implements it (decoupled weight decay, bias-corrected moments), with f32 states
 //! whatever the dtype of the parameters, and global-norm gradient clipping as `clip_grad_norm_`.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor};
 
+use super::flat::FlatParams;
 use crate::Result;
 
 /// Hyper-parameters with transformers' names.
@@ -29,104 +30,76 @@ impl Default for AdamWConfig {
     }
 }
 
-/// One parameter with its moments.
-#[derive(Debug)]
-pub struct Slot {
-    /// HF / PEFT name.
-    pub name: String,
-    /// The parameter.
-    pub var: Var,
-    /// First moment (f32).
-    pub m: Tensor,
-    /// Second moment (f32).
-    pub v: Tensor,
-    /// Whether weight decay applies.
-    pub decay: bool,
-}
-
-/// AdamW over named `Var`s.
+/// AdamW over the flat parameter buffer: f32 moments in the same layout, one update for every
+/// tensor at once.
 #[derive(Debug)]
 pub struct AdamW {
     /// Hyper-parameters.
     pub cfg: AdamWConfig,
-    /// Parameters and states.
-    pub slots: Vec<Slot>,
+    /// First moments `[len]` f32.
+    pub m: Tensor,
+    /// Second moments `[len]` f32.
+    pub v: Tensor,
+    /// `1` where weight decay applies, else `0` (`None` without weight decay).
+    decay_mask: Option<Tensor>,
     /// Optimizer steps taken.
     pub step: usize,
 }
 
 impl AdamW {
-    /// An optimizer for `params`; names ending in `bias` or containing `norm` get no decay.
-    pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
-        let slots = params
-            .into_iter()
-            .map(|(name, var)| {
-                let z = Tensor::zeros(var.shape(), DType::F32, var.device())?;
-                let decay = !(name.ends_with("bias") || name.contains("norm"));
-                Ok(Slot {
-                    name,
-                    var,
-                    m: z.clone(),
-                    v: z,
-                    decay,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+    /// Zeroed moments for `params`.
+    pub fn new(params: &FlatParams, cfg: AdamWConfig) -> Result<Self> {
+        let device = params.device();
+        let z = Tensor::zeros(params.len(), DType::F32, device)?;
+        let decay_mask = if cfg.weight_decay > 0.0 {
+            let mut mask = vec![0f32; params.len()];
+            for s in params.slots.iter().filter(|s| s.decay) {
+                mask[s.offset..s.offset + s.len()].fill(1.0);
+            }
+            Some(Tensor::from_vec(mask, params.len(), device)?)
+        } else {
+            None
+        };
         Ok(Self {
             cfg,
-            slots,
+            m: z.clone(),
+            v: z,
+            decay_mask,
             step: 0,
         })
     }
 
-    /// One update with learning rate `lr` from `grads` (aligned with `slots`).
-    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+    /// One update of `params` with learning rate `lr` from the flat f32 `grads`.
+    pub fn step(&mut self, params: &FlatParams, grads: &Tensor, lr: f64) -> Result<()> {
         self.step += 1;
         let c = &self.cfg;
         let t = i32::try_from(self.step).unwrap_or(i32::MAX);
         let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
-        for (slot, g) in self.slots.iter_mut().zip(grads) {
-            let g = g.to_dtype(DType::F32)?;
-            slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let p = slot.var.as_tensor().to_dtype(DType::F32)?;
-            let p = if slot.decay && c.weight_decay > 0.0 {
-                (&p * (1.0 - lr * c.weight_decay))?
-            } else {
-                p
-            };
-            let denom = ((&slot.v / bc2)?.sqrt()? + c.eps)?;
-            let update = ((&slot.m / bc1)? / denom)?;
-            let p = (p - (update * lr)?)?;
-            slot.var.set(&p.to_dtype(slot.var.dtype())?)?;
-        }
+        self.m = (self.m.affine(c.beta1, 0.0)? + grads.affine(1.0 - c.beta1, 0.0)?)?;
+        self.v = (self.v.affine(c.beta2, 0.0)? + grads.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
+        let p = params.data.as_tensor().to_dtype(DType::F32)?;
+        let p = match &self.decay_mask {
+            Some(mask) => p.mul(&mask.affine(-lr * c.weight_decay, 1.0)?)?,
+            None => p,
+        };
+        let denom = (self.v.affine(1.0 / bc2, 0.0)?.sqrt()? + c.eps)?;
+        let update = self.m.affine(lr / bc1, 0.0)?.div(&denom)?;
+        let p = (p - update)?;
+        params.data.set(&p.to_dtype(params.data.dtype())?)?;
         Ok(())
     }
 }
 
-/// The global L2 norm of `grads`, and the grads scaled so the norm is at most `max_norm`
-/// (`torch.nn.utils.clip_grad_norm_`: factor `max_norm / (norm + 1e-6)`, applied only when < 1).
-pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Result<(f64, Vec<Tensor>)> {
-    let mut total = 0f64;
-    for g in grads {
-        total += f64::from(
-            g.to_dtype(DType::F32)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f32>()?,
-        );
+/// The global L2 norm of the flat f32 `grads` (a device scalar), and the grads scaled so the
+/// norm is at most `max_norm` (`torch.nn.utils.clip_grad_norm_`: factor `max_norm / (norm +
+/// 1e-6)` clamped at 1). Nothing is read back to the host.
+pub fn clip_grad_norm(grads: &Tensor, max_norm: f64) -> Result<(Tensor, Tensor)> {
+    let norm = grads.sqr()?.sum_all()?.sqrt()?;
+    if max_norm <= 0.0 {
+        return Ok((norm, grads.clone()));
     }
-    let norm = total.sqrt();
-    let factor = max_norm / (norm + 1e-6);
-    if max_norm > 0.0 && factor < 1.0 {
-        let scaled = grads
-            .iter()
-            .map(|g| g * factor)
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok((norm, scaled))
-    } else {
-        Ok((norm, grads.to_vec()))
-    }
+    let factor = (norm.affine(1.0, 1e-6)?.recip()? * max_norm)?.minimum(1.0)?;
+    Ok((norm, grads.broadcast_mul(&factor)?))
 }
 
 #[cfg(test)]
@@ -137,9 +110,9 @@ mod tests {
 
     #[test]
     fn adamw_first_steps_follow_the_formula() {
-        let v = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu).unwrap()).unwrap();
+        let (flat, views) = one("w", &[1.0, -2.0]);
         let mut opt = AdamW::new(
-            vec![("w".into(), v.clone())],
+            &flat,
             AdamWConfig {
                 weight_decay: 0.1,
                 ..AdamWConfig::default()
@@ -147,11 +120,16 @@ mod tests {
         )
         .unwrap();
         let g = Tensor::new(&[0.5f32, -0.25], &Device::Cpu).unwrap();
-        opt.step(&[g], 0.01).unwrap();
+        opt.step(&flat, &g, 0.01).unwrap();
         // Step 1: m̂ = g, v̂ = g², update = g / (|g| + eps) = sign(g); p = p (1 - lr wd) - lr sign(g).
-        let p = v.as_tensor().to_vec1::<f32>().unwrap();
+        let p = views[0].to_vec1::<f32>().unwrap();
         assert!((p[0] - (1.0 * (1.0 - 0.001) - 0.01)).abs() < 1e-6, "{p:?}");
         assert!((p[1] - (-2.0 * (1.0 - 0.001) + 0.01)).abs() < 1e-6, "{p:?}");
+    }
+
+    fn one(name: &str, values: &[f32]) -> (FlatParams, Vec<Tensor>) {
+        let t = Tensor::new(values, &Device::Cpu).unwrap();
+        FlatParams::new(&[(name.to_string(), t)]).unwrap()
     }
 
     fn golden() -> serde_json::Value {
@@ -172,9 +150,9 @@ mod tests {
     fn adamw_matches_torch() {
         let g = golden();
         let a = &g["adamw"];
-        let v = Var::from_tensor(&Tensor::new(floats(&a["init"]), &Device::Cpu).unwrap()).unwrap();
+        let (flat, views) = one("w", &floats(&a["init"]));
         let mut opt = AdamW::new(
-            vec![("w".into(), v.clone())],
+            &flat,
             AdamWConfig {
                 weight_decay: 0.1,
                 ..AdamWConfig::default()
@@ -182,12 +160,9 @@ mod tests {
         )
         .unwrap();
         for step in a["steps"].as_array().unwrap() {
-            opt.step(
-                &[Tensor::new(floats(&step["grad"]), &Device::Cpu).unwrap()],
-                0.01,
-            )
-            .unwrap();
-            let got = v.as_tensor().to_vec1::<f32>().unwrap();
+            let g = Tensor::new(floats(&step["grad"]), &Device::Cpu).unwrap();
+            opt.step(&flat, &g, 0.01).unwrap();
+            let got = views[0].to_vec1::<f32>().unwrap();
             for (x, y) in got.iter().zip(floats(&step["param"])) {
                 assert!((x - y).abs() < 1e-6, "{got:?}");
             }
@@ -199,30 +174,35 @@ mod tests {
     fn clipping_matches_torch() {
         let g = golden();
         let c = &g["clip"];
-        let grads: Vec<Tensor> = c["grads"]
+        let grads: Vec<f32> = c["grads"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|t| Tensor::new(floats(t), &Device::Cpu).unwrap())
+            .flat_map(floats)
             .collect();
-        let (norm, clipped) = clip_grad_norm(&grads, 1.0).unwrap();
+        let flat = Tensor::new(grads, &Device::Cpu).unwrap();
+        let (norm, clipped) = clip_grad_norm(&flat, 1.0).unwrap();
+        let norm = f64::from(norm.to_scalar::<f32>().unwrap());
         assert!((norm - c["norm"].as_f64().unwrap()).abs() < 1e-5);
-        for (got, want) in clipped.iter().zip(c["clipped"].as_array().unwrap()) {
-            for (x, y) in got.to_vec1::<f32>().unwrap().iter().zip(floats(want)) {
-                assert!((x - y).abs() < 1e-6);
-            }
+        let want: Vec<f32> = c["clipped"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(floats)
+            .collect();
+        for (x, y) in clipped.to_vec1::<f32>().unwrap().iter().zip(want) {
+            assert!((x - y).abs() < 1e-6);
         }
     }
 
     #[test]
     fn clipping_scales_to_the_max_norm() {
-        let a = Tensor::new(&[3.0f32, 0.0], &Device::Cpu).unwrap();
-        let b = Tensor::new(&[4.0f32], &Device::Cpu).unwrap();
-        let (norm, clipped) = clip_grad_norm(&[a.clone(), b], 1.0).unwrap();
-        assert!((norm - 5.0).abs() < 1e-9);
-        let c0 = clipped[0].to_vec1::<f32>().unwrap();
+        let g = Tensor::new(&[3.0f32, 0.0, 4.0], &Device::Cpu).unwrap();
+        let (norm, clipped) = clip_grad_norm(&g, 1.0).unwrap();
+        assert!((norm.to_scalar::<f32>().unwrap() - 5.0).abs() < 1e-6);
+        let c0 = clipped.to_vec1::<f32>().unwrap();
         assert!((f64::from(c0[0]) - 3.0 / (5.0 + 1e-6)).abs() < 1e-6);
-        let (_, same) = clip_grad_norm(&[a], 10.0).unwrap();
-        assert_eq!(same[0].to_vec1::<f32>().unwrap(), [3.0, 0.0]);
+        let (_, same) = clip_grad_norm(&g, 10.0).unwrap();
+        assert_eq!(same.to_vec1::<f32>().unwrap(), [3.0, 0.0, 4.0]);
     }
 }

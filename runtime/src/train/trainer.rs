@@ -7,18 +7,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use candle_core::{Device, Tensor};
 use serde_json::json;
 
 use super::checkpoint::{self, TrainerState};
 use super::config::TrainConfig;
+use super::engine::{NoHook, eval_loss, micro_step};
+use super::flat::FlatParams;
 use super::optim::{AdamW, AdamWConfig, clip_grad_norm};
 use super::schedule::Schedule;
 use crate::cancel::CancelToken;
-use crate::data::batch::{Batch, collate, epoch_order};
+use crate::data::batch::{collate, epoch_order};
 use crate::data::sft::{Example, IGNORE};
 use crate::model::Model;
-use crate::nn::ops::cross_entropy;
+use crate::model::params::visit_trainable_mut;
 use crate::{Error, Result};
 
 /// What the loop reports as it goes.
@@ -45,8 +47,9 @@ pub enum Event {
         step: usize,
         /// Of this many.
         total: usize,
-        /// Loss of this step.
-        loss: f64,
+        /// Loss of this step, when it was read back (at logging steps; the loss stays on the
+        /// device otherwise).
+        loss: Option<f64>,
     },
     /// Every `logging_steps`.
     Log(serde_json::Value),
@@ -75,155 +78,15 @@ pub struct TrainReport {
     pub last_checkpoint: Option<PathBuf>,
 }
 
-/// A copy of `model` whose trainable tensors are fresh `Var`s holding the same values, so training
-/// never changes the input handle. Returns the copy and its named trainable vars.
-pub fn fresh_trainables(model: &Model) -> Result<(Model, Vec<(String, Var)>)> {
+/// A copy of `model` whose trainable tensors are copies (training never changes the input
+/// handle, and later steps never change the copy).
+pub fn snapshot(model: &Model) -> Result<Model> {
     let mut m = model.clone();
-    if m.lora.is_some() {
-        for b in &mut m.decoder.blocks {
-            for lin in [
-                &mut b.attn.q,
-                &mut b.attn.k,
-                &mut b.attn.v,
-                &mut b.attn.o,
-                &mut b.mlp.gate,
-                &mut b.mlp.up,
-                &mut b.mlp.down,
-            ] {
-                if let Some(l) = &mut lin.lora {
-                    l.a = Var::from_tensor(&l.a.as_tensor().copy()?)?;
-                    l.b = Var::from_tensor(&l.b.as_tensor().copy()?)?;
-                }
-            }
-        }
-        let vars = crate::lora::adapter_vars(&m);
-        return Ok((m, vars));
-    }
-    if m.vars.is_empty() {
-        return Err(Error::InvalidArgument(
-            "the model has nothing to train: attach LoRA adapters (`lora::attach`) or load it with `trainable: true`".into(),
-        ));
-    }
-    // Full fine-tuning: rebuild from fresh vars.
-    let dir = m.source.clone().unwrap_or_default();
-    let tensors: std::collections::HashMap<String, Tensor> = m
-        .named
-        .iter()
-        .map(|(n, t)| Ok((n.clone(), t.copy()?)))
-        .collect::<Result<_>>()?;
-    let src = crate::model::weights::WeightSource::Memory { dir, tensors };
-    let mut rebuilt = Model::build(
-        m.decoder.cfg.clone(),
-        &src,
-        m.decoder.dtype(),
-        m.decoder.device(),
-        true,
-    )?;
-    rebuilt.generation = m.generation.clone();
-    rebuilt.source = m.source.take();
-    let vars = rebuilt.vars.clone();
-    Ok((rebuilt, vars))
-}
-
-/// The summed token loss of `logits` against the batch labels (shifted), and the token count.
-fn loss_of(logits: &Tensor, batch: &Batch) -> Result<(Tensor, usize)> {
-    let (b, s, v) = logits.dims3()?;
-    if s < 2 {
-        return Ok((Tensor::zeros((), DType::F32, logits.device())?, 0));
-    }
-    let shifted = logits.i((.., ..s - 1))?.reshape((b * (s - 1), v))?;
-    let labels = batch.labels.i((.., 1..))?.flatten_all()?;
-    let (mean, count) = cross_entropy(&shifted, &labels)?;
-    Ok(((mean * count as f64)?, count))
-}
-
-/// The loss of one micro-batch divided by `denom` (its value) and the gradient of every tensor in
-/// `params`. With `checkpoint`, blocks run forward without keeping activations and are recomputed
-/// one at a time in backward: each block's backward is that of `sum(out * grad_out)`.
-/// `train_seed` seeds the dropout masks, so the recomputation draws the masks of the forward.
-pub fn micro_grads(
-    model: &Model,
-    batch: &Batch,
-    denom: f64,
-    params: &[Tensor],
-    checkpoint: bool,
-    train_seed: u64,
-) -> Result<(f64, Vec<Option<Tensor>>)> {
-    let mut out: Vec<Option<Tensor>> = vec![None; params.len()];
-    let pick =
-        |g: &candle_core::backprop::GradStore, out: &mut Vec<Option<Tensor>>| -> Result<()> {
-            for (p, acc) in params.iter().zip(out.iter_mut()) {
-                if let Some(gi) = g.get(p) {
-                    *acc = Some(match acc.take() {
-                        Some(a) => (a + gi)?,
-                        None => gi.clone(),
-                    });
-                }
-            }
-            Ok(())
-        };
-    let d = &model.decoder;
-    if !checkpoint {
-        let logits = d.forward_t(
-            &batch.input_ids,
-            Some(&batch.attention_mask),
-            None,
-            Some(train_seed),
-        )?;
-        let scaled = (loss_of(&logits, batch)?.0 / denom)?;
-        let value = f64::from(scaled.to_scalar::<f32>()?);
-        if value.is_finite() {
-            pick(&scaled.backward()?, &mut out)?;
-        }
-        return Ok((value, out));
-    }
-    let (b, s) = batch.input_ids.dims2()?;
-    let (cos, sin, bias) = d.step_inputs(b, s, 0, Some(&batch.attention_mask))?;
-    let step = crate::model::decoder::Step {
-        cos: &cos,
-        sin: &sin,
-        bias: bias.as_ref(),
-        train_seed: Some(train_seed),
-    };
-    let eps = d.cfg.rms_norm_eps;
-    let mut xs = vec![d.embed_tokens(&batch.input_ids)?.detach()];
-    for (i, blk) in d.blocks.iter().enumerate() {
-        let y = blk
-            .forward(&xs[xs.len() - 1], eps, &step, None, i)?
-            .detach();
-        xs.push(y);
-    }
-    let top = Var::from_tensor(&xs[xs.len() - 1])?;
-    let scaled = (loss_of(&d.head(top.as_tensor())?, batch)?.0 / denom)?;
-    let value = f64::from(scaled.to_scalar::<f32>()?);
-    if !value.is_finite() {
-        return Ok((value, out));
-    }
-    let g = scaled.backward()?;
-    pick(&g, &mut out)?;
-    let mut grad_out = g
-        .get(top.as_tensor())
-        .cloned()
-        .unwrap_or(top.as_tensor().zeros_like()?);
-    for i in (0..d.blocks.len()).rev() {
-        let x_in = Var::from_tensor(&xs[i])?;
-        let y = d.blocks[i].forward(x_in.as_tensor(), eps, &step, None, i)?;
-        let g = y.mul(&grad_out)?.sum_all()?.backward()?;
-        pick(&g, &mut out)?;
-        grad_out = g
-            .get(x_in.as_tensor())
-            .cloned()
-            .unwrap_or(x_in.as_tensor().zeros_like()?);
-    }
-    if params.iter().any(|p| p.id() == d.embed.id()) {
-        let g = d
-            .embed_tokens(&batch.input_ids)?
-            .mul(&grad_out)?
-            .sum_all()?
-            .backward()?;
-        pick(&g, &mut out)?;
-    }
-    Ok((value, out))
+    visit_trainable_mut(&mut m, &mut |_, t| {
+        *t = t.copy()?;
+        Ok(())
+    })?;
+    Ok(m)
 }
 
 fn learned_tokens(examples: &[&Example]) -> usize {
@@ -240,20 +103,19 @@ pub fn evaluate(model: &Model, data: &[Example], cfg: &TrainConfig, pad_id: u32)
     for chunk in data.chunks(cfg.per_device_eval_batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = collate(&refs, pad_id, cfg.pad_to_multiple_of, &device)?;
-        let logits = model
-            .decoder
-            .forward(&batch.input_ids, Some(&batch.attention_mask), None)?
-            .detach();
-        let (b, s, v) = logits.dims3()?;
-        if s < 2 {
-            continue;
-        }
-        let shifted = logits.i((.., ..s - 1))?.reshape((b * (s - 1), v))?;
-        let (mean, n) = cross_entropy(&shifted, &batch.labels.i((.., 1..))?.flatten_all()?)?;
-        total += f64::from(mean.to_scalar::<f32>()?) * n as f64;
+        let (sum, n) = eval_loss(model, &batch)?;
+        total += sum;
         count += n;
     }
     Ok(total / count.max(1) as f64)
+}
+
+/// An optimizer step whose loss and gradient norm are still on the device.
+struct Pending {
+    step: usize,
+    loss: Tensor,
+    grad_norm: Tensor,
+    window: Vec<Vec<usize>>,
 }
 
 /// A training run driven one optimizer step at a time: what `fit` loops over, and what scripts
@@ -261,8 +123,9 @@ pub fn evaluate(model: &Model, data: &[Example], cfg: &TrainConfig, pad_id: u32)
 /// checkpoints happen inside [`Trainer::step`] and come back as events.
 pub struct Trainer {
     model: Model,
+    params: FlatParams,
     opt: AdamW,
-    params: Vec<Tensor>,
+    pending: Vec<Pending>,
     sched: Schedule,
     cfg: TrainConfig,
     state: TrainerState,
@@ -291,10 +154,11 @@ pub struct Trainer {
 pub struct StepOutcome {
     /// Steps done, this one included.
     pub step: usize,
-    /// Loss of the step (token-normalized over the accumulation window).
-    pub loss: f64,
-    /// Gradient norm before clipping.
-    pub grad_norm: f64,
+    /// Loss of the step (token-normalized over the accumulation window), when it was read
+    /// back at this step (see [`Trainer::read_step`]).
+    pub loss: Option<f64>,
+    /// Gradient norm before clipping, likewise.
+    pub grad_norm: Option<f64>,
     /// Learning rate used.
     pub learning_rate: f64,
     /// Logs, evals and checkpoints the config asked for at this step.
@@ -326,11 +190,12 @@ impl Trainer {
         }
         let out_dir = PathBuf::from(&cfg.output_dir);
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
-        let (model, vars) = fresh_trainables(model)?;
+        let mut model = model.clone();
+        let params = FlatParams::adopt(&mut model)?;
         let device: Device = model.decoder.device().clone();
-        let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+        let trainable = params.len();
         let mut opt = AdamW::new(
-            vars,
+            &params,
             AdamWConfig {
                 beta1: cfg.adam_beta1,
                 beta2: cfg.adam_beta2,
@@ -338,11 +203,6 @@ impl Trainer {
                 weight_decay: cfg.weight_decay,
             },
         )?;
-        let params: Vec<Tensor> = opt
-            .slots
-            .iter()
-            .map(|s| s.var.as_tensor().clone())
-            .collect();
         let (micro_per_epoch, _, total) = cfg.plan(train.len());
         let sched = Schedule::new(
             &cfg.lr_scheduler_type,
@@ -352,7 +212,7 @@ impl Trainer {
         )?;
         let mut state = TrainerState::default();
         if let Some(dir) = resume_dir(cfg, &out_dir)? {
-            state = checkpoint::restore(&dir, &model, &mut opt)?;
+            state = checkpoint::restore(&dir, &model, &params, &mut opt)?;
         }
         let json = serde_json::to_string_pretty(cfg).unwrap_or_default();
         crate::sandbox::write_atomic(&out_dir.join("training_args.json"), json.as_bytes())?;
@@ -365,8 +225,9 @@ impl Trainer {
         let lengths = train.iter().map(|e| e.input_ids.len()).collect();
         Ok(Self {
             model,
-            opt,
             params,
+            opt,
+            pending: Vec::new(),
             sched,
             cfg: cfg.clone(),
             state,
@@ -486,68 +347,64 @@ impl Trainer {
             })
             .collect::<Result<_>>()?;
         let window_tokens: usize = examples.iter().map(|e| learned_tokens(e)).sum();
-        let mut grads: Vec<Option<Tensor>> = vec![None; self.opt.slots.len()];
-        let mut loss_sum = 0f64;
+        let mut grads = self.params.zero_grads()?;
+        let mut loss: Option<Tensor> = None;
         for (k, ex) in examples.iter().enumerate() {
             let batch = collate(ex, self.pad_id, self.cfg.pad_to_multiple_of, &self.device)?;
             self.tokens_seen += batch.tokens;
             self.tokens_since_log += batch.tokens;
-            let seed = crate::nn::linear::mix(
+            let seed = crate::nn::dropout::mix(
                 self.cfg.seed,
                 (self.state.global_step * self.cfg.gradient_accumulation_steps + k) as u64,
             );
-            let (value, micro) = micro_grads(
+            let out = micro_step(
                 &self.model,
                 &batch,
                 window_tokens.max(1) as f64,
-                &self.params,
-                self.cfg.gradient_checkpointing,
                 seed,
+                self.cfg.gradient_checkpointing,
+                &mut grads,
+                &mut NoHook,
             )
             .map_err(|e| self.out_of_memory_hint(e, batch.input_ids.dims()))?;
-            if !value.is_finite() {
-                return Err(Error::InvalidArgument(format!(
-                    "the loss is {value} at step {} (micro-batch {k} of the window, examples {:?}); lower `learning_rate` or check the data",
-                    self.state.global_step + 1,
-                    window[k]
-                )));
-            }
-            loss_sum += value;
-            for (acc, g) in grads.iter_mut().zip(micro) {
-                if let Some(g) = g {
-                    *acc = Some(match acc.take() {
-                        Some(a) => (a + g)?,
-                        None => g,
-                    });
-                }
-            }
+            loss = Some(match loss {
+                Some(l) => l.add(&out.loss)?,
+                None => out.loss,
+            });
         }
-        let grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(&self.opt.slots)
-            .map(|(g, s)| {
-                g.map_or_else(
-                    || Tensor::zeros(s.var.shape(), DType::F32, &self.device),
-                    Ok,
-                )
-            })
-            .collect::<candle_core::Result<_>>()?;
-        let (grad_norm, grads) = clip_grad_norm(&grads, self.cfg.max_grad_norm)?;
+        let loss =
+            loss.ok_or_else(|| Error::InvalidArgument("an empty accumulation window".into()))?;
+        let (grad_norm, clipped) = clip_grad_norm(&grads.buf, self.cfg.max_grad_norm)?;
+        drop(grads);
         let lr = self.sched.lr(self.state.global_step);
-        self.opt.step(&grads, lr)?;
+        self.opt.step(&self.params, &clipped, lr)?;
         self.state.global_step += 1;
         self.state.micro_in_epoch += window.len();
-        self.losses.push((self.state.global_step, loss_sum));
-        self.window_log.push((loss_sum, grad_norm));
         let step = self.state.global_step;
+        self.pending.push(Pending {
+            step,
+            loss,
+            grad_norm,
+            window: window.to_vec(),
+        });
+        let eval_every = self.cfg.eval_steps.unwrap_or(self.cfg.logging_steps).max(1);
+        let evaluating = self.cfg.eval_strategy == "steps"
+            && (step.is_multiple_of(eval_every) || step == self.total);
+        let logging = step.is_multiple_of(self.cfg.logging_steps.max(1)) || step == self.total;
+        let saving = self.cfg.save_steps > 0 && step.is_multiple_of(self.cfg.save_steps);
+        let read = if logging || evaluating || saving {
+            Some(self.flush()?)
+        } else {
+            None
+        };
         let mut events = vec![Event::Step {
             step,
             total: self.total,
-            loss: loss_sum,
+            loss: read.map(|r| r.0),
         }];
         let epoch_f = self.state.epoch as f64
             + self.state.micro_in_epoch as f64 / self.micro_per_epoch.max(1) as f64;
-        if step.is_multiple_of(self.cfg.logging_steps.max(1)) || step == self.total {
+        if logging {
             let n = self.window_log.len().max(1) as f64;
             let secs = self.last_log.elapsed().as_secs_f64().max(1e-9);
             let rec = json!({
@@ -564,10 +421,7 @@ impl Trainer {
             self.record(&rec)?;
             events.push(Event::Log(rec));
         }
-        let eval_every = self.cfg.eval_steps.unwrap_or(self.cfg.logging_steps).max(1);
-        if self.cfg.eval_strategy == "steps"
-            && (step.is_multiple_of(eval_every) || step == self.total)
-        {
+        if evaluating {
             let eval_loss = self.evaluate()?;
             let rec = json!({"step": step, "eval_loss": eval_loss});
             self.record(&rec)?;
@@ -587,13 +441,13 @@ impl Trainer {
                     .is_some_and(|p| self.state.evals_without_improvement >= p);
             }
         }
-        if self.cfg.save_steps > 0 && step.is_multiple_of(self.cfg.save_steps) {
+        if saving {
             events.push(Event::Saved(self.save_checkpoint()?));
         }
         Ok(StepOutcome {
             step,
-            loss: loss_sum,
-            grad_norm,
+            loss: read.map(|r| r.0),
+            grad_norm: read.map(|r| r.1),
             learning_rate: lr,
             events,
             done: self.is_done(),
@@ -621,6 +475,39 @@ impl Trainer {
         ))
     }
 
+    /// Reads the losses and gradient norms of the steps not read yet (one transfer), checks
+    /// them, and returns those of the last step.
+    fn flush(&mut self) -> Result<(f64, f64)> {
+        if self.pending.is_empty() {
+            return Ok(self.window_log.last().copied().unwrap_or((0.0, 0.0)));
+        }
+        let mut parts = Vec::with_capacity(self.pending.len() * 2);
+        for p in &self.pending {
+            parts.push(p.loss.reshape(1)?);
+            parts.push(p.grad_norm.reshape(1)?);
+        }
+        let values = Tensor::cat(&parts, 0)?.to_vec1::<f32>()?;
+        let mut last = (0.0, 0.0);
+        for (p, v) in self.pending.drain(..).zip(values.chunks(2)) {
+            let (loss, norm) = (f64::from(v[0]), f64::from(v[1]));
+            if !loss.is_finite() || !norm.is_finite() {
+                return Err(Error::InvalidArgument(format!(
+                    "the loss is {loss} (gradient norm {norm}) at step {} (examples {:?}); lower `learning_rate` or check the data",
+                    p.step, p.window
+                )));
+            }
+            self.losses.push((p.step, loss));
+            self.window_log.push((loss, norm));
+            last = (loss, norm);
+        }
+        Ok(last)
+    }
+
+    /// The loss and gradient norm of the last step, read back now if they were not yet.
+    pub fn read_step(&mut self) -> Result<(f64, f64)> {
+        self.flush()
+    }
+
     fn record(&mut self, rec: &serde_json::Value) -> Result<()> {
         writeln!(self.metrics, "{rec}")
             .map_err(|e| Error::io(self.out_dir.join("metrics.jsonl"), e))?;
@@ -639,7 +526,14 @@ impl Trainer {
 
     /// Writes `checkpoint-{step}` (atomically) and applies `save_total_limit`.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
-        let path = checkpoint::save(&self.out_dir, &self.model, &self.opt, &self.state)?;
+        self.flush()?;
+        let path = checkpoint::save(
+            &self.out_dir,
+            &self.model,
+            &self.params,
+            &self.opt,
+            &self.state,
+        )?;
         if let Some(limit) = self.cfg.save_total_limit {
             let keep = self
                 .state
@@ -654,12 +548,13 @@ impl Trainer {
 
     /// Ends the run: restores the best checkpoint if asked, writes `loss.svg`, returns the report.
     pub fn finish(mut self, interrupted: bool) -> Result<TrainReport> {
+        self.flush()?;
         if self.cfg.load_best_model_at_end
             && let Some(best) = &self.state.best_model_checkpoint
         {
             let dir = self.out_dir.join(best);
             if dir.is_dir() {
-                checkpoint::restore(&dir, &self.model, &mut self.opt)?;
+                checkpoint::restore(&dir, &self.model, &self.params, &mut self.opt)?;
             }
         }
         write_plot(

@@ -98,7 +98,9 @@ impl Printer {
             Event::Step { step, loss, .. } => {
                 if let Some(b) = &self.bar {
                     b.set_position(*step as u64);
-                    b.set_message(format!("loss {loss:.4}"));
+                    if let Some(loss) = loss {
+                        b.set_message(format!("loss {loss:.4}"));
+                    }
                 }
             }
             Event::Log(rec) | Event::Eval(rec) => {
@@ -466,13 +468,17 @@ pub mod train_module {
         if out.done {
             s.printer.finish();
         }
+        let (loss, grad_norm) = s
+            .trainer
+            .read_step()
+            .map_err(crate::error::to_rhai_at(&ctx))?;
         let mut m = Map::new();
         m.insert(
             "step".into(),
             Dynamic::from(rhai::INT::try_from(out.step).unwrap_or(0)),
         );
-        m.insert("loss".into(), Dynamic::from(out.loss));
-        m.insert("grad_norm".into(), Dynamic::from(out.grad_norm));
+        m.insert("loss".into(), Dynamic::from(loss));
+        m.insert("grad_norm".into(), Dynamic::from(grad_norm));
         m.insert("learning_rate".into(), Dynamic::from(out.learning_rate));
         m.insert("done".into(), Dynamic::from(out.done));
         Ok(m)
@@ -522,7 +528,7 @@ pub mod train_module {
     #[rhai_fn(global, get = "model", pure, return_raw)]
     pub fn model(t: &mut super::TrainerHandle) -> Result<ModelHandle, Box<rhai::EvalAltResult>> {
         let s = crate::context::lock(&t.0);
-        let (m, _) = qscript_runtime::train::trainer::fresh_trainables(s.trainer.model())
+        let m = qscript_runtime::train::trainer::snapshot(s.trainer.model())
             .map_err(crate::error::to_rhai)?;
         Ok(ModelHandle(Arc::new(m)))
     }

@@ -1,0 +1,369 @@
+//! One decoder block of the Llama family, forward and backward, and the one list of its
+//! projections ([`Proj`]) that LoRA, saving, merging and the parameter visitor all use.
+//! Qwen2 adds q/k/v bias, Qwen3 adds q/k RMS norms over the head dimension.
+
+use candle_core::{Result, Tensor};
+
+use super::config::ModelConfig;
+use crate::nn::attention::{AttnSaved, attention, attention_backward};
+use crate::nn::dropout::mix;
+use crate::nn::linear::LinearSaved;
+use crate::nn::ops::{
+    apply_rope, rms_norm, rms_norm_backward, rope_backward, swiglu, swiglu_backward,
+};
+use crate::nn::{AttnMask, GradSink, Linear};
+
+/// The projections of a block, in HF's order: the only list of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Proj {
+    /// `self_attn.q_proj`
+    Q,
+    /// `self_attn.k_proj`
+    K,
+    /// `self_attn.v_proj`
+    V,
+    /// `self_attn.o_proj`
+    O,
+    /// `mlp.gate_proj`
+    Gate,
+    /// `mlp.up_proj`
+    Up,
+    /// `mlp.down_proj`
+    Down,
+}
+
+impl Proj {
+    /// Every projection, in order.
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+
+    /// The module path under `model.layers.N.`.
+    pub fn path(self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+        }
+    }
+
+    /// The last component of the path (`q_proj`), as `target_modules` names it.
+    pub fn short(self) -> &'static str {
+        let p = self.path();
+        p.rsplit('.').next().unwrap_or(p)
+    }
+
+    fn index(self) -> u64 {
+        self as u64
+    }
+}
+
+/// Self-attention with GQA.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    /// `q_proj`.
+    pub q: Linear,
+    /// `k_proj`.
+    pub k: Linear,
+    /// `v_proj`.
+    pub v: Linear,
+    /// `o_proj`.
+    pub o: Linear,
+    /// Qwen3's `q_norm` over the head dimension.
+    pub q_norm: Option<Tensor>,
+    /// Qwen3's `k_norm`.
+    pub k_norm: Option<Tensor>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    /// `gate_proj`.
+    pub gate: Linear,
+    /// `up_proj`.
+    pub up: Linear,
+    /// `down_proj`.
+    pub down: Linear,
+}
+
+/// One decoder block.
+#[derive(Clone, Debug)]
+pub struct Block {
+    /// `input_layernorm`.
+    pub input_norm: Tensor,
+    /// `self_attn`.
+    pub attn: Attention,
+    /// `post_attention_layernorm`.
+    pub post_norm: Tensor,
+    /// `mlp`.
+    pub mlp: Mlp,
+    /// `rms_norm_eps`.
+    pub eps: f64,
+}
+
+/// Per-forward inputs shared by every block.
+#[derive(Clone, Copy, Debug)]
+pub struct Step<'a> {
+    /// RoPE cos table `[seq, head_dim]`.
+    pub cos: &'a Tensor,
+    /// RoPE sin table.
+    pub sin: &'a Tensor,
+    /// Which keys each query sees.
+    pub mask: &'a AttnMask,
+    /// Training: the key of this forward's dropout masks (`None` = inference, no dropout).
+    pub train_seed: Option<u64>,
+}
+
+/// What a block's backward needs from its forward.
+#[derive(Debug, Default)]
+pub struct BlockSaved {
+    x: Option<Tensor>,
+    lin: [Option<LinearSaved>; 7],
+    q_pre: Option<Tensor>,
+    k_pre: Option<Tensor>,
+    attn: Option<AttnSaved>,
+    mid: Option<Tensor>,
+    gate: Option<Tensor>,
+    up: Option<Tensor>,
+}
+
+fn missing() -> candle_core::Error {
+    candle_core::Error::Msg("block backward called without a saved forward".into())
+}
+
+impl Attention {
+    /// Builds the attention of a block from its projections and the config.
+    pub fn new(
+        cfg: &ModelConfig,
+        q: Linear,
+        k: Linear,
+        v: Linear,
+        o: Linear,
+        norms: Option<(Tensor, Tensor)>,
+    ) -> Self {
+        let (q_norm, k_norm) = norms.map_or((None, None), |(a, b)| (Some(a), Some(b)));
+        Self {
+            q,
+            k,
+            v,
+            o,
+            q_norm,
+            k_norm,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_kv_heads(),
+            head_dim: cfg.head_dim(),
+        }
+    }
+}
+
+impl Block {
+    /// The projection `p`.
+    pub fn proj(&self, p: Proj) -> &Linear {
+        match p {
+            Proj::Q => &self.attn.q,
+            Proj::K => &self.attn.k,
+            Proj::V => &self.attn.v,
+            Proj::O => &self.attn.o,
+            Proj::Gate => &self.mlp.gate,
+            Proj::Up => &self.mlp.up,
+            Proj::Down => &self.mlp.down,
+        }
+    }
+
+    /// The projection `p`, mutably.
+    pub fn proj_mut(&mut self, p: Proj) -> &mut Linear {
+        match p {
+            Proj::Q => &mut self.attn.q,
+            Proj::K => &mut self.attn.k,
+            Proj::V => &mut self.attn.v,
+            Proj::O => &mut self.attn.o,
+            Proj::Gate => &mut self.mlp.gate,
+            Proj::Up => &mut self.mlp.up,
+            Proj::Down => &mut self.mlp.down,
+        }
+    }
+
+    fn linear(
+        &self,
+        p: Proj,
+        x: &Tensor,
+        step: &Step,
+        layer: usize,
+        saved: &mut Option<&mut BlockSaved>,
+    ) -> Result<Tensor> {
+        let key = step
+            .train_seed
+            .map(|s| mix(mix(s, layer as u64), p.index()));
+        let slot = saved.as_deref_mut().map(|s| &mut s.lin[p as usize]);
+        self.proj(p).forward_t(x, key, slot)
+    }
+
+    /// Pre-norm residual block. With `saved`, records what [`Block::backward`] needs; `cache`
+    /// (inference) holds the keys and values of past positions.
+    ///
+    /// # Shapes
+    /// `x: [b, seq, hidden]` -> `[b, seq, hidden]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        step: &Step,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        layer: usize,
+        mut saved: Option<&mut BlockSaved>,
+    ) -> Result<Tensor> {
+        let a = &self.attn;
+        let (b, s, _) = x.dims3()?;
+        let hd = a.head_dim;
+        let h = rms_norm(x, &self.input_norm, self.eps)?;
+        let heads = |t: Tensor, n: usize| t.reshape((b, s, n, hd));
+        let q = heads(self.linear(Proj::Q, &h, step, layer, &mut saved)?, a.heads)?;
+        let k = heads(
+            self.linear(Proj::K, &h, step, layer, &mut saved)?,
+            a.kv_heads,
+        )?;
+        let v = heads(
+            self.linear(Proj::V, &h, step, layer, &mut saved)?,
+            a.kv_heads,
+        )?;
+        let norm_heads = |t: Tensor, w: Option<&Tensor>| match w {
+            Some(w) => rms_norm(&t, w, self.eps),
+            None => Ok(t),
+        };
+        if let Some(sv) = saved.as_deref_mut()
+            && a.q_norm.is_some()
+        {
+            sv.q_pre = Some(q.clone());
+            sv.k_pre = Some(k.clone());
+        }
+        let qn = norm_heads(q, a.q_norm.as_ref())?;
+        let kn = norm_heads(k, a.k_norm.as_ref())?;
+        let rot = |t: Tensor| apply_rope(&t.transpose(1, 2)?.contiguous()?, step.cos, step.sin);
+        let q = rot(qn)?;
+        let k = rot(kn)?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let attn_slot = saved.as_deref_mut().map(|s| &mut s.attn);
+        let out = attention(&q, &k, &v, step.mask, attn_slot)?
+            .transpose(1, 2)?
+            .reshape((b, s, a.heads * hd))?;
+        let mid = x.add(&self.linear(Proj::O, &out, step, layer, &mut saved)?)?;
+        let h2 = rms_norm(&mid, &self.post_norm, self.eps)?;
+        let gate = self.linear(Proj::Gate, &h2, step, layer, &mut saved)?;
+        let up = self.linear(Proj::Up, &h2, step, layer, &mut saved)?;
+        let y =
+            mid.add(&self.linear(Proj::Down, &swiglu(&gate, &up)?, step, layer, &mut saved)?)?;
+        if let Some(sv) = saved {
+            sv.x = Some(x.clone());
+            sv.mid = Some(mid);
+            sv.gate = Some(gate);
+            sv.up = Some(up);
+        }
+        Ok(y)
+    }
+
+    /// Backward of [`Block::forward`] from `dy`: returns `dx` and adds parameter gradients to
+    /// `grads`.
+    pub fn backward(
+        &self,
+        saved: &BlockSaved,
+        dy: &Tensor,
+        step: &Step,
+        grads: &mut dyn GradSink,
+    ) -> Result<Tensor> {
+        let a = &self.attn;
+        let x = saved.x.as_ref().ok_or_else(missing)?;
+        let (b, s, hidden) = x.dims3()?;
+        let hd = a.head_dim;
+        let lin = |p: Proj| saved.lin[p as usize].as_ref().ok_or_else(missing);
+        let mid = saved.mid.as_ref().ok_or_else(missing)?;
+        let (gate, up) = (
+            saved.gate.as_ref().ok_or_else(missing)?,
+            saved.up.as_ref().ok_or_else(missing)?,
+        );
+        // MLP
+        let dh = self.mlp.down.backward(lin(Proj::Down)?, dy, grads)?;
+        let shape = gate.shape().clone();
+        let (dgate, dup) = swiglu_backward(gate, up, &dh.reshape(&shape)?)?;
+        let dh2 = self
+            .mlp
+            .gate
+            .backward(lin(Proj::Gate)?, &dgate, grads)?
+            .add(&self.mlp.up.backward(lin(Proj::Up)?, &dup, grads)?)?;
+        let (dmid, dw) = rms_norm_backward(
+            mid,
+            &self.post_norm,
+            self.eps,
+            &dh2.reshape((b, s, hidden))?,
+            grads.wants(&self.post_norm),
+        )?;
+        if let Some(dw) = dw {
+            grads.add(&self.post_norm, &dw)?;
+        }
+        let dmid = dy.add(&dmid)?;
+        // attention
+        let dout = a.o.backward(lin(Proj::O)?, &dmid, grads)?;
+        let dout = dout.reshape((b, s, a.heads, hd))?.transpose(1, 2)?;
+        let (dq, dk, dv) = attention_backward(saved.attn.as_ref().ok_or_else(missing)?, &dout)?;
+        let unrot = |d: &Tensor| -> Result<Tensor> {
+            rope_backward(d, step.cos, step.sin)?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let mut dq = unrot(&dq)?;
+        let mut dk = unrot(&dk)?;
+        if let (Some(w), Some(wk)) = (&a.q_norm, &a.k_norm) {
+            let qp = saved.q_pre.as_ref().ok_or_else(missing)?;
+            let kp = saved.k_pre.as_ref().ok_or_else(missing)?;
+            let (d, dw) = rms_norm_backward(qp, w, self.eps, &dq, grads.wants(w))?;
+            if let Some(dw) = dw {
+                grads.add(w, &dw)?;
+            }
+            dq = d;
+            let (d, dw) = rms_norm_backward(kp, wk, self.eps, &dk, grads.wants(wk))?;
+            if let Some(dw) = dw {
+                grads.add(wk, &dw)?;
+            }
+            dk = d;
+        }
+        let dv = dv.transpose(1, 2)?.contiguous()?;
+        let dh = a
+            .q
+            .backward(lin(Proj::Q)?, &dq.reshape((b, s, a.heads * hd))?, grads)?
+            .add(&a.k.backward(lin(Proj::K)?, &dk.reshape((b, s, a.kv_heads * hd))?, grads)?)?
+            .add(&a.v.backward(lin(Proj::V)?, &dv.reshape((b, s, a.kv_heads * hd))?, grads)?)?;
+        let (dx, dw) = rms_norm_backward(
+            x,
+            &self.input_norm,
+            self.eps,
+            &dh.reshape((b, s, hidden))?,
+            grads.wants(&self.input_norm),
+        )?;
+        if let Some(dw) = dw {
+            grads.add(&self.input_norm, &dw)?;
+        }
+        dmid.add(&dx)
+    }
+}

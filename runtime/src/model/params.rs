@@ -1,0 +1,100 @@
+//! The one named-parameter visitor: every tensor of a model under its HF name, in checkpoint
+//! order (tied weights once), and the adapters under PEFT's names. Saving, merging, counting and
+//! the optimizer's flat buffers all walk the model through here; the decoder is the only place
+//! that holds the tensors.
+
+use candle_core::Tensor;
+
+use super::block::Proj;
+use super::decoder::Decoder;
+use super::load::Model;
+use crate::Result;
+
+/// Calls `f` on every weight of `d` by HF name, mutably.
+pub fn visit_mut(
+    d: &mut Decoder,
+    f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>,
+) -> Result<()> {
+    f("model.embed_tokens.weight", &mut d.embed)?;
+    for (i, b) in d.blocks.iter_mut().enumerate() {
+        let p = format!("model.layers.{i}");
+        f(&format!("{p}.input_layernorm.weight"), &mut b.input_norm)?;
+        for proj in Proj::ALL {
+            let lin = b.proj_mut(proj);
+            f(&format!("{p}.{}.weight", proj.path()), &mut lin.weight)?;
+            if let Some(bias) = &mut lin.bias {
+                f(&format!("{p}.{}.bias", proj.path()), bias)?;
+            }
+        }
+        if let Some(w) = &mut b.attn.q_norm {
+            f(&format!("{p}.self_attn.q_norm.weight"), w)?;
+        }
+        if let Some(w) = &mut b.attn.k_norm {
+            f(&format!("{p}.self_attn.k_norm.weight"), w)?;
+        }
+        f(
+            &format!("{p}.post_attention_layernorm.weight"),
+            &mut b.post_norm,
+        )?;
+    }
+    f("model.norm.weight", &mut d.norm)?;
+    if let Some(h) = &mut d.lm_head {
+        f("lm_head.weight", &mut h.weight)?;
+    }
+    Ok(())
+}
+
+/// Every weight of `d` with its HF name (the tensors are shared, not copied).
+pub fn named(d: &Decoder) -> Vec<(String, Tensor)> {
+    let mut out = Vec::new();
+    let mut copy = d.clone();
+    // The closure never fails.
+    let _ = visit_mut(&mut copy, &mut |n, t| {
+        out.push((n.to_string(), t.clone()));
+        Ok(())
+    });
+    out
+}
+
+/// Calls `f` on the A and B of every adapter of `d`, under PEFT's tensor names, mutably.
+pub fn visit_adapters_mut(
+    d: &mut Decoder,
+    f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>,
+) -> Result<()> {
+    for (i, b) in d.blocks.iter_mut().enumerate() {
+        for proj in Proj::ALL {
+            if let Some(l) = &mut b.proj_mut(proj).lora {
+                let p = format!("base_model.model.model.layers.{i}.{}", proj.path());
+                f(&format!("{p}.lora_A.weight"), &mut l.a)?;
+                f(&format!("{p}.lora_B.weight"), &mut l.b)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Calls `f` on what training updates: the adapters when `model` has them, else every weight
+/// when it was loaded `trainable`, else nothing.
+pub fn visit_trainable_mut(
+    model: &mut Model,
+    f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>,
+) -> Result<()> {
+    if model.lora.is_some() {
+        visit_adapters_mut(&mut model.decoder, f)
+    } else if model.trainable {
+        visit_mut(&mut model.decoder, f)
+    } else {
+        Ok(())
+    }
+}
+
+/// The trainable tensors of `model` by name (shared, not copied).
+pub fn trainable(model: &Model) -> Vec<(String, Tensor)> {
+    let mut out = Vec::new();
+    let mut copy = model.clone();
+    let _ = visit_trainable_mut(&mut copy, &mut |n, t| {
+        out.push((n.to_string(), t.clone()));
+        Ok(())
+    });
+    out
+}

@@ -1,0 +1,68 @@
+//! Dropout from a counter-based RNG: element `i` of the mask keyed `key` is kept when
+//! `uniform(key, i) >= p`, a pure function of `(key, i)`. So the mask is made where the tensor
+//! lives (a kernel on CUDA, a loop on the CPU, the same numbers on both), recomputation
+//! (gradient checkpointing) and resume replay it exactly, and backward re-derives it instead of
+//! storing it. Keys come from `(seed, step, layer, call)` through [`mix`].
+
+use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
+
+/// Mixes two numbers into a key (splitmix64 of their combination).
+pub fn mix(a: u64, b: u64) -> u64 {
+    splitmix(
+        a ^ b
+            .wrapping_add(0x9E37_79B9_7F4A_7C15)
+            .wrapping_mul(0xBF58_476D_1CE4_E5B9),
+    )
+}
+
+/// One splitmix64 finalisation round (the CUDA kernel computes the same).
+pub fn splitmix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A uniform number in `[0, 1)` for element `i` of the mask keyed `key` (24 random bits).
+pub fn uniform(key: u64, i: u64) -> f32 {
+    let z = splitmix(key ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    (z >> 40) as f32 * (1.0 / 16_777_216.0)
+}
+
+/// The mask keyed `key` for a tensor of `shape`: `0` with probability `p`, else `1 / (1 - p)`,
+/// in `dtype` on `device`.
+pub fn mask(key: u64, p: f64, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        return super::cuda::dropout_mask(dev, key, p as f32, shape, dtype);
+    }
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let p = p as f32;
+    let data: Vec<f32> = (0..n as u64)
+        .into_par_iter()
+        .map(|i| if uniform(key, i) < p { 0.0 } else { keep })
+        .collect();
+    Tensor::from_vec(data, shape, device)?.to_dtype(dtype)
+}
+
+/// `x * mask(key)`; the backward of dropout is the same call on the incoming gradient.
+pub fn apply(x: &Tensor, p: f64, key: u64) -> Result<Tensor> {
+    x.mul(&mask(key, p, x.dims(), x.dtype(), x.device())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_are_a_function_of_the_key_and_drop_about_p() {
+        let a = (0..10_000).filter(|&i| uniform(7, i) < 0.1).count();
+        assert!((800..1200).contains(&a), "{a}");
+        let b: Vec<bool> = (0..64).map(|i| uniform(7, i) < 0.5).collect();
+        let c: Vec<bool> = (0..64).map(|i| uniform(7, i) < 0.5).collect();
+        let d: Vec<bool> = (0..64).map(|i| uniform(8, i) < 0.5).collect();
+        assert_eq!(b, c);
+        assert_ne!(b, d);
+    }
+}

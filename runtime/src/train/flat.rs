@@ -1,0 +1,196 @@
+//! Flat buffers for training: the trainable tensors of a model copied into one buffer (the model
+//! then points at views of it, so an optimizer update is one write), and their gradients
+//! accumulated in place into one f32 buffer of the same layout. The global norm, clipping and
+//! AdamW each run over a whole buffer in a few launches, whatever the number of tensors.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Shape, Tensor, TensorId, Var};
+
+use crate::model::Model;
+use crate::model::params::visit_trainable_mut;
+use crate::nn::GradSink;
+use crate::{Error, Result};
+
+/// One trainable tensor's place in the flat buffers.
+#[derive(Clone, Debug)]
+pub struct Slot {
+    /// HF / PEFT name.
+    pub name: String,
+    /// First element.
+    pub offset: usize,
+    /// Its shape.
+    pub shape: Shape,
+    /// Whether weight decay applies (not to biases and norms).
+    pub decay: bool,
+}
+
+impl Slot {
+    /// Elements.
+    pub fn len(&self) -> usize {
+        self.shape.elem_count()
+    }
+
+    /// Whether the slot is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// This slot's part of a flat buffer, shaped like the tensor.
+    pub fn of(&self, flat: &Tensor) -> Result<Tensor> {
+        Ok(flat
+            .narrow(0, self.offset, self.len())?
+            .reshape(&self.shape)?)
+    }
+}
+
+/// The trainable parameters of one model in one buffer.
+#[derive(Debug)]
+pub struct FlatParams {
+    /// The slots, in visiting order.
+    pub slots: Vec<Slot>,
+    /// All parameters, flattened, in their own dtype.
+    pub data: Var,
+    index: HashMap<TensorId, usize>,
+}
+
+impl FlatParams {
+    /// Copies `tensors` (one dtype, one device) into one buffer; returns it and a view of it per
+    /// tensor, in order.
+    pub fn new(tensors: &[(String, Tensor)]) -> Result<(Self, Vec<Tensor>)> {
+        let Some((first_name, first)) = tensors.first() else {
+            return Err(Error::InvalidArgument(
+                "the model has nothing to train: attach LoRA adapters (`lora::attach`) or load it with `trainable: true`".into(),
+            ));
+        };
+        let mut slots = Vec::with_capacity(tensors.len());
+        let mut parts = Vec::with_capacity(tensors.len());
+        let mut offset = 0;
+        for (name, t) in tensors {
+            if t.dtype() != first.dtype() {
+                return Err(Error::InvalidArgument(format!(
+                    "trainable tensors of mixed dtypes ({:?} at `{first_name}`, {:?} at `{name}`)",
+                    first.dtype(),
+                    t.dtype()
+                )));
+            }
+            slots.push(Slot {
+                name: name.clone(),
+                offset,
+                shape: t.shape().clone(),
+                decay: !(name.ends_with("bias") || name.contains("norm")),
+            });
+            offset += t.elem_count();
+            parts.push(t.flatten_all()?);
+        }
+        let data = Var::from_tensor(&Tensor::cat(&parts, 0)?)?;
+        let shared = data.as_tensor().detach();
+        let views = slots
+            .iter()
+            .map(|s| s.of(&shared))
+            .collect::<Result<Vec<_>>>()?;
+        let index = views.iter().enumerate().map(|(i, v)| (v.id(), i)).collect();
+        Ok((Self { slots, data, index }, views))
+    }
+
+    /// Copies the trainable tensors of `model` (adapters, or every weight when loaded
+    /// `trainable`) into one buffer and makes `model` use views of it. Other tensors stay shared
+    /// with the caller's model.
+    pub fn adopt(model: &mut Model) -> Result<Self> {
+        let (flat, views) = Self::new(&crate::model::params::trainable(model))?;
+        let mut views = views.into_iter();
+        visit_trainable_mut(model, &mut |_, t| {
+            if let Some(v) = views.next() {
+                *t = v;
+            }
+            Ok(())
+        })?;
+        Ok(flat)
+    }
+
+    /// Elements in all.
+    pub fn len(&self) -> usize {
+        self.data.elem_count()
+    }
+
+    /// Whether there is nothing to train.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The device of the buffer.
+    pub fn device(&self) -> &Device {
+        self.data.device()
+    }
+
+    /// The slot of `t`, when `t` is one of the model's trainable views.
+    pub fn slot_of(&self, t: &Tensor) -> Option<&Slot> {
+        self.index.get(&t.id()).map(|&i| &self.slots[i])
+    }
+
+    /// Overwrites slot `i` with `value` (checkpoint restore).
+    pub fn set_slot(&self, i: usize, value: &Tensor) -> Result<()> {
+        let s = &self.slots[i];
+        if value.shape() != &s.shape {
+            return Err(Error::InvalidArgument(format!(
+                "`{}` has shape {:?}, expected {:?}",
+                s.name,
+                value.dims(),
+                s.shape.dims()
+            )));
+        }
+        let v = value
+            .to_dtype(self.data.dtype())?
+            .to_device(self.device())?
+            .flatten_all()?;
+        self.data.as_tensor().slice_set(&v, 0, s.offset)?;
+        Ok(())
+    }
+
+    /// A zeroed f32 gradient buffer of this layout.
+    pub fn zero_grads(&self) -> Result<FlatGrads<'_>> {
+        Ok(FlatGrads {
+            params: self,
+            buf: Tensor::zeros(self.len(), DType::F32, self.device())?,
+        })
+    }
+}
+
+/// Gradients of a [`FlatParams`], accumulated in place in f32.
+#[derive(Debug)]
+pub struct FlatGrads<'a> {
+    params: &'a FlatParams,
+    /// `[len]` f32.
+    pub buf: Tensor,
+}
+
+impl FlatGrads<'_> {
+    /// Adds `grad` (rows of `[vocab, h]`) to the rows `ids` of the embedding `param` (its
+    /// backward is a scatter-add).
+    pub fn add_rows(&mut self, param: &Tensor, ids: &Tensor, grad: &Tensor) -> Result<()> {
+        if !self.wants(param) {
+            return Ok(());
+        }
+        let g = param.zeros_like()?.to_dtype(DType::F32)?.index_add(
+            &ids.flatten_all()?,
+            &grad.to_dtype(DType::F32)?,
+            0,
+        )?;
+        Ok(self.add(param, &g)?)
+    }
+}
+
+impl GradSink for FlatGrads<'_> {
+    fn wants(&self, param: &Tensor) -> bool {
+        self.params.slot_of(param).is_some()
+    }
+
+    fn add(&mut self, param: &Tensor, grad: &Tensor) -> candle_core::Result<()> {
+        let Some(s) = self.params.slot_of(param) else {
+            return Ok(());
+        };
+        let cur = self.buf.narrow(0, s.offset, s.len())?;
+        let sum = cur.add(&grad.to_dtype(DType::F32)?.flatten_all()?)?;
+        self.buf.slice_set(&sum, 0, s.offset)
+    }
+}
