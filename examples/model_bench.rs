@@ -5,9 +5,11 @@
 //! model_bench logits DIR REF.safetensors
 //! # load time, then greedy decoding tokens/s at batch 1 (after one warm-up run)
 //! model_bench speed DIR [NEW_TOKENS] [PROMPT_LEN]
+//! # training throughput on fixed-length random rows, the shape of ../shared/bench/hf_peft_lora.py
+//! model_bench train DIR [--batch 8] [--seq 512] [--steps 10] [--warmup 3] [--ckpt] [--full]
 //! ```
 //! Prints one JSON line per measurement. Build with `--features cuda` for the GPU.
-#![allow(clippy::print_stdout, clippy::unwrap_used)]
+#![allow(clippy::print_stdout, clippy::print_stderr, clippy::unwrap_used)]
 
 use std::path::Path;
 use std::time::Instant;
@@ -31,8 +33,9 @@ fn main() -> anyhow::Result<()> {
             speed(Path::new(&args[1]), new_tokens, prompt_len, &opts)
         }
         Some("export") => export(Path::new(&args[1]), Path::new(&args[2])),
+        Some("train") => train(Path::new(&args[1]), &args[2..]),
         _ => anyhow::bail!(
-            "usage: model_bench logits DIR REF | speed DIR [NEW] [PROMPT] | export BASE OUT"
+            "usage: model_bench logits DIR REF | speed DIR [NEW] [PROMPT] | export BASE OUT | train DIR [OPTIONS]"
         ),
     }
 }
@@ -161,6 +164,123 @@ fn speed(
         "{}",
         serde_json::json!({"system": "qscript", "dir": dir, "model": m.to_string(), "load_s": (load_s * 100.0).round() / 100.0,
             "decode_tok_per_s": ((out.len() as f64 / gen_s) * 10.0).round() / 10.0, "new_tokens": out.len()})
+    );
+    Ok(())
+}
+
+/// Trains like `hf_peft_lora.py` does (LoRA r8 alpha 32 dropout 0.1 on q/k/v/o, or `--full`;
+/// AdamW lr 1e-4, weight decay 0.01, clipping at 0.3) on random rows of exactly `--seq` tokens
+/// with labels = ids, and prints tokens/s, step time, MFU (the peer's formula) and the loss.
+fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
+    use qscript_runtime::data::sft::Example;
+    use qscript_runtime::lora::{self, LoraConfig, Targets};
+    use qscript_runtime::train::{TrainConfig, Trainer};
+    use rand::{Rng, SeedableRng};
+    let flag = |name: &str| args.iter().any(|a| a == name);
+    let value = |name: &str, default: usize| -> anyhow::Result<usize> {
+        match args.iter().position(|a| a == name) {
+            Some(i) => Ok(args
+                .get(i + 1)
+                .ok_or_else(|| anyhow::anyhow!("{name} needs a value"))?
+                .parse()?),
+            None => Ok(default),
+        }
+    };
+    let (batch, seq) = (value("--batch", 8)?, value("--seq", 512)?);
+    let (steps, warmup) = (value("--steps", 10)?, value("--warmup", 3)?);
+    let (ckpt, full) = (flag("--ckpt"), flag("--full"));
+    let opts = LoadOptions {
+        dtype: "bf16".into(),
+        device: "auto".into(),
+        trainable: full,
+    };
+    let base = Model::load(dir, &opts)?;
+    let model = if full {
+        base
+    } else {
+        let cfg = LoraConfig {
+            r: 8,
+            lora_alpha: 32.0,
+            lora_dropout: 0.1,
+            target_modules: Targets::Names(
+                ["q_proj", "k_proj", "v_proj", "o_proj"]
+                    .map(String::from)
+                    .to_vec(),
+            ),
+            ..LoraConfig::default()
+        };
+        lora::attach(&base, &cfg, 0)?
+    };
+    let c = model.config().clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let rows: Vec<Example> = (0..4 * batch)
+        .map(|_| {
+            let ids: Vec<u32> = (0..seq)
+                .map(|_| rng.random_range(0..c.vocab_size as u32))
+                .collect();
+            let labels = ids.iter().map(|&i| i64::from(i)).collect();
+            Example {
+                input_ids: ids,
+                labels,
+            }
+        })
+        .collect();
+    let out = tempfile::tempdir()?;
+    let cfg = TrainConfig {
+        output_dir: out.path().to_string_lossy().into_owned(),
+        per_device_train_batch_size: batch,
+        gradient_accumulation_steps: 1,
+        max_steps: (warmup + steps) as i64,
+        learning_rate: 1e-4,
+        weight_decay: 0.01,
+        max_grad_norm: 0.3,
+        logging_steps: 1_000_000,
+        save_steps: 0,
+        gradient_checkpointing: ckpt,
+        ..TrainConfig::default()
+    };
+    let mut t = Trainer::new(&model, std::sync::Arc::new(rows), None, &cfg, 0)?;
+    let dev = model.decoder.device().clone();
+    let mut windows = Vec::new();
+    let mut run = |t: &mut Trainer, n: usize| -> anyhow::Result<f64> {
+        for _ in 0..n {
+            if windows.is_empty() {
+                windows = t.windows();
+                windows.reverse();
+            }
+            let w = windows.pop().ok_or_else(|| anyhow::anyhow!("no batches"))?;
+            t.step(&w)?;
+        }
+        Ok(t.read_step()?.0)
+    };
+    run(&mut t, warmup)?;
+    sync(&dev)?;
+    let _ = qscript_runtime::profile::report();
+    let t0 = Instant::now();
+    let loss = run(&mut t, steps)?;
+    sync(&dev)?;
+    let dt = t0.elapsed().as_secs_f64() / steps as f64;
+    let profile = qscript_runtime::profile::report();
+    if !profile.is_empty() {
+        eprintln!("profile over {steps} steps (synchronized spans):\n{profile}");
+    }
+    let tokens = (batch * seq) as f64;
+    let n_params = model.decoder.num_params() as f64;
+    let (v, h) = (c.vocab_size as f64, c.hidden_size as f64);
+    let n_nonembed = n_params - v * h * if c.tie_word_embeddings { 1.0 } else { 2.0 };
+    let n_matmul = n_nonembed + v * h;
+    let lin = (if ckpt { 3.0 } else { 2.0 } + if full { 1.0 } else { 0.0 }) * 2.0 * n_matmul;
+    let attn_fwd = c.num_hidden_layers as f64 * 4.0 * seq as f64 * h / 2.0;
+    let attn = attn_fwd * if ckpt { 4.0 } else { 3.0 };
+    let flops = tokens * (lin + attn);
+    let mem =
+        qscript_runtime::device::memory(&dev).map(|(used, _)| used as f64 / f64::from(1u32 << 30));
+    println!(
+        "{}",
+        serde_json::json!({"system": if full { "qscript-full" } else { "qscript-lora" }, "model": model.to_string(),
+            "seq": seq, "batch": batch, "grad_ckpt": ckpt, "step_ms": (dt * 1e5).round() / 100.0,
+            "tokens_per_s": (tokens / dt * 10.0).round() / 10.0, "mfu": ((flops / dt / 989e12) * 1e4).round() / 1e4,
+            "loss": loss, "device_used_gib_at_end": mem})
     );
     Ok(())
 }

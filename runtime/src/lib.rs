@@ -30,6 +30,7 @@ pub mod hash;
 pub mod lora;
 pub mod model;
 pub mod nn;
+pub mod profile;
 pub mod sandbox;
 pub mod testing;
 pub mod tokenizer;

@@ -227,6 +227,8 @@ impl Block {
         let a = &self.attn;
         let (b, s, _) = x.dims3()?;
         let hd = a.head_dim;
+        let dev = x.device();
+        let span = crate::profile::span("fwd.norm+qkv+rope", dev);
         let h = rms_norm(x, &self.input_norm, self.eps)?;
         let heads = |t: Tensor, n: usize| t.reshape((b, s, n, hd));
         let q = heads(self.linear(Proj::Q, &h, step, layer, &mut saved)?, a.heads)?;
@@ -265,16 +267,21 @@ impl Block {
             }
             None => (k, v),
         };
+        drop(span);
+        let span = crate::profile::span("fwd.attention", dev);
         let attn_slot = saved.as_deref_mut().map(|s| &mut s.attn);
         let out = attention(&q, &k, &v, step.mask, attn_slot)?
             .transpose(1, 2)?
             .reshape((b, s, a.heads * hd))?;
+        drop(span);
+        let span = crate::profile::span("fwd.o+mlp", dev);
         let mid = x.add(&self.linear(Proj::O, &out, step, layer, &mut saved)?)?;
         let h2 = rms_norm(&mid, &self.post_norm, self.eps)?;
         let gate = self.linear(Proj::Gate, &h2, step, layer, &mut saved)?;
         let up = self.linear(Proj::Up, &h2, step, layer, &mut saved)?;
         let y =
             mid.add(&self.linear(Proj::Down, &swiglu(&gate, &up)?, step, layer, &mut saved)?)?;
+        drop(span);
         if let Some(sv) = saved {
             sv.x = Some(x.clone());
             sv.mid = Some(mid);
@@ -303,7 +310,8 @@ impl Block {
             saved.gate.as_ref().ok_or_else(missing)?,
             saved.up.as_ref().ok_or_else(missing)?,
         );
-        // MLP
+        let dev = x.device();
+        let span = crate::profile::span("bwd.mlp+o", dev);
         let dh = self.mlp.down.backward(lin(Proj::Down)?, dy, grads)?;
         let shape = gate.shape().clone();
         let (dgate, dup) = swiglu_backward(gate, up, &dh.reshape(&shape)?)?;
@@ -326,7 +334,11 @@ impl Block {
         // attention
         let dout = a.o.backward(lin(Proj::O)?, &dmid, grads)?;
         let dout = dout.reshape((b, s, a.heads, hd))?.transpose(1, 2)?;
+        drop(span);
+        let span = crate::profile::span("bwd.attention", dev);
         let (dq, dk, dv) = attention_backward(saved.attn.as_ref().ok_or_else(missing)?, &dout)?;
+        drop(span);
+        let _span = crate::profile::span("bwd.rope+qkv+norm", dev);
         let unrot = |d: &Tensor| -> Result<Tensor> {
             rope_backward(d, step.cos, step.sin)?
                 .transpose(1, 2)?

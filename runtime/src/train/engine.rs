@@ -168,6 +168,7 @@ impl Pass<'_> {
             x = y;
         }
         let eps = d.cfg.rms_norm_eps;
+        let span = crate::profile::span("loss", d.device());
         let (dx, loss, count) = (|| {
             let hidden = rms_norm(&x, &d.norm, eps)?;
             let targets = shifted_targets(self.labels, b, s);
@@ -185,6 +186,7 @@ impl Pass<'_> {
             Ok((dx, out.loss, out.count))
         })()
         .map_err(at("loss".into()))?;
+        drop(span);
         let mut g = dx;
         for i in (0..d.blocks.len()).rev() {
             let blk = &d.blocks[i];
@@ -204,6 +206,7 @@ impl Pass<'_> {
             inputs.truncate(i);
             hook.after_backward(i, grads)?;
         }
+        let _span = crate::profile::span("embedding grad", d.device());
         let rows = g.reshape((b * s, d.cfg.hidden_size))?;
         grads.add_rows(&d.embed, self.input_ids, &rows)?;
         Ok(MicroOut { loss, count })

@@ -69,12 +69,47 @@ impl AdamW {
         })
     }
 
-    /// One update of `params` with learning rate `lr` from the flat f32 `grads`.
-    pub fn step(&mut self, params: &FlatParams, grads: &Tensor, lr: f64) -> Result<()> {
+    /// One update of `params` with learning rate `lr` from the flat f32 `grads` scaled by the
+    /// device scalar `clip` (see [`clip_factor`]). On CUDA one fused kernel updates parameters
+    /// and moments in place; elsewhere the reference ops below compute the same.
+    pub fn step(
+        &mut self,
+        params: &FlatParams,
+        grads: &Tensor,
+        clip: Option<&Tensor>,
+        lr: f64,
+    ) -> Result<()> {
         self.step += 1;
         let c = &self.cfg;
         let t = i32::try_from(self.step).unwrap_or(i32::MAX);
         let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        #[cfg(feature = "cuda")]
+        if params.device().is_cuda() {
+            let args = crate::nn::cuda::AdamWArgs {
+                lr: lr as f32,
+                beta1: c.beta1 as f32,
+                beta2: c.beta2 as f32,
+                eps: c.eps as f32,
+                wd: c.weight_decay as f32,
+                bc1: bc1 as f32,
+                bc2: bc2 as f32,
+            };
+            let p = params.data.as_tensor();
+            crate::nn::cuda::adamw(
+                p,
+                &self.m,
+                &self.v,
+                grads,
+                clip,
+                self.decay_mask.as_ref(),
+                args,
+            )?;
+            return Ok(());
+        }
+        let grads = &match clip {
+            Some(f) => grads.broadcast_mul(f)?,
+            None => grads.clone(),
+        };
         self.m = (self.m.affine(c.beta1, 0.0)? + grads.affine(1.0 - c.beta1, 0.0)?)?;
         self.v = (self.v.affine(c.beta2, 0.0)? + grads.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
         let p = params.data.as_tensor().to_dtype(DType::F32)?;
@@ -90,16 +125,26 @@ impl AdamW {
     }
 }
 
-/// The global L2 norm of the flat f32 `grads` (a device scalar), and the grads scaled so the
-/// norm is at most `max_norm` (`torch.nn.utils.clip_grad_norm_`: factor `max_norm / (norm +
-/// 1e-6)` clamped at 1). Nothing is read back to the host.
-pub fn clip_grad_norm(grads: &Tensor, max_norm: f64) -> Result<(Tensor, Tensor)> {
+/// The global L2 norm of the flat f32 `grads` and the clipping factor of
+/// `torch.nn.utils.clip_grad_norm_` (`max_norm / (norm + 1e-6)` clamped at 1; `None` when
+/// `max_norm <= 0`), both device scalars: nothing is read back to the host.
+pub fn clip_factor(grads: &Tensor, max_norm: f64) -> Result<(Tensor, Option<Tensor>)> {
     let norm = grads.sqr()?.sum_all()?.sqrt()?;
     if max_norm <= 0.0 {
-        return Ok((norm, grads.clone()));
+        return Ok((norm, None));
     }
     let factor = (norm.affine(1.0, 1e-6)?.recip()? * max_norm)?.minimum(1.0)?;
-    Ok((norm, grads.broadcast_mul(&factor)?))
+    Ok((norm, Some(factor)))
+}
+
+/// The norm and the clipped gradients (what [`clip_factor`] and the optimizer apply together).
+pub fn clip_grad_norm(grads: &Tensor, max_norm: f64) -> Result<(Tensor, Tensor)> {
+    let (norm, factor) = clip_factor(grads, max_norm)?;
+    let clipped = match factor {
+        Some(f) => grads.broadcast_mul(&f)?,
+        None => grads.clone(),
+    };
+    Ok((norm, clipped))
 }
 
 #[cfg(test)]
@@ -120,7 +165,7 @@ mod tests {
         )
         .unwrap();
         let g = Tensor::new(&[0.5f32, -0.25], &Device::Cpu).unwrap();
-        opt.step(&flat, &g, 0.01).unwrap();
+        opt.step(&flat, &g, None, 0.01).unwrap();
         // Step 1: m̂ = g, v̂ = g², update = g / (|g| + eps) = sign(g); p = p (1 - lr wd) - lr sign(g).
         let p = views[0].to_vec1::<f32>().unwrap();
         assert!((p[0] - (1.0 * (1.0 - 0.001) - 0.01)).abs() < 1e-6, "{p:?}");
@@ -161,7 +206,7 @@ mod tests {
         .unwrap();
         for step in a["steps"].as_array().unwrap() {
             let g = Tensor::new(floats(&step["grad"]), &Device::Cpu).unwrap();
-            opt.step(&flat, &g, 0.01).unwrap();
+            opt.step(&flat, &g, None, 0.01).unwrap();
             let got = views[0].to_vec1::<f32>().unwrap();
             for (x, y) in got.iter().zip(floats(&step["param"])) {
                 assert!((x - y).abs() < 1e-6, "{got:?}");

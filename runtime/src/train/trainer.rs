@@ -14,7 +14,7 @@ use super::checkpoint::{self, TrainerState};
 use super::config::TrainConfig;
 use super::engine::{NoHook, eval_loss, micro_step};
 use super::flat::FlatParams;
-use super::optim::{AdamW, AdamWConfig, clip_grad_norm};
+use super::optim::{AdamW, AdamWConfig, clip_factor};
 use super::schedule::Schedule;
 use crate::cancel::CancelToken;
 use crate::data::batch::{collate, epoch_order};
@@ -141,6 +141,7 @@ pub struct Trainer {
     trainable: usize,
     losses: Vec<(usize, f64)>,
     window_log: Vec<(f64, f64)>,
+    last_grad_norm: Option<f64>,
     tokens_seen: usize,
     tokens_since_log: usize,
     started: Instant,
@@ -243,6 +244,7 @@ impl Trainer {
             trainable,
             losses: Vec::new(),
             window_log: Vec::new(),
+            last_grad_norm: None,
             tokens_seen: 0,
             tokens_since_log: 0,
             started: Instant::now(),
@@ -374,10 +376,12 @@ impl Trainer {
         }
         let loss =
             loss.ok_or_else(|| Error::InvalidArgument("an empty accumulation window".into()))?;
-        let (grad_norm, clipped) = clip_grad_norm(&grads.buf, self.cfg.max_grad_norm)?;
-        drop(grads);
+        let span = crate::profile::span("optimizer", &self.device);
+        let (grad_norm, clip) = clip_factor(&grads.buf, self.cfg.max_grad_norm)?;
         let lr = self.sched.lr(self.state.global_step);
-        self.opt.step(&self.params, &clipped, lr)?;
+        self.opt.step(&self.params, &grads.buf, clip.as_ref(), lr)?;
+        drop(grads);
+        drop(span);
         self.state.global_step += 1;
         self.state.micro_in_epoch += window.len();
         let step = self.state.global_step;
@@ -479,7 +483,11 @@ impl Trainer {
     /// them, and returns those of the last step.
     fn flush(&mut self) -> Result<(f64, f64)> {
         if self.pending.is_empty() {
-            return Ok(self.window_log.last().copied().unwrap_or((0.0, 0.0)));
+            return Ok(self
+                .losses
+                .last()
+                .zip(self.last_grad_norm)
+                .map_or((0.0, 0.0), |(l, g)| (l.1, g)));
         }
         let mut parts = Vec::with_capacity(self.pending.len() * 2);
         for p in &self.pending {
@@ -498,6 +506,7 @@ impl Trainer {
             }
             self.losses.push((p.step, loss));
             self.window_log.push((loss, norm));
+            self.last_grad_norm = Some(norm);
             last = (loss, norm);
         }
         Ok(last)

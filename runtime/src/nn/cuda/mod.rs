@@ -3,9 +3,9 @@
 //! computes the same function, and a test that compares the two on the GPU machine.
 #![allow(unsafe_code)]
 
-use candle_core::backprop::BackpropOp;
 use candle_core::cuda_backend::cudarc::driver::{self, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+use candle_core::op::BackpropOp;
 use candle_core::{DType, Result, Storage, Tensor};
 
 const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
@@ -59,6 +59,117 @@ pub fn dropout_mask(
         other => candle_core::bail!("dropout: unsupported dtype {other:?}"),
     };
     Ok(wrap(storage, shape))
+}
+
+/// AdamW's hyper-parameters for one step, as the kernel takes them.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWArgs {
+    /// Learning rate.
+    pub lr: f32,
+    /// `beta1`.
+    pub beta1: f32,
+    /// `beta2`.
+    pub beta2: f32,
+    /// `eps`.
+    pub eps: f32,
+    /// Weight decay.
+    pub wd: f32,
+    /// `1 - beta1^t`.
+    pub bc1: f32,
+    /// `1 - beta2^t`.
+    pub bc2: f32,
+}
+
+fn flat_f32<'a>(
+    t: &'a (candle_core::StorageRef<'_>, &candle_core::Layout),
+    what: &str,
+) -> Result<&'a driver::CudaSlice<f32>> {
+    let (s, l) = t;
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("adamw: `{what}` must be a whole contiguous buffer");
+    }
+    match &**s {
+        Storage::Cuda(c) => c.as_cuda_slice::<f32>(),
+        _ => candle_core::bail!("adamw: `{what}` is not on the GPU"),
+    }
+}
+
+/// One in-place AdamW step over flat buffers: `params` (any float dtype) and the f32 moments
+/// `m`, `v` are updated from the f32 gradients `g` scaled by the device scalar `clip`; `decay`
+/// marks where weight decay applies. One launch for every trainable tensor.
+pub fn adamw(
+    params: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    clip: Option<&Tensor>,
+    decay: Option<&Tensor>,
+    a: AdamWArgs,
+) -> Result<()> {
+    let n = params.elem_count();
+    for (t, what) in [(m, "m"), (v, "v"), (g, "grads")] {
+        if t.elem_count() != n || t.dtype() != DType::F32 {
+            candle_core::bail!("adamw: `{what}` must be f32 with {n} elements");
+        }
+    }
+    let pguard = params.storage_and_layout();
+    let Storage::Cuda(ps) = &*pguard.0 else {
+        candle_core::bail!("adamw: the parameters are not on the GPU");
+    };
+    let dev = ps.device.clone();
+    let (ms, vs, gs) = (
+        m.storage_and_layout(),
+        v.storage_and_layout(),
+        g.storage_and_layout(),
+    );
+    let (ms, vs, gs) = (
+        flat_f32(&ms, "m")?,
+        flat_f32(&vs, "v")?,
+        flat_f32(&gs, "grads")?,
+    );
+    let cs = clip.map(Tensor::storage_and_layout);
+    let ds = decay.map(Tensor::storage_and_layout);
+    let cs = cs.as_ref().map(|c| flat_f32(c, "clip")).transpose()?;
+    let ds = ds.as_ref().map(|d| flat_f32(d, "decay")).transpose()?;
+    let null: u64 = 0;
+    let n64 = n as u64;
+    let pl = pguard.1;
+    if !pl.is_contiguous() || pl.start_offset() != 0 {
+        candle_core::bail!("adamw: the parameters must be a whole contiguous buffer");
+    }
+    macro_rules! run {
+        ($t:ty, $name:literal) => {{
+            let p = ps.as_cuda_slice::<$t>()?;
+            let func = dev.get_or_load_custom_func($name, MODULE, KERNELS)?;
+            let mut b = func.builder();
+            b.arg(p);
+            b.arg(ms);
+            b.arg(vs);
+            b.arg(gs);
+            match cs {
+                Some(c) => b.arg(c),
+                None => b.arg(&null),
+            };
+            match ds {
+                Some(d) => b.arg(d),
+                None => b.arg(&null),
+            };
+            for x in [&a.lr, &a.beta1, &a.beta2, &a.eps, &a.wd, &a.bc1, &a.bc2] {
+                b.arg(x);
+            }
+            b.arg(&n64);
+            // SAFETY: the argument list matches `adamw_*` in kernels.cu; every buffer holds
+            // `n` elements (checked above) and the engine runs on one stream.
+            unsafe { b.launch(launch_1d(n)) }.w()?;
+        }};
+    }
+    match params.dtype() {
+        DType::F32 => run!(f32, "adamw_f32"),
+        DType::BF16 => run!(half::bf16, "adamw_bf16"),
+        DType::F16 => run!(half::f16, "adamw_f16"),
+        other => candle_core::bail!("adamw: unsupported parameter dtype {other:?}"),
+    }
+    Ok(())
 }
 
 /// Once per device, before any tensor lives on it: keep freed memory in the CUDA memory pool

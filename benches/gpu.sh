@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The GPU benchmark harness: for each config, one random-weight checkpoint written by the peer,
+# then the peer (HF transformers + PEFT, ../shared/bench/hf_peft_lora.py) and qscript
+# (`model_bench train`) train on it, one after the other, in the same call. Peak device memory of
+# each process is sampled the same way for both (the driver's per-process figure from
+# nvidia-smi every 0.2 s). Prints one JSON line per run and a table at the end.
+#
+# On the GPU machine, from the repo root (see benches/README.md for building and shipping):
+#   BIN=/tmp/qs PEER=.devbin bash benches/gpu.sh [CONFIG...]
+# CONFIG: 05b 05b-ckpt 7b-ckpt q15-7b 05b-full (default: all).
+set -uo pipefail
+BIN=${BIN:-/tmp/qs}
+PEER=${PEER:-.devbin}
+WORK=${WORK:-/tmp/qsbench}
+RESULTS=${RESULTS:-$WORK/results.jsonl}
+mkdir -p "$WORK"
+: > "$RESULTS"
+
+# peak MiB of process $1 (driver's per-process used memory), written to $2 when it exits
+sample() {
+  local pid=$1 out=$2 max=0 v
+  while kill -0 "$pid" 2>/dev/null; do
+    v=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null |
+      awk -F', *' -v p="$pid" '$1 == p { print $2 }')
+    if [ -n "$v" ] && [ "$v" -gt "$max" ]; then max=$v; fi
+    sleep 0.2
+  done
+  echo "$max" > "$out"
+}
+
+# run NAME CONFIG CMD...: runs CMD, samples its peak memory, appends its JSON line + peak
+run() {
+  local name=$1 config=$2; shift 2
+  local log=$WORK/$name.log
+  "$@" > "$log" 2> "$log.err" &
+  local pid=$!
+  sample "$pid" "$log.mem" &
+  local sp=$!
+  wait "$pid"; local rc=$?
+  wait "$sp"
+  local line
+  line=$(grep '^{' "$log" | tail -1)
+  if [ "$rc" -ne 0 ] || [ -z "$line" ]; then
+    echo "$name ($config) failed (exit $rc):" >&2
+    tail -5 "$log.err" >&2
+    line='{"failed": true}'
+  fi
+  python3 - "$line" "$config" "$(cat "$log.mem")" >> "$RESULTS" <<'EOF'
+import json, sys
+rec = json.loads(sys.argv[1])
+rec["config"] = sys.argv[2]
+rec["peak_driver_gib"] = round(int(sys.argv[3] or 0) / 1024, 2)
+print(json.dumps(rec))
+EOF
+  tail -1 "$RESULTS"
+}
+
+# config NAME MODEL BATCH SEQ STEPS WARMUP [--ckpt] [--full]
+config() {
+  local name=$1 model=$2 batch=$3 seq=$4 steps=$5 warmup=$6; shift 6
+  local dir=$WORK/$model
+  if [ ! -f "$dir/config.json" ]; then
+    python3 "$PEER/hf_peft_lora.py" --model "$model" --save-model "$dir" > /dev/null || return
+  fi
+  local peer_flags=() qs_flags=()
+  for f in "$@"; do
+    case $f in
+      --ckpt) peer_flags+=(--grad-ckpt); qs_flags+=(--ckpt) ;;
+      --full) peer_flags+=(--full); qs_flags+=(--full) ;;
+    esac
+  done
+  run "$name-peer" "$name" python3 "$PEER/hf_peft_lora.py" --model "$model" --load-model "$dir" \
+    --batch "$batch" --seq "$seq" --steps "$steps" --warmup "$warmup" "${peer_flags[@]}"
+  run "$name-qscript" "$name" "$BIN/model_bench" train "$dir" \
+    --batch "$batch" --seq "$seq" --steps "$steps" --warmup "$warmup" "${qs_flags[@]}"
+}
+
+configs=("$@")
+[ ${#configs[@]} -eq 0 ] && configs=(05b 05b-ckpt 7b-ckpt q15-7b 05b-full)
+for c in "${configs[@]}"; do
+  case $c in
+    05b) config 05b qwen2.5-0.5b 8 512 10 3 ;;
+    05b-ckpt) config 05b-ckpt qwen2.5-0.5b 8 512 10 3 --ckpt ;;
+    7b-ckpt) config 7b-ckpt qwen2.5-7b 4 512 6 2 --ckpt ;;
+    q15-7b) config q15-7b qwen1.5-7b 4 512 6 2 ;;
+    05b-full) config 05b-full qwen2.5-0.5b 8 512 10 3 --full ;;
+    *) echo "unknown config $c" >&2 ;;
+  esac
+done
+
+python3 - "$RESULTS" <<'EOF'
+import json, sys
+rows = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    side = "qscript" if str(r.get("system", "")).startswith("qscript") else "peer"
+    rows.setdefault(r["config"], {})[side] = r
+print(f"{'config':10} {'peer tok/s':>11} {'qscript tok/s':>14} {'ratio':>6} {'peer GiB':>9} {'qs GiB':>7} {'mem ratio':>9} {'peer MFU':>8} {'qs MFU':>7}")
+for name, r in rows.items():
+    p, q = r.get("peer", {}), r.get("qscript", {})
+    pt, qt = p.get("tokens_per_s", 0), q.get("tokens_per_s", 0)
+    pm, qm = p.get("peak_driver_gib", 0), q.get("peak_driver_gib", 0)
+    ratio = qt / pt if pt else 0
+    mratio = qm / pm if pm else 0
+    print(f"{name:10} {pt:11.0f} {qt:14.0f} {ratio:6.2f} {pm:9.2f} {qm:7.2f} {mratio:9.2f} {p.get('mfu', 0):8.3f} {q.get('mfu', 0):7.3f}")
+EOF

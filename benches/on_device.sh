@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# What one device call runs (see benches/README.md): unpack the binaries shipped in .devbin/,
+# run the GPU test binary, then the harness for the configs given. Logs and results go to $OUT.
+set -uo pipefail
+mkdir -p /tmp/qs
+for f in .devbin/*.xz; do
+  b=/tmp/qs/$(basename "$f" .xz)
+  xz -dc "$f" > "$b" && chmod +x "$b"
+done
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm --format=csv,noheader
+if [ -x /tmp/qs/gpu ] && [ "${SKIP_TESTS:-0}" != 1 ]; then
+  /tmp/qs/gpu --test-threads=1 > "${OUT:-/tmp}/gpu-tests.log" 2>&1
+  echo "gpu tests: exit $?"; grep -E "^test |test result|panicked" "${OUT:-/tmp}/gpu-tests.log" | tail -12
+fi
+BIN=/tmp/qs PEER=.devbin bash benches/gpu.sh "$@"
+cp /tmp/qsbench/results.jsonl "${OUT:-/tmp}/" 2>/dev/null
+for f in /tmp/qsbench/*.err; do tail -20 "$f" > "${OUT:-/tmp}/$(basename "$f")"; done 2>/dev/null
+true
