@@ -117,7 +117,47 @@ pub struct AttnSaved {
     max: Tensor,
     log_sum: Tensor,
     bias: Option<Tensor>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    mask: AttnMask,
     scale: f64,
+}
+
+/// Whether the fused softmax kernels serve attention on `q`'s device and dtype.
+#[cfg(feature = "cuda")]
+fn fused_ok(q: &Tensor) -> bool {
+    q.device().is_cuda() && matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// The mask as the softmax kernels take it (key ranges uploaded once per call).
+#[cfg(feature = "cuda")]
+fn row_mask(
+    mask: &AttnMask,
+    b: usize,
+    h: usize,
+    s: usize,
+    device: &Device,
+) -> Result<super::cuda::RowMask> {
+    let ranges = match &mask.key_ranges {
+        Some(r) => {
+            if r.len() != b {
+                candle_core::bail!("attention mask has {} rows, the batch has {b}", r.len());
+            }
+            let starts: Vec<u32> = r.iter().map(|x| x.0 as u32).collect();
+            let ends: Vec<u32> = r.iter().map(|x| x.1 as u32).collect();
+            Some((
+                Tensor::from_vec(starts, b, device)?,
+                Tensor::from_vec(ends, b, device)?,
+            ))
+        }
+        None => None,
+    };
+    Ok(super::cuda::RowMask {
+        s: s as u32,
+        rows_per_batch: (h * s) as u64,
+        offset: mask.offset as u32,
+        causal: mask.causal,
+        ranges,
+    })
 }
 
 /// Attention inputs prepared for either pass: `q` regrouped as `[b, kv, rep * s, d]` so GQA needs
@@ -145,6 +185,30 @@ pub fn attention(
     let t = k.dim(2)?;
     let rep = h / kv;
     let scale = 1.0 / (d as f64).sqrt();
+    #[cfg(feature = "cuda")]
+    if fused_ok(q) {
+        let rm = row_mask(mask, b, h, s, q.device())?;
+        let raw = qg.matmul(&k.t()?)?.reshape((b * h * s, t))?;
+        let (probs, max, log_sum) = super::cuda::attn_softmax_fwd(&raw, &rm, scale as f32)?;
+        let out = probs
+            .reshape((b, kv, rep * s, t))?
+            .matmul(v)?
+            .reshape((b, h, s, d))?;
+        if let Some(slot) = saved {
+            *slot = Some(AttnSaved {
+                q: q.clone(),
+                k: k.clone(),
+                v: v.clone(),
+                out: out.clone(),
+                max,
+                log_sum,
+                bias: None,
+                mask: mask.clone(),
+                scale,
+            });
+        }
+        return Ok(out);
+    }
     let bias = mask.bias(b, s, t, q.device())?;
     let scores = logits(&qg, k, bias.as_ref(), scale, (b, kv, rep, s, t))?;
     let max = scores.max_keepdim(D::Minus1)?;
@@ -161,6 +225,7 @@ pub fn attention(
             max,
             log_sum: sum.log()?,
             bias,
+            mask: mask.clone(),
             scale,
         });
     }
@@ -198,17 +263,39 @@ pub fn attention_backward(saved: &AttnSaved, d_out: &Tensor) -> Result<(Tensor, 
         log_sum,
         bias,
         scale,
+        ..
     } = saved;
     let kv = k.dim(1)?;
     let (qg, b, h, s, d) = grouped(q, kv)?;
     let t = k.dim(2)?;
     let rep = h / kv;
+    let dout = d_out.contiguous()?.reshape((b, kv, rep * s, d))?;
+    let dtype = q.dtype();
+    #[cfg(feature = "cuda")]
+    if fused_ok(q) {
+        let rm = row_mask(&saved.mask, b, h, s, q.device())?;
+        let rows = b * h * s;
+        let raw = qg.matmul(&k.t()?)?.reshape((rows, t))?;
+        let dp = dout.matmul(&v.t()?)?.reshape((rows, t))?;
+        let delta = (dout.to_dtype(DType::F32)?
+            * out.reshape((b, kv, rep * s, d))?.to_dtype(DType::F32)?)?
+        .sum(D::Minus1)?
+        .reshape(rows)?;
+        let (p, ds) =
+            super::cuda::attn_softmax_bwd(&raw, &dp, max, log_sum, &delta, &rm, *scale as f32)?;
+        let (p, ds) = (
+            p.reshape((b, kv, rep * s, t))?,
+            ds.reshape((b, kv, rep * s, t))?,
+        );
+        let dv = p.t()?.matmul(&dout)?;
+        let dq = ds.matmul(k)?.reshape((b, h, s, d))?;
+        let dk = ds.t()?.matmul(&qg)?;
+        return Ok((dq, dk, dv));
+    }
     let scores = logits(&qg, k, bias.as_ref(), *scale, (b, kv, rep, s, t))?;
     // Row max and log-sum kept apart: a fully masked row's max is f32::MIN, and adding the
     // log-sum to it would round away.
     let probs = scores.broadcast_sub(max)?.broadcast_sub(log_sum)?.exp()?;
-    let dout = d_out.contiguous()?.reshape((b, kv, rep * s, d))?;
-    let dtype = q.dtype();
     let dv = probs.to_dtype(dtype)?.t()?.matmul(&dout)?;
     let dp = dout.matmul(&v.t()?)?.to_dtype(DType::F32)?;
     let delta = (dout.to_dtype(DType::F32)?

@@ -40,7 +40,13 @@ pub fn causal_lm_loss(
     denom: f64,
     grads: Option<&mut dyn GradSink>,
 ) -> Result<LossOut> {
-    let rows = chunk_rows(head.dim(0)?);
+    let vocab = head.dim(0)?;
+    let rows = if hidden.device().is_cuda() {
+        // The fused kernel keeps only the chunk's logits and dlogits, in the model's dtype.
+        (CHUNK_BUDGET_BYTES / (vocab.max(1) * 2 * hidden.dtype().size_in_bytes())).max(1)
+    } else {
+        chunk_rows(vocab)
+    };
     loss_in_chunks(hidden, head, targets, denom, grads, rows)
 }
 
@@ -96,6 +102,25 @@ fn loss_in_chunks(
         let len = step.min(count - start);
         let hc = picked.narrow(0, start, len)?;
         let target = Tensor::from_slice(&labels[start..start + len], (len, 1), device)?;
+        #[cfg(feature = "cuda")]
+        if crate::nn::ops::fused(&hc, head) {
+            let logits = hc.matmul(&head.t()?)?;
+            let sink = grads.as_deref_mut();
+            let (rows, dlogits) =
+                super::cuda::ce_rows(&logits, &target, (1.0 / denom) as f32, sink.is_some())?;
+            let part = rows.sum_all()?;
+            total = Some(match total {
+                Some(t) => t.add(&part)?,
+                None => part,
+            });
+            if let (Some(sink), Some(dlogits)) = (sink, dlogits) {
+                if sink.wants(head) {
+                    sink.add(head, &dlogits.t()?.matmul(&hc)?)?;
+                }
+                d_rows.push(dlogits.matmul(head)?);
+            }
+            continue;
+        }
         let logits = hc.matmul(&head.t()?)?.to_dtype(DType::F32)?;
         let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?)?;
         let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;

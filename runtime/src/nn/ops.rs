@@ -7,6 +7,10 @@ use candle_core::{D, DType, Result, Tensor};
 /// # Shapes
 /// `x: [.., d]`, `weight: [d]` -> `[.., d]`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x, weight) {
+        return super::cuda::rms_fwd(&x.contiguous()?, weight, eps as f32);
+    }
     let (normed, _) = normalize(x, eps)?;
     normed.to_dtype(x.dtype())?.broadcast_mul(weight)
 }
@@ -29,6 +33,11 @@ pub fn rms_norm_backward(
     dy: &Tensor,
     want_dw: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    #[cfg(feature = "cuda")]
+    if !want_dw && fused(x, weight) && dy.dtype() == x.dtype() {
+        let dx = super::cuda::rms_bwd(&x.contiguous()?, weight, &dy.contiguous()?, eps as f32)?;
+        return Ok((dx, None));
+    }
     let (xhat, rstd) = normalize(x, eps)?;
     let dy32 = dy.to_dtype(DType::F32)?;
     let g = dy32.broadcast_mul(&weight.to_dtype(DType::F32)?)?;
@@ -48,13 +57,29 @@ pub fn rms_norm_backward(
     Ok((dx, dw))
 }
 
+/// Whether the fused CUDA kernel serves an op on `x` (and `w`, same dtype).
+#[cfg(feature = "cuda")]
+pub(crate) fn fused(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cuda()
+        && x.dtype() == w.dtype()
+        && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+}
+
 /// `silu(gate) * up`, the SwiGLU of the MLP.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(gate, up) {
+        return super::cuda::swiglu_fwd(&gate.contiguous()?, &up.contiguous()?);
+    }
     gate.silu()?.mul(up)
 }
 
 /// Backward of [`swiglu`]: `(dgate, dup)`, computed in f32.
 pub fn swiglu_backward(gate: &Tensor, up: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if fused(gate, up) && dh.dtype() == gate.dtype() {
+        return super::cuda::swiglu_bwd(&gate.contiguous()?, &up.contiguous()?, &dh.contiguous()?);
+    }
     let dtype = gate.dtype();
     let g = gate.to_dtype(DType::F32)?;
     let dh = dh.to_dtype(DType::F32)?;

@@ -56,3 +56,235 @@ __device__ __forceinline__ float from_f16(__half x) { return __half2float(x); }
 ADAMW(adamw_f32, float, to_f32, to_f32)
 ADAMW(adamw_bf16, __nv_bfloat16, from_bf16, __float2bfloat16)
 ADAMW(adamw_f16, __half, from_f16, __float2half)
+
+// ---------------------------------------------------------------- row reductions
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+// Block-wide sum / max (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ float block_sum(float v) {
+    __shared__ float s[32];
+    __shared__ float total;
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) s[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        float x = lane < (blockDim.x >> 5) ? s[lane] : 0.0f;
+        x = warp_sum(x);
+        if (lane == 0) total = x;
+    }
+    __syncthreads();
+    return total;
+}
+__device__ float block_max(float v) {
+    __shared__ float s[32];
+    __shared__ float total;
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) s[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        float x = lane < (blockDim.x >> 5) ? s[lane] : -INFINITY;
+        x = warp_max(x);
+        if (lane == 0) total = x;
+    }
+    __syncthreads();
+    return total;
+}
+
+__device__ __forceinline__ float ld(float x) { return x; }
+__device__ __forceinline__ float ld(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float ld(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T st(float x);
+template <> __device__ __forceinline__ float st<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 st<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half st<__half>(float x) { return __float2half(x); }
+
+// ---------------------------------------------------------------- cross-entropy rows
+// One block per row of logits [n, V]: loss[r] = logsumexp(x) - x[target[r]] and
+// dlogits = (softmax(x) - onehot(target)) * inv_denom, all arithmetic in f32.
+template <typename T>
+__device__ void ce_rows(const T *logits, const uint32_t *target, T *dlogits, float *loss,
+                        uint64_t V, float inv_denom, int want_grad) {
+    uint64_t r = blockIdx.x;
+    const T *x = logits + r * V;
+    float m = -INFINITY;
+    for (uint64_t j = threadIdx.x; j < V; j += blockDim.x) m = fmaxf(m, ld(x[j]));
+    m = block_max(m);
+    float sum = 0.0f;
+    for (uint64_t j = threadIdx.x; j < V; j += blockDim.x) sum += __expf(ld(x[j]) - m);
+    sum = block_sum(sum);
+    float lse = m + __logf(sum);
+    uint32_t t = target[r];
+    if (threadIdx.x == 0) loss[r] = lse - ld(x[t]);
+    if (!want_grad) return;
+    T *d = dlogits + r * V;
+    for (uint64_t j = threadIdx.x; j < V; j += blockDim.x) {
+        float p = __expf(ld(x[j]) - lse);
+        d[j] = st<T>((p - (j == t ? 1.0f : 0.0f)) * inv_denom);
+    }
+}
+#define CE(NAME, T)                                                                              \
+    extern "C" __global__ void NAME(const T *l, const uint32_t *t, T *d, float *loss, uint64_t V, \
+                                    float inv, int g) {                                          \
+        ce_rows<T>(l, t, d, loss, V, inv, g);                                                    \
+    }
+CE(ce_rows_f32, float)
+CE(ce_rows_bf16, __nv_bfloat16)
+CE(ce_rows_f16, __half)
+
+// ---------------------------------------------------------------- attention softmax
+// Rows of scores [R, t] ordered [b][group][s] (group = heads, GQA groups included), raw q·kᵀ.
+// Row r is query s_idx = r % s of batch r / rows_per_batch; it sees key j when
+// kstart[b] <= j < kend[b] (no ranges: every key) and, if causal, j <= offset + s_idx. A row
+// that sees no key attends uniformly to all keys (what the additive-bias reference computes).
+__device__ __forceinline__ void row_range(uint64_t r, uint32_t s, uint64_t rows_per_batch,
+                                          uint32_t offset, int causal, const uint32_t *ks,
+                                          const uint32_t *ke, uint64_t t, uint64_t *lo,
+                                          uint64_t *hi) {
+    uint64_t b = r / rows_per_batch;
+    uint64_t q = r % s;
+    uint64_t a = ks ? ks[b] : 0, e = ke ? ke[b] : t;
+    if (causal && offset + q + 1 < e) e = offset + q + 1;
+    if (a >= e) { a = 0; e = t; }  // no visible key: uniform over all keys
+    *lo = a;
+    *hi = e;
+}
+
+template <typename T>
+__device__ void softmax_fwd(const T *scores, T *probs, float *mx, float *lsum, uint64_t t,
+                            uint32_t s, uint64_t rpb, uint32_t offset, int causal,
+                            const uint32_t *ks, const uint32_t *ke, float scale) {
+    uint64_t r = blockIdx.x, lo, hi;
+    row_range(r, s, rpb, offset, causal, ks, ke, t, &lo, &hi);
+    const T *x = scores + r * t;
+    T *p = probs + r * t;
+    float m = -INFINITY;
+    for (uint64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) m = fmaxf(m, ld(x[j]) * scale);
+    m = block_max(m);
+    float sum = 0.0f;
+    for (uint64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) sum += __expf(ld(x[j]) * scale - m);
+    sum = block_sum(sum);
+    float ls = __logf(sum);
+    if (threadIdx.x == 0) { mx[r] = m; lsum[r] = ls; }
+    for (uint64_t j = threadIdx.x; j < t; j += blockDim.x)
+        p[j] = st<T>(j >= lo && j < hi ? __expf(ld(x[j]) * scale - m - ls) : 0.0f);
+}
+
+// probs = softmax (recomputed from the saved row max and log-sum), ds = p * (dp - delta) * scale.
+template <typename T>
+__device__ void softmax_bwd(const T *scores, const T *dp, const float *mx, const float *lsum,
+                            const float *delta, T *probs, T *ds, uint64_t t, uint32_t s,
+                            uint64_t rpb, uint32_t offset, int causal, const uint32_t *ks,
+                            const uint32_t *ke, float scale) {
+    uint64_t r = blockIdx.x, lo, hi;
+    row_range(r, s, rpb, offset, causal, ks, ke, t, &lo, &hi);
+    const T *x = scores + r * t;
+    const T *g = dp + r * t;
+    float m = mx[r], ls = lsum[r], dl = delta[r];
+    for (uint64_t j = threadIdx.x; j < t; j += blockDim.x) {
+        float p = j >= lo && j < hi ? __expf(ld(x[j]) * scale - m - ls) : 0.0f;
+        probs[r * t + j] = st<T>(p);
+        ds[r * t + j] = st<T>(p * (ld(g[j]) - dl) * scale);
+    }
+}
+#define SOFTMAX(T, SFX)                                                                         \
+    extern "C" __global__ void attn_softmax_fwd_##SFX(                                          \
+        const T *x, T *p, float *mx, float *ls, uint64_t t, uint32_t s, uint64_t rpb,          \
+        uint32_t off, int causal, const uint32_t *ks, const uint32_t *ke, float scale) {       \
+        softmax_fwd<T>(x, p, mx, ls, t, s, rpb, off, causal, ks, ke, scale);                   \
+    }                                                                                           \
+    extern "C" __global__ void attn_softmax_bwd_##SFX(                                          \
+        const T *x, const T *dp, const float *mx, const float *ls, const float *dl, T *p,      \
+        T *ds, uint64_t t, uint32_t s, uint64_t rpb, uint32_t off, int causal,                 \
+        const uint32_t *ks, const uint32_t *ke, float scale) {                                 \
+        softmax_bwd<T>(x, dp, mx, ls, dl, p, ds, t, s, rpb, off, causal, ks, ke, scale);       \
+    }
+SOFTMAX(float, f32)
+SOFTMAX(__nv_bfloat16, bf16)
+SOFTMAX(__half, f16)
+
+// ---------------------------------------------------------------- SwiGLU
+template <typename T>
+__device__ void swiglu_fwd(const T *g, const T *u, T *h, uint64_t n) {
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
+         i += (uint64_t)blockDim.x * gridDim.x) {
+        float a = ld(g[i]);
+        float silu = ld(st<T>(a / (1.0f + __expf(-a))));  // rounded like silu(g) * up in T
+        h[i] = st<T>(silu * ld(u[i]));
+    }
+}
+template <typename T>
+__device__ void swiglu_bwd(const T *g, const T *u, const T *dh, T *dg, T *du, uint64_t n) {
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
+         i += (uint64_t)blockDim.x * gridDim.x) {
+        float a = ld(g[i]), b = ld(u[i]), d = ld(dh[i]);
+        float sg = 1.0f / (1.0f + __expf(-a));
+        du[i] = st<T>(d * a * sg);
+        dg[i] = st<T>(d * b * sg * (1.0f + a * (1.0f - sg)));
+    }
+}
+#define SWIGLU(T, SFX)                                                                          \
+    extern "C" __global__ void swiglu_fwd_##SFX(const T *g, const T *u, T *h, uint64_t n) {     \
+        swiglu_fwd<T>(g, u, h, n);                                                              \
+    }                                                                                           \
+    extern "C" __global__ void swiglu_bwd_##SFX(const T *g, const T *u, const T *dh, T *dg,     \
+                                                T *du, uint64_t n) {                            \
+        swiglu_bwd<T>(g, u, dh, dg, du, n);                                                     \
+    }
+SWIGLU(float, f32)
+SWIGLU(__nv_bfloat16, bf16)
+SWIGLU(__half, f16)
+
+// ---------------------------------------------------------------- RMSNorm
+// HF's arithmetic: y = T(T(x * rstd) * w), rstd = rsqrt(mean(x^2) + eps) in f32. One block a row.
+template <typename T>
+__device__ void rms_fwd(const T *x, const T *w, T *y, uint64_t d, float eps) {
+    uint64_t r = blockIdx.x;
+    const T *xr = x + r * d;
+    float ss = 0.0f;
+    for (uint64_t j = threadIdx.x; j < d; j += blockDim.x) { float v = ld(xr[j]); ss += v * v; }
+    ss = block_sum(ss);
+    float rstd = rsqrtf(ss / (float)d + eps);
+    for (uint64_t j = threadIdx.x; j < d; j += blockDim.x)
+        y[r * d + j] = st<T>(ld(st<T>(ld(xr[j]) * rstd)) * ld(w[j]));
+}
+// dx = rstd * (g - xhat * mean(g * xhat)), g = dy * w.
+template <typename T>
+__device__ void rms_bwd(const T *x, const T *w, const T *dy, T *dx, uint64_t d, float eps) {
+    uint64_t r = blockIdx.x;
+    const T *xr = x + r * d;
+    const T *gr = dy + r * d;
+    float ss = 0.0f;
+    for (uint64_t j = threadIdx.x; j < d; j += blockDim.x) { float v = ld(xr[j]); ss += v * v; }
+    ss = block_sum(ss);
+    float rstd = rsqrtf(ss / (float)d + eps);
+    float dot = 0.0f;
+    for (uint64_t j = threadIdx.x; j < d; j += blockDim.x)
+        dot += ld(gr[j]) * ld(w[j]) * ld(xr[j]) * rstd;
+    dot = block_sum(dot) / (float)d;
+    for (uint64_t j = threadIdx.x; j < d; j += blockDim.x) {
+        float xh = ld(xr[j]) * rstd;
+        dx[r * d + j] = st<T>(rstd * (ld(gr[j]) * ld(w[j]) - xh * dot));
+    }
+}
+#define RMS(T, SFX)                                                                             \
+    extern "C" __global__ void rms_fwd_##SFX(const T *x, const T *w, T *y, uint64_t d,          \
+                                             float eps) {                                       \
+        rms_fwd<T>(x, w, y, d, eps);                                                            \
+    }                                                                                           \
+    extern "C" __global__ void rms_bwd_##SFX(const T *x, const T *w, const T *dy, T *dx,        \
+                                             uint64_t d, float eps) {                           \
+        rms_bwd<T>(x, w, dy, dx, d, eps);                                                       \
+    }
+RMS(float, f32)
+RMS(__nv_bfloat16, bf16)
+RMS(__half, f16)

@@ -3,8 +3,8 @@
 //! computes the same function, and a test that compares the two on the GPU machine.
 #![allow(unsafe_code)]
 
-use candle_core::cuda_backend::cudarc::driver::{self, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::{self, DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Result, Storage, Tensor};
 
@@ -23,6 +23,369 @@ fn launch_1d(n: usize) -> LaunchConfig {
 
 fn wrap(storage: CudaStorage, shape: &[usize]) -> Tensor {
     Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+}
+
+/// The device address of a contiguous tensor's first element, and its device.
+fn addr(t: &Tensor, what: &str) -> Result<(u64, CudaDevice)> {
+    let (s, l) = t.storage_and_layout();
+    if !l.is_contiguous() {
+        candle_core::bail!("{what} must be contiguous");
+    }
+    let Storage::Cuda(c) = &*s else {
+        candle_core::bail!("{what} is not on the GPU");
+    };
+    let stream = c.device.cuda_stream();
+    let off = l.start_offset() as u64;
+    let (base, size) = match &c.slice {
+        CudaStorageSlice::F32(x) => (x.device_ptr(&stream).0, 4),
+        CudaStorageSlice::BF16(x) => (x.device_ptr(&stream).0, 2),
+        CudaStorageSlice::F16(x) => (x.device_ptr(&stream).0, 2),
+        CudaStorageSlice::U32(x) => (x.device_ptr(&stream).0, 4),
+        _ => candle_core::bail!("{what}: unsupported dtype {:?}", t.dtype()),
+    };
+    Ok((base + off * size, c.device.clone()))
+}
+
+/// A fresh uninitialised `shape` tensor of `dtype` on `dev` (every kernel that uses it writes
+/// all of it).
+fn empty(dev: &CudaDevice, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    // SAFETY: the callers' kernels write every element before the tensor is read.
+    let storage = unsafe {
+        match dtype {
+            DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(n)?, dev.clone()),
+            DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(n)?, dev.clone()),
+            DType::F16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::f16>(n)?, dev.clone()),
+            other => candle_core::bail!("unsupported dtype {other:?}"),
+        }
+    };
+    Ok(wrap(storage, shape))
+}
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => candle_core::bail!("unsupported dtype {other:?} for a fused kernel"),
+    })
+}
+
+/// A kernel argument: a device address or a scalar.
+#[derive(Clone, Copy, Debug)]
+enum Arg {
+    U64(u64),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+}
+
+/// Launches `{name}_{suffix of dtype}` on `grid` with `args` in order.
+fn launch(
+    dev: &CudaDevice,
+    name: &str,
+    dtype: DType,
+    grid: LaunchConfig,
+    args: &[Arg],
+) -> Result<()> {
+    let full = format!("{name}_{}", suffix(dtype)?);
+    let func = dev.get_or_load_custom_func(&full, MODULE, KERNELS)?;
+    let mut b = func.builder();
+    for a in args {
+        match a {
+            Arg::U64(x) => b.arg(x),
+            Arg::U32(x) => b.arg(x),
+            Arg::I32(x) => b.arg(x),
+            Arg::F32(x) => b.arg(x),
+        };
+    }
+    // SAFETY: each caller pushes the argument list of the kernel's signature in kernels.cu,
+    // with addresses of live buffers of the sizes the kernel reads and writes.
+    unsafe { b.launch(grid) }.w()?;
+    Ok(())
+}
+
+impl From<u64> for Arg {
+    fn from(x: u64) -> Self {
+        Arg::U64(x)
+    }
+}
+impl From<u32> for Arg {
+    fn from(x: u32) -> Self {
+        Arg::U32(x)
+    }
+}
+impl From<i32> for Arg {
+    fn from(x: i32) -> Self {
+        Arg::I32(x)
+    }
+}
+impl From<f32> for Arg {
+    fn from(x: f32) -> Self {
+        Arg::F32(x)
+    }
+}
+
+fn rows_grid(rows: usize, width: usize) -> LaunchConfig {
+    let threads = if width >= 4096 {
+        1024
+    } else if width >= 512 {
+        256
+    } else {
+        128
+    };
+    LaunchConfig {
+        grid_dim: (rows.max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Cross-entropy of each row of `logits` `[n, vocab]` against `targets` (u32 `[n]`): the per-row
+/// losses (f32) and, with `want_grad`, `(softmax - onehot) * inv_denom` in the logits' dtype.
+pub fn ce_rows(
+    logits: &Tensor,
+    targets: &Tensor,
+    inv_denom: f32,
+    want_grad: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (n, v) = logits.dims2()?;
+    let (pl, dev) = addr(logits, "logits")?;
+    let (pt, _) = addr(targets, "targets")?;
+    let loss = empty(&dev, &[n], DType::F32)?;
+    let d = if want_grad {
+        Some(empty(&dev, &[n, v], logits.dtype())?)
+    } else {
+        None
+    };
+    let (pd, _) = match &d {
+        Some(d) => addr(d, "dlogits")?,
+        None => (0, dev.clone()),
+    };
+    let (ploss, _) = addr(&loss, "loss")?;
+    let (v64, g) = (v as u64, i32::from(want_grad));
+    launch(
+        &dev,
+        "ce_rows",
+        logits.dtype(),
+        rows_grid(n, v),
+        &[
+            Arg::from(pl),
+            Arg::from(pt),
+            Arg::from(pd),
+            Arg::from(ploss),
+            Arg::from(v64),
+            Arg::from(inv_denom),
+            Arg::from(g),
+        ],
+    )?;
+    Ok((loss, d))
+}
+
+/// Which keys each row of attention scores sees, for the softmax kernels.
+pub struct RowMask {
+    /// Queries per row block.
+    pub s: u32,
+    /// Rows per batch entry (`heads * s`).
+    pub rows_per_batch: u64,
+    /// Absolute position of the first query.
+    pub offset: u32,
+    /// Causal.
+    pub causal: bool,
+    /// Per batch entry, `[start, end)` of the real keys (u32 tensors on the device).
+    pub ranges: Option<(Tensor, Tensor)>,
+}
+
+impl RowMask {
+    fn ptrs(&self) -> Result<(u64, u64)> {
+        match &self.ranges {
+            Some((a, b)) => Ok((addr(a, "key starts")?.0, addr(b, "key ends")?.0)),
+            None => Ok((0, 0)),
+        }
+    }
+}
+
+/// Masked softmax of raw scores `[rows, t]` times `scale`: probabilities (scores' dtype), row max
+/// and row log-sum (f32).
+pub fn attn_softmax_fwd(
+    scores: &Tensor,
+    mask: &RowMask,
+    scale: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (r, t) = scores.dims2()?;
+    let (px, dev) = addr(scores, "scores")?;
+    let p = empty(&dev, &[r, t], scores.dtype())?;
+    let mx = empty(&dev, &[r], DType::F32)?;
+    let ls = empty(&dev, &[r], DType::F32)?;
+    let (pp, pm, pl) = (
+        addr(&p, "p")?.0,
+        addr(&mx, "max")?.0,
+        addr(&ls, "logsum")?.0,
+    );
+    let (ks, ke) = mask.ptrs()?;
+    let (t64, causal) = (t as u64, i32::from(mask.causal));
+    launch(
+        &dev,
+        "attn_softmax_fwd",
+        scores.dtype(),
+        rows_grid(r, t),
+        &[
+            Arg::from(px),
+            Arg::from(pp),
+            Arg::from(pm),
+            Arg::from(pl),
+            Arg::from(t64),
+            Arg::from(mask.s),
+            Arg::from(mask.rows_per_batch),
+            Arg::from(mask.offset),
+            Arg::from(causal),
+            Arg::from(ks),
+            Arg::from(ke),
+            Arg::from(scale),
+        ],
+    )?;
+    Ok((p, mx, ls))
+}
+
+/// Backward of [`attn_softmax_fwd`]: the recomputed probabilities and
+/// `ds = p * (dp - delta) * scale`, both `[rows, t]` in the scores' dtype.
+pub fn attn_softmax_bwd(
+    scores: &Tensor,
+    dp: &Tensor,
+    max: &Tensor,
+    log_sum: &Tensor,
+    delta: &Tensor,
+    mask: &RowMask,
+    scale: f32,
+) -> Result<(Tensor, Tensor)> {
+    let (r, t) = scores.dims2()?;
+    let (px, dev) = addr(scores, "scores")?;
+    let pg = addr(dp, "dp")?.0;
+    let (pm, pl, pd) = (
+        addr(max, "max")?.0,
+        addr(log_sum, "logsum")?.0,
+        addr(delta, "delta")?.0,
+    );
+    let p = empty(&dev, &[r, t], scores.dtype())?;
+    let ds = empty(&dev, &[r, t], scores.dtype())?;
+    let (pp, pds) = (addr(&p, "p")?.0, addr(&ds, "ds")?.0);
+    let (ks, ke) = mask.ptrs()?;
+    let (t64, causal) = (t as u64, i32::from(mask.causal));
+    launch(
+        &dev,
+        "attn_softmax_bwd",
+        scores.dtype(),
+        rows_grid(r, t),
+        &[
+            Arg::from(px),
+            Arg::from(pg),
+            Arg::from(pm),
+            Arg::from(pl),
+            Arg::from(pd),
+            Arg::from(pp),
+            Arg::from(pds),
+            Arg::from(t64),
+            Arg::from(mask.s),
+            Arg::from(mask.rows_per_batch),
+            Arg::from(mask.offset),
+            Arg::from(causal),
+            Arg::from(ks),
+            Arg::from(ke),
+            Arg::from(scale),
+        ],
+    )?;
+    Ok((p, ds))
+}
+
+/// `silu(gate) * up` in one pass.
+pub fn swiglu_fwd(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let (pg, dev) = addr(gate, "gate")?;
+    let pu = addr(up, "up")?.0;
+    let h = empty(&dev, gate.dims(), gate.dtype())?;
+    let ph = addr(&h, "h")?.0;
+    let n = gate.elem_count() as u64;
+    launch(
+        &dev,
+        "swiglu_fwd",
+        gate.dtype(),
+        launch_1d(n as usize),
+        &[Arg::from(pg), Arg::from(pu), Arg::from(ph), Arg::from(n)],
+    )?;
+    Ok(h)
+}
+
+/// `(dgate, dup)` of [`swiglu_fwd`] in one pass.
+pub fn swiglu_bwd(gate: &Tensor, up: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (pg, dev) = addr(gate, "gate")?;
+    let (pu, pd) = (addr(up, "up")?.0, addr(dh, "dh")?.0);
+    let dg = empty(&dev, gate.dims(), gate.dtype())?;
+    let du = empty(&dev, gate.dims(), gate.dtype())?;
+    let (pdg, pdu) = (addr(&dg, "dg")?.0, addr(&du, "du")?.0);
+    let n = gate.elem_count() as u64;
+    launch(
+        &dev,
+        "swiglu_bwd",
+        gate.dtype(),
+        launch_1d(n as usize),
+        &[
+            Arg::from(pg),
+            Arg::from(pu),
+            Arg::from(pd),
+            Arg::from(pdg),
+            Arg::from(pdu),
+            Arg::from(n),
+        ],
+    )?;
+    Ok((dg, du))
+}
+
+/// RMSNorm over the last dimension, HF's rounding.
+pub fn rms_fwd(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    let d = w.elem_count();
+    let (px, dev) = addr(x, "x")?;
+    let pw = addr(w, "weight")?.0;
+    let y = empty(&dev, x.dims(), x.dtype())?;
+    let py = addr(&y, "y")?.0;
+    let d64 = d as u64;
+    launch(
+        &dev,
+        "rms_fwd",
+        x.dtype(),
+        rows_grid(x.elem_count() / d, d),
+        &[
+            Arg::from(px),
+            Arg::from(pw),
+            Arg::from(py),
+            Arg::from(d64),
+            Arg::from(eps),
+        ],
+    )?;
+    Ok(y)
+}
+
+/// `dx` of [`rms_fwd`].
+pub fn rms_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f32) -> Result<Tensor> {
+    let d = w.elem_count();
+    let (px, dev) = addr(x, "x")?;
+    let (pw, pg) = (addr(w, "weight")?.0, addr(dy, "dy")?.0);
+    let dx = empty(&dev, x.dims(), x.dtype())?;
+    let pdx = addr(&dx, "dx")?.0;
+    let d64 = d as u64;
+    launch(
+        &dev,
+        "rms_bwd",
+        x.dtype(),
+        rows_grid(x.elem_count() / d, d),
+        &[
+            Arg::from(px),
+            Arg::from(pw),
+            Arg::from(pg),
+            Arg::from(pdx),
+            Arg::from(d64),
+            Arg::from(eps),
+        ],
+    )?;
+    Ok(dx)
 }
 
 /// [`crate::nn::dropout::mask`] on the device.
