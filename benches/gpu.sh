@@ -40,6 +40,17 @@ run() {
   wait "$sp"
   local line
   line=$(grep '^{' "$log" | tail -1)
+  if [ -z "$line" ]; then
+    # a recipe run: its summary line says how long training took
+    line=$(python3 - "$log.err" <<'EOF'
+import json, re, sys
+m = re.search(r"trained (\d+) steps in ([\d.]+) s: .*?, ([\d.]+) examples/s, (\d+) tokens/s", open(sys.argv[1]).read())
+if m:
+    print(json.dumps({"system": "qscript-recipe", "max_steps": int(m[1]), "train_runtime_s": float(m[2]),
+                      "examples_per_s": float(m[3]), "tokens_per_s_unpadded": int(m[4])}))
+EOF
+)
+  fi
   if [ "$rc" -ne 0 ] || [ -z "$line" ]; then
     echo "$name ($config) failed (exit $rc):" >&2
     tail -5 "$log.err" >&2
@@ -75,8 +86,23 @@ config() {
     --batch "$batch" --seq "$seq" --steps "$steps" --warmup "$warmup" "${qs_flags[@]}"
 }
 
+# seed 000 as written: Qwen1.5-7B (random weights, the Qwen2.5 tokenizer from the fixtures) on
+# huanhuan.json, batch 1 x accumulation 16, 20 optimizer steps; the peer is hf_seed000.py.
+seed000() {
+  local dir=$WORK/qwen1.5-7b
+  if [ ! -f "$dir/config.json" ]; then
+    python3 "$PEER/hf_peft_lora.py" --model qwen1.5-7b --save-model "$dir" > /dev/null || return
+  fi
+  cp "$PEER"/tokenizer.json "$PEER"/tokenizer_config.json "$dir/"
+  run seed000-peer seed000 python3 "$PEER/hf_seed000.py" "$dir" "$PEER/huanhuan.json" --max-steps 20
+  run seed000-qscript seed000 "$BIN/qscript" recipes/huanhuan_lora.rhai --allow-read "$WORK" \
+    --allow-read "$PWD/$PEER" --output-dir "$WORK/runs" --set model="$dir" \
+    --set data="$PWD/$PEER/huanhuan.json" --set max_length=128 --set batch_size=1 \
+    --set accumulation=16 --set learning_rate=1e-4 --set max_steps=20
+}
+
 configs=("$@")
-[ ${#configs[@]} -eq 0 ] && configs=(05b 05b-ckpt 7b-ckpt q15-7b 05b-full)
+[ ${#configs[@]} -eq 0 ] && configs=(05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000)
 for c in "${configs[@]}"; do
   case $c in
     05b) config 05b qwen2.5-0.5b 8 512 10 3 ;;
@@ -84,6 +110,7 @@ for c in "${configs[@]}"; do
     7b-ckpt) config 7b-ckpt qwen2.5-7b 4 512 6 2 --ckpt ;;
     q15-7b) config q15-7b qwen1.5-7b 4 512 6 2 ;;
     05b-full) config 05b-full qwen2.5-0.5b 8 512 10 3 --full ;;
+    seed000) seed000 ;;
     *) echo "unknown config $c" >&2 ;;
   esac
 done
@@ -95,10 +122,12 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     side = "qscript" if str(r.get("system", "")).startswith("qscript") else "peer"
     rows.setdefault(r["config"], {})[side] = r
+print("(seed000: examples/s; the rest: tokens/s)")
 print(f"{'config':10} {'peer tok/s':>11} {'qscript tok/s':>14} {'ratio':>6} {'peer GiB':>9} {'qs GiB':>7} {'mem ratio':>9} {'peer MFU':>8} {'qs MFU':>7}")
 for name, r in rows.items():
     p, q = r.get("peer", {}), r.get("qscript", {})
-    pt, qt = p.get("tokens_per_s", 0), q.get("tokens_per_s", 0)
+    unit = "tokens_per_s" if "tokens_per_s" in p else "examples_per_s"
+    pt, qt = p.get(unit, 0), q.get(unit, 0)
     pm, qm = p.get("peak_driver_gib", 0), q.get("peak_driver_gib", 0)
     ratio = qt / pt if pt else 0
     mratio = qm / pm if pm else 0

@@ -232,6 +232,8 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
         gradient_accumulation_steps: 1,
         max_steps: (warmup + steps) as i64,
         learning_rate: 1e-4,
+        // the peer steps a plain torch AdamW: no schedule
+        lr_scheduler_type: "constant".into(),
         weight_decay: 0.01,
         max_grad_norm: 0.3,
         logging_steps: 1_000_000,

@@ -50,7 +50,8 @@ impl AdamW {
     /// Zeroed moments for `params`.
     pub fn new(params: &FlatParams, cfg: AdamWConfig) -> Result<Self> {
         let device = params.device();
-        let z = Tensor::zeros(params.len(), DType::F32, device)?;
+        // Two buffers: the fused kernel updates both in place.
+        let zeros = || Tensor::zeros(params.len(), DType::F32, device);
         let decay_mask = if cfg.weight_decay > 0.0 {
             let mut mask = vec![0f32; params.len()];
             for s in params.slots.iter().filter(|s| s.decay) {
@@ -62,8 +63,8 @@ impl AdamW {
         };
         Ok(Self {
             cfg,
-            m: z.clone(),
-            v: z,
+            m: zeros()?,
+            v: zeros()?,
             decay_mask,
             step: 0,
         })
@@ -89,6 +90,8 @@ impl AdamW {
                 lr: lr as f32,
                 beta1: c.beta1 as f32,
                 beta2: c.beta2 as f32,
+                om1: (1.0 - c.beta1) as f32,
+                om2: (1.0 - c.beta2) as f32,
                 eps: c.eps as f32,
                 wd: c.weight_decay as f32,
                 bc1: bc1 as f32,
@@ -129,12 +132,29 @@ impl AdamW {
 /// `torch.nn.utils.clip_grad_norm_` (`max_norm / (norm + 1e-6)` clamped at 1; `None` when
 /// `max_norm <= 0`), both device scalars: nothing is read back to the host.
 pub fn clip_factor(grads: &Tensor, max_norm: f64) -> Result<(Tensor, Option<Tensor>)> {
-    let norm = grads.sqr()?.sum_all()?.sqrt()?;
+    let norm = sum_of_squares(grads)?.sqrt()?;
     if max_norm <= 0.0 {
         return Ok((norm, None));
     }
     let factor = (norm.affine(1.0, 1e-6)?.recip()? * max_norm)?.minimum(1.0)?;
     Ok((norm, Some(factor)))
+}
+
+/// `Σ g²` of a flat buffer as rows of partial sums, so the device reduces in parallel (one
+/// reduction over a 500M-element vector runs in a single block and takes tens of ms).
+fn sum_of_squares(g: &Tensor) -> Result<Tensor> {
+    const ROWS: usize = 4096;
+    let n = g.elem_count();
+    let main = n / ROWS * ROWS;
+    let mut total = Tensor::zeros((), g.dtype(), g.device())?;
+    if main > 0 {
+        let part = g.narrow(0, 0, main)?.reshape((ROWS, main / ROWS))?;
+        total = total.add(&part.sqr()?.sum(1)?.sum_all()?)?;
+    }
+    if main < n {
+        total = total.add(&g.narrow(0, main, n - main)?.sqr()?.sum_all()?)?;
+    }
+    Ok(total)
 }
 
 /// The norm and the clipped gradients (what [`clip_factor`] and the optimizer apply together).

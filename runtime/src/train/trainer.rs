@@ -72,6 +72,10 @@ pub struct TrainReport {
     pub log_history: Vec<serde_json::Value>,
     /// Mean training throughput.
     pub tokens_per_second: f64,
+    /// Examples trained on per second (HF's `train_samples_per_second`).
+    pub examples_per_second: f64,
+    /// Seconds from the first step to the end (HF's `train_runtime`).
+    pub train_runtime: f64,
     /// Whether Ctrl-C stopped the run (a checkpoint was saved first).
     pub interrupted: bool,
     /// The last checkpoint written, if any.
@@ -143,6 +147,7 @@ pub struct Trainer {
     window_log: Vec<(f64, f64)>,
     last_grad_norm: Option<f64>,
     tokens_seen: usize,
+    examples_seen: usize,
     tokens_since_log: usize,
     started: Instant,
     last_log: Instant,
@@ -246,6 +251,7 @@ impl Trainer {
             window_log: Vec::new(),
             last_grad_norm: None,
             tokens_seen: 0,
+            examples_seen: 0,
             tokens_since_log: 0,
             started: Instant::now(),
             last_log: Instant::now(),
@@ -354,6 +360,7 @@ impl Trainer {
         for (k, ex) in examples.iter().enumerate() {
             let batch = collate(ex, self.pad_id, self.cfg.pad_to_multiple_of, &self.device)?;
             self.tokens_seen += batch.tokens;
+            self.examples_seen += ex.len();
             self.tokens_since_log += batch.tokens;
             let seed = crate::nn::dropout::mix(
                 self.cfg.seed,
@@ -571,12 +578,14 @@ impl Trainer {
             &self.losses,
             &self.state.log_history,
         )?;
+        let runtime = self.started.elapsed().as_secs_f64().max(1e-9);
         Ok(TrainReport {
             steps: self.state.global_step,
             losses: self.losses,
             log_history: self.state.log_history,
-            tokens_per_second: self.tokens_seen as f64
-                / self.started.elapsed().as_secs_f64().max(1e-9),
+            tokens_per_second: self.tokens_seen as f64 / runtime,
+            examples_per_second: self.examples_seen as f64 / runtime,
+            train_runtime: runtime,
             interrupted,
             last_checkpoint: self.last_checkpoint,
             model: self.model,

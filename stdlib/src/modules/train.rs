@@ -223,8 +223,10 @@ fn run_fit(
     let first = report.losses.first().map_or(0.0, |l| l.1);
     let last = report.losses.last().map_or(0.0, |l| l.1);
     rc.sink.err(&format!(
-        "trained {} steps: loss {first:.4} -> {last:.4}, {:.0} tokens/s; metrics in `{}`",
+        "trained {} steps in {:.1} s: loss {first:.4} -> {last:.4}, {:.2} examples/s, {:.0} tokens/s; metrics in `{}`",
         report.steps,
+        report.train_runtime,
+        report.examples_per_second,
         report.tokens_per_second,
         std::path::Path::new(&cfg.output_dir)
             .join("metrics.jsonl")

@@ -29,21 +29,23 @@ DROPOUT_MASK(dropout_mask_f32, float, to_f32)
 DROPOUT_MASK(dropout_mask_bf16, __nv_bfloat16, __float2bfloat16)
 DROPOUT_MASK(dropout_mask_f16, __half, __float2half)
 
-// One AdamW step over a flat buffer, in place (torch.optim.AdamW's arithmetic, f32 states):
+// One AdamW step over a flat buffer, in place (torch.optim.AdamW's arithmetic, f32 states;
+// om1 = 1 - beta1 and om2 = 1 - beta2 come from the host in f64, as the reference ops use them):
 // g is scaled by *clip (the clipping factor, a device scalar, or 1 when clip is null); decay,
 // when not null, is 1 where weight decay applies.
 #define ADAMW(NAME, T, LOAD, STORE)                                                             \
     extern "C" __global__ void NAME(T *p, float *m, float *v, const float *g, const float *clip, \
                                     const float *decay, float lr, float beta1, float beta2,     \
-                                    float eps, float wd, float bc1, float bc2, uint64_t n) {    \
+                                    float om1, float om2, float eps, float wd, float bc1,       \
+                                    float bc2, uint64_t n) {                                    \
         float c = clip ? *clip : 1.0f;                                                          \
         for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;               \
              i += (uint64_t)blockDim.x * gridDim.x) {                                           \
             float gi = g[i] * c;                                                                \
             float pi = LOAD(p[i]);                                                              \
             if (decay && decay[i] != 0.0f) pi *= 1.0f - lr * wd;                                \
-            float mi = beta1 * m[i] + (1.0f - beta1) * gi;                                      \
-            float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;                                 \
+            float mi = beta1 * m[i] + om1 * gi;                                                 \
+            float vi = beta2 * v[i] + om2 * gi * gi;                                            \
             m[i] = mi;                                                                          \
             v[i] = vi;                                                                          \
             pi -= lr * (mi / bc1) / (sqrtf(vi / bc2) + eps);                                    \

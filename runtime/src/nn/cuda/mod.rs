@@ -433,6 +433,10 @@ pub struct AdamWArgs {
     pub beta1: f32,
     /// `beta2`.
     pub beta2: f32,
+    /// `1 - beta1`, computed in f64.
+    pub om1: f32,
+    /// `1 - beta2`, computed in f64.
+    pub om2: f32,
     /// `eps`.
     pub eps: f32,
     /// Weight decay.
@@ -517,7 +521,9 @@ pub fn adamw(
                 Some(d) => b.arg(d),
                 None => b.arg(&null),
             };
-            for x in [&a.lr, &a.beta1, &a.beta2, &a.eps, &a.wd, &a.bc1, &a.bc2] {
+            for x in [
+                &a.lr, &a.beta1, &a.beta2, &a.om1, &a.om2, &a.eps, &a.wd, &a.bc1, &a.bc2,
+            ] {
                 b.arg(x);
             }
             b.arg(&n64);
