@@ -384,3 +384,32 @@ fn early_stopping_and_the_best_model_at_end() {
         .collect();
     assert_eq!(kept.len(), 1, "save_total_limit keeps the best");
 }
+
+/// A failure inside the engine names the op, the micro-batch shape and what was wrong.
+#[test]
+fn an_engine_failure_names_the_op_and_the_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut data = examples(2);
+    let n = data[0].labels.len();
+    data[0].labels[n - 1] = 100_000;
+    let e = fit(
+        &peft(2),
+        &data,
+        None,
+        &TrainConfig {
+            per_device_train_batch_size: 2,
+            ..cfg(dir.path())
+        },
+        256,
+        &CancelToken::new(),
+        &mut |_| Ok(()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("loss failed on a micro-batch of [2, ")
+            && e.contains("label 100000 at token")
+            && e.contains("outside the vocabulary (0..259)"),
+        "{e}"
+    );
+}

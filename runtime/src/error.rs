@@ -92,7 +92,7 @@ pub enum Error {
         /// The micro-batch shape.
         shape: Vec<usize>,
         /// What candle said.
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     /// An error from candle.
     #[error(transparent)]

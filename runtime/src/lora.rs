@@ -148,7 +148,7 @@ pub fn is_target(targets: &Targets, path: &str) -> Result<bool> {
     })
 }
 
-fn linear_mut<'a>(model: &'a mut Model, layer: usize, proj: Proj) -> &'a mut Linear {
+fn linear_mut(model: &mut Model, layer: usize, proj: Proj) -> &mut Linear {
     model.decoder.blocks[layer].proj_mut(proj)
 }
 

@@ -102,15 +102,12 @@ impl Rope {
                     cos,
                     sin,
                 };
-                match found {
-                    Some(i) => {
-                        cache[i] = entry;
-                        i
-                    }
-                    None => {
-                        cache.push(entry);
-                        cache.len() - 1
-                    }
+                if let Some(i) = found {
+                    cache[i] = entry;
+                    i
+                } else {
+                    cache.push(entry);
+                    cache.len() - 1
                 }
             }
         };

@@ -45,7 +45,7 @@ impl AttnMask {
         for (r, row) in rows.iter().enumerate() {
             let start = row.iter().position(|&v| v != 0).unwrap_or(row.len());
             let end = row.iter().rposition(|&v| v != 0).map_or(start, |p| p + 1);
-            if row[start..end].iter().any(|&v| v == 0) {
+            if row[start..end].contains(&0) {
                 candle_core::bail!(
                     "attention_mask row {r} has padding between tokens; only left or right padding is supported"
                 );

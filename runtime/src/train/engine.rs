@@ -140,7 +140,11 @@ impl Pass<'_> {
         let shape = vec![b, s];
         let at = |op: String| {
             let shape = shape.clone();
-            move |source: candle_core::Error| Error::Engine { op, shape, source }
+            move |source: candle_core::Error| Error::Engine {
+                op,
+                shape,
+                source: Box::new(source),
+            }
         };
         let (cos, sin) = d
             .rope
@@ -190,14 +194,13 @@ impl Pass<'_> {
         let mut g = dx;
         for i in (0..d.blocks.len()).rev() {
             let blk = &d.blocks[i];
-            let sv = match saved[i].take() {
-                Some(sv) => sv,
-                None => {
-                    let mut sv = BlockSaved::default();
-                    blk.forward(&inputs[i], &step, None, i, Some(&mut sv))
-                        .map_err(at(format!("recompute of layer {i}")))?;
-                    sv
-                }
+            let sv = if let Some(sv) = saved[i].take() {
+                sv
+            } else {
+                let mut sv = BlockSaved::default();
+                blk.forward(&inputs[i], &step, None, i, Some(&mut sv))
+                    .map_err(at(format!("recompute of layer {i}")))?;
+                sv
             };
             g = blk
                 .backward(&sv, &g, &step, grads)
