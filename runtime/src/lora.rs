@@ -4,7 +4,7 @@
 //! names, and merging into plain weights.
 //!
 //! [`attach`] returns a new [`Model`] that shares every frozen base tensor with its input and owns
-//! fresh adapter `Var`s; the input model is not changed.
+//! fresh adapter tensors; the input model is not changed.
 
 use std::collections::HashMap;
 use std::path::Path;

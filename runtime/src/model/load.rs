@@ -23,7 +23,7 @@ pub struct LoadOptions {
     pub dtype: String,
     /// `cpu`, `cuda:N`, or `auto` (the first GPU if there is one, else CPU).
     pub device: String,
-    /// Make every weight a `Var` (full fine-tuning, gradient checks).
+    /// Train every weight (full fine-tuning), not only adapters.
     pub trainable: bool,
 }
 
