@@ -212,13 +212,7 @@ pub fn adapters(model: &Model) -> Vec<(String, &LoraAdapter)> {
 
 /// The adapter tensors under PEFT's tensor names (shared, not copied).
 pub fn adapter_tensors(model: &Model) -> Vec<(String, Tensor)> {
-    let mut out = Vec::new();
-    let mut copy = model.decoder.clone();
-    let _ = crate::model::params::visit_adapters_mut(&mut copy, &mut |n, t| {
-        out.push((n.to_string(), t.clone()));
-        Ok(())
-    });
-    out
+    crate::model::params::adapters(&model.decoder)
 }
 
 /// PEFT's `print_trainable_parameters` line.

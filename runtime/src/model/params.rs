@@ -44,16 +44,29 @@ pub fn visit_mut(
     Ok(())
 }
 
-/// Every weight of `d` with its HF name (the tensors are shared, not copied).
-pub fn named(d: &Decoder) -> Vec<(String, Tensor)> {
+/// What a mutable visitor visits, collected by name (the tensors are shared, not copied).
+fn collect<T: Clone>(
+    of: &T,
+    visit: impl FnOnce(&mut T, &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()>,
+) -> Vec<(String, Tensor)> {
     let mut out = Vec::new();
-    let mut copy = d.clone();
+    let mut copy = of.clone();
     // The closure never fails.
-    let _ = visit_mut(&mut copy, &mut |n, t| {
+    let _ = visit(&mut copy, &mut |n, t| {
         out.push((n.to_string(), t.clone()));
         Ok(())
     });
     out
+}
+
+/// Every weight of `d` with its HF name (the tensors are shared, not copied).
+pub fn named(d: &Decoder) -> Vec<(String, Tensor)> {
+    collect(d, |d, f| visit_mut(d, f))
+}
+
+/// The adapter tensors of `d` under PEFT's names (shared, not copied).
+pub fn adapters(d: &Decoder) -> Vec<(String, Tensor)> {
+    collect(d, |d, f| visit_adapters_mut(d, f))
 }
 
 /// Calls `f` on the A and B of every adapter of `d`, under PEFT's tensor names, mutably.
@@ -90,11 +103,5 @@ pub fn visit_trainable_mut(
 
 /// The trainable tensors of `model` by name (shared, not copied).
 pub fn trainable(model: &Model) -> Vec<(String, Tensor)> {
-    let mut out = Vec::new();
-    let mut copy = model.clone();
-    let _ = visit_trainable_mut(&mut copy, &mut |n, t| {
-        out.push((n.to_string(), t.clone()));
-        Ok(())
-    });
-    out
+    collect(model, |m, f| visit_trainable_mut(m, f))
 }

@@ -185,37 +185,8 @@ pub fn attention(
     let t = k.dim(2)?;
     let rep = h / kv;
     let scale = 1.0 / (d as f64).sqrt();
-    #[cfg(feature = "cuda")]
-    if fused_ok(q) {
-        let rm = row_mask(mask, b, h, s, q.device())?;
-        let raw = qg.matmul(&k.t()?)?.reshape((b * h * s, t))?;
-        let (probs, max, log_sum) = super::cuda::attn_softmax_fwd(&raw, &rm, scale as f32)?;
-        let out = probs
-            .reshape((b, kv, rep * s, t))?
-            .matmul(v)?
-            .reshape((b, h, s, d))?;
-        if let Some(slot) = saved {
-            *slot = Some(AttnSaved {
-                q: q.clone(),
-                k: k.clone(),
-                v: v.clone(),
-                out: out.clone(),
-                max,
-                log_sum,
-                bias: None,
-                mask: mask.clone(),
-                scale,
-            });
-        }
-        return Ok(out);
-    }
-    let bias = mask.bias(b, s, t, q.device())?;
-    let scores = logits(&qg, k, bias.as_ref(), scale, (b, kv, rep, s, t))?;
-    let max = scores.max_keepdim(D::Minus1)?;
-    let e = scores.broadcast_sub(&max)?.exp()?;
-    let sum = e.sum_keepdim(D::Minus1)?;
-    let probs = e.broadcast_div(&sum)?.to_dtype(q.dtype())?;
-    let out = probs.matmul(v)?.reshape((b, h, s, d))?;
+    let (out, max, log_sum, bias) = forward_parts(&qg, k, v, mask, scale, (b, kv, rep, s, t))?;
+    let out = out.reshape((b, h, s, d))?;
     if let Some(slot) = saved {
         *slot = Some(AttnSaved {
             q: q.clone(),
@@ -223,13 +194,42 @@ pub fn attention(
             v: v.clone(),
             out: out.clone(),
             max,
-            log_sum: sum.log()?,
+            log_sum,
             bias,
             mask: mask.clone(),
             scale,
         });
     }
     Ok(out)
+}
+
+/// The output `[b, kv, rep * s, d]`, row max, row log-sum and (reference path) the bias: the
+/// fused softmax kernel on CUDA, the composite ops elsewhere.
+fn forward_parts(
+    qg: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+    dims: (usize, usize, usize, usize, usize),
+) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
+    let (b, _, _, s, t) = dims;
+    #[cfg(feature = "cuda")]
+    if fused_ok(qg) {
+        let (_, kv, rep, _, _) = dims;
+        let rm = row_mask(mask, b, kv * rep, s, qg.device())?;
+        let raw = qg.matmul(&k.t()?)?.reshape((b * kv * rep * s, t))?;
+        let (probs, max, log_sum) = super::cuda::attn_softmax_fwd(&raw, &rm, scale as f32)?;
+        let out = probs.reshape((b, kv, rep * s, t))?.matmul(v)?;
+        return Ok((out, max, log_sum, None));
+    }
+    let bias = mask.bias(b, s, t, qg.device())?;
+    let scores = logits(qg, k, bias.as_ref(), scale, dims)?;
+    let max = scores.max_keepdim(D::Minus1)?;
+    let e = scores.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    let probs = e.broadcast_div(&sum)?.to_dtype(qg.dtype())?;
+    Ok((probs.matmul(v)?, max, sum.log()?, bias))
 }
 
 /// Scaled, masked scores in f32 `[b, kv, rep * s, t]`.
@@ -362,16 +362,7 @@ mod tests {
                 Some(&mut saved),
             )
             .unwrap();
-            let diff = |a: &Tensor, b: &Tensor| {
-                a.sub(b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
+            let diff = crate::testing::max_abs_diff;
             assert!(diff(&got, &want) < 1e-5);
             let g = Tensor::randn(0f32, 1.0, (b, h, s, d), &dev).unwrap();
             let grads = want.mul(&g).unwrap().sum_all().unwrap().backward().unwrap();

@@ -207,16 +207,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out.count, 5);
-        let diff = |a: &Tensor, b: &Tensor| {
-            a.sub(b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let diff = crate::testing::max_abs_diff;
         assert!(diff(&out.loss, &want) < 1e-5);
         assert!(
             diff(

@@ -242,16 +242,7 @@ mod tests {
         }
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        a.sub(b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::testing::max_abs_diff as max_diff;
 
     /// Each hand-written backward equals candle's autograd through the composite forward.
     #[test]
