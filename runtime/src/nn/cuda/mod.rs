@@ -549,7 +549,7 @@ pub fn prepare(dev: &CudaDevice) -> Result<()> {
     let mut pool = std::ptr::null_mut();
     // SAFETY: plain driver calls on the context's device; the attribute is a u64 as documented.
     unsafe {
-        driver::sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+        driver::sys::cuDeviceGetDefaultMemPool(&raw mut pool, ctx.cu_device())
             .result()
             .map_err(candle_core::Error::wrap)?;
         let mut threshold = u64::MAX;
