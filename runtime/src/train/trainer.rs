@@ -1,6 +1,8 @@
 //! The training loop. Batches come from the epoch order (seeded, optionally length-grouped); the
 //! loss of an accumulation window is the sum of token losses over the number of learned tokens
-//! in the whole window, so accumulating k micro-batches equals one batch k times larger.
+//! in the whole window, so accumulating k micro-batches equals one batch k times larger. Each
+//! micro-batch's forward and backward is the engine's ([`super::engine`]); this file holds the
+//! schedule, the optimizer step, logging, eval and checkpoints.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -62,7 +64,7 @@ pub enum Event {
 /// The outcome of `fit`.
 #[derive(Clone, Debug)]
 pub struct TrainReport {
-    /// The trained model (new adapter / weight `Var`s; the input model is unchanged).
+    /// The trained model (its own trainable tensors; the input model is unchanged).
     pub model: Model,
     /// Optimizer steps done.
     pub steps: usize,
@@ -288,7 +290,7 @@ impl Trainer {
         self.stopped_early || self.state.global_step >= self.total
     }
 
-    /// The model being trained (its trainable `Var`s are updated by each step).
+    /// The model being trained (each step updates its trainable tensors in place).
     pub fn model(&self) -> &Model {
         &self.model
     }
