@@ -9,7 +9,7 @@ use crate::nn::attention::{AttnSaved, attention, attention_backward};
 use crate::nn::dropout::mix;
 use crate::nn::linear::LinearSaved;
 use crate::nn::ops::{
-    apply_rope, rms_norm, rms_norm_backward, rope_backward, swiglu, swiglu_backward,
+    apply_rope, rms_norm, rms_norm_backward_into, rope_backward, swiglu, swiglu_backward,
 };
 use crate::nn::{AttnMask, GradSink, Linear};
 
@@ -320,16 +320,13 @@ impl Block {
             .gate
             .backward(lin(Proj::Gate)?, &dgate, grads)?
             .add(&self.mlp.up.backward(lin(Proj::Up)?, &dup, grads)?)?;
-        let (dmid, dw) = rms_norm_backward(
+        let dmid = rms_norm_backward_into(
             mid,
             &self.post_norm,
             self.eps,
             &dh2.reshape((b, s, hidden))?,
-            grads.wants(&self.post_norm),
+            grads,
         )?;
-        if let Some(dw) = dw {
-            grads.add(&self.post_norm, &dw)?;
-        }
         let dmid = dy.add(&dmid)?;
         // attention
         let dout = a.o.backward(lin(Proj::O)?, &dmid, grads)?;
@@ -349,16 +346,8 @@ impl Block {
         if let (Some(w), Some(wk)) = (&a.q_norm, &a.k_norm) {
             let qp = saved.q_pre.as_ref().ok_or_else(missing)?;
             let kp = saved.k_pre.as_ref().ok_or_else(missing)?;
-            let (d, dw) = rms_norm_backward(qp, w, self.eps, &dq, grads.wants(w))?;
-            if let Some(dw) = dw {
-                grads.add(w, &dw)?;
-            }
-            dq = d;
-            let (d, dw) = rms_norm_backward(kp, wk, self.eps, &dk, grads.wants(wk))?;
-            if let Some(dw) = dw {
-                grads.add(wk, &dw)?;
-            }
-            dk = d;
+            dq = rms_norm_backward_into(qp, w, self.eps, &dq, grads)?;
+            dk = rms_norm_backward_into(kp, wk, self.eps, &dk, grads)?;
         }
         let dv = dv.transpose(1, 2)?.contiguous()?;
         let dh = a
@@ -366,16 +355,13 @@ impl Block {
             .backward(lin(Proj::Q)?, &dq.reshape((b, s, a.heads * hd))?, grads)?
             .add(&a.k.backward(lin(Proj::K)?, &dk.reshape((b, s, a.kv_heads * hd))?, grads)?)?
             .add(&a.v.backward(lin(Proj::V)?, &dv.reshape((b, s, a.kv_heads * hd))?, grads)?)?;
-        let (dx, dw) = rms_norm_backward(
+        let dx = rms_norm_backward_into(
             x,
             &self.input_norm,
             self.eps,
             &dh.reshape((b, s, hidden))?,
-            grads.wants(&self.input_norm),
+            grads,
         )?;
-        if let Some(dw) = dw {
-            grads.add(&self.input_norm, &dw)?;
-        }
         dmid.add(&dx)
     }
 }

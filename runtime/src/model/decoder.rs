@@ -89,20 +89,37 @@ impl Decoder {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         train_seed: Option<u64>,
     ) -> Result<Tensor> {
-        let (_, s) = input_ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len);
         let mask = match attention_mask {
             Some(m) => AttnMask::from_attention_mask(m, offset)?,
             None => AttnMask::causal(offset),
         };
-        let (cos, sin) = self.rope.tables(offset, s, self.dtype(), self.device())?;
+        self.head(&self.hidden(input_ids, &mask, cache, train_seed)?)
+    }
+
+    /// The hidden states after the last block (before the final norm) for `input_ids` seen
+    /// through `mask` (whose `offset` is the cache length when `cache` is given).
+    ///
+    /// # Shapes
+    /// `input_ids: [b, seq]` -> `[b, seq, hidden]`.
+    pub fn hidden(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttnMask,
+        mut cache: Option<&mut KvCache>,
+        train_seed: Option<u64>,
+    ) -> Result<Tensor> {
+        let (_, s) = input_ids.dims2()?;
+        let (cos, sin) = self
+            .rope
+            .tables(mask.offset, s, self.dtype(), self.device())?;
         let step = Step {
             cos: &cos,
             sin: &sin,
-            mask: &mask,
+            mask,
             train_seed,
         };
         let mut x = self.embed_tokens(input_ids)?;
@@ -113,7 +130,7 @@ impl Decoder {
         if let Some(c) = cache {
             c.len += s;
         }
-        self.head(&x)
+        Ok(x)
     }
 
     /// Embeddings of `input_ids` `[b, seq]` -> `[b, seq, hidden]`.

@@ -57,6 +57,22 @@ pub fn rms_norm_backward(
     Ok((dx, dw))
 }
 
+/// [`rms_norm_backward`] that asks `grads` whether `weight` is trained and adds its gradient
+/// there; returns `dx`.
+pub fn rms_norm_backward_into(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    dy: &Tensor,
+    grads: &mut dyn super::GradSink,
+) -> Result<Tensor> {
+    let (dx, dw) = rms_norm_backward(x, weight, eps, dy, grads.wants(weight))?;
+    if let Some(dw) = dw {
+        grads.add(weight, &dw)?;
+    }
+    Ok(dx)
+}
+
 /// Whether the fused CUDA kernel serves an op on `x` (and `w`, same dtype).
 #[cfg(feature = "cuda")]
 pub(crate) fn fused(x: &Tensor, w: &Tensor) -> bool {

@@ -15,7 +15,7 @@ use crate::data::batch::Batch;
 use crate::model::Model;
 use crate::model::block::{BlockSaved, Step};
 use crate::nn::loss::causal_lm_loss;
-use crate::nn::ops::{rms_norm, rms_norm_backward};
+use crate::nn::ops::{rms_norm, rms_norm_backward_into};
 use crate::nn::{AttnMask, GradSink};
 use crate::{Error, Result};
 
@@ -183,10 +183,7 @@ impl Pass<'_> {
                 .d_hidden
                 .ok_or_else(|| candle_core::Error::Msg("loss returned no gradient".into()))?
                 .reshape(x.shape())?;
-            let (dx, dw) = rms_norm_backward(&x, &d.norm, eps, &dh, grads.wants(&d.norm))?;
-            if let Some(dw) = dw {
-                grads.add(&d.norm, &dw)?;
-            }
+            let dx = rms_norm_backward_into(&x, &d.norm, eps, &dh, grads)?;
             Ok((dx, out.loss, out.count))
         })()
         .map_err(at("loss".into()))?;
@@ -221,17 +218,7 @@ pub fn eval_loss(model: &Model, batch: &Batch) -> Result<(f64, usize)> {
     let d = &model.decoder;
     let (b, s) = batch.input_ids.dims2()?;
     let mask = AttnMask::right_padded(&batch.lens);
-    let (cos, sin) = d.rope.tables(0, s, d.dtype(), d.device())?;
-    let step = Step {
-        cos: &cos,
-        sin: &sin,
-        mask: &mask,
-        train_seed: None,
-    };
-    let mut x = d.embed_tokens(&batch.input_ids)?;
-    for (i, blk) in d.blocks.iter().enumerate() {
-        x = blk.forward(&x, &step, None, i, None)?;
-    }
+    let x = d.hidden(&batch.input_ids, &mask, None, None)?;
     let hidden = rms_norm(&x, &d.norm, d.cfg.rms_norm_eps)?.reshape((b * s, d.cfg.hidden_size))?;
     let targets = shifted_targets(&batch.labels_host, b, s);
     let out = causal_lm_loss(&hidden, d.head_weight(), &targets, 1.0, None)?;
