@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What one device call runs (see benches/README.md): unpack the binaries shipped in .devbin/,
-# run the GPU test binary, then the harness for the configs given. Logs and results go to $OUT.
+# run the GPU test binary, then the harness for the configs given (and with WATCH=1 the hot-reload
+# measurement, benches/watch_gpu.sh). Logs and results go to $OUT.
 set -uo pipefail
 mkdir -p /tmp/qs
 for f in .devbin/*.xz; do
@@ -13,6 +14,10 @@ if [ -x /tmp/qs/gpu ] && [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo "gpu tests: exit $?"; grep -E "^test |test result|panicked" "${OUT:-/tmp}/gpu-tests.log" | tail -12
 fi
 BIN=/tmp/qs PEER=.devbin bash benches/gpu.sh "$@"
+if [ "${WATCH:-0}" = 1 ]; then   # hot reload: memory over edit-and-re-run cycles
+  BIN=/tmp/qs PEER=.devbin bash benches/watch_gpu.sh 4 > "${OUT:-/tmp}/watch.log" 2>&1
+  tail -12 "${OUT:-/tmp}/watch.log"; cp /tmp/qsbench/watch/err.log "${OUT:-/tmp}/watch-err.log"
+fi
 cp /tmp/qsbench/results.jsonl "${OUT:-/tmp}/" 2>/dev/null
 for f in /tmp/qsbench/*.err; do tail -20 "$f" > "${OUT:-/tmp}/$(basename "$f")"; done 2>/dev/null
 true

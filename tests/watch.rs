@@ -156,3 +156,43 @@ fn a_save_during_a_run_cancels_it_and_starts_again() {
         "cell one is not re-run: {seen:?}"
     );
 }
+
+/// Lines that arrive within `d`.
+fn for_a_while(rx: &Receiver<String>, d: Duration) -> Vec<String> {
+    let deadline = Instant::now() + d;
+    let mut seen = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => break,
+        }
+    }
+    seen
+}
+
+#[test]
+fn a_save_that_changes_nothing_leaves_the_run_alone() {
+    // Editors and `sed -i` save in several events that can arrive after the re-run they caused
+    // has started; only a change of content may cancel a run.
+    let env = Env::new();
+    let slow = "// %% one\nprint(\"one\");\n// %% slow\nprint(\"slow started\");\nlet i = 0;\nloop { i += 1; }\n";
+    let path = env.write("s.rhai", slow);
+    let child = qscript()
+        .current_dir(env.dir.path())
+        .args(["--watch", "recipe/s.rhai", "--max-operations", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Kill(child);
+    let rx = lines(&mut child.0);
+    until(&rx, &["out: slow started"]);
+    save(&path, slow);
+    std::fs::write(&path, slow).unwrap();
+    let seen = for_a_while(&rx, Duration::from_millis(800));
+    assert!(seen.is_empty(), "the run was disturbed: {seen:?}");
+    // A real edit still cancels it.
+    save(&path, &slow.replace("loop { i += 1; }", "print(\"fast\");"));
+    let seen = until(&rx, &["[watch] run cancelled", "out: fast"]);
+    assert_eq!(outs(&seen), ["slow started", "fast"], "{seen:?}");
+}
