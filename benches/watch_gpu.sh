@@ -75,7 +75,7 @@ marks+=("$(now) cancel+rerun")
 kill -INT "$pid"; sleep 1; kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; wait "$sampler"
 
 echo "runs cancelled: $(grep -c 'run cancelled' "$W/err.log"); training summaries:"
-grep -E "trained [0-9]+ steps" "$W/err.log" "$W/out.log" | sed 's/^[^:]*://' | cut -c1-110
+grep -E "trained [0-9]+ steps" "$W/err.log" "$W/out.log" | sed 's/^[^:]*://' | cut -c1-170
 python3 - "$W/mem.log" "${marks[@]}" <<'EOF'
 import sys
 mem = [tuple(map(float, l.split())) for l in open(sys.argv[1]) if len(l.split()) == 2]

@@ -276,13 +276,14 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     let attn = attn_fwd * if ckpt { 4.0 } else { 3.0 };
     let flops = tokens * (lin + attn);
     let mem =
-        qscript_runtime::device::memory(&dev).map(|(used, _)| used as f64 / f64::from(1u32 << 30));
+        qscript_runtime::device::memory(&dev).map(|(used, _)| qscript_runtime::device::gib(used));
+    let peak = qscript_runtime::device::pool(&dev).map(|p| qscript_runtime::device::gib(p.peak));
     println!(
         "{}",
         serde_json::json!({"system": if full { "qscript-full" } else { "qscript-lora" }, "model": model.to_string(),
             "seq": seq, "batch": batch, "grad_ckpt": ckpt, "step_ms": (dt * 1e5).round() / 100.0,
             "tokens_per_s": (tokens / dt * 10.0).round() / 10.0, "mfu": ((flops / dt / 989e12) * 1e4).round() / 1e4,
-            "loss": loss, "device_used_gib_at_end": mem})
+            "loss": loss, "device_used_gib_at_end": mem, "pool_peak_gib": peak})
     );
     Ok(())
 }

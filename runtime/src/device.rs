@@ -36,7 +36,8 @@ pub fn cuda(ordinal: usize) -> Result<Device> {
     Ok(device)
 }
 
-/// `(used, total)` bytes of a CUDA device; `None` on the CPU (or when the driver does not say).
+/// `(used, total)` bytes of a CUDA device as the driver sees it (the pool's reserve included);
+/// `None` on the CPU (or when the driver does not say).
 pub fn memory(device: &Device) -> Option<(u64, u64)> {
     #[cfg(feature = "cuda")]
     if let Ok(d) = device.as_cuda_device()
@@ -48,13 +49,62 @@ pub fn memory(device: &Device) -> Option<(u64, u64)> {
     None
 }
 
-/// `12.3 GiB used of 79.1 GiB on cuda:0`, or `None` on the CPU.
+/// What the engine's memory pool on a GPU holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// Bytes held by live tensors.
+    pub in_use: u64,
+    /// Bytes the pool holds in all (freed memory is kept for reuse).
+    pub reserved: u64,
+    /// The most bytes held by live tensors since [`reset_peak`].
+    pub peak: u64,
+}
+
+/// The memory pool of a GPU; `None` on the CPU.
+pub fn pool(device: &Device) -> Option<PoolUsage> {
+    #[cfg(feature = "cuda")]
+    if let Ok(d) = device.as_cuda_device()
+        && let Ok((in_use, reserved, peak)) = crate::nn::cuda::pool_usage(d)
+    {
+        return Some(PoolUsage {
+            in_use,
+            reserved,
+            peak: peak.max(in_use),
+        });
+    }
+    let _ = device;
+    None
+}
+
+/// Starts measuring a new peak on a GPU (nothing on the CPU).
+pub fn reset_peak(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Ok(d) = device.as_cuda_device() {
+        // A driver that cannot reset it only makes the peak cover more; nothing to report.
+        let _ = crate::nn::cuda::reset_pool_peak(d);
+    }
+    let _ = device;
+}
+
+/// Bytes as GiB for messages.
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1u32 << 30)
+}
+
+/// `GPU memory: 1.2 GiB in use (2.0 GiB held by the pool), 139.8 GiB total`, or `None` on the CPU.
 pub fn memory_line(device: &Device) -> Option<String> {
     let (used, total) = memory(device)?;
-    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
-    Some(format!(
-        "GPU memory: {:.1} GiB used of {:.1} GiB",
-        gib(used),
-        gib(total)
-    ))
+    Some(match pool(device) {
+        Some(p) => format!(
+            "GPU memory: {:.1} GiB in use ({:.1} GiB held by the pool), {:.1} GiB total",
+            gib(p.in_use),
+            gib(p.reserved),
+            gib(total)
+        ),
+        None => format!(
+            "GPU memory: {:.1} GiB used of {:.1} GiB",
+            gib(used),
+            gib(total)
+        ),
+    })
 }

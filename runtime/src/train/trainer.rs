@@ -82,6 +82,8 @@ pub struct TrainReport {
     pub interrupted: bool,
     /// The last checkpoint written, if any.
     pub last_checkpoint: Option<PathBuf>,
+    /// The most GPU memory live tensors held during training (`None` on the CPU).
+    pub peak_device_bytes: Option<u64>,
 }
 
 /// A copy of `model` whose trainable tensors are copies (training never changes the input
@@ -199,8 +201,9 @@ impl Trainer {
         let out_dir = PathBuf::from(&cfg.output_dir);
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
         let mut model = model.clone();
-        let params = FlatParams::adopt(&mut model)?;
         let device: Device = model.decoder.device().clone();
+        crate::device::reset_peak(&device);
+        let params = FlatParams::adopt(&mut model)?;
         let trainable = params.len();
         let mut opt = AdamW::new(
             &params,
@@ -590,6 +593,7 @@ impl Trainer {
             train_runtime: runtime,
             interrupted,
             last_checkpoint: self.last_checkpoint,
+            peak_device_bytes: crate::device::pool(self.model.decoder.device()).map(|p| p.peak),
             model: self.model,
         })
     }

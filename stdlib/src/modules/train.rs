@@ -222,8 +222,14 @@ fn run_fit(
     }
     let first = report.losses.first().map_or(0.0, |l| l.1);
     let last = report.losses.last().map_or(0.0, |l| l.1);
+    let peak = report.peak_device_bytes.map_or_else(String::new, |b| {
+        format!(
+            ", peak GPU memory {:.2} GiB",
+            qscript_runtime::device::gib(b)
+        )
+    });
     rc.sink.err(&format!(
-        "trained {} steps in {:.1} s: loss {first:.4} -> {last:.4}, {:.2} examples/s, {:.0} tokens/s; metrics in `{}`",
+        "trained {} steps in {:.1} s: loss {first:.4} -> {last:.4}, {:.2} examples/s, {:.0} tokens/s{peak}; metrics in `{}`",
         report.steps,
         report.train_runtime,
         report.examples_per_second,

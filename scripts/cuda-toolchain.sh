@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Installs the CUDA 13.0 build toolchain from PyPI wheels, so that the `cuda` feature builds on a
+# machine without a GPU or a system CUDA (CI, laptops). Idempotent; prints what to `source`.
+#
+#   bash scripts/cuda-toolchain.sh --lint   # nvcc and headers: enough for `cargo clippy --features cuda`
+#   bash scripts/cuda-toolchain.sh          # also cuBLAS/cuRAND/cudart link libraries and a libcuda
+#                                           # stub, for `cargo build --features cuda`
+#   source "$(bash scripts/cuda-toolchain.sh --env)"
+#
+# 13.0 is what torch 2.11 (cu130) pins and the GPU machines carry: a newer nvcc writes PTX that
+# driver 580 cannot load. The stub only satisfies the linker; on a GPU machine the driver's real
+# libcuda.so.1 is loaded. A machine with a CUDA toolkit installed needs none of this.
+set -euo pipefail
+PREFIX=${QSCRIPT_CUDA_PREFIX:-$HOME/.cache/qscript-cuda13}
+ROOT=$PREFIX/nvidia/cu13
+ENV_FILE=$PREFIX/env.sh
+mode=${1:-full}
+
+write_env() {
+  cat > "$ENV_FILE" <<EOF
+export PATH="$ROOT/bin:\$PATH"   # cudarc's build script asks \`nvcc --version\`
+export CUDA_ROOT="$ROOT"          # where cudarc finds the link libraries
+export CUDA_COMPUTE_CAP=\${CUDA_COMPUTE_CAP:-90}   # no GPU to ask: H100/H200
+EOF
+}
+
+case $mode in
+  --env) [ -f "$ENV_FILE" ] || write_env; echo "$ENV_FILE"; exit 0 ;;
+  --lint) parts=nvcc,cudart,cccl,crt,nvvm ;;
+  full) parts=nvcc,cudart,cccl,crt,nvvm,cublas,curand,nvrtc ;;
+  *) echo "usage: $0 [--lint | --env]" >&2; exit 2 ;;
+esac
+
+stamp=$PREFIX/.installed-${mode#--}
+if [ ! -f "$stamp" ] && [ ! -f "$PREFIX/.installed-full" ]; then
+  python3 -m pip install --quiet --no-cache-dir --upgrade --target "$PREFIX" \
+    "cuda-toolkit[$parts]==13.0.2"
+  touch "$stamp"
+fi
+
+if [ "$mode" = full ]; then
+  # The wheels carry only versioned sonames; the linker looks for the plain names.
+  (cd "$ROOT/lib"
+   for l in cudart cublas cublasLt nvrtc; do ln -sf "lib$l.so.13" "lib$l.so"; done
+   ln -sf libcurand.so.10 libcurand.so)
+  ln -sfn lib "$ROOT/lib64"
+  if [ ! -f "$ROOT/lib/stubs/libcuda.so" ]; then
+    # Every driver entry point cuda.h declares, returning CUDA_ERROR_STUB_LIBRARY (34).
+    mkdir -p "$ROOT/lib/stubs"
+    src=$(mktemp --suffix=.c)
+    {
+      echo 'int cuGetErrorString(int e, const char **s) { (void)e; *s = "no NVIDIA driver (libcuda stub)"; return 0; }'
+      echo 'int cuGetErrorName(int e, const char **s) { (void)e; *s = "CUDA_ERROR_STUB_LIBRARY"; return 0; }'
+      for api in "" -D__CUDA_API_VERSION_INTERNAL; do
+        gcc -E -P $api -I"$ROOT/include" "$ROOT/include/cuda.h"
+        # and the entry points cudarc loads by name that cuda.h declares under other macros
+        cat ~/.cargo/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs 2>/dev/null |
+          grep -oP 'load::<_F>\("\K(cu\w+)' | sed 's/.*/CUresult &(/'
+      done | grep -oP '\bCUresult\s+\K(cu\w+)(?=\s*\()' | sort -u |
+        grep -vx -e cuGetErrorString -e cuGetErrorName | sed 's/.*/int &(void) { return 34; }/'
+    } > "$src"
+    gcc -shared -fPIC -O1 -Wl,-soname,libcuda.so.1 -o "$ROOT/lib/stubs/libcuda.so" "$src"
+    ln -sf libcuda.so "$ROOT/lib/stubs/libcuda.so.1"
+    rm -f "$src"
+  fi
+fi
+write_env
+"$ROOT/bin/nvcc" --version | tail -1
+echo "CUDA build toolchain ($mode) in $ROOT; next: source $ENV_FILE"
