@@ -51,14 +51,19 @@ fn rel(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn dropout_kernel_draws_the_cpu_masks() {
-    for (shape, p) in [
-        (vec![7usize, 33], 0.1),
-        (vec![4096, 896], 0.5),
-        (vec![3], 0.9),
+    // Rows keyed per example (from window row 3), as the engine keys them.
+    let key = dropout::Key {
+        key: 42,
+        first_row: 3,
+    };
+    for (shape, row_elems, p) in [
+        (vec![7usize, 33], 33, 0.1),
+        (vec![4, 1024, 896], 1024 * 896, 0.5),
+        (vec![3], 3, 0.9),
     ] {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
-            let g = dropout::mask(42, p, &shape, dtype, &gpu()).unwrap();
-            let c = dropout::mask(42, p, &shape, dtype, &Device::Cpu).unwrap();
+            let g = dropout::mask(key, p, &shape, row_elems, dtype, &gpu()).unwrap();
+            let c = dropout::mask(key, p, &shape, row_elems, dtype, &Device::Cpu).unwrap();
             let g = g
                 .to_device(&Device::Cpu)
                 .unwrap()
@@ -210,7 +215,7 @@ fn engine_gradients_on_the_gpu_equal_the_cpu() {
             &bc.input_ids,
             &mask,
             &bc.labels_host,
-            Some(5),
+            Some(dropout::Key::new(5)),
             recompute,
         )
         .unwrap();
@@ -219,7 +224,7 @@ fn engine_gradients_on_the_gpu_equal_the_cpu() {
             &bg.input_ids,
             &mask,
             &bg.labels_host,
-            Some(5),
+            Some(dropout::Key::new(5)),
             recompute,
         )
         .unwrap();

@@ -8,6 +8,7 @@ use qscript_runtime::data::formats::{FormatOptions, to_messages};
 use qscript_runtime::data::sft::{Example, SftOptions, sft};
 use qscript_runtime::lora::{self, LoraConfig, Targets};
 use qscript_runtime::model::{Model, TinyConfig, tiny};
+use qscript_runtime::nn::dropout::Key;
 use qscript_runtime::testing::{max_abs, max_abs_diff};
 use qscript_runtime::tokenizer::Tokenizer;
 use qscript_runtime::train::{Event, TrainConfig, fit};
@@ -123,39 +124,34 @@ fn overfitting_one_batch_drives_the_loss_down() {
 }
 
 #[test]
-fn accumulating_k_micro_batches_equals_a_k_times_larger_batch() {
-    // Without dropout: with it, each micro-batch draws its own masks.
-    let dir = tempfile::tempdir().unwrap();
+fn accumulating_k_micro_batches_equals_a_k_times_larger_batch_and_merging_them() {
+    // With dropout: the masks are keyed per example of the window, so the split does not matter.
     let data = examples(8);
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let big = TrainConfig {
         max_steps: 2,
-        ..cfg(dir.path())
+        ..cfg(dirs[0].path())
     };
-    let small = TrainConfig {
+    let small = |dir: &tempfile::TempDir, merge| TrainConfig {
+        output_dir: dir.path().to_string_lossy().into_owned(),
         per_device_train_batch_size: 1,
         gradient_accumulation_steps: 4,
+        merge_micro_batches: Some(merge),
         ..big.clone()
     };
-    let a = run(&peft_with(1, 0.0), &data, &big, None);
-    let dir2 = tempfile::tempdir().unwrap();
-    let b = run(
-        &peft_with(1, 0.0),
-        &data,
-        &TrainConfig {
-            output_dir: dir2.path().to_string_lossy().into_owned(),
-            ..small
-        },
-        None,
-    );
-    for ((_, la), (_, lb)) in a.losses.iter().zip(&b.losses) {
-        assert!((la - lb).abs() < 1e-5, "{la} vs {lb}");
-    }
-    for ((n, va), (_, vb)) in lora::adapter_tensors(&a.model)
-        .iter()
-        .zip(lora::adapter_tensors(&b.model).iter())
-    {
-        let d = max_abs_diff(va, vb);
-        assert!(d < 1e-5, "{n} differs by {d}");
+    let a = run(&peft_with(1, 0.1), &data, &big, None);
+    for (dir, merge) in [(&dirs[1], false), (&dirs[2], true)] {
+        let b = run(&peft_with(1, 0.1), &data, &small(dir, merge), None);
+        for ((_, la), (_, lb)) in a.losses.iter().zip(&b.losses) {
+            assert!((la - lb).abs() < 1e-5, "merge {merge}: {la} vs {lb}");
+        }
+        for ((n, va), (_, vb)) in lora::adapter_tensors(&a.model)
+            .iter()
+            .zip(lora::adapter_tensors(&b.model).iter())
+        {
+            let d = max_abs_diff(va, vb);
+            assert!(d < 1e-5, "merge {merge}: {n} differs by {d}");
+        }
     }
 }
 
@@ -287,7 +283,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
                 &batch.input_ids,
                 &mask,
                 &batch.labels_host,
-                Some(7),
+                Some(Key::new(7)),
                 recompute,
             )
             .unwrap()
@@ -322,7 +318,11 @@ fn lora_dropout_is_seeded_and_only_active_in_training() {
     let mut m = peft(9);
     set_lora_b(&mut m, 0.05);
     let ids = candle_core::Tensor::new(&[[5u32, 9, 17, 33]], &candle_core::Device::Cpu).unwrap();
-    let f = |seed: Option<u64>| m.decoder.forward_t(&ids, None, None, seed).unwrap();
+    let f = |seed: Option<u64>| {
+        m.decoder
+            .forward_t(&ids, None, None, seed.map(Key::new))
+            .unwrap()
+    };
     let diff = max_abs_diff;
     assert_eq!(diff(&f(Some(1)), &f(Some(1))), 0.0, "same seed, same masks");
     assert!(

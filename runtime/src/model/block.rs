@@ -6,7 +6,6 @@ use candle_core::{Result, Tensor};
 
 use super::config::ModelConfig;
 use crate::nn::attention::{AttnSaved, attention, attention_backward};
-use crate::nn::dropout::mix;
 use crate::nn::linear::LinearSaved;
 use crate::nn::ops::{
     apply_rope, rms_norm, rms_norm_backward_into, rope_backward, swiglu, swiglu_backward,
@@ -124,7 +123,7 @@ pub struct Step<'a> {
     /// Which keys each query sees.
     pub mask: &'a AttnMask,
     /// Training: the key of this forward's dropout masks (`None` = inference, no dropout).
-    pub train_seed: Option<u64>,
+    pub train_seed: Option<crate::nn::dropout::Key>,
 }
 
 /// What a block's backward needs from its forward.
@@ -206,7 +205,7 @@ impl Block {
     ) -> Result<Tensor> {
         let key = step
             .train_seed
-            .map(|s| mix(mix(s, layer as u64), p.index()));
+            .map(|k| k.with(layer as u64).with(p.index()));
         let slot = saved.as_deref_mut().map(|s| &mut s.lin[p as usize]);
         self.proj(p).forward_t(x, key, slot)
     }

@@ -90,7 +90,7 @@ impl Decoder {
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
-        train_seed: Option<u64>,
+        train_seed: Option<crate::nn::dropout::Key>,
     ) -> Result<Tensor> {
         let offset = cache.as_ref().map_or(0, |c| c.len);
         let mask = match attention_mask {
@@ -110,7 +110,7 @@ impl Decoder {
         input_ids: &Tensor,
         mask: &AttnMask,
         mut cache: Option<&mut KvCache>,
-        train_seed: Option<u64>,
+        train_seed: Option<crate::nn::dropout::Key>,
     ) -> Result<Tensor> {
         let (_, s) = input_ids.dims2()?;
         let (cos, sin) = self

@@ -2,7 +2,9 @@
 //! `uniform(key, i) >= p`, a pure function of `(key, i)`. So the mask is made where the tensor
 //! lives (a kernel on CUDA, a loop on the CPU, the same numbers on both), recomputation
 //! (gradient checkpointing) and resume replay it exactly, and backward re-derives it instead of
-//! storing it. Keys come from `(seed, step, layer, call)` through [`mix`].
+//! storing it. Keys come from `(seed, step, layer, call)` through [`mix`], and each example row
+//! of a batch draws from its own key (its index in the accumulation window), so the masks do not
+//! depend on how a window's examples are split into micro-batches.
 
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
@@ -29,29 +31,71 @@ pub fn uniform(key: u64, i: u64) -> f32 {
     (z >> 40) as f32 * (1.0 / 16_777_216.0)
 }
 
-/// The mask keyed `key` for a tensor of `shape`: `0` with probability `p`, else `1 / (1 - p)`,
-/// in `dtype` on `device`.
-pub fn mask(key: u64, p: f64, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+/// The key of one dropout call over a batch: element `j` of the batch's row `r` (each row
+/// `row_elems` elements) is kept when `uniform(mix(key, first_row + r), j) >= p`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Key {
+    /// The call's key (seed, step, layer, projection).
+    pub key: u64,
+    /// The window index of the batch's first example.
+    pub first_row: u64,
+}
+
+impl Key {
+    /// The key `key` for a batch that starts the window.
+    pub fn new(key: u64) -> Self {
+        Self { key, first_row: 0 }
+    }
+
+    /// The same call for another layer or projection.
+    pub fn with(self, salt: u64) -> Self {
+        Self {
+            key: mix(self.key, salt),
+            ..self
+        }
+    }
+}
+
+/// The mask keyed `key` for a tensor of `shape` made of rows of `row_elems` elements: `0` with
+/// probability `p`, else `1 / (1 - p)`, in `dtype` on `device`.
+pub fn mask(
+    key: Key,
+    p: f64,
+    shape: &[usize],
+    row_elems: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let n: usize = shape.iter().product();
+    let row_elems = row_elems.max(1) as u64;
     #[cfg(feature = "cuda")]
     if let Device::Cuda(dev) = device {
-        return super::cuda::dropout_mask(dev, key, p as f32, shape, dtype);
+        return super::cuda::dropout_mask(dev, key, row_elems, p as f32, shape, dtype);
     }
     let keep = (1.0 / (1.0 - p)) as f32;
     let p = p as f32;
     let data: Vec<f32> = (0..n as u64)
         .into_par_iter()
-        .map(|i| if uniform(key, i) < p { 0.0 } else { keep })
+        .map(|i| {
+            let row = mix(key.key, key.first_row + i / row_elems);
+            if uniform(row, i % row_elems) < p {
+                0.0
+            } else {
+                keep
+            }
+        })
         .collect();
     Tensor::from_vec(data, shape, device)?.to_dtype(dtype)
 }
 
-/// `x * mask(key)`; the backward of dropout is the same call on the incoming gradient.
-pub fn apply(x: &Tensor, p: f64, key: u64) -> Result<Tensor> {
-    x.mul(&mask(key, p, x.dims(), x.dtype(), x.device())?)
+/// `x * mask(key)` for `x` made of rows of `row_elems` elements; the backward of dropout is the
+/// same call on the incoming gradient.
+pub fn apply(x: &Tensor, p: f64, key: Key, row_elems: usize) -> Result<Tensor> {
+    x.mul(&mask(key, p, x.dims(), row_elems, x.dtype(), x.device())?)
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -64,5 +108,18 @@ mod tests {
         let d: Vec<bool> = (0..64).map(|i| uniform(8, i) < 0.5).collect();
         assert_eq!(b, c);
         assert_ne!(b, d);
+    }
+
+    #[test]
+    fn a_row_draws_the_same_mask_in_any_batch() {
+        // Rows 1 and 2 of a batch of 3 (rows of 6 elements) are rows 0 and 1 of a batch starting
+        // at window row 1: the same masks however the window is split.
+        let key = |first_row| Key { key: 9, first_row };
+        let all = mask(key(0), 0.5, &[3, 2, 3], 6, DType::F32, &Device::Cpu).unwrap();
+        let tail = mask(key(1), 0.5, &[2, 2, 3], 6, DType::F32, &Device::Cpu).unwrap();
+        let all = all.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let tail = tail.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(all[6..], tail[..]);
+        assert_ne!(all[..6], all[6..12]);
     }
 }

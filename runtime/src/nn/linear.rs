@@ -49,7 +49,9 @@ pub struct LinearSaved {
     /// The input, flattened to `[rows, in]`.
     x: Tensor,
     /// `dropout(x) A^T` `[rows, r]` and the dropout key (`None`: no dropout).
-    lora: Option<(Tensor, Option<u64>)>,
+    lora: Option<(Tensor, Option<dropout::Key>)>,
+    /// Elements per example row of `x` (dropout masks are keyed per example).
+    row_elems: usize,
 }
 
 impl Linear {
@@ -71,19 +73,25 @@ impl Linear {
     }
 
     /// Forward; `dropout_key` (training) applies the adapter's input dropout with masks keyed by
-    /// it, and `saved` records what [`Linear::backward`] needs.
+    /// it (per example: the first dimension of a `[b, s, in]` input), and `saved` records what
+    /// [`Linear::backward`] needs.
     ///
     /// # Shapes
     /// `x: [.., in]` -> `[.., out]`.
     pub fn forward_t(
         &self,
         x: &Tensor,
-        dropout_key: Option<u64>,
+        dropout_key: Option<dropout::Key>,
         saved: Option<&mut Option<LinearSaved>>,
     ) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let inner = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
+        let row_elems = if dims.len() >= 3 {
+            dims[1..].iter().product()
+        } else {
+            rows * inner
+        };
         let x2 = x.reshape((rows, inner))?;
         let mut y = x2.matmul(&self.weight.t()?)?;
         if let Some(b) = &self.bias {
@@ -93,7 +101,7 @@ impl Linear {
         if let Some(l) = &self.lora {
             let key = dropout_key.filter(|_| l.dropout > 0.0);
             let h = match key {
-                Some(k) => dropout::apply(&x2, l.dropout, k)?,
+                Some(k) => dropout::apply(&x2, l.dropout, k, row_elems)?,
                 None => x2.clone(),
             };
             let dtype = x2.dtype();
@@ -106,6 +114,7 @@ impl Linear {
             *slot = Some(LinearSaved {
                 x: x2,
                 lora: lora_saved,
+                row_elems,
             });
         }
         let mut out = dims;
@@ -142,14 +151,14 @@ impl Linear {
             }
             if grads.wants(&l.a) {
                 let h = match key {
-                    Some(k) => dropout::apply(&saved.x, l.dropout, *k)?,
+                    Some(k) => dropout::apply(&saved.x, l.dropout, *k, saved.row_elems)?,
                     None => saved.x.clone(),
                 };
                 grads.add(&l.a, &dxa.t()?.matmul(&h)?)?;
             }
             let dh = dxa.matmul(&a)?;
             let dh = match key {
-                Some(k) => dropout::apply(&dh, l.dropout, *k)?,
+                Some(k) => dropout::apply(&dh, l.dropout, *k, saved.row_elems)?,
                 None => dh,
             };
             dx = dx.add(&dh)?;

@@ -49,6 +49,11 @@ pub struct TrainConfig {
     pub group_by_length: bool,
     /// Round padded lengths up to a multiple of this.
     pub pad_to_multiple_of: Option<usize>,
+    /// Run an accumulation window's micro-batches as fewer, larger ones: the same gradients (the
+    /// loss is normalised over the window's tokens and dropout masks are keyed per example), far
+    /// fewer kernel launches at small batch sizes. Unset: on a GPU, as far as the memory measured
+    /// in the first step allows; `true`: the whole window at once; `false`: never.
+    pub merge_micro_batches: Option<bool>,
     /// Seed of the data order and of new adapters.
     pub seed: u64,
     /// Log every N optimizer steps.
@@ -94,6 +99,7 @@ impl Default for TrainConfig {
             gradient_checkpointing: false,
             group_by_length: false,
             pad_to_multiple_of: None,
+            merge_micro_batches: None,
             seed: 42,
             logging_steps: 10,
             eval_strategy: "no".into(),

@@ -14,6 +14,7 @@ use super::flat::FlatGrads;
 use crate::data::batch::Batch;
 use crate::model::Model;
 use crate::model::block::{BlockSaved, Step};
+use crate::nn::dropout::Key;
 use crate::nn::loss::causal_lm_loss;
 use crate::nn::ops::{rms_norm, rms_norm_backward_into};
 use crate::nn::{AttnMask, GradSink};
@@ -61,12 +62,13 @@ pub fn shifted_targets(labels: &[i64], b: usize, s: usize) -> Vec<i64> {
 }
 
 /// One micro-batch: forward, loss divided by `denom`, backward into `grads`. `seed` keys the
-/// dropout masks, so a recomputed block draws the masks of its forward.
+/// dropout masks (per example of the window), so a recomputed block draws the masks of its
+/// forward and a window gives the same gradients however its examples are split into micro-batches.
 pub fn micro_step(
     model: &Model,
     batch: &Batch,
     denom: f64,
-    seed: u64,
+    seed: Key,
     recompute: bool,
     grads: &mut FlatGrads,
     hook: &mut dyn BlockHook,
@@ -90,7 +92,7 @@ pub fn gradients(
     input_ids: &Tensor,
     mask: &AttnMask,
     labels: &[i64],
-    seed: Option<u64>,
+    seed: Option<Key>,
     recompute: bool,
 ) -> Result<(f64, Vec<(String, Tensor)>)> {
     let (b, s) = input_ids.dims2()?;
@@ -124,7 +126,7 @@ struct Pass<'a> {
     mask: &'a AttnMask,
     labels: &'a [i64],
     denom: f64,
-    seed: Option<u64>,
+    seed: Option<Key>,
     recompute: bool,
 }
 

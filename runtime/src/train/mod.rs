@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod flat;
+pub mod merge;
 pub mod optim;
 pub mod schedule;
 pub mod trainer;

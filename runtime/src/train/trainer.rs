@@ -16,6 +16,7 @@ use super::checkpoint::{self, TrainerState};
 use super::config::TrainConfig;
 use super::engine::{NoHook, eval_loss, micro_step};
 use super::flat::FlatParams;
+use super::merge::MergePolicy;
 use super::optim::{AdamW, AdamWConfig, clip_factor};
 use super::schedule::Schedule;
 use crate::cancel::CancelToken;
@@ -104,6 +105,12 @@ fn learned_tokens(examples: &[&Example]) -> usize {
         .sum()
 }
 
+/// Whether `e` is the device running out of memory.
+fn is_out_of_memory(e: &Error) -> bool {
+    let text = e.to_string();
+    text.contains("OUT_OF_MEMORY") || text.to_lowercase().contains("out of memory")
+}
+
 /// Mean token loss of `data` (no gradients kept).
 pub fn evaluate(model: &Model, data: &[Example], cfg: &TrainConfig, pad_id: u32) -> Result<f64> {
     let device = model.decoder.device().clone();
@@ -157,6 +164,7 @@ pub struct Trainer {
     last_log: Instant,
     stopped_early: bool,
     last_checkpoint: Option<PathBuf>,
+    merge: MergePolicy,
 }
 
 /// What one optimizer step did.
@@ -262,6 +270,7 @@ impl Trainer {
             last_log: Instant::now(),
             stopped_early: false,
             last_checkpoint: None,
+            merge: MergePolicy::new(cfg.merge_micro_batches),
         })
     }
 
@@ -360,38 +369,25 @@ impl Trainer {
             })
             .collect::<Result<_>>()?;
         let window_tokens: usize = examples.iter().map(|e| learned_tokens(e)).sum();
-        let mut grads = self.params.zero_grads()?;
-        let mut loss: Option<Tensor> = None;
-        for (k, ex) in examples.iter().enumerate() {
-            let batch = collate(ex, self.pad_id, self.cfg.pad_to_multiple_of, &self.device)?;
-            self.tokens_seen += batch.tokens;
+        self.merge.before_step(&self.device);
+        let (grads, loss, largest) = match self.run_window(&examples, window_tokens) {
+            Err(e) if self.merge.may_merge() && is_out_of_memory(&e) => {
+                // A merged pass did not fit after all: the window again, as written.
+                self.merge.disable();
+                self.run_window(&examples, window_tokens)?
+            }
+            other => other?,
+        };
+        self.merge.after_step(&self.device, largest);
+        for ex in &examples {
+            self.tokens_seen += ex.iter().map(|e| e.input_ids.len()).sum::<usize>();
             self.examples_seen += ex.len();
-            self.tokens_since_log += batch.tokens;
-            let seed = crate::nn::dropout::mix(
-                self.cfg.seed,
-                (self.state.global_step * self.cfg.gradient_accumulation_steps + k) as u64,
-            );
-            let out = micro_step(
-                &self.model,
-                &batch,
-                window_tokens.max(1) as f64,
-                seed,
-                self.cfg.gradient_checkpointing,
-                &mut grads,
-                &mut NoHook,
-            )
-            .map_err(|e| self.out_of_memory_hint(e, batch.input_ids.dims()))?;
-            loss = Some(match loss {
-                Some(l) => l.add(&out.loss)?,
-                None => out.loss,
-            });
+            self.tokens_since_log += ex.iter().map(|e| e.input_ids.len()).sum::<usize>();
         }
-        let loss =
-            loss.ok_or_else(|| Error::InvalidArgument("an empty accumulation window".into()))?;
         let span = crate::profile::span("optimizer", &self.device);
-        let (grad_norm, clip) = clip_factor(&grads.buf, self.cfg.max_grad_norm)?;
+        let (grad_norm, clip) = clip_factor(&grads, self.cfg.max_grad_norm)?;
         let lr = self.sched.lr(self.state.global_step);
-        self.opt.step(&self.params, &grads.buf, clip.as_ref(), lr)?;
+        self.opt.step(&self.params, &grads, clip.as_ref(), lr)?;
         drop(grads);
         drop(span);
         self.state.global_step += 1;
@@ -470,12 +466,66 @@ impl Trainer {
         })
     }
 
+    /// Forward and backward over a window's micro-batches, merged as the policy says: the
+    /// gradients (the flat f32 buffer), the window's loss (a device scalar) and the most padded
+    /// tokens of one pass.
+    fn run_window(
+        &self,
+        examples: &[Vec<&Example>],
+        window_tokens: usize,
+    ) -> Result<(Tensor, Tensor, usize)> {
+        let dims: Vec<(usize, usize)> = examples
+            .iter()
+            .map(|ex| {
+                (
+                    ex.len(),
+                    ex.iter().map(|e| e.input_ids.len()).max().unwrap_or(0),
+                )
+            })
+            .collect();
+        let groups = self
+            .merge
+            .groups(&dims, self.cfg.pad_to_multiple_of.unwrap_or(1));
+        let seed = crate::nn::dropout::mix(self.cfg.seed, self.state.global_step as u64);
+        let mut grads = self.params.zero_grads()?;
+        let mut loss: Option<Tensor> = None;
+        let mut largest = 0;
+        let mut first_row = 0u64;
+        for g in groups {
+            let ex: Vec<&Example> = examples[g].iter().flatten().copied().collect();
+            let batch = collate(&ex, self.pad_id, self.cfg.pad_to_multiple_of, &self.device)?;
+            largest = largest.max(batch.input_ids.elem_count());
+            let key = crate::nn::dropout::Key {
+                key: seed,
+                first_row,
+            };
+            first_row += ex.len() as u64;
+            let out = micro_step(
+                &self.model,
+                &batch,
+                window_tokens.max(1) as f64,
+                key,
+                self.cfg.gradient_checkpointing,
+                &mut grads,
+                &mut NoHook,
+            )
+            .map_err(|e| self.out_of_memory_hint(e, batch.input_ids.dims()))?;
+            loss = Some(match loss {
+                Some(l) => l.add(&out.loss)?,
+                None => out.loss,
+            });
+        }
+        let loss =
+            loss.ok_or_else(|| Error::InvalidArgument("an empty accumulation window".into()))?;
+        Ok((grads.buf, loss, largest))
+    }
+
     /// Turns a device out-of-memory error into one that says what to reduce.
     fn out_of_memory_hint(&self, e: Error, dims: &[usize]) -> Error {
-        let text = e.to_string();
-        if !(text.contains("OUT_OF_MEMORY") || text.to_lowercase().contains("out of memory")) {
+        if !is_out_of_memory(&e) {
             return e;
         }
+        let text = e.to_string();
         Error::InvalidArgument(format!(
             "out of memory at step {} on a batch of {:?} (examples x tokens): lower `per_device_train_batch_size` \
              (raise `gradient_accumulation_steps` to keep the effective batch of {}), lower `max_length` in `data::sft`, \

@@ -318,7 +318,9 @@ pub mod train_module {
     /// `bf16`, `fp16`, `gradient_checkpointing`, `group_by_length`, `pad_to_multiple_of`, `seed`,
     /// `logging_steps`, `eval_strategy`, `eval_steps`, `save_steps`, `save_total_limit`,
     /// `load_best_model_at_end`, `metric_for_best_model`, `early_stopping_patience`,
-    /// `resume_from_checkpoint`, `output_dir`. Ctrl-C saves a checkpoint and stops.
+    /// `resume_from_checkpoint`, `output_dir`; and qscript's `merge_micro_batches` (unset: on a
+    /// GPU, run each accumulation window as fewer, larger micro-batches when the memory measured
+    /// in the first step allows; the gradients are the same). Ctrl-C saves a checkpoint and stops.
     ///
     /// ```rhai
     /// io::write_text("d.json", `[{"instruction": "hi", "output": "hello"}]`);

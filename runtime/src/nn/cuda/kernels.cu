@@ -16,11 +16,19 @@ __device__ __forceinline__ float uniform(uint64_t key, uint64_t i) {
     return (float)(z >> 40) * (1.0f / 16777216.0f);
 }
 
+// dropout.rs's `mix`: the key of one example row.
+__device__ __forceinline__ uint64_t mix(uint64_t a, uint64_t b) {
+    return splitmix(a ^ ((b + 0x9E3779B97F4A7C15ull) * 0xBF58476D1CE4E5B9ull));
+}
+
+// Element j of row r (rows of row_elems elements) draws from key mix(key, first_row + r).
 #define DROPOUT_MASK(NAME, T, CONVERT)                                                          \
-    extern "C" __global__ void NAME(T *out, uint64_t key, float p, float keep, uint64_t n) {     \
+    extern "C" __global__ void NAME(T *out, uint64_t key, uint64_t first_row, uint64_t row_elems, \
+                                    float p, float keep, uint64_t n) {                          \
         for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;               \
              i += (uint64_t)blockDim.x * gridDim.x) {                                           \
-            out[i] = CONVERT(uniform(key, i) < p ? 0.0f : keep);                                \
+            uint64_t row = mix(key, first_row + i / row_elems);                                 \
+            out[i] = CONVERT(uniform(row, i % row_elems) < p ? 0.0f : keep);                    \
         }                                                                                       \
     }
 

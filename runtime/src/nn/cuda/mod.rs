@@ -391,7 +391,8 @@ pub fn rms_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f32) -> Result<Tensor> 
 /// [`crate::nn::dropout::mask`] on the device.
 pub fn dropout_mask(
     dev: &CudaDevice,
-    key: u64,
+    key: crate::nn::dropout::Key,
+    row_elems: u64,
     p: f32,
     shape: &[usize],
     dtype: DType,
@@ -406,7 +407,9 @@ pub fn dropout_mask(
             let out = unsafe { dev.alloc::<$t>(n)? };
             let mut b = func.builder();
             b.arg(&out);
-            b.arg(&key);
+            b.arg(&key.key);
+            b.arg(&key.first_row);
+            b.arg(&row_elems);
             b.arg(&p);
             b.arg(&keep);
             b.arg(&n64);

@@ -1,0 +1,131 @@
+//! Running an accumulation window as fewer, larger micro-batches. The math does not change: the
+//! loss is normalised over the window's learned tokens whatever the split, padding is masked, and
+//! dropout masks are keyed per example of the window. What changes is the number of forward and
+//! backward passes: seed 000's batch 1 x accumulation 16 is 16 small, launch-bound passes a step;
+//! merged it is one. How far to merge comes from the device memory the first step measured.
+
+use std::ops::Range;
+
+use candle_core::Device;
+
+use crate::device;
+
+/// The most padded tokens one merged pass takes: past this a pass is large enough to keep the GPU
+/// busy, and merging further buys little for a step in memory.
+const MAX_TOKENS: usize = 16_384;
+/// The share of the device's memory (what other processes hold excluded) a merged pass may plan for.
+const BUDGET: f64 = 0.85;
+
+/// When and how far to merge (`merge_micro_batches`).
+#[derive(Clone, Debug)]
+pub struct MergePolicy {
+    mode: Option<bool>,
+    /// Bytes in use before a step, bytes per padded token of a pass, and the byte budget: from
+    /// the first step on a GPU.
+    measured: Option<(u64, f64, u64)>,
+    /// In use before the step being measured.
+    before: Option<u64>,
+}
+
+impl MergePolicy {
+    /// `mode`: `None` merges as far as measured memory allows (on a GPU), `Some(true)` merges
+    /// every window whole, `Some(false)` never merges.
+    pub fn new(mode: Option<bool>) -> Self {
+        Self {
+            mode,
+            measured: None,
+            before: None,
+        }
+    }
+
+    /// Groups of consecutive micro-batches to run as one pass, for micro-batches of `(rows,
+    /// padded length)`, lengths padded up to a multiple of `pad_multiple`.
+    pub fn groups(&self, micro: &[(usize, usize)], pad_multiple: usize) -> Vec<Range<usize>> {
+        match (self.mode, self.measured) {
+            (Some(true), _) => std::iter::once(0..micro.len()).collect(),
+            (Some(false), _) | (None, None) => (0..micro.len()).map(|i| i..i + 1).collect(),
+            (None, Some((base, per_token, budget))) => {
+                let fits = |tokens: usize| {
+                    tokens <= MAX_TOKENS && base as f64 + per_token * tokens as f64 <= budget as f64
+                };
+                let mut out: Vec<Range<usize>> = Vec::new();
+                let (mut rows, mut len) = (0usize, 0usize);
+                for (i, &(r, l)) in micro.iter().enumerate() {
+                    let l2 = len.max(l).div_ceil(pad_multiple.max(1)) * pad_multiple.max(1);
+                    match out.last_mut() {
+                        Some(g) if fits((rows + r) * l2) => {
+                            g.end = i + 1;
+                            rows += r;
+                            len = l2;
+                        }
+                        _ => {
+                            out.push(i..i + 1);
+                            (rows, len) = (r, l);
+                        }
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// Before a step: whether this step measures (the first on a GPU when merging is automatic).
+    pub fn before_step(&mut self, device: &Device) {
+        if self.mode.is_none() && self.measured.is_none() {
+            self.before = device::pool(device).map(|p| p.in_use);
+            if self.before.is_some() {
+                device::reset_peak(device);
+            }
+        }
+    }
+
+    /// After a step whose largest pass had `tokens` padded tokens.
+    pub fn after_step(&mut self, device: &Device, tokens: usize) {
+        let Some(base) = self.before.take() else {
+            return;
+        };
+        let (Some(pool), Some((used, total))) = (device::pool(device), device::memory(device))
+        else {
+            return;
+        };
+        let per_token = pool.peak.saturating_sub(base) as f64 / tokens.max(1) as f64;
+        let others = used.saturating_sub(pool.reserved);
+        let budget = (total.saturating_sub(others) as f64 * BUDGET) as u64;
+        self.measured = Some((base, per_token, budget));
+    }
+
+    /// After a merged pass ran out of memory: run windows as written from now on.
+    pub fn disable(&mut self) {
+        self.mode = Some(false);
+    }
+
+    /// Whether a step may merge at all.
+    pub fn may_merge(&self) -> bool {
+        self.mode == Some(true) || (self.mode.is_none() && self.measured.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_follow_the_mode_and_the_measured_budget() {
+        let micro = [(1, 100), (1, 120), (1, 90), (1, 128)];
+        let singles: Vec<Range<usize>> = (0..4).map(|i| i..i + 1).collect();
+        assert_eq!(MergePolicy::new(Some(false)).groups(&micro, 8), singles);
+        assert_eq!(
+            MergePolicy::new(None).groups(&micro, 8),
+            singles,
+            "not measured yet"
+        );
+        assert_eq!(MergePolicy::new(Some(true)).groups(&micro, 8), vec![0..4]);
+        // 1 KiB a token over a 1 MiB base, 1.25 MiB budget: 256 tokens a pass at most.
+        let mut p = MergePolicy::new(None);
+        p.measured = Some((1 << 20, 1024.0, (1 << 20) + (256 << 10)));
+        // 100 + 120 -> 2 x 120 = 240 fits; + 90 -> 3 x 120 = 360 does not.
+        assert_eq!(p.groups(&micro, 8), vec![0..2, 2..4]);
+        p.disable();
+        assert_eq!(p.groups(&micro, 8), singles);
+    }
+}
