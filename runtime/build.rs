@@ -1,5 +1,8 @@
 //! With feature `cuda`, compiles `src/nn/cuda/kernels.cu` to PTX with `nvcc` (found on `PATH`, or
-//! `NVCC`); the PTX is embedded in the library and loaded once per device at run time.
+//! `NVCC`); the PTX is embedded in the library and loaded once per device at run time. And the
+//! cuDNN attention shim `src/nn/cuda/sdpa.cpp` with the C++ compiler, against the CUDA, cuDNN and
+//! cudnn-frontend headers (`QSCRIPT_CUDNN_INCLUDE`: `:`-separated directories, as
+//! `scripts/cuda-toolchain.sh` sets it); cuDNN itself is loaded at run time.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -8,6 +11,9 @@ fn main() {
     println!("cargo::rerun-if-changed=src/nn/cuda/kernels.cu");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo::rerun-if-env-changed=NVCC");
+    println!("cargo::rerun-if-changed=src/nn/cuda/sdpa.cpp");
+    println!("cargo::rerun-if-env-changed=QSCRIPT_CUDNN_INCLUDE");
+    println!("cargo::rerun-if-env-changed=CUDA_ROOT");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -34,4 +40,66 @@ fn main() {
             "the `cuda` feature needs `nvcc` on PATH (or NVCC=...): {e}; see README.md, \"GPU build\""
         ),
     }
+    #[cfg(feature = "cuda")]
+    sdpa_shim(&nvcc);
+}
+
+/// The CUDA include directory: `$CUDA_ROOT/include`, else next to `nvcc`.
+#[cfg(feature = "cuda")]
+fn cuda_include(nvcc: &str) -> Option<PathBuf> {
+    if let Some(root) = std::env::var_os("CUDA_ROOT") {
+        return Some(PathBuf::from(root).join("include"));
+    }
+    let out = Command::new(nvcc).arg("--version").output().ok()?;
+    out.status.success().then_some(())?;
+    let which = Command::new("sh")
+        .args(["-c", &format!("command -v {nvcc}")])
+        .output()
+        .ok()?;
+    let bin = PathBuf::from(String::from_utf8_lossy(&which.stdout).trim());
+    Some(bin.parent()?.parent()?.join("include"))
+}
+
+#[cfg(feature = "cuda")]
+fn sdpa_shim(nvcc: &str) {
+    let mut dirs: Vec<PathBuf> = std::env::var("QSCRIPT_CUDNN_INCLUDE")
+        .map(|v| {
+            v.split(':')
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.push(PathBuf::from("/usr/local/cuda/include"));
+    dirs.extend(cuda_include(nvcc));
+    // The compiler searches /usr/include itself (a system cuDNN); it is only looked at here.
+    let has = |f: &str| {
+        dirs.iter()
+            .chain(std::iter::once(&PathBuf::from("/usr/include")))
+            .any(|d| d.join(f).is_file())
+    };
+    for (file, what) in [
+        ("cudnn.h", "the cuDNN 9 headers"),
+        ("cudnn_frontend.h", "the cudnn-frontend headers"),
+        ("cuda_runtime_api.h", "the CUDA headers"),
+    ] {
+        assert!(
+            has(file),
+            "the `cuda` feature needs {what} ({file} not found in {dirs:?}); \
+                 `bash scripts/cuda-toolchain.sh` installs them and `source \"$(bash scripts/cuda-toolchain.sh --env)\"` \
+                 sets QSCRIPT_CUDNN_INCLUDE; see README.md, \"GPU build\""
+        );
+    }
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .std("c++17")
+        .file("src/nn/cuda/sdpa.cpp")
+        .define("NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING", None)
+        .opt_level(1)
+        .warnings(false);
+    for d in dirs.iter().filter(|d| d.is_dir()) {
+        b.include(d);
+    }
+    b.compile("qscript_sdpa");
+    println!("cargo::rustc-link-lib=dylib=dl");
 }

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the CUDA 13.0 build toolchain from PyPI wheels, so that the `cuda` feature builds on a
-# machine without a GPU or a system CUDA (CI, laptops). Idempotent; prints what to `source`.
+# machine without a GPU or a system CUDA (CI, laptops), with the cuDNN 9 and cudnn-frontend headers
+# the attention shim compiles against (headers only: cuDNN itself is loaded at run time from where
+# the user has it). Idempotent; prints what to `source`.
 #
 #   bash scripts/cuda-toolchain.sh --lint   # nvcc and headers: enough for `cargo clippy --features cuda`
 #   bash scripts/cuda-toolchain.sh          # also cuBLAS/cuRAND/cudart link libraries and a libcuda
@@ -20,6 +22,7 @@ write_env() {
   cat > "$ENV_FILE" <<EOF
 export PATH="$ROOT/bin:\$PATH"   # cudarc's build script asks \`nvcc --version\`
 export CUDA_ROOT="$ROOT"          # where cudarc finds the link libraries
+export QSCRIPT_CUDNN_INCLUDE="$PREFIX/cudnn/include:$PREFIX/cudnn-frontend/include"
 export CUDA_COMPUTE_CAP=\${CUDA_COMPUTE_CAP:-90}   # no GPU to ask: H100/H200
 EOF
 }
@@ -37,6 +40,31 @@ if [ ! -f "$stamp" ] && [ ! -f "$PREFIX/.installed-full" ]; then
     "cuda-toolkit[$parts]==13.0.2"
   touch "$stamp"
 fi
+
+# Headers of cuDNN 9.19 and cudnn-frontend 1.32 out of their wheels (the wheels themselves are not
+# kept: cuDNN's carries 360 MB of libraries that only a GPU machine needs).
+headers() {  # headers NAME REQUIREMENT PATH-IN-WHEEL [pip options]
+  local dest=$PREFIX/$1/include
+  [ -d "$dest" ] && return
+  local tmp
+  tmp=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps --dest "$tmp" "${@:4}" "$2"
+  python3 - "$tmp"/*.whl "$3" "$dest" <<'PY'
+import sys, zipfile, os
+whl, inner, dest = sys.argv[1:]
+with zipfile.ZipFile(whl) as z:
+    for n in z.namelist():
+        if n.startswith(inner) and not n.endswith("/"):
+            out = os.path.join(dest, n[len(inner):])
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with open(out, "wb") as f:
+                f.write(z.read(n))
+PY
+  rm -rf "$tmp"
+}
+headers cudnn "nvidia-cudnn-cu13==9.19.0.56" nvidia/cudnn/include/
+headers cudnn-frontend "nvidia-cudnn-frontend==1.32.0" include/ \
+  --only-binary=:all: --python-version 3.11 --platform manylinux_2_28_x86_64
 
 if [ "$mode" = full ]; then
   # The wheels carry only versioned sonames; the linker looks for the plain names.

@@ -91,13 +91,29 @@ fn ops_match_the_cpu_reference_in_f32_and_bf16() {
     .iter()
     .enumerate()
     {
-        for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 2e-2)] {
+        // f32: qscript's softmax kernels; bf16 and f16: cuDNN's fused attention.
+        for (dtype, tol) in [
+            (DType::F32, 1e-5f32),
+            (DType::BF16, 2e-2),
+            (DType::F16, 2e-2),
+        ] {
             let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &cpu).unwrap();
             let on = |t: &Tensor| t.to_device(&gpu()).unwrap().to_dtype(dtype).unwrap();
             let (q, k, v) = (r(&[b, h, s, d]), r(&[b, kv, s, d]), r(&[b, kv, s, d]));
             let dy = r(&[b, h, s, d]);
             let lens: Vec<usize> = (0..b).map(|r| s - (r * 5) % s).collect();
-            let mask = AttnMask::right_padded(&lens);
+            let mask = if i == 1 {
+                AttnMask::causal(0)
+            } else {
+                AttnMask::right_padded(&lens)
+            };
+            if dtype != DType::F32 {
+                let why = qscript_runtime::nn::cuda::sdpa::unsupported(&on(&q), &on(&k), &mask);
+                assert!(
+                    why.is_none(),
+                    "case {i} {dtype:?}: cuDNN attention not used: {why:?}"
+                );
+            }
             let (mut sc, mut sg) = (None, None);
             let oc = attention(&q, &k, &v, &mask, Some(&mut sc)).unwrap();
             let og = attention(&on(&q), &on(&k), &on(&v), &mask, Some(&mut sg)).unwrap();

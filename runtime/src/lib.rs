@@ -30,6 +30,7 @@ pub mod hash;
 pub mod lora;
 pub mod model;
 pub mod nn;
+pub mod notice;
 pub mod profile;
 pub mod sandbox;
 pub mod testing;

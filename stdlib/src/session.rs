@@ -361,6 +361,9 @@ impl Session {
             let t0 = Instant::now();
             let result = self.engine.run_ast_with_scope(&mut scope, &ast);
             let elapsed = t0.elapsed();
+            for n in qscript_runtime::notice::take() {
+                self.ctx.sink.err(&n);
+            }
             state.imports = self
                 .ctx
                 .take_imports()

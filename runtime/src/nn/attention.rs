@@ -107,19 +107,57 @@ impl AttnMask {
     }
 }
 
-/// What the backward of [`attention`] needs: the inputs, the output, the per-row max and log-sum.
+/// What the backward of [`attention`] needs: the inputs, the output and the per-row softmax
+/// statistics of the path that ran.
 #[derive(Clone, Debug)]
 pub struct AttnSaved {
     q: Tensor,
     k: Tensor,
     v: Tensor,
     out: Tensor,
-    max: Tensor,
-    log_sum: Tensor,
-    bias: Option<Tensor>,
+    rows: Rows,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     mask: AttnMask,
     scale: f64,
+}
+
+/// Per-row softmax statistics.
+#[derive(Clone, Debug)]
+enum Rows {
+    /// Row max and log-sum (and the reference path's bias): the softmax kernels and the reference.
+    Softmax {
+        max: Tensor,
+        log_sum: Tensor,
+        bias: Option<Tensor>,
+    },
+    /// cuDNN's row log-sum-exp `[b, h, s]` f32.
+    #[cfg(feature = "cuda")]
+    Cudnn(Tensor),
+}
+
+/// Whether cuDNN's fused attention takes these inputs; the first time a GPU input cannot use
+/// it for a reason a user can act on, says so once.
+#[cfg(feature = "cuda")]
+fn cudnn_ok(q: &Tensor, k: &Tensor, mask: &AttnMask) -> bool {
+    if !q.device().is_cuda() {
+        return false;
+    }
+    match super::cuda::sdpa::unsupported(q, k, mask) {
+        None => true,
+        Some(why) => {
+            // Decoding (a KV cache, one position) needs no word; a missing cuDNN is noticed
+            // where it is looked for.
+            let quiet = why.contains("KV cache")
+                || why.contains("one position")
+                || why.contains("cuDNN 9 not found");
+            if !quiet {
+                crate::notice::say(format!(
+                    "notice: cuDNN attention does not take {why}; using qscript's softmax kernels"
+                ));
+            }
+            false
+        }
+    }
 }
 
 /// Whether the fused softmax kernels serve attention on `q`'s device and dtype.
@@ -181,10 +219,27 @@ pub fn attention(
     saved: Option<&mut Option<AttnSaved>>,
 ) -> Result<Tensor> {
     let kv = k.dim(1)?;
+    let scale = 1.0 / (q.dim(3)? as f64).sqrt();
+    #[cfg(feature = "cuda")]
+    if cudnn_ok(q, k, mask) {
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let (out, lse) = super::cuda::sdpa::forward(&q, &k, &v, mask, scale)?;
+        if let Some(slot) = saved {
+            *slot = Some(AttnSaved {
+                q,
+                k,
+                v,
+                out: out.clone(),
+                rows: Rows::Cudnn(lse),
+                mask: mask.clone(),
+                scale,
+            });
+        }
+        return Ok(out);
+    }
     let (qg, b, h, s, d) = grouped(q, kv)?;
     let t = k.dim(2)?;
     let rep = h / kv;
-    let scale = 1.0 / (d as f64).sqrt();
     let (out, max, log_sum, bias) = forward_parts(&qg, k, v, mask, scale, (b, kv, rep, s, t))?;
     let out = out.reshape((b, h, s, d))?;
     if let Some(slot) = saved {
@@ -193,9 +248,7 @@ pub fn attention(
             k: k.clone(),
             v: v.clone(),
             out: out.clone(),
-            max,
-            log_sum,
-            bias,
+            rows: Rows::Softmax { max, log_sum, bias },
             mask: mask.clone(),
             scale,
         });
@@ -259,12 +312,17 @@ pub fn attention_backward(saved: &AttnSaved, d_out: &Tensor) -> Result<(Tensor, 
         k,
         v,
         out,
-        max,
-        log_sum,
-        bias,
+        rows,
         scale,
         ..
     } = saved;
+    let (max, log_sum, bias) = match rows {
+        Rows::Softmax { max, log_sum, bias } => (max, log_sum, bias),
+        #[cfg(feature = "cuda")]
+        Rows::Cudnn(lse) => {
+            return super::cuda::sdpa::backward(q, k, v, out, lse, d_out, &saved.mask, *scale);
+        }
+    };
     let kv = k.dim(1)?;
     let (qg, b, h, s, d) = grouped(q, kv)?;
     let t = k.dim(2)?;

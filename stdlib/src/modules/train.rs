@@ -53,6 +53,12 @@ impl Printer {
     }
 
     fn show(&mut self, e: &Event) {
+        for n in qscript_runtime::notice::take() {
+            match &self.bar {
+                Some(b) => b.suspend(|| self.sink.err(&n)),
+                None => self.sink.err(&n),
+            }
+        }
         match e {
             Event::Start {
                 examples,
@@ -134,6 +140,9 @@ impl Printer {
     fn finish(&mut self) {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
+        }
+        for n in qscript_runtime::notice::take() {
+            self.sink.err(&n);
         }
     }
 }

@@ -1,0 +1,324 @@
+//! Fused attention through cuDNN (`sdpa.cpp`): forward and backward without an `s x t` buffer,
+//! GQA without copying K/V, causal and right padding as per-row key lengths. cuDNN is found at run
+//! time where users have it (`QSCRIPT_CUDNN`, the system's `libcudnn.so.9`, or a pip wheel's
+//! `nvidia/cudnn/lib`); without it attention uses the fused softmax kernels, after a one-line
+//! notice that says why.
+
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+use candle_core::{DType, Result, Tensor};
+
+use super::{addr, empty};
+use crate::nn::AttnMask;
+
+unsafe extern "C" {
+    fn qs_sdpa_load(path: *const c_char, err: *mut c_char, n: usize) -> c_int;
+    fn qs_sdpa_run(
+        stream: *mut c_void,
+        sm: c_int,
+        b: i64,
+        hq: i64,
+        hkv: i64,
+        s: i64,
+        t: i64,
+        d: i64,
+        scale: f32,
+        bf16: c_int,
+        causal: c_int,
+        backward: c_int,
+        ptrs: *const *mut c_void,
+        q_lens: *mut c_void,
+        kv_lens: *mut c_void,
+        workspace: *mut c_void,
+        workspace_size: *mut i64,
+        err: *mut c_char,
+        n: usize,
+    ) -> c_int;
+}
+
+/// Where cuDNN may be, in the order tried.
+fn candidates() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(p) = std::env::var_os("QSCRIPT_CUDNN") {
+        out.push(PathBuf::from(p));
+    }
+    // The dynamic loader's own search: LD_LIBRARY_PATH, the ld.so cache (a system install).
+    out.push(PathBuf::from("libcudnn.so.9"));
+    // pip wheels (nvidia-cudnn-cu12/13, as torch installs them) in the usual environments.
+    let mut roots: Vec<PathBuf> = ["VIRTUAL_ENV", "CONDA_PREFIX"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .map(PathBuf::from)
+        .collect();
+    if let Some(home) = std::env::var_os("HOME") {
+        roots.push(PathBuf::from(home).join(".local"));
+    }
+    roots.extend(["/usr/local", "/usr"].map(PathBuf::from));
+    if let Ok(opt) = std::fs::read_dir("/opt") {
+        for e in opt.flatten() {
+            roots.push(e.path());
+            roots.push(e.path().join(".venv"));
+        }
+    }
+    for root in roots {
+        let Ok(libs) = std::fs::read_dir(root.join("lib")) else {
+            continue;
+        };
+        for py in libs.flatten() {
+            if py.file_name().to_string_lossy().starts_with("python3") {
+                for site in ["site-packages", "dist-packages"] {
+                    let lib = py.path().join(site).join("nvidia/cudnn/lib/libcudnn.so.9");
+                    if lib.is_file() {
+                        out.push(lib);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The cuDNN version loaded (e.g. 91900), or why there is none; tried once per process.
+pub fn cudnn() -> std::result::Result<i32, &'static str> {
+    static LOADED: OnceLock<std::result::Result<i32, String>> = OnceLock::new();
+    let r = LOADED.get_or_init(|| {
+        let mut tried = Vec::new();
+        for path in candidates() {
+            let Ok(c) = CString::new(path.to_string_lossy().as_bytes()) else {
+                continue;
+            };
+            let mut err = [0 as c_char; 512];
+            // SAFETY: a NUL-terminated path and a buffer of the length given.
+            let v = unsafe { qs_sdpa_load(c.as_ptr(), err.as_mut_ptr(), err.len()) };
+            if v >= 90000 {
+                return Ok(v);
+            }
+            // SAFETY: the shim writes a NUL-terminated message into `err`.
+            let why = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+            tried.push(if v > 0 {
+                format!("{}: version {v} (9.0 or newer needed)", path.display())
+            } else {
+                format!("{}: {why}", path.display())
+            });
+        }
+        let why = format!(
+            "cuDNN 9 not found, so attention uses qscript's softmax kernels (slower, more memory); \
+             install it (pip install nvidia-cudnn-cu13, or the system package) or set QSCRIPT_CUDNN \
+             to libcudnn.so.9. Tried: {}",
+            tried.join("; ")
+        );
+        crate::notice::say(format!("notice: {why}"));
+        Err(why)
+    });
+    r.as_ref().copied().map_err(String::as_str)
+}
+
+/// Why cuDNN attention cannot take these inputs, if it cannot (`None`: it can).
+pub fn unsupported(q: &Tensor, k: &Tensor, mask: &AttnMask) -> Option<String> {
+    let (_, h, s, d) = q.dims4().ok()?;
+    let (_, kv, t, _) = k.dims4().ok()?;
+    if !matches!(q.dtype(), DType::BF16 | DType::F16) {
+        return Some(format!("dtype {:?} (bf16 or f16 only)", q.dtype()));
+    }
+    if d % 8 != 0 || d > 256 {
+        return Some(format!("head dim {d} (a multiple of 8, at most 256)"));
+    }
+    if s != t || mask.offset != 0 {
+        return Some("queries after a KV cache".into());
+    }
+    if kv == 0 || h % kv != 0 {
+        return Some(format!("{h} heads over {kv} KV heads"));
+    }
+    if s == 1 {
+        return Some("one position".into());
+    }
+    if let Some(r) = &mask.key_ranges
+        && r.iter().any(|&(start, _)| start != 0)
+    {
+        return Some("left padding".into());
+    }
+    cudnn().err().map(str::to_string)
+}
+
+fn device_of(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        _ => candle_core::bail!("cuDNN attention: tensor is not on the GPU"),
+    }
+}
+
+/// One pass as `sdpa.cpp` takes it.
+struct Pass {
+    /// `(b, heads, kv heads, s, t, head dim)`.
+    dims: (usize, usize, usize, usize, usize, usize),
+    scale: f32,
+    dtype: DType,
+    causal: bool,
+    backward: bool,
+}
+
+/// Runs one pass; `ptrs` as `sdpa.cpp` orders them.
+fn run(dev: &CudaDevice, p: &Pass, ptrs: &[u64], lens: Option<(&Tensor, &Tensor)>) -> Result<()> {
+    let (b, hq, hkv, s, t, d) = p.dims;
+    let (scale, dtype, causal, backward) = (p.scale, p.dtype, p.causal, p.backward);
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    ctx.bind_to_thread().map_err(candle_core::Error::wrap)?;
+    let major = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .map_err(candle_core::Error::wrap)?;
+    let minor = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+        .map_err(candle_core::Error::wrap)?;
+    let ptrs: Vec<*mut c_void> = ptrs.iter().map(|&p| p as *mut c_void).collect();
+    let (q_lens, kv_lens) = match lens {
+        Some((q, kv)) => (addr(q, "query lengths")?.0, addr(kv, "key lengths")?.0),
+        None => (0, 0),
+    };
+    let call = |workspace: u64, size: &mut i64, err: &mut [c_char; 1024]| {
+        // SAFETY: every pointer is a live device buffer of the shape the shim describes to
+        // cuDNN (contiguous, checked by `addr`), the stream is this device's, and `err` has the
+        // length given.
+        unsafe {
+            qs_sdpa_run(
+                stream.cu_stream().cast(),
+                major * 10 + minor,
+                b as i64,
+                hq as i64,
+                hkv as i64,
+                s as i64,
+                t as i64,
+                d as i64,
+                scale,
+                c_int::from(dtype == DType::BF16),
+                c_int::from(causal),
+                c_int::from(backward),
+                ptrs.as_ptr(),
+                q_lens as *mut c_void,
+                kv_lens as *mut c_void,
+                workspace as *mut c_void,
+                size,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        }
+    };
+    let fail = |err: &[c_char; 1024]| {
+        // SAFETY: the shim writes a NUL-terminated message.
+        let why = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+        candle_core::Error::Msg(format!(
+            "cuDNN attention ({}, b {b}, heads {hq}/{hkv}, s {s}, head dim {d}, {dtype:?}): {why}",
+            if backward { "backward" } else { "forward" }
+        ))
+    };
+    let mut err = [0 as c_char; 1024];
+    let mut size = 0i64;
+    if call(0, &mut size, &mut err) != 0 {
+        return Err(fail(&err));
+    }
+    let ws = empty(dev, &[(size.max(4) as usize).div_ceil(4)], DType::F32)?;
+    let (ws_ptr, _) = addr(&ws, "workspace")?;
+    if call(ws_ptr, &mut size, &mut err) != 0 {
+        return Err(fail(&err));
+    }
+    Ok(())
+}
+
+/// Per-row key lengths for the shim (queries are never padded: every query row is computed, so a
+/// padding row sees the real keys, as in the reference).
+fn lens(
+    mask: &AttnMask,
+    b: usize,
+    s: usize,
+    dev: &candle_core::Device,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let Some(r) = &mask.key_ranges else {
+        return Ok(None);
+    };
+    if r.len() != b {
+        candle_core::bail!("attention mask has {} rows, the batch has {b}", r.len());
+    }
+    let kv: Vec<u32> = r.iter().map(|x| x.1 as u32).collect();
+    Ok(Some((
+        Tensor::from_vec(vec![s as u32; b], b, dev)?,
+        Tensor::from_vec(kv, b, dev)?,
+    )))
+}
+
+/// `(out [b, h, s, d], lse [b, h, s] f32)`; `q`, `k`, `v` contiguous `[b, heads, s, d]`.
+pub fn forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    let dev = device_of(q)?;
+    let (b, h, s, d) = q.dims4()?;
+    let kv = k.dim(1)?;
+    let out = empty(&dev, &[b, h, s, d], q.dtype())?;
+    let lse = empty(&dev, &[b, h, s], DType::F32)?;
+    let lens = lens(mask, b, s, q.device())?;
+    let ptrs = [
+        addr(q, "q")?.0,
+        addr(k, "k")?.0,
+        addr(v, "v")?.0,
+        addr(&out, "out")?.0,
+        addr(&lse, "lse")?.0,
+    ];
+    let pass = Pass {
+        dims: (b, h, kv, s, s, d),
+        scale: scale as f32,
+        dtype: q.dtype(),
+        causal: mask.causal,
+        backward: false,
+    };
+    run(&dev, &pass, &ptrs, lens.as_ref().map(|(a, b)| (a, b)))?;
+    Ok((out, lse))
+}
+
+/// `(dq, dk, dv)` from the forward's inputs, output and `lse`, and `d_out`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    d_out: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dev = device_of(q)?;
+    let (b, h, s, d) = q.dims4()?;
+    let kv = k.dim(1)?;
+    let d_out = d_out.contiguous()?;
+    let dq = empty(&dev, q.dims(), q.dtype())?;
+    let dk = empty(&dev, k.dims(), k.dtype())?;
+    let dv = empty(&dev, v.dims(), v.dtype())?;
+    let lens = lens(mask, b, s, q.device())?;
+    let ptrs = [
+        addr(q, "q")?.0,
+        addr(k, "k")?.0,
+        addr(v, "v")?.0,
+        addr(out, "out")?.0,
+        addr(&d_out, "d_out")?.0,
+        addr(lse, "lse")?.0,
+        addr(&dq, "dq")?.0,
+        addr(&dk, "dk")?.0,
+        addr(&dv, "dv")?.0,
+    ];
+    let pass = Pass {
+        dims: (b, h, kv, s, s, d),
+        scale: scale as f32,
+        dtype: q.dtype(),
+        causal: mask.causal,
+        backward: true,
+    };
+    run(&dev, &pass, &ptrs, lens.as_ref().map(|(a, b)| (a, b)))?;
+    Ok((dq, dk, dv))
+}
