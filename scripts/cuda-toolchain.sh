@@ -4,6 +4,8 @@
 # the attention shim compiles against (headers only: cuDNN itself is loaded at run time from where
 # the user has it). Idempotent; prints what to `source`.
 #
+#   bash scripts/cuda-toolchain.sh --headers  # only the cuDNN and cudnn-frontend headers, next to a
+#                                             # system CUDA toolkit
 #   bash scripts/cuda-toolchain.sh --lint   # nvcc and headers: enough for `cargo clippy --features cuda`
 #   bash scripts/cuda-toolchain.sh          # also cuBLAS/cuRAND/cudart link libraries and a libcuda
 #                                           # stub, for `cargo build --features cuda`
@@ -19,6 +21,10 @@ ENV_FILE=$PREFIX/env.sh
 mode=${1:-full}
 
 write_env() {
+  if [ "$mode" = --headers ]; then
+    echo "export QSCRIPT_CUDNN_INCLUDE=\"$PREFIX/cudnn/include:$PREFIX/cudnn-frontend/include\"" > "$ENV_FILE"
+    return
+  fi
   cat > "$ENV_FILE" <<EOF
 export PATH="$ROOT/bin:\$PATH"   # cudarc's build script asks \`nvcc --version\`
 export CUDA_ROOT="$ROOT"          # where cudarc finds the link libraries
@@ -29,13 +35,15 @@ EOF
 
 case $mode in
   --env) [ -f "$ENV_FILE" ] || write_env; echo "$ENV_FILE"; exit 0 ;;
+  --headers) parts= ;;
   --lint) parts=nvcc,cudart,cccl,crt,nvvm ;;
   full) parts=nvcc,cudart,cccl,crt,nvvm,cublas,curand,nvrtc ;;
-  *) echo "usage: $0 [--lint | --env]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--headers | --lint | --env]" >&2; exit 2 ;;
 esac
 
 stamp=$PREFIX/.installed-${mode#--}
-if [ ! -f "$stamp" ] && [ ! -f "$PREFIX/.installed-full" ]; then
+mkdir -p "$PREFIX"
+if [ -n "$parts" ] && [ ! -f "$stamp" ] && [ ! -f "$PREFIX/.installed-full" ]; then
   python3 -m pip install --quiet --no-cache-dir --upgrade --target "$PREFIX" \
     "cuda-toolkit[$parts]==13.0.2"
   touch "$stamp"
@@ -93,5 +101,9 @@ if [ "$mode" = full ]; then
   fi
 fi
 write_env
+if [ "$mode" = --headers ]; then
+  echo "cuDNN and cudnn-frontend headers in $PREFIX; next: source $ENV_FILE"
+  exit 0
+fi
 "$ROOT/bin/nvcc" --version | tail -1
 echo "CUDA build toolchain ($mode) in $ROOT; next: source $ENV_FILE"

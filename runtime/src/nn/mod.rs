@@ -11,7 +11,7 @@
 //! | RMSNorm | [`ops::rms_norm`] | [`ops::rms_norm_backward`] |
 //! | RoPE | [`ops::apply_rope`] | [`ops::rope_backward`] |
 //! | SwiGLU | [`ops::swiglu`] | [`ops::swiglu_backward`] |
-//! | attention | [`attention::attention`] | [`attention::attention_backward`] |
+//! | attention | [`attention::attention`] | [`attention::attention_backward`] (cuDNN's fused SDPA on a GPU with cuDNN, else our softmax kernels) |
 //! | linear + LoRA | [`Linear::forward_t`] | [`Linear::backward`] |
 //! | dropout | [`dropout::apply`] | the same mask, re-derived from its key |
 //! | causal-LM loss | [`loss::causal_lm_loss`] (from the final hidden states) | returns dHidden |
