@@ -15,7 +15,7 @@
 # driver 580 cannot load. The stub only satisfies the linker; on a GPU machine the driver's real
 # libcuda.so.1 is loaded. A machine with a CUDA toolkit installed needs none of this.
 set -euo pipefail
-PREFIX=${QSCRIPT_CUDA_PREFIX:-$HOME/.cache/qscript-cuda13}
+PREFIX=${QSCRIPT_CUDA_PREFIX:-${HOME:-/root}/.cache/qscript-cuda13}
 ROOT=$PREFIX/nvidia/cu13
 ENV_FILE=$PREFIX/env.sh
 mode=${1:-full}
@@ -51,13 +51,13 @@ fi
 
 # Headers of cuDNN 9.19 and cudnn-frontend 1.32 out of their wheels (the wheels themselves are not
 # kept: cuDNN's carries 360 MB of libraries that only a GPU machine needs).
-headers() {  # headers NAME REQUIREMENT PATH-IN-WHEEL [pip options]
+headers() {  # headers NAME REQUIREMENT PATH-IN-WHEEL HEADER [pip options]
   local dest=$PREFIX/$1/include
-  [ -d "$dest" ] && return
+  [ -f "$dest/$4" ] && return
   local tmp
   tmp=$(mktemp -d)
-  python3 -m pip download --quiet --no-deps --dest "$tmp" "${@:4}" "$2"
-  python3 - "$tmp"/*.whl "$3" "$dest" <<'PY'
+  python3 -m pip download --quiet --no-deps --dest "$tmp" "${@:5}" "$2"
+  python3 - "$tmp"/*.whl "$3" "$tmp/include" <<'PY'
 import sys, zipfile, os
 whl, inner, dest = sys.argv[1:]
 with zipfile.ZipFile(whl) as z:
@@ -68,10 +68,14 @@ with zipfile.ZipFile(whl) as z:
             with open(out, "wb") as f:
                 f.write(z.read(n))
 PY
+  if [ ! -f "$tmp/include/$4" ]; then
+    echo "$2: no $3$4 in the wheel" >&2; rm -rf "$tmp"; exit 1
+  fi
+  rm -rf "$dest" && mkdir -p "$(dirname "$dest")" && mv "$tmp/include" "$dest"
   rm -rf "$tmp"
 }
-headers cudnn "nvidia-cudnn-cu13==9.19.0.56" nvidia/cudnn/include/
-headers cudnn-frontend "nvidia-cudnn-frontend==1.32.0" include/ \
+headers cudnn "nvidia-cudnn-cu13==9.19.0.56" nvidia/cudnn/include/ cudnn.h
+headers cudnn-frontend "nvidia-cudnn-frontend==1.32.0" include/ cudnn_frontend.h \
   --only-binary=:all: --python-version 3.11 --platform manylinux_2_28_x86_64
 
 if [ "$mode" = full ]; then

@@ -413,3 +413,27 @@ fn an_engine_failure_names_the_op_and_the_shape() {
         "{e}"
     );
 }
+
+#[test]
+fn the_plan_says_how_many_epochs_max_steps_takes() {
+    use qscript_runtime::train::trainer::Trainer;
+    let dir = tempfile::tempdir().unwrap();
+    // 12 examples, batch 4 x accumulation 1: 3 steps an epoch; 7 steps take 3 epochs (HF's count).
+    let data = std::sync::Arc::new(examples(12));
+    let epochs = |max_steps| {
+        let c = TrainConfig {
+            max_steps,
+            num_train_epochs: 20.0,
+            ..cfg(dir.path())
+        };
+        match Trainer::new(&peft(0), data.clone(), None, &c, 256)
+            .unwrap()
+            .start_event()
+        {
+            Event::Start { epochs, .. } => epochs,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(epochs(7), 3.0);
+    assert_eq!(epochs(-1), 20.0);
+}

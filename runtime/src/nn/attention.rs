@@ -222,20 +222,27 @@ pub fn attention(
     let scale = 1.0 / (q.dim(3)? as f64).sqrt();
     #[cfg(feature = "cuda")]
     if cudnn_ok(q, k, mask) {
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        let (out, lse) = super::cuda::sdpa::forward(&q, &k, &v, mask, scale)?;
-        if let Some(slot) = saved {
-            *slot = Some(AttnSaved {
-                q,
-                k,
-                v,
-                out: out.clone(),
-                rows: Rows::Cudnn(lse),
-                mask: mask.clone(),
-                scale,
-            });
+        let (qc, kc, vc) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        match super::cuda::sdpa::forward(&qc, &kc, &vc, mask, scale) {
+            Ok((out, lse)) => {
+                if let Some(slot) = saved {
+                    *slot = Some(AttnSaved {
+                        q: qc,
+                        k: kc,
+                        v: vc,
+                        out: out.clone(),
+                        rows: Rows::Cudnn(lse),
+                        mask: mask.clone(),
+                        scale,
+                    });
+                }
+                return Ok(out);
+            }
+            // A shape cuDNN has no plan for (the shim remembers it): the softmax kernels.
+            Err(e) => crate::notice::say(format!(
+                "notice: {e}; using qscript's softmax kernels for this shape"
+            )),
         }
-        return Ok(out);
     }
     let (qg, b, h, s, d) = grouped(q, kv)?;
     let t = k.dim(2)?;

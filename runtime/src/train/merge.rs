@@ -98,11 +98,6 @@ impl MergePolicy {
     pub fn disable(&mut self) {
         self.mode = Some(false);
     }
-
-    /// Whether a step may merge at all.
-    pub fn may_merge(&self) -> bool {
-        self.mode == Some(true) || (self.mode.is_none() && self.measured.is_some())
-    }
 }
 
 #[cfg(test)]

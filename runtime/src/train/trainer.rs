@@ -278,7 +278,12 @@ impl Trainer {
     pub fn start_event(&self) -> Event {
         Event::Start {
             examples: self.train.len(),
-            epochs: self.cfg.num_train_epochs,
+            // As HF prints it: with `max_steps`, the epochs those steps take.
+            epochs: if self.cfg.max_steps > 0 {
+                self.total.div_ceil(self.cfg.plan(self.train.len()).1) as f64
+            } else {
+                self.cfg.num_train_epochs
+            },
             total_batch: self.cfg.per_device_train_batch_size
                 * self.cfg.gradient_accumulation_steps,
             total_steps: self.total,
@@ -371,12 +376,13 @@ impl Trainer {
         let window_tokens: usize = examples.iter().map(|e| learned_tokens(e)).sum();
         self.merge.before_step(&self.device);
         let (grads, loss, largest) = match self.run_window(&examples, window_tokens) {
-            Err(e) if self.merge.may_merge() && is_out_of_memory(&e) => {
+            Err((e, true)) if is_out_of_memory(&e) => {
                 // A merged pass did not fit after all: the window again, as written.
                 self.merge.disable();
-                self.run_window(&examples, window_tokens)?
+                self.run_window(&examples, window_tokens)
+                    .map_err(|(e, _)| e)?
             }
-            other => other?,
+            other => other.map_err(|(e, _)| e)?,
         };
         self.merge.after_step(&self.device, largest);
         for ex in &examples {
@@ -468,11 +474,22 @@ impl Trainer {
 
     /// Forward and backward over a window's micro-batches, merged as the policy says: the
     /// gradients (the flat f32 buffer), the window's loss (a device scalar) and the most padded
-    /// tokens of one pass.
+    /// tokens of one pass; an error says whether a pass that failed was a merged one.
     fn run_window(
         &self,
         examples: &[Vec<&Example>],
         window_tokens: usize,
+    ) -> std::result::Result<(Tensor, Tensor, usize), (Error, bool)> {
+        let mut merged = false;
+        self.run_groups(examples, window_tokens, &mut merged)
+            .map_err(|e| (e, merged))
+    }
+
+    fn run_groups(
+        &self,
+        examples: &[Vec<&Example>],
+        window_tokens: usize,
+        merged: &mut bool,
     ) -> Result<(Tensor, Tensor, usize)> {
         let dims: Vec<(usize, usize)> = examples
             .iter()
@@ -492,6 +509,7 @@ impl Trainer {
         let mut largest = 0;
         let mut first_row = 0u64;
         for g in groups {
+            *merged = g.len() > 1;
             let ex: Vec<&Example> = examples[g].iter().flatten().copied().collect();
             let batch = collate(&ex, self.pad_id, self.cfg.pad_to_multiple_of, &self.device)?;
             largest = largest.max(batch.input_ids.elem_count());

@@ -43,9 +43,13 @@ struct Built {
     int64_t workspace = 0;
 };
 
+// Keyed by (context, stream): candle gives every device the same per-thread stream handle, so the
+// stream alone does not say which GPU.
+using Where = std::pair<void *, void *>;
 std::mutex lock;
-std::map<std::pair<void *, Shape>, std::unique_ptr<Built>> graphs;  // (stream, shape)
-std::unordered_map<void *, cudnnHandle_t> handles;                   // stream -> handle
+std::map<std::pair<Where, Shape>, std::unique_ptr<Built>> graphs;
+std::map<std::pair<Where, Shape>, std::string> unbuildable;  // shapes cuDNN has no plan for, and why
+std::map<Where, cudnnHandle_t> handles;
 
 void say(char *err, size_t n, const std::string &m) {
     if (n) std::snprintf(err, n, "%s", m.c_str());
@@ -129,21 +133,30 @@ std::unique_ptr<Built> build(cudnnHandle_t h, const Shape &x, std::string &why) 
 
 extern "C" {
 
-// Loads cuDNN from `path`; returns its version (e.g. 91900), or 0 with `err` filled.
-int qs_sdpa_load(const char *path, char *err, size_t n) {
-    void *h = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
+// Opens cuDNN at `path` and returns its version (e.g. 91900); takes it for the frontend only when
+// the version is at least `min`, else closes it. 0 with `err` filled when it cannot be opened.
+int qs_sdpa_load(const char *path, int min, char *err, size_t n) {
+    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!h) {
         const char *e = dlerror();
         say(err, n, e ? e : "dlopen failed");
         return 0;
     }
-    fe::cudnn_dlhandle = h;
-    try {
-        return static_cast<int>(fe::detail::get_backend_version());
-    } catch (const std::exception &x) {
-        say(err, n, x.what());
+    // Asked directly: the frontend caches each symbol on first use, so it must not see a
+    // library that is then rejected.
+    auto version = reinterpret_cast<size_t (*)()>(dlsym(h, "cudnnGetVersion"));
+    if (!version) {
+        say(err, n, "no cudnnGetVersion in this library");
+        dlclose(h);
         return 0;
     }
+    int v = static_cast<int>(version());
+    if (v < min) {
+        dlclose(h);
+        return v;
+    }
+    fe::cudnn_dlhandle = h;
+    return v;
 }
 
 // One attention pass on `stream` (the caller made the stream's context current) of a GPU of
@@ -152,13 +165,14 @@ int qs_sdpa_load(const char *path, char *err, size_t n) {
 // when padded (used for both the query and key lengths: queries are never padded, see above, so
 // seq_q gets `q_lens`, a device int32 [b] of s). With workspace == null, writes the bytes needed to
 // *workspace_size and returns 0 without running. Returns 0, or -1 with `err` filled.
-int qs_sdpa_run(void *stream, int sm, int64_t b, int64_t hq, int64_t hkv, int64_t s, int64_t t, int64_t d,
+int qs_sdpa_run(void *context, void *stream, int sm, int64_t b, int64_t hq, int64_t hkv, int64_t s, int64_t t, int64_t d,
                 float scale, int bf16, int causal, int backward, void *const *ptrs, void *q_lens, void *kv_lens, void *workspace,
                 int64_t *workspace_size, char *err, size_t n) {
     try {
         std::lock_guard<std::mutex> guard(lock);
         Shape x{b, hq, hkv, s, t, d, bf16, causal, kv_lens != nullptr, backward, sm, scale};
-        auto &h = handles[stream];
+        Where at{context, stream};
+        auto &h = handles[at];
         if (!h) {
             if (fe::detail::create_handle(&h) != CUDNN_STATUS_SUCCESS) {
                 h = nullptr;
@@ -170,13 +184,19 @@ int qs_sdpa_run(void *stream, int sm, int64_t b, int64_t hq, int64_t hkv, int64_
             say(err, n, "cudnnSetStream failed");
             return -1;
         }
-        auto &slot = graphs[{stream, x}];
+        auto failed = unbuildable.find({at, x});
+        if (failed != unbuildable.end()) {
+            say(err, n, failed->second);
+            return -1;
+        }
+        auto &slot = graphs[{at, x}];
         if (!slot) {
             std::string why;
             slot = build(h, x, why);
             if (!slot) {
-                graphs.erase({stream, x});
-                say(err, n, "cuDNN has no attention plan for this shape: " + why);
+                graphs.erase({at, x});
+                unbuildable[{at, x}] = "cuDNN has no attention plan for this shape: " + why;
+                say(err, n, unbuildable[{at, x}]);
                 return -1;
             }
         }

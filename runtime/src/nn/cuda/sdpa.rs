@@ -16,8 +16,9 @@ use super::{addr, empty};
 use crate::nn::AttnMask;
 
 unsafe extern "C" {
-    fn qs_sdpa_load(path: *const c_char, err: *mut c_char, n: usize) -> c_int;
+    fn qs_sdpa_load(path: *const c_char, min: c_int, err: *mut c_char, n: usize) -> c_int;
     fn qs_sdpa_run(
+        context: *mut c_void,
         stream: *mut c_void,
         sm: c_int,
         b: i64,
@@ -39,6 +40,9 @@ unsafe extern "C" {
         n: usize,
     ) -> c_int;
 }
+
+/// The oldest cuDNN the shim was run against (9.14; 9.19 too).
+const MIN_VERSION: c_int = 91400;
 
 /// Where cuDNN may be, in the order tried.
 fn candidates() -> Vec<PathBuf> {
@@ -93,14 +97,14 @@ pub fn cudnn() -> std::result::Result<i32, &'static str> {
             };
             let mut err = [0 as c_char; 512];
             // SAFETY: a NUL-terminated path and a buffer of the length given.
-            let v = unsafe { qs_sdpa_load(c.as_ptr(), err.as_mut_ptr(), err.len()) };
-            if v >= 90000 {
+            let v = unsafe { qs_sdpa_load(c.as_ptr(), MIN_VERSION, err.as_mut_ptr(), err.len()) };
+            if v >= MIN_VERSION {
                 return Ok(v);
             }
             // SAFETY: the shim writes a NUL-terminated message into `err`.
             let why = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
             tried.push(if v > 0 {
-                format!("{}: version {v} (9.0 or newer needed)", path.display())
+                format!("{}: version {v} (9.14 or newer needed)", path.display())
             } else {
                 format!("{}: {why}", path.display())
             });
@@ -119,8 +123,9 @@ pub fn cudnn() -> std::result::Result<i32, &'static str> {
 
 /// Why cuDNN attention cannot take these inputs, if it cannot (`None`: it can).
 pub fn unsupported(q: &Tensor, k: &Tensor, mask: &AttnMask) -> Option<String> {
-    let (_, h, s, d) = q.dims4().ok()?;
-    let (_, kv, t, _) = k.dims4().ok()?;
+    let (Ok((_, h, s, d)), Ok((_, kv, t, _))) = (q.dims4(), k.dims4()) else {
+        return Some("inputs that are not [b, heads, s, d]".into());
+    };
     if !matches!(q.dtype(), DType::BF16 | DType::F16) {
         return Some(format!("dtype {:?} (bf16 or f16 only)", q.dtype()));
     }
@@ -136,10 +141,13 @@ pub fn unsupported(q: &Tensor, k: &Tensor, mask: &AttnMask) -> Option<String> {
     if s == 1 {
         return Some("one position".into());
     }
-    if let Some(r) = &mask.key_ranges
-        && r.iter().any(|&(start, _)| start != 0)
-    {
-        return Some("left padding".into());
+    if let Some(r) = &mask.key_ranges {
+        if r.iter().any(|&(start, _)| start != 0) {
+            return Some("left padding".into());
+        }
+        if r.iter().any(|&(_, end)| end == 0) {
+            return Some("an empty row".into());
+        }
     }
     cudnn().err().map(str::to_string)
 }
@@ -185,6 +193,7 @@ fn run(dev: &CudaDevice, p: &Pass, ptrs: &[u64], lens: Option<(&Tensor, &Tensor)
         // length given.
         unsafe {
             qs_sdpa_run(
+                ctx.cu_ctx().cast(),
                 stream.cu_stream().cast(),
                 major * 10 + minor,
                 b as i64,
