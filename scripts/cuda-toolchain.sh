@@ -36,7 +36,7 @@ EOF
 case $mode in
   --env) [ -f "$ENV_FILE" ] || write_env; echo "$ENV_FILE"; exit 0 ;;
   --headers) parts= ;;
-  --lint) parts=nvcc,cudart,cccl,crt,nvvm ;;
+  --lint) parts=nvcc,cudart,cccl,crt,nvvm,nvrtc ;;   # nvrtc.h: the frontend headers include it
   full) parts=nvcc,cudart,cccl,crt,nvvm,cublas,curand,nvrtc ;;
   *) echo "usage: $0 [--headers | --lint | --env]" >&2; exit 2 ;;
 esac
