@@ -126,11 +126,11 @@ fn watch_reruns_from_the_edited_cell() {
     );
 }
 
-#[test]
-fn a_save_during_a_run_cancels_it_and_starts_again() {
+/// A recipe whose second cell runs until it is cancelled, under `--watch`, once that cell has
+/// started: the temp dir, the recipe's path, the child and its lines.
+fn slow_run() -> (Env, std::path::PathBuf, Kill, Receiver<String>) {
     let env = Env::new();
-    let slow = "// %% one\nprint(\"one\");\n// %% slow\nprint(\"slow started\");\nlet i = 0;\nloop { i += 1; }\n";
-    let path = env.write("s.rhai", slow);
+    let path = env.write("s.rhai", SLOW);
     let child = qscript()
         .current_dir(env.dir.path())
         .args(["--watch", "recipe/s.rhai", "--max-operations", "0"])
@@ -141,7 +141,15 @@ fn a_save_during_a_run_cancels_it_and_starts_again() {
     let mut child = Kill(child);
     let rx = lines(&mut child.0);
     until(&rx, &["out: slow started"]);
-    save(&path, &slow.replace("loop { i += 1; }", "print(\"fast\");"));
+    (env, path, child, rx)
+}
+
+const SLOW: &str = "// %% one\nprint(\"one\");\n// %% slow\nprint(\"slow started\");\nlet i = 0;\nloop { i += 1; }\n";
+
+#[test]
+fn a_save_during_a_run_cancels_it_and_starts_again() {
+    let (_env, path, _child, rx) = slow_run();
+    save(&path, &SLOW.replace("loop { i += 1; }", "print(\"fast\");"));
     let seen = until(
         &rx,
         &[
@@ -174,25 +182,13 @@ fn for_a_while(rx: &Receiver<String>, d: Duration) -> Vec<String> {
 fn a_save_that_changes_nothing_leaves_the_run_alone() {
     // Editors and `sed -i` save in several events that can arrive after the re-run they caused
     // has started; only a change of content may cancel a run.
-    let env = Env::new();
-    let slow = "// %% one\nprint(\"one\");\n// %% slow\nprint(\"slow started\");\nlet i = 0;\nloop { i += 1; }\n";
-    let path = env.write("s.rhai", slow);
-    let child = qscript()
-        .current_dir(env.dir.path())
-        .args(["--watch", "recipe/s.rhai", "--max-operations", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Kill(child);
-    let rx = lines(&mut child.0);
-    until(&rx, &["out: slow started"]);
-    save(&path, slow);
-    std::fs::write(&path, slow).unwrap();
+    let (_env, path, _child, rx) = slow_run();
+    save(&path, SLOW);
+    std::fs::write(&path, SLOW).unwrap();
     let seen = for_a_while(&rx, Duration::from_millis(800));
     assert!(seen.is_empty(), "the run was disturbed: {seen:?}");
     // A real edit still cancels it.
-    save(&path, &slow.replace("loop { i += 1; }", "print(\"fast\");"));
+    save(&path, &SLOW.replace("loop { i += 1; }", "print(\"fast\");"));
     let seen = until(&rx, &["[watch] run cancelled", "out: fast"]);
     assert_eq!(outs(&seen), ["slow started", "fast"], "{seen:?}");
 }

@@ -169,6 +169,19 @@ struct Pass {
     backward: bool,
 }
 
+impl Pass {
+    fn of(q: &Tensor, kv: usize, mask: &AttnMask, scale: f64, backward: bool) -> Result<Self> {
+        let (b, h, s, d) = q.dims4()?;
+        Ok(Self {
+            dims: (b, h, kv, s, s, d),
+            scale: scale as f32,
+            dtype: q.dtype(),
+            causal: mask.causal,
+            backward,
+        })
+    }
+}
+
 /// Runs one pass; `ptrs` as `sdpa.cpp` orders them.
 fn run(dev: &CudaDevice, p: &Pass, ptrs: &[u64], lens: Option<(&Tensor, &Tensor)>) -> Result<()> {
     let (b, hq, hkv, s, t, d) = p.dims;
@@ -279,14 +292,12 @@ pub fn forward(
         addr(&out, "out")?.0,
         addr(&lse, "lse")?.0,
     ];
-    let pass = Pass {
-        dims: (b, h, kv, s, s, d),
-        scale: scale as f32,
-        dtype: q.dtype(),
-        causal: mask.causal,
-        backward: false,
-    };
-    run(&dev, &pass, &ptrs, lens.as_ref().map(|(a, b)| (a, b)))?;
+    run(
+        &dev,
+        &Pass::of(q, kv, mask, scale, false)?,
+        &ptrs,
+        lens.as_ref().map(|(a, b)| (a, b)),
+    )?;
     Ok((out, lse))
 }
 
@@ -303,7 +314,7 @@ pub fn backward(
     scale: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let dev = device_of(q)?;
-    let (b, h, s, d) = q.dims4()?;
+    let (b, _, s, _) = q.dims4()?;
     let kv = k.dim(1)?;
     let d_out = d_out.contiguous()?;
     let dq = empty(&dev, q.dims(), q.dtype())?;
@@ -321,13 +332,11 @@ pub fn backward(
         addr(&dk, "dk")?.0,
         addr(&dv, "dv")?.0,
     ];
-    let pass = Pass {
-        dims: (b, h, kv, s, s, d),
-        scale: scale as f32,
-        dtype: q.dtype(),
-        causal: mask.causal,
-        backward: true,
-    };
-    run(&dev, &pass, &ptrs, lens.as_ref().map(|(a, b)| (a, b)))?;
+    run(
+        &dev,
+        &Pass::of(q, kv, mask, scale, true)?,
+        &ptrs,
+        lens.as_ref().map(|(a, b)| (a, b)),
+    )?;
     Ok((dq, dk, dv))
 }
