@@ -74,17 +74,16 @@ pub fn mask(
     }
     let keep = (1.0 / (1.0 - p)) as f32;
     let p = p as f32;
-    let data: Vec<f32> = (0..n as u64)
-        .into_par_iter()
-        .map(|i| {
-            let row = mix(key.key, key.first_row + i / row_elems);
-            if uniform(row, i % row_elems) < p {
-                0.0
-            } else {
-                keep
+    let mut data = vec![0f32; n];
+    // One row key per row, not per element (the kernel has no rows to go by and mixes per element).
+    data.par_chunks_mut(row_elems as usize)
+        .enumerate()
+        .for_each(|(r, row)| {
+            let k = mix(key.key, key.first_row + r as u64);
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = if uniform(k, j as u64) < p { 0.0 } else { keep };
             }
-        })
-        .collect();
+        });
     Tensor::from_vec(data, shape, device)?.to_dtype(dtype)
 }
 

@@ -385,11 +385,10 @@ impl Trainer {
             other => other.map_err(|(e, _)| e)?,
         };
         self.merge.after_step(&self.device, largest);
-        for ex in &examples {
-            self.tokens_seen += ex.iter().map(|e| e.input_ids.len()).sum::<usize>();
-            self.examples_seen += ex.len();
-            self.tokens_since_log += ex.iter().map(|e| e.input_ids.len()).sum::<usize>();
-        }
+        let tokens: usize = examples.iter().flatten().map(|e| e.input_ids.len()).sum();
+        self.tokens_seen += tokens;
+        self.tokens_since_log += tokens;
+        self.examples_seen += examples.iter().map(Vec::len).sum::<usize>();
         let span = crate::profile::span("optimizer", &self.device);
         let (grad_norm, clip) = clip_factor(&grads, self.cfg.max_grad_norm)?;
         let lr = self.sched.lr(self.state.global_step);
