@@ -12,7 +12,7 @@ use qscript_runtime::lora::{self, LoraConfig, Targets};
 use qscript_runtime::model::{LoadOptions, Model, TinyConfig, tiny};
 use qscript_runtime::nn::attention::{attention, attention_backward};
 use qscript_runtime::nn::ops::{
-    apply_rope, rms_norm, rms_norm_backward, rope_backward, swiglu, swiglu_backward,
+    apply_rope, rms_norm, rms_norm_backward, rope, rope_backward, rope_bwd, swiglu, swiglu_backward,
 };
 use qscript_runtime::nn::{AttnMask, dropout};
 use qscript_runtime::train::engine::gradients;
@@ -131,6 +131,31 @@ fn ops_match_the_cpu_reference_in_f32_and_bf16() {
                     rel(a, c)
                 );
             }
+            // The engine's layout: [b, s, h, d] tensors seen as [b, h, s, d] (cuDNN takes them
+            // as they lie; its output and gradients lie the same way).
+            let bshd = |t: &Tensor| {
+                on(&t.transpose(1, 2).unwrap().contiguous().unwrap())
+                    .transpose(1, 2)
+                    .unwrap()
+            };
+            let mut sv = None;
+            let ov = attention(&bshd(&q), &bshd(&k), &bshd(&v), &mask, Some(&mut sv)).unwrap();
+            assert!(
+                rel(&ov, &oc) < tol,
+                "case {i} {dtype:?} attention forward, [b, s, h, d]"
+            );
+            let gv = attention_backward(sv.as_ref().unwrap(), &bshd(&dy)).unwrap();
+            for (n, (a, c)) in
+                ["dq", "dk", "dv"]
+                    .iter()
+                    .zip([(&gv.0, &gc.0), (&gv.1, &gc.1), (&gv.2, &gc.2)])
+            {
+                assert!(
+                    rel(a, c) < tol * 2.0,
+                    "case {i} {dtype:?} attention {n}, [b, s, h, d]: {}",
+                    rel(a, c)
+                );
+            }
             let w = Tensor::randn(1f32, 0.1, d, &cpu).unwrap();
             let x = r(&[b, s, d]);
             let dyx = r(&[b, s, d]);
@@ -154,24 +179,94 @@ fn ops_match_the_cpu_reference_in_f32_and_bf16() {
                 rel(&a1, &c1) < tol && rel(&a2, &c2) < tol,
                 "case {i} {dtype:?} swiglu"
             );
+            // The RoPE kernel on [b, s, h, d], from a contiguous tensor and from a transposed
+            // view (cuDNN's gradients), against the reference on [b, h, s, d].
             let (cos, sin) = (r(&[s, d]), r(&[s, d]));
+            let back = |t: Tensor| t.transpose(1, 2).unwrap();
+            let want = apply_rope(&q, &cos, &sin).unwrap();
+            let (gc, gs) = (on(&cos), on(&sin));
+            let qs = on(&q.transpose(1, 2).unwrap().contiguous().unwrap());
             assert!(
-                rel(
-                    &apply_rope(&on(&q), &on(&cos), &on(&sin)).unwrap(),
-                    &apply_rope(&q, &cos, &sin).unwrap()
-                ) < tol
+                rel(&back(rope(&qs, &gc, &gs).unwrap()), &want) < tol,
+                "case {i} {dtype:?} rope"
             );
+            let dwant = rope_backward(&dy, &cos, &sin).unwrap();
+            let dview = on(&dy).transpose(1, 2).unwrap();
             assert!(
-                rel(
-                    &rope_backward(&on(&dy), &on(&cos), &on(&sin)).unwrap(),
-                    &rope_backward(&dy, &cos, &sin).unwrap()
-                ) < tol
+                rel(&back(rope_bwd(&dview, &gc, &gs).unwrap()), &dwant) < tol,
+                "case {i} {dtype:?} rope backward"
             );
         }
     }
 }
 
+/// The kernels that add into existing buffers against the composite ops: the accumulating GEMM
+/// (bf16 operands, transposed views, into f32 and bf16 outputs), dropout with its mask drawn in
+/// the kernel (forward and added into a destination), the in-place f32 add and the row scatter.
+#[test]
+fn accumulating_kernels_match_the_reference() {
+    use qscript_runtime::nn::cuda::{accumulate, blas};
+    let cpu = Device::Cpu;
+    let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &cpu).unwrap();
+    let on = |t: &Tensor, d: DType| t.to_device(&gpu()).unwrap().to_dtype(d).unwrap();
+    for &(m, k, n) in &[(37usize, 64usize, 96usize), (1, 130, 7), (256, 8, 640)] {
+        let (a, bt, c) = (r(&[m, k]), r(&[n, k]), r(&[m, n]));
+        // b is a transposed view, as a weight's `t()` is.
+        let want = (&c + (a.matmul(&bt.t().unwrap()).unwrap() * 0.5).unwrap()).unwrap();
+        let cg = on(&c, DType::F32);
+        let (ag, bg) = (on(&a, DType::BF16), on(&bt, DType::BF16));
+        blas::gemm(&cg, &ag, &bg.t().unwrap(), 0.5, 1.0).unwrap();
+        assert!(rel(&cg, &want) < 1e-2, "gemm {m}x{k}x{n} into f32");
+        let cb = on(&c, DType::BF16);
+        blas::gemm(
+            &cb,
+            &ag.t().unwrap().contiguous().unwrap().t().unwrap(),
+            &bg.t().unwrap(),
+            0.5,
+            1.0,
+        )
+        .unwrap();
+        assert!(rel(&cb, &want) < 2e-2, "gemm {m}x{k}x{n} into bf16");
+        let (c32, a32, b32) = (on(&c, DType::F32), on(&a, DType::F32), on(&bt, DType::F32));
+        blas::gemm(&c32, &a32, &b32.t().unwrap(), 0.5, 1.0).unwrap();
+        assert!(rel(&c32, &want) < 1e-5, "gemm {m}x{k}x{n} in f32");
+    }
+    let key = dropout::Key {
+        key: 9,
+        first_row: 2,
+    };
+    let x = r(&[3, 40, 24]);
+    for dtype in [DType::F32, DType::BF16] {
+        let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+        let want = dropout::apply(&x.to_dtype(dtype).unwrap(), 0.3, key, 40 * 24).unwrap();
+        let got = dropout::apply(&on(&x, dtype), 0.3, key, 40 * 24).unwrap();
+        assert!(rel(&got, &want) < tol, "dropout {dtype:?}");
+        let base = r(&[3, 40, 24]);
+        let want = (base.to_dtype(dtype).unwrap() + (want * 2.0).unwrap()).unwrap();
+        let got =
+            dropout::add_into(on(&base, dtype), &on(&x, dtype), 0.3, key, 40 * 24, 2.0).unwrap();
+        assert!(rel(&got, &want) < tol * 2.0, "dropout added into {dtype:?}");
+    }
+    let dst = r(&[10, 6]);
+    let x = r(&[10, 6]);
+    let dg = on(&dst, DType::F32);
+    accumulate::add_f32(&dg, &on(&x, DType::BF16)).unwrap();
+    assert!(rel(&dg, &(&dst + &x).unwrap()) < 1e-2, "add_f32");
+    let ids = Tensor::new(&[3u32, 0, 3, 9], &cpu).unwrap();
+    let rows = r(&[4, 6]);
+    let want = dst.index_add(&ids, &rows, 0).unwrap();
+    let dg = on(&dst, DType::F32);
+    accumulate::scatter_rows_f32(&dg, &ids.to_device(&gpu()).unwrap(), &on(&rows, DType::F32))
+        .unwrap();
+    assert!(rel(&dg, &want) < 1e-6, "scatter_rows_f32");
+}
+
 fn tiny_on(device: &str, layers: usize) -> Model {
+    tiny_model(device, layers, false)
+}
+
+/// The tiny model in f32 on `device`: LoRA on every linear, or (`full`) every weight trained.
+fn tiny_model(device: &str, layers: usize, full: bool) -> Model {
     let dir = tempfile::tempdir().unwrap();
     tiny(&TinyConfig {
         hidden: 64,
@@ -186,9 +281,12 @@ fn tiny_on(device: &str, layers: usize) -> Model {
     let opts = LoadOptions {
         dtype: "f32".into(),
         device: device.into(),
-        trainable: false,
+        trainable: full,
     };
     let m = Model::load(dir.path(), &opts).unwrap();
+    if full {
+        return m;
+    }
     let cfg = LoraConfig {
         r: 4,
         lora_alpha: 8.0,
@@ -219,7 +317,15 @@ fn rows(n: usize) -> Vec<Example> {
 
 #[test]
 fn engine_gradients_on_the_gpu_equal_the_cpu() {
-    let (c, g) = (tiny_on("cpu", 2), tiny_on("cuda:0", 2));
+    for full in [false, true] {
+        engine_gradients_agree(full);
+    }
+}
+
+/// LoRA, or full fine-tuning (every weight, bias, norm and the embedding through the GPU's
+/// in-place gradient kernels).
+fn engine_gradients_agree(full: bool) {
+    let (c, g) = (tiny_model("cpu", 2, full), tiny_model("cuda:0", 2, full));
     let ex = rows(3);
     let refs: Vec<&Example> = ex.iter().collect();
     let bc = qscript_runtime::data::batch::collate(&refs, 0, Some(8), &Device::Cpu).unwrap();
@@ -245,8 +351,9 @@ fn engine_gradients_on_the_gpu_equal_the_cpu() {
         )
         .unwrap();
         assert!((lc - lg).abs() < 1e-5, "loss {lc} vs {lg}");
+        assert_eq!(gg.len(), gc.len());
         for ((n, a), (_, b)) in gg.iter().zip(&gc) {
-            assert!(rel(a, b) < 1e-4, "{n}: {}", rel(a, b));
+            assert!(rel(a, b) < 1e-4, "full {full}, {n}: {}", rel(a, b));
         }
     }
 }

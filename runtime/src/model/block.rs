@@ -7,9 +7,7 @@ use candle_core::{Result, Tensor};
 use super::config::ModelConfig;
 use crate::nn::attention::{AttnSaved, attention, attention_backward};
 use crate::nn::linear::LinearSaved;
-use crate::nn::ops::{
-    apply_rope, rms_norm, rms_norm_backward_into, rope_backward, swiglu, swiglu_backward,
-};
+use crate::nn::ops::{rms_norm, rms_norm_backward_into, rope, rope_bwd, swiglu, swiglu_backward};
 use crate::nn::{AttnMask, GradSink, Linear};
 
 /// The projections of a block, in HF's order: the only list of them.
@@ -251,12 +249,14 @@ impl Block {
         }
         let qn = norm_heads(q, a.q_norm.as_ref())?;
         let kn = norm_heads(k, a.k_norm.as_ref())?;
-        let rot = |t: Tensor| apply_rope(&t.transpose(1, 2)?.contiguous()?, step.cos, step.sin);
-        let q = rot(qn)?;
-        let k = rot(kn)?;
-        let v = v.transpose(1, 2)?.contiguous()?;
+        // [b, s, h, d] as the projections lay them out, seen as [b, h, s, d]: attention takes
+        // these views (cuDNN with no copies), so nothing is transposed here.
+        let q = rope(&qn, step.cos, step.sin)?.transpose(1, 2)?;
+        let k = rope(&kn, step.cos, step.sin)?.transpose(1, 2)?;
+        let v = v.transpose(1, 2)?;
         let (k, v) = match cache {
             Some(slot) => {
+                let (k, v) = (k.contiguous()?, v.contiguous()?);
                 let (k, v) = match slot.take() {
                     Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
                     None => (k, v),
@@ -335,13 +335,9 @@ impl Block {
         let (dq, dk, dv) = attention_backward(saved.attn.as_ref().ok_or_else(missing)?, &dout)?;
         drop(span);
         let _span = crate::profile::span("bwd.rope+qkv+norm", dev);
-        let unrot = |d: &Tensor| -> Result<Tensor> {
-            rope_backward(d, step.cos, step.sin)?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let mut dq = unrot(&dq)?;
-        let mut dk = unrot(&dk)?;
+        // Back to [b, s, h, d]: cuDNN's gradients already lie that way.
+        let mut dq = rope_bwd(&dq.transpose(1, 2)?, step.cos, step.sin)?;
+        let mut dk = rope_bwd(&dk.transpose(1, 2)?, step.cos, step.sin)?;
         if let (Some(w), Some(wk)) = (&a.q_norm, &a.k_norm) {
             let qp = saved.q_pre.as_ref().ok_or_else(missing)?;
             let kp = saved.k_pre.as_ref().ok_or_else(missing)?;

@@ -210,7 +210,9 @@ fn grouped(q: &Tensor, kv_heads: usize) -> Result<(Tensor, usize, usize, usize, 
 /// With `saved`, records what [`attention_backward`] needs.
 ///
 /// # Shapes
-/// `q: [b, heads, s, d]`, `k`/`v`: `[b, kv_heads, t, d]` (contiguous) -> `[b, heads, s, d]`.
+/// `q: [b, heads, s, d]`, `k`/`v`: `[b, kv_heads, t, d]` -> `[b, heads, s, d]`. Transposed views
+/// of `[b, s, heads, d]` tensors (the projections' layout) are taken as they are by cuDNN, and
+/// its output and gradients then lie the same way.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -222,9 +224,8 @@ pub fn attention(
     let scale = 1.0 / (q.dim(3)? as f64).sqrt();
     #[cfg(feature = "cuda")]
     if cudnn_ok(q, k, mask) {
-        let (qc, kc, vc) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        match super::cuda::sdpa::forward(&qc, &kc, &vc, mask, scale) {
-            Ok((out, lse)) => {
+        match super::cuda::sdpa::forward(q, k, v, mask, scale) {
+            Ok((qc, kc, vc, out, lse)) => {
                 if let Some(slot) = saved {
                     *slot = Some(AttnSaved {
                         q: qc,
@@ -244,6 +245,7 @@ pub fn attention(
             )),
         }
     }
+    let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
     let (qg, b, h, s, d) = grouped(q, kv)?;
     let t = k.dim(2)?;
     let rep = h / kv;

@@ -90,7 +90,41 @@ pub fn mask(
 /// `x * mask(key)` for `x` made of rows of `row_elems` elements; the backward of dropout is the
 /// same call on the incoming gradient.
 pub fn apply(x: &Tensor, p: f64, key: Key, row_elems: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if cuda_ok(x) {
+        return super::cuda::accumulate::dropout_axpy(x, p, key, row_elems, 1.0, None);
+    }
     x.mul(&mask(key, p, x.dims(), row_elems, x.dtype(), x.device())?)
+}
+
+/// `dst + alpha * apply(x, ..)` for a `dst` nothing else holds (on the GPU it is added into in
+/// place, the mask drawn inside the kernel).
+pub fn add_into(
+    dst: Tensor,
+    x: &Tensor,
+    p: f64,
+    key: Key,
+    row_elems: usize,
+    alpha: f64,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if cuda_ok(x) && dst.is_contiguous() && dst.dtype() == x.dtype() {
+        return super::cuda::accumulate::dropout_axpy(
+            x,
+            p,
+            key,
+            row_elems,
+            alpha as f32,
+            Some(dst),
+        );
+    }
+    let d = apply(x, p, key, row_elems)?;
+    dst.add(&if alpha == 1.0 { d } else { (d * alpha)? })
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_ok(x: &Tensor) -> bool {
+    x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
 }
 
 #[cfg(test)]

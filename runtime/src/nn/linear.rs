@@ -5,6 +5,7 @@ use candle_core::{D, DType, Result, Tensor};
 
 use super::GradSink;
 use super::dropout;
+use super::ops::add_matmul;
 
 /// A LoRA adapter on a linear layer: `scale * B (A dropout(x))`. A and B are stored in f32 (the
 /// optimizer's master copy) and applied in the dtype of the activations.
@@ -106,8 +107,7 @@ impl Linear {
             };
             let dtype = x2.dtype();
             let xa = h.matmul(&l.a.to_dtype(dtype)?.t()?)?;
-            let delta = (xa.matmul(&l.b.to_dtype(dtype)?.t()?)? * l.scale)?;
-            y = y.add(&delta)?;
+            y = add_matmul(y, &xa, &l.b.to_dtype(dtype)?.t()?, l.scale)?;
             lora_saved = Some((xa, key));
         }
         if let Some(slot) = saved {
@@ -135,33 +135,39 @@ impl Linear {
         let dy = dy.reshape((rows, self.out_features()))?;
         let mut dx = dy.matmul(&self.weight)?;
         if grads.wants(&self.weight) {
-            grads.add(&self.weight, &dy.t()?.matmul(&saved.x)?)?;
+            grads.add_matmul(&self.weight, &dy.t()?, &saved.x, 1.0)?;
         }
         if let Some(b) = &self.bias
             && grads.wants(b)
         {
-            grads.add(b, &dy.to_dtype(DType::F32)?.sum(0)?)?;
+            grads.add_col_sums(b, &dy)?;
         }
         if let (Some(l), Some((xa, key))) = (&self.lora, &saved.lora) {
             let dtype = dy.dtype();
             let (a, b) = (l.a.to_dtype(dtype)?, l.b.to_dtype(dtype)?);
-            let dxa = (dy.matmul(&b)? * l.scale)?;
+            // d(xa) without the scale: it goes into each product's alpha.
+            let dxa = dy.matmul(&b)?;
             if grads.wants(&l.b) {
-                grads.add(&l.b, &(dy.t()?.matmul(xa)? * l.scale)?)?;
+                grads.add_matmul(&l.b, &dy.t()?, xa, l.scale)?;
             }
             if grads.wants(&l.a) {
                 let h = match key {
                     Some(k) => dropout::apply(&saved.x, l.dropout, *k, saved.row_elems)?,
                     None => saved.x.clone(),
                 };
-                grads.add(&l.a, &dxa.t()?.matmul(&h)?)?;
+                grads.add_matmul(&l.a, &dxa.t()?, &h, l.scale)?;
             }
-            let dh = dxa.matmul(&a)?;
-            let dh = match key {
-                Some(k) => dropout::apply(&dh, l.dropout, *k, saved.row_elems)?,
-                None => dh,
+            dx = match key {
+                Some(k) => dropout::add_into(
+                    dx,
+                    &dxa.matmul(&a)?,
+                    l.dropout,
+                    *k,
+                    saved.row_elems,
+                    l.scale,
+                )?,
+                None => add_matmul(dx, &dxa, &a, l.scale)?,
             };
-            dx = dx.add(&dh)?;
         }
         Ok(dx)
     }

@@ -117,7 +117,7 @@ fn loss_in_chunks(
             });
             if let (Some(sink), Some(dlogits)) = (sink, dlogits) {
                 if sink.wants(head) {
-                    sink.add(head, &dlogits.t()?.matmul(&hc)?)?;
+                    sink.add_matmul(head, &dlogits.t()?, &hc, 1.0)?;
                 }
                 d_rows.push(dlogits.matmul(head)?);
             }
@@ -139,7 +139,7 @@ fn loss_in_chunks(
                 .scatter_add(&target, &minus_one, 1)?;
             let dlogits = (dlogits / denom)?.to_dtype(dtype)?;
             if sink.wants(head) {
-                sink.add(head, &dlogits.t()?.matmul(&hc)?)?;
+                sink.add_matmul(head, &dlogits.t()?, &hc, 1.0)?;
             }
             d_rows.push(dlogits.matmul(head)?);
         }

@@ -9,7 +9,7 @@
 //! | op | forward | backward |
 //! |---|---|---|
 //! | RMSNorm | [`ops::rms_norm`] | [`ops::rms_norm_backward`] |
-//! | RoPE | [`ops::apply_rope`] | [`ops::rope_backward`] |
+//! | RoPE | [`ops::rope`] (reference [`ops::apply_rope`]) | [`ops::rope_bwd`] (reference [`ops::rope_backward`]) |
 //! | SwiGLU | [`ops::swiglu`] | [`ops::swiglu_backward`] |
 //! | attention | [`attention::attention`] | [`attention::attention_backward`] (cuDNN's fused SDPA on a GPU with cuDNN, else our softmax kernels) |
 //! | linear + LoRA | [`Linear::forward_t`] | [`Linear::backward`] |
@@ -36,6 +36,16 @@ pub trait GradSink {
     fn wants(&self, param: &Tensor) -> bool;
     /// Adds `grad` (any float dtype, `param`'s shape) to `param`'s gradient.
     fn add(&mut self, param: &Tensor, grad: &Tensor) -> Result<()>;
+    /// Adds `alpha * a · b` (`[m, k] · [k, n]`, `param` `[m, n]`) to `param`'s gradient; a sink
+    /// on the GPU runs the GEMM straight into its buffer.
+    fn add_matmul(&mut self, param: &Tensor, a: &Tensor, b: &Tensor, alpha: f64) -> Result<()> {
+        let g = a.matmul(b)?;
+        self.add(param, &if alpha == 1.0 { g } else { (g * alpha)? })
+    }
+    /// Adds the column sums of `x` `[rows, n]` (a bias's gradient) to `param`'s (`[n]`).
+    fn add_col_sums(&mut self, param: &Tensor, x: &Tensor) -> Result<()> {
+        self.add(param, &x.to_dtype(candle_core::DType::F32)?.sum(0)?)
+    }
 }
 
 /// A sink that wants nothing: inference-only backward (input gradients only).

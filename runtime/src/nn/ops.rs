@@ -24,6 +24,18 @@ fn normalize(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     Ok((x32.broadcast_mul(&rstd)?, rstd))
 }
 
+/// `c + alpha * a · b` for a `c` nothing else holds (`[m, n]`, `a` `[m, k]`, `b` `[k, n]`): on
+/// CUDA the GEMM accumulates into `c` in place (no temporary, no add), elsewhere the composite ops.
+pub fn add_matmul(c: Tensor, a: &Tensor, b: &Tensor, alpha: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(&c, a) && a.dtype() == b.dtype() && c.is_contiguous() && c.rank() == 2 {
+        super::cuda::blas::gemm(&c, a, b, alpha as f32, 1.0)?;
+        return Ok(c);
+    }
+    let p = a.matmul(b)?;
+    c.add(&if alpha == 1.0 { p } else { (p * alpha)? })
+}
+
 /// Backward of [`rms_norm`] from its input: `dx`, and `dweight` when `want_dw`.
 /// `dx = rstd * (g - x̂ * mean(g * x̂))` with `g = dy * weight`; `dweight = Σ dy * x̂`.
 pub fn rms_norm_backward(
@@ -66,6 +78,17 @@ pub fn rms_norm_backward_into(
     dy: &Tensor,
     grads: &mut dyn super::GradSink,
 ) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x, weight) && dy.dtype() == x.dtype() {
+        let x = x.contiguous()?;
+        let dy = dy.contiguous()?;
+        let dx = super::cuda::rms_bwd(&x, weight, &dy, eps as f32)?;
+        if grads.wants(weight) {
+            let rows = super::cuda::accumulate::rms_dw_rows(&x, &dy, eps as f32)?;
+            grads.add_col_sums(weight, &rows)?;
+        }
+        return Ok(dx);
+    }
     let (dx, dw) = rms_norm_backward(x, weight, eps, dy, grads.wants(weight))?;
     if let Some(dw) = dw {
         grads.add(weight, &dw)?;
@@ -146,7 +169,30 @@ fn rotate_half_t(x: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[&x2, &x1.neg()?], D::Minus1)
 }
 
-/// Applies rotary embeddings.
+/// Rotary embeddings on the projections' own layout: `x` `[b, seq, heads, d]` (any strides),
+/// `cos`/`sin` `[seq, d]`. The fused kernel on CUDA (one pass, no transposes), [`apply_rope`]
+/// elsewhere.
+///
+/// # Shapes
+/// `x: [b, seq, heads, d]` -> `[b, seq, heads, d]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x, cos) {
+        return super::cuda::rope(x, &cos.contiguous()?, &sin.contiguous()?, false);
+    }
+    apply_rope(&x.transpose(1, 2)?, cos, sin)?.transpose(1, 2)
+}
+
+/// Backward of [`rope`], same layout.
+pub fn rope_bwd(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(dy, cos) {
+        return super::cuda::rope(dy, &cos.contiguous()?, &sin.contiguous()?, true);
+    }
+    rope_backward(&dy.transpose(1, 2)?, cos, sin)?.transpose(1, 2)
+}
+
+/// Applies rotary embeddings (the reference op of [`rope`]).
 ///
 /// # Shapes
 /// `x: [b, heads, seq, d]`, `cos`/`sin`: `[seq, d]` -> `[b, heads, seq, d]`.

@@ -171,12 +171,38 @@ impl FlatGrads<'_> {
         if !self.wants(param) {
             return Ok(());
         }
+        #[cfg(feature = "cuda")]
+        if let Some(view) = self.gpu_slot(param, grad)? {
+            let ids = ids.flatten_all()?.to_dtype(DType::U32)?;
+            crate::nn::cuda::accumulate::scatter_rows_f32(&view, &ids, grad)?;
+            return Ok(());
+        }
         let g = param.zeros_like()?.to_dtype(DType::F32)?.index_add(
             &ids.flatten_all()?,
             &grad.to_dtype(DType::F32)?,
             0,
         )?;
         Ok(self.add(param, &g)?)
+    }
+}
+
+impl FlatGrads<'_> {
+    /// On the GPU, `param`'s slot of the buffer as a view of `param`'s shape that kernels add
+    /// into in place (`None` elsewhere, or when `with` is not a float tensor on the GPU).
+    #[cfg(feature = "cuda")]
+    fn gpu_slot(&self, param: &Tensor, with: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let Some(s) = self.params.slot_of(param) else {
+            return Ok(None);
+        };
+        if !(self.buf.device().is_cuda()
+            && self.buf.device().same_device(with.device())
+            && matches!(with.dtype(), DType::F32 | DType::BF16 | DType::F16))
+        {
+            return Ok(None);
+        }
+        Ok(Some(
+            self.buf.narrow(0, s.offset, s.len())?.reshape(&s.shape)?,
+        ))
     }
 }
 
@@ -189,8 +215,40 @@ impl GradSink for FlatGrads<'_> {
         let Some(s) = self.params.slot_of(param) else {
             return Ok(());
         };
+        #[cfg(feature = "cuda")]
+        if let Some(view) = self.gpu_slot(param, grad)? {
+            return crate::nn::cuda::accumulate::add_f32(&view, grad);
+        }
         let cur = self.buf.narrow(0, s.offset, s.len())?;
         let sum = cur.add(&grad.to_dtype(DType::F32)?.flatten_all()?)?;
         self.buf.slice_set(&sum, 0, s.offset)
+    }
+
+    fn add_matmul(
+        &mut self,
+        param: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        alpha: f64,
+    ) -> candle_core::Result<()> {
+        #[cfg(feature = "cuda")]
+        if a.dtype() == b.dtype()
+            && param.rank() == 2
+            && let Some(view) = self.gpu_slot(param, a)?
+        {
+            return crate::nn::cuda::blas::gemm(&view, a, b, alpha as f32, 1.0);
+        }
+        let g = a.matmul(b)?;
+        self.add(param, &if alpha == 1.0 { g } else { (g * alpha)? })
+    }
+
+    fn add_col_sums(&mut self, param: &Tensor, x: &Tensor) -> candle_core::Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(view) = self.gpu_slot(param, x)? {
+            let ones = Tensor::ones((1, x.dim(0)?), x.dtype(), x.device())?;
+            let n = view.elem_count();
+            return crate::nn::cuda::blas::gemm(&view.reshape((1, n))?, &ones, x, 1.0, 1.0);
+        }
+        self.add(param, &x.to_dtype(DType::F32)?.sum(0)?)
     }
 }

@@ -298,3 +298,114 @@ __device__ void rms_bwd(const T *x, const T *w, const T *dy, T *dx, uint64_t d, 
 RMS(float, f32)
 RMS(__nv_bfloat16, bf16)
 RMS(__half, f16)
+
+// ---------------------------------------------------------------- RoPE
+// HF's apply_rotary_pos_emb on x [b, s, h, d] in any layout with d contiguous (strides in
+// elements for b, s, h of x and y), cos/sin [s, d] (+ cb * batch when per row, cb = 0 when shared),
+// rounded like x * cos + rotate_half(x) * sin in T. With `bwd`, the transpose:
+// dx = dy * cos + rotate_half_t(dy * sin). One thread per pair (i, i + d/2).
+template <typename T>
+__device__ void rope(const T *x, const T *cos, const T *sin, T *y, uint64_t b, uint64_t s, uint64_t h,
+                     uint64_t d, uint64_t xb, uint64_t xs, uint64_t xh, uint64_t yb, uint64_t ys,
+                     uint64_t yh, uint64_t cb, int bwd) {
+    uint64_t half = d / 2, n = b * s * h * half;
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
+         i += (uint64_t)blockDim.x * gridDim.x) {
+        uint64_t j = i % half, r = i / half;
+        uint64_t hh = r % h, ss = (r / h) % s, bb = r / (h * s);
+        const T *xr = x + bb * xb + ss * xs + hh * xh;
+        T *yr = y + bb * yb + ss * ys + hh * yh;
+        const T *cr = cos + bb * cb + ss * d, *sr = sin + bb * cb + ss * d;
+        float x1 = ld(xr[j]), x2 = ld(xr[j + half]);
+        float c1 = ld(cr[j]), c2 = ld(cr[j + half]), s1 = ld(sr[j]), s2 = ld(sr[j + half]);
+        auto r16 = [](float v) { return ld(st<T>(v)); };
+        if (!bwd) {  // [x1, x2] * cos + [-x2, x1] * sin
+            yr[j] = st<T>(r16(x1 * c1) + r16(-x2 * s1));
+            yr[j + half] = st<T>(r16(x2 * c2) + r16(x1 * s2));
+        } else {  // dy * cos + [dy2 * s2, -(dy1 * s1)]
+            yr[j] = st<T>(r16(x1 * c1) + r16(x2 * s2));
+            yr[j + half] = st<T>(r16(x2 * c2) - r16(x1 * s1));
+        }
+    }
+}
+#define ROPE(T, SFX)                                                                            \
+    extern "C" __global__ void rope_##SFX(const T *x, const T *cos, const T *sin, T *y, uint64_t b, \
+                                          uint64_t s, uint64_t h, uint64_t d, uint64_t xb,        \
+                                          uint64_t xs, uint64_t xh, uint64_t yb, uint64_t ys,     \
+                                          uint64_t yh, uint64_t cb, int bwd) {                    \
+        rope<T>(x, cos, sin, y, b, s, h, d, xb, xs, xh, yb, ys, yh, cb, bwd);                   \
+    }
+ROPE(float, f32)
+ROPE(__nv_bfloat16, bf16)
+ROPE(__half, f16)
+
+// ---------------------------------------------------------------- fused dropout, in-place adds
+// out = (acc ? out : 0) + alpha * mask * x, the mask of dropout_mask drawn in place (never stored):
+// dropout's forward (acc 0, alpha 1: x * mask rounded as the reference's T mask and product) and
+// the adapter's input gradient added into dX (acc 1, alpha = the LoRA scale).
+template <typename T>
+__device__ void dropout_axpy(T *out, const T *x, uint64_t key, uint64_t first_row, uint64_t row_elems, float p,
+                             float keep, float alpha, int acc, uint64_t n) {
+    float kt = ld(st<T>(keep));
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
+         i += (uint64_t)blockDim.x * gridDim.x) {
+        uint64_t row = mix(key, first_row + i / row_elems);
+        float m = uniform(row, i % row_elems) < p ? 0.0f : kt;
+        float v = acc ? ld(st<T>(alpha * ld(st<T>(m * ld(x[i]))))) : m * ld(x[i]);
+        out[i] = st<T>(acc ? ld(out[i]) + v : v);
+    }
+}
+#define DROPOUT_AXPY(T, SFX)                                                                    \
+    extern "C" __global__ void dropout_axpy_##SFX(T *out, const T *x, uint64_t key, uint64_t first_row, \
+                                                  uint64_t row_elems, float p, float keep, float alpha, \
+                                                  int acc, uint64_t n) {                        \
+        dropout_axpy<T>(out, x, key, first_row, row_elems, p, keep, alpha, acc, n);              \
+    }
+DROPOUT_AXPY(float, f32)
+DROPOUT_AXPY(__nv_bfloat16, bf16)
+DROPOUT_AXPY(__half, f16)
+
+// dst (f32) += x, in place: a gradient added into its slot of the flat buffer.
+template <typename T>
+__device__ void acc_f32(float *dst, const T *x, uint64_t n) {
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
+         i += (uint64_t)blockDim.x * gridDim.x)
+        dst[i] += ld(x[i]);
+}
+// dst (f32 [vocab, h]) row ids[r] += x row r: the embedding's backward, straight into its slot.
+template <typename T>
+__device__ void scatter_rows_f32(float *dst, const uint32_t *ids, const T *x, uint64_t rows, uint64_t h) {
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < rows * h;
+         i += (uint64_t)blockDim.x * gridDim.x)
+        atomicAdd(dst + (uint64_t)ids[i / h] * h + i % h, ld(x[i]));
+}
+#define ACC(T, SFX)                                                                             \
+    extern "C" __global__ void acc_f32_##SFX(float *dst, const T *x, uint64_t n) { acc_f32<T>(dst, x, n); } \
+    extern "C" __global__ void scatter_rows_f32_##SFX(float *dst, const uint32_t *ids, const T *x,     \
+                                                      uint64_t rows, uint64_t h) {              \
+        scatter_rows_f32<T>(dst, ids, x, rows, h);                                              \
+    }
+ACC(float, f32)
+ACC(__nv_bfloat16, bf16)
+ACC(__half, f16)
+
+// The reference's per-row terms of RMSNorm's weight gradient, dy * T(xhat) in f32 [rows, d]; the
+// caller sums the rows with a GEMM straight into the gradient. One block a row.
+template <typename T>
+__device__ void rms_dw_rows(const T *x, const T *dy, float *out, uint64_t d, float eps) {
+    uint64_t r = blockIdx.x;
+    const T *xr = x + r * d;
+    float ss = 0.0f;
+    for (uint64_t j = threadIdx.x; j < d; j += blockDim.x) { float v = ld(xr[j]); ss += v * v; }
+    ss = block_sum(ss);
+    float rstd = rsqrtf(ss / (float)d + eps);
+    for (uint64_t j = threadIdx.x; j < d; j += blockDim.x)
+        out[r * d + j] = ld(dy[r * d + j]) * ld(st<T>(ld(xr[j]) * rstd));
+}
+#define RMS_DW(T, SFX)                                                                          \
+    extern "C" __global__ void rms_dw_rows_##SFX(const T *x, const T *dy, float *out, uint64_t d, float eps) { \
+        rms_dw_rows<T>(x, dy, out, d, eps);                                                     \
+    }
+RMS_DW(float, f32)
+RMS_DW(__nv_bfloat16, bf16)
+RMS_DW(__half, f16)

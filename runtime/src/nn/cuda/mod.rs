@@ -8,6 +8,8 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapE
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Result, Storage, Tensor};
 
+pub mod accumulate;
+pub mod blas;
 pub mod sdpa;
 
 const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
@@ -29,10 +31,16 @@ fn wrap(storage: CudaStorage, shape: &[usize]) -> Tensor {
 
 /// The device address of a contiguous tensor's first element, and its device.
 fn addr(t: &Tensor, what: &str) -> Result<(u64, CudaDevice)> {
-    let (s, l) = t.storage_and_layout();
-    if !l.is_contiguous() {
+    if !t.is_contiguous() {
         candle_core::bail!("{what} must be contiguous");
     }
+    first(t, what)
+}
+
+/// The device address of a tensor's first element in any layout (the caller passes its strides),
+/// and its device.
+fn first(t: &Tensor, what: &str) -> Result<(u64, CudaDevice)> {
+    let (s, l) = t.storage_and_layout();
     let Storage::Cuda(c) = &*s else {
         candle_core::bail!("{what} is not on the GPU");
     };
@@ -388,6 +396,51 @@ pub fn rms_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f32) -> Result<Tensor> 
         ],
     )?;
     Ok(dx)
+}
+
+/// HF's rotary embedding of `x` `[b, s, h, d]` (any strides, `d` contiguous) with `cos`/`sin`
+/// `[s, d]` (contiguous), or with `backward` its transpose; the result is a contiguous
+/// `[b, s, h, d]`. One pass: the transposes around it in the composite op are never made.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, backward: bool) -> Result<Tensor> {
+    let (b, s, h, d) = x.dims4()?;
+    let st = x.stride();
+    if st[3] != 1 || d % 2 != 0 || cos.dims() != [s, d] || sin.dims() != [s, d] {
+        candle_core::bail!(
+            "rope: x {:?} (strides {st:?}) against tables {:?}",
+            x.dims(),
+            cos.dims()
+        );
+    }
+    let (px, dev) = first(x, "x")?;
+    let (pc, ps) = (addr(cos, "cos")?.0, addr(sin, "sin")?.0);
+    let y = empty(&dev, &[b, s, h, d], x.dtype())?;
+    let py = addr(&y, "y")?.0;
+    let u = |v: usize| Arg::from(v as u64);
+    launch(
+        &dev,
+        "rope",
+        x.dtype(),
+        launch_1d(b * s * h * d / 2),
+        &[
+            Arg::from(px),
+            Arg::from(pc),
+            Arg::from(ps),
+            Arg::from(py),
+            u(b),
+            u(s),
+            u(h),
+            u(d),
+            u(st[0]),
+            u(st[1]),
+            u(st[2]),
+            u(s * h * d),
+            u(h * d),
+            u(d),
+            u(0),
+            Arg::from(i32::from(backward)),
+        ],
+    )?;
+    Ok(y)
 }
 
 /// [`crate::nn::dropout::mask`] on the device.

@@ -4,8 +4,9 @@
 // (NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING). Graphs are built once per shape and cached; the
 // caller owns the workspace (asked for with a null pointer first).
 //
-// Layout: Q [b, hq, s, d], K/V [b, hkv, t, d], O and dQ like Q, dK/dV like K, all contiguous;
-// Stats [b, hq, s] f32 (the row log-sum-exp of the scaled, masked scores). Causal is top-left
+// Layout: Q [b, hq, s, d], K/V [b, hkv, t, d], O and dQ like Q, dK/dV like K, each lying in memory
+// as a contiguous [b, h, s, d] or, with `bshd`, as a contiguous [b, s, h, d] (the projections' own
+// layout, so no transposes are made around attention); Stats [b, hq, s] f32 (the row log-sum-exp of the scaled, masked scores). Causal is top-left
 // (query i sees keys j <= i). With `kv_lens`, row r sees only its first kv_lens[r] keys (right
 // padding); every query row is computed.
 #include <dlfcn.h>
@@ -32,9 +33,11 @@ enum : int64_t { Q = 1, K, V, O, STATS, SEQ_Q, SEQ_KV, D_O, D_Q, D_K, D_V };
 
 struct Shape {
     int64_t b, hq, hkv, s, t, d;
-    int bf16, causal, padded, backward, sm;
+    int bf16, causal, padded, backward, sm, bshd;
     float scale;
-    auto key() const { return std::make_tuple(b, hq, hkv, s, t, d, bf16, causal, padded, backward, sm, scale); }
+    auto key() const {
+        return std::make_tuple(b, hq, hkv, s, t, d, bf16, causal, padded, backward, sm, bshd, scale);
+    }
     bool operator<(const Shape &o) const { return key() < o.key(); }
 };
 
@@ -55,10 +58,16 @@ void say(char *err, size_t n, const std::string &m) {
     if (n) std::snprintf(err, n, "%s", m.c_str());
 }
 
-std::shared_ptr<fe::graph::Tensor_attributes> bhsd(fe::graph::Graph &g, const char *name, int64_t uid,
+// Strides of a [b, h, s, d] tensor that lies as [b, h, s, d] or (bshd) as [b, s, h, d].
+std::vector<int64_t> strides(int bshd, int64_t h, int64_t s, int64_t d) {
+    if (bshd) return {s * h * d, d, h * d, 1};
+    return {h * s * d, s * d, d, 1};
+}
+
+std::shared_ptr<fe::graph::Tensor_attributes> bhsd(fe::graph::Graph &g, const char *name, int64_t uid, int bshd,
                                                    int64_t b, int64_t h, int64_t s, int64_t d) {
-    return g.tensor(fe::graph::Tensor_attributes().set_name(name).set_uid(uid).set_dim({b, h, s, d}).set_stride(
-        {h * s * d, s * d, d, 1}));
+    return g.tensor(
+        fe::graph::Tensor_attributes().set_name(name).set_uid(uid).set_dim({b, h, s, d}).set_stride(strides(bshd, h, s, d)));
 }
 
 template <class Options>
@@ -86,22 +95,21 @@ std::unique_ptr<Built> build(cudnnHandle_t h, const Shape &x, std::string &why) 
     // nothing that needs libcudart at execute time.
     g.set_cuda_graph_retention(fe::CudaGraphRetention_t::NONE);
     g.set_sm_version(x.sm);  // from the caller, so the frontend asks libcudart nothing
-    auto q = bhsd(g, "Q", Q, x.b, x.hq, x.s, x.d);
-    auto k = bhsd(g, "K", K, x.b, x.hkv, x.t, x.d);
-    auto v = bhsd(g, "V", V, x.b, x.hkv, x.t, x.d);
+    auto q = bhsd(g, "Q", Q, x.bshd, x.b, x.hq, x.s, x.d);
+    auto k = bhsd(g, "K", K, x.bshd, x.b, x.hkv, x.t, x.d);
+    auto v = bhsd(g, "V", V, x.bshd, x.b, x.hkv, x.t, x.d);
     auto stats_dims = std::vector<int64_t>{x.b, x.hq, x.s, 1};
     auto stats_strides = std::vector<int64_t>{x.hq * x.s, x.s, 1, 1};
     if (!x.backward) {
         auto opt = fe::graph::SDPA_attributes().set_name("sdpa").set_generate_stats(true).set_attn_scale(x.scale);
         mask(g, x, opt);
         auto [o, stats] = g.sdpa(q, k, v, opt);
-        o->set_output(true).set_uid(O).set_dim({x.b, x.hq, x.s, x.d}).set_stride(
-            {x.hq * x.s * x.d, x.s * x.d, x.d, 1});
+        o->set_output(true).set_uid(O).set_dim({x.b, x.hq, x.s, x.d}).set_stride(strides(x.bshd, x.hq, x.s, x.d));
         stats->set_output(true).set_uid(STATS).set_data_type(fe::DataType_t::FLOAT).set_dim(stats_dims).set_stride(
             stats_strides);
     } else {
-        auto o = bhsd(g, "O", O, x.b, x.hq, x.s, x.d);
-        auto d_o = bhsd(g, "dO", D_O, x.b, x.hq, x.s, x.d);
+        auto o = bhsd(g, "O", O, x.bshd, x.b, x.hq, x.s, x.d);
+        auto d_o = bhsd(g, "dO", D_O, x.bshd, x.b, x.hq, x.s, x.d);
         auto stats = g.tensor(fe::graph::Tensor_attributes()
                                   .set_name("stats")
                                   .set_uid(STATS)
@@ -111,12 +119,9 @@ std::unique_ptr<Built> build(cudnnHandle_t h, const Shape &x, std::string &why) 
         auto opt = fe::graph::SDPA_backward_attributes().set_name("sdpa_backward").set_attn_scale(x.scale);
         mask(g, x, opt);
         auto [dq, dk, dv] = g.sdpa_backward(q, k, v, o, d_o, stats, opt);
-        dq->set_output(true).set_uid(D_Q).set_dim({x.b, x.hq, x.s, x.d}).set_stride(
-            {x.hq * x.s * x.d, x.s * x.d, x.d, 1});
-        dk->set_output(true).set_uid(D_K).set_dim({x.b, x.hkv, x.t, x.d}).set_stride(
-            {x.hkv * x.t * x.d, x.t * x.d, x.d, 1});
-        dv->set_output(true).set_uid(D_V).set_dim({x.b, x.hkv, x.t, x.d}).set_stride(
-            {x.hkv * x.t * x.d, x.t * x.d, x.d, 1});
+        dq->set_output(true).set_uid(D_Q).set_dim({x.b, x.hq, x.s, x.d}).set_stride(strides(x.bshd, x.hq, x.s, x.d));
+        dk->set_output(true).set_uid(D_K).set_dim({x.b, x.hkv, x.t, x.d}).set_stride(strides(x.bshd, x.hkv, x.t, x.d));
+        dv->set_output(true).set_uid(D_V).set_dim({x.b, x.hkv, x.t, x.d}).set_stride(strides(x.bshd, x.hkv, x.t, x.d));
     }
     fe::error_t e;
     if (!(e = g.validate()).is_good() || !(e = g.build_operation_graph(h)).is_good() ||
@@ -160,17 +165,17 @@ int qs_sdpa_load(const char *path, int min, char *err, size_t n) {
 }
 
 // One attention pass on `stream` (the caller made the stream's context current) of a GPU of
-// compute capability `sm` (90 for sm_90). ptrs: forward
+// compute capability `sm` (90 for sm_90), every tensor laid out as `bshd` says (see the top). ptrs: forward
 // {q, k, v, o, stats}, backward {q, k, v, o, dO, stats, dq, dk, dv}; kv_lens: device int32 [b]
 // when padded (used for both the query and key lengths: queries are never padded, see above, so
 // seq_q gets `q_lens`, a device int32 [b] of s). With workspace == null, writes the bytes needed to
 // *workspace_size and returns 0 without running. Returns 0, or -1 with `err` filled.
 int qs_sdpa_run(void *context, void *stream, int sm, int64_t b, int64_t hq, int64_t hkv, int64_t s, int64_t t, int64_t d,
-                float scale, int bf16, int causal, int backward, void *const *ptrs, void *q_lens, void *kv_lens, void *workspace,
+                float scale, int bf16, int causal, int backward, int bshd, void *const *ptrs, void *q_lens, void *kv_lens, void *workspace,
                 int64_t *workspace_size, char *err, size_t n) {
     try {
         std::lock_guard<std::mutex> guard(lock);
-        Shape x{b, hq, hkv, s, t, d, bf16, causal, kv_lens != nullptr, backward, sm, scale};
+        Shape x{b, hq, hkv, s, t, d, bf16, causal, kv_lens != nullptr, backward, sm, bshd, scale};
         Where at{context, stream};
         auto &h = handles[at];
         if (!h) {

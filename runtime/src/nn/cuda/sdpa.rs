@@ -31,6 +31,7 @@ unsafe extern "C" {
         bf16: c_int,
         causal: c_int,
         backward: c_int,
+        bshd: c_int,
         ptrs: *const *mut c_void,
         q_lens: *mut c_void,
         kv_lens: *mut c_void,
@@ -159,6 +160,55 @@ fn device_of(t: &Tensor) -> Result<CudaDevice> {
     }
 }
 
+/// How the `[b, h, s, d]` tensors of a pass lie in memory: contiguous, or as transposed views of
+/// contiguous `[b, s, h, d]` tensors (the projections' own layout: no copies around attention).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    Bhsd,
+    Bshd,
+}
+
+impl Layout {
+    /// `Bshd` when every tensor already lies that way, else `Bhsd`.
+    fn of(ts: &[&Tensor]) -> Result<Self> {
+        for t in ts {
+            if !t.transpose(1, 2)?.is_contiguous() {
+                return Ok(Layout::Bhsd);
+            }
+        }
+        Ok(Layout::Bshd)
+    }
+
+    /// `t` laid out this way (a copy only when it lies otherwise).
+    fn put(self, t: &Tensor) -> Result<Tensor> {
+        match self {
+            Layout::Bhsd => t.contiguous(),
+            Layout::Bshd => t.transpose(1, 2)?.contiguous()?.transpose(1, 2),
+        }
+    }
+
+    /// A fresh `[b, h, s, d]` tensor laid out this way.
+    fn empty(
+        self,
+        dev: &CudaDevice,
+        (b, h, s, d): (usize, usize, usize, usize),
+        dtype: DType,
+    ) -> Result<Tensor> {
+        match self {
+            Layout::Bhsd => empty(dev, &[b, h, s, d], dtype),
+            Layout::Bshd => empty(dev, &[b, s, h, d], dtype)?.transpose(1, 2),
+        }
+    }
+
+    /// The address of `t`'s first element (`t` laid out this way).
+    fn addr(self, t: &Tensor, what: &str) -> Result<u64> {
+        Ok(match self {
+            Layout::Bhsd => addr(t, what)?.0,
+            Layout::Bshd => addr(&t.transpose(1, 2)?, what)?.0,
+        })
+    }
+}
+
 /// One pass as `sdpa.cpp` takes it.
 struct Pass {
     /// `(b, heads, kv heads, s, t, head dim)`.
@@ -167,10 +217,18 @@ struct Pass {
     dtype: DType,
     causal: bool,
     backward: bool,
+    layout: Layout,
 }
 
 impl Pass {
-    fn of(q: &Tensor, kv: usize, mask: &AttnMask, scale: f64, backward: bool) -> Result<Self> {
+    fn of(
+        q: &Tensor,
+        kv: usize,
+        mask: &AttnMask,
+        scale: f64,
+        backward: bool,
+        layout: Layout,
+    ) -> Result<Self> {
         let (b, h, s, d) = q.dims4()?;
         Ok(Self {
             dims: (b, h, kv, s, s, d),
@@ -178,6 +236,7 @@ impl Pass {
             dtype: q.dtype(),
             causal: mask.causal,
             backward,
+            layout,
         })
     }
 }
@@ -186,6 +245,7 @@ impl Pass {
 fn run(dev: &CudaDevice, p: &Pass, ptrs: &[u64], lens: Option<(&Tensor, &Tensor)>) -> Result<()> {
     let (b, hq, hkv, s, t, d) = p.dims;
     let (scale, dtype, causal, backward) = (p.scale, p.dtype, p.causal, p.backward);
+    let bshd = c_int::from(p.layout == Layout::Bshd);
     let stream = dev.cuda_stream();
     let ctx = stream.context();
     ctx.bind_to_thread().map_err(candle_core::Error::wrap)?;
@@ -202,7 +262,7 @@ fn run(dev: &CudaDevice, p: &Pass, ptrs: &[u64], lens: Option<(&Tensor, &Tensor)
     };
     let call = |workspace: u64, size: &mut i64, err: &mut [c_char; 1024]| {
         // SAFETY: every pointer is a live device buffer of the shape the shim describes to
-        // cuDNN (contiguous, checked by `addr`), the stream is this device's, and `err` has the
+        // cuDNN (laid out as `bshd` says, checked by `Layout::addr`), the stream is this device's, and `err` has the
         // length given.
         unsafe {
             qs_sdpa_run(
@@ -219,6 +279,7 @@ fn run(dev: &CudaDevice, p: &Pass, ptrs: &[u64], lens: Option<(&Tensor, &Tensor)
                 c_int::from(dtype == DType::BF16),
                 c_int::from(causal),
                 c_int::from(backward),
+                bshd,
                 ptrs.as_ptr(),
                 q_lens as *mut c_void,
                 kv_lens as *mut c_void,
@@ -271,37 +332,43 @@ fn lens(
     )))
 }
 
-/// `(out [b, h, s, d], lse [b, h, s] f32)`; `q`, `k`, `v` contiguous `[b, heads, s, d]`.
+/// `(q, k, v, out [b, h, s, d], lse [b, h, s] f32)`: `q` `[b, heads, s, d]`, `k`, `v`
+/// `[b, kv heads, s, d]`, each contiguous or a transposed view of a contiguous `[b, s, heads, d]`
+/// (then all of them, and `out`, stay that way: no copies); the inputs as the backward takes
+/// them.
 pub fn forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: &AttnMask,
     scale: f64,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor, Tensor, Tensor, Tensor)> {
     let dev = device_of(q)?;
     let (b, h, s, d) = q.dims4()?;
     let kv = k.dim(1)?;
-    let out = empty(&dev, &[b, h, s, d], q.dtype())?;
+    let layout = Layout::of(&[q, k, v])?;
+    let (q, k, v) = (layout.put(q)?, layout.put(k)?, layout.put(v)?);
+    let out = layout.empty(&dev, (b, h, s, d), q.dtype())?;
     let lse = empty(&dev, &[b, h, s], DType::F32)?;
     let lens = lens(mask, b, s, q.device())?;
     let ptrs = [
-        addr(q, "q")?.0,
-        addr(k, "k")?.0,
-        addr(v, "v")?.0,
-        addr(&out, "out")?.0,
+        layout.addr(&q, "q")?,
+        layout.addr(&k, "k")?,
+        layout.addr(&v, "v")?,
+        layout.addr(&out, "out")?,
         addr(&lse, "lse")?.0,
     ];
     run(
         &dev,
-        &Pass::of(q, kv, mask, scale, false)?,
+        &Pass::of(&q, kv, mask, scale, false, layout)?,
         &ptrs,
         lens.as_ref().map(|(a, b)| (a, b)),
     )?;
-    Ok((out, lse))
+    Ok((q, k, v, out, lse))
 }
 
-/// `(dq, dk, dv)` from the forward's inputs, output and `lse`, and `d_out`.
+/// `(dq, dk, dv)` from the inputs, output and `lse` that [`forward`] returned, and `d_out`; the
+/// gradients lie as the inputs do.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     q: &Tensor,
@@ -316,25 +383,27 @@ pub fn backward(
     let dev = device_of(q)?;
     let (b, _, s, _) = q.dims4()?;
     let kv = k.dim(1)?;
-    let d_out = d_out.contiguous()?;
-    let dq = empty(&dev, q.dims(), q.dtype())?;
-    let dk = empty(&dev, k.dims(), k.dtype())?;
-    let dv = empty(&dev, v.dims(), v.dtype())?;
+    let layout = Layout::of(&[q, k, v, out])?;
+    let dims4 = |t: &Tensor| t.dims4();
+    let d_out = layout.put(d_out)?;
+    let dq = layout.empty(&dev, dims4(q)?, q.dtype())?;
+    let dk = layout.empty(&dev, dims4(k)?, k.dtype())?;
+    let dv = layout.empty(&dev, dims4(v)?, v.dtype())?;
     let lens = lens(mask, b, s, q.device())?;
     let ptrs = [
-        addr(q, "q")?.0,
-        addr(k, "k")?.0,
-        addr(v, "v")?.0,
-        addr(out, "out")?.0,
-        addr(&d_out, "d_out")?.0,
+        layout.addr(q, "q")?,
+        layout.addr(k, "k")?,
+        layout.addr(v, "v")?,
+        layout.addr(out, "out")?,
+        layout.addr(&d_out, "d_out")?,
         addr(lse, "lse")?.0,
-        addr(&dq, "dq")?.0,
-        addr(&dk, "dk")?.0,
-        addr(&dv, "dv")?.0,
+        layout.addr(&dq, "dq")?,
+        layout.addr(&dk, "dk")?,
+        layout.addr(&dv, "dv")?,
     ];
     run(
         &dev,
-        &Pass::of(q, kv, mask, scale, true)?,
+        &Pass::of(q, kv, mask, scale, true, layout)?,
         &ptrs,
         lens.as_ref().map(|(a, b)| (a, b)),
     )?;
