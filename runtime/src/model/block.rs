@@ -255,15 +255,7 @@ impl Block {
         let k = rope(&kn, step.cos, step.sin)?.transpose(1, 2)?;
         let v = v.transpose(1, 2)?;
         let (k, v) = match cache {
-            Some(slot) => {
-                let (k, v) = (k.contiguous()?, v.contiguous()?);
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
+            Some(slot) => super::decoder::kv_append(slot, &k, &v, step.mask.offset)?,
             None => (k, v),
         };
         drop(span);

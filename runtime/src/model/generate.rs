@@ -80,8 +80,11 @@ impl Model {
         let mut out = Vec::new();
         for _ in 0..opts.max_new_tokens {
             cancel.check()?;
-            let logits = self.decoder.forward(&input, None, Some(&mut cache))?;
-            let last = logits.i((0, logits.dim(1)? - 1))?.to_dtype(DType::F32)?;
+            // Only the last position's logits are needed: the head runs on one row.
+            let mask = crate::nn::AttnMask::causal(cache.len());
+            let h = self.decoder.hidden(&input, &mask, Some(&mut cache), None)?;
+            let h = h.narrow(1, h.dim(1)? - 1, 1)?;
+            let last = self.decoder.head(&h)?.i((0, 0))?.to_dtype(DType::F32)?;
             let last = if (penalty - 1.0).abs() > f32::EPSILON {
                 candle_transformers::utils::apply_repeat_penalty(&last, penalty, &context)?
             } else {

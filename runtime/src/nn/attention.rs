@@ -198,6 +198,19 @@ fn row_mask(
     })
 }
 
+/// `t` `[b, h, t, d]` as the matmuls take it: as it is when it is a window of positions of a
+/// contiguous buffer (the KV cache's: rows of `d` contiguous, heads evenly spaced), else a
+/// contiguous copy.
+fn batched(t: &Tensor) -> Result<Tensor> {
+    let (_, h, _, d) = t.dims4()?;
+    let st = t.stride();
+    if st[3] == 1 && st[2] == d && st[0] == st[1] * h {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
 /// Attention inputs prepared for either pass: `q` regrouped as `[b, kv, rep * s, d]` so GQA needs
 /// no copy of K/V.
 fn grouped(q: &Tensor, kv_heads: usize) -> Result<(Tensor, usize, usize, usize, usize)> {
@@ -245,7 +258,7 @@ pub fn attention(
             )),
         }
     }
-    let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
+    let (q, k, v) = (&q.contiguous()?, &batched(k)?, &batched(v)?);
     let (qg, b, h, s, d) = grouped(q, kv)?;
     let t = k.dim(2)?;
     let rep = h / kv;
