@@ -7,7 +7,7 @@
 #
 # On the GPU machine, from the repo root (see benches/README.md for building and shipping):
 #   BIN=/tmp/qs PEER=.devbin bash benches/gpu.sh [CONFIG...]
-# CONFIG: 05b 05b-ckpt 7b-ckpt q15-7b 05b-full (default: all).
+# CONFIG: 05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000 seed000-packed (default: all but the last).
 set -uo pipefail
 BIN=${BIN:-/tmp/qs}
 PEER=${PEER:-.devbin}
@@ -101,6 +101,20 @@ seed000() {
     --set accumulation=16 --set learning_rate=1e-4 --set max_steps=20
 }
 
+# seed 000 with TRL's packing (rows of 1024 tokens, batch 1 x accumulation 1: about the 16
+# examples of a seed 000 step per step), qscript only: compare its unpadded tokens/s with seed000's.
+seed000_packed() {
+  local dir=$WORK/qwen1.5-7b
+  if [ ! -f "$dir/config.json" ]; then
+    python3 "$PEER/hf_peft_lora.py" --model qwen1.5-7b --save-model "$dir" > /dev/null || return
+  fi
+  cp "$PEER"/tokenizer.json "$PEER"/tokenizer_config.json "$dir/"
+  run seed000-packed-qscript seed000-packed "$BIN/qscript" recipes/huanhuan_lora.rhai --allow-read "$WORK" \
+    --allow-read "$PWD/$PEER" --output-dir "$WORK/runs-packed" --set model="$dir" \
+    --set data="$PWD/$PEER/huanhuan.json" --set max_length=128 --set batch_size=1 \
+    --set accumulation=1 --set learning_rate=1e-4 --set max_steps=20 --set packing=true
+}
+
 configs=("$@")
 [ ${#configs[@]} -eq 0 ] && configs=(05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000)
 for c in "${configs[@]}"; do
@@ -111,6 +125,7 @@ for c in "${configs[@]}"; do
     q15-7b) config q15-7b qwen1.5-7b 4 512 6 2 ;;
     05b-full) config 05b-full qwen2.5-0.5b 8 512 10 3 --full ;;
     seed000) seed000 ;;
+    seed000-packed) seed000_packed ;;
     *) echo "unknown config $c" >&2 ;;
   esac
 done

@@ -222,6 +222,7 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
             Example {
                 input_ids: ids,
                 labels,
+                packed: Vec::new(),
             }
         })
         .collect();

@@ -179,6 +179,31 @@ fn ops_match_the_cpu_reference_in_f32_and_bf16() {
                 rel(&a1, &c1) < tol && rel(&a2, &c2) < tol,
                 "case {i} {dtype:?} swiglu"
             );
+            // Packed rows (segments inside each row, right padding after them), in the
+            // engine's layout.
+            let starts: Vec<Vec<usize>> = (0..b).map(|r| vec![s / 3 + r, s / 2 + r]).collect();
+            let packed = AttnMask::right_padded(&lens).with_segments(Some(starts));
+            let mut sp = None;
+            let pc = attention(&q, &k, &v, &packed, Some(&mut sp)).unwrap();
+            let mut sq = None;
+            let pg = attention(&bshd(&q), &bshd(&k), &bshd(&v), &packed, Some(&mut sq)).unwrap();
+            assert!(
+                rel(&pg, &pc) < tol,
+                "case {i} {dtype:?} packed attention forward"
+            );
+            let gc = attention_backward(sp.as_ref().unwrap(), &dy).unwrap();
+            let gq = attention_backward(sq.as_ref().unwrap(), &bshd(&dy)).unwrap();
+            for (n, (a, c)) in
+                ["dq", "dk", "dv"]
+                    .iter()
+                    .zip([(&gq.0, &gc.0), (&gq.1, &gc.1), (&gq.2, &gc.2)])
+            {
+                assert!(
+                    rel(a, c) < tol * 2.0,
+                    "case {i} {dtype:?} packed attention {n}: {}",
+                    rel(a, c)
+                );
+            }
             // The RoPE kernel on [b, s, h, d], from a contiguous tensor and from a transposed
             // view (cuDNN's gradients), against the reference on [b, h, s, d].
             let (cos, sin) = (r(&[s, d]), r(&[s, d]));
@@ -195,6 +220,15 @@ fn ops_match_the_cpu_reference_in_f32_and_bf16() {
             assert!(
                 rel(&back(rope_bwd(&dview, &gc, &gs).unwrap()), &dwant) < tol,
                 "case {i} {dtype:?} rope backward"
+            );
+            // Per-row tables (packed rows restart their positions).
+            let (cr, sr) = (r(&[b, s, d]), r(&[b, s, d]));
+            let per = |t: &Tensor| t.unsqueeze(1).unwrap();
+            let want = apply_rope(&q, &per(&cr), &per(&sr)).unwrap();
+            let got = back(rope(&qs, &on(&cr), &on(&sr)).unwrap());
+            assert!(
+                rel(&got, &want) < tol,
+                "case {i} {dtype:?} rope, per-row tables"
             );
         }
     }
@@ -310,6 +344,7 @@ fn rows(n: usize) -> Vec<Example> {
             Example {
                 input_ids: ids,
                 labels,
+                packed: Vec::new(),
             }
         })
         .collect()
@@ -355,6 +390,36 @@ fn engine_gradients_agree(full: bool) {
         for ((n, a), (_, b)) in gg.iter().zip(&gc) {
             assert!(rel(a, b) < 1e-4, "full {full}, {n}: {}", rel(a, b));
         }
+    }
+}
+
+/// Packed rows on the GPU (softmax kernels with per-query example starts, per-row RoPE
+/// tables) give the CPU's unpacked loss and gradients.
+#[test]
+fn packed_rows_on_the_gpu_give_the_unpacked_gradients() {
+    use qscript_runtime::data::batch::{collate, pack};
+    let (c, g) = (tiny_on("cpu", 2), tiny_on("cuda:0", 2));
+    let ex = rows(7);
+    let packed = pack(&ex, 64);
+    assert!(packed.len() < ex.len() && packed.iter().any(|r| !r.packed.is_empty()));
+    let run = |m: &Model, rows: &[Example], dev: &Device| {
+        let refs: Vec<&Example> = rows.iter().collect();
+        let batch = collate(&refs, 0, None, dev).unwrap();
+        gradients(
+            m,
+            &batch.input_ids,
+            &batch.mask(),
+            &batch.labels_host,
+            None,
+            false,
+        )
+        .unwrap()
+    };
+    let (lc, gc) = run(&c, &ex, &Device::Cpu);
+    let (lg, gg) = run(&g, &packed, &gpu());
+    assert!((lc - lg).abs() < 1e-5, "loss {lc} vs {lg}");
+    for ((n, a), (_, b)) in gg.iter().zip(&gc) {
+        assert!(rel(a, b) < 1e-4, "{n}: {}", rel(a, b));
     }
 }
 

@@ -25,6 +25,16 @@ pub struct Batch {
     pub lens: Vec<usize>,
     /// `labels` on the host, row-major (the loss picks its rows from it without a read-back).
     pub labels_host: Vec<i64>,
+    /// Packed rows: per row, where each example after the first starts (`None`: no row packs
+    /// several examples).
+    pub segments: Option<Vec<Vec<usize>>>,
+}
+
+impl Batch {
+    /// Which keys each query sees: causal, right padding, and packed examples kept apart.
+    pub fn mask(&self) -> crate::nn::AttnMask {
+        crate::nn::AttnMask::right_padded(&self.lens).with_segments(self.segments.clone())
+    }
 }
 
 /// Pads `examples` on the right to a common length.
@@ -69,7 +79,63 @@ pub fn collate(
         tokens,
         lens,
         labels_host: labels,
+        segments: examples
+            .iter()
+            .any(|e| !e.packed.is_empty())
+            .then(|| examples.iter().map(|e| e.packed.clone()).collect()),
     })
+}
+
+/// TRL's `packing`: `examples` concatenated into rows of at most `max_len` tokens, best-fit
+/// decreasing (the longest example first, each into the fullest row it fits; an example longer
+/// than `max_len` gets a row of its own). Each row records where its examples start, so attention
+/// stays inside an example and positions restart; the first label of each later example becomes
+/// -100, so no token learns to predict across a boundary and the loss is the unpacked one.
+/// Deterministic: the same examples give the same rows.
+pub fn pack(examples: &[Example], max_len: usize) -> Vec<Example> {
+    use std::collections::BTreeSet;
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(examples[i].input_ids.len()));
+    let mut rows: Vec<Vec<usize>> = Vec::new();
+    // (room left, row index): the fullest row that fits is the first with room >= len.
+    let mut room: BTreeSet<(usize, usize)> = BTreeSet::new();
+    for i in order {
+        let len = examples[i].input_ids.len();
+        if let Some((left, r)) = room.range((len, 0)..).next().copied() {
+            room.remove(&(left, r));
+            rows[r].push(i);
+            if left > len {
+                room.insert((left - len, r));
+            }
+        } else {
+            rows.push(vec![i]);
+            if max_len > len {
+                room.insert((max_len - len, rows.len() - 1));
+            }
+        }
+    }
+    rows.into_iter()
+        .map(|row| {
+            let mut out = Example {
+                input_ids: Vec::new(),
+                labels: Vec::new(),
+                packed: Vec::new(),
+            };
+            for (k, &i) in row.iter().enumerate() {
+                let e = &examples[i];
+                if k > 0 {
+                    out.packed.push(out.input_ids.len());
+                }
+                let start = out.labels.len();
+                out.input_ids.extend(&e.input_ids);
+                out.labels.extend(&e.labels);
+                if k > 0 && start < out.labels.len() {
+                    out.labels[start] = IGNORE;
+                }
+            }
+            out
+        })
+        .collect()
 }
 
 /// The order of examples for `epoch`: a permutation of `0..lengths.len()` from `seed` and `epoch`;
@@ -116,10 +182,12 @@ mod tests {
         let a = Example {
             input_ids: vec![1, 2, 3],
             labels: vec![IGNORE, 2, 3],
+            packed: Vec::new(),
         };
         let b = Example {
             input_ids: vec![4],
             labels: vec![4],
+            packed: Vec::new(),
         };
         let batch = collate(&[&a, &b], 0, Some(8), &Device::Cpu).unwrap();
         assert_eq!(batch.input_ids.dims(), [2, 8]);

@@ -43,6 +43,9 @@ pub struct Example {
     pub input_ids: Vec<u32>,
     /// Ids to learn, -100 elsewhere.
     pub labels: Vec<i64>,
+    /// When this row packs several examples ([`crate::data::batch::pack`]): where each one after
+    /// the first starts. Empty for one example.
+    pub packed: Vec<usize>,
 }
 
 /// What `sft` did.
@@ -167,6 +170,7 @@ pub fn encode_segments(tok: &Tokenizer, segs: &[(String, bool)]) -> Result<Examp
     let mut ex = Example {
         input_ids: Vec::new(),
         labels: Vec::new(),
+        packed: Vec::new(),
     };
     for (text, train) in segs {
         let ids = tok.encode(text, false)?;

@@ -147,10 +147,8 @@ impl Decoder {
         mut cache: Option<&mut KvCache>,
         train_seed: Option<crate::nn::dropout::Key>,
     ) -> Result<Tensor> {
-        let (_, s) = input_ids.dims2()?;
-        let (cos, sin) = self
-            .rope
-            .tables(mask.offset, s, self.dtype(), self.device())?;
+        let (b, s) = input_ids.dims2()?;
+        let (cos, sin) = self.rope_tables(mask, b, s)?;
         let step = Step {
             cos: &cos,
             sin: &sin,
@@ -166,6 +164,22 @@ impl Decoder {
             c.len += s;
         }
         Ok(x)
+    }
+
+    /// RoPE `(cos, sin)` for `b` rows of `s` positions seen through `mask`: `[s, d]` for
+    /// positions `offset..`, or `[b, s, d]` when rows are packed (positions restart at each
+    /// example, as TRL's padding-free packing gives them).
+    pub fn rope_tables(&self, mask: &AttnMask, b: usize, s: usize) -> Result<(Tensor, Tensor)> {
+        let Some(pos) = mask.positions(b, s)? else {
+            return self
+                .rope
+                .tables(mask.offset, s, self.dtype(), self.device());
+        };
+        let (cos, sin) = self.rope.tables(0, s, self.dtype(), self.device())?;
+        let idx = Tensor::from_vec(pos, b * s, self.device())?;
+        let d = cos.dim(1)?;
+        let rows = |t: &Tensor| t.index_select(&idx, 0)?.reshape((b, s, d));
+        Ok((rows(&cos)?, rows(&sin)?))
     }
 
     /// Embeddings of `input_ids` `[b, seq]` -> `[b, seq, hidden]`.

@@ -16,6 +16,9 @@ pub struct AttnMask {
     pub offset: usize,
     /// Per row, the keys `[start, end)` that are real tokens; `None`: every key is real.
     pub key_ranges: Option<Vec<(usize, usize)>>,
+    /// Packed rows: per row, where each example after the first starts (a query sees only the
+    /// keys of its own example); `None`: one example a row.
+    pub segments: Option<Vec<Vec<usize>>>,
 }
 
 impl AttnMask {
@@ -25,6 +28,7 @@ impl AttnMask {
             causal: true,
             offset,
             key_ranges: None,
+            segments: None,
         }
     }
 
@@ -34,7 +38,50 @@ impl AttnMask {
             causal: true,
             offset: 0,
             key_ranges: Some(lens.iter().map(|&n| (0, n)).collect()),
+            segments: None,
         }
+    }
+
+    /// The same mask over packed rows: row `r`'s examples start at 0 and at each of
+    /// `starts[r]` (rows with no starts hold one example).
+    pub fn with_segments(mut self, starts: Option<Vec<Vec<usize>>>) -> Self {
+        self.segments = starts.filter(|s| s.iter().any(|r| !r.is_empty()));
+        self
+    }
+
+    /// Per position of `b` rows of `s`, the first key its query may see (the start of its
+    /// example), when rows are packed.
+    pub fn segment_starts(&self, b: usize, s: usize) -> Result<Option<Vec<u32>>> {
+        let Some(rows) = &self.segments else {
+            return Ok(None);
+        };
+        if rows.len() != b {
+            candle_core::bail!("packed segments for {} rows, the batch has {b}", rows.len());
+        }
+        let mut out = Vec::with_capacity(b * s);
+        for starts in rows {
+            let mut cur = 0usize;
+            let mut next = starts.iter().copied().peekable();
+            for i in 0..s {
+                while next.peek().is_some_and(|&st| st <= i) {
+                    cur = next.next().unwrap_or(cur);
+                }
+                out.push(cur as u32);
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// RoPE positions of packed rows (restarting at each example), `b * s` of them; `None` when
+    /// rows are not packed (positions `offset..`).
+    pub fn positions(&self, b: usize, s: usize) -> Result<Option<Vec<u32>>> {
+        Ok(self.segment_starts(b, s)?.map(|starts| {
+            starts
+                .iter()
+                .enumerate()
+                .map(|(i, &st)| (i % s) as u32 - st)
+                .collect()
+        }))
     }
 
     /// From an HF `attention_mask` `[b, t]` (1 = token, 0 = padding) whose ones are contiguous in
@@ -57,6 +104,7 @@ impl AttnMask {
             causal: true,
             offset,
             key_ranges: (!full).then_some(ranges),
+            segments: None,
         })
     }
 
@@ -64,7 +112,7 @@ impl AttnMask {
     /// nothing is masked. Built on `device` from two index vectors.
     fn bias(&self, b: usize, s: usize, t: usize, device: &Device) -> Result<Option<Tensor>> {
         let causal = self.causal && !(s == 1 && t == self.offset + 1);
-        if !causal && self.key_ranges.is_none() {
+        if !causal && self.key_ranges.is_none() && self.segments.is_none() {
             return Ok(None);
         }
         let keys = Tensor::arange(0u32, t as u32, device)?.reshape((1, 1, t))?;
@@ -92,6 +140,16 @@ impl AttnMask {
             visible = Some(match visible {
                 Some(v) => v.mul(&inside)?,
                 None => inside,
+            });
+        }
+        if let Some(starts) = self.segment_starts(b, s)? {
+            // Same example: the key is at or after the query's example start (causal keeps it
+            // at or before the query).
+            let starts = Tensor::from_vec(starts, (b, s, 1), device)?;
+            let same = keys.broadcast_ge(&starts)?;
+            visible = Some(match visible {
+                Some(v) => v.mul(&same)?,
+                None => same,
             });
         }
         let Some(visible) = visible else {
@@ -189,12 +247,17 @@ fn row_mask(
         }
         None => None,
     };
+    let query_starts = mask
+        .segment_starts(b, s)?
+        .map(|q| Tensor::from_vec(q, b * s, device))
+        .transpose()?;
     Ok(super::cuda::RowMask {
         s: s as u32,
         rows_per_batch: (h * s) as u64,
         offset: mask.offset as u32,
         causal: mask.causal,
         ranges,
+        query_starts,
     })
 }
 
@@ -428,7 +491,9 @@ mod tests {
                 causal: true,
                 offset: 0,
                 key_ranges: Some(vec![(2, 5), (0, 5)]),
+                segments: None,
             },
+            AttnMask::right_padded(&[5, 4]).with_segments(Some(vec![vec![2], vec![1, 3]])),
         ] {
             let bias = mask.bias(b, s, s, &dev).unwrap().unwrap();
             let bias = bias.reshape((b, 1, s, s)).unwrap();

@@ -170,8 +170,8 @@ fn rotate_half_t(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Rotary embeddings on the projections' own layout: `x` `[b, seq, heads, d]` (any strides),
-/// `cos`/`sin` `[seq, d]`. The fused kernel on CUDA (one pass, no transposes), [`apply_rope`]
-/// elsewhere.
+/// `cos`/`sin` `[seq, d]`, or `[b, seq, d]` when each row has its own positions (packed rows).
+/// The fused kernel on CUDA (one pass, no transposes), [`apply_rope`] elsewhere.
 ///
 /// # Shapes
 /// `x: [b, seq, heads, d]` -> `[b, seq, heads, d]`.
@@ -180,7 +180,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if fused(x, cos) {
         return super::cuda::rope(x, &cos.contiguous()?, &sin.contiguous()?, false);
     }
-    apply_rope(&x.transpose(1, 2)?, cos, sin)?.transpose(1, 2)
+    let (cos, sin) = (per_head(cos)?, per_head(sin)?);
+    apply_rope(&x.transpose(1, 2)?, &cos, &sin)?.transpose(1, 2)
 }
 
 /// Backward of [`rope`], same layout.
@@ -189,7 +190,17 @@ pub fn rope_bwd(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if fused(dy, cos) {
         return super::cuda::rope(dy, &cos.contiguous()?, &sin.contiguous()?, true);
     }
-    rope_backward(&dy.transpose(1, 2)?, cos, sin)?.transpose(1, 2)
+    let (cos, sin) = (per_head(cos)?, per_head(sin)?);
+    rope_backward(&dy.transpose(1, 2)?, &cos, &sin)?.transpose(1, 2)
+}
+
+/// A `[b, seq, d]` table as `[b, 1, seq, d]` (broadcast over heads); `[seq, d]` as it is.
+fn per_head(t: &Tensor) -> Result<Tensor> {
+    if t.rank() == 3 {
+        t.unsqueeze(1)
+    } else {
+        Ok(t.clone())
+    }
 }
 
 /// Applies rotary embeddings (the reference op of [`rope`]).

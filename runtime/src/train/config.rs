@@ -49,6 +49,13 @@ pub struct TrainConfig {
     pub group_by_length: bool,
     /// Round padded lengths up to a multiple of this.
     pub pad_to_multiple_of: Option<usize>,
+    /// TRL's `packing`: concatenate examples into rows of `max_length` tokens (attention never
+    /// crosses an example, positions restart per example, the loss is the unpacked one), so no
+    /// token is padding.
+    pub packing: bool,
+    /// TRL's `max_length`: the packed row length with `packing` (default 1024); without it,
+    /// longer examples are cut to this many tokens.
+    pub max_length: Option<usize>,
     /// Run an accumulation window's micro-batches as fewer, larger ones: the same gradients (the
     /// loss is normalised over the window's tokens and dropout masks are keyed per example), far
     /// fewer kernel launches at small batch sizes. Unset: on a GPU, as far as the memory measured
@@ -99,6 +106,8 @@ impl Default for TrainConfig {
             gradient_checkpointing: false,
             group_by_length: false,
             pad_to_multiple_of: None,
+            packing: false,
+            max_length: None,
             merge_micro_batches: None,
             seed: 42,
             logging_steps: 10,
@@ -131,6 +140,13 @@ impl TrainConfig {
             return bad(format!(
                 "`warmup_ratio` must be in [0, 1], got {}",
                 self.warmup_ratio
+            ));
+        }
+        if let Some(n) = self.max_length
+            && !(1..=1 << 20).contains(&n)
+        {
+            return bad(format!(
+                "`max_length` must be in 1..=1048576 tokens, got {n}"
             ));
         }
         if self.bf16 && self.fp16 {

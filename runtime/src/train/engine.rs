@@ -75,7 +75,7 @@ pub fn micro_step(
 ) -> Result<MicroOut> {
     let pass = Pass {
         input_ids: &batch.input_ids,
-        mask: &AttnMask::right_padded(&batch.lens),
+        mask: &batch.mask(),
         labels: &batch.labels_host,
         denom,
         seed: Some(seed),
@@ -149,8 +149,7 @@ impl Pass<'_> {
             }
         };
         let (cos, sin) = d
-            .rope
-            .tables(0, s, d.dtype(), d.device())
+            .rope_tables(self.mask, b, s)
             .map_err(at("rope tables".into()))?;
         let step = Step {
             cos: &cos,
@@ -219,7 +218,7 @@ impl Pass<'_> {
 pub fn eval_loss(model: &Model, batch: &Batch) -> Result<(f64, usize)> {
     let d = &model.decoder;
     let (b, s) = batch.input_ids.dims2()?;
-    let mask = AttnMask::right_padded(&batch.lens);
+    let mask = batch.mask();
     let x = d.hidden(&batch.input_ids, &mask, None, None)?;
     let hidden = rms_norm(&x, &d.norm, d.cfg.rms_norm_eps)?.reshape((b * s, d.cfg.hidden_size))?;
     let targets = shifted_targets(&batch.labels_host, b, s);

@@ -20,7 +20,7 @@ use super::merge::MergePolicy;
 use super::optim::{AdamW, AdamWConfig, clip_factor};
 use super::schedule::Schedule;
 use crate::cancel::CancelToken;
-use crate::data::batch::{collate, epoch_order};
+use crate::data::batch::{collate, epoch_order, pack};
 use crate::data::sft::{Example, IGNORE};
 use crate::model::Model;
 use crate::model::params::visit_trainable_mut;
@@ -96,6 +96,36 @@ pub fn snapshot(model: &Model) -> Result<Model> {
         Ok(())
     })?;
     Ok(m)
+}
+
+/// The examples as `cfg` trains them: packed into rows (`packing`), or cut at `max_length`.
+fn prepare(examples: Arc<Vec<Example>>, cfg: &TrainConfig) -> Arc<Vec<Example>> {
+    if cfg.packing {
+        let max = cfg.max_length.unwrap_or(1024);
+        let rows = pack(&examples, max);
+        let tokens: usize = rows.iter().map(|r| r.input_ids.len()).sum();
+        crate::notice::say(format!(
+            "packing: {} examples into {} rows of up to {max} tokens ({:.1}% filled)",
+            examples.len(),
+            rows.len(),
+            100.0 * tokens as f64 / (rows.len().max(1) * max) as f64
+        ));
+        return Arc::new(rows);
+    }
+    match cfg.max_length {
+        Some(max) if examples.iter().any(|e| e.input_ids.len() > max) => Arc::new(
+            examples
+                .iter()
+                .map(|e| {
+                    let mut e = e.clone();
+                    e.input_ids.truncate(max);
+                    e.labels.truncate(max);
+                    e
+                })
+                .collect(),
+        ),
+        _ => examples,
+    }
 }
 
 fn learned_tokens(examples: &[&Example]) -> usize {
@@ -196,6 +226,7 @@ impl Trainer {
         pad_id: u32,
     ) -> Result<Self> {
         cfg.validate()?;
+        let train = prepare(train, cfg);
         if train.is_empty() {
             return Err(Error::InvalidArgument(
                 "the training dataset is empty".into(),

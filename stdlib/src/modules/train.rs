@@ -327,15 +327,20 @@ pub mod train_module {
     /// `bf16`, `fp16`, `gradient_checkpointing`, `group_by_length`, `pad_to_multiple_of`, `seed`,
     /// `logging_steps`, `eval_strategy`, `eval_steps`, `save_steps`, `save_total_limit`,
     /// `load_best_model_at_end`, `metric_for_best_model`, `early_stopping_patience`,
-    /// `resume_from_checkpoint`, `output_dir`; and qscript's `merge_micro_batches` (unset: on a
-    /// GPU, run each accumulation window as fewer, larger micro-batches when the memory measured
-    /// in the first step allows; the gradients are the same). Ctrl-C saves a checkpoint and stops.
+    /// `resume_from_checkpoint`, `output_dir`; TRL's `packing` (examples concatenated into rows
+    /// of `max_length` tokens, default 1024: no padding, attention never crosses an example,
+    /// positions restart per example, the loss is the unpacked one; each row counts as one
+    /// example of the batch, as in TRL) and `max_length` (without `packing`, longer examples are
+    /// cut); and qscript's `merge_micro_batches` (unset: on a GPU, run each accumulation window
+    /// as fewer, larger micro-batches when the memory measured in the first step allows; the
+    /// gradients are the same). Ctrl-C saves a checkpoint and stops.
     ///
     /// ```rhai
     /// io::write_text("d.json", `[{"instruction": "hi", "output": "hello"}]`);
     /// let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/d.json")), tokenizer::builtin());
     /// let peft = lora::attach(model::tiny(), #{ r: 4 });
     /// let trained = train::fit(peft, ds, #{ max_steps: 2, learning_rate: 1e-3, logging_steps: 1, save_steps: 0 });
+    /// let packed = train::fit(peft, ds, #{ max_steps: 1, packing: true, max_length: 256, save_steps: 0 });
     /// ```
     #[rhai_fn(return_raw)]
     pub fn fit(

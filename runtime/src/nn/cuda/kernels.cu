@@ -154,15 +154,17 @@ CE(ce_rows_f16, __half)
 // ---------------------------------------------------------------- attention softmax
 // Rows of scores [R, t] ordered [b][group][s] (group = heads, GQA groups included), raw q·kᵀ.
 // Row r is query s_idx = r % s of batch r / rows_per_batch; it sees key j when
-// kstart[b] <= j < kend[b] (no ranges: every key) and, if causal, j <= offset + s_idx. A row
-// that sees no key attends uniformly to all keys (what the additive-bias reference computes).
+// kstart[b] <= j < kend[b] (no ranges: every key), j >= qs[b * s + s_idx] (packed rows: the start
+// of the query's example; no qs: 0) and, if causal, j <= offset + s_idx. A row that sees no key
+// attends uniformly to all keys (what the additive-bias reference computes).
 __device__ __forceinline__ void row_range(uint64_t r, uint32_t s, uint64_t rows_per_batch,
                                           uint32_t offset, int causal, const uint32_t *ks,
-                                          const uint32_t *ke, uint64_t t, uint64_t *lo,
-                                          uint64_t *hi) {
+                                          const uint32_t *ke, const uint32_t *qs, uint64_t t,
+                                          uint64_t *lo, uint64_t *hi) {
     uint64_t b = r / rows_per_batch;
     uint64_t q = r % s;
     uint64_t a = ks ? ks[b] : 0, e = ke ? ke[b] : t;
+    if (qs && qs[b * s + q] > a) a = qs[b * s + q];
     if (causal && offset + q + 1 < e) e = offset + q + 1;
     if (a >= e) { a = 0; e = t; }  // no visible key: uniform over all keys
     *lo = a;
@@ -172,9 +174,9 @@ __device__ __forceinline__ void row_range(uint64_t r, uint32_t s, uint64_t rows_
 template <typename T>
 __device__ void softmax_fwd(const T *scores, T *probs, float *mx, float *lsum, uint64_t t,
                             uint32_t s, uint64_t rpb, uint32_t offset, int causal,
-                            const uint32_t *ks, const uint32_t *ke, float scale) {
+                            const uint32_t *ks, const uint32_t *ke, const uint32_t *qs, float scale) {
     uint64_t r = blockIdx.x, lo, hi;
-    row_range(r, s, rpb, offset, causal, ks, ke, t, &lo, &hi);
+    row_range(r, s, rpb, offset, causal, ks, ke, qs, t, &lo, &hi);
     const T *x = scores + r * t;
     T *p = probs + r * t;
     float m = -INFINITY;
@@ -194,9 +196,9 @@ template <typename T>
 __device__ void softmax_bwd(const T *scores, const T *dp, const float *mx, const float *lsum,
                             const float *delta, T *probs, T *ds, uint64_t t, uint32_t s,
                             uint64_t rpb, uint32_t offset, int causal, const uint32_t *ks,
-                            const uint32_t *ke, float scale) {
+                            const uint32_t *ke, const uint32_t *qs, float scale) {
     uint64_t r = blockIdx.x, lo, hi;
-    row_range(r, s, rpb, offset, causal, ks, ke, t, &lo, &hi);
+    row_range(r, s, rpb, offset, causal, ks, ke, qs, t, &lo, &hi);
     const T *x = scores + r * t;
     const T *g = dp + r * t;
     float m = mx[r], ls = lsum[r], dl = delta[r];
@@ -209,14 +211,15 @@ __device__ void softmax_bwd(const T *scores, const T *dp, const float *mx, const
 #define SOFTMAX(T, SFX)                                                                         \
     extern "C" __global__ void attn_softmax_fwd_##SFX(                                          \
         const T *x, T *p, float *mx, float *ls, uint64_t t, uint32_t s, uint64_t rpb,          \
-        uint32_t off, int causal, const uint32_t *ks, const uint32_t *ke, float scale) {       \
-        softmax_fwd<T>(x, p, mx, ls, t, s, rpb, off, causal, ks, ke, scale);                   \
+        uint32_t off, int causal, const uint32_t *ks, const uint32_t *ke, const uint32_t *qs,  \
+        float scale) {                                                                          \
+        softmax_fwd<T>(x, p, mx, ls, t, s, rpb, off, causal, ks, ke, qs, scale);               \
     }                                                                                           \
     extern "C" __global__ void attn_softmax_bwd_##SFX(                                          \
         const T *x, const T *dp, const float *mx, const float *ls, const float *dl, T *p,      \
         T *ds, uint64_t t, uint32_t s, uint64_t rpb, uint32_t off, int causal,                 \
-        const uint32_t *ks, const uint32_t *ke, float scale) {                                 \
-        softmax_bwd<T>(x, dp, mx, ls, dl, p, ds, t, s, rpb, off, causal, ks, ke, scale);       \
+        const uint32_t *ks, const uint32_t *ke, const uint32_t *qs, float scale) {             \
+        softmax_bwd<T>(x, dp, mx, ls, dl, p, ds, t, s, rpb, off, causal, ks, ke, qs, scale);   \
     }
 SOFTMAX(float, f32)
 SOFTMAX(__nv_bfloat16, bf16)

@@ -51,6 +51,7 @@ fn first(t: &Tensor, what: &str) -> Result<(u64, CudaDevice)> {
         CudaStorageSlice::BF16(x) => (x.device_ptr(&stream).0, 2),
         CudaStorageSlice::F16(x) => (x.device_ptr(&stream).0, 2),
         CudaStorageSlice::U32(x) => (x.device_ptr(&stream).0, 4),
+        CudaStorageSlice::I64(x) => (x.device_ptr(&stream).0, 8),
         _ => candle_core::bail!("{what}: unsupported dtype {:?}", t.dtype()),
     };
     Ok((base + off * size, c.device.clone()))
@@ -204,14 +205,31 @@ pub struct RowMask {
     pub causal: bool,
     /// Per batch entry, `[start, end)` of the real keys (u32 tensors on the device).
     pub ranges: Option<(Tensor, Tensor)>,
+    /// Packed rows: per `(batch entry, query)`, the first key of the query's example (u32 `[b * s]`).
+    pub query_starts: Option<Tensor>,
 }
 
 impl RowMask {
-    fn ptrs(&self) -> Result<(u64, u64)> {
-        match &self.ranges {
-            Some((a, b)) => Ok((addr(a, "key starts")?.0, addr(b, "key ends")?.0)),
-            None => Ok((0, 0)),
-        }
+    /// The kernels' mask arguments, in their order: `s, rows_per_batch, offset, causal, key
+    /// starts, key ends, query starts` (null addresses for what is absent).
+    fn args(&self) -> Result<[Arg; 7]> {
+        let (ks, ke) = match &self.ranges {
+            Some((a, b)) => (addr(a, "key starts")?.0, addr(b, "key ends")?.0),
+            None => (0, 0),
+        };
+        let qs = match &self.query_starts {
+            Some(q) => addr(q, "query starts")?.0,
+            None => 0,
+        };
+        Ok([
+            Arg::from(self.s),
+            Arg::from(self.rows_per_batch),
+            Arg::from(self.offset),
+            Arg::from(i32::from(self.causal)),
+            Arg::from(ks),
+            Arg::from(ke),
+            Arg::from(qs),
+        ])
     }
 }
 
@@ -232,27 +250,21 @@ pub fn attn_softmax_fwd(
         addr(&mx, "max")?.0,
         addr(&ls, "logsum")?.0,
     );
-    let (ks, ke) = mask.ptrs()?;
-    let (t64, causal) = (t as u64, i32::from(mask.causal));
+    let mut args = vec![
+        Arg::from(px),
+        Arg::from(pp),
+        Arg::from(pm),
+        Arg::from(pl),
+        Arg::from(t as u64),
+    ];
+    args.extend(mask.args()?);
+    args.push(Arg::from(scale));
     launch(
         &dev,
         "attn_softmax_fwd",
         scores.dtype(),
         rows_grid(r, t),
-        &[
-            Arg::from(px),
-            Arg::from(pp),
-            Arg::from(pm),
-            Arg::from(pl),
-            Arg::from(t64),
-            Arg::from(mask.s),
-            Arg::from(mask.rows_per_batch),
-            Arg::from(mask.offset),
-            Arg::from(causal),
-            Arg::from(ks),
-            Arg::from(ke),
-            Arg::from(scale),
-        ],
+        &args,
     )?;
     Ok((p, mx, ls))
 }
@@ -279,30 +291,24 @@ pub fn attn_softmax_bwd(
     let p = empty(&dev, &[r, t], scores.dtype())?;
     let ds = empty(&dev, &[r, t], scores.dtype())?;
     let (pp, pds) = (addr(&p, "p")?.0, addr(&ds, "ds")?.0);
-    let (ks, ke) = mask.ptrs()?;
-    let (t64, causal) = (t as u64, i32::from(mask.causal));
+    let mut args = vec![
+        Arg::from(px),
+        Arg::from(pg),
+        Arg::from(pm),
+        Arg::from(pl),
+        Arg::from(pd),
+        Arg::from(pp),
+        Arg::from(pds),
+        Arg::from(t as u64),
+    ];
+    args.extend(mask.args()?);
+    args.push(Arg::from(scale));
     launch(
         &dev,
         "attn_softmax_bwd",
         scores.dtype(),
         rows_grid(r, t),
-        &[
-            Arg::from(px),
-            Arg::from(pg),
-            Arg::from(pm),
-            Arg::from(pl),
-            Arg::from(pd),
-            Arg::from(pp),
-            Arg::from(pds),
-            Arg::from(t64),
-            Arg::from(mask.s),
-            Arg::from(mask.rows_per_batch),
-            Arg::from(mask.offset),
-            Arg::from(causal),
-            Arg::from(ks),
-            Arg::from(ke),
-            Arg::from(scale),
-        ],
+        &args,
     )?;
     Ok((p, ds))
 }
@@ -399,12 +405,14 @@ pub fn rms_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f32) -> Result<Tensor> 
 }
 
 /// HF's rotary embedding of `x` `[b, s, h, d]` (any strides, `d` contiguous) with `cos`/`sin`
-/// `[s, d]` (contiguous), or with `backward` its transpose; the result is a contiguous
+/// `[s, d]` or `[b, s, d]` (contiguous), or with `backward` its transpose; the result is a contiguous
 /// `[b, s, h, d]`. One pass: the transposes around it in the composite op are never made.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, backward: bool) -> Result<Tensor> {
     let (b, s, h, d) = x.dims4()?;
     let st = x.stride();
-    if st[3] != 1 || d % 2 != 0 || cos.dims() != [s, d] || sin.dims() != [s, d] {
+    // One table for every row, or one per row (packed rows restart their positions).
+    let per_row = cos.dims() == [b, s, d];
+    if st[3] != 1 || d % 2 != 0 || !(per_row || cos.dims() == [s, d]) || sin.dims() != cos.dims() {
         candle_core::bail!(
             "rope: x {:?} (strides {st:?}) against tables {:?}",
             x.dims(),
@@ -436,7 +444,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, backward: bool) -> Result<Te
             u(s * h * d),
             u(h * d),
             u(d),
-            u(0),
+            u(if per_row { s * d } else { 0 }),
             Arg::from(i32::from(backward)),
         ],
     )?;

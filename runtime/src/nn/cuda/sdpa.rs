@@ -142,6 +142,10 @@ pub fn unsupported(q: &Tensor, k: &Tensor, mask: &AttnMask) -> Option<String> {
     if s == 1 {
         return Some("one position".into());
     }
+    if mask.segments.is_some() {
+        // cuDNN's ragged (THD) layout serves packed rows; not wired until it is checked on a GPU.
+        return Some("packed rows".into());
+    }
     if let Some(r) = &mask.key_ranges {
         if r.iter().any(|&(start, _)| start != 0) {
             return Some("left padding".into());
