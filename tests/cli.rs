@@ -47,6 +47,69 @@ fn runs_a_recipe_with_overrides() {
     );
 }
 
+/// `--config run.yaml` supplies params as TRL's `--config` does, `--set` on top; a JSON file
+/// works the same; an unknown or mistyped key names the file and the key.
+#[test]
+fn a_config_file_supplies_params_under_set() {
+    let env = env_with_recipe();
+    env.write("run.yaml", "lr: 3.0e-4\nmax_steps: 7\nmodel: /from/yaml\n");
+    let o = run_in(
+        env.dir.path(),
+        &[
+            "recipe/r.rhai",
+            "--config",
+            "recipe/run.yaml",
+            "--set",
+            "max_steps=9",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "lr=0.0003 max_steps=9 bf16=true model=/from/yaml\n"
+    );
+    env.write("run.json", r#"{"bf16": false, "max_steps": 2}"#);
+    let o = run_in(
+        env.dir.path(),
+        &["recipe/r.rhai", "--config", "recipe/run.json"],
+    );
+    assert_eq!(stdout(&o), "lr=0.0001 max_steps=2 bf16=false model=tiny\n");
+    env.write("bad.yaml", "lr: 1e-4\nmax_step: 7\n");
+    let o = run_in(
+        env.dir.path(),
+        &["recipe/r.rhai", "--config", "recipe/bad.yaml"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains(
+            "unknown param `max_step` in `recipe/bad.yaml` (key `max_step`); the recipe declares: "
+        ),
+        "{e}"
+    );
+    env.write("typed.yaml", "max_steps: many\n");
+    let o = run_in(
+        env.dir.path(),
+        &["recipe/r.rhai", "--config", "recipe/typed.yaml"],
+    );
+    let e = stderr(&o);
+    assert!(
+        e.contains("`recipe/typed.yaml` (key `max_steps`): expected an integer"),
+        "{e}"
+    );
+    env.write("list.yaml", "- 1\n");
+    let o = run_in(
+        env.dir.path(),
+        &["recipe/r.rhai", "--config", "recipe/list.yaml"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("must hold a mapping of params"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 #[test]
 fn run_subcommand_and_output_dir() {
     let env = env_with_recipe();

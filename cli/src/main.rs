@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 script or user error, 2 usage or internal error.
 
+mod config;
 mod repl;
 mod watch;
 
@@ -40,6 +41,10 @@ struct RunArgs {
     /// Override a param declared with `params(#{ ... })`, e.g. `--set lr=2e-4`.
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
     set: Vec<(String, String)>,
+    /// Params from a YAML or JSON file (`key: value` per param, as TRL's `--config`); `--set`
+    /// goes on top.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Run, then re-run from the first edited cell on every save.
     #[arg(long)]
     watch: bool,
@@ -109,6 +114,15 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
     );
     opts.allow_read.clone_from(&args.allow_read);
     opts.overrides.clone_from(&args.set);
+    if let Some(path) = &args.config {
+        match config::load(path) {
+            Ok(pairs) => opts.config = Some((path.clone(), pairs)),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
     opts.max_operations = args.max_operations;
     let mut session = match Session::new(&opts, Arc::new(StdSink)) {
         Ok(s) => s,

@@ -88,6 +88,8 @@ pub struct RunOptions {
     pub allow_read: Vec<PathBuf>,
     /// `--set key=value` overrides for `params`, in the order given.
     pub overrides: Vec<(String, String)>,
+    /// `--config FILE`: the file and its `key = value` params (under the `--set` ones).
+    pub config: Option<(PathBuf, Vec<(String, String)>)>,
     /// The operation limit that stops runaway scripts (0 = none).
     pub max_operations: u64,
 }
@@ -100,8 +102,48 @@ impl RunOptions {
             output_dir: output_dir.into(),
             allow_read: Vec::new(),
             overrides: Vec::new(),
+            config: None,
             max_operations: DEFAULT_MAX_OPERATIONS,
         }
+    }
+}
+
+/// A param value from outside the recipe, and where it came from (for messages).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Override {
+    /// The text to parse as the param's type.
+    pub raw: String,
+    /// `` `--set lr=2e-4` `` or `` `run.yaml` (key `lr`) ``.
+    pub origin: String,
+}
+
+impl Override {
+    /// `--config` values, then `--set` ones on top.
+    fn all(opts: &RunOptions) -> BTreeMap<String, Override> {
+        let mut out = BTreeMap::new();
+        if let Some((file, pairs)) = &opts.config {
+            for (k, v) in pairs {
+                let origin = format!("`{}` (key `{k}`)", file.display());
+                out.insert(
+                    k.clone(),
+                    Override {
+                        raw: v.clone(),
+                        origin,
+                    },
+                );
+            }
+        }
+        for (k, v) in &opts.overrides {
+            let origin = format!("`--set {k}={v}`");
+            out.insert(
+                k.clone(),
+                Override {
+                    raw: v.clone(),
+                    origin,
+                },
+            );
+        }
+        out
     }
 }
 
@@ -119,7 +161,7 @@ pub struct RunContext {
     pub sink: Arc<dyn OutputSink>,
     /// Memo cache for expensive calls.
     pub memo: Memo,
-    pub(crate) overrides: BTreeMap<String, String>,
+    pub(crate) overrides: BTreeMap<String, Override>,
     pub(crate) params_declared: Mutex<Option<Vec<String>>>,
     pub(crate) imports: Mutex<BTreeSet<PathBuf>>,
     /// The script functions of the code running now, so native code can call script closures
@@ -148,7 +190,7 @@ impl RunContext {
             cancel: CancelToken::new(),
             sink,
             memo: Memo::default(),
-            overrides: opts.overrides.iter().cloned().collect(),
+            overrides: Override::all(opts),
             params_declared: Mutex::new(None),
             imports: Mutex::new(BTreeSet::new()),
             functions: Mutex::new(rhai::AST::empty()),

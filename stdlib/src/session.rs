@@ -438,8 +438,8 @@ impl Session {
             .map(|k| format!("`{k}`"))
             .collect();
         Err(plain_error(&format!(
-            "error: `--set` was given ({}), but the recipe declares no params; \
-             declare them with `let p = params(#{{ ... }});`",
+            "error: params were given with `--set` or `--config` ({}), but the recipe declares \
+             none; declare them with `let p = params(#{{ ... }});`",
             keys.join(", ")
         )))
     }

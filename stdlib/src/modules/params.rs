@@ -8,10 +8,12 @@ use std::collections::BTreeMap;
 
 use rhai::Map;
 
+use crate::context::Override;
+
 /// Merges `overrides` into `defaults`, converting each value to the type of its default.
-pub fn resolve(defaults: &Map, overrides: &BTreeMap<String, String>) -> Result<Map, String> {
+pub fn resolve(defaults: &Map, overrides: &BTreeMap<String, Override>) -> Result<Map, String> {
     let mut out = defaults.clone();
-    for (key, raw) in overrides {
+    for (key, Override { raw, origin }) in overrides {
         let Some(default) = defaults.get(key.as_str()) else {
             let declared: Vec<_> = defaults.keys().map(|k| format!("`{k}`")).collect();
             let declared = if declared.is_empty() {
@@ -20,11 +22,11 @@ pub fn resolve(defaults: &Map, overrides: &BTreeMap<String, String>) -> Result<M
                 declared.join(", ")
             };
             return Err(format!(
-                "unknown param `{key}` in `--set {key}={raw}`; the recipe declares: {declared}"
+                "unknown param `{key}` in {origin}; the recipe declares: {declared}"
             ));
         };
         let value = coerce(raw, default).map_err(|expected| {
-            format!("`--set {key}={raw}`: expected {expected} (the default is `{default}`)")
+            format!("{origin}: expected {expected} (the default is `{default}`)")
         })?;
         out.insert(key.as_str().into(), value);
     }
@@ -112,10 +114,19 @@ mod tests {
             .unwrap()
     }
 
-    fn set(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    fn set(pairs: &[(&str, &str)]) -> BTreeMap<String, Override> {
         pairs
             .iter()
-            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .map(|(k, v)| {
+                let origin = format!("`--set {k}={v}`");
+                (
+                    (*k).to_string(),
+                    Override {
+                        raw: (*v).to_string(),
+                        origin,
+                    },
+                )
+            })
             .collect()
     }
 
