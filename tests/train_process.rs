@@ -63,11 +63,8 @@ fn ctrl_c_saves_a_checkpoint_and_a_resume_continues_from_it() {
         .unwrap();
     let o = child.wait_with_output().unwrap();
     let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("training stopped at step ") && err.contains("checkpoint saved to"),
-        "{err}"
-    );
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(!err.contains("error"), "{err}");
     let ckpts: Vec<_> = std::fs::read_dir(env.out_dir())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -76,22 +73,78 @@ fn ctrl_c_saves_a_checkpoint_and_a_resume_continues_from_it() {
     assert_eq!(ckpts.len(), 1, "{ckpts:?}");
     let step: usize = ckpts[0].trim_start_matches("checkpoint-").parse().unwrap();
     assert!(step >= 10);
+    let ckpt = env.out_dir().join(&ckpts[0]);
+    assert!(
+        err.contains(&format!(
+            "stopped at step {step}; checkpoint `{}`; resume with `--resume`",
+            ckpt.display()
+        )),
+        "{err}"
+    );
+    let out = env.out_dir();
+    let out_s = out.to_str().unwrap();
+    // A fresh run into that dir says what is there instead of starting over beside it.
+    let o = run_in(env.dir.path(), &["recipe/t.rhai", "--output-dir", out_s]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "holds `checkpoint-{step}`, a checkpoint of an unfinished run (step {step} of 100000): resume it with `--resume`"
+        )),
+        "{err}"
+    );
+    // `--resume` from the command line, without editing the recipe.
+    let more = format!("max_steps={}", step + 5);
     let o = run_in(
         env.dir.path(),
         &[
             "recipe/t.rhai",
             "--output-dir",
-            env.out_dir().to_str().unwrap(),
+            out_s,
             "--set",
-            &format!("max_steps={}", step + 5),
-            "--set",
-            "resume=true",
+            &more,
+            "--resume",
         ],
     );
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(0), "{err}");
     assert!(err.contains(&format!("Resumed from step {step}")), "{err}");
     assert!(support::stdout(&o).contains("finished"));
+    // metrics.jsonl is one run's: the resumed steps follow the checkpoint's, none twice.
+    let steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()?
+                .get("step")?
+                .as_u64()
+        })
+        .collect();
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+    assert_eq!(steps.last(), Some(&((step + 5) as u64)), "{steps:?}");
+    // Resuming a run that has done all its steps says so.
+    let o = run_in(
+        env.dir.path(),
+        &[
+            "recipe/t.rhai",
+            "--output-dir",
+            out_s,
+            "--set",
+            &format!("max_steps={step}"),
+            "--resume",
+            ckpt.to_str().unwrap(),
+        ],
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains(&format!(
+            "nothing to train: the run in `{out_s}` is finished (step {step} of {step})"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("0.0000 -> 0.0000"), "{err}");
 }
 
 #[test]

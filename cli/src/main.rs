@@ -1,6 +1,6 @@
 //! `qscript`: run, check and watch training recipes, or open the REPL.
 //!
-//! Exit codes: 0 success, 1 script or user error, 2 usage or internal error.
+//! Exit codes: 0 success, 1 script or user error, 2 usage or internal error, 130 stopped by Ctrl-C.
 
 mod config;
 mod repl;
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Args, Parser, Subcommand};
-use qscript_stdlib::context::DEFAULT_MAX_OPERATIONS;
+use qscript_stdlib::context::{DEFAULT_MAX_OPERATIONS, Resume};
 use qscript_stdlib::{RunOptions, Session, StdSink};
 
 /// Notebook-style scripting runtime for LLM training recipes.
@@ -41,6 +41,10 @@ struct RunArgs {
     /// Override a param declared with `params(#{ ... })`, e.g. `--set lr=2e-4`.
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
     set: Vec<(String, String)>,
+    /// Resume training from the latest checkpoint in the output dir, or from CHECKPOINT (put it
+    /// after the recipe: `qscript recipe.rhai --resume`).
+    #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = "")]
+    resume: Option<String>,
     /// Params from a YAML or JSON file (`key: value` per param, as TRL's `--config`); `--set`
     /// goes on top.
     #[arg(long, value_name = "FILE")]
@@ -100,6 +104,17 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
         }
         None => (cwd.clone(), "repl".to_string()),
     };
+    let mut args = args.clone();
+    // `qscript --resume recipe.rhai`: clap took the recipe for the checkpoint.
+    if args.file.is_none()
+        && let Some(r) = &args.resume
+        && Path::new(r)
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("rhai"))
+    {
+        args.file = args.resume.replace(String::new()).map(PathBuf::from);
+    }
+    let args = &args;
     if let Some(f) = &args.file
         && !f.is_file()
     {
@@ -114,6 +129,14 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
     );
     opts.allow_read.clone_from(&args.allow_read);
     opts.overrides.clone_from(&args.set);
+    // Relative to where qscript was started (an absolute path stays as it is).
+    opts.resume = args.resume.as_ref().map(|p| {
+        if p.is_empty() {
+            Resume::Latest
+        } else {
+            Resume::From(cwd.join(p))
+        }
+    });
     if let Some(path) = &args.config {
         match config::load(path) {
             Ok(pairs) => opts.config = Some((path.clone(), pairs)),
@@ -171,7 +194,15 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Prints `e`; a stop (Ctrl-C) is not an error: exit 130, as shells report SIGINT.
 fn fail(e: &qscript_stdlib::ScriptError) -> ExitCode {
-    eprintln!("{e}");
-    ExitCode::from(1)
+    eprint!("{e}");
+    if !e.rendered.ends_with('\n') {
+        eprintln!();
+    }
+    if e.failure == qscript_stdlib::diagnostic::Failure::Cancelled {
+        ExitCode::from(130)
+    } else {
+        ExitCode::from(1)
+    }
 }

@@ -90,6 +90,9 @@ pub struct RunOptions {
     pub overrides: Vec<(String, String)>,
     /// `--config FILE`: the file and its `key = value` params (under the `--set` ones).
     pub config: Option<(PathBuf, Vec<(String, String)>)>,
+    /// `--resume` (the latest checkpoint of the output dir) or `--resume PATH`: what `train::fit`
+    /// resumes from when the recipe does not say.
+    pub resume: Option<Resume>,
     /// The operation limit that stops runaway scripts (0 = none).
     pub max_operations: u64,
 }
@@ -103,9 +106,19 @@ impl RunOptions {
             allow_read: Vec::new(),
             overrides: Vec::new(),
             config: None,
+            resume: None,
             max_operations: DEFAULT_MAX_OPERATIONS,
         }
     }
+}
+
+/// `--resume`: what to resume from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// The latest checkpoint in the output dir.
+    Latest,
+    /// This checkpoint.
+    From(PathBuf),
 }
 
 /// A param value from outside the recipe, and where it came from (for messages).
@@ -162,6 +175,9 @@ pub struct RunContext {
     /// Memo cache for expensive calls.
     pub memo: Memo,
     pub(crate) overrides: BTreeMap<String, Override>,
+    pub(crate) resume: Option<Resume>,
+    /// Output dirs this session has trained into (a re-run may start over there).
+    pub(crate) trained_dirs: Mutex<BTreeSet<PathBuf>>,
     pub(crate) params_declared: Mutex<Option<Vec<String>>>,
     pub(crate) imports: Mutex<BTreeSet<PathBuf>>,
     /// The script functions of the code running now, so native code can call script closures
@@ -191,6 +207,8 @@ impl RunContext {
             sink,
             memo: Memo::default(),
             overrides: Override::all(opts),
+            resume: opts.resume.clone(),
+            trained_dirs: Mutex::new(BTreeSet::new()),
             params_declared: Mutex::new(None),
             imports: Mutex::new(BTreeSet::new()),
             functions: Mutex::new(rhai::AST::empty()),

@@ -71,6 +71,10 @@ pub fn render(err: &EvalAltResult, cx: &Context) -> String {
     let mut out = String::new();
     let (head, hint) = headline(cur, cx);
     let _ = writeln!(out, "{head}");
+    if matches!(cur, EvalAltResult::ErrorTerminated(..)) {
+        // A stop (Ctrl-C, a reload) is not a mistake in the recipe: no caret, no call chain.
+        return out;
+    }
     snippet(&mut out, &label, cur.position(), cx);
     for (what, at, pos) in frames.iter().rev() {
         let _ = writeln!(out, "note: {what}");
@@ -108,8 +112,8 @@ fn headline(err: &EvalAltResult, cx: &Context) -> (String, Option<String>) {
             Some("is there a recursion without an end?".into()),
         ),
         EvalAltResult::ErrorTerminated(value, _) => match value.clone().into_string() {
-            Ok(text) if text != "cancelled" => (format!("error: cancelled: {text}"), None),
-            _ => ("error: cancelled".into(), None),
+            Ok(text) if text != "cancelled" => (text, None),
+            _ => ("stopped".into(), None),
         },
         EvalAltResult::ErrorParsing(..) => {
             let text = without_position(err);

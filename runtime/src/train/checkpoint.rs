@@ -30,6 +30,21 @@ pub struct TrainerState {
     pub best_model_checkpoint: Option<String>,
     /// Evaluations since the best one.
     pub evals_without_improvement: usize,
+    /// Optimizer steps the run was planned for (HF's `max_steps`; 0 in older checkpoints).
+    #[serde(default)]
+    pub max_steps: usize,
+}
+
+/// The newest checkpoint in `output_dir` when it belongs to a run that has not finished:
+/// `(path, step, planned steps)` (planned 0: unknown, an older checkpoint).
+pub fn unfinished(output_dir: &Path) -> Option<(PathBuf, usize, usize)> {
+    let (step, path) = list(output_dir).pop()?;
+    let state: TrainerState = crate::error::read_config(&path.join("trainer_state.json")).ok()?;
+    (state.max_steps == 0 || state.global_step < state.max_steps).then_some((
+        path,
+        step,
+        state.max_steps,
+    ))
 }
 
 /// Writes `output_dir/checkpoint-{step}` atomically; returns its path.

@@ -264,9 +264,11 @@ impl Trainer {
         if let Some(dir) = resume_dir(cfg, &out_dir)? {
             state = checkpoint::restore(&dir, &model, &params, &mut opt)?;
         }
+        state.max_steps = total;
         let json = serde_json::to_string_pretty(cfg).unwrap_or_default();
         crate::sandbox::write_atomic(&out_dir.join("training_args.json"), json.as_bytes())?;
         let metrics_path = out_dir.join("metrics.jsonl");
+        own_metrics(&metrics_path, state.global_step)?;
         let metrics = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -737,6 +739,32 @@ pub fn fit(
         }
     }
     t.finish(false)
+}
+
+/// Makes `metrics.jsonl` this run's: a fresh run (`resumed_at` 0) starts it empty, a resumed one
+/// keeps the records up to its checkpoint's step (a later, abandoned stretch is dropped).
+fn own_metrics(path: &Path, resumed_at: usize) -> Result<()> {
+    let kept = if resumed_at == 0 {
+        String::new()
+    } else {
+        let old = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let mut kept = String::new();
+        for l in old.lines().filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|r| r.get("step").and_then(serde_json::Value::as_u64))
+                .is_some_and(|s| s as usize <= resumed_at)
+        }) {
+            kept.push_str(l);
+            kept.push('\n');
+        }
+        kept
+    };
+    crate::sandbox::write_atomic(path, kept.as_bytes())
 }
 
 fn resume_dir(cfg: &TrainConfig, out: &Path) -> Result<Option<PathBuf>> {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use qscript_runtime::train::{Event, TrainConfig};
 use rhai::{EvalAltResult, Map};
 
-use crate::context::RunContext;
+use crate::context::{Resume, RunContext, lock};
 use crate::error::{script_error, to_rhai_at};
 use crate::handles::{Data, DatasetHandle, ModelHandle};
 use crate::options::from_options;
@@ -164,6 +164,42 @@ fn prepare(
         })
         .map_err(to_rhai_at(ctx))?;
     cfg.output_dir = out.to_string_lossy().into_owned();
+    // `--resume` wins over an unset or `false` option (a recipe's default), not over a path.
+    if matches!(
+        cfg.resume_from_checkpoint,
+        None | Some(serde_json::Value::Null | serde_json::Value::Bool(false))
+    ) && let Some(from) = &rc.resume
+    {
+        cfg.resume_from_checkpoint = Some(match from {
+            Resume::Latest => serde_json::Value::Bool(true),
+            Resume::From(p) => serde_json::Value::String(p.to_string_lossy().into_owned()),
+        });
+    }
+    let resuming = matches!(
+        cfg.resume_from_checkpoint,
+        Some(serde_json::Value::Bool(true) | serde_json::Value::String(_))
+    );
+    if !resuming
+        && !lock(&rc.trained_dirs).contains(&out)
+        && let Some((path, step, planned)) = qscript_runtime::train::checkpoint::unfinished(&out)
+    {
+        let of = if planned > 0 {
+            format!(" (step {step} of {planned})")
+        } else {
+            String::new()
+        };
+        return Err(to_rhai_at(ctx)(qscript_runtime::Error::InvalidArgument(
+            format!(
+                "`{}` holds `{}`, a checkpoint of an unfinished run{of}: resume it with `--resume` \
+             (or `resume_from_checkpoint: true`), or start fresh in another `--output-dir` \
+             (or after removing its `checkpoint-*` directories)",
+                out.display(),
+                path.file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            ),
+        )));
+    }
+    lock(&rc.trained_dirs).insert(out.clone());
     if let Some(serde_json::Value::String(p)) = &cfg.resume_from_checkpoint {
         let path = std::path::Path::new(p);
         let full = if path.is_absolute() {
@@ -218,16 +254,21 @@ fn run_fit(
         let saved = report
             .last_checkpoint
             .as_ref()
-            .map_or_else(String::new, |p| {
-                format!("; checkpoint saved to `{}`", p.display())
-            });
+            .map_or_else(String::new, |p| format!("; checkpoint `{}`", p.display()));
         return Err(Box::new(EvalAltResult::ErrorTerminated(
             Dynamic::from(format!(
-                "training stopped at step {}{saved}; resume with `resume_from_checkpoint: true`",
+                "stopped at step {}{saved}; resume with `--resume`",
                 report.steps
             )),
             ctx.call_position(),
         )));
+    }
+    if report.losses.is_empty() && report.steps > 0 {
+        rc.sink.err(&format!(
+            "nothing to train: the run in `{}` is finished (step {} of {}); returning its model",
+            cfg.output_dir, report.steps, report.steps
+        ));
+        return Ok(ModelHandle(Arc::new(report.model)));
     }
     let first = report.losses.first().map_or(0.0, |l| l.1);
     let last = report.losses.last().map_or(0.0, |l| l.1);
