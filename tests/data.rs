@@ -239,3 +239,109 @@ data::load("long.json").map(|r| r.missing.len())
     );
     assert_snapshot!("bad_data", t);
 }
+
+/// Datasets combine: two `dataset_info.json` entries (alpaca + sharegpt) as LLaMA-Factory's
+/// `dataset: a,b`, `concat`, `interleave` (in turn, drawn, all exhausted), iteration, and the
+/// mistakes a recipe can make with them.
+#[test]
+fn datasets_combine_and_iterate() {
+    let env = Env::new();
+    let Some((mut s, _)) = setup(&env) else {
+        return;
+    };
+    s.eval(r#"const INFO = FX + "/datasets/llamafactory/dataset_info.json";"#)
+        .unwrap();
+    s.eval(r#"let a = data::from_info(INFO, "alpaca_zh_demo"); let g = data::from_info(INFO, "glaive_toolcall_zh_demo");"#)
+        .unwrap();
+    let v = |s: &mut qscript_stdlib::Session, e: &str| s.eval(e).unwrap().unwrap();
+    assert_eq!(
+        v(
+            &mut s,
+            r#"let both = data::from_info(INFO, ["alpaca_zh_demo", "glaive_toolcall_zh_demo"]); both.len() == a.len() + g.len()"#
+        ),
+        "=> true : bool"
+    );
+    assert_eq!(
+        v(
+            &mut s,
+            r#"data::from_info(INFO, "alpaca_zh_demo, glaive_toolcall_zh_demo").len() == both.len()"#
+        ),
+        "=> true : bool"
+    );
+    assert_eq!(
+        v(
+            &mut s,
+            "let c = data::concat([a, g]); c[a.len()].messages == g[0].messages"
+        ),
+        "=> true : bool"
+    );
+    // in turn: a0, g0, a1, g1, ... until the shorter one runs out
+    assert_eq!(
+        v(
+            &mut s,
+            "let i = data::interleave([a, g]); i[1].messages == g[0].messages && i[2].messages == a[1].messages && i.len() == 2 * g.len() + 1"
+        ),
+        "=> true : bool"
+    );
+    assert_eq!(
+        v(
+            &mut s,
+            "let d = data::interleave([a, g], #{ probabilities: [0.7, 0.3], seed: 1 }); let e = data::interleave([a, g], #{ probabilities: [0.7, 0.3], seed: 1 }); d.len() == e.len() && d[3].messages == e[3].messages"
+        ),
+        "=> true : bool"
+    );
+    assert_eq!(
+        v(
+            &mut s,
+            r#"data::interleave([a, g], #{ stopping_strategy: "all_exhausted" }).len() == 2 * a.len() - 1"#
+        ),
+        "=> true : bool"
+    );
+    assert_eq!(
+        v(
+            &mut s,
+            "let n = 0; for r in g { n += r.messages.len(); } n > g.len()"
+        ),
+        "=> true : bool"
+    );
+    assert_eq!(
+        v(
+            &mut s,
+            "a.to_messages().sft(tok, #{ max_length: 64 }).len() == data::sft(a, tok, #{ max_length: 64 }).len()"
+        ),
+        "=> true : bool"
+    );
+    for (code, want) in [
+        (
+            "data::concat([a, data::sft(g, tok)])",
+            "dataset 1 holds tokenized examples, dataset 0 records",
+        ),
+        (
+            "data::concat([a, 3])",
+            "`data::concat`: item 1 is not a dataset: `3`",
+        ),
+        (
+            "data::concat([])",
+            "needs a list of datasets, got an empty one",
+        ),
+        (
+            "data::interleave([a, g], #{ probabilities: [0.5] })",
+            "`probabilities` has 1 entries for 2 datasets",
+        ),
+        (
+            "data::interleave([a, g], #{ probabilities: [0.5, 0.6] })",
+            "must be non-negative and sum to 1",
+        ),
+        (
+            r#"data::interleave([a, g], #{ stopping_strategy: "longest" })"#,
+            "must be `first_exhausted` or `all_exhausted`",
+        ),
+        (
+            "data::interleave([a, g], #{ probability: [0.5, 0.5] })",
+            "probability",
+        ),
+    ] {
+        let e = s.eval(code).unwrap_err();
+        assert!(e.rendered.contains(want), "{code}: {}", e.rendered);
+    }
+}

@@ -97,10 +97,104 @@ impl DatasetHandle {
     }
 }
 
+impl DatasetHandle {
+    /// The datasets of `parts` one after another (all records, or all tokenized examples).
+    pub fn concat(parts: &[DatasetHandle]) -> Result<Self, String> {
+        Self::pick(
+            parts,
+            &parts
+                .iter()
+                .enumerate()
+                .flat_map(|(d, p)| (0..p.len()).map(move |i| (d, i)))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// Row `i` of dataset `d` of `parts`, for each `(d, i)` of `order`: one dataset of the kind
+    /// they all are.
+    pub fn pick(parts: &[DatasetHandle], order: &[(usize, usize)]) -> Result<Self, String> {
+        let Some(first) = parts.first() else {
+            return Err("no datasets given".into());
+        };
+        let records = matches!(&*first.0, Data::Records(_));
+        for (k, p) in parts.iter().enumerate() {
+            if matches!(&*p.0, Data::Records(_)) != records {
+                let kind = |r: bool| if r { "records" } else { "tokenized examples" };
+                return Err(format!(
+                    "dataset {k} holds {}, dataset 0 {}; combine datasets of one kind (before or after `data::sft`)",
+                    kind(!records),
+                    kind(records)
+                ));
+            }
+        }
+        let source = parts
+            .iter()
+            .map(DatasetHandle::source)
+            .collect::<Vec<_>>()
+            .join(" + ");
+        Ok(Self(Arc::new(if records {
+            let rows = order
+                .iter()
+                .map(|&(d, i)| match &*parts[d].0 {
+                    Data::Records(r) => r.rows[i].clone(),
+                    Data::Tokenized(_) => serde_json::Value::Null,
+                })
+                .collect();
+            Data::Records(Dataset { rows, source })
+        } else {
+            let mut out = Tokenized {
+                source,
+                ..Tokenized::default()
+            };
+            for p in parts {
+                if let Data::Tokenized(t) = &*p.0 {
+                    out.truncated += t.truncated;
+                    out.dropped += t.dropped;
+                }
+            }
+            out.examples = order
+                .iter()
+                .filter_map(|&(d, i)| match &*parts[d].0 {
+                    Data::Tokenized(t) => Some(t.examples[i].clone()),
+                    Data::Records(_) => None,
+                })
+                .collect();
+            Data::Tokenized(out)
+        })))
+    }
+}
+
+/// `for r in ds { }`: each record (or example) as a map, in order.
+#[derive(Clone, Debug)]
+pub struct DatasetIter {
+    ds: DatasetHandle,
+    next: usize,
+}
+
+impl Iterator for DatasetIter {
+    type Item = rhai::Dynamic;
+
+    fn next(&mut self) -> Option<rhai::Dynamic> {
+        let row = self.ds.row_json(self.next)?;
+        self.next += 1;
+        rhai::serde::to_dynamic(row).ok()
+    }
+}
+
+impl IntoIterator for DatasetHandle {
+    type Item = rhai::Dynamic;
+    type IntoIter = DatasetIter;
+
+    fn into_iter(self) -> DatasetIter {
+        DatasetIter { ds: self, next: 0 }
+    }
+}
+
 /// Registers the handle types with their script names.
 pub fn register(engine: &mut rhai::Engine) {
     engine.register_type_with_name::<ModelHandle>("Model");
     engine.register_type_with_name::<TokenizerHandle>("Tokenizer");
     engine.register_type_with_name::<DatasetHandle>("Dataset");
+    engine.register_iterator::<DatasetHandle>();
     engine.register_type_with_name::<crate::modules::train::TrainerHandle>("Trainer");
 }

@@ -24,6 +24,148 @@ struct LoadOpts {
     max_samples: Option<usize>,
 }
 
+/// Entry `name` of the `dataset_info.json` at `path`, as chat messages.
+fn info_entry(ctx: &NativeCallContext, path: &str, name: &str) -> Res<DatasetHandle> {
+    use crate::error::to_rhai_at;
+    use qscript_runtime::data::{formats, info, load_files};
+    let rc = RunContext::of(ctx)?;
+    let real = rc.sandbox.resolve_read(path).map_err(to_rhai_at(ctx))?;
+    let (file, opts) = info::read_info(&real, name).map_err(to_rhai_at(ctx))?;
+    let file = rc.sandbox.resolve_read(&file).map_err(to_rhai_at(ctx))?;
+    let ds = load_files(&[file]).map_err(to_rhai_at(ctx))?;
+    let conv = formats::to_messages(&ds, &opts).map_err(to_rhai_at(ctx))?;
+    rc.sink.err(&format!(
+        "data: `{name}`: {} records, format `{}` from dataset_info.json",
+        conv.dataset.len(),
+        conv.format
+    ));
+    Ok(DatasetHandle::records(conv.dataset))
+}
+
+/// The datasets of a script list, or an error naming the item that is not one.
+fn datasets(ctx: &NativeCallContext, what: &str, list: rhai::Array) -> Res<Vec<DatasetHandle>> {
+    if list.is_empty() {
+        return Err(at(
+            ctx,
+            script_error(
+                "invalid_argument",
+                format!("`{what}` needs a list of datasets, got an empty one"),
+            ),
+        ));
+    }
+    list.into_iter()
+        .enumerate()
+        .map(|(k, d)| {
+            let shown = d.to_string();
+            d.try_cast::<DatasetHandle>().ok_or_else(|| {
+                at(
+                    ctx,
+                    script_error(
+                        "invalid_argument",
+                        format!("`{what}`: item {k} is not a dataset: `{shown}`"),
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Options of `data::interleave` (HF datasets' `interleave_datasets`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct InterleaveOpts {
+    /// Chance of drawing from each dataset at each step (none: take them in turn).
+    probabilities: Option<Vec<f64>>,
+    /// Seed of the draws.
+    seed: Option<u64>,
+    /// `first_exhausted` (stop when one runs out, the default) or `all_exhausted` (start the
+    /// exhausted ones over until every one has been used up once).
+    stopping_strategy: Option<String>,
+}
+
+/// The `(dataset, row)` order of `interleave` over datasets of `lens` rows.
+fn interleave_order(lens: &[usize], o: &InterleaveOpts) -> Result<Vec<(usize, usize)>, String> {
+    use rand::{Rng, SeedableRng};
+    let all = match o.stopping_strategy.as_deref().unwrap_or("first_exhausted") {
+        "first_exhausted" => false,
+        "all_exhausted" => true,
+        other => {
+            return Err(format!(
+                "`stopping_strategy` must be `first_exhausted` or `all_exhausted`, got `{other}`"
+            ));
+        }
+    };
+    if let Some((k, _)) = lens.iter().enumerate().find(|(_, n)| **n == 0) {
+        return Err(format!("dataset {k} is empty"));
+    }
+    let cumulative = match &o.probabilities {
+        None => None,
+        Some(p) => {
+            if p.len() != lens.len() {
+                return Err(format!(
+                    "`probabilities` has {} entries for {} datasets",
+                    p.len(),
+                    lens.len()
+                ));
+            }
+            let sum: f64 = p.iter().sum();
+            if p.iter().any(|x| !x.is_finite() || *x < 0.0) || (sum - 1.0).abs() > 1e-6 {
+                return Err(format!(
+                    "`probabilities` must be non-negative and sum to 1, got {p:?} (sum {sum})"
+                ));
+            }
+            Some(
+                p.iter()
+                    .scan(0.0, |acc, x| {
+                        *acc += x;
+                        Some(*acc)
+                    })
+                    .collect::<Vec<f64>>(),
+            )
+        }
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed.unwrap_or(0));
+    let mut next = vec![0usize; lens.len()];
+    let mut done = vec![false; lens.len()];
+    let mut order = Vec::new();
+    let limit = lens
+        .iter()
+        .sum::<usize>()
+        .saturating_mul(lens.len().max(1))
+        .saturating_mul(64);
+    for turn in 0.. {
+        if order.len() >= limit {
+            return Err(
+                "`interleave` would not end: a dataset with probability 0 can never be used up"
+                    .into(),
+            );
+        }
+        let d = match &cumulative {
+            None => turn % lens.len(),
+            Some(c) => {
+                let u: f64 = rng.random();
+                c.iter().position(|&x| u < x).unwrap_or(lens.len() - 1)
+            }
+        };
+        if next[d] == lens[d] {
+            done[d] = true;
+            if !all || done.iter().all(|&x| x) {
+                break;
+            }
+            next[d] = 0;
+        }
+        order.push((d, next[d]));
+        next[d] += 1;
+        if all && next[d] == lens[d] {
+            done[d] = true;
+            if done.iter().all(|&x| x) {
+                break;
+            }
+        }
+    }
+    Ok(order)
+}
+
 /// Expands `pattern` (relative to the recipe directory; `*`, `?` and `[..]` glob) into files the
 /// sandbox allows.
 fn expand(rc: &RunContext, pattern: &str) -> Res<Vec<PathBuf>> {
@@ -162,12 +304,12 @@ pub mod data_module {
 
     use qscript_runtime::data::formats::{self, FormatOptions};
     use qscript_runtime::data::sft::{self as sft_impl, SftOptions};
-    use qscript_runtime::data::{Dataset, info, load_files};
+    use qscript_runtime::data::{Dataset, load_files};
     use rand::SeedableRng;
     use rand::seq::SliceRandom;
     use rhai::{Array, FnPtr, Map};
 
-    use super::{LoadOpts, Res, at, edit_records, expand, par_call};
+    use super::{LoadOpts, Res, at, datasets, edit_records, expand, info_entry, par_call};
     use crate::context::{Memo, RunContext};
     use crate::error::{script_error, to_rhai, to_rhai_at};
     use crate::handles::{Data, DatasetHandle, Tokenized, TokenizerHandle};
@@ -221,18 +363,104 @@ pub mod data_module {
     /// ```
     #[rhai_fn(return_raw)]
     pub fn from_info(ctx: NativeCallContext, path: &str, name: &str) -> Res<DatasetHandle> {
-        let rc = RunContext::of(&ctx)?;
-        let real = rc.sandbox.resolve_read(path).map_err(to_rhai_at(&ctx))?;
-        let (file, opts) = info::read_info(&real, name).map_err(to_rhai_at(&ctx))?;
-        let file = rc.sandbox.resolve_read(&file).map_err(to_rhai_at(&ctx))?;
-        let ds = load_files(&[file]).map_err(to_rhai_at(&ctx))?;
-        let conv = formats::to_messages(&ds, &opts).map_err(to_rhai_at(&ctx))?;
-        rc.sink.err(&format!(
-            "data: `{name}`: {} records, format `{}` from dataset_info.json",
-            conv.dataset.len(),
-            conv.format
-        ));
-        Ok(DatasetHandle::records(conv.dataset))
+        if name.contains(',') {
+            // LLaMA-Factory's `dataset: a,b`.
+            let names = name
+                .split(',')
+                .map(|n| Dynamic::from(n.trim().to_string()))
+                .collect();
+            return from_info_many(ctx, path, names);
+        }
+        info_entry(&ctx, path, name)
+    }
+
+    /// Loads several entries of a `dataset_info.json` and concatenates them, as LLaMA-Factory's
+    /// `dataset: a,b` does.
+    ///
+    /// ```rhai
+    /// io::write_text("info/a.json", `[{"q": "hi", "a": "hello"}]`);
+    /// io::write_text("info/b.json", `[{"conversations": [{"from": "human", "value": "yo"}, {"from": "gpt", "value": "hey"}]}]`);
+    /// io::write_text("info/dataset_info.json", `{"a": {"file_name": "a.json", "columns": {"prompt": "q", "response": "a"}}, "b": {"file_name": "b.json", "formatting": "sharegpt"}}`);
+    /// let ds = data::from_info(io::output_dir() + "/info/dataset_info.json", ["a", "b"]);
+    /// assert(ds.len() == 2 && ds[1].messages[1].content == "hey");
+    /// ```
+    #[rhai_fn(name = "from_info", return_raw)]
+    pub fn from_info_many(ctx: NativeCallContext, path: &str, names: Array) -> Res<DatasetHandle> {
+        let mut parts = Vec::with_capacity(names.len());
+        for (k, n) in names.into_iter().enumerate() {
+            let Ok(name) = n.into_string() else {
+                return Err(at(
+                    &ctx,
+                    script_error(
+                        "invalid_argument",
+                        format!("`data::from_info`: name {k} is not a string"),
+                    ),
+                ));
+            };
+            parts.push(info_entry(&ctx, path, &name)?);
+        }
+        DatasetHandle::concat(&parts).map_err(|m| at(&ctx, script_error("invalid_argument", m)))
+    }
+
+    /// The datasets one after another (all records, or all tokenized examples).
+    ///
+    /// ```rhai
+    /// io::write_text("a.json", `[{"x": 1}, {"x": 2}]`);
+    /// io::write_text("b.json", `[{"x": 3}]`);
+    /// let a = data::load(io::output_dir() + "/a.json");
+    /// let ds = data::concat([a, data::load(io::output_dir() + "/b.json")]);
+    /// assert(ds.len() == 3 && ds[2].x == 3);
+    /// let total = 0;
+    /// for r in ds { total += r.x; }
+    /// assert(total == 6);
+    /// ```
+    #[rhai_fn(return_raw)]
+    pub fn concat(ctx: NativeCallContext, list: Array) -> Res<DatasetHandle> {
+        let parts = datasets(&ctx, "data::concat", list)?;
+        DatasetHandle::concat(&parts).map_err(|m| at(&ctx, script_error("invalid_argument", m)))
+    }
+
+    /// Alternates between datasets, as HF datasets' `interleave_datasets` does: in turn, or drawn
+    /// with `probabilities` (seeded by `seed`), until one runs out (`stopping_strategy:
+    /// "first_exhausted"`) or every one has been used up once, the others starting over
+    /// (`"all_exhausted"`). The draws are qscript's own (seeded), not numpy's.
+    ///
+    /// ```rhai
+    /// io::write_text("a.json", `[{"x": 1}, {"x": 2}]`);
+    /// io::write_text("b.json", `[{"x": 10}, {"x": 20}, {"x": 30}]`);
+    /// let a = data::load(io::output_dir() + "/a.json");
+    /// let b = data::load(io::output_dir() + "/b.json");
+    /// let ds = data::interleave([a, b], #{ stopping_strategy: "all_exhausted" });
+    /// assert(ds.len() == 6 && ds[1].x == 10 && ds[4].x == 1);
+    /// let mixed = data::interleave([a, b], #{ probabilities: [0.5, 0.5], seed: 42 });
+    /// assert(mixed.len() >= 2);
+    /// ```
+    #[rhai_fn(return_raw)]
+    pub fn interleave(ctx: NativeCallContext, list: Array, opts: Map) -> Res<DatasetHandle> {
+        let o: super::InterleaveOpts = from_options(&ctx, "data::interleave", opts)?;
+        let parts = datasets(&ctx, "data::interleave", list)?;
+        let lens: Vec<usize> = parts.iter().map(DatasetHandle::len).collect();
+        let order = super::interleave_order(&lens, &o).map_err(|m| {
+            at(
+                &ctx,
+                script_error("invalid_argument", format!("`data::interleave`: {m}")),
+            )
+        })?;
+        DatasetHandle::pick(&parts, &order)
+            .map_err(|m| at(&ctx, script_error("invalid_argument", m)))
+    }
+
+    /// `interleave` in turn, until one dataset runs out.
+    ///
+    /// ```rhai
+    /// io::write_text("a.json", `[{"x": 1}, {"x": 2}]`);
+    /// io::write_text("b.json", `[{"x": 10}]`);
+    /// let ds = data::interleave([data::load(io::output_dir() + "/a.json"), data::load(io::output_dir() + "/b.json")]);
+    /// assert(ds.len() == 3 && ds[2].x == 2);
+    /// ```
+    #[rhai_fn(name = "interleave", return_raw)]
+    pub fn interleave_default(ctx: NativeCallContext, list: Array) -> Res<DatasetHandle> {
+        interleave(ctx, list, Map::new())
     }
 
     /// Converts records to chat messages (`#{ messages: [#{ role, content }] }`).
@@ -247,7 +475,7 @@ pub mod data_module {
     /// let ds = data::to_messages(data::load(io::output_dir() + "/a.json"), #{ system: "现在你要扮演甄嬛" });
     /// assert(ds[0].messages.len() == 3);
     /// ```
-    #[rhai_fn(return_raw)]
+    #[rhai_fn(global, return_raw)]
     pub fn to_messages(ctx: NativeCallContext, ds: DatasetHandle, opts: Map) -> Res<DatasetHandle> {
         let rc = RunContext::of(&ctx)?;
         let o: FormatOptions = from_options(&ctx, "data::to_messages", opts)?;
@@ -277,7 +505,7 @@ pub mod data_module {
     /// let ds = data::to_messages(data::load(io::output_dir() + "/s.json"));
     /// assert(ds[0].messages[0].role == "user");
     /// ```
-    #[rhai_fn(name = "to_messages", return_raw)]
+    #[rhai_fn(global, name = "to_messages", return_raw)]
     pub fn to_messages_auto(ctx: NativeCallContext, ds: DatasetHandle) -> Res<DatasetHandle> {
         to_messages(ctx, ds, Map::new())
     }
@@ -296,7 +524,7 @@ pub mod data_module {
     /// let ds = data::sft(msgs, tokenizer::builtin(), #{ max_length: 128 });
     /// assert(ds[0].labels[0] == -100);
     /// ```
-    #[rhai_fn(return_raw)]
+    #[rhai_fn(global, return_raw)]
     pub fn sft(
         ctx: NativeCallContext,
         ds: DatasetHandle,
@@ -355,8 +583,11 @@ pub mod data_module {
     /// io::write_text("a.json", `[{"instruction": "hi", "output": "hello"}]`);
     /// let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/a.json")), tokenizer::builtin());
     /// assert(ds.len() == 1);
+    /// // every data function that takes a dataset is also a method
+    /// let same = data::load(io::output_dir() + "/a.json").to_messages().sft(tokenizer::builtin());
+    /// assert(same[0].input_ids == ds[0].input_ids);
     /// ```
-    #[rhai_fn(name = "sft", return_raw)]
+    #[rhai_fn(global, name = "sft", return_raw)]
     pub fn sft_default(
         ctx: NativeCallContext,
         ds: DatasetHandle,
