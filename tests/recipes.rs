@@ -86,6 +86,79 @@ fn the_huanhuan_recipe_trains_saves_and_chats() {
     }
 }
 
+/// `loss A -> B` of a run's summary line.
+fn first_and_last_loss(err: &str) -> (f64, f64) {
+    let tail = err
+        .split(": loss ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no summary in {err}"));
+    let mut it = tail
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|t| !t.is_empty());
+    let a = it.next().unwrap().parse().unwrap();
+    assert_eq!(it.next(), Some("->"));
+    (a, it.next().unwrap().parse().unwrap())
+}
+
+/// Seeds 001-003 as recipes, with no arguments (tiny model, demo data): each trains with its loss
+/// falling and leaves what its seed leaves.
+#[test]
+fn the_seed_recipes_run_as_shipped() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
+    for (name, expect, files) in [
+        (
+            "sharegpt_sft.rhai",
+            vec!["Total optimization steps = 10", "step 1, ", "step 10, "],
+            vec!["model/config.json", "model/model.safetensors"],
+        ),
+        (
+            "psychology_full_sft.rhai",
+            vec![
+                "eval_loss",
+                "best eval loss ",
+                "the returned model is that checkpoint's",
+            ],
+            vec!["best/model.safetensors", "metrics.jsonl"],
+        ),
+        (
+            "llamafactory_lora.rhai",
+            vec![
+                "data: `demo_alpaca`: 40 records, format `alpaca`",
+                "data: `demo_sharegpt`: 30 records, format `sharegpt`",
+                "8 optimizer steps per epoch, 32 in all",
+                "Total optimization steps = 32",
+            ],
+            vec![
+                "adapter/adapter_config.json",
+                "merged/config.json",
+                "merged/model.safetensors",
+            ],
+        ),
+    ] {
+        let out = tempfile::tempdir().unwrap();
+        let o_dir = out.path().join("o");
+        let o = run_in(
+            out.path(),
+            &[
+                root.join(name).to_str().unwrap(),
+                "--output-dir",
+                o_dir.to_str().unwrap(),
+            ],
+        );
+        let err = stderr(&o);
+        let all = format!("{err}{}", support::stdout(&o));
+        assert_eq!(o.status.code(), Some(0), "{name}: {err}");
+        for e in expect {
+            assert!(all.contains(e), "{name}: no `{e}` in\n{all}");
+        }
+        let (first, last) = first_and_last_loss(&err);
+        assert!(last < first - 1.0, "{name}: loss {first} -> {last}");
+        for f in files {
+            assert!(o_dir.join(f).is_file(), "{name}: {f} missing");
+        }
+    }
+}
+
 #[test]
 fn editing_the_training_cell_reuses_the_model_and_the_tokenized_data() {
     use std::sync::Arc;

@@ -47,6 +47,8 @@ pub struct TinyConfig {
     pub dtype: String,
     /// `cpu`, `cuda:N` or `auto`.
     pub device: String,
+    /// Every weight trainable (full fine-tuning), as `model::load`'s `trainable`.
+    pub trainable: bool,
 }
 
 impl Default for TinyConfig {
@@ -65,6 +67,7 @@ impl Default for TinyConfig {
             embed_std: 0.1,
             dtype: "f32".into(),
             device: "cpu".into(),
+            trainable: false,
         }
     }
 }
@@ -116,7 +119,7 @@ pub fn tiny(t: &TinyConfig) -> Result<Model> {
     let opts = LoadOptions {
         dtype: t.dtype.clone(),
         device: t.device.clone(),
-        trainable: false,
+        trainable: t.trainable,
     };
     let device = opts.resolve_device()?;
     let dtype = opts.resolve_dtype(&device)?;
@@ -191,7 +194,7 @@ pub fn tiny(t: &TinyConfig) -> Result<Model> {
         dir: PathBuf::from("<tiny>"),
         tensors,
     };
-    Model::build(cfg, &src, dtype, &device, false)
+    Model::build(cfg, &src, dtype, &device, t.trainable)
 }
 
 #[derive(Clone, Copy)]

@@ -85,6 +85,10 @@ pub struct TrainReport {
     pub last_checkpoint: Option<PathBuf>,
     /// The most GPU memory live tensors held during training (`None` on the CPU).
     pub peak_device_bytes: Option<u64>,
+    /// The best evaluation: its checkpoint and eval loss (with eval on).
+    pub best: Option<(String, f64)>,
+    /// Whether the returned model is that checkpoint's (`load_best_model_at_end`).
+    pub loaded_best: bool,
 }
 
 /// A copy of `model` whose trainable tensors are copies (training never changes the input
@@ -670,14 +674,21 @@ impl Trainer {
     /// Ends the run: restores the best checkpoint if asked, writes `loss.svg`, returns the report.
     pub fn finish(mut self, interrupted: bool) -> Result<TrainReport> {
         self.flush()?;
+        let mut loaded_best = false;
         if self.cfg.load_best_model_at_end
             && let Some(best) = &self.state.best_model_checkpoint
         {
             let dir = self.out_dir.join(best);
             if dir.is_dir() {
                 checkpoint::restore(&dir, &self.model, &self.params, &mut self.opt)?;
+                loaded_best = true;
             }
         }
+        let best = self
+            .state
+            .best_model_checkpoint
+            .clone()
+            .zip(self.state.best_metric);
         write_plot(
             &self.out_dir.join("loss.svg"),
             &self.losses,
@@ -694,6 +705,8 @@ impl Trainer {
             interrupted,
             last_checkpoint: self.last_checkpoint,
             peak_device_bytes: crate::device::pool(self.model.decoder.device()).map(|p| p.peak),
+            best,
+            loaded_best,
             model: self.model,
         })
     }

@@ -191,7 +191,7 @@ pub mod model_module {
     /// `arch` (`"qwen2"`, `"qwen3"`, `"llama"`), `hidden` (64), `layers` (2), `heads` (4),
     /// `kv_heads` (2), `intermediate` (172), `vocab` (259, the built-in tokenizer's),
     /// `max_positions` (512), `tie_embeddings` (true), `seed` (0), `embed_std` (0.1), `dtype` (`"f32"`), `device`
-    /// (`"cpu"`).
+    /// (`"cpu"`), `trainable` (false; `true`: every weight trains, full fine-tuning).
     ///
     /// ```rhai
     /// let m = model::tiny(#{ arch: "llama", hidden: 32, layers: 1, seed: 3 });

@@ -270,6 +270,24 @@ fn run_fit(
         ));
         return Ok(ModelHandle(Arc::new(report.model)));
     }
+    if let Some((ckpt, loss)) = &report.best {
+        let at = if std::path::Path::new(&cfg.output_dir).join(ckpt).is_dir() {
+            format!("`{ckpt}`")
+        } else {
+            format!(
+                "step {} (not saved)",
+                ckpt.trim_start_matches("checkpoint-")
+            )
+        };
+        rc.sink.err(&format!(
+            "best eval loss {loss:.4} at {at}{}",
+            if report.loaded_best {
+                "; the returned model is that checkpoint's (`load_best_model_at_end`)"
+            } else {
+                ""
+            }
+        ));
+    }
     let first = report.losses.first().map_or(0.0, |l| l.1);
     let last = report.losses.last().map_or(0.0, |l| l.1);
     let peak = report.peak_device_bytes.map_or_else(String::new, |b| {
