@@ -230,7 +230,7 @@ fn check_parses_and_resolves_params_without_running() {
     );
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        stderr(&o).contains("`--set lr=fast`: expected a number"),
+        stderr(&o).contains("`--set lr=fast`: expected a finite number"),
         "{}",
         stderr(&o)
     );

@@ -287,3 +287,61 @@ fn the_cancel_token_stops_a_running_evaluation() {
     // The session goes on.
     assert_eq!(s.eval("i > 0").unwrap().as_deref(), Some("=> true : bool"));
 }
+
+/// Bad values of train and generation options and of `--set`: each error names the option and
+/// its valid range or type (no serde or Rust type names), table-driven and snapshotted.
+#[test]
+fn bad_option_values_name_the_option_and_the_range() {
+    let env = Env::new();
+    let mut s = env.session();
+    s.eval(
+        r#"io::write_text("d.json", `[{"instruction": "a", "output": "b"}]`);
+let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/d.json")), tokenizer::builtin());
+let m = lora::attach(model::tiny(), #{ r: 2 });
+let tok = tokenizer::builtin();"#,
+    )
+    .unwrap();
+    let cases = [
+        r#"train::fit(m, ds, #{ max_steps: "10" })"#,
+        "train::fit(m, ds, #{ per_device_train_batch_size: -1 })",
+        "train::fit(m, ds, #{ num_train_epochs: -1.0 })",
+        "train::fit(m, ds, #{ adam_beta1: 5.0 })",
+        "train::fit(m, ds, #{ adam_epsilon: 0.0 })",
+        "train::fit(m, ds, #{ max_grad_norm: -1.0 })",
+        "train::fit(m, ds, #{ weight_decay: -0.1 })",
+        "train::fit(m, ds, #{ save_total_limit: 0 })",
+        "train::fit(m, ds, #{ pad_to_multiple_of: 1000000000 })",
+        "train::fit(m, ds, #{ warmup_ratio: 2.0 })",
+        "train::fit(m, ds, #{ logging_steps: 0 })",
+        "train::fit(m, ds, #{ max_length: 0, packing: true })",
+        "train::fit(m, ds, #{ bf16: \"yes\" })",
+        "m.generate(tok, \"hi\", #{ top_k: 0 })",
+        "m.generate(tok, \"hi\", #{ temperature: -1.0 })",
+        "m.generate(tok, \"hi\", #{ top_p: 2.0 })",
+        "m.generate(tok, \"hi\", #{ repetition_penalty: 0.0 })",
+        "m.generate(tok, \"hi\", #{ max_new_tokens: \"5\" })",
+        "m.generate(tok, [1, 2, 99999])",
+    ];
+    let mut out = Vec::new();
+    for c in cases {
+        let e = s.eval(c).unwrap_err();
+        let head = e.rendered.lines().next().unwrap_or("").to_string();
+        assert!(
+            !head.contains("i64") && !head.contains("usize") && !head.contains("f64"),
+            "{head}"
+        );
+        out.push(format!("{c}\n  {head}"));
+    }
+    assert_snapshot!("bad_option_values", out.join("\n"));
+    // `--set` with a non-finite number
+    let mut opts = env.options();
+    opts.overrides = vec![("lr".into(), "nan".into())];
+    let mut s = env.session_with(&opts);
+    let e = s.eval("let p = params(#{ lr: 1e-4 });").unwrap_err();
+    assert!(
+        e.rendered
+            .contains("`--set lr=nan`: expected a finite number"),
+        "{}",
+        e.rendered
+    );
+}

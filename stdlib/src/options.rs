@@ -23,7 +23,48 @@ pub fn from_options<T: DeserializeOwned>(
     };
     let json: serde_json::Value =
         rhai::serde::from_dynamic(&Dynamic::from_map(opts)).map_err(|e| fail(e.to_string()))?;
-    serde_json::from_value(json).map_err(|e| fail(e.to_string()))
+    serde_path_to_error::deserialize(json).map_err(|e| {
+        let path = e.path().to_string();
+        let text = plain_types(&e.into_inner().to_string());
+        if let Some(rest) = text.strip_prefix("unknown field `") {
+            // serde names the field and lists the valid ones; add the closest one.
+            let field = rest.split('`').next().unwrap_or("");
+            let valid: Vec<&str> = rest.split('`').skip(2).step_by(2).collect();
+            let guess = valid
+                .iter()
+                .map(|v| (strsim::normalized_damerau_levenshtein(field, v), *v))
+                .filter(|(score, _)| *score >= 0.5)
+                .max_by(|a, b| a.0.total_cmp(&b.0))
+                .map_or_else(String::new, |(_, v)| format!("; did you mean `{v}`?"));
+            return fail(format!("{text}{guess}"));
+        }
+        fail(if path == "." || path.is_empty() {
+            text
+        } else {
+            format!("`{path}`: {text}")
+        })
+    })
+}
+
+/// serde's messages with the script's words for types (`expected an integer`, not `expected
+/// i64`).
+fn plain_types(text: &str) -> String {
+    let mut out = text.to_string();
+    for (rust, plain) in [
+        ("expected usize", "expected a non-negative integer"),
+        ("expected u64", "expected a non-negative integer"),
+        ("expected u32", "expected a non-negative integer"),
+        ("expected i64", "expected an integer"),
+        ("expected i32", "expected an integer"),
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+        ("expected a boolean", "expected `true` or `false`"),
+        ("invalid type: floating point", "invalid type: number"),
+        ("invalid type: integer", "invalid type: number"),
+    ] {
+        out = out.replace(rust, plain);
+    }
+    out
 }
 
 /// A non-negative script integer as `usize`.

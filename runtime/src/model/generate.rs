@@ -30,6 +30,45 @@ pub struct GenerateOptions {
     pub stop_ids: Vec<u32>,
 }
 
+/// The most new tokens one call may ask for.
+pub const MAX_NEW_TOKENS: usize = 1 << 20;
+
+impl GenerateOptions {
+    /// Each option in its range, or an error naming it and the range.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if self.max_new_tokens > MAX_NEW_TOKENS {
+            return bad(format!(
+                "`max_new_tokens` must be at most {MAX_NEW_TOKENS}, got {}",
+                self.max_new_tokens
+            ));
+        }
+        if let Some(t) = self.temperature
+            && !(t.is_finite() && t >= 0.0)
+        {
+            return bad(format!(
+                "`temperature` must be a number >= 0 (0: greedy), got {t}"
+            ));
+        }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return bad(format!("`top_p` must be in (0, 1], got {p}"));
+        }
+        if self.top_k == Some(0) {
+            return bad("`top_k` must be at least 1 (leave it out for no top-k)".into());
+        }
+        if let Some(r) = self.repetition_penalty
+            && !(r.is_finite() && r > 0.0)
+        {
+            return bad(format!(
+                "`repetition_penalty` must be a number > 0 (1: none), got {r}"
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Model {
     /// Generates up to `max_new_tokens` after `prompt`, calling `on_token` with each new id.
     /// Returns the new ids (the stop token included when one ended the run).
@@ -44,6 +83,17 @@ impl Model {
             return Err(Error::InvalidArgument(
                 "`generate` needs a non-empty prompt".into(),
             ));
+        }
+        opts.validate()?;
+        let vocab = self.config().vocab_size;
+        if let Some((i, id)) = prompt
+            .iter()
+            .enumerate()
+            .find(|(_, id)| **id as usize >= vocab)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "prompt token {i} is id {id}, outside the model's vocabulary (0..{vocab}): is the tokenizer this model's?"
+            )));
         }
         let g = &self.generation;
         let sampled = g.do_sample.unwrap_or(false) || opts.temperature.is_some();

@@ -149,6 +149,70 @@ impl TrainConfig {
                 "`max_length` must be in 1..=1048576 tokens, got {n}"
             ));
         }
+        let finite = |name: &str, v: f64, ok: bool, range: &str| -> Result<()> {
+            if v.is_finite() && ok {
+                Ok(())
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "`{name}` must be {range}, got {v}"
+                )))
+            }
+        };
+        finite(
+            "num_train_epochs",
+            self.num_train_epochs,
+            self.num_train_epochs >= 0.0,
+            "a number >= 0",
+        )?;
+        finite(
+            "weight_decay",
+            self.weight_decay,
+            self.weight_decay >= 0.0,
+            "a number >= 0",
+        )?;
+        finite(
+            "adam_beta1",
+            self.adam_beta1,
+            (0.0..1.0).contains(&self.adam_beta1),
+            "in [0, 1)",
+        )?;
+        finite(
+            "adam_beta2",
+            self.adam_beta2,
+            (0.0..1.0).contains(&self.adam_beta2),
+            "in [0, 1)",
+        )?;
+        finite(
+            "adam_epsilon",
+            self.adam_epsilon,
+            self.adam_epsilon > 0.0,
+            "a number > 0",
+        )?;
+        finite(
+            "max_grad_norm",
+            self.max_grad_norm,
+            self.max_grad_norm >= 0.0,
+            "a number >= 0 (0 turns clipping off)",
+        )?;
+        if self.save_total_limit == Some(0) {
+            return bad(
+                "`save_total_limit` must be at least 1 (leave it out to keep every checkpoint)"
+                    .into(),
+            );
+        }
+        if let Some(m) = self.pad_to_multiple_of
+            && !(1..=1 << 16).contains(&m)
+        {
+            return bad(format!(
+                "`pad_to_multiple_of` must be in 1..=65536, got {m}"
+            ));
+        }
+        if self.logging_steps == 0 {
+            return bad("`logging_steps` must be at least 1".into());
+        }
+        if self.eval_steps == Some(0) {
+            return bad("`eval_steps` must be at least 1".into());
+        }
         if self.bf16 && self.fp16 {
             return bad("`bf16` and `fp16` cannot both be true".into());
         }

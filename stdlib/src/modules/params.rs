@@ -42,8 +42,10 @@ fn coerce(raw: &str, default: &Dynamic) -> Result<Dynamic, &'static str> {
             .map_err(|_| "an integer")
     } else if default.is_float() {
         raw.parse::<rhai::FLOAT>()
+            .ok()
+            .filter(|v| v.is_finite())
             .map(Dynamic::from)
-            .map_err(|_| "a number")
+            .ok_or("a finite number")
     } else if default.is_bool() {
         match raw {
             "true" => Ok(true.into()),
