@@ -6,6 +6,12 @@ mod config;
 mod repl;
 mod watch;
 
+/// mimalloc keeps freed memory for reuse: the CPU engine allocates and frees tensors of tens of
+/// megabytes every step (logit chunks, a 152k-row embedding gradient), which the system allocator
+/// returns to the kernel and faults back in each time.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
