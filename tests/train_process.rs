@@ -175,3 +175,29 @@ fn kill_9_while_saving_leaves_every_checkpoint_loadable() {
     assert_eq!(o.status.code(), Some(0), "{err}");
     assert!(err.contains("Resumed from step "), "{err}");
 }
+
+/// Two runs on one output dir: the second fails at once, naming the first one's pid, and the
+/// first one trains on undisturbed.
+#[test]
+fn a_second_run_on_the_same_output_dir_is_refused() {
+    let env = Env::new();
+    env.write("t.rhai", RECIPE);
+    let mut child = spawn(&env, &[]);
+    let _out = wait_for_line(&mut child, "step 5,");
+    let o = run_in(
+        env.dir.path(),
+        &[
+            "recipe/t.rhai",
+            "--output-dir",
+            env.out_dir().to_str().unwrap(),
+        ],
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("is in use by another run (pid {})", child.id())),
+        "{err}"
+    );
+    child.kill().unwrap();
+    let _ = child.wait();
+}

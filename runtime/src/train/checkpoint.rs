@@ -78,11 +78,95 @@ pub fn save(
     candle_core::safetensors::save(&moments, tmp.join("optimizer.safetensors"))?;
     let json = serde_json::to_string_pretty(state).unwrap_or_default();
     std::fs::write(tmp.join("trainer_state.json"), json).map_err(|e| Error::io(&tmp, e))?;
+    // Re-saving a step: the old directory is moved aside first and removed only after the new one
+    // is in place, so a kill at any point leaves a complete checkpoint-N (or its `.old` copy, which
+    // `recover` puts back).
+    let old = output_dir.join(format!(
+        ".checkpoint-{}.old{}",
+        state.global_step,
+        std::process::id()
+    ));
     if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        std::fs::rename(&final_dir, &old).map_err(|e| Error::io(&final_dir, e))?;
     }
     std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
     Ok(final_dir)
+}
+
+/// Cleans up after saves that a killed process left half done (call it holding the output dir's
+/// lock, so no live save is touched): a `checkpoint-N` moved aside and not replaced is put back,
+/// and every other temporary directory is removed. Returns what it did, for a notice.
+pub fn recover(output_dir: &Path) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return Ok(done);
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(".checkpoint-") else {
+            continue;
+        };
+        let step = rest.split('.').next().unwrap_or("");
+        let path = e.path();
+        let fin = output_dir.join(format!("checkpoint-{step}"));
+        if rest.contains(".old") && !fin.exists() && path.join("trainer_state.json").is_file() {
+            std::fs::rename(&path, &fin).map_err(|err| Error::io(&path, err))?;
+            done.push(format!(
+                "restored `checkpoint-{step}` from an interrupted save"
+            ));
+        } else if rest.contains(".old") || rest.contains(".tmp") {
+            std::fs::remove_dir_all(&path).map_err(|err| Error::io(&path, err))?;
+            done.push(format!("removed `{name}`, left by an interrupted save"));
+        }
+    }
+    done.sort();
+    Ok(done)
+}
+
+/// The output dir's lock, held while a run trains there (released when dropped): a second run
+/// on the same dir fails at once, naming the holder.
+#[derive(Debug)]
+pub struct DirLock(#[allow(dead_code)] std::fs::File);
+
+impl DirLock {
+    /// Takes the lock of `output_dir` (`.qscript.lock`, holding the owner's pid).
+    pub fn take(output_dir: &Path) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
+        let path = output_dir.join(".qscript.lock");
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                let _ = f.read_to_string(&mut pid);
+                let pid = pid.trim();
+                let who = if pid == std::process::id().to_string() {
+                    "a trainer of this session that is still alive (drop it, e.g. `t = ()`)"
+                        .to_string()
+                } else {
+                    format!("another run (pid {pid})")
+                };
+                return Err(Error::InvalidArgument(format!(
+                    "`{}` is in use by {who}; wait for it to finish or train into another `output_dir`",
+                    output_dir.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+        }
+        f.set_len(0).map_err(|e| Error::io(&path, e))?;
+        f.rewind().map_err(|e| Error::io(&path, e))?;
+        write!(f, "{}", std::process::id()).map_err(|e| Error::io(&path, e))?;
+        Ok(Self(f))
+    }
 }
 
 /// Checkpoint directories in `output_dir`, oldest first.
@@ -173,4 +257,64 @@ pub fn restore(
     opt.v = Tensor::cat(&v, 0)?;
     opt.step = state.global_step;
     Ok(state)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn complete(dir: &Path, step: usize) {
+        std::fs::create_dir_all(dir).unwrap();
+        let state = TrainerState {
+            global_step: step,
+            ..TrainerState::default()
+        };
+        std::fs::write(
+            dir.join("trainer_state.json"),
+            serde_json::to_string(&state).unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// A kill at each point of a re-save of step 5 (new copy written, old one moved aside, new one
+    /// renamed in) leaves, after `recover`, exactly one complete `checkpoint-5` and no temporaries.
+    #[test]
+    fn a_kill_at_any_point_of_a_save_leaves_a_complete_checkpoint() {
+        for killed_after in ["tmp written", "old moved aside", "new renamed in"] {
+            let out = tempfile::tempdir().unwrap();
+            let (fin, tmp, old) = (
+                out.path().join("checkpoint-5"),
+                out.path().join(".checkpoint-5.tmp4242"),
+                out.path().join(".checkpoint-5.old4242"),
+            );
+            complete(&fin, 5);
+            complete(&tmp, 5);
+            if killed_after != "tmp written" {
+                std::fs::rename(&fin, &old).unwrap();
+            }
+            if killed_after == "new renamed in" {
+                std::fs::rename(&tmp, &fin).unwrap();
+            }
+            let done = recover(out.path()).unwrap();
+            assert!(!done.is_empty(), "{killed_after}");
+            let left: Vec<String> = std::fs::read_dir(out.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(left, ["checkpoint-5"], "{killed_after}: {done:?}");
+            assert_eq!(list(out.path()).len(), 1);
+        }
+    }
+
+    /// One run at a time per output dir; the lock goes with the run.
+    #[test]
+    fn the_output_dir_lock_names_its_holder_and_is_released() {
+        let out = tempfile::tempdir().unwrap();
+        let held = DirLock::take(out.path()).unwrap();
+        let e = DirLock::take(out.path()).unwrap_err().to_string();
+        assert!(e.contains("is in use by a trainer of this session"), "{e}");
+        drop(held);
+        DirLock::take(out.path()).unwrap();
+    }
 }

@@ -183,6 +183,7 @@ pub struct Trainer {
     lengths: Vec<usize>,
     out_dir: PathBuf,
     metrics: std::fs::File,
+    _lock: checkpoint::DirLock,
     pad_id: u32,
     device: Device,
     total: usize,
@@ -243,6 +244,10 @@ impl Trainer {
         }
         let out_dir = PathBuf::from(&cfg.output_dir);
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+        let lock = checkpoint::DirLock::take(&out_dir)?;
+        for done in checkpoint::recover(&out_dir)? {
+            crate::notice::say(format!("note: `{}`: {done}", out_dir.display()));
+        }
         let mut model = model.clone();
         let device: Device = model.decoder.device().clone();
         crate::device::reset_peak(&device);
@@ -292,6 +297,7 @@ impl Trainer {
             lengths,
             out_dir,
             metrics,
+            _lock: lock,
             pad_id,
             device,
             total,

@@ -551,6 +551,22 @@ pub mod train_module {
         if out.done {
             s.printer.finish();
         }
+        // Ctrl-C during the step (where the time goes): save before the script stops.
+        let rc = RunContext::of(&ctx)?;
+        if rc.cancel.is_cancelled() && !out.done {
+            let path = s
+                .trainer
+                .save_checkpoint()
+                .map_err(crate::error::to_rhai_at(&ctx))?;
+            return Err(Box::new(rhai::EvalAltResult::ErrorTerminated(
+                Dynamic::from(format!(
+                    "stopped at step {}; checkpoint `{}`; resume with `--resume`",
+                    out.step,
+                    path.display()
+                )),
+                ctx.call_position(),
+            )));
+        }
         let (loss, grad_norm) = s
             .trainer
             .read_step()
