@@ -117,6 +117,12 @@ fn run_generate(
         rc.sink.stream("\n");
     }
     let ids = ids.map_err(to_rhai_at(ctx))?;
+    if m.0.source.is_none() {
+        qscript_runtime::notice::say(
+            "note: the model is a built-in tiny one (random weights, at most a demo's training): \
+             its replies are not meant to read well; `--set model=DIR` for a real checkpoint",
+        );
+    }
     tok.0.decode(&ids, skip).map_err(to_rhai_at(ctx))
 }
 
