@@ -345,3 +345,37 @@ let tok = tokenizer::builtin();"#,
         e.rendered
     );
 }
+
+/// `:help` speaks the script's language: `train::fit`'s signatures without Rust types, found by
+/// its short name too; a method's module function likewise.
+#[test]
+fn help_finds_short_names_and_shows_script_types() {
+    let env = Env::new();
+    let mut s = env.session();
+    let full = transcript(&env, &mut s, ":help train::fit\n");
+    let short = transcript(&env, &mut s, ":help fit\n");
+    assert_eq!(
+        full.lines().skip(1).collect::<Vec<_>>(),
+        short.lines().skip(1).collect::<Vec<_>>()
+    );
+    let sigs: Vec<&str> = full.lines().filter(|l| !l.starts_with("    ")).collect();
+    assert_snapshot!("help_train_fit", sigs.join("\n"));
+    for bad in [
+        "Handle",
+        "&mut",
+        "&str",
+        "EvalAltResult",
+        "Res<",
+        "rhai::",
+        "super::",
+    ] {
+        assert!(!full.contains(bad), "{bad} in {full}");
+    }
+    let m = transcript(&env, &mut s, ":help to_messages\n");
+    assert!(
+        m.contains("data::to_messages(ds: Dataset) -> Dataset"),
+        "{m}"
+    );
+    let list = transcript(&env, &mut s, ":help\n");
+    assert!(!list.contains('$'), "{list}");
+}

@@ -73,7 +73,10 @@ pub fn collect(engine: &Engine) -> Vec<FnDoc> {
 
 fn walk(meta: &Meta, prefix: &str, out: &mut Vec<FnDoc>) {
     for f in &meta.functions {
-        if f.name.starts_with("get$") || f.name.starts_with("set$") || f.name.starts_with("anon$") {
+        if ["get$", "set$", "anon$", "index$"]
+            .iter()
+            .any(|p| f.name.starts_with(p))
+        {
             continue;
         }
         out.push(FnDoc {
@@ -92,15 +95,83 @@ fn walk(meta: &Meta, prefix: &str, out: &mut Vec<FnDoc>) {
     }
 }
 
-/// `-> Result<String, Box<EvalAltResult>>` reads `-> String` to a script writer.
+/// A signature in the script's words: `train::fit(model: Model, train: Dataset, opts: map) ->
+/// Model`, not Rust's (`ModelHandle`, `&mut`, `&str`, `Result<.., Box<EvalAltResult>>`).
 fn clean_signature(sig: &str) -> String {
-    match sig.split_once("-> Result<") {
-        Some((head, ret)) => {
-            let ret = ret.strip_suffix(", Box<EvalAltResult>>").unwrap_or(ret);
-            format!("{head}-> {ret}")
-        }
-        None => sig.to_string(),
+    let (head, ret) = match sig.rsplit_once(") -> ") {
+        Some((h, r)) => (h, Some(r)),
+        None => (sig.strip_suffix(')').unwrap_or(sig), None),
+    };
+    let Some((name, params)) = head.split_once('(') else {
+        return sig.to_string();
+    };
+    let params: Vec<String> = split_top(params)
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once(": ") {
+            Some((n, t)) => format!("{}: {}", n.trim(), script_type(t)),
+            None => script_type(&p),
+        })
+        .collect();
+    match ret.map(script_type) {
+        Some(r) if r != "()" => format!("{name}({}) -> {r}", params.join(", ")),
+        _ => format!("{name}({})", params.join(", ")),
     }
+}
+
+/// Splits `a: X, b: Y<Z, W>` at the commas outside angle brackets.
+fn split_top(s: &str) -> Vec<String> {
+    let (mut out, mut cur, mut depth) = (Vec::new(), String::new(), 0i32);
+    for c in s.chars() {
+        match c {
+            '<' | '(' => depth += 1,
+            '>' | ')' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(cur.trim().to_string());
+                cur.clear();
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    out.push(cur.trim().to_string());
+    out
+}
+
+/// A Rust type as scripts name it.
+fn script_type(t: &str) -> String {
+    let t = t.trim();
+    let t = t
+        .strip_prefix("&mut ")
+        .or_else(|| t.strip_prefix('&'))
+        .unwrap_or(t)
+        .trim();
+    for wrapper in ["Result<", "Res<", "RhaiResultOf<"] {
+        if let Some(inner) = t.strip_prefix(wrapper).and_then(|x| x.strip_suffix('>')) {
+            return script_type(&split_top(inner)[0]);
+        }
+    }
+    if t.contains("Range<") || t.contains("RangeInclusive<") {
+        return "range".into();
+    }
+    let last = t.rsplit("::").next().unwrap_or(t);
+    match last {
+        "ModelHandle" => "Model",
+        "DatasetHandle" => "Dataset",
+        "TokenizerHandle" => "Tokenizer",
+        "TrainerHandle" => "Trainer",
+        "INT" | "i64" | "i32" | "usize" | "u64" => "int",
+        "FLOAT" | "f64" | "f32" => "float",
+        "str" | "String" | "ImmutableString" => "string",
+        "Map" => "map",
+        "Array" => "array",
+        "Blob" => "blob",
+        "Dynamic" => "any",
+        "FnPtr" => "function",
+        other => other,
+    }
+    .to_string()
 }
 
 fn strip_comment(c: &str) -> String {
@@ -119,7 +190,14 @@ fn strip_comment(c: &str) -> String {
 
 /// The text `:help name` prints: every overload's signature, then its docs.
 pub fn help(docs: &[FnDoc], name: &str) -> Option<String> {
-    let matches: Vec<_> = docs.iter().filter(|d| d.name == name).collect();
+    let mut matches: Vec<_> = docs.iter().filter(|d| d.name == name).collect();
+    if matches.is_empty() {
+        // `:help fit` finds `train::fit` (and a method's module function).
+        matches = docs
+            .iter()
+            .filter(|d| d.name.rsplit("::").next() == Some(name))
+            .collect();
+    }
     if matches.is_empty() {
         return None;
     }
