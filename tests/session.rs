@@ -379,3 +379,42 @@ fn help_finds_short_names_and_shows_script_types() {
     let list = transcript(&env, &mut s, ":help\n");
     assert!(!list.contains('$'), "{list}");
 }
+
+/// Tab after `ds.` offers the methods of the variable's type (and only callable ones), by their
+/// short names; a function name completes with its module.
+#[test]
+fn completion_after_a_dot_offers_the_methods_of_the_variables_type() {
+    let env = Env::new();
+    let mut s = env.session();
+    s.eval(r#"io::write_text("d.json", `[{"x": 1}]`); let ds = data::load(io::output_dir() + "/d.json"); let name = "abc";"#)
+        .unwrap();
+    let vars = s.variable_types();
+    assert!(
+        vars.contains(&("ds".to_string(), "Dataset".to_string())),
+        "{vars:?}"
+    );
+    let (_, ds_methods) = qscript_stdlib::repl::complete(s.functions(), &vars, "ds.", 3);
+    for m in [
+        "len",
+        "to_messages",
+        "sft",
+        "shuffle",
+        "train_test_split",
+        "columns",
+    ] {
+        assert!(
+            ds_methods.iter().any(|c| c == m),
+            "{m} not in {ds_methods:?}"
+        );
+    }
+    for not in ["load", "from_info", "fit", "data::to_messages"] {
+        assert!(
+            !ds_methods.iter().any(|c| c == not),
+            "{not} in {ds_methods:?}"
+        );
+    }
+    let (start, to) = qscript_stdlib::repl::complete(s.functions(), &vars, "let c = ds.to_m", 15);
+    assert_eq!((start, to), (11, vec!["to_messages".to_string()]));
+    let (_, fit) = qscript_stdlib::repl::complete(s.functions(), &vars, "train::fi", 9);
+    assert_eq!(fit, ["train::fit"]);
+}

@@ -67,7 +67,7 @@ fn code(had_error: bool) -> ExitCode {
 pub fn interactive(session: &mut Session) -> anyhow::Result<ExitCode> {
     let names = Arc::new(Mutex::new(Names {
         functions: session.functions().to_vec(),
-        variables: session.variables(),
+        variables: session.variable_types(),
     }));
     let mut keybindings = default_emacs_keybindings();
     keybindings.add_binding(
@@ -106,7 +106,7 @@ pub fn interactive(session: &mut Session) -> anyhow::Result<ExitCode> {
                     break;
                 }
                 let mut n = names.lock().unwrap_or_else(PoisonError::into_inner);
-                n.variables = session.variables();
+                n.variables = session.variable_types();
             }
             Signal::CtrlC => {}
             Signal::CtrlD | _ => break,
@@ -143,7 +143,7 @@ impl Validator for RhaiValidator {
 
 struct Names {
     functions: Vec<FnDoc>,
-    variables: Vec<String>,
+    variables: Vec<(String, String)>,
 }
 
 struct RhaiCompleter(Arc<Mutex<Names>>);

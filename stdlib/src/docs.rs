@@ -13,6 +13,22 @@ pub struct FnDoc {
     pub signature: String,
     /// The doc comment, without the `///` markers.
     pub docs: String,
+    /// Callable without its module's name, and so as a method of its first parameter.
+    pub global: bool,
+}
+
+impl FnDoc {
+    /// The name a method call uses (`to_messages` for `data::to_messages`).
+    pub fn short_name(&self) -> &str {
+        self.name.rsplit("::").next().unwrap_or(&self.name)
+    }
+
+    /// The script type of the first parameter (`Dataset`), which a method is called on.
+    pub fn receiver(&self) -> Option<&str> {
+        let args = self.signature.split_once('(')?.1;
+        let first = args.split([',', ')']).next()?;
+        Some(first.split_once(": ").map_or(first, |(_, t)| t).trim()).filter(|t| !t.is_empty())
+    }
 }
 
 impl FnDoc {
@@ -53,6 +69,8 @@ struct FnMeta {
     name: String,
     signature: String,
     #[serde(default)]
+    namespace: String,
+    #[serde(default)]
     doc_comments: Vec<String>,
 }
 
@@ -88,6 +106,7 @@ fn walk(meta: &Meta, prefix: &str, out: &mut Vec<FnDoc>) {
                 .map(|c| strip_comment(c))
                 .collect::<Vec<_>>()
                 .join("\n"),
+            global: prefix.is_empty() || f.namespace == "global",
         });
     }
     for (name, m) in &meta.modules {

@@ -167,7 +167,7 @@ fn cells(session: &Session) -> String {
 /// modules (`io::`), variables, commands. Returns the start of the word and the candidates.
 pub fn complete(
     functions: &[docs::FnDoc],
-    variables: &[String],
+    variables: &[(String, String)],
     line: &str,
     pos: usize,
 ) -> (usize, Vec<String>) {
@@ -180,14 +180,32 @@ pub fn complete(
         .map_or(before.len(), |(i, _)| i);
     let word = &before[start..];
     let method = before[..start].ends_with('.');
+    // `ds.`: the type of the variable before the dot, when it is one.
+    let receiver = method
+        .then(|| {
+            let head = &before[..start - 1];
+            let name: String = head
+                .chars()
+                .rev()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            variables
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, t)| t.as_str())
+        })
+        .flatten();
     let mut out: Vec<String> = Vec::new();
     if word.starts_with(':') && start == 0 {
         out.extend(COMMANDS.iter().map(|(c, _)| (*c).to_string()));
     } else {
         for f in functions {
             if method {
-                if !f.name.contains("::") {
-                    out.push(f.name.clone());
+                if f.global && receiver.is_none_or(|t| f.receiver() == Some(t)) {
+                    out.push(f.short_name().to_string());
                 }
                 continue;
             }
@@ -197,7 +215,7 @@ pub fn complete(
             }
         }
         if !method {
-            out.extend(variables.iter().cloned());
+            out.extend(variables.iter().map(|(n, _)| n.clone()));
         }
     }
     out.retain(|c| c.starts_with(word) && c != word);

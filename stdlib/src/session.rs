@@ -192,6 +192,23 @@ impl Session {
             .collect()
     }
 
+    /// The variables with the script names of their types (`Dataset`, `string`, `map`), for
+    /// completion after `name.`.
+    pub fn variable_types(&self) -> Vec<(String, String)> {
+        self.scope
+            .iter()
+            .map(|(name, _, v)| {
+                let ty = match self.engine.map_type_name(v.type_name()) {
+                    "i64" => "int",
+                    "f64" => "float",
+                    "string" | "ImmutableString" => "string",
+                    t => t,
+                };
+                (name.to_string(), ty.to_string())
+            })
+            .collect()
+    }
+
     /// Evaluates one REPL entry against the session scope. Returns the echo of its value
     /// (`=> 3 : i64`), or `None` when it has no value.
     pub fn eval(&mut self, code: &str) -> Result<Option<String>, ScriptError> {
