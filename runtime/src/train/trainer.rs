@@ -451,7 +451,7 @@ impl Trainer {
         let evaluating = self.cfg.eval_strategy == "steps"
             && (step.is_multiple_of(eval_every) || step == self.total);
         let logging = step.is_multiple_of(self.cfg.logging_steps.max(1)) || step == self.total;
-        let saving = self.cfg.save_steps > 0 && step.is_multiple_of(self.cfg.save_steps);
+        let mut saving = self.cfg.save_steps > 0 && step.is_multiple_of(self.cfg.save_steps);
         let read = if logging || evaluating || saving {
             Some(self.flush()?)
         } else {
@@ -492,6 +492,7 @@ impl Trainer {
                 self.state.evals_without_improvement = 0;
                 if self.cfg.load_best_model_at_end {
                     events.push(Event::Saved(self.save_checkpoint()?));
+                    saving = false; // this step's checkpoint is written already
                 }
             } else {
                 self.state.evals_without_improvement += 1;
