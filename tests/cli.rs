@@ -385,3 +385,40 @@ fn check_renders_the_first_examples_and_fails_on_bad_data() {
         stderr(&o)
     );
 }
+
+/// A byte-order mark does not break a recipe or a JSONL file; bytes that are not UTF-8 are an
+/// error naming the file, line and column.
+#[test]
+fn byte_order_marks_are_dropped_and_non_utf8_text_is_located() {
+    let env = Env::new();
+    let bom = "\u{feff}";
+    env.write("d.jsonl", &format!("{bom}{{\"x\": 1}}\n{{\"x\": 2}}\n"));
+    env.write(
+        "r.rhai",
+        &format!("{bom}let ds = data::load(\"d.jsonl\");\nprint(ds.len());\n"),
+    );
+    let o = run_in(env.dir.path(), &["recipe/r.rhai"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "2\n");
+    std::fs::write(
+        env.recipe_dir().join("bad.jsonl"),
+        b"{\"x\": 1}\n{\"x\": \"caf\xe9\"}\n",
+    )
+    .unwrap();
+    env.write("b.rhai", "let ds = data::load(\"bad.jsonl\");\n");
+    let o = run_in(env.dir.path(), &["recipe/b.rhai"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("bad.jsonl`: line 2, column 11: not UTF-8 text (byte 0xe9)"),
+        "{e}"
+    );
+    std::fs::write(env.recipe_dir().join("l1.rhai"), b"print(\"caf\xe9\");\n").unwrap();
+    let o = run_in(env.dir.path(), &["recipe/l1.rhai"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("l1.rhai`: line 1, column 11: not UTF-8 text"),
+        "{}",
+        stderr(&o)
+    );
+}

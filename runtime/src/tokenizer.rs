@@ -112,8 +112,7 @@ impl Tokenizer {
         };
         let jinja = dir.join("chat_template.jinja");
         if chat_template.is_none() && jinja.is_file() {
-            chat_template =
-                Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+            chat_template = Some(crate::error::read_text(&jinja)?);
         }
         Ok(Self::assemble(
             inner,

@@ -63,8 +63,8 @@ pub fn load_files(paths: &[PathBuf]) -> Result<Dataset> {
 }
 
 fn load_file(path: &Path) -> Result<Vec<Value>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let trimmed = text.trim_start_matches('\u{feff}').trim_start();
+    let text = crate::error::read_text(path)?;
+    let trimmed = text.trim_start();
     let rows = if trimmed.starts_with('[') {
         match serde_json::from_str::<Value>(trimmed) {
             Ok(Value::Array(rows)) => rows,
