@@ -137,7 +137,7 @@ pub fn read_text(path: &std::path::Path) -> Result<String> {
         Err(e) => {
             let at = e.utf8_error().valid_up_to();
             let good = &e.as_bytes()[..at];
-            let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+            let line = good.split(|&b| b == b'\n').count();
             let col = at - good.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
             return Err(Error::InvalidArgument(format!(
                 "`{}`: line {line}, column {col}: not UTF-8 text (byte {:#04x}); save the file as UTF-8",
