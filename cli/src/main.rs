@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Args, Parser, Subcommand};
-use qscript_stdlib::context::{DEFAULT_MAX_OPERATIONS, Resume};
+use qscript_stdlib::context::{DEFAULT_MAX_OPERATIONS, DEFAULT_MAX_VALUE_SIZE, Resume};
 use qscript_stdlib::{RunOptions, Session, StdSink};
 
 /// Notebook-style scripting runtime for LLM training recipes.
@@ -67,6 +67,10 @@ struct RunArgs {
     /// Stop scripts after this many operations (0 = no limit).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_OPERATIONS)]
     max_operations: u64,
+    /// The largest string (bytes), array (items) or map (entries) a script may build (0 = no
+    /// limit).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_VALUE_SIZE)]
+    max_value_size: usize,
 }
 
 fn parse_set(s: &str) -> Result<(String, String), String> {
@@ -153,6 +157,7 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
         }
     }
     opts.max_operations = args.max_operations;
+    opts.max_value_size = args.max_value_size;
     let mut session = match Session::new(&opts, Arc::new(StdSink)) {
         Ok(s) => s,
         Err(e) => {

@@ -95,6 +95,9 @@ pub struct RunOptions {
     pub resume: Option<Resume>,
     /// The operation limit that stops runaway scripts (0 = none).
     pub max_operations: u64,
+    /// The largest string (bytes), array or blob (items) and map (entries) a script may build
+    /// (0 = none), so a runaway value ends in an error, not an out-of-memory abort.
+    pub max_value_size: usize,
 }
 
 impl RunOptions {
@@ -108,6 +111,7 @@ impl RunOptions {
             config: None,
             resume: None,
             max_operations: DEFAULT_MAX_OPERATIONS,
+            max_value_size: DEFAULT_MAX_VALUE_SIZE,
         }
     }
 }
@@ -159,6 +163,9 @@ impl Override {
         out
     }
 }
+
+/// The default [`RunOptions::max_value_size`]: 64 Mi bytes, items or entries.
+pub const DEFAULT_MAX_VALUE_SIZE: usize = 1 << 26;
 
 /// The default operation limit: far above any recipe (the heavy work runs natively and counts as
 /// one operation), low enough that an endless loop stops within seconds.

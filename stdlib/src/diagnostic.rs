@@ -104,6 +104,13 @@ fn headline(err: &EvalAltResult, cx: &Context) -> (String, Option<String>) {
             "error: the script was stopped after too many operations (an endless loop?)".into(),
             Some("raise the limit with `--max-operations N` (0 = no limit)".into()),
         ),
+        EvalAltResult::ErrorDataTooLarge(what, _) => (
+            format!("error: {} grew over the size limit", what.to_lowercase()),
+            Some(format!(
+                "raise the limit with `--max-value-size N` (bytes of a string, items of an array or blob, entries of a map; default {}, 0 = no limit)",
+                crate::context::DEFAULT_MAX_VALUE_SIZE
+            )),
+        ),
         EvalAltResult::ErrorStackOverflow(_) => (
             format!(
                 "error: calls nested deeper than {} levels",

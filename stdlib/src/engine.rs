@@ -15,9 +15,12 @@ use crate::modules;
 pub const MAX_CALL_LEVELS: usize = 64;
 
 /// Builds the engine for a session.
-pub fn build_engine(ctx: &Arc<RunContext>, max_operations: u64) -> Engine {
+pub fn build_engine(ctx: &Arc<RunContext>, max_operations: u64, max_value_size: usize) -> Engine {
     let mut engine = Engine::new();
     engine.set_max_operations(max_operations);
+    engine.set_max_string_size(max_value_size);
+    engine.set_max_array_size(max_value_size);
+    engine.set_max_map_size(max_value_size);
     engine.set_max_call_levels(MAX_CALL_LEVELS);
     engine.set_max_expr_depths(256, 128);
     engine.set_default_tag(Dynamic::from(ctx.clone()));
