@@ -219,6 +219,22 @@ fn prepare(
     Ok(cfg)
 }
 
+/// The stop a Ctrl-C makes of a training call: not an error (exit 130), with the step, the
+/// checkpoint saved and how to go on.
+fn stopped(
+    ctx: &NativeCallContext,
+    step: usize,
+    checkpoint: Option<&std::path::Path>,
+) -> Box<EvalAltResult> {
+    let saved = checkpoint.map_or_else(String::new, |p| format!("; checkpoint `{}`", p.display()));
+    Box::new(EvalAltResult::ErrorTerminated(
+        Dynamic::from(format!(
+            "stopped at step {step}{saved}; resume with `--resume`"
+        )),
+        ctx.call_position(),
+    ))
+}
+
 fn run_fit(
     ctx: &NativeCallContext,
     model: &ModelHandle,
@@ -251,17 +267,11 @@ fn run_fit(
     printer.finish();
     let report = report.map_err(to_rhai_at(ctx))?;
     if report.interrupted {
-        let saved = report
-            .last_checkpoint
-            .as_ref()
-            .map_or_else(String::new, |p| format!("; checkpoint `{}`", p.display()));
-        return Err(Box::new(EvalAltResult::ErrorTerminated(
-            Dynamic::from(format!(
-                "stopped at step {}{saved}; resume with `--resume`",
-                report.steps
-            )),
-            ctx.call_position(),
-        )));
+        return Err(stopped(
+            ctx,
+            report.steps,
+            report.last_checkpoint.as_deref(),
+        ));
     }
     if report.losses.is_empty() && report.steps > 0 {
         rc.sink.err(&format!(
@@ -558,14 +568,7 @@ pub mod train_module {
                 .trainer
                 .save_checkpoint()
                 .map_err(crate::error::to_rhai_at(&ctx))?;
-            return Err(Box::new(rhai::EvalAltResult::ErrorTerminated(
-                Dynamic::from(format!(
-                    "stopped at step {}; checkpoint `{}`; resume with `--resume`",
-                    out.step,
-                    path.display()
-                )),
-                ctx.call_position(),
-            )));
+            return Err(super::stopped(&ctx, out.step, Some(&path)));
         }
         let (loss, grad_norm) = s
             .trainer
