@@ -2,7 +2,9 @@
 //! loss is normalised over the window's learned tokens whatever the split, padding is masked, and
 //! dropout masks are keyed per example of the window. What changes is the number of forward and
 //! backward passes: seed 000's batch 1 x accumulation 16 is 16 small, launch-bound passes a step;
-//! merged it is one. How far to merge comes from the device memory the first step measured.
+//! merged it is a few. A pass grows until it holds enough work to keep the GPU busy (launches
+//! then hide behind its kernels, and more tokens buy no speed, only memory), and never past the
+//! device memory the first step measured.
 
 use std::ops::Range;
 
@@ -10,8 +12,11 @@ use candle_core::Device;
 
 use crate::device;
 
-/// The most padded tokens one merged pass takes: past this a pass is large enough to keep the GPU
-/// busy, and merging further buys little for a step in memory.
+/// Forward FLOPs (2 x parameters x tokens) a merged pass aims at: about 5 ms of an H100/H200's
+/// bf16 matmul throughput, past which the GPU no longer waits on launches (a 7B model: ~260
+/// tokens; 0.5B: ~4,000).
+const PASS_FLOPS: f64 = 4e12;
+/// The most padded tokens one merged pass takes whatever the model (tiny models).
 const MAX_TOKENS: usize = 16_384;
 /// The share of the device's memory (what other processes hold excluded) a merged pass may plan for.
 const BUDGET: f64 = 0.85;
@@ -20,6 +25,8 @@ const BUDGET: f64 = 0.85;
 #[derive(Clone, Debug)]
 pub struct MergePolicy {
     mode: Option<bool>,
+    /// The most padded tokens a merged pass takes (from the model's size).
+    max_tokens: usize,
     /// Bytes in use before a step, bytes per padded token of a pass, and the byte budget: from
     /// the first step on a GPU.
     measured: Option<(u64, f64, u64)>,
@@ -28,11 +35,14 @@ pub struct MergePolicy {
 }
 
 impl MergePolicy {
-    /// `mode`: `None` merges as far as measured memory allows (on a GPU), `Some(true)` merges
-    /// every window whole, `Some(false)` never merges.
-    pub fn new(mode: Option<bool>) -> Self {
+    /// `mode`: `None` merges as far as the work of a pass and measured memory call for (on a
+    /// GPU), `Some(true)` merges every window whole, `Some(false)` never merges. `params`: the
+    /// model's parameter count (frozen ones included: every pass runs through them).
+    pub fn new(mode: Option<bool>, params: usize) -> Self {
+        let busy = (PASS_FLOPS / (2.0 * params.max(1) as f64)) as usize;
         Self {
             mode,
+            max_tokens: busy.clamp(1, MAX_TOKENS),
             measured: None,
             before: None,
         }
@@ -46,7 +56,7 @@ impl MergePolicy {
             (Some(false), _) | (None, None) => (0..micro.len()).map(|i| i..i + 1).collect(),
             (None, Some((base, per_token, budget))) => {
                 let fits = |tokens: usize| {
-                    tokens <= MAX_TOKENS && base as f64 + per_token * tokens as f64 <= budget as f64
+                    tokens <= self.max_tokens && base as f64 + per_token * tokens as f64 <= budget as f64
                 };
                 let mut out: Vec<Range<usize>> = Vec::new();
                 let (mut rows, mut len) = (0usize, 0usize);
@@ -108,19 +118,25 @@ mod tests {
     fn groups_follow_the_mode_and_the_measured_budget() {
         let micro = [(1, 100), (1, 120), (1, 90), (1, 128)];
         let singles: Vec<Range<usize>> = (0..4).map(|i| i..i + 1).collect();
-        assert_eq!(MergePolicy::new(Some(false)).groups(&micro, 8), singles);
+        let small = 1_000_000;
+        assert_eq!(MergePolicy::new(Some(false), small).groups(&micro, 8), singles);
         assert_eq!(
-            MergePolicy::new(None).groups(&micro, 8),
+            MergePolicy::new(None, small).groups(&micro, 8),
             singles,
             "not measured yet"
         );
-        assert_eq!(MergePolicy::new(Some(true)).groups(&micro, 8), vec![0..4]);
+        assert_eq!(MergePolicy::new(Some(true), small).groups(&micro, 8), vec![0..4]);
         // 1 KiB a token over a 1 MiB base, 1.25 MiB budget: 256 tokens a pass at most.
-        let mut p = MergePolicy::new(None);
+        let mut p = MergePolicy::new(None, small);
         p.measured = Some((1 << 20, 1024.0, (1 << 20) + (256 << 10)));
         // 100 + 120 -> 2 x 120 = 240 fits; + 90 -> 3 x 120 = 360 does not.
         assert_eq!(p.groups(&micro, 8), vec![0..2, 2..4]);
         p.disable();
         assert_eq!(p.groups(&micro, 8), singles);
+        // A 7.7B model: a pass is busy at 4e12 / (2 x 7.7e9) = 259 tokens, whatever the memory.
+        let mut big = MergePolicy::new(None, 7_700_000_000);
+        big.measured = Some((0, 1.0, u64::MAX));
+        // 2 x 120 = 240 fits; 3 x 120 = 360 does not; 2 x 128 = 256 fits.
+        assert_eq!(big.groups(&micro, 8), vec![0..2, 2..4]);
     }
 }

@@ -284,6 +284,7 @@ impl Trainer {
             .open(&metrics_path)
             .map_err(|e| Error::io(&metrics_path, e))?;
         let lengths = train.iter().map(|e| e.input_ids.len()).collect();
+        let merge = MergePolicy::new(cfg.merge_micro_batches, model.decoder.num_params());
         Ok(Self {
             model,
             params,
@@ -313,7 +314,7 @@ impl Trainer {
             last_log: Instant::now(),
             stopped_early: false,
             last_checkpoint: None,
-            merge: MergePolicy::new(cfg.merge_micro_batches),
+            merge,
         })
     }
 

@@ -401,8 +401,9 @@ pub mod train_module {
     /// positions restart per example, the loss is the unpacked one; each row counts as one
     /// example of the batch, as in TRL) and `max_length` (without `packing`, longer examples are
     /// cut); and qscript's `merge_micro_batches` (unset: on a GPU, run each accumulation window
-    /// as fewer, larger micro-batches when the memory measured in the first step allows; the
-    /// gradients are the same). Ctrl-C saves a checkpoint and stops.
+    /// as fewer, larger micro-batches, each just large enough to keep the GPU busy and within
+    /// the memory measured in the first step; the gradients are the same; `true`: each window
+    /// as one pass; `false`: as written). Ctrl-C saves a checkpoint and stops.
     ///
     /// ```rhai
     /// io::write_text("d.json", `[{"instruction": "hi", "output": "hello"}]`);
