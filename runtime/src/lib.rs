@@ -31,6 +31,7 @@ pub mod lora;
 pub mod model;
 pub mod nn;
 pub mod notice;
+pub mod plan;
 pub mod profile;
 pub mod sandbox;
 pub mod testing;

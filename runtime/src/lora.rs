@@ -321,13 +321,16 @@ fn split_path(p: &str) -> (usize, Proj) {
 }
 
 /// A plain model with every adapter folded into its base weight: `W + scale * B A`.
+/// (A dry-run model, [`Model::is_shapes_only`], loses its adapters and keeps its shapes.)
 pub fn merge(model: &Model) -> Result<Model> {
     let mut out = model.clone();
     let names: Vec<String> = adapters(model).into_iter().map(|(p, _)| p).collect();
     for p in names {
         let (i, proj) = split_path(&p);
         let lin = linear_mut(&mut out, i, proj);
-        if let Some(ad) = lin.lora.take() {
+        if let Some(ad) = lin.lora.take()
+            && !model.is_shapes_only()
+        {
             let delta = (ad.b.matmul(&ad.a)? * ad.scale)?;
             lin.weight =
                 (lin.weight.to_dtype(DType::F32)? + delta)?.to_dtype(lin.weight.dtype())?;

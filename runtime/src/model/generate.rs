@@ -95,6 +95,10 @@ impl Model {
                 "prompt token {i} is id {id}, outside the model's vocabulary (0..{vocab}): is the tokenizer this model's?"
             )));
         }
+        if self.is_shapes_only() {
+            // A dry run: the prompt and options are checked; nothing is computed.
+            return Ok(Vec::new());
+        }
         let g = &self.generation;
         let sampled = g.do_sample.unwrap_or(false) || opts.temperature.is_some();
         let temperature = opts

@@ -119,6 +119,9 @@ pub struct Model {
     pub trainable: bool,
     /// The LoRA config when adapters are attached (see [`crate::lora`]).
     pub lora: Option<crate::lora::LoraConfig>,
+    /// `Some`: a dry-run model (`qscript check`, [`Model::load_shapes`]) with the shapes and
+    /// dtypes of the checkpoint's headers and no weights, planned for this device.
+    pub planned_device: Option<Device>,
 }
 
 impl Model {
@@ -145,6 +148,48 @@ impl Model {
         m.generation = generation;
         m.source = Some(dir.to_path_buf());
         Ok(m)
+    }
+
+    /// What [`Model::load`] would load, from `config.json` and the safetensors headers alone (no
+    /// weight is read): every tensor's presence, shape and dtype checked, each file's size
+    /// checked against its header. The model has no weights (see [`Model::planned_device`]).
+    pub fn load_shapes(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such checkpoint directory"),
+            ));
+        }
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let device = opts.resolve_device()?;
+        let dtype = opts.resolve_dtype(&device)?;
+        let gen_path = dir.join("generation_config.json");
+        let generation = if gen_path.is_file() {
+            crate::error::read_config(&gen_path)?
+        } else {
+            GenerationConfig::default()
+        };
+        let src = WeightSource::headers(dir)?;
+        let mut m = Self::build(cfg, &src, dtype, &Device::Cpu, opts.trainable)?;
+        m.generation = generation;
+        m.source = Some(dir.to_path_buf());
+        m.planned_device = Some(device);
+        Ok(m)
+    }
+
+    /// Whether this is a dry-run model (shapes only).
+    pub fn is_shapes_only(&self) -> bool {
+        self.planned_device.is_some()
+    }
+
+    /// An error when this model has no weights (a dry run's): `what` needs them.
+    pub fn needs_weights(&self, what: &str) -> Result<()> {
+        if self.is_shapes_only() {
+            return Err(Error::InvalidArgument(format!(
+                "{what} needs weights; this model was checked from its headers only (`qscript check`)"
+            )));
+        }
+        Ok(())
     }
 
     /// Builds the model from `src`, checking every tensor's presence and shape.
@@ -233,6 +278,7 @@ impl Model {
             source: None,
             trainable,
             lora: None,
+            planned_device: None,
         })
     }
 
@@ -248,7 +294,11 @@ impl Model {
 
     /// `cpu` or `cuda:N`.
     pub fn device_name(&self) -> String {
-        match self.decoder.device().location() {
+        let device = self
+            .planned_device
+            .as_ref()
+            .unwrap_or(self.decoder.device());
+        match device.location() {
             candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
             candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
             candle_core::DeviceLocation::Cpu => "cpu".into(),
@@ -266,6 +316,7 @@ impl Model {
     /// Writes an HF checkpoint directory: `config.json`, `generation_config.json` and
     /// `model.safetensors` (each file atomically).
     pub fn save(&self, dir: &Path) -> Result<()> {
+        self.needs_weights("saving a model")?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut cfg = self.config().clone();
         cfg.dtype = Some(dtype_name(self.decoder.dtype()).into());

@@ -21,6 +21,14 @@ pub enum WeightSource {
         /// Tensor name -> index in `files`.
         routing: HashMap<String, usize>,
     },
+    /// The safetensors headers only (`qscript check`): names, shapes and dtypes, no data read.
+    /// Tensors come back as zero-stride views of one element, with the right shape and dtype.
+    Headers {
+        /// The checkpoint directory.
+        dir: PathBuf,
+        /// Tensor name -> (file, shape, dtype in the file).
+        tensors: HashMap<String, (PathBuf, Vec<usize>, safetensors::Dtype)>,
+    },
     /// Tensors already in memory.
     Memory {
         /// Where they claim to come from (for messages).
@@ -44,6 +52,40 @@ struct Index {
 impl WeightSource {
     /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
     pub fn open(dir: &Path) -> Result<Self> {
+        let paths = Self::paths(dir)?;
+        let mut files = Vec::new();
+        let mut routing = HashMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            let st = mmap(p)?;
+            for (name, _) in st.tensors() {
+                routing.insert(name, i);
+            }
+            files.push(st);
+        }
+        Ok(WeightSource::Files {
+            dir: dir.to_path_buf(),
+            files,
+            routing,
+        })
+    }
+
+    /// Reads only the headers of the same files (see [`WeightSource::Headers`]), checking each
+    /// one against its file's size.
+    pub fn headers(dir: &Path) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        for p in Self::paths(dir)? {
+            for (name, shape, dtype) in read_header(&p)? {
+                tensors.insert(name, (p.clone(), shape, dtype));
+            }
+        }
+        Ok(WeightSource::Headers {
+            dir: dir.to_path_buf(),
+            tensors,
+        })
+    }
+
+    /// The weight files of a checkpoint directory.
+    fn paths(dir: &Path) -> Result<Vec<PathBuf>> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         let paths: Vec<PathBuf> = if single.is_file() {
@@ -63,26 +105,15 @@ impl WeightSource {
                 ),
             ));
         };
-        let mut files = Vec::new();
-        let mut routing = HashMap::new();
-        for (i, p) in paths.iter().enumerate() {
-            let st = mmap(p)?;
-            for (name, _) in st.tensors() {
-                routing.insert(name, i);
-            }
-            files.push(st);
-        }
-        Ok(WeightSource::Files {
-            dir: dir.to_path_buf(),
-            files,
-            routing,
-        })
+        Ok(paths)
     }
 
     /// The checkpoint directory.
     pub fn dir(&self) -> &Path {
         match self {
-            WeightSource::Files { dir, .. } | WeightSource::Memory { dir, .. } => dir,
+            WeightSource::Files { dir, .. }
+            | WeightSource::Headers { dir, .. }
+            | WeightSource::Memory { dir, .. } => dir,
         }
     }
 
@@ -90,6 +121,7 @@ impl WeightSource {
     pub fn contains(&self, name: &str) -> bool {
         match self {
             WeightSource::Files { routing, .. } => routing.contains_key(name),
+            WeightSource::Headers { tensors, .. } => tensors.contains_key(name),
             WeightSource::Memory { tensors, .. } => tensors.contains_key(name),
         }
     }
@@ -112,6 +144,33 @@ impl WeightSource {
                 // Straight from the mapped file to the target device (no intermediate CPU copy).
                 files[i].load(name, device)?
             }
+            WeightSource::Headers { tensors, .. } => {
+                let (path, found, st_dtype) = tensors.get(name).ok_or_else(missing)?;
+                if found.as_slice() != shape {
+                    return Err(Error::ShapeMismatch {
+                        name: name.into(),
+                        path: self.dir().into(),
+                        expected: shape.to_vec(),
+                        found: found.clone(),
+                    });
+                }
+                if !matches!(
+                    st_dtype,
+                    safetensors::Dtype::F32
+                        | safetensors::Dtype::F16
+                        | safetensors::Dtype::BF16
+                        | safetensors::Dtype::F64
+                ) {
+                    return Err(Error::Safetensors {
+                        path: path.clone(),
+                        message: format!(
+                            "`{name}` is {st_dtype:?}; qscript loads float weights (f32, f16, bf16, f64)"
+                        ),
+                    });
+                }
+                // Shapes and dtype, no data: one element seen with zero strides.
+                return Ok(Tensor::zeros((), dtype, &Device::Cpu)?.broadcast_as(shape)?);
+            }
             WeightSource::Memory { tensors, .. } => tensors.get(name).ok_or_else(missing)?.clone(),
         };
         if t.dims() != shape {
@@ -124,6 +183,61 @@ impl WeightSource {
         }
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
+}
+
+/// The tensors a safetensors file declares, from its header alone: each tensor's bytes must lie
+/// inside the file, and the file must end where the last one does.
+fn read_header(path: &Path) -> Result<Vec<(String, Vec<usize>, safetensors::Dtype)>> {
+    use std::io::Read as _;
+    let bad = |message: String| Error::Safetensors {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| bad("shorter than a safetensors header".into()))?;
+    let n = u64::from_le_bytes(n);
+    // safetensors' own limit on a header.
+    if n > 100_000_000 || n + 8 > size {
+        return Err(bad(format!(
+            "header of {n} bytes in a file of {size} bytes"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let meta: safetensors::tensor::Metadata =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("bad header: {e}")))?;
+    let mut end = 0u64;
+    let mut out = Vec::new();
+    for (name, info) in meta.tensors() {
+        let (a, b) = info.data_offsets;
+        let elems = info
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| bad(format!("`{name}` has shape {:?}", info.shape)))?;
+        let bytes = elems
+            .checked_mul(info.dtype.bitsize())
+            .map(|b| b.div_ceil(8));
+        if b < a || bytes != Some(b - a) {
+            return Err(bad(format!(
+                "`{name}` ({:?} {:?}) has data offsets {a}..{b}",
+                info.dtype, info.shape
+            )));
+        }
+        end = end.max(b as u64);
+        out.push((name, info.shape.clone(), info.dtype));
+    }
+    if 8 + n + end != size {
+        return Err(bad(format!(
+            "the header describes {} bytes of tensors, the file holds {} (truncated or padded)",
+            end,
+            size - 8 - n
+        )));
+    }
+    Ok(out)
 }
 
 #[allow(unsafe_code)]

@@ -56,7 +56,8 @@ impl MergePolicy {
             (Some(false), _) | (None, None) => (0..micro.len()).map(|i| i..i + 1).collect(),
             (None, Some((base, per_token, budget))) => {
                 let fits = |tokens: usize| {
-                    tokens <= self.max_tokens && base as f64 + per_token * tokens as f64 <= budget as f64
+                    tokens <= self.max_tokens
+                        && base as f64 + per_token * tokens as f64 <= budget as f64
                 };
                 let mut out: Vec<Range<usize>> = Vec::new();
                 let (mut rows, mut len) = (0usize, 0usize);
@@ -119,13 +120,19 @@ mod tests {
         let micro = [(1, 100), (1, 120), (1, 90), (1, 128)];
         let singles: Vec<Range<usize>> = (0..4).map(|i| i..i + 1).collect();
         let small = 1_000_000;
-        assert_eq!(MergePolicy::new(Some(false), small).groups(&micro, 8), singles);
+        assert_eq!(
+            MergePolicy::new(Some(false), small).groups(&micro, 8),
+            singles
+        );
         assert_eq!(
             MergePolicy::new(None, small).groups(&micro, 8),
             singles,
             "not measured yet"
         );
-        assert_eq!(MergePolicy::new(Some(true), small).groups(&micro, 8), vec![0..4]);
+        assert_eq!(
+            MergePolicy::new(Some(true), small).groups(&micro, 8),
+            vec![0..4]
+        );
         // 1 KiB a token over a 1 MiB base, 1.25 MiB budget: 256 tokens a pass at most.
         let mut p = MergePolicy::new(None, small);
         p.measured = Some((1 << 20, 1024.0, (1 << 20) + (256 << 10)));

@@ -230,6 +230,7 @@ impl Trainer {
         cfg: &TrainConfig,
         pad_id: u32,
     ) -> Result<Self> {
+        model.needs_weights("training")?;
         cfg.validate()?;
         let train = prepare(train, cfg);
         if train.is_empty() {

@@ -1,0 +1,311 @@
+//! The memory a run needs on its device, from `config.json`'s sizes and the options alone, before
+//! anything is allocated. The terms follow what the engine holds (see `train::flat`, `optim`,
+//! `model::block` and `nn::loss`): weights in their dtype; trainable tensors gathered into one
+//! flat buffer (a copy: the script keeps the model it passed) with f32 gradients, two f32 Adam
+//! moments and an f32 weight-decay mask; per layer and token, the activations the explicit
+//! backward reads (only the block input with gradient checkpointing, plus one layer recomputed);
+//! the loss's logits chunk; the largest backward temporaries. On a GPU the CUDA context and the
+//! libraries' workspaces come on top (a constant measured on the H200).
+
+use std::fmt;
+
+use candle_core::DType;
+
+use crate::model::ModelConfig;
+use crate::nn::loss::CHUNK_BUDGET_BYTES;
+use crate::{Error, Result};
+
+/// What the CUDA context, cuBLAS and cuDNN hold outside the memory pool (the driver's figure
+/// for a process minus its pool's peak, measured on the H200 with CUDA 13: 0.69-0.80 GiB).
+pub const CUDA_RUNTIME_BYTES: u64 = 800 << 20;
+
+/// The largest estimate that is not an error: more than any device holds by far, small enough
+/// that the arithmetic stays exact.
+const ABSURD_BYTES: f64 = (1u64 << 50) as f64;
+
+/// What is trained.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Trainable {
+    /// Nothing (inference).
+    Nothing,
+    /// Adapters of this many elements, kept in f32.
+    Adapters(usize),
+    /// Every weight (full fine-tuning), in the model's dtype.
+    Full,
+}
+
+/// One training (or inference) configuration on one device.
+#[derive(Clone, Copy, Debug)]
+pub struct Workload {
+    /// Padded tokens of the largest micro-batch (rows x padded length).
+    pub tokens: usize,
+    /// Gradient checkpointing.
+    pub gradient_checkpointing: bool,
+    /// What is trained.
+    pub trainable: Trainable,
+    /// Weight decay on (the optimizer keeps a decay mask).
+    pub weight_decay: bool,
+    /// LoRA rank and the number of adapted projections per layer (their saved `x A` rows).
+    pub lora: Option<(usize, usize)>,
+    /// A GPU (the CUDA runtime's share is added).
+    pub gpu: bool,
+}
+
+/// Bytes per term; [`Estimate::total`] is their sum.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Estimate {
+    /// Weights in the model's dtype.
+    pub weights: u64,
+    /// The flat copy of the trainable tensors.
+    pub trainable: u64,
+    /// f32 gradients of the trainable tensors.
+    pub gradients: u64,
+    /// Adam's two f32 moments and the decay mask.
+    pub optimizer: u64,
+    /// Saved activations of all layers for one micro-batch.
+    pub activations: u64,
+    /// Of which per token and layer (no checkpointing) or per token (checkpointing: the block
+    /// inputs of every layer).
+    pub activations_per_token: u64,
+    /// The loss's logits and dlogits chunk.
+    pub loss: u64,
+    /// The largest temporaries of a layer's backward.
+    pub temporaries: u64,
+    /// CUDA context and library workspaces (0 on the CPU).
+    pub runtime: u64,
+}
+
+impl Estimate {
+    /// Every term together.
+    pub fn total(&self) -> u64 {
+        self.weights
+            + self.trainable
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.loss
+            + self.temporaries
+            + self.runtime
+    }
+}
+
+/// Parameters of a model of this config (tied embeddings once), by arithmetic.
+pub fn param_count(c: &ModelConfig) -> f64 {
+    let (h, i, v) = (
+        c.hidden_size as f64,
+        c.intermediate_size as f64,
+        c.vocab_size as f64,
+    );
+    let q = (c.num_attention_heads * c.head_dim()) as f64;
+    let kv = (c.num_kv_heads() * c.head_dim()) as f64;
+    let bias = |on: bool, n: f64| if on { n } else { 0.0 };
+    let attn = h * q * 2.0 + h * kv * 2.0 + bias(c.qkv_bias(), q + 2.0 * kv) + bias(c.o_bias(), h);
+    let qk_norm = if c.arch().is_ok_and(|a| a == crate::model::Arch::Qwen3) {
+        2.0 * c.head_dim() as f64
+    } else {
+        0.0
+    };
+    let layer = attn + 3.0 * h * i + 2.0 * h + qk_norm;
+    let head = if c.tie_word_embeddings { 0.0 } else { v * h };
+    v * h + c.num_hidden_layers as f64 * layer + h + head
+}
+
+/// The estimate for `cfg` in `dtype` under `w`; sizes no device could hold (a hidden size of
+/// 10^12, a rank of 10^9) are an error naming the total.
+pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimate> {
+    let b = dtype.size_in_bytes() as f64;
+    let params = param_count(cfg);
+    let (h, i) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
+    let q = (cfg.num_attention_heads * cfg.head_dim()) as f64;
+    let kv = (cfg.num_kv_heads() * cfg.head_dim()) as f64;
+    let layers = cfg.num_hidden_layers as f64;
+    let tokens = w.tokens as f64;
+    let trained = match w.trainable {
+        Trainable::Nothing => 0.0,
+        Trainable::Adapters(n) => n as f64,
+        Trainable::Full => params,
+    };
+    let trained_bytes = match w.trainable {
+        Trainable::Full => trained * b,
+        _ => trained * 4.0,
+    };
+    let training = w.trainable != Trainable::Nothing;
+    // What one layer's backward reads, per token, in the activations' dtype: the block input,
+    // the mid residual, both norm outputs, q, k, v and the attention output, gate, up and the
+    // SwiGLU output (Qwen3 also keeps q and k before their norms); f32 row statistics of
+    // attention; the adapters' `x A` rows.
+    let qk_pre = if cfg.arch().is_ok_and(|a| a == crate::model::Arch::Qwen3) {
+        q + kv
+    } else {
+        0.0
+    };
+    let lora_rows = w.lora.map_or(0.0, |(r, n)| (r * n) as f64 * b);
+    let per_layer = (4.0 * h + 3.0 * i + 2.0 * q + 2.0 * kv + qk_pre) * b
+        + cfg.num_attention_heads as f64 * 4.0
+        + lora_rows;
+    let (activations, per_token) = if !training {
+        (0.0, 0.0)
+    } else if w.gradient_checkpointing {
+        // Every block input, and one block recomputed with all it saves.
+        let per = layers * h * b;
+        (tokens * (per + per_layer), per)
+    } else {
+        (tokens * layers * per_layer, per_layer)
+    };
+    let vocab = cfg.vocab_size as f64;
+    let chunk_rows = (CHUNK_BUDGET_BYTES as f64 / (vocab * 2.0 * b)).max(1.0);
+    let loss = if training {
+        tokens.min(chunk_rows) * vocab * 2.0 * b + tokens * h * b
+    } else {
+        0.0
+    };
+    let temporaries = if training {
+        tokens * (2.0 * i + 2.0 * h) * b
+    } else {
+        tokens * (2.0 * i + h) * b
+    };
+    let optimizer = if training {
+        trained * 8.0 + if w.weight_decay { trained * 4.0 } else { 0.0 }
+    } else {
+        0.0
+    };
+    let gradients = if training { trained * 4.0 } else { 0.0 };
+    let terms = [
+        params * b,
+        if training { trained_bytes } else { 0.0 },
+        gradients,
+        optimizer,
+        activations,
+        loss,
+        temporaries,
+    ];
+    let total: f64 = terms.iter().sum();
+    if !total.is_finite() || total > ABSURD_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "this run would need {} of memory ({:.3e} parameters, {} tokens a micro-batch): \
+             check the sizes in config.json (`hidden_size` {}, `intermediate_size` {}, \
+             `num_hidden_layers` {}, `vocab_size` {}) and the options",
+            human(total),
+            params,
+            w.tokens,
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_hidden_layers,
+            cfg.vocab_size
+        )));
+    }
+    let u = |x: f64| x.round() as u64;
+    Ok(Estimate {
+        weights: u(terms[0]),
+        trainable: u(terms[1]),
+        gradients: u(terms[2]),
+        optimizer: u(terms[3]),
+        activations: u(terms[4]),
+        activations_per_token: u(per_token),
+        loss: u(terms[5]),
+        temporaries: u(terms[6]),
+        runtime: if w.gpu { CUDA_RUNTIME_BYTES } else { 0 },
+    })
+}
+
+/// `1.25 GiB`, `512.0 MiB`, `3.1 PiB`.
+pub fn human(bytes: f64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes;
+    let mut k = 0;
+    while v >= 1024.0 && k + 1 < UNITS.len() {
+        v /= 1024.0;
+        k += 1;
+    }
+    if k == 0 {
+        format!("{v:.0} B")
+    } else {
+        format!("{v:.2} {}", UNITS[k])
+    }
+}
+
+impl fmt::Display for Estimate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let h = |b: u64| human(b as f64);
+        let mut line = |name: &str, b: u64| -> fmt::Result {
+            if b > 0 {
+                writeln!(f, "  {name:<26}{:>12}", h(b))?;
+            }
+            Ok(())
+        };
+        line("weights", self.weights)?;
+        line("trainable copy", self.trainable)?;
+        line("gradients (f32)", self.gradients)?;
+        line("optimizer (f32 moments)", self.optimizer)?;
+        line("activations", self.activations)?;
+        line("loss chunk", self.loss)?;
+        line("backward temporaries", self.temporaries)?;
+        line("CUDA runtime", self.runtime)?;
+        write!(f, "  {:<26}{:>12}", "total", h(self.total()))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn config(json: &str) -> ModelConfig {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn qwen15_7b() -> ModelConfig {
+        config(
+            r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+            "vocab_size": 151936, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": false, "hidden_act": "silu"}"#,
+        )
+    }
+
+    #[test]
+    fn the_parameter_count_is_the_models() {
+        // Qwen1.5-7B as HF counts it.
+        assert_eq!(param_count(&qwen15_7b()) as u64, 7_721_324_544);
+    }
+
+    /// The H200's measured pool peaks (benches/gpu.sh, 2026-12-01): Qwen1.5-7B LoRA r=8 on
+    /// q/k/v/o, batch 4 x 512, no checkpointing: 22.99 GiB.
+    #[test]
+    fn the_estimate_is_near_the_measured_peak() {
+        let lora = 32 * 4 * 8 * (4096 + 4096);
+        let e = estimate(
+            &qwen15_7b(),
+            DType::BF16,
+            &Workload {
+                tokens: 2048,
+                gradient_checkpointing: false,
+                trainable: Trainable::Adapters(lora),
+                weight_decay: false,
+                lora: Some((8, 4)),
+                gpu: false,
+            },
+        )
+        .unwrap();
+        let gib = e.total() as f64 / f64::from(1u32 << 30);
+        assert!((gib - 22.99).abs() / 22.99 < 0.05, "{gib} GiB\n{e}");
+    }
+
+    #[test]
+    fn absurd_sizes_are_errors_not_allocations() {
+        let mut c = qwen15_7b();
+        c.hidden_size = 1_000_000_000_000;
+        c.head_dim = Some(128);
+        let w = Workload {
+            tokens: 8,
+            gradient_checkpointing: false,
+            trainable: Trainable::Nothing,
+            weight_decay: false,
+            lora: None,
+            gpu: false,
+        };
+        let e = estimate(&c, DType::BF16, &w).err().unwrap().to_string();
+        assert!(e.contains("`hidden_size` 1000000000000"), "{e}");
+        assert!(e.contains("PiB"), "{e}");
+    }
+}
