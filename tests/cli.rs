@@ -364,9 +364,15 @@ fn check_renders_the_first_examples_and_fails_on_bad_data() {
         ),
         "{out}"
     );
-    assert!(out.contains("stopped before cell 4 \"model"), "{out}");
+    assert!(out.contains("ran all 7 cells as a dry run"), "{out}");
+    let err = stderr(&o);
     assert!(
-        !out.contains("Running training") && !env.dir.path().join("runs").exists(),
+        err.contains("check: steps: 40 examples / batch 4 = 10 micro-batches an epoch; / accumulation 2 = 5 steps an epoch x 20 epochs = 100 steps"),
+        "{err}"
+    );
+    assert!(err.contains("check: memory on cpu"), "{err}");
+    assert!(
+        !err.contains("Running training") && !env.dir.path().join("runs").exists(),
         "nothing trained or written"
     );
     env.write(

@@ -202,7 +202,7 @@ fn bad_lora_configs_are_explained() {
         0,
     )
     .unwrap_err();
-    assert!(e.to_string().contains("matches no module; this model's linear layers are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"), "{e}");
+    assert!(e.to_string().contains("`c_attn` matches no module of this model; its linear layers are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"), "{e}");
     let e = lora::attach(
         &m,
         &LoraConfig {

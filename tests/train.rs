@@ -385,9 +385,9 @@ fn early_stopping_and_the_best_model_at_end() {
     assert_eq!(kept.len(), 1, "save_total_limit keeps the best");
 }
 
-/// A failure inside the engine names the op, the micro-batch shape and what was wrong.
+/// A label outside the vocabulary is named (example, id, vocabulary) before any step runs.
 #[test]
-fn an_engine_failure_names_the_op_and_the_shape() {
+fn an_id_outside_the_vocabulary_is_named_before_training() {
     let dir = tempfile::tempdir().unwrap();
     let mut data = examples(2);
     let n = data[0].labels.len();
@@ -407,11 +407,12 @@ fn an_engine_failure_names_the_op_and_the_shape() {
     .unwrap_err()
     .to_string();
     assert!(
-        e.contains("loss failed on a micro-batch of [2, ")
-            && e.contains("label 100000 at token")
-            && e.contains("outside the vocabulary (0..259)"),
+        e.contains(
+            "training example 0 holds token id 100000, outside the model's vocabulary (0..259)"
+        ),
         "{e}"
     );
+    assert!(!dir.path().join("metrics.jsonl").exists(), "no step ran");
 }
 
 #[test]

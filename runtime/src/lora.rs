@@ -167,6 +167,7 @@ pub fn linears(model: &Model) -> Vec<(String, &Linear)> {
 /// B zeros), sharing the frozen base tensors. Errors when no module matches.
 pub fn attach(model: &Model, cfg: &LoraConfig, seed: u64) -> Result<Model> {
     cfg.validate()?;
+    check_targets(model, &cfg.target_modules)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut out = model.clone();
     out.lora = None;
@@ -200,6 +201,35 @@ pub fn attach(model: &Model, cfg: &LoraConfig, seed: u64) -> Result<Model> {
     }
     out.lora = Some(cfg.clone());
     Ok(out)
+}
+
+/// Every name of a `target_modules` list must match a module of `model`: a misspelled one would
+/// silently give a smaller adapter than asked for.
+fn check_targets(model: &Model, targets: &Targets) -> Result<()> {
+    let Targets::Names(names) = targets else {
+        return Ok(());
+    };
+    let paths: Vec<String> = linears(model).into_iter().map(|(p, _)| p).collect();
+    for n in names {
+        let hit = paths
+            .iter()
+            .any(|p| p == n || p.ends_with(&format!(".{n}")));
+        if !hit {
+            let modules: Vec<&str> = Proj::ALL.iter().map(|p| p.short()).collect();
+            let near = modules
+                .iter()
+                .map(|m| (strsim::levenshtein(n, m), *m))
+                .filter(|(d, _)| *d <= 2)
+                .min()
+                .map_or_else(String::new, |(_, m)| format!(" (did you mean `{m}`?)"));
+            return Err(Error::InvalidArgument(format!(
+                "`target_modules`: `{n}` matches no module of this model{near}; its linear layers \
+                 are {}",
+                modules.join(", ")
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `(module path, adapter)` for every adapter of `model`.

@@ -3,8 +3,13 @@
 //! may write only under the output directory. Every function that takes a path goes through
 //! [`Sandbox::resolve_read`] or [`Sandbox::resolve_write`]; symlinks are resolved before the check,
 //! so a link that points out of the tree is refused like the path it points to.
+//!
+//! During a dry run (`qscript check`) writes go to an overlay directory instead of the output
+//! directory, and reads of the output directory see the overlay first, so a recipe that writes a
+//! file and reads it back checks as it runs while nothing is written under the output directory.
 
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use crate::{Error, Result};
 
@@ -14,6 +19,8 @@ pub struct Sandbox {
     base: PathBuf,
     output: PathBuf,
     read_roots: Vec<PathBuf>,
+    /// The dry run's overlay of the output directory (see the module doc).
+    overlay: Arc<Mutex<Option<PathBuf>>>,
 }
 
 impl Sandbox {
@@ -34,7 +41,41 @@ impl Sandbox {
             base,
             output,
             read_roots,
+            overlay: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// Sends writes to `dir` instead of the output directory (and lets reads of the output
+    /// directory see it first), or back to the output directory with `None`.
+    pub fn set_overlay(&self, dir: Option<PathBuf>) {
+        *self
+            .overlay
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = dir;
+    }
+
+    fn overlay(&self) -> Option<PathBuf> {
+        self.overlay
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// `p` as the run shows it: a path in the dry run's overlay as the output-directory path it
+    /// stands for; any other path as it is.
+    pub fn shown(&self, p: &Path) -> PathBuf {
+        match self.overlay() {
+            Some(o) if p.starts_with(&o) => self
+                .output
+                .join(p.strip_prefix(&o).unwrap_or(Path::new(""))),
+            _ => p.to_path_buf(),
+        }
+    }
+
+    /// Where `target` (a path under the output directory) lies in the overlay, if one is set.
+    fn in_overlay(&self, target: &Path) -> Option<PathBuf> {
+        let rel = target.strip_prefix(&self.output).ok()?;
+        Some(self.overlay()?.join(rel))
     }
 
     /// The directory relative reads resolve against (the recipe's).
@@ -52,6 +93,17 @@ impl Sandbox {
     pub fn resolve_read(&self, path: impl AsRef<Path>) -> Result<PathBuf> {
         let path = path.as_ref();
         let joined = self.base.join(path);
+        let target = normalize(&joined);
+        if let Some(o) = self.in_overlay(&target)
+            && std::fs::symlink_metadata(&o).is_ok()
+        {
+            // Written earlier in this dry run (the overlay is the run's own temporary dir).
+            return Ok(o);
+        }
+        if self.overlay().is_some_and(|o| target.starts_with(o)) {
+            // A path inside the overlay itself (a file of a directory written in this dry run).
+            return Ok(target);
+        }
         let real = joined.canonicalize().map_err(|e| Error::io(&joined, e))?;
         let output = self.output.canonicalize().ok();
         let allowed = self
@@ -85,6 +137,11 @@ impl Sandbox {
         let target = normalize(&self.output.join(path));
         if !target.starts_with(&self.output) || target == self.output {
             return Err(refuse());
+        }
+        if let Some(o) = self.in_overlay(&target) {
+            let parent = o.parent().ok_or_else(refuse)?;
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            return Ok(o);
         }
         let parent = target.parent().ok_or_else(refuse)?;
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
@@ -192,6 +249,24 @@ mod tests {
         std::fs::write(dir.path().join("secret.txt"), "s").unwrap();
         let sb = Sandbox::new(&recipe, dir.path().join("out"), &[]).unwrap();
         (dir, sb)
+    }
+
+    #[test]
+    fn an_overlay_takes_the_writes_and_shows_them_to_reads() {
+        let (d, sb) = setup();
+        let overlay = d.path().join("overlay");
+        sb.set_overlay(Some(overlay.clone()));
+        let w = sb.write_atomic("sub/a.txt", b"x").unwrap();
+        assert_eq!(w, overlay.join("sub/a.txt"));
+        assert!(
+            !d.path().join("out").exists(),
+            "nothing under the output dir"
+        );
+        let out = d.path().join("out/sub/a.txt");
+        assert_eq!(sb.resolve_read(&out).unwrap(), w);
+        assert!(sb.resolve_write("../escape.txt").is_err());
+        sb.set_overlay(None);
+        assert!(sb.resolve_read(&out).is_err(), "gone with the overlay");
     }
 
     #[test]

@@ -1,5 +1,9 @@
-//! `qscript check`: everything that can be known about a recipe without running it. Today: every
-//! cell parses, and the `params(#{ ... })` call resolves with the `--set` overrides.
+//! `qscript check`: everything that can be known about a recipe without loading weights or
+//! training. Every cell parses and the `params(#{ ... })` call resolves with the overrides; then
+//! the whole recipe runs as a dry run (see [`RunContext::check_mode`](crate::context::RunContext)):
+//! models load from their headers, tokenizers and data for real, training and generation check
+//! their options and print the plan (steps, memory, placement) without computing, and writes go
+//! to a throw-away overlay. The bindings decide what a dry run does, not the recipe's text.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -8,20 +12,18 @@ use rhai::Map;
 
 use crate::session::{CompiledRecipe, ScriptError, Session};
 
-/// Checks the recipe at `path`: parses every cell and resolves the params (see [`check`]), then
-/// runs the cells before the first one that loads weights or trains, so data and template
-/// errors surface and the first examples are shown with their masked spans.
+/// Checks the recipe at `path` (see [`check`]) and runs it as a dry run.
 pub fn check_and_run(session: &mut Session, path: &Path) -> Result<String, ScriptError> {
     let mut out = check(session, path)?;
-    let (report, stopped) = session.check_file(path)?;
+    let report = session.check_file(path)?;
     if let Some(e) = report.error {
         return Err(e);
     }
-    let ran = report.ran.len();
-    out.push_str(&match stopped {
-        Some(label) => format!("\nran {ran} cells without loading weights; stopped before {label}, which loads weights or trains"),
-        None => format!("\nran all {ran} cells (none loads weights or trains)"),
-    });
+    let _ = write!(
+        out,
+        "\nran all {} cells as a dry run: no weights read, nothing trained or generated, nothing written under the output dir",
+        report.ran.len()
+    );
     Ok(out)
 }
 

@@ -190,8 +190,13 @@ pub struct RunContext {
     /// The script functions of the code running now, so native code can call script closures
     /// from other threads (`Dataset.map` runs them in parallel).
     pub functions: Mutex<rhai::AST>,
-    /// Set while `qscript check` runs a recipe: data functions show what they would feed the model.
+    /// Set while `qscript check` runs a recipe (a dry run): models load from their headers,
+    /// training and generation check their options without computing, writes go to the
+    /// sandbox's overlay, data functions show what they would feed the model.
     pub check_mode: std::sync::atomic::AtomicBool,
+    /// Models without weights "saved" during a dry run, by the directory they would be in, so
+    /// a later `model::load` of it gets them back.
+    pub(crate) dry_models: Mutex<HashMap<PathBuf, crate::handles::ModelHandle>>,
     /// Whether generation streams token by token by default (the interactive REPL).
     pub stream_by_default: std::sync::atomic::AtomicBool,
 }
@@ -220,6 +225,7 @@ impl RunContext {
             imports: Mutex::new(BTreeSet::new()),
             functions: Mutex::new(rhai::AST::empty()),
             check_mode: std::sync::atomic::AtomicBool::new(false),
+            dry_models: Mutex::new(HashMap::new()),
             stream_by_default: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -229,6 +235,11 @@ impl RunContext {
         ctx.tag()
             .and_then(|t| t.clone().try_cast::<Arc<RunContext>>())
             .ok_or_else(|| script_error("internal", "the engine has no run context"))
+    }
+
+    /// Whether this is a dry run (`qscript check`).
+    pub fn checking(&self) -> bool {
+        self.check_mode.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether `--set` overrides the param `key`.

@@ -27,6 +27,8 @@ pub struct Tokenized {
     pub truncated: usize,
     /// Dropped because every label was masked.
     pub dropped: usize,
+    /// The vocabulary size of the tokenizer(s) that made them (0: unknown).
+    pub vocab: usize,
 }
 
 /// The contents of a dataset: records (maps), or tokenized examples.
@@ -90,6 +92,7 @@ impl DatasetHandle {
                 examples: indices.iter().map(|&i| t.examples[i].clone()).collect(),
                 ..Tokenized {
                     source: t.source.clone(),
+                    vocab: t.vocab,
                     ..Tokenized::default()
                 }
             }),
@@ -150,6 +153,7 @@ impl DatasetHandle {
                 if let Data::Tokenized(t) = &*p.0 {
                     out.truncated += t.truncated;
                     out.dropped += t.dropped;
+                    out.vocab = out.vocab.max(t.vocab);
                 }
             }
             out.examples = order

@@ -312,26 +312,12 @@ impl Session {
     /// trains (`model::load`, `lora::load`, `train::fit`, `.generate(`, `.chat(`), with the run in
     /// check mode (data functions show their first examples). Returns the report and the label of
     /// the cell it stopped before, if any.
-    pub fn check_file(&mut self, path: &Path) -> Result<(RunReport, Option<String>), ScriptError> {
-        const HEAVY: [&str; 5] = [
-            "model::load",
-            "lora::load",
-            "train::fit",
-            ".generate(",
-            ".chat(",
-        ];
+    pub fn check_file(&mut self, path: &Path) -> Result<RunReport, ScriptError> {
         let CompiledRecipe {
             path,
             source,
             cells,
         } = self.compile_file(path)?;
-        let stop = cells.iter().position(|(c, _)| {
-            c.text.lines().any(|l| {
-                let code = l.split("//").next().unwrap_or("");
-                HEAVY.iter().any(|h| code.contains(h))
-            })
-        });
-        let stopped = stop.map(|i| cells[i].0.label());
         let fresh = cells
             .into_iter()
             .map(|(cell, ast)| CellState::fresh(cell, ast))
@@ -341,14 +327,27 @@ impl Session {
             source,
             cells: fresh,
         });
+        // Writes land in a throw-away overlay that later reads see; nothing under the output dir.
+        let overlay = tempfile::tempdir().map_err(|e| ScriptError {
+            failure: Failure::Script,
+            rendered: format!("error: cannot make a temporary directory for the dry run: {e}"),
+        })?;
+        self.ctx
+            .sandbox
+            .set_overlay(Some(overlay.path().to_path_buf()));
         self.ctx
             .check_mode
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        let report = self.run_range(0, stop.unwrap_or(usize::MAX));
+        let report = self.run_range(0, usize::MAX);
         self.ctx
             .check_mode
             .store(false, std::sync::atomic::Ordering::Relaxed);
-        Ok((report, stopped))
+        self.ctx.sandbox.set_overlay(None);
+        lock(&self.ctx.dry_models).clear();
+        // A dry run's values (shapes-only models, counted trainers) must not serve a real run.
+        self.ctx.memo.clear();
+        self.notebook = None;
+        Ok(report)
     }
 
     fn run_range(&mut self, start: usize, end: usize) -> RunReport {

@@ -70,15 +70,9 @@ impl GenerateOptions {
 }
 
 impl Model {
-    /// Generates up to `max_new_tokens` after `prompt`, calling `on_token` with each new id.
-    /// Returns the new ids (the stop token included when one ended the run).
-    pub fn generate(
-        &self,
-        prompt: &[u32],
-        opts: &GenerateOptions,
-        cancel: &CancelToken,
-        on_token: &mut dyn FnMut(u32) -> Result<()>,
-    ) -> Result<Vec<u32>> {
+    /// What [`Model::generate`] checks before it computes: a prompt of ids inside the
+    /// vocabulary, and options in range.
+    pub fn check_generate(&self, prompt: &[u32], opts: &GenerateOptions) -> Result<()> {
         if prompt.is_empty() {
             return Err(Error::InvalidArgument(
                 "`generate` needs a non-empty prompt".into(),
@@ -95,6 +89,19 @@ impl Model {
                 "prompt token {i} is id {id}, outside the model's vocabulary (0..{vocab}): is the tokenizer this model's?"
             )));
         }
+        Ok(())
+    }
+
+    /// Generates up to `max_new_tokens` after `prompt`, calling `on_token` with each new id.
+    /// Returns the new ids (the stop token included when one ended the run).
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        cancel: &CancelToken,
+        on_token: &mut dyn FnMut(u32) -> Result<()>,
+    ) -> Result<Vec<u32>> {
+        self.check_generate(prompt, opts)?;
         if self.is_shapes_only() {
             // A dry run: the prompt and options are checked; nothing is computed.
             return Ok(Vec::new());

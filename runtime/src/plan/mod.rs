@@ -1,5 +1,8 @@
-//! Planning a run before anything loads: the memory it needs per device.
+//! Planning a run before anything loads: the memory it needs per device, and where each module
+//! goes (`device_map`).
 
 pub mod memory;
+pub mod placement;
 
 pub use memory::{Estimate, Trainable, Workload, estimate};
+pub use placement::{Budget, DeviceMap, Module, Placement, place};

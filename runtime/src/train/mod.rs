@@ -3,10 +3,12 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dry;
 pub mod engine;
 pub mod flat;
 pub mod merge;
 pub mod optim;
+pub mod plan;
 pub mod schedule;
 pub mod trainer;
 

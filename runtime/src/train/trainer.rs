@@ -43,6 +43,8 @@ pub enum Event {
         trainable: usize,
         /// Resumed at this step.
         resumed_at: usize,
+        /// The plan's memory estimate for the device, bytes.
+        memory: u64,
     },
     /// After each optimizer step.
     Step {
@@ -103,7 +105,7 @@ pub fn snapshot(model: &Model) -> Result<Model> {
 }
 
 /// The examples as `cfg` trains them: packed into rows (`packing`), or cut at `max_length`.
-fn prepare(examples: Arc<Vec<Example>>, cfg: &TrainConfig) -> Arc<Vec<Example>> {
+pub(super) fn prepare(examples: Arc<Vec<Example>>, cfg: &TrainConfig) -> Arc<Vec<Example>> {
     if cfg.packing {
         let max = cfg.max_length.unwrap_or(1024);
         let rows = pack(&examples, max);
@@ -200,6 +202,7 @@ pub struct Trainer {
     stopped_early: bool,
     last_checkpoint: Option<PathBuf>,
     merge: MergePolicy,
+    plan: super::plan::RunPlan,
 }
 
 /// What one optimizer step did.
@@ -231,18 +234,7 @@ impl Trainer {
         pad_id: u32,
     ) -> Result<Self> {
         model.needs_weights("training")?;
-        cfg.validate()?;
-        let train = prepare(train, cfg);
-        if train.is_empty() {
-            return Err(Error::InvalidArgument(
-                "the training dataset is empty".into(),
-            ));
-        }
-        if cfg.eval_strategy == "steps" && eval.as_ref().is_none_or(|e| e.is_empty()) {
-            return Err(Error::InvalidArgument(
-                "`eval_strategy: \"steps\"` needs an eval dataset: `train::fit(model, train, opts, eval)`".into(),
-            ));
-        }
+        let (plan, train) = super::plan::plan(model, train, eval.as_deref().map(|e| &e[..]), cfg)?;
         let out_dir = PathBuf::from(&cfg.output_dir);
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
         let lock = checkpoint::DirLock::take(&out_dir)?;
@@ -263,7 +255,7 @@ impl Trainer {
                 weight_decay: cfg.weight_decay,
             },
         )?;
-        let (micro_per_epoch, _, total) = cfg.plan(train.len());
+        let (micro_per_epoch, total) = (plan.micro_per_epoch, plan.total_steps);
         let sched = Schedule::new(
             &cfg.lr_scheduler_type,
             cfg.learning_rate,
@@ -316,6 +308,7 @@ impl Trainer {
             stopped_early: false,
             last_checkpoint: None,
             merge,
+            plan,
         })
     }
 
@@ -324,17 +317,19 @@ impl Trainer {
         Event::Start {
             examples: self.train.len(),
             // As HF prints it: with `max_steps`, the epochs those steps take.
-            epochs: if self.cfg.max_steps > 0 {
-                self.total.div_ceil(self.cfg.plan(self.train.len()).1) as f64
-            } else {
-                self.cfg.num_train_epochs
-            },
+            epochs: self.plan.epochs,
             total_batch: self.cfg.per_device_train_batch_size
                 * self.cfg.gradient_accumulation_steps,
             total_steps: self.total,
             trainable: self.trainable,
             resumed_at: self.state.global_step,
+            memory: self.plan.memory.total(),
         }
+    }
+
+    /// The plan the run started from (steps, memory estimate, placement).
+    pub fn plan(&self) -> &super::plan::RunPlan {
+        &self.plan
     }
 
     /// Optimizer steps done.
@@ -363,39 +358,12 @@ impl Trainer {
         if self.is_done() {
             return Vec::new();
         }
-        for _ in 0..2 {
-            let order = epoch_order(
-                &self.lengths,
-                self.cfg.per_device_train_batch_size,
-                self.cfg.group_by_length,
-                self.cfg.seed,
-                self.state.epoch as u64,
-            );
-            let micro: Vec<Vec<usize>> = order
-                .chunks(self.cfg.per_device_train_batch_size)
-                .map(<[usize]>::to_vec)
-                .collect();
-            let k = self.cfg.gradient_accumulation_steps;
-            let full_windows_only = self.micro_per_epoch >= k;
-            let out: Vec<Vec<Vec<usize>>> = micro
-                .chunks(k)
-                .scan(0usize, |consumed, w| {
-                    let start = *consumed;
-                    *consumed += w.len();
-                    Some((start, w))
-                })
-                .filter(|(start, w)| {
-                    *start >= self.state.micro_in_epoch && (!full_windows_only || w.len() == k)
-                })
-                .map(|(_, w)| w.to_vec())
-                .collect();
-            if !out.is_empty() {
-                return out;
-            }
-            self.state.epoch += 1;
-            self.state.micro_in_epoch = 0;
-        }
-        Vec::new()
+        next_windows(
+            &self.lengths,
+            &self.cfg,
+            self.micro_per_epoch,
+            &mut self.state,
+        )
     }
 
     /// One optimizer step on `window` (micro-batches of example indices).
@@ -721,6 +689,49 @@ impl Trainer {
     }
 }
 
+/// The remaining accumulation windows of `state`'s epoch over examples of `lengths` (each a
+/// list of micro-batches of example indices); when the epoch is used up, moves to the next one.
+pub(super) fn next_windows(
+    lengths: &[usize],
+    cfg: &TrainConfig,
+    micro_per_epoch: usize,
+    state: &mut TrainerState,
+) -> Vec<Vec<Vec<usize>>> {
+    for _ in 0..2 {
+        let order = epoch_order(
+            lengths,
+            cfg.per_device_train_batch_size,
+            cfg.group_by_length,
+            cfg.seed,
+            state.epoch as u64,
+        );
+        let micro: Vec<Vec<usize>> = order
+            .chunks(cfg.per_device_train_batch_size)
+            .map(<[usize]>::to_vec)
+            .collect();
+        let k = cfg.gradient_accumulation_steps;
+        let full_windows_only = micro_per_epoch >= k;
+        let out: Vec<Vec<Vec<usize>>> = micro
+            .chunks(k)
+            .scan(0usize, |consumed, w| {
+                let start = *consumed;
+                *consumed += w.len();
+                Some((start, w))
+            })
+            .filter(|(start, w)| {
+                *start >= state.micro_in_epoch && (!full_windows_only || w.len() == k)
+            })
+            .map(|(_, w)| w.to_vec())
+            .collect();
+        if !out.is_empty() {
+            return out;
+        }
+        state.epoch += 1;
+        state.micro_in_epoch = 0;
+    }
+    Vec::new()
+}
+
 /// Trains `model` on `train` (and evaluates on `eval`), reporting through `on_event`. Ctrl-C
 /// (`cancel`) saves a checkpoint at the next step boundary and stops.
 pub fn fit(
@@ -789,7 +800,7 @@ fn own_metrics(path: &Path, resumed_at: usize) -> Result<()> {
     crate::sandbox::write_atomic(path, kept.as_bytes())
 }
 
-fn resume_dir(cfg: &TrainConfig, out: &Path) -> Result<Option<PathBuf>> {
+pub(super) fn resume_dir(cfg: &TrainConfig, out: &Path) -> Result<Option<PathBuf>> {
     match &cfg.resume_from_checkpoint {
         None | Some(serde_json::Value::Null | serde_json::Value::Bool(false)) => Ok(None),
         Some(serde_json::Value::Bool(true)) => match checkpoint::list(out).pop() {

@@ -574,6 +574,7 @@ pub mod data_module {
             source: records.source.clone(),
             truncated: r.truncated,
             dropped: r.dropped,
+            vocab: tok.0.vocab_size(),
         }))))
     }
 

@@ -44,17 +44,12 @@ pub mod io_module {
         text: &str,
     ) -> Result<String, Box<EvalAltResult>> {
         let rc = RunContext::of(&ctx)?;
-        if rc.check_mode.load(std::sync::atomic::Ordering::Relaxed) {
-            let real = rc.sandbox.check_write(path).map_err(to_rhai_at(&ctx))?;
-            rc.sink
-                .err(&format!("check: would write `{}`", real.display()));
-            return Ok(real.to_string_lossy().into_owned());
-        }
         let real = rc
             .sandbox
             .write_atomic(path, text.as_bytes())
             .map_err(to_rhai_at(&ctx))?;
-        Ok(real.to_string_lossy().into_owned())
+        // In a dry run the file is in the overlay; the script sees the path it stands for.
+        Ok(rc.sandbox.shown(&real).to_string_lossy().into_owned())
     }
 
     /// Reads a JSON file into script values (maps, arrays, strings, numbers, booleans, `()`).

@@ -75,6 +75,74 @@ fn save_model(
     }
 }
 
+/// `model::load` in a dry run: a model "saved" earlier in the run, or the checkpoint's shapes
+/// from its headers (no weight is read). When only the weights are missing, the memory their
+/// config implies is printed before the error.
+fn load_shapes(
+    ctx: &NativeCallContext,
+    rc: &RunContext,
+    dir: &std::path::Path,
+    lo: &qscript_runtime::model::LoadOptions,
+) -> Result<ModelHandle, Box<EvalAltResult>> {
+    if let Some(m) = crate::context::lock(&rc.dry_models).get(dir) {
+        return Ok(m.clone());
+    }
+    let m = qscript_runtime::model::Model::load_shapes(dir, lo).map_err(|e| {
+        if let Ok(cfg) = qscript_runtime::model::ModelConfig::from_file(&dir.join("config.json"))
+            && let Ok(dtype) = lo.resolve_device().and_then(|d| lo.resolve_dtype(&d))
+        {
+            let bytes =
+                qscript_runtime::plan::memory::param_count(&cfg) * dtype.size_in_bytes() as f64;
+            rc.sink.err(&format!(
+                "check: `{}`: config.json describes {:.3e} parameters, {} of weights in {}",
+                dir.display(),
+                qscript_runtime::plan::memory::param_count(&cfg),
+                qscript_runtime::plan::memory::human(bytes),
+                qscript_runtime::model::load::dtype_name(dtype)
+            ));
+        }
+        to_rhai_at(ctx)(e)
+    })?;
+    rc.sink.err(&format!(
+        "check: model `{}`: {m}; weights not read",
+        rc.sandbox.shown(dir).display()
+    ));
+    Ok(ModelHandle(std::sync::Arc::new(m)))
+}
+
+/// Saves `m` into `dir`; in a dry run a model without weights is kept in memory for later loads
+/// of `dir` (its adapters, which are real, are still written).
+fn save_model_or_shapes(
+    rc: &RunContext,
+    m: &ModelHandle,
+    dir: &std::path::Path,
+) -> qscript_runtime::Result<()> {
+    if m.0.is_shapes_only() && m.0.lora.is_none() {
+        crate::context::lock(&rc.dry_models).insert(dir.to_path_buf(), m.clone());
+        rc.sink.err(&format!(
+            "check: would write the model to `{}`",
+            rc.sandbox.shown(dir).display()
+        ));
+        return Ok(());
+    }
+    save_model(&m.0, dir)
+}
+
+/// A tokenizer whose ids the model's embedding cannot hold is an error naming both sizes.
+pub(crate) fn check_vocab(
+    m: &qscript_runtime::model::Model,
+    tok: &qscript_runtime::tokenizer::Tokenizer,
+) -> qscript_runtime::Result<()> {
+    let (t, v) = (tok.vocab_size(), m.config().vocab_size);
+    if t > v {
+        return Err(qscript_runtime::Error::InvalidArgument(format!(
+            "the tokenizer has {t} tokens and the model's embedding {v} rows: ids from {v} on \
+             have no embedding; use the model's own tokenizer"
+        )));
+    }
+    Ok(())
+}
+
 /// Generates after `prompt` and returns the new text, streaming it when asked (or by default in
 /// the interactive REPL).
 fn run_generate(
@@ -99,6 +167,12 @@ fn run_generate(
         seed: opts.seed,
         stop_ids,
     };
+    check_vocab(&m.0, &tok.0).map_err(to_rhai_at(ctx))?;
+    if rc.checking() {
+        // A dry run: the prompt and options are checked, nothing is generated.
+        m.0.check_generate(prompt, &g).map_err(to_rhai_at(ctx))?;
+        return Ok(String::new());
+    }
     let mut new_ids: Vec<u32> = Vec::new();
     let mut shown = 0usize;
     let skip = opts.skip_special_tokens;
@@ -177,14 +251,17 @@ pub mod model_module {
         let rc = RunContext::of(&ctx)?;
         let o: LoadOpts = from_options(&ctx, "model::load", opts)?;
         let real = rc.resolve_read_dir(dir).map_err(to_rhai_at(&ctx))?;
+        let lo = LoadOptions {
+            dtype: o.dtype.clone(),
+            device: o.device.clone(),
+            trainable: o.trainable,
+        };
+        if rc.checking() {
+            return super::load_shapes(&ctx, &rc, &real, &lo);
+        }
         let args = format!("{} {o:?}", real.display());
         let key = Memo::key("model::load", &args, &[&real]).map_err(to_rhai)?;
         let value = rc.memo.get_or_try_insert(&key, || {
-            let lo = LoadOptions {
-                dtype: o.dtype.clone(),
-                device: o.device.clone(),
-                trainable: o.trainable,
-            };
             let m = Model::load(&real, &lo).map_err(to_rhai_at(&ctx))?;
             Ok::<_, Box<EvalAltResult>>(Dynamic::from(ModelHandle(Arc::new(m))))
         })?;
@@ -233,7 +310,7 @@ pub mod model_module {
     pub fn save(ctx: NativeCallContext, m: &mut ModelHandle, dir: &str) -> Res<()> {
         let rc = RunContext::of(&ctx)?;
         let real = rc.resolve_write_dir(dir).map_err(to_rhai_at(&ctx))?;
-        save_model(&m.0, &real).map_err(to_rhai_at(&ctx))
+        super::save_model_or_shapes(&rc, m, &real).map_err(to_rhai_at(&ctx))
     }
 
     /// Writes the model and its tokenizer files, a directory transformers loads as is.
@@ -250,7 +327,7 @@ pub mod model_module {
     ) -> Res<()> {
         let rc = RunContext::of(&ctx)?;
         let real = rc.resolve_write_dir(dir).map_err(to_rhai_at(&ctx))?;
-        save_model(&m.0, &real).map_err(to_rhai_at(&ctx))?;
+        super::save_model_or_shapes(&rc, m, &real).map_err(to_rhai_at(&ctx))?;
         tok.0.save(&real).map_err(to_rhai_at(&ctx))
     }
 

@@ -28,6 +28,25 @@ fn examples<'a>(
     }
 }
 
+/// The data's tokenizer must fit the model's embedding.
+fn check_vocab(ds: &DatasetHandle, model: &ModelHandle) -> Result<(), Box<EvalAltResult>> {
+    if let Data::Tokenized(t) = &*ds.0 {
+        let v = model.0.config().vocab_size;
+        if t.vocab > v {
+            return Err(script_error(
+                "invalid_argument",
+                format!(
+                    "`{}` was tokenized with a tokenizer of {} tokens and the model's embedding \
+                     has {v} rows: ids from {v} on have no embedding; tokenize with the model's \
+                     own tokenizer",
+                    t.source, t.vocab
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Prints training events: the plan as HF prints it, a progress bar, log and eval lines.
 struct Printer {
     sink: Arc<dyn crate::context::OutputSink>,
@@ -67,6 +86,7 @@ impl Printer {
                 total_steps,
                 trainable,
                 resumed_at,
+                memory,
             } => {
                 let sink = &self.sink;
                 sink.err("***** Running training *****");
@@ -85,6 +105,10 @@ impl Printer {
                 ));
                 sink.err(&format!("  Total optimization steps = {total_steps}"));
                 sink.err(&format!("  Number of trainable parameters = {trainable}"));
+                sink.err(&format!(
+                    "  Estimated peak memory = {} (itemized by `qscript check`)",
+                    qscript_runtime::plan::memory::human(*memory as f64)
+                ));
                 if let Some(line) = &self.memory {
                     sink.err(&format!("  {line}"));
                 }
@@ -163,6 +187,9 @@ fn prepare(
             &cfg.output_dir
         })
         .map_err(to_rhai_at(ctx))?;
+    // A dry run plans against the real output dir (its checkpoints, an unfinished run there)
+    // and writes nothing to it.
+    let out = rc.sandbox.shown(&out);
     cfg.output_dir = out.to_string_lossy().into_owned();
     // `--resume` wins over an unset or `false` option (a recipe's default), not over a path.
     if matches!(
@@ -250,6 +277,20 @@ fn run_fit(
     let cfg = prepare(ctx, &rc, model, opts)?;
     let train_ex = examples(train, "training").map_err(at)?;
     let eval_ex = eval.map(|d| examples(d, "eval")).transpose().map_err(at)?;
+    for d in std::iter::once(train).chain(eval) {
+        check_vocab(d, model).map_err(at)?;
+    }
+    if rc.checking() {
+        let dry = qscript_runtime::train::dry::DryTrainer::new(
+            &model.0,
+            Arc::new(train_ex.to_vec()),
+            eval_ex,
+            &cfg,
+        )
+        .map_err(to_rhai_at(ctx))?;
+        show_plan(&rc, "train::fit", dry.plan());
+        return Ok(model.clone());
+    }
     let pad = model.0.eos_ids().first().copied().unwrap_or(0);
     let mut printer = Printer::new(rc.sink.clone(), &cfg, model);
     let report = qscript_runtime::train::fit(
@@ -319,14 +360,49 @@ fn run_fit(
     Ok(ModelHandle(Arc::new(report.model)))
 }
 
+/// What `t.step` returns.
+fn step_map(step: usize, loss: f64, grad_norm: f64, lr: f64, done: bool) -> Map {
+    let mut m = Map::new();
+    m.insert(
+        "step".into(),
+        Dynamic::from(rhai::INT::try_from(step).unwrap_or(0)),
+    );
+    m.insert("loss".into(), Dynamic::from(loss));
+    m.insert("grad_norm".into(), Dynamic::from(grad_norm));
+    m.insert("learning_rate".into(), Dynamic::from(lr));
+    m.insert("done".into(), Dynamic::from(done));
+    m
+}
+
+/// A dry run's plan, after the notices planning raised (packing, truncation).
+fn show_plan(rc: &RunContext, what: &str, plan: &qscript_runtime::train::plan::RunPlan) {
+    for n in qscript_runtime::notice::take() {
+        rc.sink.err(&n);
+    }
+    rc.sink.err(&format!(
+        "check: {what}: {} trainable parameters",
+        plan.trainable
+    ));
+    for line in plan.to_string().lines() {
+        rc.sink.err(&format!("check: {line}"));
+    }
+}
+
 /// A step-at-a-time trainer (`Trainer` in scripts).
 #[derive(Clone)]
 pub struct TrainerHandle(Arc<std::sync::Mutex<TrainerState>>);
 
-/// The trainer and its printer.
-pub struct TrainerState {
-    trainer: qscript_runtime::train::Trainer,
-    printer: Printer,
+/// The trainer and its printer, or in a dry run the step counter that stands for it.
+enum TrainerState {
+    /// A real run.
+    Live {
+        /// The trainer.
+        trainer: Box<qscript_runtime::train::Trainer>,
+        /// Its printer.
+        printer: Printer,
+    },
+    /// `qscript check`.
+    Dry(Box<qscript_runtime::train::dry::DryTrainer>),
 }
 
 impl std::fmt::Debug for TrainerHandle {
@@ -354,12 +430,31 @@ fn new_trainer(
         .transpose()
         .map_err(at)?;
     let pad = model.0.eos_ids().first().copied().unwrap_or(0);
+    for d in std::iter::once(train).chain(eval) {
+        check_vocab(d, model).map_err(at)?;
+    }
+    if rc.checking() {
+        let dry = qscript_runtime::train::dry::DryTrainer::new(
+            &model.0,
+            train_ex,
+            eval_ex.as_deref().map(|e| &e[..]),
+            &cfg,
+        )
+        .map_err(to_rhai_at(ctx))?;
+        show_plan(&rc, "train::trainer", dry.plan());
+        return Ok(TrainerHandle(Arc::new(std::sync::Mutex::new(
+            TrainerState::Dry(Box::new(dry)),
+        ))));
+    }
     let trainer = qscript_runtime::train::Trainer::new(&model.0, train_ex, eval_ex, &cfg, pad)
         .map_err(to_rhai_at(ctx))?;
     let mut printer = Printer::new(rc.sink.clone(), &cfg, model);
     printer.show(&trainer.start_event());
     Ok(TrainerHandle(Arc::new(std::sync::Mutex::new(
-        TrainerState { trainer, printer },
+        TrainerState::Live {
+            trainer: Box::new(trainer),
+            printer,
+        },
     ))))
 }
 
@@ -494,9 +589,11 @@ pub mod train_module {
     /// ```
     #[rhai_fn(global, pure)]
     pub fn batches(t: &mut super::TrainerHandle) -> rhai::Array {
-        let mut s = crate::context::lock(&t.0);
-        s.trainer
-            .windows()
+        let windows = match &mut *crate::context::lock(&t.0) {
+            TrainerState::Live { trainer, .. } => trainer.windows(),
+            TrainerState::Dry(d) => d.windows(),
+        };
+        windows
             .into_iter()
             .map(|w| {
                 let w: rhai::Array = w
@@ -551,40 +648,42 @@ pub mod train_module {
                     .collect::<Vec<usize>>(),
             );
         }
-        let mut s = crate::context::lock(&t.0);
-        let out = s
-            .trainer
+        let mut guard = crate::context::lock(&t.0);
+        let (trainer, printer) = match &mut *guard {
+            TrainerState::Live { trainer, printer } => (trainer, printer),
+            TrainerState::Dry(d) => {
+                // A dry run counts the step; nothing is computed, so loss and norm are NaN.
+                let (step, lr, done) = d.step(&window).map_err(crate::error::to_rhai_at(&ctx))?;
+                return Ok(step_map(step, f64::NAN, f64::NAN, lr, done));
+            }
+        };
+        let out = trainer
             .step(&window)
             .map_err(crate::error::to_rhai_at(&ctx))?;
         for e in &out.events {
-            s.printer.show(e);
+            printer.show(e);
         }
         if out.done {
-            s.printer.finish();
+            printer.finish();
         }
         // Ctrl-C during the step (where the time goes): save before the script stops.
         let rc = RunContext::of(&ctx)?;
         if rc.cancel.is_cancelled() && !out.done {
-            let path = s
-                .trainer
+            let path = trainer
                 .save_checkpoint()
                 .map_err(crate::error::to_rhai_at(&ctx))?;
             return Err(super::stopped(&ctx, out.step, Some(&path)));
         }
-        let (loss, grad_norm) = s
-            .trainer
+        let (loss, grad_norm) = trainer
             .read_step()
             .map_err(crate::error::to_rhai_at(&ctx))?;
-        let mut m = Map::new();
-        m.insert(
-            "step".into(),
-            Dynamic::from(rhai::INT::try_from(out.step).unwrap_or(0)),
-        );
-        m.insert("loss".into(), Dynamic::from(loss));
-        m.insert("grad_norm".into(), Dynamic::from(grad_norm));
-        m.insert("learning_rate".into(), Dynamic::from(out.learning_rate));
-        m.insert("done".into(), Dynamic::from(out.done));
-        Ok(m)
+        Ok(step_map(
+            out.step,
+            loss,
+            grad_norm,
+            out.learning_rate,
+            out.done,
+        ))
     }
 
     /// Mean token loss on the eval dataset.
@@ -600,10 +699,11 @@ pub mod train_module {
         ctx: NativeCallContext,
         t: &mut super::TrainerHandle,
     ) -> Result<f64, Box<rhai::EvalAltResult>> {
-        crate::context::lock(&t.0)
-            .trainer
-            .evaluate()
-            .map_err(crate::error::to_rhai_at(&ctx))
+        match &*crate::context::lock(&t.0) {
+            TrainerState::Live { trainer, .. } => trainer.evaluate(),
+            TrainerState::Dry(d) => d.check_evaluate().map(|()| f64::NAN),
+        }
+        .map_err(crate::error::to_rhai_at(&ctx))
     }
 
     /// Writes `checkpoint-{step}` in the output dir now; returns its path.
@@ -620,31 +720,44 @@ pub mod train_module {
         ctx: NativeCallContext,
         t: &mut super::TrainerHandle,
     ) -> Result<String, Box<rhai::EvalAltResult>> {
-        let p = crate::context::lock(&t.0)
-            .trainer
-            .save_checkpoint()
-            .map_err(crate::error::to_rhai_at(&ctx))?;
+        let p = match &mut *crate::context::lock(&t.0) {
+            TrainerState::Live { trainer, .. } => trainer.save_checkpoint(),
+            TrainerState::Dry(d) => Ok(d.checkpoint_path()),
+        }
+        .map_err(crate::error::to_rhai_at(&ctx))?;
         Ok(p.to_string_lossy().into_owned())
     }
 
     /// A snapshot of the model as trained so far (later steps do not change it).
     #[rhai_fn(global, get = "model", pure, return_raw)]
     pub fn model(t: &mut super::TrainerHandle) -> Result<ModelHandle, Box<rhai::EvalAltResult>> {
-        let s = crate::context::lock(&t.0);
-        let m = qscript_runtime::train::trainer::snapshot(s.trainer.model())
-            .map_err(crate::error::to_rhai)?;
+        let m = match &*crate::context::lock(&t.0) {
+            TrainerState::Live { trainer, .. } => {
+                qscript_runtime::train::trainer::snapshot(trainer.model())
+                    .map_err(crate::error::to_rhai)?
+            }
+            TrainerState::Dry(d) => d.model().clone(),
+        };
         Ok(ModelHandle(Arc::new(m)))
     }
 
     /// Optimizer steps done.
     #[rhai_fn(global, get = "global_step", pure)]
     pub fn global_step(t: &mut super::TrainerHandle) -> rhai::INT {
-        rhai::INT::try_from(crate::context::lock(&t.0).trainer.global_step()).unwrap_or(0)
+        let n = match &*crate::context::lock(&t.0) {
+            TrainerState::Live { trainer, .. } => trainer.global_step(),
+            TrainerState::Dry(d) => d.global_step(),
+        };
+        rhai::INT::try_from(n).unwrap_or(0)
     }
 
     /// Optimizer steps planned.
     #[rhai_fn(global, get = "total_steps", pure)]
     pub fn total_steps(t: &mut super::TrainerHandle) -> rhai::INT {
-        rhai::INT::try_from(crate::context::lock(&t.0).trainer.total_steps()).unwrap_or(0)
+        let n = match &*crate::context::lock(&t.0) {
+            TrainerState::Live { trainer, .. } => trainer.total_steps(),
+            TrainerState::Dry(d) => d.total_steps(),
+        };
+        rhai::INT::try_from(n).unwrap_or(0)
     }
 }

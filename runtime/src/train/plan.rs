@@ -1,0 +1,237 @@
+//! What a run will do, from the model's shapes, the data and the options alone: every check
+//! [`super::Trainer::new`] makes before it allocates, the step arithmetic, and the memory
+//! estimate against the device's budget. `qscript check` stops here; a real run starts here.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::data::sft::{Example, IGNORE};
+use crate::model::Model;
+use crate::model::block::Proj;
+use crate::plan::memory::{self, Estimate, Trainable, Workload, human};
+use crate::{Error, Result};
+
+use super::TrainConfig;
+use super::schedule::Schedule;
+
+/// A run's plan (see the module doc).
+#[derive(Clone, Debug)]
+pub struct RunPlan {
+    /// Training examples (or packed rows) after packing and truncation.
+    pub examples: usize,
+    /// Micro-batches an epoch.
+    pub micro_per_epoch: usize,
+    /// Optimizer steps an epoch (micro-batches / accumulation, floored, at least 1).
+    pub steps_per_epoch: usize,
+    /// Optimizer steps in all.
+    pub total_steps: usize,
+    /// Epochs those steps take (HF's `Num Epochs`: derived when `max_steps` is set).
+    pub epochs: f64,
+    /// Per-device batch.
+    pub batch: usize,
+    /// Devices the batch is split over (data parallel).
+    pub devices: usize,
+    /// Gradient accumulation steps.
+    pub accumulation: usize,
+    /// Trainable parameters.
+    pub trainable: usize,
+    /// Padded tokens of the longest row.
+    pub longest: usize,
+    /// The checkpoint a resume starts from.
+    pub resume_from: Option<PathBuf>,
+    /// The device and its memory estimate.
+    pub device: String,
+    /// The estimate for the largest micro-batch.
+    pub memory: Estimate,
+    /// Free bytes on the device, when it says (GPUs).
+    pub budget: Option<u64>,
+    /// Layers (all on `device` until placement over several devices lands).
+    pub layers: usize,
+}
+
+impl RunPlan {
+    /// Examples a step takes: per-device batch x devices x accumulation.
+    pub fn total_batch(&self) -> usize {
+        self.batch * self.devices * self.accumulation
+    }
+}
+
+/// The plan of training `model` on `train` (prepared: packed or cut as `cfg` says, returned
+/// beside the plan) with `eval`, or the first reason it cannot run.
+pub fn plan(
+    model: &Model,
+    train: Arc<Vec<Example>>,
+    eval: Option<&[Example]>,
+    cfg: &TrainConfig,
+) -> Result<(RunPlan, Arc<Vec<Example>>)> {
+    cfg.validate()?;
+    let train = super::trainer::prepare(train, cfg);
+    if train.is_empty() {
+        return Err(Error::InvalidArgument(
+            "the training dataset is empty".into(),
+        ));
+    }
+    if cfg.eval_strategy == "steps" && eval.is_none_or(<[Example]>::is_empty) {
+        return Err(Error::InvalidArgument(
+            "`eval_strategy: \"steps\"` needs an eval dataset: `train::fit(model, train, opts, eval)`".into(),
+        ));
+    }
+    let vocab = model.config().vocab_size;
+    for (what, data) in [("training", &train[..]), ("eval", eval.unwrap_or(&[]))] {
+        check_ids(what, data, vocab)?;
+    }
+    let (micro_per_epoch, steps_per_epoch, total) = cfg.plan(train.len());
+    Schedule::new(
+        &cfg.lr_scheduler_type,
+        cfg.learning_rate,
+        cfg.warmup(total),
+        total,
+    )?;
+    let out_dir = PathBuf::from(&cfg.output_dir);
+    let resume_from = super::trainer::resume_dir(cfg, &out_dir)?;
+    let trainable: usize = crate::model::params::trainable(model)
+        .iter()
+        .map(|(_, t)| t.elem_count())
+        .sum();
+    if trainable == 0 {
+        return Err(Error::InvalidArgument(
+            "the model has nothing to train: attach LoRA adapters (`lora::attach`) or load it with `trainable: true`".into(),
+        ));
+    }
+    let multiple = cfg.pad_to_multiple_of.unwrap_or(1).max(1);
+    let longest = train
+        .iter()
+        .map(|e| e.input_ids.len())
+        .max()
+        .unwrap_or(1)
+        .div_ceil(multiple)
+        * multiple;
+    let device = model
+        .planned_device
+        .clone()
+        .unwrap_or_else(|| model.decoder.device().clone());
+    let per_layer_adapters = model.decoder.blocks.first().map_or(0, |b| {
+        Proj::ALL
+            .iter()
+            .filter(|&&p| b.proj(p).lora.is_some())
+            .count()
+    });
+    let workload = Workload {
+        tokens: cfg.per_device_train_batch_size * longest,
+        gradient_checkpointing: cfg.gradient_checkpointing,
+        trainable: if model.trainable {
+            Trainable::Full
+        } else {
+            Trainable::Adapters(trainable)
+        },
+        weight_decay: cfg.weight_decay > 0.0,
+        lora: model.lora.as_ref().map(|l| (l.r, per_layer_adapters)),
+        gpu: device.is_cuda(),
+    };
+    let estimate = memory::estimate(model.config(), model.decoder.dtype(), &workload)?;
+    let budget = crate::device::memory(&device).map(|(used, total)| total.saturating_sub(used));
+    let epochs = if cfg.max_steps > 0 {
+        total.div_ceil(steps_per_epoch) as f64
+    } else {
+        cfg.num_train_epochs
+    };
+    let plan = RunPlan {
+        examples: train.len(),
+        micro_per_epoch,
+        steps_per_epoch,
+        total_steps: total,
+        epochs,
+        batch: cfg.per_device_train_batch_size,
+        devices: 1,
+        accumulation: cfg.gradient_accumulation_steps,
+        trainable,
+        longest,
+        resume_from,
+        device: model.device_name(),
+        memory: estimate,
+        budget,
+        layers: model.config().num_hidden_layers,
+    };
+    if let Some(budget) = plan.budget
+        && plan.memory.total() > budget
+    {
+        return Err(Error::InvalidArgument(format!(
+            "this run needs about {} on {} and {} is free:\n{}\nto fit: a smaller \
+             `per_device_train_batch_size` ({} now; raise `gradient_accumulation_steps` to keep \
+             the step), a shorter `max_length` (rows of {} tokens now), \
+             `gradient_checkpointing: true`{}, or LoRA instead of full fine-tuning",
+            human(plan.memory.total() as f64),
+            plan.device,
+            human(budget as f64),
+            plan.memory,
+            plan.batch,
+            plan.longest,
+            if cfg.gradient_checkpointing {
+                " (on)"
+            } else {
+                ""
+            },
+        )));
+    }
+    Ok((plan, train))
+}
+
+/// Every id of `data` inside the model's vocabulary.
+fn check_ids(what: &str, data: &[Example], vocab: usize) -> Result<()> {
+    for (i, e) in data.iter().enumerate() {
+        let labels = e.labels.iter().copied().filter(|&l| l != IGNORE);
+        let bad = e
+            .input_ids
+            .iter()
+            .map(|&id| i64::from(id))
+            .chain(labels)
+            .find(|&id| id < 0 || id as usize >= vocab);
+        if let Some(id) = bad {
+            return Err(Error::InvalidArgument(format!(
+                "{what} example {i} holds token id {id}, outside the model's vocabulary \
+                 (0..{vocab}): was it tokenized with this model's tokenizer?"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl fmt::Display for RunPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "steps: {} examples / batch {} = {} micro-batches an epoch; / accumulation {} = {} \
+             steps an epoch x {} epochs = {} steps ({} examples a step: {} x {} device{} x {})",
+            self.examples,
+            self.batch,
+            self.micro_per_epoch,
+            self.accumulation,
+            self.steps_per_epoch,
+            self.epochs,
+            self.total_steps,
+            self.total_batch(),
+            self.batch,
+            self.devices,
+            if self.devices == 1 { "" } else { "s" },
+            self.accumulation
+        )?;
+        if let Some(p) = &self.resume_from {
+            writeln!(f, "resume from: {}", p.display())?;
+        }
+        let budget = self
+            .budget
+            .map_or_else(String::new, |b| format!(", {} free", human(b as f64)));
+        writeln!(
+            f,
+            "memory on {} (largest micro-batch: {} rows x {} tokens{budget}):",
+            self.device, self.batch, self.longest
+        )?;
+        writeln!(f, "{}", self.memory)?;
+        write!(
+            f,
+            "placement: all {} layers, the embedding and the head on {}",
+            self.layers, self.device
+        )
+    }
+}

@@ -1,0 +1,302 @@
+//! `qscript check` as a dry run: each mistake a new user makes fails it with a clear message and
+//! exit 1 before any weight is read; a custom loop is not trained; nothing is written under the
+//! output dir while writes and reads of the same recipe still work; a 7B checkpoint checks in
+//! seconds from its headers.
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::io::Write as _;
+
+use support::{Env, run_in, stderr, stdout};
+
+/// A model directory saved by a real run (the built-in tiny model and tokenizer) at
+/// `recipe/models/m`, and a small alpaca file at `recipe/d.json`.
+fn env_with_model() -> Env {
+    let env = Env::new();
+    env.write(
+        "save.rhai",
+        "model::tiny(#{ seed: 1 }).save(\"m\", tokenizer::builtin());\n",
+    );
+    let models = env.recipe_dir().join("models");
+    let o = run_in(
+        env.dir.path(),
+        &["recipe/save.rhai", "--output-dir", models.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    env.write(
+        "d.json",
+        r#"[{"instruction": "hi", "output": "hello"}, {"instruction": "bye", "output": "see you"},
+            {"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]"#,
+    );
+    env
+}
+
+const RECIPE: &str = r#"let tok = tokenizer::load("models/m");
+let ds = data::sft(data::to_messages(data::load("d.json")), tok);
+let m = model::load("models/m");
+let peft = lora::attach(m, #{ r: 4, lora_alpha: 8, target_modules: ["q_proj", "v_proj"] });
+let out = train::fit(peft, ds, #{ max_steps: 2, learning_rate: 1e-3, per_device_train_batch_size: 2 });
+print(out.chat(tok, [#{ role: "user", content: "hi" }], #{ max_new_tokens: 4 }));
+"#;
+
+/// The mistakes of the issue, each as an edit of a recipe that checks: the message it must give.
+#[test]
+fn each_mistake_fails_check_with_a_clear_message() {
+    let env = env_with_model();
+    env.write("ok.rhai", RECIPE);
+    let o = run_in(env.dir.path(), &["check", "recipe/ok.rhai"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("weights not read"), "{err}");
+    assert!(
+        err.contains("check: steps: 4 examples / batch 2 = 2 micro-batches an epoch"),
+        "{err}"
+    );
+    assert!(err.contains("check:   total"), "{err}");
+    assert!(!err.contains("Running training"), "{err}");
+    std::fs::create_dir(env.recipe_dir().join("models/empty")).unwrap();
+    let cases: [(&str, &str, &str, &str); 8] = [
+        (
+            "option",
+            "learning_rate: 1e-3",
+            "learning_rat: 1e-3",
+            "did you mean `learning_rate`",
+        ),
+        (
+            "scheduler",
+            "max_steps: 2,",
+            "max_steps: 2, lr_scheduler_type: \"cosin\",",
+            "unknown `lr_scheduler_type` `cosin`",
+        ),
+        (
+            "lora_option",
+            "lora_alpha: 8",
+            "lora_alhpa: 8",
+            "did you mean `lora_alpha`",
+        ),
+        (
+            "target",
+            "\"v_proj\"",
+            "\"o_prj\"",
+            "`o_prj` matches no module of this model (did you mean `o_proj`?)",
+        ),
+        (
+            "max_steps_type",
+            "max_steps: 2,",
+            "max_steps: \"10\",",
+            "max_steps",
+        ),
+        (
+            "eval",
+            "max_steps: 2,",
+            "max_steps: 2, eval_strategy: \"steps\",",
+            "needs an eval dataset",
+        ),
+        (
+            "no_config",
+            "model::load(\"models/m\")",
+            "model::load(\"models/empty\")",
+            "config.json",
+        ),
+        (
+            "vocab",
+            "model::load(\"models/m\")",
+            "model::tiny(#{ vocab: 100 })",
+            "a tokenizer of 259 tokens and the model's embedding has 100 rows",
+        ),
+    ];
+    for (name, from, to, want) in cases {
+        assert!(RECIPE.contains(from), "{name}");
+        env.write(&format!("{name}.rhai"), &RECIPE.replacen(from, to, 1));
+        let o = run_in(env.dir.path(), &["check", &format!("recipe/{name}.rhai")]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{name}: {err}");
+        assert!(err.contains(want), "{name}: wanted `{want}` in\n{err}");
+        assert!(err.contains("error["), "{name}: {err}");
+        assert!(!err.contains("Running training"), "{name}: {err}");
+    }
+    assert!(!env.dir.path().join("runs").exists(), "check wrote nothing");
+}
+
+/// A custom loop runs to its end in a dry run, step by step, without training.
+#[test]
+fn a_custom_loop_is_not_trained_by_check() {
+    let env = env_with_model();
+    env.write(
+        "loop.rhai",
+        r#"let tok = tokenizer::load("models/m");
+let ds = data::sft(data::to_messages(data::load("d.json")), tok);
+let peft = lora::attach(model::load("models/m"), #{ r: 4 });
+let t = train::trainer(peft, ds, #{ max_steps: 3, per_device_train_batch_size: 2, save_steps: 1 });
+let steps = 0;
+while t.global_step < t.total_steps {
+    for b in t.batches() {
+        let out = t.step(b);
+        steps += 1;
+        if out.done { break; }
+    }
+}
+t.save_checkpoint();
+print(`ran ${steps} steps`);
+"#,
+    );
+    let o = run_in(env.dir.path(), &["check", "recipe/loop.rhai"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(stdout(&o).contains("ran 3 steps"), "{}", stdout(&o));
+    assert!(err.contains("check: train::trainer"), "{err}");
+    assert!(!err.contains("Running training"), "{err}");
+    assert!(
+        !env.dir.path().join("runs").exists(),
+        "no checkpoint written"
+    );
+    // The same recipe really trains.
+    let o = run_in(env.dir.path(), &["recipe/loop.rhai"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(env.dir.path().join("runs/loop/checkpoint-3").is_dir());
+}
+
+/// Writes go to a throw-away overlay that later reads of the same recipe see: a file written
+/// and read back, a dataset written then loaded, a model saved then loaded. The output dir is
+/// never created.
+#[test]
+fn check_writes_nothing_and_sees_its_own_writes() {
+    let env = env_with_model();
+    env.write(
+        "rw.rhai",
+        r#"let tok = tokenizer::load("models/m");
+let p = io::write_text("notes/a.txt", "hello");
+assert(io::read_text(p) == "hello");
+io::write_text("mine.json", `[{"instruction": "x", "output": "y"}, {"instruction": "z", "output": "w"}]`);
+let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/mine.json")), tok);
+let full = model::load("models/m", #{ trainable: true });
+let trained = train::fit(full, ds, #{ max_steps: 1 });
+trained.save("final", tok);
+let again = model::load(io::output_dir() + "/final");
+assert(again.num_params == full.num_params);
+tok.save("tok");
+print("done");
+"#,
+    );
+    let out = env.dir.path().join("out-rw");
+    let o = run_in(
+        env.dir.path(),
+        &[
+            "check",
+            "recipe/rw.rhai",
+            "--output-dir",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("done"));
+    assert!(!out.exists(), "nothing under the output dir");
+}
+
+/// The shape of every tensor of a Qwen2 checkpoint with `cfg`'s sizes, HF's names.
+fn qwen2_tensors(cfg: &serde_json::Value) -> Vec<(String, Vec<usize>)> {
+    let n = |k: &str| cfg[k].as_u64().unwrap() as usize;
+    let (h, i, v, layers) = (
+        n("hidden_size"),
+        n("intermediate_size"),
+        n("vocab_size"),
+        n("num_hidden_layers"),
+    );
+    let hd = h / n("num_attention_heads");
+    let kv = n("num_key_value_heads") * hd;
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        for (name, shape) in [
+            ("self_attn.q_proj.weight", vec![h, h]),
+            ("self_attn.q_proj.bias", vec![h]),
+            ("self_attn.k_proj.weight", vec![kv, h]),
+            ("self_attn.k_proj.bias", vec![kv]),
+            ("self_attn.v_proj.weight", vec![kv, h]),
+            ("self_attn.v_proj.bias", vec![kv]),
+            ("self_attn.o_proj.weight", vec![h, h]),
+            ("mlp.gate_proj.weight", vec![i, h]),
+            ("mlp.up_proj.weight", vec![i, h]),
+            ("mlp.down_proj.weight", vec![h, i]),
+            ("input_layernorm.weight", vec![h]),
+            ("post_attention_layernorm.weight", vec![h]),
+        ] {
+            out.push((format!("{p}.{name}"), shape));
+        }
+    }
+    out.push(("model.norm.weight".into(), vec![h]));
+    if !cfg["tie_word_embeddings"].as_bool().unwrap_or(false) {
+        out.push(("lm_head.weight".into(), vec![v, h]));
+    }
+    out
+}
+
+/// A Qwen2.5-7B-Instruct checkpoint (the real config, the real tokenizer) whose 15 GB of bf16
+/// weights are a sparse file: a real load would read them all; check reads the headers only,
+/// prints the 7B plan and finishes in seconds.
+#[test]
+fn a_7b_recipe_checks_in_seconds_from_its_headers() {
+    let Some(fx) = qscript_runtime::testing::fixtures_dir("a 7B config and tokenizer") else {
+        return;
+    };
+    let env = Env::new();
+    let dir = env.recipe_dir().join("qwen7b");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(
+        fx.join("configs/Qwen2.5-7B-Instruct/config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fx.join("tokenizers/qwen2.5").join(f), dir.join(f)).unwrap();
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape) in qwen2_tensors(&cfg) {
+        let bytes = shape.iter().product::<usize>() * 2;
+        header.insert(
+            name,
+            serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut text = serde_json::to_string(&header).unwrap();
+    while !text.len().is_multiple_of(8) {
+        text.push(' ');
+    }
+    let mut f = std::fs::File::create(dir.join("model.safetensors")).unwrap();
+    f.write_all(&(text.len() as u64).to_le_bytes()).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f.set_len((8 + text.len() + offset) as u64).unwrap();
+    drop(f);
+    assert!(offset > 15_000_000_000, "a 7B's weights: {offset} bytes");
+    env.write(
+        "d.json",
+        r#"[{"instruction": "你是谁？", "output": "臣妾是甄嬛。"}]"#,
+    );
+    env.write(
+        "big.rhai",
+        r#"let tok = tokenizer::load("qwen7b");
+let ds = data::sft(data::to_messages(data::load("d.json")), tok);
+let m = model::load("qwen7b", #{ dtype: "bf16" });
+let peft = lora::attach(m, #{ r: 8, lora_alpha: 32, target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"] });
+train::fit(peft, ds, #{ per_device_train_batch_size: 1, gradient_accumulation_steps: 16, num_train_epochs: 3, gradient_checkpointing: true });
+"#,
+    );
+    let started = std::time::Instant::now();
+    let o = run_in(env.dir.path(), &["check", "recipe/big.rhai"]);
+    let secs = started.elapsed().as_secs_f64();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("7.62B params"), "{err}");
+    assert!(err.contains("weights not read"), "{err}");
+    assert!(
+        err.contains("check:   weights                      14.19 GiB"),
+        "{err}"
+    );
+    assert!(secs < 30.0, "check took {secs:.1} s");
+}
