@@ -36,7 +36,7 @@ struct Cli {
 enum Command {
     /// Run a recipe (the same as `qscript FILE`).
     Run(RunArgs),
-    /// Parse a recipe and resolve its params without running it.
+    /// Check a recipe: parse it, resolve its params and run it as a dry run (no weights read, nothing trained or written).
     Check(RunArgs),
 }
 
@@ -71,6 +71,9 @@ struct RunArgs {
     /// limit).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_VALUE_SIZE)]
     max_value_size: usize,
+    /// The most instructions one chat-template render may run (0 = no limit).
+    #[arg(long, value_name = "N", default_value_t = qscript_stdlib::DEFAULT_MAX_TEMPLATE_STEPS)]
+    max_template_steps: u64,
 }
 
 fn parse_set(s: &str) -> Result<(String, String), String> {
@@ -158,6 +161,7 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
     }
     opts.max_operations = args.max_operations;
     opts.max_value_size = args.max_value_size;
+    opts.max_template_steps = args.max_template_steps;
     let mut session = match Session::new(&opts, Arc::new(StdSink)) {
         Ok(s) => s,
         Err(e) => {

@@ -11,6 +11,19 @@ use crate::{Error, Result};
 /// ChatML, the template of the built-in tokenizer (and of Qwen without tools).
 pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
+/// The most template instructions one render may run (minijinja's fuel): a real chat template
+/// uses thousands per conversation; a hostile one with nested loops stops here, in bounded time
+/// and memory, instead of running past Ctrl-C. `--max-template-steps` changes it.
+static FUEL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(DEFAULT_FUEL);
+
+/// The default of [`set_max_steps`].
+pub const DEFAULT_FUEL: u64 = 50_000_000;
+
+/// Sets the instruction limit of every render (0: none); call before the first render.
+pub fn set_max_steps(n: u64) {
+    FUEL.store(n, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Renders `template` with `context` (`messages`, `add_generation_prompt`, `bos_token`, ...).
 /// Compiled templates are cached, so rendering thousands of records compiles each template once.
 pub fn render(template: &str, context: &serde_json::Value) -> Result<String> {
@@ -18,8 +31,17 @@ pub fn render(template: &str, context: &serde_json::Value) -> Result<String> {
     let tmpl = env
         .get_template("chat")
         .map_err(|e| Error::Template(describe(&e)))?;
-    tmpl.render(minijinja::value::Serde(context))
-        .map_err(|e| Error::Template(describe(&e)))
+    tmpl.render(minijinja::value::Serde(context)).map_err(|e| {
+        if e.kind() == ErrorKind::OutOfFuel {
+            Error::Template(format!(
+                "the chat template ran over {} steps; a template that needs more can be given \
+                     them with `--max-template-steps N`",
+                FUEL.load(std::sync::atomic::Ordering::Relaxed)
+            ))
+        } else {
+            Error::Template(describe(&e))
+        }
+    })
 }
 
 type Cache =
@@ -36,6 +58,8 @@ fn compiled(template: &str) -> Result<std::sync::Arc<Environment<'static>>> {
         return Ok(env.clone());
     }
     let mut env = Environment::new();
+    let fuel = FUEL.load(std::sync::atomic::Ordering::Relaxed);
+    env.set_fuel((fuel > 0).then_some(fuel));
     let syntax = minijinja::syntax::SyntaxConfig::builder()
         .trim_blocks(true)
         .lstrip_blocks(true)
@@ -217,6 +241,18 @@ mod tests {
             e.to_string()
                 .starts_with("chat template: Conversation roles must alternate"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_runaway_template_stops_at_its_step_limit() {
+        let t = "{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}";
+        let e = render(t, &json!({})).unwrap_err().to_string();
+        assert!(e.contains("--max-template-steps"), "{e}");
+        let big = render("{{ 'ab' * 100000000 }}", &json!({}));
+        assert!(
+            big.is_err() || big.unwrap().len() < 1 << 20,
+            "string repetition is bounded"
         );
     }
 

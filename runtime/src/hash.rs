@@ -15,9 +15,28 @@ pub fn hash_path(path: &Path) -> Result<String> {
     Ok(hasher.finalize().to_hex().to_string())
 }
 
+/// The most files one key hashes (a checkpoint or tokenizer directory holds tens).
+const MAX_FILES: usize = 10_000;
+
 fn feed(hasher: &mut blake3::Hasher, root: &Path, path: &Path) -> Result<()> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if meta.is_dir() {
+    let mut files = 0usize;
+    feed_inner(hasher, root, path, &mut files)
+}
+
+fn feed_inner(
+    hasher: &mut blake3::Hasher,
+    root: &Path,
+    path: &Path,
+    files: &mut usize,
+) -> Result<()> {
+    let link = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+    // A linked directory is not walked (no loops); a linked file is hashed as the file it names.
+    let meta = if link.file_type().is_symlink() {
+        std::fs::metadata(path).map_err(|e| Error::io(path, e))?
+    } else {
+        link.clone()
+    };
+    if meta.is_dir() && !link.file_type().is_symlink() {
         let mut entries = std::fs::read_dir(path)
             .map_err(|e| Error::io(path, e))?
             .map(|e| e.map(|e| e.path()))
@@ -25,9 +44,16 @@ fn feed(hasher: &mut blake3::Hasher, root: &Path, path: &Path) -> Result<()> {
             .map_err(|e| Error::io(path, e))?;
         entries.sort();
         for entry in entries {
-            feed(hasher, root, &entry)?;
+            feed_inner(hasher, root, &entry, files)?;
         }
-    } else {
+    } else if meta.is_file() {
+        *files += 1;
+        if *files > MAX_FILES {
+            return Err(Error::InvalidArgument(format!(
+                "`{}` holds more than {MAX_FILES} files; point at the checkpoint or data itself",
+                root.display()
+            )));
+        }
         let rel = path.strip_prefix(root).unwrap_or(path);
         hasher.update(rel.to_string_lossy().as_bytes());
         hasher.update(&[0]);
@@ -40,6 +66,12 @@ fn feed(hasher: &mut blake3::Hasher, root: &Path, path: &Path) -> Result<()> {
                 .map_err(|e| Error::io(path, e))?;
         }
         hasher.update(&[0]);
+    } else if !meta.is_dir() {
+        // A FIFO, socket or device would block or never end: never opened.
+        return Err(Error::InvalidArgument(format!(
+            "`{}` is not a regular file",
+            path.display()
+        )));
     }
     Ok(())
 }

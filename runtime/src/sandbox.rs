@@ -89,7 +89,9 @@ impl Sandbox {
     }
 
     /// Resolves `path` for reading: relative to the recipe directory, symlinks followed, and
-    /// refused unless it lies under a readable root.
+    /// refused unless it lies under a readable root. Only regular files and directories are
+    /// read (a FIFO or a device would block the run forever). Outside the sandbox a missing path
+    /// and an existing one get the same refusal, so a recipe cannot probe what exists there.
     pub fn resolve_read(&self, path: impl AsRef<Path>) -> Result<PathBuf> {
         let path = path.as_ref();
         let joined = self.base.join(path);
@@ -104,64 +106,138 @@ impl Sandbox {
             // A path inside the overlay itself (a file of a directory written in this dry run).
             return Ok(target);
         }
-        let real = joined.canonicalize().map_err(|e| Error::io(&joined, e))?;
         let output = self.output.canonicalize().ok();
-        let allowed = self
-            .read_roots
-            .iter()
-            .chain(output.as_ref())
-            .any(|r| real.starts_with(r));
-        if allowed {
-            Ok(real)
-        } else {
-            Err(Error::Sandbox(format!(
-                "cannot read `{}`: it is outside the recipe's sandbox (readable: {}); \
-                 pass `--allow-read PATH` to allow more",
-                path.display(),
-                self.readable_list(),
-            )))
+        let readable = |p: &Path| {
+            self.read_roots
+                .iter()
+                .chain(output.as_ref())
+                .chain(std::iter::once(&self.output))
+                .any(|r| p.starts_with(r))
+        };
+        let real = match joined.canonicalize() {
+            Ok(r) => r,
+            Err(e) if readable(&target) => return Err(Error::io(&joined, e)),
+            Err(_) => return Err(self.refuse_read(path)),
+        };
+        if !readable(&real) {
+            return Err(self.refuse_read(path));
         }
+        let meta = std::fs::metadata(&real).map_err(|e| Error::io(&joined, e))?;
+        if !(meta.is_file() || meta.is_dir()) {
+            return Err(Error::Sandbox(format!(
+                "cannot read `{}`: not a regular file or directory",
+                path.display()
+            )));
+        }
+        Ok(real)
+    }
+
+    fn refuse_read(&self, path: &Path) -> Error {
+        Error::Sandbox(format!(
+            "cannot read `{}`: it is outside the recipe's sandbox (readable: {}); \
+             pass `--allow-read PATH` to allow more",
+            path.display(),
+            self.readable_list(),
+        ))
     }
 
     /// Resolves `path` for writing: relative to the output directory, refused unless it stays
-    /// under it (after `..` and symlinks). Creates the missing parent directories.
+    /// under it. Writes never follow a symbolic link: the output directory must be a real
+    /// directory of this user (a shared bundle may ship `runs/<name>` as a link to someone
+    /// else's directory), no directory on the way to the file may be a link, and an existing
+    /// file that is a link is not written through. Missing directories are created one by one
+    /// after those checks, so a refused write creates nothing.
     pub fn resolve_write(&self, path: impl AsRef<Path>) -> Result<PathBuf> {
         let path = path.as_ref();
-        let refuse = || {
+        let refuse = |why: &str| {
             Error::Sandbox(format!(
-                "cannot write `{}`: recipes may write only under the output directory `{}`",
+                "cannot write `{}`: recipes may write only under the output directory `{}`{why}",
                 path.display(),
                 self.output.display()
             ))
         };
         let target = normalize(&self.output.join(path));
         if !target.starts_with(&self.output) || target == self.output {
-            return Err(refuse());
+            return Err(refuse(""));
         }
         if let Some(o) = self.in_overlay(&target) {
-            let parent = o.parent().ok_or_else(refuse)?;
+            let parent = o.parent().ok_or_else(|| refuse(""))?;
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
             return Ok(o);
         }
-        let parent = target.parent().ok_or_else(refuse)?;
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let out_real = self
-            .output
-            .canonicalize()
-            .map_err(|e| Error::io(&self.output, e))?;
-        let parent_real = parent.canonicalize().map_err(|e| Error::io(parent, e))?;
-        let name = target.file_name().ok_or_else(refuse)?;
-        let real = parent_real.join(name);
-        if !parent_real.starts_with(&out_real) {
-            return Err(refuse());
-        }
-        if std::fs::symlink_metadata(&real).is_ok_and(|m| m.file_type().is_symlink()) {
-            let pointee = real.canonicalize().map_err(|e| Error::io(&real, e))?;
-            if !pointee.starts_with(&out_real) {
-                return Err(refuse());
+        self.ensure_output()?;
+        let rel = target
+            .strip_prefix(&self.output)
+            .map_err(|_| refuse(""))?
+            .to_path_buf();
+        let mut dir = self.output.clone();
+        let parts: Vec<_> = rel.components().collect();
+        for c in &parts[..parts.len().saturating_sub(1)] {
+            dir.push(c);
+            match std::fs::symlink_metadata(&dir) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(refuse(&format!(
+                        " (`{}` is a symbolic link)",
+                        dir.display()
+                    )));
+                }
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(refuse(&format!(
+                        " (`{}` is not a directory)",
+                        dir.display()
+                    )));
+                }
+                Err(_) => std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?,
             }
         }
-        Ok(real)
+        if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(refuse(" (the file there is a symbolic link)"));
+        }
+        Ok(target)
+    }
+
+    /// Creates the output directory (its missing ancestors too) or checks the one there: a real
+    /// directory owned by this user, reached through no symbolic link below the recipe's
+    /// directory (a bundle's own `runs/...`).
+    fn ensure_output(&self) -> Result<()> {
+        let out = &self.output;
+        let refuse = |why: String| {
+            Error::Sandbox(format!(
+                "the output directory `{}` {why}; pass another `--output-dir`",
+                out.display()
+            ))
+        };
+        if let Ok(rel) = out.strip_prefix(&self.base) {
+            let mut p = self.base.clone();
+            for c in rel.components() {
+                p.push(c);
+                if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+                    return Err(refuse(format!(
+                        "is reached through the symbolic link `{}`",
+                        p.display()
+                    )));
+                }
+            }
+        }
+        match std::fs::symlink_metadata(out) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(refuse("is a symbolic link".into()));
+            }
+            Ok(m) if !m.is_dir() => return Err(refuse("is not a directory".into())),
+            Ok(m) => {
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::MetadataExt as _;
+                    if m.uid() != rustix::process::geteuid().as_raw() {
+                        return Err(refuse("belongs to another user".into()));
+                    }
+                }
+                let _ = m;
+            }
+            Err(_) => std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?,
+        }
+        Ok(())
     }
 
     /// The path a write of `path` would go to, checked without touching the file system (for
@@ -206,7 +282,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    // Whatever is at the temporary name (a stale file, or a planted link) goes first; the file is
+    // then created new, which never follows a link.
+    if std::fs::symlink_metadata(&tmp).is_ok() {
+        std::fs::remove_file(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?;
+    std::io::Write::write_all(&mut f, bytes).map_err(|e| Error::io(&tmp, e))?;
+    drop(f);
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 

@@ -98,6 +98,8 @@ pub struct RunOptions {
     /// The largest string (bytes), array or blob (items) and map (entries) a script may build
     /// (0 = none), so a runaway value ends in an error, not an out-of-memory abort.
     pub max_value_size: usize,
+    /// The most instructions one chat-template render may run (0 = none).
+    pub max_template_steps: u64,
 }
 
 impl RunOptions {
@@ -112,6 +114,7 @@ impl RunOptions {
             resume: None,
             max_operations: DEFAULT_MAX_OPERATIONS,
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
+            max_template_steps: qscript_runtime::chat_template::DEFAULT_FUEL,
         }
     }
 }

@@ -43,3 +43,6 @@ pub mod session;
 pub use context::{BufferSink, OutputSink, RunContext, RunOptions, StdSink};
 pub use diagnostic::Failure;
 pub use session::{RunReport, ScriptError, Session};
+
+/// The default of `--max-template-steps`.
+pub const DEFAULT_MAX_TEMPLATE_STEPS: u64 = qscript_runtime::chat_template::DEFAULT_FUEL;

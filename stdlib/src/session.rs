@@ -144,6 +144,7 @@ impl Session {
     /// A session with the sandbox, overrides and limits of `opts`, printing to `sink`.
     pub fn new(opts: &RunOptions, sink: Arc<dyn OutputSink>) -> qscript_runtime::Result<Self> {
         let ctx = Arc::new(RunContext::new(opts, sink)?);
+        qscript_runtime::chat_template::set_max_steps(opts.max_template_steps);
         let engine = crate::engine::build_engine(&ctx, opts.max_operations, opts.max_value_size);
         let functions = docs::collect(&engine);
         let mut std_names: Vec<String> = engine

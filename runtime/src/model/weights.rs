@@ -95,6 +95,20 @@ impl WeightSource {
             let mut names: Vec<&String> = idx.weight_map.values().collect();
             names.sort();
             names.dedup();
+            // A shard is a file of the checkpoint directory: a name with a directory in it
+            // (absolute, `../`) would read weights from anywhere.
+            if let Some(bad) = names.iter().find(|n| {
+                let p = Path::new(n.as_str());
+                p.components().count() != 1
+                    || !matches!(p.components().next(), Some(std::path::Component::Normal(_)))
+            }) {
+                return Err(Error::Config {
+                    path: index,
+                    message: format!(
+                        "shard `{bad}` is not a file name in the checkpoint directory"
+                    ),
+                });
+            }
             names.into_iter().map(|n| dir.join(n)).collect()
         } else {
             return Err(Error::io(

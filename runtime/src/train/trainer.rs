@@ -777,6 +777,12 @@ pub fn fit(
 /// Makes `metrics.jsonl` this run's: a fresh run (`resumed_at` 0) starts it empty, a resumed one
 /// keeps the records up to its checkpoint's step (a later, abandoned stretch is dropped).
 fn own_metrics(path: &Path, resumed_at: usize) -> Result<()> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| !m.is_file()) {
+        return Err(Error::Sandbox(format!(
+            "`{}` is a symbolic link or not a file; the run's metrics are not written through it",
+            path.display()
+        )));
+    }
     let kept = if resumed_at == 0 {
         String::new()
     } else {

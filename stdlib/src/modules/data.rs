@@ -177,8 +177,18 @@ fn expand(rc: &RunContext, pattern: &str) -> Res<Vec<PathBuf>> {
         .map_err(|e| script_error("invalid_argument", format!("bad glob `{pattern}`: {e}")))?;
     let mut out = Vec::new();
     for p in paths {
-        let p = p.map_err(|e| script_error("io", e.to_string()))?;
-        out.push(rc.sandbox.resolve_read(&p).map_err(to_rhai)?);
+        // Neither a glob error nor a refusal names a match: it may lie outside the sandbox.
+        let p = p.map_err(|_| script_error("io", format!("cannot read a match of `{pattern}`")))?;
+        let real = rc.sandbox.resolve_read(&p).map_err(|e| match e {
+            qscript_runtime::Error::Sandbox(_) => script_error(
+                "sandbox",
+                format!(
+                    "`{pattern}` matches files outside the recipe's sandbox; pass `--allow-read PATH` to allow more"
+                ),
+            ),
+            other => to_rhai(other),
+        })?;
+        out.push(real);
     }
     if out.is_empty() {
         return Err(script_error("io", format!("no files match `{pattern}`")));

@@ -227,14 +227,26 @@ fn prepare(
         )));
     }
     lock(&rc.trained_dirs).insert(out.clone());
-    if let Some(serde_json::Value::String(p)) = &cfg.resume_from_checkpoint {
-        let path = std::path::Path::new(p);
-        let full = if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            out.join(path)
-        };
-        let real = rc.sandbox.resolve_read(&full).map_err(to_rhai_at(ctx))?;
+    // The checkpoint resumed from, and every file in it (a linked adapter or optimizer file from
+    // another team's run would be read and copied out), must pass the sandbox.
+    let chosen = match &cfg.resume_from_checkpoint {
+        Some(serde_json::Value::String(p)) => {
+            let path = std::path::Path::new(p);
+            Some(if path.is_absolute() {
+                path.to_path_buf()
+            } else {
+                out.join(path)
+            })
+        }
+        Some(serde_json::Value::Bool(true)) => qscript_runtime::train::checkpoint::list(&out)
+            .pop()
+            .map(|(_, p)| p),
+        _ => None,
+    };
+    if let Some(full) = chosen {
+        let real = rc
+            .resolve_read_dir(&full.to_string_lossy())
+            .map_err(to_rhai_at(ctx))?;
         cfg.resume_from_checkpoint = Some(serde_json::Value::String(
             real.to_string_lossy().into_owned(),
         ));

@@ -1,0 +1,270 @@
+//! A hostile recipe and hostile files beside it: planted links (to devices, FIFOs, other
+//! directories), a linked output dir or subdirectory, a linked `metrics.jsonl`, shard names and
+//! checkpoint files that point out of the tree, existence probes, globs over outside files and a
+//! runaway chat template. Each ends in a clear error, nothing outside is read or written, and
+//! nothing hangs.
+#![allow(clippy::unwrap_used)]
+#![cfg(unix)]
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::os::unix::fs::symlink;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{Env, qscript, stderr};
+
+/// Runs the binary in `env` with `args`, killed after `secs` (a hang is a failure).
+fn run_bounded(env: &Env, args: &[&str], secs: u64) -> std::process::Output {
+    let mut child = qscript()
+        .current_dir(env.dir.path())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(secs) {
+            child.kill().unwrap();
+            panic!("`qscript {}` hung for {secs} s", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn fails_with(env: &Env, recipe: &str, text: &str, want: &str) -> String {
+    env.write(recipe, text);
+    let o = run_bounded(env, &[&format!("recipe/{recipe}")], 60);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{recipe}: {err}");
+    assert!(err.contains(want), "{recipe}: wanted `{want}` in\n{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
+    err
+}
+
+#[test]
+fn fifos_and_device_links_are_never_opened() {
+    let env = Env::new();
+    let tok = env.recipe_dir().join("tok");
+    std::fs::create_dir(&tok).unwrap();
+    let ok = Command::new("mkfifo")
+        .arg(tok.join("tokenizer.json"))
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    fails_with(
+        &env,
+        "fifo.rhai",
+        "tokenizer::load(\"tok\");\n",
+        "not a regular file",
+    );
+    let dev = env.recipe_dir().join("dev");
+    std::fs::create_dir(&dev).unwrap();
+    symlink("/dev/zero", dev.join("tokenizer.json")).unwrap();
+    fails_with(
+        &env,
+        "zero.rhai",
+        "tokenizer::load(\"dev\");\n",
+        "outside the recipe's sandbox",
+    );
+}
+
+#[test]
+fn a_linked_output_dir_or_subdir_receives_nothing() {
+    let env = Env::new();
+    let victim = env.dir.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    // The bundle ships `runs/r` as a link to someone else's directory.
+    std::fs::create_dir(env.recipe_dir().join("runs")).unwrap();
+    symlink(&victim, env.recipe_dir().join("runs/r")).unwrap();
+    let out = env.recipe_dir().join("runs/r");
+    env.write("r.rhai", "io::write_text(\".bashrc\", \"pwned\");\n");
+    let o = run_bounded(
+        &env,
+        &["recipe/r.rhai", "--output-dir", out.to_str().unwrap()],
+        60,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("symbolic link"), "{}", stderr(&o));
+    // A real output dir with a linked subdirectory: no write and no directory goes through it.
+    let real_out = env.dir.path().join("out");
+    std::fs::create_dir(&real_out).unwrap();
+    symlink(&victim, real_out.join("sub")).unwrap();
+    env.write(
+        "s.rhai",
+        "io::write_text(\"sub/deeper/x.txt\", \"pwned\");\n",
+    );
+    let o = run_bounded(
+        &env,
+        &["recipe/s.rhai", "--output-dir", real_out.to_str().unwrap()],
+        60,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("is a symbolic link"), "{}", stderr(&o));
+    // A planted link where the run's metrics go.
+    std::fs::write(victim.join("notes"), "mine").unwrap();
+    symlink(victim.join("notes"), real_out.join("metrics.jsonl")).unwrap();
+    env.write("d.json", r#"[{"instruction": "a", "output": "b"}]"#);
+    env.write(
+        "m.rhai",
+        r#"let ds = data::sft(data::to_messages(data::load("d.json")), tokenizer::builtin());
+train::fit(lora::attach(model::tiny(), #{ r: 2 }), ds, #{ max_steps: 1, save_steps: 0 });
+"#,
+    );
+    let o = run_bounded(
+        &env,
+        &["recipe/m.rhai", "--output-dir", real_out.to_str().unwrap()],
+        120,
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("metrics.jsonl"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(victim.join("notes")).unwrap(),
+        "mine"
+    );
+    let names: Vec<_> = std::fs::read_dir(&victim).unwrap().flatten().collect();
+    assert_eq!(names.len(), 1, "nothing new in the victim's directory");
+}
+
+#[test]
+fn paths_inside_files_stay_in_the_tree() {
+    let env = Env::new();
+    // A sharded checkpoint whose index names a file outside its directory.
+    let m = env.recipe_dir().join("m");
+    std::fs::create_dir(&m).unwrap();
+    env.write("save.rhai", "model::tiny().save(\"t\");\n");
+    let saved = env.dir.path().join("saved");
+    let o = run_bounded(
+        &env,
+        &["recipe/save.rhai", "--output-dir", saved.to_str().unwrap()],
+        60,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    std::fs::copy(saved.join("t/config.json"), m.join("config.json")).unwrap();
+    std::fs::copy(
+        saved.join("t/model.safetensors"),
+        env.dir.path().join("outside.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(
+        m.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"model.embed_tokens.weight": "../../outside.safetensors"}}"#,
+    )
+    .unwrap();
+    fails_with(
+        &env,
+        "shard.rhai",
+        "model::load(\"m\");\n",
+        "shard `../../outside.safetensors` is not a file name in the checkpoint directory",
+    );
+    // A checkpoint whose optimizer file is a link to another run's.
+    env.write("d.json", r#"[{"instruction": "a", "output": "b"}]"#);
+    env.write(
+        "train.rhai",
+        r#"let ds = data::sft(data::to_messages(data::load("d.json")), tokenizer::builtin());
+train::fit(lora::attach(model::tiny(), #{ r: 2 }), ds, #{ max_steps: 2, save_steps: 1 });
+"#,
+    );
+    let out = env.dir.path().join("run");
+    let o = run_bounded(
+        &env,
+        &["recipe/train.rhai", "--output-dir", out.to_str().unwrap()],
+        120,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let other = env.dir.path().join("other-team.safetensors");
+    std::fs::copy(out.join("checkpoint-2/optimizer.safetensors"), &other).unwrap();
+    std::fs::remove_file(out.join("checkpoint-2/optimizer.safetensors")).unwrap();
+    symlink(&other, out.join("checkpoint-2/optimizer.safetensors")).unwrap();
+    let ckpt = out.join("checkpoint-2");
+    let o = run_bounded(
+        &env,
+        &[
+            "recipe/train.rhai",
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--resume",
+            ckpt.to_str().unwrap(),
+        ],
+        120,
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("optimizer.safetensors`: it is outside the recipe's sandbox"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn refusals_do_not_tell_what_exists_outside() {
+    let env = Env::new();
+    std::fs::write(env.dir.path().join("secret.json"), "[]").unwrap();
+    let a = fails_with(
+        &env,
+        "a.rhai",
+        "io::read_text(\"../secret.json\");\n",
+        "outside the recipe's sandbox",
+    );
+    let b = fails_with(
+        &env,
+        "b.rhai",
+        "io::read_text(\"../missing.json\");\n",
+        "outside the recipe's sandbox",
+    );
+    assert_eq!(
+        a.replace("secret", "X")
+            .replace("a.rhai", "r")
+            .replace("runs/a", "runs/r"),
+        b.replace("missing", "X")
+            .replace("b.rhai", "r")
+            .replace("runs/b", "runs/r"),
+        "an existing and a missing outside file read the same"
+    );
+    let g = fails_with(
+        &env,
+        "g.rhai",
+        "data::load(\"../*.json\");\n",
+        "`../*.json` matches files outside the recipe's sandbox",
+    );
+    assert!(!g.contains("secret"), "the match is not named: {g}");
+}
+
+#[test]
+fn a_runaway_chat_template_stops_with_a_limit_the_user_can_raise() {
+    let env = Env::new();
+    let tok = env.recipe_dir().join("tok");
+    std::fs::create_dir(&tok).unwrap();
+    env.write("save.rhai", "tokenizer::builtin().save(\"b\");\n");
+    let saved = env.dir.path().join("saved");
+    let o = run_bounded(
+        &env,
+        &["recipe/save.rhai", "--output-dir", saved.to_str().unwrap()],
+        60,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    std::fs::copy(saved.join("b/tokenizer.json"), tok.join("tokenizer.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(saved.join("b/tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    cfg["chat_template"] =
+        "{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}"
+            .into();
+    std::fs::write(tok.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    env.write("d.json", r#"[{"instruction": "a", "output": "b"}]"#);
+    let start = Instant::now();
+    fails_with(
+        &env,
+        "t.rhai",
+        "data::sft(data::to_messages(data::load(\"d.json\")), tokenizer::load(\"tok\"));\n",
+        "--max-template-steps",
+    );
+    assert!(start.elapsed() < Duration::from_secs(50));
+}
