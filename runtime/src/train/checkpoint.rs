@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::flat::FlatParams;
-use super::optim::AdamW;
+use super::flat::DeviceParams;
+use super::optim::DeviceAdamW;
 use crate::model::Model;
 use crate::{Error, Result};
 
@@ -51,8 +51,8 @@ pub fn unfinished(output_dir: &Path) -> Option<(PathBuf, usize, usize)> {
 pub fn save(
     output_dir: &Path,
     model: &Model,
-    params: &FlatParams,
-    opt: &AdamW,
+    params: &DeviceParams,
+    opt: &DeviceAdamW,
     state: &TrainerState,
 ) -> Result<PathBuf> {
     let final_dir = output_dir.join(format!("checkpoint-{}", state.global_step));
@@ -71,9 +71,9 @@ pub fn save(
         model.save(&tmp)?;
     }
     let mut moments: HashMap<String, Tensor> = HashMap::new();
-    for s in &params.slots {
-        moments.insert(format!("m.{}", s.name), s.of(&opt.m)?);
-        moments.insert(format!("v.{}", s.name), s.of(&opt.v)?);
+    for (k, s) in params.slots() {
+        moments.insert(format!("m.{}", s.name), s.of(&opt.parts[k].m)?);
+        moments.insert(format!("v.{}", s.name), s.of(&opt.parts[k].v)?);
     }
     candle_core::safetensors::save(&moments, tmp.join("optimizer.safetensors"))?;
     let json = serde_json::to_string_pretty(state).unwrap_or_default();
@@ -209,8 +209,8 @@ pub fn rotate(output_dir: &Path, limit: usize, keep: Option<&str>) -> Result<()>
 pub fn restore(
     dir: &Path,
     model: &Model,
-    params: &FlatParams,
-    opt: &mut AdamW,
+    params: &DeviceParams,
+    opt: &mut DeviceAdamW,
 ) -> Result<TrainerState> {
     let state_path = dir.join("trainer_state.json");
     let state: TrainerState = crate::error::read_config(&state_path)?;
@@ -219,7 +219,8 @@ pub fn restore(
     } else {
         "model.safetensors"
     };
-    let device = params.device().clone();
+    // Read on the CPU; each part's slots go to that part's device.
+    let device = candle_core::Device::Cpu;
     let weights = candle_core::safetensors::load(dir.join(weights_file), &device).map_err(|e| {
         Error::Safetensors {
             path: dir.join(weights_file),
@@ -235,27 +236,29 @@ pub fn restore(
         name: n.to_string(),
         path: dir.to_path_buf(),
     };
-    let (mut m, mut v) = (Vec::new(), Vec::new());
-    for (i, s) in params.slots.iter().enumerate() {
-        let w = weights.get(&s.name).ok_or_else(|| missing(&s.name))?;
-        params.set_slot(i, w)?;
-        for (prefix, out) in [("m", &mut m), ("v", &mut v)] {
-            let key = format!("{prefix}.{}", s.name);
-            let t = moments.get(&key).ok_or_else(|| missing(&key))?;
-            if t.shape() != &s.shape {
-                return Err(Error::ShapeMismatch {
-                    name: key,
-                    path: dir.to_path_buf(),
-                    expected: s.shape.dims().to_vec(),
-                    found: t.dims().to_vec(),
-                });
+    for (part, o) in params.parts.iter().zip(opt.parts.iter_mut()) {
+        let (mut m, mut v) = (Vec::new(), Vec::new());
+        for (i, s) in part.slots.iter().enumerate() {
+            let w = weights.get(&s.name).ok_or_else(|| missing(&s.name))?;
+            part.set_slot(i, w)?;
+            for (prefix, out) in [("m", &mut m), ("v", &mut v)] {
+                let key = format!("{prefix}.{}", s.name);
+                let t = moments.get(&key).ok_or_else(|| missing(&key))?;
+                if t.shape() != &s.shape {
+                    return Err(Error::ShapeMismatch {
+                        name: key,
+                        path: dir.to_path_buf(),
+                        expected: s.shape.dims().to_vec(),
+                        found: t.dims().to_vec(),
+                    });
+                }
+                out.push(t.to_dtype(candle_core::DType::F32)?.flatten_all()?);
             }
-            out.push(t.to_dtype(candle_core::DType::F32)?.flatten_all()?);
         }
+        o.m = Tensor::cat(&m, 0)?.to_device(part.device())?;
+        o.v = Tensor::cat(&v, 0)?.to_device(part.device())?;
     }
-    opt.m = Tensor::cat(&m, 0)?;
-    opt.v = Tensor::cat(&v, 0)?;
-    opt.step = state.global_step;
+    opt.set_step(state.global_step);
     Ok(state)
 }
 

@@ -10,7 +10,7 @@
 
 use candle_core::Tensor;
 
-use super::flat::FlatGrads;
+use super::flat::DeviceGrads;
 use crate::data::batch::Batch;
 use crate::model::Model;
 use crate::model::block::{BlockSaved, Step};
@@ -28,7 +28,7 @@ pub trait BlockHook {
         Ok(x)
     }
     /// After block `layer`'s backward: its gradients for this micro-step are complete.
-    fn after_backward(&mut self, layer: usize, grads: &mut FlatGrads) -> Result<()> {
+    fn after_backward(&mut self, layer: usize, grads: &mut DeviceGrads) -> Result<()> {
         let _ = (layer, grads);
         Ok(())
     }
@@ -70,7 +70,7 @@ pub fn micro_step(
     denom: f64,
     seed: Key,
     recompute: bool,
-    grads: &mut FlatGrads,
+    grads: &mut DeviceGrads,
     hook: &mut dyn BlockHook,
 ) -> Result<MicroOut> {
     let pass = Pass {
@@ -101,7 +101,7 @@ pub fn gradients(
         .filter(|&&t| t != -100)
         .count();
     let mut m = model.clone();
-    let params = super::flat::FlatParams::adopt(&mut m)?;
+    let params = super::flat::DeviceParams::adopt(&mut m)?;
     let mut grads = params.zero_grads()?;
     let pass = Pass {
         input_ids,
@@ -113,9 +113,8 @@ pub fn gradients(
     };
     let out = pass.run(&m, &mut grads, &mut NoHook)?;
     let named = params
-        .slots
-        .iter()
-        .map(|s| Ok((s.name.clone(), s.of(&grads.buf)?)))
+        .slots()
+        .map(|(k, s)| Ok((s.name.clone(), s.of(&grads.parts[k].buf)?)))
         .collect::<Result<Vec<_>>>()?;
     Ok((f64::from(out.loss.to_scalar::<f32>()?), named))
 }
@@ -134,7 +133,7 @@ impl Pass<'_> {
     fn run(
         &self,
         model: &Model,
-        grads: &mut FlatGrads,
+        grads: &mut DeviceGrads,
         hook: &mut dyn BlockHook,
     ) -> Result<MicroOut> {
         let d = &model.decoder;

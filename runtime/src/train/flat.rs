@@ -252,3 +252,152 @@ impl GradSink for FlatGrads<'_> {
         self.add(param, &x.to_dtype(DType::F32)?.sum(0)?)
     }
 }
+
+/// The trainable tensors of a model whose blocks lie on several devices (`device_map`): one
+/// [`FlatParams`] per device, each holding the tensors of the modules on that device, so every
+/// block's adapters, gradients and optimizer states stay on its device. A model on one device
+/// has one part.
+#[derive(Debug)]
+pub struct DeviceParams {
+    /// One per device, in the order the model first uses them.
+    pub parts: Vec<FlatParams>,
+}
+
+impl DeviceParams {
+    /// Gathers `model`'s trainable tensors by device and points the model at the views (see
+    /// [`FlatParams::adopt`]).
+    pub fn adopt(model: &mut Model) -> Result<Self> {
+        let all = crate::model::params::trainable(model);
+        if all.is_empty() {
+            // The single-device constructor says what to do.
+            return Ok(Self {
+                parts: vec![FlatParams::new(&all)?.0],
+            });
+        }
+        let mut groups: Vec<(Device, Vec<(String, Tensor)>)> = Vec::new();
+        for (name, t) in all {
+            match groups.iter_mut().find(|(d, _)| d.same_device(t.device())) {
+                Some((_, g)) => g.push((name, t)),
+                None => groups.push((t.device().clone(), vec![(name, t)])),
+            }
+        }
+        let mut parts = Vec::with_capacity(groups.len());
+        let mut views = Vec::new();
+        for (_, g) in &groups {
+            let (p, v) = FlatParams::new(g)?;
+            parts.push(p);
+            views.push(v.into_iter());
+        }
+        // The model visits its trainable tensors in the same order `trainable` listed them.
+        let order: Vec<usize> = {
+            let mut order = Vec::new();
+            visit_trainable_mut(model, &mut |_, t| {
+                let k = groups
+                    .iter()
+                    .position(|(d, _)| d.same_device(t.device()))
+                    .unwrap_or(0);
+                order.push(k);
+                Ok(())
+            })?;
+            order
+        };
+        let mut i = 0;
+        visit_trainable_mut(model, &mut |_, t| {
+            if let Some(v) = order.get(i).and_then(|&k| views[k].next()) {
+                *t = v;
+            }
+            i += 1;
+            Ok(())
+        })?;
+        Ok(Self { parts })
+    }
+
+    /// Trainable elements in all.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(FlatParams::len).sum()
+    }
+
+    /// Whether there is nothing to train.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every slot with the index of its part.
+    pub fn slots(&self) -> impl Iterator<Item = (usize, &Slot)> {
+        self.parts
+            .iter()
+            .enumerate()
+            .flat_map(|(k, p)| p.slots.iter().map(move |s| (k, s)))
+    }
+
+    /// Zeroed f32 gradient buffers, one per part.
+    pub fn zero_grads(&self) -> Result<DeviceGrads<'_>> {
+        Ok(DeviceGrads {
+            parts: self
+                .parts
+                .iter()
+                .map(FlatParams::zero_grads)
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
+/// Gradients of a [`DeviceParams`]: each tensor's gradient lands in its own device's buffer.
+#[derive(Debug)]
+pub struct DeviceGrads<'a> {
+    /// One per part of the params.
+    pub parts: Vec<FlatGrads<'a>>,
+}
+
+impl<'a> DeviceGrads<'a> {
+    fn part(&mut self, param: &Tensor) -> Option<&mut FlatGrads<'a>> {
+        let k = self.parts.iter().position(|p| p.wants(param))?;
+        self.parts.get_mut(k)
+    }
+
+    /// See [`FlatGrads::add_rows`].
+    pub fn add_rows(&mut self, param: &Tensor, ids: &Tensor, grad: &Tensor) -> Result<()> {
+        match self.part(param) {
+            Some(p) => p.add_rows(param, ids, grad),
+            None => Ok(()),
+        }
+    }
+
+    /// The buffers, one per part.
+    pub fn buffers(&self) -> Vec<&Tensor> {
+        self.parts.iter().map(|p| &p.buf).collect()
+    }
+}
+
+impl GradSink for DeviceGrads<'_> {
+    fn wants(&self, param: &Tensor) -> bool {
+        self.parts.iter().any(|p| p.wants(param))
+    }
+
+    fn add(&mut self, param: &Tensor, grad: &Tensor) -> candle_core::Result<()> {
+        match self.part(param) {
+            Some(p) => p.add(param, grad),
+            None => Ok(()),
+        }
+    }
+
+    fn add_matmul(
+        &mut self,
+        param: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        alpha: f64,
+    ) -> candle_core::Result<()> {
+        match self.part(param) {
+            Some(p) => p.add_matmul(param, a, b, alpha),
+            None => Ok(()),
+        }
+    }
+
+    fn add_col_sums(&mut self, param: &Tensor, x: &Tensor) -> candle_core::Result<()> {
+        match self.part(param) {
+            Some(p) => p.add_col_sums(param, x),
+            None => Ok(()),
+        }
+    }
+}

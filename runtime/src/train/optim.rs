@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::flat::FlatParams;
+use super::flat::{DeviceParams, FlatParams};
 use crate::Result;
 
 /// Hyper-parameters with transformers' names.
@@ -155,6 +155,70 @@ fn sum_of_squares(g: &Tensor) -> Result<Tensor> {
         total = total.add(&g.narrow(0, main, n - main)?.sqr()?.sum_all()?)?;
     }
     Ok(total)
+}
+
+/// [`clip_factor`] over the buffers of several devices (one norm for them all), on the first
+/// buffer's device.
+pub fn clip_factor_parts(grads: &[&Tensor], max_norm: f64) -> Result<(Tensor, Option<Tensor>)> {
+    let Some(first) = grads.first() else {
+        return Err(crate::Error::InvalidArgument("no gradients".into()));
+    };
+    if grads.len() == 1 {
+        return clip_factor(first, max_norm);
+    }
+    let mut total = sum_of_squares(first)?;
+    for g in &grads[1..] {
+        total = total.add(&sum_of_squares(g)?.to_device(first.device())?)?;
+    }
+    let norm = total.sqrt()?;
+    if max_norm <= 0.0 {
+        return Ok((norm, None));
+    }
+    let factor = (norm.affine(1.0, 1e-6)?.recip()? * max_norm)?.minimum(1.0)?;
+    Ok((norm, Some(factor)))
+}
+
+/// AdamW over every part of a [`DeviceParams`]: each device's moments beside its parameters.
+#[derive(Debug)]
+pub struct DeviceAdamW {
+    /// One per part.
+    pub parts: Vec<AdamW>,
+}
+
+impl DeviceAdamW {
+    /// Zeroed moments for every part.
+    pub fn new(params: &DeviceParams, cfg: AdamWConfig) -> Result<Self> {
+        Ok(Self {
+            parts: params
+                .parts
+                .iter()
+                .map(|p| AdamW::new(p, cfg.clone()))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// One update of every part from its gradients `grads` (in part order), all scaled by the
+    /// one clipping factor `clip`.
+    pub fn step(
+        &mut self,
+        params: &DeviceParams,
+        grads: &[&Tensor],
+        clip: Option<&Tensor>,
+        lr: f64,
+    ) -> Result<()> {
+        for ((opt, p), g) in self.parts.iter_mut().zip(&params.parts).zip(grads) {
+            let local = clip.map(|c| c.to_device(p.device())).transpose()?;
+            opt.step(p, g, local.as_ref(), lr)?;
+        }
+        Ok(())
+    }
+
+    /// Sets the steps taken (a resume).
+    pub fn set_step(&mut self, step: usize) {
+        for o in &mut self.parts {
+            o.step = step;
+        }
+    }
 }
 
 /// The norm and the clipped gradients (what [`clip_factor`] and the optimizer apply together).

@@ -15,9 +15,9 @@ use serde_json::json;
 use super::checkpoint::{self, TrainerState};
 use super::config::TrainConfig;
 use super::engine::{NoHook, eval_loss, micro_step};
-use super::flat::FlatParams;
+use super::flat::DeviceParams;
 use super::merge::MergePolicy;
-use super::optim::{AdamW, AdamWConfig, clip_factor};
+use super::optim::{AdamWConfig, DeviceAdamW, clip_factor_parts};
 use super::schedule::Schedule;
 use crate::cancel::CancelToken;
 use crate::data::batch::{collate, epoch_order, pack};
@@ -174,8 +174,8 @@ struct Pending {
 /// checkpoints happen inside [`Trainer::step`] and come back as events.
 pub struct Trainer {
     model: Model,
-    params: FlatParams,
-    opt: AdamW,
+    params: DeviceParams,
+    opt: DeviceAdamW,
     pending: Vec<Pending>,
     sched: Schedule,
     cfg: TrainConfig,
@@ -244,9 +244,9 @@ impl Trainer {
         let mut model = model.clone();
         let device: Device = model.decoder.device().clone();
         crate::device::reset_peak(&device);
-        let params = FlatParams::adopt(&mut model)?;
+        let params = DeviceParams::adopt(&mut model)?;
         let trainable = params.len();
-        let mut opt = AdamW::new(
+        let mut opt = DeviceAdamW::new(
             &params,
             AdamWConfig {
                 beta1: cfg.adam_beta1,
@@ -403,9 +403,10 @@ impl Trainer {
         self.tokens_since_log += tokens;
         self.examples_seen += examples.iter().map(Vec::len).sum::<usize>();
         let span = crate::profile::span("optimizer", &self.device);
-        let (grad_norm, clip) = clip_factor(&grads, self.cfg.max_grad_norm)?;
+        let bufs: Vec<&Tensor> = grads.iter().collect();
+        let (grad_norm, clip) = clip_factor_parts(&bufs, self.cfg.max_grad_norm)?;
         let lr = self.sched.lr(self.state.global_step);
-        self.opt.step(&self.params, &grads, clip.as_ref(), lr)?;
+        self.opt.step(&self.params, &bufs, clip.as_ref(), lr)?;
         drop(grads);
         drop(span);
         self.state.global_step += 1;
@@ -492,7 +493,7 @@ impl Trainer {
         &self,
         examples: &[Vec<&Example>],
         window_tokens: usize,
-    ) -> std::result::Result<(Tensor, Tensor, usize), (Error, bool)> {
+    ) -> std::result::Result<(Vec<Tensor>, Tensor, usize), (Error, bool)> {
         let mut merged = false;
         self.run_groups(examples, window_tokens, &mut merged)
             .map_err(|e| (e, merged))
@@ -503,7 +504,7 @@ impl Trainer {
         examples: &[Vec<&Example>],
         window_tokens: usize,
         merged: &mut bool,
-    ) -> Result<(Tensor, Tensor, usize)> {
+    ) -> Result<(Vec<Tensor>, Tensor, usize)> {
         let dims: Vec<(usize, usize)> = examples
             .iter()
             .map(|ex| {
@@ -548,7 +549,11 @@ impl Trainer {
         }
         let loss =
             loss.ok_or_else(|| Error::InvalidArgument("an empty accumulation window".into()))?;
-        Ok((grads.buf, loss, largest))
+        Ok((
+            grads.parts.into_iter().map(|p| p.buf).collect(),
+            loss,
+            largest,
+        ))
     }
 
     /// Turns a device out-of-memory error into one that says what to reduce.
