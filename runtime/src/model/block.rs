@@ -167,6 +167,11 @@ impl Attention {
 }
 
 impl Block {
+    /// The device of the block's weights (`device_map` may put blocks on different devices).
+    pub fn device(&self) -> &candle_core::Device {
+        self.input_norm.device()
+    }
+
     /// The projection `p`.
     pub fn proj(&self, p: Proj) -> &Linear {
         match p {

@@ -75,6 +75,33 @@ impl KvCache {
     }
 }
 
+/// RoPE tables on each device blocks use, copied from the embedding device's once per pass.
+pub struct DeviceTables {
+    tables: Vec<(Device, Tensor, Tensor)>,
+}
+
+impl DeviceTables {
+    /// The tables `(cos, sin)` computed on `device`.
+    pub fn new((cos, sin): (Tensor, Tensor), device: &Device) -> Self {
+        Self {
+            tables: vec![(device.clone(), cos, sin)],
+        }
+    }
+
+    /// The tables on `device`.
+    pub fn on(&mut self, device: &Device) -> Result<(Tensor, Tensor)> {
+        if let Some((_, c, s)) = self.tables.iter().find(|(d, _, _)| d.same_device(device)) {
+            return Ok((c.clone(), s.clone()));
+        }
+        let (c, s) = (
+            self.tables[0].1.to_device(device)?,
+            self.tables[0].2.to_device(device)?,
+        );
+        self.tables.push((device.clone(), c.clone(), s.clone()));
+        Ok((c, s))
+    }
+}
+
 /// The decoder: embedding, blocks, final norm and LM head.
 #[derive(Clone, Debug)]
 pub struct Decoder {
@@ -148,16 +175,19 @@ impl Decoder {
         train_seed: Option<crate::nn::dropout::Key>,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
-        let (cos, sin) = self.rope_tables(mask, b, s)?;
-        let step = Step {
-            cos: &cos,
-            sin: &sin,
-            mask,
-            train_seed,
-        };
+        let mut tables = DeviceTables::new(self.rope_tables(mask, b, s)?, self.device());
         let mut x = self.embed_tokens(input_ids)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            // Placement: the hidden state follows the blocks over their devices.
+            x = x.to_device(block.device())?;
+            let (cos, sin) = tables.on(block.device())?;
+            let step = Step {
+                cos: &cos,
+                sin: &sin,
+                mask,
+                train_seed,
+            };
             x = block.forward(&x, &step, slot, i, None)?;
         }
         if let Some(c) = cache {
@@ -197,8 +227,17 @@ impl Decoder {
 
     /// Final norm and LM head: hidden states -> logits.
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
-        let x = rms_norm(x, &self.norm, self.cfg.rms_norm_eps)?;
-        Linear::new(self.head_weight().clone(), None).forward(&x)
+        Linear::new(self.head_weight().clone(), None).forward(&self.normed(x)?)
+    }
+
+    /// The final norm of `x` (on the norm's device), moved to the head's device.
+    pub fn normed(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(
+            &x.to_device(self.norm.device())?,
+            &self.norm,
+            self.cfg.rms_norm_eps,
+        )?
+        .to_device(self.head_weight().device())
     }
 
     /// Number of parameters (tied weights once).

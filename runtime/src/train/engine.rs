@@ -14,6 +14,7 @@ use super::flat::DeviceGrads;
 use crate::data::batch::Batch;
 use crate::model::Model;
 use crate::model::block::{BlockSaved, Step};
+use crate::model::decoder::DeviceTables;
 use crate::nn::dropout::Key;
 use crate::nn::loss::causal_lm_loss;
 use crate::nn::ops::{rms_norm, rms_norm_backward_into};
@@ -130,6 +131,15 @@ struct Pass<'a> {
 }
 
 impl Pass<'_> {
+    fn step<'t>(&'t self, cos: &'t Tensor, sin: &'t Tensor) -> Step<'t> {
+        Step {
+            cos,
+            sin,
+            mask: self.mask,
+            train_seed: self.seed,
+        }
+    }
+
     fn run(
         &self,
         model: &Model,
@@ -147,22 +157,20 @@ impl Pass<'_> {
                 source: Box::new(source),
             }
         };
-        let (cos, sin) = d
+        let tables = d
             .rope_tables(self.mask, b, s)
             .map_err(at("rope tables".into()))?;
-        let step = Step {
-            cos: &cos,
-            sin: &sin,
-            mask: self.mask,
-            train_seed: self.seed,
-        };
+        let mut tables = DeviceTables::new(tables, d.device());
         let mut x = d
             .embed_tokens(self.input_ids)
             .map_err(at("embedding".into()))?;
         let mut inputs = Vec::with_capacity(d.blocks.len());
         let mut saved: Vec<Option<BlockSaved>> = Vec::with_capacity(d.blocks.len());
         for (i, blk) in d.blocks.iter().enumerate() {
-            x = hook.before_forward(i, x)?;
+            // Placement: the hidden state moves to each block's device (nothing when it is there).
+            x = hook.before_forward(i, x.to_device(blk.device())?)?;
+            let (cos, sin) = tables.on(blk.device())?;
+            let step = self.step(&cos, &sin);
             let mut sv = (!self.recompute).then(BlockSaved::default);
             let y = blk
                 .forward(&x, &step, None, i, sv.as_mut())
@@ -174,14 +182,19 @@ impl Pass<'_> {
         let eps = d.cfg.rms_norm_eps;
         let span = crate::profile::span("loss", d.device());
         let (dx, loss, count) = (|| {
+            // The final norm on its device, the head on its own (the embedding's when tied).
+            let x = x.to_device(d.norm.device())?;
             let hidden = rms_norm(&x, &d.norm, eps)?;
             let targets = shifted_targets(self.labels, b, s);
-            let rows = hidden.reshape((b * s, d.cfg.hidden_size))?;
+            let rows = hidden
+                .reshape((b * s, d.cfg.hidden_size))?
+                .to_device(d.head_weight().device())?;
             let sink: &mut dyn GradSink = grads;
             let out = causal_lm_loss(&rows, d.head_weight(), &targets, self.denom, Some(sink))?;
             let dh = out
                 .d_hidden
                 .ok_or_else(|| candle_core::Error::Msg("loss returned no gradient".into()))?
+                .to_device(x.device())?
                 .reshape(x.shape())?;
             let dx = rms_norm_backward_into(&x, &d.norm, eps, &dh, grads)?;
             Ok((dx, out.loss, out.count))
@@ -191,6 +204,8 @@ impl Pass<'_> {
         let mut g = dx;
         for i in (0..d.blocks.len()).rev() {
             let blk = &d.blocks[i];
+            let (cos, sin) = tables.on(blk.device())?;
+            let step = self.step(&cos, &sin);
             let sv = if let Some(sv) = saved[i].take() {
                 sv
             } else {
@@ -200,14 +215,16 @@ impl Pass<'_> {
                 sv
             };
             g = blk
-                .backward(&sv, &g, &step, grads)
+                .backward(&sv, &g.to_device(blk.device())?, &step, grads)
                 .map_err(at(format!("backward of layer {i}")))?;
             drop(sv);
             inputs.truncate(i);
             hook.after_backward(i, grads)?;
         }
         let _span = crate::profile::span("embedding grad", d.device());
-        let rows = g.reshape((b * s, d.cfg.hidden_size))?;
+        let rows = g
+            .to_device(d.device())?
+            .reshape((b * s, d.cfg.hidden_size))?;
         grads.add_rows(&d.embed, self.input_ids, &rows)?;
         Ok(MicroOut { loss, count })
     }
@@ -219,7 +236,7 @@ pub fn eval_loss(model: &Model, batch: &Batch) -> Result<(f64, usize)> {
     let (b, s) = batch.input_ids.dims2()?;
     let mask = batch.mask();
     let x = d.hidden(&batch.input_ids, &mask, None, None)?;
-    let hidden = rms_norm(&x, &d.norm, d.cfg.rms_norm_eps)?.reshape((b * s, d.cfg.hidden_size))?;
+    let hidden = d.normed(&x)?.reshape((b * s, d.cfg.hidden_size))?;
     let targets = shifted_targets(&batch.labels_host, b, s);
     let out = causal_lm_loss(&hidden, d.head_weight(), &targets, 1.0, None)?;
     Ok((f64::from(out.loss.to_scalar::<f32>()?), out.count))
