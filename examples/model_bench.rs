@@ -24,6 +24,7 @@ fn main() -> anyhow::Result<()> {
         dtype: "bf16".into(),
         device: "auto".into(),
         trainable: false,
+        ..Default::default()
     };
     match args.first().map(String::as_str) {
         Some("logits") => logits(Path::new(&args[1]), Path::new(&args[2]), &opts),
@@ -97,6 +98,7 @@ fn export(base: &Path, out: &Path) -> anyhow::Result<()> {
         dtype: "f32".into(),
         device: "cpu".into(),
         trainable: false,
+        ..Default::default()
     };
     let m = Model::load(base, &cpu)?;
     let cfg = LoraConfig {
@@ -193,6 +195,7 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
         dtype: "bf16".into(),
         device: "auto".into(),
         trainable: full,
+        ..Default::default()
     };
     let base = Model::load(dir, &opts)?;
     let model = if full {

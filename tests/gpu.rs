@@ -316,6 +316,7 @@ fn tiny_model(device: &str, layers: usize, full: bool) -> Model {
         dtype: "f32".into(),
         device: device.into(),
         trainable: full,
+        ..Default::default()
     };
     let m = Model::load(dir.path(), &opts).unwrap();
     if full {
@@ -457,6 +458,89 @@ fn thirty_lora_steps_give_the_cpu_losses() {
         assert!((a - b).abs() < 1e-4, "step {s}: cpu {a} vs cuda {b}");
     }
     assert!(c[29].1 < c[0].1, "the loss falls: {c:?}");
+}
+
+/// GPU + CPU offload (`device_map: "auto"` with a `max_memory` that leaves the GPU room for the
+/// embedding and one layer): the later layers, the norm and their adapters, gradients and Adam
+/// moments on the CPU, hidden states moved at the boundary; the losses of the model on the GPU
+/// alone, LoRA and full fine-tuning.
+#[test]
+fn gpu_and_cpu_offload_train_like_one_device() {
+    use qscript_runtime::plan::DeviceMap;
+    let data = rows(16);
+    let dir = tempfile::tempdir().unwrap();
+    tiny(&TinyConfig {
+        hidden: 64,
+        layers: 3,
+        intermediate: 128,
+        seed: 3,
+        ..TinyConfig::default()
+    })
+    .unwrap()
+    .save(dir.path())
+    .unwrap();
+    for full in [false, true] {
+        let load = |map: Option<DeviceMap>, max_memory: Vec<(String, u64)>| {
+            let opts = LoadOptions {
+                dtype: "f32".into(),
+                device: "cuda:0".into(),
+                trainable: full,
+                device_map: map,
+                max_memory,
+            };
+            let m = Model::load(dir.path(), &opts).unwrap();
+            if full {
+                return m;
+            }
+            let cfg = LoraConfig {
+                r: 4,
+                lora_alpha: 8.0,
+                lora_dropout: 0.1,
+                target_modules: Targets::Pattern("all-linear".into()),
+                ..LoraConfig::default()
+            };
+            lora::attach(&m, &cfg, 7).unwrap()
+        };
+        // The embedding (259 x 64 f32, 66 KB) and about one layer (~115 KB) fit on the GPU.
+        let offload = load(
+            Some(DeviceMap::Auto),
+            vec![("cuda:0".into(), 200_000), ("cpu".into(), 1 << 30)],
+        );
+        let p = offload.placement.as_ref().unwrap();
+        assert_eq!(p.device_of("model.embed_tokens"), Some("cuda:0"), "{p}");
+        assert_eq!(p.device_of("model.layers.2"), Some("cpu"), "{p}");
+        let run = |m: &Model| {
+            let out = tempfile::tempdir().unwrap();
+            let cfg = TrainConfig {
+                output_dir: out.path().to_string_lossy().into_owned(),
+                per_device_train_batch_size: 4,
+                max_steps: 8,
+                learning_rate: 5e-3,
+                logging_steps: 1,
+                save_steps: 4,
+                ..TrainConfig::default()
+            };
+            fit(
+                m,
+                &data,
+                None,
+                &cfg,
+                0,
+                &CancelToken::new(),
+                &mut |_| Ok(()),
+            )
+            .unwrap()
+            .losses
+        };
+        let (one, split) = (run(&load(None, Vec::new())), run(&offload));
+        assert_eq!(one.len(), 8);
+        for ((s, a), (_, b)) in one.iter().zip(&split) {
+            assert!(
+                (a - b).abs() < 1e-4,
+                "full {full} step {s}: one device {a}, offload {b}"
+            );
+        }
+    }
 }
 
 /// The fused AdamW kernel against the reference ops: f32 LoRA-style and bf16 parameters, with

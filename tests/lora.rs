@@ -25,6 +25,7 @@ fn base(name: &str) -> Model {
         dtype: "f32".into(),
         device: "cpu".into(),
         trainable: false,
+        ..Default::default()
     };
     Model::load(&repo_fixtures().join("models").join(name), &o).unwrap()
 }

@@ -19,6 +19,7 @@ fn cpu_f32(trainable: bool) -> LoadOptions {
         dtype: "f32".into(),
         device: "cpu".into(),
         trainable,
+        ..Default::default()
     }
 }
 

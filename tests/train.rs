@@ -271,6 +271,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         dtype: "f32".into(),
         device: "cpu".into(),
         trainable: true,
+        ..Default::default()
     };
     let full = Model::load(saved.path(), &opts).unwrap();
     let mut lora_model = peft(5);
@@ -513,4 +514,74 @@ fn a_packed_run_trains_on_full_rows() {
             .any(|n| n.starts_with("packing: 24 examples into ")),
         "{notes:?}"
     );
+}
+
+/// A model placed module by module (`device_map` naming a device for each) trains through the
+/// per-block device code and gives the losses of the model loaded on one device. On the CPU
+/// every module's device is the CPU; the GPU test runs the same over a GPU and the CPU.
+#[test]
+fn a_placed_model_trains_like_the_unplaced_one() {
+    use qscript_runtime::plan::DeviceMap;
+    let saved = tempfile::tempdir().unwrap();
+    tiny(&TinyConfig {
+        hidden: 32,
+        layers: 3,
+        intermediate: 64,
+        seed: 9,
+        ..TinyConfig::default()
+    })
+    .unwrap()
+    .save(saved.path())
+    .unwrap();
+    let load = |map: Option<DeviceMap>| {
+        let opts = qscript_runtime::model::LoadOptions {
+            dtype: "f32".into(),
+            device: "cpu".into(),
+            device_map: map,
+            ..Default::default()
+        };
+        let m = Model::load(saved.path(), &opts).unwrap();
+        let cfg = LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            target_modules: Targets::Pattern("all-linear".into()),
+            ..LoraConfig::default()
+        };
+        lora::attach(&m, &cfg, 3).unwrap()
+    };
+    let explicit = DeviceMap::Explicit(
+        [
+            "model.embed_tokens",
+            "model.layers.0",
+            "model.layers.1",
+            "model.layers.2",
+            "model.norm",
+        ]
+        .iter()
+        .map(|m| ((*m).to_string(), "cpu".to_string()))
+        .collect(),
+    );
+    let placed = load(Some(explicit));
+    let p = placed.placement.as_ref().expect("placed");
+    assert_eq!(p.device_of("model.layers.2"), Some("cpu"));
+    let data = examples(8);
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = run(&load(None), &data, &cfg(d1.path()), None);
+    let b = run(&placed, &data, &cfg(d2.path()), None);
+    assert_eq!(a.losses.len(), 6);
+    for ((s, x), (_, y)) in a.losses.iter().zip(&b.losses) {
+        assert!((x - y).abs() < 1e-6, "step {s}: {x} vs {y}");
+    }
+    // A map that misses a module, or names one the model does not have, is an error.
+    let opts = qscript_runtime::model::LoadOptions {
+        dtype: "f32".into(),
+        device: "cpu".into(),
+        device_map: Some(DeviceMap::Explicit(vec![(
+            "model.layers".into(),
+            "cpu".into(),
+        )])),
+        ..Default::default()
+    };
+    let e = Model::load(saved.path(), &opts).unwrap_err().to_string();
+    assert!(e.contains("no device for `model.embed_tokens`"), "{e}");
 }

@@ -36,6 +36,100 @@ pub fn cuda(ordinal: usize) -> Result<Device> {
     Ok(device)
 }
 
+/// GPUs this process sees (0 in a build without CUDA or without a driver).
+pub fn gpu_count() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::result;
+        if result::init().is_ok() {
+            return result::device::get_count().map_or(0, |n| usize::try_from(n).unwrap_or(0));
+        }
+    }
+    0
+}
+
+/// The device named `cpu` or `cuda:N`.
+pub fn by_name(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        n => match n.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
+            Some(i) => cuda(i),
+            None => Err(crate::Error::InvalidArgument(format!(
+                "unknown device `{name}`; use `cpu` or `cuda:N`"
+            ))),
+        },
+    }
+}
+
+/// Bytes of memory the system can still give (Linux's `MemAvailable`; `None` elsewhere).
+pub fn host_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// What placement may use on each device, in placement order (GPUs by index, then the CPU):
+/// `max_memory` where it names a device, else 90% of a GPU's free memory less the CUDA
+/// runtime's share, and the memory the system has available.
+pub fn budgets(max_memory: &[(String, u64)]) -> Result<Vec<crate::plan::Budget>> {
+    let given = |d: &str| max_memory.iter().find(|(n, _)| n == d).map(|(_, b)| *b);
+    let mut out = Vec::new();
+    if max_memory.is_empty() {
+        for i in 0..gpu_count() {
+            let name = format!("cuda:{i}");
+            let free = memory(&cuda(i)?).map_or(0, |(used, total)| total.saturating_sub(used));
+            let bytes = (free as f64 * 0.9) as u64;
+            out.push(crate::plan::Budget {
+                device: name,
+                bytes: bytes.saturating_sub(crate::plan::memory::CUDA_RUNTIME_BYTES),
+            });
+        }
+        out.push(crate::plan::Budget {
+            device: "cpu".into(),
+            bytes: host_available().unwrap_or(u64::MAX),
+        });
+        return Ok(out);
+    }
+    let mut gpus: Vec<(usize, u64)> = Vec::new();
+    for (name, bytes) in max_memory {
+        if name == "cpu" {
+            continue;
+        }
+        match name
+            .strip_prefix("cuda:")
+            .and_then(|i| i.parse::<usize>().ok())
+        {
+            Some(i) if i < gpu_count() => gpus.push((i, *bytes)),
+            Some(_) => {
+                return Err(crate::Error::InvalidArgument(format!(
+                    "`max_memory` names `{name}`; this machine has {} GPU(s)",
+                    gpu_count()
+                )));
+            }
+            None => {
+                return Err(crate::Error::InvalidArgument(format!(
+                    "`max_memory` key `{name}`: use `cpu` or `cuda:N`"
+                )));
+            }
+        }
+    }
+    gpus.sort_unstable();
+    for (i, bytes) in gpus {
+        out.push(crate::plan::Budget {
+            device: format!("cuda:{i}"),
+            bytes,
+        });
+    }
+    if let Some(b) = given("cpu") {
+        out.push(crate::plan::Budget {
+            device: "cpu".into(),
+            bytes: b,
+        });
+    }
+    Ok(out)
+}
+
 /// `(used, total)` bytes of a CUDA device as the driver sees it (the pool's reserve included);
 /// `None` on the CPU (or when the driver does not say).
 pub fn memory(device: &Device) -> Option<(u64, u64)> {

@@ -25,6 +25,10 @@ pub struct LoadOptions {
     pub device: String,
     /// Train every weight (full fine-tuning), not only adapters.
     pub trainable: bool,
+    /// Where each module goes (HF's `device_map`); `None`: everything on `device`.
+    pub device_map: Option<crate::plan::DeviceMap>,
+    /// Per device, the bytes placement may use (HF's `max_memory`); unset devices are probed.
+    pub max_memory: Vec<(String, u64)>,
 }
 
 impl Default for LoadOptions {
@@ -33,6 +37,8 @@ impl Default for LoadOptions {
             dtype: "auto".into(),
             device: "auto".into(),
             trainable: false,
+            device_map: None,
+            max_memory: Vec::new(),
         }
     }
 }
@@ -70,6 +76,25 @@ impl LoadOptions {
             }
         })
     }
+}
+
+/// The placement `opts.device_map` asks for (`None`: every module on `opts.device`).
+fn place(
+    cfg: &ModelConfig,
+    dtype: DType,
+    opts: &LoadOptions,
+) -> Result<Option<crate::plan::Placement>> {
+    let Some(map) = &opts.device_map else {
+        if !opts.max_memory.is_empty() {
+            return Err(Error::InvalidArgument(
+                "`max_memory` limits a `device_map`; give `device_map: \"auto\"` (or another) with it".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    let modules = crate::plan::memory::modules(cfg, dtype);
+    let budgets = crate::device::budgets(&opts.max_memory)?;
+    crate::plan::place(&modules, &budgets, map).map(Some)
 }
 
 fn bad_device(d: &str) -> Error {
@@ -119,6 +144,8 @@ pub struct Model {
     pub trainable: bool,
     /// The LoRA config when adapters are attached (see [`crate::lora`]).
     pub lora: Option<crate::lora::LoraConfig>,
+    /// Where each module lies when `device_map` placed the model over several devices.
+    pub placement: Option<crate::plan::Placement>,
     /// `Some`: a dry-run model (`qscript check`, [`Model::load_shapes`]) with the shapes and
     /// dtypes of the checkpoint's headers and no weights, planned for this device.
     pub planned_device: Option<Device>,
@@ -144,7 +171,8 @@ impl Model {
         } else {
             GenerationConfig::default()
         };
-        let mut m = Self::build(cfg, &src, dtype, &device, opts.trainable)?;
+        let placement = place(&cfg, dtype, opts)?;
+        let mut m = Self::build_placed(cfg, &src, dtype, &device, opts.trainable, placement)?;
         m.generation = generation;
         m.source = Some(dir.to_path_buf());
         Ok(m)
@@ -170,7 +198,9 @@ impl Model {
             GenerationConfig::default()
         };
         let src = WeightSource::headers(dir)?;
+        let placement = place(&cfg, dtype, opts)?;
         let mut m = Self::build(cfg, &src, dtype, &Device::Cpu, opts.trainable)?;
+        m.placement = placement;
         m.generation = generation;
         m.source = Some(dir.to_path_buf());
         m.planned_device = Some(device);
@@ -192,7 +222,7 @@ impl Model {
         Ok(())
     }
 
-    /// Builds the model from `src`, checking every tensor's presence and shape.
+    /// Builds the model from `src` on `device`, checking every tensor's presence and shape.
     pub fn build(
         cfg: ModelConfig,
         src: &WeightSource,
@@ -200,12 +230,38 @@ impl Model {
         device: &Device,
         trainable: bool,
     ) -> Result<Self> {
+        Self::build_placed(cfg, src, dtype, device, trainable, None)
+    }
+
+    /// [`Model::build`] with each module on the device `placement` gives it.
+    pub fn build_placed(
+        cfg: ModelConfig,
+        src: &WeightSource,
+        dtype: DType,
+        device: &Device,
+        trainable: bool,
+        placement: Option<crate::plan::Placement>,
+    ) -> Result<Self> {
         cfg.validate().map_err(|message| Error::Config {
             path: src.dir().join("config.json"),
             message,
         })?;
         let arch = cfg.arch()?;
-        let l = Loader { src, dtype, device };
+        let mut devices = HashMap::new();
+        if let Some(p) = &placement {
+            for (_, d) in &p.modules {
+                if !devices.contains_key(d) {
+                    devices.insert(d.clone(), crate::device::by_name(d)?);
+                }
+            }
+        }
+        let l = Loader {
+            src,
+            dtype,
+            device,
+            placement: placement.as_ref(),
+            devices,
+        };
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         let (q_out, kv_out) = (cfg.num_attention_heads * hd, cfg.num_kv_heads() * hd);
         let embed = l.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
@@ -278,6 +334,7 @@ impl Model {
             source: None,
             trainable,
             lora: None,
+            placement,
             planned_device: None,
         })
     }
@@ -376,7 +433,15 @@ impl fmt::Display for Model {
             c.num_kv_heads(),
             c.vocab_size,
             dtype_name(self.decoder.dtype()),
-            self.device_name(),
+            match &self.placement {
+                Some(p) if p.devices.len() > 1 => p
+                    .devices
+                    .iter()
+                    .map(|d| d.0.as_str())
+                    .collect::<Vec<_>>()
+                    .join("+"),
+                _ => self.device_name(),
+            },
         )
     }
 }
@@ -385,11 +450,32 @@ struct Loader<'a> {
     src: &'a WeightSource,
     dtype: DType,
     device: &'a Device,
+    placement: Option<&'a crate::plan::Placement>,
+    devices: HashMap<String, Device>,
 }
 
 impl Loader<'_> {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.src.get(name, shape, self.dtype, self.device)
+        self.src.get(name, shape, self.dtype, self.device_of(name))
+    }
+
+    /// The device of the module `name` belongs to (`model.layers.3.mlp.up_proj.weight` ->
+    /// `model.layers.3`).
+    fn device_of(&self, name: &str) -> &Device {
+        let Some(p) = self.placement else {
+            return self.device;
+        };
+        let module = match name.strip_prefix("model.layers.") {
+            Some(rest) => format!("model.layers.{}", rest.split('.').next().unwrap_or("")),
+            None => name
+                .rsplit_once('.')
+                .map_or(name, |(m, _)| m)
+                .trim_end_matches(".weight")
+                .to_string(),
+        };
+        p.device_of(&module)
+            .and_then(|d| self.devices.get(d))
+            .unwrap_or(self.device)
     }
 
     fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {

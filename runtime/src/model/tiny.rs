@@ -120,6 +120,7 @@ pub fn tiny(t: &TinyConfig) -> Result<Model> {
         dtype: t.dtype.clone(),
         device: t.device.clone(),
         trainable: t.trainable,
+        ..Default::default()
     };
     let device = opts.resolve_device()?;
     let dtype = opts.resolve_dtype(&device)?;
@@ -232,6 +233,7 @@ mod tests {
                     dtype: "f32".into(),
                     device: "cpu".into(),
                     trainable: false,
+                    ..Default::default()
                 },
             )
             .unwrap();

@@ -110,6 +110,27 @@ pub fn param_count(c: &ModelConfig) -> f64 {
     v * h + c.num_hidden_layers as f64 * layer + h + head
 }
 
+/// The top-level modules of a model of this config in order (HF's names: `model.embed_tokens`,
+/// `model.layers.N`, `model.norm`, and `lm_head` when it is not tied) with their weights' bytes.
+pub fn modules(c: &ModelConfig, dtype: DType) -> Vec<super::Module> {
+    let b = dtype.size_in_bytes() as f64;
+    let (h, v) = (c.hidden_size as f64, c.vocab_size as f64);
+    let layers = c.num_hidden_layers.max(1) as f64;
+    let head = if c.tie_word_embeddings { 0.0 } else { v * h };
+    let layer = (param_count(c) - v * h - h - head) / layers;
+    let m = |name: String, n: f64| super::Module {
+        name,
+        bytes: (n * b) as u64,
+    };
+    let mut out = vec![m("model.embed_tokens".into(), v * h)];
+    out.extend((0..c.num_hidden_layers).map(|i| m(format!("model.layers.{i}"), layer)));
+    out.push(m("model.norm".into(), h));
+    if !c.tie_word_embeddings {
+        out.push(m("lm_head".into(), v * h));
+    }
+    out
+}
+
 /// The estimate for `cfg` in `dtype` under `w`; sizes no device could hold (a hidden size of
 /// 10^12, a rank of 10^9) are an error naming the total.
 pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimate> {

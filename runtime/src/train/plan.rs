@@ -46,9 +46,14 @@ pub struct RunPlan {
     pub memory: Estimate,
     /// Free bytes on the device, when it says (GPUs).
     pub budget: Option<u64>,
-    /// Layers (all on `device` until placement over several devices lands).
+    /// Layers.
     pub layers: usize,
+    /// With `device_map`: where each module lies, and per device the estimate and its budget.
+    pub placement: Option<(crate::plan::Placement, Vec<DeviceNeed>)>,
 }
+
+/// A device, the bytes a run needs there and its budget.
+pub type DeviceNeed = (String, u64, u64);
 
 impl RunPlan {
     /// Examples a step takes: per-device batch x devices x accumulation.
@@ -136,6 +141,21 @@ pub fn plan(
     } else {
         cfg.num_train_epochs
     };
+    let placement = model.placement.as_ref().map(|p| {
+        let per = per_device(p, &estimate, model);
+        (p.clone(), per)
+    });
+    if let Some((_, per)) = &placement
+        && let Some((dev, need, budget)) = per.iter().find(|(_, n, b)| n > b)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "training needs about {} on {dev} and its budget is {}: give that device more \
+             (`max_memory`), move modules off it (`device_map`), or need less (a smaller \
+             `per_device_train_batch_size`, a shorter `max_length`, `gradient_checkpointing: true`)",
+            human(*need as f64),
+            human(*budget as f64)
+        )));
+    }
     let plan = RunPlan {
         examples: train.len(),
         micro_per_epoch,
@@ -152,8 +172,10 @@ pub fn plan(
         memory: estimate,
         budget,
         layers: model.config().num_hidden_layers,
+        placement,
     };
-    if let Some(budget) = plan.budget
+    if plan.placement.is_none()
+        && let Some(budget) = plan.budget
         && plan.memory.total() > budget
     {
         return Err(Error::InvalidArgument(format!(
@@ -175,6 +197,42 @@ pub fn plan(
         )));
     }
     Ok((plan, train))
+}
+
+/// The estimate split over a placement's devices: each device's weights, its layers' share of
+/// the activations and of the trainable state (adapters by layer; full fine-tuning by weight),
+/// the loss chunk and temporaries on the head's device, the CUDA runtime on each GPU.
+fn per_device(p: &crate::plan::Placement, e: &Estimate, model: &Model) -> Vec<DeviceNeed> {
+    let layers = model.config().num_hidden_layers.max(1) as f64;
+    let weights: u64 = p.devices.iter().map(|d| d.1).sum::<u64>().max(1);
+    let head = if model.decoder.lm_head.is_some() {
+        "lm_head"
+    } else {
+        "model.embed_tokens"
+    };
+    let head_dev = p.device_of(head).unwrap_or("cpu");
+    let state = (e.trainable + e.gradients + e.optimizer) as f64;
+    p.devices
+        .iter()
+        .map(|(dev, used, budget)| {
+            let on = p
+                .modules
+                .iter()
+                .filter(|(m, d)| d == dev && m.starts_with("model.layers."))
+                .count() as f64
+                / layers;
+            let by_weight = *used as f64 / weights as f64;
+            let share = if model.trainable { by_weight } else { on };
+            let mut b = *used as f64 + state * share + e.activations as f64 * on;
+            if dev == head_dev {
+                b += (e.loss + e.temporaries) as f64;
+            }
+            if dev != "cpu" {
+                b += e.runtime.max(memory::CUDA_RUNTIME_BYTES) as f64;
+            }
+            (dev.clone(), b as u64, *budget)
+        })
+        .collect()
 }
 
 /// Every id of `data` inside the model's vocabulary.
@@ -228,10 +286,23 @@ impl fmt::Display for RunPlan {
             self.device, self.batch, self.longest
         )?;
         writeln!(f, "{}", self.memory)?;
-        write!(
-            f,
-            "placement: all {} layers, the embedding and the head on {}",
-            self.layers, self.device
-        )
+        match &self.placement {
+            None => write!(
+                f,
+                "placement: all {} layers, the embedding and the head on {}",
+                self.layers, self.device
+            ),
+            Some((p, per)) => {
+                writeln!(f, "placement (device_map):")?;
+                for line in p.to_string().lines() {
+                    writeln!(f, "  {line}")?;
+                }
+                let shown: Vec<String> = per
+                    .iter()
+                    .map(|(d, n, b)| format!("{d} {} of {}", human(*n as f64), human(*b as f64)))
+                    .collect();
+                write!(f, "training memory per device: {}", shown.join(", "))
+            }
+        }
     }
 }

@@ -20,6 +20,8 @@ struct LoadOpts {
     dtype: String,
     device: String,
     trainable: bool,
+    device_map: Option<serde_json::Value>,
+    max_memory: Option<std::collections::BTreeMap<String, serde_json::Value>>,
 }
 
 impl Default for LoadOpts {
@@ -28,8 +30,93 @@ impl Default for LoadOpts {
             dtype: "auto".into(),
             device: "auto".into(),
             trainable: false,
+            device_map: None,
+            max_memory: None,
         }
     }
+}
+
+impl LoadOpts {
+    /// The runtime's options: `device_map` as a name or a map of modules to devices, and
+    /// `max_memory` sizes as accelerate writes them (`"20GiB"`, `"500MB"`, bytes).
+    fn to_runtime(&self) -> Result<qscript_runtime::model::LoadOptions, String> {
+        use qscript_runtime::plan::DeviceMap;
+        let device_map = match &self.device_map {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(n)) => {
+                Some(DeviceMap::from_name(n).map_err(|e| e.to_string())?)
+            }
+            Some(serde_json::Value::Object(m)) => {
+                let mut entries = Vec::new();
+                for (k, v) in m {
+                    let dev = match v {
+                        serde_json::Value::String(d) => d.clone(),
+                        serde_json::Value::Number(n) => format!("cuda:{n}"),
+                        other => {
+                            return Err(format!(
+                                "`device_map.{k}`: a device (`\"cuda:0\"`, `0`, `\"cpu\"`), got {other}"
+                            ));
+                        }
+                    };
+                    entries.push((k.clone(), dev));
+                }
+                Some(DeviceMap::Explicit(entries))
+            }
+            Some(other) => {
+                return Err(format!(
+                    "`device_map`: `\"auto\"`, `\"balanced\"`, `\"sequential\"` or a map of module names to devices, got {other}"
+                ));
+            }
+        };
+        let mut max_memory = Vec::new();
+        for (k, v) in self.max_memory.iter().flatten() {
+            let dev = if k.parse::<usize>().is_ok() {
+                format!("cuda:{k}")
+            } else {
+                k.clone()
+            };
+            max_memory.push((dev, size(k, v)?));
+        }
+        Ok(qscript_runtime::model::LoadOptions {
+            dtype: self.dtype.clone(),
+            device: self.device.clone(),
+            trainable: self.trainable,
+            device_map,
+            max_memory,
+        })
+    }
+}
+
+/// `"20GiB"`, `"20GB"`, `"512MiB"`, `"1.5GiB"` or a number of bytes.
+fn size(key: &str, v: &serde_json::Value) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "`max_memory.{key}`: a size like `\"20GiB\"`, `\"500MB\"` or a number of bytes, got {v}"
+        )
+    };
+    if let Some(n) = v.as_u64() {
+        return Ok(n);
+    }
+    let s = v.as_str().ok_or_else(bad)?.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num.trim().parse().map_err(|_| bad())?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024f64.powi(2),
+        "gib" => 1024f64.powi(3),
+        "tib" => 1024f64.powi(4),
+        _ => return Err(bad()),
+    };
+    if !(num.is_finite() && num >= 0.0) {
+        return Err(bad());
+    }
+    Ok((num * mult) as u64)
 }
 
 /// Options of `generate` and `chat`.
@@ -207,7 +294,7 @@ fn run_generate(
 pub mod model_module {
     use std::sync::Arc;
 
-    use qscript_runtime::model::{LoadOptions, Model, TinyConfig, tiny as make_tiny};
+    use qscript_runtime::model::{Model, TinyConfig, tiny as make_tiny};
     use rhai::{Array, EvalAltResult, Map};
 
     use super::{GenOpts, LoadOpts, run_generate};
@@ -240,22 +327,24 @@ pub mod model_module {
     /// | `dtype` | `"auto"` (bf16 on GPUs that support it, else f16; f32 on CPU), `"f32"`, `"bf16"`, `"f16"` |
     /// | `device` | `"auto"` (first GPU, else CPU), `"cpu"`, `"cuda:N"` |
     /// | `trainable` | `true` makes every weight trainable: full fine-tuning with `train::fit` |
+    /// | `device_map` | HF's: `"auto"` / `"balanced"` (even over the GPUs, the CPU for what does not fit), `"sequential"` (fill in order), or a map of module names (or prefixes) to devices: `#{ "model.layers.20": "cuda:1", model: "cuda:0", lm_head: "cuda:1" }` |
+    /// | `max_memory` | with `device_map`, the most each device may hold: `#{ "cuda:0": "20GiB", cpu: "64GiB" }` (unset devices are probed; `GB` = 10^9, `GiB` = 2^30) |
     ///
     /// ```rhai
     /// model::tiny(#{ seed: 1 }).save("ckpt");
     /// let m = model::load(io::output_dir() + "/ckpt", #{ dtype: "f32", device: "cpu" });
     /// print(m);
+    /// let placed = model::load(io::output_dir() + "/ckpt", #{ dtype: "f32", device_map: "auto", max_memory: #{ cpu: "1GiB" } });
+    /// assert(placed.device == "cpu");
     /// ```
     #[rhai_fn(name = "load", return_raw)]
     pub fn load_with(ctx: NativeCallContext, dir: &str, opts: Map) -> Res<ModelHandle> {
         let rc = RunContext::of(&ctx)?;
         let o: LoadOpts = from_options(&ctx, "model::load", opts)?;
         let real = rc.resolve_read_dir(dir).map_err(to_rhai_at(&ctx))?;
-        let lo = LoadOptions {
-            dtype: o.dtype.clone(),
-            device: o.device.clone(),
-            trainable: o.trainable,
-        };
+        let lo = o
+            .to_runtime()
+            .map_err(|e| to_rhai_at(&ctx)(qscript_runtime::Error::InvalidArgument(e)))?;
         if rc.checking() {
             return super::load_shapes(&ctx, &rc, &real, &lo);
         }
