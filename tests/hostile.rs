@@ -268,3 +268,80 @@ fn a_runaway_chat_template_stops_with_a_limit_the_user_can_raise() {
     );
     assert!(start.elapsed() < Duration::from_secs(50));
 }
+
+/// Runs the binary under `sh -c 'ulimit -v ...'` (4 GB of address space), bounded in time.
+fn run_limited(env: &Env, recipe: &str, extra: &str) -> std::process::Output {
+    let bin = env!("CARGO_BIN_EXE_qscript");
+    let mut child = Command::new("sh")
+        .current_dir(env.dir.path())
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 4000000; exec '{bin}' recipe/{recipe} {extra}"
+        ))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_mins(2) {
+            child.kill().unwrap();
+            panic!("{recipe} hung");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Sizes no machine holds and deep recursion end in clear errors under a memory limit, never
+/// an abort; a huge record is refused before it is tokenized, with the flag that raises it.
+#[test]
+fn allocation_and_recursion_bombs_end_in_clear_errors() {
+    let env = Env::new();
+    env.write("d.json", r#"[{"instruction": "a", "output": "b"}]"#);
+    for (name, text, want) in [
+        (
+            "tiny",
+            "model::tiny(#{ hidden: 1000000, heads: 4, kv_heads: 2 });\n",
+            "`model::tiny` with hidden 1000000",
+        ),
+        (
+            "rank",
+            "lora::attach(model::tiny(), #{ r: 1000000000 });\n",
+            "LoRA with `r: 1000000000`",
+        ),
+        (
+            "recursion",
+            "fn f(n) { if n == 0 { 0 } else { let m = #{ a: [n] }; 1 + f(n - 1) } }\ndata::load(\"d.json\").map(|r| #{ x: f(100000) });\n",
+            "record 0",
+        ),
+    ] {
+        env.write(&format!("{name}.rhai"), text);
+        let o = run_limited(&env, &format!("{name}.rhai"), "");
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{name}: {err}");
+        assert!(err.contains(want), "{name}: wanted `{want}` in\n{err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("memory allocation"),
+            "{err}"
+        );
+    }
+    let big = "x".repeat(5 << 20);
+    env.write(
+        "big.json",
+        &format!(r#"[{{"instruction": "a", "output": "{big}"}}]"#),
+    );
+    env.write(
+        "big.rhai",
+        "data::sft(data::to_messages(data::load(\"big.json\")), tokenizer::builtin(), #{ max_length: 64 });\n",
+    );
+    let o = run_limited(&env, "big.rhai", "");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("record 0 renders to 524") && err.contains("--max-record-size"),
+        "{err}"
+    );
+    let o = run_limited(&env, "big.rhai", "--max-record-size 8000000");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}

@@ -74,6 +74,9 @@ struct RunArgs {
     /// The most instructions one chat-template render may run (0 = no limit).
     #[arg(long, value_name = "N", default_value_t = qscript_stdlib::DEFAULT_MAX_TEMPLATE_STEPS)]
     max_template_steps: u64,
+    /// The most bytes of rendered text one record may have in `data::sft` (0 = no limit).
+    #[arg(long, value_name = "BYTES", default_value_t = qscript_stdlib::DEFAULT_MAX_RECORD_SIZE)]
+    max_record_size: usize,
 }
 
 fn parse_set(s: &str) -> Result<(String, String), String> {
@@ -162,6 +165,7 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
     opts.max_operations = args.max_operations;
     opts.max_value_size = args.max_value_size;
     opts.max_template_steps = args.max_template_steps;
+    opts.max_record_bytes = args.max_record_size;
     let mut session = match Session::new(&opts, Arc::new(StdSink)) {
         Ok(s) => s,
         Err(e) => {

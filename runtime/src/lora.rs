@@ -168,6 +168,18 @@ pub fn linears(model: &Model) -> Vec<(String, &Linear)> {
 pub fn attach(model: &Model, cfg: &LoraConfig, seed: u64) -> Result<Model> {
     cfg.validate()?;
     check_targets(model, &cfg.target_modules)?;
+    // A rank no machine holds is an error here, not a failed allocation.
+    let mut elems = 0f64;
+    for (path, lin) in linears(model) {
+        if is_target(&cfg.target_modules, &path)? {
+            elems += (cfg.r as f64) * (lin.in_features() + lin.out_features()) as f64;
+        }
+    }
+    crate::plan::memory::check_fits(
+        elems * 4.0 * 2.0,
+        model.decoder.device(),
+        &format!("LoRA with `r: {}` ({elems:.3e} adapter parameters)", cfg.r),
+    )?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut out = model.clone();
     out.lora = None;

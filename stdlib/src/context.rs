@@ -100,6 +100,8 @@ pub struct RunOptions {
     pub max_value_size: usize,
     /// The most instructions one chat-template render may run (0 = none).
     pub max_template_steps: u64,
+    /// The most bytes of rendered text one record may have in `data::sft` (0 = none).
+    pub max_record_bytes: usize,
 }
 
 impl RunOptions {
@@ -115,6 +117,7 @@ impl RunOptions {
             max_operations: DEFAULT_MAX_OPERATIONS,
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
             max_template_steps: qscript_runtime::chat_template::DEFAULT_FUEL,
+            max_record_bytes: qscript_runtime::data::sft::DEFAULT_MAX_RECORD_BYTES,
         }
     }
 }
@@ -197,6 +200,8 @@ pub struct RunContext {
     /// training and generation check their options without computing, writes go to the
     /// sandbox's overlay, data functions show what they would feed the model.
     pub check_mode: std::sync::atomic::AtomicBool,
+    /// `--max-record-size`.
+    pub max_record_bytes: usize,
     /// Models without weights "saved" during a dry run, by the directory they would be in, so
     /// a later `model::load` of it gets them back.
     pub(crate) dry_models: Mutex<HashMap<PathBuf, crate::handles::ModelHandle>>,
@@ -229,6 +234,7 @@ impl RunContext {
             functions: Mutex::new(rhai::AST::empty()),
             check_mode: std::sync::atomic::AtomicBool::new(false),
             dry_models: Mutex::new(HashMap::new()),
+            max_record_bytes: opts.max_record_bytes,
             stream_by_default: std::sync::atomic::AtomicBool::new(false),
         })
     }

@@ -46,3 +46,6 @@ pub use session::{RunReport, ScriptError, Session};
 
 /// The default of `--max-template-steps`.
 pub const DEFAULT_MAX_TEMPLATE_STEPS: u64 = qscript_runtime::chat_template::DEFAULT_FUEL;
+
+/// The default of `--max-record-size`.
+pub const DEFAULT_MAX_RECORD_SIZE: usize = qscript_runtime::data::sft::DEFAULT_MAX_RECORD_BYTES;

@@ -24,7 +24,14 @@ pub struct SftOptions {
     pub train_on: String,
     /// `model` (the tokenizer's chat template) or a Jinja template.
     pub template: String,
+    /// The most bytes of rendered text one record may have (the tokenizer holds a record's
+    /// whole text and its tokens at once; 0: no limit). The run's `--max-record-size`.
+    #[serde(skip)]
+    pub max_record_bytes: usize,
 }
+
+/// The default of [`SftOptions::max_record_bytes`]: 4 MiB, a million tokens or so.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 4 << 20;
 
 impl Default for SftOptions {
     fn default() -> Self {
@@ -32,6 +39,7 @@ impl Default for SftOptions {
             max_length: 1024,
             train_on: "assistant".into(),
             template: "model".into(),
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
         }
     }
 }
@@ -149,6 +157,14 @@ pub fn sft(ds: &Dataset, tok: &Tokenizer, opts: &SftOptions) -> Result<SftReport
         .map(|(i, r)| {
             let segs = segments(tok, template, r, &opts.train_on)
                 .map_err(|m| Error::InvalidArgument(format!("`{}`: record {i}: {m}", ds.source)))?;
+            let bytes: usize = segs.iter().map(|(t, _)| t.len()).sum();
+            if opts.max_record_bytes > 0 && bytes > opts.max_record_bytes {
+                return Err(Error::InvalidArgument(format!(
+                    "`{}`: record {i} renders to {bytes} bytes of text, over the limit of {} a \
+                     record (examples are cut to {} tokens anyway); `--max-record-size N` raises it",
+                    ds.source, opts.max_record_bytes, opts.max_length
+                )));
+            }
             encode_segments(tok, &segs)
         })
         .collect();

@@ -124,6 +124,18 @@ pub fn tiny(t: &TinyConfig) -> Result<Model> {
     };
     let device = opts.resolve_device()?;
     let dtype = opts.resolve_dtype(&device)?;
+    cfg.validate().map_err(Error::InvalidArgument)?;
+    // Sizes no machine holds are an error here, not a failed allocation: the f32 weights are
+    // made on the CPU first, then the model's copy in its dtype.
+    let params = crate::plan::memory::param_count(&cfg);
+    crate::plan::memory::check_fits(
+        params * (4.0 + dtype.size_in_bytes() as f64),
+        &Device::Cpu,
+        &format!(
+            "`model::tiny` with hidden {}, {} layers, intermediate {} and vocab {} ({params:.3e} parameters)",
+            cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
+        ),
+    )?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(t.seed);
     let normal = Normal::new(0f32, 0.02).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let embed_normal =

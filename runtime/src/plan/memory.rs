@@ -229,6 +229,27 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
     })
 }
 
+/// An error unless `bytes` fit in what `device` has free (a GPU's free memory, the system's
+/// available memory for the CPU): `what` would otherwise abort the process on a failed
+/// allocation.
+pub fn check_fits(bytes: f64, device: &candle_core::Device, what: &str) -> Result<()> {
+    let (free, name) = match crate::device::memory(device) {
+        Some((used, total)) => (total.saturating_sub(used), "free on the GPU"),
+        None => match crate::device::host_available() {
+            Some(a) => (a, "available on this machine"),
+            None => return Ok(()),
+        },
+    };
+    if !bytes.is_finite() || bytes > free as f64 {
+        return Err(Error::InvalidArgument(format!(
+            "{what} needs {} and {} is {name}",
+            human(bytes),
+            human(free as f64)
+        )));
+    }
+    Ok(())
+}
+
 /// `1.25 GiB`, `512.0 MiB`, `3.1 PiB`.
 pub fn human(bytes: f64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];

@@ -123,7 +123,8 @@ pub fn plan(
             .count()
     });
     let workload = Workload {
-        tokens: cfg.per_device_train_batch_size * longest,
+        // A micro-batch holds at most every example.
+        tokens: cfg.per_device_train_batch_size.min(train.len()) * longest,
         gradient_checkpointing: cfg.gradient_checkpointing,
         trainable: if model.trainable {
             Trainable::Full
@@ -135,7 +136,14 @@ pub fn plan(
         gpu: device.is_cuda(),
     };
     let estimate = memory::estimate(model.config(), model.decoder.dtype(), &workload)?;
-    let budget = crate::device::memory(&device).map(|(used, total)| total.saturating_sub(used));
+    let budget = crate::device::memory(&device)
+        .map(|(used, total)| total.saturating_sub(used))
+        .or_else(|| {
+            device
+                .is_cpu()
+                .then(crate::device::host_available)
+                .flatten()
+        });
     let epochs = if cfg.max_steps > 0 {
         total.div_ceil(steps_per_epoch) as f64
     } else {

@@ -542,7 +542,8 @@ pub mod data_module {
         opts: Map,
     ) -> Res<DatasetHandle> {
         let rc = RunContext::of(&ctx)?;
-        let o: SftOptions = from_options(&ctx, "data::sft", opts)?;
+        let mut o: SftOptions = from_options(&ctx, "data::sft", opts)?;
+        o.max_record_bytes = rc.max_record_bytes;
         let Data::Records(records) = &*ds.0 else {
             return Err(at(
                 &ctx,
