@@ -55,6 +55,14 @@ fn each_mistake_fails_check_with_a_clear_message() {
         "{err}"
     );
     assert!(err.contains("check:   total"), "{err}");
+    let out = stdout(&o);
+    for topic in ["data", "model", "adapters", "steps", "memory", "plan"] {
+        assert!(
+            out.contains(&format!("\n  {topic:<9} ")),
+            "summary line `{topic}` in\n{out}"
+        );
+    }
+    assert!(out.contains("  steps     2 ("), "{out}");
     assert!(!err.contains("Running training"), "{err}");
     std::fs::create_dir(env.recipe_dir().join("models/empty")).unwrap();
     let cases: [(&str, &str, &str, &str); 8] = [

@@ -29,6 +29,19 @@ pub enum Targets {
     Pattern(String),
 }
 
+/// As a script writes it: `["q_proj", "v_proj"]` or `"all-linear"`.
+impl std::fmt::Display for Targets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Targets::Names(n) => {
+                let quoted: Vec<String> = n.iter().map(|x| format!("{x:?}")).collect();
+                write!(f, "[{}]", quoted.join(", "))
+            }
+            Targets::Pattern(p) => write!(f, "{p:?}"),
+        }
+    }
+}
+
 impl Default for Targets {
     fn default() -> Self {
         Targets::Names(vec!["q_proj".into(), "v_proj".into()])
@@ -206,7 +219,7 @@ pub fn attach(model: &Model, cfg: &LoraConfig, seed: u64) -> Result<Model> {
     if count == 0 {
         let modules: Vec<&str> = Proj::ALL.iter().map(|p| p.short()).collect();
         return Err(Error::InvalidArgument(format!(
-            "`target_modules` {:?} matches no module; this model's linear layers are {}",
+            "`target_modules` {} matches no module; this model's linear layers are {}",
             cfg.target_modules,
             modules.join(", ")
         )));

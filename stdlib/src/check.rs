@@ -19,6 +19,13 @@ pub fn check_and_run(session: &mut Session, path: &Path) -> Result<String, Scrip
     if let Some(e) = report.error {
         return Err(e);
     }
+    let facts = std::mem::take(&mut *crate::context::lock(&session.context().check_facts));
+    if !facts.is_empty() {
+        let _ = write!(out, "\nsummary:");
+        for (topic, fact) in &facts {
+            let _ = write!(out, "\n  {topic:<9} {fact}");
+        }
+    }
     let _ = write!(
         out,
         "\nran all {} cells as a dry run: no weights read, nothing trained or generated, nothing written under the output dir",

@@ -202,6 +202,9 @@ pub struct RunContext {
     pub check_mode: std::sync::atomic::AtomicBool,
     /// `--max-record-size`.
     pub max_record_bytes: usize,
+    /// What a dry run found, by topic (`data`, `model`, `adapters`, `steps`, `memory`, `plan`),
+    /// for `qscript check`'s summary; the latest fact of a topic wins.
+    pub(crate) check_facts: Mutex<Vec<(String, String)>>,
     /// Models without weights "saved" during a dry run, by the directory they would be in, so
     /// a later `model::load` of it gets them back.
     pub(crate) dry_models: Mutex<HashMap<PathBuf, crate::handles::ModelHandle>>,
@@ -235,6 +238,7 @@ impl RunContext {
             check_mode: std::sync::atomic::AtomicBool::new(false),
             dry_models: Mutex::new(HashMap::new()),
             max_record_bytes: opts.max_record_bytes,
+            check_facts: Mutex::new(Vec::new()),
             stream_by_default: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -249,6 +253,18 @@ impl RunContext {
     /// Whether this is a dry run (`qscript check`).
     pub fn checking(&self) -> bool {
         self.check_mode.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records a fact for `qscript check`'s summary (during a dry run only).
+    pub fn check_fact(&self, topic: &str, fact: String) {
+        if !self.checking() {
+            return;
+        }
+        let mut facts = lock(&self.check_facts);
+        match facts.iter_mut().find(|(t, _)| t == topic) {
+            Some(slot) => slot.1 = fact,
+            None => facts.push((topic.to_string(), fact)),
+        }
     }
 
     /// Whether `--set` overrides the param `key`.

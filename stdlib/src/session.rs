@@ -339,6 +339,7 @@ impl Session {
         self.ctx
             .check_mode
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        lock(&self.ctx.check_facts).clear();
         let report = self.run_range(0, usize::MAX);
         self.ctx
             .check_mode

@@ -571,6 +571,23 @@ pub mod data_module {
             ));
         }
         if rc.check_mode.load(std::sync::atomic::Ordering::Relaxed) {
+            let longest = r
+                .examples
+                .iter()
+                .map(|e| e.input_ids.len())
+                .max()
+                .unwrap_or(0);
+            rc.check_fact(
+                "data",
+                format!(
+                    "{} examples from `{}` (longest {longest} tokens, {} cut at {}, {} dropped)",
+                    r.examples.len(),
+                    records.source,
+                    r.truncated,
+                    o.max_length,
+                    r.dropped
+                ),
+            );
             for (k, ex) in r.examples.iter().take(2).enumerate() {
                 rc.sink.out(&format!(
                     "check: example {k} (record {}), {} tokens, learned spans in [[...]]:",

@@ -79,6 +79,16 @@ pub mod lora_module {
             ..LoraConfig::default()
         };
         let m = rt::attach(&model.0, &cfg, o.seed).map_err(to_rhai_at(&ctx))?;
+        RunContext::of(&ctx)?.check_fact(
+            "adapters",
+            format!(
+                "LoRA r={} alpha={} on {}: {}",
+                cfg.r,
+                cfg.lora_alpha,
+                cfg.target_modules,
+                rt::trainable_parameters(&m)
+            ),
+        );
         Ok(ModelHandle(Arc::new(m)))
     }
 

@@ -194,6 +194,7 @@ fn load_shapes(
         "check: model `{}`: {m}; weights not read",
         rc.sandbox.shown(dir).display()
     ));
+    rc.check_fact("model", format!("{m} (headers only)"));
     Ok(ModelHandle(std::sync::Arc::new(m)))
 }
 
@@ -372,9 +373,9 @@ pub mod model_module {
     #[rhai_fn(name = "tiny", return_raw)]
     pub fn tiny_with(ctx: NativeCallContext, opts: Map) -> Res<ModelHandle> {
         let cfg: TinyConfig = from_options(&ctx, "model::tiny", opts)?;
-        Ok(ModelHandle(Arc::new(
-            make_tiny(&cfg).map_err(to_rhai_at(&ctx))?,
-        )))
+        let m = make_tiny(&cfg).map_err(to_rhai_at(&ctx))?;
+        RunContext::of(&ctx)?.check_fact("model", format!("{m} (built-in, random weights)"));
+        Ok(ModelHandle(Arc::new(m)))
     }
 
     /// The default tiny model (Qwen2 layout, hidden 64, 2 layers, seed 0).

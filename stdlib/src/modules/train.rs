@@ -398,6 +398,38 @@ fn show_plan(rc: &RunContext, what: &str, plan: &qscript_runtime::train::plan::R
     for line in plan.to_string().lines() {
         rc.sink.err(&format!("check: {line}"));
     }
+    let human = |b: u64| qscript_runtime::plan::memory::human(b as f64);
+    rc.check_fact(
+        "steps",
+        format!(
+            "{} ({} an epoch x {} epochs; {} examples a step = {} x {} device{} x {})",
+            plan.total_steps,
+            plan.steps_per_epoch,
+            plan.epochs,
+            plan.total_batch(),
+            plan.batch,
+            plan.devices,
+            if plan.devices == 1 { "" } else { "s" },
+            plan.accumulation
+        ),
+    );
+    rc.check_fact(
+        "memory",
+        format!(
+            "{} on {}{}",
+            human(plan.memory.total()),
+            plan.device,
+            plan.budget
+                .map_or_else(String::new, |b| format!(" ({} free)", human(b)))
+        ),
+    );
+    rc.check_fact(
+        "plan",
+        match &plan.placement {
+            None => format!("all {} layers on {}", plan.layers, plan.device),
+            Some((p, _)) => p.to_string().replace('\n', "; "),
+        },
+    );
 }
 
 /// A step-at-a-time trainer (`Trainer` in scripts).
