@@ -180,7 +180,7 @@ assert(io::read_text(p) == "hello");
 io::write_text("mine.json", `[{"instruction": "x", "output": "y"}, {"instruction": "z", "output": "w"}]`);
 let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/mine.json")), tok);
 let full = model::load("models/m", #{ trainable: true });
-let trained = train::fit(full, ds, #{ max_steps: 1 });
+let trained = train::fit(full, ds, #{ max_steps: 1, auto_micro_batch: false });
 trained.save("final", tok);
 let again = model::load(io::output_dir() + "/final");
 assert(again.num_params == full.num_params);

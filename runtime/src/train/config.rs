@@ -58,8 +58,10 @@ pub struct TrainConfig {
     pub max_length: Option<usize>,
     /// Run an accumulation window's micro-batches as fewer, larger ones: the same gradients (the
     /// loss is normalised over the window's tokens and dropout masks are keyed per example), far
-    /// fewer kernel launches at small batch sizes. Unset: on a GPU, as far as the memory measured
-    /// in the first step allows; `true`: the whole window at once; `false`: never.
+    /// fewer kernel launches at small batch sizes. Unset: on a GPU, each pass just large enough
+    /// to keep the GPU busy and within the memory measured in the first step; `true`: the whole
+    /// window at once; `false`: never. Also spelled `auto_micro_batch`.
+    #[serde(alias = "auto_micro_batch")]
     pub merge_micro_batches: Option<bool>,
     /// Seed of the data order and of new adapters.
     pub seed: u64,

@@ -80,6 +80,22 @@ impl MergePolicy {
         }
     }
 
+    /// What the policy will do, for the plan.
+    pub fn describe(&self, gpu: bool) -> String {
+        match self.mode {
+            Some(true) => {
+                "each accumulation window as one pass (`merge_micro_batches: true`)".into()
+            }
+            Some(false) => "as written (`merge_micro_batches: false`)".into(),
+            None if gpu => format!(
+                "merged into passes of up to {} padded tokens where memory allows \
+                 (same gradients; `merge_micro_batches: false` to run them as written)",
+                self.max_tokens
+            ),
+            None => "as written (merging is for GPUs)".into(),
+        }
+    }
+
     /// Before a step: whether this step measures (the first on a GPU when merging is automatic).
     pub fn before_step(&mut self, device: &Device) {
         if self.mode.is_none() && self.measured.is_none() {

@@ -48,6 +48,8 @@ pub struct RunPlan {
     pub budget: Option<u64>,
     /// Layers.
     pub layers: usize,
+    /// How micro-batches are run (merged or as written).
+    pub micro_batches: String,
     /// With `device_map`: where each module lies, and per device the estimate and its budget.
     pub placement: Option<(crate::plan::Placement, Vec<DeviceNeed>)>,
 }
@@ -181,6 +183,11 @@ pub fn plan(
         budget,
         layers: model.config().num_hidden_layers,
         placement,
+        micro_batches: super::merge::MergePolicy::new(
+            cfg.merge_micro_batches,
+            model.decoder.num_params(),
+        )
+        .describe(device.is_cuda()),
     };
     if plan.placement.is_none()
         && let Some(budget) = plan.budget
@@ -282,6 +289,9 @@ impl fmt::Display for RunPlan {
             if self.devices == 1 { "" } else { "s" },
             self.accumulation
         )?;
+        if self.accumulation > 1 {
+            writeln!(f, "micro-batches: {}", self.micro_batches)?;
+        }
         if let Some(p) = &self.resume_from {
             writeln!(f, "resume from: {}", p.display())?;
         }
