@@ -471,3 +471,48 @@ fn growing_values_hit_a_size_limit_the_user_can_raise() {
         );
     }
 }
+
+/// A null field says it is null (not missing); a chat template that fails names its file, not
+/// the dataset alone.
+#[test]
+fn null_fields_and_template_failures_are_named() {
+    let env = Env::new();
+    env.write("n.json", r#"[{"instruction": "a", "output": null}]"#);
+    env.write("n.rhai", "data::to_messages(data::load(\"n.json\"));\n");
+    let o = run_in(env.dir.path(), &["recipe/n.rhai"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("record 0 (alpaca): `output` is null, expected a string"),
+        "{}",
+        stderr(&o)
+    );
+    env.write("save.rhai", "tokenizer::builtin().save(\"bt\");\n");
+    let saved = env.dir.path().join("saved");
+    let o = run_in(
+        env.dir.path(),
+        &["recipe/save.rhai", "--output-dir", saved.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let tok = env.recipe_dir().join("tok");
+    std::fs::create_dir(&tok).unwrap();
+    std::fs::copy(saved.join("bt/tokenizer.json"), tok.join("tokenizer.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(saved.join("bt/tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    cfg["chat_template"] =
+        "{% for m in messages %}{{ m.content | nosuchfilter }}{% endfor %}".into();
+    std::fs::write(tok.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    env.write("ok.json", r#"[{"instruction": "a", "output": "b"}]"#);
+    env.write(
+        "t.rhai",
+        "data::sft(data::to_messages(data::load(\"ok.json\")), tokenizer::load(\"tok\"));\n",
+    );
+    let o = run_in(env.dir.path(), &["recipe/t.rhai"]);
+    let err = env.filter(&stderr(&o));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err.contains("error[template]: chat template: `[TMP]/recipe/tok/tokenizer_config.json` fails on record 0 of `[TMP]/recipe/ok.json`: unknown filter"),
+        "{err}"
+    );
+}

@@ -80,6 +80,8 @@ pub struct Tokenizer {
     pub chat_template: Option<String>,
     /// True when the config had no pad token and eos stands in for it (as seed recipes do).
     pub pad_is_eos_fallback: bool,
+    /// The file the chat template came from (`tokenizer_config.json` or `chat_template.jinja`).
+    pub template_source: Option<std::path::PathBuf>,
 }
 
 impl Tokenizer {
@@ -101,6 +103,7 @@ impl Tokenizer {
         } else {
             TokenizerConfig::default()
         };
+        let mut source = cfg.chat_template.is_some().then(|| cfg_path.clone());
         let mut chat_template = match cfg.chat_template {
             Some(TemplateSpec::One(t)) => Some(t),
             Some(TemplateSpec::Named(v)) => v
@@ -113,15 +116,18 @@ impl Tokenizer {
         let jinja = dir.join("chat_template.jinja");
         if chat_template.is_none() && jinja.is_file() {
             chat_template = Some(crate::error::read_text(&jinja)?);
+            source = Some(jinja);
         }
-        Ok(Self::assemble(
+        let mut tok = Self::assemble(
             inner,
             cfg.bos_token.map(TokenSpec::text),
             cfg.eos_token.map(TokenSpec::text),
             cfg.pad_token.map(TokenSpec::text),
             cfg.unk_token.map(TokenSpec::text),
             chat_template,
-        ))
+        );
+        tok.template_source = source;
+        Ok(tok)
     }
 
     fn assemble(
@@ -142,6 +148,7 @@ impl Tokenizer {
             unk_token,
             chat_template,
             pad_is_eos_fallback,
+            template_source: None,
         }
     }
 

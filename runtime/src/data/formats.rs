@@ -195,7 +195,8 @@ pub fn to_messages(ds: &Dataset, opts: &FormatOptions) -> Result<Converted> {
 fn text_field(r: &Value, key: &str, required: bool) -> std::result::Result<Option<String>, String> {
     match r.get(key) {
         None | Some(Value::Null) if !required => Ok(None),
-        None | Some(Value::Null) => Err(format!("missing field `{key}`")),
+        None => Err(format!("missing field `{key}`")),
+        Some(Value::Null) => Err(format!("`{key}` is null, expected a string")),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(other) => Err(format!("`{key}` is {}, expected a string", kind(other))),
     }

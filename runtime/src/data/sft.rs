@@ -75,7 +75,7 @@ pub fn segments(
     template: Option<&str>,
     record: &Value,
     train_on: &str,
-) -> std::result::Result<Vec<(String, bool)>, String> {
+) -> std::result::Result<Vec<(String, bool)>, SegmentError> {
     let messages = record
         .get("messages")
         .and_then(Value::as_array)
@@ -84,18 +84,22 @@ pub fn segments(
         Some(t) => [("tools".to_string(), t.clone())].into_iter().collect(),
         None => serde_json::Map::new(),
     };
-    let render = |upto: usize, generation_prompt: bool| -> std::result::Result<String, String> {
-        let msgs = Value::Array(messages[..upto].to_vec());
-        let opts = TemplateOptions {
-            add_generation_prompt: generation_prompt,
-            extra: extra.clone(),
+    let render =
+        |upto: usize, generation_prompt: bool| -> std::result::Result<String, SegmentError> {
+            let msgs = Value::Array(messages[..upto].to_vec());
+            let opts = TemplateOptions {
+                add_generation_prompt: generation_prompt,
+                extra: extra.clone(),
+            };
+            match template {
+                None => tok.apply_chat_template(&msgs, &opts),
+                Some(t) => tok.render_template(t, &msgs, &opts),
+            }
+            .map_err(|e| match e {
+                Error::Template(m) => SegmentError::Template(m),
+                other => SegmentError::Data(other.to_string()),
+            })
         };
-        match template {
-            None => tok.apply_chat_template(&msgs, &opts),
-            Some(t) => tok.render_template(t, &msgs, &opts),
-        }
-        .map_err(|e| e.to_string())
-    };
     let assistant: Vec<usize> = messages
         .iter()
         .enumerate()
@@ -120,16 +124,39 @@ pub fn segments(
             prompt.strip_prefix(done.as_str()),
             full.starts_with(&prompt),
         ) else {
-            return Err(format!(
+            return Err(SegmentError::Data(format!(
                 "the chat template does not render message {i} as an extension of the messages before it; \
                  use `train_on: \"last_assistant\"` or a custom `template`"
-            ));
+            )));
         };
         out.push((p.to_string(), false));
         out.push((full[prompt.len()..].to_string(), true));
         done = full;
     }
     Ok(out)
+}
+
+/// Why a record gave no segments: its data, or the chat template.
+#[derive(Debug)]
+pub enum SegmentError {
+    /// The record (a message to prefix with the dataset and record).
+    Data(String),
+    /// The template failed to render.
+    Template(String),
+}
+
+impl From<&str> for SegmentError {
+    fn from(m: &str) -> Self {
+        Self::Data(m.to_string())
+    }
+}
+
+impl std::fmt::Display for SegmentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Data(m) | Self::Template(m) => f.write_str(m),
+        }
+    }
 }
 
 /// Tokenizes every conversation of `ds` (records with `messages`).
@@ -155,8 +182,21 @@ pub fn sft(ds: &Dataset, tok: &Tokenizer, opts: &SftOptions) -> Result<SftReport
         .par_iter()
         .enumerate()
         .map(|(i, r)| {
-            let segs = segments(tok, template, r, &opts.train_on)
-                .map_err(|m| Error::InvalidArgument(format!("`{}`: record {i}: {m}", ds.source)))?;
+            let segs = segments(tok, template, r, &opts.train_on).map_err(|e| match e {
+                SegmentError::Data(m) => {
+                    Error::InvalidArgument(format!("`{}`: record {i}: {m}", ds.source))
+                }
+                // The template is at fault, not the record: name where it came from.
+                SegmentError::Template(m) => Error::Template(format!(
+                    "{} fails on record {i} of `{}`: {m}",
+                    match (template, &tok.template_source) {
+                        (Some(_), _) => "the `template` option of `data::sft`".to_string(),
+                        (None, Some(p)) => format!("`{}`", p.display()),
+                        (None, None) => "the tokenizer's".to_string(),
+                    },
+                    ds.source
+                )),
+            })?;
             let bytes: usize = segs.iter().map(|(t, _)| t.len()).sum();
             if opts.max_record_bytes > 0 && bytes > opts.max_record_bytes {
                 return Err(Error::InvalidArgument(format!(
