@@ -516,3 +516,43 @@ fn null_fields_and_template_failures_are_named() {
         "{err}"
     );
 }
+
+/// A chat template that cannot render tool calls does not train empty assistant turns: the
+/// turns are left untrained and a warning counts them; Qwen2.5's template renders them.
+#[test]
+fn tool_calls_a_template_cannot_render_are_counted_not_trained() {
+    let Some(fx) = qscript_runtime::testing::fixtures_dir("the glaive tool-call demo") else {
+        return;
+    };
+    let env = Env::new();
+    std::fs::copy(
+        fx.join("datasets/llamafactory/glaive_toolcall_en_demo.json"),
+        env.recipe_dir().join("g.json"),
+    )
+    .unwrap();
+    let q = env.recipe_dir().join("qwen");
+    std::fs::create_dir(&q).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fx.join("tokenizers/qwen2.5").join(f), q.join(f)).unwrap();
+    }
+    env.write(
+        "t.rhai",
+        r#"let ds = data::to_messages(data::load("g.json"));
+let a = data::sft(ds, tokenizer::builtin(), #{ max_length: 4096 });
+print("qwen");
+let b = data::sft(ds, tokenizer::load("qwen"), #{ max_length: 4096 });
+"#,
+    );
+    let o = run_in(env.dir.path(), &["recipe/t.rhai"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("warning: the tokenizer's chat template does not render tool calls: 211 assistant turns with tool calls are not trained"),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("does not render tool calls").count(),
+        1,
+        "{err}"
+    );
+}

@@ -67,6 +67,41 @@ pub struct SftReport {
     pub truncated: usize,
     /// How many were dropped because no label was left after truncation.
     pub dropped: usize,
+    /// Assistant turns whose tool calls the chat template did not render (not trained: they
+    /// would teach an empty turn).
+    pub tool_turns_dropped: usize,
+    /// Records whose `tools` list the chat template did not render.
+    pub tools_ignored: usize,
+}
+
+/// The text of one conversation in segments marked trainable or not, and what the chat
+/// template failed to render.
+#[derive(Clone, Debug, Default)]
+pub struct Segments {
+    /// `(text, trainable)` in order.
+    pub parts: Vec<(String, bool)>,
+    /// Assistant turns with tool calls whose function names are not in their rendered text
+    /// (kept as context, not trained).
+    pub tool_turns_dropped: usize,
+    /// The record has a `tools` list and the rendering names none of its tools.
+    pub tools_ignored: bool,
+}
+
+/// The function names of a message's `tool_calls` (or of a `tools` list).
+fn tool_names(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| {
+                    t.get("function")
+                        .unwrap_or(t)
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The text segments of one conversation, each marked trainable or not.
@@ -75,7 +110,7 @@ pub fn segments(
     template: Option<&str>,
     record: &Value,
     train_on: &str,
-) -> std::result::Result<Vec<(String, bool)>, SegmentError> {
+) -> std::result::Result<Segments, SegmentError> {
     let messages = record
         .get("messages")
         .and_then(Value::as_array)
@@ -107,10 +142,16 @@ pub fn segments(
         .map(|(i, _)| i)
         .collect();
     let last = *assistant.last().ok_or("no assistant message")?;
-    if train_on == "all" {
-        return Ok(vec![(render(last + 1, false)?, true)]);
+    let mut out = Segments::default();
+    let tools = tool_names(record.get("tools"));
+    if !tools.is_empty() {
+        let text = render(last + 1, false)?;
+        out.tools_ignored = !tools.iter().any(|t| text.contains(t.as_str()));
     }
-    let mut out = Vec::new();
+    if train_on == "all" {
+        out.parts = vec![(render(last + 1, false)?, true)];
+        return Ok(out);
+    }
     let mut done = String::new();
     let turns: &[usize] = if train_on == "last_assistant" {
         &assistant[assistant.len() - 1..]
@@ -129,8 +170,12 @@ pub fn segments(
                  use `train_on: \"last_assistant\"` or a custom `template`"
             )));
         };
-        out.push((p.to_string(), false));
-        out.push((full[prompt.len()..].to_string(), true));
+        let reply = &full[prompt.len()..];
+        let calls = tool_names(messages[i].get("tool_calls"));
+        let dropped = !calls.is_empty() && !calls.iter().all(|c| reply.contains(c.as_str()));
+        out.tool_turns_dropped += usize::from(dropped);
+        out.parts.push((p.to_string(), false));
+        out.parts.push((reply.to_string(), !dropped));
         done = full;
     }
     Ok(out)
@@ -177,7 +222,7 @@ pub fn sft(ds: &Dataset, tok: &Tokenizer, opts: &SftOptions) -> Result<SftReport
     }
     let template = (opts.template != "model").then_some(opts.template.as_str());
     // Render and tokenize every record in parallel; keep the order, report the first error.
-    let encoded: Vec<Result<Example>> = ds
+    let encoded: Vec<Result<(Example, usize, bool)>> = ds
         .rows
         .par_iter()
         .enumerate()
@@ -197,7 +242,7 @@ pub fn sft(ds: &Dataset, tok: &Tokenizer, opts: &SftOptions) -> Result<SftReport
                     ds.source
                 )),
             })?;
-            let bytes: usize = segs.iter().map(|(t, _)| t.len()).sum();
+            let bytes: usize = segs.parts.iter().map(|(t, _)| t.len()).sum();
             if opts.max_record_bytes > 0 && bytes > opts.max_record_bytes {
                 return Err(Error::InvalidArgument(format!(
                     "`{}`: record {i} renders to {bytes} bytes of text, over the limit of {} a \
@@ -205,12 +250,19 @@ pub fn sft(ds: &Dataset, tok: &Tokenizer, opts: &SftOptions) -> Result<SftReport
                     ds.source, opts.max_record_bytes, opts.max_length
                 )));
             }
-            encode_segments(tok, &segs)
+            Ok((
+                encode_segments(tok, &segs.parts)?,
+                segs.tool_turns_dropped,
+                segs.tools_ignored,
+            ))
         })
         .collect();
     let mut report = SftReport::default();
     for (i, ex) in encoded.into_iter().enumerate() {
-        let ex = truncate(ex?, opts.max_length, &mut report.truncated);
+        let (ex, turns, ignored) = ex?;
+        report.tool_turns_dropped += turns;
+        report.tools_ignored += usize::from(ignored);
+        let ex = truncate(ex, opts.max_length, &mut report.truncated);
         if ex.labels.iter().all(|&l| l == IGNORE) {
             report.dropped += 1;
             continue;

@@ -561,6 +561,19 @@ pub mod data_module {
             o.max_length,
             r.dropped
         ));
+        if r.tool_turns_dropped > 0 || r.tools_ignored > 0 {
+            let via = tok.0.template_source.as_ref().map_or_else(
+                || "the tokenizer's chat template".to_string(),
+                |p| format!("the chat template of `{}`", p.display()),
+            );
+            rc.sink.err(&format!(
+                "warning: {via} does not render tool calls: {} assistant turns with tool calls are \
+                 not trained (they would teach an empty turn) and {} records' `tools` lists are \
+                 left out; use a tokenizer whose template renders tools (Qwen2.5's does) or pass \
+                 `template` to `data::sft`",
+                r.tool_turns_dropped, r.tools_ignored
+            ));
+        }
         if r.examples.is_empty() {
             return Err(at(
                 &ctx,
