@@ -585,3 +585,61 @@ fn a_placed_model_trains_like_the_unplaced_one() {
     let e = Model::load(saved.path(), &opts).unwrap_err().to_string();
     assert!(e.contains("no device for `model.embed_tokens`"), "{e}");
 }
+
+/// `report_to: "tensorboard"` writes an event file TensorBoard reads: parsed back with its
+/// framing checksums, it holds every logged step's `train/loss` and the run's learning rates;
+/// an unknown integration is an error, one qscript does not write is a notice.
+#[test]
+fn tensorboard_event_files_hold_the_logged_scalars() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = examples(8);
+    let c = TrainConfig {
+        report_to: Some(serde_json::json!(["tensorboard"])),
+        ..cfg(dir.path())
+    };
+    let report = run(&peft(1), &data, &c, None);
+    let files: Vec<_> = std::fs::read_dir(dir.path().join("runs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let events = qscript_runtime::train::tensorboard::read_events(&files[0]).unwrap();
+    let losses: Vec<(i64, f32)> = events
+        .iter()
+        .filter_map(|e| {
+            let v = e
+                .summary
+                .as_ref()?
+                .value
+                .iter()
+                .find(|v| v.tag == "train/loss")?;
+            Some((e.step, v.simple_value?))
+        })
+        .collect();
+    assert_eq!(losses.len(), report.losses.len());
+    for ((s, l), (rs, rl)) in losses.iter().zip(&report.losses) {
+        assert_eq!(*s as usize, *rs);
+        assert!((f64::from(*l) - rl).abs() < 1e-5, "step {s}: {l} vs {rl}");
+    }
+    assert!(events.iter().any(|e| {
+        e.summary
+            .as_ref()
+            .is_some_and(|s| s.value.iter().any(|v| v.tag == "train/learning_rate"))
+    }));
+    let bad = TrainConfig {
+        report_to: Some(serde_json::json!("tensorbord")),
+        ..cfg(dir.path())
+    };
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("unknown integration `tensorbord`")
+    );
+    let other = TrainConfig {
+        report_to: Some(serde_json::json!("wandb")),
+        ..cfg(dir.path())
+    };
+    assert!(other.validate().is_ok());
+}

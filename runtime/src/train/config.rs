@@ -83,6 +83,11 @@ pub struct TrainConfig {
     pub early_stopping_patience: Option<usize>,
     /// A checkpoint directory, or `true` for the latest in `output_dir`.
     pub resume_from_checkpoint: Option<serde_json::Value>,
+    /// HF's `report_to`: `"tensorboard"` (or a list holding it) writes TensorBoard event files;
+    /// `"none"` (the default) writes only `metrics.jsonl`.
+    pub report_to: Option<serde_json::Value>,
+    /// Where TensorBoard files go (default `output_dir/runs`, resolved by the caller).
+    pub logging_dir: Option<String>,
 }
 
 impl Default for TrainConfig {
@@ -121,13 +126,69 @@ impl Default for TrainConfig {
             metric_for_best_model: None,
             early_stopping_patience: None,
             resume_from_checkpoint: None,
+            report_to: None,
+            logging_dir: None,
         }
     }
 }
 
+/// Integrations HF's `report_to` knows that qscript does not write (a notice, not an error).
+const OTHER_REPORTERS: [&str; 9] = [
+    "wandb",
+    "mlflow",
+    "comet_ml",
+    "neptune",
+    "clearml",
+    "dvclive",
+    "azure_ml",
+    "codecarbon",
+    "swanlab",
+];
+
 impl TrainConfig {
+    /// Whether `report_to` asks for TensorBoard; names qscript does not write get one notice, an
+    /// unknown name is an error.
+    pub fn tensorboard(&self) -> Result<bool> {
+        let names: Vec<String> = match &self.report_to {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(serde_json::Value::String(s)) => vec![s.clone()],
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_str().map(str::to_string).ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "`report_to` lists {v}; it takes integration names"
+                        ))
+                    })
+                })
+                .collect::<Result<_>>()?,
+            Some(other) => {
+                return Err(Error::InvalidArgument(format!(
+                    "`report_to` is {other}; use `\"tensorboard\"`, `\"none\"` or a list of names"
+                )));
+            }
+        };
+        let mut tb = false;
+        for n in &names {
+            match n.as_str() {
+                "tensorboard" | "all" => tb = true,
+                "none" => {}
+                other if OTHER_REPORTERS.contains(&other) => crate::notice::say(format!(
+                    "note: `report_to: {other}` is not written by qscript (TensorBoard is, with `report_to: \"tensorboard\"`); metrics are in metrics.jsonl"
+                )),
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "`report_to`: unknown integration `{other}`; qscript writes `tensorboard` (or `none`)"
+                    )));
+                }
+            }
+        }
+        Ok(tb)
+    }
+
     /// Checks values and combinations.
     pub fn validate(&self) -> Result<()> {
+        self.tensorboard()?;
         let bad = |m: String| Err(Error::InvalidArgument(m));
         if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
             return bad("`per_device_train_batch_size` and `gradient_accumulation_steps` must be at least 1".into());

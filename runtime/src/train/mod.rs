@@ -10,6 +10,7 @@ pub mod merge;
 pub mod optim;
 pub mod plan;
 pub mod schedule;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use config::TrainConfig;

@@ -203,6 +203,7 @@ pub struct Trainer {
     last_checkpoint: Option<PathBuf>,
     merge: MergePolicy,
     plan: super::plan::RunPlan,
+    tensorboard: Option<super::tensorboard::EventWriter>,
 }
 
 /// What one optimizer step did.
@@ -276,6 +277,15 @@ impl Trainer {
             .append(true)
             .open(&metrics_path)
             .map_err(|e| Error::io(&metrics_path, e))?;
+        let tensorboard = if cfg.tensorboard()? {
+            let dir = cfg
+                .logging_dir
+                .as_ref()
+                .map_or_else(|| out_dir.join("runs"), PathBuf::from);
+            Some(super::tensorboard::EventWriter::create(&dir)?)
+        } else {
+            None
+        };
         let lengths = train.iter().map(|e| e.input_ids.len()).collect();
         let merge = MergePolicy::new(cfg.merge_micro_batches, model.decoder.num_params());
         Ok(Self {
@@ -309,6 +319,7 @@ impl Trainer {
             last_checkpoint: None,
             merge,
             plan,
+            tensorboard,
         })
     }
 
@@ -618,6 +629,9 @@ impl Trainer {
     fn record(&mut self, rec: &serde_json::Value) -> Result<()> {
         writeln!(self.metrics, "{rec}")
             .map_err(|e| Error::io(self.out_dir.join("metrics.jsonl"), e))?;
+        if let Some(tb) = &mut self.tensorboard {
+            tb.log(rec)?;
+        }
         self.state.log_history.push(rec.clone());
         Ok(())
     }

@@ -190,6 +190,10 @@ fn prepare(
     // A dry run plans against the real output dir (its checkpoints, an unfinished run there)
     // and writes nothing to it.
     let out = rc.sandbox.shown(&out);
+    if let Some(dir) = &cfg.logging_dir {
+        let real = rc.resolve_write_dir(dir).map_err(to_rhai_at(ctx))?;
+        cfg.logging_dir = Some(rc.sandbox.shown(&real).to_string_lossy().into_owned());
+    }
     cfg.output_dir = out.to_string_lossy().into_owned();
     // `--resume` wins over an unset or `false` option (a recipe's default), not over a path.
     if matches!(
@@ -539,7 +543,8 @@ pub mod train_module {
     /// of `max_length` tokens, default 1024: no padding, attention never crosses an example,
     /// positions restart per example, the loss is the unpacked one; each row counts as one
     /// example of the batch, as in TRL) and `max_length` (without `packing`, longer examples are
-    /// cut); and qscript's `merge_micro_batches` (unset: on a GPU, run each accumulation window
+    /// cut); HF's `report_to` (`"tensorboard"` writes TensorBoard event files under
+    /// `logging_dir`, default `output_dir/runs`; `"none"`); and qscript's `merge_micro_batches` (unset: on a GPU, run each accumulation window
     /// as fewer, larger micro-batches, each just large enough to keep the GPU busy and within
     /// the memory measured in the first step; the gradients are the same; `true`: each window
     /// as one pass; `false`: as written). Ctrl-C saves a checkpoint and stops.
