@@ -80,6 +80,7 @@ fn the_huanhuan_recipe_trains_saves_and_chats() {
         "adapter/tokenizer.json",
         "metrics.jsonl",
         "loss.svg",
+        "loss.png",
         "training_args.json",
     ] {
         assert!(o_dir.join(f).is_file(), "{f} missing");

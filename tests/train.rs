@@ -118,7 +118,11 @@ fn overfitting_one_batch_drives_the_loss_down() {
             .unwrap(),
         0.0
     );
-    assert!(dir.path().join("metrics.jsonl").is_file() && dir.path().join("loss.svg").is_file());
+    assert!(
+        dir.path().join("metrics.jsonl").is_file()
+            && dir.path().join("loss.svg").is_file()
+            && dir.path().join("loss.png").is_file()
+    );
     let lines = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 60);
 }

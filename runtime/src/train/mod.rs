@@ -9,6 +9,7 @@ pub mod flat;
 pub mod merge;
 pub mod optim;
 pub mod plan;
+pub mod plot;
 pub mod schedule;
 pub mod tensorboard;
 pub mod trainer;

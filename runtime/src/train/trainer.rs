@@ -667,7 +667,7 @@ impl Trainer {
         Ok(path)
     }
 
-    /// Ends the run: restores the best checkpoint if asked, writes `loss.svg`, returns the report.
+    /// Ends the run: restores the best checkpoint if asked, writes the plot (`loss.png`, `loss.svg`), returns the report.
     pub fn finish(mut self, interrupted: bool) -> Result<TrainReport> {
         self.flush()?;
         let mut loaded_best = false;
@@ -685,11 +685,7 @@ impl Trainer {
             .best_model_checkpoint
             .clone()
             .zip(self.state.best_metric);
-        write_plot(
-            &self.out_dir.join("loss.svg"),
-            &self.losses,
-            &self.state.log_history,
-        )?;
+        super::plot::write(&self.out_dir, &self.state.log_history)?;
         let runtime = self.started.elapsed().as_secs_f64().max(1e-9);
         Ok(TrainReport {
             steps: self.state.global_step,
@@ -851,47 +847,4 @@ pub(super) fn resume_dir(cfg: &TrainConfig, out: &Path) -> Result<Option<PathBuf
             "`resume_from_checkpoint` must be a path or `true`, got {other}"
         ))),
     }
-}
-
-/// A small SVG with the step losses and the learning rate.
-fn write_plot(path: &Path, losses: &[(usize, f64)], log: &[serde_json::Value]) -> Result<()> {
-    let (w, h, pad) = (640.0, 320.0, 40.0);
-    let series = |pts: &[(f64, f64)]| -> String {
-        let (xmax, ymin, ymax) = pts
-            .iter()
-            .fold((1.0f64, f64::MAX, f64::MIN), |(x, lo, hi), p| {
-                (x.max(p.0), lo.min(p.1), hi.max(p.1))
-            });
-        let span = (ymax - ymin).max(1e-12);
-        pts.iter()
-            .map(|(x, y)| {
-                format!(
-                    "{:.1},{:.1}",
-                    pad + x / xmax * (w - 2.0 * pad),
-                    h - pad - (y - ymin) / span * (h - 2.0 * pad)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let loss_pts: Vec<(f64, f64)> = losses.iter().map(|&(s, l)| (s as f64, l)).collect();
-    let lr_pts: Vec<(f64, f64)> = log
-        .iter()
-        .filter_map(|r| Some((r.get("step")?.as_f64()?, r.get("learning_rate")?.as_f64()?)))
-        .collect();
-    let (first, last) = (
-        loss_pts.first().map_or(0.0, |p| p.1),
-        loss_pts.last().map_or(0.0, |p| p.1),
-    );
-    let svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\
-<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\
-<text x=\"{pad}\" y=\"20\">loss {first:.4} → {last:.4} over {} steps (blue); learning rate (orange, own scale)</text>\
-<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\
-<polyline fill=\"none\" stroke=\"#ff7f0e\" stroke-width=\"1\" points=\"{}\"/></svg>\n",
-        loss_pts.len(),
-        series(&loss_pts),
-        series(&lr_pts)
-    );
-    crate::sandbox::write_atomic(path, svg.as_bytes())
 }
