@@ -418,3 +418,25 @@ fn completion_after_a_dot_offers_the_methods_of_the_variables_type() {
     let (_, fit) = qscript_stdlib::repl::complete(s.functions(), &vars, "train::fi", 9);
     assert_eq!(fit, ["train::fit"]);
 }
+
+/// `:load FILE` resolves the recipe's relative paths against its own directory, as running it
+/// from the command line does; a failed cell is reported as failed.
+#[test]
+fn load_resolves_relative_paths_against_the_recipes_directory() {
+    let env = Env::new();
+    let sub = env.recipe_dir().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::write(sub.join("words.txt"), "hello from sub").unwrap();
+    std::fs::write(
+        sub.join("r.rhai"),
+        "let t = io::read_text(\"words.txt\");\nprint(t);\n// %% second\nio::read_text(\"missing.txt\");\n",
+    )
+    .unwrap();
+    let mut s = env.session();
+    let report = s.load_file(&sub.join("r.rhai")).unwrap();
+    let out = env.sink.take();
+    assert!(out.contains("hello from sub"), "{out}");
+    let e = report.error.expect("the second cell fails");
+    assert_eq!(report.ran.len(), 2, "both cells ran, the second failed");
+    assert!(e.rendered.contains("missing.txt"), "{}", e.rendered);
+}

@@ -16,7 +16,8 @@ use crate::{Error, Result};
 /// Where a recipe may read and write.
 #[derive(Clone, Debug)]
 pub struct Sandbox {
-    base: PathBuf,
+    /// Where relative reads resolve (the running recipe's directory; `:load` moves it).
+    base: Arc<Mutex<PathBuf>>,
     output: PathBuf,
     read_roots: Vec<PathBuf>,
     /// The dry run's overlay of the output directory (see the module doc).
@@ -38,7 +39,7 @@ impl Sandbox {
             read_roots.push(c);
         }
         Ok(Self {
-            base,
+            base: Arc::new(Mutex::new(base)),
             output,
             read_roots,
             overlay: Arc::new(Mutex::new(None)),
@@ -79,8 +80,25 @@ impl Sandbox {
     }
 
     /// The directory relative reads resolve against (the recipe's).
-    pub fn base(&self) -> &Path {
-        &self.base
+    pub fn base(&self) -> PathBuf {
+        self.base
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Makes `dir` (a recipe's directory, which must be readable) where relative reads resolve,
+    /// as running that recipe from the command line does.
+    pub fn set_base(&self, dir: &Path) -> Result<()> {
+        let real = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+        if !self.read_roots.iter().any(|r| real.starts_with(r)) {
+            return Err(self.refuse_read(dir));
+        }
+        *self
+            .base
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = real;
+        Ok(())
     }
 
     /// The run's output directory (absolute; it may not exist yet).
@@ -94,7 +112,7 @@ impl Sandbox {
     /// and an existing one get the same refusal, so a recipe cannot probe what exists there.
     pub fn resolve_read(&self, path: impl AsRef<Path>) -> Result<PathBuf> {
         let path = path.as_ref();
-        let joined = self.base.join(path);
+        let joined = self.base().join(path);
         let target = normalize(&joined);
         if let Some(o) = self.in_overlay(&target)
             && std::fs::symlink_metadata(&o).is_ok()
@@ -208,8 +226,9 @@ impl Sandbox {
                 out.display()
             ))
         };
-        if let Ok(rel) = out.strip_prefix(&self.base) {
-            let mut p = self.base.clone();
+        let base = self.base();
+        if let Ok(rel) = out.strip_prefix(&base) {
+            let mut p = base.clone();
             for c in rel.components() {
                 p.push(c);
                 if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {

@@ -95,10 +95,11 @@ impl ModuleResolver for SandboxedResolver {
         path: &str,
         pos: Position,
     ) -> Result<Shared<Module>, Box<EvalAltResult>> {
+        let base = self.ctx.sandbox.base();
         let dir = source
             .and_then(|s| Path::new(s).parent())
             .filter(|p| p.is_absolute())
-            .unwrap_or(self.ctx.sandbox.base());
+            .unwrap_or(&base);
         let mut file = dir.join(path);
         if file.extension().is_none() {
             file.set_extension("rhai");

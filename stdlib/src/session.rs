@@ -252,6 +252,13 @@ impl Session {
             source,
             cells,
         } = self.compile_file(path)?;
+        // The recipe's relative paths resolve against its own directory, as `qscript FILE` does.
+        if let Some(dir) = path.parent() {
+            self.ctx
+                .sandbox
+                .set_base(dir)
+                .map_err(|e| plain_error(&format!("error[sandbox]: {e}")))?;
+        }
         let mut fresh: Vec<_> = cells
             .into_iter()
             .map(|(cell, ast)| CellState::fresh(cell, ast))
