@@ -326,6 +326,19 @@ fn allocation_and_recursion_bombs_end_in_clear_errors() {
             "{err}"
         );
     }
+    // A map filled by index assignment (Rhai checks the value assigned, not the map it grows)
+    // stops at the heap budget.
+    env.write(
+        "map.rhai",
+        "let m = #{};\nlet i = 0;\nloop { m[\"k\" + i] = blob(100000); i += 1; }\n",
+    );
+    let o = run_limited(&env, "map.rhai", "--max-memory 300000000");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the script was stopped: the heap reached") && err.contains("--max-memory N"),
+        "{err}"
+    );
     let big = "x".repeat(5 << 20);
     env.write(
         "big.json",

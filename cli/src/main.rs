@@ -9,8 +9,54 @@ mod watch;
 /// mimalloc keeps freed memory for reuse: the CPU engine allocates and frees tensors of tens of
 /// megabytes every step (logit chunks, a 152k-row embedding gradient), which the system allocator
 /// returns to the kernel and faults back in each time.
+/// Also counts the heap in use, so a script growing a value without end is stopped before the
+/// process runs out of memory (see `qscript_runtime::device::HEAP_BYTES`).
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: Counting = Counting(mimalloc::MiMalloc);
+
+struct Counting(mimalloc::MiMalloc);
+
+// SAFETY: every call is forwarded to mimalloc unchanged; the counter only observes sizes.
+#[allow(unsafe_code)]
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        use std::sync::atomic::Ordering::Relaxed;
+        // SAFETY: the caller's contract is passed on as is.
+        let p = unsafe { self.0.alloc(layout) };
+        if !p.is_null() {
+            qscript_runtime::device::HEAP_BYTES.fetch_add(layout.size(), Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        use std::sync::atomic::Ordering::Relaxed;
+        // SAFETY: as above.
+        unsafe { self.0.dealloc(ptr, layout) };
+        qscript_runtime::device::HEAP_BYTES.fetch_sub(layout.size(), Relaxed);
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        use std::sync::atomic::Ordering::Relaxed;
+        // SAFETY: as above.
+        let p = unsafe { self.0.alloc_zeroed(layout) };
+        if !p.is_null() {
+            qscript_runtime::device::HEAP_BYTES.fetch_add(layout.size(), Relaxed);
+        }
+        p
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        use std::sync::atomic::Ordering::Relaxed;
+        // SAFETY: as above.
+        let p = unsafe { self.0.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            qscript_runtime::device::HEAP_BYTES.fetch_add(new_size, Relaxed);
+            qscript_runtime::device::HEAP_BYTES.fetch_sub(layout.size(), Relaxed);
+        }
+        p
+    }
+}
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -77,6 +123,10 @@ struct RunArgs {
     /// The most bytes of rendered text one record may have in `data::sft` (0 = no limit).
     #[arg(long, value_name = "BYTES", default_value_t = qscript_stdlib::DEFAULT_MAX_RECORD_SIZE)]
     max_record_size: usize,
+    /// Stop a script whose process heap passes BYTES (default: from the machine's memory, the
+    /// container's limit and `ulimit -v`; 0 = no limit).
+    #[arg(long, value_name = "BYTES")]
+    max_memory: Option<usize>,
 }
 
 fn parse_set(s: &str) -> Result<(String, String), String> {
@@ -166,6 +216,7 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
     opts.max_value_size = args.max_value_size;
     opts.max_template_steps = args.max_template_steps;
     opts.max_record_bytes = args.max_record_size;
+    opts.max_memory = args.max_memory;
     let mut session = match Session::new(&opts, Arc::new(StdSink)) {
         Ok(s) => s,
         Err(e) => {

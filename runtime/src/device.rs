@@ -61,6 +61,99 @@ pub fn by_name(name: &str) -> Result<Device> {
     }
 }
 
+/// Heap bytes the process holds now, kept by a counting global allocator when the binary
+/// installs one (the `qscript` CLI does); 0 otherwise.
+pub static HEAP_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The heap the process may grow to before a script is stopped: half the address-space limit,
+/// 90% of the container's memory limit, 95% of the machine's memory, whichever is least.
+pub fn heap_budget() -> Option<usize> {
+    let limit_as = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            let line = l
+                .lines()
+                .find(|x| x.starts_with("Max address space"))?
+                .to_string();
+            line.split_whitespace().nth(3)?.parse::<u64>().ok()
+        });
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok());
+    // The allocator reserves address space well beyond what it hands out (mimalloc's large
+    // objects: about 40% more was measured): half the address-space limit in use.
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?.to_string();
+        line.split_whitespace()
+            .nth(1)?
+            .parse::<u64>()
+            .ok()
+            .map(|k| k * 1024)
+    });
+    let budgets = [
+        limit_as.map(|b| b / 2),
+        cgroup.map(|b| b / 10 * 9),
+        total.map(|b| b / 20 * 19),
+    ];
+    budgets
+        .into_iter()
+        .flatten()
+        .min()
+        .and_then(|b| usize::try_from(b).ok())
+}
+
+/// Why the process is about to run out of memory, if it is: the system's available memory
+/// nearly gone, the container's memory limit (cgroup v2) nearly reached, or the address-space
+/// limit (`ulimit -v`) nearly reached. Cheap enough to call every million script operations.
+pub fn memory_pressure() -> Option<String> {
+    let kb = |text: &str, key: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace()
+            .nth(1)?
+            .parse::<u64>()
+            .ok()
+            .map(|k| k * 1024)
+    };
+    if let Ok(m) = std::fs::read_to_string("/proc/meminfo")
+        && let (Some(avail), Some(total)) = (kb(&m, "MemAvailable:"), kb(&m, "MemTotal:"))
+        && (avail < total / 50 || avail < 256 << 20)
+    {
+        return Some(format!(
+            "the machine has {} of its {} memory left",
+            crate::plan::memory::human(avail as f64),
+            crate::plan::memory::human(total as f64)
+        ));
+    }
+    let read_u64 = |p: &str| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+    };
+    if let (Some(max), Some(cur)) = (
+        read_u64("/sys/fs/cgroup/memory.max"),
+        read_u64("/sys/fs/cgroup/memory.current"),
+    ) && cur > max / 20 * 19
+    {
+        return Some(format!(
+            "the container's memory limit of {} is nearly reached",
+            crate::plan::memory::human(max as f64)
+        ));
+    }
+    if let Ok(limits) = std::fs::read_to_string("/proc/self/limits")
+        && let Some(line) = limits.lines().find(|l| l.starts_with("Max address space"))
+        && let Some(Ok(max)) = line.split_whitespace().nth(3).map(str::parse::<u64>)
+        && let Ok(status) = std::fs::read_to_string("/proc/self/status")
+        && let Some(size) = kb(&status, "VmSize:")
+        && size > max / 5 * 4
+    {
+        return Some(format!(
+            "the address-space limit of {} (`ulimit -v`) is nearly reached",
+            crate::plan::memory::human(max as f64)
+        ));
+    }
+    None
+}
+
 /// Bytes of memory the system can still give (Linux's `MemAvailable`; `None` elsewhere).
 pub fn host_available() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;

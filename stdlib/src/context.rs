@@ -102,6 +102,9 @@ pub struct RunOptions {
     pub max_template_steps: u64,
     /// The most bytes of rendered text one record may have in `data::sft` (0 = none).
     pub max_record_bytes: usize,
+    /// The heap (bytes) past which a running script is stopped (`None`: from the process's
+    /// limits, see `qscript_runtime::device::heap_budget`; `Some(0)`: no limit).
+    pub max_memory: Option<usize>,
 }
 
 impl RunOptions {
@@ -118,6 +121,7 @@ impl RunOptions {
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
             max_template_steps: qscript_runtime::chat_template::DEFAULT_FUEL,
             max_record_bytes: qscript_runtime::data::sft::DEFAULT_MAX_RECORD_BYTES,
+            max_memory: None,
         }
     }
 }
@@ -202,6 +206,8 @@ pub struct RunContext {
     pub check_mode: std::sync::atomic::AtomicBool,
     /// `--max-record-size`.
     pub max_record_bytes: usize,
+    /// `--max-memory` (see [`RunOptions::max_memory`]).
+    pub max_memory: Option<usize>,
     /// What a dry run found, by topic (`data`, `model`, `adapters`, `steps`, `memory`, `plan`),
     /// for `qscript check`'s summary; the latest fact of a topic wins.
     pub(crate) check_facts: Mutex<Vec<(String, String)>>,
@@ -238,6 +244,7 @@ impl RunContext {
             check_mode: std::sync::atomic::AtomicBool::new(false),
             dry_models: Mutex::new(HashMap::new()),
             max_record_bytes: opts.max_record_bytes,
+            max_memory: opts.max_memory,
             check_facts: Mutex::new(Vec::new()),
             stream_by_default: std::sync::atomic::AtomicBool::new(false),
         })

@@ -33,6 +33,14 @@ pub enum Failure {
 /// Classifies an error.
 pub fn failure(err: &EvalAltResult) -> Failure {
     match innermost(err) {
+        // A stop for memory is an error; any other is a cancel (Ctrl-C, a reload).
+        EvalAltResult::ErrorTerminated(v, _)
+            if v.clone()
+                .into_string()
+                .is_ok_and(|t| t.starts_with("error")) =>
+        {
+            Failure::Script
+        }
         EvalAltResult::ErrorTerminated(..) => Failure::Cancelled,
         _ => Failure::Script,
     }

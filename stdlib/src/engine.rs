@@ -41,7 +41,39 @@ pub fn build_engine(ctx: &Arc<RunContext>, max_operations: u64, max_value_size: 
         sink.err(&format!("{at}{s}"));
     });
     let cancel = ctx.cancel.clone();
-    engine.on_progress(move |_| cancel.is_cancelled().then(|| Dynamic::from("cancelled")));
+    let heap_budget = match ctx.max_memory {
+        Some(0) => None,
+        Some(n) => Some(n),
+        None => qscript_runtime::device::heap_budget(),
+    };
+    engine.on_progress(move |ops| {
+        if cancel.is_cancelled() {
+            return Some(Dynamic::from("cancelled"));
+        }
+        // Values a script grows without a size check (a map filled by index assignment) stop
+        // here, before the process is killed for memory: against the heap budget on every
+        // operation (one atomic load), against the system's memory every 2^20.
+        let heap = qscript_runtime::device::HEAP_BYTES.load(std::sync::atomic::Ordering::Relaxed);
+        let over = heap_budget.is_some_and(|b| heap > b).then(|| {
+            format!(
+                "the heap reached {}, over its budget of {} (`--max-memory N` sets it)",
+                qscript_runtime::plan::memory::human(heap as f64),
+                qscript_runtime::plan::memory::human(heap_budget.unwrap_or(0) as f64)
+            )
+        });
+        let why = over.or_else(|| {
+            ops.is_multiple_of(1 << 20)
+                .then(qscript_runtime::device::memory_pressure)
+                .flatten()
+        });
+        if let Some(why) = why {
+            return Some(Dynamic::from(format!(
+                "error: the script was stopped: {why} (a value growing without end?); \
+                 `--max-value-size N` bounds strings, arrays and blobs"
+            )));
+        }
+        None
+    });
 
     engine.set_module_resolver(SandboxedResolver::new(ctx.clone()));
     engine.register_global_module(rhai::exported_module!(modules::core::core_module).into());
