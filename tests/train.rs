@@ -185,6 +185,11 @@ fn resuming_reproduces_the_uninterrupted_run_exactly() {
     let tail: Vec<f64> = full.losses.iter().skip(3).map(|l| l.1).collect();
     let got: Vec<f64> = resumed.losses.iter().map(|l| l.1).collect();
     assert_eq!(got, tail);
+    // The plot of the resumed run covers the whole run: the steps before the resume too.
+    let series = qscript_runtime::train::plot::Series::of(&resumed.log_history);
+    let steps: Vec<f64> = series.loss.iter().map(|p| p.0).collect();
+    assert_eq!(steps, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    assert!(d2.path().join("loss.png").is_file());
 }
 
 #[test]

@@ -355,8 +355,24 @@ fn run_fit(
             }
         ));
     }
-    let first = report.losses.first().map_or(0.0, |l| l.1);
-    let last = report.losses.last().map_or(0.0, |l| l.1);
+    // The first and last losses as the log lines printed them (each the mean of its logging
+    // window), so the summary's final loss is the one the last log line showed.
+    let logged: Vec<f64> = report
+        .log_history
+        .iter()
+        .filter(|r| r.get("eval_loss").is_none())
+        .filter_map(|r| r.get("loss").and_then(serde_json::Value::as_f64))
+        .collect();
+    let first = logged
+        .first()
+        .copied()
+        .or_else(|| report.losses.first().map(|l| l.1))
+        .unwrap_or(0.0);
+    let last = logged
+        .last()
+        .copied()
+        .or_else(|| report.losses.last().map(|l| l.1))
+        .unwrap_or(0.0);
     let peak = report.peak_device_bytes.map_or_else(String::new, |b| {
         format!(
             ", peak GPU memory {:.2} GiB",
