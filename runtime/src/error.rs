@@ -131,7 +131,7 @@ impl Error {
 /// A text file as a string: UTF-8 (an invalid byte is an error naming its line and column), a
 /// leading byte-order mark dropped.
 pub fn read_text(path: &std::path::Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::sandbox::read(path)?;
     let text = match String::from_utf8(bytes) {
         Ok(t) => t,
         Err(e) => {

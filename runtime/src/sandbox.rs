@@ -150,6 +150,17 @@ impl Sandbox {
         Ok(real)
     }
 
+    /// Whether the real (canonical) path `real` lies where this sandbox may read.
+    fn may_read(&self, real: &Path) -> bool {
+        let output = self.output.canonicalize().ok();
+        let overlay = self.overlay();
+        self.read_roots
+            .iter()
+            .chain(output.as_ref())
+            .chain(overlay.as_ref())
+            .any(|r| real.starts_with(r))
+    }
+
     fn refuse_read(&self, path: &Path) -> Error {
         Error::Sandbox(format!(
             "cannot read `{}`: it is outside the recipe's sandbox (readable: {}); \
@@ -293,6 +304,57 @@ impl Sandbox {
     }
 }
 
+thread_local! {
+    /// The sandbox of the run on this thread (set by the session around its cells), against
+    /// which [`read`] checks the file it actually opened.
+    static ACTIVE: std::cell::RefCell<Option<Sandbox>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Makes `sb` the sandbox [`read`] checks on this thread (`None`: no check).
+pub fn activate(sb: Option<Sandbox>) {
+    ACTIVE.with(|a| *a.borrow_mut() = sb);
+}
+
+/// The path the open file `f` really is (Linux: the kernel's name for the descriptor), when it
+/// can be told.
+#[cfg(target_os = "linux")]
+fn opened_path(f: &std::fs::File) -> Option<PathBuf> {
+    use std::os::fd::AsRawFd as _;
+    std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())).ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn opened_path(_: &std::fs::File) -> Option<PathBuf> {
+    None
+}
+
+/// The bytes of the regular file `path`. Under an active sandbox the check is on the file
+/// actually opened (where the descriptor really points), so a directory swapped for a link
+/// between the sandbox's check and this open cannot leak a file from outside.
+pub fn read(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = f.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::Sandbox(format!(
+            "cannot read `{}`: not a regular file",
+            path.display()
+        )));
+    }
+    let refused = ACTIVE.with(|a| {
+        let a = a.borrow();
+        let sb = a.as_ref()?;
+        let real = opened_path(&f)?;
+        (!sb.may_read(&real)).then(|| sb.refuse_read(path))
+    });
+    if let Some(e) = refused {
+        return Err(e);
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    f.read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    Ok(bytes)
+}
+
 /// Writes `bytes` to `path` through a temporary sibling and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -355,6 +417,47 @@ mod tests {
         std::fs::write(dir.path().join("secret.txt"), "s").unwrap();
         let sb = Sandbox::new(&recipe, dir.path().join("out"), &[]).unwrap();
         (dir, sb)
+    }
+
+    /// A directory swapped for a link to the outside, in a loop, while reads run: every read
+    /// returns the inside file or an error, never the outside one.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_directory_swapped_for_a_link_never_leaks_the_outside() {
+        let (d, sb) = setup();
+        let inside = d.path().join("recipe/data");
+        std::fs::create_dir(&inside).unwrap();
+        std::fs::write(inside.join("f.txt"), "inside").unwrap();
+        let outside = d.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("f.txt"), "SECRET").unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (inside, outside, stop) = (inside.clone(), outside.clone(), stop.clone());
+            let parked = inside.with_extension("real");
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = std::fs::rename(&inside, &parked);
+                    let _ = std::os::unix::fs::symlink(&outside, &inside);
+                    let _ = std::fs::remove_file(&inside);
+                    let _ = std::fs::rename(&parked, &inside);
+                }
+            })
+        };
+        activate(Some(sb.clone()));
+        let mut seen = 0;
+        for _ in 0..3000 {
+            if let Ok(real) = sb.resolve_read("data/f.txt")
+                && let Ok(bytes) = read(&real)
+            {
+                assert_eq!(bytes, b"inside", "an outside file was read");
+                seen += 1;
+            }
+        }
+        activate(None);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        swapper.join().unwrap();
+        assert!(seen > 0, "some reads got through");
     }
 
     #[test]

@@ -95,7 +95,9 @@ impl Tokenizer {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no `tokenizer.json` here"),
             ));
         }
-        let inner = tokenizers::Tokenizer::from_file(&file)
+        // Read through the sandbox's check on the opened file, then parsed from the bytes.
+        let bytes = crate::sandbox::read(&file)?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::Tokenizer(format!("`{}`: {e}", file.display())))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: TokenizerConfig = if cfg_path.is_file() {

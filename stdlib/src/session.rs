@@ -214,6 +214,7 @@ impl Session {
     /// (`=> 3 : i64`), or `None` when it has no value.
     pub fn eval(&mut self, code: &str) -> Result<Option<String>, ScriptError> {
         self.ctx.cancel.reset();
+        qscript_runtime::sandbox::activate(Some(self.ctx.sandbox.clone()));
         let ast = self
             .engine
             .compile_with_scope(&self.scope, code)
@@ -361,6 +362,8 @@ impl Session {
 
     fn run_range(&mut self, start: usize, end: usize) -> RunReport {
         self.ctx.cancel.reset();
+        // Reads on this thread check the file they actually open against this run's sandbox.
+        qscript_runtime::sandbox::activate(Some(self.ctx.sandbox.clone()));
         let Some(nb) = self.notebook.as_mut() else {
             return RunReport {
                 reused: 0,

@@ -27,7 +27,7 @@ pub mod io_module {
     pub fn read_text(ctx: NativeCallContext, path: &str) -> Result<String, Box<EvalAltResult>> {
         let rc = RunContext::of(&ctx)?;
         let real = rc.sandbox.resolve_read(path).map_err(to_rhai_at(&ctx))?;
-        std::fs::read_to_string(&real).map_err(|e| to_rhai_at(&ctx)(Error::io(real, e)))
+        qscript_runtime::error::read_text(&real).map_err(to_rhai_at(&ctx))
     }
 
     /// Writes a text file under the output directory (atomically: temp file, then rename) and
@@ -64,8 +64,7 @@ pub mod io_module {
     pub fn read_json(ctx: NativeCallContext, path: &str) -> Result<Dynamic, Box<EvalAltResult>> {
         let rc = RunContext::of(&ctx)?;
         let real = rc.sandbox.resolve_read(path).map_err(to_rhai_at(&ctx))?;
-        let text =
-            std::fs::read_to_string(&real).map_err(|e| to_rhai_at(&ctx)(Error::io(&real, e)))?;
+        let text = qscript_runtime::error::read_text(&real).map_err(to_rhai_at(&ctx))?;
         let value: serde_json::Value = serde_json::from_str(&text).map_err(|source| {
             to_rhai_at(&ctx)(Error::Json {
                 path: real.clone(),
