@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::MmapedSafetensors;
+use candle_core::safetensors::Load as _;
 use candle_core::{DType, Device, Tensor};
 
 use crate::{Error, Result};
@@ -16,8 +16,8 @@ pub enum WeightSource {
     Files {
         /// The checkpoint directory.
         dir: PathBuf,
-        /// One mmap per file.
-        files: Vec<MmapedSafetensors>,
+        /// One mapping per file.
+        files: Vec<Mapped>,
         /// Tensor name -> index in `files`.
         routing: HashMap<String, usize>,
     },
@@ -56,8 +56,8 @@ impl WeightSource {
         let mut files = Vec::new();
         let mut routing = HashMap::new();
         for (i, p) in paths.iter().enumerate() {
-            let st = mmap(p)?;
-            for (name, _) in st.tensors() {
+            let st = Mapped::open(p)?;
+            for name in st.names()? {
                 routing.insert(name, i);
             }
             files.push(st);
@@ -254,18 +254,50 @@ fn read_header(path: &Path) -> Result<Vec<(String, Vec<usize>, safetensors::Dtyp
     Ok(out)
 }
 
-#[allow(unsafe_code)]
-fn mmap(path: &Path) -> Result<MmapedSafetensors> {
-    if !path.is_file() {
-        return Err(Error::io(
-            path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
-        ));
+/// A memory-mapped safetensors file, mapped from the descriptor the sandbox checked (so the
+/// weights read are the file that passed the check, whatever happens to its path afterwards).
+pub struct Mapped {
+    path: PathBuf,
+    map: memmap2::Mmap,
+}
+
+impl Mapped {
+    #[allow(unsafe_code)]
+    fn open(path: &Path) -> Result<Self> {
+        let file = crate::sandbox::open(path)?;
+        // SAFETY: the file is mapped read-only; as with every mmap-based loader (candle,
+        // PyTorch), the checkpoint must not be modified while the model is loaded from it.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let m = Self {
+            path: path.to_path_buf(),
+            map,
+        };
+        m.parsed()?;
+        Ok(m)
     }
-    // SAFETY: the file is mapped read-only; as with every mmap-based loader (candle, PyTorch), the
-    // checkpoint must not be modified while the model is loaded from it.
-    unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::Safetensors {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+
+    fn parsed(&self) -> Result<safetensors::SafeTensors<'_>> {
+        safetensors::SafeTensors::deserialize(&self.map).map_err(|e| Error::Safetensors {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    fn names(&self) -> Result<Vec<String>> {
+        Ok(self
+            .parsed()?
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect())
+    }
+
+    fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let st = self.parsed()?;
+        let view = st.tensor(name).map_err(|e| Error::Safetensors {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(view.load(device)?)
+    }
 }
