@@ -57,7 +57,7 @@ fn feed_inner(
         let rel = path.strip_prefix(root).unwrap_or(path);
         hasher.update(rel.to_string_lossy().as_bytes());
         hasher.update(&[0]);
-        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut file = crate::sandbox::open(path)?;
         if meta.len() > BIG {
             fingerprint(hasher, &mut file, &meta).map_err(|e| Error::io(path, e))?;
         } else {

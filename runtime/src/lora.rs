@@ -329,12 +329,12 @@ pub fn load_adapter(model: &Model, dir: &Path) -> Result<Model> {
             ),
         ));
     }
-    let tensors =
-        candle_core::safetensors::load(&file, &candle_core::Device::Cpu).map_err(|e| {
-            Error::Safetensors {
-                path: file.clone(),
-                message: e.to_string(),
-            }
+    // Read through the sandbox's check on the opened file.
+    let bytes = crate::sandbox::read(&file)?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
+        .map_err(|e| Error::Safetensors {
+            path: file.clone(),
+            message: e.to_string(),
         })?;
     let mut out = attach(model, &cfg, 0)?;
     let names: Vec<String> = adapters(&out).into_iter().map(|(p, _)| p).collect();

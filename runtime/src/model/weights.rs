@@ -207,7 +207,7 @@ fn read_header(path: &Path) -> Result<Vec<(String, Vec<usize>, safetensors::Dtyp
         path: path.to_path_buf(),
         message,
     };
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut f = crate::sandbox::open(path)?;
     let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut n = [0u8; 8];
     f.read_exact(&mut n)

@@ -221,17 +221,18 @@ pub fn restore(
     };
     // Read on the CPU; each part's slots go to that part's device.
     let device = candle_core::Device::Cpu;
-    let weights = candle_core::safetensors::load(dir.join(weights_file), &device).map_err(|e| {
-        Error::Safetensors {
-            path: dir.join(weights_file),
+    // Each file read through the sandbox's check on the opened file (a linked file from another
+    // run is refused even if it was swapped in after the directory was checked).
+    let load = |name: &str| {
+        let path = dir.join(name);
+        let bytes = crate::sandbox::read(&path)?;
+        candle_core::safetensors::load_buffer(&bytes, &device).map_err(|e| Error::Safetensors {
+            path,
             message: e.to_string(),
-        }
-    })?;
-    let moments = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &device)
-        .map_err(|e| Error::Safetensors {
-            path: dir.join("optimizer.safetensors"),
-            message: e.to_string(),
-        })?;
+        })
+    };
+    let weights = load(weights_file)?;
+    let moments = load("optimizer.safetensors")?;
     let missing = |n: &str| Error::MissingTensor {
         name: n.to_string(),
         path: dir.to_path_buf(),
