@@ -301,6 +301,18 @@ fn tiny_on(device: &str, layers: usize) -> Model {
 
 /// The tiny model in f32 on `device`: LoRA on every linear, or (`full`) every weight trained.
 fn tiny_model(device: &str, layers: usize, full: bool) -> Model {
+    let dir = save_tiny(layers);
+    let opts = LoadOptions {
+        dtype: "f32".into(),
+        device: device.into(),
+        trainable: full,
+        ..Default::default()
+    };
+    load_tiny(dir.path(), &opts)
+}
+
+/// A tiny checkpoint of `layers` layers in a temp dir.
+fn save_tiny(layers: usize) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     tiny(&TinyConfig {
         hidden: 64,
@@ -312,14 +324,14 @@ fn tiny_model(device: &str, layers: usize, full: bool) -> Model {
     .unwrap()
     .save(dir.path())
     .unwrap();
-    let opts = LoadOptions {
-        dtype: "f32".into(),
-        device: device.into(),
-        trainable: full,
-        ..Default::default()
-    };
-    let m = Model::load(dir.path(), &opts).unwrap();
-    if full {
+    dir
+}
+
+/// The checkpoint at `dir` loaded with `opts`: as is when every weight trains, else with LoRA
+/// on every linear.
+fn load_tiny(dir: &std::path::Path, opts: &LoadOptions) -> Model {
+    let m = Model::load(dir, opts).unwrap();
+    if opts.trainable {
         return m;
     }
     let cfg = LoraConfig {
@@ -468,17 +480,7 @@ fn thirty_lora_steps_give_the_cpu_losses() {
 fn gpu_and_cpu_offload_train_like_one_device() {
     use qscript_runtime::plan::DeviceMap;
     let data = rows(16);
-    let dir = tempfile::tempdir().unwrap();
-    tiny(&TinyConfig {
-        hidden: 64,
-        layers: 3,
-        intermediate: 128,
-        seed: 3,
-        ..TinyConfig::default()
-    })
-    .unwrap()
-    .save(dir.path())
-    .unwrap();
+    let dir = save_tiny(3);
     for full in [false, true] {
         let load = |map: Option<DeviceMap>, max_memory: Vec<(String, u64)>| {
             let opts = LoadOptions {
@@ -488,18 +490,7 @@ fn gpu_and_cpu_offload_train_like_one_device() {
                 device_map: map,
                 max_memory,
             };
-            let m = Model::load(dir.path(), &opts).unwrap();
-            if full {
-                return m;
-            }
-            let cfg = LoraConfig {
-                r: 4,
-                lora_alpha: 8.0,
-                lora_dropout: 0.1,
-                target_modules: Targets::Pattern("all-linear".into()),
-                ..LoraConfig::default()
-            };
-            lora::attach(&m, &cfg, 7).unwrap()
+            load_tiny(dir.path(), &opts)
         };
         // The embedding (259 x 64 f32, 66 KB) and about one layer (~115 KB) fit on the GPU.
         let offload = load(

@@ -17,9 +17,14 @@ use support::{Env, qscript, stderr};
 
 /// Runs the binary in `env` with `args`, killed after `secs` (a hang is a failure).
 fn run_bounded(env: &Env, args: &[&str], secs: u64) -> std::process::Output {
-    let mut child = qscript()
-        .current_dir(env.dir.path())
-        .args(args)
+    let mut cmd = qscript();
+    cmd.current_dir(env.dir.path()).args(args);
+    bounded(cmd, &format!("`qscript {}`", args.join(" ")), secs)
+}
+
+/// Runs `cmd` with its output captured, killed after `secs` (a hang is a failure).
+fn bounded(mut cmd: Command, what: &str, secs: u64) -> std::process::Output {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -28,7 +33,7 @@ fn run_bounded(env: &Env, args: &[&str], secs: u64) -> std::process::Output {
     while child.try_wait().unwrap().is_none() {
         if start.elapsed() > Duration::from_secs(secs) {
             child.kill().unwrap();
-            panic!("`qscript {}` hung for {secs} s", args.join(" "));
+            panic!("{what} hung for {secs} s");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -272,25 +277,11 @@ fn a_runaway_chat_template_stops_with_a_limit_the_user_can_raise() {
 /// Runs the binary under `sh -c 'ulimit -v ...'` (4 GB of address space), bounded in time.
 fn run_limited(env: &Env, recipe: &str, extra: &str) -> std::process::Output {
     let bin = env!("CARGO_BIN_EXE_qscript");
-    let mut child = Command::new("sh")
-        .current_dir(env.dir.path())
-        .arg("-c")
-        .arg(format!(
-            "ulimit -v 4000000; exec '{bin}' recipe/{recipe} {extra}"
-        ))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_mins(2) {
-            child.kill().unwrap();
-            panic!("{recipe} hung");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
+    let mut cmd = Command::new("sh");
+    cmd.current_dir(env.dir.path()).arg("-c").arg(format!(
+        "ulimit -v 4000000; exec '{bin}' recipe/{recipe} {extra}"
+    ));
+    bounded(cmd, recipe, 120)
 }
 
 /// Sizes no machine holds and deep recursion end in clear errors under a memory limit, never

@@ -65,35 +65,41 @@ pub fn by_name(name: &str) -> Result<Device> {
 /// installs one (the `qscript` CLI does); 0 otherwise.
 pub static HEAP_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// The `key:` line of a `/proc` status file (`/proc/meminfo`, `/proc/self/status`) in bytes.
+fn proc_kb(file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The address-space limit (`ulimit -v`), when one is set.
+fn address_space_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max address space"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// A number file of cgroup v2 (`memory.max`, `memory.current`), when it holds a number.
+fn cgroup_value(name: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/sys/fs/cgroup/{name}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The heap the process may grow to before a script is stopped: half the address-space limit,
 /// 90% of the container's memory limit, 95% of the machine's memory, whichever is least.
 pub fn heap_budget() -> Option<usize> {
-    let limit_as = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|l| {
-            let line = l
-                .lines()
-                .find(|x| x.starts_with("Max address space"))?
-                .to_string();
-            line.split_whitespace().nth(3)?.parse::<u64>().ok()
-        });
-    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
-        .ok()
-        .and_then(|t| t.trim().parse::<u64>().ok());
     // The allocator reserves address space well beyond what it hands out (mimalloc's large
     // objects: about 40% more was measured): half the address-space limit in use.
-    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?.to_string();
-        line.split_whitespace()
-            .nth(1)?
-            .parse::<u64>()
-            .ok()
-            .map(|k| k * 1024)
-    });
     let budgets = [
-        limit_as.map(|b| b / 2),
-        cgroup.map(|b| b / 10 * 9),
-        total.map(|b| b / 20 * 19),
+        address_space_limit().map(|b| b / 2),
+        cgroup_value("memory.max").map(|b| b / 10 * 9),
+        proc_kb("/proc/meminfo", "MemTotal:").map(|b| b / 20 * 19),
     ];
     budgets
         .into_iter()
@@ -106,49 +112,31 @@ pub fn heap_budget() -> Option<usize> {
 /// nearly gone, the container's memory limit (cgroup v2) nearly reached, or the address-space
 /// limit (`ulimit -v`) nearly reached. Cheap enough to call every million script operations.
 pub fn memory_pressure() -> Option<String> {
-    let kb = |text: &str, key: &str| -> Option<u64> {
-        let line = text.lines().find(|l| l.starts_with(key))?;
-        line.split_whitespace()
-            .nth(1)?
-            .parse::<u64>()
-            .ok()
-            .map(|k| k * 1024)
-    };
-    if let Ok(m) = std::fs::read_to_string("/proc/meminfo")
-        && let (Some(avail), Some(total)) = (kb(&m, "MemAvailable:"), kb(&m, "MemTotal:"))
+    let human = |b: u64| crate::plan::memory::human(b as f64);
+    if let (Some(avail), Some(total)) = (host_available(), proc_kb("/proc/meminfo", "MemTotal:"))
         && (avail < total / 50 || avail < 256 << 20)
     {
         return Some(format!(
             "the machine has {} of its {} memory left",
-            crate::plan::memory::human(avail as f64),
-            crate::plan::memory::human(total as f64)
+            human(avail),
+            human(total)
         ));
     }
-    let read_u64 = |p: &str| {
-        std::fs::read_to_string(p)
-            .ok()
-            .and_then(|t| t.trim().parse::<u64>().ok())
-    };
-    if let (Some(max), Some(cur)) = (
-        read_u64("/sys/fs/cgroup/memory.max"),
-        read_u64("/sys/fs/cgroup/memory.current"),
-    ) && cur > max / 20 * 19
+    if let (Some(max), Some(cur)) = (cgroup_value("memory.max"), cgroup_value("memory.current"))
+        && cur > max / 20 * 19
     {
         return Some(format!(
             "the container's memory limit of {} is nearly reached",
-            crate::plan::memory::human(max as f64)
+            human(max)
         ));
     }
-    if let Ok(limits) = std::fs::read_to_string("/proc/self/limits")
-        && let Some(line) = limits.lines().find(|l| l.starts_with("Max address space"))
-        && let Some(Ok(max)) = line.split_whitespace().nth(3).map(str::parse::<u64>)
-        && let Ok(status) = std::fs::read_to_string("/proc/self/status")
-        && let Some(size) = kb(&status, "VmSize:")
+    if let Some(max) = address_space_limit()
+        && let Some(size) = proc_kb("/proc/self/status", "VmSize:")
         && size > max / 5 * 4
     {
         return Some(format!(
             "the address-space limit of {} (`ulimit -v`) is nearly reached",
-            crate::plan::memory::human(max as f64)
+            human(max)
         ));
     }
     None
@@ -156,10 +144,17 @@ pub fn memory_pressure() -> Option<String> {
 
 /// Bytes of memory the system can still give (Linux's `MemAvailable`; `None` elsewhere).
 pub fn host_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    proc_kb("/proc/meminfo", "MemAvailable:")
+}
+
+/// Free bytes on `device`: a GPU's free memory, or for the CPU the memory the system can still
+/// give; `None` when neither says.
+pub fn free_bytes(device: &Device) -> Option<u64> {
+    match memory(device) {
+        Some((used, total)) => Some(total.saturating_sub(used)),
+        None if device.is_cpu() => host_available(),
+        None => None,
+    }
 }
 
 /// What placement may use on each device, in placement order (GPUs by index, then the CPU):
@@ -171,7 +166,7 @@ pub fn budgets(max_memory: &[(String, u64)]) -> Result<Vec<crate::plan::Budget>>
     if max_memory.is_empty() {
         for i in 0..gpu_count() {
             let name = format!("cuda:{i}");
-            let free = memory(&cuda(i)?).map_or(0, |(used, total)| total.saturating_sub(used));
+            let free = free_bytes(&cuda(i)?).unwrap_or(0);
             let bytes = (free as f64 * 0.9) as u64;
             out.push(crate::plan::Budget {
                 device: name,

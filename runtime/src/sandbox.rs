@@ -124,20 +124,12 @@ impl Sandbox {
             // A path inside the overlay itself (a file of a directory written in this dry run).
             return Ok(target);
         }
-        let output = self.output.canonicalize().ok();
-        let readable = |p: &Path| {
-            self.read_roots
-                .iter()
-                .chain(output.as_ref())
-                .chain(std::iter::once(&self.output))
-                .any(|r| p.starts_with(r))
-        };
         let real = match joined.canonicalize() {
             Ok(r) => r,
-            Err(e) if readable(&target) => return Err(Error::io(&joined, e)),
+            Err(e) if self.may_read(&target) => return Err(Error::io(&joined, e)),
             Err(_) => return Err(self.refuse_read(path)),
         };
-        if !readable(&real) {
+        if !self.may_read(&real) {
             return Err(self.refuse_read(path));
         }
         let meta = std::fs::metadata(&real).map_err(|e| Error::io(&joined, e))?;
@@ -150,15 +142,17 @@ impl Sandbox {
         Ok(real)
     }
 
-    /// Whether the real (canonical) path `real` lies where this sandbox may read.
-    fn may_read(&self, real: &Path) -> bool {
+    /// Whether `p` lies where this sandbox may read: a readable root, the output directory
+    /// (as given or resolved) or the dry run's overlay.
+    fn may_read(&self, p: &Path) -> bool {
         let output = self.output.canonicalize().ok();
         let overlay = self.overlay();
         self.read_roots
             .iter()
             .chain(output.as_ref())
+            .chain(std::iter::once(&self.output))
             .chain(overlay.as_ref())
-            .any(|r| real.starts_with(r))
+            .any(|r| p.starts_with(r))
     }
 
     fn refuse_read(&self, path: &Path) -> Error {

@@ -78,6 +78,41 @@ impl LoadOptions {
     }
 }
 
+/// What both loads read before the weights: the config, the generation defaults, and the
+/// device and dtype the options resolve to.
+struct Checkpoint {
+    cfg: ModelConfig,
+    generation: GenerationConfig,
+    device: Device,
+    dtype: DType,
+}
+
+impl Checkpoint {
+    fn open(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such checkpoint directory"),
+            ));
+        }
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let device = opts.resolve_device()?;
+        let dtype = opts.resolve_dtype(&device)?;
+        let gen_path = dir.join("generation_config.json");
+        let generation = if gen_path.is_file() {
+            crate::error::read_config(&gen_path)?
+        } else {
+            GenerationConfig::default()
+        };
+        Ok(Self {
+            cfg,
+            generation,
+            device,
+            dtype,
+        })
+    }
+}
+
 /// The placement `opts.device_map` asks for (`None`: every module on `opts.device`).
 fn place(
     cfg: &ModelConfig,
@@ -155,25 +190,11 @@ impl Model {
     /// Loads an HF checkpoint directory: `config.json`, the safetensors weights, and
     /// `generation_config.json` when present.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(Error::io(
-                dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such checkpoint directory"),
-            ));
-        }
-        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-        let device = opts.resolve_device()?;
-        let dtype = opts.resolve_dtype(&device)?;
+        let c = Checkpoint::open(dir, opts)?;
         let src = WeightSource::open(dir)?;
-        let gen_path = dir.join("generation_config.json");
-        let generation = if gen_path.is_file() {
-            crate::error::read_config(&gen_path)?
-        } else {
-            GenerationConfig::default()
-        };
-        let placement = place(&cfg, dtype, opts)?;
-        let mut m = Self::build_placed(cfg, &src, dtype, &device, opts.trainable, placement)?;
-        m.generation = generation;
+        let placement = place(&c.cfg, c.dtype, opts)?;
+        let mut m = Self::build_placed(c.cfg, &src, c.dtype, &c.device, opts.trainable, placement)?;
+        m.generation = c.generation;
         m.source = Some(dir.to_path_buf());
         Ok(m)
     }
@@ -182,28 +203,14 @@ impl Model {
     /// weight is read): every tensor's presence, shape and dtype checked, each file's size
     /// checked against its header. The model has no weights (see [`Model::planned_device`]).
     pub fn load_shapes(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(Error::io(
-                dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such checkpoint directory"),
-            ));
-        }
-        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-        let device = opts.resolve_device()?;
-        let dtype = opts.resolve_dtype(&device)?;
-        let gen_path = dir.join("generation_config.json");
-        let generation = if gen_path.is_file() {
-            crate::error::read_config(&gen_path)?
-        } else {
-            GenerationConfig::default()
-        };
+        let c = Checkpoint::open(dir, opts)?;
         let src = WeightSource::headers(dir)?;
-        let placement = place(&cfg, dtype, opts)?;
-        let mut m = Self::build(cfg, &src, dtype, &Device::Cpu, opts.trainable)?;
+        let placement = place(&c.cfg, c.dtype, opts)?;
+        let mut m = Self::build(c.cfg, &src, c.dtype, &Device::Cpu, opts.trainable)?;
         m.placement = placement;
-        m.generation = generation;
+        m.generation = c.generation;
         m.source = Some(dir.to_path_buf());
-        m.planned_device = Some(device);
+        m.planned_device = Some(c.device);
         Ok(m)
     }
 

@@ -233,12 +233,13 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
 /// available memory for the CPU): `what` would otherwise abort the process on a failed
 /// allocation.
 pub fn check_fits(bytes: f64, device: &candle_core::Device, what: &str) -> Result<()> {
-    let (free, name) = match crate::device::memory(device) {
-        Some((used, total)) => (total.saturating_sub(used), "free on the GPU"),
-        None => match crate::device::host_available() {
-            Some(a) => (a, "available on this machine"),
-            None => return Ok(()),
-        },
+    let Some(free) = crate::device::free_bytes(device) else {
+        return Ok(());
+    };
+    let name = if device.is_cpu() {
+        "available on this machine"
+    } else {
+        "free on the GPU"
     };
     if !bytes.is_finite() || bytes > free as f64 {
         return Err(Error::InvalidArgument(format!(

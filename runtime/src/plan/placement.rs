@@ -188,15 +188,23 @@ fn too_big(modules: &[Module], budgets: &[Budget]) -> Error {
     ))
 }
 
+/// Whether the map entry `entry` (a module name or a prefix of names; `""` covers all) covers
+/// the module `module`.
+fn covers(entry: &str, module: &str) -> bool {
+    entry.is_empty()
+        || module == entry
+        || module
+            .strip_prefix(entry)
+            .is_some_and(|rest| rest.starts_with('.'))
+}
+
 fn explicit(
     modules: &[Module],
     budgets: &[Budget],
     entries: &[(String, String)],
 ) -> Result<Vec<usize>> {
     for (name, dev) in entries {
-        let covers = modules
-            .iter()
-            .any(|m| m.name == *name || m.name.starts_with(&format!("{name}.")) || name.is_empty());
+        let covers = modules.iter().any(|m| covers(name, &m.name));
         if !covers {
             return Err(Error::InvalidArgument(format!(
                 "`device_map`: `{name}` names no module of this model (its modules: `model.embed_tokens`, `model.layers.0` .. `model.layers.{}`, `model.norm`, `lm_head`)",
@@ -218,7 +226,7 @@ fn explicit(
     for m in modules {
         let best = entries
             .iter()
-            .filter(|(n, _)| m.name == *n || m.name.starts_with(&format!("{n}.")) || n.is_empty())
+            .filter(|(n, _)| covers(n, &m.name))
             .max_by_key(|(n, _)| n.len())
             .ok_or_else(|| {
                 Error::InvalidArgument(format!(

@@ -146,16 +146,16 @@ const OTHER_REPORTERS: [&str; 9] = [
 ];
 
 impl TrainConfig {
-    /// Whether `report_to` asks for TensorBoard; names qscript does not write get one notice, an
-    /// unknown name is an error.
-    pub fn tensorboard(&self) -> Result<bool> {
-        let names: Vec<String> = match &self.report_to {
+    /// What `report_to` asks for: TensorBoard, and the integrations HF knows that qscript does
+    /// not write; an unknown name is an error.
+    fn reporters(&self) -> Result<(bool, Vec<&str>)> {
+        let names: Vec<&str> = match &self.report_to {
             None | Some(serde_json::Value::Null) => Vec::new(),
-            Some(serde_json::Value::String(s)) => vec![s.clone()],
+            Some(serde_json::Value::String(s)) => vec![s.as_str()],
             Some(serde_json::Value::Array(a)) => a
                 .iter()
                 .map(|v| {
-                    v.as_str().map(str::to_string).ok_or_else(|| {
+                    v.as_str().ok_or_else(|| {
                         Error::InvalidArgument(format!(
                             "`report_to` lists {v}; it takes integration names"
                         ))
@@ -169,13 +169,12 @@ impl TrainConfig {
             }
         };
         let mut tb = false;
-        for n in &names {
-            match n.as_str() {
+        let mut others = Vec::new();
+        for n in names {
+            match n {
                 "tensorboard" | "all" => tb = true,
                 "none" => {}
-                other if OTHER_REPORTERS.contains(&other) => crate::notice::say(format!(
-                    "note: `report_to: {other}` is not written by qscript (TensorBoard is, with `report_to: \"tensorboard\"`); metrics are in metrics.jsonl"
-                )),
+                other if OTHER_REPORTERS.contains(&other) => others.push(other),
                 other => {
                     return Err(Error::InvalidArgument(format!(
                         "`report_to`: unknown integration `{other}`; qscript writes `tensorboard` (or `none`)"
@@ -183,12 +182,24 @@ impl TrainConfig {
                 }
             }
         }
+        Ok((tb, others))
+    }
+
+    /// Whether `report_to` asks for TensorBoard; names qscript does not write get one notice
+    /// each (call once per run: the plan does).
+    pub fn tensorboard(&self) -> Result<bool> {
+        let (tb, others) = self.reporters()?;
+        for other in others {
+            crate::notice::say(format!(
+                "note: `report_to: {other}` is not written by qscript (TensorBoard is, with `report_to: \"tensorboard\"`); metrics are in metrics.jsonl"
+            ));
+        }
         Ok(tb)
     }
 
     /// Checks values and combinations.
     pub fn validate(&self) -> Result<()> {
-        self.tensorboard()?;
+        self.reporters()?;
         let bad = |m: String| Err(Error::InvalidArgument(m));
         if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
             return bad("`per_device_train_batch_size` and `gradient_accumulation_steps` must be at least 1".into());

@@ -50,6 +50,8 @@ pub struct RunPlan {
     pub layers: usize,
     /// How micro-batches are run (merged or as written).
     pub micro_batches: String,
+    /// `report_to` asks for TensorBoard event files.
+    pub tensorboard: bool,
     /// With `device_map`: where each module lies, and per device the estimate and its budget.
     pub placement: Option<(crate::plan::Placement, Vec<DeviceNeed>)>,
 }
@@ -73,6 +75,7 @@ pub fn plan(
     cfg: &TrainConfig,
 ) -> Result<(RunPlan, Arc<Vec<Example>>)> {
     cfg.validate()?;
+    let tensorboard = cfg.tensorboard()?;
     let train = super::trainer::prepare(train, cfg);
     if train.is_empty() {
         return Err(Error::InvalidArgument(
@@ -138,14 +141,7 @@ pub fn plan(
         gpu: device.is_cuda(),
     };
     let estimate = memory::estimate(model.config(), model.decoder.dtype(), &workload)?;
-    let budget = crate::device::memory(&device)
-        .map(|(used, total)| total.saturating_sub(used))
-        .or_else(|| {
-            device
-                .is_cpu()
-                .then(crate::device::host_available)
-                .flatten()
-        });
+    let budget = crate::device::free_bytes(&device);
     let epochs = if cfg.max_steps > 0 {
         total.div_ceil(steps_per_epoch) as f64
     } else {
@@ -188,6 +184,7 @@ pub fn plan(
             model.decoder.num_params(),
         )
         .describe(device.is_cuda()),
+        tensorboard,
     };
     if plan.placement.is_none()
         && let Some(budget) = plan.budget

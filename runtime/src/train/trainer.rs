@@ -277,7 +277,7 @@ impl Trainer {
             .append(true)
             .open(&metrics_path)
             .map_err(|e| Error::io(&metrics_path, e))?;
-        let tensorboard = if cfg.tensorboard()? {
+        let tensorboard = if plan.tensorboard {
             let dir = cfg
                 .logging_dir
                 .as_ref()

@@ -178,12 +178,11 @@ fn load_shapes(
         if let Ok(cfg) = qscript_runtime::model::ModelConfig::from_file(&dir.join("config.json"))
             && let Ok(dtype) = lo.resolve_device().and_then(|d| lo.resolve_dtype(&d))
         {
-            let bytes =
-                qscript_runtime::plan::memory::param_count(&cfg) * dtype.size_in_bytes() as f64;
+            let params = qscript_runtime::plan::memory::param_count(&cfg);
+            let bytes = params * dtype.size_in_bytes() as f64;
             rc.sink.err(&format!(
-                "check: `{}`: config.json describes {:.3e} parameters, {} of weights in {}",
+                "check: `{}`: config.json describes {params:.3e} parameters, {} of weights in {}",
                 dir.display(),
-                qscript_runtime::plan::memory::param_count(&cfg),
                 qscript_runtime::plan::memory::human(bytes),
                 qscript_runtime::model::load::dtype_name(dtype)
             ));
