@@ -183,26 +183,13 @@ fn ops_match_the_cpu_reference_in_f32_and_bf16() {
             // engine's layout.
             let starts: Vec<Vec<usize>> = (0..b).map(|r| vec![s / 3 + r, s / 2 + r]).collect();
             let packed = AttnMask::right_padded(&lens).with_segments(Some(starts));
-            if dtype != DType::F32 {
-                // Packed rows go through cuDNN's ragged layout, not an s x s buffer.
-                let why = qscript_runtime::nn::cuda::sdpa::unsupported(
-                    &bshd(&q),
-                    &bshd(&k),
-                    &packed,
-                );
-                assert!(
-                    why.is_none(),
-                    "case {i} {dtype:?}: cuDNN not used for packed rows: {why:?}"
-                );
-            }
             let mut sp = None;
             let pc = attention(&q, &k, &v, &packed, Some(&mut sp)).unwrap();
             let mut sq = None;
             let pg = attention(&bshd(&q), &bshd(&k), &bshd(&v), &packed, Some(&mut sq)).unwrap();
             assert!(
                 rel(&pg, &pc) < tol,
-                "case {i} {dtype:?} packed attention forward: {}",
-                rel(&pg, &pc)
+                "case {i} {dtype:?} packed attention forward"
             );
             let gc = attention_backward(sp.as_ref().unwrap(), &dy).unwrap();
             let gq = attention_backward(sq.as_ref().unwrap(), &bshd(&dy)).unwrap();

@@ -8,10 +8,7 @@
 // as a contiguous [b, h, s, d] or, with `bshd`, as a contiguous [b, s, h, d] (the projections' own
 // layout, so no transposes are made around attention); Stats [b, hq, s] f32 (the row log-sum-exp of the scaled, masked scores). Causal is top-left
 // (query i sees keys j <= i). With `kv_lens`, row r sees only its first kv_lens[r] keys (right
-// padding); every query row is computed. With `ragged` (packed rows), the tensors are [b, s, h, d]
-// token-major buffers holding b sequences back to back: sequence n starts at element q_off[n] of
-// Q/O/dO/dQ and kv_off[n] of K/V/dK/dV (int64 [b + 1]) and has kv_lens[n] tokens (s is the
-// longest); Stats stay a packed [b, h, s] (what cuDNN before 9.26 reads back).
+// padding); every query row is computed.
 #include <dlfcn.h>
 
 #include <cudnn_frontend.h>
@@ -32,14 +29,14 @@ void *cudnn_dlhandle = nullptr;
 
 namespace {
 
-enum : int64_t { Q = 1, K, V, O, STATS, SEQ_Q, SEQ_KV, D_O, D_Q, D_K, D_V, OFF_Q, OFF_KV };
+enum : int64_t { Q = 1, K, V, O, STATS, SEQ_Q, SEQ_KV, D_O, D_Q, D_K, D_V };
 
 struct Shape {
     int64_t b, hq, hkv, s, t, d;
-    int bf16, causal, padded, backward, sm, bshd, ragged;
+    int bf16, causal, padded, backward, sm, bshd;
     float scale;
     auto key() const {
-        return std::make_tuple(b, hq, hkv, s, t, d, bf16, causal, padded, backward, sm, bshd, ragged, scale);
+        return std::make_tuple(b, hq, hkv, s, t, d, bf16, causal, padded, backward, sm, bshd, scale);
     }
     bool operator<(const Shape &o) const { return key() < o.key(); }
 };
@@ -103,37 +100,16 @@ std::unique_ptr<Built> build(cudnnHandle_t h, const Shape &x, std::string &why) 
     auto v = bhsd(g, "V", V, x.bshd, x.b, x.hkv, x.t, x.d);
     auto stats_dims = std::vector<int64_t>{x.b, x.hq, x.s, 1};
     auto stats_strides = std::vector<int64_t>{x.hq * x.s, x.s, 1, 1};
-    std::shared_ptr<fe::graph::Tensor_attributes> off_q, off_kv;
-    if (x.ragged) {
-        auto offsets = [&](const char *name, int64_t uid) {
-            return g.tensor(fe::graph::Tensor_attributes()
-                                .set_name(name)
-                                .set_uid(uid)
-                                .set_dim({x.b + 1, 1, 1, 1})
-                                .set_stride({1, 1, 1, 1})
-                                .set_data_type(fe::DataType_t::INT64));
-        };
-        off_q = offsets("off_q", OFF_Q);
-        off_kv = offsets("off_kv", OFF_KV);
-        q->set_ragged_offset(off_q);
-        k->set_ragged_offset(off_kv);
-        v->set_ragged_offset(off_kv);
-    }
     if (!x.backward) {
         auto opt = fe::graph::SDPA_attributes().set_name("sdpa").set_generate_stats(true).set_attn_scale(x.scale);
         mask(g, x, opt);
         auto [o, stats] = g.sdpa(q, k, v, opt);
         o->set_output(true).set_uid(O).set_dim({x.b, x.hq, x.s, x.d}).set_stride(strides(x.bshd, x.hq, x.s, x.d));
-        if (x.ragged) o->set_ragged_offset(off_q);
         stats->set_output(true).set_uid(STATS).set_data_type(fe::DataType_t::FLOAT).set_dim(stats_dims).set_stride(
             stats_strides);
     } else {
         auto o = bhsd(g, "O", O, x.bshd, x.b, x.hq, x.s, x.d);
         auto d_o = bhsd(g, "dO", D_O, x.bshd, x.b, x.hq, x.s, x.d);
-        if (x.ragged) {
-            o->set_ragged_offset(off_q);
-            d_o->set_ragged_offset(off_q);
-        }
         auto stats = g.tensor(fe::graph::Tensor_attributes()
                                   .set_name("stats")
                                   .set_uid(STATS)
@@ -146,11 +122,6 @@ std::unique_ptr<Built> build(cudnnHandle_t h, const Shape &x, std::string &why) 
         dq->set_output(true).set_uid(D_Q).set_dim({x.b, x.hq, x.s, x.d}).set_stride(strides(x.bshd, x.hq, x.s, x.d));
         dk->set_output(true).set_uid(D_K).set_dim({x.b, x.hkv, x.t, x.d}).set_stride(strides(x.bshd, x.hkv, x.t, x.d));
         dv->set_output(true).set_uid(D_V).set_dim({x.b, x.hkv, x.t, x.d}).set_stride(strides(x.bshd, x.hkv, x.t, x.d));
-        if (x.ragged) {
-            dq->set_ragged_offset(off_q);
-            dk->set_ragged_offset(off_kv);
-            dv->set_ragged_offset(off_kv);
-        }
     }
     fe::error_t e;
     if (!(e = g.validate()).is_good() || !(e = g.build_operation_graph(h)).is_good() ||
@@ -197,17 +168,14 @@ int qs_sdpa_load(const char *path, int min, char *err, size_t n) {
 // compute capability `sm` (90 for sm_90), every tensor laid out as `bshd` says (see the top). ptrs: forward
 // {q, k, v, o, stats}, backward {q, k, v, o, dO, stats, dq, dk, dv}; kv_lens: device int32 [b]
 // when padded (used for both the query and key lengths: queries are never padded, see above, so
-// seq_q gets `q_lens`, a device int32 [b] of s; packed rows: the same lengths as kv_lens), and with
-// `ragged_q` / `ragged_kv` (device int64 [b + 1]) the sequences are packed (see the top). With
-// workspace == null, writes the bytes needed to
+// seq_q gets `q_lens`, a device int32 [b] of s). With workspace == null, writes the bytes needed to
 // *workspace_size and returns 0 without running. Returns 0, or -1 with `err` filled.
 int qs_sdpa_run(void *context, void *stream, int sm, int64_t b, int64_t hq, int64_t hkv, int64_t s, int64_t t, int64_t d,
-                float scale, int bf16, int causal, int backward, int bshd, void *const *ptrs, void *q_lens, void *kv_lens,
-                void *ragged_q, void *ragged_kv, void *workspace,
+                float scale, int bf16, int causal, int backward, int bshd, void *const *ptrs, void *q_lens, void *kv_lens, void *workspace,
                 int64_t *workspace_size, char *err, size_t n) {
     try {
         std::lock_guard<std::mutex> guard(lock);
-        Shape x{b, hq, hkv, s, t, d, bf16, causal, kv_lens != nullptr, backward, sm, bshd, ragged_q != nullptr, scale};
+        Shape x{b, hq, hkv, s, t, d, bf16, causal, kv_lens != nullptr, backward, sm, bshd, scale};
         Where at{context, stream};
         auto &h = handles[at];
         if (!h) {
@@ -252,10 +220,6 @@ int qs_sdpa_run(void *context, void *stream, int sm, int64_t b, int64_t hq, int6
         if (kv_lens) {
             pack[SEQ_Q] = q_lens;
             pack[SEQ_KV] = kv_lens;
-        }
-        if (ragged_q) {
-            pack[OFF_Q] = ragged_q;
-            pack[OFF_KV] = ragged_kv;
         }
         auto e = slot->graph.execute(h, pack, workspace);
         if (!e.is_good()) {

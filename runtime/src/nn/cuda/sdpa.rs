@@ -35,8 +35,6 @@ unsafe extern "C" {
         ptrs: *const *mut c_void,
         q_lens: *mut c_void,
         kv_lens: *mut c_void,
-        ragged_q: *mut c_void,
-        ragged_kv: *mut c_void,
         workspace: *mut c_void,
         workspace_size: *mut i64,
         err: *mut c_char,
@@ -144,6 +142,10 @@ pub fn unsupported(q: &Tensor, k: &Tensor, mask: &AttnMask) -> Option<String> {
     if s == 1 {
         return Some("one position".into());
     }
+    if mask.segments.is_some() {
+        // cuDNN's ragged (THD) layout serves packed rows; not wired until it is checked on a GPU.
+        return Some("packed rows".into());
+    }
     if let Some(r) = &mask.key_ranges {
         if r.iter().any(|&(start, _)| start != 0) {
             return Some("left padding".into());
@@ -244,13 +246,7 @@ impl Pass {
 }
 
 /// Runs one pass; `ptrs` as `sdpa.cpp` orders them.
-fn run(
-    dev: &CudaDevice,
-    p: &Pass,
-    ptrs: &[u64],
-    lens: Option<(&Tensor, &Tensor)>,
-    ragged: Option<&Packed>,
-) -> Result<()> {
+fn run(dev: &CudaDevice, p: &Pass, ptrs: &[u64], lens: Option<(&Tensor, &Tensor)>) -> Result<()> {
     let (b, hq, hkv, s, t, d) = p.dims;
     let (scale, dtype, causal, backward) = (p.scale, p.dtype, p.causal, p.backward);
     let bshd = c_int::from(p.layout == Layout::Bshd);
@@ -264,13 +260,8 @@ fn run(
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
         .map_err(candle_core::Error::wrap)?;
     let ptrs: Vec<*mut c_void> = ptrs.iter().map(|&p| p as *mut c_void).collect();
-    let (q_lens, kv_lens) = match (ragged, lens) {
-        (Some(r), _) => (addr(&r.lens, "lengths")?.0, addr(&r.lens, "lengths")?.0),
-        (None, Some((q, kv))) => (addr(q, "query lengths")?.0, addr(kv, "key lengths")?.0),
-        (None, None) => (0, 0),
-    };
-    let (ragged_q, ragged_kv) = match ragged {
-        Some(r) => (addr(&r.q_off, "offsets")?.0, addr(&r.kv_off, "offsets")?.0),
+    let (q_lens, kv_lens) = match lens {
+        Some((q, kv)) => (addr(q, "query lengths")?.0, addr(kv, "key lengths")?.0),
         None => (0, 0),
     };
     let call = |workspace: u64, size: &mut i64, err: &mut [c_char; 1024]| {
@@ -296,8 +287,6 @@ fn run(
                 ptrs.as_ptr(),
                 q_lens as *mut c_void,
                 kv_lens as *mut c_void,
-                ragged_q as *mut c_void,
-                ragged_kv as *mut c_void,
                 workspace as *mut c_void,
                 size,
                 err.as_mut_ptr(),
@@ -347,79 +336,10 @@ fn lens(
     )))
 }
 
-/// Packed rows as cuDNN's ragged layout takes them: the sequences that tile the `[b * s]` token
-/// axis of `[b, s, h, d]` buffers (each packed example, and each row's padding tail, so every
-/// position is computed), back to back. Their count is rounded up to a multiple of 8 (empty
-/// sequences at the end) and the longest up to a multiple of 64, so batches of packed rows share a
-/// few cuDNN plans instead of building one each.
-struct Packed {
-    /// Sequences (padded count).
-    n: usize,
-    /// Longest sequence (rounded).
-    longest: usize,
-    /// u32 `[n]`.
-    lens: Tensor,
-    /// Element offset of each sequence in Q-like (`hq` heads) and K-like (`hkv`) buffers, i64 `[n + 1]`.
-    q_off: Tensor,
-    kv_off: Tensor,
-}
-
-impl Packed {
-    fn of(
-        mask: &AttnMask,
-        (b, s): (usize, usize),
-        heads: (usize, usize),
-        d: usize,
-        dev: &candle_core::Device,
-    ) -> Result<Option<Self>> {
-        let Some(rows) = &mask.segments else {
-            return Ok(None);
-        };
-        if rows.len() != b {
-            candle_core::bail!("packed segments for {} rows, the batch has {b}", rows.len());
-        }
-        let mut seqs = Vec::new();
-        for (r, starts) in rows.iter().enumerate() {
-            let end = mask.key_ranges.as_ref().map_or(s, |k| k[r].1.min(s));
-            let mut bounds: Vec<usize> = std::iter::once(0)
-                .chain(starts.iter().copied())
-                .filter(|&x| x < end)
-                .collect();
-            bounds.push(end);
-            if end < s {
-                bounds.push(s);
-            }
-            for w in bounds.windows(2) {
-                if w[1] > w[0] {
-                    seqs.push((r * s + w[0], w[1] - w[0]));
-                }
-            }
-        }
-        let n = seqs.len().div_ceil(8) * 8;
-        let longest = seqs.iter().map(|x| x.1).max().unwrap_or(1).div_ceil(64) * 64;
-        let total = b * s;
-        let mut lens: Vec<u32> = seqs.iter().map(|x| x.1 as u32).collect();
-        lens.resize(n, 0);
-        // INT64 element offsets: what cuDNN 9.6 and later read (cudnn-frontend's own tests).
-        let off = |h: usize| -> Result<Tensor> {
-            let mut o: Vec<i64> = seqs.iter().map(|x| (x.0 * h * d) as i64).collect();
-            o.resize(n + 1, (total * h * d) as i64);
-            Tensor::from_vec(o, n + 1, dev)
-        };
-        Ok(Some(Self {
-            n,
-            longest,
-            lens: Tensor::from_vec(lens, n, dev)?,
-            q_off: off(heads.0)?,
-            kv_off: off(heads.1)?,
-        }))
-    }
-}
-
-/// `(q, k, v, out [b, h, s, d], lse f32)`: `q` `[b, heads, s, d]`, `k`, `v`
+/// `(q, k, v, out [b, h, s, d], lse [b, h, s] f32)`: `q` `[b, heads, s, d]`, `k`, `v`
 /// `[b, kv heads, s, d]`, each contiguous or a transposed view of a contiguous `[b, s, heads, d]`
-/// (then all of them, and `out`, stay that way: no copies; packed rows always lie that way); the
-/// inputs as the backward takes them.
+/// (then all of them, and `out`, stay that way: no copies); the inputs as the backward takes
+/// them.
 pub fn forward(
     q: &Tensor,
     k: &Tensor,
@@ -430,22 +350,10 @@ pub fn forward(
     let dev = device_of(q)?;
     let (b, h, s, d) = q.dims4()?;
     let kv = k.dim(1)?;
-    let packed = Packed::of(mask, (b, s), (h, kv), d, q.device())?;
-    let layout = if packed.is_some() {
-        Layout::Bshd
-    } else {
-        Layout::of(&[q, k, v])?
-    };
+    let layout = Layout::of(&[q, k, v])?;
     let (q, k, v) = (layout.put(q)?, layout.put(k)?, layout.put(v)?);
     let out = layout.empty(&dev, (b, h, s, d), q.dtype())?;
-    let mut pass = Pass::of(&q, kv, mask, scale, false, layout)?;
-    let lse = match &packed {
-        Some(p) => {
-            pass.dims = (p.n, h, kv, p.longest, p.longest, d);
-            empty(&dev, &[p.n, h, p.longest], DType::F32)?
-        }
-        None => empty(&dev, &[b, h, s], DType::F32)?,
-    };
+    let lse = empty(&dev, &[b, h, s], DType::F32)?;
     let lens = lens(mask, b, s, q.device())?;
     let ptrs = [
         layout.addr(&q, "q")?,
@@ -456,10 +364,9 @@ pub fn forward(
     ];
     run(
         &dev,
-        &pass,
+        &Pass::of(&q, kv, mask, scale, false, layout)?,
         &ptrs,
         lens.as_ref().map(|(a, b)| (a, b)),
-        packed.as_ref(),
     )?;
     Ok((q, k, v, out, lse))
 }
@@ -478,14 +385,9 @@ pub fn backward(
     scale: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let dev = device_of(q)?;
-    let (b, h, s, d) = q.dims4()?;
+    let (b, _, s, _) = q.dims4()?;
     let kv = k.dim(1)?;
-    let packed = Packed::of(mask, (b, s), (h, kv), d, q.device())?;
-    let layout = if packed.is_some() {
-        Layout::Bshd
-    } else {
-        Layout::of(&[q, k, v, out])?
-    };
+    let layout = Layout::of(&[q, k, v, out])?;
     let dims4 = |t: &Tensor| t.dims4();
     let d_out = layout.put(d_out)?;
     let dq = layout.empty(&dev, dims4(q)?, q.dtype())?;
@@ -503,16 +405,11 @@ pub fn backward(
         layout.addr(&dk, "dk")?,
         layout.addr(&dv, "dv")?,
     ];
-    let mut pass = Pass::of(q, kv, mask, scale, true, layout)?;
-    if let Some(p) = &packed {
-        pass.dims = (p.n, h, kv, p.longest, p.longest, d);
-    }
     run(
         &dev,
-        &pass,
+        &Pass::of(q, kv, mask, scale, true, layout)?,
         &ptrs,
         lens.as_ref().map(|(a, b)| (a, b)),
-        packed.as_ref(),
     )?;
     Ok((dq, dk, dv))
 }
