@@ -40,7 +40,8 @@ pub struct AdamW {
     pub m: Tensor,
     /// Second moments `[len]` f32.
     pub v: Tensor,
-    /// `1` where weight decay applies, else `0` (`None` without weight decay).
+    /// Where weight decay applies (`None` without weight decay): an f32 `1`/`0` mask for the
+    /// reference ops, a bit per element on CUDA (the fused kernel's form: n / 8 bytes, not 4n).
     decay_mask: Option<Tensor>,
     /// Optimizer steps taken.
     pub step: usize,
@@ -52,14 +53,28 @@ impl AdamW {
         let device = params.device();
         // Two buffers: the fused kernel updates both in place.
         let zeros = || Tensor::zeros(params.len(), DType::F32, device);
-        let decay_mask = if cfg.weight_decay > 0.0 {
-            let mut mask = vec![0f32; params.len()];
-            for s in params.slots.iter().filter(|s| s.decay) {
-                mask[s.offset..s.offset + s.len()].fill(1.0);
+        let runs = || {
+            params
+                .slots
+                .iter()
+                .filter(|s| s.decay)
+                .map(|s| (s.offset, s.len()))
+        };
+        let decay_mask = match cfg.weight_decay > 0.0 {
+            false => None,
+            #[cfg(feature = "cuda")]
+            true if device.is_cuda() => {
+                let bits = decay_bits(params.len(), runs());
+                let words = bits.len();
+                Some(Tensor::from_vec(bits, words, device)?)
             }
-            Some(Tensor::from_vec(mask, params.len(), device)?)
-        } else {
-            None
+            true => {
+                let mut mask = vec![0f32; params.len()];
+                for (start, n) in runs() {
+                    mask[start..start + n].fill(1.0);
+                }
+                Some(Tensor::from_vec(mask, params.len(), device)?)
+            }
         };
         Ok(Self {
             cfg,
@@ -126,6 +141,26 @@ impl AdamW {
         params.data.set(&p.to_dtype(params.data.dtype())?)?;
         Ok(())
     }
+}
+
+/// The decay flags of AdamW's flat buffer as the kernel reads them: bit `i % 32` of word `i / 32`
+/// set where element `i` decays, for `len` elements covered by the `(offset, len)` `runs`.
+pub(crate) fn decay_bits(len: usize, runs: impl Iterator<Item = (usize, usize)>) -> Vec<u32> {
+    let mut bits = vec![0u32; len.div_ceil(32)];
+    for (start, n) in runs {
+        let (mut i, end) = (start, (start + n).min(len));
+        while i < end {
+            // Whole words at once where the run covers them.
+            if i % 32 == 0 && end - i >= 32 {
+                bits[i / 32] = u32::MAX;
+                i += 32;
+            } else {
+                bits[i / 32] |= 1 << (i % 32);
+                i += 1;
+            }
+        }
+    }
+    bits
 }
 
 /// The global L2 norm of the flat f32 `grads` and the clipping factor of
@@ -236,6 +271,18 @@ pub fn clip_grad_norm(grads: &Tensor, max_norm: f64) -> Result<(Tensor, Tensor)>
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn decay_bits_set_exactly_the_decayed_elements() {
+        // Runs that start and end inside words, span whole words, and touch the last word.
+        let runs = [(3, 2), (31, 70), (130, 7)];
+        let bits = decay_bits(137, runs.iter().copied());
+        assert_eq!(bits.len(), 5);
+        for i in 0..160 {
+            let want = runs.iter().any(|&(s, n)| (s..s + n).contains(&i));
+            assert_eq!(bits[i / 32] >> (i % 32) & 1 == 1, want, "element {i}");
+        }
+    }
 
     #[test]
     fn adamw_first_steps_follow_the_formula() {

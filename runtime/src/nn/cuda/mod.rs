@@ -529,7 +529,8 @@ fn flat_f32<'a>(
 
 /// One in-place AdamW step over flat buffers: `params` (any float dtype) and the f32 moments
 /// `m`, `v` are updated from the f32 gradients `g` scaled by the device scalar `clip`; `decay`
-/// marks where weight decay applies. One launch for every trainable tensor.
+/// (u32 words, see `train::optim::decay_bits`) marks where weight decay applies. One launch for every
+/// trainable tensor.
 pub fn adamw(
     params: &Tensor,
     m: &Tensor,
@@ -563,7 +564,23 @@ pub fn adamw(
     let cs = clip.map(Tensor::storage_and_layout);
     let ds = decay.map(Tensor::storage_and_layout);
     let cs = cs.as_ref().map(|c| flat_f32(c, "clip")).transpose()?;
-    let ds = ds.as_ref().map(|d| flat_f32(d, "decay")).transpose()?;
+    let ds = match &ds {
+        Some((s, l))
+            if l.is_contiguous()
+                && l.start_offset() == 0
+                && l.shape().elem_count() == n.div_ceil(32) =>
+        {
+            match &**s {
+                Storage::Cuda(c) => Some(c.as_cuda_slice::<u32>()?),
+                _ => candle_core::bail!("adamw: the decay bits are not on the GPU"),
+            }
+        }
+        Some(_) => candle_core::bail!(
+            "adamw: the decay bits must be {} contiguous u32 words",
+            n.div_ceil(32)
+        ),
+        None => None,
+    };
     let null: u64 = 0;
     let n64 = n as u64;
     let pl = pguard.1;
