@@ -181,8 +181,31 @@ fn ops_match_the_cpu_reference_in_f32_and_bf16() {
             );
             // Packed rows (segments inside each row, right padding after them), in the
             // engine's layout.
-            let starts: Vec<Vec<usize>> = (0..b).map(|r| vec![s / 3 + r, s / 2 + r]).collect();
+            // As packing makes them: every example starts before its row's padding.
+            let starts: Vec<Vec<usize>> = (0..b)
+                .map(|r| {
+                    [s / 3 + r, s / 2 + r]
+                        .into_iter()
+                        .filter(|&st| st < lens[r])
+                        .collect()
+                })
+                .collect();
             let packed = AttnMask::right_padded(&lens).with_segments(Some(starts));
+            if dtype != DType::F32 {
+                // Packed rows run as the padded batch of their examples, through cuDNN.
+                let u = qscript_runtime::nn::unpack::Unpacked::of(&packed, b, s, &gpu())
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("case {i}: packed rows not taken as a padded batch"));
+                let why = qscript_runtime::nn::cuda::sdpa::unsupported(
+                    &u.gather(&bshd(&q)).unwrap(),
+                    &u.gather(&bshd(&k)).unwrap(),
+                    &u.mask(),
+                );
+                assert!(
+                    why.is_none(),
+                    "case {i} {dtype:?}: packed rows not on cuDNN: {why:?}"
+                );
+            }
             let mut sp = None;
             let pc = attention(&q, &k, &v, &packed, Some(&mut sp)).unwrap();
             let mut sq = None;
@@ -269,17 +292,24 @@ fn accumulating_kernels_match_the_reference() {
         key: 9,
         first_row: 2,
     };
-    let x = r(&[3, 40, 24]);
-    for dtype in [DType::F32, DType::BF16] {
-        let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
-        let want = dropout::apply(&x.to_dtype(dtype).unwrap(), 0.3, key, 40 * 24).unwrap();
-        let got = dropout::apply(&on(&x, dtype), 0.3, key, 40 * 24).unwrap();
-        assert!(rel(&got, &want) < tol, "dropout {dtype:?}");
-        let base = r(&[3, 40, 24]);
-        let want = (base.to_dtype(dtype).unwrap() + (want * 2.0).unwrap()).unwrap();
-        let got =
-            dropout::add_into(on(&base, dtype), &on(&x, dtype), 0.3, key, 40 * 24, 2.0).unwrap();
-        assert!(rel(&got, &want) < tol * 2.0, "dropout added into {dtype:?}");
+    // Rows a multiple of 16 bytes (the vector path) and odd ones (the scalar path).
+    for shape in [[3usize, 40, 24], [3, 5, 7]] {
+        let x = r(&shape);
+        let row = shape[1] * shape[2];
+        for dtype in [DType::F32, DType::BF16] {
+            let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+            let want = dropout::apply(&x.to_dtype(dtype).unwrap(), 0.3, key, row).unwrap();
+            let got = dropout::apply(&on(&x, dtype), 0.3, key, row).unwrap();
+            assert!(rel(&got, &want) < tol, "dropout {dtype:?} {shape:?}");
+            let base = r(&shape);
+            let want = (base.to_dtype(dtype).unwrap() + (want * 2.0).unwrap()).unwrap();
+            let got =
+                dropout::add_into(on(&base, dtype), &on(&x, dtype), 0.3, key, row, 2.0).unwrap();
+            assert!(
+                rel(&got, &want) < tol * 2.0,
+                "dropout added into {dtype:?} {shape:?}"
+            );
+        }
     }
     let dst = r(&[10, 6]);
     let x = r(&[10, 6]);
@@ -594,5 +624,103 @@ fn fused_adamw_matches_the_reference() {
                 show(&oc.v)
             );
         }
+    }
+}
+
+/// The step's small fused kernels against the reference ops, on 16-byte vector paths and on
+/// odd sizes that take the scalar ones: the in-place add and bias add, the row put-back of the
+/// loss's `dHidden`, the gradient's sum of squares, and the cross-entropy rows (loss and
+/// `dHidden`, rows with label -100 skipped) in f32 and bf16.
+#[test]
+fn small_fused_kernels_match_the_reference() {
+    use qscript_runtime::nn::NoGrads;
+    use qscript_runtime::nn::loss::causal_lm_loss;
+    use qscript_runtime::nn::ops::{add_bias, add_into, put_rows};
+    let cpu = Device::Cpu;
+    let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &cpu).unwrap();
+    let on = |t: &Tensor, d: DType| t.to_device(&gpu()).unwrap().to_dtype(d).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+        for &(rows, d) in &[(33usize, 64usize), (5, 37)] {
+            let (a, b, bias) = (r(&[rows, d]), r(&[rows, d]), r(&[d]));
+            let (ad, bd, biasd) = (
+                a.to_dtype(dtype).unwrap(),
+                b.to_dtype(dtype).unwrap(),
+                bias.to_dtype(dtype).unwrap(),
+            );
+            let want = (&ad + &bd).unwrap();
+            let got = add_into(on(&a, dtype), &on(&b, dtype)).unwrap();
+            assert!(rel(&got, &want) < tol, "add_into {dtype:?} {rows}x{d}");
+            let want = ad.broadcast_add(&biasd).unwrap();
+            let got = add_bias(on(&a, dtype), &on(&bias, dtype)).unwrap();
+            assert!(rel(&got, &want) < tol, "add_bias {dtype:?} {rows}x{d}");
+            let ids = Tensor::new(&[7u32, 0, 3], &cpu).unwrap();
+            let x = r(&[3, d]).to_dtype(dtype).unwrap();
+            let want = Tensor::zeros((9, d), dtype, &cpu)
+                .unwrap()
+                .index_add(&ids, &x, 0)
+                .unwrap();
+            let got = put_rows(
+                Tensor::zeros((9, d), dtype, &gpu()).unwrap(),
+                &ids.to_device(&gpu()).unwrap(),
+                &x.to_device(&gpu()).unwrap(),
+            )
+            .unwrap();
+            assert!(rel(&got, &want) < 1e-7, "put_rows {dtype:?} {d}");
+        }
+        for vocab in [256usize, 259] {
+            let (n, h) = (13, 24);
+            let (hidden, head) = (r(&[n, h]), (r(&[vocab, h]) * 0.5).unwrap());
+            let targets: Vec<i64> = (0..n)
+                .map(|i| {
+                    if i % 4 == 1 {
+                        -100
+                    } else {
+                        ((i * 37) % vocab) as i64
+                    }
+                })
+                .collect();
+            let run = |dev: &Device| {
+                let (hd, wd) = (
+                    hidden.to_device(dev).unwrap().to_dtype(dtype).unwrap(),
+                    head.to_device(dev).unwrap().to_dtype(dtype).unwrap(),
+                );
+                let mut sink = NoGrads;
+                causal_lm_loss(&hd, &wd, &targets, 9.0, Some(&mut sink)).unwrap()
+            };
+            let (c, g) = (run(&cpu), run(&gpu()));
+            let (lc, lg) = (
+                c.loss.to_scalar::<f32>().unwrap(),
+                g.loss.to_device(&cpu).unwrap().to_scalar::<f32>().unwrap(),
+            );
+            assert!(
+                (lc - lg).abs() < 1e-4 * lc.abs().max(1.0),
+                "ce loss {dtype:?} V={vocab}: {lc} vs {lg}"
+            );
+            assert_eq!(c.count, g.count);
+            let dt = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+            assert!(
+                rel(g.d_hidden.as_ref().unwrap(), c.d_hidden.as_ref().unwrap()) < dt,
+                "ce dHidden {dtype:?} V={vocab}"
+            );
+        }
+    }
+    for n in [1usize << 20, 1001] {
+        let g = r(&[n]);
+        let want = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let (norm, _) =
+            qscript_runtime::train::optim::clip_factor(&on(&g, DType::F32), 1.0).unwrap();
+        let got = norm.to_device(&cpu).unwrap().to_scalar::<f32>().unwrap();
+        assert!(
+            (got * got - want).abs() < 1e-4 * want,
+            "sum of squares of {n}: {} vs {want}",
+            got * got
+        );
     }
 }

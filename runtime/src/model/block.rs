@@ -7,7 +7,9 @@ use candle_core::{Result, Tensor};
 use super::config::ModelConfig;
 use crate::nn::attention::{AttnSaved, attention, attention_backward};
 use crate::nn::linear::LinearSaved;
-use crate::nn::ops::{rms_norm, rms_norm_backward_into, rope, rope_bwd, swiglu, swiglu_backward};
+use crate::nn::ops::{
+    add_into, rms_norm, rms_norm_backward_into, rope, rope_bwd, swiglu, swiglu_backward,
+};
 use crate::nn::{AttnMask, GradSink, Linear};
 
 /// The projections of a block, in HF's order: the only list of them.
@@ -271,12 +273,12 @@ impl Block {
             .reshape((b, s, a.heads * hd))?;
         drop(span);
         let span = crate::profile::span("fwd.o+mlp", dev);
-        let mid = x.add(&self.linear(Proj::O, &out, step, layer, &mut saved)?)?;
+        let mid = add_into(self.linear(Proj::O, &out, step, layer, &mut saved)?, x)?;
         let h2 = rms_norm(&mid, &self.post_norm, self.eps)?;
         let gate = self.linear(Proj::Gate, &h2, step, layer, &mut saved)?;
         let up = self.linear(Proj::Up, &h2, step, layer, &mut saved)?;
-        let y =
-            mid.add(&self.linear(Proj::Down, &swiglu(&gate, &up)?, step, layer, &mut saved)?)?;
+        let down = self.linear(Proj::Down, &swiglu(&gate, &up)?, step, layer, &mut saved)?;
+        let y = add_into(down, &mid)?;
         drop(span);
         if let Some(sv) = saved {
             sv.x = Some(x.clone());
@@ -311,11 +313,12 @@ impl Block {
         let dh = self.mlp.down.backward(lin(Proj::Down)?, dy, grads)?;
         let shape = gate.shape().clone();
         let (dgate, dup) = swiglu_backward(gate, up, &dh.reshape(&shape)?)?;
+        // The gate's and up's dx sum inside the second GEMM.
+        let dh2 = self.mlp.gate.backward(lin(Proj::Gate)?, &dgate, grads)?;
         let dh2 = self
             .mlp
-            .gate
-            .backward(lin(Proj::Gate)?, &dgate, grads)?
-            .add(&self.mlp.up.backward(lin(Proj::Up)?, &dup, grads)?)?;
+            .up
+            .backward_into(lin(Proj::Up)?, &dup, Some(dh2), grads)?;
         let dmid = rms_norm_backward_into(
             mid,
             &self.post_norm,
@@ -323,7 +326,7 @@ impl Block {
             &dh2.reshape((b, s, hidden))?,
             grads,
         )?;
-        let dmid = dy.add(&dmid)?;
+        let dmid = add_into(dmid, dy)?;
         // attention
         let dout = a.o.backward(lin(Proj::O)?, &dmid, grads)?;
         let dout = dout.reshape((b, s, a.heads, hd))?.transpose(1, 2)?;
@@ -342,11 +345,21 @@ impl Block {
             dk = rms_norm_backward_into(kp, wk, self.eps, &dk, grads)?;
         }
         let dv = dv.transpose(1, 2)?.contiguous()?;
-        let dh = a
-            .q
-            .backward(lin(Proj::Q)?, &dq.reshape((b, s, a.heads * hd))?, grads)?
-            .add(&a.k.backward(lin(Proj::K)?, &dk.reshape((b, s, a.kv_heads * hd))?, grads)?)?
-            .add(&a.v.backward(lin(Proj::V)?, &dv.reshape((b, s, a.kv_heads * hd))?, grads)?)?;
+        // q's, k's and v's dx sum inside their GEMMs.
+        let dh =
+            a.q.backward(lin(Proj::Q)?, &dq.reshape((b, s, a.heads * hd))?, grads)?;
+        let dh = a.k.backward_into(
+            lin(Proj::K)?,
+            &dk.reshape((b, s, a.kv_heads * hd))?,
+            Some(dh),
+            grads,
+        )?;
+        let dh = a.v.backward_into(
+            lin(Proj::V)?,
+            &dv.reshape((b, s, a.kv_heads * hd))?,
+            Some(dh),
+            grads,
+        )?;
         let dx = rms_norm_backward_into(
             x,
             &self.input_norm,
@@ -354,6 +367,6 @@ impl Block {
             &dh.reshape((b, s, hidden))?,
             grads,
         )?;
-        dmid.add(&dx)
+        add_into(dx, &dmid)
     }
 }

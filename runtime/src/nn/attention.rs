@@ -191,6 +191,8 @@ enum Rows {
     /// cuDNN's row log-sum-exp `[b, h, s]` f32.
     #[cfg(feature = "cuda")]
     Cudnn(Tensor),
+    /// Packed rows run as the padded batch of their examples: that pass's saved state.
+    Unpacked(Box<AttnSaved>, super::unpack::Unpacked),
 }
 
 /// Whether cuDNN's fused attention takes these inputs; the first time a GPU input cannot use
@@ -299,6 +301,16 @@ pub fn attention(
     let kv = k.dim(1)?;
     let scale = 1.0 / (q.dim(3)? as f64).sqrt();
     #[cfg(feature = "cuda")]
+    if mask.segments.is_some()
+        && q.device().is_cuda()
+        && matches!(q.dtype(), DType::BF16 | DType::F16)
+    {
+        let (b, _, s, _) = q.dims4()?;
+        if let Some(u) = super::unpack::Unpacked::of(mask, b, s, q.device())? {
+            return attention_unpacked(&u, q, k, v, saved);
+        }
+    }
+    #[cfg(feature = "cuda")]
     if cudnn_ok(q, k, mask) {
         match super::cuda::sdpa::forward(q, k, v, mask, scale) {
             Ok((qc, kc, vc, out, lse)) => {
@@ -389,6 +401,34 @@ fn logits(
     }
 }
 
+/// [`attention`] over packed rows as the padded batch `u` of their examples (on CUDA that batch
+/// takes cuDNN's fused attention, so packed rows need no `s x s` buffer either).
+pub fn attention_unpacked(
+    u: &super::unpack::Unpacked,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    saved: Option<&mut Option<AttnSaved>>,
+) -> Result<Tensor> {
+    let s = q.dim(2)?;
+    let (qg, kg, vg) = (u.gather(q)?, u.gather(k)?, u.gather(v)?);
+    let mut inner = None;
+    let want = saved.is_some();
+    let out = attention(&qg, &kg, &vg, &u.mask(), want.then_some(&mut inner))?;
+    if let (Some(slot), Some(inner)) = (saved, inner) {
+        *slot = Some(AttnSaved {
+            q: q.clone(),
+            k: k.clone(),
+            v: v.clone(),
+            out: out.clone(),
+            mask: inner.mask.clone(),
+            scale: inner.scale,
+            rows: Rows::Unpacked(Box::new(inner), u.clone()),
+        });
+    }
+    u.scatter(&out, s)
+}
+
 /// Gradients `(dq, dk, dv)` of [`attention`] from `d_out`; the probabilities are recomputed from
 /// the saved row max and log-sum.
 pub fn attention_backward(saved: &AttnSaved, d_out: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
@@ -403,6 +443,11 @@ pub fn attention_backward(saved: &AttnSaved, d_out: &Tensor) -> Result<(Tensor, 
     } = saved;
     let (max, log_sum, bias) = match rows {
         Rows::Softmax { max, log_sum, bias } => (max, log_sum, bias),
+        Rows::Unpacked(inner, u) => {
+            let s = q.dim(2)?;
+            let (dq, dk, dv) = attention_backward(inner, &u.gather(d_out)?)?;
+            return Ok((u.scatter(&dq, s)?, u.scatter(&dk, s)?, u.scatter(&dv, s)?));
+        }
         #[cfg(feature = "cuda")]
         Rows::Cudnn(lse) => {
             return super::cuda::sdpa::backward(q, k, v, out, lse, d_out, &saved.mask, *scale);

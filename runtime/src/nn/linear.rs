@@ -5,7 +5,7 @@ use candle_core::{D, DType, Result, Tensor};
 
 use super::GradSink;
 use super::dropout;
-use super::ops::add_matmul;
+use super::ops::{add_bias, add_matmul};
 
 /// A LoRA adapter on a linear layer: `scale * B (A dropout(x))`. A and B are stored in f32 (the
 /// optimizer's master copy) and applied in the dtype of the activations.
@@ -96,7 +96,7 @@ impl Linear {
         let x2 = x.reshape((rows, inner))?;
         let mut y = x2.matmul(&self.weight.t()?)?;
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+            y = add_bias(y, b)?;
         }
         let mut lora_saved = None;
         if let Some(l) = &self.lora {
@@ -131,9 +131,29 @@ impl Linear {
         dy: &Tensor,
         grads: &mut dyn GradSink,
     ) -> Result<Tensor> {
+        self.backward_into(saved, dy, None, grads)
+    }
+
+    /// [`Linear::backward`] with `dx` added to `acc` (`[rows, in]`, held by nothing else): the GEMM
+    /// accumulates into it, so the `dx` of projections that share an input sum without an add.
+    pub fn backward_into(
+        &self,
+        saved: &LinearSaved,
+        dy: &Tensor,
+        acc: Option<Tensor>,
+        grads: &mut dyn GradSink,
+    ) -> Result<Tensor> {
         let rows = saved.x.dim(0)?;
         let dy = dy.reshape((rows, self.out_features()))?;
-        let mut dx = dy.matmul(&self.weight)?;
+        let mut dx = match acc {
+            Some(acc) => add_matmul(
+                acc.reshape((rows, self.in_features()))?,
+                &dy,
+                &self.weight,
+                1.0,
+            )?,
+            None => dy.matmul(&self.weight)?,
+        };
         if grads.wants(&self.weight) {
             grads.add_matmul(&self.weight, &dy.t()?, &saved.x, 1.0)?;
         }

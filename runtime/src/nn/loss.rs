@@ -25,6 +25,17 @@ pub struct LossOut {
     pub count: usize,
 }
 
+/// Bytes one chunk's logits and dlogits may take on CUDA: [`CHUNK_BUDGET_BYTES`], or, when the
+/// head is trained, twice its f32 gradient (within 256 MiB..1 GiB): every chunk adds into that
+/// whole gradient once, so fewer, larger chunks move fewer bytes.
+pub fn chunk_budget(vocab: usize, hidden: usize, head_trained: bool) -> usize {
+    if head_trained {
+        (vocab * hidden * 8).clamp(CHUNK_BUDGET_BYTES, 1 << 30)
+    } else {
+        CHUNK_BUDGET_BYTES
+    }
+}
+
 /// Rows per chunk for a vocabulary of `vocab` under [`CHUNK_BUDGET_BYTES`].
 pub fn chunk_rows(vocab: usize) -> usize {
     (CHUNK_BUDGET_BYTES / (vocab.max(1) * 16)).max(1)
@@ -45,7 +56,9 @@ pub fn causal_lm_loss(
     let vocab = head.dim(0)?;
     let rows = if hidden.device().is_cuda() {
         // The fused kernel keeps only the chunk's logits and dlogits, in the model's dtype.
-        (CHUNK_BUDGET_BYTES / (vocab.max(1) * 2 * hidden.dtype().size_in_bytes())).max(1)
+        let trained = grads.as_ref().is_some_and(|g| g.wants(head));
+        let budget = chunk_budget(vocab, head.dim(1)?, trained);
+        (budget / (vocab.max(1) * 2 * hidden.dtype().size_in_bytes())).max(1)
     } else {
         chunk_rows(vocab)
     };
@@ -150,7 +163,7 @@ fn loss_in_chunks(
         Some(if all {
             d
         } else {
-            Tensor::zeros((n, h), dtype, device)?.index_add(&idx, &d, 0)?
+            crate::nn::ops::put_rows(Tensor::zeros((n, h), dtype, device)?, &idx, &d)?
         })
     } else {
         None

@@ -23,6 +23,7 @@ pub mod dropout;
 pub mod linear;
 pub mod loss;
 pub mod ops;
+pub mod unpack;
 
 use candle_core::{Result, Tensor};
 

@@ -36,6 +36,38 @@ pub fn add_matmul(c: Tensor, a: &Tensor, b: &Tensor, alpha: f64) -> Result<Tenso
     c.add(&if alpha == 1.0 { p } else { (p * alpha)? })
 }
 
+/// `dst + x` (same shape and dtype) for a `dst` nothing else holds: on CUDA the sum lands in
+/// `dst`'s buffer (one pass, no new buffer), elsewhere the plain add.
+pub fn add_into(dst: Tensor, x: &Tensor) -> Result<Tensor> {
+    if dst.dims() != x.dims() {
+        candle_core::bail!("add_into: {:?} + {:?}", dst.dims(), x.dims());
+    }
+    #[cfg(feature = "cuda")]
+    if fused(&dst, x) && dst.is_contiguous() {
+        return super::cuda::accumulate::add_into(dst, x);
+    }
+    dst.add(x)
+}
+
+/// `y + bias` over the last dimension for a `y` nothing else holds (in place on CUDA).
+pub fn add_bias(y: Tensor, bias: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(&y, bias) && y.is_contiguous() {
+        return super::cuda::accumulate::add_bias(y, bias);
+    }
+    y.broadcast_add(bias)
+}
+
+/// `dst` (`[n, h]`, held by nothing else) with row `ids[r]` set to row `r` of `x` (`[rows, h]`,
+/// distinct ids): on CUDA written in place, elsewhere an index-add (`dst` is zero there).
+pub fn put_rows(dst: Tensor, ids: &Tensor, x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(&dst, x) && dst.is_contiguous() {
+        return super::cuda::accumulate::put_rows(dst, ids, x);
+    }
+    dst.index_add(ids, x, 0)
+}
+
 /// Backward of [`rms_norm`] from its input: `dx`, and `dweight` when `want_dw`.
 /// `dx = rstd * (g - x̂ * mean(g * x̂))` with `g = dy * weight`; `dweight = Σ dy * x̂`.
 pub fn rms_norm_backward(

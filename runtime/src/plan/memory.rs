@@ -12,7 +12,7 @@ use std::fmt;
 use candle_core::DType;
 
 use crate::model::ModelConfig;
-use crate::nn::loss::CHUNK_BUDGET_BYTES;
+use crate::nn::loss::chunk_budget;
 use crate::{Error, Result};
 
 /// What the CUDA context, cuBLAS and cuDNN hold outside the memory pool (the driver's figure
@@ -174,7 +174,12 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
         (tokens * layers * per_layer, per_layer)
     };
     let vocab = cfg.vocab_size as f64;
-    let chunk_rows = (CHUNK_BUDGET_BYTES as f64 / (vocab * 2.0 * b)).max(1.0);
+    let budget = chunk_budget(
+        cfg.vocab_size,
+        cfg.hidden_size,
+        matches!(w.trainable, Trainable::Full),
+    );
+    let chunk_rows = (budget as f64 / (vocab * 2.0 * b)).max(1.0);
     let loss = if training {
         tokens.min(chunk_rows) * vocab * 2.0 * b + tokens * h * b
     } else {
@@ -186,7 +191,13 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
         tokens * (2.0 * i + h) * b
     };
     let optimizer = if training {
-        trained * 8.0 + if w.weight_decay { trained * 4.0 } else { 0.0 }
+        // Two f32 moments, and the decay flags: a bit per element on the GPU, f32 elsewhere.
+        trained * 8.0
+            + match (w.weight_decay, w.gpu) {
+                (false, _) => 0.0,
+                (true, true) => trained / 8.0,
+                (true, false) => trained * 4.0,
+            }
     } else {
         0.0
     };
@@ -345,7 +356,7 @@ mod tests {
                 true,
                 2.26,
             ),
-            ("0.5B full b8 s512", &small, 4096, false, true, false, 13.19),
+            ("0.5B full b8 s512", &small, 4096, false, true, true, 12.86),
             (
                 "Qwen1.5-7B LoRA b4 s512",
                 &q15,

@@ -145,6 +145,7 @@ impl AdamW {
 
 /// The decay flags of AdamW's flat buffer as the kernel reads them: bit `i % 32` of word `i / 32`
 /// set where element `i` decays, for `len` elements covered by the `(offset, len)` `runs`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn decay_bits(len: usize, runs: impl Iterator<Item = (usize, usize)>) -> Vec<u32> {
     let mut bits = vec![0u32; len.div_ceil(32)];
     for (start, n) in runs {
@@ -178,6 +179,10 @@ pub fn clip_factor(grads: &Tensor, max_norm: f64) -> Result<(Tensor, Option<Tens
 /// `Σ g²` of a flat buffer as rows of partial sums, so the device reduces in parallel (one
 /// reduction over a 500M-element vector runs in a single block and takes tens of ms).
 fn sum_of_squares(g: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if g.device().is_cuda() && g.dtype() == DType::F32 && g.is_contiguous() {
+        return Ok(crate::nn::cuda::sum_of_squares(g)?);
+    }
     const ROWS: usize = 4096;
     let n = g.elem_count();
     let main = n / ROWS * ROWS;

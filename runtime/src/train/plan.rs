@@ -141,16 +141,35 @@ pub fn plan(
         gpu: device.is_cuda(),
     };
     let estimate = memory::estimate(model.config(), model.decoder.dtype(), &workload)?;
-    let budget = crate::device::free_bytes(&device);
+    // What the run may use on a device: what is free there plus what the model's weights already
+    // hold (loaded for a real run; a dry run has loaded nothing).
+    let loaded = model.planned_device.is_none();
+    let capacity = |dev: &candle_core::Device, weights: u64| {
+        crate::device::free_bytes(dev).map(|f| f + if loaded { weights } else { 0 })
+    };
+    let budget = capacity(&device, estimate.weights);
     let epochs = if cfg.max_steps > 0 {
         total.div_ceil(steps_per_epoch) as f64
     } else {
         cfg.num_train_epochs
     };
-    let placement = model.placement.as_ref().map(|p| {
-        let per = per_device(p, &estimate, model);
-        (p.clone(), per)
-    });
+    let placement = match &model.placement {
+        Some(p) => {
+            let mut per = per_device(p, &estimate, model);
+            // `max_memory` decides where weights go (as in accelerate); the run is checked
+            // against each device's real capacity.
+            for ((dev, _, budget), (_, weights, _)) in per.iter_mut().zip(&p.devices) {
+                if let Some(c) = crate::device::by_name(dev)
+                    .ok()
+                    .and_then(|d| capacity(&d, *weights))
+                {
+                    *budget = c;
+                }
+            }
+            Some((p.clone(), per))
+        }
+        None => None,
+    };
     if let Some((_, per)) = &placement
         && let Some((dev, need, budget)) = per.iter().find(|(_, n, b)| n > b)
     {

@@ -600,8 +600,9 @@ impl Trainer {
         }
         let mut parts = Vec::with_capacity(self.pending.len() * 2);
         for p in &self.pending {
-            parts.push(p.loss.reshape(1)?);
-            parts.push(p.grad_norm.reshape(1)?);
+            // The loss lies on the head's device, the norm on the first gradient buffer's.
+            parts.push(p.loss.reshape(1)?.to_device(&self.device)?);
+            parts.push(p.grad_norm.reshape(1)?.to_device(&self.device)?);
         }
         let values = Tensor::cat(&parts, 0)?.to_vec1::<f32>()?;
         let mut last = (0.0, 0.0);

@@ -13,7 +13,7 @@ __device__ __forceinline__ uint64_t splitmix(uint64_t z) {
 
 __device__ __forceinline__ float uniform(uint64_t key, uint64_t i) {
     uint64_t z = splitmix(key ^ (i * 0x9E3779B97F4A7C15ull));
-    return (float)(z >> 40) * (1.0f / 16777216.0f);
+    return (float)(uint32_t)(z >> 40) * (1.0f / 16777216.0f);  // 24 bits: a 32-bit convert
 }
 
 // dropout.rs's `mix`: the key of one example row.
@@ -21,14 +21,18 @@ __device__ __forceinline__ uint64_t mix(uint64_t a, uint64_t b) {
     return splitmix(a ^ ((b + 0x9E3779B97F4A7C15ull) * 0xBF58476D1CE4E5B9ull));
 }
 
-// Element j of row r (rows of row_elems elements) draws from key mix(key, first_row + r).
+// Element j of row r (rows of row_elems elements) draws from key mix(key, first_row + r). Rows
+// run along grid.y and their elements along grid.x, so a thread mixes its row's key once and no
+// element pays for a 64-bit division.
 #define DROPOUT_MASK(NAME, T, CONVERT)                                                          \
     extern "C" __global__ void NAME(T *out, uint64_t key, uint64_t first_row, uint64_t row_elems, \
                                     float p, float keep, uint64_t n) {                          \
-        for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;               \
-             i += (uint64_t)blockDim.x * gridDim.x) {                                           \
-            uint64_t row = mix(key, first_row + i / row_elems);                                 \
-            out[i] = CONVERT(uniform(row, i % row_elems) < p ? 0.0f : keep);                    \
+        for (uint64_t r = blockIdx.y; r * row_elems < n; r += gridDim.y) {                      \
+            uint64_t row = mix(key, first_row + r), base = r * row_elems;                       \
+            uint64_t len = n - base < row_elems ? n - base : row_elems;                         \
+            for (uint64_t j = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; j < len;         \
+                 j += (uint64_t)blockDim.x * gridDim.x)                                         \
+                out[base + j] = CONVERT(uniform(row, j) < p ? 0.0f : keep);                     \
         }                                                                                       \
     }
 
@@ -119,34 +123,107 @@ template <> __device__ __forceinline__ float st<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 st<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half st<__half>(float x) { return __float2half(x); }
 
+// Per block, the sum of squares of its grid-stride share of g: out[blockIdx.x] (the caller sums
+// the few partials). The gradient norm in one read of the buffer, no squared copy.
+extern "C" __global__ void sumsq_f32(const float *g, float *out, uint64_t n) {
+    float acc = 0.0f;
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
+         i += (uint64_t)blockDim.x * gridDim.x) {
+        float v = g[i];
+        acc += v * v;
+    }
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) out[blockIdx.x] = acc;
+}
+
 // ---------------------------------------------------------------- cross-entropy rows
+// A running (max, sum of exp(x - max)) pair, merged with another.
+__device__ __forceinline__ void ms_merge(float &m, float &s, float m2, float s2) {
+    float M = fmaxf(m, m2);
+    if (M == -INFINITY) return;
+    s = s * __expf(m - M) + s2 * __expf(m2 - M);
+    m = M;
+}
+__device__ __forceinline__ void ms_add(float &m, float &s, float v) {
+    if (v > m) {
+        s = s * __expf(m - v) + 1.0f;
+        m = v;
+    } else {
+        s += __expf(v - m);
+    }
+}
+// Block-wide merge of the pairs; every thread gets the result.
+__device__ void block_ms(float &m, float &s) {
+    __shared__ float sm[32], ss[32];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1)
+        ms_merge(m, s, __shfl_xor_sync(0xffffffff, m, o), __shfl_xor_sync(0xffffffff, s, o));
+    __syncthreads();
+    if (lane == 0) { sm[w] = m; ss[w] = s; }
+    __syncthreads();
+    if (w == 0) {
+        bool in = lane < (int)(blockDim.x >> 5);
+        m = in ? sm[lane] : -INFINITY;
+        s = in ? ss[lane] : 0.0f;
+        for (int o = 16; o > 0; o >>= 1)
+            ms_merge(m, s, __shfl_xor_sync(0xffffffff, m, o), __shfl_xor_sync(0xffffffff, s, o));
+        if (lane == 0) { sm[0] = m; ss[0] = s; }
+    }
+    __syncthreads();
+    m = sm[0];
+    s = ss[0];
+}
+
 // One block per row of logits [n, V]: loss[r] = logsumexp(x) - x[target[r]] and
-// dlogits = (softmax(x) - onehot(target)) * inv_denom, all arithmetic in f32.
+// dlogits = (softmax(x) - onehot(target)) * inv_denom, all arithmetic in f32. One read for the
+// max and the sum together (online), one for the gradient; 16 bytes a thread where `vec` (rows
+// 16-byte aligned, V a multiple of 16 / sizeof(T)).
 template <typename T>
 __device__ void ce_rows(const T *logits, const uint32_t *target, T *dlogits, float *loss,
-                        uint64_t V, float inv_denom, int want_grad) {
+                        uint64_t V, float inv_denom, int want_grad, int vec) {
+    constexpr int W = 16 / sizeof(T);
     uint64_t r = blockIdx.x;
     const T *x = logits + r * V;
-    float m = -INFINITY;
-    for (uint64_t j = threadIdx.x; j < V; j += blockDim.x) m = fmaxf(m, ld(x[j]));
-    m = block_max(m);
-    float sum = 0.0f;
-    for (uint64_t j = threadIdx.x; j < V; j += blockDim.x) sum += __expf(ld(x[j]) - m);
-    sum = block_sum(sum);
+    float m = -INFINITY, sum = 0.0f;
+    if (vec) {
+        for (uint64_t j = threadIdx.x; j < V / W; j += blockDim.x) {
+            uint4 u = reinterpret_cast<const uint4 *>(x)[j];
+            const T *e = reinterpret_cast<const T *>(&u);
+#pragma unroll
+            for (int k = 0; k < W; k++) ms_add(m, sum, ld(e[k]));
+        }
+    } else {
+        for (uint64_t j = threadIdx.x; j < V; j += blockDim.x) ms_add(m, sum, ld(x[j]));
+    }
+    block_ms(m, sum);
     float lse = m + __logf(sum);
     uint32_t t = target[r];
     if (threadIdx.x == 0) loss[r] = lse - ld(x[t]);
     if (!want_grad) return;
     T *d = dlogits + r * V;
-    for (uint64_t j = threadIdx.x; j < V; j += blockDim.x) {
-        float p = __expf(ld(x[j]) - lse);
-        d[j] = st<T>((p - (j == t ? 1.0f : 0.0f)) * inv_denom);
+    if (vec) {
+        for (uint64_t j = threadIdx.x; j < V / W; j += blockDim.x) {
+            uint4 u = reinterpret_cast<const uint4 *>(x)[j], o;
+            const T *e = reinterpret_cast<const T *>(&u);
+            T *f = reinterpret_cast<T *>(&o);
+#pragma unroll
+            for (int k = 0; k < W; k++) {
+                uint64_t c = j * W + k;
+                f[k] = st<T>((__expf(ld(e[k]) - lse) - (c == t ? 1.0f : 0.0f)) * inv_denom);
+            }
+            reinterpret_cast<uint4 *>(d)[j] = o;
+        }
+    } else {
+        for (uint64_t j = threadIdx.x; j < V; j += blockDim.x) {
+            float p = __expf(ld(x[j]) - lse);
+            d[j] = st<T>((p - (j == t ? 1.0f : 0.0f)) * inv_denom);
+        }
     }
 }
 #define CE(NAME, T)                                                                              \
     extern "C" __global__ void NAME(const T *l, const uint32_t *t, T *d, float *loss, uint64_t V, \
-                                    float inv, int g) {                                          \
-        ce_rows<T>(l, t, d, loss, V, inv, g);                                                    \
+                                    float inv, int g, int vec) {                                 \
+        ce_rows<T>(l, t, d, loss, V, inv, g, vec);                                               \
     }
 CE(ce_rows_f32, float)
 CE(ce_rows_bf16, __nv_bfloat16)
@@ -307,28 +384,30 @@ RMS(__half, f16)
 // HF's apply_rotary_pos_emb on x [b, s, h, d] in any layout with d contiguous (strides in
 // elements for b, s, h of x and y), cos/sin [s, d] (+ cb * batch when per row, cb = 0 when shared),
 // rounded like x * cos + rotate_half(x) * sin in T. With `bwd`, the transpose:
-// dx = dy * cos + rotate_half_t(dy * sin). One thread per pair (i, i + d/2).
+// dx = dy * cos + rotate_half_t(dy * sin). A block per token (grid-stride over the b * s tokens),
+// its threads over the token's h * d/2 pairs (i, i + d/2), with 32-bit index arithmetic.
 template <typename T>
 __device__ void rope(const T *x, const T *cos, const T *sin, T *y, uint64_t b, uint64_t s, uint64_t h,
                      uint64_t d, uint64_t xb, uint64_t xs, uint64_t xh, uint64_t yb, uint64_t ys,
                      uint64_t yh, uint64_t cb, int bwd) {
-    uint64_t half = d / 2, n = b * s * h * half;
-    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
-         i += (uint64_t)blockDim.x * gridDim.x) {
-        uint64_t j = i % half, r = i / half;
-        uint64_t hh = r % h, ss = (r / h) % s, bb = r / (h * s);
-        const T *xr = x + bb * xb + ss * xs + hh * xh;
-        T *yr = y + bb * yb + ss * ys + hh * yh;
+    uint32_t half = (uint32_t)(d / 2), pairs = (uint32_t)h * half;
+    for (uint64_t tok = blockIdx.x; tok < b * s; tok += gridDim.x) {
+        uint64_t bb = tok / s, ss = tok % s;
         const T *cr = cos + bb * cb + ss * d, *sr = sin + bb * cb + ss * d;
-        float x1 = ld(xr[j]), x2 = ld(xr[j + half]);
-        float c1 = ld(cr[j]), c2 = ld(cr[j + half]), s1 = ld(sr[j]), s2 = ld(sr[j + half]);
-        auto r16 = [](float v) { return ld(st<T>(v)); };
-        if (!bwd) {  // [x1, x2] * cos + [-x2, x1] * sin
-            yr[j] = st<T>(r16(x1 * c1) + r16(-x2 * s1));
-            yr[j + half] = st<T>(r16(x2 * c2) + r16(x1 * s2));
-        } else {  // dy * cos + [dy2 * s2, -(dy1 * s1)]
-            yr[j] = st<T>(r16(x1 * c1) + r16(x2 * s2));
-            yr[j + half] = st<T>(r16(x2 * c2) - r16(x1 * s1));
+        for (uint32_t p = threadIdx.x; p < pairs; p += blockDim.x) {
+            uint32_t hh = p / half, j = p % half;
+            const T *xr = x + bb * xb + ss * xs + hh * xh;
+            T *yr = y + bb * yb + ss * ys + hh * yh;
+            float x1 = ld(xr[j]), x2 = ld(xr[j + half]);
+            float c1 = ld(cr[j]), c2 = ld(cr[j + half]), s1 = ld(sr[j]), s2 = ld(sr[j + half]);
+            auto r16 = [](float v) { return ld(st<T>(v)); };
+            if (!bwd) {  // [x1, x2] * cos + [-x2, x1] * sin
+                yr[j] = st<T>(r16(x1 * c1) + r16(-x2 * s1));
+                yr[j + half] = st<T>(r16(x2 * c2) + r16(x1 * s2));
+            } else {  // dy * cos + [dy2 * s2, -(dy1 * s1)]
+                yr[j] = st<T>(r16(x1 * c1) + r16(x2 * s2));
+                yr[j + half] = st<T>(r16(x2 * c2) - r16(x1 * s1));
+            }
         }
     }
 }
@@ -348,22 +427,43 @@ ROPE(__half, f16)
 // dropout's forward (acc 0, alpha 1: x * mask rounded as the reference's T mask and product) and
 // the adapter's input gradient added into dX (acc 1, alpha = the LoRA scale).
 template <typename T>
+__device__ __forceinline__ T dropout_one(T o, T x, uint64_t row, uint64_t j, float p, float kt, float alpha, int acc) {
+    float m = uniform(row, j) < p ? 0.0f : kt;
+    float v = acc ? ld(st<T>(alpha * ld(st<T>(m * ld(x))))) : m * ld(x);
+    return st<T>(acc ? ld(o) + v : v);
+}
+// Rows along grid.y, as in DROPOUT_MASK; with `vec` (rows a multiple of 16 / sizeof(T) elements,
+// x and out 16-byte aligned) a thread takes 16 bytes at a time.
+template <typename T>
 __device__ void dropout_axpy(T *out, const T *x, uint64_t key, uint64_t first_row, uint64_t row_elems, float p,
-                             float keep, float alpha, int acc, uint64_t n) {
+                             float keep, float alpha, int acc, uint64_t n, int vec) {
+    constexpr int W = 16 / sizeof(T);
     float kt = ld(st<T>(keep));
-    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
-         i += (uint64_t)blockDim.x * gridDim.x) {
-        uint64_t row = mix(key, first_row + i / row_elems);
-        float m = uniform(row, i % row_elems) < p ? 0.0f : kt;
-        float v = acc ? ld(st<T>(alpha * ld(st<T>(m * ld(x[i]))))) : m * ld(x[i]);
-        out[i] = st<T>(acc ? ld(out[i]) + v : v);
+    for (uint64_t r = blockIdx.y; r * row_elems < n; r += gridDim.y) {
+        uint64_t row = mix(key, first_row + r), base = r * row_elems;
+        uint64_t len = n - base < row_elems ? n - base : row_elems;
+        uint64_t t0 = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x, step = (uint64_t)blockDim.x * gridDim.x;
+        if (vec) {
+            for (uint64_t q = t0; q < len / W; q += step) {
+                uint4 ux = reinterpret_cast<const uint4 *>(x + base)[q], uo;
+                if (acc) uo = reinterpret_cast<const uint4 *>(out + base)[q];
+                const T *ex = reinterpret_cast<const T *>(&ux);
+                T *eo = reinterpret_cast<T *>(&uo);
+#pragma unroll
+                for (int k = 0; k < W; k++) eo[k] = dropout_one<T>(eo[k], ex[k], row, q * W + k, p, kt, alpha, acc);
+                reinterpret_cast<uint4 *>(out + base)[q] = uo;
+            }
+        } else {
+            for (uint64_t j = t0; j < len; j += step)
+                out[base + j] = dropout_one<T>(out[base + j], x[base + j], row, j, p, kt, alpha, acc);
+        }
     }
 }
 #define DROPOUT_AXPY(T, SFX)                                                                    \
     extern "C" __global__ void dropout_axpy_##SFX(T *out, const T *x, uint64_t key, uint64_t first_row, \
                                                   uint64_t row_elems, float p, float keep, float alpha, \
-                                                  int acc, uint64_t n) {                        \
-        dropout_axpy<T>(out, x, key, first_row, row_elems, p, keep, alpha, acc, n);              \
+                                                  int acc, uint64_t n, int vec) {               \
+        dropout_axpy<T>(out, x, key, first_row, row_elems, p, keep, alpha, acc, n, vec);         \
     }
 DROPOUT_AXPY(float, f32)
 DROPOUT_AXPY(__nv_bfloat16, bf16)
@@ -392,6 +492,70 @@ __device__ void scatter_rows_f32(float *dst, const uint32_t *ids, const T *x, ui
 ACC(float, f32)
 ACC(__nv_bfloat16, bf16)
 ACC(__half, f16)
+
+// dst += x in place (same dtype, contiguous), 16 bytes a thread where `vec` (both 16-byte aligned
+// and n a multiple of 16 / sizeof(T)); the sum is rounded once to T, as the reference's add.
+template <typename T>
+__device__ void add_into(T *dst, const T *x, uint64_t n, int vec) {
+    constexpr int V = 16 / sizeof(T);
+    uint64_t i0 = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x, step = (uint64_t)blockDim.x * gridDim.x;
+    if (vec) {
+        for (uint64_t i = i0; i < n / V; i += step) {
+            uint4 a = reinterpret_cast<const uint4 *>(dst)[i], b = reinterpret_cast<const uint4 *>(x)[i];
+            T *pa = reinterpret_cast<T *>(&a);
+            const T *pb = reinterpret_cast<const T *>(&b);
+#pragma unroll
+            for (int k = 0; k < V; k++) pa[k] = st<T>(ld(pa[k]) + ld(pb[k]));
+            reinterpret_cast<uint4 *>(dst)[i] = a;
+        }
+    } else {
+        for (uint64_t i = i0; i < n; i += step) dst[i] = st<T>(ld(dst[i]) + ld(x[i]));
+    }
+}
+// y [rows, d] += bias [d] in place, a block per row (grid-stride), 16 bytes a thread where `vec`.
+template <typename T>
+__device__ void bias_add(T *y, const T *bias, uint64_t rows, uint64_t d, int vec) {
+    constexpr int V = 16 / sizeof(T);
+    for (uint64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        T *yr = y + r * d;
+        if (vec) {
+            for (uint64_t j = threadIdx.x; j < d / V; j += blockDim.x) {
+                uint4 a = reinterpret_cast<const uint4 *>(yr)[j], b = reinterpret_cast<const uint4 *>(bias)[j];
+                T *pa = reinterpret_cast<T *>(&a);
+                const T *pb = reinterpret_cast<const T *>(&b);
+#pragma unroll
+                for (int k = 0; k < V; k++) pa[k] = st<T>(ld(pa[k]) + ld(pb[k]));
+                reinterpret_cast<uint4 *>(yr)[j] = a;
+            }
+        } else {
+            for (uint64_t j = threadIdx.x; j < d; j += blockDim.x) yr[j] = st<T>(ld(yr[j]) + ld(bias[j]));
+        }
+    }
+}
+// Row ids[r] of dst [*, h] = row r of x [rows, h] (distinct ids; the other rows untouched), a block
+// per row.
+template <typename T>
+__device__ void put_rows(T *dst, const uint32_t *ids, const T *x, uint64_t rows, uint64_t h) {
+    for (uint64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        T *dr = dst + (uint64_t)ids[r] * h;
+        const T *xr = x + r * h;
+        for (uint64_t j = threadIdx.x; j < h; j += blockDim.x) dr[j] = xr[j];
+    }
+}
+#define ADDS(T, SFX)                                                                            \
+    extern "C" __global__ void add_into_##SFX(T *dst, const T *x, uint64_t n, int vec) {        \
+        add_into<T>(dst, x, n, vec);                                                            \
+    }                                                                                           \
+    extern "C" __global__ void bias_add_##SFX(T *y, const T *b, uint64_t rows, uint64_t d, int vec) { \
+        bias_add<T>(y, b, rows, d, vec);                                                        \
+    }                                                                                           \
+    extern "C" __global__ void put_rows_##SFX(T *dst, const uint32_t *ids, const T *x, uint64_t rows, \
+                                              uint64_t h) {                                     \
+        put_rows<T>(dst, ids, x, rows, h);                                                      \
+    }
+ADDS(float, f32)
+ADDS(__nv_bfloat16, bf16)
+ADDS(__half, f16)
 
 // The reference's per-row terms of RMSNorm's weight gradient, dy * T(xhat) in f32 [rows, d]; the
 // caller sums the rows with a GEMM straight into the gradient. One block a row.

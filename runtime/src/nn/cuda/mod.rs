@@ -25,6 +25,20 @@ fn launch_1d(n: usize) -> LaunchConfig {
     }
 }
 
+/// Rows of `row_elems` elements along grid.y (as many as the grid takes; the kernels stride over
+/// the rest), each row's elements along grid.x.
+fn rows_2d(n: usize, row_elems: usize) -> LaunchConfig {
+    let row_elems = row_elems.clamp(1, n.max(1));
+    let threads = 256u32;
+    let x = row_elems.div_ceil(threads as usize).clamp(1, 65_535) as u32;
+    let y = n.div_ceil(row_elems).clamp(1, 65_535) as u32;
+    LaunchConfig {
+        grid_dim: (x, y, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 fn wrap(storage: CudaStorage, shape: &[usize]) -> Tensor {
     Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
 }
@@ -175,6 +189,10 @@ pub fn ce_rows(
     };
     let (ploss, _) = addr(&loss, "loss")?;
     let (v64, g) = (v as u64, i32::from(want_grad));
+    let width = 16 / logits.dtype().size_in_bytes();
+    let vec = i32::from(
+        v.is_multiple_of(width) && pl.is_multiple_of(16) && (pd == 0 || pd.is_multiple_of(16)),
+    );
     launch(
         &dev,
         "ce_rows",
@@ -188,9 +206,35 @@ pub fn ce_rows(
             Arg::from(v64),
             Arg::from(inv_denom),
             Arg::from(g),
+            Arg::from(vec),
         ],
     )?;
     Ok((loss, d))
+}
+
+/// The sum of squares of a contiguous f32 buffer, as a device scalar (one read of the buffer).
+pub fn sum_of_squares(g: &Tensor) -> Result<Tensor> {
+    let n = g.elem_count();
+    if g.dtype() != DType::F32 {
+        candle_core::bail!("sum_of_squares: {:?}, not f32", g.dtype());
+    }
+    let (pg, dev) = addr(g, "grads")?;
+    let blocks = n.div_ceil(256).clamp(1, 1024);
+    let out = empty(&dev, &[blocks], DType::F32)?;
+    let po = addr(&out, "partials")?.0;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch(
+        &dev,
+        "sumsq",
+        DType::F32,
+        cfg,
+        &[Arg::from(pg), Arg::from(po), Arg::from(n as u64)],
+    )?;
+    out.sum_all()
 }
 
 /// Which keys each row of attention scores sees, for the softmax kernels.
@@ -428,7 +472,12 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, backward: bool) -> Result<Te
         &dev,
         "rope",
         x.dtype(),
-        launch_1d(b * s * h * d / 2),
+        // A block per token, its threads over the token's pairs.
+        LaunchConfig {
+            grid_dim: ((b * s).clamp(1, 1 << 20) as u32, 1, 1),
+            block_dim: (if h * d / 2 >= 256 { 256 } else { 64 }, 1, 1),
+            shared_mem_bytes: 0,
+        },
         &[
             Arg::from(px),
             Arg::from(pc),
@@ -477,7 +526,7 @@ pub fn dropout_mask(
             b.arg(&keep);
             b.arg(&n64);
             // SAFETY: the argument list matches the kernel's signature in kernels.cu.
-            unsafe { b.launch(launch_1d(n)) }.w()?;
+            unsafe { b.launch(rows_2d(n, row_elems as usize)) }.w()?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
     }

@@ -1,0 +1,165 @@
+//! Packed rows as the padded batch of their examples. The examples of `[b, s]` packed rows
+//! (segment starts, then right padding) are laid out one per row of an `[n, m]` batch, so attention
+//! over packed rows runs on the padded path (cuDNN's fused attention with per-row key lengths: no
+//! `s x s` buffer) and its results go back in place. Every token belongs to one example; the last
+//! example of a row takes the row's padding too, its padding queries seeing its keys, as the packed
+//! mask says.
+
+use candle_core::{Device, Result, Tensor};
+
+use super::AttnMask;
+use super::ops::put_rows;
+
+/// How packed rows map onto the padded batch of their examples.
+#[derive(Clone, Debug)]
+pub struct Unpacked {
+    /// Destination token (in the `[n * m]` axis) of every source token (`[b * s]`), u32.
+    ids: Tensor,
+    /// Examples, with filler ones up to a multiple of 8 (so batches share a few plans).
+    pub n: usize,
+    /// Tokens a row: the longest example, rounded up to a multiple of 64.
+    pub m: usize,
+    /// Real keys of each example (1 for the filler ones, whose queries and keys are zeros).
+    pub lens: Vec<usize>,
+}
+
+impl Unpacked {
+    /// The layout of `mask`'s packed rows over `[b, s]`, or `None` when the rows are not packed,
+    /// or the mask is one the padded path does not express (left padding, an empty row, an
+    /// example starting in the padding), or its examples padded to the longest would hold over 4x the tokens.
+    pub fn of(mask: &AttnMask, b: usize, s: usize, device: &Device) -> Result<Option<Self>> {
+        let Some(rows) = &mask.segments else {
+            return Ok(None);
+        };
+        if rows.len() != b || !mask.causal || mask.offset != 0 {
+            return Ok(None);
+        }
+        // (source start, tokens, real keys) of each example.
+        let mut examples = Vec::new();
+        for (r, starts) in rows.iter().enumerate() {
+            let (lo, len) = mask.key_ranges.as_ref().map_or((0, s), |k| k[r]);
+            if lo != 0 || len == 0 || len > s || starts.iter().any(|&st| st == 0 || st >= len) {
+                return Ok(None);
+            }
+            let mut bounds: Vec<usize> = std::iter::once(0).chain(starts.iter().copied()).collect();
+            if bounds.windows(2).any(|w| w[1] <= w[0]) {
+                return Ok(None);
+            }
+            bounds.push(s);
+            let last = bounds.len() - 2;
+            for (i, w) in bounds.windows(2).enumerate() {
+                let keys = if i == last { len - w[0] } else { w[1] - w[0] };
+                examples.push((r * s + w[0], w[1] - w[0], keys));
+            }
+        }
+        let longest = examples.iter().map(|e| e.1).max().unwrap_or(1);
+        if examples.len() * longest > 4 * b * s {
+            return Ok(None);
+        }
+        let (n, m) = (examples.len().div_ceil(8) * 8, longest.div_ceil(64) * 64);
+        let mut ids = vec![0u32; b * s];
+        let mut lens = Vec::with_capacity(n);
+        for (e, &(start, tokens, keys)) in examples.iter().enumerate() {
+            for t in 0..tokens {
+                ids[start + t] = (e * m + t) as u32;
+            }
+            lens.push(keys);
+        }
+        lens.resize(n, 1);
+        Ok(Some(Self {
+            ids: Tensor::from_vec(ids, b * s, device)?,
+            n,
+            m,
+            lens,
+        }))
+    }
+
+    /// The padded batch's mask: causal, each example's real keys from position 0.
+    pub fn mask(&self) -> AttnMask {
+        AttnMask::right_padded(&self.lens)
+    }
+
+    /// `t` `[b, h, s, d]` (any layout) as `[n, h, m, d]` (a transposed view of a contiguous
+    /// `[n, m, h, d]`), zeros outside the examples.
+    pub fn gather(&self, t: &Tensor) -> Result<Tensor> {
+        let (b, h, s, d) = t.dims4()?;
+        let rows = t.transpose(1, 2)?.contiguous()?.reshape((b * s, h * d))?;
+        let zeros = Tensor::zeros((self.n * self.m, h * d), t.dtype(), t.device())?;
+        put_rows(zeros, &self.ids, &rows)?
+            .reshape((self.n, self.m, h, d))?
+            .transpose(1, 2)
+    }
+
+    /// [`Unpacked::gather`]'s inverse on `t` `[n, h, m, d]`: `[b, h, s, d]` for `s`-token rows (a
+    /// transposed view of a contiguous `[b, s, h, d]`).
+    pub fn scatter(&self, t: &Tensor, s: usize) -> Result<Tensor> {
+        let (_, h, _, d) = t.dims4()?;
+        let b = self.ids.elem_count() / s.max(1);
+        t.transpose(1, 2)?
+            .contiguous()?
+            .reshape((self.n * self.m, h * d))?
+            .index_select(&self.ids, 0)?
+            .reshape((b, s, h, d))?
+            .transpose(1, 2)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::nn::attention::{attention, attention_backward, attention_unpacked};
+
+    /// The padded batch of the examples gives the packed reference's outputs and gradients at
+    /// every position (padding included), with GQA and rows of one and of several examples.
+    #[test]
+    fn the_padded_batch_of_examples_equals_packed_attention() {
+        let dev = Device::Cpu;
+        let (b, h, kv, s, d) = (3, 4, 2, 23, 8);
+        let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let (q, k, v, dy) = (
+            r(&[b, h, s, d]),
+            r(&[b, kv, s, d]),
+            r(&[b, kv, s, d]),
+            r(&[b, h, s, d]),
+        );
+        let mask = AttnMask::right_padded(&[23, 19, 11]).with_segments(Some(vec![
+            vec![5, 12],
+            vec![],
+            vec![3, 4, 10],
+        ]));
+        let u = Unpacked::of(&mask, b, s, &dev).unwrap().unwrap();
+        assert_eq!((u.n, u.m), (8, 64));
+        assert_eq!(u.lens, [5, 7, 11, 19, 3, 1, 6, 1]);
+        let (mut sp, mut su) = (None, None);
+        let want = attention(&q, &k, &v, &mask, Some(&mut sp)).unwrap();
+        let got = attention_unpacked(&u, &q, &k, &v, Some(&mut su)).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            a.sub(b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(diff(&got, &want) < 1e-5, "forward {}", diff(&got, &want));
+        let gw = attention_backward(sp.as_ref().unwrap(), &dy).unwrap();
+        let gg = attention_backward(su.as_ref().unwrap(), &dy).unwrap();
+        for (n, (a, c)) in
+            ["dq", "dk", "dv"]
+                .iter()
+                .zip([(&gg.0, &gw.0), (&gg.1, &gw.1), (&gg.2, &gw.2)])
+        {
+            assert!(diff(a, c) < 1e-5, "{n} {}", diff(a, c));
+        }
+        // What the padded path cannot say falls back: an example starting in the padding.
+        let odd = AttnMask::right_padded(&[23, 19, 11]).with_segments(Some(vec![
+            vec![5],
+            vec![19],
+            vec![],
+        ]));
+        assert!(Unpacked::of(&odd, b, s, &dev).unwrap().is_none());
+    }
+}
