@@ -37,13 +37,7 @@ fn feed_inner(
         link.clone()
     };
     if meta.is_dir() && !link.file_type().is_symlink() {
-        let mut entries = std::fs::read_dir(path)
-            .map_err(|e| Error::io(path, e))?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|e| Error::io(path, e))?;
-        entries.sort();
-        for entry in entries {
+        for entry in crate::sandbox::list_dir(path)? {
             feed_inner(hasher, root, &entry, files)?;
         }
     } else if meta.is_file() {

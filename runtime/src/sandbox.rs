@@ -345,6 +345,45 @@ pub fn open(path: &Path) -> Result<std::fs::File> {
     }
 }
 
+/// The entries of directory `path` (full paths under `path`, sorted), listed from the directory
+/// actually opened: under an active sandbox that directory is checked first (where the
+/// descriptor really points) and listed through the descriptor (Linux: `/proc/self/fd/N` names
+/// the open directory itself, not a path), so a directory swapped for a link between a check and
+/// the listing cannot list an outside directory.
+pub fn list_dir(path: &Path) -> Result<Vec<PathBuf>> {
+    let dir = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = dir.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_dir() {
+        return Err(Error::Sandbox(format!(
+            "cannot list `{}`: not a directory",
+            path.display()
+        )));
+    }
+    let refused = ACTIVE.with(|a| {
+        let a = a.borrow();
+        let sb = a.as_ref()?;
+        let real = opened_path(&dir)?;
+        (!sb.may_read(&real)).then(|| sb.refuse_read(path))
+    });
+    if let Some(e) = refused {
+        return Err(e);
+    }
+    #[cfg(target_os = "linux")]
+    let listed = {
+        use std::os::fd::AsRawFd as _;
+        PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+    };
+    #[cfg(not(target_os = "linux"))]
+    let listed = path.to_path_buf();
+    let mut out = std::fs::read_dir(&listed)
+        .map_err(|e| Error::io(path, e))?
+        .map(|e| e.map(|e| path.join(e.file_name())))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| Error::io(path, e))?;
+    out.sort();
+    Ok(out)
+}
+
 /// The bytes of the regular file `path`. Under an active sandbox the check is on the file
 /// actually opened (where the descriptor really points), so a directory swapped for a link
 /// between the sandbox's check and this open cannot leak a file from outside.
@@ -464,6 +503,52 @@ mod tests {
         assert_eq!(read(&real).unwrap(), b"inside");
         activate(None);
         let _ = seen;
+    }
+
+    /// Listing a directory swapped for a link to the outside, in a loop: every listing names the
+    /// inside entries or fails, never the outside ones.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_swapped_directory_never_lists_the_outside() {
+        let (d, sb) = setup();
+        let inside = d.path().join("recipe/data");
+        std::fs::create_dir(&inside).unwrap();
+        std::fs::write(inside.join("inside.txt"), "x").unwrap();
+        let outside = d.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("SECRET.txt"), "s").unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (inside, outside, stop) = (inside.clone(), outside.clone(), stop.clone());
+            let parked = inside.with_extension("real");
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = std::fs::rename(&inside, &parked);
+                    let _ = std::os::unix::fs::symlink(&outside, &inside);
+                    let _ = std::fs::remove_file(&inside);
+                    let _ = std::fs::rename(&parked, &inside);
+                }
+            })
+        };
+        activate(Some(sb.clone()));
+        for _ in 0..3000 {
+            if let Ok(real) = sb.resolve_read("data")
+                && let Ok(names) = list_dir(&real)
+            {
+                assert!(
+                    names.iter().all(|n| !n.ends_with("SECRET.txt")),
+                    "an outside directory was listed: {names:?}"
+                );
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        swapper.join().unwrap();
+        let real = sb.resolve_read("data").unwrap();
+        assert_eq!(list_dir(&real).unwrap(), [real.join("inside.txt")]);
+        // A link to the outside, listed directly, is refused.
+        std::os::unix::fs::symlink(&outside, d.path().join("recipe/link")).unwrap();
+        assert!(list_dir(&d.path().join("recipe/link")).is_err());
+        activate(None);
     }
 
     #[test]

@@ -283,9 +283,8 @@ impl RunContext {
     /// file in it must pass the sandbox, so a symlink inside it cannot reach out.
     pub fn resolve_read_dir(&self, dir: &str) -> qscript_runtime::Result<PathBuf> {
         let real = self.sandbox.resolve_read(dir)?;
-        let entries = std::fs::read_dir(&real).map_err(|e| qscript_runtime::Error::io(&real, e))?;
-        for entry in entries.flatten() {
-            self.sandbox.resolve_read(entry.path())?;
+        for entry in qscript_runtime::sandbox::list_dir(&real)? {
+            self.sandbox.resolve_read(entry)?;
         }
         Ok(real)
     }
