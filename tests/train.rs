@@ -652,3 +652,80 @@ fn tensorboard_event_files_hold_the_logged_scalars() {
     };
     assert!(other.validate().is_ok());
 }
+
+/// Data parallel: two ranks (threads of this process, over the TCP group) with half the
+/// per-device batch give the single process's losses and adapters: every rank takes its share
+/// of each global micro-batch, the loss is normalised by the whole window's learned tokens and
+/// the gradients are summed over the ranks. Rank 1 writes nothing; rank 0 logs.
+#[test]
+fn two_ranks_train_like_one_process_with_the_same_global_batch() {
+    use qscript_runtime::dist::{Group, World, set_thread_group};
+    let data = examples(13);
+    let m = peft_with(4, 0.0);
+    let one_dir = tempfile::tempdir().unwrap();
+    let one_cfg = TrainConfig {
+        gradient_accumulation_steps: 2,
+        max_steps: 4,
+        ..cfg(one_dir.path())
+    };
+    let one = run(&m, &data, &one_cfg, None);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            let (m, data) = (m.clone(), data.clone());
+            std::thread::spawn(move || {
+                let world = World {
+                    rank,
+                    size: 2,
+                    local_rank: rank,
+                    local_size: 2,
+                    master_addr: "127.0.0.1".into(),
+                    master_port: port,
+                };
+                let g = Group::connect(&world, std::time::Duration::from_secs(30)).unwrap();
+                set_thread_group(Some(std::sync::Arc::new(g)));
+                let dir = tempfile::tempdir().unwrap();
+                let c = TrainConfig {
+                    per_device_train_batch_size: 2,
+                    gradient_accumulation_steps: 2,
+                    max_steps: 4,
+                    ..cfg(dir.path())
+                };
+                let mut logs = 0;
+                let cancel = CancelToken::new();
+                let r = fit(&m, &data, None, &c, 256, &cancel, &mut |e| {
+                    if let Event::Log(_) = e {
+                        logs += 1;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+                set_thread_group(None);
+                (r, logs, dir)
+            })
+        })
+        .collect();
+    let results: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+    for (rank, (r, logs, _)) in results.iter().enumerate() {
+        assert_eq!(r.losses.len(), 4, "rank {rank}");
+        for ((s, a), (_, b)) in one.losses.iter().zip(&r.losses) {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "rank {rank} step {s}: one process {a}, two ranks {b}"
+            );
+        }
+        let (a, b) = (
+            &lora::adapters(&one.model)[0].1.b,
+            &lora::adapters(&r.model)[0].1.b,
+        );
+        assert!(
+            max_abs_diff(a, b) < 1e-5 * max_abs(a).max(1e-3),
+            "rank {rank} adapters"
+        );
+        assert_eq!(*logs, if rank == 0 { 4 } else { 0 }, "rank {rank} logs");
+    }
+}

@@ -25,6 +25,7 @@ pub mod cancel;
 pub mod chat_template;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod hash;
 pub mod lora;

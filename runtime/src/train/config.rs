@@ -316,9 +316,11 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Micro-batches per epoch for `n` examples, optimizer steps per epoch, and total steps.
-    pub fn plan(&self, n: usize) -> (usize, usize, usize) {
-        let micro = n.div_ceil(self.per_device_train_batch_size);
+    /// Micro-batches per epoch for `n` examples over `ranks` data-parallel ranks, optimizer steps
+    /// per epoch, and total steps.
+    pub fn plan(&self, n: usize, ranks: usize) -> (usize, usize, usize) {
+        // A micro-batch is one per rank: `per_device_train_batch_size` x ranks examples.
+        let micro = n.div_ceil(self.per_device_train_batch_size * ranks.max(1));
         let per_epoch = (micro / self.gradient_accumulation_steps).max(1);
         let total = if self.max_steps > 0 {
             usize::try_from(self.max_steps).unwrap_or(usize::MAX)

@@ -91,7 +91,8 @@ pub fn plan(
     for (what, data) in [("training", &train[..]), ("eval", eval.unwrap_or(&[]))] {
         check_ids(what, data, vocab)?;
     }
-    let (micro_per_epoch, steps_per_epoch, total) = cfg.plan(train.len());
+    let ranks = crate::dist::planned_size();
+    let (micro_per_epoch, steps_per_epoch, total) = cfg.plan(train.len(), ranks);
     Schedule::new(
         &cfg.lr_scheduler_type,
         cfg.learning_rate,
@@ -188,7 +189,7 @@ pub fn plan(
         total_steps: total,
         epochs,
         batch: cfg.per_device_train_batch_size,
-        devices: 1,
+        devices: ranks,
         accumulation: cfg.gradient_accumulation_steps,
         trainable,
         longest,

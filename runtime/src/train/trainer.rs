@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use super::checkpoint::{self, TrainerState};
@@ -204,6 +204,9 @@ pub struct Trainer {
     merge: MergePolicy,
     plan: super::plan::RunPlan,
     tensorboard: Option<super::tensorboard::EventWriter>,
+    /// The data-parallel ranks (`None`: one process). Rank 0 alone evaluates and writes
+    /// checkpoints; the others write nothing (the launcher gives them a throw-away overlay).
+    dist: Option<Arc<crate::dist::Group>>,
 }
 
 /// What one optimizer step did.
@@ -235,6 +238,7 @@ impl Trainer {
         pad_id: u32,
     ) -> Result<Self> {
         model.needs_weights("training")?;
+        let dist = crate::dist::group()?;
         let (plan, train) = super::plan::plan(model, train, eval.as_deref().map(|e| &e[..]), cfg)?;
         let out_dir = PathBuf::from(&cfg.output_dir);
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
@@ -320,7 +324,51 @@ impl Trainer {
             merge,
             plan,
             tensorboard,
+            dist,
         })
+    }
+
+    /// Whether `cancel` (Ctrl-C) stops the run now: on any rank, for every rank at the same step.
+    pub fn should_stop(&self, cancel: &CancelToken) -> Result<bool> {
+        match &self.dist {
+            Some(g) => g.any(cancel.is_cancelled()),
+            None => Ok(cancel.is_cancelled()),
+        }
+    }
+
+    /// Whether this process writes: rank 0, or the only process.
+    fn lead(&self) -> bool {
+        self.dist.as_ref().is_none_or(|g| g.rank() == 0)
+    }
+
+    /// This rank's part of a window of global micro-batches: its share of each (see
+    /// [`crate::dist::share`]) and the window index of its first example (the ranks' shares
+    /// laid end to end, rank 0 first: dropout keys each example by that index).
+    fn shard<'a>(&self, window: &[Vec<&'a Example>]) -> (Vec<Vec<&'a Example>>, u64) {
+        let Some(g) = &self.dist else {
+            return (window.to_vec(), 0);
+        };
+        let part = |r: usize| -> Vec<Vec<&'a Example>> {
+            window
+                .iter()
+                .map(|mb| {
+                    let (a, b) = crate::dist::share(mb.len(), g.size(), r);
+                    mb[a..b].to_vec()
+                })
+                .filter(|mb| !mb.is_empty())
+                .collect()
+        };
+        let before: usize = (0..g.rank())
+            .map(|r| part(r).iter().map(Vec::len).sum::<usize>())
+            .sum();
+        (part(g.rank()), before as u64)
+    }
+
+    /// Sums `t` (f32, any shape) over the ranks, in place of `t`.
+    fn sum_over_ranks(g: &crate::dist::Group, t: &Tensor) -> Result<Tensor> {
+        let mut host = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        g.all_reduce_sum(&mut host)?;
+        Ok(Tensor::from_vec(host, t.shape(), t.device())?)
     }
 
     /// The plan, as `Event::Start`.
@@ -329,8 +377,7 @@ impl Trainer {
             examples: self.train.len(),
             // As HF prints it: with `max_steps`, the epochs those steps take.
             epochs: self.plan.epochs,
-            total_batch: self.cfg.per_device_train_batch_size
-                * self.cfg.gradient_accumulation_steps,
+            total_batch: self.plan.total_batch(),
             total_steps: self.total,
             trainable: self.trainable,
             resumed_at: self.state.global_step,
@@ -397,18 +444,35 @@ impl Trainer {
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<_>>()?;
+        // The loss is normalised by the learned tokens of the whole window, every rank's share.
         let window_tokens: usize = examples.iter().map(|e| learned_tokens(e)).sum();
+        let (mine, first_row) = self.shard(&examples);
         self.merge.before_step(&self.device);
-        let (grads, loss, largest) = match self.run_window(&examples, window_tokens) {
-            Err((e, true)) if is_out_of_memory(&e) => {
-                // A merged pass did not fit after all: the window again, as written.
-                self.merge.disable();
-                self.run_window(&examples, window_tokens)
-                    .map_err(|(e, _)| e)?
+        let (mut grads, mut loss, largest) = if mine.is_empty() {
+            // Fewer examples than ranks: this rank adds nothing but still joins the sums.
+            let zeros = self.params.zero_grads()?;
+            let loss = Tensor::zeros((), DType::F32, &self.device)?;
+            (zeros.parts.into_iter().map(|p| p.buf).collect(), loss, 0)
+        } else {
+            match self.run_window(&mine, window_tokens, first_row) {
+                Err((e, true)) if is_out_of_memory(&e) => {
+                    // A merged pass did not fit after all: the window again, as written.
+                    self.merge.disable();
+                    self.run_window(&mine, window_tokens, first_row)
+                        .map_err(|(e, _)| e)?
+                }
+                other => other.map_err(|(e, _)| e)?,
             }
-            other => other.map_err(|(e, _)| e)?,
         };
         self.merge.after_step(&self.device, largest);
+        if let Some(g) = &self.dist {
+            // Every rank's gradients and loss summed: each rank then takes the same step.
+            for buf in &mut grads {
+                let summed = Self::sum_over_ranks(g, buf)?;
+                *buf = summed;
+            }
+            loss = Self::sum_over_ranks(g, &loss.to_device(&self.device)?)?;
+        }
         let tokens: usize = examples.iter().flatten().map(|e| e.input_ids.len()).sum();
         self.tokens_seen += tokens;
         self.tokens_since_log += tokens;
@@ -430,10 +494,15 @@ impl Trainer {
             window: window.to_vec(),
         });
         let eval_every = self.cfg.eval_steps.unwrap_or(self.cfg.logging_steps).max(1);
-        let evaluating = self.cfg.eval_strategy == "steps"
+        // Rank 0 alone logs, evaluates and saves.
+        let lead = self.lead();
+        let evaluating = lead
+            && self.cfg.eval_strategy == "steps"
             && (step.is_multiple_of(eval_every) || step == self.total);
-        let logging = step.is_multiple_of(self.cfg.logging_steps.max(1)) || step == self.total;
-        let mut saving = self.cfg.save_steps > 0 && step.is_multiple_of(self.cfg.save_steps);
+        let logging =
+            lead && (step.is_multiple_of(self.cfg.logging_steps.max(1)) || step == self.total);
+        let mut saving =
+            lead && self.cfg.save_steps > 0 && step.is_multiple_of(self.cfg.save_steps);
         let read = if logging || evaluating || saving {
             Some(self.flush()?)
         } else {
@@ -487,6 +556,12 @@ impl Trainer {
         if saving {
             events.push(Event::Saved(self.save_checkpoint()?));
         }
+        if let Some(g) = &self.dist
+            && self.cfg.early_stopping_patience.is_some()
+        {
+            // Rank 0's evaluation decides; every rank stops at the same step.
+            self.stopped_early = g.any(self.stopped_early)?;
+        }
         Ok(StepOutcome {
             step,
             loss: read.map(|r| r.0),
@@ -504,9 +579,10 @@ impl Trainer {
         &self,
         examples: &[Vec<&Example>],
         window_tokens: usize,
+        first_row: u64,
     ) -> std::result::Result<(Vec<Tensor>, Tensor, usize), (Error, bool)> {
         let mut merged = false;
-        self.run_groups(examples, window_tokens, &mut merged)
+        self.run_groups(examples, window_tokens, first_row, &mut merged)
             .map_err(|e| (e, merged))
     }
 
@@ -514,6 +590,7 @@ impl Trainer {
         &self,
         examples: &[Vec<&Example>],
         window_tokens: usize,
+        first_row: u64,
         merged: &mut bool,
     ) -> Result<(Vec<Tensor>, Tensor, usize)> {
         let dims: Vec<(usize, usize)> = examples
@@ -532,7 +609,7 @@ impl Trainer {
         let mut grads = self.params.zero_grads()?;
         let mut loss: Option<Tensor> = None;
         let mut largest = 0;
-        let mut first_row = 0u64;
+        let mut first_row = first_row;
         for g in groups {
             *merged = g.len() > 1;
             let ex: Vec<&Example> = examples[g].iter().flatten().copied().collect();
@@ -649,6 +726,12 @@ impl Trainer {
     /// Writes `checkpoint-{step}` (atomically) and applies `save_total_limit`.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         self.flush()?;
+        if !self.lead() {
+            // Rank 0 writes it.
+            return Ok(self
+                .out_dir
+                .join(format!("checkpoint-{}", self.state.global_step)));
+        }
         let path = checkpoint::save(
             &self.out_dir,
             &self.model,
@@ -686,7 +769,9 @@ impl Trainer {
             .best_model_checkpoint
             .clone()
             .zip(self.state.best_metric);
-        super::plot::write(&self.out_dir, &self.state.log_history)?;
+        if self.lead() {
+            super::plot::write(&self.out_dir, &self.state.log_history)?;
+        }
         let runtime = self.started.elapsed().as_secs_f64().max(1e-9);
         Ok(TrainReport {
             steps: self.state.global_step,
@@ -713,18 +798,17 @@ pub(super) fn next_windows(
     micro_per_epoch: usize,
     state: &mut TrainerState,
 ) -> Vec<Vec<Vec<usize>>> {
+    // One micro-batch for all ranks: each takes its share (see `Trainer::step`).
+    let batch = cfg.per_device_train_batch_size * crate::dist::planned_size();
     for _ in 0..2 {
         let order = epoch_order(
             lengths,
-            cfg.per_device_train_batch_size,
+            batch,
             cfg.group_by_length,
             cfg.seed,
             state.epoch as u64,
         );
-        let micro: Vec<Vec<usize>> = order
-            .chunks(cfg.per_device_train_batch_size)
-            .map(<[usize]>::to_vec)
-            .collect();
+        let micro: Vec<Vec<usize>> = order.chunks(batch).map(<[usize]>::to_vec).collect();
         let k = cfg.gradient_accumulation_steps;
         let full_windows_only = micro_per_epoch >= k;
         let out: Vec<Vec<Vec<usize>>> = micro
@@ -773,7 +857,7 @@ pub fn fit(
             break;
         }
         for w in windows {
-            if cancel.is_cancelled() {
+            if t.should_stop(cancel)? {
                 let path = t.save_checkpoint()?;
                 on_event(&Event::Saved(path))?;
                 return t.finish(true);
