@@ -201,3 +201,124 @@ fn a_second_run_on_the_same_output_dir_is_refused() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+const DDP: &str = r#"let p = params(#{ batch: 4, max_steps: 6 });
+let tok = tokenizer::builtin();
+let rows = "[";
+for i in 0..11 { if i > 0 { rows += ","; } rows += `{"instruction": "question ${i}?", "output": "answer ${i}."}`; }
+io::write_text("d.json", rows + "]");
+let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/d.json")), tok);
+let peft = lora::attach(model::tiny(#{ hidden: 32 }), #{ r: 2, lora_dropout: 0.0 });
+train::fit(peft, ds, #{ per_device_train_batch_size: p.batch, gradient_accumulation_steps: 2, max_steps: p.max_steps, logging_steps: 1, save_steps: 3, learning_rate: 1e-2 });
+print("finished");
+"#;
+
+fn losses(dir: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
+        .collect()
+}
+
+/// `--nproc-per-node 2` with half the per-device batch gives the single process's losses; rank 0
+/// alone writes metrics and checkpoints, and the plan counts both ranks.
+#[test]
+fn two_ranks_from_the_launcher_give_the_single_process_losses() {
+    let env = Env::new();
+    env.write("t.rhai", DDP);
+    let one = env.dir.path().join("one");
+    let o = run_in(
+        env.dir.path(),
+        &["recipe/t.rhai", "--output-dir", one.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let two = env.dir.path().join("two");
+    let o = run_in(
+        env.dir.path(),
+        &[
+            "recipe/t.rhai",
+            "--nproc-per-node",
+            "2",
+            "--set",
+            "batch=2",
+            "--output-dir",
+            two.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(
+        out.matches("finished").count(),
+        1,
+        "rank 0 alone prints: {out}"
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains("Total train batch size (w. accumulation) = 8"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("[rank 1] *****"),
+        "rank 1 reports nothing: {err}"
+    );
+    let (a, b) = (losses(&one), losses(&two));
+    assert_eq!(a.len(), 6);
+    assert_eq!(a.len(), b.len());
+    for (s, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (x - y).abs() < 1e-4,
+            "step {}: one process {x}, two ranks {y}",
+            s + 1
+        );
+    }
+    assert!(two.join("checkpoint-6").is_dir() && two.join("checkpoint-3").is_dir());
+}
+
+/// A rank that dies stops the run: the launcher names it and stops the other rank, no hang.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_rank_that_dies_stops_the_others_and_is_named() {
+    let env = Env::new();
+    env.write("t.rhai", DDP);
+    let out = env.out_dir();
+    let mut launcher = qscript()
+        .current_dir(env.dir.path())
+        .args([
+            "recipe/t.rhai",
+            "--nproc-per-node",
+            "2",
+            "--set",
+            "max_steps=1000000",
+            "--output-dir",
+            out.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _out = wait_for_line(&mut launcher, "step 3,");
+    let pid = launcher.id();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let ranks: Vec<&str> = children.split_whitespace().collect();
+    assert_eq!(ranks.len(), 2, "{children}");
+    let killed = std::process::Command::new("kill")
+        .args(["-9", ranks[1]])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = launcher.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut launcher.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("error: rank 1 of 2 was killed (signal 9)"),
+        "{err}"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", ranks[0])).exists()
+            || std::fs::read_to_string(format!("/proc/{}/stat", ranks[0]))
+                .is_ok_and(|s| s.contains(") Z ")),
+        "rank 0 still runs"
+    );
+}

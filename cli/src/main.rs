@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 script or user error, 2 usage or internal error, 130 stopped by Ctrl-C.
 
 mod config;
+mod launch;
 mod repl;
 mod watch;
 
@@ -123,6 +124,10 @@ struct RunArgs {
     /// The most bytes of rendered text one record may have in `data::sft` (0 = no limit).
     #[arg(long, value_name = "BYTES", default_value_t = qscript_stdlib::DEFAULT_MAX_RECORD_SIZE)]
     max_record_size: usize,
+    /// Train data-parallel over N processes on this machine (one per GPU; on the CPU, N
+    /// processes), as `torchrun --nproc-per-node N` would start them.
+    #[arg(long, value_name = "N")]
+    nproc_per_node: Option<usize>,
     /// Stop a script whose process heap passes BYTES (default: from the machine's memory, the
     /// container's limit and `ulimit -v`; 0 = no limit).
     #[arg(long, value_name = "BYTES")]
@@ -187,6 +192,23 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
         eprintln!("error: cannot read recipe `{}`: no such file", f.display());
         return Ok(ExitCode::from(1));
     }
+    if let Some(n) = args.nproc_per_node {
+        if n == 0 {
+            eprintln!("error: `--nproc-per-node` is 0; expected 1 or more");
+            return Ok(ExitCode::from(2));
+        }
+        if args.file.is_none() || args.watch {
+            eprintln!("error: `--nproc-per-node` runs a recipe: give one, without `--watch`");
+            return Ok(ExitCode::from(2));
+        }
+        if check {
+            // A dry run plans for the ranks without starting them.
+            qscript_runtime::dist::set_planned_size(n);
+        } else if n > 1 && std::env::var_os("RANK").is_none() {
+            ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst))?;
+            return launch::launch(n, &launch::rank_args(std::env::args_os().skip(1)));
+        }
+    }
     let mut opts = RunOptions::new(
         &base,
         args.output_dir
@@ -222,6 +244,22 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
         Err(e) => {
             eprintln!("error: {e}");
             return Ok(ExitCode::from(1));
+        }
+    };
+    // Ranks other than 0 write nothing: their writes go to a throw-away overlay.
+    let _overlay = match qscript_runtime::dist::World::from_vars(|k| std::env::var(k).ok()) {
+        Ok(Some(w)) if w.rank > 0 => {
+            let dir = tempfile::tempdir()?;
+            session
+                .context()
+                .sandbox
+                .set_overlay(Some(dir.path().to_path_buf()));
+            Some(dir)
+        }
+        Ok(_) => None,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
         }
     };
     let cancel = session.context().cancel.clone();

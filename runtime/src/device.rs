@@ -6,10 +6,13 @@ use candle_core::Device;
 
 use crate::Result;
 
-/// The first GPU if there is one (and this is a CUDA build), else the CPU.
+/// The first GPU if there is one (and this is a CUDA build), else the CPU; under data parallel
+/// (`WORLD_SIZE` above 1) the rank's own GPU, `LOCAL_RANK`.
 pub fn auto() -> Result<Device> {
     if candle_core::utils::cuda_is_available() {
-        cuda(0)
+        let local =
+            crate::dist::World::from_vars(|k| std::env::var(k).ok())?.map_or(0, |w| w.local_rank);
+        cuda(local)
     } else {
         Ok(Device::Cpu)
     }

@@ -184,8 +184,9 @@ pub struct Trainer {
     eval: Option<Arc<Vec<Example>>>,
     lengths: Vec<usize>,
     out_dir: PathBuf,
-    metrics: std::fs::File,
-    _lock: checkpoint::DirLock,
+    /// `None` on ranks other than 0 (they write nothing).
+    metrics: Option<std::fs::File>,
+    _lock: Option<checkpoint::DirLock>,
     pad_id: u32,
     device: Device,
     total: usize,
@@ -241,11 +242,17 @@ impl Trainer {
         let dist = crate::dist::group()?;
         let (plan, train) = super::plan::plan(model, train, eval.as_deref().map(|e| &e[..]), cfg)?;
         let out_dir = PathBuf::from(&cfg.output_dir);
-        std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
-        let lock = checkpoint::DirLock::take(&out_dir)?;
-        for done in checkpoint::recover(&out_dir)? {
-            crate::notice::say(format!("note: `{}`: {done}", out_dir.display()));
-        }
+        let lead = dist.as_ref().is_none_or(|g| g.rank() == 0);
+        let lock = if lead {
+            std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+            let lock = checkpoint::DirLock::take(&out_dir)?;
+            for done in checkpoint::recover(&out_dir)? {
+                crate::notice::say(format!("note: `{}`: {done}", out_dir.display()));
+            }
+            Some(lock)
+        } else {
+            None
+        };
         let mut model = model.clone();
         let device: Device = model.decoder.device().clone();
         crate::device::reset_peak(&device);
@@ -272,16 +279,22 @@ impl Trainer {
             state = checkpoint::restore(&dir, &model, &params, &mut opt)?;
         }
         state.max_steps = total;
-        let json = serde_json::to_string_pretty(cfg).unwrap_or_default();
-        crate::sandbox::write_atomic(&out_dir.join("training_args.json"), json.as_bytes())?;
-        let metrics_path = out_dir.join("metrics.jsonl");
-        own_metrics(&metrics_path, state.global_step)?;
-        let metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .map_err(|e| Error::io(&metrics_path, e))?;
-        let tensorboard = if plan.tensorboard {
+        let metrics = if lead {
+            let json = serde_json::to_string_pretty(cfg).unwrap_or_default();
+            crate::sandbox::write_atomic(&out_dir.join("training_args.json"), json.as_bytes())?;
+            let metrics_path = out_dir.join("metrics.jsonl");
+            own_metrics(&metrics_path, state.global_step)?;
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&metrics_path)
+                    .map_err(|e| Error::io(&metrics_path, e))?,
+            )
+        } else {
+            None
+        };
+        let tensorboard = if plan.tensorboard && lead {
             let dir = cfg
                 .logging_dir
                 .as_ref()
@@ -705,8 +718,9 @@ impl Trainer {
     }
 
     fn record(&mut self, rec: &serde_json::Value) -> Result<()> {
-        writeln!(self.metrics, "{rec}")
-            .map_err(|e| Error::io(self.out_dir.join("metrics.jsonl"), e))?;
+        if let Some(m) = &mut self.metrics {
+            writeln!(m, "{rec}").map_err(|e| Error::io(self.out_dir.join("metrics.jsonl"), e))?;
+        }
         if let Some(tb) = &mut self.tensorboard {
             tb.log(rec)?;
         }
@@ -850,6 +864,9 @@ pub fn fit(
         cfg,
         pad_id,
     )?;
+    // Rank 0 alone reports (the others' progress is the same).
+    let lead = t.lead();
+    let mut on_event = |e: &Event| if lead { on_event(e) } else { Ok(()) };
     on_event(&t.start_event())?;
     while !t.is_done() {
         let windows = t.windows();
