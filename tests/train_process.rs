@@ -322,3 +322,63 @@ fn a_rank_that_dies_stops_the_others_and_is_named() {
         "rank 0 still runs"
     );
 }
+
+/// Ctrl-C on the launcher (SIGINT to it alone: it passes the signal on) stops both ranks at the
+/// same step after rank 0's one checkpoint; the launcher exits 130, and `--resume` with two ranks
+/// continues from that checkpoint.
+#[test]
+fn ctrl_c_on_the_launcher_stops_every_rank_after_one_checkpoint() {
+    let env = Env::new();
+    env.write("t.rhai", DDP);
+    let out = env.out_dir();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "recipe/t.rhai",
+            "--nproc-per-node",
+            "2",
+            "--set",
+            "batch=2",
+            "--output-dir",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        qscript()
+            .current_dir(env.dir.path())
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut launcher = run(&["--set", "max_steps=1000000"]);
+    let _out = wait_for_line(&mut launcher, "step 4,");
+    std::process::Command::new("kill")
+        .args(["-INT", &launcher.id().to_string()])
+        .status()
+        .unwrap();
+    let o = launcher.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(!err.contains("error"), "{err}");
+    let ckpts: Vec<usize> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    // save_steps 3: the periodic ones, and the one Ctrl-C wrote last.
+    let last = *ckpts.iter().max().unwrap();
+    assert!(last >= 4, "{ckpts:?}");
+    assert!(err.contains(&format!("stopped at step {last}")), "{err}");
+    let more = format!("max_steps={}", last + 2);
+    let o = run(&["--set", &more, "--resume"])
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(losses(&out).len(), last + 2);
+}
