@@ -64,6 +64,18 @@ fn each_mistake_fails_check_with_a_clear_message() {
     }
     assert!(out.contains("  steps     2 ("), "{out}");
     assert!(!err.contains("Running training"), "{err}");
+    // Planned for two data-parallel ranks: one micro-batch of 2 x 2 examples an epoch.
+    let o = run_in(
+        env.dir.path(),
+        &["check", "--nproc-per-node", "2", "recipe/ok.rhai"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let two = stderr(&o);
+    assert!(
+        two.contains("check: steps: 4 examples / batch 2 x 2 ranks = 1 micro-batches an epoch")
+            && two.contains("2 x 2 devices x 1)"),
+        "{two}"
+    );
     std::fs::create_dir(env.recipe_dir().join("models/empty")).unwrap();
     let cases: [(&str, &str, &str, &str); 8] = [
         (

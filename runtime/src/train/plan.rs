@@ -291,10 +291,15 @@ impl fmt::Display for RunPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "steps: {} examples / batch {} = {} micro-batches an epoch; / accumulation {} = {} \
+            "steps: {} examples / batch {}{} = {} micro-batches an epoch; / accumulation {} = {} \
              steps an epoch x {} epochs = {} steps ({} examples a step: {} x {} device{} x {})",
             self.examples,
             self.batch,
+            if self.devices > 1 {
+                format!(" x {} ranks", self.devices)
+            } else {
+                String::new()
+            },
             self.micro_per_epoch,
             self.accumulation,
             self.steps_per_epoch,
