@@ -724,3 +724,34 @@ fn small_fused_kernels_match_the_reference() {
         );
     }
 }
+
+/// NCCL with a world of one (all one GPU allows): it loads, forms a communicator over the TCP
+/// group and sums a gradient-sized buffer in place (the sum of one rank is its own buffer).
+#[test]
+fn nccl_with_a_world_of_one_sums_in_place() {
+    use qscript_runtime::dist::{Group, World, nccl::Nccl};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let world = World {
+        rank: 0,
+        size: 1,
+        local_rank: 0,
+        local_size: 1,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+    };
+    let group = Group::connect(&world, std::time::Duration::from_secs(10)).unwrap();
+    let Device::Cuda(dev) = gpu() else {
+        unreachable!()
+    };
+    let nccl = Nccl::connect(&group, &dev)
+        .unwrap()
+        .expect("NCCL was not found on the GPU machine");
+    let x = Tensor::randn(0f32, 1.0, 1 << 20, &gpu()).unwrap();
+    let before = x.to_vec1::<f32>().unwrap();
+    nccl.sum(&x).unwrap();
+    assert_eq!(x.to_vec1::<f32>().unwrap(), before);
+}

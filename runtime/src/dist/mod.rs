@@ -6,6 +6,8 @@
 //! optimizer step; rank 0 alone writes (metrics, checkpoints, logs). A rank that dies closes its
 //! connection and the others stop with an error that names it.
 
+#[cfg(feature = "cuda")]
+pub mod nccl;
 mod tcp;
 
 use std::sync::{Arc, OnceLock};

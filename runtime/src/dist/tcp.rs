@@ -197,6 +197,22 @@ impl Group {
         Ok(())
     }
 
+    /// Rank 0's `bytes` on every rank (at most 1 MiB).
+    pub fn broadcast(&self, bytes: &mut Vec<u8>) -> Result<()> {
+        let mut peers = self
+            .peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.rank == 0 {
+            for (i, s) in peers.iter_mut().enumerate() {
+                send(s, i + 1, bytes)?;
+            }
+        } else {
+            *bytes = recv(&mut peers[0], 0, 1 << 20)?;
+        }
+        Ok(())
+    }
+
     /// Whether any rank's `flag` is set (all ranks get the same answer).
     pub fn any(&self, flag: bool) -> Result<bool> {
         let mut v = [f32::from(u8::from(flag))];
@@ -252,6 +268,9 @@ mod tests {
                     let mut buf = vec![r as f32, 1.0, 10.0 * r as f32];
                     g.all_reduce_sum(&mut buf).unwrap();
                     assert!(g.any(r == 2).unwrap());
+                    let mut b = if r == 0 { b"id".to_vec() } else { Vec::new() };
+                    g.broadcast(&mut b).unwrap();
+                    assert_eq!(b, b"id");
                     assert!(!g.any(false).unwrap());
                     (buf, g)
                 })

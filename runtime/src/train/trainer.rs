@@ -208,6 +208,9 @@ pub struct Trainer {
     /// The data-parallel ranks (`None`: one process). Rank 0 alone evaluates and writes
     /// checkpoints; the others write nothing (the launcher gives them a throw-away overlay).
     dist: Option<Arc<crate::dist::Group>>,
+    /// The ranks' sums on the GPU, when every rank has NCCL and one GPU.
+    #[cfg(feature = "cuda")]
+    nccl: Option<crate::dist::nccl::Nccl>,
 }
 
 /// What one optimizer step did.
@@ -303,6 +306,14 @@ impl Trainer {
         } else {
             None
         };
+        #[cfg(feature = "cuda")]
+        let nccl = match (&dist, &device) {
+            // Every rank takes the same branch: the same recipe puts its model on a GPU.
+            (Some(g), Device::Cuda(d)) if model.placement.is_none() => {
+                crate::dist::nccl::Nccl::connect(g, d)?
+            }
+            _ => None,
+        };
         let lengths = train.iter().map(|e| e.input_ids.len()).collect();
         let merge = MergePolicy::new(cfg.merge_micro_batches, model.decoder.num_params());
         Ok(Self {
@@ -338,6 +349,8 @@ impl Trainer {
             plan,
             tensorboard,
             dist,
+            #[cfg(feature = "cuda")]
+            nccl,
         })
     }
 
@@ -478,7 +491,21 @@ impl Trainer {
             }
         };
         self.merge.after_step(&self.device, largest);
-        if let Some(g) = &self.dist {
+        #[cfg(feature = "cuda")]
+        if let Some(nccl) = &self.nccl {
+            // Every rank's gradients and loss summed on the GPUs, in place.
+            for buf in &grads {
+                nccl.sum(buf)?;
+            }
+            loss = loss.to_device(&self.device)?.reshape(1)?.contiguous()?;
+            nccl.sum(&loss)?;
+            loss = loss.reshape(())?;
+        }
+        #[cfg(feature = "cuda")]
+        let host_sum = self.nccl.is_none();
+        #[cfg(not(feature = "cuda"))]
+        let host_sum = true;
+        if let Some(g) = self.dist.as_ref().filter(|_| host_sum) {
             // Every rank's gradients and loss summed: each rank then takes the same step.
             for buf in &mut grads {
                 let summed = Self::sum_over_ranks(g, buf)?;

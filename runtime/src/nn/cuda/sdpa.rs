@@ -5,7 +5,6 @@
 //! notice that says why.
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::cuda_backend::CudaDevice;
@@ -45,54 +44,12 @@ unsafe extern "C" {
 /// The oldest cuDNN the shim was run against (9.14; 9.19 too).
 const MIN_VERSION: c_int = 91400;
 
-/// Where cuDNN may be, in the order tried.
-fn candidates() -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Some(p) = std::env::var_os("QSCRIPT_CUDNN") {
-        out.push(PathBuf::from(p));
-    }
-    // The dynamic loader's own search: LD_LIBRARY_PATH, the ld.so cache (a system install).
-    out.push(PathBuf::from("libcudnn.so.9"));
-    // pip wheels (nvidia-cudnn-cu12/13, as torch installs them) in the usual environments.
-    let mut roots: Vec<PathBuf> = ["VIRTUAL_ENV", "CONDA_PREFIX"]
-        .iter()
-        .filter_map(std::env::var_os)
-        .map(PathBuf::from)
-        .collect();
-    if let Some(home) = std::env::var_os("HOME") {
-        roots.push(PathBuf::from(home).join(".local"));
-    }
-    roots.extend(["/usr/local", "/usr"].map(PathBuf::from));
-    if let Ok(opt) = std::fs::read_dir("/opt") {
-        for e in opt.flatten() {
-            roots.push(e.path());
-            roots.push(e.path().join(".venv"));
-        }
-    }
-    for root in roots {
-        let Ok(libs) = std::fs::read_dir(root.join("lib")) else {
-            continue;
-        };
-        for py in libs.flatten() {
-            if py.file_name().to_string_lossy().starts_with("python3") {
-                for site in ["site-packages", "dist-packages"] {
-                    let lib = py.path().join(site).join("nvidia/cudnn/lib/libcudnn.so.9");
-                    if lib.is_file() {
-                        out.push(lib);
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
 /// The cuDNN version loaded (e.g. 91900), or why there is none; tried once per process.
 pub fn cudnn() -> std::result::Result<i32, &'static str> {
     static LOADED: OnceLock<std::result::Result<i32, String>> = OnceLock::new();
     let r = LOADED.get_or_init(|| {
         let mut tried = Vec::new();
-        for path in candidates() {
+        for path in super::library_candidates("QSCRIPT_CUDNN", "libcudnn.so.9", "cudnn") {
             let Ok(c) = CString::new(path.to_string_lossy().as_bytes()) else {
                 continue;
             };
