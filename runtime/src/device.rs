@@ -12,6 +12,20 @@ pub fn auto() -> Result<Device> {
     if candle_core::utils::cuda_is_available() {
         let local =
             crate::dist::World::from_vars(|k| std::env::var(k).ok())?.map_or(0, |w| w.local_rank);
+        // A launcher that gives each rank its own GPU through CUDA_VISIBLE_DEVICES leaves one.
+        let own = std::env::var("CUDA_VISIBLE_DEVICES")
+            .is_ok_and(|v| !v.contains(',') && !v.trim().is_empty());
+        if own {
+            return cuda(0);
+        }
+        if local > 0 && local >= gpu_count() {
+            return Err(crate::Error::InvalidArgument(format!(
+                "rank {local} on this machine needs GPU cuda:{local}, and it has {} GPU(s): start \
+                 at most that many ranks (`--nproc-per-node`), or give each rank its GPU with \
+                 CUDA_VISIBLE_DEVICES",
+                gpu_count()
+            )));
+        }
         cuda(local)
     } else {
         Ok(Device::Cpu)
