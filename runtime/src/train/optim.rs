@@ -45,35 +45,54 @@ pub struct AdamW {
     decay_mask: Option<Tensor>,
     /// Optimizer steps taken.
     pub step: usize,
+    /// The elements `[start, end)` of the flat buffer this optimizer updates, when it holds only
+    /// a share of it (ZeRO stage 1: this rank's); the moments and decay flags cover only those.
+    pub shard: Option<(usize, usize)>,
 }
 
 impl AdamW {
     /// Zeroed moments for `params`.
     pub fn new(params: &FlatParams, cfg: AdamWConfig) -> Result<Self> {
+        Self::over(params, cfg, None)
+    }
+
+    /// Zeroed moments for `params`, or for its elements `[start, end)` only (`shard`).
+    pub fn over(
+        params: &FlatParams,
+        cfg: AdamWConfig,
+        shard: Option<(usize, usize)>,
+    ) -> Result<Self> {
         let device = params.device();
+        let (start, end) = shard.unwrap_or((0, params.len()));
+        let len = end - start;
         // Two buffers: the fused kernel updates both in place.
-        let zeros = || Tensor::zeros(params.len(), DType::F32, device);
+        let zeros = || Tensor::zeros(len, DType::F32, device);
+        // The decayed runs of the slots, within the shard, from its start.
         let runs = || {
             params
                 .slots
                 .iter()
                 .filter(|s| s.decay)
-                .map(|s| (s.offset, s.len()))
+                .filter_map(move |s| {
+                    let (a, b) = (s.offset.max(start), (s.offset + s.len()).min(end));
+                    (a < b).then(|| (a - start, b - a))
+                })
         };
+        let params_len = len;
         let decay_mask = match cfg.weight_decay > 0.0 {
             false => None,
             #[cfg(feature = "cuda")]
             true if device.is_cuda() => {
-                let bits = decay_bits(params.len(), runs());
+                let bits = decay_bits(params_len, runs());
                 let words = bits.len();
                 Some(Tensor::from_vec(bits, words, device)?)
             }
             true => {
-                let mut mask = vec![0f32; params.len()];
-                for (start, n) in runs() {
-                    mask[start..start + n].fill(1.0);
+                let mut mask = vec![0f32; params_len];
+                for (a, n) in runs() {
+                    mask[a..a + n].fill(1.0);
                 }
-                Some(Tensor::from_vec(mask, params.len(), device)?)
+                Some(Tensor::from_vec(mask, params_len, device)?)
             }
         };
         Ok(Self {
@@ -82,7 +101,19 @@ impl AdamW {
             v: zeros()?,
             decay_mask,
             step: 0,
+            shard,
         })
+    }
+
+    /// Keeps only the shard's part of full-length moments (after a checkpoint restored them).
+    pub fn cut_to_shard(&mut self) -> Result<()> {
+        if let Some((a, b)) = self.shard
+            && self.m.elem_count() != b - a
+        {
+            self.m = self.m.narrow(0, a, b - a)?.contiguous()?;
+            self.v = self.v.narrow(0, a, b - a)?.contiguous()?;
+        }
+        Ok(())
     }
 
     /// One update of `params` with learning rate `lr` from the flat f32 `grads` scaled by the
@@ -99,6 +130,11 @@ impl AdamW {
         let c = &self.cfg;
         let t = i32::try_from(self.step).unwrap_or(i32::MAX);
         let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        let (start, len) = match self.shard {
+            Some((a, b)) => (a, b - a),
+            None => (0, params.len()),
+        };
+        let grads = &grads.narrow(0, start, len)?;
         #[cfg(feature = "cuda")]
         if params.device().is_cuda() {
             let args = crate::nn::cuda::AdamWArgs {
@@ -112,7 +148,7 @@ impl AdamW {
                 bc1: bc1 as f32,
                 bc2: bc2 as f32,
             };
-            let p = params.data.as_tensor();
+            let p = &params.data.as_tensor().narrow(0, start, len)?;
             crate::nn::cuda::adamw(
                 p,
                 &self.m,
@@ -130,15 +166,23 @@ impl AdamW {
         };
         self.m = (self.m.affine(c.beta1, 0.0)? + grads.affine(1.0 - c.beta1, 0.0)?)?;
         self.v = (self.v.affine(c.beta2, 0.0)? + grads.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
-        let p = params.data.as_tensor().to_dtype(DType::F32)?;
+        let p = params
+            .data
+            .as_tensor()
+            .narrow(0, start, len)?
+            .to_dtype(DType::F32)?;
         let p = match &self.decay_mask {
             Some(mask) => p.mul(&mask.affine(-lr * c.weight_decay, 1.0)?)?,
             None => p,
         };
         let denom = (self.v.affine(1.0 / bc2, 0.0)?.sqrt()? + c.eps)?;
         let update = self.m.affine(lr / bc1, 0.0)?.div(&denom)?;
-        let p = (p - update)?;
-        params.data.set(&p.to_dtype(params.data.dtype())?)?;
+        let p = (p - update)?.to_dtype(params.data.dtype())?;
+        if len == params.len() {
+            params.data.set(&p)?;
+        } else {
+            params.data.as_tensor().slice_set(&p, 0, start)?;
+        }
         Ok(())
     }
 }
@@ -306,6 +350,49 @@ mod tests {
         let p = views[0].to_vec1::<f32>().unwrap();
         assert!((p[0] - (1.0 * (1.0 - 0.001) - 0.01)).abs() < 1e-6, "{p:?}");
         assert!((p[1] - (-2.0 * (1.0 - 0.001) + 0.01)).abs() < 1e-6, "{p:?}");
+    }
+
+    /// Two optimizers over the two halves of a buffer (ZeRO stage 1's shards), each updating its
+    /// half, give the one optimizer's parameters; decay stops at a bias inside a shard.
+    #[test]
+    fn shards_of_the_buffer_update_like_the_whole() {
+        let named = |v: &[f32], b: &[f32]| {
+            vec![
+                (
+                    "layer.weight".to_string(),
+                    Tensor::new(v, &Device::Cpu).unwrap(),
+                ),
+                (
+                    "layer.bias".to_string(),
+                    Tensor::new(b, &Device::Cpu).unwrap(),
+                ),
+            ]
+        };
+        let (w, b) = ([1.0f32, -2.0, 0.5, 3.0, -1.0], [0.25f32, 4.0]);
+        let cfg = AdamWConfig {
+            weight_decay: 0.1,
+            ..AdamWConfig::default()
+        };
+        let g = Tensor::new(&[0.1f32, -0.3, 0.2, 0.05, -0.4, 0.7, -0.2], &Device::Cpu).unwrap();
+        let (whole, _) = FlatParams::new(&named(&w, &b)).unwrap();
+        let mut one = AdamW::new(&whole, cfg.clone()).unwrap();
+        let (split, _) = FlatParams::new(&named(&w, &b)).unwrap();
+        let mut halves = [
+            AdamW::over(&split, cfg.clone(), Some((0, 4))).unwrap(),
+            AdamW::over(&split, cfg, Some((4, 7))).unwrap(),
+        ];
+        for _ in 0..3 {
+            one.step(&whole, &g, None, 0.01).unwrap();
+            for h in &mut halves {
+                h.step(&split, &g, None, 0.01).unwrap();
+            }
+        }
+        let (a, b) = (
+            whole.data.as_tensor().to_vec1::<f32>().unwrap(),
+            split.data.as_tensor().to_vec1::<f32>().unwrap(),
+        );
+        assert_eq!(a, b);
+        assert_eq!(halves[1].m.elem_count(), 3);
     }
 
     fn one(name: &str, values: &[f32]) -> (FlatParams, Vec<Tensor>) {

@@ -655,11 +655,17 @@ pub fn adamw(
         v.storage_and_layout(),
         g.storage_and_layout(),
     );
-    let (ms, vs, gs) = (
-        flat_f32(&ms, "m")?,
-        flat_f32(&vs, "v")?,
-        flat_f32(&gs, "grads")?,
-    );
+    let (ms, vs) = (flat_f32(&ms, "m")?, flat_f32(&vs, "v")?);
+    // The gradients and parameters may be a window of a larger flat buffer (a ZeRO shard).
+    let gl = gs.1;
+    if !gl.is_contiguous() {
+        candle_core::bail!("adamw: the gradients must be contiguous");
+    }
+    let gs = match &*gs.0 {
+        Storage::Cuda(c) => c.as_cuda_slice::<f32>()?,
+        _ => candle_core::bail!("adamw: the gradients are not on the GPU"),
+    };
+    let gs = gs.slice(gl.start_offset()..gl.start_offset() + n);
     let cs = clip.map(Tensor::storage_and_layout);
     let ds = decay.map(Tensor::storage_and_layout);
     let cs = cs.as_ref().map(|c| flat_f32(c, "clip")).transpose()?;
@@ -683,18 +689,19 @@ pub fn adamw(
     let null: u64 = 0;
     let n64 = n as u64;
     let pl = pguard.1;
-    if !pl.is_contiguous() || pl.start_offset() != 0 {
-        candle_core::bail!("adamw: the parameters must be a whole contiguous buffer");
+    if !pl.is_contiguous() {
+        candle_core::bail!("adamw: the parameters must be contiguous");
     }
+    let po = pl.start_offset();
     macro_rules! run {
         ($t:ty, $name:literal) => {{
-            let p = ps.as_cuda_slice::<$t>()?;
+            let p = ps.as_cuda_slice::<$t>()?.slice(po..po + n);
             let func = dev.get_or_load_custom_func($name, MODULE, KERNELS)?;
             let mut b = func.builder();
-            b.arg(p);
+            b.arg(&p);
             b.arg(ms);
             b.arg(vs);
-            b.arg(gs);
+            b.arg(&gs);
             match cs {
                 Some(c) => b.arg(c),
                 None => b.arg(&null),
