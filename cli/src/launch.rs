@@ -82,6 +82,7 @@ pub fn launch(n: usize, args: &[OsString]) -> anyhow::Result<ExitCode> {
     }
     let mut done: Vec<Option<Exit>> = vec![None; n];
     let mut forwarded = false;
+    let mut stopping_since: Option<std::time::Instant> = None;
     let poll = |ranks: &mut [Child], done: &mut [Option<Exit>]| -> anyhow::Result<()> {
         for (r, child) in ranks.iter_mut().enumerate() {
             if done[r].is_none()
@@ -93,16 +94,20 @@ pub fn launch(n: usize, args: &[OsString]) -> anyhow::Result<ExitCode> {
         Ok(())
     };
     let code = loop {
-        if crate::INTERRUPTED.load(Ordering::SeqCst) && !forwarded {
+        let signals = SIGNALS.load(Ordering::SeqCst);
+        if signals >= 2 {
+            // A second Ctrl-C: stop now.
+            stop(&mut ranks);
+            break ExitCode::from(130);
+        }
+        if signals == 1 && !forwarded {
             // The terminal signals every rank itself; a signal sent to the launcher alone is
             // passed on.
             forwarded = true;
-            interrupt(&ranks);
+            interrupt(&ranks, &done);
         }
         poll(&mut ranks, &mut done)?;
-        let interrupted = crate::INTERRUPTED.load(Ordering::SeqCst);
-        let failed = |e: &Exit| !(e.ok() || interrupted && *e == Exit::Code(130));
-        if done.iter().flatten().any(failed) {
+        if done.iter().flatten().any(|e| e.failed()) {
             // The others may be failing because of it: give them a moment, then name the rank
             // that went first (killed by a signal) before those that lost it.
             std::thread::sleep(Duration::from_millis(300));
@@ -110,7 +115,7 @@ pub fn launch(n: usize, args: &[OsString]) -> anyhow::Result<ExitCode> {
             let mut bad: Vec<(usize, Exit)> = done
                 .iter()
                 .enumerate()
-                .filter_map(|(r, e)| e.filter(failed).map(|e| (r, e)))
+                .filter_map(|(r, e)| e.filter(|e| e.failed()).map(|e| (r, e)))
                 .collect();
             bad.sort_by_key(|(r, e)| (matches!(e, Exit::Code(_)), *r));
             stop(&mut ranks);
@@ -124,12 +129,22 @@ pub fn launch(n: usize, args: &[OsString]) -> anyhow::Result<ExitCode> {
             );
             break ExitCode::from(1);
         }
+        let stopped = done.iter().flatten().any(|e| e.stopped());
         if done.iter().all(Option::is_some) {
-            break if interrupted {
+            break if stopped || signals > 0 {
                 ExitCode::from(130)
             } else {
                 ExitCode::SUCCESS
             };
+        }
+        if stopped {
+            // A rank stopped by Ctrl-C: the others stop at the same step (rank 0 after its
+            // checkpoint); one that is stuck (still starting up, say) is ended after a while.
+            let since = *stopping_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() > STOP_GRACE {
+                stop(&mut ranks);
+                break ExitCode::from(130);
+            }
         }
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -156,8 +171,13 @@ impl Exit {
         }
     }
 
-    fn ok(self) -> bool {
-        self == Exit::Code(0)
+    /// Stopped by Ctrl-C (SIGINT, or the exit code 130 qscript gives after saving).
+    fn stopped(self) -> bool {
+        matches!(self, Exit::Code(130) | Exit::Signal(2))
+    }
+
+    fn failed(self) -> bool {
+        self != Exit::Code(0) && !self.stopped()
     }
 }
 
@@ -170,6 +190,13 @@ impl std::fmt::Display for Exit {
     }
 }
 
+/// How long the other ranks get to stop once one stopped for Ctrl-C (rank 0 may be writing a
+/// large checkpoint).
+const STOP_GRACE: Duration = Duration::from_mins(10);
+
+/// Ctrl-C's the launcher got (the second ends every rank at once).
+pub static SIGNALS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Ends every rank still running.
 fn stop(ranks: &mut [Child]) {
     for c in ranks.iter_mut() {
@@ -180,9 +207,10 @@ fn stop(ranks: &mut [Child]) {
     }
 }
 
-/// Sends Ctrl-C's signal to every rank still running.
-fn interrupt(ranks: &[Child]) {
-    for c in ranks {
+/// Sends Ctrl-C's signal to every rank still running (not to one already reaped: its pid may
+/// belong to another process by now).
+fn interrupt(ranks: &[Child], done: &[Option<Exit>]) {
+    for (c, _) in ranks.iter().zip(done).filter(|(_, d)| d.is_none()) {
         if let Some(pid) = i32::try_from(c.id())
             .ok()
             .and_then(rustix::process::Pid::from_raw)

@@ -205,7 +205,9 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
             // A dry run plans for the ranks without starting them.
             qscript_runtime::dist::set_planned_size(n);
         } else if n > 1 && std::env::var_os("RANK").is_none() {
-            ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst))?;
+            ctrlc::set_handler(|| {
+                launch::SIGNALS.fetch_add(1, Ordering::SeqCst);
+            })?;
             return launch::launch(n, &launch::rank_args(std::env::args_os().skip(1)));
         }
     }
@@ -246,10 +248,15 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
-    // Ranks other than 0 write nothing: their writes go to a throw-away overlay.
+    // Ranks other than 0 write nothing: their writes go to a throw-away overlay (on the output
+    // dir's disk, not /tmp: a rank may save a whole model), removed when the rank ends.
     let _overlay = match qscript_runtime::dist::World::from_vars(|k| std::env::var(k).ok()) {
         Ok(Some(w)) if w.rank > 0 => {
-            let dir = tempfile::tempdir()?;
+            let out = session.context().sandbox.output_dir().to_path_buf();
+            std::fs::create_dir_all(&out)?;
+            let dir = tempfile::Builder::new()
+                .prefix(&format!(".rank-{}-", w.rank))
+                .tempdir_in(&out)?;
             session
                 .context()
                 .sandbox

@@ -47,15 +47,49 @@ fn lost(rank: usize, e: &std::io::Error) -> Error {
     ))
 }
 
-fn send(s: &mut TcpStream, rank: usize, bytes: &[u8]) -> Result<()> {
-    s.write_all(&(bytes.len() as u64).to_le_bytes())
-        .and_then(|()| s.write_all(bytes))
-        .map_err(|e| lost(rank, &e))
+/// What a message is part of: ranks that make different calls (a bug, or a recipe that takes
+/// another path on one rank) are told so instead of pairing unrelated buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Op {
+    Hello = 1,
+    Sum = 2,
+    Broadcast = 3,
 }
 
-fn recv(s: &mut TcpStream, rank: usize, max: usize) -> Result<Vec<u8>> {
+impl Op {
+    fn name(b: u8) -> &'static str {
+        match b {
+            1 => "a greeting",
+            2 => "a sum",
+            3 => "a broadcast",
+            _ => "something unknown",
+        }
+    }
+}
+
+/// One write per message (the header and the bytes together: no wait on a delayed ACK).
+fn send(s: &mut TcpStream, rank: usize, op: Op, bytes: &[u8]) -> Result<()> {
+    let mut msg = Vec::with_capacity(9 + bytes.len());
+    msg.extend((bytes.len() as u64).to_le_bytes());
+    msg.push(op as u8);
+    msg.extend(bytes);
+    s.write_all(&msg).map_err(|e| lost(rank, &e))
+}
+
+fn recv(s: &mut TcpStream, rank: usize, op: Op, max: usize) -> Result<Vec<u8>> {
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).map_err(|e| lost(rank, &e))?;
+    if head[8] != op as u8 {
+        return Err(Error::InvalidArgument(format!(
+            "the ranks are out of step: rank {rank} sent {} where {} was due (do all ranks run \
+             the same recipe on the same data?)",
+            Op::name(head[8]),
+            Op::name(op as u8)
+        )));
+    }
     let mut len = [0u8; 8];
-    s.read_exact(&mut len).map_err(|e| lost(rank, &e))?;
+    len.copy_from_slice(&head[..8]);
     let len = u64::from_le_bytes(len) as usize;
     if len > max {
         return Err(Error::InvalidArgument(format!(
@@ -87,7 +121,8 @@ impl Group {
                     Ok((mut s, _)) => {
                         s.set_nonblocking(false).map_err(|e| lost(0, &e))?;
                         s.set_read_timeout(Some(timeout)).map_err(|e| lost(0, &e))?;
-                        let hello = recv(&mut s, usize::MAX, 16)?;
+                        s.set_nodelay(true).map_err(|e| lost(0, &e))?;
+                        let hello = recv(&mut s, usize::MAX, Op::Hello, 16)?;
                         let (r, n) = parse_hello(&hello)?;
                         if n != world.size || r == 0 || r >= world.size || slots[r - 1].is_some() {
                             return Err(Error::InvalidArgument(format!(
@@ -138,7 +173,7 @@ impl Group {
             let mut hello = HELLO.to_vec();
             hello.extend((world.rank as u32).to_le_bytes());
             hello.extend((world.size as u32).to_le_bytes());
-            send(&mut s, 0, &hello)?;
+            send(&mut s, 0, Op::Hello, &hello)?;
             vec![s]
         };
         Ok(Self {
@@ -168,7 +203,7 @@ impl Group {
         let bytes = buf.len() * 4;
         if self.rank == 0 {
             for (i, s) in peers.iter_mut().enumerate() {
-                let got = recv(s, i + 1, bytes)?;
+                let got = recv(s, i + 1, Op::Sum, bytes)?;
                 if got.len() != bytes {
                     return Err(Error::InvalidArgument(format!(
                         "rank {} sent {} values where rank 0 has {}: do all ranks train the same model?",
@@ -183,13 +218,13 @@ impl Group {
             }
             let out: Vec<u8> = buf.iter().flat_map(|x| x.to_le_bytes()).collect();
             for (i, s) in peers.iter_mut().enumerate() {
-                send(s, i + 1, &out)?;
+                send(s, i + 1, Op::Sum, &out)?;
             }
         } else {
             let s = &mut peers[0];
             let out: Vec<u8> = buf.iter().flat_map(|x| x.to_le_bytes()).collect();
-            send(s, 0, &out)?;
-            let got = recv(s, 0, bytes)?;
+            send(s, 0, Op::Sum, &out)?;
+            let got = recv(s, 0, Op::Sum, bytes)?;
             for (x, c) in buf.iter_mut().zip(got.chunks_exact(4)) {
                 *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }
@@ -205,10 +240,10 @@ impl Group {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.rank == 0 {
             for (i, s) in peers.iter_mut().enumerate() {
-                send(s, i + 1, bytes)?;
+                send(s, i + 1, Op::Broadcast, bytes)?;
             }
         } else {
-            *bytes = recv(&mut peers[0], 0, 1 << 20)?;
+            *bytes = recv(&mut peers[0], 0, Op::Broadcast, 1 << 20)?;
         }
         Ok(())
     }
@@ -298,5 +333,23 @@ mod tests {
         drop(groups);
         let e1 = one.join().unwrap().unwrap_err().to_string();
         assert!(e1.contains("rank 0"), "{e1}");
+    }
+
+    /// A rank that makes another call than the others is told the ranks are out of step.
+    #[test]
+    fn ranks_out_of_step_are_told_so() {
+        let port = free_port();
+        let t = Duration::from_secs(20);
+        let one = std::thread::spawn(move || {
+            let g = Group::connect(&world(1, 2, port), t).unwrap();
+            g.all_reduce_sum(&mut [1.0]).unwrap_err().to_string()
+        });
+        let g = Group::connect(&world(0, 2, port), t).unwrap();
+        g.broadcast(&mut b"id".to_vec()).unwrap();
+        let e = one.join().unwrap();
+        assert!(
+            e.contains("out of step: rank 0 sent a broadcast where a sum was due"),
+            "{e}"
+        );
     }
 }

@@ -191,8 +191,9 @@ enum Rows {
     /// cuDNN's row log-sum-exp `[b, h, s]` f32.
     #[cfg(feature = "cuda")]
     Cudnn(Tensor),
-    /// Packed rows run as the padded batch of their examples: that pass's saved state.
-    Unpacked(Box<AttnSaved>, super::unpack::Unpacked),
+    /// Packed rows run as the padded batch of their examples: that pass's saved state, the
+    /// layout, and the packed rows' length.
+    Unpacked(Box<AttnSaved>, super::unpack::Unpacked, usize),
 }
 
 /// Whether cuDNN's fused attention takes these inputs; the first time a GPU input cannot use
@@ -306,7 +307,9 @@ pub fn attention(
         && matches!(q.dtype(), DType::BF16 | DType::F16)
     {
         let (b, _, s, _) = q.dims4()?;
-        if let Some(u) = super::unpack::Unpacked::of(mask, b, s, q.device())? {
+        if let Some(u) = super::unpack::Unpacked::of(mask, b, s, q.device())?
+            && cudnn_ok(q, k, &u.mask())
+        {
             return attention_unpacked(&u, q, k, v, saved);
         }
     }
@@ -416,14 +419,15 @@ pub fn attention_unpacked(
     let want = saved.is_some();
     let out = attention(&qg, &kg, &vg, &u.mask(), want.then_some(&mut inner))?;
     if let (Some(slot), Some(inner)) = (saved, inner) {
+        // The padded batch's own saved tensors (the packed q, k, v are not kept a second time).
         *slot = Some(AttnSaved {
-            q: q.clone(),
-            k: k.clone(),
-            v: v.clone(),
-            out: out.clone(),
+            q: inner.q.clone(),
+            k: inner.k.clone(),
+            v: inner.v.clone(),
+            out: inner.out.clone(),
             mask: inner.mask.clone(),
             scale: inner.scale,
-            rows: Rows::Unpacked(Box::new(inner), u.clone()),
+            rows: Rows::Unpacked(Box::new(inner), u.clone(), s),
         });
     }
     u.scatter(&out, s)
@@ -443,8 +447,8 @@ pub fn attention_backward(saved: &AttnSaved, d_out: &Tensor) -> Result<(Tensor, 
     } = saved;
     let (max, log_sum, bias) = match rows {
         Rows::Softmax { max, log_sum, bias } => (max, log_sum, bias),
-        Rows::Unpacked(inner, u) => {
-            let s = q.dim(2)?;
+        Rows::Unpacked(inner, u, s) => {
+            let s = *s;
             let (dq, dk, dv) = attention_backward(inner, &u.gather(d_out)?)?;
             return Ok((u.scatter(&dq, s)?, u.scatter(&dk, s)?, u.scatter(&dv, s)?));
         }

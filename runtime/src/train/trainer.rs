@@ -539,11 +539,13 @@ impl Trainer {
         let evaluating = lead
             && self.cfg.eval_strategy == "steps"
             && (step.is_multiple_of(eval_every) || step == self.total);
-        let logging =
-            lead && (step.is_multiple_of(self.cfg.logging_steps.max(1)) || step == self.total);
+        let cadence = step.is_multiple_of(self.cfg.logging_steps.max(1)) || step == self.total;
+        let logging = lead && cadence;
         let mut saving =
             lead && self.cfg.save_steps > 0 && step.is_multiple_of(self.cfg.save_steps);
-        let read = if logging || evaluating || saving {
+        // Every rank reads its losses back at the logging cadence (the others too: no step's
+        // loss stays on the device for the whole run).
+        let read = if cadence || evaluating || saving {
             Some(self.flush()?)
         } else {
             None
@@ -795,6 +797,18 @@ impl Trainer {
     /// Ends the run: restores the best checkpoint if asked, writes the plot (`loss.png`, `loss.svg`), returns the report.
     pub fn finish(mut self, interrupted: bool) -> Result<TrainReport> {
         self.flush()?;
+        if let Some(g) = &self.dist {
+            // Every rank waits for rank 0's last evaluation and checkpoint, and takes its best.
+            let mut best = self
+                .state
+                .best_model_checkpoint
+                .clone()
+                .unwrap_or_default()
+                .into_bytes();
+            g.broadcast(&mut best)?;
+            let best = String::from_utf8_lossy(&best).into_owned();
+            self.state.best_model_checkpoint = (!best.is_empty()).then_some(best);
+        }
         let mut loaded_best = false;
         if self.cfg.load_best_model_at_end
             && let Some(best) = &self.state.best_model_checkpoint

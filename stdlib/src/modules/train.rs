@@ -733,7 +733,11 @@ pub mod train_module {
         }
         // Ctrl-C during the step (where the time goes): save before the script stops.
         let rc = RunContext::of(&ctx)?;
-        if rc.cancel.is_cancelled() && !out.done {
+        // Under data parallel every rank stops at the same step (Ctrl-C on any of them).
+        let stop = trainer
+            .should_stop(&rc.cancel)
+            .map_err(crate::error::to_rhai_at(&ctx))?;
+        if stop && !out.done {
             let path = trainer
                 .save_checkpoint()
                 .map_err(crate::error::to_rhai_at(&ctx))?;

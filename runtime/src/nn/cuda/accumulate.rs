@@ -70,7 +70,7 @@ fn vec_ok(ptrs: &[u64], width: usize, dtype: DType) -> i32 {
 /// a sum without a new buffer, for a `dst` nothing else holds (a result just computed).
 pub fn add_into(dst: Tensor, x: &Tensor) -> Result<Tensor> {
     let n = dst.elem_count();
-    if x.elem_count() != n || x.dtype() != dst.dtype() {
+    if x.elem_count() != n || x.dtype() != dst.dtype() || !x.device().same_device(dst.device()) {
         candle_core::bail!(
             "add_into: {:?} {:?} into {:?} {:?}",
             x.dtype(),
@@ -101,7 +101,10 @@ pub fn add_into(dst: Tensor, x: &Tensor) -> Result<Tensor> {
 pub fn add_bias(y: Tensor, bias: &Tensor) -> Result<Tensor> {
     let d = bias.elem_count();
     let n = y.elem_count();
-    if y.dims().last() != Some(&d) || bias.dtype() != y.dtype() {
+    if y.dims().last() != Some(&d)
+        || bias.dtype() != y.dtype()
+        || !bias.device().same_device(y.device())
+    {
         candle_core::bail!("add_bias: bias {:?} on {:?}", bias.dims(), y.dims());
     }
     let bias = bias.contiguous()?;
@@ -129,7 +132,12 @@ pub fn add_bias(y: Tensor, bias: &Tensor) -> Result<Tensor> {
 pub fn put_rows(dst: Tensor, ids: &Tensor, x: &Tensor) -> Result<Tensor> {
     let (rows, h) = x.dims2()?;
     let (_, dh) = dst.dims2()?;
-    if dh != h || ids.elem_count() != rows || ids.dtype() != DType::U32 || x.dtype() != dst.dtype()
+    if dh != h
+        || ids.elem_count() != rows
+        || ids.dtype() != DType::U32
+        || x.dtype() != dst.dtype()
+        || !x.device().same_device(dst.device())
+        || !ids.device().same_device(dst.device())
     {
         candle_core::bail!(
             "put_rows: {rows} rows of {h} into {:?}, {} ids",

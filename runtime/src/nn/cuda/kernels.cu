@@ -145,6 +145,7 @@ __device__ __forceinline__ void ms_merge(float &m, float &s, float m2, float s2)
     m = M;
 }
 __device__ __forceinline__ void ms_add(float &m, float &s, float v) {
+    if (v == -INFINITY) return;  // adds nothing (and -inf - -inf would be NaN)
     if (v > m) {
         s = s * __expf(m - v) + 1.0f;
         m = v;
