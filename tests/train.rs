@@ -729,3 +729,123 @@ fn two_ranks_train_like_one_process_with_the_same_global_batch() {
         assert_eq!(*logs, if rank == 0 { 4 } else { 0 }, "rank {rank} logs");
     }
 }
+
+/// Runs `cfg(rank, dir)` on two ranks (threads over the TCP group), each into its own `dir`;
+/// their reports, rank 0 first.
+fn on_two_ranks(
+    m: &Model,
+    data: &[Example],
+    dirs: [std::path::PathBuf; 2],
+    cfg: impl Fn(&std::path::Path) -> TrainConfig + Send + Sync + Clone + 'static,
+) -> Vec<qscript_runtime::train::TrainReport> {
+    use qscript_runtime::dist::{Group, World, set_thread_group};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ranks: Vec<_> = dirs
+        .into_iter()
+        .enumerate()
+        .map(|(rank, dir)| {
+            let (m, data, cfg) = (m.clone(), data.to_vec(), cfg.clone());
+            std::thread::spawn(move || {
+                let world = World {
+                    rank,
+                    size: 2,
+                    local_rank: rank,
+                    local_size: 2,
+                    master_addr: "127.0.0.1".into(),
+                    master_port: port,
+                };
+                let g = Group::connect(&world, std::time::Duration::from_secs(30)).unwrap();
+                set_thread_group(Some(std::sync::Arc::new(g)));
+                let r = fit(
+                    &m,
+                    &data,
+                    None,
+                    &cfg(&dir),
+                    256,
+                    &CancelToken::new(),
+                    &mut |_| Ok(()),
+                );
+                set_thread_group(None);
+                r.unwrap()
+            })
+        })
+        .collect();
+    ranks.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// ZeRO stage 1: two ranks, each with the moments of half the parameters, train like one
+/// process; a run stopped at a checkpoint and resumed on two ranks continues it exactly.
+#[test]
+fn zero_stage_one_trains_and_resumes_like_one_process() {
+    let data = examples(13);
+    let m = peft_with(5, 0.0);
+    let one_dir = tempfile::tempdir().unwrap();
+    let one = run(
+        &m,
+        &data,
+        &TrainConfig {
+            gradient_accumulation_steps: 2,
+            max_steps: 4,
+            weight_decay: 0.1,
+            ..cfg(one_dir.path())
+        },
+        None,
+    );
+    let root = tempfile::tempdir().unwrap();
+    let dirs = || [root.path().join("r0"), root.path().join("r1")];
+    let zero = |steps: i64, resume: bool| {
+        move |dir: &std::path::Path| TrainConfig {
+            per_device_train_batch_size: 2,
+            gradient_accumulation_steps: 2,
+            max_steps: steps,
+            weight_decay: 0.1,
+            zero_stage: 1,
+            save_steps: 2,
+            resume_from_checkpoint: resume.then(|| serde_json::json!(true)),
+            ..cfg(dir)
+        }
+    };
+    let check = |reports: &[qscript_runtime::train::TrainReport], from: usize| {
+        for (rank, r) in reports.iter().enumerate() {
+            for (s, b) in &r.losses {
+                let a = one.losses[s - 1].1;
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "rank {rank} step {s}: one process {a}, ZeRO {b}"
+                );
+            }
+            assert_eq!(r.losses.first().map(|l| l.0), Some(from), "rank {rank}");
+            let (a, b) = (
+                &lora::adapters(&one.model)[0].1.a,
+                &lora::adapters(&r.model)[0].1.a,
+            );
+            if r.steps == 4 {
+                assert!(
+                    max_abs_diff(a, b) < 1e-5 * max_abs(a).max(1e-3),
+                    "rank {rank} adapters"
+                );
+            }
+        }
+    };
+    check(&on_two_ranks(&m, &data, dirs(), zero(2, false)), 1);
+    // Rank 0 wrote the checkpoint (rank 1 nothing); both resume from it.
+    assert!(root.path().join("r0/checkpoint-2").is_dir());
+    assert!(!root.path().join("r1/checkpoint-2").exists());
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    };
+    // Rank 1 resumes from the same checkpoint (as ranks on one output dir would).
+    copy(
+        &root.path().join("r0/checkpoint-2"),
+        &root.path().join("r1/checkpoint-2"),
+    );
+    check(&on_two_ranks(&m, &data, dirs(), zero(4, true)), 3);
+}

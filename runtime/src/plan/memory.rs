@@ -49,6 +49,8 @@ pub struct Workload {
     pub lora: Option<(usize, usize)>,
     /// A GPU (the CUDA runtime's share is added).
     pub gpu: bool,
+    /// Ranks the optimizer moments are sharded over (ZeRO stage 1; 1 when not sharded).
+    pub optimizer_shards: usize,
 }
 
 /// Bytes per term; [`Estimate::total`] is their sum.
@@ -192,12 +194,13 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
     };
     let optimizer = if training {
         // Two f32 moments, and the decay flags: a bit per element on the GPU, f32 elsewhere.
-        trained * 8.0
+        (trained * 8.0
             + match (w.weight_decay, w.gpu) {
                 (false, _) => 0.0,
                 (true, true) => trained / 8.0,
                 (true, false) => trained * 4.0,
-            }
+            })
+            / w.optimizer_shards.max(1) as f64
     } else {
         0.0
     };
@@ -401,6 +404,7 @@ mod tests {
                     weight_decay: true,
                     lora: (!full).then_some((8, 4)),
                     gpu: driver,
+                    optimizer_shards: 1,
                 },
             )
             .unwrap();
@@ -427,6 +431,7 @@ mod tests {
             weight_decay: false,
             lora: None,
             gpu: false,
+            optimizer_shards: 1,
         };
         let e = estimate(&c, DType::BF16, &w).err().unwrap().to_string();
         assert!(e.contains("`hidden_size` 1000000000000"), "{e}");

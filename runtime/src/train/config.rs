@@ -63,6 +63,9 @@ pub struct TrainConfig {
     /// window at once; `false`: never. Also spelled `auto_micro_batch`.
     #[serde(alias = "auto_micro_batch")]
     pub merge_micro_batches: Option<bool>,
+    /// DeepSpeed's ZeRO stage under data parallel: 0 (off) or 1 (each rank keeps the optimizer
+    /// moments of its share of the parameters only, and the ranks gather the updated parameters).
+    pub zero_stage: usize,
     /// Seed of the data order and of new adapters.
     pub seed: u64,
     /// Log every N optimizer steps.
@@ -116,6 +119,7 @@ impl Default for TrainConfig {
             packing: false,
             max_length: None,
             merge_micro_batches: None,
+            zero_stage: 0,
             seed: 42,
             logging_steps: 10,
             eval_strategy: "no".into(),
@@ -303,6 +307,18 @@ impl TrainConfig {
             return bad(format!(
                 "`metric_for_best_model` `{m}` is not supported; use `eval_loss`"
             ));
+        }
+        if self.zero_stage > 1 {
+            return bad(format!(
+                "`zero_stage` is {}; 0 (off) and 1 (the optimizer state sharded over the ranks) \
+                 are supported, stages 2 and 3 not yet",
+                self.zero_stage
+            ));
+        }
+        if self.zero_stage == 1 && self.load_best_model_at_end {
+            return bad(
+                "`zero_stage: 1` with `load_best_model_at_end` is not supported yet".into(),
+            );
         }
         if self.load_best_model_at_end && self.eval_strategy == "no" {
             return bad(

@@ -105,6 +105,19 @@ impl AdamW {
         })
     }
 
+    /// The same optimizer over the whole buffer with these whole moments (to save a sharded
+    /// optimizer's gathered state).
+    pub fn with_moments(&self, m: Tensor, v: Tensor) -> Self {
+        Self {
+            cfg: self.cfg.clone(),
+            m,
+            v,
+            decay_mask: None,
+            step: self.step,
+            shard: None,
+        }
+    }
+
     /// Keeps only the shard's part of full-length moments (after a checkpoint restored them).
     pub fn cut_to_shard(&mut self) -> Result<()> {
         if let Some((a, b)) = self.shard

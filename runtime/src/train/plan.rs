@@ -140,6 +140,7 @@ pub fn plan(
         weight_decay: cfg.weight_decay > 0.0,
         lora: model.lora.as_ref().map(|l| (l.r, per_layer_adapters)),
         gpu: device.is_cuda(),
+        optimizer_shards: if cfg.zero_stage == 1 { ranks } else { 1 },
     };
     let estimate = memory::estimate(model.config(), model.decoder.dtype(), &workload)?;
     // What the run may use on a device: what is free there plus what the model's weights already

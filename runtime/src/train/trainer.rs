@@ -261,15 +261,28 @@ impl Trainer {
         crate::device::reset_peak(&device);
         let params = DeviceParams::adopt(&mut model)?;
         let trainable = params.len();
-        let mut opt = DeviceAdamW::new(
-            &params,
-            AdamWConfig {
-                beta1: cfg.adam_beta1,
-                beta2: cfg.adam_beta2,
-                eps: cfg.adam_epsilon,
-                weight_decay: cfg.weight_decay,
-            },
-        )?;
+        let adam = AdamWConfig {
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_epsilon,
+            weight_decay: cfg.weight_decay,
+        };
+        let mut opt = match (&dist, cfg.zero_stage) {
+            (Some(g), 1) => {
+                // ZeRO stage 1: this rank's share of the moments only.
+                let [part] = &params.parts[..] else {
+                    return Err(Error::InvalidArgument(
+                        "`zero_stage: 1` with a model over several devices (`device_map`) is not supported yet"
+                            .into(),
+                    ));
+                };
+                let shard = crate::dist::share(part.len(), g.size(), g.rank());
+                DeviceAdamW {
+                    parts: vec![crate::train::optim::AdamW::over(part, adam, Some(shard))?],
+                }
+            }
+            _ => DeviceAdamW::new(&params, adam)?,
+        };
         let (micro_per_epoch, total) = (plan.micro_per_epoch, plan.total_steps);
         let sched = Schedule::new(
             &cfg.lr_scheduler_type,
@@ -280,6 +293,9 @@ impl Trainer {
         let mut state = TrainerState::default();
         if let Some(dir) = resume_dir(cfg, &out_dir)? {
             state = checkpoint::restore(&dir, &model, &params, &mut opt)?;
+            for o in &mut opt.parts {
+                o.cut_to_shard()?;
+            }
         }
         state.max_steps = total;
         let metrics = if lead {
@@ -352,6 +368,53 @@ impl Trainer {
             #[cfg(feature = "cuda")]
             nccl,
         })
+    }
+
+    /// Whether the optimizer state is sharded over the ranks (ZeRO stage 1).
+    fn zero(&self) -> bool {
+        self.opt.parts.iter().any(|o| o.shard.is_some())
+    }
+
+    /// ZeRO stage 1, after the step: every rank updated its share of the parameters; the ranks
+    /// sum the shares (each zero outside its own) so every rank holds all of them.
+    fn gather_shards(&self) -> Result<()> {
+        let (Some(g), true) = (&self.dist, self.zero()) else {
+            return Ok(());
+        };
+        for (part, o) in self.params.parts.iter().zip(&self.opt.parts) {
+            let Some((a, b)) = o.shard else { continue };
+            let data = part.data.as_tensor();
+            let mut host = vec![0f32; part.len()];
+            let mine = data
+                .narrow(0, a, b - a)?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            host[a..b].copy_from_slice(&mine);
+            g.all_reduce_sum(&mut host)?;
+            let full = Tensor::from_vec(host, part.len(), data.device())?.to_dtype(data.dtype())?;
+            part.data.set(&full)?;
+        }
+        Ok(())
+    }
+
+    /// ZeRO stage 1: the whole moments (every rank's share summed into place), as an optimizer
+    /// the checkpoint can save; `None` when they are not sharded. Every rank must call this.
+    fn gathered_moments(&self) -> Result<Option<DeviceAdamW>> {
+        let (Some(g), true) = (&self.dist, self.zero()) else {
+            return Ok(None);
+        };
+        let mut parts = Vec::with_capacity(self.opt.parts.len());
+        for (part, o) in self.params.parts.iter().zip(&self.opt.parts) {
+            let (a, b) = o.shard.unwrap_or((0, part.len()));
+            let whole = |t: &Tensor| -> Result<Tensor> {
+                let mut host = vec![0f32; part.len()];
+                host[a..b].copy_from_slice(&t.to_vec1::<f32>()?);
+                g.all_reduce_sum(&mut host)?;
+                Ok(Tensor::from_vec(host, part.len(), t.device())?)
+            };
+            parts.push(o.with_moments(whole(&o.m)?, whole(&o.v)?));
+        }
+        Ok(Some(DeviceAdamW { parts }))
     }
 
     /// Whether `cancel` (Ctrl-C) stops the run now: on any rank, for every rank at the same step.
@@ -523,6 +586,7 @@ impl Trainer {
         let lr = self.sched.lr(self.state.global_step);
         self.opt.step(&self.params, &bufs, clip.as_ref(), lr)?;
         drop(grads);
+        self.gather_shards()?;
         drop(span);
         self.state.global_step += 1;
         self.state.micro_in_epoch += window.len();
@@ -541,8 +605,12 @@ impl Trainer {
             && (step.is_multiple_of(eval_every) || step == self.total);
         let cadence = step.is_multiple_of(self.cfg.logging_steps.max(1)) || step == self.total;
         let logging = lead && cadence;
-        let mut saving =
-            lead && self.cfg.save_steps > 0 && step.is_multiple_of(self.cfg.save_steps);
+        let periodic = self.cfg.save_steps > 0 && step.is_multiple_of(self.cfg.save_steps);
+        if periodic && !lead && self.zero() {
+            // Rank 0 writes the checkpoint; every rank sends it its share of the moments.
+            self.save_checkpoint()?;
+        }
+        let mut saving = lead && periodic;
         // Every rank reads its losses back at the logging cadence (the others too: no step's
         // loss stays on the device for the whole run).
         let read = if cadence || evaluating || saving {
@@ -769,6 +837,8 @@ impl Trainer {
     /// Writes `checkpoint-{step}` (atomically) and applies `save_total_limit`.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         self.flush()?;
+        // Under ZeRO stage 1 rank 0 gathers every rank's share of the moments first.
+        let gathered = self.gathered_moments()?;
         if !self.lead() {
             // Rank 0 writes it.
             return Ok(self
@@ -779,7 +849,7 @@ impl Trainer {
             &self.out_dir,
             &self.model,
             &self.params,
-            &self.opt,
+            gathered.as_ref().unwrap_or(&self.opt),
             &self.state,
         )?;
         if let Some(limit) = self.cfg.save_total_limit {

@@ -563,7 +563,11 @@ pub mod train_module {
     /// `logging_dir`, default `output_dir/runs`; `"none"`); and qscript's `merge_micro_batches` (unset: on a GPU, run each accumulation window
     /// as fewer, larger micro-batches, each just large enough to keep the GPU busy and within
     /// the memory measured in the first step; the gradients are the same; `true`: each window
-    /// as one pass; `false`: as written). Ctrl-C saves a checkpoint and stops.
+    /// as one pass; `false`: as written); DeepSpeed's `zero_stage` (with several ranks,
+    /// `qscript --nproc-per-node N`: 1 keeps on each rank the optimizer moments of its share of
+    /// the parameters only; 0, the default, keeps them all). With several ranks each takes
+    /// `per_device_train_batch_size` examples of every micro-batch, rank 0 alone logs, evaluates
+    /// and writes. Ctrl-C saves a checkpoint and stops.
     ///
     /// ```rhai
     /// io::write_text("d.json", `[{"instruction": "hi", "output": "hello"}]`);
