@@ -51,6 +51,9 @@ pub struct Workload {
     pub gpu: bool,
     /// Ranks the optimizer moments are sharded over (ZeRO stage 1; 1 when not sharded).
     pub optimizer_shards: usize,
+    /// Micro-batches whose activations are held at once (a pipelined window holds all of its
+    /// own; 1 otherwise).
+    pub held_micro_batches: usize,
 }
 
 /// Bytes per term; [`Estimate::total`] is their sum.
@@ -166,14 +169,15 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
     let per_layer = (4.0 * h + 3.0 * i + 2.0 * q + 2.0 * kv + qk_pre) * b
         + cfg.num_attention_heads as f64 * 4.0
         + lora_rows;
+    let held = w.held_micro_batches.max(1) as f64;
     let (activations, per_token) = if !training {
         (0.0, 0.0)
     } else if w.gradient_checkpointing {
         // Every block input, and one block recomputed with all it saves.
         let per = layers * h * b;
-        (tokens * (per + per_layer), per)
+        (tokens * (per * held + per_layer), per)
     } else {
-        (tokens * layers * per_layer, per_layer)
+        (tokens * layers * per_layer * held, per_layer)
     };
     let vocab = cfg.vocab_size as f64;
     let budget = chunk_budget(
@@ -405,6 +409,7 @@ mod tests {
                     lora: (!full).then_some((8, 4)),
                     gpu: driver,
                     optimizer_shards: 1,
+                    held_micro_batches: 1,
                 },
             )
             .unwrap();
@@ -432,6 +437,7 @@ mod tests {
             lora: None,
             gpu: false,
             optimizer_shards: 1,
+            held_micro_batches: 1,
         };
         let e = estimate(&c, DType::BF16, &w).err().unwrap().to_string();
         assert!(e.contains("`hidden_size` 1000000000000"), "{e}");

@@ -130,6 +130,17 @@ struct Pass<'a> {
     recompute: bool,
 }
 
+/// One micro-batch between its stages: what its blocks saved, its hidden state (forward) or
+/// gradient (backward).
+struct InFlight {
+    tables: DeviceTables,
+    inputs: Vec<Tensor>,
+    saved: Vec<Option<BlockSaved>>,
+    /// The hidden state after the blocks run so far; after the loss, the gradient.
+    x: Tensor,
+    loss: Option<(Tensor, usize)>,
+}
+
 impl Pass<'_> {
     fn step<'t>(&'t self, cos: &'t Tensor, sin: &'t Tensor) -> Step<'t> {
         Step {
@@ -140,50 +151,83 @@ impl Pass<'_> {
         }
     }
 
+    fn at(&self, op: String) -> impl FnOnce(candle_core::Error) -> Error {
+        let shape = self.input_ids.dims().to_vec();
+        move |source: candle_core::Error| Error::Engine {
+            op,
+            shape,
+            source: Box::new(source),
+        }
+    }
+
+    /// Forward, loss and backward of the whole model, one micro-batch.
     fn run(
         &self,
         model: &Model,
         grads: &mut DeviceGrads,
         hook: &mut dyn BlockHook,
     ) -> Result<MicroOut> {
+        let n = model.decoder.blocks.len();
+        let mut f = self.embed(model)?;
+        self.forward(model, &mut f, 0..n, hook)?;
+        self.loss(model, &mut f, grads)?;
+        self.backward(model, &mut f, 0..n, grads, hook)?;
+        self.finish(model, f, grads)
+    }
+
+    /// The embedding: the micro-batch enters the first block.
+    fn embed(&self, model: &Model) -> Result<InFlight> {
         let d = &model.decoder;
         let (b, s) = self.input_ids.dims2()?;
-        let shape = vec![b, s];
-        let at = |op: String| {
-            let shape = shape.clone();
-            move |source: candle_core::Error| Error::Engine {
-                op,
-                shape,
-                source: Box::new(source),
-            }
-        };
         let tables = d
             .rope_tables(self.mask, b, s)
-            .map_err(at("rope tables".into()))?;
-        let mut tables = DeviceTables::new(tables, d.device());
-        let mut x = d
+            .map_err(self.at("rope tables".into()))?;
+        let x = d
             .embed_tokens(self.input_ids)
-            .map_err(at("embedding".into()))?;
-        let mut inputs = Vec::with_capacity(d.blocks.len());
-        let mut saved: Vec<Option<BlockSaved>> = Vec::with_capacity(d.blocks.len());
-        for (i, blk) in d.blocks.iter().enumerate() {
+            .map_err(self.at("embedding".into()))?;
+        Ok(InFlight {
+            tables: DeviceTables::new(tables, d.device()),
+            inputs: Vec::with_capacity(d.blocks.len()),
+            saved: Vec::with_capacity(d.blocks.len()),
+            x,
+            loss: None,
+        })
+    }
+
+    /// Forward through `blocks` (the next ones in order).
+    fn forward(
+        &self,
+        model: &Model,
+        f: &mut InFlight,
+        blocks: std::ops::Range<usize>,
+        hook: &mut dyn BlockHook,
+    ) -> Result<()> {
+        for i in blocks {
+            let blk = &model.decoder.blocks[i];
             // Placement: the hidden state moves to each block's device (nothing when it is there).
-            x = hook.before_forward(i, x.to_device(blk.device())?)?;
-            let (cos, sin) = tables.on(blk.device())?;
+            let x = hook.before_forward(i, f.x.to_device(blk.device())?)?;
+            let (cos, sin) = f.tables.on(blk.device())?;
             let step = self.step(&cos, &sin);
             let mut sv = (!self.recompute).then(BlockSaved::default);
             let y = blk
                 .forward(&x, &step, None, i, sv.as_mut())
-                .map_err(at(format!("forward of layer {i}")))?;
-            inputs.push(x);
-            saved.push(sv);
-            x = y;
+                .map_err(self.at(format!("forward of layer {i}")))?;
+            f.inputs.push(x);
+            f.saved.push(sv);
+            f.x = y;
         }
+        Ok(())
+    }
+
+    /// The final norm and the loss; `f.x` becomes the gradient into the last block.
+    fn loss(&self, model: &Model, f: &mut InFlight, grads: &mut DeviceGrads) -> Result<()> {
+        let d = &model.decoder;
+        let (b, s) = self.input_ids.dims2()?;
         let eps = d.cfg.rms_norm_eps;
         let span = crate::profile::span("loss", d.device());
         let (dx, loss, count) = (|| {
             // The final norm on its device, the head on its own (the embedding's when tied).
-            let x = x.to_device(d.norm.device())?;
+            let x = f.x.to_device(d.norm.device())?;
             let hidden = rms_norm(&x, &d.norm, eps)?;
             let targets = shifted_targets(self.labels, b, s);
             let rows = hidden
@@ -199,35 +243,154 @@ impl Pass<'_> {
             let dx = rms_norm_backward_into(&x, &d.norm, eps, &dh, grads)?;
             Ok((dx, out.loss, out.count))
         })()
-        .map_err(at("loss".into()))?;
+        .map_err(self.at("loss".into()))?;
         drop(span);
-        let mut g = dx;
-        for i in (0..d.blocks.len()).rev() {
-            let blk = &d.blocks[i];
-            let (cos, sin) = tables.on(blk.device())?;
+        f.x = dx;
+        f.loss = Some((loss, count));
+        Ok(())
+    }
+
+    /// Backward through `blocks` (the last ones not yet done), in reverse.
+    fn backward(
+        &self,
+        model: &Model,
+        f: &mut InFlight,
+        blocks: std::ops::Range<usize>,
+        grads: &mut DeviceGrads,
+        hook: &mut dyn BlockHook,
+    ) -> Result<()> {
+        for i in blocks.rev() {
+            let blk = &model.decoder.blocks[i];
+            let (cos, sin) = f.tables.on(blk.device())?;
             let step = self.step(&cos, &sin);
-            let sv = if let Some(sv) = saved[i].take() {
+            let sv = if let Some(sv) = f.saved[i].take() {
                 sv
             } else {
                 let mut sv = BlockSaved::default();
-                blk.forward(&inputs[i], &step, None, i, Some(&mut sv))
-                    .map_err(at(format!("recompute of layer {i}")))?;
+                blk.forward(&f.inputs[i], &step, None, i, Some(&mut sv))
+                    .map_err(self.at(format!("recompute of layer {i}")))?;
                 sv
             };
-            g = blk
-                .backward(&sv, &g.to_device(blk.device())?, &step, grads)
-                .map_err(at(format!("backward of layer {i}")))?;
+            f.x = blk
+                .backward(&sv, &f.x.to_device(blk.device())?, &step, grads)
+                .map_err(self.at(format!("backward of layer {i}")))?;
             drop(sv);
-            inputs.truncate(i);
+            f.inputs.truncate(i);
             hook.after_backward(i, grads)?;
         }
+        Ok(())
+    }
+
+    /// The embedding's gradient; the micro-batch is done.
+    fn finish(&self, model: &Model, f: InFlight, grads: &mut DeviceGrads) -> Result<MicroOut> {
+        let d = &model.decoder;
+        let (b, s) = self.input_ids.dims2()?;
         let _span = crate::profile::span("embedding grad", d.device());
-        let rows = g
-            .to_device(d.device())?
-            .reshape((b * s, d.cfg.hidden_size))?;
+        let rows =
+            f.x.to_device(d.device())?
+                .reshape((b * s, d.cfg.hidden_size))?;
         grads.add_rows(&d.embed, self.input_ids, &rows)?;
+        let (loss, count) = f.loss.ok_or_else(|| {
+            Error::InvalidArgument("a micro-batch finished without its loss".into())
+        })?;
         Ok(MicroOut { loss, count })
     }
+}
+
+/// The model's blocks in stages: runs of consecutive blocks on one device (placement over several
+/// devices), or `stages` even runs when given (to check the schedule on one device).
+pub fn stages(model: &Model, stages: Option<usize>) -> Vec<std::ops::Range<usize>> {
+    let blocks = &model.decoder.blocks;
+    let n = blocks.len();
+    if let Some(k) = stages {
+        let k = k.clamp(1, n.max(1));
+        return (0..k).map(|j| j * n / k..(j + 1) * n / k).collect();
+    }
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, b) in blocks.iter().enumerate() {
+        match out.last_mut() {
+            Some(r) if blocks[r.start].device().same_device(b.device()) => r.end = i + 1,
+            _ => out.push(i..i + 1),
+        }
+    }
+    out
+}
+
+/// An accumulation window's micro-batches through the stages in a pipeline (GPipe's schedule):
+/// at each tick every stage takes the next micro-batch that reached it, forward over the whole
+/// window, then backward in reverse. The host issues each device's work while the others still
+/// run, so with the model over several GPUs they work at once, where the sequential schedule has
+/// one working at a time. Every micro-batch's activations are held until its backward (or only
+/// the block inputs, with `recompute`). The same gradients as [`micro_step`] over each batch in
+/// turn, up to the order in which they are added.
+pub fn window_pipelined(
+    model: &Model,
+    batches: &[(&Batch, Key)],
+    denom: f64,
+    recompute: bool,
+    stages: &[std::ops::Range<usize>],
+    grads: &mut DeviceGrads,
+) -> Result<Vec<MicroOut>> {
+    let masks: Vec<AttnMask> = batches.iter().map(|(b, _)| b.mask()).collect();
+    let passes: Vec<Pass> = batches
+        .iter()
+        .zip(&masks)
+        .map(|((b, key), mask)| Pass {
+            input_ids: &b.input_ids,
+            mask,
+            labels: &b.labels_host,
+            denom,
+            seed: Some(*key),
+            recompute,
+        })
+        .collect();
+    let (m, k) = (passes.len(), stages.len());
+    let mut hook = NoHook;
+    let mut flights: Vec<Option<InFlight>> = Vec::with_capacity(m);
+    for p in &passes {
+        flights.push(Some(p.embed(model)?));
+    }
+    fn take(f: &mut Option<InFlight>) -> Result<&mut InFlight> {
+        f.as_mut()
+            .ok_or_else(|| Error::InvalidArgument("pipeline: a micro-batch ran out of turn".into()))
+    }
+    // Forward: at tick t, stage j takes micro-batch t - j (the last stage first, so the devices
+    // further on get their work before the first takes the next micro-batch).
+    for t in 0..m + k - 1 {
+        for j in (0..k).rev() {
+            let Some(i) = t.checked_sub(j).filter(|&i| i < m) else {
+                continue;
+            };
+            let f = take(&mut flights[i])?;
+            passes[i].forward(model, f, stages[j].clone(), &mut hook)?;
+            if j == k - 1 {
+                passes[i].loss(model, f, grads)?;
+            }
+        }
+    }
+    // Backward: the micro-batches in reverse, the stages from the last.
+    let mut outs: Vec<Option<MicroOut>> = (0..m).map(|_| None).collect();
+    for t in 0..m + k - 1 {
+        for d in (0..k).rev() {
+            let Some(r) = t.checked_sub(d).filter(|&r| r < m) else {
+                continue;
+            };
+            let (i, j) = (m - 1 - r, k - 1 - d);
+            let f = take(&mut flights[i])?;
+            passes[i].backward(model, f, stages[j].clone(), grads, &mut hook)?;
+            if j == 0 {
+                let f = flights[i].take().ok_or_else(|| {
+                    Error::InvalidArgument("pipeline: a micro-batch ran out of turn".into())
+                })?;
+                outs[i] = Some(passes[i].finish(model, f, grads)?);
+            }
+        }
+    }
+    outs.into_iter()
+        .map(|o| {
+            o.ok_or_else(|| Error::InvalidArgument("pipeline: a micro-batch did not finish".into()))
+        })
+        .collect()
 }
 
 /// The loss of `batch` (summed token loss, and the count), without gradients.
@@ -240,4 +403,106 @@ pub fn eval_loss(model: &Model, batch: &Batch) -> Result<(f64, usize)> {
     let targets = shifted_targets(&batch.labels_host, b, s);
     let out = causal_lm_loss(&hidden, d.head_weight(), &targets, 1.0, None)?;
     Ok((f64::from(out.loss.to_scalar::<f32>()?), out.count))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::data::batch::collate;
+    use crate::data::sft::Example;
+    use crate::lora::{LoraConfig, Targets};
+    use crate::model::{TinyConfig, tiny};
+    use candle_core::Device;
+
+    /// GPipe's schedule over 1, 2 and 3 stages (with and without recompute, dropout on) gives the
+    /// gradients and losses of running the window's micro-batches one after the other.
+    #[test]
+    fn the_pipelined_window_equals_the_sequential_one() {
+        let m = tiny(&TinyConfig {
+            hidden: 32,
+            layers: 3,
+            intermediate: 64,
+            seed: 2,
+            ..TinyConfig::default()
+        })
+        .unwrap();
+        let cfg = LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            lora_dropout: 0.1,
+            target_modules: Targets::Pattern("all-linear".into()),
+            ..LoraConfig::default()
+        };
+        let mut model = crate::lora::attach(&m, &cfg, 2).unwrap();
+        let params = super::super::flat::DeviceParams::adopt(&mut model).unwrap();
+        let ex: Vec<Example> = (0..6)
+            .map(|i| Example {
+                input_ids: (0..5 + i)
+                    .map(|t| (t * 7 + i * 3) % 250 + 3)
+                    .collect(),
+                labels: (0..5 + i)
+                    .map(|t| {
+                        if t < 2 {
+                            -100
+                        } else {
+                            i64::from((t * 5) % 250 + 3)
+                        }
+                    })
+                    .collect(),
+                packed: Vec::new(),
+            })
+            .collect();
+        let refs: Vec<&Example> = ex.iter().collect();
+        let batches: Vec<Batch> = refs
+            .chunks(2)
+            .map(|c| collate(c, 0, None, &Device::Cpu).unwrap())
+            .collect();
+        let keyed: Vec<(&Batch, Key)> = batches
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                (
+                    b,
+                    Key {
+                        key: 11,
+                        first_row: 2 * i as u64,
+                    },
+                )
+            })
+            .collect();
+        let flat = |g: &DeviceGrads| g.parts[0].buf.to_vec1::<f32>().unwrap();
+        for recompute in [false, true] {
+            let mut want = params.zero_grads().unwrap();
+            let mut losses = Vec::new();
+            for (b, key) in &keyed {
+                let out =
+                    micro_step(&model, b, 20.0, *key, recompute, &mut want, &mut NoHook).unwrap();
+                losses.push(out.loss.to_scalar::<f32>().unwrap());
+            }
+            for k in [1, 2, 3] {
+                let st = stages(&model, Some(k));
+                assert_eq!(st.len(), k);
+                let mut got = params.zero_grads().unwrap();
+                let outs =
+                    window_pipelined(&model, &keyed, 20.0, recompute, &st, &mut got).unwrap();
+                for (o, l) in outs.iter().zip(&losses) {
+                    assert!((o.loss.to_scalar::<f32>().unwrap() - l).abs() < 1e-6);
+                }
+                let (a, b) = (flat(&want), flat(&got));
+                let worst = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                let scale = a.iter().map(|x| x.abs()).fold(0f32, f32::max);
+                assert!(
+                    worst <= 1e-5 * scale,
+                    "{k} stages, recompute {recompute}: {worst} of {scale}"
+                );
+            }
+        }
+        // One device: one stage.
+        assert_eq!(stages(&model, None), vec![0..3]);
+    }
 }

@@ -141,6 +141,12 @@ pub fn plan(
         lora: model.lora.as_ref().map(|l| (l.r, per_layer_adapters)),
         gpu: device.is_cuda(),
         optimizer_shards: if cfg.zero_stage == 1 { ranks } else { 1 },
+        // Over several GPUs a window runs as a pipeline, every micro-batch held until its backward.
+        held_micro_batches: if pipelined(model) {
+            cfg.gradient_accumulation_steps
+        } else {
+            1
+        },
     };
     let estimate = memory::estimate(model.config(), model.decoder.dtype(), &workload)?;
     // What the run may use on a device: what is free there plus what the model's weights already
@@ -266,6 +272,26 @@ fn per_device(p: &crate::plan::Placement, e: &Estimate, model: &Model) -> Vec<De
             (dev.clone(), b as u64, *budget)
         })
         .collect()
+}
+
+/// Whether the model's blocks lie over several GPUs (its windows then run as a pipeline).
+fn pipelined(model: &Model) -> bool {
+    let Some(p) = &model.placement else {
+        return false;
+    };
+    let mut gpus: Vec<&str> = p
+        .modules
+        .iter()
+        .filter(|(m, d)| m.starts_with("model.layers.") && d.starts_with("cuda"))
+        .map(|(_, d)| d.as_str())
+        .collect();
+    gpus.sort_unstable();
+    gpus.dedup();
+    let cpu_layers = p
+        .modules
+        .iter()
+        .any(|(m, d)| m.starts_with("model.layers.") && d == "cpu");
+    gpus.len() > 1 && !cpu_layers
 }
 
 /// Every id of `data` inside the model's vocabulary.

@@ -208,6 +208,9 @@ pub struct Trainer {
     /// The data-parallel ranks (`None`: one process). Rank 0 alone evaluates and writes
     /// checkpoints; the others write nothing (the launcher gives them a throw-away overlay).
     dist: Option<Arc<crate::dist::Group>>,
+    /// The model's stages when it lies over several GPUs: the window's micro-batches then run in
+    /// a pipeline (GPipe's schedule) so the GPUs work at once.
+    pipeline: Option<Vec<std::ops::Range<usize>>>,
     /// The ranks' sums on the GPU, when every rank has NCCL and one GPU.
     #[cfg(feature = "cuda")]
     nccl: Option<crate::dist::nccl::Nccl>,
@@ -330,6 +333,7 @@ impl Trainer {
             }
             _ => None,
         };
+        let pipeline = pipeline_stages(&model);
         let lengths = train.iter().map(|e| e.input_ids.len()).collect();
         let merge = MergePolicy::new(cfg.merge_micro_batches, model.decoder.num_params());
         Ok(Self {
@@ -365,6 +369,7 @@ impl Trainer {
             plan,
             tensorboard,
             dist,
+            pipeline,
             #[cfg(feature = "cuda")]
             nccl,
         })
@@ -720,6 +725,44 @@ impl Trainer {
         let mut loss: Option<Tensor> = None;
         let mut largest = 0;
         let mut first_row = first_row;
+        if let Some(stages) = self.pipeline.as_ref().filter(|_| groups.len() > 1) {
+            let mut batches = Vec::with_capacity(groups.len());
+            for g in groups {
+                let ex: Vec<&Example> = examples[g].iter().flatten().copied().collect();
+                let batch = collate(&ex, self.pad_id, self.cfg.pad_to_multiple_of, &self.device)?;
+                largest = largest.max(batch.input_ids.elem_count());
+                let key = crate::nn::dropout::Key {
+                    key: seed,
+                    first_row,
+                };
+                first_row += ex.len() as u64;
+                batches.push((batch, key));
+            }
+            let keyed: Vec<_> = batches.iter().map(|(b, k)| (b, *k)).collect();
+            let outs = super::engine::window_pipelined(
+                &self.model,
+                &keyed,
+                window_tokens.max(1) as f64,
+                self.cfg.gradient_checkpointing,
+                stages,
+                &mut grads,
+            )
+            .map_err(|e| self.out_of_memory_hint(e, batches[0].0.input_ids.dims()))?;
+            for out in outs {
+                let l = out.loss.to_device(&self.device)?;
+                loss = Some(match loss {
+                    Some(t) => t.add(&l)?,
+                    None => l,
+                });
+            }
+            let loss =
+                loss.ok_or_else(|| Error::InvalidArgument("an empty accumulation window".into()))?;
+            return Ok((
+                grads.parts.into_iter().map(|p| p.buf).collect(),
+                loss,
+                largest,
+            ));
+        }
         for g in groups {
             *merged = g.len() > 1;
             let ex: Vec<&Example> = examples[g].iter().flatten().copied().collect();
@@ -913,6 +956,17 @@ impl Trainer {
             model: self.model,
         })
     }
+}
+
+/// The stages of a model placed over several GPUs (its blocks' runs per GPU), whose windows run
+/// in a pipeline; `None` on one device, or when a stage lies on the CPU (its work blocks the host:
+/// nothing would run at once).
+fn pipeline_stages(model: &Model) -> Option<Vec<std::ops::Range<usize>>> {
+    let stages = super::engine::stages(model, None);
+    let on_gpus = stages
+        .iter()
+        .all(|r| model.decoder.blocks[r.start].device().is_cuda());
+    (stages.len() > 1 && on_gpus).then_some(stages)
 }
 
 /// The remaining accumulation windows of `state`'s epoch over examples of `lengths` (each a
