@@ -438,9 +438,7 @@ mod tests {
         let params = super::super::flat::DeviceParams::adopt(&mut model).unwrap();
         let ex: Vec<Example> = (0..6)
             .map(|i| Example {
-                input_ids: (0..5 + i)
-                    .map(|t| (t * 7 + i * 3) % 250 + 3)
-                    .collect(),
+                input_ids: (0..5 + i).map(|t| (t * 7 + i * 3) % 250 + 3).collect(),
                 labels: (0..5 + i)
                     .map(|t| {
                         if t < 2 {
