@@ -333,16 +333,21 @@ pub fn open(path: &Path) -> Result<std::fs::File> {
             path.display()
         )));
     }
-    let refused = ACTIVE.with(|a| {
-        let a = a.borrow();
-        let sb = a.as_ref()?;
-        let real = opened_path(&f)?;
-        (!sb.may_read(&real)).then(|| sb.refuse_read(path))
-    });
-    match refused {
+    match refused(&f, path) {
         Some(e) => Err(e),
         None => Ok(f),
     }
+}
+
+/// The active sandbox's refusal of `opened` (the file or directory `path` was opened as), judged
+/// by where its descriptor really points; `None` when it may be read or nothing is active.
+fn refused(opened: &std::fs::File, path: &Path) -> Option<Error> {
+    ACTIVE.with(|a| {
+        let a = a.borrow();
+        let sb = a.as_ref()?;
+        let real = opened_path(opened)?;
+        (!sb.may_read(&real)).then(|| sb.refuse_read(path))
+    })
 }
 
 /// The entries of directory `path` (full paths under `path`, sorted), listed from the directory
@@ -359,13 +364,7 @@ pub fn list_dir(path: &Path) -> Result<Vec<PathBuf>> {
             path.display()
         )));
     }
-    let refused = ACTIVE.with(|a| {
-        let a = a.borrow();
-        let sb = a.as_ref()?;
-        let real = opened_path(&dir)?;
-        (!sb.may_read(&real)).then(|| sb.refuse_read(path))
-    });
-    if let Some(e) = refused {
+    if let Some(e) = refused(&dir, path) {
         return Err(e);
     }
     #[cfg(target_os = "linux")]
@@ -460,6 +459,38 @@ mod tests {
         (dir, sb)
     }
 
+    /// Swaps directory `inside` for a link to `outside` and back, in a loop on a thread, until
+    /// stopped.
+    #[cfg(target_os = "linux")]
+    struct Swapper {
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        thread: std::thread::JoinHandle<()>,
+    }
+
+    #[cfg(target_os = "linux")]
+    impl Swapper {
+        fn start(inside: &Path, outside: &Path) -> Self {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (inside, outside, flag) =
+                (inside.to_path_buf(), outside.to_path_buf(), stop.clone());
+            let parked = inside.with_extension("real");
+            let thread = std::thread::spawn(move || {
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = std::fs::rename(&inside, &parked);
+                    let _ = std::os::unix::fs::symlink(&outside, &inside);
+                    let _ = std::fs::remove_file(&inside);
+                    let _ = std::fs::rename(&parked, &inside);
+                }
+            });
+            Self { stop, thread }
+        }
+
+        fn stop(self) {
+            self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.thread.join().unwrap();
+        }
+    }
+
     /// A directory swapped for a link to the outside, in a loop, while reads run: every read
     /// returns the inside file or an error, never the outside one.
     #[cfg(target_os = "linux")]
@@ -472,19 +503,7 @@ mod tests {
         let outside = d.path().join("outside");
         std::fs::create_dir(&outside).unwrap();
         std::fs::write(outside.join("f.txt"), "SECRET").unwrap();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let swapper = {
-            let (inside, outside, stop) = (inside.clone(), outside.clone(), stop.clone());
-            let parked = inside.with_extension("real");
-            std::thread::spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _ = std::fs::rename(&inside, &parked);
-                    let _ = std::os::unix::fs::symlink(&outside, &inside);
-                    let _ = std::fs::remove_file(&inside);
-                    let _ = std::fs::rename(&parked, &inside);
-                }
-            })
-        };
+        let swapper = Swapper::start(&inside, &outside);
         activate(Some(sb.clone()));
         let mut seen = 0;
         for _ in 0..3000 {
@@ -495,8 +514,7 @@ mod tests {
                 seen += 1;
             }
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        swapper.join().unwrap();
+        swapper.stop();
         // Once the swapping stops, the inside file reads as usual (`seen` counts the reads that
         // won the race; under load it may be none).
         let real = sb.resolve_read("data/f.txt").unwrap();
@@ -517,19 +535,7 @@ mod tests {
         let outside = d.path().join("outside");
         std::fs::create_dir(&outside).unwrap();
         std::fs::write(outside.join("SECRET.txt"), "s").unwrap();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let swapper = {
-            let (inside, outside, stop) = (inside.clone(), outside.clone(), stop.clone());
-            let parked = inside.with_extension("real");
-            std::thread::spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _ = std::fs::rename(&inside, &parked);
-                    let _ = std::os::unix::fs::symlink(&outside, &inside);
-                    let _ = std::fs::remove_file(&inside);
-                    let _ = std::fs::rename(&parked, &inside);
-                }
-            })
-        };
+        let swapper = Swapper::start(&inside, &outside);
         activate(Some(sb.clone()));
         for _ in 0..3000 {
             if let Ok(real) = sb.resolve_read("data")
@@ -541,8 +547,7 @@ mod tests {
                 );
             }
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        swapper.join().unwrap();
+        swapper.stop();
         let real = sb.resolve_read("data").unwrap();
         assert_eq!(list_dir(&real).unwrap(), [real.join("inside.txt")]);
         // A link to the outside, listed directly, is refused.

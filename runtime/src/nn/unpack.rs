@@ -140,16 +140,7 @@ mod tests {
         let (mut sp, mut su) = (None, None);
         let want = attention(&q, &k, &v, &mask, Some(&mut sp)).unwrap();
         let got = attention_unpacked(&u, &q, &k, &v, Some(&mut su)).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            a.sub(b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let diff = crate::testing::max_abs_diff;
         assert!(diff(&got, &want) < 1e-5, "forward {}", diff(&got, &want));
         let gw = attention_backward(sp.as_ref().unwrap(), &dy).unwrap();
         let gg = attention_backward(su.as_ref().unwrap(), &dy).unwrap();

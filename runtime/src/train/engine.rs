@@ -469,7 +469,7 @@ mod tests {
                 )
             })
             .collect();
-        let flat = |g: &DeviceGrads| g.parts[0].buf.to_vec1::<f32>().unwrap();
+        use crate::testing::{max_abs, max_abs_diff};
         for recompute in [false, true] {
             let mut want = params.zero_grads().unwrap();
             let mut losses = Vec::new();
@@ -487,13 +487,8 @@ mod tests {
                 for (o, l) in outs.iter().zip(&losses) {
                     assert!((o.loss.to_scalar::<f32>().unwrap() - l).abs() < 1e-6);
                 }
-                let (a, b) = (flat(&want), flat(&got));
-                let worst = a
-                    .iter()
-                    .zip(&b)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0f32, f32::max);
-                let scale = a.iter().map(|x| x.abs()).fold(0f32, f32::max);
+                let (a, b) = (&want.parts[0].buf, &got.parts[0].buf);
+                let (worst, scale) = (max_abs_diff(a, b), max_abs(a));
                 assert!(
                     worst <= 1e-5 * scale,
                     "{k} stages, recompute {recompute}: {worst} of {scale}"

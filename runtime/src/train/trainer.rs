@@ -381,7 +381,7 @@ impl Trainer {
     }
 
     /// ZeRO stage 1, after the step: every rank updated its share of the parameters; the ranks
-    /// sum the shares (each zero outside its own) so every rank holds all of them.
+    /// sum the shares so every rank holds all of them.
     fn gather_shards(&self) -> Result<()> {
         let (Some(g), true) = (&self.dist, self.zero()) else {
             return Ok(());
@@ -389,14 +389,8 @@ impl Trainer {
         for (part, o) in self.params.parts.iter().zip(&self.opt.parts) {
             let Some((a, b)) = o.shard else { continue };
             let data = part.data.as_tensor();
-            let mut host = vec![0f32; part.len()];
-            let mine = data
-                .narrow(0, a, b - a)?
-                .to_dtype(DType::F32)?
-                .to_vec1::<f32>()?;
-            host[a..b].copy_from_slice(&mine);
-            g.all_reduce_sum(&mut host)?;
-            let full = Tensor::from_vec(host, part.len(), data.device())?.to_dtype(data.dtype())?;
+            let mine = data.narrow(0, a, b - a)?;
+            let full = sum_shares(g, part.len(), a, &mine)?.to_dtype(data.dtype())?;
             part.data.set(&full)?;
         }
         Ok(())
@@ -410,14 +404,11 @@ impl Trainer {
         };
         let mut parts = Vec::with_capacity(self.opt.parts.len());
         for (part, o) in self.params.parts.iter().zip(&self.opt.parts) {
-            let (a, b) = o.shard.unwrap_or((0, part.len()));
-            let whole = |t: &Tensor| -> Result<Tensor> {
-                let mut host = vec![0f32; part.len()];
-                host[a..b].copy_from_slice(&t.to_vec1::<f32>()?);
-                g.all_reduce_sum(&mut host)?;
-                Ok(Tensor::from_vec(host, part.len(), t.device())?)
-            };
-            parts.push(o.with_moments(whole(&o.m)?, whole(&o.v)?));
+            let a = o.shard.map_or(0, |s| s.0);
+            parts.push(o.with_moments(
+                sum_shares(g, part.len(), a, &o.m)?,
+                sum_shares(g, part.len(), a, &o.v)?,
+            ));
         }
         Ok(Some(DeviceAdamW { parts }))
     }
@@ -956,6 +947,16 @@ impl Trainer {
             model: self.model,
         })
     }
+}
+
+/// A buffer of `len` elements (f32, on `share`'s device) from every rank's `share` of it, rank r's
+/// at its own `start`: each rank contributes zeros elsewhere and the ranks sum.
+fn sum_shares(g: &crate::dist::Group, len: usize, start: usize, share: &Tensor) -> Result<Tensor> {
+    let mut host = vec![0f32; len];
+    let mine = share.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    host[start..start + mine.len()].copy_from_slice(&mine);
+    g.all_reduce_sum(&mut host)?;
+    Ok(Tensor::from_vec(host, len, share.device())?)
 }
 
 /// The stages of a model placed over several GPUs (its blocks' runs per GPU), whose windows run
