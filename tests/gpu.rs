@@ -725,11 +725,9 @@ fn small_fused_kernels_match_the_reference() {
     }
 }
 
-/// NCCL with a world of one (all one GPU allows): it loads, forms a communicator over the TCP
-/// group and sums a gradient-sized buffer in place (the sum of one rank is its own buffer).
-#[test]
-fn nccl_with_a_world_of_one_sums_in_place() {
-    use qscript_runtime::dist::{Group, World, nccl::Nccl};
+/// A group of one rank over TCP (rank 0 listening on a free port).
+fn group_of_one() -> qscript_runtime::dist::Group {
+    use qscript_runtime::dist::{Group, World};
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -743,15 +741,115 @@ fn nccl_with_a_world_of_one_sums_in_place() {
         master_addr: "127.0.0.1".into(),
         master_port: port,
     };
-    let group = Group::connect(&world, std::time::Duration::from_secs(10)).unwrap();
+    Group::connect(&world, std::time::Duration::from_secs(10)).unwrap()
+}
+
+/// NCCL with a world of one (all one GPU allows): it loads, forms a communicator over the TCP
+/// group and sums ranges of a gradient-sized buffer in place on its own stream, after the
+/// compute stream's work that wrote them (the sum of one rank is its own buffer), and a range
+/// past the end is refused.
+#[test]
+fn nccl_with_a_world_of_one_sums_in_place() {
+    use qscript_runtime::dist::nccl::Nccl;
+    let group = group_of_one();
     let Device::Cuda(dev) = gpu() else {
         unreachable!()
     };
     let nccl = Nccl::connect(&group, &dev)
         .unwrap()
         .expect("NCCL was not found on the GPU machine");
-    let x = Tensor::randn(0f32, 1.0, 1 << 20, &gpu()).unwrap();
-    let before = x.to_vec1::<f32>().unwrap();
-    nccl.sum(&x).unwrap();
-    assert_eq!(x.to_vec1::<f32>().unwrap(), before);
+    let m = Tensor::randn(0f32, 1.0, (1024, 1024), &gpu()).unwrap();
+    // Written by a product still running when the sums are queued.
+    let x = m.matmul(&m).unwrap().flatten_all().unwrap();
+    for r in [0..1000, 1000..(1 << 19), (1 << 19)..(1 << 20)] {
+        nccl.start_sum(&x, r).unwrap();
+    }
+    nccl.wait().unwrap();
+    let want = m.matmul(&m).unwrap().flatten_all().unwrap();
+    assert_eq!(x.to_vec1::<f32>().unwrap(), want.to_vec1::<f32>().unwrap());
+    let err = nccl
+        .start_sum(&x, 0..(1 << 20) + 1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("outside a buffer"), "{err}");
+}
+
+/// Data parallel with NCCL in a world of one: the trainer sums each block's gradients on NCCL's
+/// stream as the last backward leaves the block, the rest and the loss at the end; the losses are
+/// those of the run without ranks, LoRA and full fine-tuning, with accumulation.
+#[test]
+fn a_world_of_one_over_nccl_trains_like_one_process() {
+    let data = rows(16);
+    for full in [false, true] {
+        let run = |ranks: bool| {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = TrainConfig {
+                output_dir: dir.path().to_string_lossy().into_owned(),
+                per_device_train_batch_size: 4,
+                gradient_accumulation_steps: 2,
+                max_steps: 6,
+                learning_rate: 5e-3,
+                logging_steps: 1,
+                save_steps: 0,
+                // Unmerged passes: the last one's backward starts the block sums.
+                merge_micro_batches: Some(false),
+                ..TrainConfig::default()
+            };
+            let group = ranks.then(|| std::sync::Arc::new(group_of_one()));
+            qscript_runtime::dist::set_thread_group(group);
+            let out = fit(
+                &tiny_model("cuda:0", 3, full),
+                &data,
+                None,
+                &cfg,
+                0,
+                &CancelToken::new(),
+                &mut |_| Ok(()),
+            )
+            .unwrap()
+            .losses;
+            qscript_runtime::dist::set_thread_group(None);
+            out
+        };
+        let (one, ranked) = (run(false), run(true));
+        assert_eq!(one.len(), 6);
+        for ((s, a), (_, b)) in one.iter().zip(&ranked) {
+            assert!((a - b).abs() < 1e-6, "full {full}, step {s}: {a} vs {b}");
+        }
+    }
+}
+
+/// The peer copy between GPUs (`device::to`), on two streams of the one GPU here: it waits on the
+/// GPU for the work that wrote the source (a large product still running when the copy is
+/// queued), and the source's memory is not reused before the copy has read it (the source is
+/// dropped at once and the first stream goes on allocating and writing).
+#[test]
+fn peer_copies_wait_for_their_source_and_keep_it() {
+    use candle_core::cuda_backend::CudaDevice;
+    let a = gpu();
+    let b = Device::Cuda(CudaDevice::new_with_stream(0).unwrap());
+    let m = Tensor::randn(0f32, 1.0, (2048, 2048), &a).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let m = m.to_dtype(dtype).unwrap();
+        let mut x = m.clone();
+        for _ in 0..8 {
+            x = x.matmul(&m).unwrap().affine(1e-2, 0.0).unwrap();
+        }
+        let moved = qscript_runtime::device::to(&x, &b).unwrap();
+        let want = x.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+        drop(x);
+        for i in 0..16 {
+            let _ = Tensor::full(i as f32, (2048, 2048), &a).unwrap();
+        }
+        assert!(moved.device().same_device(&b));
+        let got = moved
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(got, want, "{dtype:?}");
+    }
+    let ids = Tensor::new(&[3u32, 1, 4, 1, 5], &a).unwrap();
+    let back = qscript_runtime::device::to(&ids, &b).unwrap();
+    assert_eq!(back.to_vec1::<u32>().unwrap(), vec![3, 1, 4, 1, 5]);
 }

@@ -82,6 +82,19 @@ pub fn by_name(name: &str) -> Result<Device> {
 /// installs one (the `qscript` CLI does); 0 otherwise.
 pub static HEAP_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// `t` on `device`. Between two GPUs this is a peer copy the host does not wait for (candle's
+/// `to_device` goes through the host and waits for the source GPU); otherwise candle's move,
+/// which is nothing when `t` is there already.
+pub fn to(t: &candle_core::Tensor, device: &Device) -> candle_core::Result<candle_core::Tensor> {
+    #[cfg(feature = "cuda")]
+    if let (Device::Cuda(from), Device::Cuda(dst)) = (t.device(), device)
+        && from.id() != dst.id()
+    {
+        return crate::nn::cuda::peer::copy(t, dst);
+    }
+    t.to_device(device)
+}
+
 /// The `key:` line of a `/proc` status file (`/proc/meminfo`, `/proc/self/status`) in bytes.
 fn proc_kb(file: &str, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(file).ok()?;

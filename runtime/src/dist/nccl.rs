@@ -1,6 +1,7 @@
-//! NCCL for the ranks' sums on GPUs: the f32 gradient buffers are summed in place on the device,
-//! on the compute stream (so the sum is ordered after the backward that wrote them, and the
-//! optimizer after the sum). NCCL is not linked: `libnccl.so.2` is loaded at run time from where
+//! NCCL for the ranks' sums on GPUs: ranges of the f32 gradient buffers are summed in place on
+//! the device, on NCCL's own stream: each sum waits (on the GPU) for the compute stream's work
+//! queued before it, so a block's sum runs while the next backward computes, and [`Nccl::wait`]
+//! makes the compute stream wait for every sum before the optimizer reads the buffers. NCCL is not linked: `libnccl.so.2` is loaded at run time from where
 //! the user has it (the loader's search, then pip wheels such as torch's `nvidia-nccl`), like
 //! cuDNN, so a build with the `cuda` feature starts without it. The ranks meet over the TCP
 //! [`Group`]: rank 0 makes the NCCL id and sends it to the others.
@@ -9,8 +10,12 @@
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::sync::OnceLock;
 
+use std::ops::Range;
+use std::sync::Arc;
+
 use candle_core::Tensor;
 use candle_core::cuda_backend::CudaDevice;
+use candle_core::cuda_backend::cudarc::driver::CudaStream;
 
 use super::Group;
 use crate::{Error, Result};
@@ -32,13 +37,40 @@ type AllReduce = unsafe extern "C" fn(
     *mut c_void,
     *mut c_void,
 ) -> c_int;
+type Broadcast = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    c_int,
+    c_int,
+    *mut c_void,
+    *mut c_void,
+) -> c_int;
 type CommAbort = unsafe extern "C" fn(*mut c_void) -> c_int;
 type GetErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
 type GetVersion = unsafe extern "C" fn(*mut c_int) -> c_int;
 
-/// `ncclFloat32` and `ncclSum` in nccl.h.
-const FLOAT32: c_int = 7;
+/// `ncclSum` in nccl.h.
 const SUM: c_int = 0;
+
+/// nccl.h's `ncclDataType_t` of a dtype.
+fn nccl_type(dtype: candle_core::DType) -> Result<c_int> {
+    use candle_core::DType as D;
+    Ok(match dtype {
+        D::U8 => 1,
+        D::U32 => 3,
+        D::I64 => 4,
+        D::F16 => 6,
+        D::F32 => 7,
+        D::F64 => 8,
+        D::BF16 => 9,
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "NCCL: unsupported dtype {other:?}"
+            )));
+        }
+    })
+}
 
 /// The entry points qscript uses.
 struct Lib {
@@ -46,6 +78,7 @@ struct Lib {
     get_unique_id: GetUniqueId,
     comm_init_rank: CommInitRank,
     all_reduce: AllReduce,
+    broadcast: Broadcast,
     comm_abort: CommAbort,
     error_string: GetErrorString,
     version: c_int,
@@ -83,6 +116,7 @@ fn symbols(l: libloading::Library) -> std::result::Result<Lib, libloading::Error
         let get_unique_id = *l.get::<GetUniqueId>(b"ncclGetUniqueId\0")?;
         let comm_init_rank = *l.get::<CommInitRank>(b"ncclCommInitRank\0")?;
         let all_reduce = *l.get::<AllReduce>(b"ncclAllReduce\0")?;
+        let broadcast = *l.get::<Broadcast>(b"ncclBroadcast\0")?;
         let comm_abort = *l.get::<CommAbort>(b"ncclCommAbort\0")?;
         let error_string = *l.get::<GetErrorString>(b"ncclGetErrorString\0")?;
         let get_version = *l.get::<GetVersion>(b"ncclGetVersion\0")?;
@@ -93,6 +127,7 @@ fn symbols(l: libloading::Library) -> std::result::Result<Lib, libloading::Error
             get_unique_id,
             comm_init_rank,
             all_reduce,
+            broadcast,
             comm_abort,
             error_string,
             version,
@@ -111,11 +146,13 @@ fn check(lib: &Lib, what: &str, code: c_int) -> Result<()> {
     )))
 }
 
-/// One rank's NCCL communicator over the group's ranks, on one GPU's compute stream.
+/// One rank's NCCL communicator over the group's ranks, on its own stream of one GPU.
 pub struct Nccl {
     lib: &'static Lib,
     comm: *mut c_void,
     dev: CudaDevice,
+    /// NCCL's stream, beside the compute stream.
+    stream: Arc<CudaStream>,
 }
 
 // SAFETY: the communicator is used by one thread at a time (the trainer that owns it), which is
@@ -171,51 +208,111 @@ impl Nccl {
         check(lib, "init", unsafe {
             (lib.comm_init_rank)(&raw mut comm, size, id, rank)
         })?;
+        let stream = dev
+            .cuda_stream()
+            .context()
+            .new_stream()
+            .map_err(candle_core::Error::wrap)?;
         Ok(Some(Self {
             lib,
             comm,
             dev: dev.clone(),
+            stream,
         }))
     }
 
-    /// `t` (a contiguous f32 tensor on this rank's GPU, held by nothing else) summed over the
-    /// ranks, in place, on the compute stream.
-    pub fn sum(&self, t: &Tensor) -> Result<()> {
-        if t.dtype() != candle_core::DType::F32 || !t.is_contiguous() {
+    /// The address of `t`'s elements `range` (a contiguous tensor on this rank's GPU) and
+    /// NCCL's type for them, after NCCL's stream is made to wait for the compute stream's work
+    /// queued so far (which may still be writing them).
+    fn queue(&self, t: &Tensor, range: &Range<usize>) -> Result<(*mut c_void, c_int)> {
+        if !t.is_contiguous() {
             return Err(Error::InvalidArgument(
-                "NCCL sum: the buffer must be contiguous f32".into(),
+                "NCCL: the buffer must be contiguous".into(),
             ));
         }
-        let n = t.elem_count();
-        let (storage, layout) = t.storage_and_layout();
-        let candle_core::Storage::Cuda(c) = &*storage else {
+        if range.end > t.elem_count() || range.start > range.end {
+            return Err(Error::InvalidArgument(format!(
+                "NCCL: range {range:?} is outside a buffer of {}",
+                t.elem_count()
+            )));
+        }
+        let kind = nccl_type(t.dtype())?;
+        let (base, dev) = crate::nn::cuda::first(t, "NCCL's buffer")?;
+        if dev.id() != self.dev.id() {
             return Err(Error::InvalidArgument(
-                "NCCL sum: the buffer is not on a GPU".into(),
+                "NCCL: the buffer is on another device than the communicator".into(),
             ));
-        };
-        let stream = self.dev.cuda_stream();
-        let slice = c.as_cuda_slice::<f32>()?;
-        let (base, _guard) =
-            candle_core::cuda_backend::cudarc::driver::DevicePtr::device_ptr(slice, &stream);
-        let ptr = (base + 4 * layout.start_offset() as u64) as *mut c_void;
-        // SAFETY: `ptr` holds `n` f32 on this rank's GPU; NCCL reads and writes them in place on
-        // the compute stream, ordered after the kernels that wrote them.
+        }
+        let ready = self
+            .dev
+            .cuda_stream()
+            .record_event(None)
+            .map_err(candle_core::Error::wrap)?;
+        self.stream.wait(&ready).map_err(candle_core::Error::wrap)?;
+        let at = base + (range.start * t.dtype().size_in_bytes()) as u64;
+        Ok((at as *mut c_void, kind))
+    }
+
+    /// Queues the sum over the ranks of `t`'s elements `range` (a contiguous tensor on this
+    /// rank's GPU), in place, on NCCL's stream after the compute stream's work so far. Every rank
+    /// must start the same operations in the same order; [`Nccl::wait`] before reading `t`.
+    pub fn start_sum(&self, t: &Tensor, range: Range<usize>) -> Result<()> {
+        let (ptr, kind) = self.queue(t, &range)?;
+        // SAFETY: `ptr` holds `range.len()` elements of the buffer on this rank's GPU; NCCL reads
+        // and writes them in place on its stream, after the compute work that wrote them; the
+        // buffer outlives the sum because the compute stream, which frees it, waits for NCCL's
+        // stream in `wait` first.
         check(self.lib, "all-reduce", unsafe {
             (self.lib.all_reduce)(
                 ptr,
                 ptr,
-                n,
-                FLOAT32,
+                range.len(),
+                kind,
                 SUM,
                 self.comm,
-                stream.cu_stream().cast(),
+                self.stream.cu_stream().cast(),
             )
         })
+    }
+
+    /// Queues the copy of rank `root`'s elements `range` of `t` into every rank's `t`, in place,
+    /// as [`Nccl::start_sum`] does.
+    pub fn start_broadcast(&self, t: &Tensor, range: Range<usize>, root: usize) -> Result<()> {
+        let (ptr, kind) = self.queue(t, &range)?;
+        let root = c_int::try_from(root).unwrap_or(c_int::MAX);
+        // SAFETY: as in `start_sum`; the root sends from, and the others receive into, the same
+        // range of their own buffer.
+        check(self.lib, "broadcast", unsafe {
+            (self.lib.broadcast)(
+                ptr,
+                ptr,
+                range.len(),
+                kind,
+                root,
+                self.comm,
+                self.stream.cu_stream().cast(),
+            )
+        })
+    }
+
+    /// The compute stream waits (on the GPU) for every sum started so far.
+    pub fn wait(&self) -> Result<()> {
+        let done = self
+            .stream
+            .record_event(None)
+            .map_err(candle_core::Error::wrap)?;
+        self.dev
+            .cuda_stream()
+            .wait(&done)
+            .map_err(candle_core::Error::wrap)?;
+        Ok(())
     }
 }
 
 impl Drop for Nccl {
     fn drop(&mut self) {
+        // Sums still queued finish first (a sum left half-done would hang the other ranks).
+        let _ = self.stream.synchronize();
         // SAFETY: the communicator was made by `ncclCommInitRank` and is not used after this.
         unsafe { (self.lib.comm_abort)(self.comm) };
     }

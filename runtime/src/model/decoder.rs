@@ -94,8 +94,8 @@ impl DeviceTables {
             return Ok((c.clone(), s.clone()));
         }
         let (c, s) = (
-            self.tables[0].1.to_device(device)?,
-            self.tables[0].2.to_device(device)?,
+            crate::device::to(&self.tables[0].1, device)?,
+            crate::device::to(&self.tables[0].2, device)?,
         );
         self.tables.push((device.clone(), c.clone(), s.clone()));
         Ok((c, s))
@@ -180,7 +180,7 @@ impl Decoder {
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             // Placement: the hidden state follows the blocks over their devices.
-            x = x.to_device(block.device())?;
+            x = crate::device::to(&x, block.device())?;
             let (cos, sin) = tables.on(block.device())?;
             let step = Step {
                 cos: &cos,
@@ -232,12 +232,12 @@ impl Decoder {
 
     /// The final norm of `x` (on the norm's device), moved to the head's device.
     pub fn normed(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm(
-            &x.to_device(self.norm.device())?,
+        let y = rms_norm(
+            &crate::device::to(x, self.norm.device())?,
             &self.norm,
             self.cfg.rms_norm_eps,
-        )?
-        .to_device(self.head_weight().device())
+        )?;
+        crate::device::to(&y, self.head_weight().device())
     }
 
     /// Number of parameters (tied weights once).

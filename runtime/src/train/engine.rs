@@ -12,6 +12,7 @@ use candle_core::Tensor;
 
 use super::flat::DeviceGrads;
 use crate::data::batch::Batch;
+use crate::device::to;
 use crate::model::Model;
 use crate::model::block::{BlockSaved, Step};
 use crate::model::decoder::DeviceTables;
@@ -205,7 +206,7 @@ impl Pass<'_> {
         for i in blocks {
             let blk = &model.decoder.blocks[i];
             // Placement: the hidden state moves to each block's device (nothing when it is there).
-            let x = hook.before_forward(i, f.x.to_device(blk.device())?)?;
+            let x = hook.before_forward(i, to(&f.x, blk.device())?)?;
             let (cos, sin) = f.tables.on(blk.device())?;
             let step = self.step(&cos, &sin);
             let mut sv = (!self.recompute).then(BlockSaved::default);
@@ -227,19 +228,19 @@ impl Pass<'_> {
         let span = crate::profile::span("loss", d.device());
         let (dx, loss, count) = (|| {
             // The final norm on its device, the head on its own (the embedding's when tied).
-            let x = f.x.to_device(d.norm.device())?;
+            let x = to(&f.x, d.norm.device())?;
             let hidden = rms_norm(&x, &d.norm, eps)?;
             let targets = shifted_targets(self.labels, b, s);
-            let rows = hidden
-                .reshape((b * s, d.cfg.hidden_size))?
-                .to_device(d.head_weight().device())?;
+            let rows = to(
+                &hidden.reshape((b * s, d.cfg.hidden_size))?,
+                d.head_weight().device(),
+            )?;
             let sink: &mut dyn GradSink = grads;
             let out = causal_lm_loss(&rows, d.head_weight(), &targets, self.denom, Some(sink))?;
             let dh = out
                 .d_hidden
-                .ok_or_else(|| candle_core::Error::Msg("loss returned no gradient".into()))?
-                .to_device(x.device())?
-                .reshape(x.shape())?;
+                .ok_or_else(|| candle_core::Error::Msg("loss returned no gradient".into()))?;
+            let dh = to(&dh, x.device())?.reshape(x.shape())?;
             let dx = rms_norm_backward_into(&x, &d.norm, eps, &dh, grads)?;
             Ok((dx, out.loss, out.count))
         })()
@@ -272,7 +273,7 @@ impl Pass<'_> {
                 sv
             };
             f.x = blk
-                .backward(&sv, &f.x.to_device(blk.device())?, &step, grads)
+                .backward(&sv, &to(&f.x, blk.device())?, &step, grads)
                 .map_err(self.at(format!("backward of layer {i}")))?;
             drop(sv);
             f.inputs.truncate(i);
@@ -286,9 +287,7 @@ impl Pass<'_> {
         let d = &model.decoder;
         let (b, s) = self.input_ids.dims2()?;
         let _span = crate::profile::span("embedding grad", d.device());
-        let rows =
-            f.x.to_device(d.device())?
-                .reshape((b * s, d.cfg.hidden_size))?;
+        let rows = to(&f.x, d.device())?.reshape((b * s, d.cfg.hidden_size))?;
         grads.add_rows(&d.embed, self.input_ids, &rows)?;
         let (loss, count) = f.loss.ok_or_else(|| {
             Error::InvalidArgument("a micro-batch finished without its loss".into())

@@ -6,6 +6,7 @@ pub mod config;
 pub mod dry;
 pub mod engine;
 pub mod flat;
+pub mod grad_sum;
 pub mod merge;
 pub mod optim;
 pub mod plan;

@@ -265,7 +265,7 @@ pub fn clip_factor_parts(grads: &[&Tensor], max_norm: f64) -> Result<(Tensor, Op
     }
     let mut total = sum_of_squares(first)?;
     for g in &grads[1..] {
-        total = total.add(&sum_of_squares(g)?.to_device(first.device())?)?;
+        total = total.add(&crate::device::to(&sum_of_squares(g)?, first.device())?)?;
     }
     let norm = total.sqrt()?;
     if max_norm <= 0.0 {
@@ -304,7 +304,7 @@ impl DeviceAdamW {
         lr: f64,
     ) -> Result<()> {
         for ((opt, p), g) in self.parts.iter_mut().zip(&params.parts).zip(grads) {
-            let local = clip.map(|c| c.to_device(p.device())).transpose()?;
+            let local = clip.map(|c| crate::device::to(c, p.device())).transpose()?;
             opt.step(p, g, local.as_ref(), lr)?;
         }
         Ok(())

@@ -380,12 +380,24 @@ impl Trainer {
         self.opt.parts.iter().any(|o| o.shard.is_some())
     }
 
-    /// ZeRO stage 1, after the step: every rank updated its share of the parameters; the ranks
-    /// sum the shares so every rank holds all of them.
+    /// ZeRO stage 1, after the step: every rank updated its share of the parameters; each rank
+    /// sends its share to the others (NCCL broadcasts on the GPUs; through the host the ranks
+    /// sum the shares, zeros elsewhere) so every rank holds all of them.
     fn gather_shards(&self) -> Result<()> {
         let (Some(g), true) = (&self.dist, self.zero()) else {
             return Ok(());
         };
+        #[cfg(feature = "cuda")]
+        if let Some(nccl) = &self.nccl {
+            for part in &self.params.parts {
+                let data = part.data.as_tensor();
+                for r in 0..g.size() {
+                    let (a, b) = crate::dist::share(part.len(), g.size(), r);
+                    nccl.start_broadcast(data, a..b, r)?;
+                }
+            }
+            return nccl.wait();
+        }
         for (part, o) in self.params.parts.iter().zip(&self.opt.parts) {
             let Some((a, b)) = o.shard else { continue };
             let data = part.data.as_tensor();
@@ -447,13 +459,6 @@ impl Trainer {
             .map(|r| part(r).iter().map(Vec::len).sum::<usize>())
             .sum();
         (part(g.rank()), before as u64)
-    }
-
-    /// Sums `t` (f32, any shape) over the ranks, in place of `t`.
-    fn sum_over_ranks(g: &crate::dist::Group, t: &Tensor) -> Result<Tensor> {
-        let mut host = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        g.all_reduce_sum(&mut host)?;
-        Ok(Tensor::from_vec(host, t.shape(), t.device())?)
     }
 
     /// The plan, as `Event::Start`.
@@ -533,44 +538,38 @@ impl Trainer {
         let window_tokens: usize = examples.iter().map(|e| learned_tokens(e)).sum();
         let (mine, first_row) = self.shard(&examples);
         self.merge.before_step(&self.device);
+        // The ranks' sum: with NCCL each block's as soon as the window's last backward leaves it.
+        let mut sum = self.dist.as_deref().map(|g| {
+            super::grad_sum::GradSum::new(
+                g,
+                #[cfg(feature = "cuda")]
+                self.nccl.as_ref(),
+                &self.params,
+                self.model.decoder.blocks.len(),
+            )
+        });
         let (mut grads, mut loss, largest) = if mine.is_empty() {
             // Fewer examples than ranks: this rank adds nothing but still joins the sums.
             let zeros = self.params.zero_grads()?;
             let loss = Tensor::zeros((), DType::F32, &self.device)?;
             (zeros.parts.into_iter().map(|p| p.buf).collect(), loss, 0)
         } else {
-            match self.run_window(&mine, window_tokens, first_row) {
+            match self.run_window(&mine, window_tokens, first_row, sum.as_mut()) {
                 Err((e, true)) if is_out_of_memory(&e) => {
-                    // A merged pass did not fit after all: the window again, as written.
+                    // A merged pass did not fit after all: the window again, as written (no
+                    // sum had started: only an unmerged last pass starts them).
                     self.merge.disable();
-                    self.run_window(&mine, window_tokens, first_row)
+                    self.run_window(&mine, window_tokens, first_row, sum.as_mut())
                         .map_err(|(e, _)| e)?
                 }
                 other => other.map_err(|(e, _)| e)?,
             }
         };
         self.merge.after_step(&self.device, largest);
-        #[cfg(feature = "cuda")]
-        if let Some(nccl) = &self.nccl {
-            // Every rank's gradients and loss summed on the GPUs, in place.
-            for buf in &grads {
-                nccl.sum(buf)?;
-            }
-            loss = loss.to_device(&self.device)?.reshape(1)?.contiguous()?;
-            nccl.sum(&loss)?;
-            loss = loss.reshape(())?;
-        }
-        #[cfg(feature = "cuda")]
-        let host_sum = self.nccl.is_none();
-        #[cfg(not(feature = "cuda"))]
-        let host_sum = true;
-        if let Some(g) = self.dist.as_ref().filter(|_| host_sum) {
+        if let Some(sum) = sum {
             // Every rank's gradients and loss summed: each rank then takes the same step.
-            for buf in &mut grads {
-                let summed = Self::sum_over_ranks(g, buf)?;
-                *buf = summed;
-            }
-            loss = Self::sum_over_ranks(g, &loss.to_device(&self.device)?)?;
+            loss = crate::device::to(&loss, &self.device)?;
+            sum.finish(&mut grads, &mut loss)?;
         }
         let tokens: usize = examples.iter().flatten().map(|e| e.input_ids.len()).sum();
         self.tokens_seen += tokens;
@@ -680,15 +679,18 @@ impl Trainer {
 
     /// Forward and backward over a window's micro-batches, merged as the policy says: the
     /// gradients (the flat f32 buffer), the window's loss (a device scalar) and the most padded
-    /// tokens of one pass; an error says whether a pass that failed was a merged one.
+    /// tokens of one pass; an error says whether a pass that failed was a merged one. `sum` (the
+    /// ranks' sum) hooks into the last pass's backward when that pass is not merged, so a merged
+    /// pass that runs out of memory and is tried again has not started any sum.
     fn run_window(
         &self,
         examples: &[Vec<&Example>],
         window_tokens: usize,
         first_row: u64,
+        sum: Option<&mut super::grad_sum::GradSum>,
     ) -> std::result::Result<(Vec<Tensor>, Tensor, usize), (Error, bool)> {
         let mut merged = false;
-        self.run_groups(examples, window_tokens, first_row, &mut merged)
+        self.run_groups(examples, window_tokens, first_row, sum, &mut merged)
             .map_err(|e| (e, merged))
     }
 
@@ -696,7 +698,8 @@ impl Trainer {
         &self,
         examples: &[Vec<&Example>],
         window_tokens: usize,
-        first_row: u64,
+        mut first_row: u64,
+        sum: Option<&mut super::grad_sum::GradSum>,
         merged: &mut bool,
     ) -> Result<(Vec<Tensor>, Tensor, usize)> {
         let dims: Vec<(usize, usize)> = examples
@@ -712,75 +715,66 @@ impl Trainer {
             .merge
             .groups(&dims, self.cfg.pad_to_multiple_of.unwrap_or(1));
         let seed = crate::nn::dropout::mix(self.cfg.seed, self.state.global_step as u64);
-        let mut grads = self.params.zero_grads()?;
-        let mut loss: Option<Tensor> = None;
-        let mut largest = 0;
-        let mut first_row = first_row;
-        if let Some(stages) = self.pipeline.as_ref().filter(|_| groups.len() > 1) {
-            let mut batches = Vec::with_capacity(groups.len());
-            for g in groups {
-                let ex: Vec<&Example> = examples[g].iter().flatten().copied().collect();
-                let batch = collate(&ex, self.pad_id, self.cfg.pad_to_multiple_of, &self.device)?;
-                largest = largest.max(batch.input_ids.elem_count());
-                let key = crate::nn::dropout::Key {
-                    key: seed,
-                    first_row,
-                };
-                first_row += ex.len() as u64;
-                batches.push((batch, key));
-            }
-            let keyed: Vec<_> = batches.iter().map(|(b, k)| (b, *k)).collect();
-            let outs = super::engine::window_pipelined(
-                &self.model,
-                &keyed,
-                window_tokens.max(1) as f64,
-                self.cfg.gradient_checkpointing,
-                stages,
-                &mut grads,
-            )
-            .map_err(|e| self.out_of_memory_hint(e, batches[0].0.input_ids.dims()))?;
-            for out in outs {
-                let l = out.loss.to_device(&self.device)?;
-                loss = Some(match loss {
-                    Some(t) => t.add(&l)?,
-                    None => l,
-                });
-            }
-            let loss =
-                loss.ok_or_else(|| Error::InvalidArgument("an empty accumulation window".into()))?;
-            return Ok((
-                grads.parts.into_iter().map(|p| p.buf).collect(),
-                loss,
-                largest,
-            ));
-        }
+        // One batch per pass (a group of micro-batches merged into one), each keyed for dropout.
+        let mut passes = Vec::with_capacity(groups.len());
         for g in groups {
-            *merged = g.len() > 1;
+            let merged = g.len() > 1;
             let ex: Vec<&Example> = examples[g].iter().flatten().copied().collect();
             let batch = collate(&ex, self.pad_id, self.cfg.pad_to_multiple_of, &self.device)?;
-            largest = largest.max(batch.input_ids.elem_count());
             let key = crate::nn::dropout::Key {
                 key: seed,
                 first_row,
             };
             first_row += ex.len() as u64;
-            let out = micro_step(
-                &self.model,
-                &batch,
-                window_tokens.max(1) as f64,
-                key,
-                self.cfg.gradient_checkpointing,
-                &mut grads,
-                &mut NoHook,
-            )
-            .map_err(|e| self.out_of_memory_hint(e, batch.input_ids.dims()))?;
-            loss = Some(match loss {
-                Some(l) => l.add(&out.loss)?,
-                None => out.loss,
-            });
+            passes.push((batch, key, merged));
         }
-        let loss =
-            loss.ok_or_else(|| Error::InvalidArgument("an empty accumulation window".into()))?;
+        let largest = passes
+            .iter()
+            .map(|(b, _, _)| b.input_ids.elem_count())
+            .max()
+            .unwrap_or(0);
+        let denom = window_tokens.max(1) as f64;
+        let recompute = self.cfg.gradient_checkpointing;
+        let mut grads = self.params.zero_grads()?;
+        let losses: Vec<Tensor> = if let Some(stages) =
+            self.pipeline.as_ref().filter(|_| passes.len() > 1)
+        {
+            // The model over several GPUs: the passes in a pipeline (sums start at the end).
+            let keyed: Vec<_> = passes.iter().map(|(b, k, _)| (b, *k)).collect();
+            super::engine::window_pipelined(
+                &self.model,
+                &keyed,
+                denom,
+                recompute,
+                stages,
+                &mut grads,
+            )
+            .map_err(|e| self.out_of_memory_hint(e, passes[0].0.input_ids.dims()))?
+            .into_iter()
+            .map(|o| crate::device::to(&o.loss, &self.device))
+            .collect::<candle_core::Result<_>>()?
+        } else {
+            let mut sum = sum;
+            let last = passes.len().saturating_sub(1);
+            let mut losses = Vec::with_capacity(passes.len());
+            for (i, (batch, key, m)) in passes.iter().enumerate() {
+                *merged = *m;
+                let mut none = NoHook;
+                let hook: &mut dyn super::engine::BlockHook = match sum.as_deref_mut() {
+                    Some(s) if i == last && !m => s,
+                    _ => &mut none,
+                };
+                let out = micro_step(&self.model, batch, denom, *key, recompute, &mut grads, hook)
+                    .map_err(|e| self.out_of_memory_hint(e, batch.input_ids.dims()))?;
+                losses.push(out.loss);
+            }
+            losses
+        };
+        let mut losses = losses.into_iter();
+        let first = losses
+            .next()
+            .ok_or_else(|| Error::InvalidArgument("an empty accumulation window".into()))?;
+        let loss = losses.try_fold(first, |a, l| a.add(&l))?;
         Ok((
             grads.parts.into_iter().map(|p| p.buf).collect(),
             loss,

@@ -10,6 +10,7 @@ use candle_core::{DType, Result, Storage, Tensor};
 
 pub mod accumulate;
 pub mod blas;
+pub mod peer;
 pub mod sdpa;
 
 const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
@@ -103,7 +104,7 @@ fn addr(t: &Tensor, what: &str) -> Result<(u64, CudaDevice)> {
 
 /// The device address of a tensor's first element in any layout (the caller passes its strides),
 /// and its device.
-fn first(t: &Tensor, what: &str) -> Result<(u64, CudaDevice)> {
+pub(crate) fn first(t: &Tensor, what: &str) -> Result<(u64, CudaDevice)> {
     let (s, l) = t.storage_and_layout();
     let Storage::Cuda(c) = &*s else {
         candle_core::bail!("{what} is not on the GPU");

@@ -1,0 +1,142 @@
+//! Tensors moved from one GPU to another without the host. candle's `to_device` between two GPUs
+//! reads the tensor back to the host and uploads it again, which waits for everything queued on
+//! the source GPU; a model over several GPUs then has one GPU working at a time whatever the
+//! schedule. Here the copy is a peer copy queued on the destination's stream: it waits (on the
+//! GPU, through an event) for the work that wrote the source, the destination's later work waits
+//! for it, and the host never waits, so the pipelined schedule keeps every GPU busy. The source
+//! stays alive until the copy is done (its memory is freed on its own stream, which never waits
+//! for the destination), held in a list that lets go of each copy once its event has passed.
+#![allow(unsafe_code)]
+
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::driver::{self, CudaEvent, sys};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
+use candle_core::{DType, Result, Storage, Tensor};
+
+/// Sources of copies still in flight, with the event each copy's end records.
+fn in_flight() -> &'static Mutex<Vec<(Tensor, CudaEvent)>> {
+    static LIST: OnceLock<Mutex<Vec<(Tensor, CudaEvent)>>> = OnceLock::new();
+    LIST.get_or_init(Mutex::default)
+}
+
+/// Lets each GPU of the pair read the other's memory directly (NVLink or PCIe) once; a pair
+/// that cannot still copies, staged by the driver.
+fn link(src: &CudaDevice, dst: &CudaDevice) -> Result<()> {
+    static LINKED: OnceLock<Mutex<HashSet<(usize, usize)>>> = OnceLock::new();
+    let (a, b) = (
+        src.cuda_stream().context().ordinal(),
+        dst.cuda_stream().context().ordinal(),
+    );
+    if a == b {
+        return Ok(());
+    }
+    let mut linked = LINKED
+        .get_or_init(Mutex::default)
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("peer link registry poisoned".into()))?;
+    if !linked.insert((a.min(b), a.max(b))) {
+        return Ok(());
+    }
+    for (me, peer) in [(src, dst), (dst, src)] {
+        let (me, peer) = (
+            me.cuda_stream().context().clone(),
+            peer.cuda_stream().context().clone(),
+        );
+        let mut can = 0;
+        // SAFETY: both are valid device handles of this process.
+        unsafe { sys::cuDeviceCanAccessPeer(&raw mut can, me.cu_device(), peer.cu_device()) }
+            .result()
+            .map_err(candle_core::Error::wrap)?;
+        if can == 0 {
+            continue;
+        }
+        me.bind_to_thread().map_err(candle_core::Error::wrap)?;
+        // SAFETY: `peer` is a live context; enabling access twice only returns an error we allow.
+        let r = unsafe { sys::cuCtxEnablePeerAccess(peer.cu_ctx(), 0) };
+        if r != sys::CUresult::CUDA_SUCCESS
+            && r != sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED
+        {
+            r.result().map_err(candle_core::Error::wrap)?;
+        }
+    }
+    Ok(())
+}
+
+/// A fresh, uninitialised buffer of `n` elements of `dtype` on `dev` (the copy writes all of it).
+fn alloc(dev: &CudaDevice, dtype: DType, n: usize) -> Result<CudaStorage> {
+    // SAFETY: the peer copy writes every byte before anything reads the buffer.
+    unsafe {
+        Ok(match dtype {
+            DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(n)?, dev.clone()),
+            DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(n)?, dev.clone()),
+            DType::F16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::f16>(n)?, dev.clone()),
+            DType::U32 => CudaStorage::wrap_cuda_slice(dev.alloc::<u32>(n)?, dev.clone()),
+            DType::I64 => CudaStorage::wrap_cuda_slice(dev.alloc::<i64>(n)?, dev.clone()),
+            DType::U8 => CudaStorage::wrap_cuda_slice(dev.alloc::<u8>(n)?, dev.clone()),
+            other => candle_core::bail!("peer copy: unsupported dtype {other:?}"),
+        })
+    }
+}
+
+/// The device address of a CUDA storage's first element.
+fn base(c: &CudaStorage) -> Result<u64> {
+    use driver::DevicePtr;
+    let stream = c.device.cuda_stream();
+    Ok(match &c.slice {
+        CudaStorageSlice::F32(x) => x.device_ptr(&stream).0,
+        CudaStorageSlice::BF16(x) => x.device_ptr(&stream).0,
+        CudaStorageSlice::F16(x) => x.device_ptr(&stream).0,
+        CudaStorageSlice::U32(x) => x.device_ptr(&stream).0,
+        CudaStorageSlice::I64(x) => x.device_ptr(&stream).0,
+        CudaStorageSlice::U8(x) => x.device_ptr(&stream).0,
+        _ => candle_core::bail!("peer copy: unsupported storage"),
+    })
+}
+
+/// `t` (on a GPU) copied to `dst`, queued on `dst`'s stream after the work that wrote `t`; the
+/// host does not wait. `dst` may be another stream of the same GPU.
+pub fn copy(t: &Tensor, dst: &CudaDevice) -> Result<Tensor> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(src) = &*storage else {
+        candle_core::bail!("peer copy: the source is not on a GPU");
+    };
+    link(&src.device, dst)?;
+    let (n, size) = (t.elem_count(), t.dtype().size_in_bytes());
+    let from = base(src)? + (layout.start_offset() * size) as u64;
+    let out = alloc(dst, t.dtype(), n)?;
+    let to = base(&out)?;
+    let (src_stream, dst_stream) = (src.device.cuda_stream(), dst.cuda_stream());
+    let written = src_stream
+        .record_event(None)
+        .map_err(candle_core::Error::wrap)?;
+    dst_stream
+        .wait(&written)
+        .map_err(candle_core::Error::wrap)?;
+    // SAFETY: `from` holds `n * size` bytes of the source (kept alive below until the copy's
+    // event passes) and `to` as many of the fresh buffer; both contexts are live.
+    unsafe {
+        driver::result::memcpy_peer_async(
+            dst_stream.context().cu_ctx(),
+            to,
+            src_stream.context().cu_ctx(),
+            from,
+            n * size,
+            dst_stream.cu_stream(),
+        )
+    }
+    .map_err(candle_core::Error::wrap)?;
+    let done = dst_stream
+        .record_event(None)
+        .map_err(candle_core::Error::wrap)?;
+    drop(storage);
+    let mut list = in_flight()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("peer copy list poisoned".into()))?;
+    list.retain(|(_, e)| !e.is_complete());
+    list.push((t.clone(), done));
+    drop(list);
+    Ok(super::wrap(out, t.dims()))
+}
