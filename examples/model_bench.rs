@@ -7,6 +7,7 @@
 //! model_bench speed DIR [NEW_TOKENS] [PROMPT_LEN]
 //! # training throughput on fixed-length random rows, the shape of ../shared/bench/hf_peft_lora.py
 //! model_bench train DIR [--batch 8] [--seq 512] [--steps 10] [--warmup 3] [--ckpt] [--full]
+//!     [--accum 1] [--device-map auto] [--no-pipeline]   # under torchrun: data parallel
 //! ```
 //! Prints one JSON line per measurement. Build with `--features cuda` for the GPU.
 #![allow(clippy::print_stdout, clippy::print_stderr, clippy::unwrap_used)]
@@ -191,10 +192,18 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     let (batch, seq) = (value("--batch", 8)?, value("--seq", 512)?);
     let (steps, warmup) = (value("--steps", 10)?, value("--warmup", 3)?);
     let (ckpt, full) = (flag("--ckpt"), flag("--full"));
+    let accum = value("--accum", 1)?;
+    let device_map = match args.iter().position(|a| a == "--device-map") {
+        Some(i) => Some(qscript_runtime::plan::DeviceMap::from_name(
+            args.get(i + 1).map_or("", String::as_str),
+        )?),
+        None => None,
+    };
     let opts = LoadOptions {
         dtype: "bf16".into(),
         device: "auto".into(),
         trainable: full,
+        device_map,
         ..Default::default()
     };
     let base = Model::load(dir, &opts)?;
@@ -216,7 +225,9 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     };
     let c = model.config().clone();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let rows: Vec<Example> = (0..4 * batch)
+    // Under data parallel (torchrun) each rank takes `batch` of every micro-batch.
+    let ranks = qscript_runtime::dist::planned_size();
+    let rows: Vec<Example> = (0..4 * batch * accum * ranks)
         .map(|_| {
             let ids: Vec<u32> = (0..seq)
                 .map(|_| rng.random_range(0..c.vocab_size as u32))
@@ -233,7 +244,8 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     let cfg = TrainConfig {
         output_dir: out.path().to_string_lossy().into_owned(),
         per_device_train_batch_size: batch,
-        gradient_accumulation_steps: 1,
+        gradient_accumulation_steps: accum,
+        pipeline: !flag("--no-pipeline"),
         max_steps: (warmup + steps) as i64,
         learning_rate: 1e-4,
         // the peer steps a plain torch AdamW: no schedule
@@ -247,6 +259,16 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     };
     let mut t = Trainer::new(&model, std::sync::Arc::new(rows), None, &cfg, 0)?;
     let dev = model.decoder.device().clone();
+    // Every device the model lies on (one per stage), each waited for around the timed steps.
+    let stages = qscript_runtime::train::engine::stages(&model, None);
+    let devices: Vec<Device> = stages
+        .iter()
+        .map(|r| model.decoder.blocks[r.start].device().clone())
+        .collect();
+    let sync_all = || -> anyhow::Result<()> {
+        sync(&dev)?;
+        devices.iter().try_for_each(sync)
+    };
     let mut windows = Vec::new();
     let mut run = |t: &mut Trainer, n: usize| -> anyhow::Result<f64> {
         for _ in 0..n {
@@ -260,17 +282,18 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
         Ok(t.read_step()?.0)
     };
     run(&mut t, warmup)?;
-    sync(&dev)?;
+    sync_all()?;
     let _ = qscript_runtime::profile::report();
     let t0 = Instant::now();
     let loss = run(&mut t, steps)?;
-    sync(&dev)?;
+    sync_all()?;
     let dt = t0.elapsed().as_secs_f64() / steps as f64;
     let profile = qscript_runtime::profile::report();
     if !profile.is_empty() {
         eprintln!("profile over {steps} steps (synchronized spans):\n{profile}");
     }
-    let tokens = (batch * seq) as f64;
+    // Tokens of one optimizer step over every rank.
+    let tokens = (batch * seq * accum * ranks) as f64;
     let n_params = model.decoder.num_params() as f64;
     let (v, h) = (c.vocab_size as f64, c.hidden_size as f64);
     let n_nonembed = n_params - v * h * if c.tie_word_embeddings { 1.0 } else { 2.0 };
@@ -279,14 +302,19 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     let attn_fwd = c.num_hidden_layers as f64 * 4.0 * seq as f64 * h / 2.0;
     let attn = attn_fwd * if ckpt { 4.0 } else { 3.0 };
     let flops = tokens * (lin + attn);
+    let gpus = (ranks * devices.len().max(1)) as f64;
+    if qscript_runtime::dist::rank() != 0 {
+        return Ok(());
+    }
     let mem =
         qscript_runtime::device::memory(&dev).map(|(used, _)| qscript_runtime::device::gib(used));
     let peak = qscript_runtime::device::pool(&dev).map(|p| qscript_runtime::device::gib(p.peak));
     println!(
         "{}",
         serde_json::json!({"system": if full { "qscript-full" } else { "qscript-lora" }, "model": model.to_string(),
-            "seq": seq, "batch": batch, "grad_ckpt": ckpt, "step_ms": (dt * 1e5).round() / 100.0,
-            "tokens_per_s": (tokens / dt * 10.0).round() / 10.0, "mfu": ((flops / dt / 989e12) * 1e4).round() / 1e4,
+            "seq": seq, "batch": batch, "accum": accum, "ranks": ranks,
+            "pipeline": cfg.pipeline && model.placement.is_some(), "grad_ckpt": ckpt, "step_ms": (dt * 1e5).round() / 100.0,
+            "tokens_per_s": (tokens / dt * 10.0).round() / 10.0, "mfu": ((flops / dt / (989e12 * gpus)) * 1e4).round() / 1e4,
             "loss": loss, "device_used_gib_at_end": mem, "pool_peak_gib": peak})
     );
     Ok(())

@@ -776,11 +776,12 @@ fn nccl_with_a_world_of_one_sums_in_place() {
 
 /// Data parallel with NCCL in a world of one: the trainer sums each block's gradients on NCCL's
 /// stream as the last backward leaves the block, the rest and the loss at the end; the losses are
-/// those of the run without ranks, LoRA and full fine-tuning, with accumulation.
+/// those of the run without ranks, LoRA and full fine-tuning (also with ZeRO stage 1, whose
+/// parameters come back by NCCL broadcasts), with accumulation.
 #[test]
 fn a_world_of_one_over_nccl_trains_like_one_process() {
     let data = rows(16);
-    for full in [false, true] {
+    for (full, zero) in [(false, 0), (true, 0), (true, 1)] {
         let run = |ranks: bool| {
             let dir = tempfile::tempdir().unwrap();
             let cfg = TrainConfig {
@@ -793,6 +794,7 @@ fn a_world_of_one_over_nccl_trains_like_one_process() {
                 save_steps: 0,
                 // Unmerged passes: the last one's backward starts the block sums.
                 merge_micro_batches: Some(false),
+                zero_stage: if ranks { zero } else { 0 },
                 ..TrainConfig::default()
             };
             let group = ranks.then(|| std::sync::Arc::new(group_of_one()));
@@ -814,7 +816,10 @@ fn a_world_of_one_over_nccl_trains_like_one_process() {
         let (one, ranked) = (run(false), run(true));
         assert_eq!(one.len(), 6);
         for ((s, a), (_, b)) in one.iter().zip(&ranked) {
-            assert!((a - b).abs() < 1e-6, "full {full}, step {s}: {a} vs {b}");
+            assert!(
+                (a - b).abs() < 1e-6,
+                "full {full}, zero {zero}, step {s}: {a} vs {b}"
+            );
         }
     }
 }

@@ -735,6 +735,7 @@ fn two_ranks_train_like_one_process_with_the_same_global_batch() {
 fn on_two_ranks(
     m: &Model,
     data: &[Example],
+    eval: &[Example],
     dirs: [std::path::PathBuf; 2],
     cfg: impl Fn(&std::path::Path) -> TrainConfig + Send + Sync + Clone + 'static,
 ) -> Vec<qscript_runtime::train::TrainReport> {
@@ -749,6 +750,7 @@ fn on_two_ranks(
         .enumerate()
         .map(|(rank, dir)| {
             let (m, data, cfg) = (m.clone(), data.to_vec(), cfg.clone());
+            let eval = (!eval.is_empty()).then(|| eval.to_vec());
             std::thread::spawn(move || {
                 let world = World {
                     rank,
@@ -763,7 +765,7 @@ fn on_two_ranks(
                 let r = fit(
                     &m,
                     &data,
-                    None,
+                    eval.as_deref(),
                     &cfg(&dir),
                     256,
                     &CancelToken::new(),
@@ -831,7 +833,7 @@ fn zero_stage_one_trains_and_resumes_like_one_process() {
             }
         }
     };
-    check(&on_two_ranks(&m, &data, dirs(), zero(2, false)), 1);
+    check(&on_two_ranks(&m, &data, &[], dirs(), zero(2, false)), 1);
     // Rank 0 wrote the checkpoint (rank 1 nothing); both resume from it.
     assert!(root.path().join("r0/checkpoint-2").is_dir());
     assert!(!root.path().join("r1/checkpoint-2").exists());
@@ -847,5 +849,77 @@ fn zero_stage_one_trains_and_resumes_like_one_process() {
         &root.path().join("r0/checkpoint-2"),
         &root.path().join("r1/checkpoint-2"),
     );
-    check(&on_two_ranks(&m, &data, dirs(), zero(4, true)), 3);
+    check(&on_two_ranks(&m, &data, &[], dirs(), zero(4, true)), 3);
+}
+
+/// ZeRO stage 1 with `load_best_model_at_end`: rank 0 evaluates and tells the others when a new
+/// best is found, every rank sends its share of the moments for that checkpoint, and at the end
+/// every rank holds the best model, the one process's best.
+#[test]
+fn zero_stage_one_keeps_and_loads_the_best_model_like_one_process() {
+    let data = examples(13);
+    // Evaluated on the training rows with other targets (each token's neighbour below it in the
+    // vocabulary), at a learning rate far too high: the best checkpoint is the first one.
+    let eval: Vec<Example> = examples(5)
+        .into_iter()
+        .map(|mut e| {
+            e.labels = e
+                .input_ids
+                .iter()
+                .map(|&t| i64::from(t.saturating_sub(1)))
+                .collect();
+            e
+        })
+        .collect();
+    let m = peft_with(5, 0.0);
+    let best_cfg = |dir: &std::path::Path| TrainConfig {
+        gradient_accumulation_steps: 2,
+        max_steps: 4,
+        eval_strategy: "steps".into(),
+        eval_steps: Some(2),
+        load_best_model_at_end: true,
+        learning_rate: 0.3,
+        ..cfg(dir)
+    };
+    let one_dir = tempfile::tempdir().unwrap();
+    let one = fit(
+        &m,
+        &data,
+        Some(&eval),
+        &best_cfg(one_dir.path()),
+        256,
+        &CancelToken::new(),
+        &mut |_| Ok(()),
+    )
+    .unwrap();
+    let root = tempfile::tempdir().unwrap();
+    // Both ranks on one output dir, as under the launcher (rank 1 writes nothing there).
+    let dirs = [root.path().join("out"), root.path().join("out")];
+    let reports = on_two_ranks(&m, &data, &eval, dirs, move |dir| TrainConfig {
+        per_device_train_batch_size: 2,
+        zero_stage: 1,
+        ..best_cfg(dir)
+    });
+    assert!(one.loaded_best, "the one process loaded its best");
+    assert_eq!(
+        one.best.as_ref().map(|b| b.0.as_str()),
+        Some("checkpoint-2"),
+        "the best is an early checkpoint"
+    );
+    for (rank, r) in reports.iter().enumerate() {
+        if rank == 0 {
+            let (want, got) = (one.best.clone().unwrap(), r.best.clone().unwrap());
+            assert_eq!(want.0, got.0, "the best checkpoint");
+            assert!((want.1 - got.1).abs() < 1e-5, "{want:?} vs {got:?}");
+        }
+        assert!(r.loaded_best, "rank {rank} loaded the best");
+        let (a, b) = (
+            &lora::adapters(&one.model)[0].1.a,
+            &lora::adapters(&r.model)[0].1.a,
+        );
+        assert!(
+            max_abs_diff(a, b) < 1e-4 * max_abs(a).max(1e-3),
+            "rank {rank}: the best adapters"
+        );
+    }
 }

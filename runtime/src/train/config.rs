@@ -66,6 +66,11 @@ pub struct TrainConfig {
     /// DeepSpeed's ZeRO stage under data parallel: 0 (off) or 1 (each rank keeps the optimizer
     /// moments of its share of the parameters only, and the ranks gather the updated parameters).
     pub zero_stage: usize,
+    /// With the model's blocks over several GPUs (`device_map`), run each accumulation window's
+    /// micro-batches through them in a pipeline, so the GPUs work at once (the default); `false`
+    /// runs one micro-batch at a time through all of them, as HF's `device_map` does (the same
+    /// gradients; less memory, since one micro-batch's activations are held at a time).
+    pub pipeline: bool,
     /// Seed of the data order and of new adapters.
     pub seed: u64,
     /// Log every N optimizer steps.
@@ -120,6 +125,7 @@ impl Default for TrainConfig {
             max_length: None,
             merge_micro_batches: None,
             zero_stage: 0,
+            pipeline: true,
             seed: 42,
             logging_steps: 10,
             eval_strategy: "no".into(),
@@ -314,11 +320,6 @@ impl TrainConfig {
                  are supported, stages 2 and 3 not yet",
                 self.zero_stage
             ));
-        }
-        if self.zero_stage == 1 && self.load_best_model_at_end {
-            return bad(
-                "`zero_stage: 1` with `load_best_model_at_end` is not supported yet".into(),
-            );
         }
         if self.load_best_model_at_end && self.eval_strategy == "no" {
             return bad(

@@ -142,7 +142,7 @@ pub fn plan(
         gpu: device.is_cuda(),
         optimizer_shards: if cfg.zero_stage == 1 { ranks } else { 1 },
         // Over several GPUs a window runs as a pipeline, every micro-batch held until its backward.
-        held_micro_batches: if pipelined(model) {
+        held_micro_batches: if cfg.pipeline && pipelined(model) {
             cfg.gradient_accumulation_steps
         } else {
             1

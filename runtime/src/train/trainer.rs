@@ -333,7 +333,7 @@ impl Trainer {
             }
             _ => None,
         };
-        let pipeline = pipeline_stages(&model);
+        let pipeline = pipeline_stages(&model).filter(|_| cfg.pipeline);
         let lengths = train.iter().map(|e| e.input_ids.len()).collect();
         let merge = MergePolicy::new(cfg.merge_micro_batches, model.decoder.num_params());
         Ok(Self {
@@ -595,17 +595,15 @@ impl Trainer {
         let eval_every = self.cfg.eval_steps.unwrap_or(self.cfg.logging_steps).max(1);
         // Rank 0 alone logs, evaluates and saves.
         let lead = self.lead();
-        let evaluating = lead
-            && self.cfg.eval_strategy == "steps"
+        let eval_step = self.cfg.eval_strategy == "steps"
             && (step.is_multiple_of(eval_every) || step == self.total);
+        let evaluating = lead && eval_step;
         let cadence = step.is_multiple_of(self.cfg.logging_steps.max(1)) || step == self.total;
         let logging = lead && cadence;
         let periodic = self.cfg.save_steps > 0 && step.is_multiple_of(self.cfg.save_steps);
-        if periodic && !lead && self.zero() {
-            // Rank 0 writes the checkpoint; every rank sends it its share of the moments.
-            self.save_checkpoint()?;
-        }
         let mut saving = lead && periodic;
+        // Whether this step's evaluation found a new best that `load_best_model_at_end` keeps.
+        let mut best_save = false;
         // Every rank reads its losses back at the logging cadence (the others too: no step's
         // loss stays on the device for the whole run).
         let read = if cadence || evaluating || saving {
@@ -647,8 +645,8 @@ impl Trainer {
                 self.state.best_model_checkpoint = Some(format!("checkpoint-{step}"));
                 self.state.evals_without_improvement = 0;
                 if self.cfg.load_best_model_at_end {
-                    events.push(Event::Saved(self.save_checkpoint()?));
-                    saving = false; // this step's checkpoint is written already
+                    best_save = true;
+                    saving = false; // the best checkpoint is this step's
                 }
             } else {
                 self.state.evals_without_improvement += 1;
@@ -658,7 +656,17 @@ impl Trainer {
                     .is_some_and(|p| self.state.evals_without_improvement >= p);
             }
         }
-        if saving {
+        if let Some(g) = self.dist.as_ref().filter(|_| self.zero()) {
+            // Under ZeRO rank 0 writes each checkpoint with every rank's share of the moments:
+            // the others learn of a best checkpoint from rank 0 and send their shares.
+            if eval_step && self.cfg.load_best_model_at_end {
+                best_save = g.any(best_save)?;
+            }
+            if !lead && (best_save || periodic) {
+                self.save_checkpoint()?;
+            }
+        }
+        if lead && (saving || best_save) {
             events.push(Event::Saved(self.save_checkpoint()?));
         }
         if let Some(g) = &self.dist
@@ -914,6 +922,9 @@ impl Trainer {
             let dir = self.out_dir.join(best);
             if dir.is_dir() {
                 checkpoint::restore(&dir, &self.model, &self.params, &mut self.opt)?;
+                for o in &mut self.opt.parts {
+                    o.cut_to_shard()?;
+                }
                 loaded_best = true;
             }
         }

@@ -565,7 +565,10 @@ pub mod train_module {
     /// the memory measured in the first step; the gradients are the same; `true`: each window
     /// as one pass; `false`: as written); DeepSpeed's `zero_stage` (with several ranks,
     /// `qscript --nproc-per-node N`: 1 keeps on each rank the optimizer moments of its share of
-    /// the parameters only; 0, the default, keeps them all). With several ranks each takes
+    /// the parameters only; 0, the default, keeps them all); qscript's `pipeline` (with the
+    /// model over several GPUs, `device_map`: `true`, the default, runs each window's
+    /// micro-batches through the GPUs in a pipeline so they work at once; `false`, one
+    /// micro-batch at a time, as HF does). With several ranks each takes
     /// `per_device_train_batch_size` examples of every micro-batch, rank 0 alone logs, evaluates
     /// and writes. Ctrl-C saves a checkpoint and stops.
     ///
