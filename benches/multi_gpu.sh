@@ -143,9 +143,14 @@ EOF
 }
 
 seed001() {
+  # The Qwen3 tokenizer, Qwen3-4B's config.json and EmoLLM's conversations, shipped as
+  # .devbin/multi.tar.xz (from ../shared/fixtures: tokenizers/qwen3, configs/Qwen3-4B,
+  # datasets/emollm/emollm_firefly.jsonl).
+  mkdir -p "$WORK/multi" && tar -C "$WORK/multi" -xJf "$PEER/multi.tar.xz" || return
+  local extra=$WORK/multi
   local dir=$WORK/qwen3-4b
   if [ ! -f "$dir/config.json" ]; then
-    python3 - "$dir" "$PEER/qwen3-4b-config.json" <<'EOF'
+    python3 - "$dir" "$extra/qwen3-4b-config.json" <<'EOF'
 import json, sys, torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 cfg = Qwen3Config(**{k: v for k, v in json.load(open(sys.argv[2])).items()
@@ -155,12 +160,12 @@ with torch.device("cuda"):
     m = Qwen3ForCausalLM(cfg).to(torch.bfloat16)
 m.save_pretrained(sys.argv[1], safe_serialization=True)
 EOF
-    cp "$PEER"/qwen3/* "$dir/"
+    cp "$extra"/qwen3/* "$dir/"
   fi
   local n=$(( GPUS < 4 ? GPUS : 4 ))
   run "seed001-$n-ranks" seed001 "$BIN/qscript" --nproc-per-node "$n" recipes/psychology_full_sft.rhai \
     --allow-read "$WORK" --allow-read "$PWD/$PEER" --output-dir "$WORK/seed001" \
-    --set model="$dir" --set data="$PWD/$PEER/emollm_firefly.jsonl" --set max_length=1024 \
+    --set model="$dir" --set data="$extra/emollm_firefly.jsonl" --set max_length=1024 \
     --set batch_size=2 --set learning_rate=1e-5 --set max_steps=20 --set eval_steps=10 \
     --set zero_stage=1
   grep -iE "memory|estimate|GiB" "$WORK/seed001-$n-ranks.log.err" | head -12

@@ -379,6 +379,10 @@ fn run_fit(
             qscript_runtime::device::gib(b)
         )
     });
+    // Under data parallel rank 0 speaks for the run (the others log nothing of their own).
+    if qscript_runtime::dist::rank() != 0 {
+        return Ok(ModelHandle(Arc::new(report.model)));
+    }
     rc.sink.err(&format!(
         "trained {} steps in {:.1} s: loss {first:.4} -> {last:.4}, {:.2} examples/s, {:.0} tokens/s{peak}; metrics in `{}`",
         report.steps,

@@ -11,9 +11,19 @@ __device__ __forceinline__ uint64_t splitmix(uint64_t z) {
     return z ^ (z >> 31);
 }
 
+// dropout.rs's `hash32` and `uniform`: the row key folded to 32 bits, the element's Weyl step,
+// one 32-bit hash (two multiplies; the 64-bit splitmix per element cost 5x the memory time).
+__device__ __forceinline__ uint32_t hash32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    return x ^ (x >> 16);
+}
 __device__ __forceinline__ float uniform(uint64_t key, uint64_t i) {
-    uint64_t z = splitmix(key ^ (i * 0x9E3779B97F4A7C15ull));
-    return (float)(uint32_t)(z >> 40) * (1.0f / 16777216.0f);  // 24 bits: a 32-bit convert
+    uint32_t k = (uint32_t)(key ^ (key >> 32));
+    uint32_t z = hash32(k ^ ((uint32_t)i * 0x9E3779B9u));
+    return (float)(z >> 8) * (1.0f / 16777216.0f);  // 24 bits: a 32-bit convert
 }
 
 // dropout.rs's `mix`: the key of one example row.
@@ -443,9 +453,10 @@ __device__ void dropout_axpy(T *out, const T *x, uint64_t key, uint64_t first_ro
     for (uint64_t r = blockIdx.y; r * row_elems < n; r += gridDim.y) {
         uint64_t row = mix(key, first_row + r), base = r * row_elems;
         uint64_t len = n - base < row_elems ? n - base : row_elems;
-        uint64_t t0 = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x, step = (uint64_t)blockDim.x * gridDim.x;
+        // Within a row 32-bit indices (a row is far shorter than 2^32 elements).
+        uint32_t t0 = blockIdx.x * blockDim.x + threadIdx.x, step = blockDim.x * gridDim.x, n32 = (uint32_t)len;
         if (vec) {
-            for (uint64_t q = t0; q < len / W; q += step) {
+            for (uint32_t q = t0; q < n32 / W; q += step) {
                 uint4 ux = reinterpret_cast<const uint4 *>(x + base)[q], uo;
                 if (acc) uo = reinterpret_cast<const uint4 *>(out + base)[q];
                 const T *ex = reinterpret_cast<const T *>(&ux);
@@ -455,7 +466,7 @@ __device__ void dropout_axpy(T *out, const T *x, uint64_t key, uint64_t first_ro
                 reinterpret_cast<uint4 *>(out + base)[q] = uo;
             }
         } else {
-            for (uint64_t j = t0; j < len; j += step)
+            for (uint32_t j = t0; j < n32; j += step)
                 out[base + j] = dropout_one<T>(out[base + j], x[base + j], row, j, p, kt, alpha, acc);
         }
     }
