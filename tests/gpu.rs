@@ -777,11 +777,12 @@ fn nccl_with_a_world_of_one_sums_in_place() {
 /// Data parallel with NCCL in a world of one: the trainer sums each block's gradients on NCCL's
 /// stream as the last backward leaves the block, the rest and the loss at the end; the losses are
 /// those of the run without ranks, LoRA and full fine-tuning (also with ZeRO stage 1, whose
-/// parameters come back by NCCL broadcasts), with accumulation.
+/// parameters come back by NCCL broadcasts, and stage 2, whose every pass reduces each block's
+/// buffer into the rank's share and lets it go), with accumulation.
 #[test]
 fn a_world_of_one_over_nccl_trains_like_one_process() {
     let data = rows(16);
-    for (full, zero) in [(false, 0), (true, 0), (true, 1)] {
+    for (full, zero) in [(false, 0), (true, 0), (true, 1), (false, 2), (true, 2)] {
         let run = |ranks: bool| {
             let dir = tempfile::tempdir().unwrap();
             let cfg = TrainConfig {

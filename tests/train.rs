@@ -783,6 +783,18 @@ fn on_two_ranks(
 /// process; a run stopped at a checkpoint and resumed on two ranks continues it exactly.
 #[test]
 fn zero_stage_one_trains_and_resumes_like_one_process() {
+    zero_trains_and_resumes_like_one_process(1);
+}
+
+/// ZeRO stage 2: each rank also keeps only its half of the summed gradients (each block's summed
+/// into the shares as every pass's backward leaves it; the last micro-batch of an epoch has no
+/// example for rank 1, which sums zeros); the same as one process, and resumes exactly.
+#[test]
+fn zero_stage_two_trains_and_resumes_like_one_process() {
+    zero_trains_and_resumes_like_one_process(2);
+}
+
+fn zero_trains_and_resumes_like_one_process(stage: usize) {
     let data = examples(13);
     let m = peft_with(5, 0.0);
     let one_dir = tempfile::tempdir().unwrap();
@@ -805,7 +817,7 @@ fn zero_stage_one_trains_and_resumes_like_one_process() {
             gradient_accumulation_steps: 2,
             max_steps: steps,
             weight_decay: 0.1,
-            zero_stage: 1,
+            zero_stage: stage,
             save_steps: 2,
             resume_from_checkpoint: resume.then(|| serde_json::json!(true)),
             ..cfg(dir)
@@ -921,5 +933,64 @@ fn zero_stage_one_keeps_and_loads_the_best_model_like_one_process() {
             max_abs_diff(a, b) < 1e-4 * max_abs(a).max(1e-3),
             "rank {rank}: the best adapters"
         );
+    }
+}
+
+/// ZeRO stage 2 with every weight trained: the embedding, final norm and head sum at the end of
+/// the window, the blocks as each backward leaves them; two ranks give the one process's losses
+/// and weights.
+#[test]
+fn zero_stage_two_full_fine_tuning_trains_like_one_process() {
+    let saved = tempfile::tempdir().unwrap();
+    tiny(&TinyConfig {
+        hidden: 32,
+        layers: 3,
+        intermediate: 64,
+        seed: 6,
+        ..TinyConfig::default()
+    })
+    .unwrap()
+    .save(saved.path())
+    .unwrap();
+    let opts = qscript_runtime::model::LoadOptions {
+        dtype: "f32".into(),
+        device: "cpu".into(),
+        trainable: true,
+        ..Default::default()
+    };
+    let m = Model::load(saved.path(), &opts).unwrap();
+    let data = examples(13);
+    let base = |dir: &std::path::Path| TrainConfig {
+        gradient_accumulation_steps: 2,
+        max_steps: 3,
+        weight_decay: 0.1,
+        learning_rate: 1e-3,
+        ..cfg(dir)
+    };
+    let one_dir = tempfile::tempdir().unwrap();
+    let one = run(&m, &data, &base(one_dir.path()), None);
+    let root = tempfile::tempdir().unwrap();
+    let reports = on_two_ranks(
+        &m,
+        &data,
+        &[],
+        [root.path().join("r0"), root.path().join("r1")],
+        move |dir| TrainConfig {
+            per_device_train_batch_size: 2,
+            zero_stage: 2,
+            ..base(dir)
+        },
+    );
+    let weights = |m: &Model| qscript_runtime::model::params::trainable(m);
+    for (rank, r) in reports.iter().enumerate() {
+        for ((s, a), (_, b)) in one.losses.iter().zip(&r.losses) {
+            assert!((a - b).abs() < 1e-5, "rank {rank} step {s}: {a} vs {b}");
+        }
+        for ((name, a), (_, b)) in weights(&one.model).iter().zip(weights(&r.model)) {
+            assert!(
+                max_abs_diff(a, &b) < 1e-5 * max_abs(a).max(1e-3),
+                "rank {rank}: `{name}`"
+            );
+        }
     }
 }

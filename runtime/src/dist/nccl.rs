@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 use candle_core::cuda_backend::CudaDevice;
-use candle_core::cuda_backend::cudarc::driver::CudaStream;
+use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream};
 
 use super::Group;
 use crate::{Error, Result};
@@ -41,6 +41,16 @@ type Broadcast = unsafe extern "C" fn(
     *const c_void,
     *mut c_void,
     usize,
+    c_int,
+    c_int,
+    *mut c_void,
+    *mut c_void,
+) -> c_int;
+type Reduce = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    c_int,
     c_int,
     c_int,
     *mut c_void,
@@ -79,6 +89,7 @@ struct Lib {
     comm_init_rank: CommInitRank,
     all_reduce: AllReduce,
     broadcast: Broadcast,
+    reduce: Reduce,
     comm_abort: CommAbort,
     error_string: GetErrorString,
     version: c_int,
@@ -117,6 +128,7 @@ fn symbols(l: libloading::Library) -> std::result::Result<Lib, libloading::Error
         let comm_init_rank = *l.get::<CommInitRank>(b"ncclCommInitRank\0")?;
         let all_reduce = *l.get::<AllReduce>(b"ncclAllReduce\0")?;
         let broadcast = *l.get::<Broadcast>(b"ncclBroadcast\0")?;
+        let reduce = *l.get::<Reduce>(b"ncclReduce\0")?;
         let comm_abort = *l.get::<CommAbort>(b"ncclCommAbort\0")?;
         let error_string = *l.get::<GetErrorString>(b"ncclGetErrorString\0")?;
         let get_version = *l.get::<GetVersion>(b"ncclGetVersion\0")?;
@@ -128,6 +140,7 @@ fn symbols(l: libloading::Library) -> std::result::Result<Lib, libloading::Error
             comm_init_rank,
             all_reduce,
             broadcast,
+            reduce,
             comm_abort,
             error_string,
             version,
@@ -293,6 +306,62 @@ impl Nccl {
                 self.stream.cu_stream().cast(),
             )
         })
+    }
+
+    /// Queues the sum over the ranks of `t`'s elements `range` into rank `root`'s `into`
+    /// (a tensor and the offset there; the other ranks pass `None`), as [`Nccl::start_sum`] does.
+    pub fn start_reduce(
+        &self,
+        t: &Tensor,
+        range: Range<usize>,
+        into: Option<(&Tensor, usize)>,
+        root: usize,
+    ) -> Result<()> {
+        let (send, kind) = self.queue(t, &range)?;
+        let recv = match into {
+            Some((r, at)) => {
+                if r.dtype() != t.dtype() {
+                    return Err(Error::InvalidArgument(
+                        "NCCL reduce: the two buffers differ in dtype".into(),
+                    ));
+                }
+                self.queue(r, &(at..at + range.len()))?.0
+            }
+            None => send,
+        };
+        let root = c_int::try_from(root).unwrap_or(c_int::MAX);
+        // SAFETY: `send` holds `range.len()` elements of `t` and `recv` as many of the root's
+        // `into` (the others' `recv` is not written: NCCL writes only at the root), both on this
+        // rank's GPU and kept alive by the caller until `wait` (or the event of `record`).
+        check(self.lib, "reduce", unsafe {
+            (self.lib.reduce)(
+                send,
+                recv,
+                range.len(),
+                kind,
+                SUM,
+                root,
+                self.comm,
+                self.stream.cu_stream().cast(),
+            )
+        })
+    }
+
+    /// An event after every operation queued on NCCL's stream so far.
+    pub fn record(&self) -> Result<CudaEvent> {
+        Ok(self
+            .stream
+            .record_event(None)
+            .map_err(candle_core::Error::wrap)?)
+    }
+
+    /// The compute stream waits (on the GPU) for `event` (see [`Nccl::record`]).
+    pub fn compute_waits(&self, event: &CudaEvent) -> Result<()> {
+        self.dev
+            .cuda_stream()
+            .wait(event)
+            .map_err(candle_core::Error::wrap)?;
+        Ok(())
     }
 
     /// The compute stream waits (on the GPU) for every sum started so far.

@@ -49,8 +49,11 @@ pub struct Workload {
     pub lora: Option<(usize, usize)>,
     /// A GPU (the CUDA runtime's share is added).
     pub gpu: bool,
-    /// Ranks the optimizer moments are sharded over (ZeRO stage 1; 1 when not sharded).
+    /// Ranks the optimizer moments are sharded over (ZeRO stages 1 and 2; 1 when not sharded).
     pub optimizer_shards: usize,
+    /// Ranks the gradients are sharded over (ZeRO stage 2; 1 when not sharded): each rank holds
+    /// its share, the gradients outside the blocks and two blocks' at a time.
+    pub gradient_shards: usize,
     /// Micro-batches whose activations are held at once (a pipelined window holds all of its
     /// own; 1 otherwise).
     pub held_micro_batches: usize,
@@ -208,7 +211,21 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
     } else {
         0.0
     };
-    let gradients = if training { trained * 4.0 } else { 0.0 };
+    let gradients = match (training, w.gradient_shards) {
+        (false, _) => 0.0,
+        (true, 0 | 1) => trained * 4.0,
+        (true, n) => {
+            // Outside the blocks: the embedding (and an untied head) and the final norm.
+            let outside = match w.trainable {
+                Trainable::Full => {
+                    cfg.vocab_size as f64 * h * if cfg.tie_word_embeddings { 1.0 } else { 2.0 } + h
+                }
+                _ => 0.0,
+            };
+            let per_block = (trained - outside).max(0.0) / layers.max(1.0);
+            (trained / n as f64 + outside + 2.0 * per_block) * 4.0
+        }
+    };
     let terms = [
         params * b,
         if training { trained_bytes } else { 0.0 },
@@ -409,6 +426,7 @@ mod tests {
                     lora: (!full).then_some((8, 4)),
                     gpu: driver,
                     optimizer_shards: 1,
+                    gradient_shards: 1,
                     held_micro_batches: 1,
                 },
             )
@@ -425,6 +443,45 @@ mod tests {
     }
 
     #[test]
+    fn zero_shards_divide_the_optimizer_state_and_the_gradients() {
+        // Full fine-tuning of a 7B over 4 ranks: ZeRO-1 divides the moments by 4, ZeRO-2 the
+        // gradients as well, less what a rank still holds whole (outside the blocks, two blocks).
+        let c = qwen15_7b();
+        let at = |optimizer_shards, gradient_shards| {
+            estimate(
+                &c,
+                DType::BF16,
+                &Workload {
+                    tokens: 2048,
+                    gradient_checkpointing: true,
+                    trainable: Trainable::Full,
+                    weight_decay: true,
+                    lora: None,
+                    gpu: true,
+                    optimizer_shards,
+                    gradient_shards,
+                    held_micro_batches: 1,
+                },
+            )
+            .unwrap()
+        };
+        let (none, one, two) = (at(1, 1), at(4, 1), at(4, 4));
+        assert_eq!(one.optimizer * 4, none.optimizer);
+        assert_eq!(one.gradients, none.gradients);
+        assert_eq!(two.optimizer, one.optimizer);
+        let n = param_count(&c);
+        let (h, v) = (c.hidden_size as f64, c.vocab_size as f64);
+        let outside = 2.0 * v * h + h;
+        let want = (n / 4.0 + outside + 2.0 * (n - outside) / 32.0) * 4.0;
+        assert!(
+            (two.gradients as f64 - want).abs() < 8.0,
+            "{} vs {want}",
+            two.gradients
+        );
+        assert!(two.gradients * 2 < none.gradients);
+    }
+
+    #[test]
     fn absurd_sizes_are_errors_not_allocations() {
         let mut c = qwen15_7b();
         c.hidden_size = 1_000_000_000_000;
@@ -437,6 +494,7 @@ mod tests {
             lora: None,
             gpu: false,
             optimizer_shards: 1,
+            gradient_shards: 1,
             held_micro_batches: 1,
         };
         let e = estimate(&c, DType::BF16, &w).err().unwrap().to_string();

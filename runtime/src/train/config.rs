@@ -63,8 +63,10 @@ pub struct TrainConfig {
     /// window at once; `false`: never. Also spelled `auto_micro_batch`.
     #[serde(alias = "auto_micro_batch")]
     pub merge_micro_batches: Option<bool>,
-    /// DeepSpeed's ZeRO stage under data parallel: 0 (off) or 1 (each rank keeps the optimizer
-    /// moments of its share of the parameters only, and the ranks gather the updated parameters).
+    /// DeepSpeed's ZeRO stage under data parallel: 0 (off), 1 (each rank keeps the optimizer
+    /// moments of its share of the parameters only, and the ranks gather the updated parameters)
+    /// or 2 (also only its share of the summed gradients: each block's gradient is summed into
+    /// the ranks' shares as soon as a pass's backward leaves the block, then let go).
     pub zero_stage: usize,
     /// With the model's blocks over several GPUs (`device_map`), run each accumulation window's
     /// micro-batches through them in a pipeline, so the GPUs work at once (the default); `false`
@@ -314,10 +316,10 @@ impl TrainConfig {
                 "`metric_for_best_model` `{m}` is not supported; use `eval_loss`"
             ));
         }
-        if self.zero_stage > 1 {
+        if self.zero_stage > 2 {
             return bad(format!(
-                "`zero_stage` is {}; 0 (off) and 1 (the optimizer state sharded over the ranks) \
-                 are supported, stages 2 and 3 not yet",
+                "`zero_stage` is {}; 0 (off), 1 (the optimizer state sharded over the ranks) and 2 \
+                 (the gradients too) are supported, stage 3 (the weights too) not yet",
                 self.zero_stage
             ));
         }

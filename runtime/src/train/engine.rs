@@ -114,9 +114,14 @@ pub fn gradients(
         recompute,
     };
     let out = pass.run(&m, &mut grads, &mut NoHook)?;
+    let bufs = grads
+        .parts
+        .into_iter()
+        .map(super::flat::FlatGrads::into_buffer)
+        .collect::<Result<Vec<_>>>()?;
     let named = params
         .slots()
-        .map(|(k, s)| Ok((s.name.clone(), s.of(&grads.parts[k].buf)?)))
+        .map(|(k, s)| Ok((s.name.clone(), s.of(&bufs[k])?)))
         .collect::<Result<Vec<_>>>()?;
     Ok((f64::from(out.loss.to_scalar::<f32>()?), named))
 }
@@ -486,7 +491,10 @@ mod tests {
                 for (o, l) in outs.iter().zip(&losses) {
                     assert!((o.loss.to_scalar::<f32>().unwrap() - l).abs() < 1e-6);
                 }
-                let (a, b) = (&want.parts[0].buf, &got.parts[0].buf);
+                let (a, b) = (
+                    want.parts[0].buffer().unwrap(),
+                    got.parts[0].buffer().unwrap(),
+                );
                 let (worst, scale) = (max_abs_diff(a, b), max_abs(a));
                 assert!(
                     worst <= 1e-5 * scale,

@@ -4,6 +4,7 @@
 //! AdamW each run over a whole buffer in a few launches, whatever the number of tensors.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use candle_core::{DType, Device, Shape, Tensor, TensorId, Var};
 
@@ -151,17 +152,96 @@ impl FlatParams {
     pub fn zero_grads(&self) -> Result<FlatGrads<'_>> {
         Ok(FlatGrads {
             params: self,
-            buf: Tensor::zeros(self.len(), DType::F32, self.device())?,
+            segments: vec![(
+                0..self.len(),
+                Some(Tensor::zeros(self.len(), DType::F32, self.device())?),
+            )],
         })
+    }
+
+    /// Gradients kept by `ranges` (contiguous, whole slots, covering the layout), each range's
+    /// f32 buffer made (zeroed) when first written and handed over by [`FlatGrads::take`].
+    pub fn segmented_grads(&self, mut ranges: Vec<Range<usize>>) -> FlatGrads<'_> {
+        ranges.sort_by_key(|r| r.start);
+        FlatGrads {
+            params: self,
+            segments: ranges.into_iter().map(|r| (r, None)).collect(),
+        }
     }
 }
 
-/// Gradients of a [`FlatParams`], accumulated in place in f32.
+/// Gradients of a [`FlatParams`], accumulated in place in f32: one buffer over the layout, or
+/// (ZeRO stage 2) one per range that a block finishes, each living only until it is taken.
 #[derive(Debug)]
 pub struct FlatGrads<'a> {
     params: &'a FlatParams,
-    /// `[len]` f32.
-    pub buf: Tensor,
+    /// Contiguous ranges of the layout, in order, each with its `[range.len()]` f32 buffer once
+    /// written.
+    segments: Vec<(Range<usize>, Option<Tensor>)>,
+}
+
+impl FlatGrads<'_> {
+    /// The buffer over the whole layout (zeroed if nothing was written); an error for segmented
+    /// gradients.
+    pub fn into_buffer(mut self) -> Result<Tensor> {
+        match &mut self.segments[..] {
+            [(r, b)] if r.start == 0 && r.end == self.params.len() => Ok(match b.take() {
+                Some(b) => b,
+                None => Tensor::zeros(self.params.len(), DType::F32, self.params.device())?,
+            }),
+            _ => Err(Error::InvalidArgument(
+                "gradients kept by ranges have no whole buffer".into(),
+            )),
+        }
+    }
+
+    /// The device of the gradients.
+    pub fn device(&self) -> &Device {
+        self.params.device()
+    }
+
+    /// The buffer over the whole layout, when the gradients are one buffer.
+    pub fn buffer(&self) -> Option<&Tensor> {
+        match &self.segments[..] {
+            [(r, Some(b))] if r.start == 0 && r.end == self.params.len() => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The ranges that hold a buffer now, in order.
+    pub fn written(&self) -> Vec<Range<usize>> {
+        self.segments
+            .iter()
+            .filter(|(_, b)| b.is_some())
+            .map(|(r, _)| r.clone())
+            .collect()
+    }
+
+    /// Hands over the buffer of the range that starts at `start`, if it was written; the range
+    /// starts again from zero if written later.
+    pub fn take(&mut self, start: usize) -> Option<Tensor> {
+        self.segments
+            .iter_mut()
+            .find(|(r, _)| r.start == start)
+            .and_then(|(_, b)| b.take())
+    }
+
+    /// The buffer holding slot `s` (made if need be) and the slot's offset in it.
+    fn segment(&mut self, s: &Slot) -> candle_core::Result<(usize, &Tensor)> {
+        let device = self.params.device().clone();
+        let (r, b) = self
+            .segments
+            .iter_mut()
+            .find(|(r, _)| r.start <= s.offset && s.offset < r.end)
+            .ok_or_else(|| candle_core::Error::Msg(format!("`{}` lies in no range", s.name)))?;
+        if b.is_none() {
+            *b = Some(Tensor::zeros(r.len(), DType::F32, &device)?);
+        }
+        let at = s.offset - r.start;
+        b.as_ref()
+            .map(|b| (at, b))
+            .ok_or_else(|| candle_core::Error::Msg("unreachable".into()))
+    }
 }
 
 impl FlatGrads<'_> {
@@ -190,19 +270,19 @@ impl FlatGrads<'_> {
     /// On the GPU, `param`'s slot of the buffer as a view of `param`'s shape that kernels add
     /// into in place (`None` elsewhere, or when `with` is not a float tensor on the GPU).
     #[cfg(feature = "cuda")]
-    fn gpu_slot(&self, param: &Tensor, with: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let Some(s) = self.params.slot_of(param) else {
+    fn gpu_slot(&mut self, param: &Tensor, with: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let params = self.params;
+        let Some(s) = params.slot_of(param) else {
             return Ok(None);
         };
-        if !(self.buf.device().is_cuda()
-            && self.buf.device().same_device(with.device())
+        if !(params.device().is_cuda()
+            && params.device().same_device(with.device())
             && matches!(with.dtype(), DType::F32 | DType::BF16 | DType::F16))
         {
             return Ok(None);
         }
-        Ok(Some(
-            self.buf.narrow(0, s.offset, s.len())?.reshape(&s.shape)?,
-        ))
+        let (at, buf) = self.segment(s)?;
+        Ok(Some(buf.narrow(0, at, s.len())?.reshape(&s.shape)?))
     }
 }
 
@@ -212,16 +292,18 @@ impl GradSink for FlatGrads<'_> {
     }
 
     fn add(&mut self, param: &Tensor, grad: &Tensor) -> candle_core::Result<()> {
-        let Some(s) = self.params.slot_of(param) else {
+        let params = self.params;
+        let Some(s) = params.slot_of(param) else {
             return Ok(());
         };
         #[cfg(feature = "cuda")]
         if let Some(view) = self.gpu_slot(param, grad)? {
             return crate::nn::cuda::accumulate::add_f32(&view, grad);
         }
-        let cur = self.buf.narrow(0, s.offset, s.len())?;
+        let (at, buf) = self.segment(s)?;
+        let cur = buf.narrow(0, at, s.len())?;
         let sum = cur.add(&grad.to_dtype(DType::F32)?.flatten_all()?)?;
-        self.buf.slice_set(&sum, 0, s.offset)
+        buf.slice_set(&sum, 0, at)
     }
 
     fn add_matmul(
@@ -361,11 +443,6 @@ impl<'a> DeviceGrads<'a> {
             Some(p) => p.add_rows(param, ids, grad),
             None => Ok(()),
         }
-    }
-
-    /// The buffers, one per part.
-    pub fn buffers(&self) -> Vec<&Tensor> {
-        self.parts.iter().map(|p| &p.buf).collect()
     }
 }
 

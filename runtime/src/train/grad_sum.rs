@@ -5,15 +5,28 @@
 //! and the loss follow at the end, and the compute stream waits for all of it before the
 //! optimizer reads the buffer. Through the host (no NCCL) the same buckets are summed at the end,
 //! in the same order on every rank.
+//!
+//! ZeRO stage 2 keeps no whole gradient: each bucket has its own buffer, made when its block's
+//! backward first writes it and summed into the ranks' shares (the optimizer's) as soon as every
+//! pass's backward leaves the block (a reduce to each owner with NCCL), then let go. A rank holds
+//! its share of the summed gradient, one or two block buffers and the rest. Every rank sums the
+//! same buckets in the same order: passes are not merged, and a rank with no examples in a
+//! micro-batch sums zeros for it.
 
 use std::ops::Range;
+#[cfg(feature = "cuda")]
+use std::{collections::HashMap, sync::Arc};
 
+#[cfg(feature = "cuda")]
+use candle_core::cuda_backend::cudarc::driver::CudaEvent;
 use candle_core::{DType, Tensor};
 
 use super::engine::BlockHook;
 use super::flat::{DeviceGrads, DeviceParams, Slot};
 use crate::Result;
 use crate::dist::Group;
+#[cfg(feature = "cuda")]
+use crate::dist::nccl::Nccl;
 
 /// A flat buffer's ranges by the block whose backward completes them, and the rest.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,96 +69,220 @@ impl Buckets {
 /// How the ranks' sums travel.
 #[derive(Clone, Copy)]
 enum Via<'a> {
-    /// Through the host, over the TCP group, at the end of the step.
+    /// Through the host, over the TCP group.
     Host(&'a Group),
-    /// NCCL on the GPU, block by block during the last backward.
+    /// NCCL on the GPU, on its own stream.
     #[cfg(feature = "cuda")]
-    Nccl(&'a crate::dist::nccl::Nccl),
+    Nccl(&'a Nccl),
 }
 
-/// One step's sum of the gradients (and loss) over the ranks. As a [`BlockHook`] on the window's
-/// last pass it starts each block's sum (NCCL) when the block's backward is done; [`finish`]
-/// sums what is left and leaves every buffer holding the ranks' total.
+/// `t` (a scalar) summed over the ranks, on `t`'s device.
+pub fn sum_scalar(
+    group: &Group,
+    #[cfg(feature = "cuda")] nccl: Option<&Nccl>,
+    t: &Tensor,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(n) = nccl {
+        let l = t.to_dtype(DType::F32)?.reshape(1)?.contiguous()?;
+        n.start_sum(&l, 0..1)?;
+        n.wait()?;
+        return Ok(l.reshape(())?);
+    }
+    let mut v = vec![t.to_dtype(DType::F32)?.to_scalar::<f32>()?];
+    group.all_reduce_sum(&mut v)?;
+    Ok(Tensor::new(v[0], t.device())?)
+}
+
+/// ZeRO stage 2's state for one step: this rank's share of the summed gradient.
+struct Sharded {
+    /// Every rank's share `[start, end)` of the layout (the optimizer's shards).
+    shares: Vec<(usize, usize)>,
+    rank: usize,
+    /// This rank's share of the summed gradients, `[end - start]` f32.
+    mine: Tensor,
+    /// NCCL: bucket buffers still being read, each with the event after its reduces, and the
+    /// last reduce into `mine` of each bucket (by its start).
+    #[cfg(feature = "cuda")]
+    pending: Vec<(Tensor, Arc<CudaEvent>)>,
+    #[cfg(feature = "cuda")]
+    last: HashMap<usize, Arc<CudaEvent>>,
+}
+
+/// One step's sum of the gradients (and loss) over the ranks. As a [`BlockHook`] it starts each
+/// block's sum when the block's backward is done (on the window's last pass; under ZeRO stage 2
+/// on every pass); [`finish`] sums what is left and gives the buffers the optimizer steps on.
 ///
 /// [`finish`]: GradSum::finish
 pub struct GradSum<'a> {
     via: Via<'a>,
     buckets: Vec<Buckets>,
-    /// The blocks whose sums have started (NCCL).
-    #[cfg(feature = "cuda")]
+    /// The blocks whose sums have started (NCCL, whole buffers).
     started: Vec<bool>,
+    /// ZeRO stage 2.
+    sharded: Option<Sharded>,
 }
 
 impl<'a> GradSum<'a> {
-    /// The sum over `group` of the buffers `params` lays out (a model of `blocks` blocks), through
-    /// NCCL when given.
+    /// The sum over `group` of the gradients `params` lays out (a model of `blocks` blocks),
+    /// through NCCL when given; with `zero2` (ZeRO stage 2, one device) kept as this rank's share.
     pub fn new(
         group: &'a Group,
-        #[cfg(feature = "cuda")] nccl: Option<&'a crate::dist::nccl::Nccl>,
+        #[cfg(feature = "cuda")] nccl: Option<&'a Nccl>,
         params: &DeviceParams,
         blocks: usize,
-    ) -> Self {
+        zero2: bool,
+    ) -> Result<Self> {
         #[cfg(feature = "cuda")]
         let via = nccl.map_or(Via::Host(group), Via::Nccl);
         #[cfg(not(feature = "cuda"))]
         let via = Via::Host(group);
-        Self {
+        let sharded = match (zero2, &params.parts[..]) {
+            (false, _) => None,
+            (true, [part]) => {
+                let shares: Vec<_> = (0..group.size())
+                    .map(|q| crate::dist::share(part.len(), group.size(), q))
+                    .collect();
+                let (a, b) = shares[group.rank()];
+                Some(Sharded {
+                    mine: Tensor::zeros(b - a, DType::F32, part.device())?,
+                    shares,
+                    rank: group.rank(),
+                    #[cfg(feature = "cuda")]
+                    pending: Vec::new(),
+                    #[cfg(feature = "cuda")]
+                    last: HashMap::new(),
+                })
+            }
+            (true, _) => {
+                return Err(crate::Error::InvalidArgument(
+                    "`zero_stage: 2` with a model over several devices (`device_map`) is not supported".into(),
+                ));
+            }
+        };
+        Ok(Self {
             via,
             buckets: params
                 .parts
                 .iter()
                 .map(|p| Buckets::new(&p.slots, blocks))
                 .collect(),
-            #[cfg(feature = "cuda")]
             started: vec![false; blocks],
+            sharded,
+        })
+    }
+
+    /// Fresh gradients for a window: one zeroed buffer per part, or (ZeRO stage 2) a buffer per
+    /// bucket, each made when first written.
+    pub fn grads<'p>(&self, params: &'p DeviceParams) -> Result<DeviceGrads<'p>> {
+        match (&self.sharded, &params.parts[..], self.buckets.first()) {
+            (Some(_), [part], Some(b)) => {
+                let ranges = b
+                    .by_block
+                    .iter()
+                    .flatten()
+                    .chain(&b.rest)
+                    .cloned()
+                    .collect();
+                Ok(DeviceGrads {
+                    parts: vec![part.segmented_grads(ranges)],
+                })
+            }
+            _ => params.zero_grads(),
         }
     }
 
-    /// Sums what was not summed during the backward, and the loss (a scalar, replaced by the
-    /// total); afterwards `bufs` hold the ranks' totals, ready for the optimizer.
-    pub fn finish(self, bufs: &mut [Tensor], loss: &mut Tensor) -> Result<()> {
-        match self.via {
-            Via::Host(g) => {
-                for (buf, b) in bufs.iter_mut().zip(&self.buckets) {
-                    let mut host = buf.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                    for r in b.by_block.iter().flatten().chain(&b.rest) {
-                        g.all_reduce_sum(&mut host[r.clone()])?;
-                    }
-                    *buf = Tensor::from_vec(host, buf.shape(), buf.device())?;
-                }
-                let mut l = vec![loss.to_dtype(DType::F32)?.to_scalar::<f32>()?];
-                g.all_reduce_sum(&mut l)?;
-                *loss = Tensor::new(l[0], loss.device())?;
-            }
-            #[cfg(feature = "cuda")]
-            Via::Nccl(n) => {
-                let mut me = self;
-                for i in 0..me.started.len() {
-                    if !me.started[i] {
-                        me.start_block(n, bufs, i)?;
-                    }
-                }
-                for (buf, b) in bufs.iter().zip(&me.buckets) {
-                    for r in &b.rest {
-                        n.start_sum(buf, r.clone())?;
-                    }
-                }
-                let l = loss.to_dtype(DType::F32)?.reshape(1)?.contiguous()?;
-                n.start_sum(&l, 0..1)?;
-                n.wait()?;
-                *loss = l.reshape(())?;
-            }
+    /// Whether every pass's backward sums its blocks (ZeRO stage 2), not only the window's last.
+    pub fn every_pass(&self) -> bool {
+        self.sharded.is_some()
+    }
+
+    /// ZeRO stage 2: the sums of a pass this rank has no examples for (zeros), so that every rank
+    /// sums the same buckets in the same order.
+    pub fn empty_pass(&mut self, grads: &mut DeviceGrads) -> Result<()> {
+        for layer in (0..self.started.len()).rev() {
+            self.after_backward(layer, grads)?;
         }
         Ok(())
     }
 
+    /// Sums what was not summed during the backward, and the loss (a scalar, replaced by the
+    /// total); returns the buffers the optimizer steps on: the ranks' totals per part, or (ZeRO
+    /// stage 2) this rank's share of them.
+    pub fn finish(mut self, mut grads: DeviceGrads, loss: &mut Tensor) -> Result<Vec<Tensor>> {
+        if self.sharded.is_some() {
+            let rest = self
+                .buckets
+                .first()
+                .map(|b| b.rest.clone())
+                .unwrap_or_default();
+            for r in rest {
+                let buf = take_or_zeros(&mut grads, &r)?;
+                self.reduce(r, buf)?;
+            }
+            *loss = self.sum_loss(loss)?;
+            // The compute stream waited for every reduce (`sum_loss`): the bucket buffers still
+            // held may go.
+            let Some(sh) = self.sharded.take() else {
+                return Err(crate::Error::InvalidArgument("unreachable".into()));
+            };
+            return Ok(vec![sh.mine]);
+        }
+        let mut bufs = grads
+            .parts
+            .into_iter()
+            .map(super::flat::FlatGrads::into_buffer)
+            .collect::<Result<Vec<_>>>()?;
+        match self.via {
+            Via::Host(g) => {
+                for (buf, b) in bufs.iter_mut().zip(&self.buckets) {
+                    let mut host = buf.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                    for r in b.by_block.iter().rev().flatten().chain(&b.rest) {
+                        g.all_reduce_sum(&mut host[r.clone()])?;
+                    }
+                    *buf = Tensor::from_vec(host, buf.shape(), buf.device())?;
+                }
+            }
+            #[cfg(feature = "cuda")]
+            Via::Nccl(n) => {
+                // In the backward's order (the last block first), as a rank whose last pass
+                // started them did.
+                for i in (0..self.started.len()).rev() {
+                    if !self.started[i] {
+                        self.start_block(n, &bufs, i)?;
+                    }
+                }
+                for (buf, b) in bufs.iter().zip(&self.buckets) {
+                    for r in &b.rest {
+                        n.start_sum(buf, r.clone())?;
+                    }
+                }
+            }
+        }
+        *loss = self.sum_loss(loss)?;
+        Ok(bufs)
+    }
+
+    fn sum_loss(&self, loss: &Tensor) -> Result<Tensor> {
+        match self.via {
+            Via::Host(g) => sum_scalar(
+                g,
+                #[cfg(feature = "cuda")]
+                None,
+                loss,
+            ),
+            #[cfg(feature = "cuda")]
+            Via::Nccl(n) => {
+                let l = loss.to_dtype(DType::F32)?.reshape(1)?.contiguous()?;
+                n.start_sum(&l, 0..1)?;
+                n.wait()?;
+                Ok(l.reshape(())?)
+            }
+        }
+    }
+
     #[cfg(feature = "cuda")]
-    fn start_block(
-        &mut self,
-        n: &crate::dist::nccl::Nccl,
-        bufs: &[Tensor],
-        i: usize,
-    ) -> Result<()> {
+    fn start_block(&mut self, n: &Nccl, bufs: &[Tensor], i: usize) -> Result<()> {
         self.started[i] = true;
         for (buf, b) in bufs.iter().zip(&self.buckets) {
             for r in &b.by_block[i] {
@@ -154,18 +291,98 @@ impl<'a> GradSum<'a> {
         }
         Ok(())
     }
+
+    /// ZeRO stage 2: the bucket `r` (its buffer `buf`) summed over the ranks into each owner's
+    /// share: this rank's part of the sum is added to `mine`.
+    fn reduce(&mut self, r: Range<usize>, buf: Tensor) -> Result<()> {
+        let via = self.via;
+        let Some(sh) = self.sharded.as_mut() else {
+            return Ok(());
+        };
+        let (a, b) = sh.shares[sh.rank];
+        let (lo, hi) = (r.start.max(a), r.end.min(b));
+        match via {
+            Via::Host(g) => {
+                let mut host = buf.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                g.all_reduce_sum(&mut host)?;
+                if lo < hi {
+                    let part = Tensor::from_slice(
+                        &host[lo - r.start..hi - r.start],
+                        hi - lo,
+                        sh.mine.device(),
+                    )?;
+                    let sum = sh.mine.narrow(0, lo - a, hi - lo)?.add(&part)?;
+                    sh.mine.slice_set(&sum, 0, lo - a)?;
+                }
+            }
+            #[cfg(feature = "cuda")]
+            Via::Nccl(n) => {
+                if lo < hi {
+                    // This rank's running total goes into its own part of the bucket, and the
+                    // reduce to this rank then writes the new total over it.
+                    if let Some(e) = sh.last.get(&r.start) {
+                        n.compute_waits(e)?;
+                    }
+                    crate::nn::cuda::accumulate::add_f32(
+                        &buf.narrow(0, lo - r.start, hi - lo)?,
+                        &sh.mine.narrow(0, lo - a, hi - lo)?,
+                    )?;
+                }
+                for (q, &(qa, qb)) in sh.shares.iter().enumerate() {
+                    let (l, h) = (r.start.max(qa), r.end.min(qb));
+                    if l < h {
+                        let into = (q == sh.rank).then(|| (&sh.mine, l - a));
+                        n.start_reduce(&buf, l - r.start..h - r.start, into, q)?;
+                    }
+                }
+                let done = Arc::new(n.record()?);
+                sh.pending.retain(|(_, e)| !e.is_complete());
+                sh.pending.push((buf, done.clone()));
+                sh.last.insert(r.start, done);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The buffer of the bucket `r` (zeros when nothing wrote it).
+fn take_or_zeros(grads: &mut DeviceGrads, r: &Range<usize>) -> Result<Tensor> {
+    let part = grads
+        .parts
+        .first_mut()
+        .ok_or_else(|| crate::Error::InvalidArgument("no gradients".into()))?;
+    match part.take(r.start) {
+        Some(b) => Ok(b),
+        None => Ok(Tensor::zeros(r.len(), DType::F32, part.device())?),
+    }
 }
 
 impl BlockHook for GradSum<'_> {
     fn after_backward(&mut self, layer: usize, grads: &mut DeviceGrads) -> Result<()> {
+        if layer >= self.started.len() {
+            return Ok(());
+        }
+        if self.sharded.is_some() {
+            let ranges = self
+                .buckets
+                .first()
+                .map(|b| b.by_block[layer].clone())
+                .unwrap_or_default();
+            for r in ranges {
+                let buf = take_or_zeros(grads, &r)?;
+                self.reduce(r, buf)?;
+            }
+            return Ok(());
+        }
         #[cfg(feature = "cuda")]
-        if let Via::Nccl(n) = self.via
-            && layer < self.started.len()
-        {
-            let bufs: Vec<Tensor> = grads.parts.iter().map(|p| p.buf.clone()).collect();
+        if let Via::Nccl(n) = self.via {
+            let bufs: Vec<Tensor> = grads
+                .parts
+                .iter()
+                .filter_map(|p| p.buffer().cloned())
+                .collect();
             return self.start_block(n, &bufs, layer);
         }
-        let _ = (layer, grads);
         Ok(())
     }
 }

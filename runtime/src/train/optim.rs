@@ -129,9 +129,10 @@ impl AdamW {
         Ok(())
     }
 
-    /// One update of `params` with learning rate `lr` from the flat f32 `grads` scaled by the
-    /// device scalar `clip` (see [`clip_factor`]). On CUDA one fused kernel updates parameters
-    /// and moments in place; elsewhere the reference ops below compute the same.
+    /// One update of `params` with learning rate `lr` from the flat f32 `grads` (the whole
+    /// layout's, or only the shard's: ZeRO stage 2) scaled by the device scalar `clip` (see
+    /// [`clip_factor`]). On CUDA one fused kernel updates parameters and moments in place;
+    /// elsewhere the reference ops below compute the same.
     pub fn step(
         &mut self,
         params: &FlatParams,
@@ -147,7 +148,16 @@ impl AdamW {
             Some((a, b)) => (a, b - a),
             None => (0, params.len()),
         };
-        let grads = &grads.narrow(0, start, len)?;
+        let grads = &match grads.elem_count() {
+            n if n == params.len() => grads.narrow(0, start, len)?,
+            n if n == len => grads.clone(),
+            n => {
+                return Err(crate::Error::InvalidArgument(format!(
+                    "gradients of {n} elements for an optimizer over {len} of {}",
+                    params.len()
+                )));
+            }
+        };
         #[cfg(feature = "cuda")]
         if params.device().is_cuda() {
             let args = crate::nn::cuda::AdamWArgs {
@@ -225,12 +235,7 @@ pub(crate) fn decay_bits(len: usize, runs: impl Iterator<Item = (usize, usize)>)
 /// `torch.nn.utils.clip_grad_norm_` (`max_norm / (norm + 1e-6)` clamped at 1; `None` when
 /// `max_norm <= 0`), both device scalars: nothing is read back to the host.
 pub fn clip_factor(grads: &Tensor, max_norm: f64) -> Result<(Tensor, Option<Tensor>)> {
-    let norm = sum_of_squares(grads)?.sqrt()?;
-    if max_norm <= 0.0 {
-        return Ok((norm, None));
-    }
-    let factor = (norm.affine(1.0, 1e-6)?.recip()? * max_norm)?.minimum(1.0)?;
-    Ok((norm, Some(factor)))
+    clip_of_sum_of_squares(sum_of_squares(grads)?, max_norm)
 }
 
 /// `Σ g²` of a flat buffer as rows of partial sums, so the device reduces in parallel (one
@@ -254,25 +259,35 @@ fn sum_of_squares(g: &Tensor) -> Result<Tensor> {
     Ok(total)
 }
 
-/// [`clip_factor`] over the buffers of several devices (one norm for them all), on the first
-/// buffer's device.
-pub fn clip_factor_parts(grads: &[&Tensor], max_norm: f64) -> Result<(Tensor, Option<Tensor>)> {
+/// `Σ g²` over the buffers of several devices, on the first buffer's device.
+pub fn sum_of_squares_parts(grads: &[&Tensor]) -> Result<Tensor> {
     let Some(first) = grads.first() else {
         return Err(crate::Error::InvalidArgument("no gradients".into()));
     };
-    if grads.len() == 1 {
-        return clip_factor(first, max_norm);
-    }
     let mut total = sum_of_squares(first)?;
     for g in &grads[1..] {
         total = total.add(&crate::device::to(&sum_of_squares(g)?, first.device())?)?;
     }
+    Ok(total)
+}
+
+/// The norm and clipping factor of [`clip_factor`] from a gradient's `Σ g²` (a device scalar).
+pub fn clip_of_sum_of_squares(total: Tensor, max_norm: f64) -> Result<(Tensor, Option<Tensor>)> {
     let norm = total.sqrt()?;
     if max_norm <= 0.0 {
         return Ok((norm, None));
     }
     let factor = (norm.affine(1.0, 1e-6)?.recip()? * max_norm)?.minimum(1.0)?;
     Ok((norm, Some(factor)))
+}
+
+/// [`clip_factor`] over the buffers of several devices (one norm for them all), on the first
+/// buffer's device.
+pub fn clip_factor_parts(grads: &[&Tensor], max_norm: f64) -> Result<(Tensor, Option<Tensor>)> {
+    match grads {
+        [one] => clip_factor(one, max_norm),
+        _ => clip_of_sum_of_squares(sum_of_squares_parts(grads)?, max_norm),
+    }
 }
 
 /// AdamW over every part of a [`DeviceParams`]: each device's moments beside its parameters.

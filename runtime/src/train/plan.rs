@@ -140,7 +140,8 @@ pub fn plan(
         weight_decay: cfg.weight_decay > 0.0,
         lora: model.lora.as_ref().map(|l| (l.r, per_layer_adapters)),
         gpu: device.is_cuda(),
-        optimizer_shards: if cfg.zero_stage == 1 { ranks } else { 1 },
+        optimizer_shards: if cfg.zero_stage >= 1 { ranks } else { 1 },
+        gradient_shards: if cfg.zero_stage == 2 { ranks } else { 1 },
         // Over several GPUs a window runs as a pipeline, every micro-batch held until its backward.
         held_micro_batches: if cfg.pipeline && pipelined(model) {
             cfg.gradient_accumulation_steps

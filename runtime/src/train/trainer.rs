@@ -15,7 +15,7 @@ use serde_json::json;
 use super::checkpoint::{self, TrainerState};
 use super::config::TrainConfig;
 use super::engine::{NoHook, eval_loss, micro_step};
-use super::flat::DeviceParams;
+use super::flat::{DeviceGrads, DeviceParams};
 use super::merge::MergePolicy;
 use super::optim::{AdamWConfig, DeviceAdamW, clip_factor_parts};
 use super::schedule::Schedule;
@@ -271,13 +271,12 @@ impl Trainer {
             weight_decay: cfg.weight_decay,
         };
         let mut opt = match (&dist, cfg.zero_stage) {
-            (Some(g), 1) => {
-                // ZeRO stage 1: this rank's share of the moments only.
+            (Some(g), stage @ (1 | 2)) => {
+                // ZeRO stages 1 and 2: this rank's share of the moments only.
                 let [part] = &params.parts[..] else {
-                    return Err(Error::InvalidArgument(
-                        "`zero_stage: 1` with a model over several devices (`device_map`) is not supported yet"
-                            .into(),
-                    ));
+                    return Err(Error::InvalidArgument(format!(
+                        "`zero_stage: {stage}` with a model over several devices (`device_map`) is not supported yet"
+                    )));
                 };
                 let shard = crate::dist::share(part.len(), g.size(), g.rank());
                 DeviceAdamW {
@@ -538,26 +537,32 @@ impl Trainer {
         let window_tokens: usize = examples.iter().map(|e| learned_tokens(e)).sum();
         let (mine, first_row) = self.shard(&examples);
         self.merge.before_step(&self.device);
-        // The ranks' sum: with NCCL each block's as soon as the window's last backward leaves it.
-        let mut sum = self.dist.as_deref().map(|g| {
-            super::grad_sum::GradSum::new(
+        // The ranks' sum: with NCCL each block's as soon as the window's last backward leaves it
+        // (under ZeRO stage 2 every pass's, into the ranks' shares).
+        let zero2 = self.cfg.zero_stage == 2;
+        let mut sum = match self.dist.as_deref() {
+            Some(g) => Some(super::grad_sum::GradSum::new(
                 g,
                 #[cfg(feature = "cuda")]
                 self.nccl.as_ref(),
                 &self.params,
                 self.model.decoder.blocks.len(),
-            )
-        });
+                zero2,
+            )?),
+            None => None,
+        };
         let (mut grads, mut loss, largest) = if mine.is_empty() {
             // Fewer examples than ranks: this rank adds nothing but still joins the sums.
-            let zeros = self.params.zero_grads()?;
-            let loss = Tensor::zeros((), DType::F32, &self.device)?;
-            (zeros.parts.into_iter().map(|p| p.buf).collect(), loss, 0)
+            let grads = match &sum {
+                Some(s) => s.grads(&self.params)?,
+                None => self.params.zero_grads()?,
+            };
+            (grads, Tensor::zeros((), DType::F32, &self.device)?, 0)
         } else {
             match self.run_window(&mine, window_tokens, first_row, sum.as_mut()) {
                 Err((e, true)) if is_out_of_memory(&e) => {
                     // A merged pass did not fit after all: the window again, as written (no
-                    // sum had started: only an unmerged last pass starts them).
+                    // sum had started: only an unmerged pass starts them).
                     self.merge.disable();
                     self.run_window(&mine, window_tokens, first_row, sum.as_mut())
                         .map_err(|(e, _)| e)?
@@ -565,19 +570,45 @@ impl Trainer {
                 other => other.map_err(|(e, _)| e)?,
             }
         };
+        let grads: Vec<Tensor> = match sum {
+            Some(mut sum) => {
+                if sum.every_pass() {
+                    // The micro-batches this rank had no share of: the same sums, of zeros.
+                    for _ in mine.len()..examples.len() {
+                        sum.empty_pass(&mut grads)?;
+                    }
+                }
+                // Every rank's gradients and loss summed: each rank then takes the same step.
+                loss = crate::device::to(&loss, &self.device)?;
+                sum.finish(grads, &mut loss)?
+            }
+            None => grads
+                .parts
+                .into_iter()
+                .map(super::flat::FlatGrads::into_buffer)
+                .collect::<Result<_>>()?,
+        };
         self.merge.after_step(&self.device, largest);
-        if let Some(sum) = sum {
-            // Every rank's gradients and loss summed: each rank then takes the same step.
-            loss = crate::device::to(&loss, &self.device)?;
-            sum.finish(&mut grads, &mut loss)?;
-        }
         let tokens: usize = examples.iter().flatten().map(|e| e.input_ids.len()).sum();
         self.tokens_seen += tokens;
         self.tokens_since_log += tokens;
         self.examples_seen += examples.iter().map(Vec::len).sum::<usize>();
         let span = crate::profile::span("optimizer", &self.device);
         let bufs: Vec<&Tensor> = grads.iter().collect();
-        let (grad_norm, clip) = clip_factor_parts(&bufs, self.cfg.max_grad_norm)?;
+        let (grad_norm, clip) = match self.dist.as_deref().filter(|_| zero2) {
+            // ZeRO stage 2: each rank holds its share of the gradient; the norm is of them all.
+            Some(g) => {
+                let mine = super::optim::sum_of_squares_parts(&bufs)?;
+                let total = super::grad_sum::sum_scalar(
+                    g,
+                    #[cfg(feature = "cuda")]
+                    self.nccl.as_ref(),
+                    &mine,
+                )?;
+                super::optim::clip_of_sum_of_squares(total, self.cfg.max_grad_norm)?
+            }
+            None => clip_factor_parts(&bufs, self.cfg.max_grad_norm)?,
+        };
         let lr = self.sched.lr(self.state.global_step);
         self.opt.step(&self.params, &bufs, clip.as_ref(), lr)?;
         drop(grads);
@@ -696,7 +727,7 @@ impl Trainer {
         window_tokens: usize,
         first_row: u64,
         sum: Option<&mut super::grad_sum::GradSum>,
-    ) -> std::result::Result<(Vec<Tensor>, Tensor, usize), (Error, bool)> {
+    ) -> std::result::Result<(DeviceGrads<'_>, Tensor, usize), (Error, bool)> {
         let mut merged = false;
         self.run_groups(examples, window_tokens, first_row, sum, &mut merged)
             .map_err(|e| (e, merged))
@@ -709,7 +740,7 @@ impl Trainer {
         mut first_row: u64,
         sum: Option<&mut super::grad_sum::GradSum>,
         merged: &mut bool,
-    ) -> Result<(Vec<Tensor>, Tensor, usize)> {
+    ) -> Result<(DeviceGrads<'_>, Tensor, usize)> {
         let dims: Vec<(usize, usize)> = examples
             .iter()
             .map(|ex| {
@@ -719,9 +750,13 @@ impl Trainer {
                 )
             })
             .collect();
-        let groups = self
-            .merge
-            .groups(&dims, self.cfg.pad_to_multiple_of.unwrap_or(1));
+        let groups = if sum.as_ref().is_some_and(|s| s.every_pass()) {
+            // ZeRO stage 2 sums every pass: the same passes on every rank, never merged.
+            (0..dims.len()).map(|i| i..i + 1).collect()
+        } else {
+            self.merge
+                .groups(&dims, self.cfg.pad_to_multiple_of.unwrap_or(1))
+        };
         let seed = crate::nn::dropout::mix(self.cfg.seed, self.state.global_step as u64);
         // One batch per pass (a group of micro-batches merged into one), each keyed for dropout.
         let mut passes = Vec::with_capacity(groups.len());
@@ -743,7 +778,10 @@ impl Trainer {
             .unwrap_or(0);
         let denom = window_tokens.max(1) as f64;
         let recompute = self.cfg.gradient_checkpointing;
-        let mut grads = self.params.zero_grads()?;
+        let mut grads = match &sum {
+            Some(s) => s.grads(&self.params)?,
+            None => self.params.zero_grads()?,
+        };
         let losses: Vec<Tensor> = if let Some(stages) =
             self.pipeline.as_ref().filter(|_| passes.len() > 1)
         {
@@ -769,7 +807,7 @@ impl Trainer {
                 *merged = *m;
                 let mut none = NoHook;
                 let hook: &mut dyn super::engine::BlockHook = match sum.as_deref_mut() {
-                    Some(s) if i == last && !m => s,
+                    Some(s) if s.every_pass() || (i == last && !m) => s,
                     _ => &mut none,
                 };
                 let out = micro_step(&self.model, batch, denom, *key, recompute, &mut grads, hook)
@@ -783,11 +821,7 @@ impl Trainer {
             .next()
             .ok_or_else(|| Error::InvalidArgument("an empty accumulation window".into()))?;
         let loss = losses.try_fold(first, |a, l| a.add(&l))?;
-        Ok((
-            grads.parts.into_iter().map(|p| p.buf).collect(),
-            loss,
-            largest,
-        ))
+        Ok((grads, loss, largest))
     }
 
     /// Turns a device out-of-memory error into one that says what to reduce.

@@ -569,7 +569,8 @@ pub mod train_module {
     /// the memory measured in the first step; the gradients are the same; `true`: each window
     /// as one pass; `false`: as written); DeepSpeed's `zero_stage` (with several ranks,
     /// `qscript --nproc-per-node N`: 1 keeps on each rank the optimizer moments of its share of
-    /// the parameters only; 0, the default, keeps them all); qscript's `pipeline` (with the
+    /// the parameters only, 2 its share of the summed gradients too; 0, the default, keeps them
+    /// all); qscript's `pipeline` (with the
     /// model over several GPUs, `device_map`: `true`, the default, runs each window's
     /// micro-batches through the GPUs in a pipeline so they work at once; `false`, one
     /// micro-batch at a time, as HF does). With several ranks each takes
