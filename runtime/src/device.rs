@@ -83,8 +83,8 @@ pub fn by_name(name: &str) -> Result<Device> {
 pub static HEAP_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// `t` on `device`. Between two GPUs this is a peer copy the host does not wait for (candle's
-/// `to_device` goes through the host and waits for the source GPU); otherwise candle's move,
-/// which is nothing when `t` is there already.
+/// `to_device` goes through the host and waits for the source GPU), so `t` must not be written
+/// in place afterwards; otherwise candle's move, which is nothing when `t` is there already.
 pub fn to(t: &candle_core::Tensor, device: &Device) -> candle_core::Result<candle_core::Tensor> {
     #[cfg(feature = "cuda")]
     if let (Device::Cuda(from), Device::Cuda(dst)) = (t.device(), device)

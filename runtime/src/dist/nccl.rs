@@ -380,8 +380,9 @@ impl Nccl {
 
 impl Drop for Nccl {
     fn drop(&mut self) {
-        // Sums still queued finish first (a sum left half-done would hang the other ranks).
-        let _ = self.stream.synchronize();
+        // No wait for queued operations: after an error on this rank they may never complete
+        // (the peers stop issuing theirs), and the abort is what lets this rank exit. A run that
+        // ends normally has waited for them already (`wait`).
         // SAFETY: the communicator was made by `ncclCommInitRank` and is not used after this.
         unsafe { (self.lib.comm_abort)(self.comm) };
     }

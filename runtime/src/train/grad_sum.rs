@@ -8,8 +8,9 @@
 //!
 //! ZeRO stage 2 keeps no whole gradient: each bucket has its own buffer, made when its block's
 //! backward first writes it and summed into the ranks' shares (the optimizer's) as soon as every
-//! pass's backward leaves the block (a reduce to each owner with NCCL), then let go. A rank holds
-//! its share of the summed gradient, one or two block buffers and the rest. Every rank sums the
+//! pass's backward leaves the block (a reduce to each owner with NCCL), then let go (with NCCL
+//! two buckets later, once the compute stream waits for its reduce). A rank holds its share of
+//! the summed gradient, about three block buffers and the rest. Every rank sums the
 //! same buckets in the same order: passes are not merged, and a rank with no examples in a
 //! micro-batch sums zeros for it.
 
@@ -101,10 +102,12 @@ struct Sharded {
     rank: usize,
     /// This rank's share of the summed gradients, `[end - start]` f32.
     mine: Tensor,
-    /// NCCL: bucket buffers still being read, each with the event after its reduces, and the
-    /// last reduce into `mine` of each bucket (by its start).
+    /// NCCL: the last bucket buffers reduced, each with the event after its reduces (a buffer
+    /// is let go once the compute stream waits for its event, two buckets later: the free is
+    /// then ordered after the reduce on the GPU, with no wait on the host), and the last reduce
+    /// into `mine` of each bucket (by its start).
     #[cfg(feature = "cuda")]
-    pending: Vec<(Tensor, Arc<CudaEvent>)>,
+    pending: std::collections::VecDeque<(Tensor, Arc<CudaEvent>)>,
     #[cfg(feature = "cuda")]
     last: HashMap<usize, Arc<CudaEvent>>,
 }
@@ -149,7 +152,7 @@ impl<'a> GradSum<'a> {
                     shares,
                     rank: group.rank(),
                     #[cfg(feature = "cuda")]
-                    pending: Vec::new(),
+                    pending: std::collections::VecDeque::new(),
                     #[cfg(feature = "cuda")]
                     last: HashMap::new(),
                 })
@@ -336,9 +339,14 @@ impl<'a> GradSum<'a> {
                     }
                 }
                 let done = Arc::new(n.record()?);
-                sh.pending.retain(|(_, e)| !e.is_complete());
-                sh.pending.push((buf, done.clone()));
+                sh.pending.push_back((buf, done.clone()));
                 sh.last.insert(r.start, done);
+                while sh.pending.len() > 2 {
+                    if let Some((old, e)) = sh.pending.pop_front() {
+                        n.compute_waits(&e)?;
+                        drop(old);
+                    }
+                }
             }
         }
         Ok(())
@@ -354,6 +362,17 @@ fn take_or_zeros(grads: &mut DeviceGrads, r: &Range<usize>) -> Result<Tensor> {
     match part.take(r.start) {
         Some(b) => Ok(b),
         None => Ok(Tensor::zeros(r.len(), DType::F32, part.device())?),
+    }
+}
+
+impl Drop for GradSum<'_> {
+    /// A step that ends early (an error) still leaves the compute stream behind NCCL's, so no
+    /// buffer NCCL reads or writes is freed (stream-ordered) before it is done with it.
+    fn drop(&mut self) {
+        #[cfg(feature = "cuda")]
+        if let Via::Nccl(n) = self.via {
+            let _ = n.wait();
+        }
     }
 }
 

@@ -540,53 +540,56 @@ impl Trainer {
         // The ranks' sum: with NCCL each block's as soon as the window's last backward leaves it
         // (under ZeRO stage 2 every pass's, into the ranks' shares).
         let zero2 = self.cfg.zero_stage == 2;
-        let mut sum = match self.dist.as_deref() {
-            Some(g) => Some(super::grad_sum::GradSum::new(
-                g,
-                #[cfg(feature = "cuda")]
-                self.nccl.as_ref(),
-                &self.params,
-                self.model.decoder.blocks.len(),
-                zero2,
-            )?),
-            None => None,
-        };
-        let (mut grads, mut loss, largest) = if mine.is_empty() {
-            // Fewer examples than ranks: this rank adds nothing but still joins the sums.
-            let grads = match &sum {
-                Some(s) => s.grads(&self.params)?,
-                None => self.params.zero_grads()?,
+        let (grads, loss, largest) = {
+            let mut sum = match self.dist.as_deref() {
+                Some(g) => Some(super::grad_sum::GradSum::new(
+                    g,
+                    #[cfg(feature = "cuda")]
+                    self.nccl.as_ref(),
+                    &self.params,
+                    self.model.decoder.blocks.len(),
+                    zero2,
+                )?),
+                None => None,
             };
-            (grads, Tensor::zeros((), DType::F32, &self.device)?, 0)
-        } else {
-            match self.run_window(&mine, window_tokens, first_row, sum.as_mut()) {
-                Err((e, true)) if is_out_of_memory(&e) => {
-                    // A merged pass did not fit after all: the window again, as written (no
-                    // sum had started: only an unmerged pass starts them).
-                    self.merge.disable();
-                    self.run_window(&mine, window_tokens, first_row, sum.as_mut())
-                        .map_err(|(e, _)| e)?
-                }
-                other => other.map_err(|(e, _)| e)?,
-            }
-        };
-        let grads: Vec<Tensor> = match sum {
-            Some(mut sum) => {
-                if sum.every_pass() {
-                    // The micro-batches this rank had no share of: the same sums, of zeros.
-                    for _ in mine.len()..examples.len() {
-                        sum.empty_pass(&mut grads)?;
+            let (mut grads, mut loss, largest) = if mine.is_empty() {
+                // Fewer examples than ranks: this rank adds nothing but still joins the sums.
+                let grads = match &sum {
+                    Some(s) => s.grads(&self.params)?,
+                    None => self.params.zero_grads()?,
+                };
+                (grads, Tensor::zeros((), DType::F32, &self.device)?, 0)
+            } else {
+                match self.run_window(&mine, window_tokens, first_row, sum.as_mut()) {
+                    Err((e, true)) if is_out_of_memory(&e) => {
+                        // A merged pass did not fit after all: the window again, as written (no
+                        // sum had started: only an unmerged pass starts them).
+                        self.merge.disable();
+                        self.run_window(&mine, window_tokens, first_row, sum.as_mut())
+                            .map_err(|(e, _)| e)?
                     }
+                    other => other.map_err(|(e, _)| e)?,
                 }
-                // Every rank's gradients and loss summed: each rank then takes the same step.
-                loss = crate::device::to(&loss, &self.device)?;
-                sum.finish(grads, &mut loss)?
-            }
-            None => grads
-                .parts
-                .into_iter()
-                .map(super::flat::FlatGrads::into_buffer)
-                .collect::<Result<_>>()?,
+            };
+            let grads: Vec<Tensor> = match sum {
+                Some(mut sum) => {
+                    if sum.every_pass() {
+                        // The micro-batches this rank had no share of: the same sums, of zeros.
+                        for _ in mine.len()..examples.len() {
+                            sum.empty_pass(&mut grads)?;
+                        }
+                    }
+                    // Every rank's gradients and loss summed: each rank then takes the same step.
+                    loss = crate::device::to(&loss, &self.device)?;
+                    sum.finish(grads, &mut loss)?
+                }
+                None => grads
+                    .parts
+                    .into_iter()
+                    .map(super::flat::FlatGrads::into_buffer)
+                    .collect::<Result<_>>()?,
+            };
+            (grads, loss, largest)
         };
         self.merge.after_step(&self.device, largest);
         let tokens: usize = examples.iter().flatten().map(|e| e.input_ids.len()).sum();
@@ -782,8 +785,13 @@ impl Trainer {
             Some(s) => s.grads(&self.params)?,
             None => self.params.zero_grads()?,
         };
-        let losses: Vec<Tensor> = if let Some(stages) =
-            self.pipeline.as_ref().filter(|_| passes.len() > 1)
+        // ZeRO stage 2 sums every pass's blocks as its backward leaves them: the sequential
+        // schedule, the same passes on every rank.
+        let every_pass = sum.as_ref().is_some_and(|s| s.every_pass());
+        let losses: Vec<Tensor> = if let Some(stages) = self
+            .pipeline
+            .as_ref()
+            .filter(|_| passes.len() > 1 && !every_pass)
         {
             // The model over several GPUs: the passes in a pipeline (sums start at the end).
             let keyed: Vec<_> = passes.iter().map(|(b, k, _)| (b, *k)).collect();

@@ -117,6 +117,7 @@ pub(crate) fn first(t: &Tensor, what: &str) -> Result<(u64, CudaDevice)> {
         CudaStorageSlice::F16(x) => (x.device_ptr(&stream).0, 2),
         CudaStorageSlice::U32(x) => (x.device_ptr(&stream).0, 4),
         CudaStorageSlice::I64(x) => (x.device_ptr(&stream).0, 8),
+        CudaStorageSlice::U8(x) => (x.device_ptr(&stream).0, 1),
         _ => candle_core::bail!("{what}: unsupported dtype {:?}", t.dtype()),
     };
     Ok((base + off * size, c.device.clone()))
@@ -732,7 +733,7 @@ pub fn adamw(
 }
 
 /// The device's default memory pool: the one cudarc's stream-ordered allocations come from.
-fn default_pool(dev: &CudaDevice) -> Result<driver::sys::CUmemoryPool> {
+pub(crate) fn default_pool(dev: &CudaDevice) -> Result<driver::sys::CUmemoryPool> {
     let mut pool = std::ptr::null_mut();
     // SAFETY: a plain driver query on the context's device.
     unsafe {

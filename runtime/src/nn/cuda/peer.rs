@@ -6,6 +6,9 @@
 //! for it, and the host never waits, so the pipelined schedule keeps every GPU busy. The source
 //! stays alive until the copy is done (its memory is freed on its own stream, which never waits
 //! for the destination), held in a list that lets go of each copy once its event has passed.
+//! So a source must not be written in place after it was copied (every caller moves a fresh
+//! tensor: a block's output, a gradient, a table). Each pair of GPUs is linked once: each
+//! reads the other's memory pool directly (NVLink or PCIe) where the hardware allows.
 #![allow(unsafe_code)]
 
 use std::collections::HashSet;
@@ -21,8 +24,10 @@ fn in_flight() -> &'static Mutex<Vec<(Tensor, CudaEvent)>> {
     LIST.get_or_init(Mutex::default)
 }
 
-/// Lets each GPU of the pair read the other's memory directly (NVLink or PCIe) once; a pair
-/// that cannot still copies, staged by the driver.
+/// Lets each GPU of the pair read the other's memory directly (NVLink or PCIe) once: access to
+/// the other's context (`cuCtxEnablePeerAccess`) and to its memory pool, where the tensors live
+/// (`cuMemPoolSetAccess`; the context's access does not reach pool memory). A pair that cannot
+/// still copies, staged by the driver.
 fn link(src: &CudaDevice, dst: &CudaDevice) -> Result<()> {
     static LINKED: OnceLock<Mutex<HashSet<(usize, usize)>>> = OnceLock::new();
     let (a, b) = (
@@ -36,31 +41,46 @@ fn link(src: &CudaDevice, dst: &CudaDevice) -> Result<()> {
         .get_or_init(Mutex::default)
         .lock()
         .map_err(|_| candle_core::Error::Msg("peer link registry poisoned".into()))?;
-    if !linked.insert((a.min(b), a.max(b))) {
+    let pair = (a.min(b), a.max(b));
+    if linked.contains(&pair) {
         return Ok(());
     }
     for (me, peer) in [(src, dst), (dst, src)] {
-        let (me, peer) = (
+        let (mc, pc) = (
             me.cuda_stream().context().clone(),
             peer.cuda_stream().context().clone(),
         );
         let mut can = 0;
         // SAFETY: both are valid device handles of this process.
-        unsafe { sys::cuDeviceCanAccessPeer(&raw mut can, me.cu_device(), peer.cu_device()) }
+        unsafe { sys::cuDeviceCanAccessPeer(&raw mut can, mc.cu_device(), pc.cu_device()) }
             .result()
             .map_err(candle_core::Error::wrap)?;
         if can == 0 {
             continue;
         }
-        me.bind_to_thread().map_err(candle_core::Error::wrap)?;
-        // SAFETY: `peer` is a live context; enabling access twice only returns an error we allow.
-        let r = unsafe { sys::cuCtxEnablePeerAccess(peer.cu_ctx(), 0) };
+        mc.bind_to_thread().map_err(candle_core::Error::wrap)?;
+        // SAFETY: `pc` is a live context; enabling access twice only returns an error we allow.
+        let r = unsafe { sys::cuCtxEnablePeerAccess(pc.cu_ctx(), 0) };
         if r != sys::CUresult::CUDA_SUCCESS
             && r != sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED
         {
             r.result().map_err(candle_core::Error::wrap)?;
         }
+        // `me` reads and writes `peer`'s pool.
+        let desc = sys::CUmemAccessDesc {
+            location: sys::CUmemLocation {
+                type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+                id: i32::try_from(mc.ordinal()).unwrap_or(i32::MAX),
+            },
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        let pool = super::default_pool(peer)?;
+        // SAFETY: `pool` is the peer device's default pool and `desc` one valid access entry.
+        unsafe { sys::cuMemPoolSetAccess(pool, &raw const desc, 1) }
+            .result()
+            .map_err(candle_core::Error::wrap)?;
     }
+    linked.insert(pair);
     Ok(())
 }
 
