@@ -15,6 +15,10 @@
 #           process with batch 2: the same global batch, the loss curves side by side
 #   seed001 seed 001's full fine-tuning (recipes/psychology_full_sft.rhai, a Qwen3-4B of random
 #           weights, EmoLLM conversations) on 4 ranks with ZeRO-1: per-GPU memory against the estimate
+#           (ship its inputs first: mkdir -p /tmp/multi/qwen3 && cp ../shared/fixtures/tokenizers/qwen3/
+#           tokenizer*.json /tmp/multi/qwen3/ && cp ../shared/fixtures/configs/Qwen3-4B/config.json
+#           /tmp/multi/qwen3-4b-config.json && cp ../shared/fixtures/datasets/emollm/emollm_firefly.jsonl
+#           /tmp/multi/ && chmod -R u+w /tmp/multi && tar -C /tmp/multi -cJf .devbin/multi.tar.xz .)
 set -uo pipefail
 BIN=${BIN:-/tmp/qs}
 PEER=${PEER:-.devbin}
