@@ -24,6 +24,8 @@ BIN=${BIN:-/tmp/qs}
 PEER=${PEER:-.devbin}
 WORK=${WORK:-/tmp/qsmulti}
 RESULTS=${RESULTS:-$WORK/results.jsonl}
+MODEL=${MODEL:-qwen2.5-7b}   # ddp and pipe (a smaller one to try the harness on one GPU)
+NS=${NS:-2 4 8}              # ddp: the GPU counts tried beside 1 (those the machine has)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p "$WORK"
 : > "$RESULTS"
@@ -90,12 +92,12 @@ model_dir() {  # model_dir NAME: a random-weight checkpoint written by the peer
 }
 
 ddp() {
-  local dir; dir=$(model_dir qwen2.5-7b)
+  local dir; dir=$(model_dir "$MODEL")
   local common=(--batch 4 --seq 512 --steps 6 --warmup 2)
   run ddp1-peer ddp python3 benches/hf_multi_gpu.py --load-model "$dir" "${common[@]}" --grad-ckpt
   run ddp1-qscript ddp "$BIN/model_bench" train "$dir" "${common[@]}" --ckpt
   local n
-  for n in 2 4 8; do
+  for n in $NS; do
     [ "$n" -le "$GPUS" ] || continue
     run "ddp$n-peer" ddp torchrun --standalone --nproc-per-node "$n" benches/hf_multi_gpu.py \
       --load-model "$dir" "${common[@]}" --grad-ckpt
@@ -105,7 +107,7 @@ ddp() {
 }
 
 pipe() {
-  local dir; dir=$(model_dir qwen2.5-7b)
+  local dir; dir=$(model_dir "$MODEL")
   local common=(--batch 4 --seq 512 --accum 8 --steps 3 --warmup 1)
   export CUDA_VISIBLE_DEVICES=0,1
   run pipe-peer pipe python3 benches/hf_multi_gpu.py --load-model "$dir" "${common[@]}" --device-map auto

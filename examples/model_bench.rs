@@ -313,7 +313,7 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({"system": if full { "qscript-full" } else { "qscript-lora" }, "model": model.to_string(),
             "seq": seq, "batch": batch, "accum": accum, "ranks": ranks,
-            "pipeline": cfg.pipeline && model.placement.is_some(), "grad_ckpt": ckpt, "step_ms": (dt * 1e5).round() / 100.0,
+            "pipeline": cfg.pipeline && devices.len() > 1, "grad_ckpt": ckpt, "step_ms": (dt * 1e5).round() / 100.0,
             "tokens_per_s": (tokens / dt * 10.0).round() / 10.0, "mfu": ((flops / dt / (989e12 * gpus)) * 1e4).round() / 1e4,
             "loss": loss, "device_used_gib_at_end": mem, "pool_peak_gib": peak})
     );
