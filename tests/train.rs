@@ -62,6 +62,28 @@ fn peft_with(seed: u64, lora_dropout: f64) -> Model {
     lora::attach(&m, &cfg, seed).unwrap()
 }
 
+/// A tiny model of 3 layers (seeded), saved and loaded back with every weight trainable.
+fn full_tiny(seed: u64) -> Model {
+    let saved = tempfile::tempdir().unwrap();
+    tiny(&TinyConfig {
+        hidden: 32,
+        layers: 3,
+        intermediate: 64,
+        seed,
+        ..TinyConfig::default()
+    })
+    .unwrap()
+    .save(saved.path())
+    .unwrap();
+    let opts = qscript_runtime::model::LoadOptions {
+        dtype: "f32".into(),
+        device: "cpu".into(),
+        trainable: true,
+        ..Default::default()
+    };
+    Model::load(saved.path(), &opts).unwrap()
+}
+
 fn cfg(dir: &std::path::Path) -> TrainConfig {
     TrainConfig {
         output_dir: dir.to_string_lossy().into_owned(),
@@ -265,24 +287,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     let refs: Vec<&Example> = data.iter().collect();
     let batch = collate(&refs, 256, Some(8), &candle_core::Device::Cpu).unwrap();
     // LoRA adapters with nonzero B, and full fine-tuning of every weight.
-    let saved = tempfile::tempdir().unwrap();
-    tiny(&TinyConfig {
-        hidden: 32,
-        layers: 3,
-        intermediate: 64,
-        seed: 5,
-        ..TinyConfig::default()
-    })
-    .unwrap()
-    .save(saved.path())
-    .unwrap();
-    let opts = qscript_runtime::model::LoadOptions {
-        dtype: "f32".into(),
-        device: "cpu".into(),
-        trainable: true,
-        ..Default::default()
-    };
-    let full = Model::load(saved.path(), &opts).unwrap();
+    let full = full_tiny(5);
     let mut lora_model = peft(5);
     set_lora_b(&mut lora_model, 0.05);
     let mask = AttnMask::right_padded(&batch.lens);
@@ -941,24 +946,7 @@ fn zero_stage_one_keeps_and_loads_the_best_model_like_one_process() {
 /// and weights.
 #[test]
 fn zero_stage_two_full_fine_tuning_trains_like_one_process() {
-    let saved = tempfile::tempdir().unwrap();
-    tiny(&TinyConfig {
-        hidden: 32,
-        layers: 3,
-        intermediate: 64,
-        seed: 6,
-        ..TinyConfig::default()
-    })
-    .unwrap()
-    .save(saved.path())
-    .unwrap();
-    let opts = qscript_runtime::model::LoadOptions {
-        dtype: "f32".into(),
-        device: "cpu".into(),
-        trainable: true,
-        ..Default::default()
-    };
-    let m = Model::load(saved.path(), &opts).unwrap();
+    let m = full_tiny(6);
     let data = examples(13);
     let base = |dir: &std::path::Path| TrainConfig {
         gradient_accumulation_steps: 2,

@@ -52,7 +52,7 @@ pub struct Workload {
     /// Ranks the optimizer moments are sharded over (ZeRO stages 1 and 2; 1 when not sharded).
     pub optimizer_shards: usize,
     /// Ranks the gradients are sharded over (ZeRO stage 2; 1 when not sharded): each rank holds
-    /// its share, the gradients outside the blocks and two blocks' at a time.
+    /// its share, the gradients outside the blocks and up to three blocks' at a time.
     pub gradient_shards: usize,
     /// Micro-batches whose activations are held at once (a pipelined window holds all of its
     /// own; 1 otherwise).
@@ -222,8 +222,9 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
                 }
                 _ => 0.0,
             };
+            // Up to three blocks' buffers at once (one written, two still being summed).
             let per_block = (trained - outside).max(0.0) / layers.max(1.0);
-            (trained / n as f64 + outside + 2.0 * per_block) * 4.0
+            (trained / n as f64 + outside + layers.min(3.0) * per_block) * 4.0
         }
     };
     let terms = [
@@ -445,7 +446,8 @@ mod tests {
     #[test]
     fn zero_shards_divide_the_optimizer_state_and_the_gradients() {
         // Full fine-tuning of a 7B over 4 ranks: ZeRO-1 divides the moments by 4, ZeRO-2 the
-        // gradients as well, less what a rank still holds whole (outside the blocks, two blocks).
+        // gradients as well, less what a rank still holds whole (outside the blocks, three
+        // blocks).
         let c = qwen15_7b();
         let at = |optimizer_shards, gradient_shards| {
             estimate(
@@ -472,7 +474,7 @@ mod tests {
         let n = param_count(&c);
         let (h, v) = (c.hidden_size as f64, c.vocab_size as f64);
         let outside = 2.0 * v * h + h;
-        let want = (n / 4.0 + outside + 2.0 * (n - outside) / 32.0) * 4.0;
+        let want = (n / 4.0 + outside + 3.0 * (n - outside) / 32.0) * 4.0;
         assert!(
             (two.gradients as f64 - want).abs() < 8.0,
             "{} vs {want}",
