@@ -664,7 +664,6 @@ fn tensorboard_event_files_hold_the_logged_scalars() {
 /// the gradients are summed over the ranks. Rank 1 writes nothing; rank 0 logs.
 #[test]
 fn two_ranks_train_like_one_process_with_the_same_global_batch() {
-    use qscript_runtime::dist::{Group, World, set_thread_group};
     let data = examples(13);
     let m = peft_with(4, 0.0);
     let one_dir = tempfile::tempdir().unwrap();
@@ -674,48 +673,20 @@ fn two_ranks_train_like_one_process_with_the_same_global_batch() {
         ..cfg(one_dir.path())
     };
     let one = run(&m, &data, &one_cfg, None);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let ranks: Vec<_> = (0..2)
-        .map(|rank| {
-            let (m, data) = (m.clone(), data.clone());
-            std::thread::spawn(move || {
-                let world = World {
-                    rank,
-                    size: 2,
-                    local_rank: rank,
-                    local_size: 2,
-                    master_addr: "127.0.0.1".into(),
-                    master_port: port,
-                };
-                let g = Group::connect(&world, std::time::Duration::from_secs(30)).unwrap();
-                set_thread_group(Some(std::sync::Arc::new(g)));
-                let dir = tempfile::tempdir().unwrap();
-                let c = TrainConfig {
-                    per_device_train_batch_size: 2,
-                    gradient_accumulation_steps: 2,
-                    max_steps: 4,
-                    ..cfg(dir.path())
-                };
-                let mut logs = 0;
-                let cancel = CancelToken::new();
-                let r = fit(&m, &data, None, &c, 256, &cancel, &mut |e| {
-                    if let Event::Log(_) = e {
-                        logs += 1;
-                    }
-                    Ok(())
-                })
-                .unwrap();
-                set_thread_group(None);
-                (r, logs, dir)
-            })
-        })
-        .collect();
-    let results: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
-    for (rank, (r, logs, _)) in results.iter().enumerate() {
+    let root = tempfile::tempdir().unwrap();
+    let reports = on_two_ranks(
+        &m,
+        &data,
+        &[],
+        [root.path().join("r0"), root.path().join("r1")],
+        |dir| TrainConfig {
+            per_device_train_batch_size: 2,
+            gradient_accumulation_steps: 2,
+            max_steps: 4,
+            ..cfg(dir)
+        },
+    );
+    for (rank, r) in reports.iter().enumerate() {
         assert_eq!(r.losses.len(), 4, "rank {rank}");
         for ((s, a), (_, b)) in one.losses.iter().zip(&r.losses) {
             assert!(
@@ -731,8 +702,16 @@ fn two_ranks_train_like_one_process_with_the_same_global_batch() {
             max_abs_diff(a, b) < 1e-5 * max_abs(a).max(1e-3),
             "rank {rank} adapters"
         );
-        assert_eq!(*logs, if rank == 0 { 4 } else { 0 }, "rank {rank} logs");
+        // Rank 0 alone logs (and writes metrics).
+        let logs = r
+            .log_history
+            .iter()
+            .filter(|x| x.get("loss").is_some())
+            .count();
+        assert_eq!(logs, if rank == 0 { 4 } else { 0 }, "rank {rank} logs");
     }
+    assert!(root.path().join("r0/metrics.jsonl").is_file());
+    assert!(!root.path().join("r1/metrics.jsonl").exists());
 }
 
 /// Runs `cfg(rank, dir)` on two ranks (threads over the TCP group), each into its own `dir`;
