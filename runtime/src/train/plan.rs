@@ -183,9 +183,10 @@ pub fn plan(
         && let Some((dev, need, budget)) = per.iter().find(|(_, n, b)| n > b)
     {
         return Err(Error::InvalidArgument(format!(
-            "training needs about {} on {dev} and its budget is {}: give that device more \
-             (`max_memory`), move modules off it (`device_map`), or need less (a smaller \
-             `per_device_train_batch_size`, a shorter `max_length`, `gradient_checkpointing: true`)",
+            "training needs about {} on {dev} and it holds {} (free memory and the weights \
+             placed there): place less on it (a lower `max_memory` for it, or a `device_map` \
+             that moves modules off it), or need less (a smaller `per_device_train_batch_size`, \
+             a shorter `max_length`, `gradient_checkpointing: true`)",
             human(*need as f64),
             human(*budget as f64)
         )));
