@@ -262,37 +262,7 @@ fn a_7b_recipe_checks_in_seconds_from_its_headers() {
         return;
     };
     let env = Env::new();
-    let dir = env.recipe_dir().join("qwen7b");
-    std::fs::create_dir(&dir).unwrap();
-    std::fs::copy(
-        fx.join("configs/Qwen2.5-7B-Instruct/config.json"),
-        dir.join("config.json"),
-    )
-    .unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(fx.join("tokenizers/qwen2.5").join(f), dir.join(f)).unwrap();
-    }
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let mut header = serde_json::Map::new();
-    let mut offset = 0usize;
-    for (name, shape) in qwen2_tensors(&cfg) {
-        let bytes = shape.iter().product::<usize>() * 2;
-        header.insert(
-            name,
-            serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
-        );
-        offset += bytes;
-    }
-    let mut text = serde_json::to_string(&header).unwrap();
-    while !text.len().is_multiple_of(8) {
-        text.push(' ');
-    }
-    let mut f = std::fs::File::create(dir.join("model.safetensors")).unwrap();
-    f.write_all(&(text.len() as u64).to_le_bytes()).unwrap();
-    f.write_all(text.as_bytes()).unwrap();
-    f.set_len((8 + text.len() + offset) as u64).unwrap();
-    drop(f);
+    let offset = sparse_qwen7b(&env, &fx, "qwen7b", None);
     assert!(offset > 15_000_000_000, "a 7B's weights: {offset} bytes");
     env.write(
         "d.json",
@@ -319,4 +289,87 @@ train::fit(peft, ds, #{ per_device_train_batch_size: 1, gradient_accumulation_st
         "{err}"
     );
     assert!(secs < 30.0, "check took {secs:.1} s");
+}
+
+/// A run that cannot fit is refused before anything loads, with the memory it needs, what the
+/// device has and what to lower; placed over devices (`device_map`), the device that cannot
+/// hold its part is named. (Full fine-tuning of a Qwen2.5-7B stretched to 80 layers, about
+/// 21B parameters: some 300 GB with its Adam state, more than any test machine has.)
+#[test]
+fn a_run_that_cannot_fit_is_refused_with_what_to_lower() {
+    let Some(fx) = qscript_runtime::testing::fixtures_dir("a 7B config and tokenizer") else {
+        return;
+    };
+    let env = Env::new();
+    sparse_qwen7b(&env, &fx, "huge", Some(80));
+    env.write("d.json", r#"[{"instruction": "hi", "output": "hello"}]"#);
+    let recipe = |opts: &str| {
+        format!(
+            r#"let tok = tokenizer::load("huge");
+let ds = data::sft(data::to_messages(data::load("d.json")), tok);
+let m = model::load("huge", #{{ dtype: "bf16", trainable: true{opts} }});
+train::fit(m, ds, #{{ per_device_train_batch_size: 2, max_steps: 1 }});
+"#
+        )
+    };
+    env.write("one.rhai", &recipe(""));
+    let o = run_in(env.dir.path(), &["check", "recipe/one.rhai"]);
+    let err = stderr(&o);
+    assert_ne!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("this run needs about"), "{err}");
+    assert!(err.contains("is free"), "{err}");
+    assert!(
+        err.contains("`per_device_train_batch_size` (2 now"),
+        "{err}"
+    );
+    assert!(err.contains("`gradient_checkpointing: true`"), "{err}");
+    env.write(
+        "placed.rhai",
+        &recipe(r#", device_map: "auto", max_memory: #{ cpu: "1000GiB" }"#),
+    );
+    let o = run_in(env.dir.path(), &["check", "recipe/placed.rhai"]);
+    let err = stderr(&o);
+    assert_ne!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("training needs about"), "{err}");
+    assert!(err.contains("on cpu and it holds"), "{err}");
+    assert!(err.contains("place less on it"), "{err}");
+}
+
+/// Writes a Qwen2.5-7B-Instruct checkpoint (the real config, `layers` of them if given, the real
+/// tokenizer) named `name` beside the recipes, its bf16 weights a sparse file (only headers are
+/// real); returns the weights' bytes.
+fn sparse_qwen7b(env: &Env, fx: &std::path::Path, name: &str, layers: Option<usize>) -> usize {
+    let dir = env.recipe_dir().join(name);
+    std::fs::create_dir(&dir).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fx.join("configs/Qwen2.5-7B-Instruct/config.json")).unwrap(),
+    )
+    .unwrap();
+    if let Some(n) = layers {
+        cfg["num_hidden_layers"] = serde_json::json!(n);
+        cfg["max_window_layers"] = serde_json::json!(n);
+    }
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fx.join("tokenizers/qwen2.5").join(f), dir.join(f)).unwrap();
+    }
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape) in qwen2_tensors(&cfg) {
+        let bytes = shape.iter().product::<usize>() * 2;
+        header.insert(
+            name,
+            serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut text = serde_json::to_string(&header).unwrap();
+    while !text.len().is_multiple_of(8) {
+        text.push(' ');
+    }
+    let mut f = std::fs::File::create(dir.join("model.safetensors")).unwrap();
+    f.write_all(&(text.len() as u64).to_le_bytes()).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f.set_len((8 + text.len() + offset) as u64).unwrap();
+    offset
 }
