@@ -258,6 +258,8 @@ pub fn restore(
         }
         o.m = Tensor::cat(&m, 0)?.to_device(part.device())?;
         o.v = Tensor::cat(&v, 0)?.to_device(part.device())?;
+        // A sharded optimizer (ZeRO) keeps only its share of the whole moments saved.
+        o.cut_to_shard()?;
     }
     opt.set_step(state.global_step);
     Ok(state)

@@ -77,22 +77,48 @@ enum Via<'a> {
     Nccl(&'a Nccl),
 }
 
-/// `t` (a scalar) summed over the ranks, on `t`'s device.
+impl<'a> Via<'a> {
+    /// NCCL when there is one, else the host.
+    fn of(group: &'a Group, #[cfg(feature = "cuda")] nccl: Option<&'a Nccl>) -> Self {
+        #[cfg(feature = "cuda")]
+        let via = nccl.map_or(Via::Host(group), Via::Nccl);
+        #[cfg(not(feature = "cuda"))]
+        let via = Via::Host(group);
+        via
+    }
+
+    /// `t` (a scalar) summed over the ranks, on `t`'s device; with NCCL the compute stream then
+    /// waits for every operation NCCL has queued.
+    fn sum_scalar(self, t: &Tensor) -> Result<Tensor> {
+        match self {
+            Via::Host(g) => {
+                let mut v = vec![t.to_dtype(DType::F32)?.to_scalar::<f32>()?];
+                g.all_reduce_sum(&mut v)?;
+                Ok(Tensor::new(v[0], t.device())?)
+            }
+            #[cfg(feature = "cuda")]
+            Via::Nccl(n) => {
+                let l = t.to_dtype(DType::F32)?.reshape(1)?.contiguous()?;
+                n.start_sum(&l, 0..1)?;
+                n.wait()?;
+                Ok(l.reshape(())?)
+            }
+        }
+    }
+}
+
+/// `t` (a scalar) summed over the ranks, on `t`'s device (through NCCL when given).
 pub fn sum_scalar(
     group: &Group,
     #[cfg(feature = "cuda")] nccl: Option<&Nccl>,
     t: &Tensor,
 ) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if let Some(n) = nccl {
-        let l = t.to_dtype(DType::F32)?.reshape(1)?.contiguous()?;
-        n.start_sum(&l, 0..1)?;
-        n.wait()?;
-        return Ok(l.reshape(())?);
-    }
-    let mut v = vec![t.to_dtype(DType::F32)?.to_scalar::<f32>()?];
-    group.all_reduce_sum(&mut v)?;
-    Ok(Tensor::new(v[0], t.device())?)
+    Via::of(
+        group,
+        #[cfg(feature = "cuda")]
+        nccl,
+    )
+    .sum_scalar(t)
 }
 
 /// ZeRO stage 2's state for one step: this rank's share of the summed gradient.
@@ -136,10 +162,11 @@ impl<'a> GradSum<'a> {
         blocks: usize,
         zero2: bool,
     ) -> Result<Self> {
-        #[cfg(feature = "cuda")]
-        let via = nccl.map_or(Via::Host(group), Via::Nccl);
-        #[cfg(not(feature = "cuda"))]
-        let via = Via::Host(group);
+        let via = Via::of(
+            group,
+            #[cfg(feature = "cuda")]
+            nccl,
+        );
         let sharded = match (zero2, &params.parts[..]) {
             (false, _) => None,
             (true, [part]) => {
@@ -223,8 +250,8 @@ impl<'a> GradSum<'a> {
                 let buf = take_or_zeros(&mut grads, &r)?;
                 self.reduce(r, buf)?;
             }
-            *loss = self.sum_loss(loss)?;
-            // The compute stream waited for every reduce (`sum_loss`): the bucket buffers still
+            *loss = self.via.sum_scalar(loss)?;
+            // The compute stream waited for every reduce (`sum_scalar`): the bucket buffers still
             // held may go.
             let Some(sh) = self.sharded.take() else {
                 return Err(crate::Error::InvalidArgument("unreachable".into()));
@@ -262,26 +289,8 @@ impl<'a> GradSum<'a> {
                 }
             }
         }
-        *loss = self.sum_loss(loss)?;
+        *loss = self.via.sum_scalar(loss)?;
         Ok(bufs)
-    }
-
-    fn sum_loss(&self, loss: &Tensor) -> Result<Tensor> {
-        match self.via {
-            Via::Host(g) => sum_scalar(
-                g,
-                #[cfg(feature = "cuda")]
-                None,
-                loss,
-            ),
-            #[cfg(feature = "cuda")]
-            Via::Nccl(n) => {
-                let l = loss.to_dtype(DType::F32)?.reshape(1)?.contiguous()?;
-                n.start_sum(&l, 0..1)?;
-                n.wait()?;
-                Ok(l.reshape(())?)
-            }
-        }
     }
 
     #[cfg(feature = "cuda")]

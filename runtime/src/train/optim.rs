@@ -46,7 +46,7 @@ pub struct AdamW {
     /// Optimizer steps taken.
     pub step: usize,
     /// The elements `[start, end)` of the flat buffer this optimizer updates, when it holds only
-    /// a share of it (ZeRO stage 1: this rank's); the moments and decay flags cover only those.
+    /// a share of it (ZeRO: this rank's); the moments and decay flags cover only those.
     pub shard: Option<(usize, usize)>,
 }
 

@@ -295,9 +295,6 @@ impl Trainer {
         let mut state = TrainerState::default();
         if let Some(dir) = resume_dir(cfg, &out_dir)? {
             state = checkpoint::restore(&dir, &model, &params, &mut opt)?;
-            for o in &mut opt.parts {
-                o.cut_to_shard()?;
-            }
         }
         state.max_steps = total;
         let metrics = if lead {
@@ -374,12 +371,12 @@ impl Trainer {
         })
     }
 
-    /// Whether the optimizer state is sharded over the ranks (ZeRO stage 1).
+    /// Whether the optimizer state is sharded over the ranks (ZeRO stages 1 and 2).
     fn zero(&self) -> bool {
         self.opt.parts.iter().any(|o| o.shard.is_some())
     }
 
-    /// ZeRO stage 1, after the step: every rank updated its share of the parameters; each rank
+    /// ZeRO, after the step: every rank updated its share of the parameters; each rank
     /// sends its share to the others (NCCL broadcasts on the GPUs; through the host the ranks
     /// sum the shares, zeros elsewhere) so every rank holds all of them.
     fn gather_shards(&self) -> Result<()> {
@@ -407,7 +404,7 @@ impl Trainer {
         Ok(())
     }
 
-    /// ZeRO stage 1: the whole moments (every rank's share summed into place), as an optimizer
+    /// ZeRO: the whole moments (every rank's share summed into place), as an optimizer
     /// the checkpoint can save; `None` when they are not sharded. Every rank must call this.
     fn gathered_moments(&self) -> Result<Option<DeviceAdamW>> {
         let (Some(g), true) = (&self.dist, self.zero()) else {
@@ -444,20 +441,18 @@ impl Trainer {
         let Some(g) = &self.dist else {
             return (window.to_vec(), 0);
         };
-        let part = |r: usize| -> Vec<Vec<&'a Example>> {
-            window
-                .iter()
-                .map(|mb| {
-                    let (a, b) = crate::dist::share(mb.len(), g.size(), r);
-                    mb[a..b].to_vec()
-                })
-                .filter(|mb| !mb.is_empty())
-                .collect()
-        };
-        let before: usize = (0..g.rank())
-            .map(|r| part(r).iter().map(Vec::len).sum::<usize>())
-            .sum();
-        (part(g.rank()), before as u64)
+        let mut before = 0;
+        let mine = window
+            .iter()
+            .map(|mb| {
+                let (a, b) = crate::dist::share(mb.len(), g.size(), g.rank());
+                // The lower ranks' shares of this micro-batch come first.
+                before += a;
+                mb[a..b].to_vec()
+            })
+            .filter(|mb| !mb.is_empty())
+            .collect();
+        (mine, before as u64)
     }
 
     /// The plan, as `Event::Start`.
@@ -753,8 +748,10 @@ impl Trainer {
                 )
             })
             .collect();
-        let groups = if sum.as_ref().is_some_and(|s| s.every_pass()) {
-            // ZeRO stage 2 sums every pass: the same passes on every rank, never merged.
+        // ZeRO stage 2 sums every pass's blocks as its backward leaves them: the same passes on
+        // every rank, never merged, in the sequential schedule.
+        let every_pass = sum.as_ref().is_some_and(|s| s.every_pass());
+        let groups = if every_pass {
             (0..dims.len()).map(|i| i..i + 1).collect()
         } else {
             self.merge
@@ -785,9 +782,6 @@ impl Trainer {
             Some(s) => s.grads(&self.params)?,
             None => self.params.zero_grads()?,
         };
-        // ZeRO stage 2 sums every pass's blocks as its backward leaves them: the sequential
-        // schedule, the same passes on every rank.
-        let every_pass = sum.as_ref().is_some_and(|s| s.every_pass());
         let losses: Vec<Tensor> = if let Some(stages) = self
             .pipeline
             .as_ref()
@@ -815,7 +809,7 @@ impl Trainer {
                 *merged = *m;
                 let mut none = NoHook;
                 let hook: &mut dyn super::engine::BlockHook = match sum.as_deref_mut() {
-                    Some(s) if s.every_pass() || (i == last && !m) => s,
+                    Some(s) if every_pass || (i == last && !m) => s,
                     _ => &mut none,
                 };
                 let out = micro_step(&self.model, batch, denom, *key, recompute, &mut grads, hook)
@@ -915,7 +909,7 @@ impl Trainer {
     /// Writes `checkpoint-{step}` (atomically) and applies `save_total_limit`.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         self.flush()?;
-        // Under ZeRO stage 1 rank 0 gathers every rank's share of the moments first.
+        // Under ZeRO rank 0 gathers every rank's share of the moments first.
         let gathered = self.gathered_moments()?;
         if !self.lead() {
             // Rank 0 writes it.
@@ -964,9 +958,6 @@ impl Trainer {
             let dir = self.out_dir.join(best);
             if dir.is_dir() {
                 checkpoint::restore(&dir, &self.model, &self.params, &mut self.opt)?;
-                for o in &mut self.opt.parts {
-                    o.cut_to_shard()?;
-                }
                 loaded_best = true;
             }
         }
