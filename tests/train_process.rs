@@ -57,14 +57,7 @@ fn ctrl_c_saves_a_checkpoint_and_a_resume_continues_from_it() {
     env.write("t.rhai", RECIPE);
     let mut child = spawn(&env, &[]);
     let _out = wait_for_line(&mut child, "step 10,");
-    std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(130), "{err}");
-    assert!(!err.contains("error"), "{err}");
+    let err = interrupt(child);
     let ckpts: Vec<_> = std::fs::read_dir(env.out_dir())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -352,14 +345,7 @@ fn ctrl_c_on_the_launcher_stops_every_rank_after_one_checkpoint() {
     };
     let mut launcher = run(&["--set", "max_steps=1000000"]);
     let _out = wait_for_line(&mut launcher, "step 4,");
-    std::process::Command::new("kill")
-        .args(["-INT", &launcher.id().to_string()])
-        .status()
-        .unwrap();
-    let o = launcher.wait_with_output().unwrap();
-    let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(130), "{err}");
-    assert!(!err.contains("error"), "{err}");
+    let err = interrupt(launcher);
     let ckpts: Vec<usize> = std::fs::read_dir(&out)
         .unwrap()
         .filter_map(|e| {
@@ -381,4 +367,17 @@ fn ctrl_c_on_the_launcher_stops_every_rank_after_one_checkpoint() {
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(losses(&out).len(), last + 2);
+}
+
+/// Ctrl-C (SIGINT) to `child`: it stops with 130 and no error; its stderr.
+fn interrupt(child: std::process::Child) -> String {
+    std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(!err.contains("error"), "{err}");
+    err
 }

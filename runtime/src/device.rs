@@ -18,12 +18,12 @@ pub fn auto() -> Result<Device> {
         if own {
             return cuda(0);
         }
-        if local > 0 && local >= gpu_count() {
+        let gpus = gpu_count();
+        if local > 0 && local >= gpus {
             return Err(crate::Error::InvalidArgument(format!(
-                "rank {local} on this machine needs GPU cuda:{local}, and it has {} GPU(s): start \
-                 at most that many ranks (`--nproc-per-node`), or give each rank its GPU with \
-                 CUDA_VISIBLE_DEVICES",
-                gpu_count()
+                "rank {local} on this machine needs GPU cuda:{local}, and it has {gpus} GPU(s): \
+                 start at most that many ranks (`--nproc-per-node`), or give each rank its GPU \
+                 with CUDA_VISIBLE_DEVICES"
             )));
         }
         cuda(local)

@@ -256,12 +256,9 @@ impl Nccl {
                 "NCCL: the buffer is on another device than the communicator".into(),
             ));
         }
-        let ready = self
-            .dev
-            .cuda_stream()
-            .record_event(None)
+        self.stream
+            .join(&self.dev.cuda_stream())
             .map_err(candle_core::Error::wrap)?;
-        self.stream.wait(&ready).map_err(candle_core::Error::wrap)?;
         let at = base + (range.start * t.dtype().size_in_bytes()) as u64;
         Ok((at as *mut c_void, kind))
     }
@@ -366,13 +363,9 @@ impl Nccl {
 
     /// The compute stream waits (on the GPU) for every sum started so far.
     pub fn wait(&self) -> Result<()> {
-        let done = self
-            .stream
-            .record_event(None)
-            .map_err(candle_core::Error::wrap)?;
         self.dev
             .cuda_stream()
-            .wait(&done)
+            .join(&self.stream)
             .map_err(candle_core::Error::wrap)?;
         Ok(())
     }

@@ -208,15 +208,6 @@ impl FlatGrads<'_> {
         }
     }
 
-    /// The ranges that hold a buffer now, in order.
-    pub fn written(&self) -> Vec<Range<usize>> {
-        self.segments
-            .iter()
-            .filter(|(_, b)| b.is_some())
-            .map(|(r, _)| r.clone())
-            .collect()
-    }
-
     /// Hands over the buffer of the range that starts at `start`, if it was written; the range
     /// starts again from zero if written later.
     pub fn take(&mut self, start: usize) -> Option<Tensor> {
@@ -234,13 +225,12 @@ impl FlatGrads<'_> {
             .iter_mut()
             .find(|(r, _)| r.start <= s.offset && s.offset < r.end)
             .ok_or_else(|| candle_core::Error::Msg(format!("`{}` lies in no range", s.name)))?;
-        if b.is_none() {
-            *b = Some(Tensor::zeros(r.len(), DType::F32, &device)?);
-        }
         let at = s.offset - r.start;
-        b.as_ref()
-            .map(|b| (at, b))
-            .ok_or_else(|| candle_core::Error::Msg("unreachable".into()))
+        let buf = match b {
+            Some(t) => &*t,
+            none @ None => none.insert(Tensor::zeros(r.len(), DType::F32, &device)?),
+        };
+        Ok((at, buf))
     }
 }
 

@@ -253,10 +253,11 @@ impl<'a> GradSum<'a> {
             *loss = self.via.sum_scalar(loss)?;
             // The compute stream waited for every reduce (`sum_scalar`): the bucket buffers still
             // held may go.
-            let Some(sh) = self.sharded.take() else {
-                return Err(crate::Error::InvalidArgument("unreachable".into()));
-            };
-            return Ok(vec![sh.mine]);
+            return Ok(self
+                .sharded
+                .take()
+                .map(|sh| vec![sh.mine])
+                .unwrap_or_default());
         }
         let mut bufs = grads
             .parts

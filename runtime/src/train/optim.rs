@@ -78,21 +78,20 @@ impl AdamW {
                     (a < b).then(|| (a - start, b - a))
                 })
         };
-        let params_len = len;
         let decay_mask = match cfg.weight_decay > 0.0 {
             false => None,
             #[cfg(feature = "cuda")]
             true if device.is_cuda() => {
-                let bits = decay_bits(params_len, runs());
+                let bits = decay_bits(len, runs());
                 let words = bits.len();
                 Some(Tensor::from_vec(bits, words, device)?)
             }
             true => {
-                let mut mask = vec![0f32; params_len];
+                let mut mask = vec![0f32; len];
                 for (a, n) in runs() {
                     mask[a..a + n].fill(1.0);
                 }
-                Some(Tensor::from_vec(mask, params_len, device)?)
+                Some(Tensor::from_vec(mask, len, device)?)
             }
         };
         Ok(Self {
@@ -284,10 +283,7 @@ pub fn clip_of_sum_of_squares(total: Tensor, max_norm: f64) -> Result<(Tensor, O
 /// [`clip_factor`] over the buffers of several devices (one norm for them all), on the first
 /// buffer's device.
 pub fn clip_factor_parts(grads: &[&Tensor], max_norm: f64) -> Result<(Tensor, Option<Tensor>)> {
-    match grads {
-        [one] => clip_factor(one, max_norm),
-        _ => clip_of_sum_of_squares(sum_of_squares_parts(grads)?, max_norm),
-    }
+    clip_of_sum_of_squares(sum_of_squares_parts(grads)?, max_norm)
 }
 
 /// AdamW over every part of a [`DeviceParams`]: each device's moments beside its parameters.

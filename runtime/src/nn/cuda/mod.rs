@@ -125,7 +125,7 @@ pub(crate) fn first(t: &Tensor, what: &str) -> Result<(u64, CudaDevice)> {
 
 /// A fresh uninitialised `shape` tensor of `dtype` on `dev` (every kernel that uses it writes
 /// all of it).
-fn empty(dev: &CudaDevice, shape: &[usize], dtype: DType) -> Result<Tensor> {
+pub(crate) fn empty(dev: &CudaDevice, shape: &[usize], dtype: DType) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     // SAFETY: the callers' kernels write every element before the tensor is read.
     let storage = unsafe {
@@ -133,6 +133,9 @@ fn empty(dev: &CudaDevice, shape: &[usize], dtype: DType) -> Result<Tensor> {
             DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(n)?, dev.clone()),
             DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(n)?, dev.clone()),
             DType::F16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::f16>(n)?, dev.clone()),
+            DType::U32 => CudaStorage::wrap_cuda_slice(dev.alloc::<u32>(n)?, dev.clone()),
+            DType::I64 => CudaStorage::wrap_cuda_slice(dev.alloc::<i64>(n)?, dev.clone()),
+            DType::U8 => CudaStorage::wrap_cuda_slice(dev.alloc::<u8>(n)?, dev.clone()),
             other => candle_core::bail!("unsupported dtype {other:?}"),
         }
     };

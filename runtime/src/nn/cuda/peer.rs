@@ -14,9 +14,9 @@
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 
+use candle_core::cuda_backend::CudaDevice;
 use candle_core::cuda_backend::cudarc::driver::{self, CudaEvent, sys};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
-use candle_core::{DType, Result, Storage, Tensor};
+use candle_core::{Result, Tensor};
 
 /// Sources of copies still in flight, with the event each copy's end records.
 fn in_flight() -> &'static Mutex<Vec<(Tensor, CudaEvent)>> {
@@ -84,66 +84,29 @@ fn link(src: &CudaDevice, dst: &CudaDevice) -> Result<()> {
     Ok(())
 }
 
-/// A fresh, uninitialised buffer of `n` elements of `dtype` on `dev` (the copy writes all of it).
-fn alloc(dev: &CudaDevice, dtype: DType, n: usize) -> Result<CudaStorage> {
-    // SAFETY: the peer copy writes every byte before anything reads the buffer.
-    unsafe {
-        Ok(match dtype {
-            DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(n)?, dev.clone()),
-            DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(n)?, dev.clone()),
-            DType::F16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::f16>(n)?, dev.clone()),
-            DType::U32 => CudaStorage::wrap_cuda_slice(dev.alloc::<u32>(n)?, dev.clone()),
-            DType::I64 => CudaStorage::wrap_cuda_slice(dev.alloc::<i64>(n)?, dev.clone()),
-            DType::U8 => CudaStorage::wrap_cuda_slice(dev.alloc::<u8>(n)?, dev.clone()),
-            other => candle_core::bail!("peer copy: unsupported dtype {other:?}"),
-        })
-    }
-}
-
-/// The device address of a CUDA storage's first element.
-fn base(c: &CudaStorage) -> Result<u64> {
-    use driver::DevicePtr;
-    let stream = c.device.cuda_stream();
-    Ok(match &c.slice {
-        CudaStorageSlice::F32(x) => x.device_ptr(&stream).0,
-        CudaStorageSlice::BF16(x) => x.device_ptr(&stream).0,
-        CudaStorageSlice::F16(x) => x.device_ptr(&stream).0,
-        CudaStorageSlice::U32(x) => x.device_ptr(&stream).0,
-        CudaStorageSlice::I64(x) => x.device_ptr(&stream).0,
-        CudaStorageSlice::U8(x) => x.device_ptr(&stream).0,
-        _ => candle_core::bail!("peer copy: unsupported storage"),
-    })
-}
-
 /// `t` (on a GPU) copied to `dst`, queued on `dst`'s stream after the work that wrote `t`; the
 /// host does not wait. `dst` may be another stream of the same GPU.
 pub fn copy(t: &Tensor, dst: &CudaDevice) -> Result<Tensor> {
     let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(src) = &*storage else {
-        candle_core::bail!("peer copy: the source is not on a GPU");
-    };
-    link(&src.device, dst)?;
-    let (n, size) = (t.elem_count(), t.dtype().size_in_bytes());
-    let from = base(src)? + (layout.start_offset() * size) as u64;
-    let out = alloc(dst, t.dtype(), n)?;
-    let to = base(&out)?;
-    let (src_stream, dst_stream) = (src.device.cuda_stream(), dst.cuda_stream());
-    let written = src_stream
-        .record_event(None)
-        .map_err(candle_core::Error::wrap)?;
+    let (from, src) = super::first(&t, "the peer copy's source")?;
+    link(&src, dst)?;
+    // The copy writes every byte of it.
+    let out = super::empty(dst, t.dims(), t.dtype())?;
+    let to = super::first(&out, "the peer copy's destination")?.0;
+    let (src_stream, dst_stream) = (src.cuda_stream(), dst.cuda_stream());
     dst_stream
-        .wait(&written)
+        .join(&src_stream)
         .map_err(candle_core::Error::wrap)?;
-    // SAFETY: `from` holds `n * size` bytes of the source (kept alive below until the copy's
-    // event passes) and `to` as many of the fresh buffer; both contexts are live.
+    let bytes = t.elem_count() * t.dtype().size_in_bytes();
+    // SAFETY: `from` holds `bytes` bytes of the source (kept alive below until the copy's event
+    // passes) and `to` as many of the fresh buffer; both contexts are live.
     unsafe {
         driver::result::memcpy_peer_async(
             dst_stream.context().cu_ctx(),
             to,
             src_stream.context().cu_ctx(),
             from,
-            n * size,
+            bytes,
             dst_stream.cu_stream(),
         )
     }
@@ -151,12 +114,11 @@ pub fn copy(t: &Tensor, dst: &CudaDevice) -> Result<Tensor> {
     let done = dst_stream
         .record_event(None)
         .map_err(candle_core::Error::wrap)?;
-    drop(storage);
     let mut list = in_flight()
         .lock()
         .map_err(|_| candle_core::Error::Msg("peer copy list poisoned".into()))?;
     list.retain(|(_, e)| !e.is_complete());
     list.push((t.clone(), done));
     drop(list);
-    Ok(super::wrap(out, t.dims()))
+    Ok(out)
 }
