@@ -201,10 +201,8 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
             eprintln!("error: `--nproc-per-node` runs a recipe: give one, without `--watch`");
             return Ok(ExitCode::from(2));
         }
-        if check {
-            // A dry run plans for the ranks without starting them.
-            qscript_runtime::dist::set_planned_size(n);
-        } else if n > 1 && std::env::var_os("RANK").is_none() {
+        // A dry run plans for the ranks without starting them (`planned_ranks` below).
+        if !check && n > 1 && std::env::var_os("RANK").is_none() {
             ctrlc::set_handler(|| {
                 launch::SIGNALS.fetch_add(1, Ordering::SeqCst);
             })?;
@@ -218,6 +216,9 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
             .unwrap_or(cwd.join("runs").join(name)),
     );
     opts.allow_read.clone_from(&args.allow_read);
+    if check {
+        opts.planned_ranks = args.nproc_per_node.unwrap_or(1);
+    }
     opts.overrides.clone_from(&args.set);
     // Relative to where qscript was started (an absolute path stays as it is).
     opts.resume = args.resume.as_ref().map(|p| {

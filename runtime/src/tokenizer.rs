@@ -10,6 +10,26 @@ use serde_json::{Value, json};
 use crate::chat_template;
 use crate::{Error, Result};
 
+/// Whether ids of a tokenizer of `tokens` tokens all have a row in a model's embedding of
+/// `rows` rows: the one vocabulary check, for a tokenizer given with a model, or (with
+/// `dataset`) for the tokenizer that made a dataset.
+pub fn check_fits(tokens: usize, rows: usize, dataset: Option<&str>) -> Result<()> {
+    if tokens <= rows {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(match dataset {
+        Some(source) => format!(
+            "`{source}` was tokenized with a tokenizer of {tokens} tokens and the model's \
+             embedding has {rows} rows: ids from {rows} on have no embedding; tokenize with the \
+             model's own tokenizer"
+        ),
+        None => format!(
+            "the tokenizer has {tokens} tokens and the model's embedding {rows} rows: ids from \
+             {rows} on have no embedding; use the model's own tokenizer"
+        ),
+    }))
+}
+
 /// A token in `tokenizer_config.json`: a string or `{"content": ...}`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(untagged)]

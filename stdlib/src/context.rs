@@ -105,6 +105,9 @@ pub struct RunOptions {
     /// The heap (bytes) past which a running script is stopped (`None`: from the process's
     /// limits, see `qscript_runtime::device::heap_budget`; `Some(0)`: no limit).
     pub max_memory: Option<usize>,
+    /// The data-parallel ranks a dry run plans for (`qscript check --nproc-per-node N`); a real
+    /// run takes its ranks from its environment (the launcher's or torchrun's variables).
+    pub planned_ranks: usize,
 }
 
 impl RunOptions {
@@ -120,6 +123,7 @@ impl RunOptions {
             max_operations: DEFAULT_MAX_OPERATIONS,
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
             max_template_steps: qscript_runtime::chat_template::DEFAULT_FUEL,
+            planned_ranks: 1,
             max_record_bytes: qscript_runtime::data::sft::DEFAULT_MAX_RECORD_BYTES,
             max_memory: None,
         }
@@ -208,6 +212,8 @@ pub struct RunContext {
     pub max_record_bytes: usize,
     /// `--max-memory` (see [`RunOptions::max_memory`]).
     pub max_memory: Option<usize>,
+    /// See [`RunOptions::planned_ranks`].
+    pub planned_ranks: usize,
     /// What a dry run found, by topic (`data`, `model`, `adapters`, `steps`, `memory`, `plan`),
     /// for `qscript check`'s summary; the latest fact of a topic wins.
     pub(crate) check_facts: Mutex<Vec<(String, String)>>,
@@ -245,6 +251,7 @@ impl RunContext {
             dry_models: Mutex::new(HashMap::new()),
             max_record_bytes: opts.max_record_bytes,
             max_memory: opts.max_memory,
+            planned_ranks: opts.planned_ranks,
             check_facts: Mutex::new(Vec::new()),
             stream_by_default: std::sync::atomic::AtomicBool::new(false),
         })
@@ -260,6 +267,24 @@ impl RunContext {
     /// Whether this is a dry run (`qscript check`).
     pub fn checking(&self) -> bool {
         self.check_mode.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How training executes in this run: for real over this process's ranks, or (`qscript
+    /// check`) as a dry run that plans for `--nproc-per-node` ranks.
+    pub fn training(
+        &self,
+        model: &qscript_runtime::model::Model,
+    ) -> qscript_runtime::Result<(
+        qscript_runtime::train::Mode,
+        Arc<dyn qscript_runtime::train::collective::Collective>,
+    )> {
+        use qscript_runtime::train::{Mode, collective};
+        if self.checking() {
+            let planned = collective::Single::planning(self.planned_ranks);
+            return Ok((Mode::Check, Arc::new(planned)));
+        }
+        model.needs_weights("training")?;
+        Ok((Mode::Train, collective::from_env(model)?))
     }
 
     /// Records a fact for `qscript check`'s summary (during a dry run only).

@@ -79,6 +79,7 @@ pub fn build_engine(ctx: &Arc<RunContext>, max_operations: u64, max_value_size: 
     engine.register_global_module(rhai::exported_module!(modules::core::core_module).into());
     engine.register_global_module(rhai::exported_module!(modules::params::params_module).into());
     crate::handles::register(&mut engine);
+    modules::train::register(&mut engine);
     engine.register_static_module(
         "data",
         rhai::exported_module!(modules::data::data_module).into(),

@@ -200,5 +200,4 @@ pub fn register(engine: &mut rhai::Engine) {
     engine.register_type_with_name::<TokenizerHandle>("Tokenizer");
     engine.register_type_with_name::<DatasetHandle>("Dataset");
     engine.register_iterator::<DatasetHandle>();
-    engine.register_type_with_name::<crate::modules::train::TrainerHandle>("Trainer");
 }

@@ -37,6 +37,7 @@ pub mod error;
 pub mod handles;
 pub mod modules;
 pub mod options;
+pub mod progress;
 pub mod repl;
 pub mod session;
 

@@ -140,27 +140,20 @@ pub fn group() -> Result<Option<Arc<Group>>> {
         .map_err(Error::InvalidArgument)
 }
 
-static PLANNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// The ranks a dry run plans for (`qscript check --nproc-per-node N`), without forming a group.
-pub fn set_planned_size(ranks: usize) {
-    PLANNED.store(ranks, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// The ranks of this run, as the plan counts them: this thread's group, else a planned size,
-/// else `WORLD_SIZE` (1 when unset or unreadable; forming the group reports a bad value).
+/// The ranks of this process's run without forming the group: this thread's group, else
+/// `WORLD_SIZE` (1 when unset or unreadable; forming the group reports a bad value). For tools
+/// that count the ranks of a run (benchmarks); the trainer takes its [`Collective`]'s.
+///
+/// [`Collective`]: crate::train::collective::Collective
 pub fn planned_size() -> usize {
     if let Some(n) = LOCAL.with(|g| g.borrow().as_ref().map(|g| g.size())) {
         return n;
     }
-    match PLANNED.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => std::env::var("WORLD_SIZE")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or(1),
-        n => n,
-    }
+    std::env::var("WORLD_SIZE")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(1)
 }
 
 /// This process's rank (0 in a run of one).

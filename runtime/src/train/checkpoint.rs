@@ -205,6 +205,51 @@ pub fn rotate(output_dir: &Path, limit: usize, keep: Option<&str>) -> Result<()>
     Ok(())
 }
 
+/// The checkpoint `resume_from_checkpoint` names, before it is checked: a path (relative to
+/// `output_dir`), or with `true` the newest checkpoint in `output_dir` if there is one.
+pub fn requested(resume: Option<&serde_json::Value>, output_dir: &Path) -> Option<PathBuf> {
+    match resume? {
+        serde_json::Value::String(p) => {
+            let p = PathBuf::from(p);
+            Some(if p.is_absolute() {
+                p
+            } else {
+                output_dir.join(p)
+            })
+        }
+        serde_json::Value::Bool(true) => list(output_dir).pop().map(|(_, p)| p),
+        _ => None,
+    }
+}
+
+/// The checkpoint a run resumes from (`resume_from_checkpoint`: a path, or `true` for the
+/// newest in `output_dir`), or the reason it cannot.
+pub fn resume_dir(
+    resume: Option<&serde_json::Value>,
+    output_dir: &Path,
+) -> Result<Option<PathBuf>> {
+    match resume {
+        None | Some(serde_json::Value::Null | serde_json::Value::Bool(false)) => Ok(None),
+        Some(serde_json::Value::Bool(true)) => match requested(resume, output_dir) {
+            Some(p) => Ok(Some(p)),
+            None => Err(Error::InvalidArgument(format!(
+                "`resume_from_checkpoint: true` but there is no checkpoint in `{}`",
+                output_dir.display()
+            ))),
+        },
+        Some(serde_json::Value::String(_)) => match requested(resume, output_dir) {
+            Some(p) if p.join("trainer_state.json").is_file() => Ok(Some(p)),
+            p => Err(Error::InvalidArgument(format!(
+                "`resume_from_checkpoint`: `{}` is not a checkpoint",
+                p.unwrap_or_default().display()
+            ))),
+        },
+        Some(other) => Err(Error::InvalidArgument(format!(
+            "`resume_from_checkpoint` must be a path or `true`, got {other}"
+        ))),
+    }
+}
+
 /// Restores weights and optimizer moments from `dir`; returns the trainer state.
 pub fn restore(
     dir: &Path,

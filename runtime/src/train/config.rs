@@ -357,4 +357,21 @@ impl TrainConfig {
             (self.warmup_ratio * total as f64).ceil() as usize
         }
     }
+
+    /// Whether step `step` of `total` logs (every `logging_steps`, and the last).
+    pub fn logs_at(&self, step: usize, total: usize) -> bool {
+        step.is_multiple_of(self.logging_steps.max(1)) || step == total
+    }
+
+    /// Whether step `step` of `total` evaluates (`eval_strategy: "steps"`: every `eval_steps`,
+    /// default `logging_steps`, and the last).
+    pub fn evaluates_at(&self, step: usize, total: usize) -> bool {
+        let every = self.eval_steps.unwrap_or(self.logging_steps).max(1);
+        self.eval_strategy == "steps" && (step.is_multiple_of(every) || step == total)
+    }
+
+    /// Whether step `step` writes a checkpoint (every `save_steps`; 0: never).
+    pub fn saves_at(&self, step: usize) -> bool {
+        self.save_steps > 0 && step.is_multiple_of(self.save_steps)
+    }
 }

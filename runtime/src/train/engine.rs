@@ -1,4 +1,5 @@
-//! The training engine: one micro-step (forward, loss, backward) of a model, block by block.
+//! The training engine: one micro-step (forward, loss, backward) of a model, block by block;
+//! the loss is the [`Objective`]'s, over the final hidden states.
 //! This is the only backward path. Forward keeps each block's input; with `recompute` off it
 //! also keeps what each block's backward needs, with it on (gradient checkpointing) the block is
 //! re-run from its input just before its backward. Backward goes from the loss's `dHidden`
@@ -11,13 +12,14 @@
 use candle_core::Tensor;
 
 use super::flat::DeviceGrads;
+pub use super::objective::shifted_targets;
+use super::objective::{CausalLm, Labels, Objective};
 use crate::data::batch::Batch;
 use crate::device::to;
 use crate::model::Model;
 use crate::model::block::{BlockSaved, Step};
 use crate::model::decoder::DeviceTables;
 use crate::nn::dropout::Key;
-use crate::nn::loss::causal_lm_loss;
 use crate::nn::ops::{rms_norm, rms_norm_backward_into};
 use crate::nn::{AttnMask, GradSink};
 use crate::{Error, Result};
@@ -51,23 +53,13 @@ pub struct MicroOut {
     pub count: usize,
 }
 
-/// Targets for the hidden state at each position: the next token's label, -100 at the end of
-/// each row. `labels` is `[b, s]` row-major.
-pub fn shifted_targets(labels: &[i64], b: usize, s: usize) -> Vec<i64> {
-    let mut out = vec![-100i64; b * s];
-    for r in 0..b {
-        for p in 0..s.saturating_sub(1) {
-            out[r * s + p] = labels[r * s + p + 1];
-        }
-    }
-    out
-}
-
 /// One micro-batch: forward, loss divided by `denom`, backward into `grads`. `seed` keys the
 /// dropout masks (per example of the window), so a recomputed block draws the masks of its
 /// forward and a window gives the same gradients however its examples are split into micro-batches.
+#[allow(clippy::too_many_arguments)]
 pub fn micro_step(
     model: &Model,
+    objective: &dyn Objective,
     batch: &Batch,
     denom: f64,
     seed: Key,
@@ -76,6 +68,7 @@ pub fn micro_step(
     hook: &mut dyn BlockHook,
 ) -> Result<MicroOut> {
     let pass = Pass {
+        objective,
         input_ids: &batch.input_ids,
         mask: &batch.mask(),
         labels: &batch.labels_host,
@@ -106,6 +99,7 @@ pub fn gradients(
     let params = super::flat::DeviceParams::adopt(&mut m)?;
     let mut grads = params.zero_grads()?;
     let pass = Pass {
+        objective: &CausalLm,
         input_ids,
         mask,
         labels,
@@ -128,6 +122,7 @@ pub fn gradients(
 
 /// One forward + backward over a batch.
 struct Pass<'a> {
+    objective: &'a dyn Objective,
     input_ids: &'a Tensor,
     mask: &'a AttnMask,
     labels: &'a [i64],
@@ -235,13 +230,19 @@ impl Pass<'_> {
             // The final norm on its device, the head on its own (the embedding's when tied).
             let x = to(&f.x, d.norm.device())?;
             let hidden = rms_norm(&x, &d.norm, eps)?;
-            let targets = shifted_targets(self.labels, b, s);
             let rows = to(
                 &hidden.reshape((b * s, d.cfg.hidden_size))?,
                 d.head_weight().device(),
             )?;
             let sink: &mut dyn GradSink = grads;
-            let out = causal_lm_loss(&rows, d.head_weight(), &targets, self.denom, Some(sink))?;
+            let labels = Labels {
+                labels: self.labels,
+                rows: b,
+                seq: s,
+            };
+            let out =
+                self.objective
+                    .loss(&rows, d.head_weight(), labels, self.denom, Some(sink))?;
             let dh = out
                 .d_hidden
                 .ok_or_else(|| candle_core::Error::Msg("loss returned no gradient".into()))?;
@@ -329,6 +330,7 @@ pub fn stages(model: &Model, stages: Option<usize>) -> Vec<std::ops::Range<usize
 /// turn, up to the order in which they are added.
 pub fn window_pipelined(
     model: &Model,
+    objective: &dyn Objective,
     batches: &[(&Batch, Key)],
     denom: f64,
     recompute: bool,
@@ -340,6 +342,7 @@ pub fn window_pipelined(
         .iter()
         .zip(&masks)
         .map(|((b, key), mask)| Pass {
+            objective,
             input_ids: &b.input_ids,
             mask,
             labels: &b.labels_host,
@@ -397,15 +400,19 @@ pub fn window_pipelined(
         .collect()
 }
 
-/// The loss of `batch` (summed token loss, and the count), without gradients.
-pub fn eval_loss(model: &Model, batch: &Batch) -> Result<(f64, usize)> {
+/// The loss of `batch` (summed over the objective's count, and the count), without gradients.
+pub fn eval_loss(model: &Model, objective: &dyn Objective, batch: &Batch) -> Result<(f64, usize)> {
     let d = &model.decoder;
     let (b, s) = batch.input_ids.dims2()?;
     let mask = batch.mask();
     let x = d.hidden(&batch.input_ids, &mask, None, None)?;
     let hidden = d.normed(&x)?.reshape((b * s, d.cfg.hidden_size))?;
-    let targets = shifted_targets(&batch.labels_host, b, s);
-    let out = causal_lm_loss(&hidden, d.head_weight(), &targets, 1.0, None)?;
+    let labels = Labels {
+        labels: &batch.labels_host,
+        rows: b,
+        seq: s,
+    };
+    let out = objective.loss(&hidden, d.head_weight(), labels, 1.0, None)?;
     Ok((f64::from(out.loss.to_scalar::<f32>()?), out.count))
 }
 
@@ -478,8 +485,17 @@ mod tests {
             let mut want = params.zero_grads().unwrap();
             let mut losses = Vec::new();
             for (b, key) in &keyed {
-                let out =
-                    micro_step(&model, b, 20.0, *key, recompute, &mut want, &mut NoHook).unwrap();
+                let out = micro_step(
+                    &model,
+                    &CausalLm,
+                    b,
+                    20.0,
+                    *key,
+                    recompute,
+                    &mut want,
+                    &mut NoHook,
+                )
+                .unwrap();
                 losses.push(out.loss.to_scalar::<f32>().unwrap());
             }
             for k in [1, 2, 3] {
@@ -487,7 +503,8 @@ mod tests {
                 assert_eq!(st.len(), k);
                 let mut got = params.zero_grads().unwrap();
                 let outs =
-                    window_pipelined(&model, &keyed, 20.0, recompute, &st, &mut got).unwrap();
+                    window_pipelined(&model, &CausalLm, &keyed, 20.0, recompute, &st, &mut got)
+                        .unwrap();
                 for (o, l) in outs.iter().zip(&losses) {
                     assert!((o.loss.to_scalar::<f32>().unwrap() - l).abs() < 1e-6);
                 }

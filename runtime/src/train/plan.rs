@@ -1,6 +1,7 @@
-//! What a run will do, from the model's shapes, the data and the options alone: every check
-//! [`super::Trainer::new`] makes before it allocates, the step arithmetic, and the memory
-//! estimate against the device's budget. `qscript check` stops here; a real run starts here.
+//! What a run will do, from the model's shapes, the data and the options alone: every check a
+//! run makes before it allocates (options, vocabulary, eval set, resume resolution, schedule,
+//! memory, placement), the step arithmetic, and the memory estimate against the device's
+//! budget. Made once, in [`super::Trainer::start`], for a real run and for `qscript check`.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -56,6 +57,29 @@ pub struct RunPlan {
     pub placement: Option<(crate::plan::Placement, Vec<DeviceNeed>)>,
 }
 
+/// The datasets of a run, with where their ids came from.
+#[derive(Clone, Debug)]
+pub struct RunData {
+    /// Training examples.
+    pub train: Arc<Vec<Example>>,
+    /// Eval examples.
+    pub eval: Option<Arc<Vec<Example>>>,
+    /// Each dataset's source and the vocabulary size of the tokenizer that made it (checked
+    /// against the model's embedding).
+    pub tokenized_by: Vec<(String, usize)>,
+}
+
+impl RunData {
+    /// `train` and `eval`, of unknown tokenizers.
+    pub fn new(train: Arc<Vec<Example>>, eval: Option<Arc<Vec<Example>>>) -> Self {
+        Self {
+            train,
+            eval,
+            tokenized_by: Vec::new(),
+        }
+    }
+}
+
 /// A device, the bytes a run needs there and its budget.
 pub type DeviceNeed = (String, u64, u64);
 
@@ -66,17 +90,23 @@ impl RunPlan {
     }
 }
 
-/// The plan of training `model` on `train` (prepared: packed or cut as `cfg` says, returned
-/// beside the plan) with `eval`, or the first reason it cannot run.
+/// The plan of training `model` on `data` over `ranks` data-parallel ranks (the training
+/// examples prepared, packed or cut as `cfg` says, returned beside the plan), or the first
+/// reason it cannot run.
 pub fn plan(
     model: &Model,
-    train: Arc<Vec<Example>>,
-    eval: Option<&[Example]>,
+    data: &RunData,
     cfg: &TrainConfig,
+    ranks: usize,
 ) -> Result<(RunPlan, Arc<Vec<Example>>)> {
+    let vocab = model.config().vocab_size;
+    for (source, tokens) in &data.tokenized_by {
+        crate::tokenizer::check_fits(*tokens, vocab, Some(source))?;
+    }
+    let eval = data.eval.as_deref().map(|e| &e[..]);
     cfg.validate()?;
     let tensorboard = cfg.tensorboard()?;
-    let train = super::trainer::prepare(train, cfg);
+    let train = super::sampler::prepare(data.train.clone(), cfg);
     if train.is_empty() {
         return Err(Error::InvalidArgument(
             "the training dataset is empty".into(),
@@ -87,11 +117,9 @@ pub fn plan(
             "`eval_strategy: \"steps\"` needs an eval dataset: `train::fit(model, train, opts, eval)`".into(),
         ));
     }
-    let vocab = model.config().vocab_size;
     for (what, data) in [("training", &train[..]), ("eval", eval.unwrap_or(&[]))] {
         check_ids(what, data, vocab)?;
     }
-    let ranks = crate::dist::planned_size();
     let (micro_per_epoch, steps_per_epoch, total) = cfg.plan(train.len(), ranks);
     Schedule::new(
         &cfg.lr_scheduler_type,
@@ -100,7 +128,7 @@ pub fn plan(
         total,
     )?;
     let out_dir = PathBuf::from(&cfg.output_dir);
-    let resume_from = super::trainer::resume_dir(cfg, &out_dir)?;
+    let resume_from = super::checkpoint::resume_dir(cfg.resume_from_checkpoint.as_ref(), &out_dir)?;
     let trainable: usize = crate::model::params::trainable(model)
         .iter()
         .map(|(_, t)| t.elem_count())

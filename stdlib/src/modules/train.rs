@@ -1,173 +1,38 @@
-//! `train`: supervised fine-tuning with HF TrainingArguments names.
+//! `train`: supervised fine-tuning with HF TrainingArguments names. Options go in, the runtime's
+//! one loop runs (for real, or as `qscript check`'s dry run: [`RunContext::training`]) and
+//! [`crate::progress`] prints it.
 
 #[allow(clippy::wildcard_imports)]
 use rhai::plugin::*;
 
 use std::sync::Arc;
 
-use qscript_runtime::train::{Event, TrainConfig};
+use qscript_runtime::train::plan::RunData;
+use qscript_runtime::train::{TrainConfig, Trainer};
 use rhai::{EvalAltResult, Map};
 
 use crate::context::{Resume, RunContext, lock};
 use crate::error::{script_error, to_rhai_at};
 use crate::handles::{Data, DatasetHandle, ModelHandle};
 use crate::options::from_options;
+use crate::progress::{Reporter, reporter};
 
-fn examples<'a>(
-    ds: &'a DatasetHandle,
-    what: &str,
-) -> Result<&'a [qscript_runtime::data::sft::Example], Box<EvalAltResult>> {
+/// Tokenized examples, with their source and the vocabulary size of the tokenizer that made them.
+type Examples = (
+    Arc<Vec<qscript_runtime::data::sft::Example>>,
+    (String, usize),
+);
+
+/// The tokenized examples of `ds` (the `what` dataset), with where they came from.
+fn examples(ds: &DatasetHandle, what: &str) -> Result<Examples, Box<EvalAltResult>> {
     match &*ds.0 {
-        Data::Tokenized(t) => Ok(&t.examples),
+        Data::Tokenized(t) => Ok((Arc::new(t.examples.clone()), (t.source.clone(), t.vocab))),
         Data::Records(_) => Err(script_error(
             "invalid_argument",
             format!(
                 "the {what} dataset is not tokenized; pass it through `data::sft(ds, tok, opts)` first"
             ),
         )),
-    }
-}
-
-/// The data's tokenizer must fit the model's embedding.
-fn check_vocab(ds: &DatasetHandle, model: &ModelHandle) -> Result<(), Box<EvalAltResult>> {
-    if let Data::Tokenized(t) = &*ds.0 {
-        let v = model.0.config().vocab_size;
-        if t.vocab > v {
-            return Err(script_error(
-                "invalid_argument",
-                format!(
-                    "`{}` was tokenized with a tokenizer of {} tokens and the model's embedding \
-                     has {v} rows: ids from {v} on have no embedding; tokenize with the model's \
-                     own tokenizer",
-                    t.source, t.vocab
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Prints training events: the plan as HF prints it, a progress bar, log and eval lines.
-struct Printer {
-    sink: Arc<dyn crate::context::OutputSink>,
-    memory: Option<String>,
-    bar: Option<indicatif::ProgressBar>,
-    batch: usize,
-    accumulation: usize,
-}
-
-impl Printer {
-    fn new(
-        sink: Arc<dyn crate::context::OutputSink>,
-        cfg: &TrainConfig,
-        model: &ModelHandle,
-    ) -> Self {
-        Self {
-            sink,
-            memory: qscript_runtime::device::memory_line(model.0.decoder.device()),
-            bar: None,
-            batch: cfg.per_device_train_batch_size,
-            accumulation: cfg.gradient_accumulation_steps,
-        }
-    }
-
-    fn show(&mut self, e: &Event) {
-        for n in qscript_runtime::notice::take() {
-            match &self.bar {
-                Some(b) => b.suspend(|| self.sink.err(&n)),
-                None => self.sink.err(&n),
-            }
-        }
-        match e {
-            Event::Start {
-                examples,
-                epochs,
-                total_batch,
-                total_steps,
-                trainable,
-                resumed_at,
-                memory,
-            } => {
-                let sink = &self.sink;
-                sink.err("***** Running training *****");
-                sink.err(&format!("  Num examples = {examples}"));
-                sink.err(&format!("  Num Epochs = {epochs}"));
-                sink.err(&format!(
-                    "  Instantaneous batch size per device = {}",
-                    self.batch
-                ));
-                sink.err(&format!(
-                    "  Total train batch size (w. accumulation) = {total_batch}"
-                ));
-                sink.err(&format!(
-                    "  Gradient Accumulation steps = {}",
-                    self.accumulation
-                ));
-                sink.err(&format!("  Total optimization steps = {total_steps}"));
-                sink.err(&format!("  Number of trainable parameters = {trainable}"));
-                sink.err(&format!(
-                    "  Estimated peak memory = {} (itemized by `qscript check`)",
-                    qscript_runtime::plan::memory::human(*memory as f64)
-                ));
-                if let Some(line) = &self.memory {
-                    sink.err(&format!("  {line}"));
-                }
-                if *resumed_at > 0 {
-                    sink.err(&format!("  Resumed from step {resumed_at}"));
-                }
-                let b = indicatif::ProgressBar::new(*total_steps as u64);
-                b.set_position(*resumed_at as u64);
-                b.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}",
-                    )
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                );
-                self.bar = Some(b);
-            }
-            Event::Step { step, loss, .. } => {
-                if let Some(b) = &self.bar {
-                    b.set_position(*step as u64);
-                    if let Some(loss) = loss {
-                        b.set_message(format!("loss {loss:.4}"));
-                    }
-                }
-            }
-            Event::Log(rec) | Event::Eval(rec) => {
-                if let (Some(b), Some(tps)) = (&self.bar, rec.get("tokens_per_second")) {
-                    let lr = rec
-                        .get("learning_rate")
-                        .and_then(serde_json::Value::as_f64)
-                        .unwrap_or(0.0);
-                    let gn = rec
-                        .get("grad_norm")
-                        .and_then(serde_json::Value::as_f64)
-                        .unwrap_or(0.0);
-                    let loss = rec
-                        .get("loss")
-                        .and_then(serde_json::Value::as_f64)
-                        .unwrap_or(0.0);
-                    b.set_message(format!(
-                        "loss {loss:.4} lr {lr:.2e} grad_norm {gn:.3} {tps} tok/s"
-                    ));
-                }
-                let line = format_log(rec);
-                match &self.bar {
-                    Some(b) => b.suspend(|| self.sink.out(&line)),
-                    None => self.sink.out(&line),
-                }
-            }
-            Event::Saved(p) => self.sink.err(&format!("saved {}", p.display())),
-        }
-    }
-
-    fn finish(&mut self) {
-        if let Some(b) = self.bar.take() {
-            b.finish_and_clear();
-        }
-        for n in qscript_runtime::notice::take() {
-            self.sink.err(&n);
-        }
     }
 }
 
@@ -233,20 +98,8 @@ fn prepare(
     lock(&rc.trained_dirs).insert(out.clone());
     // The checkpoint resumed from, and every file in it (a linked adapter or optimizer file from
     // another team's run would be read and copied out), must pass the sandbox.
-    let chosen = match &cfg.resume_from_checkpoint {
-        Some(serde_json::Value::String(p)) => {
-            let path = std::path::Path::new(p);
-            Some(if path.is_absolute() {
-                path.to_path_buf()
-            } else {
-                out.join(path)
-            })
-        }
-        Some(serde_json::Value::Bool(true)) => qscript_runtime::train::checkpoint::list(&out)
-            .pop()
-            .map(|(_, p)| p),
-        _ => None,
-    };
+    let chosen =
+        qscript_runtime::train::checkpoint::requested(cfg.resume_from_checkpoint.as_ref(), &out);
     if let Some(full) = chosen {
         let real = rc
             .resolve_read_dir(&full.to_string_lossy())
@@ -278,6 +131,43 @@ fn stopped(
     ))
 }
 
+/// A trainer for `model` on `train` (and `eval`) as this run executes it (for real, or as a
+/// dry run), with its reporter, the plan shown.
+fn start(
+    ctx: &NativeCallContext,
+    what: &'static str,
+    model: &ModelHandle,
+    train: &DatasetHandle,
+    opts: Map,
+    eval: Option<&DatasetHandle>,
+) -> Result<(Trainer, Box<dyn Reporter>, TrainConfig), Box<EvalAltResult>> {
+    let rc = RunContext::of(ctx)?;
+    let at = |mut e: Box<EvalAltResult>| {
+        e.set_position(ctx.call_position());
+        e
+    };
+    let cfg = prepare(ctx, &rc, model, opts)?;
+    let (train_ex, train_src) = examples(train, "training").map_err(at)?;
+    let eval = eval.map(|d| examples(d, "eval")).transpose().map_err(at)?;
+    let mut data = RunData::new(train_ex, None);
+    data.tokenized_by.push(train_src);
+    if let Some((ex, src)) = eval {
+        data.eval = Some(ex);
+        data.tokenized_by.push(src);
+    }
+    let pad = model.0.eos_ids().first().copied().unwrap_or(0);
+    let mut reporter = reporter(&rc, what, &model.0);
+    let trainer = rc
+        .training(&model.0)
+        .and_then(|(mode, collective)| {
+            let objective = Arc::new(qscript_runtime::train::objective::CausalLm);
+            Trainer::start(&model.0, data, &cfg, pad, collective, objective, mode)
+        })
+        .map_err(to_rhai_at(ctx))?;
+    reporter.start(&trainer);
+    Ok((trainer, reporter, cfg))
+}
+
 fn run_fit(
     ctx: &NativeCallContext,
     model: &ModelHandle,
@@ -286,42 +176,12 @@ fn run_fit(
     eval: Option<&DatasetHandle>,
 ) -> Result<ModelHandle, Box<EvalAltResult>> {
     let rc = RunContext::of(ctx)?;
-    let at = |mut e: Box<EvalAltResult>| {
-        e.set_position(ctx.call_position());
-        e
-    };
-    let cfg = prepare(ctx, &rc, model, opts)?;
-    let train_ex = examples(train, "training").map_err(at)?;
-    let eval_ex = eval.map(|d| examples(d, "eval")).transpose().map_err(at)?;
-    for d in std::iter::once(train).chain(eval) {
-        check_vocab(d, model).map_err(at)?;
-    }
-    if rc.checking() {
-        let dry = qscript_runtime::train::dry::DryTrainer::new(
-            &model.0,
-            Arc::new(train_ex.to_vec()),
-            eval_ex,
-            &cfg,
-        )
-        .map_err(to_rhai_at(ctx))?;
-        show_plan(&rc, "train::fit", dry.plan());
-        return Ok(model.clone());
-    }
-    let pad = model.0.eos_ids().first().copied().unwrap_or(0);
-    let mut printer = Printer::new(rc.sink.clone(), &cfg, model);
-    let report = qscript_runtime::train::fit(
-        &model.0,
-        train_ex,
-        eval_ex,
-        &cfg,
-        pad,
-        &rc.cancel,
-        &mut |e| {
-            printer.show(e);
-            Ok(())
-        },
-    );
-    printer.finish();
+    let (trainer, mut reporter, cfg) = start(ctx, "train::fit", model, train, opts, eval)?;
+    let report = qscript_runtime::train::fit::run(trainer, &rc.cancel, &mut |e| {
+        reporter.event(e);
+        Ok(())
+    });
+    reporter.finish();
     let report = report.map_err(to_rhai_at(ctx))?;
     if report.interrupted {
         return Err(stopped(
@@ -330,69 +190,7 @@ fn run_fit(
             report.last_checkpoint.as_deref(),
         ));
     }
-    if report.losses.is_empty() && report.steps > 0 {
-        rc.sink.err(&format!(
-            "nothing to train: the run in `{}` is finished (step {} of {}); returning its model",
-            cfg.output_dir, report.steps, report.steps
-        ));
-        return Ok(ModelHandle(Arc::new(report.model)));
-    }
-    if let Some((ckpt, loss)) = &report.best {
-        let at = if std::path::Path::new(&cfg.output_dir).join(ckpt).is_dir() {
-            format!("`{ckpt}`")
-        } else {
-            format!(
-                "step {} (not saved)",
-                ckpt.trim_start_matches("checkpoint-")
-            )
-        };
-        rc.sink.err(&format!(
-            "best eval loss {loss:.4} at {at}{}",
-            if report.loaded_best {
-                "; the returned model is that checkpoint's (`load_best_model_at_end`)"
-            } else {
-                ""
-            }
-        ));
-    }
-    // The first and last losses as the log lines printed them (each the mean of its logging
-    // window), so the summary's final loss is the one the last log line showed.
-    let logged: Vec<f64> = report
-        .log_history
-        .iter()
-        .filter(|r| r.get("eval_loss").is_none())
-        .filter_map(|r| r.get("loss").and_then(serde_json::Value::as_f64))
-        .collect();
-    let first = logged
-        .first()
-        .copied()
-        .or_else(|| report.losses.first().map(|l| l.1))
-        .unwrap_or(0.0);
-    let last = logged
-        .last()
-        .copied()
-        .or_else(|| report.losses.last().map(|l| l.1))
-        .unwrap_or(0.0);
-    let peak = report.peak_device_bytes.map_or_else(String::new, |b| {
-        format!(
-            ", peak GPU memory {:.2} GiB",
-            qscript_runtime::device::gib(b)
-        )
-    });
-    // Under data parallel rank 0 speaks for the run (the others log nothing of their own).
-    if qscript_runtime::dist::rank() != 0 {
-        return Ok(ModelHandle(Arc::new(report.model)));
-    }
-    rc.sink.err(&format!(
-        "trained {} steps in {:.1} s: loss {first:.4} -> {last:.4}, {:.2} examples/s, {:.0} tokens/s{peak}; metrics in `{}`",
-        report.steps,
-        report.train_runtime,
-        report.examples_per_second,
-        report.tokens_per_second,
-        std::path::Path::new(&cfg.output_dir)
-            .join("metrics.jsonl")
-            .display()
-    ));
+    reporter.summary(&report, &cfg);
     Ok(ModelHandle(Arc::new(report.model)))
 }
 
@@ -410,73 +208,25 @@ fn step_map(step: usize, loss: f64, grad_norm: f64, lr: f64, done: bool) -> Map 
     m
 }
 
-/// A dry run's plan, after the notices planning raised (packing, truncation).
-fn show_plan(rc: &RunContext, what: &str, plan: &qscript_runtime::train::plan::RunPlan) {
-    for n in qscript_runtime::notice::take() {
-        rc.sink.err(&n);
-    }
-    rc.sink.err(&format!(
-        "check: {what}: {} trainable parameters",
-        plan.trainable
-    ));
-    for line in plan.to_string().lines() {
-        rc.sink.err(&format!("check: {line}"));
-    }
-    let human = |b: u64| qscript_runtime::plan::memory::human(b as f64);
-    rc.check_fact(
-        "steps",
-        format!(
-            "{} ({} an epoch x {} epochs; {} examples a step = {} x {} device{} x {})",
-            plan.total_steps,
-            plan.steps_per_epoch,
-            plan.epochs,
-            plan.total_batch(),
-            plan.batch,
-            plan.devices,
-            if plan.devices == 1 { "" } else { "s" },
-            plan.accumulation
-        ),
-    );
-    rc.check_fact(
-        "memory",
-        format!(
-            "{} on {}{}",
-            human(plan.memory.total()),
-            plan.device,
-            plan.budget
-                .map_or_else(String::new, |b| format!(" ({} free)", human(b)))
-        ),
-    );
-    rc.check_fact(
-        "plan",
-        match &plan.placement {
-            None => format!("all {} layers on {}", plan.layers, plan.device),
-            Some((p, _)) => p.to_string().replace('\n', "; "),
-        },
-    );
-}
-
 /// A step-at-a-time trainer (`Trainer` in scripts).
 #[derive(Clone)]
-pub struct TrainerHandle(Arc<std::sync::Mutex<TrainerState>>);
+pub struct TrainerHandle(Arc<std::sync::Mutex<Stepping>>);
 
-/// The trainer and its printer, or in a dry run the step counter that stands for it.
-enum TrainerState {
-    /// A real run.
-    Live {
-        /// The trainer.
-        trainer: Box<qscript_runtime::train::Trainer>,
-        /// Its printer.
-        printer: Printer,
-    },
-    /// `qscript check`.
-    Dry(Box<qscript_runtime::train::dry::DryTrainer>),
+/// A trainer and what prints it.
+struct Stepping {
+    trainer: Trainer,
+    reporter: Box<dyn Reporter>,
 }
 
 impl std::fmt::Debug for TrainerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Trainer")
     }
+}
+
+/// Registers the `Trainer` type.
+pub(crate) fn register(engine: &mut rhai::Engine) {
+    engine.register_type_with_name::<TrainerHandle>("Trainer");
 }
 
 fn new_trainer(
@@ -486,59 +236,11 @@ fn new_trainer(
     opts: Map,
     eval: Option<&DatasetHandle>,
 ) -> Result<TrainerHandle, Box<EvalAltResult>> {
-    let rc = RunContext::of(ctx)?;
-    let at = |mut e: Box<EvalAltResult>| {
-        e.set_position(ctx.call_position());
-        e
-    };
-    let cfg = prepare(ctx, &rc, model, opts)?;
-    let train_ex = Arc::new(examples(train, "training").map_err(at)?.to_vec());
-    let eval_ex = eval
-        .map(|d| examples(d, "eval").map(|e| Arc::new(e.to_vec())))
-        .transpose()
-        .map_err(at)?;
-    let pad = model.0.eos_ids().first().copied().unwrap_or(0);
-    for d in std::iter::once(train).chain(eval) {
-        check_vocab(d, model).map_err(at)?;
-    }
-    if rc.checking() {
-        let dry = qscript_runtime::train::dry::DryTrainer::new(
-            &model.0,
-            train_ex,
-            eval_ex.as_deref().map(|e| &e[..]),
-            &cfg,
-        )
-        .map_err(to_rhai_at(ctx))?;
-        show_plan(&rc, "train::trainer", dry.plan());
-        return Ok(TrainerHandle(Arc::new(std::sync::Mutex::new(
-            TrainerState::Dry(Box::new(dry)),
-        ))));
-    }
-    let trainer = qscript_runtime::train::Trainer::new(&model.0, train_ex, eval_ex, &cfg, pad)
-        .map_err(to_rhai_at(ctx))?;
-    let mut printer = Printer::new(rc.sink.clone(), &cfg, model);
-    printer.show(&trainer.start_event());
-    Ok(TrainerHandle(Arc::new(std::sync::Mutex::new(
-        TrainerState::Live {
-            trainer: Box::new(trainer),
-            printer,
-        },
-    ))))
-}
-
-fn format_log(rec: &serde_json::Value) -> String {
-    let mut parts = Vec::new();
-    if let Some(o) = rec.as_object() {
-        for (k, v) in o {
-            let s = match v.as_f64() {
-                Some(f) if k == "learning_rate" => format!("{f:.3e}"),
-                Some(f) if f.fract() != 0.0 => format!("{f:.4}"),
-                _ => v.to_string(),
-            };
-            parts.push(format!("{k} {s}"));
-        }
-    }
-    parts.join(", ")
+    let (trainer, reporter, _) = start(ctx, "train::trainer", model, train, opts, eval)?;
+    Ok(TrainerHandle(Arc::new(std::sync::Mutex::new(Stepping {
+        trainer,
+        reporter,
+    }))))
 }
 
 /// The `train` module.
@@ -666,10 +368,7 @@ pub mod train_module {
     /// ```
     #[rhai_fn(global, pure)]
     pub fn batches(t: &mut super::TrainerHandle) -> rhai::Array {
-        let windows = match &mut *crate::context::lock(&t.0) {
-            TrainerState::Live { trainer, .. } => trainer.windows(),
-            TrainerState::Dry(d) => d.windows(),
-        };
+        let windows = crate::context::lock(&t.0).trainer.windows();
         windows
             .into_iter()
             .map(|w| {
@@ -726,22 +425,15 @@ pub mod train_module {
             );
         }
         let mut guard = crate::context::lock(&t.0);
-        let (trainer, printer) = match &mut *guard {
-            TrainerState::Live { trainer, printer } => (trainer, printer),
-            TrainerState::Dry(d) => {
-                // A dry run counts the step; nothing is computed, so loss and norm are NaN.
-                let (step, lr, done) = d.step(&window).map_err(crate::error::to_rhai_at(&ctx))?;
-                return Ok(step_map(step, f64::NAN, f64::NAN, lr, done));
-            }
-        };
+        let super::Stepping { trainer, reporter } = &mut *guard;
         let out = trainer
             .step(&window)
             .map_err(crate::error::to_rhai_at(&ctx))?;
         for e in &out.events {
-            printer.show(e);
+            reporter.event(e);
         }
         if out.done {
-            printer.finish();
+            reporter.finish();
         }
         // Ctrl-C during the step (where the time goes): save before the script stops.
         let rc = RunContext::of(&ctx)?;
@@ -780,11 +472,10 @@ pub mod train_module {
         ctx: NativeCallContext,
         t: &mut super::TrainerHandle,
     ) -> Result<f64, Box<rhai::EvalAltResult>> {
-        match &*crate::context::lock(&t.0) {
-            TrainerState::Live { trainer, .. } => trainer.evaluate(),
-            TrainerState::Dry(d) => d.check_evaluate().map(|()| f64::NAN),
-        }
-        .map_err(crate::error::to_rhai_at(&ctx))
+        crate::context::lock(&t.0)
+            .trainer
+            .evaluate()
+            .map_err(crate::error::to_rhai_at(&ctx))
     }
 
     /// Writes `checkpoint-{step}` in the output dir now; returns its path.
@@ -801,44 +492,34 @@ pub mod train_module {
         ctx: NativeCallContext,
         t: &mut super::TrainerHandle,
     ) -> Result<String, Box<rhai::EvalAltResult>> {
-        let p = match &mut *crate::context::lock(&t.0) {
-            TrainerState::Live { trainer, .. } => trainer.save_checkpoint(),
-            TrainerState::Dry(d) => Ok(d.checkpoint_path()),
-        }
-        .map_err(crate::error::to_rhai_at(&ctx))?;
+        let p = crate::context::lock(&t.0)
+            .trainer
+            .save_checkpoint()
+            .map_err(crate::error::to_rhai_at(&ctx))?;
         Ok(p.to_string_lossy().into_owned())
     }
 
     /// A snapshot of the model as trained so far (later steps do not change it).
     #[rhai_fn(global, get = "model", pure, return_raw)]
     pub fn model(t: &mut super::TrainerHandle) -> Result<ModelHandle, Box<rhai::EvalAltResult>> {
-        let m = match &*crate::context::lock(&t.0) {
-            TrainerState::Live { trainer, .. } => {
-                qscript_runtime::train::trainer::snapshot(trainer.model())
-                    .map_err(crate::error::to_rhai)?
-            }
-            TrainerState::Dry(d) => d.model().clone(),
-        };
+        let m = crate::context::lock(&t.0)
+            .trainer
+            .snapshot()
+            .map_err(crate::error::to_rhai)?;
         Ok(ModelHandle(Arc::new(m)))
     }
 
     /// Optimizer steps done.
     #[rhai_fn(global, get = "global_step", pure)]
     pub fn global_step(t: &mut super::TrainerHandle) -> rhai::INT {
-        let n = match &*crate::context::lock(&t.0) {
-            TrainerState::Live { trainer, .. } => trainer.global_step(),
-            TrainerState::Dry(d) => d.global_step(),
-        };
+        let n = crate::context::lock(&t.0).trainer.global_step();
         rhai::INT::try_from(n).unwrap_or(0)
     }
 
     /// Optimizer steps planned.
     #[rhai_fn(global, get = "total_steps", pure)]
     pub fn total_steps(t: &mut super::TrainerHandle) -> rhai::INT {
-        let n = match &*crate::context::lock(&t.0) {
-            TrainerState::Live { trainer, .. } => trainer.total_steps(),
-            TrainerState::Dry(d) => d.total_steps(),
-        };
+        let n = crate::context::lock(&t.0).trainer.total_steps();
         rhai::INT::try_from(n).unwrap_or(0)
     }
 }

@@ -22,12 +22,12 @@ use std::{collections::HashMap, sync::Arc};
 use candle_core::cuda_backend::cudarc::driver::CudaEvent;
 use candle_core::{DType, Tensor};
 
-use super::engine::BlockHook;
-use super::flat::{DeviceGrads, DeviceParams, Slot};
 use crate::Result;
 use crate::dist::Group;
 #[cfg(feature = "cuda")]
 use crate::dist::nccl::Nccl;
+use crate::train::engine::BlockHook;
+use crate::train::flat::{DeviceGrads, DeviceParams, Slot};
 
 /// A flat buffer's ranges by the block whose backward completes them, and the rest.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,7 +69,7 @@ impl Buckets {
 
 /// How the ranks' sums travel.
 #[derive(Clone, Copy)]
-enum Via<'a> {
+pub(super) enum Via<'a> {
     /// Through the host, over the TCP group.
     Host(&'a Group),
     /// NCCL on the GPU, on its own stream.
@@ -77,19 +77,10 @@ enum Via<'a> {
     Nccl(&'a Nccl),
 }
 
-impl<'a> Via<'a> {
-    /// NCCL when there is one, else the host.
-    fn of(group: &'a Group, #[cfg(feature = "cuda")] nccl: Option<&'a Nccl>) -> Self {
-        #[cfg(feature = "cuda")]
-        let via = nccl.map_or(Via::Host(group), Via::Nccl);
-        #[cfg(not(feature = "cuda"))]
-        let via = Via::Host(group);
-        via
-    }
-
+impl Via<'_> {
     /// `t` (a scalar) summed over the ranks, on `t`'s device; with NCCL the compute stream then
     /// waits for every operation NCCL has queued.
-    fn sum_scalar(self, t: &Tensor) -> Result<Tensor> {
+    pub(super) fn sum_scalar(self, t: &Tensor) -> Result<Tensor> {
         match self {
             Via::Host(g) => {
                 let mut v = vec![t.to_dtype(DType::F32)?.to_scalar::<f32>()?];
@@ -105,20 +96,6 @@ impl<'a> Via<'a> {
             }
         }
     }
-}
-
-/// `t` (a scalar) summed over the ranks, on `t`'s device (through NCCL when given).
-pub fn sum_scalar(
-    group: &Group,
-    #[cfg(feature = "cuda")] nccl: Option<&Nccl>,
-    t: &Tensor,
-) -> Result<Tensor> {
-    Via::of(
-        group,
-        #[cfg(feature = "cuda")]
-        nccl,
-    )
-    .sum_scalar(t)
 }
 
 /// ZeRO stage 2's state for one step: this rank's share of the summed gradient.
@@ -154,19 +131,14 @@ pub struct GradSum<'a> {
 
 impl<'a> GradSum<'a> {
     /// The sum over `group` of the gradients `params` lays out (a model of `blocks` blocks),
-    /// through NCCL when given; with `zero2` (ZeRO stage 2, one device) kept as this rank's share.
-    pub fn new(
-        group: &'a Group,
-        #[cfg(feature = "cuda")] nccl: Option<&'a Nccl>,
+    /// travelling `via`; with `zero2` (ZeRO stage 2, one device) kept as this rank's share.
+    pub(super) fn new(
+        group: &Group,
+        via: Via<'a>,
         params: &DeviceParams,
         blocks: usize,
         zero2: bool,
     ) -> Result<Self> {
-        let via = Via::of(
-            group,
-            #[cfg(feature = "cuda")]
-            nccl,
-        );
         let sharded = match (zero2, &params.parts[..]) {
             (false, _) => None,
             (true, [part]) => {
@@ -262,7 +234,7 @@ impl<'a> GradSum<'a> {
         let mut bufs = grads
             .parts
             .into_iter()
-            .map(super::flat::FlatGrads::into_buffer)
+            .map(crate::train::flat::FlatGrads::into_buffer)
             .collect::<Result<Vec<_>>>()?;
         match self.via {
             Via::Host(g) => {

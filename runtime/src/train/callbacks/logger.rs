@@ -1,0 +1,56 @@
+//! The log record at the logging cadence, as HF's Trainer logs it: the mean loss and gradient
+//! norm of the steps since the last record, the learning rate, the epoch and the speed.
+
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::{Callback, Event, Run};
+use crate::Result;
+
+/// See the module doc.
+#[derive(Debug)]
+pub struct Logger {
+    tokens_since_log: usize,
+    last_log: Instant,
+}
+
+impl Logger {
+    /// Counting from now.
+    pub fn new() -> Self {
+        Self {
+            tokens_since_log: 0,
+            last_log: Instant::now(),
+        }
+    }
+}
+
+impl Default for Logger {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Callback for Logger {
+    fn on_step(&mut self, run: &mut Run<'_>) -> Result<()> {
+        self.tokens_since_log += run.tokens;
+        if !run.cfg.logs_at(run.step, run.total) {
+            return Ok(());
+        }
+        let n = run.read.len().max(1) as f64;
+        let secs = self.last_log.elapsed().as_secs_f64().max(1e-9);
+        let rec = json!({
+            "step": run.step,
+            "epoch": (run.epoch * 1000.0).round() / 1000.0,
+            "loss": run.read.iter().map(|w| w.0).sum::<f64>() / n,
+            "grad_norm": run.read.iter().map(|w| w.1).sum::<f64>() / n,
+            "learning_rate": run.lr,
+            "tokens_per_second": (self.tokens_since_log as f64 / secs).round(),
+        });
+        run.read.clear();
+        self.tokens_since_log = 0;
+        self.last_log = Instant::now();
+        run.events.push(Event::Log(rec));
+        Ok(())
+    }
+}

@@ -1,0 +1,65 @@
+//! A whole run: [`fit`] starts a [`Trainer`] and [`run`] drives it through every step, reporting
+//! events as they come; Ctrl-C saves a checkpoint at the next step boundary and stops.
+
+use std::sync::Arc;
+
+use super::config::TrainConfig;
+use super::trainer::{Event, TrainReport, Trainer};
+use crate::Result;
+use crate::cancel::CancelToken;
+use crate::data::sft::Example;
+use crate::model::Model;
+
+/// Trains `model` on `train` (and evaluates on `eval`), reporting through `on_event`. Ctrl-C
+/// (`cancel`) saves a checkpoint at the next step boundary and stops.
+pub fn fit(
+    model: &Model,
+    train: &[Example],
+    eval: Option<&[Example]>,
+    cfg: &TrainConfig,
+    pad_id: u32,
+    cancel: &CancelToken,
+    on_event: &mut dyn FnMut(&Event) -> Result<()>,
+) -> Result<TrainReport> {
+    let t = Trainer::new(
+        model,
+        Arc::new(train.to_vec()),
+        eval.map(|e| Arc::new(e.to_vec())),
+        cfg,
+        pad_id,
+    )?;
+    run(t, cancel, on_event)
+}
+
+/// Runs `t` to its end (every step, early stopping, or Ctrl-C on any rank), reporting through
+/// `on_event` on rank 0 (the others' progress is the same).
+pub fn run(
+    mut t: Trainer,
+    cancel: &CancelToken,
+    on_event: &mut dyn FnMut(&Event) -> Result<()>,
+) -> Result<TrainReport> {
+    let lead = t.lead();
+    let mut on_event = |e: &Event| if lead { on_event(e) } else { Ok(()) };
+    on_event(&t.start_event())?;
+    while !t.is_done() {
+        let windows = t.windows();
+        if windows.is_empty() {
+            break;
+        }
+        for w in windows {
+            if t.should_stop(cancel)? {
+                let path = t.save_checkpoint()?;
+                on_event(&Event::Saved(path))?;
+                return t.finish(true);
+            }
+            let out = t.step(&w)?;
+            for e in &out.events {
+                on_event(e)?;
+            }
+            if out.done {
+                break;
+            }
+        }
+    }
+    t.finish(false)
+}

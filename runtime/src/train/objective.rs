@@ -1,0 +1,82 @@
+//! The objective: what a batch's loss is, over the model's final hidden states. The engine runs
+//! the blocks forward, hands the normed hidden states and the head to the objective, and runs
+//! the blocks backward from the gradient it returns; the loop divides each window's loss by the
+//! objective's [`Objective::normalizer`]. Supervised fine-tuning ([`CausalLm`]) is the one
+//! objective today; a preference objective (pairs of rows, a reference pass) plugs in here
+//! without touching the loop or the engine.
+
+use candle_core::Tensor;
+
+use crate::data::sft::{Example, IGNORE};
+use crate::nn::GradSink;
+use crate::nn::loss::{LossOut, causal_lm_loss};
+
+/// A batch's labels as the objective sees them: `[rows, seq]` row-major, [`IGNORE`] where
+/// nothing is learned.
+#[derive(Clone, Copy, Debug)]
+pub struct Labels<'a> {
+    /// The labels.
+    pub labels: &'a [i64],
+    /// Rows of the batch.
+    pub rows: usize,
+    /// Tokens a row.
+    pub seq: usize,
+}
+
+/// See the module doc.
+pub trait Objective: Send + Sync + std::fmt::Debug {
+    /// The loss of a batch from its final (normed) hidden states `hidden` (`[rows * seq,
+    /// hidden]`, on the head's device) and the head weight `head`, divided by `denom`: a device
+    /// scalar, the count it sums over, and with `sink` the gradient into `hidden` (the head's
+    /// own gradient, when it trains, goes into `sink`).
+    fn loss(
+        &self,
+        hidden: &Tensor,
+        head: &Tensor,
+        labels: Labels<'_>,
+        denom: f64,
+        sink: Option<&mut dyn GradSink>,
+    ) -> candle_core::Result<LossOut>;
+
+    /// What a window's loss is divided by, so that accumulating k micro-batches equals one batch
+    /// k times larger: the whole window's count.
+    fn normalizer(&self, examples: &[&Example]) -> usize;
+}
+
+/// Supervised fine-tuning (and continued pretraining): the mean cross-entropy of each learned
+/// token given the ones before it, through the fused linear + cross-entropy (no full logits).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CausalLm;
+
+impl Objective for CausalLm {
+    fn loss(
+        &self,
+        hidden: &Tensor,
+        head: &Tensor,
+        labels: Labels<'_>,
+        denom: f64,
+        sink: Option<&mut dyn GradSink>,
+    ) -> candle_core::Result<LossOut> {
+        let targets = shifted_targets(labels.labels, labels.rows, labels.seq);
+        causal_lm_loss(hidden, head, &targets, denom, sink)
+    }
+
+    fn normalizer(&self, examples: &[&Example]) -> usize {
+        examples
+            .iter()
+            .map(|e| e.labels.iter().skip(1).filter(|&&l| l != IGNORE).count())
+            .sum()
+    }
+}
+
+/// Targets for the hidden state at each position: the next token's label, [`IGNORE`] at the end
+/// of each row. `labels` is `[b, s]` row-major.
+pub fn shifted_targets(labels: &[i64], b: usize, s: usize) -> Vec<i64> {
+    let mut out = vec![IGNORE; b * s];
+    for r in 0..b {
+        for p in 0..s.saturating_sub(1) {
+            out[r * s + p] = labels[r * s + p + 1];
+        }
+    }
+    out
+}
