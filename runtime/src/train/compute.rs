@@ -255,7 +255,7 @@ impl Executor for Compute {
     }
 
     fn snapshot(&self) -> Result<Model> {
-        super::trainer::snapshot(&self.model)
+        snapshot(&self.model)
     }
 
     fn into_model(self: Box<Self>) -> Model {
@@ -375,6 +375,17 @@ fn pipeline_stages(model: &Model) -> Option<Vec<std::ops::Range<usize>>> {
         .iter()
         .all(|r| model.decoder.blocks[r.start].device().is_cuda());
     (stages.len() > 1 && on_gpus).then_some(stages)
+}
+
+/// A copy of `model` whose trainable tensors are copies (training never changes the input
+/// handle, and later steps never change the copy).
+pub fn snapshot(model: &Model) -> Result<Model> {
+    let mut m = model.clone();
+    crate::model::params::visit_trainable_mut(&mut m, &mut |_, t| {
+        *t = t.copy()?;
+        Ok(())
+    })?;
+    Ok(m)
 }
 
 /// Whether `e` is the device running out of memory.

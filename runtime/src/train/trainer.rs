@@ -30,12 +30,10 @@ use super::schedule::Schedule;
 use crate::cancel::CancelToken;
 use crate::data::sft::Example;
 use crate::model::Model;
-use crate::model::params::visit_trainable_mut;
 use crate::{Error, Result};
 
 pub use super::callbacks::Event;
-pub use super::compute::evaluate;
-pub use super::fit::fit;
+pub use super::compute::{evaluate, snapshot};
 
 /// The outcome of `fit`.
 #[derive(Clone, Debug)]
@@ -64,17 +62,6 @@ pub struct TrainReport {
     pub best: Option<(String, f64)>,
     /// Whether the returned model is that checkpoint's (`load_best_model_at_end`).
     pub loaded_best: bool,
-}
-
-/// A copy of `model` whose trainable tensors are copies (training never changes the input
-/// handle, and later steps never change the copy).
-pub fn snapshot(model: &Model) -> Result<Model> {
-    let mut m = model.clone();
-    visit_trainable_mut(&mut m, &mut |_, t| {
-        *t = t.copy()?;
-        Ok(())
-    })?;
-    Ok(m)
 }
 
 /// How a run executes: for real, or as `qscript check`'s dry run (nothing computed, allocated
