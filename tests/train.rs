@@ -961,3 +961,115 @@ fn zero_stage_two_full_fine_tuning_trains_like_one_process() {
         }
     }
 }
+
+/// The objective seam: an objective written outside the engine (here the causal-LM loss times
+/// two) plugs into the loop without touching it, and its loss and gradients are the ones the
+/// step reads back (the loss and the gradient norm double; AdamW's first step does not depend
+/// on the scale, so the weights after it nearly agree).
+#[test]
+fn an_objective_plugs_into_the_loop_without_touching_it() {
+    use qscript_runtime::nn::GradSink;
+    use qscript_runtime::nn::loss::LossOut;
+    use qscript_runtime::train::collective::Single;
+    use qscript_runtime::train::objective::{CausalLm, Labels, Objective};
+    use qscript_runtime::train::plan::RunData;
+    use qscript_runtime::train::{Mode, Trainer};
+    use std::sync::Arc;
+
+    #[derive(Debug)]
+    struct Twice;
+    impl Objective for Twice {
+        fn loss(
+            &self,
+            hidden: &candle_core::Tensor,
+            head: &candle_core::Tensor,
+            labels: Labels<'_>,
+            denom: f64,
+            sink: Option<&mut dyn GradSink>,
+        ) -> candle_core::Result<LossOut> {
+            CausalLm.loss(hidden, head, labels, denom / 2.0, sink)
+        }
+        fn normalizer(&self, examples: &[&Example]) -> usize {
+            CausalLm.normalizer(examples)
+        }
+    }
+
+    let data = Arc::new(examples(8));
+    let step = |objective: Arc<dyn Objective>| {
+        let dir = tempfile::tempdir().unwrap();
+        let c = TrainConfig {
+            max_steps: 1,
+            max_grad_norm: 0.0,
+            ..cfg(dir.path())
+        };
+        let mut t = Trainer::start(
+            &peft(3),
+            RunData::new(data.clone(), None),
+            &c,
+            256,
+            Arc::new(Single::new()),
+            objective,
+            Mode::Train,
+        )
+        .unwrap();
+        let w = t.windows().remove(0);
+        t.step(&w).unwrap();
+        t.read_step().unwrap()
+    };
+    let (loss, norm) = step(Arc::new(CausalLm));
+    let (loss2, norm2) = step(Arc::new(Twice));
+    assert!((loss2 - 2.0 * loss).abs() < 1e-5 * loss, "{loss} {loss2}");
+    assert!((norm2 - 2.0 * norm).abs() < 1e-4 * norm, "{norm} {norm2}");
+}
+
+/// `qscript check`'s executor runs the same loop through every step: the plan, the windows and
+/// the learning rates of the real run, with nothing computed and nothing written.
+#[test]
+fn the_check_executor_runs_the_loop_and_writes_nothing() {
+    use qscript_runtime::train::collective::Single;
+    use qscript_runtime::train::objective::CausalLm;
+    use qscript_runtime::train::plan::RunData;
+    use qscript_runtime::train::{Mode, Trainer};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let c = TrainConfig {
+        save_steps: 2,
+        lr_scheduler_type: "linear".into(),
+        ..cfg(&out)
+    };
+    let data = Arc::new(examples(12));
+    let start = |mode| {
+        Trainer::start(
+            &peft(0),
+            RunData::new(data.clone(), None),
+            &c,
+            256,
+            Arc::new(Single::new()),
+            Arc::new(CausalLm),
+            mode,
+        )
+        .unwrap()
+    };
+    let mut dry = start(Mode::Check);
+    let mut steps = Vec::new();
+    while !dry.is_done() {
+        for w in dry.windows() {
+            let o = dry.step(&w).unwrap();
+            assert!(o.events.iter().all(|e| matches!(e, Event::Step { .. })));
+            assert!(dry.read_step().unwrap().0.is_nan());
+            steps.push((w, o.learning_rate));
+        }
+    }
+    assert_eq!(steps.len(), 6);
+    assert!(dry.save_checkpoint().unwrap().ends_with("checkpoint-6"));
+    assert!(!out.exists(), "a dry run writes nothing");
+    let mut real = start(Mode::Train);
+    for (w, lr) in &steps {
+        assert_eq!(&real.windows()[0], w);
+        assert_eq!(real.step(w).unwrap().learning_rate, *lr);
+    }
+    assert!(real.is_done());
+    assert!(out.join("checkpoint-6").is_dir());
+}

@@ -1,11 +1,18 @@
-//! The qscript engine: everything that does real work, with no scripting in it.
+//! The qscript engine: everything that does real work, with no scripting in it and no printing
+//! (it reports through return values, events and [`notice`]). The scripting layer
+//! (`qscript-stdlib`) turns Rhai calls into calls on this crate.
 //!
-//! The scripting layer (`qscript-stdlib`) turns Rhai calls into calls on this crate; nothing here
-//! knows about Rhai. Today it holds the pieces every later part builds on:
-//!
-//! - [`sandbox`]: the path policy every file access goes through;
-//! - [`cancel`]: a cancel token polled by long native work (Ctrl-C, watch reloads);
-//! - [`hash`]: content hashes of files, the keys of the session's memo cache.
+//! - [`model`]: HF checkpoints and the Llama-family decoder, generation; [`lora`]: PEFT adapters;
+//! - [`tokenizer`], [`chat_template`], [`data`]: tokenizers, templates, datasets, tokenization;
+//! - [`train`]: the training loop, its plan, executors, objective, callbacks and collective;
+//! - [`nn`]: the ops the decoder runs, each with its backward; the fused CUDA kernels beside
+//!   their reference ops;
+//! - [`plan`]: the memory estimate and the device map (pure arithmetic); [`device`]: devices and
+//!   the only queries of a GPU; [`dist`]: the ranks of a data-parallel run (TCP, NCCL);
+//! - [`sandbox`]: the path policy every file access goes through; [`cancel`]: the cancel token
+//!   long native work polls; [`hash`]: content hashes (the session's memo keys);
+//! - [`error`], [`notice`], [`profile`], [`testing`]: the error type, one-line notices, GPU-time
+//!   spans, test helpers.
 //!
 //! ```
 //! use qscript_runtime::sandbox::Sandbox;

@@ -254,30 +254,44 @@ pub mod train_module {
     use crate::handles::{DatasetHandle, ModelHandle};
 
     /// Trains a model (LoRA adapters, or every weight of a model loaded `trainable`) on a
-    /// tokenized dataset and returns the trained model; the input model is not changed. Options
-    /// use HF TrainingArguments names: `per_device_train_batch_size`,
-    /// `gradient_accumulation_steps`, `num_train_epochs`, `max_steps`, `learning_rate`,
-    /// `weight_decay`, `lr_scheduler_type`, `warmup_ratio`, `warmup_steps`, `max_grad_norm`,
-    /// `bf16`, `fp16`, `gradient_checkpointing`, `group_by_length`, `pad_to_multiple_of`, `seed`,
-    /// `logging_steps`, `eval_strategy`, `eval_steps`, `save_steps`, `save_total_limit`,
-    /// `load_best_model_at_end`, `metric_for_best_model`, `early_stopping_patience`,
-    /// `resume_from_checkpoint`, `output_dir`; TRL's `packing` (examples concatenated into rows
-    /// of `max_length` tokens, default 1024: no padding, attention never crosses an example,
-    /// positions restart per example, the loss is the unpacked one; each row counts as one
-    /// example of the batch, as in TRL) and `max_length` (without `packing`, longer examples are
-    /// cut); HF's `report_to` (`"tensorboard"` writes TensorBoard event files under
-    /// `logging_dir`, default `output_dir/runs`; `"none"`); and qscript's `merge_micro_batches` (unset: on a GPU, run each accumulation window
-    /// as fewer, larger micro-batches, each just large enough to keep the GPU busy and within
-    /// the memory measured in the first step; the gradients are the same; `true`: each window
-    /// as one pass; `false`: as written); DeepSpeed's `zero_stage` (with several ranks,
-    /// `qscript --nproc-per-node N`: 1 keeps on each rank the optimizer moments of its share of
-    /// the parameters only, 2 its share of the summed gradients too; 0, the default, keeps them
-    /// all); qscript's `pipeline` (with the
-    /// model over several GPUs, `device_map`: `true`, the default, runs each window's
-    /// micro-batches through the GPUs in a pipeline so they work at once; `false`, one
-    /// micro-batch at a time, as HF does). With several ranks each takes
-    /// `per_device_train_batch_size` examples of every micro-batch, rank 0 alone logs, evaluates
-    /// and writes. Ctrl-C saves a checkpoint and stops.
+    /// tokenized dataset and returns the trained model; the input model is not changed. Ctrl-C
+    /// saves a checkpoint and stops. Options use HF TrainingArguments names (TRL's and
+    /// DeepSpeed's where HF has none); an unknown key is an error listing the valid ones.
+    ///
+    /// | option | default | meaning |
+    /// |---|---|---|
+    /// | `per_device_train_batch_size` | 8 | examples a micro-batch (on each rank) |
+    /// | `per_device_eval_batch_size` | 8 | examples an eval batch |
+    /// | `gradient_accumulation_steps` | 1 | micro-batches an optimizer step |
+    /// | `num_train_epochs` | 3.0 | epochs (fractions allowed) |
+    /// | `max_steps` | -1 | optimizer steps; wins over `num_train_epochs` when > 0 |
+    /// | `learning_rate` | 5e-5 | peak learning rate |
+    /// | `lr_scheduler_type` | `"linear"` | `linear`, `cosine`, `constant`, `constant_with_warmup` |
+    /// | `warmup_ratio`, `warmup_steps` | 0 | warmup as a fraction of the steps, or steps (wins) |
+    /// | `weight_decay` | 0.0 | AdamW's decoupled decay (not on biases and norms) |
+    /// | `adam_beta1`, `adam_beta2`, `adam_epsilon` | 0.9, 0.999, 1e-8 | AdamW |
+    /// | `max_grad_norm` | 1.0 | global-norm clipping (0: off) |
+    /// | `bf16`, `fp16` | false | train in the dtype the model was loaded with (a note if they differ) |
+    /// | `gradient_checkpointing` | false | recompute each block in backward |
+    /// | `group_by_length` | false | similar lengths in a batch (still shuffled per epoch) |
+    /// | `pad_to_multiple_of` | none | round padded lengths up |
+    /// | `packing` | false | TRL's: examples packed into rows of `max_length` (default 1024); attention never crosses an example, positions restart, the loss is the unpacked one; a row counts as one example |
+    /// | `max_length` | none | TRL's: the packed row length; without `packing`, longer examples are cut |
+    /// | `seed` | 42 | data order and dropout masks |
+    /// | `logging_steps` | 10 | a log record every N steps (`metrics.jsonl`, printed) |
+    /// | `eval_strategy`, `eval_steps` | `"no"`, `logging_steps` | `"steps"`: evaluate every N steps (needs the eval dataset) |
+    /// | `save_steps`, `save_total_limit` | 500, none | a checkpoint every N steps (0: never), keep at most this many |
+    /// | `load_best_model_at_end`, `metric_for_best_model` | false, `eval_loss` | return the best checkpoint's weights |
+    /// | `early_stopping_patience` | none | stop after this many evals without a better one |
+    /// | `resume_from_checkpoint` | none | a checkpoint directory, or `true` for the latest in `output_dir` (`--resume` on the command line) |
+    /// | `output_dir` | the run's | where checkpoints, `metrics.jsonl` and the loss plot go |
+    /// | `report_to`, `logging_dir` | `"none"`, `output_dir/runs` | `"tensorboard"` also writes TensorBoard event files |
+    /// | `merge_micro_batches` | unset | unset: on a GPU, each window as fewer, larger passes, just large enough to keep the GPU busy and within the memory measured in the first step (the same gradients); `true`: one pass; `false`: as written |
+    /// | `zero_stage` | 0 | DeepSpeed's, with several ranks (`qscript --nproc-per-node N`): 1 keeps on each rank the optimizer moments of its share of the parameters only, 2 its share of the summed gradients too |
+    /// | `pipeline` | true | with the model over several GPUs (`device_map`): each window's micro-batches through the GPUs in a pipeline, so they work at once; `false`: one at a time, as HF does |
+    ///
+    /// With several ranks each takes `per_device_train_batch_size` examples of every
+    /// micro-batch; rank 0 alone logs, evaluates and writes.
     ///
     /// ```rhai
     /// io::write_text("d.json", `[{"instruction": "hi", "output": "hello"}]`);
