@@ -81,6 +81,10 @@ pub enum Error {
     /// A bad argument or option value.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A glob matched no file, or one of its matches could not be read. The message names the
+    /// pattern, never a match: a match may lie outside the sandbox.
+    #[error("{0}")]
+    Glob(String),
     /// The run was cancelled (Ctrl-C, or a watch reload).
     #[error("cancelled")]
     Cancelled,
@@ -103,7 +107,7 @@ impl Error {
     /// A short, stable name for the kind of error. Scripts see it as `e.kind` in `catch`.
     pub fn kind(&self) -> &'static str {
         match self {
-            Error::Io { .. } => "io",
+            Error::Io { .. } | Error::Glob(_) => "io",
             Error::Json { .. } => "json",
             Error::Sandbox(_) => "sandbox",
             Error::Config { .. } => "config",

@@ -1,10 +1,13 @@
-//! Records from JSON arrays and JSONL files. Every error names the file, and the line or the
-//! record, so a bad line in a 100k-line file is found at once.
+//! Records from JSON arrays and JSONL files, named by a path or a glob the sandbox allows. Every
+//! error names the file, and the line or the record, so a bad line in a 100k-line file is found at
+//! once.
 
 use std::path::{Path, PathBuf};
 
+use serde::Deserialize;
 use serde_json::Value;
 
+use crate::sandbox::Sandbox;
 use crate::{Error, Result};
 
 /// An ordered collection of records (JSON objects), with where they came from.
@@ -41,6 +44,51 @@ impl Dataset {
         }
         cols
     }
+}
+
+/// Options of `data::load`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoadOptions {
+    /// Keep the first N records (LLaMA-Factory's `max_samples`).
+    pub max_samples: Option<usize>,
+}
+
+/// The files `pattern` names (relative to the recipe directory; `*`, `?` and `[..]` glob), each
+/// resolved through the sandbox, in sorted order. A pattern without glob characters is one path.
+/// Neither a glob error nor a refusal names a match: it may lie outside the sandbox.
+pub fn resolve_files(sandbox: &Sandbox, pattern: &str) -> Result<Vec<PathBuf>> {
+    if !pattern.contains(['*', '?', '[']) {
+        return Ok(vec![sandbox.resolve_read(pattern)?]);
+    }
+    let full = sandbox.base().join(pattern);
+    let paths = glob::glob(&full.to_string_lossy())
+        .map_err(|e| Error::InvalidArgument(format!("bad glob `{pattern}`: {e}")))?;
+    let mut out = Vec::new();
+    for p in paths {
+        let p = p.map_err(|_| Error::Glob(format!("cannot read a match of `{pattern}`")))?;
+        let real = sandbox.resolve_read(&p).map_err(|e| match e {
+            Error::Sandbox(_) => Error::Sandbox(format!(
+                "`{pattern}` matches files outside the recipe's sandbox; pass `--allow-read PATH` to allow more"
+            )),
+            other => other,
+        })?;
+        out.push(real);
+    }
+    if out.is_empty() {
+        return Err(Error::Glob(format!("no files match `{pattern}`")));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// [`load_files`], keeping the first `max_samples` records.
+pub fn load(paths: &[PathBuf], opts: &LoadOptions) -> Result<Dataset> {
+    let mut ds = load_files(paths)?;
+    if let Some(n) = opts.max_samples {
+        ds.rows.truncate(n);
+    }
+    Ok(ds)
 }
 
 /// Reads every file in `paths` (in order) into one dataset. A file is a JSON array of objects, or
@@ -182,5 +230,51 @@ mod tests {
         let p = write(d.path(), "empty.json", "[]");
         let e = load_files(&[p]).unwrap_err().to_string();
         assert!(e.contains("the dataset is empty"), "{e}");
+    }
+
+    #[test]
+    fn globs_expand_to_sorted_files_the_sandbox_allows() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("recipe");
+        std::fs::create_dir_all(root.join("data")).unwrap();
+        for name in ["b.jsonl", "a.jsonl", "c.json"] {
+            write(&root.join("data"), name, "{\"x\": 1}\n");
+        }
+        write(d.path(), "outside.jsonl", "{\"x\": 1}\n");
+        let sb = Sandbox::new(&root, root.join("runs"), &[]).unwrap();
+        let names = |files: Vec<PathBuf>| -> Vec<String> {
+            files
+                .iter()
+                .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(
+            names(resolve_files(&sb, "data/*.jsonl").unwrap()),
+            ["a.jsonl", "b.jsonl"]
+        );
+        assert_eq!(
+            names(resolve_files(&sb, "data/c.json").unwrap()),
+            ["c.json"]
+        );
+        let e = resolve_files(&sb, "data/*.csv").unwrap_err();
+        assert_eq!(
+            (e.kind(), e.to_string()),
+            ("io", "no files match `data/*.csv`".into())
+        );
+        let e = resolve_files(&sb, "../*.jsonl").unwrap_err();
+        assert_eq!(e.kind(), "sandbox");
+        assert!(
+            e.to_string()
+                .starts_with("`../*.jsonl` matches files outside"),
+            "{e}"
+        );
+        let ds = load(
+            &resolve_files(&sb, "data/*").unwrap(),
+            &LoadOptions {
+                max_samples: Some(2),
+            },
+        )
+        .unwrap();
+        assert_eq!((ds.len(), ds.source.as_str()), (2, "3 files"));
     }
 }

@@ -300,6 +300,32 @@ fn truncate(mut ex: Example, max: usize, count: &mut usize) -> Example {
     ex
 }
 
+/// The decoded example with the learned spans in `[[...]]` (what `qscript check` shows of the
+/// first examples). A span that fails to decode shows as empty.
+pub fn masked_spans(tok: &Tokenizer, ex: &Example) -> String {
+    let mut out = String::new();
+    let mut start = 0;
+    while start < ex.input_ids.len() {
+        let learn = ex.labels[start] != IGNORE;
+        let mut end = start;
+        while end < ex.input_ids.len() && (ex.labels[end] != IGNORE) == learn {
+            end += 1;
+        }
+        let text = tok
+            .decode(&ex.input_ids[start..end], false)
+            .unwrap_or_default();
+        if learn {
+            out.push_str("[[");
+            out.push_str(&text);
+            out.push_str("]]");
+        } else {
+            out.push_str(&text);
+        }
+        start = end;
+    }
+    out
+}
+
 /// Length statistics of tokenized examples.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LengthStats {
@@ -404,6 +430,22 @@ mod tests {
             .map(|&l| u32::try_from(l).unwrap())
             .collect();
         assert_eq!(tok.decode(&learned, false).unwrap(), "a2<|im_end|>\n");
+    }
+
+    #[test]
+    fn masked_spans_bracket_what_is_learned() {
+        let tok = Tokenizer::builtin().unwrap();
+        let ds = Dataset {
+            rows: vec![conv()],
+            source: "t".into(),
+        };
+        let r = sft(&ds, &tok, &SftOptions::default()).unwrap();
+        let shown = masked_spans(&tok, &r.examples[0]);
+        assert_eq!(
+            shown,
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nu1<|im_end|>\n<|im_start|>assistant\n\
+             [[a1<|im_end|>\n]]<|im_start|>user\nu2<|im_end|>\n<|im_start|>assistant\n[[a2<|im_end|>\n]]"
+        );
     }
 
     #[test]

@@ -1,28 +1,20 @@
 //! `data`: datasets from JSON/JSONL files or LLaMA-Factory's dataset_info.json, conversion to chat
-//! messages, SFT tokenization with label masks, and the usual dataset operations.
+//! messages, SFT tokenization with label masks, and the usual dataset operations. The work is
+//! `qscript_runtime::data`'s; this module reads the options, calls it, wraps the result in a
+//! `Dataset` handle and prints what it did. `map` and `filter` call script functions, so they
+//! live here.
 
 #[allow(clippy::wildcard_imports)]
 use rhai::plugin::*;
 
-use std::path::PathBuf;
-
 use rhai::{EvalAltResult, FnPtr};
-use serde::Deserialize;
 
 use crate::context::RunContext;
-use crate::error::{script_error, to_rhai};
+use crate::error::script_error;
 use crate::handles::{Data, DatasetHandle};
-use qscript_runtime::data::Dataset;
+use qscript_runtime::data::split::SplitOptions;
 
 type Res<T> = Result<T, Box<EvalAltResult>>;
-
-/// Options of `data::load`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct LoadOpts {
-    /// Keep the first N records (LLaMA-Factory's `max_samples`).
-    max_samples: Option<usize>,
-}
 
 /// Entry `name` of the `dataset_info.json` at `path`, as chat messages.
 fn info_entry(ctx: &NativeCallContext, path: &str, name: &str) -> Res<DatasetHandle> {
@@ -70,131 +62,42 @@ fn datasets(ctx: &NativeCallContext, what: &str, list: rhai::Array) -> Res<Vec<D
         .collect()
 }
 
-/// Options of `data::interleave` (HF datasets' `interleave_datasets`).
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct InterleaveOpts {
-    /// Chance of drawing from each dataset at each step (none: take them in turn).
-    probabilities: Option<Vec<f64>>,
-    /// Seed of the draws.
-    seed: Option<u64>,
-    /// `first_exhausted` (stop when one runs out, the default) or `all_exhausted` (start the
-    /// exhausted ones over until every one has been used up once).
-    stopping_strategy: Option<String>,
+/// The datasets the handles hold, for the runtime's operations.
+fn contents(parts: &[DatasetHandle]) -> Vec<&Data> {
+    parts.iter().map(|p| &*p.0).collect()
 }
 
-/// The `(dataset, row)` order of `interleave` over datasets of `lens` rows.
-fn interleave_order(lens: &[usize], o: &InterleaveOpts) -> Result<Vec<(usize, usize)>, String> {
-    use rand::{Rng, SeedableRng};
-    let all = match o.stopping_strategy.as_deref().unwrap_or("first_exhausted") {
-        "first_exhausted" => false,
-        "all_exhausted" => true,
-        other => {
-            return Err(format!(
-                "`stopping_strategy` must be `first_exhausted` or `all_exhausted`, got `{other}`"
-            ));
-        }
-    };
-    if let Some((k, _)) = lens.iter().enumerate().find(|(_, n)| **n == 0) {
-        return Err(format!("dataset {k} is empty"));
-    }
-    let cumulative = match &o.probabilities {
-        None => None,
-        Some(p) => {
-            if p.len() != lens.len() {
-                return Err(format!(
-                    "`probabilities` has {} entries for {} datasets",
-                    p.len(),
-                    lens.len()
-                ));
-            }
-            let sum: f64 = p.iter().sum();
-            if p.iter().any(|x| !x.is_finite() || *x < 0.0) || (sum - 1.0).abs() > 1e-6 {
-                return Err(format!(
-                    "`probabilities` must be non-negative and sum to 1, got {p:?} (sum {sum})"
-                ));
-            }
-            Some(
-                p.iter()
-                    .scan(0.0, |acc, x| {
-                        *acc += x;
-                        Some(*acc)
-                    })
-                    .collect::<Vec<f64>>(),
-            )
-        }
-    };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed.unwrap_or(0));
-    let mut next = vec![0usize; lens.len()];
-    let mut done = vec![false; lens.len()];
-    let mut order = Vec::new();
-    let limit = lens
-        .iter()
-        .sum::<usize>()
-        .saturating_mul(lens.len().max(1))
-        .saturating_mul(64);
-    for turn in 0.. {
-        if order.len() >= limit {
-            return Err(
-                "`interleave` would not end: a dataset with probability 0 can never be used up"
-                    .into(),
-            );
-        }
-        let d = match &cumulative {
-            None => turn % lens.len(),
-            Some(c) => {
-                let u: f64 = rng.random();
-                c.iter().position(|&x| u < x).unwrap_or(lens.len() - 1)
-            }
-        };
-        if next[d] == lens[d] {
-            done[d] = true;
-            if !all || done.iter().all(|&x| x) {
-                break;
-            }
-            next[d] = 0;
-        }
-        order.push((d, next[d]));
-        next[d] += 1;
-        if all && next[d] == lens[d] {
-            done[d] = true;
-            if done.iter().all(|&x| x) {
-                break;
-            }
-        }
-    }
-    Ok(order)
-}
-
-/// Expands `pattern` (relative to the recipe directory; `*`, `?` and `[..]` glob) into files the
-/// sandbox allows.
-fn expand(rc: &RunContext, pattern: &str) -> Res<Vec<PathBuf>> {
-    if !pattern.contains(['*', '?', '[']) {
-        return Ok(vec![rc.sandbox.resolve_read(pattern).map_err(to_rhai)?]);
-    }
-    let full = rc.sandbox.base().join(pattern);
-    let paths = glob::glob(&full.to_string_lossy())
-        .map_err(|e| script_error("invalid_argument", format!("bad glob `{pattern}`: {e}")))?;
-    let mut out = Vec::new();
-    for p in paths {
-        // Neither a glob error nor a refusal names a match: it may lie outside the sandbox.
-        let p = p.map_err(|_| script_error("io", format!("cannot read a match of `{pattern}`")))?;
-        let real = rc.sandbox.resolve_read(&p).map_err(|e| match e {
-            qscript_runtime::Error::Sandbox(_) => script_error(
-                "sandbox",
-                format!(
-                    "`{pattern}` matches files outside the recipe's sandbox; pass `--allow-read PATH` to allow more"
+/// The options of `train_test_split`, read as they always have been: an unknown key as
+/// `from_options` words it, at the call; a bad value on its own. Read from the script's values
+/// themselves (not through JSON, as `from_options` does), so that a value JSON cannot hold (`NaN`,
+/// a char, a blob) reads as it did.
+fn split_options(ctx: &NativeCallContext, opts: rhai::Map) -> Res<SplitOptions> {
+    use rhai::{LexError, ParseErrorType};
+    rhai::serde::from_dynamic(&Dynamic::from_map(opts)).map_err(|e| {
+        let fail = |m: &str| {
+            at(
+                ctx,
+                script_error(
+                    "options",
+                    format!("invalid options for `train_test_split`: {m}"),
                 ),
-            ),
-            other => to_rhai(other),
-        })?;
-        out.push(real);
-    }
-    if out.is_empty() {
-        return Err(script_error("io", format!("no files match `{pattern}`")));
-    }
-    out.sort();
-    Ok(out)
+            )
+        };
+        // rhai carries the options' own messages (serde's `custom`) as this lex error.
+        match *e {
+            EvalAltResult::ErrorParsing(
+                ParseErrorType::BadInput(LexError::ImproperSymbol(_, m)),
+                _,
+            ) => {
+                if m.starts_with("unknown field") {
+                    fail(&m)
+                } else {
+                    script_error("options", m)
+                }
+            }
+            other => fail(&other.to_string()),
+        }
+    })
 }
 
 /// Calls `f(record)` on every record in parallel (order kept); errors name the record.
@@ -245,36 +148,6 @@ fn par_call(
     results.into_iter().collect()
 }
 
-/// The decoded example with the learned spans in `[[...]]`.
-pub fn masked_spans(
-    tok: &qscript_runtime::tokenizer::Tokenizer,
-    ex: &qscript_runtime::data::sft::Example,
-) -> String {
-    let mut out = String::new();
-    let mut start = 0;
-    while start < ex.input_ids.len() {
-        let learn = ex.labels[start] != qscript_runtime::data::sft::IGNORE;
-        let mut end = start;
-        while end < ex.input_ids.len()
-            && (ex.labels[end] != qscript_runtime::data::sft::IGNORE) == learn
-        {
-            end += 1;
-        }
-        let text = tok
-            .decode(&ex.input_ids[start..end], false)
-            .unwrap_or_default();
-        if learn {
-            out.push_str("[[");
-            out.push_str(&text);
-            out.push_str("]]");
-        } else {
-            out.push_str(&text);
-        }
-        start = end;
-    }
-    out
-}
-
 /// Positions an error at the script's call site unless it has a position.
 fn at(ctx: &NativeCallContext, mut e: Box<EvalAltResult>) -> Box<EvalAltResult> {
     if e.position().is_none() {
@@ -283,46 +156,25 @@ fn at(ctx: &NativeCallContext, mut e: Box<EvalAltResult>) -> Box<EvalAltResult> 
     e
 }
 
-pub(crate) fn edit_records(
-    ds: &DatasetHandle,
-    f: impl Fn(&mut serde_json::Map<String, serde_json::Value>),
-) -> Res<DatasetHandle> {
-    let Data::Records(d) = &*ds.0 else {
-        return Err(script_error(
-            "invalid_argument",
-            "tokenized examples have fixed columns",
-        ));
-    };
-    let mut rows = d.rows.clone();
-    for r in &mut rows {
-        if let Some(m) = r.as_object_mut() {
-            f(m);
-        }
-    }
-    Ok(DatasetHandle::records(Dataset {
-        rows,
-        source: d.source.clone(),
-    }))
-}
-
 /// The `data` module and the `Dataset` methods.
 // rhai's macro unwraps the `&mut` receiver of functions that also take a NativeCallContext.
 #[allow(clippy::unwrap_used)]
 #[export_module]
 pub mod data_module {
-    use std::sync::Arc;
+    use std::path::PathBuf;
 
     use qscript_runtime::data::formats::{self, FormatOptions};
+    use qscript_runtime::data::interleave::{self as interleave_impl, InterleaveOptions};
+    use qscript_runtime::data::records::{self, LoadOptions};
     use qscript_runtime::data::sft::{self as sft_impl, SftOptions};
-    use qscript_runtime::data::{Dataset, load_files};
-    use rand::SeedableRng;
-    use rand::seq::SliceRandom;
+    use qscript_runtime::data::split as split_impl;
+    use qscript_runtime::data::{Dataset, TokenizedDataset};
     use rhai::{Array, FnPtr, Map};
 
-    use super::{LoadOpts, Res, at, datasets, edit_records, expand, info_entry, par_call};
+    use super::{Res, at, contents, datasets, info_entry, par_call, split_options};
     use crate::context::{Memo, RunContext};
     use crate::error::{script_error, to_rhai, to_rhai_at};
-    use crate::handles::{Data, DatasetHandle, Tokenized, TokenizerHandle};
+    use crate::handles::{Data, DatasetHandle, TokenizerHandle};
     use crate::options::{from_options, to_usize};
 
     /// Loads records from a JSON array, a JSONL file, or a glob of them (`data/*.jsonl`),
@@ -348,15 +200,12 @@ pub mod data_module {
     #[rhai_fn(name = "load", return_raw)]
     pub fn load_with(ctx: NativeCallContext, path: &str, opts: Map) -> Res<DatasetHandle> {
         let rc = RunContext::of(&ctx)?;
-        let o: LoadOpts = from_options(&ctx, "data::load", opts)?;
-        let files = expand(&rc, path).map_err(|e| at(&ctx, e))?;
+        let o: LoadOptions = from_options(&ctx, "data::load", opts)?;
+        let files = records::resolve_files(&rc.sandbox, path).map_err(to_rhai_at(&ctx))?;
         let refs: Vec<&std::path::Path> = files.iter().map(PathBuf::as_path).collect();
         let key = Memo::key("data::load", &format!("{files:?} {o:?}"), &refs).map_err(to_rhai)?;
         let v = rc.memo.get_or_try_insert(&key, || {
-            let mut ds = load_files(&files).map_err(to_rhai_at(&ctx))?;
-            if let Some(n) = o.max_samples {
-                ds.rows.truncate(n);
-            }
+            let ds = records::load(&files, &o).map_err(to_rhai_at(&ctx))?;
             Ok::<_, Box<EvalAltResult>>(Dynamic::from(DatasetHandle::records(ds)))
         })?;
         Ok(v.cast())
@@ -409,7 +258,9 @@ pub mod data_module {
             };
             parts.push(info_entry(&ctx, path, &name)?);
         }
-        DatasetHandle::concat(&parts).map_err(|m| at(&ctx, script_error("invalid_argument", m)))
+        Data::concat(&contents(&parts))
+            .map(DatasetHandle::new)
+            .map_err(to_rhai_at(&ctx))
     }
 
     /// The datasets one after another (all records, or all tokenized examples).
@@ -427,7 +278,9 @@ pub mod data_module {
     #[rhai_fn(return_raw)]
     pub fn concat(ctx: NativeCallContext, list: Array) -> Res<DatasetHandle> {
         let parts = datasets(&ctx, "data::concat", list)?;
-        DatasetHandle::concat(&parts).map_err(|m| at(&ctx, script_error("invalid_argument", m)))
+        Data::concat(&contents(&parts))
+            .map(DatasetHandle::new)
+            .map_err(to_rhai_at(&ctx))
     }
 
     /// Alternates between datasets, as HF datasets' `interleave_datasets` does: in turn, or drawn
@@ -447,17 +300,11 @@ pub mod data_module {
     /// ```
     #[rhai_fn(return_raw)]
     pub fn interleave(ctx: NativeCallContext, list: Array, opts: Map) -> Res<DatasetHandle> {
-        let o: super::InterleaveOpts = from_options(&ctx, "data::interleave", opts)?;
+        let o: InterleaveOptions = from_options(&ctx, "data::interleave", opts)?;
         let parts = datasets(&ctx, "data::interleave", list)?;
-        let lens: Vec<usize> = parts.iter().map(DatasetHandle::len).collect();
-        let order = super::interleave_order(&lens, &o).map_err(|m| {
-            at(
-                &ctx,
-                script_error("invalid_argument", format!("`data::interleave`: {m}")),
-            )
-        })?;
-        DatasetHandle::pick(&parts, &order)
-            .map_err(|m| at(&ctx, script_error("invalid_argument", m)))
+        interleave_impl::interleave(&contents(&parts), &o)
+            .map(DatasetHandle::new)
+            .map_err(to_rhai_at(&ctx))
     }
 
     /// `interleave` in turn, until one dataset runs out.
@@ -607,16 +454,12 @@ pub mod data_module {
                     r.source_index[k],
                     ex.input_ids.len()
                 ));
-                rc.sink.out(&super::masked_spans(&tok.0, ex));
+                rc.sink.out(&sft_impl::masked_spans(&tok.0, ex));
             }
         }
-        Ok(DatasetHandle(Arc::new(Data::Tokenized(Tokenized {
-            examples: r.examples,
-            source: records.source.clone(),
-            truncated: r.truncated,
-            dropped: r.dropped,
-            vocab: tok.0.vocab_size(),
-        }))))
+        Ok(DatasetHandle::new(Data::Tokenized(
+            TokenizedDataset::from_report(r, records.source.clone(), tok.0.vocab_size()),
+        )))
     }
 
     /// `sft` with the default options.
@@ -680,13 +523,7 @@ pub mod data_module {
     /// ```
     #[rhai_fn(global, pure)]
     pub fn columns(ds: &mut DatasetHandle) -> Array {
-        match &*ds.0 {
-            Data::Records(d) => d.columns().into_iter().map(Dynamic::from).collect(),
-            Data::Tokenized(_) => ["input_ids", "labels", "attention_mask"]
-                .into_iter()
-                .map(Dynamic::from)
-                .collect(),
-        }
+        ds.columns().into_iter().map(Dynamic::from).collect()
     }
 
     /// The records in `range` (`ds.select(0..100)`).
@@ -697,11 +534,8 @@ pub mod data_module {
     /// ```
     #[rhai_fn(global, pure, return_raw)]
     pub fn select(ds: &mut DatasetHandle, range: std::ops::Range<rhai::INT>) -> Res<DatasetHandle> {
-        let (a, b) = (
-            to_usize("start", range.start)?,
-            to_usize("end", range.end)?.min(ds.len()),
-        );
-        Ok(ds.subset(&(a.min(b)..b).collect::<Vec<_>>()))
+        let (start, end) = (to_usize("start", range.start)?, to_usize("end", range.end)?);
+        Ok(DatasetHandle::new(ds.select(start, end)))
     }
 
     /// The records in an inclusive range (`ds.select(0..=9)`).
@@ -728,10 +562,9 @@ pub mod data_module {
     /// ```
     #[rhai_fn(global, pure, return_raw)]
     pub fn shuffle(ds: &mut DatasetHandle, seed: rhai::INT) -> Res<DatasetHandle> {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(u64::try_from(seed).unwrap_or(0));
-        let mut idx: Vec<usize> = (0..ds.len()).collect();
-        idx.shuffle(&mut rng);
-        Ok(ds.subset(&idx))
+        Ok(DatasetHandle::new(
+            ds.shuffle(u64::try_from(seed).unwrap_or(0)),
+        ))
     }
 
     /// The records for which `f(record)` is true (run in parallel).
@@ -759,7 +592,7 @@ pub mod data_module {
                 }
             }
         }
-        Ok(ds.subset(&idx))
+        Ok(DatasetHandle::new(ds.subset(&idx)))
     }
 
     /// A new dataset of `f(record)` for every record, computed in parallel on all cores, in order.
@@ -821,66 +654,15 @@ pub mod data_module {
     /// ```
     #[rhai_fn(global, pure, return_raw)]
     pub fn train_test_split(ctx: NativeCallContext, ds: &mut DatasetHandle, opts: Map) -> Res<Map> {
-        let mut test_size = 0.1f64;
-        let mut seed = 0u64;
-        for (k, v) in &opts {
-            match k.as_str() {
-                "test_size" => {
-                    test_size = v
-                        .as_float()
-                        .or_else(|_| v.as_int().map(|i| i as f64))
-                        .map_err(|t| {
-                            script_error(
-                                "options",
-                                format!("`test_size` is {t}, expected a number"),
-                            )
-                        })?;
-                }
-                "seed" => {
-                    seed = v
-                        .as_int()
-                        .ok()
-                        .and_then(|i| u64::try_from(i).ok())
-                        .ok_or_else(|| {
-                            script_error("options", "`seed` must be a non-negative integer")
-                        })?;
-                }
-                other => {
-                    return Err(at(
-                        &ctx,
-                        script_error(
-                            "options",
-                            format!(
-                                "invalid options for `train_test_split`: unknown field `{other}`, expected one of `test_size`, `seed`"
-                            ),
-                        ),
-                    ));
-                }
-            }
-        }
-        let n = ds.len();
-        let n_test = if test_size < 1.0 {
-            (n as f64 * test_size).ceil() as usize
-        } else {
-            test_size as usize
-        };
-        if n_test == 0 || n_test >= n {
-            return Err(at(
-                &ctx,
-                script_error(
-                    "options",
-                    format!(
-                        "`test_size` {test_size} leaves {n_test} of {n} records for test; both splits must be non-empty"
-                    ),
-                ),
-            ));
-        }
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut idx: Vec<usize> = (0..n).collect();
-        idx.shuffle(&mut rng);
+        let o = split_options(&ctx, opts)?;
+        let split = split_impl::train_test_split(ds, &o)
+            .map_err(|e| at(&ctx, script_error("options", e.to_string())))?;
         let mut out = Map::new();
-        out.insert("test".into(), Dynamic::from(ds.subset(&idx[..n_test])));
-        out.insert("train".into(), Dynamic::from(ds.subset(&idx[n_test..])));
+        out.insert("test".into(), Dynamic::from(DatasetHandle::new(split.test)));
+        out.insert(
+            "train".into(),
+            Dynamic::from(DatasetHandle::new(split.train)),
+        );
         Ok(out)
     }
 
@@ -893,11 +675,9 @@ pub mod data_module {
     #[rhai_fn(global, pure, return_raw)]
     pub fn remove_columns(ds: &mut DatasetHandle, names: Array) -> Res<DatasetHandle> {
         let names: Vec<String> = names.into_iter().map(|n| n.to_string()).collect();
-        edit_records(ds, |m| {
-            for n in &names {
-                m.remove(n);
-            }
-        })
+        ds.remove_columns(&names)
+            .map(DatasetHandle::new)
+            .map_err(to_rhai)
     }
 
     /// The records with column `from` renamed to `to`.
@@ -908,11 +688,9 @@ pub mod data_module {
     /// ```
     #[rhai_fn(global, pure, return_raw)]
     pub fn rename_column(ds: &mut DatasetHandle, from: &str, to: &str) -> Res<DatasetHandle> {
-        edit_records(ds, |m| {
-            if let Some(v) = m.remove(from) {
-                m.insert(to.to_string(), v);
-            }
-        })
+        ds.rename_column(from, to)
+            .map(DatasetHandle::new)
+            .map_err(to_rhai)
     }
 
     /// Length statistics of tokenized examples: `count`, `min`, `max`, `mean`, `p50`, `p90`,
