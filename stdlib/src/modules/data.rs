@@ -73,6 +73,29 @@ fn contents(parts: &[DatasetHandle]) -> Vec<&Data> {
 /// a char, a blob) reads as it did.
 fn split_options(ctx: &NativeCallContext, opts: rhai::Map) -> Res<SplitOptions> {
     use rhai::{LexError, ParseErrorType};
+    // Values of a type serde cannot take (a handle, a function) are named here, by their script
+    // type, before serde would name its own.
+    for (k, v) in &opts {
+        let number = v.is_float() || v.is_int();
+        match k.as_str() {
+            "test_size" if !number => {
+                return Err(script_error(
+                    "options",
+                    format!(
+                        "`test_size` is {}, expected a number",
+                        ctx.engine().map_type_name(v.type_name())
+                    ),
+                ));
+            }
+            "seed" if !v.is_int() => {
+                return Err(script_error(
+                    "options",
+                    "`seed` must be a non-negative integer",
+                ));
+            }
+            _ => {}
+        }
+    }
     rhai::serde::from_dynamic(&Dynamic::from_map(opts)).map_err(|e| {
         let fail = |m: &str| {
             at(
