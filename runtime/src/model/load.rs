@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use super::block::{Attention, Block, Mlp};
+use super::block::{Attention, Block, Mlp, Norm, Proj};
 use super::config::{Arch, ModelConfig, OneOrMany};
 use super::decoder::Decoder;
+use super::module_id::ModuleId;
 use super::rope::Rope;
 use super::weights::WeightSource;
 use crate::nn::Linear;
@@ -178,7 +179,7 @@ pub struct Model {
     /// Every weight is trained (full fine-tuning), not only adapters.
     pub trainable: bool,
     /// The LoRA config when adapters are attached (see [`crate::lora`]).
-    pub lora: Option<crate::lora::LoraConfig>,
+    pub lora: Option<super::lora_config::LoraConfig>,
     /// Where each module lies when `device_map` placed the model over several devices.
     pub placement: Option<crate::plan::Placement>,
     /// `Some`: a dry-run model (`qscript check`, [`Model::load_shapes`]) with the shapes and
@@ -271,54 +272,43 @@ impl Model {
         };
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         let (q_out, kv_out) = (cfg.num_attention_heads * hd, cfg.num_kv_heads() * hd);
-        let embed = l.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let embed = l.get(ModuleId::Embedding, "weight", &[cfg.vocab_size, h])?;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
+            let m = ModuleId::Layer(i);
+            let proj =
+                |p: Proj, out: usize, inp: usize, bias: bool| l.linear(m, p.path(), out, inp, bias);
+            let norm = |n: Norm, size: usize| l.get(m, &n.weight(), &[size]);
             let qkv_bias = cfg.qkv_bias();
-            let q = l.linear(&format!("{p}.self_attn.q_proj"), q_out, h, qkv_bias)?;
-            let k = l.linear(&format!("{p}.self_attn.k_proj"), kv_out, h, qkv_bias)?;
-            let v = l.linear(&format!("{p}.self_attn.v_proj"), kv_out, h, qkv_bias)?;
-            let o = l.linear(&format!("{p}.self_attn.o_proj"), h, q_out, cfg.o_bias())?;
+            let q = proj(Proj::Q, q_out, h, qkv_bias)?;
+            let k = proj(Proj::K, kv_out, h, qkv_bias)?;
+            let v = proj(Proj::V, kv_out, h, qkv_bias)?;
+            let o = proj(Proj::O, h, q_out, cfg.o_bias())?;
             let norms = if arch == Arch::Qwen3 {
-                Some((
-                    l.get(&format!("{p}.self_attn.q_norm.weight"), &[hd])?,
-                    l.get(&format!("{p}.self_attn.k_norm.weight"), &[hd])?,
-                ))
+                Some((norm(Norm::Q, hd)?, norm(Norm::K, hd)?))
             } else {
                 None
             };
             let attn = Attention::new(&cfg, q, k, v, o, norms);
+            let inter = cfg.intermediate_size;
             let mlp = Mlp {
-                gate: l.linear(
-                    &format!("{p}.mlp.gate_proj"),
-                    cfg.intermediate_size,
-                    h,
-                    false,
-                )?,
-                up: l.linear(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
-                down: l.linear(
-                    &format!("{p}.mlp.down_proj"),
-                    h,
-                    cfg.intermediate_size,
-                    false,
-                )?,
+                gate: proj(Proj::Gate, inter, h, false)?,
+                up: proj(Proj::Up, inter, h, false)?,
+                down: proj(Proj::Down, h, inter, false)?,
             };
-            let input_norm = l.get(&format!("{p}.input_layernorm.weight"), &[h])?;
-            let post_norm = l.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
             blocks.push(Block {
-                input_norm,
+                input_norm: norm(Norm::Input, h)?,
                 attn,
-                post_norm,
+                post_norm: norm(Norm::PostAttention, h)?,
                 mlp,
                 eps: cfg.rms_norm_eps,
             });
         }
-        let norm = l.get("model.norm.weight", &[h])?;
+        let norm = l.get(ModuleId::FinalNorm, "weight", &[h])?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(l.linear("lm_head", cfg.vocab_size, h, false)?)
+            Some(l.linear(ModuleId::Head, "", cfg.vocab_size, h, false)?)
         };
         let rope = Rope::new(&cfg);
         let generation = GenerationConfig {
@@ -344,11 +334,6 @@ impl Model {
             placement,
             planned_device: None,
         })
-    }
-
-    /// Every weight by HF name (tied weights once), shared with the model.
-    pub fn named(&self) -> Vec<(String, Tensor)> {
-        super::params::named(&self.decoder)
     }
 
     /// The config.
@@ -462,33 +447,42 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
-    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.src.get(name, shape, self.dtype, self.device_of(name))
+    /// The tensor `path` under `module` (`weight`, `mlp.up_proj.weight`).
+    fn get(&self, module: ModuleId, path: &str, shape: &[usize]) -> Result<Tensor> {
+        let device = self.device_of(module);
+        self.src
+            .get(&module.tensor(path), shape, self.dtype, device)
     }
 
-    /// The device of the module `name` belongs to (`model.layers.3.mlp.up_proj.weight` ->
-    /// `model.layers.3`).
-    fn device_of(&self, name: &str) -> &Device {
+    /// The device `module` is placed on.
+    fn device_of(&self, module: ModuleId) -> &Device {
         let Some(p) = self.placement else {
             return self.device;
         };
-        let module = match name.strip_prefix("model.layers.") {
-            Some(rest) => format!("model.layers.{}", rest.split('.').next().unwrap_or("")),
-            None => name
-                .rsplit_once('.')
-                .map_or(name, |(m, _)| m)
-                .trim_end_matches(".weight")
-                .to_string(),
-        };
-        p.device_of(&module)
+        p.device_of(&module.hf_name())
             .and_then(|d| self.devices.get(d))
             .unwrap_or(self.device)
     }
 
-    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let w = self.get(&format!("{prefix}.weight"), &[out, inp])?;
+    /// The linear layer `path` of `module` (`""`: the module itself, the head).
+    fn linear(
+        &self,
+        module: ModuleId,
+        path: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        let sub = |kind: &str| {
+            if path.is_empty() {
+                kind.to_string()
+            } else {
+                format!("{path}.{kind}")
+            }
+        };
+        let w = self.get(module, &sub("weight"), &[out, inp])?;
         let b = if bias {
-            Some(self.get(&format!("{prefix}.bias"), &[out])?)
+            Some(self.get(module, &sub("bias"), &[out])?)
         } else {
             None
         };
