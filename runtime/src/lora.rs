@@ -47,7 +47,7 @@ pub fn attach(model: &Model, cfg: &LoraConfig, seed: u64) -> Result<Model> {
             elems += (cfg.r as f64) * (lin.in_features() + lin.out_features()) as f64;
         }
     }
-    crate::plan::memory::check_fits(
+    crate::device::check_fits(
         elems * 4.0 * 2.0,
         model.decoder.device(),
         &format!("LoRA with `r: {}` ({elems:.3e} adapter parameters)", cfg.r),

@@ -14,6 +14,7 @@ use super::decoder::Decoder;
 use super::module_id::ModuleId;
 use super::rope::Rope;
 use super::weights::WeightSource;
+use crate::device::DeviceSpec;
 use crate::nn::Linear;
 use crate::{Error, Result};
 
@@ -22,13 +23,15 @@ use crate::{Error, Result};
 pub struct LoadOptions {
     /// `f32`, `bf16`, `f16` or `auto` (bf16 on GPUs that support it, else f16; f32 on CPU).
     pub dtype: String,
-    /// `cpu`, `cuda:N`, or `auto` (the first GPU if there is one, else CPU).
+    /// `cpu`, `cuda:N` (or `cuda`, `N`), or `auto` (the first GPU if there is one, else CPU):
+    /// a [`DeviceSpec`].
     pub device: String,
     /// Train every weight (full fine-tuning), not only adapters.
     pub trainable: bool,
     /// Where each module goes (HF's `device_map`); `None`: everything on `device`.
     pub device_map: Option<crate::plan::DeviceMap>,
-    /// Per device, the bytes placement may use (HF's `max_memory`); unset devices are probed.
+    /// Per device (`cpu`, `cuda:N` or `N`), the bytes placement may use (HF's `max_memory`);
+    /// unset devices are probed.
     pub max_memory: Vec<(String, u64)>,
 }
 
@@ -47,18 +50,7 @@ impl Default for LoadOptions {
 impl LoadOptions {
     /// The device named by `device`.
     pub fn resolve_device(&self) -> Result<Device> {
-        match self.device.as_str() {
-            "auto" => crate::device::auto(),
-            "cpu" => Ok(Device::Cpu),
-            d => match d.strip_prefix("cuda").map(|r| r.trim_start_matches(':')) {
-                Some("") => crate::device::cuda(0),
-                Some(n) => {
-                    let n: usize = n.parse().map_err(|_| bad_device(d))?;
-                    crate::device::cuda(n)
-                }
-                None => Err(bad_device(d)),
-            },
-        }
+        crate::device::resolve(self.device.parse()?)
     }
 
     /// The dtype named by `dtype` for `device`.
@@ -128,15 +120,10 @@ fn place(
         }
         return Ok(None);
     };
+    let max_memory = crate::device::budget::max_memory(&opts.max_memory)?;
+    let budgets = crate::device::budgets(&max_memory)?;
     let modules = crate::plan::memory::modules(cfg, dtype);
-    let budgets = crate::device::budgets(&opts.max_memory)?;
     crate::plan::place(&modules, &budgets, map).map(Some)
-}
-
-fn bad_device(d: &str) -> Error {
-    Error::InvalidArgument(format!(
-        "unknown device `{d}`; use `auto`, `cpu` or `cuda:N`"
-    ))
 }
 
 /// `generation_config.json`: the defaults `generate` starts from.
@@ -257,10 +244,8 @@ impl Model {
         let arch = cfg.arch()?;
         let mut devices = HashMap::new();
         if let Some(p) = &placement {
-            for (_, d) in &p.modules {
-                if !devices.contains_key(d) {
-                    devices.insert(d.clone(), crate::device::by_name(d)?);
-                }
+            for d in &p.devices {
+                devices.insert(d.device, crate::device::resolve(d.device)?);
             }
         }
         let l = Loader {
@@ -429,7 +414,7 @@ impl fmt::Display for Model {
                 Some(p) if p.devices.len() > 1 => p
                     .devices
                     .iter()
-                    .map(|d| d.0.as_str())
+                    .map(|d| d.device.to_string())
                     .collect::<Vec<_>>()
                     .join("+"),
                 _ => self.device_name(),
@@ -443,7 +428,7 @@ struct Loader<'a> {
     dtype: DType,
     device: &'a Device,
     placement: Option<&'a crate::plan::Placement>,
-    devices: HashMap<String, Device>,
+    devices: HashMap<DeviceSpec, Device>,
 }
 
 impl Loader<'_> {
@@ -459,8 +444,8 @@ impl Loader<'_> {
         let Some(p) = self.placement else {
             return self.device;
         };
-        p.device_of(&module.hf_name())
-            .and_then(|d| self.devices.get(d))
+        p.device(module)
+            .and_then(|d| self.devices.get(&d))
             .unwrap_or(self.device)
     }
 

@@ -130,7 +130,7 @@ pub fn tiny(t: &TinyConfig) -> Result<Model> {
     // Sizes no machine holds are an error here, not a failed allocation: the f32 weights are
     // made on the CPU first, then the model's copy in its dtype.
     let params = crate::plan::memory::param_count(&cfg);
-    crate::plan::memory::check_fits(
+    crate::device::check_fits(
         params * (4.0 + dtype.size_in_bytes() as f64),
         &Device::Cpu,
         &format!(

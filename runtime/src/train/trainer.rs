@@ -1001,11 +1001,10 @@ fn sum_shares(g: &crate::dist::Group, len: usize, start: usize, share: &Tensor) 
 /// in a pipeline; `None` on one device, or when a stage lies on the CPU (its work blocks the host:
 /// nothing would run at once).
 fn pipeline_stages(model: &Model) -> Option<Vec<std::ops::Range<usize>>> {
-    let stages = super::engine::stages(model, None);
-    let on_gpus = stages
-        .iter()
-        .all(|r| model.decoder.blocks[r.start].device().is_cuda());
-    (stages.len() > 1 && on_gpus).then_some(stages)
+    model
+        .placement
+        .as_ref()
+        .and_then(crate::plan::Placement::pipeline_stages)
 }
 
 /// The remaining accumulation windows of `state`'s epoch over examples of `lengths` (each a

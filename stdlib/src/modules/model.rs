@@ -38,7 +38,8 @@ impl Default for LoadOpts {
 
 impl LoadOpts {
     /// The runtime's options: `device_map` as a name or a map of modules to devices, and
-    /// `max_memory` sizes as accelerate writes them (`"20GiB"`, `"500MB"`, bytes).
+    /// `max_memory` sizes as accelerate writes them (`"20GiB"`, `"500MB"`, bytes). Devices are
+    /// passed on as written (a number as its digits): the runtime's `DeviceSpec` parses them.
     fn to_runtime(&self) -> Result<qscript_runtime::model::LoadOptions, String> {
         use qscript_runtime::plan::DeviceMap;
         let device_map = match &self.device_map {
@@ -51,7 +52,7 @@ impl LoadOpts {
                 for (k, v) in m {
                     let dev = match v {
                         serde_json::Value::String(d) => d.clone(),
-                        serde_json::Value::Number(n) => format!("cuda:{n}"),
+                        serde_json::Value::Number(n) => n.to_string(),
                         other => {
                             return Err(format!(
                                 "`device_map.{k}`: a device (`\"cuda:0\"`, `0`, `\"cpu\"`), got {other}"
@@ -70,12 +71,7 @@ impl LoadOpts {
         };
         let mut max_memory = Vec::new();
         for (k, v) in self.max_memory.iter().flatten() {
-            let dev = if k.parse::<usize>().is_ok() {
-                format!("cuda:{k}")
-            } else {
-                k.clone()
-            };
-            max_memory.push((dev, size(k, v)?));
+            max_memory.push((k.clone(), size(k, v)?));
         }
         Ok(qscript_runtime::model::LoadOptions {
             dtype: self.dtype.clone(),
