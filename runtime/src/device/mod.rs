@@ -40,9 +40,10 @@ pub fn auto() -> Result<Device> {
         let gpus = gpu_count();
         if local > 0 && local >= gpus {
             return Err(Error::InvalidArgument(format!(
-                "rank {local} on this machine needs GPU cuda:{local}, and it has {gpus} GPU(s): \
+                "rank {local} on this machine needs GPU {}, and it has {gpus} GPU(s): \
                  start at most that many ranks (`--nproc-per-node`), or give each rank its GPU \
-                 with CUDA_VISIBLE_DEVICES"
+                 with CUDA_VISIBLE_DEVICES",
+                DeviceSpec::gpu(local)
             )));
         }
         cuda(local)

@@ -333,9 +333,9 @@ impl Model {
             .as_ref()
             .unwrap_or(self.decoder.device());
         match device.location() {
-            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle_core::DeviceLocation::Cuda { gpu_id } => DeviceSpec::gpu(gpu_id).to_string(),
             candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-            candle_core::DeviceLocation::Cpu => "cpu".into(),
+            candle_core::DeviceLocation::Cpu => DeviceSpec::Cpu.to_string(),
         }
     }
 

@@ -119,7 +119,7 @@ pub fn param_count(c: &ModelConfig) -> f64 {
 
 /// The top-level modules of a model of this config in order (the head only when it is not
 /// tied) with their weights' bytes.
-pub fn modules(c: &ModelConfig, dtype: DType) -> Vec<super::Module> {
+pub fn modules(c: &ModelConfig, dtype: DType) -> Vec<super::placement::Module> {
     let b = dtype.size_in_bytes() as f64;
     let (h, v) = (c.hidden_size as f64, c.vocab_size as f64);
     let layers = c.num_hidden_layers.max(1) as f64;
@@ -133,7 +133,7 @@ pub fn modules(c: &ModelConfig, dtype: DType) -> Vec<super::Module> {
                 ModuleId::Layer(_) => layer,
                 ModuleId::FinalNorm => h,
             };
-            super::Module {
+            super::placement::Module {
                 id,
                 bytes: (n * b) as u64,
             }

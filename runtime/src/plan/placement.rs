@@ -499,4 +499,44 @@ mod tests {
         assert!(e.contains("no device for `lm_head`"), "{e}");
         assert!(DeviceMap::from_name("balance").is_err());
     }
+
+    #[test]
+    fn pipeline_stages_are_the_layers_runs_over_gpus() {
+        let m = model();
+        let stages = |budgets: Vec<Budget>, map: DeviceMap| {
+            place(&m, &budgets, &map).unwrap().pipeline_stages()
+        };
+        assert_eq!(stages(gpus(1, 80), DeviceMap::Auto), None);
+        let two = stages(gpus(2, 80), DeviceMap::Auto).unwrap();
+        assert_eq!(two.len(), 2, "{two:?}");
+        assert_eq!(
+            (two[0].start, two[0].end, two[1].end),
+            (0, two[1].start, 28)
+        );
+        let mut offload = gpus(2, 6);
+        offload.push(Budget {
+            device: DeviceSpec::Cpu,
+            bytes: 64 * GIB,
+        });
+        assert_eq!(stages(offload, DeviceMap::Sequential), None);
+        let back = DeviceMap::Explicit(
+            [
+                ("model", "cuda:0"),
+                ("model.layers.10", "cuda:1"),
+                ("lm_head", "1"),
+            ]
+            .iter()
+            .map(|(a, b)| ((*a).to_string(), (*b).to_string()))
+            .collect(),
+        );
+        assert_eq!(stages(gpus(2, 80), back), Some(vec![0..10, 10..11, 11..28]));
+        let p = place(&m, &gpus(2, 80), &DeviceMap::Auto).unwrap();
+        assert_eq!(p.device_of("model.embed_tokens"), Some("cuda:0"));
+        assert_eq!(p.device_of("lm_head"), Some("cuda:1"));
+        assert_eq!(p.device_of("model.layer"), None);
+        assert_eq!(
+            p.layers_on(DeviceSpec::gpu(0)) + p.layers_on(DeviceSpec::gpu(1)),
+            28
+        );
+    }
 }
