@@ -110,13 +110,19 @@ pub fn free_bytes(device: &Device) -> Option<u64> {
 
 /// What placement may use on each device (see [`budget::budgets`]): `max_memory` where it
 /// names a device, else what each GPU has free (each GPU is set up to be asked) and what the
-/// system has available.
+/// system has available. Only what the answer needs is asked.
 pub fn budgets(max_memory: &[(DeviceSpec, u64)]) -> Result<Vec<Budget>> {
+    let probe = max_memory.is_empty();
+    let gpus = if probe || max_memory.iter().any(|(d, _)| d.is_gpu()) {
+        gpu_count()
+    } else {
+        0
+    };
     budget::budgets(
         max_memory,
-        gpu_count(),
+        gpus,
         |i| Ok(free_bytes(&cuda(i)?).unwrap_or(0)),
-        host_available(),
+        if probe { host_available() } else { None },
     )
 }
 
