@@ -1,6 +1,6 @@
 //! The KV cache of generation: per layer, preallocated key and value buffers that each step
 //! writes its new positions into. The decoder owns the cache's position count; each block
-//! appends its own keys and values ([`kv_append`]).
+//! appends its own keys and values (`kv_append`).
 
 use candle_core::{Result, Tensor};
 
