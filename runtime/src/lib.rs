@@ -28,6 +28,7 @@
     clippy::print_stderr
 )]
 
+pub mod bytes;
 pub mod cancel;
 pub mod chat_template;
 pub mod data;

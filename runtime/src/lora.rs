@@ -12,154 +12,13 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Uniform};
-use serde::{Deserialize, Serialize};
 
-use crate::model::Model;
 use crate::model::block::Proj;
+pub use crate::model::lora_config::{LoraConfig, Targets, is_target};
+use crate::model::params::PEFT_PREFIX;
+use crate::model::{Model, ModuleId};
 use crate::nn::linear::{Linear, LoraAdapter};
 use crate::{Error, Result};
-
-/// `target_modules`: names, or one regex / `all-linear`.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(untagged)]
-pub enum Targets {
-    /// Module names; a module matches if its path equals a name or ends with `.name`.
-    Names(Vec<String>),
-    /// A regex (full match on the module path) or `all-linear`.
-    Pattern(String),
-}
-
-/// As a script writes it: `["q_proj", "v_proj"]` or `"all-linear"`.
-impl std::fmt::Display for Targets {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Targets::Names(n) => {
-                let quoted: Vec<String> = n.iter().map(|x| format!("{x:?}")).collect();
-                write!(f, "[{}]", quoted.join(", "))
-            }
-            Targets::Pattern(p) => write!(f, "{p:?}"),
-        }
-    }
-}
-
-impl Default for Targets {
-    fn default() -> Self {
-        Targets::Names(vec!["q_proj".into(), "v_proj".into()])
-    }
-}
-
-/// PEFT's `adapter_config.json` for LoRA (fields qscript uses; others are kept when read and
-/// ignored).
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct LoraConfig {
-    /// Rank.
-    pub r: usize,
-    /// Scaling numerator.
-    pub lora_alpha: f64,
-    /// Dropout on the adapter input while training.
-    pub lora_dropout: f64,
-    /// Which linear layers get adapters.
-    pub target_modules: Targets,
-    /// Only `none` is supported.
-    pub bias: String,
-    /// Scale by `alpha / sqrt(r)` instead of `alpha / r`.
-    pub use_rslora: bool,
-    /// `CAUSAL_LM`.
-    pub task_type: String,
-    /// `LORA`.
-    pub peft_type: String,
-    /// The base checkpoint, for loaders that look.
-    pub base_model_name_or_path: Option<String>,
-    /// PEFT writes it; always false here.
-    pub fan_in_fan_out: bool,
-    /// PEFT writes it.
-    pub inference_mode: bool,
-}
-
-impl Default for LoraConfig {
-    fn default() -> Self {
-        Self {
-            r: 8,
-            lora_alpha: 8.0,
-            lora_dropout: 0.0,
-            target_modules: Targets::default(),
-            bias: "none".into(),
-            use_rslora: false,
-            task_type: "CAUSAL_LM".into(),
-            peft_type: "LORA".into(),
-            base_model_name_or_path: None,
-            fan_in_fan_out: false,
-            inference_mode: true,
-        }
-    }
-}
-
-impl LoraConfig {
-    /// The factor applied to `B A x`.
-    pub fn scale(&self) -> f64 {
-        if self.use_rslora {
-            self.lora_alpha / (self.r as f64).sqrt()
-        } else {
-            self.lora_alpha / self.r as f64
-        }
-    }
-
-    /// Checks values PEFT would reject.
-    pub fn validate(&self) -> Result<()> {
-        if self.r == 0 {
-            return Err(Error::InvalidArgument("LoRA `r` must be at least 1".into()));
-        }
-        if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(Error::InvalidArgument(format!(
-                "`lora_dropout` must be in [0, 1), got {}",
-                self.lora_dropout
-            )));
-        }
-        if self.bias != "none" {
-            return Err(Error::InvalidArgument(format!(
-                "`bias: \"{}\"` is not supported; use `\"none\"`",
-                self.bias
-            )));
-        }
-        if self.fan_in_fan_out {
-            return Err(Error::InvalidArgument("`fan_in_fan_out: true` is for GPT-2 style Conv1D layers, which these models do not have".into()));
-        }
-        Ok(())
-    }
-
-    /// Reads `adapter_config.json`.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: Self = crate::error::read_config(path)?;
-        if cfg.peft_type != "LORA" {
-            return Err(Error::Config {
-                path: path.to_path_buf(),
-                message: format!(
-                    "`peft_type` is `{}`; only `LORA` adapters are supported",
-                    cfg.peft_type
-                ),
-            });
-        }
-        cfg.validate()?;
-        Ok(cfg)
-    }
-}
-
-/// Whether the module at `path` (`model.layers.0.self_attn.q_proj`) is a target.
-pub fn is_target(targets: &Targets, path: &str) -> Result<bool> {
-    Ok(match targets {
-        Targets::Names(names) => names
-            .iter()
-            .any(|n| path == n || path.ends_with(&format!(".{n}"))),
-        Targets::Pattern(p) if p == "all-linear" => true,
-        Targets::Pattern(p) => {
-            let re = regex::Regex::new(&format!("^(?:{p})$")).map_err(|e| {
-                Error::InvalidArgument(format!("`target_modules` is not a valid regex: {e}"))
-            })?;
-            re.is_match(path)
-        }
-    })
-}
 
 fn linear_mut(model: &mut Model, layer: usize, proj: Proj) -> &mut Linear {
     model.decoder.blocks[layer].proj_mut(proj)
@@ -170,7 +29,7 @@ pub fn linears(model: &Model) -> Vec<(String, &Linear)> {
     let mut out = Vec::new();
     for (i, b) in model.decoder.blocks.iter().enumerate() {
         for p in Proj::ALL {
-            out.push((format!("model.layers.{i}.{}", p.path()), b.proj(p)));
+            out.push((ModuleId::Layer(i).tensor(p.path()), b.proj(p)));
         }
     }
     out
@@ -188,7 +47,7 @@ pub fn attach(model: &Model, cfg: &LoraConfig, seed: u64) -> Result<Model> {
             elems += (cfg.r as f64) * (lin.in_features() + lin.out_features()) as f64;
         }
     }
-    crate::plan::memory::check_fits(
+    crate::device::check_fits(
         elems * 4.0 * 2.0,
         model.decoder.device(),
         &format!("LoRA with `r: {}` ({elems:.3e} adapter parameters)", cfg.r),
@@ -199,7 +58,7 @@ pub fn attach(model: &Model, cfg: &LoraConfig, seed: u64) -> Result<Model> {
     let mut count = 0;
     for i in 0..out.decoder.blocks.len() {
         for proj in Proj::ALL {
-            let path = format!("model.layers.{i}.{}", proj.path());
+            let path = ModuleId::Layer(i).tensor(proj.path());
             if !is_target(&cfg.target_modules, &path)? {
                 continue;
             }
@@ -337,14 +196,13 @@ pub fn load_adapter(model: &Model, dir: &Path) -> Result<Model> {
             message: e.to_string(),
         })?;
     let mut out = attach(model, &cfg, 0)?;
-    let names: Vec<String> = adapters(&out).into_iter().map(|(p, _)| p).collect();
-    for p in names {
-        let (i, proj) = split_path(&p);
+    for (i, proj) in adapted(&out) {
+        let p = ModuleId::Layer(i).tensor(proj.path());
         let lin = linear_mut(&mut out, i, proj);
         let (o, inp) = (lin.out_features(), lin.in_features());
         let device = lin.weight.device().clone();
         let get = |suffix: &str, shape: [usize; 2]| -> Result<Tensor> {
-            let key = format!("base_model.model.{p}.{suffix}.weight");
+            let key = format!("{PEFT_PREFIX}{p}.{suffix}.weight");
             let t = tensors.get(&key).ok_or_else(|| Error::MissingTensor {
                 name: key.clone(),
                 path: dir.to_path_buf(),
@@ -365,23 +223,25 @@ pub fn load_adapter(model: &Model, dir: &Path) -> Result<Model> {
     Ok(out)
 }
 
-fn split_path(p: &str) -> (usize, Proj) {
-    let rest = p.strip_prefix("model.layers.").unwrap_or(p);
-    let (i, name) = rest.split_once('.').unwrap_or(("0", rest));
-    let proj = Proj::ALL
-        .into_iter()
-        .find(|q| q.path() == name)
-        .unwrap_or(Proj::Q);
-    (i.parse().unwrap_or(0), proj)
+/// `(layer, projection)` of every adapter of `model`, in model order.
+fn adapted(model: &Model) -> Vec<(usize, Proj)> {
+    let mut out = Vec::new();
+    for (i, b) in model.decoder.blocks.iter().enumerate() {
+        out.extend(
+            Proj::ALL
+                .into_iter()
+                .filter(|&p| b.proj(p).lora.is_some())
+                .map(|p| (i, p)),
+        );
+    }
+    out
 }
 
 /// A plain model with every adapter folded into its base weight: `W + scale * B A`.
 /// (A dry-run model, [`Model::is_shapes_only`], loses its adapters and keeps its shapes.)
 pub fn merge(model: &Model) -> Result<Model> {
     let mut out = model.clone();
-    let names: Vec<String> = adapters(model).into_iter().map(|(p, _)| p).collect();
-    for p in names {
-        let (i, proj) = split_path(&p);
+    for (i, proj) in adapted(model) {
         let lin = linear_mut(&mut out, i, proj);
         if let Some(ad) = lin.lora.take()
             && !model.is_shapes_only()

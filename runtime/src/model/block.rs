@@ -1,5 +1,6 @@
 //! One decoder block of the Llama family, forward and backward, and the one list of its
-//! projections ([`Proj`]) that LoRA, saving, merging and the parameter visitor all use.
+//! projections ([`Proj`]) and norms ([`Norm`]) that loading, LoRA, saving, merging and the
+//! parameter visitor all use.
 //! Qwen2 adds q/k/v bias, Qwen3 adds q/k RMS norms over the head dimension.
 
 use candle_core::{Result, Tensor};
@@ -64,6 +65,37 @@ impl Proj {
 
     fn index(self) -> u64 {
         self as u64
+    }
+}
+
+/// The RMS norms of a block, with HF's names (Qwen3's q/k norms only where the model has them);
+/// with [`Proj`], every weight of a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Norm {
+    /// `input_layernorm`
+    Input,
+    /// `post_attention_layernorm`
+    PostAttention,
+    /// Qwen3's `self_attn.q_norm`
+    Q,
+    /// Qwen3's `self_attn.k_norm`
+    K,
+}
+
+impl Norm {
+    /// The module path under `model.layers.N.`.
+    pub fn path(self) -> &'static str {
+        match self {
+            Norm::Input => "input_layernorm",
+            Norm::PostAttention => "post_attention_layernorm",
+            Norm::Q => "self_attn.q_norm",
+            Norm::K => "self_attn.k_norm",
+        }
+    }
+
+    /// Its weight's name under `model.layers.N.`.
+    pub fn weight(self) -> String {
+        format!("{}.weight", self.path())
     }
 }
 
@@ -262,7 +294,7 @@ impl Block {
         let k = rope(&kn, step.cos, step.sin)?.transpose(1, 2)?;
         let v = v.transpose(1, 2)?;
         let (k, v) = match cache {
-            Some(slot) => super::decoder::kv_append(slot, &k, &v, step.mask.offset)?,
+            Some(slot) => super::kv_cache::kv_append(slot, &k, &v, step.mask.offset)?,
             None => (k, v),
         };
         drop(span);

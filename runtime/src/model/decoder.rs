@@ -9,71 +9,10 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::block::{Block, Proj, Step};
 use super::config::ModelConfig;
+use super::kv_cache::KvCache;
 use super::rope::Rope;
 use crate::nn::ops::rms_norm;
 use crate::nn::{AttnMask, Linear};
-
-/// Keys and values of past positions, per layer: preallocated `[b, kv heads, capacity, d]`
-/// buffers that each step writes its new positions into (no concatenation per token), grown by
-/// doubling when a step would pass the end. Not `Clone`: the buffers are written in place.
-#[derive(Debug, Default)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
-}
-
-/// Writes `k`, `v` (`[b, kv, s, d]`, any layout) at position `offset` of the layer's buffers in
-/// `slot` (made or grown as needed) and returns views of positions `0..offset + s`.
-pub(crate) fn kv_append(
-    slot: &mut Option<(Tensor, Tensor)>,
-    k: &Tensor,
-    v: &Tensor,
-    offset: usize,
-) -> Result<(Tensor, Tensor)> {
-    let (b, kv, s, d) = k.dims4()?;
-    let need = offset + s;
-    let cap = slot.as_ref().map_or(Ok(0), |(kb, _)| kb.dim(2))?;
-    if cap < need {
-        let grown = need.next_power_of_two().max(256);
-        let fresh = || Tensor::zeros((b, kv, grown, d), k.dtype(), k.device());
-        let (kb, vb) = (fresh()?, fresh()?);
-        if let Some((ok, ov)) = slot.take()
-            && offset > 0
-        {
-            kb.slice_set(&ok.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
-            vb.slice_set(&ov.narrow(2, 0, offset)?.contiguous()?, 2, 0)?;
-        }
-        *slot = Some((kb, vb));
-    }
-    let Some((kb, vb)) = slot.as_ref() else {
-        candle_core::bail!("KV cache slot missing after growth");
-    };
-    // slice_set writes along dim 2 of a contiguous buffer from a contiguous source (for one new
-    // position, a copy of `kv * d` elements).
-    kb.slice_set(&k.contiguous()?, 2, offset)?;
-    vb.slice_set(&v.contiguous()?, 2, offset)?;
-    Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
-}
-
-impl KvCache {
-    /// An empty cache for `n_layers` blocks.
-    pub fn new(n_layers: usize) -> Self {
-        Self {
-            layers: vec![None; n_layers],
-            len: 0,
-        }
-    }
-
-    /// Positions cached so far.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
 
 /// RoPE tables on each device blocks use, copied from the embedding device's once per pass.
 pub struct DeviceTables {
@@ -154,7 +93,7 @@ impl Decoder {
         cache: Option<&mut KvCache>,
         train_seed: Option<crate::nn::dropout::Key>,
     ) -> Result<Tensor> {
-        let offset = cache.as_ref().map_or(0, |c| c.len);
+        let offset = cache.as_ref().map_or(0, |c| c.len());
         let mask = match attention_mask {
             Some(m) => AttnMask::from_attention_mask(m, offset)?,
             None => AttnMask::causal(offset),
@@ -178,7 +117,7 @@ impl Decoder {
         let mut tables = DeviceTables::new(self.rope_tables(mask, b, s)?, self.device());
         let mut x = self.embed_tokens(input_ids)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
             // Placement: the hidden state follows the blocks over their devices.
             x = crate::device::to(&x, block.device())?;
             let (cos, sin) = tables.on(block.device())?;
@@ -191,7 +130,7 @@ impl Decoder {
             x = block.forward(&x, &step, slot, i, None)?;
         }
         if let Some(c) = cache {
-            c.len += s;
+            c.advance(s);
         }
         Ok(x)
     }
@@ -254,42 +193,5 @@ impl Decoder {
                 + a.k_norm.as_ref().map_or(0, Tensor::elem_count);
         }
         n
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    /// Appending step by step (across a growth of the buffers, from transposed views as the
-    /// block passes them) gives the concatenation of every step's keys and values.
-    #[test]
-    fn the_kv_cache_holds_every_appended_position() {
-        let dev = Device::Cpu;
-        let mut slot = None;
-        let (mut ks, mut vs) = (Vec::new(), Vec::new());
-        let mut offset = 0;
-        for s in [200usize, 1, 1, 60, 1] {
-            // [b, s, kv, d] seen as [b, kv, s, d]
-            let k = Tensor::randn(0f32, 1.0, (2, s, 3, 4), &dev)
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap();
-            let v = Tensor::randn(0f32, 1.0, (2, s, 3, 4), &dev)
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap();
-            let (ka, va) = kv_append(&mut slot, &k, &v, offset).unwrap();
-            ks.push(k);
-            vs.push(v);
-            offset += s;
-            let want_k = Tensor::cat(&ks, 2).unwrap();
-            let want_v = Tensor::cat(&vs, 2).unwrap();
-            assert_eq!(ka.dims(), want_k.dims());
-            assert_eq!(crate::testing::max_abs_diff(&ka, &want_k), 0.0);
-            assert_eq!(crate::testing::max_abs_diff(&va, &want_v), 0.0);
-        }
-        assert_eq!(slot.as_ref().unwrap().0.dim(2).unwrap(), 512);
     }
 }

@@ -5,7 +5,7 @@
 use candle_core::{DType, IndexOp, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
-use super::decoder::KvCache;
+use super::kv_cache::KvCache;
 use super::load::Model;
 use crate::cancel::CancelToken;
 use crate::{Error, Result};

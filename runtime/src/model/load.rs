@@ -8,11 +8,13 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use super::block::{Attention, Block, Mlp};
+use super::block::{Attention, Block, Mlp, Norm, Proj};
 use super::config::{Arch, ModelConfig, OneOrMany};
 use super::decoder::Decoder;
+use super::module_id::ModuleId;
 use super::rope::Rope;
 use super::weights::WeightSource;
+use crate::device::DeviceSpec;
 use crate::nn::Linear;
 use crate::{Error, Result};
 
@@ -21,13 +23,15 @@ use crate::{Error, Result};
 pub struct LoadOptions {
     /// `f32`, `bf16`, `f16` or `auto` (bf16 on GPUs that support it, else f16; f32 on CPU).
     pub dtype: String,
-    /// `cpu`, `cuda:N`, or `auto` (the first GPU if there is one, else CPU).
+    /// `cpu`, `cuda:N` (or `cuda`, `N`), or `auto` (the first GPU if there is one, else CPU):
+    /// a [`DeviceSpec`].
     pub device: String,
     /// Train every weight (full fine-tuning), not only adapters.
     pub trainable: bool,
     /// Where each module goes (HF's `device_map`); `None`: everything on `device`.
     pub device_map: Option<crate::plan::DeviceMap>,
-    /// Per device, the bytes placement may use (HF's `max_memory`); unset devices are probed.
+    /// Per device (`cpu`, `cuda:N` or `N`), the bytes placement may use (HF's `max_memory`);
+    /// unset devices are probed.
     pub max_memory: Vec<(String, u64)>,
 }
 
@@ -46,18 +50,7 @@ impl Default for LoadOptions {
 impl LoadOptions {
     /// The device named by `device`.
     pub fn resolve_device(&self) -> Result<Device> {
-        match self.device.as_str() {
-            "auto" => crate::device::auto(),
-            "cpu" => Ok(Device::Cpu),
-            d => match d.strip_prefix("cuda").map(|r| r.trim_start_matches(':')) {
-                Some("") => crate::device::cuda(0),
-                Some(n) => {
-                    let n: usize = n.parse().map_err(|_| bad_device(d))?;
-                    crate::device::cuda(n)
-                }
-                None => Err(bad_device(d)),
-            },
-        }
+        crate::device::resolve(self.device.parse()?)
     }
 
     /// The dtype named by `dtype` for `device`.
@@ -127,15 +120,10 @@ fn place(
         }
         return Ok(None);
     };
+    let max_memory = crate::device::budget::max_memory(&opts.max_memory)?;
+    let budgets = crate::device::budgets(&max_memory)?;
     let modules = crate::plan::memory::modules(cfg, dtype);
-    let budgets = crate::device::budgets(&opts.max_memory)?;
     crate::plan::place(&modules, &budgets, map).map(Some)
-}
-
-fn bad_device(d: &str) -> Error {
-    Error::InvalidArgument(format!(
-        "unknown device `{d}`; use `auto`, `cpu` or `cuda:N`"
-    ))
 }
 
 /// `generation_config.json`: the defaults `generate` starts from.
@@ -178,7 +166,7 @@ pub struct Model {
     /// Every weight is trained (full fine-tuning), not only adapters.
     pub trainable: bool,
     /// The LoRA config when adapters are attached (see [`crate::lora`]).
-    pub lora: Option<crate::lora::LoraConfig>,
+    pub lora: Option<super::lora_config::LoraConfig>,
     /// Where each module lies when `device_map` placed the model over several devices.
     pub placement: Option<crate::plan::Placement>,
     /// `Some`: a dry-run model (`qscript check`, [`Model::load_shapes`]) with the shapes and
@@ -256,10 +244,8 @@ impl Model {
         let arch = cfg.arch()?;
         let mut devices = HashMap::new();
         if let Some(p) = &placement {
-            for (_, d) in &p.modules {
-                if !devices.contains_key(d) {
-                    devices.insert(d.clone(), crate::device::by_name(d)?);
-                }
+            for d in &p.devices {
+                devices.insert(d.device, crate::device::resolve(d.device)?);
             }
         }
         let l = Loader {
@@ -271,54 +257,43 @@ impl Model {
         };
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         let (q_out, kv_out) = (cfg.num_attention_heads * hd, cfg.num_kv_heads() * hd);
-        let embed = l.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let embed = l.get(ModuleId::Embedding, "weight", &[cfg.vocab_size, h])?;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
+            let m = ModuleId::Layer(i);
+            let proj =
+                |p: Proj, out: usize, inp: usize, bias: bool| l.linear(m, p.path(), out, inp, bias);
+            let norm = |n: Norm, size: usize| l.get(m, &n.weight(), &[size]);
             let qkv_bias = cfg.qkv_bias();
-            let q = l.linear(&format!("{p}.self_attn.q_proj"), q_out, h, qkv_bias)?;
-            let k = l.linear(&format!("{p}.self_attn.k_proj"), kv_out, h, qkv_bias)?;
-            let v = l.linear(&format!("{p}.self_attn.v_proj"), kv_out, h, qkv_bias)?;
-            let o = l.linear(&format!("{p}.self_attn.o_proj"), h, q_out, cfg.o_bias())?;
+            let q = proj(Proj::Q, q_out, h, qkv_bias)?;
+            let k = proj(Proj::K, kv_out, h, qkv_bias)?;
+            let v = proj(Proj::V, kv_out, h, qkv_bias)?;
+            let o = proj(Proj::O, h, q_out, cfg.o_bias())?;
             let norms = if arch == Arch::Qwen3 {
-                Some((
-                    l.get(&format!("{p}.self_attn.q_norm.weight"), &[hd])?,
-                    l.get(&format!("{p}.self_attn.k_norm.weight"), &[hd])?,
-                ))
+                Some((norm(Norm::Q, hd)?, norm(Norm::K, hd)?))
             } else {
                 None
             };
             let attn = Attention::new(&cfg, q, k, v, o, norms);
+            let inter = cfg.intermediate_size;
             let mlp = Mlp {
-                gate: l.linear(
-                    &format!("{p}.mlp.gate_proj"),
-                    cfg.intermediate_size,
-                    h,
-                    false,
-                )?,
-                up: l.linear(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
-                down: l.linear(
-                    &format!("{p}.mlp.down_proj"),
-                    h,
-                    cfg.intermediate_size,
-                    false,
-                )?,
+                gate: proj(Proj::Gate, inter, h, false)?,
+                up: proj(Proj::Up, inter, h, false)?,
+                down: proj(Proj::Down, h, inter, false)?,
             };
-            let input_norm = l.get(&format!("{p}.input_layernorm.weight"), &[h])?;
-            let post_norm = l.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
             blocks.push(Block {
-                input_norm,
+                input_norm: norm(Norm::Input, h)?,
                 attn,
-                post_norm,
+                post_norm: norm(Norm::PostAttention, h)?,
                 mlp,
                 eps: cfg.rms_norm_eps,
             });
         }
-        let norm = l.get("model.norm.weight", &[h])?;
+        let norm = l.get(ModuleId::FinalNorm, "weight", &[h])?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(l.linear("lm_head", cfg.vocab_size, h, false)?)
+            Some(l.linear(ModuleId::Head, "", cfg.vocab_size, h, false)?)
         };
         let rope = Rope::new(&cfg);
         let generation = GenerationConfig {
@@ -346,11 +321,6 @@ impl Model {
         })
     }
 
-    /// Every weight by HF name (tied weights once), shared with the model.
-    pub fn named(&self) -> Vec<(String, Tensor)> {
-        super::params::named(&self.decoder)
-    }
-
     /// The config.
     pub fn config(&self) -> &ModelConfig {
         &self.decoder.cfg
@@ -363,9 +333,9 @@ impl Model {
             .as_ref()
             .unwrap_or(self.decoder.device());
         match device.location() {
-            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle_core::DeviceLocation::Cuda { gpu_id } => DeviceSpec::gpu(gpu_id).to_string(),
             candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-            candle_core::DeviceLocation::Cpu => "cpu".into(),
+            candle_core::DeviceLocation::Cpu => DeviceSpec::Cpu.to_string(),
         }
     }
 
@@ -444,7 +414,7 @@ impl fmt::Display for Model {
                 Some(p) if p.devices.len() > 1 => p
                     .devices
                     .iter()
-                    .map(|d| d.0.as_str())
+                    .map(|d| d.device.to_string())
                     .collect::<Vec<_>>()
                     .join("+"),
                 _ => self.device_name(),
@@ -458,37 +428,46 @@ struct Loader<'a> {
     dtype: DType,
     device: &'a Device,
     placement: Option<&'a crate::plan::Placement>,
-    devices: HashMap<String, Device>,
+    devices: HashMap<DeviceSpec, Device>,
 }
 
 impl Loader<'_> {
-    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.src.get(name, shape, self.dtype, self.device_of(name))
+    /// The tensor `path` under `module` (`weight`, `mlp.up_proj.weight`).
+    fn get(&self, module: ModuleId, path: &str, shape: &[usize]) -> Result<Tensor> {
+        let device = self.device_of(module);
+        self.src
+            .get(&module.tensor(path), shape, self.dtype, device)
     }
 
-    /// The device of the module `name` belongs to (`model.layers.3.mlp.up_proj.weight` ->
-    /// `model.layers.3`).
-    fn device_of(&self, name: &str) -> &Device {
+    /// The device `module` is placed on.
+    fn device_of(&self, module: ModuleId) -> &Device {
         let Some(p) = self.placement else {
             return self.device;
         };
-        let module = match name.strip_prefix("model.layers.") {
-            Some(rest) => format!("model.layers.{}", rest.split('.').next().unwrap_or("")),
-            None => name
-                .rsplit_once('.')
-                .map_or(name, |(m, _)| m)
-                .trim_end_matches(".weight")
-                .to_string(),
-        };
-        p.device_of(&module)
-            .and_then(|d| self.devices.get(d))
+        p.device(module)
+            .and_then(|d| self.devices.get(&d))
             .unwrap_or(self.device)
     }
 
-    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let w = self.get(&format!("{prefix}.weight"), &[out, inp])?;
+    /// The linear layer `path` of `module` (`""`: the module itself, the head).
+    fn linear(
+        &self,
+        module: ModuleId,
+        path: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        let sub = |kind: &str| {
+            if path.is_empty() {
+                kind.to_string()
+            } else {
+                format!("{path}.{kind}")
+            }
+        };
+        let w = self.get(module, &sub("weight"), &[out, inp])?;
         let b = if bias {
-            Some(self.get(&format!("{prefix}.bias"), &[out])?)
+            Some(self.get(module, &sub("bias"), &[out])?)
         } else {
             None
         };

@@ -1,45 +1,52 @@
 //! The one named-parameter visitor: every tensor of a model under its HF name, in checkpoint
 //! order (tied weights once), and the adapters under PEFT's names. Saving, merging, counting and
-//! the optimizer's flat buffers all walk the model through here; the decoder is the only place
-//! that holds the tensors.
+//! the optimizer's flat buffers all walk the model through here (and [`Model::named`]); the
+//! decoder is the only place that holds the tensors.
 
 use candle_core::Tensor;
 
-use super::block::Proj;
+use super::block::{Norm, Proj};
 use super::decoder::Decoder;
 use super::load::Model;
+use super::module_id::ModuleId;
 use crate::Result;
+
+/// What PEFT puts before a module's HF name in an adapter's tensor names.
+pub const PEFT_PREFIX: &str = "base_model.model.";
 
 /// Calls `f` on every weight of `d` by HF name, mutably.
 pub fn visit_mut(
     d: &mut Decoder,
     f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>,
 ) -> Result<()> {
-    f("model.embed_tokens.weight", &mut d.embed)?;
+    f(&ModuleId::Embedding.tensor("weight"), &mut d.embed)?;
     for (i, b) in d.blocks.iter_mut().enumerate() {
-        let p = format!("model.layers.{i}");
-        f(&format!("{p}.input_layernorm.weight"), &mut b.input_norm)?;
+        let layer = ModuleId::Layer(i);
+        f(&layer.tensor(&Norm::Input.weight()), &mut b.input_norm)?;
         for proj in Proj::ALL {
             let lin = b.proj_mut(proj);
-            f(&format!("{p}.{}.weight", proj.path()), &mut lin.weight)?;
+            f(
+                &layer.tensor(&format!("{}.weight", proj.path())),
+                &mut lin.weight,
+            )?;
             if let Some(bias) = &mut lin.bias {
-                f(&format!("{p}.{}.bias", proj.path()), bias)?;
+                f(&layer.tensor(&format!("{}.bias", proj.path())), bias)?;
             }
         }
         if let Some(w) = &mut b.attn.q_norm {
-            f(&format!("{p}.self_attn.q_norm.weight"), w)?;
+            f(&layer.tensor(&Norm::Q.weight()), w)?;
         }
         if let Some(w) = &mut b.attn.k_norm {
-            f(&format!("{p}.self_attn.k_norm.weight"), w)?;
+            f(&layer.tensor(&Norm::K.weight()), w)?;
         }
         f(
-            &format!("{p}.post_attention_layernorm.weight"),
+            &layer.tensor(&Norm::PostAttention.weight()),
             &mut b.post_norm,
         )?;
     }
-    f("model.norm.weight", &mut d.norm)?;
+    f(&ModuleId::FinalNorm.tensor("weight"), &mut d.norm)?;
     if let Some(h) = &mut d.lm_head {
-        f("lm_head.weight", &mut h.weight)?;
+        f(&ModuleId::Head.tensor("weight"), &mut h.weight)?;
     }
     Ok(())
 }
@@ -64,6 +71,13 @@ pub fn named(d: &Decoder) -> Vec<(String, Tensor)> {
     collect(d, |d, f| visit_mut(d, f))
 }
 
+impl Model {
+    /// Every weight by HF name (tied weights once), shared with the model.
+    pub fn named(&self) -> Vec<(String, Tensor)> {
+        named(&self.decoder)
+    }
+}
+
 /// The adapter tensors of `d` under PEFT's names (shared, not copied).
 pub fn adapters(d: &Decoder) -> Vec<(String, Tensor)> {
     collect(d, |d, f| visit_adapters_mut(d, f))
@@ -77,7 +91,7 @@ pub fn visit_adapters_mut(
     for (i, b) in d.blocks.iter_mut().enumerate() {
         for proj in Proj::ALL {
             if let Some(l) = &mut b.proj_mut(proj).lora {
-                let p = format!("base_model.model.model.layers.{i}.{}", proj.path());
+                let p = format!("{PEFT_PREFIX}{}", ModuleId::Layer(i).tensor(proj.path()));
                 f(&format!("{p}.lora_A.weight"), &mut l.a)?;
                 f(&format!("{p}.lora_B.weight"), &mut l.b)?;
             }

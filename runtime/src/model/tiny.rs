@@ -11,8 +11,10 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use serde::Deserialize;
 
+use super::block::{Norm, Proj};
 use super::config::{Arch, ModelConfig, OneOrMany};
 use super::load::{LoadOptions, Model};
+use super::module_id::ModuleId;
 use super::weights::WeightSource;
 use crate::{Error, Result};
 
@@ -128,7 +130,7 @@ pub fn tiny(t: &TinyConfig) -> Result<Model> {
     // Sizes no machine holds are an error here, not a failed allocation: the f32 weights are
     // made on the CPU first, then the model's copy in its dtype.
     let params = crate::plan::memory::param_count(&cfg);
-    crate::plan::memory::check_fits(
+    crate::device::check_fits(
         params * (4.0 + dtype.size_in_bytes() as f64),
         &Device::Cpu,
         &format!(
@@ -155,53 +157,46 @@ pub fn tiny(t: &TinyConfig) -> Result<Model> {
     let (h, hd) = (cfg.hidden_size, cfg.head_dim());
     let (q_out, kv_out) = (cfg.num_attention_heads * hd, cfg.num_kv_heads() * hd);
     add(
-        "model.embed_tokens.weight".into(),
+        ModuleId::Embedding.tensor("weight"),
         &[cfg.vocab_size, h],
         Init::Embed,
     )?;
+    let weight = |m: ModuleId, path: &str| m.tensor(&format!("{path}.weight"));
     for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        for (name, out, inp) in [
-            ("q_proj", q_out, h),
-            ("k_proj", kv_out, h),
-            ("v_proj", kv_out, h),
-            ("o_proj", h, q_out),
+        let m = ModuleId::Layer(i);
+        for (proj, out, inp) in [
+            (Proj::Q, q_out, h),
+            (Proj::K, kv_out, h),
+            (Proj::V, kv_out, h),
+            (Proj::O, h, q_out),
         ] {
-            add(
-                format!("{p}.self_attn.{name}.weight"),
-                &[out, inp],
-                Init::Normal,
-            )?;
-            if cfg.qkv_bias() && name != "o_proj" {
-                add(format!("{p}.self_attn.{name}.bias"), &[out], Init::Zeros)?;
+            add(weight(m, proj.path()), &[out, inp], Init::Normal)?;
+            if cfg.qkv_bias() && proj != Proj::O {
+                add(
+                    m.tensor(&format!("{}.bias", proj.path())),
+                    &[out],
+                    Init::Zeros,
+                )?;
             }
         }
         if cfg.arch()? == Arch::Qwen3 {
-            add(format!("{p}.self_attn.q_norm.weight"), &[hd], Init::Ones)?;
-            add(format!("{p}.self_attn.k_norm.weight"), &[hd], Init::Ones)?;
+            add(m.tensor(&Norm::Q.weight()), &[hd], Init::Ones)?;
+            add(m.tensor(&Norm::K.weight()), &[hd], Init::Ones)?;
         }
         let inter = cfg.intermediate_size;
-        add(
-            format!("{p}.mlp.gate_proj.weight"),
-            &[inter, h],
-            Init::Normal,
-        )?;
-        add(format!("{p}.mlp.up_proj.weight"), &[inter, h], Init::Normal)?;
-        add(
-            format!("{p}.mlp.down_proj.weight"),
-            &[h, inter],
-            Init::Normal,
-        )?;
-        add(format!("{p}.input_layernorm.weight"), &[h], Init::Ones)?;
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            &[h],
-            Init::Ones,
-        )?;
+        add(weight(m, Proj::Gate.path()), &[inter, h], Init::Normal)?;
+        add(weight(m, Proj::Up.path()), &[inter, h], Init::Normal)?;
+        add(weight(m, Proj::Down.path()), &[h, inter], Init::Normal)?;
+        add(m.tensor(&Norm::Input.weight()), &[h], Init::Ones)?;
+        add(m.tensor(&Norm::PostAttention.weight()), &[h], Init::Ones)?;
     }
-    add("model.norm.weight".into(), &[h], Init::Ones)?;
+    add(ModuleId::FinalNorm.tensor("weight"), &[h], Init::Ones)?;
     if !cfg.tie_word_embeddings {
-        add("lm_head.weight".into(), &[cfg.vocab_size, h], Init::Normal)?;
+        add(
+            ModuleId::Head.tensor("weight"),
+            &[cfg.vocab_size, h],
+            Init::Normal,
+        )?;
     }
     let src = WeightSource::Memory {
         dir: PathBuf::from("<tiny>"),

@@ -5,19 +5,18 @@
 //! moments and an f32 weight-decay mask; per layer and token, the activations the explicit
 //! backward reads (only the block input with gradient checkpointing, plus one layer recomputed);
 //! the loss's logits chunk; the largest backward temporaries. On a GPU the CUDA context and the
-//! libraries' workspaces come on top (a constant measured on the H200).
+//! libraries' workspaces come on top (a constant measured on the H200). Pure arithmetic: nothing
+//! here asks a device.
 
 use std::fmt;
 
 use candle_core::DType;
 
-use crate::model::ModelConfig;
+pub use crate::bytes::human;
+use crate::device::budget::CUDA_RUNTIME_BYTES;
+use crate::model::{ModelConfig, ModuleId};
 use crate::nn::loss::chunk_budget;
 use crate::{Error, Result};
-
-/// What the CUDA context, cuBLAS and cuDNN hold outside the memory pool (the driver's figure
-/// for a process minus its pool's peak, measured on the H200 with CUDA 13: 0.69-0.80 GiB).
-pub const CUDA_RUNTIME_BYTES: u64 = 800 << 20;
 
 /// The largest estimate that is not an error: more than any device holds by far, small enough
 /// that the arithmetic stays exact.
@@ -118,25 +117,28 @@ pub fn param_count(c: &ModelConfig) -> f64 {
     v * h + c.num_hidden_layers as f64 * layer + h + head
 }
 
-/// The top-level modules of a model of this config in order (HF's names: `model.embed_tokens`,
-/// `model.layers.N`, `model.norm`, and `lm_head` when it is not tied) with their weights' bytes.
-pub fn modules(c: &ModelConfig, dtype: DType) -> Vec<super::Module> {
+/// The top-level modules of a model of this config in order (the head only when it is not
+/// tied) with their weights' bytes.
+pub fn modules(c: &ModelConfig, dtype: DType) -> Vec<super::placement::Module> {
     let b = dtype.size_in_bytes() as f64;
     let (h, v) = (c.hidden_size as f64, c.vocab_size as f64);
     let layers = c.num_hidden_layers.max(1) as f64;
     let head = if c.tie_word_embeddings { 0.0 } else { v * h };
     let layer = (param_count(c) - v * h - h - head) / layers;
-    let m = |name: String, n: f64| super::Module {
-        name,
-        bytes: (n * b) as u64,
-    };
-    let mut out = vec![m("model.embed_tokens".into(), v * h)];
-    out.extend((0..c.num_hidden_layers).map(|i| m(format!("model.layers.{i}"), layer)));
-    out.push(m("model.norm".into(), h));
-    if !c.tie_word_embeddings {
-        out.push(m("lm_head".into(), v * h));
-    }
-    out
+    ModuleId::all(c.num_hidden_layers, c.tie_word_embeddings)
+        .into_iter()
+        .map(|id| {
+            let n = match id {
+                ModuleId::Embedding | ModuleId::Head => v * h,
+                ModuleId::Layer(_) => layer,
+                ModuleId::FinalNorm => h,
+            };
+            super::placement::Module {
+                id,
+                bytes: (n * b) as u64,
+            }
+        })
+        .collect()
 }
 
 /// The estimate for `cfg` in `dtype` under `w`; sizes no device could hold (a hidden size of
@@ -263,44 +265,6 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
         temporaries: u(terms[6]),
         runtime: if w.gpu { CUDA_RUNTIME_BYTES } else { 0 },
     })
-}
-
-/// An error unless `bytes` fit in what `device` has free (a GPU's free memory, the system's
-/// available memory for the CPU): `what` would otherwise abort the process on a failed
-/// allocation.
-pub fn check_fits(bytes: f64, device: &candle_core::Device, what: &str) -> Result<()> {
-    let Some(free) = crate::device::free_bytes(device) else {
-        return Ok(());
-    };
-    let name = if device.is_cpu() {
-        "available on this machine"
-    } else {
-        "free on the GPU"
-    };
-    if !bytes.is_finite() || bytes > free as f64 {
-        return Err(Error::InvalidArgument(format!(
-            "{what} needs {} and {} is {name}",
-            human(bytes),
-            human(free as f64)
-        )));
-    }
-    Ok(())
-}
-
-/// `1.25 GiB`, `512.0 MiB`, `3.1 PiB`.
-pub fn human(bytes: f64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes;
-    let mut k = 0;
-    while v >= 1024.0 && k + 1 < UNITS.len() {
-        v /= 1024.0;
-        k += 1;
-    }
-    if k == 0 {
-        format!("{v:.0} B")
-    } else {
-        format!("{v:.2} {}", UNITS[k])
-    }
 }
 
 impl fmt::Display for Estimate {

@@ -5,4 +5,4 @@ pub mod memory;
 pub mod placement;
 
 pub use memory::{Estimate, Trainable, Workload, estimate};
-pub use placement::{Budget, DeviceMap, Module, Placement, place};
+pub use placement::{DeviceMap, Module, PlacedDevice, Placement, place};

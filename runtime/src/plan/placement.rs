@@ -1,6 +1,7 @@
 //! `device_map`: which device holds each top-level module (the embedding, each decoder layer,
 //! the final norm, the head), with HF accelerate's names and meanings. Pure arithmetic over the
-//! modules' sizes and the devices' budgets, so every plan can be tested without the devices:
+//! modules' sizes and the devices' budgets (what the devices report comes in as numbers, see
+//! [`crate::device::budgets`]), so every plan can be tested without the devices:
 //! - `"sequential"` fills the devices in order (GPUs by index, then the CPU), each up to its
 //!   budget;
 //! - `"balanced"` spreads the modules evenly over the GPUs (each GPU's share of the total, the
@@ -8,10 +9,18 @@
 //! - `"auto"` is `"balanced"`, as in accelerate;
 //! - an explicit map names a device for each module (`"model.layers.3": "cuda:1"`); a prefix
 //!   (`"model.layers"`, `"model"`) covers the modules under it, the longest match wins.
+//!
+//! The result, a [`Placement`], is the one device map: loading puts each module's weights where
+//! it says, the engine runs its pipeline stages ([`Placement::pipeline_stages`]), and the run's
+//! plan splits the memory estimate over its devices.
 
 use std::fmt;
+use std::ops::Range;
 
-use crate::plan::memory::human;
+use crate::bytes::human;
+use crate::device::budget::Budget;
+use crate::device::spec::DeviceSpec;
+use crate::model::ModuleId;
 use crate::{Error, Result};
 
 /// How to place the modules.
@@ -23,10 +32,9 @@ pub enum DeviceMap {
     Balanced,
     /// `"sequential"`.
     Sequential,
-    /// Module name (or prefix) -> device, as given.
+    /// Module name (or prefix) -> device, as given (each device parsed as a [`DeviceSpec`]).
     Explicit(Vec<(String, String)>),
 }
-
 impl DeviceMap {
     /// `"auto"`, `"balanced"` or `"sequential"`.
     pub fn from_name(name: &str) -> Result<Self> {
@@ -44,37 +52,76 @@ impl DeviceMap {
 /// A top-level module and the bytes it needs on its device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Module {
-    /// HF's name: `model.embed_tokens`, `model.layers.7`, `model.norm`, `lm_head`.
-    pub name: String,
+    /// Which module.
+    pub id: ModuleId,
     /// Bytes on its device (weights, and for training its share of the rest).
     pub bytes: u64,
 }
 
-/// A device and the bytes a plan may use on it.
+/// A device a placement uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Budget {
-    /// `cuda:N` or `cpu`.
-    pub device: String,
-    /// Bytes.
-    pub bytes: u64,
+pub struct PlacedDevice {
+    /// The device (`cpu` or `cuda:N`).
+    pub device: DeviceSpec,
+    /// Bytes placed on it.
+    pub used: u64,
+    /// Its budget.
+    pub budget: u64,
+    /// `device` as plans spell it.
+    name: String,
 }
 
-/// Where each module goes.
+/// Where each module goes: the model's device map.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placement {
     /// Per module in model order: its device.
-    pub modules: Vec<(String, String)>,
+    pub modules: Vec<(ModuleId, DeviceSpec)>,
     /// Per device used, in budget order: bytes placed and its budget.
-    pub devices: Vec<(String, u64, u64)>,
+    pub devices: Vec<PlacedDevice>,
 }
 
 impl Placement {
     /// The device of `module`.
-    pub fn device_of(&self, module: &str) -> Option<&str> {
+    pub fn device(&self, module: ModuleId) -> Option<DeviceSpec> {
         self.modules
             .iter()
-            .find(|(m, _)| m == module)
-            .map(|(_, d)| d.as_str())
+            .find(|(m, _)| *m == module)
+            .map(|(_, d)| *d)
+    }
+
+    /// The device (`cpu`, `cuda:N`) of the module HF calls `module` (`model.layers.3`).
+    pub fn device_of(&self, module: &str) -> Option<&str> {
+        let device = self.device(ModuleId::parse(module)?)?;
+        self.devices
+            .iter()
+            .find(|d| d.device == device)
+            .map(|d| d.name.as_str())
+    }
+
+    /// The layers on `device`.
+    pub fn layers_on(&self, device: DeviceSpec) -> usize {
+        self.modules
+            .iter()
+            .filter(|(m, d)| *d == device && m.layer().is_some())
+            .count()
+    }
+
+    /// The model's pipeline stages: runs of consecutive layers on one GPU, when the layers lie
+    /// over several GPUs (each accumulation window can then run as a pipeline); `None` when they
+    /// lie on one device or any of them on the CPU.
+    pub fn pipeline_stages(&self) -> Option<Vec<Range<usize>>> {
+        let mut runs: Vec<(Range<usize>, DeviceSpec)> = Vec::new();
+        for (m, d) in &self.modules {
+            let Some(i) = m.layer() else { continue };
+            if !d.is_gpu() {
+                return None;
+            }
+            match runs.last_mut() {
+                Some((r, on)) if on == d && r.end == i => r.end = i + 1,
+                _ => runs.push((i..i + 1, *d)),
+            }
+        }
+        (runs.len() > 1).then(|| runs.into_iter().map(|(r, _)| r).collect())
     }
 }
 
@@ -102,7 +149,7 @@ pub fn place(modules: &[Module], budgets: &[Budget], map: &DeviceMap) -> Result<
             })
             .ok_or_else(|| too_big(modules, budgets))?,
     };
-    let mut devices: Vec<(String, u64, u64)> = Vec::new();
+    let mut devices = Vec::new();
     for (b_idx, b) in budgets.iter().enumerate() {
         let used: u64 = modules
             .iter()
@@ -111,14 +158,19 @@ pub fn place(modules: &[Module], budgets: &[Budget], map: &DeviceMap) -> Result<
             .map(|(m, _)| m.bytes)
             .sum();
         if assigned.contains(&b_idx) {
-            devices.push((b.device.clone(), used, b.bytes));
+            devices.push(PlacedDevice {
+                device: b.device,
+                used,
+                budget: b.bytes,
+                name: b.device.to_string(),
+            });
         }
     }
     Ok(Placement {
         modules: modules
             .iter()
             .zip(&assigned)
-            .map(|(m, &d)| (m.name.clone(), budgets[d].device.clone()))
+            .map(|(m, &d)| (m.id, budgets[d].device))
             .collect(),
         devices,
     })
@@ -129,7 +181,7 @@ pub fn place(modules: &[Module], budgets: &[Budget], map: &DeviceMap) -> Result<
 /// budget (then the devices fill in order, the CPU taking what is left).
 fn balanced(modules: &[Module], budgets: &[Budget]) -> Option<Vec<usize>> {
     let gpus: Vec<usize> = (0..budgets.len())
-        .filter(|&i| budgets[i].device != "cpu")
+        .filter(|&i| !budgets[i].device.is_cpu())
         .collect();
     if gpus.is_empty() {
         return None;
@@ -190,10 +242,11 @@ fn too_big(modules: &[Module], budgets: &[Budget]) -> Error {
 
 /// Whether the map entry `entry` (a module name or a prefix of names; `""` covers all) covers
 /// the module `module`.
-fn covers(entry: &str, module: &str) -> bool {
+fn covers(entry: &str, module: ModuleId) -> bool {
+    let name = module.hf_name();
     entry.is_empty()
-        || module == entry
-        || module
+        || name == entry
+        || name
             .strip_prefix(entry)
             .is_some_and(|rest| rest.starts_with('.'))
 }
@@ -203,38 +256,48 @@ fn explicit(
     budgets: &[Budget],
     entries: &[(String, String)],
 ) -> Result<Vec<usize>> {
+    // Per entry: the index of its device's budget.
+    let mut on = Vec::with_capacity(entries.len());
     for (name, dev) in entries {
-        let covers = modules.iter().any(|m| covers(name, &m.name));
+        let covers = modules.iter().any(|m| covers(name, m.id));
         if !covers {
             return Err(Error::InvalidArgument(format!(
-                "`device_map`: `{name}` names no module of this model (its modules: `model.embed_tokens`, `model.layers.0` .. `model.layers.{}`, `model.norm`, `lm_head`)",
-                modules.len().saturating_sub(4)
+                "`device_map`: `{name}` names no module of this model (its modules: `{}`, `{}` .. `{}`, `{}`, `{}`)",
+                ModuleId::Embedding,
+                ModuleId::Layer(0),
+                ModuleId::Layer(modules.len().saturating_sub(4)),
+                ModuleId::FinalNorm,
+                ModuleId::Head,
             )));
         }
-        if !budgets.iter().any(|b| b.device == *dev) {
+        let spec = dev.parse::<DeviceSpec>().ok();
+        let Some(b) = budgets.iter().position(|b| Some(b.device) == spec) else {
             let known = budgets
                 .iter()
                 .map(|b| format!("`{}`", b.device))
                 .collect::<Vec<_>>()
                 .join(", ");
+            let dev = spec.map_or_else(|| dev.clone(), |s| s.to_string());
             return Err(Error::InvalidArgument(format!(
                 "`device_map`: `{name}` is mapped to `{dev}`, which is not a device here ({known})"
             )));
-        }
+        };
+        on.push(b);
     }
     let mut out = Vec::with_capacity(modules.len());
     for m in modules {
         let best = entries
             .iter()
-            .filter(|(n, _)| covers(n, &m.name))
-            .max_by_key(|(n, _)| n.len())
+            .zip(&on)
+            .filter(|((n, _), _)| covers(n, m.id))
+            .max_by_key(|((n, _), _)| n.len())
             .ok_or_else(|| {
                 Error::InvalidArgument(format!(
                     "`device_map` gives no device for `{}`; map every module (or a prefix such as `model.layers`)",
-                    m.name
+                    m.id
                 ))
             })?;
-        out.push(budgets.iter().position(|b| b.device == best.1).unwrap_or(0));
+        out.push(*best.1);
     }
     let mut used = vec![0u64; budgets.len()];
     for (m, &d) in modules.iter().zip(&out) {
@@ -256,22 +319,23 @@ fn explicit(
 /// `cuda:0: model.embed_tokens, model.layers.0-13 (7.10 GiB of 20.00 GiB)` per device.
 impl fmt::Display for Placement {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (k, (dev, used, budget)) in self.devices.iter().enumerate() {
-            let names: Vec<&str> = self
+        for (k, d) in self.devices.iter().enumerate() {
+            let on: Vec<ModuleId> = self
                 .modules
                 .iter()
-                .filter(|(_, d)| d == dev)
-                .map(|(m, _)| m.as_str())
+                .filter(|(_, dev)| *dev == d.device)
+                .map(|(m, _)| *m)
                 .collect();
             if k > 0 {
                 writeln!(f)?;
             }
             write!(
                 f,
-                "{dev}: {} ({} of {})",
-                ranges(&names),
-                human(*used as f64),
-                human(*budget as f64)
+                "{}: {} ({} of {})",
+                d.name,
+                ranges(&on),
+                human(d.used as f64),
+                human(d.budget as f64)
             )?;
         }
         Ok(())
@@ -279,23 +343,16 @@ impl fmt::Display for Placement {
 }
 
 /// `model.layers.3`, `model.layers.4`, `model.layers.5` -> `model.layers.3-5`.
-fn ranges(names: &[&str]) -> String {
+fn ranges(modules: &[ModuleId]) -> String {
     let mut out: Vec<String> = Vec::new();
     let mut run: Option<(usize, usize)> = None;
     let flush = |run: &mut Option<(usize, usize)>, out: &mut Vec<String>| {
         if let Some((a, b)) = run.take() {
-            out.push(if a == b {
-                format!("model.layers.{a}")
-            } else {
-                format!("model.layers.{a}-{b}")
-            });
+            out.push(ModuleId::layer_range(a, b));
         }
     };
-    for n in names {
-        let layer = n
-            .strip_prefix("model.layers.")
-            .and_then(|i| i.parse::<usize>().ok());
-        if let Some(i) = layer {
+    for m in modules {
+        if let Some(i) = m.layer() {
             if let Some((a, b)) = run
                 && b + 1 == i
             {
@@ -306,7 +363,7 @@ fn ranges(names: &[&str]) -> String {
             }
         } else {
             flush(&mut run, &mut out);
-            out.push((*n).to_string());
+            out.push(m.hf_name());
         }
     }
     flush(&mut run, &mut out);
@@ -322,31 +379,23 @@ mod tests {
 
     /// A 7B-like model: a 1 GiB embedding and head, 28 layers of 0.5 GiB, a tiny norm.
     fn model() -> Vec<Module> {
-        let mut m = vec![Module {
-            name: "model.embed_tokens".into(),
-            bytes: GIB,
-        }];
-        for i in 0..28 {
-            m.push(Module {
-                name: format!("model.layers.{i}"),
-                bytes: GIB / 2,
-            });
-        }
-        m.push(Module {
-            name: "model.norm".into(),
-            bytes: 1 << 20,
-        });
-        m.push(Module {
-            name: "lm_head".into(),
-            bytes: GIB,
-        });
-        m
+        ModuleId::all(28, false)
+            .into_iter()
+            .map(|id| Module {
+                id,
+                bytes: match id {
+                    ModuleId::Embedding | ModuleId::Head => GIB,
+                    ModuleId::Layer(_) => GIB / 2,
+                    ModuleId::FinalNorm => 1 << 20,
+                },
+            })
+            .collect()
     }
 
     fn gpus(n: usize, gib: u64) -> Vec<Budget> {
         (0..n)
             .map(|i| Budget {
-                device: format!("cuda:{i}"),
+                device: DeviceSpec::gpu(i),
                 bytes: gib * GIB,
             })
             .collect()
@@ -375,7 +424,7 @@ mod tests {
                 {
                     let mut b = gpus(1, 6);
                     b.push(Budget {
-                        device: "cpu".into(),
+                        device: DeviceSpec::Cpu,
                         bytes: 64 * GIB,
                     });
                     b
@@ -449,5 +498,45 @@ mod tests {
         .to_string();
         assert!(e.contains("no device for `lm_head`"), "{e}");
         assert!(DeviceMap::from_name("balance").is_err());
+    }
+
+    #[test]
+    fn pipeline_stages_are_the_layers_runs_over_gpus() {
+        let m = model();
+        let stages = |budgets: Vec<Budget>, map: DeviceMap| {
+            place(&m, &budgets, &map).unwrap().pipeline_stages()
+        };
+        assert_eq!(stages(gpus(1, 80), DeviceMap::Auto), None);
+        let two = stages(gpus(2, 80), DeviceMap::Auto).unwrap();
+        assert_eq!(two.len(), 2, "{two:?}");
+        assert_eq!(
+            (two[0].start, two[0].end, two[1].end),
+            (0, two[1].start, 28)
+        );
+        let mut offload = gpus(2, 6);
+        offload.push(Budget {
+            device: DeviceSpec::Cpu,
+            bytes: 64 * GIB,
+        });
+        assert_eq!(stages(offload, DeviceMap::Sequential), None);
+        let back = DeviceMap::Explicit(
+            [
+                ("model", "cuda:0"),
+                ("model.layers.10", "cuda:1"),
+                ("lm_head", "1"),
+            ]
+            .iter()
+            .map(|(a, b)| ((*a).to_string(), (*b).to_string()))
+            .collect(),
+        );
+        assert_eq!(stages(gpus(2, 80), back), Some(vec![0..10, 10..11, 11..28]));
+        let p = place(&m, &gpus(2, 80), &DeviceMap::Auto).unwrap();
+        assert_eq!(p.device_of("model.embed_tokens"), Some("cuda:0"));
+        assert_eq!(p.device_of("lm_head"), Some("cuda:1"));
+        assert_eq!(p.device_of("model.layer"), None);
+        assert_eq!(
+            p.layers_on(DeviceSpec::gpu(0)) + p.layers_on(DeviceSpec::gpu(1)),
+            28
+        );
     }
 }

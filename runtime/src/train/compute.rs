@@ -64,7 +64,11 @@ impl Compute {
             }
             _ => DeviceAdamW::new(&params, adam)?,
         };
-        let pipeline = pipeline_stages(&model).filter(|_| cfg.pipeline);
+        let pipeline = model
+            .placement
+            .as_ref()
+            .and_then(crate::plan::Placement::pipeline_stages)
+            .filter(|_| cfg.pipeline);
         let merge = MergePolicy::new(cfg.merge_micro_batches, model.decoder.num_params());
         Ok(Self {
             model,
@@ -364,17 +368,6 @@ impl Executor for Compute {
     fn peak_device_bytes(&self) -> Option<u64> {
         crate::device::pool(&self.device).map(|p| p.peak)
     }
-}
-
-/// The stages of a model placed over several GPUs (its blocks' runs per GPU), whose windows run
-/// in a pipeline; `None` on one device, or when a stage lies on the CPU (its work blocks the host:
-/// nothing would run at once).
-fn pipeline_stages(model: &Model) -> Option<Vec<std::ops::Range<usize>>> {
-    let stages = super::engine::stages(model, None);
-    let on_gpus = stages
-        .iter()
-        .all(|r| model.decoder.blocks[r.start].device().is_cuda());
-    (stages.len() > 1 && on_gpus).then_some(stages)
 }
 
 /// A copy of `model` whose trainable tensors are copies (training never changes the input

@@ -195,10 +195,10 @@ pub fn plan(
             let mut per = per_device(p, &estimate, model);
             // `max_memory` decides where weights go (as in accelerate); the run is checked
             // against each device's real capacity.
-            for ((dev, _, budget), (_, weights, _)) in per.iter_mut().zip(&p.devices) {
-                if let Some(c) = crate::device::by_name(dev)
+            for ((_, _, budget), d) in per.iter_mut().zip(&p.devices) {
+                if let Some(c) = crate::device::resolve(d.device)
                     .ok()
-                    .and_then(|d| capacity(&d, *weights))
+                    .and_then(|dev| capacity(&dev, d.used))
                 {
                     *budget = c;
                 }
@@ -272,56 +272,41 @@ pub fn plan(
 /// the activations and of the trainable state (adapters by layer; full fine-tuning by weight),
 /// the loss chunk and temporaries on the head's device, the CUDA runtime on each GPU.
 fn per_device(p: &crate::plan::Placement, e: &Estimate, model: &Model) -> Vec<DeviceNeed> {
+    use crate::device::DeviceSpec;
+    use crate::model::ModuleId;
     let layers = model.config().num_hidden_layers.max(1) as f64;
-    let weights: u64 = p.devices.iter().map(|d| d.1).sum::<u64>().max(1);
+    let weights: u64 = p.devices.iter().map(|d| d.used).sum::<u64>().max(1);
     let head = if model.decoder.lm_head.is_some() {
-        "lm_head"
+        ModuleId::Head
     } else {
-        "model.embed_tokens"
+        ModuleId::Embedding
     };
-    let head_dev = p.device_of(head).unwrap_or("cpu");
+    let head_dev = p.device(head).unwrap_or(DeviceSpec::Cpu);
     let state = (e.trainable + e.gradients + e.optimizer) as f64;
     p.devices
         .iter()
-        .map(|(dev, used, budget)| {
-            let on = p
-                .modules
-                .iter()
-                .filter(|(m, d)| d == dev && m.starts_with("model.layers."))
-                .count() as f64
-                / layers;
-            let by_weight = *used as f64 / weights as f64;
+        .map(|d| {
+            let on = p.layers_on(d.device) as f64 / layers;
+            let by_weight = d.used as f64 / weights as f64;
             let share = if model.trainable { by_weight } else { on };
-            let mut b = *used as f64 + state * share + e.activations as f64 * on;
-            if dev == head_dev {
+            let mut b = d.used as f64 + state * share + e.activations as f64 * on;
+            if d.device == head_dev {
                 b += (e.loss + e.temporaries) as f64;
             }
-            if dev != "cpu" {
-                b += e.runtime.max(memory::CUDA_RUNTIME_BYTES) as f64;
+            if !d.device.is_cpu() {
+                b += e.runtime.max(crate::device::CUDA_RUNTIME_BYTES) as f64;
             }
-            (dev.clone(), b as u64, *budget)
+            (d.device.to_string(), b as u64, d.budget)
         })
         .collect()
 }
 
 /// Whether the model's blocks lie over several GPUs (its windows then run as a pipeline).
 fn pipelined(model: &Model) -> bool {
-    let Some(p) = &model.placement else {
-        return false;
-    };
-    let mut gpus: Vec<&str> = p
-        .modules
-        .iter()
-        .filter(|(m, d)| m.starts_with("model.layers.") && d.starts_with("cuda"))
-        .map(|(_, d)| d.as_str())
-        .collect();
-    gpus.sort_unstable();
-    gpus.dedup();
-    let cpu_layers = p
-        .modules
-        .iter()
-        .any(|(m, d)| m.starts_with("model.layers.") && d == "cpu");
-    gpus.len() > 1 && !cpu_layers
+    model
+        .placement
+        .as_ref()
+        .is_some_and(|p| p.pipeline_stages().is_some())
 }
 
 /// Every id of `data` inside the model's vocabulary.

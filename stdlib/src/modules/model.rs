@@ -38,7 +38,8 @@ impl Default for LoadOpts {
 
 impl LoadOpts {
     /// The runtime's options: `device_map` as a name or a map of modules to devices, and
-    /// `max_memory` sizes as accelerate writes them (`"20GiB"`, `"500MB"`, bytes).
+    /// `max_memory` sizes as accelerate writes them (`"20GiB"`, `"500MB"`, bytes). Devices are
+    /// passed on as written (a number as its digits): the runtime's `DeviceSpec` parses them.
     fn to_runtime(&self) -> Result<qscript_runtime::model::LoadOptions, String> {
         use qscript_runtime::plan::DeviceMap;
         let device_map = match &self.device_map {
@@ -51,7 +52,7 @@ impl LoadOpts {
                 for (k, v) in m {
                     let dev = match v {
                         serde_json::Value::String(d) => d.clone(),
-                        serde_json::Value::Number(n) => format!("cuda:{n}"),
+                        serde_json::Value::Number(n) => n.to_string(),
                         other => {
                             return Err(format!(
                                 "`device_map.{k}`: a device (`\"cuda:0\"`, `0`, `\"cpu\"`), got {other}"
@@ -70,12 +71,7 @@ impl LoadOpts {
         };
         let mut max_memory = Vec::new();
         for (k, v) in self.max_memory.iter().flatten() {
-            let dev = if k.parse::<usize>().is_ok() {
-                format!("cuda:{k}")
-            } else {
-                k.clone()
-            };
-            max_memory.push((dev, size(k, v)?));
+            max_memory.push((k.clone(), size(k, v)?));
         }
         Ok(qscript_runtime::model::LoadOptions {
             dtype: self.dtype.clone(),
@@ -215,21 +211,6 @@ fn save_model_or_shapes(
     save_model(&m.0, dir)
 }
 
-/// A tokenizer whose ids the model's embedding cannot hold is an error naming both sizes.
-pub(crate) fn check_vocab(
-    m: &qscript_runtime::model::Model,
-    tok: &qscript_runtime::tokenizer::Tokenizer,
-) -> qscript_runtime::Result<()> {
-    let (t, v) = (tok.vocab_size(), m.config().vocab_size);
-    if t > v {
-        return Err(qscript_runtime::Error::InvalidArgument(format!(
-            "the tokenizer has {t} tokens and the model's embedding {v} rows: ids from {v} on \
-             have no embedding; use the model's own tokenizer"
-        )));
-    }
-    Ok(())
-}
-
 /// Generates after `prompt` and returns the new text, streaming it when asked (or by default in
 /// the interactive REPL).
 fn run_generate(
@@ -254,7 +235,9 @@ fn run_generate(
         seed: opts.seed,
         stop_ids,
     };
-    check_vocab(&m.0, &tok.0).map_err(to_rhai_at(ctx))?;
+    // A tokenizer whose ids the model's embedding cannot hold is an error naming both sizes.
+    qscript_runtime::tokenizer::check_fits(tok.0.vocab_size(), m.0.config().vocab_size, None)
+        .map_err(to_rhai_at(ctx))?;
     if rc.checking() {
         // A dry run: the prompt and options are checked, nothing is generated.
         m.0.check_generate(prompt, &g).map_err(to_rhai_at(ctx))?;
