@@ -159,7 +159,7 @@ impl AdamW {
         };
         #[cfg(feature = "cuda")]
         if params.device().is_cuda() {
-            let args = crate::nn::cuda::AdamWArgs {
+            let args = crate::nn::cuda::adamw::AdamWArgs {
                 lr: lr as f32,
                 beta1: c.beta1 as f32,
                 beta2: c.beta2 as f32,
@@ -171,7 +171,7 @@ impl AdamW {
                 bc2: bc2 as f32,
             };
             let p = &params.data.as_tensor().narrow(0, start, len)?;
-            crate::nn::cuda::adamw(
+            crate::nn::cuda::adamw::adamw(
                 p,
                 &self.m,
                 &self.v,
@@ -242,7 +242,7 @@ pub fn clip_factor(grads: &Tensor, max_norm: f64) -> Result<(Tensor, Option<Tens
 fn sum_of_squares(g: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if g.device().is_cuda() && g.dtype() == DType::F32 && g.is_contiguous() {
-        return Ok(crate::nn::cuda::sum_of_squares(g)?);
+        return Ok(crate::nn::cuda::grad_norm::sum_of_squares(g)?);
     }
     const ROWS: usize = 4096;
     let n = g.elem_count();
