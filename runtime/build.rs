@@ -1,7 +1,8 @@
 //! With feature `cuda`, compiles each kernel family's `.cu` ([`FAMILIES`]: the `.rs` + `.cu` pairs
-//! under `src/nn/cuda/`, with the device helpers of `src/nn/cuda/common.cuh` on the include path)
-//! to its own PTX module with `nvcc` (found on `PATH`, or `NVCC`), all at once; each PTX is
-//! embedded in the library by its family's launcher and loaded once per device at run time. And
+//! under `src/nn/cuda/` and the optimizer's under `src/train/optim/`, with the device helpers of
+//! `src/nn/cuda/common.cuh` on the include path) to its own PTX module with `nvcc` (found on
+//! `PATH`, or `NVCC`), all at once; each PTX is embedded in the library by its family's launcher
+//! and loaded once per device at run time (`src/nn/cuda/launch.rs`, the one launcher). And
 //! the cuDNN attention shim `src/nn/cuda/sdpa.cpp` with the C++ compiler, against the CUDA, cuDNN
 //! and cudnn-frontend headers (`QSCRIPT_CUDNN_INCLUDE`: `:`-separated directories, as
 //! `scripts/cuda-toolchain.sh` sets it); cuDNN itself is loaded at run time.
@@ -12,14 +13,14 @@ use std::process::Command;
 /// The kernel families' device code, each compiled to `$OUT_DIR/<file stem>.ptx` (stems unique).
 const FAMILIES: &[&str] = &[
     "src/nn/cuda/accumulate.cu",
-    "src/nn/cuda/adamw.cu",
     "src/nn/cuda/cross_entropy.cu",
     "src/nn/cuda/dropout.cu",
-    "src/nn/cuda/grad_norm.cu",
     "src/nn/cuda/rms_norm.cu",
     "src/nn/cuda/rope.cu",
     "src/nn/cuda/softmax.cu",
     "src/nn/cuda/swiglu.cu",
+    "src/train/optim/adamw.cu",
+    "src/train/optim/grad_norm.cu",
 ];
 
 /// The directory of `common.cuh`, the device helpers every family includes.

@@ -14,19 +14,19 @@
 //! | [`cross_entropy`] | per-row losses and the logits' gradient | [`crate::nn::loss::causal_lm_loss`]'s composite path |
 //! | [`dropout`] | the mask, dropout added into a destination | [`crate::nn::dropout`] |
 //! | [`accumulate`] | in-place adds, row scatter and put | [`crate::nn::ops::add_into`], [`crate::nn::ops::add_bias`], [`crate::nn::ops::put_rows`] |
-//! | [`adamw`] | AdamW's step | [`crate::train::optim::AdamW::step`]'s composite path |
-//! | [`grad_norm`] | the gradients' sum of squares | `train::optim`'s composite `sum_of_squares` |
+//!
+//! The optimizer's kernels live with it, launched through `launch.rs` too:
+//! [`crate::train::optim::adamw`] (AdamW's step) and [`crate::train::optim::grad_norm`] (the
+//! gradients' sum of squares for clipping).
 //!
 //! Beside them, not ours to launch: [`blas`] (cuBLAS GEMMs into existing outputs), [`sdpa`]
 //! (cuDNN's fused attention), [`peer`] (GPU-to-GPU copies). And device setup, to move to the
 //! device module: [`libs`] (where cuDNN and NCCL are found) and [`pool`] (the memory pool).
 
 pub mod accumulate;
-pub mod adamw;
 pub mod blas;
 pub mod cross_entropy;
 pub mod dropout;
-pub mod grad_norm;
 pub(crate) mod launch;
 pub mod libs;
 pub mod peer;

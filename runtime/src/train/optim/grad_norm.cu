@@ -1,5 +1,5 @@
 // The gradient norm's sum of squares (launcher in grad_norm.rs; reference op: the composite path
-// of `sum_of_squares` in runtime/src/train/optim.rs).
+// of `sum_of_squares` in mod.rs). common.cuh is nn/cuda's, on the include path build.rs gives nvcc.
 #include "common.cuh"
 
 // Per block, the sum of squares of its grid-stride share of g: out[blockIdx.x] (the caller sums

@@ -1,12 +1,12 @@
-//! The sum of squares of the flat gradient buffer on CUDA (`grad_norm.cu`), for the global-norm
-//! clipping before the optimizer step: one read of the buffer, no squared copy. Reference op: the
-//! composite path of `train::optim`'s `sum_of_squares` (rows of partial sums), which takes this
-//! kernel on a GPU.
+//! The sum of squares of the flat gradient buffer on CUDA (`grad_norm.cu`, compiled by `build.rs`
+//! and launched through `nn::cuda`'s one launcher), for the global-norm clipping before the
+//! optimizer step: one read of the buffer, no squared copy. Reference op: the composite path of
+//! the optimizer's `sum_of_squares` (rows of partial sums), which takes this kernel on a GPU.
 
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{DType, Result, Tensor};
 
-use super::launch::{Arg, Module, addr, empty, launch, ptx};
+use crate::nn::cuda::launch::{Arg, Module, addr, empty, launch, ptx};
 
 const PTX: Module = ptx!("grad_norm");
 

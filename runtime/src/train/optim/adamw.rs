@@ -1,10 +1,11 @@
-//! AdamW's step on CUDA (`adamw.cu`): one in-place launch over the flat parameter buffer for
-//! every trainable tensor. Reference op: the composite path of `train::optim::AdamW::step`, which
-//! takes this kernel on a GPU.
+//! AdamW's step on CUDA (`adamw.cu`, compiled by `build.rs` and launched through
+//! `nn::cuda`'s one launcher): one in-place launch over the flat parameter buffer for every
+//! trainable tensor. Reference op: the composite path of [`super::AdamW::step`], which takes this
+//! kernel on a GPU.
 
 use candle_core::{DType, Result, Tensor};
 
-use super::launch::{Arg, Module, first, launch, launch_1d, ptx};
+use crate::nn::cuda::launch::{Arg, Module, first, launch, launch_1d, ptx};
 
 const PTX: Module = ptx!("adamw");
 
@@ -44,7 +45,7 @@ fn flat_f32(t: &Tensor, what: &str) -> Result<u64> {
 
 /// One in-place AdamW step over flat buffers: `params` (any float dtype) and the f32 moments
 /// `m`, `v` are updated from the f32 gradients `g` scaled by the device scalar `clip`; `decay`
-/// (u32 words, see `train::optim::decay_bits`) marks where weight decay applies. One launch for every
+/// (u32 words, see `super::decay_bits`) marks where weight decay applies. One launch for every
 /// trainable tensor.
 pub fn adamw(
     params: &Tensor,

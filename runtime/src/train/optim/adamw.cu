@@ -1,5 +1,5 @@
 // AdamW's step (launcher in adamw.rs; reference op: the composite path of `AdamW::step` in
-// runtime/src/train/optim.rs).
+// mod.rs). common.cuh is nn/cuda's, on the include path build.rs gives nvcc.
 #include "common.cuh"
 
 // One AdamW step over a flat buffer, in place (torch.optim.AdamW's arithmetic, f32 states;
