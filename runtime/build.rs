@@ -1,14 +1,36 @@
-//! With feature `cuda`, compiles `src/nn/cuda/kernels.cu` to PTX with `nvcc` (found on `PATH`, or
-//! `NVCC`); the PTX is embedded in the library and loaded once per device at run time. And the
-//! cuDNN attention shim `src/nn/cuda/sdpa.cpp` with the C++ compiler, against the CUDA, cuDNN and
-//! cudnn-frontend headers (`QSCRIPT_CUDNN_INCLUDE`: `:`-separated directories, as
+//! With feature `cuda`, compiles each kernel family's `.cu` ([`FAMILIES`]: the `.rs` + `.cu` pairs
+//! under `src/nn/cuda/` and the optimizer's under `src/train/optim/`, with the device helpers of
+//! `src/nn/cuda/common.cuh` on the include path) to its own PTX module with `nvcc` (found on
+//! `PATH`, or `NVCC`), all at once; each PTX is embedded in the library by its family's launcher
+//! and loaded once per device at run time (`src/nn/cuda/launch.rs`, the one launcher). And
+//! the cuDNN attention shim `src/nn/cuda/sdpa.cpp` with the C++ compiler, against the CUDA, cuDNN
+//! and cudnn-frontend headers (`QSCRIPT_CUDNN_INCLUDE`: `:`-separated directories, as
 //! `scripts/cuda-toolchain.sh` sets it); cuDNN itself is loaded at run time.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The kernel families' device code, each compiled to `$OUT_DIR/<file stem>.ptx` (stems unique).
+const FAMILIES: &[&str] = &[
+    "src/nn/cuda/accumulate.cu",
+    "src/nn/cuda/cross_entropy.cu",
+    "src/nn/cuda/dropout.cu",
+    "src/nn/cuda/rms_norm.cu",
+    "src/nn/cuda/rope.cu",
+    "src/nn/cuda/softmax.cu",
+    "src/nn/cuda/swiglu.cu",
+    "src/train/optim/adamw.cu",
+    "src/train/optim/grad_norm.cu",
+];
+
+/// The directory of `common.cuh`, the device helpers every family includes.
+const COMMON: &str = "src/nn/cuda";
+
 fn main() {
-    println!("cargo::rerun-if-changed=src/nn/cuda/kernels.cu");
+    for cu in FAMILIES {
+        println!("cargo::rerun-if-changed={cu}");
+    }
+    println!("cargo::rerun-if-changed={COMMON}/common.cuh");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo::rerun-if-env-changed=NVCC");
     println!("cargo::rerun-if-changed=src/nn/cuda/sdpa.cpp");
@@ -17,28 +39,40 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    let out =
-        PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("kernels.ptx");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     // PTX for the oldest architecture we support runs on every newer one (the driver JITs it once).
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
-    let status = Command::new(&nvcc)
-        .args([
-            "--ptx",
-            "-O3",
-            "-std=c++17",
-            &format!("-arch=compute_{cap}"),
-            "-o",
-        ])
-        .arg(&out)
-        .arg("src/nn/cuda/kernels.cu")
-        .status();
-    match status {
-        Ok(s) if s.success() => {}
-        Ok(s) => panic!("`{nvcc}` failed ({s}) compiling src/nn/cuda/kernels.cu"),
-        Err(e) => panic!(
-            "the `cuda` feature needs `nvcc` on PATH (or NVCC=...): {e}; see README.md, \"GPU build\""
-        ),
+    // Every family at once, then each waited for.
+    let runs: Vec<_> = FAMILIES
+        .iter()
+        .map(|cu| {
+            let stem = Path::new(cu).file_stem().expect("a .cu file");
+            let out = out_dir.join(stem).with_extension("ptx");
+            let child = Command::new(&nvcc)
+                .args([
+                    "--ptx",
+                    "-O3",
+                    "-std=c++17",
+                    &format!("-arch=compute_{cap}"),
+                    "-I",
+                    COMMON,
+                    "-o",
+                ])
+                .arg(&out)
+                .arg(cu)
+                .spawn();
+            (cu, child)
+        })
+        .collect();
+    for (cu, child) in runs {
+        match child.and_then(|mut c| c.wait()) {
+            Ok(s) if s.success() => {}
+            Ok(s) => panic!("`{nvcc}` failed ({s}) compiling {cu}"),
+            Err(e) => panic!(
+                "the `cuda` feature needs `nvcc` on PATH (or NVCC=...): {e}; see README.md, \"GPU build\""
+            ),
+        }
     }
     #[cfg(feature = "cuda")]
     sdpa_shim(&nvcc);

@@ -235,7 +235,7 @@ fn row_mask(
     h: usize,
     s: usize,
     device: &Device,
-) -> Result<super::cuda::RowMask> {
+) -> Result<super::cuda::softmax::RowMask> {
     let ranges = match &mask.key_ranges {
         Some(r) => {
             if r.len() != b {
@@ -254,7 +254,7 @@ fn row_mask(
         .segment_starts(b, s)?
         .map(|q| Tensor::from_vec(q, b * s, device))
         .transpose()?;
-    Ok(super::cuda::RowMask {
+    Ok(super::cuda::softmax::RowMask {
         s: s as u32,
         rows_per_batch: (h * s) as u64,
         offset: mask.offset as u32,
@@ -372,7 +372,8 @@ fn forward_parts(
         let (_, kv, rep, _, _) = dims;
         let rm = row_mask(mask, b, kv * rep, s, qg.device())?;
         let raw = qg.matmul(&k.t()?)?.reshape((b * kv * rep * s, t))?;
-        let (probs, max, log_sum) = super::cuda::attn_softmax_fwd(&raw, &rm, scale as f32)?;
+        let (probs, max, log_sum) =
+            super::cuda::softmax::attn_softmax_fwd(&raw, &rm, scale as f32)?;
         let out = probs.reshape((b, kv, rep * s, t))?.matmul(v)?;
         return Ok((out, max, log_sum, None));
     }
@@ -473,8 +474,15 @@ pub fn attention_backward(saved: &AttnSaved, d_out: &Tensor) -> Result<(Tensor, 
             * out.reshape((b, kv, rep * s, d))?.to_dtype(DType::F32)?)?
         .sum(D::Minus1)?
         .reshape(rows)?;
-        let (p, ds) =
-            super::cuda::attn_softmax_bwd(&raw, &dp, max, log_sum, &delta, &rm, *scale as f32)?;
+        let (p, ds) = super::cuda::softmax::attn_softmax_bwd(
+            &raw,
+            &dp,
+            max,
+            log_sum,
+            &delta,
+            &rm,
+            *scale as f32,
+        )?;
         let (p, ds) = (
             p.reshape((b, kv, rep * s, t))?,
             ds.reshape((b, kv, rep * s, t))?,

@@ -82,7 +82,15 @@ pub fn mask(
     let row_elems = row_elems.max(1) as u64;
     #[cfg(feature = "cuda")]
     if let Device::Cuda(dev) = device {
-        return super::cuda::dropout_mask(dev, key, row_elems, p as f32, shape, dtype);
+        return super::cuda::dropout::mask(
+            dev,
+            key.key,
+            key.first_row,
+            row_elems,
+            p as f32,
+            shape,
+            dtype,
+        );
     }
     let keep = (1.0 / (1.0 - p)) as f32;
     let p = p as f32;
@@ -104,7 +112,7 @@ pub fn mask(
 pub fn apply(x: &Tensor, p: f64, key: Key, row_elems: usize) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if cuda_ok(x) {
-        return super::cuda::accumulate::dropout_axpy(x, p, key, row_elems, 1.0, None);
+        return super::cuda::dropout::axpy(x, p, key.key, key.first_row, row_elems, 1.0, None);
     }
     x.mul(&mask(key, p, x.dims(), row_elems, x.dtype(), x.device())?)
 }
@@ -121,10 +129,11 @@ pub fn add_into(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if cuda_ok(x) && dst.is_contiguous() && dst.dtype() == x.dtype() {
-        return super::cuda::accumulate::dropout_axpy(
+        return super::cuda::dropout::axpy(
             x,
             p,
-            key,
+            key.key,
+            key.first_row,
             row_elems,
             alpha as f32,
             Some(dst),

@@ -121,8 +121,12 @@ fn loss_in_chunks(
         if crate::nn::ops::fused(&hc, head) {
             let logits = hc.matmul(&head.t()?)?;
             let sink = grads.as_deref_mut();
-            let (rows, dlogits) =
-                super::cuda::ce_rows(&logits, &target, (1.0 / denom) as f32, sink.is_some())?;
+            let (rows, dlogits) = super::cuda::cross_entropy::ce_rows(
+                &logits,
+                &target,
+                (1.0 / denom) as f32,
+                sink.is_some(),
+            )?;
             let part = rows.sum_all()?;
             total = Some(match total {
                 Some(t) => t.add(&part)?,

@@ -9,7 +9,7 @@ use candle_core::{D, DType, Result, Tensor};
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused(x, weight) {
-        return super::cuda::rms_fwd(&x.contiguous()?, weight, eps as f32);
+        return super::cuda::rms_norm::rms_fwd(&x.contiguous()?, weight, eps as f32);
     }
     let (normed, _) = normalize(x, eps)?;
     normed.to_dtype(x.dtype())?.broadcast_mul(weight)
@@ -79,7 +79,12 @@ pub fn rms_norm_backward(
 ) -> Result<(Tensor, Option<Tensor>)> {
     #[cfg(feature = "cuda")]
     if !want_dw && fused(x, weight) && dy.dtype() == x.dtype() {
-        let dx = super::cuda::rms_bwd(&x.contiguous()?, weight, &dy.contiguous()?, eps as f32)?;
+        let dx = super::cuda::rms_norm::rms_bwd(
+            &x.contiguous()?,
+            weight,
+            &dy.contiguous()?,
+            eps as f32,
+        )?;
         return Ok((dx, None));
     }
     let (xhat, rstd) = normalize(x, eps)?;
@@ -114,9 +119,9 @@ pub fn rms_norm_backward_into(
     if fused(x, weight) && dy.dtype() == x.dtype() {
         let x = x.contiguous()?;
         let dy = dy.contiguous()?;
-        let dx = super::cuda::rms_bwd(&x, weight, &dy, eps as f32)?;
+        let dx = super::cuda::rms_norm::rms_bwd(&x, weight, &dy, eps as f32)?;
         if grads.wants(weight) {
-            let rows = super::cuda::accumulate::rms_dw_rows(&x, &dy, eps as f32)?;
+            let rows = super::cuda::rms_norm::rms_dw_rows(&x, &dy, eps as f32)?;
             grads.add_col_sums(weight, &rows)?;
         }
         return Ok(dx);
@@ -140,7 +145,7 @@ pub(crate) fn fused(x: &Tensor, w: &Tensor) -> bool {
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused(gate, up) {
-        return super::cuda::swiglu_fwd(&gate.contiguous()?, &up.contiguous()?);
+        return super::cuda::swiglu::swiglu_fwd(&gate.contiguous()?, &up.contiguous()?);
     }
     gate.silu()?.mul(up)
 }
@@ -149,7 +154,11 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 pub fn swiglu_backward(gate: &Tensor, up: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if fused(gate, up) && dh.dtype() == gate.dtype() {
-        return super::cuda::swiglu_bwd(&gate.contiguous()?, &up.contiguous()?, &dh.contiguous()?);
+        return super::cuda::swiglu::swiglu_bwd(
+            &gate.contiguous()?,
+            &up.contiguous()?,
+            &dh.contiguous()?,
+        );
     }
     let dtype = gate.dtype();
     let g = gate.to_dtype(DType::F32)?;
@@ -210,7 +219,7 @@ fn rotate_half_t(x: &Tensor) -> Result<Tensor> {
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused(x, cos) {
-        return super::cuda::rope(x, &cos.contiguous()?, &sin.contiguous()?, false);
+        return super::cuda::rope::rope(x, &cos.contiguous()?, &sin.contiguous()?, false);
     }
     let (cos, sin) = (per_head(cos)?, per_head(sin)?);
     apply_rope(&x.transpose(1, 2)?, &cos, &sin)?.transpose(1, 2)
@@ -220,7 +229,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 pub fn rope_bwd(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused(dy, cos) {
-        return super::cuda::rope(dy, &cos.contiguous()?, &sin.contiguous()?, true);
+        return super::cuda::rope::rope(dy, &cos.contiguous()?, &sin.contiguous()?, true);
     }
     let (cos, sin) = (per_head(cos)?, per_head(sin)?);
     rope_backward(&dy.transpose(1, 2)?, &cos, &sin)?.transpose(1, 2)

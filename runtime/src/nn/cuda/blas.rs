@@ -8,7 +8,7 @@ use std::ffi::c_void;
 use candle_core::cuda_backend::cudarc::cublas::{result, sys};
 use candle_core::{DType, Result, Tensor};
 
-use super::first;
+use super::launch::first;
 
 fn data_type(d: DType) -> Result<sys::cudaDataType> {
     Ok(match d {

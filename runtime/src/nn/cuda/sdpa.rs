@@ -3,6 +3,7 @@
 //! time where users have it (`QSCRIPT_CUDNN`, the system's `libcudnn.so.9`, or a pip wheel's
 //! `nvidia/cudnn/lib`); without it attention uses the fused softmax kernels, after a one-line
 //! notice that says why.
+#![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::sync::OnceLock;
@@ -11,7 +12,7 @@ use candle_core::cuda_backend::CudaDevice;
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::{DType, Result, Tensor};
 
-use super::{addr, empty};
+use super::launch::{addr, empty};
 use crate::nn::AttnMask;
 
 unsafe extern "C" {
@@ -49,7 +50,7 @@ pub fn cudnn() -> std::result::Result<i32, &'static str> {
     static LOADED: OnceLock<std::result::Result<i32, String>> = OnceLock::new();
     let r = LOADED.get_or_init(|| {
         let mut tried = Vec::new();
-        for path in super::library_candidates("QSCRIPT_CUDNN", "libcudnn.so.9", "cudnn") {
+        for path in super::libs::library_candidates("QSCRIPT_CUDNN", "libcudnn.so.9", "cudnn") {
             let Ok(c) = CString::new(path.to_string_lossy().as_bytes()) else {
                 continue;
             };

@@ -1,5 +1,12 @@
 //! AdamW as torch implements it (decoupled weight decay, bias-corrected moments), with f32 states
 //! whatever the dtype of the parameters, and global-norm gradient clipping as `clip_grad_norm_`.
+//! These are the reference ops; on a GPU the step and the norm's sum of squares are fused
+//! kernels, each a `.rs` + `.cu` pair here (built with feature `cuda`): `adamw` and `grad_norm`.
+
+#[cfg(feature = "cuda")]
+pub mod adamw;
+#[cfg(feature = "cuda")]
+pub mod grad_norm;
 
 use candle_core::{DType, Tensor};
 
@@ -159,7 +166,7 @@ impl AdamW {
         };
         #[cfg(feature = "cuda")]
         if params.device().is_cuda() {
-            let args = crate::nn::cuda::AdamWArgs {
+            let args = adamw::AdamWArgs {
                 lr: lr as f32,
                 beta1: c.beta1 as f32,
                 beta2: c.beta2 as f32,
@@ -171,7 +178,7 @@ impl AdamW {
                 bc2: bc2 as f32,
             };
             let p = &params.data.as_tensor().narrow(0, start, len)?;
-            crate::nn::cuda::adamw(
+            adamw::adamw(
                 p,
                 &self.m,
                 &self.v,
@@ -242,7 +249,7 @@ pub fn clip_factor(grads: &Tensor, max_norm: f64) -> Result<(Tensor, Option<Tens
 fn sum_of_squares(g: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if g.device().is_cuda() && g.dtype() == DType::F32 && g.is_contiguous() {
-        return Ok(crate::nn::cuda::sum_of_squares(g)?);
+        return Ok(grad_norm::sum_of_squares(g)?);
     }
     const ROWS: usize = 4096;
     let n = g.elem_count();

@@ -1,0 +1,195 @@
+//! The one way our kernels are launched. Each kernel family is a `.rs` + `.cu` pair; `build.rs`
+//! compiles each `.cu` to its own PTX module, which the family names with [`ptx!`] and [`launch`]
+//! loads once per device (on first use) and launches from, the arguments packed as [`Arg`]s in
+//! the kernel's order. Beside it, what every launcher uses: device addresses of tensors
+//! ([`addr`], [`first`]), fresh outputs ([`empty`]) and grid shapes.
+#![allow(unsafe_code)]
+
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Result, Storage, Tensor};
+
+/// A kernel family's PTX module: its name among the device's loaded modules, and its code.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Module {
+    /// The name the device caches the loaded module under (`qscript_<stem>`).
+    pub name: &'static str,
+    /// The PTX `build.rs` compiled from `<stem>.cu`.
+    pub ptx: &'static str,
+}
+
+/// The [`Module`] `build.rs` compiled from the family's `<stem>.cu`.
+macro_rules! ptx {
+    ($stem:literal) => {
+        $crate::nn::cuda::launch::Module {
+            name: concat!("qscript_", $stem),
+            ptx: include_str!(concat!(env!("OUT_DIR"), "/", $stem, ".ptx")),
+        }
+    };
+}
+pub(crate) use ptx;
+
+/// A kernel argument: a device address or a scalar.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Arg {
+    U64(u64),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+}
+
+impl From<u64> for Arg {
+    fn from(x: u64) -> Self {
+        Arg::U64(x)
+    }
+}
+impl From<u32> for Arg {
+    fn from(x: u32) -> Self {
+        Arg::U32(x)
+    }
+}
+impl From<i32> for Arg {
+    fn from(x: i32) -> Self {
+        Arg::I32(x)
+    }
+}
+impl From<f32> for Arg {
+    fn from(x: f32) -> Self {
+        Arg::F32(x)
+    }
+}
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => candle_core::bail!("unsupported dtype {other:?} for a fused kernel"),
+    })
+}
+
+/// Launches `{name}_{suffix of dtype}` of `module` on `grid` with `args` in order.
+pub(crate) fn launch(
+    dev: &CudaDevice,
+    module: &Module,
+    name: &str,
+    dtype: DType,
+    grid: LaunchConfig,
+    args: &[Arg],
+) -> Result<()> {
+    let full = format!("{name}_{}", suffix(dtype)?);
+    let func = dev.get_or_load_custom_func(&full, module.name, module.ptx)?;
+    let mut b = func.builder();
+    for a in args {
+        match a {
+            Arg::U64(x) => b.arg(x),
+            Arg::U32(x) => b.arg(x),
+            Arg::I32(x) => b.arg(x),
+            Arg::F32(x) => b.arg(x),
+        };
+    }
+    // SAFETY: each caller pushes the argument list of the kernel's signature in its family's
+    // .cu, with addresses of live buffers of the sizes the kernel reads and writes.
+    unsafe { b.launch(grid) }.w()?;
+    Ok(())
+}
+
+/// A grid-stride launch over `n` elements: 256 threads a block.
+pub(crate) fn launch_1d(n: usize) -> LaunchConfig {
+    let threads = 256u32;
+    let blocks = n.div_ceil(threads as usize).clamp(1, 65_535) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Rows of `row_elems` elements along grid.y (as many as the grid takes; the kernels stride over
+/// the rest), each row's elements along grid.x.
+pub(crate) fn rows_2d(n: usize, row_elems: usize) -> LaunchConfig {
+    let row_elems = row_elems.clamp(1, n.max(1));
+    let threads = 256u32;
+    let x = row_elems.div_ceil(threads as usize).clamp(1, 65_535) as u32;
+    let y = n.div_ceil(row_elems).clamp(1, 65_535) as u32;
+    LaunchConfig {
+        grid_dim: (x, y, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A block per row of `width` elements, wider blocks for wider rows.
+pub(crate) fn rows_grid(rows: usize, width: usize) -> LaunchConfig {
+    let threads = if width >= 4096 {
+        1024
+    } else if width >= 512 {
+        256
+    } else {
+        128
+    };
+    LaunchConfig {
+        grid_dim: (rows.max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Whether 16-byte loads serve `ptrs` (all aligned) over rows of `width` elements of `dtype`.
+pub(crate) fn vec_ok(ptrs: &[u64], width: usize, dtype: DType) -> i32 {
+    let per = 16 / dtype.size_in_bytes();
+    i32::from(width.is_multiple_of(per) && ptrs.iter().all(|p| p.is_multiple_of(16)))
+}
+
+fn wrap(storage: CudaStorage, shape: &[usize]) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+}
+
+/// The device address of a contiguous tensor's first element, and its device.
+pub(crate) fn addr(t: &Tensor, what: &str) -> Result<(u64, CudaDevice)> {
+    if !t.is_contiguous() {
+        candle_core::bail!("{what} must be contiguous");
+    }
+    first(t, what)
+}
+
+/// The device address of a tensor's first element in any layout (the caller passes its strides),
+/// and its device.
+pub(crate) fn first(t: &Tensor, what: &str) -> Result<(u64, CudaDevice)> {
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cuda(c) = &*s else {
+        candle_core::bail!("{what} is not on the GPU");
+    };
+    let stream = c.device.cuda_stream();
+    let off = l.start_offset() as u64;
+    let (base, size) = match &c.slice {
+        CudaStorageSlice::F32(x) => (x.device_ptr(&stream).0, 4),
+        CudaStorageSlice::BF16(x) => (x.device_ptr(&stream).0, 2),
+        CudaStorageSlice::F16(x) => (x.device_ptr(&stream).0, 2),
+        CudaStorageSlice::U32(x) => (x.device_ptr(&stream).0, 4),
+        CudaStorageSlice::I64(x) => (x.device_ptr(&stream).0, 8),
+        CudaStorageSlice::U8(x) => (x.device_ptr(&stream).0, 1),
+        _ => candle_core::bail!("{what}: unsupported dtype {:?}", t.dtype()),
+    };
+    Ok((base + off * size, c.device.clone()))
+}
+
+/// A fresh uninitialised `shape` tensor of `dtype` on `dev` (every kernel that uses it writes
+/// all of it).
+pub(crate) fn empty(dev: &CudaDevice, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    // SAFETY: the callers' kernels write every element before the tensor is read.
+    let storage = unsafe {
+        match dtype {
+            DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(n)?, dev.clone()),
+            DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(n)?, dev.clone()),
+            DType::F16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::f16>(n)?, dev.clone()),
+            DType::U32 => CudaStorage::wrap_cuda_slice(dev.alloc::<u32>(n)?, dev.clone()),
+            DType::I64 => CudaStorage::wrap_cuda_slice(dev.alloc::<i64>(n)?, dev.clone()),
+            DType::U8 => CudaStorage::wrap_cuda_slice(dev.alloc::<u8>(n)?, dev.clone()),
+            other => candle_core::bail!("unsupported dtype {other:?}"),
+        }
+    };
+    Ok(wrap(storage, shape))
+}
