@@ -6,6 +6,10 @@
 
 pub mod budget;
 pub mod host;
+#[cfg(feature = "cuda")]
+pub mod libs;
+#[cfg(feature = "cuda")]
+pub mod pool;
 pub mod spec;
 
 use candle_core::Device;
@@ -67,7 +71,7 @@ pub fn cuda(ordinal: usize) -> Result<Device> {
     let device = Device::new_cuda(ordinal)?;
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = &device {
-        crate::nn::cuda::prepare(d)?;
+        pool::prepare(d)?;
     }
     map.insert(ordinal, device.clone());
     Ok(device)
@@ -176,7 +180,7 @@ pub struct PoolUsage {
 pub fn pool(device: &Device) -> Option<PoolUsage> {
     #[cfg(feature = "cuda")]
     if let Ok(d) = device.as_cuda_device()
-        && let Ok((in_use, reserved, peak)) = crate::nn::cuda::pool_usage(d)
+        && let Ok((in_use, reserved, peak)) = pool::pool_usage(d)
     {
         return Some(PoolUsage {
             in_use,
@@ -193,7 +197,7 @@ pub fn reset_peak(device: &Device) {
     #[cfg(feature = "cuda")]
     if let Ok(d) = device.as_cuda_device() {
         // A driver that cannot reset it only makes the peak cover more; nothing to report.
-        let _ = crate::nn::cuda::reset_pool_peak(d);
+        let _ = pool::reset_pool_peak(d);
     }
     let _ = device;
 }

@@ -100,7 +100,8 @@ fn lib() -> std::result::Result<&'static Lib, &'static str> {
     static LIB: OnceLock<std::result::Result<Lib, String>> = OnceLock::new();
     LIB.get_or_init(|| {
         let mut tried = Vec::new();
-        for path in crate::nn::cuda::library_candidates("QSCRIPT_NCCL", "libnccl.so.2", "nccl") {
+        for path in crate::device::libs::library_candidates("QSCRIPT_NCCL", "libnccl.so.2", "nccl")
+        {
             // SAFETY: loading NCCL runs its initialisers, which have no preconditions.
             match unsafe { libloading::Library::new(&path) } {
                 Ok(l) => match symbols(l) {

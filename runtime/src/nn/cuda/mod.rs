@@ -20,17 +20,16 @@
 //! gradients' sum of squares for clipping).
 //!
 //! Beside them, not ours to launch: [`blas`] (cuBLAS GEMMs into existing outputs), [`sdpa`]
-//! (cuDNN's fused attention), [`peer`] (GPU-to-GPU copies). And device setup, to move to the
-//! device module: [`libs`] (where cuDNN and NCCL are found) and [`pool`] (the memory pool).
+//! (cuDNN's fused attention), [`peer`] (GPU-to-GPU copies). Device setup lives with the device
+//! code: [`crate::device::libs`] (where cuDNN and NCCL are found) and [`crate::device::pool`]
+//! (the memory pool).
 
 pub mod accumulate;
 pub mod blas;
 pub mod cross_entropy;
 pub mod dropout;
 pub(crate) mod launch;
-pub mod libs;
 pub mod peer;
-pub mod pool;
 pub mod rms_norm;
 pub mod rope;
 pub mod sdpa;
@@ -38,5 +37,3 @@ pub mod softmax;
 pub mod swiglu;
 
 pub(crate) use launch::first;
-pub use libs::library_candidates;
-pub use pool::{pool_usage, prepare, reset_pool_peak};

@@ -74,7 +74,7 @@ fn link(src: &CudaDevice, dst: &CudaDevice) -> Result<()> {
             },
             flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
         };
-        let pool = super::pool::default_pool(peer)?;
+        let pool = crate::device::pool::default_pool(peer)?;
         // SAFETY: `pool` is the peer device's default pool and `desc` one valid access entry.
         unsafe { sys::cuMemPoolSetAccess(pool, &raw const desc, 1) }
             .result()

@@ -50,7 +50,7 @@ pub fn cudnn() -> std::result::Result<i32, &'static str> {
     static LOADED: OnceLock<std::result::Result<i32, String>> = OnceLock::new();
     let r = LOADED.get_or_init(|| {
         let mut tried = Vec::new();
-        for path in super::libs::library_candidates("QSCRIPT_CUDNN", "libcudnn.so.9", "cudnn") {
+        for path in crate::device::libs::library_candidates("QSCRIPT_CUDNN", "libcudnn.so.9", "cudnn") {
             let Ok(c) = CString::new(path.to_string_lossy().as_bytes()) else {
                 continue;
             };

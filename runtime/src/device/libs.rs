@@ -1,6 +1,5 @@
 //! Where the NVIDIA libraries the engine loads at run time are looked for: cuDNN (attention,
-//! `sdpa.rs`) and NCCL (`crate::dist::nccl`). Device setup, not a kernel family; it moves to the
-//! device module with the memory pool's admin (`pool.rs`).
+//! `nn/cuda/sdpa.rs`) and NCCL (`crate::dist::nccl`).
 
 /// Where an NVIDIA library the engine loads at run time may be, in the order tried: the path in
 /// `env` (e.g. `QSCRIPT_CUDNN`), the dynamic loader's own search for `soname` (LD_LIBRARY_PATH, the

@@ -1,7 +1,6 @@
 //! The device's CUDA memory pool, where every tensor's memory comes from: set up once per device
 //! ([`prepare`]), its usage and peak read ([`pool_usage`], [`reset_pool_peak`]) and its handle for
-//! peer access (`peer.rs`). Device setup, not a kernel family; it moves to the device module with
-//! the library search (`libs.rs`).
+//! peer access (`nn/cuda/peer.rs`).
 #![allow(unsafe_code)]
 
 use candle_core::Result;
