@@ -22,13 +22,14 @@ pub mod cuda;
 pub mod dropout;
 pub mod linear;
 pub mod loss;
+pub mod mask;
 pub mod ops;
 pub mod unpack;
 
 use candle_core::{Result, Tensor};
 
-pub use attention::AttnMask;
 pub use linear::Linear;
+pub use mask::AttnMask;
 
 /// Where backward functions put parameter gradients. `wants` says whether a tensor is trained
 /// (asked before its gradient is computed, so frozen weights cost nothing); `add` accumulates.
