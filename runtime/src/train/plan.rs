@@ -53,6 +53,8 @@ pub struct RunPlan {
     pub micro_batches: String,
     /// `report_to` asks for TensorBoard event files.
     pub tensorboard: bool,
+    /// The learning rate of each step.
+    pub schedule: Schedule,
     /// With `device_map`: where each module lies, and per device the estimate and its budget.
     pub placement: Option<(crate::plan::Placement, Vec<DeviceNeed>)>,
 }
@@ -121,7 +123,7 @@ pub fn plan(
         check_ids(what, data, vocab)?;
     }
     let (micro_per_epoch, steps_per_epoch, total) = cfg.plan(train.len(), ranks);
-    Schedule::new(
+    let schedule = Schedule::new(
         &cfg.lr_scheduler_type,
         cfg.learning_rate,
         cfg.warmup(total),
@@ -242,6 +244,7 @@ pub fn plan(
         )
         .describe(device.is_cuda()),
         tensorboard,
+        schedule,
     };
     if plan.placement.is_none()
         && let Some(budget) = plan.budget

@@ -109,6 +109,22 @@ pub struct Trainer {
     last_checkpoint: Option<PathBuf>,
 }
 
+/// Where the loop stands when it calls its callbacks.
+#[derive(Clone, Copy, Debug)]
+struct At {
+    step: usize,
+    lr: f64,
+    epoch: f64,
+    tokens: usize,
+}
+
+/// What the callbacks decided.
+#[derive(Clone, Copy, Debug)]
+struct Ends {
+    stop: bool,
+    loaded_best: bool,
+}
+
 /// What one optimizer step did.
 #[derive(Clone, Debug)]
 pub struct StepOutcome {
@@ -180,12 +196,7 @@ impl Trainer {
             Mode::Check => Box::new(DryRun::new(model)),
         };
         let total = plan.total_steps;
-        let sched = Schedule::new(
-            &cfg.lr_scheduler_type,
-            cfg.learning_rate,
-            cfg.warmup(total),
-            total,
-        )?;
+        let sched = plan.schedule.clone();
         let mut state = match &plan.resume_from {
             Some(dir) => exec.restore(dir)?,
             None => TrainerState::default(),
@@ -357,46 +368,19 @@ impl Trainer {
         }];
         let epoch = self.state.epoch as f64
             + self.state.micro_in_epoch as f64 / self.plan.micro_per_epoch.max(1) as f64;
-        let Self {
-            exec,
-            callbacks,
-            collective,
-            cfg,
-            state,
-            eval,
-            out_dir,
-            read: since_log,
-            stopped_early,
-            last_checkpoint,
-            ..
-        } = self;
-        let mut run = Run {
+        let at = At {
             step,
-            total,
             lr,
             epoch,
             tokens,
-            cfg,
-            out_dir,
-            state,
-            exec: exec.as_mut(),
-            collective: collective.as_ref(),
-            eval: eval.as_deref().map(|e| &e[..]),
-            read: since_log,
-            events: &mut events,
-            improved: None,
-            stop: false,
-            loaded_best: false,
         };
-        for cb in callbacks.iter_mut() {
-            cb.on_step(&mut run)?;
-        }
-        *stopped_early = run.stop;
+        let ends = self.with_callbacks(at, &mut events, |cb, run| cb.on_step(run))?;
+        self.stopped_early = ends.stop;
         if let Some(p) = events.iter().rev().find_map(|e| match e {
             Event::Saved(p) => Some(p.clone()),
             _ => None,
         }) {
-            *last_checkpoint = Some(p);
+            self.last_checkpoint = Some(p);
         }
         Ok(StepOutcome {
             step,
@@ -464,18 +448,30 @@ impl Trainer {
         self.flush()?;
         let (path, written) = self.exec.save(&self.out_dir, &self.state)?;
         if written {
-            self.with_callbacks(|cb, run| cb.on_save(run, &path))?;
+            let at = self.between_steps();
+            self.with_callbacks(at, &mut Vec::new(), |cb, run| cb.on_save(run, &path))?;
             self.last_checkpoint = Some(path.clone());
         }
         Ok(path)
     }
 
-    /// Calls `f` on every callback with the loop's state between steps.
+    /// Where the run stands between steps (for a save when asked, and the end).
+    fn between_steps(&self) -> At {
+        At {
+            step: self.state.global_step,
+            lr: 0.0,
+            epoch: self.state.epoch as f64,
+            tokens: 0,
+        }
+    }
+
+    /// Calls `f` on every callback, in order, with the loop at `at`; `events` collects theirs.
     fn with_callbacks(
         &mut self,
+        at: At,
+        events: &mut Vec<Event>,
         mut f: impl FnMut(&mut dyn Callback, &mut Run<'_>) -> Result<()>,
-    ) -> Result<bool> {
-        let mut events = Vec::new();
+    ) -> Result<Ends> {
         let Self {
             exec,
             callbacks,
@@ -489,11 +485,11 @@ impl Trainer {
             ..
         } = self;
         let mut run = Run {
-            step: state.global_step,
+            step: at.step,
             total: plan.total_steps,
-            lr: 0.0,
-            epoch: state.epoch as f64,
-            tokens: 0,
+            lr: at.lr,
+            epoch: at.epoch,
+            tokens: at.tokens,
             cfg,
             out_dir,
             state,
@@ -501,7 +497,7 @@ impl Trainer {
             collective: collective.as_ref(),
             eval: eval.as_deref().map(|e| &e[..]),
             read,
-            events: &mut events,
+            events,
             improved: None,
             stop: false,
             loaded_best: false,
@@ -509,14 +505,20 @@ impl Trainer {
         for cb in callbacks.iter_mut() {
             f(cb.as_mut(), &mut run)?;
         }
-        Ok(run.loaded_best)
+        Ok(Ends {
+            stop: run.stop,
+            loaded_best: run.loaded_best,
+        })
     }
 
     /// Ends the run: restores the best checkpoint if asked, writes the plot (`loss.png`,
     /// `loss.svg`), returns the report.
     pub fn finish(mut self, interrupted: bool) -> Result<TrainReport> {
         self.flush()?;
-        let loaded_best = self.with_callbacks(|cb, run| cb.on_end(run))?;
+        let at = self.between_steps();
+        let loaded_best = self
+            .with_callbacks(at, &mut Vec::new(), |cb, run| cb.on_end(run))?
+            .loaded_best;
         let best = self
             .state
             .best_model_checkpoint
