@@ -11,8 +11,8 @@
 //!   the only queries of a GPU; [`dist`]: the ranks of a data-parallel run (TCP, NCCL);
 //! - [`sandbox`]: the path policy every file access goes through; [`cancel`]: the cancel token
 //!   long native work polls; [`hash`]: content hashes (the session's memo keys);
-//! - [`error`], [`notice`], [`profile`], [`testing`]: the error type, one-line notices, GPU-time
-//!   spans, test helpers.
+//! - [`error`], [`notice`], [`profile`], [`bytes`], [`testing`]: the error type, one-line
+//!   notices, GPU-time spans, byte counts as messages show them, test helpers.
 //!
 //! ```
 //! use qscript_runtime::sandbox::Sandbox;

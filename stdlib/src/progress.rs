@@ -1,6 +1,6 @@
 //! What a training call prints: for a real run the plan as HF prints it, a progress bar, the log
-//! and eval lines and the summary at the end ([`Progress`]); for `qscript check` the plan, each
-//! line prefixed `check:`, and the facts of its summary ([`CheckPlan`]). [`reporter`] picks one.
+//! and eval lines and the summary at the end (`Progress`); for `qscript check` the plan, each
+//! line prefixed `check:`, and the facts of its summary (`CheckPlan`); `reporter` picks one.
 
 use std::sync::Arc;
 

@@ -1,7 +1,7 @@
 //! Training: HF TrainingArguments semantics (batches, accumulation, AdamW, schedules, clipping,
 //! logging, eval, checkpoints, resume) over the decoder, for LoRA adapters or full fine-tuning.
 //!
-//! - the loop: [`trainer`] (one step: window -> executor -> events to the callbacks), [`fit`]
+//! - the loop: [`trainer`] (one step: window -> executor -> events to the callbacks), [`fit`](mod@fit)
 //!   (a whole run), [`sampler`] (the examples as trained, each epoch's windows);
 //! - the plan: [`plan`] (every check, the step arithmetic, the memory estimate; made once);
 //! - the seams: [`executor`] ([`compute`] does the work, [`dry`] computes nothing, for `qscript

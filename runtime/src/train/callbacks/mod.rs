@@ -10,7 +10,7 @@
 //! - [`checkpointer::Checkpointer`]: the output dir's lock, checkpoints at the save cadence and
 //!   for a new best, rotation, loading the best at the end.
 //!
-//! The progress printer is the caller's (`on_event` of [`super::fit`], or the step outcome's
+//! The progress printer is the caller's (`on_event` of [`super::fit()`], or the step outcome's
 //! events). A dry run (`qscript check`) has no callbacks: it writes nothing.
 
 pub mod checkpointer;
