@@ -8,6 +8,9 @@
 # On the GPU machine, from the repo root (see benches/README.md for building and shipping):
 #   BIN=/tmp/qs PEER=.devbin bash benches/gpu.sh [CONFIG...]
 # CONFIG: 05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000 seed000-packed (default: all but the last).
+# BASE=/tmp/qs-old: also run that build's binaries after this one's on each config (rows
+# `NAME-base`), so two builds are compared in one call; SKIP_PEER=1: no peer runs (the peer
+# still writes the random-weight checkpoints).
 set -uo pipefail
 BIN=${BIN:-/tmp/qs}
 PEER=${PEER:-.devbin}
@@ -56,10 +59,11 @@ EOF
     tail -5 "$log.err" >&2
     line='{"failed": true}'
   fi
-  python3 - "$line" "$config" "$(cat "$log.mem")" >> "$RESULTS" <<'EOF'
+  python3 - "$line" "$config" "$(cat "$log.mem")" "$name" >> "$RESULTS" <<'EOF'
 import json, sys
 rec = json.loads(sys.argv[1])
 rec["config"] = sys.argv[2]
+rec["run"] = sys.argv[4]
 rec["peak_driver_gib"] = round(int(sys.argv[3] or 0) / 1024, 2)
 print(json.dumps(rec))
 EOF
@@ -80,10 +84,13 @@ config() {
       --full) peer_flags+=(--full); qs_flags+=(--full) ;;
     esac
   done
-  run "$name-peer" "$name" python3 "$PEER/hf_peft_lora.py" --model "$model" --load-model "$dir" \
+  [ "${SKIP_PEER:-0}" = 1 ] || run "$name-peer" "$name" python3 "$PEER/hf_peft_lora.py" --model "$model" --load-model "$dir" \
     --batch "$batch" --seq "$seq" --steps "$steps" --warmup "$warmup" "${peer_flags[@]}"
-  run "$name-qscript" "$name" "$BIN/model_bench" train "$dir" \
-    --batch "$batch" --seq "$seq" --steps "$steps" --warmup "$warmup" "${qs_flags[@]}"
+  local bin
+  for bin in "$BIN" ${BASE:+"$BASE"}; do
+    run "$name-$( [ "$bin" = "$BIN" ] && echo qscript || echo base)" "$name" "$bin/model_bench" train "$dir" \
+      --batch "$batch" --seq "$seq" --steps "$steps" --warmup "$warmup" "${qs_flags[@]}"
+  done
 }
 
 # seed 000 as written: Qwen1.5-7B (random weights, the Qwen2.5 tokenizer from the fixtures) on
@@ -94,11 +101,15 @@ seed000() {
     python3 "$PEER/hf_peft_lora.py" --model qwen1.5-7b --save-model "$dir" > /dev/null || return
   fi
   cp "$PEER"/tokenizer.json "$PEER"/tokenizer_config.json "$dir/"
-  run seed000-peer seed000 python3 "$PEER/hf_seed000.py" "$dir" "$PEER/huanhuan.json" --max-steps 20
-  run seed000-qscript seed000 "$BIN/qscript" recipes/huanhuan_lora.rhai --allow-read "$WORK" \
-    --allow-read "$PWD/$PEER" --output-dir "$WORK/runs" --set model="$dir" \
-    --set data="$PWD/$PEER/huanhuan.json" --set max_length=128 --set batch_size=1 \
-    --set accumulation=16 --set learning_rate=1e-4 --set max_steps=20
+  [ "${SKIP_PEER:-0}" = 1 ] || run seed000-peer seed000 python3 "$PEER/hf_seed000.py" "$dir" "$PEER/huanhuan.json" --max-steps 20
+  local bin
+  for bin in "$BIN" ${BASE:+"$BASE"}; do
+    rm -rf "$WORK/runs"
+    run "seed000-$( [ "$bin" = "$BIN" ] && echo qscript || echo base)" seed000 "$bin/qscript" recipes/huanhuan_lora.rhai --allow-read "$WORK" \
+      --allow-read "$PWD/$PEER" --output-dir "$WORK/runs" --set model="$dir" \
+      --set data="$PWD/$PEER/huanhuan.json" --set max_length=128 --set batch_size=1 \
+      --set accumulation=16 --set learning_rate=1e-4 --set max_steps=20
+  done
 }
 
 # seed 000 with TRL's packing (rows of 1024 tokens, batch 1 x accumulation 1: about the 16
@@ -136,6 +147,8 @@ rows = {}
 for line in open(sys.argv[1]):
     r = json.loads(line)
     side = "qscript" if str(r.get("system", "")).startswith("qscript") else "peer"
+    if str(r.get("run", "")).endswith("-base"):
+        side = "base"
     rows.setdefault(r["config"], {})[side] = r
 print("(seed000: examples/s; the rest: tokens/s)")
 print(f"{'config':10} {'peer tok/s':>11} {'qscript tok/s':>14} {'ratio':>6} {'peer GiB':>9} {'qs GiB':>7} {'mem ratio':>9} {'peer MFU':>8} {'qs MFU':>7}")
@@ -147,4 +160,14 @@ for name, r in rows.items():
     ratio = qt / pt if pt else 0
     mratio = qm / pm if pm else 0
     print(f"{name:10} {pt:11.0f} {qt:14.0f} {ratio:6.2f} {pm:9.2f} {qm:7.2f} {mratio:9.2f} {p.get('mfu', 0):8.3f} {q.get('mfu', 0):7.3f}")
+bases = {n: r for n, r in rows.items() if "base" in r}
+if bases:
+    print("(this build against BASE, same call)")
+    print(f"{'config':10} {'base':>11} {'this':>11} {'ratio':>6} {'base GiB':>9} {'this GiB':>9} {'mem ratio':>9}")
+    for name, r in bases.items():
+        b, q = r["base"], r.get("qscript", {})
+        unit = "tokens_per_s" if "tokens_per_s" in b else "examples_per_s"
+        bt, qt = b.get(unit, 0), q.get(unit, 0)
+        bm, qm = b.get("peak_driver_gib", 0), q.get("peak_driver_gib", 0)
+        print(f"{name:10} {bt:11.1f} {qt:11.1f} {qt / bt if bt else 0:6.3f} {bm:9.2f} {qm:9.2f} {qm / bm if bm else 0:9.3f}")
 EOF

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What one device call runs (see benches/README.md): unpack the binaries shipped in .devbin/,
+# What one device call runs (see benches/README.md): unpack the binaries shipped in .devbin/ (and
+# a previous build's in .devbin/base/, compared in the same call),
 # run the GPU test binary, then the harness for the configs given (and with WATCH=1 the hot-reload
 # measurement, benches/watch_gpu.sh). Logs and results go to $OUT.
 set -uo pipefail
@@ -8,6 +9,16 @@ for f in .devbin/*.xz; do
   b=/tmp/qs/$(basename "$f" .xz)
   xz -dc "$f" > "$b" && chmod +x "$b"
 done
+# A second build's binaries in .devbin/base/ (the previous build): the harness runs them after
+# this build's on each config (benches/gpu.sh, BASE).
+if compgen -G ".devbin/base/*.xz" > /dev/null; then
+  mkdir -p /tmp/qs-base
+  for f in .devbin/base/*.xz; do
+    b=/tmp/qs-base/$(basename "$f" .xz)
+    xz -dc "$f" > "$b" && chmod +x "$b"
+  done
+  export BASE=/tmp/qs-base
+fi
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm --format=csv,noheader
 if [ -x /tmp/qs/gpu ] && [ "${SKIP_TESTS:-0}" != 1 ]; then
   /tmp/qs/gpu --test-threads=1 > "${OUT:-/tmp}/gpu-tests.log" 2>&1

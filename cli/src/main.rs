@@ -217,7 +217,10 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
     );
     opts.allow_read.clone_from(&args.allow_read);
     if check {
-        opts.planned_ranks = args.nproc_per_node.unwrap_or(1);
+        // The ranks a dry run plans for: `--nproc-per-node`, else a launcher's `WORLD_SIZE`.
+        opts.planned_ranks = args
+            .nproc_per_node
+            .unwrap_or_else(qscript_runtime::dist::planned_size);
     }
     opts.overrides.clone_from(&args.set);
     // Relative to where qscript was started (an absolute path stays as it is).

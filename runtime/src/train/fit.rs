@@ -48,8 +48,9 @@ pub fn run(
         }
         for w in windows {
             if t.should_stop(cancel)? {
-                let path = t.save_checkpoint()?;
-                on_event(&Event::Saved(path))?;
+                if let Some(path) = t.checkpoint_now()? {
+                    on_event(&Event::Saved(path))?;
+                }
                 return t.finish(true);
             }
             let out = t.step(&w)?;

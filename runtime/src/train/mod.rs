@@ -2,7 +2,8 @@
 //! logging, eval, checkpoints, resume) over the decoder, for LoRA adapters or full fine-tuning.
 //!
 //! - the loop: [`trainer`] (one step: window -> executor -> events to the callbacks), [`fit`](mod@fit)
-//!   (a whole run), [`sampler`] (the examples as trained, each epoch's windows);
+//!   (a whole run), [`sampler`] (the examples as trained, each epoch's windows), [`readback`]
+//!   (the steps' losses, read back from the device at the logging cadence);
 //! - the plan: [`plan`] (every check, the step arithmetic, the memory estimate; made once);
 //! - the seams: [`executor`] ([`compute`] does the work, [`dry`] computes nothing, for `qscript
 //!   check`), [`objective`] (the loss over the final hidden states), [`callbacks`] (logging,
@@ -27,6 +28,7 @@ pub mod objective;
 pub mod optim;
 pub mod plan;
 pub mod plot;
+pub mod readback;
 pub mod sampler;
 pub mod schedule;
 pub mod tensorboard;

@@ -10,8 +10,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Tensor;
-
 use super::callbacks::checkpointer::Checkpointer;
 use super::callbacks::early_stopping::EarlyStopping;
 use super::callbacks::evaluation::Evaluator;
@@ -26,6 +24,7 @@ use super::dry::DryRun;
 use super::executor::{Executor, StepAt};
 use super::objective::Objective;
 use super::plan::{RunData, RunPlan};
+use super::readback::Readback;
 use super::schedule::Schedule;
 use crate::cancel::CancelToken;
 use crate::data::sft::Example;
@@ -74,14 +73,6 @@ pub enum Mode {
     Check,
 }
 
-/// An optimizer step whose loss and gradient norm are still on the device.
-struct Pending {
-    step: usize,
-    loss: Tensor,
-    grad_norm: Tensor,
-    window: Vec<Vec<usize>>,
-}
-
 /// A training run driven one optimizer step at a time: what `fit` loops over, and what scripts
 /// use for custom loops (`train::trainer`). Each step follows the config: logging, eval and
 /// checkpoints happen inside [`Trainer::step`] and come back as events.
@@ -97,11 +88,7 @@ pub struct Trainer {
     eval: Option<Arc<Vec<Example>>>,
     lengths: Vec<usize>,
     out_dir: PathBuf,
-    pending: Vec<Pending>,
-    losses: Vec<(usize, f64)>,
-    /// `(loss, gradient norm)` read back since the last log record.
-    read: Vec<(f64, f64)>,
-    last_grad_norm: Option<f64>,
+    readback: Readback,
     tokens_seen: usize,
     examples_seen: usize,
     started: Instant,
@@ -197,6 +184,13 @@ impl Trainer {
         };
         let total = plan.total_steps;
         let sched = plan.schedule.clone();
+        let mut plan = plan;
+        if checkpointer.is_some() && plan.resume_from.is_some() {
+            // Resolved again now that the output dir is recovered (a checkpoint a killed save
+            // had moved aside is back in place).
+            plan.resume_from =
+                super::checkpoint::resume_dir(cfg.resume_from_checkpoint.as_ref(), &out_dir)?;
+        }
         let mut state = match &plan.resume_from {
             Some(dir) => exec.restore(dir)?,
             None => TrainerState::default(),
@@ -209,7 +203,9 @@ impl Trainer {
                 callbacks.push(Box::new(Logger::new()));
                 callbacks.push(Box::new(Evaluator));
             }
-            callbacks.push(Box::new(EarlyStopping));
+            callbacks.push(Box::new(EarlyStopping {
+                patience: cfg.early_stopping_patience,
+            }));
             if lead {
                 let m = Metrics::open(&out_dir, cfg, plan.tensorboard, state.global_step)?;
                 callbacks.push(Box::new(m));
@@ -229,10 +225,7 @@ impl Trainer {
             eval: data.eval,
             lengths,
             out_dir,
-            pending: Vec::new(),
-            losses: Vec::new(),
-            read: Vec::new(),
-            last_grad_norm: None,
+            readback: Readback::default(),
             tokens_seen: 0,
             examples_seen: 0,
             started: Instant::now(),
@@ -344,12 +337,7 @@ impl Trainer {
         self.state.micro_in_epoch += window.len();
         let (step, total) = (self.state.global_step, self.plan.total_steps);
         if let Some(out) = out {
-            self.pending.push(Pending {
-                step,
-                loss: out.loss,
-                grad_norm: out.grad_norm,
-                window: window.to_vec(),
-            });
+            self.readback.push(step, out.loss, out.grad_norm, window);
         }
         // Every rank reads its losses back at the logging cadence (no step's loss stays on the
         // device for the whole run); rank 0 also before it evaluates or saves.
@@ -376,6 +364,10 @@ impl Trainer {
         };
         let ends = self.with_callbacks(at, &mut events, |cb, run| cb.on_step(run))?;
         self.stopped_early = ends.stop;
+        if self.collective.size() > 1 && self.callbacks.iter().any(|c| c.may_stop()) {
+            // Every rank stops at the same step (rank 0's evaluation decides early stopping).
+            self.stopped_early = self.collective.any(self.stopped_early)?;
+        }
         if let Some(p) = events.iter().rev().find_map(|e| match e {
             Event::Saved(p) => Some(p.clone()),
             _ => None,
@@ -392,39 +384,10 @@ impl Trainer {
         })
     }
 
-    /// Reads the losses and gradient norms of the steps not read yet (one transfer), checks
-    /// them, and returns those of the last step (NaN when no step was computed).
+    /// Reads back the steps not read yet (see [`Readback::flush`]).
     fn flush(&mut self) -> Result<(f64, f64)> {
-        if self.pending.is_empty() {
-            return Ok(self
-                .losses
-                .last()
-                .zip(self.last_grad_norm)
-                .map_or((f64::NAN, f64::NAN), |(l, g)| (l.1, g)));
-        }
         let device = self.exec.model().decoder.device().clone();
-        let mut parts = Vec::with_capacity(self.pending.len() * 2);
-        for p in &self.pending {
-            // The loss lies on the head's device, the norm on the first gradient buffer's.
-            parts.push(p.loss.reshape(1)?.to_device(&device)?);
-            parts.push(p.grad_norm.reshape(1)?.to_device(&device)?);
-        }
-        let values = Tensor::cat(&parts, 0)?.to_vec1::<f32>()?;
-        let mut last = (0.0, 0.0);
-        for (p, v) in self.pending.drain(..).zip(values.chunks(2)) {
-            let (loss, norm) = (f64::from(v[0]), f64::from(v[1]));
-            if !loss.is_finite() || !norm.is_finite() {
-                return Err(Error::InvalidArgument(format!(
-                    "the loss is {loss} (gradient norm {norm}) at step {} (examples {:?}); lower `learning_rate` or check the data",
-                    p.step, p.window
-                )));
-            }
-            self.losses.push((p.step, loss));
-            self.read.push((loss, norm));
-            self.last_grad_norm = Some(norm);
-            last = (loss, norm);
-        }
-        Ok(last)
+        self.readback.flush(&device)
     }
 
     /// The loss and gradient norm of the last step, read back now if they were not yet (NaN in
@@ -445,14 +408,24 @@ impl Trainer {
     /// Writes `checkpoint-{step}` (atomically) and applies `save_total_limit`; returns its path
     /// (in a dry run, the path it would write).
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let step = self.state.global_step;
+        Ok(self
+            .checkpoint_now()?
+            .unwrap_or_else(|| self.out_dir.join(format!("checkpoint-{step}"))))
+    }
+
+    /// Writes `checkpoint-{step}` now (Ctrl-C, a script's `t.save_checkpoint()`); its path when
+    /// this process wrote it (rank 0 of a real run).
+    pub fn checkpoint_now(&mut self) -> Result<Option<PathBuf>> {
         self.flush()?;
         let (path, written) = self.exec.save(&self.out_dir, &self.state)?;
-        if written {
-            let at = self.between_steps();
-            self.with_callbacks(at, &mut Vec::new(), |cb, run| cb.on_save(run, &path))?;
-            self.last_checkpoint = Some(path.clone());
+        if !written {
+            return Ok(None);
         }
-        Ok(path)
+        let at = self.between_steps();
+        self.with_callbacks(at, &mut Vec::new(), |cb, run| cb.on_save(run, &path))?;
+        self.last_checkpoint = Some(path.clone());
+        Ok(Some(path))
     }
 
     /// Where the run stands between steps (for a save when asked, and the end).
@@ -480,7 +453,7 @@ impl Trainer {
             state,
             eval,
             out_dir,
-            read,
+            readback,
             plan,
             ..
         } = self;
@@ -496,7 +469,7 @@ impl Trainer {
             exec: exec.as_mut(),
             collective: collective.as_ref(),
             eval: eval.as_deref().map(|e| &e[..]),
-            read,
+            readback,
             events,
             improved: None,
             stop: false,
@@ -515,7 +488,18 @@ impl Trainer {
     /// `loss.svg`), returns the report.
     pub fn finish(mut self, interrupted: bool) -> Result<TrainReport> {
         self.flush()?;
+        // Every rank waits for rank 0's last evaluation and checkpoint, and takes its best.
+        let mut best = self
+            .state
+            .best_model_checkpoint
+            .clone()
+            .unwrap_or_default()
+            .into_bytes();
+        self.collective.broadcast(&mut best)?;
+        let best = String::from_utf8_lossy(&best).into_owned();
+        self.state.best_model_checkpoint = (!best.is_empty()).then_some(best);
         let at = self.between_steps();
+        self.callbacks.reverse();
         let loaded_best = self
             .with_callbacks(at, &mut Vec::new(), |cb, run| cb.on_end(run))?
             .loaded_best;
@@ -527,7 +511,7 @@ impl Trainer {
         let runtime = self.started.elapsed().as_secs_f64().max(1e-9);
         Ok(TrainReport {
             steps: self.state.global_step,
-            losses: self.losses,
+            losses: self.readback.losses,
             log_history: self.state.log_history,
             tokens_per_second: self.tokens_seen as f64 / runtime,
             examples_per_second: self.examples_seen as f64 / runtime,

@@ -457,9 +457,9 @@ pub mod train_module {
             .map_err(crate::error::to_rhai_at(&ctx))?;
         if stop && !out.done {
             let path = trainer
-                .save_checkpoint()
+                .checkpoint_now()
                 .map_err(crate::error::to_rhai_at(&ctx))?;
-            return Err(super::stopped(&ctx, out.step, Some(&path)));
+            return Err(super::stopped(&ctx, out.step, path.as_deref()));
         }
         let (loss, grad_norm) = trainer
             .read_step()

@@ -32,8 +32,11 @@ impl Checkpointer {
         Ok(Self { _lock: Some(lock) })
     }
 
-    /// Writes this step's checkpoint; on rank 0 applies the rotation and returns its path.
+    /// Writes this step's checkpoint (its losses read back first); on rank 0 applies the
+    /// rotation and returns its path.
     fn save(&mut self, run: &mut Run<'_>) -> Result<Option<PathBuf>> {
+        let device = run.exec.model().decoder.device().clone();
+        run.readback.flush(&device)?;
         let (path, written) = run.exec.save(run.out_dir, run.state)?;
         if !written {
             return Ok(None);
@@ -82,16 +85,6 @@ impl Callback for Checkpointer {
     }
 
     fn on_end(&mut self, run: &mut Run<'_>) -> Result<()> {
-        // Every rank waits for rank 0's last evaluation and checkpoint, and takes its best.
-        let mut best = run
-            .state
-            .best_model_checkpoint
-            .clone()
-            .unwrap_or_default()
-            .into_bytes();
-        run.collective.broadcast(&mut best)?;
-        let best = String::from_utf8_lossy(&best).into_owned();
-        run.state.best_model_checkpoint = (!best.is_empty()).then_some(best);
         if run.cfg.load_best_model_at_end
             && let Some(best) = &run.state.best_model_checkpoint
         {

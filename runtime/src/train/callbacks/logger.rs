@@ -37,17 +37,18 @@ impl Callback for Logger {
         if !run.cfg.logs_at(run.step, run.total) {
             return Ok(());
         }
-        let n = run.read.len().max(1) as f64;
+        let read = &mut run.readback.since_log;
+        let n = read.len().max(1) as f64;
         let secs = self.last_log.elapsed().as_secs_f64().max(1e-9);
         let rec = json!({
             "step": run.step,
             "epoch": (run.epoch * 1000.0).round() / 1000.0,
-            "loss": run.read.iter().map(|w| w.0).sum::<f64>() / n,
-            "grad_norm": run.read.iter().map(|w| w.1).sum::<f64>() / n,
+            "loss": read.iter().map(|w| w.0).sum::<f64>() / n,
+            "grad_norm": read.iter().map(|w| w.1).sum::<f64>() / n,
             "learning_rate": run.lr,
             "tokens_per_second": (self.tokens_since_log as f64 / secs).round(),
         });
-        run.read.clear();
+        read.clear();
         self.tokens_since_log = 0;
         self.last_log = Instant::now();
         run.events.push(Event::Log(rec));

@@ -25,6 +25,7 @@ use super::TrainConfig;
 use super::checkpoint::TrainerState;
 use super::collective::Collective;
 use super::executor::Executor;
+use super::readback::Readback;
 use crate::Result;
 use crate::data::sft::Example;
 
@@ -91,13 +92,14 @@ pub struct Run<'a> {
     pub collective: &'a dyn Collective,
     /// The eval dataset.
     pub eval: Option<&'a [Example]>,
-    /// `(loss, gradient norm)` of the steps read back since the last log record.
-    pub read: &'a mut Vec<(f64, f64)>,
+    /// The steps' losses and gradient norms, as read back from the device.
+    pub readback: &'a mut Readback,
     /// This step's events so far (the loop's `Step` first).
     pub events: &'a mut Vec<Event>,
     /// Whether this step evaluated and found a new best (`None`: no evaluation).
     pub improved: Option<bool>,
-    /// Whether the run should stop after this step.
+    /// Whether the run should stop after this step (the ranks agree on it after the callbacks;
+    /// see [`Callback::may_stop`]).
     pub stop: bool,
     /// At the end: whether the model now holds the best checkpoint's weights.
     pub loaded_best: bool,
@@ -115,9 +117,17 @@ pub trait Callback: Send {
         Ok(())
     }
 
-    /// At the end of the run (every step done, early stopping, or Ctrl-C).
+    /// At the end of the run (every step done, early stopping, or Ctrl-C), in the reverse of
+    /// the steps' order (the checkpointer loads the best weights before the metrics draw the
+    /// plot), after every rank took rank 0's best checkpoint.
     fn on_end(&mut self, run: &mut Run<'_>) -> Result<()> {
         let _ = run;
         Ok(())
+    }
+
+    /// Whether this callback may ask the run to stop ([`Run::stop`]): the ranks then agree on
+    /// it after each step (every rank stops at the same step).
+    fn may_stop(&self) -> bool {
+        false
     }
 }
