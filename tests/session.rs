@@ -442,3 +442,31 @@ fn load_resolves_relative_paths_against_the_recipes_directory() {
     assert_eq!(report.ran.len(), 2, "both cells ran, the second failed");
     assert!(e.rendered.contains("missing.txt"), "{}", e.rendered);
 }
+
+/// Ctrl-C during `qscript check`'s dry run of `train::fit`: the dry loop stops at a step boundary
+/// like a real run, and names no checkpoint (it wrote none).
+#[test]
+fn ctrl_c_in_a_dry_run_stops_it_and_names_no_checkpoint() {
+    let env = Env::new();
+    let mut s = env.session();
+    s.eval(
+        r#"io::write_text("d.json", `[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]`);
+let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/d.json")), tokenizer::builtin());
+let m = lora::attach(model::tiny(), #{ r: 2 });"#,
+    )
+    .unwrap();
+    s.context()
+        .check_mode
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let cancel = s.context().cancel.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        cancel.cancel();
+    });
+    let e = s
+        .eval("train::fit(m, ds, #{ max_steps: 1000000000, per_device_train_batch_size: 1, output_dir: \"dry\" })")
+        .unwrap_err();
+    t.join().unwrap();
+    assert!(e.rendered.contains("stopped at step"), "{}", e.rendered);
+    assert!(!e.rendered.contains("checkpoint"), "{}", e.rendered);
+}
