@@ -158,6 +158,17 @@ const OTHER_REPORTERS: [&str; 9] = [
 ];
 
 impl TrainConfig {
+    /// The option names `TrainConfig` takes (HF's `TrainingArguments` names), aliases included.
+    pub fn option_names() -> Vec<String> {
+        let mut names: Vec<String> = match serde_json::to_value(Self::default()) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        names.push("auto_micro_batch".into());
+        names.sort();
+        names
+    }
+
     /// What `report_to` asks for: TensorBoard, and the integrations HF knows that qscript does
     /// not write; an unknown name is an error.
     fn reporters(&self) -> Result<(bool, Vec<&str>)> {
