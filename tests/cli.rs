@@ -562,7 +562,7 @@ let b = data::sft(ds, tokenizer::load("qwen"), #{ max_length: 4096 });
 const TRL_RECIPE: &str = r#"let p = params(#{ model_name_or_path: "tiny", torch_dtype: "float32", attn_implementation: "eager",
     dataset_name: "d.json", use_peft: false, lora_r: 8, lora_alpha: 16.0, lora_dropout: 0.0, lora_target_modules: ["q_proj"] });
 let opts = train::options(#{ learning_rate: 1e-3, max_steps: -1, save_steps: 500 });
-print(`lr=${opts.learning_rate} sched=${opts.lr_scheduler_type} accum=${opts.gradient_accumulation_steps} epochs=${opts.num_train_epochs} batch=${opts.per_device_train_batch_size} report=${opts.report_to} save=${opts.save_steps}`);
+print(`lr=${opts.learning_rate} sched=${opts.lr_scheduler_type} accum=${opts.gradient_accumulation_steps} epochs=${opts.num_train_epochs} batch=${opts.per_device_train_batch_size} report=${opts.report_to} save=${opts.save_strategy} optim=${opts.optim} kwargs=${opts.lr_scheduler_kwargs}`);
 print(`model=${p.model_name_or_path} data=${p.dataset_name} peft=${p.use_peft} r=${p.lora_r} alpha=${p.lora_alpha} targets=${p.lora_target_modules}`);
 let ds = data::sft(data::to_messages(data::load("d.json")), tokenizer::builtin());
 let peft = lora::attach(model::tiny(), #{ r: p.lora_r, lora_alpha: p.lora_alpha, target_modules: p.lora_target_modules });

@@ -323,7 +323,9 @@ pub mod train_module {
     /// | `num_train_epochs` | 3.0 | epochs (fractions allowed) |
     /// | `max_steps` | -1 | optimizer steps; wins over `num_train_epochs` when > 0 |
     /// | `learning_rate` | 5e-5 | peak learning rate |
-    /// | `lr_scheduler_type` | `"linear"` | `linear`, `cosine`, `constant`, `constant_with_warmup` |
+    /// | `lr_scheduler_type` | `"linear"` | `linear`, `cosine`, `cosine_with_min_lr`, `constant`, `constant_with_warmup` |
+    /// | `lr_scheduler_kwargs` | none | HF's: `cosine_with_min_lr` takes `min_lr` or `min_lr_rate` (and `num_cycles`), `cosine` `num_cycles` |
+    /// | `optim` | `"adamw_torch"` | HF's name for AdamW (`adamw_torch_fused`, `adamw_hf` too); other optimizers are not there yet |
     /// | `warmup_ratio`, `warmup_steps` | 0 | warmup as a fraction of the steps, or steps (wins) |
     /// | `weight_decay` | 0.0 | AdamW's decoupled decay (not on biases and norms) |
     /// | `adam_beta1`, `adam_beta2`, `adam_epsilon` | 0.9, 0.999, 1e-8 | AdamW |
@@ -336,7 +338,8 @@ pub mod train_module {
     /// | `max_length` | none | TRL's: the packed row length; without `packing`, longer examples are cut |
     /// | `seed` | 42 | data order and dropout masks |
     /// | `logging_steps` | 10 | a log record every N steps (`metrics.jsonl`, printed) |
-    /// | `eval_strategy`, `eval_steps` | `"no"`, `logging_steps` | `"steps"`: evaluate every N steps (needs the eval dataset) |
+    /// | `eval_strategy`, `eval_steps` | `"no"`, `logging_steps` | `"steps"`: evaluate every N steps; `"epoch"`: at each epoch's end (both need the eval dataset) |
+    /// | `save_strategy` | `"steps"` | `"steps"`: every `save_steps`; `"epoch"`: at each epoch's end; `"no"`: never |
     /// | `save_steps`, `save_total_limit` | 500, none | a checkpoint every N steps (0: never), keep at most this many |
     /// | `load_best_model_at_end`, `metric_for_best_model` | false, `eval_loss` | return the best checkpoint's weights |
     /// | `early_stopping_patience` | none | stop after this many evals without a better one |
