@@ -556,3 +556,166 @@ let b = data::sft(ds, tokenizer::load("qwen"), #{ max_length: 4096 });
         "{err}"
     );
 }
+
+/// A recipe written for TRL's or LLaMA-Factory's YAML: it declares the keys it reads as params
+/// and takes the training options with `train::options`.
+const TRL_RECIPE: &str = r#"let p = params(#{ model_name_or_path: "tiny", torch_dtype: "float32", attn_implementation: "eager",
+    dataset_name: "d.json", use_peft: false, lora_r: 8, lora_alpha: 16.0, lora_dropout: 0.0, lora_target_modules: ["q_proj"] });
+let opts = train::options(#{ learning_rate: 1e-3, max_steps: -1, save_steps: 500 });
+print(`lr=${opts.learning_rate} sched=${opts.lr_scheduler_type} accum=${opts.gradient_accumulation_steps} epochs=${opts.num_train_epochs} batch=${opts.per_device_train_batch_size} report=${opts.report_to} save=${opts.save_strategy} optim=${opts.optim} kwargs=${opts.lr_scheduler_kwargs}`);
+print(`model=${p.model_name_or_path} data=${p.dataset_name} peft=${p.use_peft} r=${p.lora_r} alpha=${p.lora_alpha} targets=${p.lora_target_modules}`);
+let ds = data::sft(data::to_messages(data::load("d.json")), tokenizer::builtin());
+let peft = lora::attach(model::tiny(), #{ r: p.lora_r, lora_alpha: p.lora_alpha, target_modules: p.lora_target_modules });
+let out = train::fit(peft, ds, opts);
+"#;
+
+const LF_RECIPE: &str = r#"let p = params(#{ model_name_or_path: "tiny", stage: "sft", finetuning_type: "lora", lora_rank: 4,
+    lora_target: "all", dataset: "d.json", template: "default", cutoff_len: 1024, max_samples: 100 });
+let opts = train::options(#{ learning_rate: 1e-3 });
+print(`lr=${opts.learning_rate} sched=${opts.lr_scheduler_type} accum=${opts.gradient_accumulation_steps} epochs=${opts.num_train_epochs} warmup=${opts.warmup_ratio} out=${opts.output_dir} resume=${opts.resume_from_checkpoint}`);
+print(`stage=${p.stage} rank=${p.lora_rank} target=${p.lora_target} dataset=${p.dataset} template=${p.template} cutoff=${p.cutoff_len}`);
+let ds = data::sft(data::to_messages(data::load("d.json")), tokenizer::builtin());
+let out = train::fit(lora::attach(model::tiny(), #{ r: p.lora_rank }), ds, opts);
+"#;
+
+const SMALL_DATA: &str = r#"[{"instruction": "hi", "output": "hello"}, {"instruction": "bye", "output": "see you"},
+    {"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]"#;
+
+/// What a config recipe printed, without the training log (its losses and speeds vary).
+fn options_lines(out: &str) -> String {
+    out.lines()
+        .filter(|l| !l.starts_with("step "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn config_fixture(name: &str) -> String {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/configs")
+        .join(name);
+    std::fs::read_to_string(p).unwrap()
+}
+
+/// TRL's and LLaMA-Factory's YAML files, as their docs give them, run with `--config`: training
+/// options reach `train::fit` through `train::options`, the other keys set params, the keys
+/// that steer their processes get one note, and `check` labels each value with its source.
+#[test]
+fn trl_and_llamafactory_yaml_configs_run_as_they_are() {
+    let env = Env::new();
+    env.write("d.json", SMALL_DATA);
+    env.write("trl.rhai", TRL_RECIPE);
+    env.write("trl.yaml", &config_fixture("trl_sft.yaml"));
+    let o = run_in(
+        env.dir.path(),
+        &[
+            "recipe/trl.rhai",
+            "--config",
+            "recipe/trl.yaml",
+            "--set",
+            "learning_rate=5e-4",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_snapshot!("trl_yaml_stdout", options_lines(&stdout(&o)));
+    let err = stderr(&o);
+    assert!(err.contains("Total optimization steps = 1"), "{err}");
+
+    env.write("lf.rhai", LF_RECIPE);
+    env.write("lf.yaml", &config_fixture("llamafactory_lora_sft.yaml"));
+    let o = run_in(
+        env.dir.path(),
+        &["recipe/lf.rhai", "--config", "recipe/lf.yaml"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_snapshot!("llamafactory_yaml_stdout", options_lines(&stdout(&o)));
+    let err = stderr(&o);
+    assert!(
+        err.contains("note: `recipe/lf.yaml`: `dataloader_num_workers`, `ddp_timeout`, `do_train`, `overwrite_cache`, `overwrite_output_dir`, `plot_loss`, `preprocessing_num_workers`, `save_only_model`, `trust_remote_code` steer other tools' processes and have no effect here"),
+        "{err}"
+    );
+    assert!(err.contains("Total optimization steps = 3"), "{err}");
+
+    let o = run_in(
+        env.dir.path(),
+        &[
+            "check",
+            "recipe/lf.rhai",
+            "--config",
+            "recipe/lf.yaml",
+            "--set",
+            "lora_rank=2",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("  stage              = \"sft\"  (--config recipe/lf.yaml)\n"),
+        "{out}"
+    );
+    assert!(out.contains("  lora_rank          = 2  (--set)\n"), "{out}");
+    assert!(
+        out.contains("train options for `train::options`:\n  bf16                        = true  (--config recipe/lf.yaml)\n  gradient_accumulation_steps = 8  (--config recipe/lf.yaml)\n"),
+        "{out}"
+    );
+}
+
+/// Unknown keys of a config file are one error that lists each with the closest name; a
+/// mistyped `--set` gets a did-you-mean; training options the recipe never takes are an error.
+#[test]
+fn unknown_config_keys_are_one_error_with_did_you_mean() {
+    let env = env_with_recipe();
+    env.write(
+        "typos.yaml",
+        "lr: 3.0e-4\nmax_stepz: 7\ngradient_acumulation_steps: 4\nzzz_unrelated: 1\n",
+    );
+    let o = run_in(
+        env.dir.path(),
+        &["recipe/r.rhai", "--config", "recipe/typos.yaml"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("3 unknown params: `gradient_acumulation_steps` (in `recipe/typos.yaml` (key `gradient_acumulation_steps`), did you mean `gradient_accumulation_steps`?), `max_stepz` (in `recipe/typos.yaml` (key `max_stepz`), did you mean `max_steps`?), `zzz_unrelated` (in `recipe/typos.yaml` (key `zzz_unrelated`)); the recipe declares: "),
+        "{e}"
+    );
+    let o = run_in(
+        env.dir.path(),
+        &["recipe/r.rhai", "--set", "learning_rte=1e-4"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("unknown param `learning_rte` in `--set learning_rte=1e-4`; the recipe declares: `bf16`, `lr`, `max_steps`, `model`; did you mean `learning_rate`?"),
+        "{e}"
+    );
+    // A training option the recipe does not take (no `train::options`) is not dropped silently.
+    env.write("train.yaml", "learning_rate: 3.0e-4\nmax_steps: 3\n");
+    let o = run_in(
+        env.dir.path(),
+        &["recipe/r.rhai", "--config", "recipe/train.yaml"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("unknown param `learning_rate` in `recipe/train.yaml` (key `learning_rate`); the recipe declares: `bf16`, `lr`, `max_steps`, `model`; `learning_rate` is a training option: the recipe takes those through `train::options`"),
+        "{e}"
+    );
+    // A recipe that trains without `train::options` stops at `train::fit`, before training.
+    env.write("d.json", SMALL_DATA);
+    env.write(
+        "fit.rhai",
+        "let p = params(#{ r: 4 });\nlet ds = data::sft(data::to_messages(data::load(\"d.json\")), tokenizer::builtin());\ntrain::fit(lora::attach(model::tiny(), #{ r: p.r }), ds, #{ max_steps: 1, save_steps: 0 });\n",
+    );
+    let o = run_in(
+        env.dir.path(),
+        &["recipe/fit.rhai", "--set", "learning_rate=1e-4"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("unknown param `learning_rate` in `--set learning_rate=1e-4`; the recipe declares: `r`; `learning_rate` is a training option")
+            && e.contains("recipe/fit.rhai:3:8")
+            && !e.contains("Total optimization steps"),
+        "{e}"
+    );
+}

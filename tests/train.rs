@@ -1073,3 +1073,160 @@ fn the_check_executor_runs_the_loop_and_writes_nothing() {
     assert!(real.is_done());
     assert!(out.join("checkpoint-6").is_dir());
 }
+
+/// HF's `eval_strategy: "epoch"` and `save_strategy: "epoch"`: an evaluation and a checkpoint at
+/// exactly each epoch's end (and at the last step, where HF's last, partial epoch ends); none
+/// between. `save_strategy: "no"` writes none even with `save_steps`.
+#[test]
+fn epoch_strategies_evaluate_and_save_at_the_epoch_ends() {
+    // 8 examples, 2 a micro-batch, 2 micro-batches a step: 2 steps an epoch.
+    let data = examples(8);
+    let at = |c: &TrainConfig| {
+        let (mut step, mut evals, mut saves) = (0, Vec::new(), Vec::new());
+        fit(
+            &peft(3),
+            &data,
+            Some(&data),
+            c,
+            256,
+            &CancelToken::new(),
+            &mut |e| {
+                match e {
+                    Event::Step { step: s, .. } => step = *s,
+                    Event::Eval(_) => evals.push(step),
+                    Event::Saved(p) => {
+                        saves.push(p.file_name().unwrap().to_string_lossy().into_owned());
+                    }
+                    _ => {}
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        (evals, saves)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let epochs = TrainConfig {
+        per_device_train_batch_size: 2,
+        gradient_accumulation_steps: 2,
+        max_steps: -1,
+        num_train_epochs: 3.0,
+        eval_strategy: "epoch".into(),
+        save_strategy: "epoch".into(),
+        save_steps: 1,
+        ..cfg(dir.path())
+    };
+    let (evals, saves) = at(&epochs);
+    assert_eq!(evals, [2, 4, 6]);
+    assert_eq!(saves, ["checkpoint-2", "checkpoint-4", "checkpoint-6"]);
+    // Stopped by `max_steps` inside the third epoch: its (partial) end is the last step.
+    let dir = tempfile::tempdir().unwrap();
+    let (evals, saves) = at(&TrainConfig {
+        max_steps: 5,
+        ..TrainConfig {
+            output_dir: dir.path().to_string_lossy().into_owned(),
+            ..epochs.clone()
+        }
+    });
+    assert_eq!(evals, [2, 4, 5]);
+    assert_eq!(saves, ["checkpoint-2", "checkpoint-4", "checkpoint-5"]);
+    // `save_strategy: "no"` saves nothing; `"steps"` keeps `save_steps`.
+    let dir = tempfile::tempdir().unwrap();
+    let (evals, saves) = at(&TrainConfig {
+        save_strategy: "no".into(),
+        eval_strategy: "no".into(),
+        ..TrainConfig {
+            output_dir: dir.path().to_string_lossy().into_owned(),
+            ..epochs.clone()
+        }
+    });
+    assert!(evals.is_empty() && saves.is_empty(), "{evals:?} {saves:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let (_, saves) = at(&TrainConfig {
+        save_strategy: "steps".into(),
+        save_steps: 3,
+        ..TrainConfig {
+            output_dir: dir.path().to_string_lossy().into_owned(),
+            ..epochs.clone()
+        }
+    });
+    assert_eq!(saves, ["checkpoint-3", "checkpoint-6"]);
+}
+
+/// HF's names for the options users set: `optim` (AdamW's names), `lr_scheduler_type:
+/// "cosine_with_min_lr"` with `lr_scheduler_kwargs`; other optimizers and NEFTune are errors
+/// that say what works.
+#[test]
+fn hf_optim_and_scheduler_names() {
+    let data = examples(4);
+    let dir = tempfile::tempdir().unwrap();
+    let go = |c: TrainConfig| {
+        fit(
+            &peft(3),
+            &data,
+            None,
+            &c,
+            256,
+            &CancelToken::new(),
+            &mut |_| Ok(()),
+        )
+        .map(|r| r.steps)
+        .map_err(|e| e.to_string())
+    };
+    for name in ["adamw_torch", "adamw_torch_fused", "adamw_hf"] {
+        assert_eq!(
+            go(TrainConfig {
+                optim: name.into(),
+                max_steps: 1,
+                ..cfg(dir.path())
+            }),
+            Ok(1)
+        );
+    }
+    let e = go(TrainConfig {
+        optim: "adamw_8bit".into(),
+        ..cfg(dir.path())
+    })
+    .unwrap_err();
+    assert!(e.contains("`optim` `adamw_8bit` is not supported; qscript's optimizer is AdamW: use `adamw_torch` (also spelled `adamw_torch_fused` or `adamw_hf`)"), "{e}");
+    let e = go(TrainConfig {
+        neftune_noise_alpha: Some(5.0),
+        ..cfg(dir.path())
+    })
+    .unwrap_err();
+    assert!(
+        e.contains("`neftune_noise_alpha` (5) is not supported yet"),
+        "{e}"
+    );
+    let kw = |v: serde_json::Value| TrainConfig {
+        lr_scheduler_type: "cosine_with_min_lr".into(),
+        lr_scheduler_kwargs: Some(v),
+        max_steps: 2,
+        ..cfg(dir.path())
+    };
+    assert_eq!(go(kw(serde_json::json!({ "min_lr": 1e-4 }))), Ok(2));
+    assert_eq!(go(kw(serde_json::json!({ "min_lr_rate": 0.1 }))), Ok(2));
+    let e = go(kw(serde_json::json!({}))).unwrap_err();
+    assert!(
+        e.contains("needs `min_lr` or `min_lr_rate` in `lr_scheduler_kwargs`"),
+        "{e}"
+    );
+    let e = go(TrainConfig {
+        eval_strategy: "epoch".into(),
+        ..cfg(dir.path())
+    })
+    .unwrap_err();
+    assert!(
+        e.contains("`eval_strategy: \"epoch\"` needs an eval dataset"),
+        "{e}"
+    );
+    let e = go(TrainConfig {
+        save_strategy: "best".into(),
+        ..cfg(dir.path())
+    })
+    .unwrap_err();
+    assert!(
+        e.contains("`save_strategy` `best` is not supported; use `steps`, `epoch` or `no`"),
+        "{e}"
+    );
+}

@@ -9,6 +9,14 @@ use yaml_rust2::{Yaml, YamlLoader};
 /// The params in `path`: a YAML (`.yaml`, `.yml`) or JSON (`.json`) mapping at the top level.
 pub fn load(path: &Path) -> Result<Vec<(String, String)>, String> {
     let shown = path.display();
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.len() > MAX_BYTES
+    {
+        return Err(format!(
+            "`--config {shown}` is {} bytes; a config file is at most {MAX_BYTES} bytes",
+            meta.len()
+        ));
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read `--config {shown}`: {e}"))?;
     let ext = path
@@ -19,6 +27,7 @@ pub fn load(path: &Path) -> Result<Vec<(String, String)>, String> {
     let json: serde_json::Value = match ext.as_str() {
         "json" => serde_json::from_str(&text).map_err(|e| format!("`{shown}`: {e}"))?,
         "yaml" | "yml" => {
+            bound(&text).map_err(|e| format!("`{shown}` {e}"))?;
             let docs = YamlLoader::load_from_str(&text).map_err(|e| {
                 let m = e.marker();
                 format!(
@@ -61,6 +70,76 @@ pub fn load(path: &Path) -> Result<Vec<(String, String)>, String> {
             (k, raw)
         })
         .collect())
+}
+
+/// The largest config file read.
+const MAX_BYTES: u64 = 1 << 20;
+
+/// The deepest nesting a config may have (configs are flat; a deeper file is not one).
+const MAX_DEPTH: usize = 64;
+
+/// The most nodes a config may expand to, aliases counted as copies of their anchors (so a
+/// small file of nested aliases, a "billion laughs", stops here before anything is built).
+const MAX_NODES: u64 = 100_000;
+
+/// Checks the YAML's nesting and its size with aliases expanded, from the parser's events and
+/// before `YamlLoader` builds (and clones) anything.
+fn bound(text: &str) -> Result<(), String> {
+    use yaml_rust2::parser::{Event, Parser};
+    // The open collections: their anchor and the nodes inside them so far.
+    let mut open: Vec<(usize, u64)> = Vec::new();
+    let mut anchors: std::collections::HashMap<usize, u64> = std::collections::HashMap::new();
+    let mut total: u64 = 0;
+    let mut parser = Parser::new_from_str(text);
+    loop {
+        let (event, mark) = parser.next_token().map_err(|e| {
+            let m = e.marker();
+            format!("line {}, column {}: {}", m.line(), m.col() + 1, e.info())
+        })?;
+        // The nodes (aliases expanded) this event completes under its parent, and how many
+        // of them are new to the total (a collection counted itself when it opened).
+        let (added, new) = match event {
+            Event::StreamEnd => return Ok(()),
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                if open.len() >= MAX_DEPTH {
+                    return Err(format!(
+                        "line {}: nested deeper than {MAX_DEPTH} levels; a config is a mapping of params",
+                        mark.line()
+                    ));
+                }
+                open.push((anchor, 1));
+                (0, 1)
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                let (anchor, n) = open.pop().unwrap_or((0, 1));
+                if anchor > 0 {
+                    anchors.insert(anchor, n);
+                }
+                (n, 0)
+            }
+            Event::Scalar(_, _, anchor, _) => {
+                if anchor > 0 {
+                    anchors.insert(anchor, 1);
+                }
+                (1, 1)
+            }
+            Event::Alias(id) => {
+                let n = anchors.get(&id).copied().unwrap_or(1);
+                (n, n)
+            }
+            _ => (0, 0),
+        };
+        if let Some(parent) = open.last_mut() {
+            parent.1 = parent.1.saturating_add(added);
+        }
+        total = total.saturating_add(new);
+        if total > MAX_NODES {
+            return Err(format!(
+                "line {}: the YAML expands to more than {MAX_NODES} values (aliases counted as copies); a config is a mapping of params",
+                mark.line()
+            ));
+        }
+    }
 }
 
 fn kind(v: &serde_json::Value) -> &'static str {
@@ -137,5 +216,43 @@ mod tests {
                 .unwrap_err()
                 .contains("cannot read")
         );
+    }
+
+    /// A "billion laughs" (527 bytes, 10^9 values once its aliases are expanded) and 20,000
+    /// nested sequences end in an error that names the file, before anything is built.
+    #[test]
+    fn alias_bombs_and_deep_nesting_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let y = dir.path().join("bomb.yaml");
+        let mut bomb = String::from(
+            "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
+        for (prev, name) in ["a", "b", "c", "d", "e", "f", "g", "h"]
+            .iter()
+            .zip(["b", "c", "d", "e", "f", "g", "h", "i"])
+        {
+            let refs = vec![format!("*{prev}"); 9].join(",");
+            bomb.push_str(&format!("{name}: &{name} [{refs}]\n"));
+        }
+        assert!(bomb.len() < 600, "{}", bomb.len());
+        std::fs::write(&y, &bomb).unwrap();
+        let e = load(&y).unwrap_err();
+        assert!(e.starts_with(&format!("`{}` line ", y.display())), "{e}");
+        assert!(e.contains("expands to more than 100000 values"), "{e}");
+        // A few aliases are fine.
+        std::fs::write(&y, "base: &b [q_proj, v_proj]\ntargets: *b\n").unwrap();
+        assert_eq!(load(&y).unwrap()[1].1, r#"["q_proj","v_proj"]"#);
+
+        std::fs::write(&y, format!("k:\n{}", "- ".repeat(20_000) + "x\n")).unwrap();
+        let e = load(&y).unwrap_err();
+        assert!(e.contains("nested deeper than 64 levels"), "{e}");
+        assert!(e.contains("bomb.yaml"), "{e}");
+        std::fs::write(
+            &y,
+            format!("k: {}{}\n", "[".repeat(20_000), "]".repeat(20_000)),
+        )
+        .unwrap();
+        let e = load(&y).unwrap_err();
+        assert!(e.contains("bomb.yaml"), "{e}");
     }
 }

@@ -307,7 +307,10 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
     if let Some(e) = &report.error {
         return Ok(fail(e));
     }
-    if let Err(e) = session.check_overrides_used() {
+    if let Err(e) = session
+        .check_overrides_used()
+        .and_then(|()| session.check_train_options_used())
+    {
         return Ok(fail(&e));
     }
     Ok(ExitCode::SUCCESS)

@@ -19,6 +19,7 @@ pub fn check_and_run(session: &mut Session, path: &Path) -> Result<String, Scrip
     if let Some(e) = report.error {
         return Err(e);
     }
+    session.check_train_options_used()?;
     let facts = std::mem::take(&mut *crate::context::lock(&session.context().check_facts));
     if !facts.is_empty() {
         let _ = write!(out, "\nsummary:");
@@ -66,17 +67,38 @@ pub fn check(session: &Session, path: &Path) -> Result<String, ScriptError> {
             let _ = writeln!(out, "params:");
             let width = map.keys().map(|k| k.as_str().len()).max().unwrap_or(0);
             for (k, v) in &map {
-                let set = if session.context().is_overridden(k) {
-                    "  (--set)"
-                } else {
-                    ""
-                };
+                let set = session
+                    .context()
+                    .override_source(k)
+                    .map_or_else(String::new, |from| format!("  ({from})"));
                 let _ = writeln!(out, "  {k:<width$} = {v:?}{set}");
             }
+            train_options(session, &map, &mut out);
         }
     }
     out.push_str("ok: the recipe parses and its params resolve");
     Ok(out)
+}
+
+/// The training options `--config` and `--set` give `train::options` (the keys that are not
+/// params), with their sources.
+fn train_options(session: &Session, params: &Map, out: &mut String) {
+    let names = qscript_runtime::train::TrainConfig::option_names();
+    let ctx = session.context();
+    let keys: Vec<&String> = names
+        .iter()
+        .filter(|k| !params.contains_key(k.as_str()) && ctx.is_overridden(k))
+        .collect();
+    if keys.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "train options for `train::options`:");
+    let width = keys.iter().map(|k| k.len()).max().unwrap_or(0);
+    for k in keys {
+        let raw = ctx.override_raw(k).unwrap_or_default();
+        let from = ctx.override_source(k).unwrap_or_default();
+        let _ = writeln!(out, "  {k:<width$} = {raw}  ({from})");
+    }
 }
 
 /// A call found in the source: its text and the line it starts on.

@@ -149,6 +149,11 @@ pub struct Override {
 }
 
 impl Override {
+    /// Whether the value came from `--config` (not `--set`).
+    pub fn from_config(&self) -> bool {
+        !self.origin.starts_with("`--set ")
+    }
+
     /// `--config` values, then `--set` ones on top.
     fn all(opts: &RunOptions) -> BTreeMap<String, Override> {
         let mut out = BTreeMap::new();
@@ -200,6 +205,11 @@ pub struct RunContext {
     /// Output dirs this session has trained into (a re-run may start over there).
     pub(crate) trained_dirs: Mutex<BTreeSet<PathBuf>>,
     pub(crate) params_declared: Mutex<Option<Vec<String>>>,
+    /// Whether the recipe called `train::options` (which takes the training options of
+    /// `--config` and `--set`).
+    pub(crate) train_options_taken: Mutex<bool>,
+    /// `--config FILE`.
+    pub(crate) config_file: Option<PathBuf>,
     pub(crate) imports: Mutex<BTreeSet<PathBuf>>,
     /// The script functions of the code running now, so native code can call script closures
     /// from other threads (`Dataset.map` runs them in parallel).
@@ -245,6 +255,8 @@ impl RunContext {
             resume: opts.resume.clone(),
             trained_dirs: Mutex::new(BTreeSet::new()),
             params_declared: Mutex::new(None),
+            train_options_taken: Mutex::new(false),
+            config_file: opts.config.as_ref().map(|(f, _)| f.clone()),
             imports: Mutex::new(BTreeSet::new()),
             functions: Mutex::new(rhai::AST::empty()),
             check_mode: std::sync::atomic::AtomicBool::new(false),
@@ -302,6 +314,63 @@ impl RunContext {
     /// Whether `--set` overrides the param `key`.
     pub fn is_overridden(&self, key: &str) -> bool {
         self.overrides.contains_key(key)
+    }
+
+    /// When `--config` or `--set` gave training options (HF's names) that the recipe neither
+    /// declares as params nor takes with `train::options`: the error to give.
+    pub fn untaken_train_options(&self) -> Option<String> {
+        if *lock(&self.train_options_taken) {
+            return None;
+        }
+        let declared = lock(&self.params_declared).clone().unwrap_or_default();
+        let train = qscript_runtime::train::TrainConfig::option_names();
+        let untaken: Vec<(&String, &Override)> = self
+            .overrides
+            .iter()
+            .filter(|(k, _)| train.contains(k) && !declared.contains(k))
+            .collect();
+        let listed = if declared.is_empty() {
+            "none".to_string()
+        } else {
+            let names: Vec<_> = declared.iter().map(|k| format!("`{k}`")).collect();
+            names.join(", ")
+        };
+        let take = "the recipe takes those through `train::options`, e.g. \
+                    `train::fit(m, ds, train::options(#{ ... }))`";
+        match untaken.as_slice() {
+            [] => None,
+            [(k, o)] => Some(format!(
+                "unknown param `{k}` in {}; the recipe declares: {listed}; `{k}` is a training \
+                 option: {take}",
+                o.origin
+            )),
+            many => {
+                let keys: Vec<_> = many
+                    .iter()
+                    .map(|(k, o)| format!("`{k}` (in {})", o.origin))
+                    .collect();
+                Some(format!(
+                    "unknown params {}; the recipe declares: {listed}; they are training \
+                     options: {take}",
+                    keys.join(", ")
+                ))
+            }
+        }
+    }
+
+    /// The text `--config` or `--set` gives for `key`.
+    pub fn override_raw(&self, key: &str) -> Option<String> {
+        self.overrides.get(key).map(|o| o.raw.clone())
+    }
+
+    /// Where the param `key`'s value comes from when not from the recipe: `--set` or
+    /// `--config FILE`.
+    pub fn override_source(&self, key: &str) -> Option<String> {
+        let o = self.overrides.get(key)?;
+        Some(match (&self.config_file, o.from_config()) {
+            (Some(file), true) => format!("--config {}", file.display()),
+            _ => "--set".to_string(),
+        })
     }
 
     /// Resolves a directory for reading (model checkpoints, tokenizers): the directory and every

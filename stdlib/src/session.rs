@@ -455,22 +455,38 @@ impl Session {
         files
     }
 
-    /// After a complete run: an error if `--set` was given but the recipe never called `params`.
+    /// After a complete run: an error if `--set` was given but the recipe never called `params`
+    /// (training options are for `train::options`: see [`Self::check_train_options_used`]), or
+    /// if training options were given and the recipe never called `train::options`.
     pub fn check_overrides_used(&self) -> Result<(), ScriptError> {
-        if self.ctx.overrides.is_empty() || lock(&self.ctx.params_declared).is_some() {
+        if lock(&self.ctx.params_declared).is_some() {
             return Ok(());
         }
+        let train = qscript_runtime::train::TrainConfig::option_names();
         let keys: Vec<_> = self
             .ctx
             .overrides
             .keys()
+            .filter(|k| !train.contains(k))
             .map(|k| format!("`{k}`"))
             .collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
         Err(plain_error(&format!(
             "error: params were given with `--set` or `--config` ({}), but the recipe declares \
              none; declare them with `let p = params(#{{ ... }});`",
             keys.join(", ")
         )))
+    }
+
+    /// After a complete run: an error if `--set` or `--config` gave training options (HF's names)
+    /// that the recipe neither declares as params nor takes with `train::options`.
+    pub fn check_train_options_used(&self) -> Result<(), ScriptError> {
+        match self.ctx.untaken_train_options() {
+            None => Ok(()),
+            Some(m) => Err(plain_error(&format!("error: {m}"))),
+        }
     }
 
     /// Renders `err` against `source` (labelled `label`) with this session's names for hints.

@@ -31,8 +31,16 @@ pub struct TrainConfig {
     pub adam_beta2: f64,
     /// AdamW epsilon.
     pub adam_epsilon: f64,
-    /// `linear`, `cosine`, `constant`, `constant_with_warmup`.
+    /// `linear`, `cosine`, `cosine_with_min_lr`, `constant`, `constant_with_warmup`.
     pub lr_scheduler_type: String,
+    /// HF's `lr_scheduler_kwargs`: for `cosine_with_min_lr`, `min_lr` or `min_lr_rate` (and
+    /// `num_cycles`, default 0.5); for `cosine`, `num_cycles`.
+    pub lr_scheduler_kwargs: Option<serde_json::Value>,
+    /// HF's optimizer name: `adamw_torch` (also `adamw_torch_fused`, `adamw_hf`), all
+    /// qscript's AdamW.
+    pub optim: String,
+    /// HF's NEFTune noise on the embeddings in training (not supported yet: an error when set).
+    pub neftune_noise_alpha: Option<f64>,
     /// Warmup as a fraction of the total steps.
     pub warmup_ratio: f64,
     /// Warmup steps (wins over `warmup_ratio` when > 0).
@@ -77,10 +85,12 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Log every N optimizer steps.
     pub logging_steps: usize,
-    /// `no` or `steps`.
+    /// `no`, `steps` or `epoch` (at each epoch's end).
     pub eval_strategy: String,
     /// Evaluate every N steps (defaults to `logging_steps`).
     pub eval_steps: Option<usize>,
+    /// HF's `save_strategy`: `steps` (every `save_steps`), `epoch` (at each epoch's end) or `no`.
+    pub save_strategy: String,
     /// Save a checkpoint every N steps (0 = never).
     pub save_steps: usize,
     /// Keep at most this many checkpoints.
@@ -115,6 +125,9 @@ impl Default for TrainConfig {
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
             lr_scheduler_type: "linear".into(),
+            lr_scheduler_kwargs: None,
+            optim: "adamw_torch".into(),
+            neftune_noise_alpha: None,
             warmup_ratio: 0.0,
             warmup_steps: 0,
             max_grad_norm: 1.0,
@@ -132,6 +145,7 @@ impl Default for TrainConfig {
             logging_steps: 10,
             eval_strategy: "no".into(),
             eval_steps: None,
+            save_strategy: "steps".into(),
             save_steps: 500,
             save_total_limit: None,
             load_best_model_at_end: false,
@@ -143,6 +157,9 @@ impl Default for TrainConfig {
         }
     }
 }
+
+/// HF's `optim` names that are qscript's AdamW (decoupled weight decay, bias correction).
+const ADAMW_NAMES: [&str; 3] = ["adamw_torch", "adamw_torch_fused", "adamw_hf"];
 
 /// Integrations HF's `report_to` knows that qscript does not write (a notice, not an error).
 const OTHER_REPORTERS: [&str; 9] = [
@@ -158,6 +175,17 @@ const OTHER_REPORTERS: [&str; 9] = [
 ];
 
 impl TrainConfig {
+    /// The option names `TrainConfig` takes (HF's `TrainingArguments` names), aliases included.
+    pub fn option_names() -> Vec<String> {
+        let mut names: Vec<String> = match serde_json::to_value(Self::default()) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        names.push("auto_micro_batch".into());
+        names.sort();
+        names
+    }
+
     /// What `report_to` asks for: TensorBoard, and the integrations HF knows that qscript does
     /// not write; an unknown name is an error.
     fn reporters(&self) -> Result<(bool, Vec<&str>)> {
@@ -302,10 +330,29 @@ impl TrainConfig {
         if self.bf16 && self.fp16 {
             return bad("`bf16` and `fp16` cannot both be true".into());
         }
-        if !matches!(self.eval_strategy.as_str(), "no" | "steps") {
+        if !matches!(self.eval_strategy.as_str(), "no" | "steps" | "epoch") {
             return bad(format!(
-                "`eval_strategy` `{}` is not supported; use `no` or `steps`",
+                "`eval_strategy` `{}` is not supported; use `no`, `steps` or `epoch`",
                 self.eval_strategy
+            ));
+        }
+        if !matches!(self.save_strategy.as_str(), "no" | "steps" | "epoch") {
+            return bad(format!(
+                "`save_strategy` `{}` is not supported; use `steps`, `epoch` or `no`",
+                self.save_strategy
+            ));
+        }
+        if !ADAMW_NAMES.contains(&self.optim.as_str()) {
+            return bad(format!(
+                "`optim` `{}` is not supported; qscript's optimizer is AdamW: use `adamw_torch` \
+                 (also spelled `adamw_torch_fused` or `adamw_hf`)",
+                self.optim
+            ));
+        }
+        if let Some(alpha) = self.neftune_noise_alpha {
+            return bad(format!(
+                "`neftune_noise_alpha` ({alpha}) is not supported yet; leave it out to train \
+                 without NEFTune's embedding noise"
             ));
         }
         if let Some(m) = &self.metric_for_best_model
@@ -363,15 +410,25 @@ impl TrainConfig {
         step.is_multiple_of(self.logging_steps.max(1)) || step == total
     }
 
-    /// Whether step `step` of `total` evaluates (`eval_strategy: "steps"`: every `eval_steps`,
-    /// default `logging_steps`, and the last).
-    pub fn evaluates_at(&self, step: usize, total: usize) -> bool {
+    /// Whether step `step` of `total` evaluates: `eval_strategy: "steps"`: every `eval_steps`
+    /// (default `logging_steps`) and the last; `"epoch"`: at each epoch's end (`epoch_end`) and
+    /// the last step (where HF's last, maybe partial, epoch ends).
+    pub fn evaluates_at(&self, step: usize, total: usize, epoch_end: bool) -> bool {
         let every = self.eval_steps.unwrap_or(self.logging_steps).max(1);
-        self.eval_strategy == "steps" && (step.is_multiple_of(every) || step == total)
+        match self.eval_strategy.as_str() {
+            "steps" => step.is_multiple_of(every) || step == total,
+            "epoch" => epoch_end || step == total,
+            _ => false,
+        }
     }
 
-    /// Whether step `step` writes a checkpoint (every `save_steps`; 0: never).
-    pub fn saves_at(&self, step: usize) -> bool {
-        self.save_steps > 0 && step.is_multiple_of(self.save_steps)
+    /// Whether step `step` of `total` writes a checkpoint: `save_strategy: "steps"`: every
+    /// `save_steps` (0: never); `"epoch"`: at each epoch's end and the last step; `"no"`: never.
+    pub fn saves_at(&self, step: usize, total: usize, epoch_end: bool) -> bool {
+        match self.save_strategy.as_str() {
+            "steps" => self.save_steps > 0 && step.is_multiple_of(self.save_steps),
+            "epoch" => epoch_end || step == total,
+            _ => false,
+        }
     }
 }

@@ -114,20 +114,22 @@ pub fn plan(
             "the training dataset is empty".into(),
         ));
     }
-    if cfg.eval_strategy == "steps" && eval.is_none_or(<[Example]>::is_empty) {
-        return Err(Error::InvalidArgument(
-            "`eval_strategy: \"steps\"` needs an eval dataset: `train::fit(model, train, opts, eval)`".into(),
-        ));
+    if cfg.eval_strategy != "no" && eval.is_none_or(<[Example]>::is_empty) {
+        return Err(Error::InvalidArgument(format!(
+            "`eval_strategy: \"{}\"` needs an eval dataset: `train::fit(model, train, opts, eval)`",
+            cfg.eval_strategy
+        )));
     }
     for (what, data) in [("training", &train[..]), ("eval", eval.unwrap_or(&[]))] {
         check_ids(what, data, vocab)?;
     }
     let (micro_per_epoch, steps_per_epoch, total) = cfg.plan(train.len(), ranks);
-    let schedule = Schedule::new(
+    let schedule = Schedule::with_kwargs(
         &cfg.lr_scheduler_type,
         cfg.learning_rate,
         cfg.warmup(total),
         total,
+        cfg.lr_scheduler_kwargs.as_ref(),
     )?;
     let out_dir = PathBuf::from(&cfg.output_dir);
     let resume_from = super::checkpoint::resume_dir(cfg.resume_from_checkpoint.as_ref(), &out_dir)?;

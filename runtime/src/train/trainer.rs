@@ -103,6 +103,7 @@ struct At {
     lr: f64,
     epoch: f64,
     tokens: usize,
+    epoch_end: bool,
 }
 
 /// What the callbacks decided.
@@ -342,8 +343,12 @@ impl Trainer {
         // Every rank reads its losses back at the logging cadence (no step's loss stays on the
         // device for the whole run); rank 0 also before it evaluates or saves.
         let lead = self.lead();
+        // Every epoch has `steps_per_epoch` steps (the sampler's windows), resumed or not.
+        let epoch_end = step.is_multiple_of(self.plan.steps_per_epoch.max(1));
         let read = if self.cfg.logs_at(step, total)
-            || (lead && (self.cfg.evaluates_at(step, total) || self.cfg.saves_at(step)))
+            || (lead
+                && (self.cfg.evaluates_at(step, total, epoch_end)
+                    || self.cfg.saves_at(step, total, epoch_end)))
         {
             Some(self.flush()?)
         } else {
@@ -361,6 +366,7 @@ impl Trainer {
             lr,
             epoch,
             tokens,
+            epoch_end,
         };
         let ends = self.with_callbacks(at, &mut events, |cb, run| cb.on_step(run))?;
         self.stopped_early = ends.stop;
@@ -435,6 +441,7 @@ impl Trainer {
             lr: 0.0,
             epoch: self.state.epoch as f64,
             tokens: 0,
+            epoch_end: false,
         }
     }
 
@@ -463,6 +470,7 @@ impl Trainer {
             lr: at.lr,
             epoch: at.epoch,
             tokens: at.tokens,
+            epoch_end: at.epoch_end,
             cfg,
             out_dir,
             state,

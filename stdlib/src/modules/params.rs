@@ -8,29 +8,104 @@ use std::collections::BTreeMap;
 
 use rhai::Map;
 
+use qscript_runtime::train::TrainConfig;
+
 use crate::context::Override;
 
-/// Merges `overrides` into `defaults`, converting each value to the type of its default.
+/// Keys of LLaMA-Factory's and TRL's configs (and HF's `TrainingArguments`) that steer their
+/// processes, not the training: a config file may hold them; they have no effect here (one notice
+/// names them).
+pub const NO_EFFECT: [&str; 16] = [
+    "dataloader_num_workers",
+    "dataloader_pin_memory",
+    "ddp_timeout",
+    "disable_tqdm",
+    "do_eval",
+    "do_predict",
+    "do_train",
+    "log_level",
+    "logging_first_step",
+    "overwrite_cache",
+    "overwrite_output_dir",
+    "plot_loss",
+    "preprocessing_num_workers",
+    "remove_unused_columns",
+    "save_only_model",
+    "trust_remote_code",
+];
+
+/// Merges `overrides` into `defaults`, converting each value to the type of its default. Keys the
+/// recipe does not declare are fine when they are training options (HF's names, for
+/// `train::options`) or, from a config file, in [`NO_EFFECT`]; any other is unknown, and all
+/// unknown keys make one error, each with the closest name.
 pub fn resolve(defaults: &Map, overrides: &BTreeMap<String, Override>) -> Result<Map, String> {
+    let train = TrainConfig::option_names();
     let mut out = defaults.clone();
-    for (key, Override { raw, origin }) in overrides {
+    let mut unknown = Vec::new();
+    for (key, ov) in overrides {
+        let Override { raw, origin } = ov;
         let Some(default) = defaults.get(key.as_str()) else {
-            let declared: Vec<_> = defaults.keys().map(|k| format!("`{k}`")).collect();
-            let declared = if declared.is_empty() {
-                "none".to_string()
-            } else {
-                declared.join(", ")
-            };
-            return Err(format!(
-                "unknown param `{key}` in {origin}; the recipe declares: {declared}"
-            ));
+            if train.contains(key) || (ov.from_config() && NO_EFFECT.contains(&key.as_str())) {
+                continue;
+            }
+            unknown.push((key, origin));
+            continue;
         };
         let value = coerce(raw, default).map_err(|expected| {
             format!("{origin}: expected {expected} (the default is `{default}`)")
         })?;
         out.insert(key.as_str().into(), value);
     }
-    Ok(out)
+    if unknown.is_empty() {
+        return Ok(out);
+    }
+    let declared: Vec<_> = defaults.keys().map(|k| format!("`{k}`")).collect();
+    let declared = if declared.is_empty() {
+        "none".to_string()
+    } else {
+        declared.join(", ")
+    };
+    let mut names: Vec<String> = defaults.keys().map(ToString::to_string).collect();
+    names.extend(train);
+    let guess = |key: &str| {
+        names
+            .iter()
+            .map(|c| (strsim::normalized_damerau_levenshtein(key, c), c))
+            .filter(|(score, _)| *score >= 0.6)
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, c)| c.clone())
+    };
+    let hint = "training options (HF's names) go to the recipe's `train::options`";
+    if let [(key, origin)] = unknown.as_slice() {
+        let guess = guess(key).map_or_else(String::new, |g| format!("; did you mean `{g}`?"));
+        return Err(format!(
+            "unknown param `{key}` in {origin}; the recipe declares: {declared}{guess} ({hint})"
+        ));
+    }
+    let listed: Vec<String> = unknown
+        .iter()
+        .map(|(key, origin)| {
+            let guess = guess(key).map_or_else(String::new, |g| format!(", did you mean `{g}`?"));
+            format!("`{key}` (in {origin}{guess})")
+        })
+        .collect();
+    Err(format!(
+        "{} unknown params: {}; the recipe declares: {declared} ({hint})",
+        unknown.len(),
+        listed.join(", ")
+    ))
+}
+
+/// The keys of `overrides` from a config file that the recipe does not declare and that have no
+/// effect here ([`NO_EFFECT`]).
+pub fn without_effect(defaults: &Map, overrides: &BTreeMap<String, Override>) -> Vec<String> {
+    overrides
+        .iter()
+        .filter(|(k, o)| {
+            o.from_config() && !defaults.contains_key(k.as_str()) && NO_EFFECT.contains(&k.as_str())
+        })
+        .map(|(k, _)| k.clone())
+        .collect()
 }
 
 /// Parses `raw` as a value of the same type as `default`; on failure returns what was expected.
@@ -94,11 +169,24 @@ pub mod params_module {
     /// assert(p.max_steps == 100);
     /// print(`lr = ${p.lr}`);
     /// ```
+    // (`--config FILE` values go under `--set`; training options among them are for
+    // `train::options`: see `super::resolve`. The docs above are a snapshot of `:help params`.)
     #[rhai_fn(return_raw)]
     pub fn params(ctx: NativeCallContext, defaults: Map) -> Result<Map, Box<EvalAltResult>> {
         let rc = RunContext::of(&ctx)?;
         let resolved =
             super::resolve(&defaults, &rc.overrides).map_err(|m| script_error("params", m))?;
+        let ignored = super::without_effect(&defaults, &rc.overrides);
+        if !ignored.is_empty()
+            && let Some(file) = &rc.config_file
+        {
+            let keys: Vec<_> = ignored.iter().map(|k| format!("`{k}`")).collect();
+            rc.sink.err(&format!(
+                "note: `{}`: {} steer other tools' processes and have no effect here",
+                file.display(),
+                keys.join(", ")
+            ));
+        }
         *lock(&rc.params_declared) = Some(defaults.keys().map(ToString::to_string).collect());
         Ok(resolved)
     }

@@ -44,6 +44,9 @@ fn prepare(
     model: &ModelHandle,
     opts: Map,
 ) -> Result<TrainConfig, Box<EvalAltResult>> {
+    if let Some(m) = rc.untaken_train_options() {
+        return Err(to_rhai_at(ctx)(qscript_runtime::Error::InvalidArgument(m)));
+    }
     let mut cfg: TrainConfig = from_options(ctx, "train::fit", opts)?;
     let out = rc
         .resolve_write_dir(if cfg.output_dir.is_empty() {
@@ -243,6 +246,37 @@ fn new_trainer(
     }))))
 }
 
+/// `opts` with the training options (HF's names) of `--config` and `--set` merged over it: the
+/// keys the recipe does not declare as params. A value is read as JSON when the option takes it
+/// so (`1e-4`, `true`, `["tensorboard"]`), else as text (`cosine`).
+fn merged_options(rc: &RunContext, mut opts: Map) -> Map {
+    let declared = lock(&rc.params_declared).clone().unwrap_or_default();
+    let names = TrainConfig::option_names();
+    for (key, o) in &rc.overrides {
+        if !names.contains(key) || declared.contains(key) {
+            continue;
+        }
+        let text = serde_json::Value::String(o.raw.clone());
+        let value = match serde_json::from_str::<serde_json::Value>(o.raw.trim()) {
+            // `output_dir: "2024"` is text to `TrainConfig`, `learning_rate: 2e-4` a number.
+            Ok(v) if !v.is_string() => {
+                let one = serde_json::json!({ key.as_str(): v.clone() });
+                if serde_json::from_value::<TrainConfig>(one).is_ok() {
+                    v
+                } else {
+                    text
+                }
+            }
+            _ => text,
+        };
+        if let Ok(d) = rhai::serde::to_dynamic(value) {
+            opts.insert(key.as_str().into(), d);
+        }
+    }
+    *lock(&rc.train_options_taken) = true;
+    opts
+}
+
 /// The `train` module.
 // rhai's macro unwraps the `&mut` receiver of functions that also take a NativeCallContext.
 #[allow(clippy::unwrap_used)]
@@ -251,7 +285,30 @@ pub mod train_module {
     use rhai::Map;
 
     use super::run_fit;
+    use crate::context::RunContext;
     use crate::handles::{DatasetHandle, ModelHandle};
+
+    /// The recipe's training options with those of `--config FILE` and `--set key=value` on top:
+    /// the keys that are `train::fit` options (HF's `TrainingArguments` names, as in a TRL or
+    /// LLaMA-Factory YAML) and that the recipe does not declare with `params`. A recipe opts in
+    /// by passing its options through this call; without it, such keys are an error at the end
+    /// of the run. Values keep the option's type (`learning_rate: 2e-4` a number,
+    /// `lr_scheduler_type: cosine` text).
+    ///
+    /// ```rhai
+    /// let p = params(#{ model: "tiny" });
+    /// // `--config run.yaml` with `learning_rate: 2.0e-4` would win over the 1e-3 here.
+    /// let opts = train::options(#{ max_steps: 2, learning_rate: 1e-3, save_steps: 0 });
+    /// assert(opts.learning_rate == 1e-3);
+    /// io::write_text("d.json", `[{"instruction": "hi", "output": "hello"}]`);
+    /// let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/d.json")), tokenizer::builtin());
+    /// let trained = train::fit(lora::attach(model::tiny(), #{ r: 4 }), ds, opts);
+    /// ```
+    #[rhai_fn(return_raw)]
+    pub fn options(ctx: NativeCallContext, defaults: Map) -> Result<Map, Box<EvalAltResult>> {
+        let rc = RunContext::of(&ctx)?;
+        Ok(super::merged_options(&rc, defaults))
+    }
 
     /// Trains a model (LoRA adapters, or every weight of a model loaded `trainable`) on a
     /// tokenized dataset and returns the trained model; the input model is not changed. Ctrl-C
@@ -266,7 +323,9 @@ pub mod train_module {
     /// | `num_train_epochs` | 3.0 | epochs (fractions allowed) |
     /// | `max_steps` | -1 | optimizer steps; wins over `num_train_epochs` when > 0 |
     /// | `learning_rate` | 5e-5 | peak learning rate |
-    /// | `lr_scheduler_type` | `"linear"` | `linear`, `cosine`, `constant`, `constant_with_warmup` |
+    /// | `lr_scheduler_type` | `"linear"` | `linear`, `cosine`, `cosine_with_min_lr`, `constant`, `constant_with_warmup` |
+    /// | `lr_scheduler_kwargs` | none | HF's: `cosine_with_min_lr` takes `min_lr` or `min_lr_rate` (and `num_cycles`), `cosine` `num_cycles` |
+    /// | `optim` | `"adamw_torch"` | HF's name for AdamW (`adamw_torch_fused`, `adamw_hf` too); other optimizers are not there yet |
     /// | `warmup_ratio`, `warmup_steps` | 0 | warmup as a fraction of the steps, or steps (wins) |
     /// | `weight_decay` | 0.0 | AdamW's decoupled decay (not on biases and norms) |
     /// | `adam_beta1`, `adam_beta2`, `adam_epsilon` | 0.9, 0.999, 1e-8 | AdamW |
@@ -279,7 +338,8 @@ pub mod train_module {
     /// | `max_length` | none | TRL's: the packed row length; without `packing`, longer examples are cut |
     /// | `seed` | 42 | data order and dropout masks |
     /// | `logging_steps` | 10 | a log record every N steps (`metrics.jsonl`, printed) |
-    /// | `eval_strategy`, `eval_steps` | `"no"`, `logging_steps` | `"steps"`: evaluate every N steps (needs the eval dataset) |
+    /// | `eval_strategy`, `eval_steps` | `"no"`, `logging_steps` | `"steps"`: evaluate every N steps; `"epoch"`: at each epoch's end (both need the eval dataset) |
+    /// | `save_strategy` | `"steps"` | `"steps"`: every `save_steps`; `"epoch"`: at each epoch's end; `"no"`: never |
     /// | `save_steps`, `save_total_limit` | 500, none | a checkpoint every N steps (0: never), keep at most this many |
     /// | `load_best_model_at_end`, `metric_for_best_model` | false, `eval_loss` | return the best checkpoint's weights |
     /// | `early_stopping_patience` | none | stop after this many evals without a better one |

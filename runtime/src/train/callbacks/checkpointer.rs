@@ -49,14 +49,16 @@ impl Checkpointer {
 impl Callback for Checkpointer {
     fn on_step(&mut self, run: &mut Run<'_>) -> Result<()> {
         let lead = run.collective.lead();
-        let periodic = run.cfg.saves_at(run.step);
+        let periodic = run.cfg.saves_at(run.step, run.total, run.epoch_end);
         // A new best that `load_best_model_at_end` keeps: the best checkpoint is this step's.
         let mut best = run.improved == Some(true) && run.cfg.load_best_model_at_end;
         let saving = lead && periodic && !best;
         if run.exec.sharded() {
             // Under ZeRO rank 0 writes each checkpoint with every rank's share of the moments:
             // the others learn of a best checkpoint from rank 0 and send their shares.
-            if run.cfg.evaluates_at(run.step, run.total) && run.cfg.load_best_model_at_end {
+            if run.cfg.evaluates_at(run.step, run.total, run.epoch_end)
+                && run.cfg.load_best_model_at_end
+            {
                 best = run.collective.any(best)?;
             }
             if !lead && (best || periodic) {

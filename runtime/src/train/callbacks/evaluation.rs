@@ -12,7 +12,7 @@ pub struct Evaluator;
 
 impl Callback for Evaluator {
     fn on_step(&mut self, run: &mut Run<'_>) -> Result<()> {
-        if !run.cfg.evaluates_at(run.step, run.total) {
+        if !run.cfg.evaluates_at(run.step, run.total, run.epoch_end) {
             return Ok(());
         }
         let data = run

@@ -80,6 +80,8 @@ pub struct Run<'a> {
     pub epoch: f64,
     /// Tokens (padding excluded) of this step's window, every rank's.
     pub tokens: usize,
+    /// Whether this step ends an epoch (for `eval_strategy` / `save_strategy: "epoch"`).
+    pub epoch_end: bool,
     /// The options.
     pub cfg: &'a TrainConfig,
     /// Where the run writes.
