@@ -349,3 +349,235 @@ fn allocation_and_recursion_bombs_end_in_clear_errors() {
     let o = run_limited(&env, "big.rhai", "--max-record-size 8000000");
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
+
+/// Saves the built-in tokenizer into `recipe/<dir>` with `edit` applied to its `tokenizer.json`.
+fn hostile_tokenizer(env: &Env, dir: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let saved = env.dir.path().join("saved-tok");
+    if !saved.join("b/tokenizer.json").is_file() {
+        env.write("save-tok.rhai", "tokenizer::builtin().save(\"b\");\n");
+        let o = run_bounded(
+            env,
+            &[
+                "recipe/save-tok.rhai",
+                "--output-dir",
+                saved.to_str().unwrap(),
+            ],
+            60,
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    }
+    let tok = env.recipe_dir().join(dir);
+    std::fs::create_dir(&tok).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(saved.join("b/tokenizer.json")).unwrap())
+            .unwrap();
+    edit(&mut json);
+    std::fs::write(tok.join("tokenizer.json"), json.to_string()).unwrap();
+    std::fs::copy(
+        saved.join("b/tokenizer_config.json"),
+        tok.join("tokenizer_config.json"),
+    )
+    .unwrap();
+}
+
+/// A `tokenizer.json` that makes the `tokenizers` crate panic, on load (a `Precompiled`
+/// normalizer whose charsmap is shorter than its trie) or on encode (a `Split` regex that runs
+/// over onig's match limit), is an error naming the file (and the record), no panic text.
+#[test]
+fn a_tokenizer_file_that_panics_the_tokenizer_is_named() {
+    let env = Env::new();
+    hostile_tokenizer(&env, "short", |j| {
+        // A trie of 1000 bytes announced, 4 bytes given.
+        j["normalizer"] =
+            serde_json::json!({"type": "Precompiled", "precompiled_charsmap": "6AMAAA=="});
+    });
+    let err = fails_with(
+        &env,
+        "short.rhai",
+        "tokenizer::load(\"short\");\n",
+        "short/tokenizer.json`: the tokenizer cannot be built from this file",
+    );
+    assert!(
+        !err.contains("index out of") && !err.contains(".rs:"),
+        "{err}"
+    );
+    hostile_tokenizer(&env, "split", |j| {
+        j["pre_tokenizer"] = serde_json::json!({"type": "Split", "pattern": {"Regex": "(a+)+$"},
+            "behavior": "Isolated", "invert": false});
+    });
+    let a = "a".repeat(40);
+    env.write(
+        "d.json",
+        &format!(
+            r#"[{{"instruction": "x", "output": "y"}}, {{"instruction": "{a}b", "output": "y"}}]"#
+        ),
+    );
+    let err = fails_with(
+        &env,
+        "split.rhai",
+        "data::sft(data::to_messages(data::load(\"d.json\")), tokenizer::load(\"split\"));\n",
+        "record 1 of",
+    );
+    assert!(
+        err.contains("split/tokenizer.json` failed while encoding a text")
+            && !err.contains("retry-limit")
+            && !err.contains(".rs:"),
+        "{err}"
+    );
+    let err = fails_with(
+        &env,
+        "enc.rhai",
+        &format!("tokenizer::load(\"split\").encode(\"{a}b\");\n"),
+        "split/tokenizer.json` failed while encoding a text",
+    );
+    assert!(!err.contains("retry-limit"), "{err}");
+}
+
+/// A module that imports itself, or two that import each other, is an error naming the chain,
+/// not a stack overflow.
+#[test]
+fn an_import_cycle_is_named() {
+    let env = Env::new();
+    env.write("a.rhai", "import \"b\" as b;\nexport const X = 1;\n");
+    env.write("b.rhai", "import \"a\" as a;\nexport const Y = 2;\n");
+    env.write("self.rhai", "import \"self\" as me;\n");
+    fails_with(
+        &env,
+        "r.rhai",
+        "import \"a\" as a;\nprint(a::X);\n",
+        "modules import each other in a cycle: a.rhai -> b.rhai -> a.rhai",
+    );
+    fails_with(
+        &env,
+        "s.rhai",
+        "import \"self\" as s;\n",
+        "modules import each other in a cycle: self.rhai -> self.rhai",
+    );
+}
+
+/// Out-of-range values in `config.json` (next to real weights) and `generation_config.json` are
+/// errors naming the file, the field and the valid range, before anything is allocated.
+#[test]
+fn out_of_range_model_configs_are_named() {
+    let env = Env::new();
+    env.write("save.rhai", "model::tiny().save(\"t\");\n");
+    let saved = env.dir.path().join("saved");
+    let o = run_bounded(
+        &env,
+        &["recipe/save.rhai", "--output-dir", saved.to_str().unwrap()],
+        60,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(saved.join("t/config.json")).unwrap())
+            .unwrap();
+    let cases: [(&str, &str, serde_json::Value, &str); 6] = [
+        (
+            "config.json",
+            "num_hidden_layers",
+            1_000_000_000_000u64.into(),
+            "`num_hidden_layers` is 1000000000000; it must be in 1..=4096",
+        ),
+        (
+            "config.json",
+            "rms_norm_eps",
+            (-1).into(),
+            "`rms_norm_eps` is -1",
+        ),
+        (
+            "config.json",
+            "rope_theta",
+            (-1).into(),
+            "`rope_theta` is -1",
+        ),
+        (
+            "generation_config.json",
+            "temperature",
+            (-5).into(),
+            "`temperature` is -5; it must be a finite number, 0 or over",
+        ),
+        (
+            "generation_config.json",
+            "top_p",
+            7.into(),
+            "`top_p` is 7; it must be over 0 and at most 1",
+        ),
+        (
+            "generation_config.json",
+            "top_k",
+            0.into(),
+            "`top_k` is 0; it must be at least 1",
+        ),
+    ];
+    for (i, (file, field, value, want)) in cases.into_iter().enumerate() {
+        let dir = env.recipe_dir().join(format!("m{i}"));
+        std::fs::create_dir(&dir).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(saved.join("t").join(f), dir.join(f)).unwrap();
+        }
+        let mut json = if file == "config.json" {
+            config.clone()
+        } else {
+            serde_json::json!({})
+        };
+        json[field] = value;
+        std::fs::write(dir.join(file), json.to_string()).unwrap();
+        let err = fails_with(
+            &env,
+            &format!("m{i}.rhai"),
+            &format!("model::load(\"m{i}\");\n"),
+            want,
+        );
+        assert!(err.contains(&format!("m{i}/{file}`")), "{err}");
+        assert!(!err.contains("memory allocation"), "{err}");
+    }
+}
+
+/// Recursion within the call-depth limit inside a `map` callback is as safe on the workers as
+/// on the main thread.
+#[test]
+fn deep_recursion_in_a_map_callback_runs_on_the_workers() {
+    let env = Env::new();
+    let rows: Vec<_> = (0..8)
+        .map(|i| serde_json::json!({"instruction": format!("a{i}"), "output": "b"}))
+        .collect();
+    env.write("d.json", &serde_json::Value::from(rows).to_string());
+    let mut body = "f(n - 1)".to_string();
+    for _ in 0..45 {
+        body = format!("(1 + {body})");
+    }
+    let f = format!("fn f(n) {{ if n == 0 {{ 0 }} else {{ {body} }} }}\n");
+    env.write("main.rhai", &format!("{f}print(f(60));\n"));
+    let o = run_bounded(&env, &["recipe/main.rhai"], 120);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "on the main thread: {}",
+        stderr(&o)
+    );
+    env.write(
+        "map.rhai",
+        &format!("{f}let ds = data::load(\"d.json\").map(|r| #{{ x: f(60) }});\nprint(ds[7].x);\n"),
+    );
+    let o = run_bounded(&env, &["recipe/map.rhai"], 120);
+    assert_eq!(o.status.code(), Some(0), "on the workers: {}", stderr(&o));
+    assert_eq!(support::stdout(&o).trim(), "2700");
+}
+
+/// A sort whose comparer is not a consistent order is a script error at the call, with no
+/// panic text from Rust's sort.
+#[test]
+fn an_inconsistent_sort_is_a_script_error() {
+    let env = Env::new();
+    let err = fails_with(
+        &env,
+        "sort.rhai",
+        "let a = [];\nfor i in 0..100 { a.push((i * 7919) % 101); }\nlet n = 0;\na.sort(|x, y| { n += 1; if (x + y + n) % 3 == 0 { 1 } else { -1 } });\n",
+        "error in comparer for sorting",
+    );
+    assert!(err.contains("sort.rhai:4:3"), "{err}");
+    assert!(
+        !err.contains("total order") && !err.contains("thread"),
+        "{err}"
+    );
+}

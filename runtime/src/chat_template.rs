@@ -24,6 +24,38 @@ pub fn set_max_steps(n: u64) {
     FUEL.store(n, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The most bytes of text and values one render may build (its output, and strings such as one
+/// doubled in a loop), beside the step limit: without it, 40 doublings of a string reach
+/// gigabytes within the steps allowed. Set from `--max-record-size` (see [`set_max_bytes`]).
+static MAX_BYTES: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(DEFAULT_MAX_BYTES);
+
+/// The default of [`set_max_bytes`]: 64 MiB (16 times the default largest record).
+pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
+
+/// How many bytes a step weighs in minijinja's fuel (its `UNITS_PER_FUEL`): its fuel counts an
+/// instruction as 64 units and a byte allocated or written as one.
+const BYTES_PER_STEP: u64 = 64;
+
+/// Sets the size limit of every render (0: none); call before the first render.
+pub fn set_max_bytes(n: u64) {
+    MAX_BYTES.store(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The fuel a render gets: the step limit, or less where the size limit is the tighter one
+/// (minijinja has one budget for both). `(fuel, whether the size limit set it)`.
+fn fuel() -> (u64, bool) {
+    let steps = FUEL.load(std::sync::atomic::Ordering::Relaxed);
+    let bytes = MAX_BYTES.load(std::sync::atomic::Ordering::Relaxed);
+    let by_size = (bytes / BYTES_PER_STEP).max(1);
+    match (steps, bytes) {
+        (_, 0) => (steps, false),
+        (0, _) => (by_size, true),
+        _ if by_size < steps => (by_size, true),
+        _ => (steps, false),
+    }
+}
+
 /// Renders `template` with `context` (`messages`, `add_generation_prompt`, `bos_token`, ...).
 /// Compiled templates are cached, so rendering thousands of records compiles each template once.
 pub fn render(template: &str, context: &serde_json::Value) -> Result<String> {
@@ -33,11 +65,18 @@ pub fn render(template: &str, context: &serde_json::Value) -> Result<String> {
         .map_err(|e| Error::Template(describe(&e)))?;
     tmpl.render(minijinja::value::Serde(context)).map_err(|e| {
         if e.kind() == ErrorKind::OutOfFuel {
-            Error::Template(format!(
-                "the chat template ran over {} steps; a template that needs more can be given \
-                     them with `--max-template-steps N`",
-                FUEL.load(std::sync::atomic::Ordering::Relaxed)
-            ))
+            Error::Template(match fuel() {
+                (steps, false) => format!(
+                    "the chat template ran over {steps} steps; a template that needs more can be \
+                     given them with `--max-template-steps N`"
+                ),
+                (steps, true) => format!(
+                    "the chat template ran over its limit of {} of text and values ({steps} \
+                     steps at most); `--max-record-size N` raises it to 16 times N, and \
+                     `--max-template-steps N` bounds the steps",
+                    crate::bytes::human(MAX_BYTES.load(std::sync::atomic::Ordering::Relaxed) as f64)
+                ),
+            })
         } else {
             Error::Template(describe(&e))
         }
@@ -58,7 +97,7 @@ fn compiled(template: &str) -> Result<std::sync::Arc<Environment<'static>>> {
         return Ok(env.clone());
     }
     let mut env = Environment::new();
-    let fuel = FUEL.load(std::sync::atomic::Ordering::Relaxed);
+    let (fuel, _) = fuel();
     env.set_fuel((fuel > 0).then_some(fuel));
     let syntax = minijinja::syntax::SyntaxConfig::builder()
         .trim_blocks(true)
@@ -254,6 +293,25 @@ mod tests {
             big.is_err() || big.unwrap().len() < 1 << 20,
             "string repetition is bounded"
         );
+    }
+
+    #[test]
+    fn a_string_doubled_in_a_loop_stops_at_the_size_limit() {
+        let t = "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}";
+        let e = render(t, &json!({})).unwrap_err().to_string();
+        assert!(
+            e.contains("over its limit of 64.00 MiB of text and values")
+                && e.contains("--max-record-size"),
+            "{e}"
+        );
+        // Macros passing a doubled string down, joined or formatted.
+        for t in [
+            "{% macro d(s, n) %}{% if n > 0 %}{{ d(s + s, n - 1) }}{% else %}{{ s|length }}{% endif %}{% endmacro %}{{ d('ab', 40) }}",
+            "{% macro d(s, n) %}{% if n > 0 %}{{ d([s, s]|join, n - 1) }}{% else %}{{ s|length }}{% endif %}{% endmacro %}{{ d('ab', 40) }}",
+        ] {
+            let e = render(t, &json!({})).unwrap_err().to_string();
+            assert!(e.contains("--max-record-size"), "{e}");
+        }
     }
 
     #[test]

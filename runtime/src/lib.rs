@@ -40,6 +40,7 @@ pub mod lora;
 pub mod model;
 pub mod nn;
 pub mod notice;
+pub mod panic;
 pub mod plan;
 pub mod profile;
 pub mod sandbox;

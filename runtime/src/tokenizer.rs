@@ -102,6 +102,8 @@ pub struct Tokenizer {
     pub pad_is_eos_fallback: bool,
     /// The file the chat template came from (`tokenizer_config.json` or `chat_template.jinja`).
     pub template_source: Option<std::path::PathBuf>,
+    /// The `tokenizer.json` it was loaded from (`None` for one built in code).
+    file: Option<std::path::PathBuf>,
 }
 
 impl Tokenizer {
@@ -117,7 +119,16 @@ impl Tokenizer {
         }
         // Read through the sandbox's check on the opened file, then parsed from the bytes.
         let bytes = crate::sandbox::read(&file)?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+        // A hostile file can make `tokenizers` panic (a `Precompiled` charsmap too short for its
+        // trie, for one): caught, and named as the file's fault.
+        let inner = crate::panic::catch(|| tokenizers::Tokenizer::from_bytes(&bytes))
+            .map_err(|_| {
+                Error::Tokenizer(format!(
+                    "`{}`: the tokenizer cannot be built from this file (a broken normalizer, \
+                     pre-tokenizer or model)",
+                    file.display()
+                ))
+            })?
             .map_err(|e| Error::Tokenizer(format!("`{}`: {e}", file.display())))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: TokenizerConfig = if cfg_path.is_file() {
@@ -149,6 +160,7 @@ impl Tokenizer {
             chat_template,
         );
         tok.template_source = source;
+        tok.file = Some(file);
         Ok(tok)
     }
 
@@ -171,6 +183,7 @@ impl Tokenizer {
             chat_template,
             pad_is_eos_fallback,
             template_source: None,
+            file: None,
         }
     }
 
@@ -217,26 +230,41 @@ impl Tokenizer {
 
     /// Token ids of `text`; `add_special_tokens` as in transformers (BOS for Llama, for instance).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        Ok(self.encoding(text, add_special_tokens)?.get_ids().to_vec())
     }
 
     /// Token strings of `text` (for display).
     pub fn tokens(&self, text: &str, add_special_tokens: bool) -> Result<Vec<String>> {
-        let enc = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(enc.get_tokens().to_vec())
+        Ok(self
+            .encoding(text, add_special_tokens)?
+            .get_tokens()
+            .to_vec())
+    }
+
+    /// `tokenizers`' encoding of `text`; a panic inside (a regex over onig's match limit, a
+    /// broken normalizer) is an error naming the tokenizer file.
+    fn encoding(&self, text: &str, add_special_tokens: bool) -> Result<tokenizers::Encoding> {
+        crate::panic::catch(|| self.inner.encode(text, add_special_tokens))
+            .map_err(|_| self.broken("encoding a text"))?
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// The error for a panic inside `tokenizers` while `doing` something.
+    fn broken(&self, doing: &str) -> Error {
+        let file = match &self.file {
+            Some(f) => format!("`{}`", f.display()),
+            None => "the built-in tokenizer".into(),
+        };
+        Error::Tokenizer(format!(
+            "{file} failed while {doing}: its normalizer, pre-tokenizer or model is \
+             broken, or a regex in it ran over its match limit"
+        ))
     }
 
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
+        crate::panic::catch(|| self.inner.decode(ids, skip_special_tokens))
+            .map_err(|_| self.broken("decoding token ids"))?
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 

@@ -8,7 +8,7 @@ use rhai::module_resolvers::FileModuleResolver;
 use rhai::{Dynamic, Engine, EvalAltResult, Module, ModuleResolver, Position, Shared};
 
 use crate::context::RunContext;
-use crate::error::to_rhai;
+use crate::error::{script_error, to_rhai};
 use crate::modules;
 
 /// Call depth allowed to scripts; deeper recursion is stopped with a clear message.
@@ -145,7 +145,51 @@ impl ModuleResolver for SandboxedResolver {
             ))
         })?;
         self.ctx.note_import(&real);
+        // Resolving a module runs it, and its imports resolve here again, on this thread: a
+        // file already being imported is a cycle (it would recurse until the stack overflows).
+        let cycle = IMPORTING.with(|stack| {
+            let stack = stack.borrow();
+            stack.contains(&real).then(|| {
+                let name = |p: &Path| {
+                    p.strip_prefix(&base)
+                        .unwrap_or_else(|_| Path::new(p.file_name().unwrap_or(p.as_os_str())))
+                        .display()
+                        .to_string()
+                };
+                let start = stack.iter().position(|p| p == &real).unwrap_or(0);
+                let mut chain: Vec<String> = stack[start..].iter().map(|p| name(p)).collect();
+                chain.push(name(&real));
+                chain.join(" -> ")
+            })
+        });
+        if let Some(chain) = cycle {
+            return Err(Box::new(EvalAltResult::ErrorInModule(
+                path.to_string(),
+                script_error(
+                    "import",
+                    format!("modules import each other in a cycle: {chain}"),
+                ),
+                pos,
+            )));
+        }
+        IMPORTING.with(|stack| stack.borrow_mut().push(real.clone()));
+        let _pop = PopOnDrop;
         self.files
             .resolve(engine, None, &real.to_string_lossy(), pos)
+    }
+}
+
+thread_local! {
+    /// The files being imported on this thread, outermost first.
+    static IMPORTING: std::cell::RefCell<Vec<std::path::PathBuf>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Pops the innermost file of [`IMPORTING`] when its import ends, however it ends.
+struct PopOnDrop;
+
+impl Drop for PopOnDrop {
+    fn drop(&mut self) {
+        IMPORTING.with(|stack| stack.borrow_mut().pop());
     }
 }

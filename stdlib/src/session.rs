@@ -144,7 +144,15 @@ impl Session {
     /// A session with the sandbox, overrides and limits of `opts`, printing to `sink`.
     pub fn new(opts: &RunOptions, sink: Arc<dyn OutputSink>) -> qscript_runtime::Result<Self> {
         let ctx = Arc::new(RunContext::new(opts, sink)?);
+        // Panics caught below (and inside rhai, as a sort's) print nothing: they become errors.
+        qscript_runtime::panic::install_hook();
         qscript_runtime::chat_template::set_max_steps(opts.max_template_steps);
+        // A render may build 16 times the text a record may have (0: no limit).
+        qscript_runtime::chat_template::set_max_bytes(
+            u64::try_from(opts.max_record_bytes)
+                .unwrap_or(u64::MAX)
+                .saturating_mul(16),
+        );
         let engine = crate::engine::build_engine(&ctx, opts.max_operations, opts.max_value_size);
         let functions = docs::collect(&engine);
         let mut std_names: Vec<String> = engine
@@ -221,9 +229,13 @@ impl Session {
             .map_err(|e| self.render(&e.into(), "<repl>", code))?;
         let ast = self.repl_functions.merge(&ast);
         *lock(&self.ctx.functions) = ast.clone_functions_only();
-        let result = self
-            .engine
-            .eval_ast_with_scope::<Dynamic>(&mut self.scope, &ast);
+        let result = caught(
+            || {
+                self.engine
+                    .eval_ast_with_scope::<Dynamic>(&mut self.scope, &ast)
+            },
+            rhai::Position::new(1, 1),
+        );
         self.repl_functions = ast.clone_functions_only();
         let value = result.map_err(|e| self.render(&e, "<repl>", code))?;
         if value.is_unit() {
@@ -388,7 +400,11 @@ impl Session {
             let ast = functions.merge(&state.ast);
             *lock(&self.ctx.functions) = ast.clone_functions_only();
             let t0 = Instant::now();
-            let result = self.engine.run_ast_with_scope(&mut scope, &ast);
+            let start = u16::try_from(state.cell.start_line).unwrap_or(u16::MAX);
+            let result = caught(
+                || self.engine.run_ast_with_scope(&mut scope, &ast),
+                rhai::Position::new(start.max(1), 1),
+            );
             let elapsed = t0.elapsed();
             for n in qscript_runtime::notice::take() {
                 self.ctx.sink.err(&n);
@@ -518,6 +534,24 @@ fn render_with(
         failure: diagnostic::failure(err),
         rendered: diagnostic::render(err, &cx),
     }
+}
+
+/// Runs a script under `catch_unwind`: a panic in native code it calls (a bug) is a script error
+/// at `at` (the cell's first line), not panic text and a dead REPL.
+fn caught<T>(
+    run: impl FnOnce() -> Result<T, Box<EvalAltResult>>,
+    at: rhai::Position,
+) -> Result<T, Box<EvalAltResult>> {
+    qscript_runtime::panic::catch(run).unwrap_or_else(|message| {
+        let message = if message.is_empty() {
+            "an internal error stopped this code (a bug in qscript)".to_string()
+        } else {
+            format!("an internal error stopped this code (a bug in qscript): {message}")
+        };
+        let mut e = crate::error::script_error("internal", message);
+        e.set_position(at);
+        Err(e)
+    })
 }
 
 fn plain_error(message: &str) -> ScriptError {

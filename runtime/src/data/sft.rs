@@ -221,9 +221,10 @@ pub fn sft(ds: &Dataset, tok: &Tokenizer, opts: &SftOptions) -> Result<SftReport
         ));
     }
     let template = (opts.template != "model").then_some(opts.template.as_str());
-    // Render and tokenize every record in parallel; keep the order, report the first error.
-    let encoded: Vec<Result<(Example, usize, bool)>> = ds
-        .rows
+    // Render and tokenize every record in parallel (on the workers, with the main thread's
+    // stack); keep the order, report the first error.
+    let encoded: Vec<Result<(Example, usize, bool)>> = crate::panic::in_workers(|| {
+        ds.rows
         .par_iter()
         .enumerate()
         .map(|(i, r)| {
@@ -250,13 +251,20 @@ pub fn sft(ds: &Dataset, tok: &Tokenizer, opts: &SftOptions) -> Result<SftReport
                     ds.source, opts.max_record_bytes, opts.max_length
                 )));
             }
+            let ex = encode_segments(tok, &segs.parts).map_err(|e| match e {
+                Error::Tokenizer(m) => {
+                    Error::Tokenizer(format!("record {i} of `{}`: {m}", ds.source))
+                }
+                e => e,
+            })?;
             Ok((
-                encode_segments(tok, &segs.parts)?,
+                ex,
                 segs.tool_turns_dropped,
                 segs.tools_ignored,
             ))
         })
-        .collect();
+        .collect()
+    });
     let mut report = SftReport::default();
     for (i, ex) in encoded.into_iter().enumerate() {
         let (ex, turns, ignored) = ex?;

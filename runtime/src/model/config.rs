@@ -174,6 +174,17 @@ pub struct ModelConfig {
     pub model_type: Option<String>,
 }
 
+/// The largest `vocab_size` [`ModelConfig::check_ranges`] takes (16 M; real ones reach 262 k).
+pub const MAX_VOCAB: usize = 1 << 24;
+/// The largest `hidden_size` and `intermediate_size` (1 M; real ones reach 53 k).
+pub const MAX_WIDTH: usize = 1 << 20;
+/// The most `num_hidden_layers` (real ones reach 126).
+pub const MAX_LAYERS: usize = 4096;
+/// The most heads, and the widest head.
+pub const MAX_HEADS: usize = 4096;
+/// The largest `max_position_embeddings` (1 G; real ones reach 10 M).
+pub const MAX_POSITIONS: usize = 1 << 30;
+
 fn default_eps() -> f64 {
     1e-6
 }
@@ -188,10 +199,12 @@ impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let cfg: Self = crate::error::read_config(path)?;
-        cfg.validate().map_err(|message| Error::Config {
-            path: path.to_path_buf(),
-            message,
-        })?;
+        cfg.validate()
+            .and_then(|()| cfg.check_ranges())
+            .map_err(|message| Error::Config {
+                path: path.to_path_buf(),
+                message,
+            })?;
         Ok(cfg)
     }
 
@@ -232,6 +245,75 @@ impl ModelConfig {
                 "unsupported RoPE type `{other}`; supported: `default`, `linear`, `llama3`"
             )),
         }
+    }
+
+    /// Checks the sizes and constants of a `config.json` against what any real checkpoint has,
+    /// before anything is sized from them: a hostile `num_hidden_layers: 10^12` would otherwise
+    /// be an allocation of hundreds of terabytes (an abort), and `rms_norm_eps: -1` garbage.
+    pub fn check_ranges(&self) -> Result<(), String> {
+        let sizes = [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_attention_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_kv_heads(), MAX_HEADS),
+            ("head_dim", self.head_dim(), MAX_HEADS),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_POSITIONS,
+            ),
+        ];
+        for (field, value, max) in sizes {
+            if value == 0 || value > max {
+                return Err(format!("`{field}` is {value}; it must be in 1..={max}"));
+            }
+        }
+        let positive = |field: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "`{field}` is {v}; it must be a finite number over 0"
+                ))
+            }
+        };
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
+            return Err(format!(
+                "`rms_norm_eps` is {}; it must be over 0 and under 1",
+                self.rms_norm_eps
+            ));
+        }
+        let rope = self.rope();
+        positive("rope_theta", rope.rope_theta.unwrap_or(10_000.0))?;
+        let scaling = if self.rope_parameters.is_some() {
+            "rope_parameters"
+        } else {
+            "rope_scaling"
+        };
+        for (name, v) in [
+            ("factor", rope.factor),
+            ("low_freq_factor", rope.low_freq_factor),
+            ("high_freq_factor", rope.high_freq_factor),
+        ] {
+            if let Some(v) = v {
+                positive(&format!("{scaling}.{name}"), v)?;
+            }
+        }
+        if let (Some(lo), Some(hi)) = (rope.low_freq_factor, rope.high_freq_factor)
+            && lo >= hi
+        {
+            return Err(format!(
+                "`{scaling}.low_freq_factor` ({lo}) must be under `{scaling}.high_freq_factor` ({hi})"
+            ));
+        }
+        if rope.original_max_position_embeddings == Some(0) {
+            return Err(format!(
+                "`{scaling}.original_max_position_embeddings` is 0; it must be at least 1"
+            ));
+        }
+        Ok(())
     }
 
     /// The architecture (validated on load).
@@ -337,6 +419,65 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.contains("unsupported RoPE type `yarn`"), "{e}");
+    }
+
+    #[test]
+    fn sizes_and_constants_out_of_range_are_named() {
+        let cfg = |extra: &str| {
+            let mut base: serde_json::Value = serde_json::from_str(&format!(
+                r#"{{"architectures": ["LlamaForCausalLM"], {BASE}}}"#
+            ))
+            .unwrap();
+            let extra: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(&format!("{{{extra}}}")).unwrap();
+            for (k, v) in extra {
+                base[k] = v;
+            }
+            base.to_string()
+        };
+        let check = |extra: &str| {
+            let c: ModelConfig = serde_json::from_str(&cfg(extra)).unwrap();
+            c.validate().and_then(|()| c.check_ranges())
+        };
+        check(r#""rms_norm_eps": 1e-5"#).unwrap();
+        for (extra, want) in [
+            (
+                r#""num_hidden_layers": 1000000000000"#,
+                "`num_hidden_layers` is 1000000000000; it must be in 1..=4096",
+            ),
+            (r#""num_hidden_layers": 0"#, "`num_hidden_layers` is 0"),
+            (
+                r#""vocab_size": 100000000000"#,
+                "`vocab_size` is 100000000000",
+            ),
+            (
+                r#""rms_norm_eps": -1"#,
+                "`rms_norm_eps` is -1; it must be over 0 and under 1",
+            ),
+            (
+                r#""rope_theta": -1"#,
+                "`rope_theta` is -1; it must be a finite number over 0",
+            ),
+            (
+                r#""rope_scaling": {"rope_type": "linear", "factor": 0}"#,
+                "`rope_scaling.factor` is 0; it must be a finite number over 0",
+            ),
+            (
+                r#""rope_parameters": {"rope_type": "linear", "rope_theta": 0, "factor": 2}"#,
+                "`rope_theta` is 0",
+            ),
+        ] {
+            let e = check(extra).unwrap_err();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, cfg(r#""rms_norm_eps": 0"#)).unwrap();
+        let e = ModelConfig::from_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("config.json") && e.contains("`rms_norm_eps` is 0"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -93,7 +93,12 @@ impl Checkpoint {
         let dtype = opts.resolve_dtype(&device)?;
         let gen_path = dir.join("generation_config.json");
         let generation = if gen_path.is_file() {
-            crate::error::read_config(&gen_path)?
+            let g: GenerationConfig = crate::error::read_config(&gen_path)?;
+            g.validate().map_err(|message| Error::Config {
+                path: gen_path.clone(),
+                message,
+            })?;
+            g
         } else {
             GenerationConfig::default()
         };
@@ -150,6 +155,36 @@ pub struct GenerationConfig {
     /// Repetition penalty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repetition_penalty: Option<f32>,
+}
+
+impl GenerationConfig {
+    /// Checks the sampling values: `temperature` over 0 (with sampling), `top_p` in (0, 1],
+    /// `top_k` at least 1, `repetition_penalty` over 0.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(t) = self.temperature
+            && !(t.is_finite() && t >= 0.0)
+        {
+            return Err(format!(
+                "`temperature` is {t}; it must be a finite number, 0 or over"
+            ));
+        }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return Err(format!("`top_p` is {p}; it must be over 0 and at most 1"));
+        }
+        if self.top_k == Some(0) {
+            return Err("`top_k` is 0; it must be at least 1".into());
+        }
+        if let Some(r) = self.repetition_penalty
+            && !(r.is_finite() && r > 0.0)
+        {
+            return Err(format!(
+                "`repetition_penalty` is {r}; it must be a finite number over 0"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A loaded causal LM: the decoder plus what came with it.

@@ -149,22 +149,26 @@ fn par_call(
     let captured: Vec<Dynamic> = f.curry().iter().map(Dynamic::flatten_clone).collect();
     f.set_curry(captured);
     let f = &f;
-    let results: Vec<Res<Dynamic>> = (0..n)
-        .into_par_iter()
-        .map(|i| {
-            let row = ds.row_json(i).unwrap_or_default();
-            let arg = rhai::serde::to_dynamic(&row)?;
-            let r = f.call::<Dynamic>(engine, &ast, (arg,)).map_err(|e| {
-                let shown = serde_json::to_string(&row).unwrap_or_default();
-                let shown: String = shown.chars().take(400).collect();
-                script_error(what, format!("record {i}: {e}\n  record: {shown}"))
-            });
-            if let Some(b) = &bar {
-                b.inc(1);
-            }
-            r
-        })
-        .collect();
+    // On the workers: the main thread's stack, so a callback within the call-depth limit is as
+    // safe there as on the main thread.
+    let results: Vec<Res<Dynamic>> = qscript_runtime::panic::in_workers(|| {
+        (0..n)
+            .into_par_iter()
+            .map(|i| {
+                let row = ds.row_json(i).unwrap_or_default();
+                let arg = rhai::serde::to_dynamic(&row)?;
+                let r = f.call::<Dynamic>(engine, &ast, (arg,)).map_err(|e| {
+                    let shown = serde_json::to_string(&row).unwrap_or_default();
+                    let shown: String = shown.chars().take(400).collect();
+                    script_error(what, format!("record {i}: {e}\n  record: {shown}"))
+                });
+                if let Some(b) = &bar {
+                    b.inc(1);
+                }
+                r
+            })
+            .collect()
+    });
     if let Some(b) = bar {
         b.finish_and_clear();
     }
