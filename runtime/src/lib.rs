@@ -9,7 +9,8 @@
 //!   their reference ops;
 //! - [`plan`]: the memory estimate and the device map (pure arithmetic); [`device`]: devices and
 //!   the only queries of a GPU; [`dist`]: the ranks of a data-parallel run (TCP, NCCL);
-//! - [`sandbox`]: the path policy every file access goes through; [`cancel`]: the cancel token
+//! - [`sandbox`]: the path policy every file access goes through; [`files`]: text and JSON files
+//!   read through it; [`cancel`]: the cancel token
 //!   long native work polls; [`hash`]: content hashes (the session's memo keys);
 //! - [`error`], [`notice`], [`profile`], [`bytes`], [`testing`]: the error type, one-line
 //!   notices, GPU-time spans, byte counts as messages show them, test helpers.
@@ -35,6 +36,7 @@ pub mod data;
 pub mod device;
 pub mod dist;
 pub mod error;
+pub mod files;
 pub mod hash;
 pub mod lora;
 pub mod model;

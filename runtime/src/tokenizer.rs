@@ -132,7 +132,7 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(format!("`{}`: {e}", file.display())))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: TokenizerConfig = if cfg_path.is_file() {
-            crate::error::read_config(&cfg_path)?
+            crate::files::read_config(&cfg_path)?
         } else {
             TokenizerConfig::default()
         };
@@ -148,7 +148,7 @@ impl Tokenizer {
         };
         let jinja = dir.join("chat_template.jinja");
         if chat_template.is_none() && jinja.is_file() {
-            chat_template = Some(crate::error::read_text(&jinja)?);
+            chat_template = Some(crate::files::read_text(&jinja)?);
             source = Some(jinja);
         }
         let mut tok = Self::assemble(

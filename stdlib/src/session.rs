@@ -299,7 +299,7 @@ impl Session {
         let read_err = |e: std::io::Error| plain_error(&format!("`{}`: {e}", path.display()));
         let path = path.canonicalize().map_err(read_err)?;
         let source =
-            qscript_runtime::error::read_text(&path).map_err(|e| plain_error(&e.to_string()))?;
+            qscript_runtime::files::read_text(&path).map_err(|e| plain_error(&e.to_string()))?;
         let label = path.to_string_lossy().into_owned();
         let mut out = Vec::new();
         for cell in cells::split(&source) {

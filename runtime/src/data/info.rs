@@ -28,7 +28,7 @@ struct Entry {
 
 /// The data file and the format options of entry `name` in the `dataset_info.json` at `path`.
 pub fn read_info(path: &Path, name: &str) -> Result<(PathBuf, FormatOptions)> {
-    let text = crate::error::read_text(path)?;
+    let text = crate::files::read_text(path)?;
     let all: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(&text).map_err(|source| Error::Json {
             path: path.to_path_buf(),

@@ -111,7 +111,7 @@ pub fn load_files(paths: &[PathBuf]) -> Result<Dataset> {
 }
 
 fn load_file(path: &Path) -> Result<Vec<Value>> {
-    let text = crate::error::read_text(path)?;
+    let text = crate::files::read_text(path)?;
     let trimmed = text.trim_start();
     let rows = if trimmed.starts_with('[') {
         match serde_json::from_str::<Value>(trimmed) {

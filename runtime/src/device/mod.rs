@@ -9,6 +9,10 @@ pub mod host;
 #[cfg(feature = "cuda")]
 pub mod libs;
 #[cfg(feature = "cuda")]
+pub mod memory;
+#[cfg(feature = "cuda")]
+pub mod peer;
+#[cfg(feature = "cuda")]
 pub mod pool;
 pub mod spec;
 
@@ -97,7 +101,7 @@ pub fn to(t: &candle_core::Tensor, device: &Device) -> candle_core::Result<candl
     if let (Device::Cuda(from), Device::Cuda(dst)) = (t.device(), device)
         && from.id() != dst.id()
     {
-        return crate::nn::cuda::peer::copy(t, dst);
+        return peer::copy(t, dst);
     }
     t.to_device(device)
 }

@@ -251,7 +251,7 @@ impl Nccl {
             )));
         }
         let kind = nccl_type(t.dtype())?;
-        let (base, dev) = crate::nn::cuda::first(t, "NCCL's buffer")?;
+        let (base, dev) = crate::device::memory::first(t, "NCCL's buffer")?;
         if dev.id() != self.dev.id() {
             return Err(Error::InvalidArgument(
                 "NCCL: the buffer is on another device than the communicator".into(),

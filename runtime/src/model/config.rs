@@ -198,7 +198,7 @@ fn default_act() -> String {
 impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: Self = crate::error::read_config(path)?;
+        let cfg: Self = crate::files::read_config(path)?;
         cfg.validate()
             .and_then(|()| cfg.check_ranges())
             .map_err(|message| Error::Config {

@@ -93,7 +93,7 @@ impl Checkpoint {
         let dtype = opts.resolve_dtype(&device)?;
         let gen_path = dir.join("generation_config.json");
         let generation = if gen_path.is_file() {
-            let g: GenerationConfig = crate::error::read_config(&gen_path)?;
+            let g: GenerationConfig = crate::files::read_config(&gen_path)?;
             g.validate().map_err(|message| Error::Config {
                 path: gen_path.clone(),
                 message,

@@ -119,7 +119,7 @@ impl LoraConfig {
 
     /// Reads `adapter_config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: Self = crate::error::read_config(path)?;
+        let cfg: Self = crate::files::read_config(path)?;
         if cfg.peft_type != "LORA" {
             return Err(Error::Config {
                 path: path.to_path_buf(),

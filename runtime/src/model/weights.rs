@@ -91,7 +91,7 @@ impl WeightSource {
         let paths: Vec<PathBuf> = if single.is_file() {
             vec![single]
         } else if index.is_file() {
-            let idx: Index = crate::error::read_config(&index)?;
+            let idx: Index = crate::files::read_config(&index)?;
             let mut names: Vec<&String> = idx.weight_map.values().collect();
             names.sort();
             names.dedup();

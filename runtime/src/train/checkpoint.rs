@@ -39,7 +39,7 @@ pub struct TrainerState {
 /// `(path, step, planned steps)` (planned 0: unknown, an older checkpoint).
 pub fn unfinished(output_dir: &Path) -> Option<(PathBuf, usize, usize)> {
     let (step, path) = list(output_dir).pop()?;
-    let state: TrainerState = crate::error::read_config(&path.join("trainer_state.json")).ok()?;
+    let state: TrainerState = crate::files::read_config(&path.join("trainer_state.json")).ok()?;
     (state.max_steps == 0 || state.global_step < state.max_steps).then_some((
         path,
         step,
@@ -258,7 +258,7 @@ pub fn restore(
     opt: &mut DeviceAdamW,
 ) -> Result<TrainerState> {
     let state_path = dir.join("trainer_state.json");
-    let state: TrainerState = crate::error::read_config(&state_path)?;
+    let state: TrainerState = crate::files::read_config(&state_path)?;
     let weights_file = if model.lora.is_some() {
         "adapter_model.safetensors"
     } else {

@@ -59,7 +59,7 @@ impl Executor for DryRun {
 
     /// The state a resumed run starts from, read from the checkpoint's `trainer_state.json`.
     fn restore(&mut self, dir: &Path) -> Result<TrainerState> {
-        crate::error::read_config(&dir.join("trainer_state.json"))
+        crate::files::read_config(&dir.join("trainer_state.json"))
     }
 
     fn peak_device_bytes(&self) -> Option<u64> {

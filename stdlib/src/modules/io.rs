@@ -27,7 +27,7 @@ pub mod io_module {
     pub fn read_text(ctx: NativeCallContext, path: &str) -> Result<String, Box<EvalAltResult>> {
         let rc = RunContext::of(&ctx)?;
         let real = rc.sandbox.resolve_read(path).map_err(to_rhai_at(&ctx))?;
-        qscript_runtime::error::read_text(&real).map_err(to_rhai_at(&ctx))
+        qscript_runtime::files::read_text(&real).map_err(to_rhai_at(&ctx))
     }
 
     /// Writes a text file under the output directory (atomically: temp file, then rename) and
@@ -64,7 +64,7 @@ pub mod io_module {
     pub fn read_json(ctx: NativeCallContext, path: &str) -> Result<Dynamic, Box<EvalAltResult>> {
         let rc = RunContext::of(&ctx)?;
         let real = rc.sandbox.resolve_read(path).map_err(to_rhai_at(&ctx))?;
-        let text = qscript_runtime::error::read_text(&real).map_err(to_rhai_at(&ctx))?;
+        let text = qscript_runtime::files::read_text(&real).map_err(to_rhai_at(&ctx))?;
         let value: serde_json::Value = serde_json::from_str(&text).map_err(|source| {
             to_rhai_at(&ctx)(Error::Json {
                 path: real.clone(),

@@ -1,14 +1,15 @@
 //! The one way our kernels are launched. Each kernel family is a `.rs` + `.cu` pair; `build.rs`
 //! compiles each `.cu` to its own PTX module, which the family names with [`ptx!`] and [`launch`]
 //! loads once per device (on first use) and launches from, the arguments packed as [`Arg`]s in
-//! the kernel's order. Beside it, what every launcher uses: device addresses of tensors
-//! ([`addr`], [`first`]), fresh outputs ([`empty`]) and grid shapes.
+//! the kernel's order. Beside it, what every launcher uses: grid shapes, and (from the device
+//! code) device addresses of tensors ([`addr`], [`first`]) and fresh outputs ([`empty`]).
 #![allow(unsafe_code)]
 
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::op::BackpropOp;
-use candle_core::{DType, Result, Storage, Tensor};
+pub(crate) use crate::device::memory::{addr, empty, first};
+
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{DType, Result};
 
 /// A kernel family's PTX module: its name among the device's loaded modules, and its code.
 #[derive(Clone, Copy, Debug)]
@@ -140,56 +141,4 @@ pub(crate) fn rows_grid(rows: usize, width: usize) -> LaunchConfig {
 pub(crate) fn vec_ok(ptrs: &[u64], width: usize, dtype: DType) -> i32 {
     let per = 16 / dtype.size_in_bytes();
     i32::from(width.is_multiple_of(per) && ptrs.iter().all(|p| p.is_multiple_of(16)))
-}
-
-fn wrap(storage: CudaStorage, shape: &[usize]) -> Tensor {
-    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
-}
-
-/// The device address of a contiguous tensor's first element, and its device.
-pub(crate) fn addr(t: &Tensor, what: &str) -> Result<(u64, CudaDevice)> {
-    if !t.is_contiguous() {
-        candle_core::bail!("{what} must be contiguous");
-    }
-    first(t, what)
-}
-
-/// The device address of a tensor's first element in any layout (the caller passes its strides),
-/// and its device.
-pub(crate) fn first(t: &Tensor, what: &str) -> Result<(u64, CudaDevice)> {
-    let (s, l) = t.storage_and_layout();
-    let Storage::Cuda(c) = &*s else {
-        candle_core::bail!("{what} is not on the GPU");
-    };
-    let stream = c.device.cuda_stream();
-    let off = l.start_offset() as u64;
-    let (base, size) = match &c.slice {
-        CudaStorageSlice::F32(x) => (x.device_ptr(&stream).0, 4),
-        CudaStorageSlice::BF16(x) => (x.device_ptr(&stream).0, 2),
-        CudaStorageSlice::F16(x) => (x.device_ptr(&stream).0, 2),
-        CudaStorageSlice::U32(x) => (x.device_ptr(&stream).0, 4),
-        CudaStorageSlice::I64(x) => (x.device_ptr(&stream).0, 8),
-        CudaStorageSlice::U8(x) => (x.device_ptr(&stream).0, 1),
-        _ => candle_core::bail!("{what}: unsupported dtype {:?}", t.dtype()),
-    };
-    Ok((base + off * size, c.device.clone()))
-}
-
-/// A fresh uninitialised `shape` tensor of `dtype` on `dev` (every kernel that uses it writes
-/// all of it).
-pub(crate) fn empty(dev: &CudaDevice, shape: &[usize], dtype: DType) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    // SAFETY: the callers' kernels write every element before the tensor is read.
-    let storage = unsafe {
-        match dtype {
-            DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(n)?, dev.clone()),
-            DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(n)?, dev.clone()),
-            DType::F16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::f16>(n)?, dev.clone()),
-            DType::U32 => CudaStorage::wrap_cuda_slice(dev.alloc::<u32>(n)?, dev.clone()),
-            DType::I64 => CudaStorage::wrap_cuda_slice(dev.alloc::<i64>(n)?, dev.clone()),
-            DType::U8 => CudaStorage::wrap_cuda_slice(dev.alloc::<u8>(n)?, dev.clone()),
-            other => candle_core::bail!("unsupported dtype {other:?}"),
-        }
-    };
-    Ok(wrap(storage, shape))
 }

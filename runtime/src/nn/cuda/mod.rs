@@ -20,20 +20,18 @@
 //! gradients' sum of squares for clipping).
 //!
 //! Beside them, not ours to launch: [`blas`] (cuBLAS GEMMs into existing outputs), [`sdpa`]
-//! (cuDNN's fused attention), [`peer`] (GPU-to-GPU copies). Device setup lives with the device
-//! code: [`crate::device::libs`] (where cuDNN and NCCL are found) and [`crate::device::pool`]
-//! (the memory pool).
+//! (cuDNN's fused attention). Device code lives with the device: [`crate::device::libs`] (where
+//! cuDNN and NCCL are found), [`crate::device::pool`] (the memory pool),
+//! [`crate::device::memory`] (tensors' device addresses, fresh outputs) and
+//! [`crate::device::peer`] (GPU-to-GPU copies).
 
 pub mod accumulate;
 pub mod blas;
 pub mod cross_entropy;
 pub mod dropout;
 pub(crate) mod launch;
-pub mod peer;
 pub mod rms_norm;
 pub mod rope;
 pub mod sdpa;
 pub mod softmax;
 pub mod swiglu;
-
-pub(crate) use launch::first;

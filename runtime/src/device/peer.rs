@@ -74,7 +74,7 @@ fn link(src: &CudaDevice, dst: &CudaDevice) -> Result<()> {
             },
             flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
         };
-        let pool = crate::device::pool::default_pool(peer)?;
+        let pool = super::pool::default_pool(peer)?;
         // SAFETY: `pool` is the peer device's default pool and `desc` one valid access entry.
         unsafe { sys::cuMemPoolSetAccess(pool, &raw const desc, 1) }
             .result()
@@ -88,11 +88,11 @@ fn link(src: &CudaDevice, dst: &CudaDevice) -> Result<()> {
 /// host does not wait. `dst` may be another stream of the same GPU.
 pub fn copy(t: &Tensor, dst: &CudaDevice) -> Result<Tensor> {
     let t = t.contiguous()?;
-    let (from, src) = super::launch::first(&t, "the peer copy's source")?;
+    let (from, src) = super::memory::first(&t, "the peer copy's source")?;
     link(&src, dst)?;
     // The copy writes every byte of it.
-    let out = super::launch::empty(dst, t.dims(), t.dtype())?;
-    let to = super::launch::first(&out, "the peer copy's destination")?.0;
+    let out = super::memory::empty(dst, t.dims(), t.dtype())?;
+    let to = super::memory::first(&out, "the peer copy's destination")?.0;
     let (src_stream, dst_stream) = (src.cuda_stream(), dst.cuda_stream());
     dst_stream
         .join(&src_stream)

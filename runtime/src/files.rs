@@ -1,0 +1,39 @@
+//! The text and JSON files users give (recipes' data, `config.json`, `tokenizer_config.json`,
+//! `trainer_state.json`, ...), read through the sandbox's check of the opened file, with errors
+//! that name the file and the line.
+
+use crate::{Error, Result};
+
+/// A text file as a string: UTF-8 (an invalid byte is an error naming its line and column), a
+/// leading byte-order mark dropped.
+pub fn read_text(path: &std::path::Path) -> Result<String> {
+    let bytes = crate::sandbox::read(path)?;
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let at = e.utf8_error().valid_up_to();
+            let good = &e.as_bytes()[..at];
+            let line = good.split(|&b| b == b'\n').count();
+            let col = at - good.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
+            return Err(Error::InvalidArgument(format!(
+                "`{}`: line {line}, column {col}: not UTF-8 text (byte {:#04x}); save the file as UTF-8",
+                path.display(),
+                e.as_bytes()[at]
+            )));
+        }
+    };
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(t) => t.to_string(),
+        None => text,
+    })
+}
+
+/// Reads a JSON config file (`config.json`, `adapter_config.json`, ...) into `T`; a read error names
+/// the file, a parse error names the file with serde's line and column.
+pub fn read_config<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    let text = read_text(path)?;
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
