@@ -581,3 +581,80 @@ fn an_inconsistent_sort_is_a_script_error() {
         "{err}"
     );
 }
+
+/// A checkpoint is checked before it is trusted: a resumed `optimizer.safetensors` with a
+/// negative second moment, or weights holding a NaN, is refused naming the file and the tensor
+/// (never a NaN checkpoint written later with the learning rate blamed).
+#[test]
+fn a_damaged_checkpoint_is_refused_on_resume() {
+    use candle_core::{DType, Tensor};
+    let env = Env::new();
+    env.write("d.json", r#"[{"instruction": "a", "output": "b"}]"#);
+    env.write(
+        "train.rhai",
+        r#"let ds = data::sft(data::to_messages(data::load("d.json")), tokenizer::builtin());
+train::fit(lora::attach(model::tiny(), #{ r: 2 }), ds, #{ max_steps: 2, save_steps: 1 });
+"#,
+    );
+    let out = env.dir.path().join("run");
+    let o = run_bounded(
+        &env,
+        &["recipe/train.rhai", "--output-dir", out.to_str().unwrap()],
+        120,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let resume = |ckpt: &std::path::Path| {
+        let o = run_bounded(
+            &env,
+            &[
+                "recipe/train.rhai",
+                "--output-dir",
+                out.to_str().unwrap(),
+                "--resume",
+                ckpt.to_str().unwrap(),
+            ],
+            120,
+        );
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        stderr(&o)
+    };
+    // Each file rewritten with its first tensor (in name order) damaged.
+    let damage = |file: &std::path::Path, prefix: &str, f: &dyn Fn(&Tensor) -> Tensor| -> String {
+        let mut all = candle_core::safetensors::load(file, &candle_core::Device::Cpu).unwrap();
+        let mut names: Vec<String> = all
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        names.sort();
+        let name = names[0].clone();
+        let t = all[&name].to_dtype(DType::F32).unwrap();
+        all.insert(name.clone(), f(&t).to_dtype(all[&name].dtype()).unwrap());
+        candle_core::safetensors::save(&all, file).unwrap();
+        name
+    };
+    let ckpt = out.join("checkpoint-1");
+    let opt = ckpt.join("optimizer.safetensors");
+    let saved = std::fs::read(&opt).unwrap();
+    let v = damage(&opt, "v.", &|t| (t - 1.0).unwrap());
+    let err = resume(&ckpt);
+    assert!(
+        err.contains("checkpoint-1/optimizer.safetensors`: tensor `")
+            && err.contains(&format!("`{v}` holds negative values")),
+        "{err}"
+    );
+    assert!(
+        !err.contains("learning_rate") && !err.contains("panicked"),
+        "{err}"
+    );
+    std::fs::write(&opt, saved).unwrap();
+    let weights = ckpt.join("adapter_model.safetensors");
+    let w = damage(&weights, "", &|t| (t * f64::NAN).unwrap());
+    let err = resume(&ckpt);
+    assert!(
+        err.contains("checkpoint-1/adapter_model.safetensors`: tensor `")
+            && err.contains(&format!("`{w}` holds NaN or infinite values")),
+        "{err}"
+    );
+    assert!(!out.join("checkpoint-3").exists());
+}
