@@ -9,6 +9,7 @@
 
 use std::time::Instant;
 
+use qscript_runtime::cancel::CancelToken;
 use qscript_runtime::data::formats::{FormatOptions, to_messages};
 use qscript_runtime::data::load_files;
 use qscript_runtime::data::sft::{SftOptions, sft, stats};
@@ -44,7 +45,7 @@ fn main() {
             let t0 = Instant::now();
             let ds = load_files(&[fx.join(path)]).unwrap();
             let conv = to_messages(&ds, &fmt).unwrap();
-            let r = sft(&conv.dataset, &tok, &opts).unwrap();
+            let r = sft(&conv.dataset, &tok, &opts, &CancelToken::new()).unwrap();
             best = best.min(t0.elapsed().as_secs_f64());
             let s = stats(&r.examples);
             (tokens, records) = (s.total_tokens, s.count);

@@ -581,3 +581,198 @@ fn an_inconsistent_sort_is_a_script_error() {
         "{err}"
     );
 }
+
+/// A checkpoint is checked before it is trusted: a resumed `optimizer.safetensors` with a
+/// negative second moment, or weights holding a NaN, is refused naming the file and the tensor
+/// (never a NaN checkpoint written later with the learning rate blamed).
+#[test]
+fn a_damaged_checkpoint_is_refused_on_resume() {
+    use candle_core::{DType, Tensor};
+    let env = Env::new();
+    env.write("d.json", r#"[{"instruction": "a", "output": "b"}]"#);
+    env.write(
+        "train.rhai",
+        r#"let ds = data::sft(data::to_messages(data::load("d.json")), tokenizer::builtin());
+train::fit(lora::attach(model::tiny(), #{ r: 2 }), ds, #{ max_steps: 2, save_steps: 1 });
+"#,
+    );
+    let out = env.dir.path().join("run");
+    let o = run_bounded(
+        &env,
+        &["recipe/train.rhai", "--output-dir", out.to_str().unwrap()],
+        120,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let resume = |ckpt: &std::path::Path| {
+        let o = run_bounded(
+            &env,
+            &[
+                "recipe/train.rhai",
+                "--output-dir",
+                out.to_str().unwrap(),
+                "--resume",
+                ckpt.to_str().unwrap(),
+            ],
+            120,
+        );
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        stderr(&o)
+    };
+    // Each file rewritten with its first tensor (in name order) damaged.
+    let damage = |file: &std::path::Path, prefix: &str, f: &dyn Fn(&Tensor) -> Tensor| -> String {
+        let mut all = candle_core::safetensors::load(file, &candle_core::Device::Cpu).unwrap();
+        let mut names: Vec<String> = all
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        names.sort();
+        let name = names[0].clone();
+        let t = all[&name].to_dtype(DType::F32).unwrap();
+        all.insert(name.clone(), f(&t).to_dtype(all[&name].dtype()).unwrap());
+        candle_core::safetensors::save(&all, file).unwrap();
+        name
+    };
+    let ckpt = out.join("checkpoint-1");
+    let opt = ckpt.join("optimizer.safetensors");
+    let saved = std::fs::read(&opt).unwrap();
+    let v = damage(&opt, "v.", &|t| (t - 1.0).unwrap());
+    let err = resume(&ckpt);
+    assert!(
+        err.contains("checkpoint-1/optimizer.safetensors`: tensor `")
+            && err.contains(&format!("`{v}` holds negative values")),
+        "{err}"
+    );
+    assert!(
+        !err.contains("learning_rate") && !err.contains("panicked"),
+        "{err}"
+    );
+    std::fs::write(&opt, saved).unwrap();
+    let weights = ckpt.join("adapter_model.safetensors");
+    let w = damage(&weights, "", &|t| (t * f64::NAN).unwrap());
+    let err = resume(&ckpt);
+    assert!(
+        err.contains("checkpoint-1/adapter_model.safetensors`: tensor `")
+            && err.contains(&format!("`{w}` holds NaN or infinite values")),
+        "{err}"
+    );
+    assert!(!out.join("checkpoint-3").exists());
+}
+
+/// A recipe named `...rhai` (stem `..`) or `..rhai` (stem `.`) gets a default output dir under `runs/`,
+/// never the working directory itself.
+#[test]
+fn the_default_output_dir_is_never_the_working_directory() {
+    let env = Env::new();
+    for name in ["...rhai", "..rhai"] {
+        env.write(name, "io::write_text(\"planted.txt\", \"pwned\");\n");
+        let o = run_bounded(&env, &[&format!("recipe/{name}")], 60);
+        assert_eq!(o.status.code(), Some(0), "{name}: {}", stderr(&o));
+        assert!(
+            !env.dir.path().join("planted.txt").exists(),
+            "{name} wrote into the working directory"
+        );
+        let written = env.dir.path().join("runs/recipe/planted.txt");
+        assert!(written.is_file(), "{name}: {}", stderr(&o));
+        std::fs::remove_file(written).unwrap();
+    }
+}
+
+/// Starts the REPL on a fresh pseudo-terminal, playing the terminal's part (answers to cursor
+/// and device queries) until the prompt shows. Returns the child, and the terminal's side,
+/// answering on its own thread until `hang_up` is set (then closed: the terminal hung up).
+fn repl_on_a_pty(
+    env: &Env,
+    hang_up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::process::Child {
+    use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    // Close-on-exec: a child holding the terminal's side open would never see it hang up.
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC).unwrap();
+    grantpt(&master).unwrap();
+    unlockpt(&master).unwrap();
+    let name = ptsname(&master, Vec::new()).unwrap();
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(name.to_str().unwrap())
+        .unwrap();
+    let mut cmd = qscript();
+    cmd.current_dir(env.dir.path())
+        .env("HOME", env.dir.path())
+        .env("XDG_STATE_HOME", env.dir.path())
+        .env("TERM", "xterm")
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave);
+    let child = cmd.spawn().unwrap();
+    drop(cmd);
+    let mut master = std::fs::File::from(master);
+    rustix::fs::fcntl_setfl(&master, rustix::fs::OFlags::NONBLOCK).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut told = false;
+        while !hang_up.load(Ordering::SeqCst) {
+            match master.read(&mut buf) {
+                Ok(n) if n > 0 => {
+                    seen.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    if text.contains("\x1b[6n") {
+                        let _ = master.write_all(b"\x1b[1;1R");
+                    }
+                    if text.contains("\x1b[c") {
+                        let _ = master.write_all(b"\x1b[?62c");
+                    }
+                    if !told && String::from_utf8_lossy(&seen).contains("Ctrl-D to quit") {
+                        told = true;
+                        let _ = tx.send(());
+                    }
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        // Dropping `master` closes the terminal's side.
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("the REPL showed its banner");
+    // Let reedline reach its prompt.
+    std::thread::sleep(Duration::from_millis(1500));
+    child
+}
+
+/// Waits up to `secs` for `child` to end; kills it and fails if it does not.
+fn ends_within(mut child: std::process::Child, secs: u64, what: &str) {
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(secs) {
+            child.kill().unwrap();
+            let _ = child.wait();
+            panic!("the REPL still runs {secs} s after {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A lost terminal ends the REPL: its other side closed (a killed terminal window), or a
+/// SIGHUP / SIGTERM at the prompt, instead of a process left spinning.
+#[test]
+fn a_lost_terminal_ends_the_repl() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let env = Env::new();
+    let hang_up = Arc::new(AtomicBool::new(false));
+    let child = repl_on_a_pty(&env, hang_up.clone());
+    hang_up.store(true, Ordering::SeqCst);
+    ends_within(child, 3, "its terminal hung up");
+    for signal in [rustix::process::Signal::HUP, rustix::process::Signal::TERM] {
+        let hang_up = Arc::new(AtomicBool::new(false));
+        let child = repl_on_a_pty(&env, hang_up.clone());
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, signal).unwrap();
+        ends_within(child, 3, &format!("{signal:?}"));
+        hang_up.store(true, Ordering::SeqCst);
+    }
+}

@@ -33,6 +33,7 @@ fn examples(n: usize) -> Vec<Example> {
             max_length: 64,
             ..SftOptions::default()
         },
+        &CancelToken::new(),
     )
     .unwrap()
     .examples

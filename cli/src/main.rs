@@ -160,6 +160,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// The default output dir's name for recipe `f`: its file stem without leading dots, never
+/// `.`, `..` or empty (a recipe named `...rhai` would otherwise write into `runs/..`, the working
+/// directory); `recipe` when nothing is left.
+fn run_name(f: &Path) -> String {
+    let stem = f
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = stem.trim_start_matches('.');
+    if name.is_empty() {
+        "recipe".to_string()
+    } else {
+        name.to_string()
+    }
+}
+
 fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
     let cwd = std::env::current_dir()?;
     let (base, name) = match &args.file {
@@ -168,10 +184,7 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
-            let stem = f
-                .file_stem()
-                .map_or("recipe".into(), |s| s.to_string_lossy().into_owned());
-            (dir.to_path_buf(), stem)
+            (dir.to_path_buf(), run_name(f))
         }
         None => (cwd.clone(), "repl".to_string()),
     };
@@ -277,6 +290,10 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
     ctrlc::set_handler(move || {
         INTERRUPTED.store(true, Ordering::SeqCst);
         cancel.cancel();
+        // At the REPL's prompt nothing runs to cancel: SIGTERM or SIGHUP ends the REPL.
+        if repl::AT_PROMPT.load(Ordering::SeqCst) {
+            repl::end_at_prompt(130);
+        }
     })?;
 
     let Some(file) = &args.file else {

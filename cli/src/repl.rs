@@ -5,7 +5,9 @@
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use nu_ansi_term::{Color, Style};
 use qscript_stdlib::docs::FnDoc;
@@ -63,6 +65,46 @@ fn code(had_error: bool) -> ExitCode {
     }
 }
 
+/// Whether the REPL waits at its prompt, reedline reading the terminal. Reading a terminal that
+/// hung up, reedline spins and never returns: a signal then, or a hung-up terminal, ends the REPL
+/// from another thread.
+pub static AT_PROMPT: AtomicBool = AtomicBool::new(false);
+
+/// Ends the process while the REPL waits at its prompt (nothing is running): the terminal's mode
+/// is put back first.
+pub fn end_at_prompt(code: i32) -> ! {
+    let _ = crossterm::terminal::disable_raw_mode();
+    std::process::exit(code)
+}
+
+/// Whether stdin's terminal hung up (its other side was closed: a killed terminal window).
+fn hung_up() -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let stdin = std::io::stdin();
+    let mut fds = [PollFd::new(&stdin, PollFlags::IN)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(poll(&mut fds, Some(&now)), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL)
+}
+
+/// Watches the terminal while the REPL waits at its prompt; a hang-up ends the process (exit
+/// 129, as for SIGHUP).
+fn watch_hang_up() {
+    std::thread::spawn(|| {
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            if AT_PROMPT.load(Ordering::SeqCst) && hung_up() {
+                end_at_prompt(129);
+            }
+        }
+    });
+}
+
 /// The interactive REPL.
 pub fn interactive(session: &mut Session) -> anyhow::Result<ExitCode> {
     let names = Arc::new(Mutex::new(Names {
@@ -99,8 +141,12 @@ pub fn interactive(session: &mut Session) -> anyhow::Result<ExitCode> {
         env!("CARGO_PKG_VERSION")
     );
     let mut had_error = false;
+    watch_hang_up();
     loop {
-        match editor.read_line(&prompt)? {
+        AT_PROMPT.store(true, Ordering::SeqCst);
+        let read = editor.read_line(&prompt);
+        AT_PROMPT.store(false, Ordering::SeqCst);
+        match read? {
             Signal::Success(entry) => {
                 if !show(repl::handle(session, &entry), &mut had_error) {
                     break;

@@ -170,9 +170,7 @@ pub fn save_adapter(model: &Model, dir: &Path) -> Result<()> {
     let json = serde_json::to_string_pretty(&cfg).unwrap_or_default();
     crate::sandbox::write_atomic(&dir.join("adapter_config.json"), json.as_bytes())?;
     let tensors: HashMap<String, Tensor> = adapter_tensors(model).into_iter().collect();
-    let tmp = dir.join(".adapter_model.safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    std::fs::rename(&tmp, dir.join("adapter_model.safetensors")).map_err(|e| Error::io(dir, e))
+    crate::model::weights::save_file(&tensors, &dir.join("adapter_model.safetensors"))
 }
 
 /// Loads a PEFT adapter directory onto `model` (a new model; `model` is not changed).
@@ -190,11 +188,12 @@ pub fn load_adapter(model: &Model, dir: &Path) -> Result<Model> {
     }
     // Read through the sandbox's check on the opened file.
     let bytes = crate::sandbox::read(&file)?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
-        .map_err(|e| Error::Safetensors {
-            path: file.clone(),
-            message: e.to_string(),
-        })?;
+    let tensors = crate::model::weights::load_all(
+        &file,
+        &bytes,
+        &candle_core::Device::Cpu,
+        &crate::cancel::CancelToken::new(),
+    )?;
     let mut out = attach(model, &cfg, 0)?;
     for (i, proj) in adapted(&out) {
         let p = ModuleId::Layer(i).tensor(proj.path());

@@ -126,7 +126,12 @@ impl Sandbox {
         }
         let real = match joined.canonicalize() {
             Ok(r) => r,
-            Err(e) if self.may_read(&target) => return Err(Error::io(&joined, e)),
+            // A missing file is "not found" only where it would be readable: through a link
+            // (`l/../etc/shadow` with `l -> /`) its deepest existing directory says where it
+            // would be, and outside, a missing file is refused like an existing one.
+            Err(e) if self.may_read(&target) && self.may_read(&resolved_prefix(&joined)) => {
+                return Err(Error::io(&joined, e));
+            }
             Err(_) => return Err(self.refuse_read(path)),
         };
         if !self.may_read(&real) {
@@ -408,14 +413,33 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if std::fs::symlink_metadata(&tmp).is_ok() {
         std::fs::remove_file(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
+    // Errors name the file being written, not its temporary (a full disk says which file).
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&tmp)
-        .map_err(|e| Error::io(&tmp, e))?;
-    std::io::Write::write_all(&mut f, bytes).map_err(|e| Error::io(&tmp, e))?;
+        .map_err(|e| Error::io(path, e))?;
+    if let Err(e) = std::io::Write::write_all(&mut f, bytes) {
+        drop(f);
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
     drop(f);
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Where a path that does not exist would be: its longest existing prefix resolved (links
+/// followed), then the rest of it, normalised.
+fn resolved_prefix(p: &Path) -> PathBuf {
+    let comps: Vec<Component<'_>> = p.components().collect();
+    for k in (1..=comps.len()).rev() {
+        let prefix: PathBuf = comps[..k].iter().collect();
+        if let Ok(real) = prefix.canonicalize() {
+            let rest: PathBuf = comps[k..].iter().collect();
+            return normalize(&real.join(rest));
+        }
+    }
+    normalize(p)
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -601,6 +625,27 @@ mod tests {
             sb.resolve_write("escape/x.txt"),
             Err(Error::Sandbox(_))
         ));
+    }
+
+    /// Through a link to `/`, an outside file is refused with the same message whether it
+    /// exists or not; a missing file inside is still "not found".
+    #[cfg(unix)]
+    #[test]
+    fn a_missing_file_through_a_link_is_refused_like_an_existing_one() {
+        let (d, sb) = setup();
+        std::os::unix::fs::symlink(d.path(), sb.base().join("l")).unwrap();
+        let name = d.path().file_name().unwrap().to_string_lossy().into_owned();
+        let up = format!("l/../{name}");
+        let a = sb.resolve_read(format!("{up}/secret.txt")).unwrap_err();
+        let b = sb.resolve_read(format!("{up}/missing.txt")).unwrap_err();
+        assert!(matches!(a, Error::Sandbox(_)), "{a}");
+        assert!(matches!(b, Error::Sandbox(_)), "{b}");
+        assert_eq!(
+            a.to_string().replace("secret", "X"),
+            b.to_string().replace("missing", "X")
+        );
+        let e = sb.resolve_read("missing.txt").unwrap_err();
+        assert_eq!(e.kind(), "io", "{e}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::cancel::CancelToken;
 use crate::sandbox::Sandbox;
 use crate::{Error, Result};
 
@@ -54,29 +55,79 @@ pub struct LoadOptions {
     pub max_samples: Option<usize>,
 }
 
-/// The files `pattern` names (relative to the recipe directory; `*`, `?` and `[..]` glob), each
-/// resolved through the sandbox, in sorted order. A pattern without glob characters is one path.
-/// Neither a glob error nor a refusal names a match: it may lie outside the sandbox.
-pub fn resolve_files(sandbox: &Sandbox, pattern: &str) -> Result<Vec<PathBuf>> {
+/// The files `pattern` names (relative to the recipe directory; `*`, `?`, `[..]` and `**` glob),
+/// each resolved through the sandbox, in sorted order. A pattern without glob characters is one
+/// path. Neither a glob error nor a refusal names a match, and a pattern that reaches outside the
+/// sandbox is refused with one message whether or not anything there exists or matches. The walk
+/// polls `cancel` at every directory entry.
+pub fn resolve_files(
+    sandbox: &Sandbox,
+    pattern: &str,
+    cancel: &CancelToken,
+) -> Result<Vec<PathBuf>> {
     if !pattern.contains(['*', '?', '[']) {
         return Ok(vec![sandbox.resolve_read(pattern)?]);
     }
-    let full = sandbox.base().join(pattern);
-    let paths = glob::glob(&full.to_string_lossy())
+    let outside = || {
+        Error::Sandbox(format!(
+            "`{pattern}` matches files outside the recipe's sandbox; pass `--allow-read PATH` to allow more"
+        ))
+    };
+    let none = || Error::Glob(format!("no files match `{pattern}`"));
+    let comps: Vec<PathBuf> = sandbox
+        .base()
+        .join(pattern)
+        .components()
+        .map(|c| PathBuf::from(c.as_os_str()))
+        .collect();
+    let full: PathBuf = comps.iter().collect();
+    let glob_chars = |c: &PathBuf| c.to_string_lossy().contains(['*', '?', '[']);
+    let first = comps.iter().position(glob_chars).unwrap_or(comps.len());
+    let matcher = glob::Pattern::new(&full.to_string_lossy())
         .map_err(|e| Error::InvalidArgument(format!("bad glob `{pattern}`: {e}")))?;
+    // The walk starts where the pattern's literal part leads, checked first: outside the sandbox
+    // it is refused whether it exists or not.
+    let root: PathBuf = comps[..first].iter().collect();
+    match sandbox.resolve_read(&root) {
+        Ok(_) => {}
+        Err(Error::Sandbox(_)) => return Err(outside()),
+        Err(_) => return Err(none()),
+    }
+    let depth = if comps[first..].iter().any(|c| c.as_os_str() == "**") {
+        usize::MAX
+    } else {
+        comps.len() - first
+    };
+    // `glob::glob`'s matching: `*` stays within a component, a leading dot matches.
+    let opts = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        require_literal_leading_dot: false,
+    };
     let mut out = Vec::new();
-    for p in paths {
-        let p = p.map_err(|_| Error::Glob(format!("cannot read a match of `{pattern}`")))?;
-        let real = sandbox.resolve_read(&p).map_err(|e| match e {
-            Error::Sandbox(_) => Error::Sandbox(format!(
-                "`{pattern}` matches files outside the recipe's sandbox; pass `--allow-read PATH` to allow more"
-            )),
+    for entry in walkdir::WalkDir::new(&root)
+        .follow_links(true)
+        .min_depth(1)
+        .max_depth(depth)
+    {
+        cancel.check()?;
+        let entry = match entry {
+            Ok(e) => e,
+            // A link loop is not a match; anything else unreadable is an error (naming no path).
+            Err(e) if e.loop_ancestor().is_some() => continue,
+            Err(_) => return Err(Error::Glob(format!("cannot read a match of `{pattern}`"))),
+        };
+        if !matcher.matches_path_with(entry.path(), opts) {
+            continue;
+        }
+        let real = sandbox.resolve_read(entry.path()).map_err(|e| match e {
+            Error::Sandbox(_) => outside(),
             other => other,
         })?;
         out.push(real);
     }
     if out.is_empty() {
-        return Err(Error::Glob(format!("no files match `{pattern}`")));
+        return Err(none());
     }
     out.sort();
     Ok(out)
@@ -249,19 +300,19 @@ mod tests {
                 .collect()
         };
         assert_eq!(
-            names(resolve_files(&sb, "data/*.jsonl").unwrap()),
+            names(resolve_files(&sb, "data/*.jsonl", &CancelToken::new()).unwrap()),
             ["a.jsonl", "b.jsonl"]
         );
         assert_eq!(
-            names(resolve_files(&sb, "data/c.json").unwrap()),
+            names(resolve_files(&sb, "data/c.json", &CancelToken::new()).unwrap()),
             ["c.json"]
         );
-        let e = resolve_files(&sb, "data/*.csv").unwrap_err();
+        let e = resolve_files(&sb, "data/*.csv", &CancelToken::new()).unwrap_err();
         assert_eq!(
             (e.kind(), e.to_string()),
             ("io", "no files match `data/*.csv`".into())
         );
-        let e = resolve_files(&sb, "../*.jsonl").unwrap_err();
+        let e = resolve_files(&sb, "../*.jsonl", &CancelToken::new()).unwrap_err();
         assert_eq!(e.kind(), "sandbox");
         assert!(
             e.to_string()
@@ -269,12 +320,76 @@ mod tests {
             "{e}"
         );
         let ds = load(
-            &resolve_files(&sb, "data/*").unwrap(),
+            &resolve_files(&sb, "data/*", &CancelToken::new()).unwrap(),
             &LoadOptions {
                 max_samples: Some(2),
             },
         )
         .unwrap();
         assert_eq!((ds.len(), ds.source.as_str()), (2, "3 files"));
+    }
+
+    /// A glob walk stops within a second of a cancel set from another thread: a tree of links
+    /// that fan out tenfold over six levels (a million paths from seven directories) would take
+    /// far longer to walk.
+    #[test]
+    fn a_glob_walk_stops_when_cancelled() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("recipe");
+        let levels = 7;
+        for l in 0..levels {
+            std::fs::create_dir_all(root.join(format!("tree/L{l}"))).unwrap();
+        }
+        for l in 0..levels - 1 {
+            for k in 0..10 {
+                std::os::unix::fs::symlink(
+                    root.join(format!("tree/L{}", l + 1)),
+                    root.join(format!("tree/L{l}/a{k}")),
+                )
+                .unwrap();
+            }
+        }
+        let sb = Sandbox::new(&root, root.join("runs"), &[]).unwrap();
+        let cancel = CancelToken::new();
+        let stopper = {
+            let c = cancel.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                c.cancel();
+            })
+        };
+        let start = std::time::Instant::now();
+        let r = resolve_files(&sb, "tree/L0/**/zz*.qqq", &cancel);
+        let took = start.elapsed();
+        stopper.join().unwrap();
+        assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
+        assert!(took < std::time::Duration::from_millis(1300), "{took:?}");
+    }
+
+    /// A glob that reaches outside the sandbox is refused with the same message whether files
+    /// there match or not (file names outside cannot be probed), directly or through a link.
+    #[cfg(unix)]
+    #[test]
+    fn an_outside_glob_is_refused_alike_whether_it_matches_or_not() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("recipe");
+        std::fs::create_dir_all(&root).unwrap();
+        write(d.path(), "secret.json", "[]");
+        std::os::unix::fs::symlink(d.path(), root.join("l")).unwrap();
+        let sb = Sandbox::new(&root, root.join("runs"), &[]).unwrap();
+        let c = CancelToken::new();
+        for (hit, miss) in [
+            ("../secre[t].json", "../missin[g].json"),
+            ("l/secre[t].json", "l/missin[g].json"),
+            ("../nothere/secre[t].json", "../secre[t].json"),
+        ] {
+            let a = resolve_files(&sb, hit, &c).unwrap_err();
+            let b = resolve_files(&sb, miss, &c).unwrap_err();
+            assert_eq!(a.kind(), "sandbox", "{a}");
+            assert_eq!(
+                a.to_string().replace(hit, "P"),
+                b.to_string().replace(miss, "P"),
+            );
+        }
     }
 }

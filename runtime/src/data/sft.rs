@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::records::Dataset;
+use crate::cancel::CancelToken;
 use crate::tokenizer::{TemplateOptions, Tokenizer};
 use crate::{Error, Result};
 
@@ -204,8 +205,14 @@ impl std::fmt::Display for SegmentError {
     }
 }
 
-/// Tokenizes every conversation of `ds` (records with `messages`).
-pub fn sft(ds: &Dataset, tok: &Tokenizer, opts: &SftOptions) -> Result<SftReport> {
+/// Tokenizes every conversation of `ds` (records with `messages`), polling `cancel` before each
+/// record (a stop asked for ends the work within a record's time, not the dataset's).
+pub fn sft(
+    ds: &Dataset,
+    tok: &Tokenizer,
+    opts: &SftOptions,
+    cancel: &CancelToken,
+) -> Result<SftReport> {
     if !matches!(
         opts.train_on.as_str(),
         "assistant" | "last_assistant" | "all"
@@ -228,6 +235,7 @@ pub fn sft(ds: &Dataset, tok: &Tokenizer, opts: &SftOptions) -> Result<SftReport
         .par_iter()
         .enumerate()
         .map(|(i, r)| {
+            cancel.check()?;
             let segs = segments(tok, template, r, &opts.train_on).map_err(|e| match e {
                 SegmentError::Data(m) => {
                     Error::InvalidArgument(format!("`{}`: record {i}: {m}", ds.source))
@@ -406,7 +414,7 @@ mod tests {
             rows: vec![conv()],
             source: "t".into(),
         };
-        let r = sft(&ds, &tok, &SftOptions::default()).unwrap();
+        let r = sft(&ds, &tok, &SftOptions::default(), &CancelToken::new()).unwrap();
         let ex = &r.examples[0];
         let learned: Vec<u32> = ex
             .labels
@@ -429,6 +437,7 @@ mod tests {
                 train_on: "last_assistant".into(),
                 ..SftOptions::default()
             },
+            &CancelToken::new(),
         )
         .unwrap();
         let learned: Vec<u32> = last.examples[0]
@@ -447,7 +456,7 @@ mod tests {
             rows: vec![conv()],
             source: "t".into(),
         };
-        let r = sft(&ds, &tok, &SftOptions::default()).unwrap();
+        let r = sft(&ds, &tok, &SftOptions::default(), &CancelToken::new()).unwrap();
         let shown = masked_spans(&tok, &r.examples[0]);
         assert_eq!(
             shown,
@@ -471,6 +480,7 @@ mod tests {
                 max_length: 10,
                 ..SftOptions::default()
             },
+            &CancelToken::new(),
         )
         .unwrap();
         assert_eq!((r.examples.len(), r.dropped, r.truncated), (0, 2, 2));
@@ -481,11 +491,41 @@ mod tests {
                 max_length: 40,
                 ..SftOptions::default()
             },
+            &CancelToken::new(),
         )
         .unwrap();
         assert_eq!((r.examples.len(), r.dropped, r.truncated), (2, 0, 2));
         assert!(r.examples.iter().all(|e| e.input_ids.len() == 40));
         let s = stats(&r.examples);
         assert_eq!((s.count, s.min, s.max), (2, 40, 40));
+    }
+
+    /// Tokenizing stops within a second of a cancel set from another thread, long before a
+    /// large dataset is done.
+    #[test]
+    fn tokenizing_stops_when_cancelled() {
+        let tok = Tokenizer::builtin().unwrap();
+        let ds = Dataset {
+            rows: vec![conv(); 300_000],
+            source: "t".into(),
+        };
+        let cancel = CancelToken::new();
+        let stopper = {
+            let c = cancel.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                c.cancel();
+            })
+        };
+        let start = std::time::Instant::now();
+        let r = sft(&ds, &tok, &SftOptions::default(), &cancel);
+        let took = start.elapsed();
+        stopper.join().unwrap();
+        assert!(
+            matches!(r, Err(Error::Cancelled)),
+            "{:?}",
+            r.map(|r| r.examples.len())
+        );
+        assert!(took < std::time::Duration::from_millis(1300), "{took:?}");
     }
 }

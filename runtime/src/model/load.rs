@@ -14,6 +14,7 @@ use super::decoder::Decoder;
 use super::module_id::ModuleId;
 use super::rope::Rope;
 use super::weights::WeightSource;
+use crate::cancel::CancelToken;
 use crate::device::DeviceSpec;
 use crate::nn::Linear;
 use crate::{Error, Result};
@@ -213,8 +214,13 @@ impl Model {
     /// Loads an HF checkpoint directory: `config.json`, the safetensors weights, and
     /// `generation_config.json` when present.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        Self::load_with(dir, opts, &CancelToken::new())
+    }
+
+    /// [`Model::load`], polling `cancel` before each file and each tensor.
+    pub fn load_with(dir: &Path, opts: &LoadOptions, cancel: &CancelToken) -> Result<Self> {
         let c = Checkpoint::open(dir, opts)?;
-        let src = WeightSource::open(dir)?;
+        let src = WeightSource::open(dir, cancel)?;
         let placement = place(&c.cfg, c.dtype, opts)?;
         let mut m = Self::build_placed(c.cfg, &src, c.dtype, &c.device, opts.trainable, placement)?;
         m.generation = c.generation;
@@ -226,8 +232,13 @@ impl Model {
     /// weight is read): every tensor's presence, shape and dtype checked, each file's size
     /// checked against its header. The model has no weights (see [`Model::planned_device`]).
     pub fn load_shapes(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        Self::load_shapes_with(dir, opts, &CancelToken::new())
+    }
+
+    /// [`Model::load_shapes`], polling `cancel` before each file and each tensor.
+    pub fn load_shapes_with(dir: &Path, opts: &LoadOptions, cancel: &CancelToken) -> Result<Self> {
         let c = Checkpoint::open(dir, opts)?;
-        let src = WeightSource::headers(dir)?;
+        let src = WeightSource::headers(dir, cancel)?;
         let placement = place(&c.cfg, c.dtype, opts)?;
         let mut m = Self::build(c.cfg, &src, c.dtype, &Device::Cpu, opts.trainable)?;
         m.placement = placement;
@@ -397,9 +408,7 @@ impl Model {
             json(&self.generation).as_bytes(),
         )?;
         let tensors: HashMap<String, Tensor> = self.named().into_iter().collect();
-        let tmp = dir.join(".model.safetensors.tmp");
-        candle_core::safetensors::save(&tensors, &tmp)?;
-        std::fs::rename(&tmp, dir.join("model.safetensors")).map_err(|e| Error::io(dir, e))
+        super::weights::save_file(&tensors, &dir.join("model.safetensors"))
     }
 }
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::Load as _;
 use candle_core::{DType, Device, Tensor};
 
+use crate::cancel::CancelToken;
 use crate::{Error, Result};
 
 /// A source of named tensors.
@@ -20,6 +21,8 @@ pub enum WeightSource {
         files: Vec<Mapped>,
         /// Tensor name -> index in `files`.
         routing: HashMap<String, usize>,
+        /// Polled before each tensor.
+        cancel: CancelToken,
     },
     /// The safetensors headers only (`qscript check`): names, shapes and dtypes, no data read.
     /// Tensors come back as zero-stride views of one element, with the right shape and dtype.
@@ -28,6 +31,8 @@ pub enum WeightSource {
         dir: PathBuf,
         /// Tensor name -> (file, shape, dtype in the file).
         tensors: HashMap<String, (PathBuf, Vec<usize>, safetensors::Dtype)>,
+        /// Polled before each tensor.
+        cancel: CancelToken,
     },
     /// Tensors already in memory.
     Memory {
@@ -50,14 +55,16 @@ struct Index {
 }
 
 impl WeightSource {
-    /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
-    pub fn open(dir: &Path) -> Result<Self> {
+    /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`: each
+    /// file's header parsed once; `cancel` polled before each file and each tensor.
+    pub fn open(dir: &Path, cancel: &CancelToken) -> Result<Self> {
         let paths = Self::paths(dir)?;
         let mut files = Vec::new();
         let mut routing = HashMap::new();
         for (i, p) in paths.iter().enumerate() {
+            cancel.check()?;
             let st = Mapped::open(p)?;
-            for name in st.names()? {
+            for name in st.names() {
                 routing.insert(name, i);
             }
             files.push(st);
@@ -66,14 +73,16 @@ impl WeightSource {
             dir: dir.to_path_buf(),
             files,
             routing,
+            cancel: cancel.clone(),
         })
     }
 
     /// Reads only the headers of the same files (see [`WeightSource::Headers`]), checking each
     /// one against its file's size.
-    pub fn headers(dir: &Path) -> Result<Self> {
+    pub fn headers(dir: &Path, cancel: &CancelToken) -> Result<Self> {
         let mut tensors = HashMap::new();
         for p in Self::paths(dir)? {
+            cancel.check()?;
             for (name, shape, dtype) in read_header(&p)? {
                 tensors.insert(name, (p.clone(), shape, dtype));
             }
@@ -81,6 +90,7 @@ impl WeightSource {
         Ok(WeightSource::Headers {
             dir: dir.to_path_buf(),
             tensors,
+            cancel: cancel.clone(),
         })
     }
 
@@ -153,12 +163,21 @@ impl WeightSource {
             path: self.dir().into(),
         };
         let t = match self {
-            WeightSource::Files { files, routing, .. } => {
+            WeightSource::Files {
+                files,
+                routing,
+                cancel,
+                ..
+            } => {
+                cancel.check()?;
                 let i = *routing.get(name).ok_or_else(missing)?;
                 // Straight from the mapped file to the target device (no intermediate CPU copy).
                 files[i].load(name, device)?
             }
-            WeightSource::Headers { tensors, .. } => {
+            WeightSource::Headers {
+                tensors, cancel, ..
+            } => {
+                cancel.check()?;
                 let (path, found, st_dtype) = tensors.get(name).ok_or_else(missing)?;
                 if found.as_slice() != shape {
                     return Err(Error::ShapeMismatch {
@@ -254,11 +273,75 @@ fn read_header(path: &Path) -> Result<Vec<(String, Vec<usize>, safetensors::Dtyp
     Ok(out)
 }
 
+/// Loads one tensor view, naming the file and the tensor when it cannot be (a dtype candle does
+/// not hold, such as `BOOL`).
+fn load_view(
+    path: &Path,
+    name: &str,
+    view: &safetensors::tensor::TensorView<'_>,
+    device: &Device,
+) -> Result<Tensor> {
+    view.load(device).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        message: format!(
+            "tensor `{name}` ({:?} {:?}): {e}",
+            view.dtype(),
+            view.shape()
+        ),
+    })
+}
+
+/// Every tensor of a safetensors file read into memory (`bytes`, read through the sandbox from
+/// `path`): the header parsed once, each tensor named with the file when it cannot be loaded, and
+/// `cancel` polled between tensors.
+pub fn load_all(
+    path: &Path,
+    bytes: &[u8],
+    device: &Device,
+    cancel: &CancelToken,
+) -> Result<HashMap<String, Tensor>> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut out = HashMap::new();
+    for (name, view) in st.iter() {
+        cancel.check()?;
+        out.insert(name.to_string(), load_view(path, name, &view, device)?);
+    }
+    Ok(out)
+}
+
+/// Writes `tensors` as the safetensors file `path` (safetensors writes a temporary sibling and
+/// renames it, so a crash never leaves a half-written `path`). Every failure, a full disk
+/// included, names `path`.
+pub fn save_file<S: std::hash::BuildHasher>(
+    tensors: &HashMap<String, Tensor, S>,
+    path: &Path,
+) -> Result<()> {
+    safetensors::serialize_to_file(tensors, None, path).map_err(|e| write_error(path, e))
+}
+
+/// A failed safetensors write as an error naming the file.
+fn write_error(path: &Path, e: safetensors::SafeTensorError) -> Error {
+    match e {
+        safetensors::SafeTensorError::IoError(io) => Error::io(path, io),
+        other => Error::Config {
+            path: path.to_path_buf(),
+            message: other.to_string(),
+        },
+    }
+}
+
 /// A memory-mapped safetensors file, mapped from the descriptor the sandbox checked (so the
 /// weights read are the file that passed the check, whatever happens to its path afterwards).
+/// Its header is parsed once, when it is opened.
 pub struct Mapped {
     path: PathBuf,
     map: memmap2::Mmap,
+    /// Where the tensors' bytes begin (after the header).
+    data_start: usize,
+    metadata: safetensors::tensor::Metadata,
 }
 
 impl Mapped {
@@ -268,36 +351,137 @@ impl Mapped {
         // SAFETY: the file is mapped read-only; as with every mmap-based loader (candle,
         // PyTorch), the checkpoint must not be modified while the model is loaded from it.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let m = Self {
+        let (n, metadata) =
+            safetensors::SafeTensors::read_metadata(&map).map_err(|e| Error::Safetensors {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        Ok(Self {
             path: path.to_path_buf(),
             map,
-        };
-        m.parsed()?;
-        Ok(m)
-    }
-
-    fn parsed(&self) -> Result<safetensors::SafeTensors<'_>> {
-        safetensors::SafeTensors::deserialize(&self.map).map_err(|e| Error::Safetensors {
-            path: self.path.clone(),
-            message: e.to_string(),
+            data_start: 8 + n,
+            metadata,
         })
     }
 
-    fn names(&self) -> Result<Vec<String>> {
-        Ok(self
-            .parsed()?
-            .names()
-            .into_iter()
-            .map(str::to_string)
-            .collect())
+    fn names(&self) -> Vec<String> {
+        self.metadata.tensors().into_keys().collect()
     }
 
     fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
-        let st = self.parsed()?;
-        let view = st.tensor(name).map_err(|e| Error::Safetensors {
+        let bad = |message: String| Error::Safetensors {
             path: self.path.clone(),
-            message: e.to_string(),
-        })?;
-        Ok(view.load(device)?)
+            message,
+        };
+        let info = self
+            .metadata
+            .info(name)
+            .ok_or_else(|| bad(format!("no tensor `{name}`")))?;
+        // `read_metadata` validated the offsets against the file's length.
+        let (a, b) = info.data_offsets;
+        let data = self
+            .map
+            .get(self.data_start + a..self.data_start + b)
+            .ok_or_else(|| bad(format!("`{name}` has data offsets {a}..{b}")))?;
+        let view = safetensors::tensor::TensorView::new(info.dtype, info.shape.clone(), data)
+            .map_err(|e| bad(format!("`{name}`: {e}")))?;
+        load_view(&self.path, name, &view, device)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file of one `BOOL` tensor `w` of 4 elements.
+    fn bool_file(path: &Path) {
+        let header = br#"{"w":{"dtype":"BOOL","shape":[4],"data_offsets":[0,4]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header);
+        bytes.extend_from_slice(&[1, 0, 1, 0]);
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    /// A dtype candle does not hold is an error naming the file and the tensor, whether the
+    /// weights are mapped (`model::load`) or read whole (adapters, checkpoints).
+    #[test]
+    fn an_unsupported_dtype_names_the_file_and_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("model.safetensors");
+        bool_file(&file);
+        let src = WeightSource::open(dir.path(), &CancelToken::new()).unwrap();
+        let e = src
+            .get("w", &[4], DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.safetensors`") && e.contains("tensor `w`"),
+            "{e}"
+        );
+        assert!(e.contains("BOOL"), "{e}");
+        let bytes = std::fs::read(&file).unwrap();
+        let e = load_all(&file, &bytes, &Device::Cpu, &CancelToken::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.safetensors`") && e.contains("tensor `w`"),
+            "{e}"
+        );
+    }
+
+    /// A file of many tensors is parsed once when opened (not once per tensor), and the
+    /// per-tensor loop stops at a cancel.
+    #[test]
+    fn headers_are_parsed_once_and_the_tensor_loop_polls_cancel() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors: HashMap<String, Tensor> = (0..2400)
+            .map(|i| {
+                let t = Tensor::full(i as f32, 4, &Device::Cpu).unwrap();
+                (format!("model.layers.{i}.w"), t)
+            })
+            .collect();
+        let file = dir.path().join("model.safetensors");
+        save_file(&tensors, &file).unwrap();
+        let cancel = CancelToken::new();
+        let src = WeightSource::open(dir.path(), &cancel).unwrap();
+        let start = std::time::Instant::now();
+        for i in 0..2400 {
+            let t = src
+                .get(
+                    &format!("model.layers.{i}.w"),
+                    &[4],
+                    DType::F32,
+                    &Device::Cpu,
+                )
+                .unwrap();
+            assert_eq!(t.to_vec1::<f32>().unwrap()[0], i as f32);
+        }
+        // Re-parsing a 2,400-entry header per tensor took seconds in a debug build.
+        assert!(start.elapsed() < std::time::Duration::from_secs(2));
+        cancel.cancel();
+        let e = src.get("model.layers.0.w", &[4], DType::F32, &Device::Cpu);
+        assert!(matches!(e, Err(Error::Cancelled)), "{e:?}");
+        assert!(matches!(
+            WeightSource::open(dir.path(), &cancel),
+            Err(Error::Cancelled)
+        ));
+    }
+
+    /// A write that fails for want of space (ENOSPC, injected) names the file being written;
+    /// so does a write into a directory that is not there.
+    #[test]
+    fn a_failed_write_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let full = safetensors::SafeTensorError::IoError(std::io::Error::from_raw_os_error(28));
+        let e = write_error(&path, full).to_string();
+        assert!(e.starts_with(&format!("`{}`: ", path.display())), "{e}");
+        assert!(e.contains("No space left"), "{e}");
+        let gone = dir.path().join("gone/model.safetensors");
+        let t = Tensor::zeros(1000, DType::F32, &Device::Cpu).unwrap();
+        let tensors = HashMap::from([("w".to_string(), t)]);
+        let e = save_file(&tensors, &gone).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("`{}`: ", gone.display())), "{e}");
     }
 }

@@ -56,6 +56,7 @@ pub fn save(
     state: &TrainerState,
 ) -> Result<PathBuf> {
     let final_dir = output_dir.join(format!("checkpoint-{}", state.global_step));
+    check_state(params, opt, &final_dir)?;
     let tmp = output_dir.join(format!(
         ".checkpoint-{}.tmp{}",
         state.global_step,
@@ -75,9 +76,10 @@ pub fn save(
         moments.insert(format!("m.{}", s.name), s.of(&opt.parts[k].m)?);
         moments.insert(format!("v.{}", s.name), s.of(&opt.parts[k].v)?);
     }
-    candle_core::safetensors::save(&moments, tmp.join("optimizer.safetensors"))?;
+    crate::model::weights::save_file(&moments, &tmp.join("optimizer.safetensors"))?;
     let json = serde_json::to_string_pretty(state).unwrap_or_default();
-    std::fs::write(tmp.join("trainer_state.json"), json).map_err(|e| Error::io(&tmp, e))?;
+    let state_file = tmp.join("trainer_state.json");
+    std::fs::write(&state_file, json).map_err(|e| Error::io(&state_file, e))?;
     // Re-saving a step: the old directory is moved aside first and removed only after the new one
     // is in place, so a kill at any point leaves a complete checkpoint-N (or its `.old` copy, which
     // `recover` puts back).
@@ -94,6 +96,92 @@ pub fn save(
         std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
     }
     Ok(final_dir)
+}
+
+/// Elements per chunk of the finiteness check (bounds its temporary memory to two f32 chunks).
+const CHECK_CHUNK: usize = 1 << 24;
+
+/// Whether every element of `t` is finite: `x - x` is zero for a finite `x` and NaN otherwise,
+/// summed in f32 chunks (exact, whatever the dtype, and never a copy of the whole tensor).
+pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
+    let flat = t.flatten_all()?;
+    let n = flat.elem_count();
+    let mut start = 0;
+    while start < n {
+        let len = CHECK_CHUNK.min(n - start);
+        let c = flat
+            .narrow(0, start, len)?
+            .to_dtype(candle_core::DType::F32)?;
+        if c.sub(&c)?.sum_all()?.to_scalar::<f32>()? != 0.0 {
+            return Ok(false);
+        }
+        start += len;
+    }
+    Ok(true)
+}
+
+/// The smallest element of `t` (f32), `None` when it is empty.
+fn min_value(t: &Tensor) -> Result<Option<f32>> {
+    if t.elem_count() == 0 {
+        return Ok(None);
+    }
+    let flat = t.flatten_all()?.to_dtype(candle_core::DType::F32)?;
+    Ok(Some(flat.min(0)?.to_scalar::<f32>()?))
+}
+
+/// Refuses to write a training state that is not finite (weights or moments holding NaN or
+/// infinity): such a checkpoint would only fail later, far from the step that broke it. The
+/// whole buffers are checked; the tensor is named from its slot.
+fn check_state(params: &DeviceParams, opt: &DeviceAdamW, final_dir: &Path) -> Result<()> {
+    for (k, (part, o)) in params.parts.iter().zip(&opt.parts).enumerate() {
+        for (prefix, flat) in [("", part.data.as_tensor()), ("m.", &o.m), ("v.", &o.v)] {
+            if all_finite(flat)? {
+                continue;
+            }
+            // ZeRO's moments may hold only a shard: name a slot only where the buffer is whole.
+            let mut name = None;
+            if flat.elem_count() == part.len() {
+                for (_, s) in params.slots().filter(|(j, _)| *j == k) {
+                    if !all_finite(&s.of(flat)?)? {
+                        name = Some(format!("{prefix}{}", s.name));
+                        break;
+                    }
+                }
+            }
+            let what = match name {
+                Some(n) => format!("tensor `{n}`"),
+                None if prefix.is_empty() => "the trainable weights".to_string(),
+                None => format!("the optimizer's `{}` moments", &prefix[..1]),
+            };
+            return Err(Error::InvalidArgument(format!(
+                "not writing `{}`: {what} holds NaN or infinite values (the training diverged; \
+                 try a lower `learning_rate` or `max_grad_norm`)",
+                final_dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a tensor read from a checkpoint file before it is trusted: finite, and for second
+/// moments (`v.*`) never negative.
+fn check_restored(path: &Path, name: &str, t: &Tensor) -> Result<()> {
+    let bad = |what: &str| Error::Config {
+        path: path.to_path_buf(),
+        message: format!("tensor `{name}` {what}; the checkpoint is damaged and cannot be resumed"),
+    };
+    if !all_finite(t)? {
+        return Err(bad("holds NaN or infinite values"));
+    }
+    if name.starts_with("v.")
+        && let Some(min) = min_value(t)?
+        && min < 0.0
+    {
+        return Err(bad(&format!(
+            "holds negative values ({min}), but second moments are never negative"
+        )));
+    }
+    Ok(())
 }
 
 /// Cleans up after saves that a killed process left half done (call it holding the output dir's
@@ -271,10 +359,7 @@ pub fn restore(
     let load = |name: &str| {
         let path = dir.join(name);
         let bytes = crate::sandbox::read(&path)?;
-        candle_core::safetensors::load_buffer(&bytes, &device).map_err(|e| Error::Safetensors {
-            path,
-            message: e.to_string(),
-        })
+        crate::model::weights::load_all(&path, &bytes, &device, &crate::cancel::CancelToken::new())
     };
     let weights = load(weights_file)?;
     let moments = load("optimizer.safetensors")?;
@@ -286,6 +371,7 @@ pub fn restore(
         let (mut m, mut v) = (Vec::new(), Vec::new());
         for (i, s) in part.slots.iter().enumerate() {
             let w = weights.get(&s.name).ok_or_else(|| missing(&s.name))?;
+            check_restored(&dir.join(weights_file), &s.name, w)?;
             part.set_slot(i, w)?;
             for (prefix, out) in [("m", &mut m), ("v", &mut v)] {
                 let key = format!("{prefix}.{}", s.name);
@@ -298,7 +384,9 @@ pub fn restore(
                         found: t.dims().to_vec(),
                     });
                 }
-                out.push(t.to_dtype(candle_core::DType::F32)?.flatten_all()?);
+                let t = t.to_dtype(candle_core::DType::F32)?.flatten_all()?;
+                check_restored(&dir.join("optimizer.safetensors"), &key, &t)?;
+                out.push(t);
             }
         }
         o.m = Tensor::cat(&m, 0)?.to_device(part.device())?;
@@ -356,6 +444,51 @@ mod tests {
             assert_eq!(left, ["checkpoint-5"], "{killed_after}: {done:?}");
             assert_eq!(list(out.path()).len(), 1);
         }
+    }
+
+    /// A diverged state (a NaN in the moments) is never written: the save fails naming the
+    /// tensor, and no checkpoint directory (nor a temporary one) is left.
+    #[test]
+    fn a_non_finite_state_is_not_written() {
+        use crate::lora::{LoraConfig, Targets};
+        use crate::model::{TinyConfig, tiny};
+        use crate::train::optim::AdamWConfig;
+        let m = tiny(&TinyConfig {
+            hidden: 32,
+            layers: 1,
+            intermediate: 64,
+            ..TinyConfig::default()
+        })
+        .unwrap();
+        let cfg = LoraConfig {
+            r: 2,
+            target_modules: Targets::Pattern("all-linear".into()),
+            ..LoraConfig::default()
+        };
+        let mut model = crate::lora::attach(&m, &cfg, 1).unwrap();
+        let params = DeviceParams::adopt(&mut model).unwrap();
+        let mut opt = DeviceAdamW::new(&params, AdamWConfig::default()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let state = TrainerState {
+            global_step: 3,
+            ..TrainerState::default()
+        };
+        save(out.path(), &model, &params, &opt, &state).unwrap();
+        std::fs::remove_dir_all(out.path().join("checkpoint-3")).unwrap();
+        let n = opt.parts[0].m.elem_count();
+        let mut host = vec![0f32; n];
+        host[n - 1] = f32::NAN;
+        opt.parts[0].m = Tensor::from_vec(host, n, &candle_core::Device::Cpu).unwrap();
+        let last = params.slots().last().unwrap().1.name.clone();
+        let e = save(out.path(), &model, &params, &opt, &state)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("checkpoint-3") && e.contains(&format!("tensor `m.{last}`")),
+            "{e}"
+        );
+        assert!(e.contains("NaN or infinite"), "{e}");
+        assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
     }
 
     /// One run at a time per output dir; the lock goes with the run.

@@ -228,7 +228,8 @@ pub mod data_module {
     pub fn load_with(ctx: NativeCallContext, path: &str, opts: Map) -> Res<DatasetHandle> {
         let rc = RunContext::of(&ctx)?;
         let o: LoadOptions = from_options(&ctx, "data::load", opts)?;
-        let files = records::resolve_files(&rc.sandbox, path).map_err(to_rhai_at(&ctx))?;
+        let files =
+            records::resolve_files(&rc.sandbox, path, &rc.cancel).map_err(to_rhai_at(&ctx))?;
         let refs: Vec<&std::path::Path> = files.iter().map(PathBuf::as_path).collect();
         let key = Memo::key("data::load", &format!("{files:?} {o:?}"), &refs).map_err(to_rhai)?;
         let v = rc.memo.get_or_try_insert(&key, || {
@@ -427,7 +428,7 @@ pub mod data_module {
                 ),
             ));
         };
-        let r = sft_impl::sft(records, &tok.0, &o).map_err(to_rhai_at(&ctx))?;
+        let r = sft_impl::sft(records, &tok.0, &o, &rc.cancel).map_err(to_rhai_at(&ctx))?;
         rc.sink.err(&format!(
             "data: tokenized {} examples ({} truncated at {} tokens, {} dropped with every label masked)",
             r.examples.len(),

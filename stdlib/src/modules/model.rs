@@ -170,7 +170,7 @@ fn load_shapes(
     if let Some(m) = crate::context::lock(&rc.dry_models).get(dir) {
         return Ok(m.clone());
     }
-    let m = qscript_runtime::model::Model::load_shapes(dir, lo).map_err(|e| {
+    let m = qscript_runtime::model::Model::load_shapes_with(dir, lo, &rc.cancel).map_err(|e| {
         if let Ok(cfg) = qscript_runtime::model::ModelConfig::from_file(&dir.join("config.json"))
             && let Ok(dtype) = lo.resolve_device().and_then(|d| lo.resolve_dtype(&d))
         {
@@ -334,7 +334,7 @@ pub mod model_module {
         let args = format!("{} {o:?}", real.display());
         let key = Memo::key("model::load", &args, &[&real]).map_err(to_rhai)?;
         let value = rc.memo.get_or_try_insert(&key, || {
-            let m = Model::load(&real, &lo).map_err(to_rhai_at(&ctx))?;
+            let m = Model::load_with(&real, &lo, &rc.cancel).map_err(to_rhai_at(&ctx))?;
             Ok::<_, Box<EvalAltResult>>(Dynamic::from(ModelHandle(Arc::new(m))))
         })?;
         Ok(value.cast())
