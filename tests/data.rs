@@ -135,7 +135,6 @@ fn llamafactory_dataset_info_entries() {
     for (name, var) in [
         ("alpaca_zh_demo", "a"),
         ("glaive_toolcall_en_demo", "g"),
-        ("kto_en_demo", "k"),
         ("identity", "i"),
     ] {
         s.eval(&format!(r#"let {var} = data::sft(data::from_info(INFO, "{name}"), tok, #{{ max_length: 512 }});"#)).unwrap();
@@ -147,7 +146,18 @@ fn llamafactory_dataset_info_entries() {
     );
     assert_snapshot!("lf_alpaca_zh_record0", masked(&mut s, "a", 0));
     assert_snapshot!("lf_glaive_toolcall_record0", masked(&mut s, "g", 0));
-    assert_snapshot!("lf_kto_record0", masked(&mut s, "k", 0));
+    // KTO data is never trained as SFT (issue 26): its `label: false` answers are undesirable.
+    let e = s
+        .eval(r#"data::sft(data::from_info(INFO, "kto_en_demo"), tok)"#)
+        .unwrap_err();
+    assert!(
+        e.rendered.contains(
+            "entry `kto_en_demo`: KTO data (`kto_tag` column `label`) is for KTO, not supervised \
+             fine-tuning; preference training (DPO, KTO) is not supported yet"
+        ),
+        "{}",
+        e.rendered
+    );
     let e = s
         .eval(r#"data::from_info(INFO, "dpo_en_demo")"#)
         .unwrap_err();
@@ -165,6 +175,59 @@ fn llamafactory_dataset_info_entries() {
         "{}",
         e.rendered
     );
+}
+
+/// Preference pairs and KTO records, as TRL and LLaMA-Factory ship them, are an error naming the
+/// format wherever they enter (`to_messages`, or `sft` on the raw records), never SFT examples.
+#[test]
+fn preference_and_kto_records_are_never_trained_as_sft() {
+    let env = Env::new();
+    let Some((mut s, _)) = setup(&env) else {
+        return;
+    };
+    s.eval(r#"const LF = FX + "/datasets/llamafactory/";"#)
+        .unwrap();
+    env.write(
+        "trl_dpo.jsonl",
+        r#"{"prompt": "2+2?", "chosen": "4", "rejected": "5"}"#,
+    );
+    env.write(
+        "trl_kto.jsonl",
+        r#"{"prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "5"}], "label": false}"#,
+    );
+    for (code, want) in [
+        (
+            r#"data::to_messages(data::load(LF + "kto_en_demo.json"))"#,
+            "kto_en_demo.json`: record 0 is KTO data (a boolean `label` marks each answer desirable or not), not supervised fine-tuning; preference training (DPO, KTO) is not supported yet",
+        ),
+        (
+            r#"data::sft(data::load(LF + "kto_en_demo.json"), tok)"#,
+            "record 0 is KTO data",
+        ),
+        (
+            r#"data::to_messages(data::load(LF + "dpo_en_demo.json"), #{ format: "sharegpt" })"#,
+            "dpo_en_demo.json`: record 0 is DPO preference data (`chosen`/`rejected`), not supervised fine-tuning",
+        ),
+        (
+            r#"data::to_messages(data::load(LF + "v1_dpo_demo.jsonl"))"#,
+            "record 0 is DPO preference data (`chosen_messages`/`rejected_messages`, LLaMA-Factory v1)",
+        ),
+        (
+            r#"data::to_messages(data::load("trl_dpo.jsonl"))"#,
+            "trl_dpo.jsonl`: record 0 is DPO preference data (`chosen`/`rejected`)",
+        ),
+        (
+            r#"data::to_messages(data::load("trl_kto.jsonl"))"#,
+            "trl_kto.jsonl`: record 0 is KTO data",
+        ),
+        (
+            r#"data::from_info(LF + "dataset_info.json", "dpo_en_demo")"#,
+            "entry `dpo_en_demo`: preference (`ranking`) data is for DPO/KTO, not supervised fine-tuning; preference training (DPO, KTO) is not supported yet",
+        ),
+    ] {
+        let e = s.eval(code).unwrap_err();
+        assert!(e.rendered.contains(want), "{code}: {}", e.rendered);
+    }
 }
 
 #[test]

@@ -58,10 +58,18 @@ pub fn read_info(path: &Path, name: &str) -> Result<(PathBuf, FormatOptions)> {
         Error::InvalidArgument(format!("`{}`: no entry `{name}`; {hint}", path.display()))
     })?;
     let e: Entry = serde_json::from_value(raw.clone()).map_err(|e| bad(e.to_string()))?;
-    if e.ranking {
-        return Err(bad(
-            "preference (`ranking`) data is for DPO/KTO, not supervised fine-tuning".into(),
-        ));
+    if e.ranking || e.columns.contains_key("chosen") {
+        return Err(bad(format!(
+            "preference (`ranking`) data is for DPO/KTO, {}",
+            super::formats::NOT_YET
+        )));
+    }
+    if let Some(tag) = e.columns.get("kto_tag") {
+        return Err(bad(format!(
+            "KTO data (`kto_tag` column `{}`) is for KTO, {}",
+            tag.as_str().unwrap_or_default(),
+            super::formats::NOT_YET
+        )));
     }
     let Some(file) = e.file_name else {
         let hub = e.hf_hub_url.or(e.ms_hub_url).unwrap_or_default();

@@ -228,6 +228,9 @@ pub fn sft(ds: &Dataset, tok: &Tokenizer, opts: &SftOptions) -> Result<SftReport
         .par_iter()
         .enumerate()
         .map(|(i, r)| {
+            if let Some(what) = super::formats::preference_kind(r) {
+                return Err(super::formats::preference_error(&ds.source, i, &what));
+            }
             let segs = segments(tok, template, r, &opts.train_on).map_err(|e| match e {
                 SegmentError::Data(m) => {
                     Error::InvalidArgument(format!("`{}`: record {i}: {m}", ds.source))
