@@ -177,6 +177,70 @@ fn llamafactory_dataset_info_entries() {
     );
 }
 
+/// Pretraining text as LLaMA-Factory (`c4_demo`, `wiki_demo.txt`, `stage: pt`) and TRL (`text`,
+/// `dataset_text_field`) have it: every token learned, eos appended, packed in a run.
+#[test]
+fn pretraining_text_trains_every_token_and_packs() {
+    let env = Env::new();
+    let Some((mut s, _)) = setup(&env) else {
+        return;
+    };
+    s.eval(
+        r#"const INFO = FX + "/datasets/llamafactory/dataset_info.json";
+let c4 = data::sft(data::from_info(INFO, "c4_demo"), tok, #{ max_length: 256 });
+let wiki = data::sft(data::from_info(INFO, "wiki_demo"), tok, #{ max_length: 256 });
+let raw = data::sft(data::load(FX + "/datasets/llamafactory/c4_demo.jsonl"), tok, #{ max_length: 256 });"#,
+    )
+    .unwrap();
+    let log = env.sink.take();
+    for want in [
+        "data: `c4_demo`: 300 records, format `text` (pretraining text, column `text`) from dataset_info.json",
+        "data: `wiki_demo`: 30 records, format `text`",
+        "data: 300 records are plain text (`text`): every token learned, eos appended",
+    ] {
+        assert!(log.contains(want), "{want}\n{log}");
+    }
+    let every = s
+        .eval(
+            "let ok = c4.len() == 300 && wiki.len() == 30; for d in [c4, wiki, raw] { for i in 0..d.len() { \
+             let e = d[i]; if e.labels != e.input_ids { ok = false; } \
+             if e.input_ids.len() < 256 && e.input_ids[-1] != tok.eos_id { ok = false; } } } \
+             ok && c4[5].input_ids == raw[5].input_ids",
+        )
+        .unwrap();
+    assert_eq!(every.as_deref(), Some("=> true : bool"));
+    // The first document, as LLaMA-Factory's `stage: pt` makes it: its text and eos.
+    let doc = s
+        .eval("tok.decode(wiki[1].input_ids.extract(0, 8)) + \"|\" + tok.decode(c4[0].input_ids.extract(c4[0].input_ids.len() - 3))")
+        .unwrap()
+        .unwrap();
+    assert!(
+        doc.starts_with("=> \"Autism is a neurodevelopmental"),
+        "{doc}"
+    );
+    assert!(doc.ends_with("<|im_end|>\" : string"), "{doc}");
+    // Chat conversion says where text goes.
+    let e = s
+        .eval(r#"data::to_messages(data::load(FX + "/datasets/llamafactory/c4_demo.jsonl"))"#)
+        .unwrap_err();
+    assert!(
+        e.rendered.contains("plain text (`text` records, for pretraining) needs no conversion: give it to `data::sft` as it is"),
+        "{}",
+        e.rendered
+    );
+    // Packed in a run.
+    s.eval(
+        r#"let pt = data::sft(data::load(FX + "/datasets/llamafactory/wiki_demo.txt").select(0..12), tokenizer::builtin(), #{ max_length: 48 });
+train::fit(lora::attach(model::tiny(), #{ r: 2 }), pt, #{ packing: true, max_length: 128, max_steps: 2, save_steps: 0 });"#,
+    )
+    .unwrap();
+    let log = env.sink.take();
+    assert!(
+        log.contains("packing: 12 examples into 6 rows of up to 128 tokens"),
+        "{log}"
+    );
+}
+
 /// Preference pairs and KTO records, as TRL and LLaMA-Factory ship them, are an error naming the
 /// format wherever they enter (`to_messages`, or `sft` on the raw records), never SFT examples.
 #[test]

@@ -175,9 +175,32 @@ pub fn detect(record: &Value, opts: &FormatOptions) -> Result<(String, String)> 
     Err(Error::InvalidArgument(format!(
         "cannot tell the format of record 0, which has {}; expected `instruction`/`output` (alpaca), \
          `conversations` (sharegpt), `messages`, or `conversation` (`[{{human, assistant}}]`); \
-         pass `format` and `columns` to say which",
+         pass `format` and `columns` to say which; plain text (`text` records, for pretraining) \
+         needs no conversion: give it to `data::sft` as it is",
         fields(record)
     )))
+}
+
+/// Pretraining text: `{"text": ...}` for every record of `ds`, from its string field `column`
+/// (LLaMA-Factory's `prompt` column of a `stage: pt` entry).
+pub fn to_text(ds: &Dataset, column: &str) -> Result<Dataset> {
+    let rows = ds
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| match text_field(r, column, true) {
+            Ok(t) => Ok(json!({ "text": t.unwrap_or_default() })),
+            Err(m) => Err(Error::InvalidArgument(format!(
+                "`{}`: record {i} (text): {m}; the record has {}",
+                ds.source,
+                fields(r)
+            ))),
+        })
+        .collect::<Result<_>>()?;
+    Ok(Dataset {
+        rows,
+        source: ds.source.clone(),
+    })
 }
 
 /// Converts every record of `ds` to chat messages.
