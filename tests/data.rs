@@ -241,6 +241,60 @@ train::fit(lora::attach(model::tiny(), #{ r: 2 }), pt, #{ packing: true, max_len
     );
 }
 
+/// An exported tokenizer serves as the original does: every key of Qwen3's `tokenizer_config.json`
+/// kept, the chat template `data::sft` trained with saved, and `save` says where it wrote.
+#[test]
+fn saved_tokenizers_keep_their_config_and_the_training_template() {
+    let env = Env::new();
+    let Some((mut s, fx)) = setup(&env) else {
+        return;
+    };
+    s.eval(
+        r#"let q3 = tokenizer::load(FX + "/tokenizers/qwen3");
+q3.save("q3");
+const T = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+io::write_text("a.json", `[{"instruction": "hi", "output": "hello"}]`);
+let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/a.json")), q3, #{ template: T });
+q3.save("served");
+model::tiny().save("m", tokenizer::builtin());
+lora::attach(model::tiny(), #{ r: 2 }).save("adapter");"#,
+    )
+    .unwrap();
+    let log = env.sink.take();
+    assert!(log.contains("saved the tokenizer to `"), "{log}");
+    for want in [
+        "saved the tokenizer to `[TMP]/out/q3`",
+        "saved the model and its tokenizer to `[TMP]/out/m`",
+        "saved the LoRA adapter (PEFT's layout) to `[TMP]/out/adapter`",
+    ] {
+        assert!(env.filter(&log).contains(want), "{want}\n{log}");
+    }
+    let read = |p: PathBuf| -> serde_json::Map<String, serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let orig = read(fx.join("tokenizers/qwen3/tokenizer_config.json"));
+    let saved = read(env.out_dir().join("q3/tokenizer_config.json"));
+    assert_eq!(orig.len(), 14);
+    assert_eq!(saved, orig, "every key and value kept");
+    let served = read(env.out_dir().join("served/tokenizer_config.json"));
+    assert_eq!(served.len(), 14);
+    assert!(
+        served["chat_template"]
+            .as_str()
+            .unwrap()
+            .starts_with("{% for m in messages %}<|im_start|>"),
+        "{:?}",
+        served["chat_template"]
+    );
+    for k in [
+        "model_max_length",
+        "add_bos_token",
+        "additional_special_tokens",
+    ] {
+        assert_eq!(served[k], orig[k], "{k}");
+    }
+}
+
 /// Preference pairs and KTO records, as TRL and LLaMA-Factory ship them, are an error naming the
 /// format wherever they enter (`to_messages`, or `sft` on the raw records), never SFT examples.
 #[test]

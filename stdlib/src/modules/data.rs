@@ -424,7 +424,8 @@ pub mod data_module {
     ///
     /// # Options
     /// `max_length` (1024), `train_on` (`"assistant"`, `"last_assistant"`, `"all"`), `template`
-    /// (`"model"` or a Jinja template), `dataset_text_field` (`"text"`).
+    /// (`"model"` or a Jinja template; saved with the tokenizer, so the exported model chats as
+    /// it was trained), `dataset_text_field` (`"text"`).
     ///
     /// ```rhai
     /// io::write_text("a.json", `[{"instruction": "hi", "output": "hello"}]`);
@@ -461,6 +462,10 @@ pub mod data_module {
             ));
         };
         let r = sft_impl::sft(records, &tok.0, &o).map_err(to_rhai_at(&ctx))?;
+        if o.template != "model" {
+            // Saved with the tokenizer: the exported model chats as it was trained.
+            tok.0.set_trained_template(&o.template);
+        }
         rc.sink.err(&format!(
             "data: tokenized {} examples ({} truncated at {} tokens, {} dropped with every label masked)",
             r.examples.len(),

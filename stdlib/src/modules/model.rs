@@ -199,6 +199,7 @@ fn save_model_or_shapes(
     rc: &RunContext,
     m: &ModelHandle,
     dir: &std::path::Path,
+    tok: Option<&TokenizerHandle>,
 ) -> qscript_runtime::Result<()> {
     if m.0.is_shapes_only() && m.0.lora.is_none() {
         crate::context::lock(&rc.dry_models).insert(dir.to_path_buf(), m.clone());
@@ -206,9 +207,28 @@ fn save_model_or_shapes(
             "check: would write the model to `{}`",
             rc.sandbox.shown(dir).display()
         ));
+        if let Some(t) = tok {
+            t.0.save(dir)?;
+        }
         return Ok(());
     }
-    save_model(&m.0, dir)
+    save_model(&m.0, dir)?;
+    let what = if m.0.lora.is_some() {
+        "the LoRA adapter (PEFT's layout)"
+    } else {
+        "the model"
+    };
+    let with = if let Some(t) = tok {
+        t.0.save(dir)?;
+        " and its tokenizer"
+    } else {
+        ""
+    };
+    rc.sink.err(&format!(
+        "saved {what}{with} to `{}`",
+        rc.sandbox.shown(dir).display()
+    ));
+    Ok(())
 }
 
 /// Generates after `prompt` and returns the new text, streaming it when asked (or by default in
@@ -374,6 +394,7 @@ pub mod model_module {
     /// Writes the model as an HF checkpoint (`config.json`, `generation_config.json`,
     /// `model.safetensors`) under the output directory; a model with LoRA adapters writes the
     /// adapter in PEFT's layout instead (`adapter_config.json`, `adapter_model.safetensors`).
+    /// Prints where it wrote.
     ///
     /// ```rhai
     /// model::tiny().save("tiny-checkpoint");
@@ -382,10 +403,11 @@ pub mod model_module {
     pub fn save(ctx: NativeCallContext, m: &mut ModelHandle, dir: &str) -> Res<()> {
         let rc = RunContext::of(&ctx)?;
         let real = rc.resolve_write_dir(dir).map_err(to_rhai_at(&ctx))?;
-        super::save_model_or_shapes(&rc, m, &real).map_err(to_rhai_at(&ctx))
+        super::save_model_or_shapes(&rc, m, &real, None).map_err(to_rhai_at(&ctx))
     }
 
-    /// Writes the model and its tokenizer files, a directory transformers loads as is.
+    /// Writes the model and its tokenizer files, a directory transformers loads as is (the
+    /// tokenizer's whole original config, and the chat template `data::sft` trained with).
     ///
     /// ```rhai
     /// model::tiny().save("tiny-with-tokenizer", tokenizer::builtin());
@@ -399,8 +421,7 @@ pub mod model_module {
     ) -> Res<()> {
         let rc = RunContext::of(&ctx)?;
         let real = rc.resolve_write_dir(dir).map_err(to_rhai_at(&ctx))?;
-        super::save_model_or_shapes(&rc, m, &real).map_err(to_rhai_at(&ctx))?;
-        tok.0.save(&real).map_err(to_rhai_at(&ctx))
+        super::save_model_or_shapes(&rc, m, &real, Some(&tok)).map_err(to_rhai_at(&ctx))
     }
 
     /// Generates text after `prompt` (a string, encoded with special tokens, or an array of
