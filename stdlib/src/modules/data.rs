@@ -501,6 +501,7 @@ pub mod data_module {
                 ),
             ));
         }
+        let mut check_fact = None;
         if rc.check_mode.load(std::sync::atomic::Ordering::Relaxed) {
             let longest = r
                 .examples
@@ -508,17 +509,16 @@ pub mod data_module {
                 .map(|e| e.input_ids.len())
                 .max()
                 .unwrap_or(0);
-            rc.check_fact(
-                "data",
-                format!(
-                    "{} examples from `{}` (longest {longest} tokens, {} cut at {}, {} dropped)",
-                    r.examples.len(),
-                    records.source,
-                    r.truncated,
-                    o.max_length,
-                    r.dropped
-                ),
+            let fact = format!(
+                "{} examples from `{}` (longest {longest} tokens, {} cut at {}, {} dropped)",
+                r.examples.len(),
+                records.source,
+                r.truncated,
+                o.max_length,
+                r.dropped
             );
+            rc.check_fact("data", fact.clone());
+            check_fact = Some(fact);
             for (k, ex) in r.examples.iter().take(2).enumerate() {
                 rc.sink.out(&format!(
                     "check: example {k} (record {}), {} tokens, learned spans in [[...]]:",
@@ -528,9 +528,15 @@ pub mod data_module {
                 rc.sink.out(&sft_impl::masked_spans(&tok.0, ex));
             }
         }
-        Ok(DatasetHandle::new(Data::Tokenized(
-            TokenizedDataset::from_report(r, records.source.clone(), tok.0.vocab_size()),
-        )))
+        let out = DatasetHandle::new(Data::Tokenized(TokenizedDataset::from_report(
+            r,
+            records.source.clone(),
+            tok.0.vocab_size(),
+        )));
+        if let Some(fact) = check_fact {
+            crate::context::lock(&rc.sft_facts).insert(out.address(), (out.len(), fact));
+        }
+        Ok(out)
     }
 
     /// `sft` with the default options.
