@@ -231,6 +231,14 @@ fn save_model_or_shapes(
     Ok(())
 }
 
+/// What to print of `text` (the reply decoded so far) after the `shown` bytes already printed:
+/// the complete characters only. A character cut between tokens decodes as U+FFFD at the end
+/// until its next token completes it, so that end is held back (never printed as `�`).
+fn stream_delta(text: &str, shown: usize) -> Option<&str> {
+    let ready = text.trim_end_matches('\u{fffd}');
+    (ready.len() > shown && ready.is_char_boundary(shown)).then(|| &ready[shown..])
+}
+
 /// Generates after `prompt` and returns the new text, streaming it when asked (or by default in
 /// the interactive REPL).
 fn run_generate(
@@ -270,14 +278,15 @@ fn run_generate(
         if stream {
             new_ids.push(id);
             let text = tok.0.decode(&new_ids, skip)?;
-            if text.len() > shown && text.is_char_boundary(shown) && !text.ends_with('\u{fffd}') {
-                rc.sink.stream(&text[shown..]);
-                shown = text.len();
+            if let Some(new) = stream_delta(&text, shown) {
+                rc.sink.stream(new);
+                shown += new.len();
             }
         }
         Ok(())
     });
-    if stream {
+    if stream && shown > 0 {
+        // A reply that printed nothing (only special tokens) leaves no blank line.
         rc.sink.stream("\n");
     }
     let ids = ids.map_err(to_rhai_at(ctx))?;
@@ -577,5 +586,21 @@ pub mod model_module {
     #[rhai_fn(global, name = "to_string", name = "to_debug", pure)]
     pub fn describe(m: &mut ModelHandle) -> String {
         m.0.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stream_delta;
+
+    #[test]
+    fn streaming_prints_whole_characters_only() {
+        // "你" is three bytes, cut over tokens: held back until complete.
+        assert_eq!(stream_delta("ab", 0), Some("ab"));
+        assert_eq!(stream_delta("ab\u{fffd}", 2), None);
+        assert_eq!(stream_delta("ab\u{fffd}\u{fffd}", 2), None);
+        assert_eq!(stream_delta("ab你", 2), Some("你"));
+        assert_eq!(stream_delta("x\u{fffd}", 0), Some("x"));
+        assert_eq!(stream_delta("", 0), None);
     }
 }
