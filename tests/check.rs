@@ -141,6 +141,31 @@ fn each_mistake_fails_check_with_a_clear_message() {
 }
 
 /// A custom loop runs to its end in a dry run, step by step, without training.
+/// The summary's data is the training set, not the eval split tokenized after it (issue 26).
+#[test]
+fn the_summary_reports_the_training_set_size() {
+    let env = env_with_model();
+    env.write(
+        "split.rhai",
+        r#"let tok = tokenizer::load("models/m");
+let s = data::to_messages(data::load("d.json")).train_test_split(#{ test_size: 1, seed: 0 });
+let train = data::sft(s.train, tok);
+let val = data::sft(s.test, tok);
+let peft = lora::attach(model::load("models/m"), #{ r: 4 });
+train::fit(peft, train, #{ max_steps: 2, per_device_train_batch_size: 2 }, val);
+let tokenized = data::sft(data::to_messages(data::load("d.json")), tok).train_test_split(#{ test_size: 1, seed: 0 });
+train::fit(lora::attach(model::load("models/m"), #{ r: 4 }), tokenized.train, #{ max_steps: 1 });
+"#,
+    );
+    let o = run_in(env.dir.path(), &["check", "recipe/split.rhai"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("\n  data      3 examples from `"),
+        "the training set's 3 examples, not the eval split's 1:\n{out}"
+    );
+}
+
 #[test]
 fn a_custom_loop_is_not_trained_by_check() {
     let env = env_with_model();

@@ -135,7 +135,6 @@ fn llamafactory_dataset_info_entries() {
     for (name, var) in [
         ("alpaca_zh_demo", "a"),
         ("glaive_toolcall_en_demo", "g"),
-        ("kto_en_demo", "k"),
         ("identity", "i"),
     ] {
         s.eval(&format!(r#"let {var} = data::sft(data::from_info(INFO, "{name}"), tok, #{{ max_length: 512 }});"#)).unwrap();
@@ -147,7 +146,18 @@ fn llamafactory_dataset_info_entries() {
     );
     assert_snapshot!("lf_alpaca_zh_record0", masked(&mut s, "a", 0));
     assert_snapshot!("lf_glaive_toolcall_record0", masked(&mut s, "g", 0));
-    assert_snapshot!("lf_kto_record0", masked(&mut s, "k", 0));
+    // KTO data is never trained as SFT (issue 26): its `label: false` answers are undesirable.
+    let e = s
+        .eval(r#"data::sft(data::from_info(INFO, "kto_en_demo"), tok)"#)
+        .unwrap_err();
+    assert!(
+        e.rendered.contains(
+            "entry `kto_en_demo`: KTO data (`kto_tag` column `label`) is for KTO, not supervised \
+             fine-tuning; preference training (DPO, KTO) is not supported yet"
+        ),
+        "{}",
+        e.rendered
+    );
     let e = s
         .eval(r#"data::from_info(INFO, "dpo_en_demo")"#)
         .unwrap_err();
@@ -165,6 +175,177 @@ fn llamafactory_dataset_info_entries() {
         "{}",
         e.rendered
     );
+}
+
+/// Pretraining text as LLaMA-Factory (`c4_demo`, `wiki_demo.txt`, `stage: pt`) and TRL (`text`,
+/// `dataset_text_field`) have it: every token learned, eos appended, packed in a run.
+#[test]
+fn pretraining_text_trains_every_token_and_packs() {
+    let env = Env::new();
+    let Some((mut s, _)) = setup(&env) else {
+        return;
+    };
+    s.eval(
+        r#"const INFO = FX + "/datasets/llamafactory/dataset_info.json";
+let c4 = data::sft(data::from_info(INFO, "c4_demo"), tok, #{ max_length: 256 });
+let wiki = data::sft(data::from_info(INFO, "wiki_demo"), tok, #{ max_length: 256 });
+let raw = data::sft(data::load(FX + "/datasets/llamafactory/c4_demo.jsonl"), tok, #{ max_length: 256 });"#,
+    )
+    .unwrap();
+    let log = env.sink.take();
+    for want in [
+        "data: `c4_demo`: 300 records, format `text` (pretraining text, column `text`) from dataset_info.json",
+        "data: `wiki_demo`: 30 records, format `text`",
+        "data: 300 records are plain text (`text`): every token learned, eos appended",
+    ] {
+        assert!(log.contains(want), "{want}\n{log}");
+    }
+    let every = s
+        .eval(
+            "let ok = c4.len() == 300 && wiki.len() == 30; for d in [c4, wiki, raw] { for i in 0..d.len() { \
+             let e = d[i]; if e.labels != e.input_ids { ok = false; } \
+             if e.input_ids.len() < 256 && e.input_ids[-1] != tok.eos_id { ok = false; } } } \
+             ok && c4[5].input_ids == raw[5].input_ids",
+        )
+        .unwrap();
+    assert_eq!(every.as_deref(), Some("=> true : bool"));
+    // The first document, as LLaMA-Factory's `stage: pt` makes it: its text and eos.
+    let doc = s
+        .eval("tok.decode(wiki[1].input_ids.extract(0, 8)) + \"|\" + tok.decode(c4[0].input_ids.extract(c4[0].input_ids.len() - 3))")
+        .unwrap()
+        .unwrap();
+    assert!(
+        doc.starts_with("=> \"Autism is a neurodevelopmental"),
+        "{doc}"
+    );
+    assert!(doc.ends_with("<|im_end|>\" : string"), "{doc}");
+    // Chat conversion says where text goes.
+    let e = s
+        .eval(r#"data::to_messages(data::load(FX + "/datasets/llamafactory/c4_demo.jsonl"))"#)
+        .unwrap_err();
+    assert!(
+        e.rendered.contains("plain text (`text` records, for pretraining) needs no conversion: give it to `data::sft` as it is"),
+        "{}",
+        e.rendered
+    );
+    // Packed in a run.
+    s.eval(
+        r#"let pt = data::sft(data::load(FX + "/datasets/llamafactory/wiki_demo.txt").select(0..12), tokenizer::builtin(), #{ max_length: 48 });
+train::fit(lora::attach(model::tiny(), #{ r: 2 }), pt, #{ packing: true, max_length: 128, max_steps: 2, save_steps: 0 });"#,
+    )
+    .unwrap();
+    let log = env.sink.take();
+    assert!(
+        log.contains("packing: 12 examples into 6 rows of up to 128 tokens"),
+        "{log}"
+    );
+}
+
+/// An exported tokenizer serves as the original does: every key of Qwen3's `tokenizer_config.json`
+/// kept, the chat template `data::sft` trained with saved, and `save` says where it wrote.
+#[test]
+fn saved_tokenizers_keep_their_config_and_the_training_template() {
+    let env = Env::new();
+    let Some((mut s, fx)) = setup(&env) else {
+        return;
+    };
+    s.eval(
+        r#"let q3 = tokenizer::load(FX + "/tokenizers/qwen3");
+q3.save("q3");
+const T = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+io::write_text("a.json", `[{"instruction": "hi", "output": "hello"}]`);
+let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/a.json")), q3, #{ template: T });
+q3.save("served");
+model::tiny().save("m", tokenizer::builtin());
+lora::attach(model::tiny(), #{ r: 2 }).save("adapter");"#,
+    )
+    .unwrap();
+    let log = env.sink.take();
+    assert!(log.contains("saved the tokenizer to `"), "{log}");
+    for want in [
+        "saved the tokenizer to `[TMP]/out/q3`",
+        "saved the model and its tokenizer to `[TMP]/out/m`",
+        "saved the LoRA adapter (PEFT's layout) to `[TMP]/out/adapter`",
+    ] {
+        assert!(env.filter(&log).contains(want), "{want}\n{log}");
+    }
+    let read = |p: PathBuf| -> serde_json::Map<String, serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let orig = read(fx.join("tokenizers/qwen3/tokenizer_config.json"));
+    let saved = read(env.out_dir().join("q3/tokenizer_config.json"));
+    assert_eq!(orig.len(), 14);
+    assert_eq!(saved, orig, "every key and value kept");
+    let served = read(env.out_dir().join("served/tokenizer_config.json"));
+    assert_eq!(served.len(), 14);
+    assert!(
+        served["chat_template"]
+            .as_str()
+            .unwrap()
+            .starts_with("{% for m in messages %}<|im_start|>"),
+        "{:?}",
+        served["chat_template"]
+    );
+    for k in [
+        "model_max_length",
+        "add_bos_token",
+        "additional_special_tokens",
+    ] {
+        assert_eq!(served[k], orig[k], "{k}");
+    }
+}
+
+/// Preference pairs and KTO records, as TRL and LLaMA-Factory ship them, are an error naming the
+/// format wherever they enter (`to_messages`, or `sft` on the raw records), never SFT examples.
+#[test]
+fn preference_and_kto_records_are_never_trained_as_sft() {
+    let env = Env::new();
+    let Some((mut s, _)) = setup(&env) else {
+        return;
+    };
+    s.eval(r#"const LF = FX + "/datasets/llamafactory/";"#)
+        .unwrap();
+    env.write(
+        "trl_dpo.jsonl",
+        r#"{"prompt": "2+2?", "chosen": "4", "rejected": "5"}"#,
+    );
+    env.write(
+        "trl_kto.jsonl",
+        r#"{"prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "5"}], "label": false}"#,
+    );
+    for (code, want) in [
+        (
+            r#"data::to_messages(data::load(LF + "kto_en_demo.json"))"#,
+            "kto_en_demo.json`: record 0 is KTO data (a boolean `label` marks each answer desirable or not), not supervised fine-tuning; preference training (DPO, KTO) is not supported yet",
+        ),
+        (
+            r#"data::sft(data::load(LF + "kto_en_demo.json"), tok)"#,
+            "record 0 is KTO data",
+        ),
+        (
+            r#"data::to_messages(data::load(LF + "dpo_en_demo.json"), #{ format: "sharegpt" })"#,
+            "dpo_en_demo.json`: record 0 is DPO preference data (`chosen`/`rejected`), not supervised fine-tuning",
+        ),
+        (
+            r#"data::to_messages(data::load(LF + "v1_dpo_demo.jsonl"))"#,
+            "record 0 is DPO preference data (`chosen_messages`/`rejected_messages`, LLaMA-Factory v1)",
+        ),
+        (
+            r#"data::to_messages(data::load("trl_dpo.jsonl"))"#,
+            "trl_dpo.jsonl`: record 0 is DPO preference data (`chosen`/`rejected`)",
+        ),
+        (
+            r#"data::to_messages(data::load("trl_kto.jsonl"))"#,
+            "trl_kto.jsonl`: record 0 is KTO data",
+        ),
+        (
+            r#"data::from_info(LF + "dataset_info.json", "dpo_en_demo")"#,
+            "entry `dpo_en_demo`: preference (`ranking`) data is for DPO/KTO, not supervised fine-tuning; preference training (DPO, KTO) is not supported yet",
+        ),
+    ] {
+        let e = s.eval(code).unwrap_err();
+        assert!(e.rendered.contains(want), "{code}: {}", e.rendered);
+    }
 }
 
 #[test]

@@ -35,6 +35,25 @@ fn repl_errors_show_position_and_caret() {
     assert_snapshot!("repl_errors", t);
 }
 
+/// A method of a module called with the wrong argument types shows its real signatures, not a
+/// close name (`m.chat(tok, "hello")` once suggested `chars`).
+#[test]
+fn wrong_argument_types_of_a_method_show_its_signatures() {
+    let env = Env::new();
+    let mut s = env.session();
+    s.eval("let m = model::tiny(); let tok = tokenizer::builtin();")
+        .unwrap();
+    for code in [r#"m.chat(tok, "hello")"#, r#"chat(m, tok, "hello")"#] {
+        let e = s.eval(code).unwrap_err().rendered;
+        assert!(
+            e.contains(
+                "help: wrong argument types; `chat` takes: `model::chat(m: Model, tok: Tokenizer, messages: array) -> string`"
+            ),
+            "{e}"
+        );
+    }
+}
+
 #[test]
 fn repl_help_and_commands() {
     let env = Env::new();

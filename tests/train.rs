@@ -196,6 +196,27 @@ fn resuming_reproduces_the_uninterrupted_run_exactly() {
             .join("checkpoint-3/adapter_model.safetensors")
             .is_file()
     );
+    // trainer_state.json in transformers' layout, resumed from below.
+    let st: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d2.path().join("checkpoint-3/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(st["global_step"], 3);
+    assert!(st["epoch"].as_f64().unwrap() > 0.0, "{st}");
+    for k in [
+        "max_steps",
+        "num_train_epochs",
+        "logging_steps",
+        "eval_steps",
+        "save_steps",
+        "train_batch_size",
+        "best_model_checkpoint",
+        "best_metric",
+        "log_history",
+        "stateful_callbacks",
+    ] {
+        assert!(st.get(k).is_some(), "{k}: {st}");
+    }
     let resumed = run(
         &peft(2),
         &data,

@@ -104,6 +104,12 @@ pub struct Tokenizer {
     pub template_source: Option<std::path::PathBuf>,
     /// The `tokenizer.json` it was loaded from (`None` for one built in code).
     file: Option<std::path::PathBuf>,
+    /// Every key of the `tokenizer_config.json` it was loaded from, written back on save
+    /// (`model_max_length`, `add_bos_token`, `additional_special_tokens`, ...).
+    config: serde_json::Map<String, Value>,
+    /// The chat template examples were made with (`data::sft`'s `template`), saved in place of
+    /// the tokenizer's own; shared by the clones of this tokenizer.
+    trained_template: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Tokenizer {
@@ -131,10 +137,13 @@ impl Tokenizer {
             })?
             .map_err(|e| Error::Tokenizer(format!("`{}`: {e}", file.display())))?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let cfg: TokenizerConfig = if cfg_path.is_file() {
-            crate::files::read_config(&cfg_path)?
+        let (cfg, raw): (TokenizerConfig, serde_json::Map<String, Value>) = if cfg_path.is_file() {
+            (
+                crate::files::read_config(&cfg_path)?,
+                crate::files::read_config(&cfg_path)?,
+            )
         } else {
-            TokenizerConfig::default()
+            Default::default()
         };
         let mut source = cfg.chat_template.is_some().then(|| cfg_path.clone());
         let mut chat_template = match cfg.chat_template {
@@ -161,6 +170,7 @@ impl Tokenizer {
         );
         tok.template_source = source;
         tok.file = Some(file);
+        tok.config = raw;
         Ok(tok)
     }
 
@@ -184,6 +194,8 @@ impl Tokenizer {
             pad_is_eos_fallback,
             template_source: None,
             file: None,
+            config: serde_json::Map::new(),
+            trained_template: std::sync::Arc::default(),
         }
     }
 
@@ -325,7 +337,25 @@ impl Tokenizer {
         chat_template::render(template, &Value::Object(ctx))
     }
 
-    /// Writes `tokenizer.json` and `tokenizer_config.json` to `dir`.
+    /// Records `template` as the chat template examples were made with: [`Tokenizer::save`]
+    /// writes it (as TRL and LLaMA-Factory save the template they trained with).
+    pub fn set_trained_template(&self, template: &str) {
+        if let Ok(mut t) = self.trained_template.lock() {
+            *t = Some(template.to_string());
+        }
+    }
+
+    /// The chat template a save writes: the one examples were made with, else the tokenizer's.
+    pub fn saved_template(&self) -> Option<String> {
+        self.trained_template
+            .lock()
+            .ok()
+            .and_then(|t| t.clone())
+            .or_else(|| self.chat_template.clone())
+    }
+
+    /// Writes `tokenizer.json` and `tokenizer_config.json` to `dir`: every key of the original
+    /// config, with the special tokens and the chat template (the one trained with) set.
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let json = self
@@ -333,7 +363,10 @@ impl Tokenizer {
             .to_string(true)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         crate::sandbox::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
-        let mut cfg = serde_json::Map::new();
+        let mut cfg = self.config.clone();
+        let trained = self.trained_template.lock().ok().and_then(|t| t.clone());
+        // A list of named templates is kept as it was unless training used another template.
+        let keep_list = trained.is_none() && cfg.get("chat_template").is_some_and(Value::is_array);
         let mut put = |k: &str, v: &Option<String>| {
             cfg.insert(k.into(), v.as_ref().map_or(Value::Null, |s| json!(s)));
         };
@@ -348,7 +381,9 @@ impl Tokenizer {
             },
         );
         put("unk_token", &self.unk_token);
-        put("chat_template", &self.chat_template);
+        if !keep_list {
+            put("chat_template", &self.saved_template());
+        }
         let text = serde_json::to_string_pretty(&Value::Object(cfg)).unwrap_or_default();
         crate::sandbox::write_atomic(&dir.join("tokenizer_config.json"), text.as_bytes())
     }

@@ -227,6 +227,9 @@ pub struct RunContext {
     /// What a dry run found, by topic (`data`, `model`, `adapters`, `steps`, `memory`, `plan`),
     /// for `qscript check`'s summary; the latest fact of a topic wins.
     pub(crate) check_facts: Mutex<Vec<(String, String)>>,
+    /// The `data` fact of each dataset `data::sft` made in a dry run, by the dataset's address
+    /// (with its length): training states the one it trains on, not the latest tokenized.
+    pub(crate) sft_facts: Mutex<HashMap<usize, (usize, String)>>,
     /// Models without weights "saved" during a dry run, by the directory they would be in, so
     /// a later `model::load` of it gets them back.
     pub(crate) dry_models: Mutex<HashMap<PathBuf, crate::handles::ModelHandle>>,
@@ -265,6 +268,7 @@ impl RunContext {
             max_memory: opts.max_memory,
             planned_ranks: opts.planned_ranks,
             check_facts: Mutex::new(Vec::new()),
+            sft_facts: Mutex::new(HashMap::new()),
             stream_by_default: std::sync::atomic::AtomicBool::new(false),
         })
     }

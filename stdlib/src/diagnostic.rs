@@ -154,7 +154,11 @@ fn without_position(err: &EvalAltResult) -> String {
 /// For `name (types)`: a close name, or the real signatures when only the types are wrong.
 fn function_hint(sig: &str, cx: &Context) -> Option<String> {
     let name = sig.split(" (").next().unwrap_or(sig).trim();
-    let same: Vec<_> = cx.functions.iter().filter(|f| f.name == name).collect();
+    // A module's global function (`model::chat`) is also called by its own name and as a method.
+    let callable_as = |f: &FnDoc| -> bool {
+        f.name == name || (f.global && f.name.rsplit("::").next() == Some(name))
+    };
+    let same: Vec<_> = cx.functions.iter().filter(|f| callable_as(f)).collect();
     if !same.is_empty() {
         let sigs: Vec<_> = same.iter().map(|f| format!("`{}`", f.signature)).collect();
         return Some(format!(

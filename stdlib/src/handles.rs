@@ -22,6 +22,11 @@ pub struct TokenizerHandle(pub Arc<Tokenizer>);
 pub struct DatasetHandle(pub Arc<Data>);
 
 impl DatasetHandle {
+    /// Where the dataset lives: the same for every copy of this handle.
+    pub fn address(&self) -> usize {
+        Arc::as_ptr(&self.0) as usize
+    }
+
     /// From records.
     pub fn records(ds: Dataset) -> Self {
         Self::new(Data::Records(ds))

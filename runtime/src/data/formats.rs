@@ -103,6 +103,42 @@ fn fields(r: &Value) -> String {
     }
 }
 
+/// What every refusal of preference data ends with.
+pub const NOT_YET: &str = "not supervised fine-tuning; preference training (DPO, KTO) is not supported yet, \
+     and training it as SFT would learn its rejected answers too";
+
+/// What preference or KTO data `record` is, if it is: `DPO preference data (`chosen`/`rejected`)`.
+/// TRL's and LLaMA-Factory's pairs (`chosen`/`rejected`, v1's `chosen_messages`/
+/// `rejected_messages`) and KTO's records (a boolean `label` beside the prompt and completion or
+/// messages) are never trained as SFT.
+pub fn preference_kind(record: &Value) -> Option<String> {
+    let has = |k: &str| record.get(k).is_some();
+    if has("chosen_messages") || has("rejected_messages") {
+        return Some(
+            "DPO preference data (`chosen_messages`/`rejected_messages`, LLaMA-Factory v1)".into(),
+        );
+    }
+    if has("chosen") && has("rejected") {
+        return Some("DPO preference data (`chosen`/`rejected`)".into());
+    }
+    let text = [
+        "completion",
+        "messages",
+        "conversations",
+        "output",
+        "response",
+    ];
+    if record.get("label").is_some_and(Value::is_boolean) && text.iter().any(|k| has(k)) {
+        return Some("KTO data (a boolean `label` marks each answer desirable or not)".into());
+    }
+    None
+}
+
+/// The error for preference record `i` of `source`.
+pub fn preference_error(source: &str, i: usize, what: &str) -> Error {
+    Error::InvalidArgument(format!("`{source}`: record {i} is {what}, {NOT_YET}"))
+}
+
 /// Detects the format of `record` (the first of a dataset) with the column names of `opts`.
 pub fn detect(record: &Value, opts: &FormatOptions) -> Result<(String, String)> {
     let c = &opts.columns;
@@ -139,9 +175,32 @@ pub fn detect(record: &Value, opts: &FormatOptions) -> Result<(String, String)> 
     Err(Error::InvalidArgument(format!(
         "cannot tell the format of record 0, which has {}; expected `instruction`/`output` (alpaca), \
          `conversations` (sharegpt), `messages`, or `conversation` (`[{{human, assistant}}]`); \
-         pass `format` and `columns` to say which",
+         pass `format` and `columns` to say which; plain text (`text` records, for pretraining) \
+         needs no conversion: give it to `data::sft` as it is",
         fields(record)
     )))
+}
+
+/// Pretraining text: `{"text": ...}` for every record of `ds`, from its string field `column`
+/// (LLaMA-Factory's `prompt` column of a `stage: pt` entry).
+pub fn to_text(ds: &Dataset, column: &str) -> Result<Dataset> {
+    let rows = ds
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| match text_field(r, column, true) {
+            Ok(t) => Ok(json!({ "text": t.unwrap_or_default() })),
+            Err(m) => Err(Error::InvalidArgument(format!(
+                "`{}`: record {i} (text): {m}; the record has {}",
+                ds.source,
+                fields(r)
+            ))),
+        })
+        .collect::<Result<_>>()?;
+    Ok(Dataset {
+        rows,
+        source: ds.source.clone(),
+    })
 }
 
 /// Converts every record of `ds` to chat messages.
@@ -150,6 +209,9 @@ pub fn to_messages(ds: &Dataset, opts: &FormatOptions) -> Result<Converted> {
         .rows
         .first()
         .ok_or_else(|| Error::InvalidArgument(format!("`{}`: the dataset is empty", ds.source)))?;
+    if let Some(what) = preference_kind(first) {
+        return Err(preference_error(&ds.source, 0, &what));
+    }
     let (format, reason) = if opts.format == "auto" {
         detect(first, opts)?
     } else {
@@ -173,6 +235,9 @@ pub fn to_messages(ds: &Dataset, opts: &FormatOptions) -> Result<Converted> {
     };
     let mut rows = Vec::with_capacity(ds.len());
     for (i, r) in ds.rows.iter().enumerate() {
+        if let Some(what) = preference_kind(r) {
+            return Err(preference_error(&ds.source, i, &what));
+        }
         let v = convert(r, opts).map_err(|m| {
             Error::InvalidArgument(format!(
                 "`{}`: record {i} ({format}): {m}; the record has {}",
@@ -460,6 +525,35 @@ mod tests {
         );
         let c = to_messages(&ds(json!([{"conversation": [{"human": "h1", "assistant": "a1"}, {"human": "h2", "assistant": "a2"}]}])), &FormatOptions::default()).unwrap();
         assert_eq!(c.dataset.rows[0]["messages"].as_array().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn preference_and_kto_records_are_refused() {
+        for (rows, want) in [
+            (
+                json!([{"prompt": "p", "chosen": "c", "rejected": "r"}]),
+                "`t.json`: record 0 is DPO preference data (`chosen`/`rejected`), not supervised fine-tuning; preference training (DPO, KTO) is not supported yet",
+            ),
+            (
+                json!([{"chosen_messages": [], "rejected_messages": []}]),
+                "record 0 is DPO preference data (`chosen_messages`/`rejected_messages`, LLaMA-Factory v1)",
+            ),
+            (
+                json!([{"instruction": "i", "output": "o"}, {"prompt": "p", "completion": "c", "label": true}]),
+                "`t.json`: record 1 is KTO data (a boolean `label` marks each answer desirable or not)",
+            ),
+        ] {
+            let e = to_messages(&ds(rows), &FormatOptions::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        // A `label` that is not KTO's boolean is a plain column.
+        let ok = to_messages(
+            &ds(json!([{"instruction": "i", "output": "o", "label": "pos"}])),
+            &FormatOptions::default(),
+        );
+        assert!(ok.is_ok());
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! LLaMA-Factory's `dataset_info.json`: an entry names a file, its `formatting` (alpaca or
-//! sharegpt), its `columns` and its ShareGPT `tags`.
+//! sharegpt), its `columns` and its ShareGPT `tags`. An alpaca entry with only a `prompt` column
+//! over records without a response (`c4_demo`, `wiki_demo`: what `stage: pt` trains) is
+//! pretraining text.
 
 use std::path::{Path, PathBuf};
 
@@ -58,10 +60,18 @@ pub fn read_info(path: &Path, name: &str) -> Result<(PathBuf, FormatOptions)> {
         Error::InvalidArgument(format!("`{}`: no entry `{name}`; {hint}", path.display()))
     })?;
     let e: Entry = serde_json::from_value(raw.clone()).map_err(|e| bad(e.to_string()))?;
-    if e.ranking {
-        return Err(bad(
-            "preference (`ranking`) data is for DPO/KTO, not supervised fine-tuning".into(),
-        ));
+    if e.ranking || e.columns.contains_key("chosen") {
+        return Err(bad(format!(
+            "preference (`ranking`) data is for DPO/KTO, {}",
+            super::formats::NOT_YET
+        )));
+    }
+    if let Some(tag) = e.columns.get("kto_tag") {
+        return Err(bad(format!(
+            "KTO data (`kto_tag` column `{}`) is for KTO, {}",
+            tag.as_str().unwrap_or_default(),
+            super::formats::NOT_YET
+        )));
     }
     let Some(file) = e.file_name else {
         let hub = e.hf_hub_url.or(e.ms_hub_url).unwrap_or_default();
@@ -106,4 +116,22 @@ pub fn read_info(path: &Path, name: &str) -> Result<(PathBuf, FormatOptions)> {
         ..FormatOptions::default()
     };
     Ok((dir.join(file), opts))
+}
+
+/// The text column when an entry's records are pretraining text: an alpaca entry whose only
+/// column is `prompt`, and whose first record has that column and no response (LLaMA-Factory's
+/// `c4_demo` and `wiki_demo`, which `stage: pt` trains). `None` for chat data.
+pub fn pretrain_column(opts: &FormatOptions, first: &serde_json::Value) -> Option<String> {
+    let c = &opts.columns;
+    let only_prompt = c.query.is_none()
+        && c.response.is_none()
+        && c.history.is_none()
+        && c.messages.is_none()
+        && c.tools.is_none();
+    let prompt = c.prompt.as_deref()?;
+    (opts.format == "alpaca"
+        && only_prompt
+        && first.get(prompt).is_some_and(serde_json::Value::is_string)
+        && first.get("output").is_none())
+    .then(|| prompt.to_string())
 }

@@ -142,8 +142,10 @@ pub fn load(paths: &[PathBuf], opts: &LoadOptions) -> Result<Dataset> {
     Ok(ds)
 }
 
-/// Reads every file in `paths` (in order) into one dataset. A file is a JSON array of objects, or
-/// JSONL (one object per line; blank lines skipped). An empty result is an error.
+/// Reads every file in `paths` (in order) into one dataset. A file is a JSON array of objects,
+/// JSONL (one object per line; blank lines skipped), or plain text (`.txt`: one `{"text": line}`
+/// record per non-blank line, as HF datasets' `text` loader and LLaMA-Factory's `wiki_demo.txt`
+/// have it). An empty result is an error.
 pub fn load_files(paths: &[PathBuf]) -> Result<Dataset> {
     let mut rows = Vec::new();
     for p in paths {
@@ -163,6 +165,16 @@ pub fn load_files(paths: &[PathBuf]) -> Result<Dataset> {
 
 fn load_file(path: &Path) -> Result<Vec<Value>> {
     let text = crate::files::read_text(path)?;
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("txt"))
+    {
+        return Ok(text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::json!({ "text": l }))
+            .collect());
+    }
     let trimmed = text.trim_start();
     let rows = if trimmed.starts_with('[') {
         match serde_json::from_str::<Value>(trimmed) {
@@ -252,6 +264,15 @@ mod tests {
         assert_eq!(ds.len(), 4);
         assert_eq!(ds.columns(), ["x", "y", "z"]);
         assert_eq!(ds.source, "2 files");
+        let t = write(d.path(), "wiki.txt", "First doc.\n\n  \nSecond {doc}.\n");
+        let ds = load_files(&[t]).unwrap();
+        assert_eq!(
+            ds.rows,
+            [
+                serde_json::json!({"text": "First doc."}),
+                serde_json::json!({"text": "Second {doc}."})
+            ]
+        );
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //! should not learn (system, user and template tokens). The conversation is rendered through the
 //! chat template message by message; each segment is tokenized on its own and concatenated, so
 //! the label mask follows segment boundaries exactly (LLaMA-Factory does the same).
+//!
+//! A record without `messages` whose `dataset_text_field` (`text`) is a string is plain text for
+//! causal LM (TRL's language-modeling datasets, LLaMA-Factory's `stage: pt`): tokenized with the
+//! tokenizer's special tokens, eos appended, every token learned.
 
 use rayon::prelude::*;
 use serde::Deserialize;
@@ -25,6 +29,8 @@ pub struct SftOptions {
     pub train_on: String,
     /// `model` (the tokenizer's chat template) or a Jinja template.
     pub template: String,
+    /// The field of plain-text records (TRL's `dataset_text_field`).
+    pub dataset_text_field: String,
     /// The most bytes of rendered text one record may have (the tokenizer holds a record's
     /// whole text and its tokens at once; 0: no limit). The run's `--max-record-size`.
     #[serde(skip)]
@@ -40,6 +46,7 @@ impl Default for SftOptions {
             max_length: 1024,
             train_on: "assistant".into(),
             template: "model".into(),
+            dataset_text_field: "text".into(),
             max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
         }
     }
@@ -73,6 +80,8 @@ pub struct SftReport {
     pub tool_turns_dropped: usize,
     /// Records whose `tools` list the chat template did not render.
     pub tools_ignored: usize,
+    /// Records that were plain text (every token learned).
+    pub text: usize,
 }
 
 /// The text of one conversation in segments marked trainable or not, and what the chat
@@ -230,12 +239,20 @@ pub fn sft(
     let template = (opts.template != "model").then_some(opts.template.as_str());
     // Render and tokenize every record in parallel (on the workers, with the main thread's
     // stack); keep the order, report the first error.
-    let encoded: Vec<Result<(Example, usize, bool)>> = crate::panic::in_workers(|| {
+    let encoded: Vec<Result<(Example, usize, bool, bool)>> = crate::panic::in_workers(|| {
         ds.rows
         .par_iter()
         .enumerate()
         .map(|(i, r)| {
             cancel.check()?;
+            if let Some(what) = super::formats::preference_kind(r) {
+                return Err(super::formats::preference_error(&ds.source, i, &what));
+            }
+            if r.get("messages").is_none()
+                && let Some(t) = r.get(&opts.dataset_text_field)
+            {
+                return text_example(tok, ds, i, t, opts).map(|ex| (ex, 0, false, true));
+            }
             let segs = segments(tok, template, r, &opts.train_on).map_err(|e| match e {
                 SegmentError::Data(m) => {
                     Error::InvalidArgument(format!("`{}`: record {i}: {m}", ds.source))
@@ -269,13 +286,15 @@ pub fn sft(
                 ex,
                 segs.tool_turns_dropped,
                 segs.tools_ignored,
+                false,
             ))
         })
         .collect()
     });
     let mut report = SftReport::default();
     for (i, ex) in encoded.into_iter().enumerate() {
-        let (ex, turns, ignored) = ex?;
+        let (ex, turns, ignored, text) = ex?;
+        report.text += usize::from(text);
         report.tool_turns_dropped += turns;
         report.tools_ignored += usize::from(ignored);
         let ex = truncate(ex, opts.max_length, &mut report.truncated);
@@ -287,6 +306,47 @@ pub fn sft(
         report.source_index.push(i);
     }
     Ok(report)
+}
+
+/// Record `i` of `ds`, plain text `value`: its tokens (with the tokenizer's special tokens, as
+/// TRL tokenizes text) and eos, every one learned.
+fn text_example(
+    tok: &Tokenizer,
+    ds: &Dataset,
+    i: usize,
+    value: &Value,
+    opts: &SftOptions,
+) -> Result<Example> {
+    let field = &opts.dataset_text_field;
+    let Value::String(text) = value else {
+        return Err(Error::InvalidArgument(format!(
+            "`{}`: record {i}: `{field}` is {}, expected a string of text",
+            ds.source,
+            super::records::kind(value)
+        )));
+    };
+    if opts.max_record_bytes > 0 && text.len() > opts.max_record_bytes {
+        return Err(Error::InvalidArgument(format!(
+            "`{}`: record {i} has {} bytes of text, over the limit of {} a record (examples are \
+             cut to {} tokens anyway); `--max-record-size N` raises it",
+            ds.source,
+            text.len(),
+            opts.max_record_bytes,
+            opts.max_length
+        )));
+    }
+    let mut ids = tok.encode(text, true).map_err(|e| match e {
+        Error::Tokenizer(m) => Error::Tokenizer(format!("record {i} of `{}`: {m}", ds.source)),
+        e => e,
+    })?;
+    if let Some(eos) = tok.eos_id().filter(|e| ids.last() != Some(e)) {
+        ids.push(eos);
+    }
+    Ok(Example {
+        labels: ids.iter().map(|&id| i64::from(id)).collect(),
+        input_ids: ids,
+        packed: Vec::new(),
+    })
 }
 
 /// Tokenizes each segment (no special tokens added) and concatenates, labelling trainable ones.
@@ -447,6 +507,40 @@ mod tests {
             .map(|&l| u32::try_from(l).unwrap())
             .collect();
         assert_eq!(tok.decode(&learned, false).unwrap(), "a2<|im_end|>\n");
+    }
+
+    #[test]
+    fn text_records_learn_every_token_and_end_with_eos() {
+        let tok = Tokenizer::builtin().unwrap();
+        let ds = Dataset {
+            rows: vec![
+                json!({"text": "ab"}),
+                json!({"body": "cd", "text": 1}),
+                conv(),
+            ],
+            source: "t".into(),
+        };
+        let opts = SftOptions {
+            dataset_text_field: "body".into(),
+            ..SftOptions::default()
+        };
+        let e = sft(&ds, &tok, &SftOptions::default(), &CancelToken::new()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "`t`: record 1: `text` is a number, expected a string of text"
+        );
+        let ds = Dataset {
+            rows: ds.rows[1..].to_vec(),
+            source: "t".into(),
+        };
+        let r = sft(&ds, &tok, &opts, &CancelToken::new()).unwrap();
+        assert_eq!(r.text, 1);
+        let ex = &r.examples[0];
+        assert_eq!(tok.decode(&ex.input_ids, false).unwrap(), "cd<|endoftext|>");
+        let ids: Vec<i64> = ex.input_ids.iter().map(|&i| i64::from(i)).collect();
+        assert_eq!(ex.labels, ids);
+        // the conversation beside it is still masked
+        assert_eq!(r.examples[1].labels[0], IGNORE);
     }
 
     #[test]

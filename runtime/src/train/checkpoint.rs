@@ -13,8 +13,12 @@ use super::optim::DeviceAdamW;
 use crate::model::Model;
 use crate::{Error, Result};
 
-/// What `trainer_state.json` holds.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+/// What `trainer_state.json` holds, written in transformers' `TrainerState` layout (so HF tooling
+/// reads it: `epoch` is the fractional epoch, `log_history`, `best_model_checkpoint`, the
+/// cadences, ...). Where qscript resumes from (the epoch's index, its micro-batches consumed, the
+/// evaluations since the best one) rides in `stateful_callbacks`, where HF keeps callbacks' state;
+/// checkpoints of older qscript versions (those keys at the top level) still read.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct TrainerState {
     /// Optimizer steps done.
     pub global_step: usize,
@@ -31,8 +35,134 @@ pub struct TrainerState {
     /// Evaluations since the best one.
     pub evals_without_improvement: usize,
     /// Optimizer steps the run was planned for (HF's `max_steps`; 0 in older checkpoints).
-    #[serde(default)]
     pub max_steps: usize,
+    /// HF's `epoch`: epochs done, fractional.
+    pub epoch_progress: f64,
+    /// HF's `num_train_epochs`, `logging_steps`, `eval_steps`, `save_steps`,
+    /// `train_batch_size`: the run's, for HF tooling.
+    pub num_train_epochs: usize,
+    /// Logging cadence.
+    pub logging_steps: usize,
+    /// Evaluation cadence.
+    pub eval_steps: usize,
+    /// Save cadence.
+    pub save_steps: usize,
+    /// Per-device batch size.
+    pub train_batch_size: usize,
+}
+
+/// The key of qscript's resume position in `stateful_callbacks`.
+const RESUME: &str = "QscriptResume";
+
+impl Serialize for TrainerState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let best_step = self
+            .best_model_checkpoint
+            .as_deref()
+            .and_then(|c| c.rsplit("checkpoint-").next())
+            .and_then(|n| n.parse::<usize>().ok());
+        serde_json::json!({
+            "best_global_step": best_step,
+            "best_metric": self.best_metric,
+            "best_model_checkpoint": self.best_model_checkpoint,
+            "epoch": self.epoch_progress,
+            "eval_steps": self.eval_steps,
+            "global_step": self.global_step,
+            "is_hyper_param_search": false,
+            "is_local_process_zero": true,
+            "is_world_process_zero": true,
+            "log_history": self.log_history,
+            "logging_steps": self.logging_steps,
+            "max_steps": self.max_steps,
+            "num_input_tokens_seen": 0,
+            "num_train_epochs": self.num_train_epochs,
+            "save_steps": self.save_steps,
+            "stateful_callbacks": {
+                RESUME: {
+                    "args": {},
+                    "attributes": {
+                        "epoch_index": self.epoch,
+                        "micro_in_epoch": self.micro_in_epoch,
+                        "evals_without_improvement": self.evals_without_improvement,
+                    }
+                }
+            },
+            "total_flos": 0.0,
+            "train_batch_size": self.train_batch_size,
+            "trial_name": null,
+            "trial_params": null,
+        })
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for TrainerState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        use serde_json::Value;
+        let v = Value::deserialize(d)?;
+        let Value::Object(top) = &v else {
+            return Err(D::Error::custom("expected a JSON object"));
+        };
+        // Where the resume position is: HF's layout, or the top level of older checkpoints.
+        let resume = top
+            .get("stateful_callbacks")
+            .and_then(|c| c.get(RESUME))
+            .and_then(|c| c.get("attributes"));
+        let int =
+            |o: Option<&Value>, k: &str, required: bool| -> std::result::Result<usize, D::Error> {
+                match o.and_then(|o| o.get(k)) {
+                    None | Some(Value::Null) if !required => Ok(0),
+                    None => Err(D::Error::custom(format!("missing field `{k}`"))),
+                    Some(x) => x
+                        .as_u64()
+                        .and_then(|n| usize::try_from(n).ok())
+                        .ok_or_else(|| D::Error::custom(format!("`{k}` is not a count: {x}"))),
+                }
+            };
+        let t = Some(&v);
+        let (epoch, micro_in_epoch, evals_without_improvement, epoch_progress) =
+            if let Some(r) = resume {
+                (
+                    int(Some(r), "epoch_index", true)?,
+                    int(Some(r), "micro_in_epoch", false)?,
+                    int(Some(r), "evals_without_improvement", false)?,
+                    top.get("epoch").and_then(Value::as_f64).unwrap_or(0.0),
+                )
+            } else {
+                let e = int(t, "epoch", true)?;
+                (
+                    e,
+                    int(t, "micro_in_epoch", true)?,
+                    int(t, "evals_without_improvement", true)?,
+                    e as f64,
+                )
+            };
+        let log_history = match top.get("log_history") {
+            Some(Value::Array(a)) => a.clone(),
+            None | Some(Value::Null) => Vec::new(),
+            Some(_) => return Err(D::Error::custom("`log_history` is not a list")),
+        };
+        Ok(Self {
+            global_step: int(t, "global_step", true)?,
+            epoch,
+            micro_in_epoch,
+            log_history,
+            best_metric: top.get("best_metric").and_then(Value::as_f64),
+            best_model_checkpoint: top
+                .get("best_model_checkpoint")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            evals_without_improvement,
+            max_steps: int(t, "max_steps", false)?,
+            epoch_progress,
+            num_train_epochs: int(t, "num_train_epochs", false)?,
+            logging_steps: int(t, "logging_steps", false)?,
+            eval_steps: int(t, "eval_steps", false)?,
+            save_steps: int(t, "save_steps", false)?,
+            train_batch_size: int(t, "train_batch_size", false)?,
+        })
+    }
 }
 
 /// The newest checkpoint in `output_dir` when it belongs to a run that has not finished:
@@ -402,6 +532,73 @@ pub fn restore(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// `trainer_state.json` in transformers' layout (every field of its `TrainerState`), read
+    /// back whole; an older qscript checkpoint's state still reads.
+    #[test]
+    fn trainer_state_is_hf_layout_and_old_states_read() {
+        let state = TrainerState {
+            global_step: 12,
+            epoch: 1,
+            micro_in_epoch: 8,
+            log_history: vec![serde_json::json!({"step": 10, "loss": 1.5})],
+            best_metric: Some(1.25),
+            best_model_checkpoint: Some("checkpoint-10".into()),
+            evals_without_improvement: 1,
+            max_steps: 20,
+            epoch_progress: 1.5,
+            num_train_epochs: 2,
+            logging_steps: 5,
+            eval_steps: 5,
+            save_steps: 10,
+            train_batch_size: 4,
+        };
+        let v = serde_json::to_value(&state).unwrap();
+        // transformers' TrainerState fields, as `TrainerState.load_from_json` takes them
+        let hf = [
+            "epoch",
+            "global_step",
+            "max_steps",
+            "logging_steps",
+            "eval_steps",
+            "save_steps",
+            "train_batch_size",
+            "num_train_epochs",
+            "num_input_tokens_seen",
+            "total_flos",
+            "log_history",
+            "best_metric",
+            "best_global_step",
+            "best_model_checkpoint",
+            "is_local_process_zero",
+            "is_world_process_zero",
+            "is_hyper_param_search",
+            "trial_name",
+            "trial_params",
+            "stateful_callbacks",
+        ];
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        let mut want = hf.to_vec();
+        want.sort_unstable();
+        assert_eq!(keys, want);
+        assert_eq!(v["epoch"], 1.5);
+        assert_eq!(v["best_global_step"], 10);
+        let back: TrainerState = serde_json::from_value(v).unwrap();
+        assert_eq!(back, state);
+        let old = r#"{"global_step": 7, "epoch": 2, "micro_in_epoch": 3, "log_history": [],
+            "best_metric": null, "best_model_checkpoint": null, "evals_without_improvement": 0}"#;
+        let old: TrainerState = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (
+                old.global_step,
+                old.epoch,
+                old.micro_in_epoch,
+                old.max_steps
+            ),
+            (7, 2, 3, 0)
+        );
+    }
 
     fn complete(dir: &Path, step: usize) {
         std::fs::create_dir_all(dir).unwrap();

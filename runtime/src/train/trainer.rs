@@ -197,6 +197,12 @@ impl Trainer {
             None => TrainerState::default(),
         };
         state.max_steps = total;
+        // HF's TrainerState carries the run's cadences and sizes, for HF tooling.
+        state.num_train_epochs = total.div_ceil(plan.steps_per_epoch.max(1));
+        state.logging_steps = cfg.logging_steps;
+        state.eval_steps = cfg.eval_steps.unwrap_or(cfg.logging_steps);
+        state.save_steps = cfg.save_steps;
+        state.train_batch_size = cfg.per_device_train_batch_size;
         let mut callbacks: Vec<Box<dyn Callback>> = Vec::new();
         if let Some(checkpointer) = checkpointer {
             if lead {
@@ -361,6 +367,7 @@ impl Trainer {
         }];
         let epoch = self.state.epoch as f64
             + self.state.micro_in_epoch as f64 / self.plan.micro_per_epoch.max(1) as f64;
+        self.state.epoch_progress = epoch;
         let at = At {
             step,
             lr,

@@ -25,6 +25,18 @@ fn info_entry(ctx: &NativeCallContext, path: &str, name: &str) -> Res<DatasetHan
     let (file, opts) = info::read_info(&real, name).map_err(to_rhai_at(ctx))?;
     let file = rc.sandbox.resolve_read(&file).map_err(to_rhai_at(ctx))?;
     let ds = load_files(&[file]).map_err(to_rhai_at(ctx))?;
+    if let Some(column) = ds
+        .rows
+        .first()
+        .and_then(|r| info::pretrain_column(&opts, r))
+    {
+        let text = formats::to_text(&ds, &column).map_err(to_rhai_at(ctx))?;
+        rc.sink.err(&format!(
+            "data: `{name}`: {} records, format `text` (pretraining text, column `{column}`) from dataset_info.json",
+            text.len()
+        ));
+        return Ok(DatasetHandle::records(text));
+    }
     let conv = formats::to_messages(&ds, &opts).map_err(to_rhai_at(ctx))?;
     rc.sink.err(&format!(
         "data: `{name}`: {} records, format `{}` from dataset_info.json",
@@ -205,7 +217,9 @@ pub mod data_module {
     use crate::options::{from_options, to_usize};
 
     /// Loads records from a JSON array, a JSONL file, or a glob of them (`data/*.jsonl`),
-    /// relative to the recipe. A bad JSONL line is reported with its file and line number.
+    /// relative to the recipe. A bad JSONL line is reported with its file and line number. A
+    /// `.txt` file is plain text: one `#{ text }` record per non-blank line (HF datasets' `text`
+    /// loader), for pretraining with `data::sft`.
     ///
     /// ```rhai
     /// io::write_text("d.jsonl", "{\"instruction\": \"hi\", \"output\": \"hello\"}\n");
@@ -240,7 +254,10 @@ pub mod data_module {
     }
 
     /// Loads entry `name` of a LLaMA-Factory `dataset_info.json` (`file_name`, `formatting`,
-    /// `columns`, `tags`) and converts it to chat messages.
+    /// `columns`, `tags`) and converts it to chat messages. An entry of pretraining text (only a
+    /// `prompt` column, records without a response: `c4_demo`, `wiki_demo`) gives `#{ text }`
+    /// records, which `data::sft` trains as plain causal LM. Preference and KTO entries
+    /// (`ranking`, `kto_tag`) are an error: preference training is not supported yet.
     ///
     /// ```rhai
     /// io::write_text("info/d.json", `[{"q": "hi", "a": "hello"}]`);
@@ -399,15 +416,32 @@ pub mod data_module {
     /// user and template tokens) and `attention_mask`. Reports how many examples were truncated,
     /// and drops (with a count) those left with no label.
     ///
+    /// Records of plain text (no `messages`; a string `text`, or the field
+    /// `dataset_text_field` names) are pretraining data, as TRL's language-modeling datasets and
+    /// LLaMA-Factory's `stage: pt`: tokenized with the tokenizer's special tokens, eos appended,
+    /// every token learned; `train::fit`'s `packing: true` packs them. Preference and KTO records
+    /// (`chosen`/`rejected`, a boolean `label`) are an error: preference training is not
+    /// supported yet.
+    ///
     /// # Options
     /// `max_length` (1024), `train_on` (`"assistant"`, `"last_assistant"`, `"all"`), `template`
-    /// (`"model"` or a Jinja template).
+    /// (`"model"` or a Jinja template; saved with the tokenizer, so the exported model chats as
+    /// it was trained), `dataset_text_field` (`"text"`).
     ///
     /// ```rhai
     /// io::write_text("a.json", `[{"instruction": "hi", "output": "hello"}]`);
     /// let msgs = data::to_messages(data::load(io::output_dir() + "/a.json"));
     /// let ds = data::sft(msgs, tokenizer::builtin(), #{ max_length: 128 });
     /// assert(ds[0].labels[0] == -100);
+    ///
+    /// // Pretraining text (a `.txt` file: one document a line; or `{"text": ...}` records)
+    /// io::write_text("wiki.txt", "Anarchism is a political philosophy.\nAutism is a condition.\n");
+    /// let pt = data::sft(data::load(io::output_dir() + "/wiki.txt"), tokenizer::builtin());
+    /// assert(pt.len() == 2 && pt[0].labels == pt[0].input_ids);
+    /// assert(pt[0].input_ids[-1] == tokenizer::builtin().eos_id);
+    /// io::write_text("c4.jsonl", `{"content": "Some web text."}`);
+    /// let c4 = data::sft(data::load(io::output_dir() + "/c4.jsonl"), tokenizer::builtin(), #{ dataset_text_field: "content" });
+    /// assert(c4.stats().trained_tokens == c4.stats().total_tokens);
     /// ```
     #[rhai_fn(global, return_raw)]
     pub fn sft(
@@ -429,6 +463,10 @@ pub mod data_module {
             ));
         };
         let r = sft_impl::sft(records, &tok.0, &o, &rc.cancel).map_err(to_rhai_at(&ctx))?;
+        if o.template != "model" {
+            // Saved with the tokenizer: the exported model chats as it was trained.
+            tok.0.set_trained_template(&o.template);
+        }
         rc.sink.err(&format!(
             "data: tokenized {} examples ({} truncated at {} tokens, {} dropped with every label masked)",
             r.examples.len(),
@@ -436,6 +474,12 @@ pub mod data_module {
             o.max_length,
             r.dropped
         ));
+        if r.text > 0 {
+            rc.sink.err(&format!(
+                "data: {} records are plain text (`{}`): every token learned, eos appended",
+                r.text, o.dataset_text_field
+            ));
+        }
         if r.tool_turns_dropped > 0 || r.tools_ignored > 0 {
             let via = tok.0.template_source.as_ref().map_or_else(
                 || "the tokenizer's chat template".to_string(),
@@ -458,6 +502,7 @@ pub mod data_module {
                 ),
             ));
         }
+        let mut check_fact = None;
         if rc.check_mode.load(std::sync::atomic::Ordering::Relaxed) {
             let longest = r
                 .examples
@@ -465,17 +510,16 @@ pub mod data_module {
                 .map(|e| e.input_ids.len())
                 .max()
                 .unwrap_or(0);
-            rc.check_fact(
-                "data",
-                format!(
-                    "{} examples from `{}` (longest {longest} tokens, {} cut at {}, {} dropped)",
-                    r.examples.len(),
-                    records.source,
-                    r.truncated,
-                    o.max_length,
-                    r.dropped
-                ),
+            let fact = format!(
+                "{} examples from `{}` (longest {longest} tokens, {} cut at {}, {} dropped)",
+                r.examples.len(),
+                records.source,
+                r.truncated,
+                o.max_length,
+                r.dropped
             );
+            rc.check_fact("data", fact.clone());
+            check_fact = Some(fact);
             for (k, ex) in r.examples.iter().take(2).enumerate() {
                 rc.sink.out(&format!(
                     "check: example {k} (record {}), {} tokens, learned spans in [[...]]:",
@@ -485,9 +529,15 @@ pub mod data_module {
                 rc.sink.out(&sft_impl::masked_spans(&tok.0, ex));
             }
         }
-        Ok(DatasetHandle::new(Data::Tokenized(
-            TokenizedDataset::from_report(r, records.source.clone(), tok.0.vocab_size()),
-        )))
+        let out = DatasetHandle::new(Data::Tokenized(TokenizedDataset::from_report(
+            r,
+            records.source.clone(),
+            tok.0.vocab_size(),
+        )));
+        if let Some(fact) = check_fact {
+            crate::context::lock(&rc.sft_facts).insert(out.address(), (out.len(), fact));
+        }
+        Ok(out)
     }
 
     /// `sft` with the default options.

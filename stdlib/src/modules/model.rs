@@ -199,6 +199,7 @@ fn save_model_or_shapes(
     rc: &RunContext,
     m: &ModelHandle,
     dir: &std::path::Path,
+    tok: Option<&TokenizerHandle>,
 ) -> qscript_runtime::Result<()> {
     if m.0.is_shapes_only() && m.0.lora.is_none() {
         crate::context::lock(&rc.dry_models).insert(dir.to_path_buf(), m.clone());
@@ -206,9 +207,36 @@ fn save_model_or_shapes(
             "check: would write the model to `{}`",
             rc.sandbox.shown(dir).display()
         ));
+        if let Some(t) = tok {
+            t.0.save(dir)?;
+        }
         return Ok(());
     }
-    save_model(&m.0, dir)
+    save_model(&m.0, dir)?;
+    let what = if m.0.lora.is_some() {
+        "the LoRA adapter (PEFT's layout)"
+    } else {
+        "the model"
+    };
+    let with = if let Some(t) = tok {
+        t.0.save(dir)?;
+        " and its tokenizer"
+    } else {
+        ""
+    };
+    rc.sink.err(&format!(
+        "saved {what}{with} to `{}`",
+        rc.sandbox.shown(dir).display()
+    ));
+    Ok(())
+}
+
+/// What to print of `text` (the reply decoded so far) after the `shown` bytes already printed:
+/// the complete characters only. A character cut between tokens decodes as U+FFFD at the end
+/// until its next token completes it, so that end is held back (never printed as `�`).
+fn stream_delta(text: &str, shown: usize) -> Option<&str> {
+    let ready = text.trim_end_matches('\u{fffd}');
+    (ready.len() > shown && ready.is_char_boundary(shown)).then(|| &ready[shown..])
 }
 
 /// Generates after `prompt` and returns the new text, streaming it when asked (or by default in
@@ -250,14 +278,15 @@ fn run_generate(
         if stream {
             new_ids.push(id);
             let text = tok.0.decode(&new_ids, skip)?;
-            if text.len() > shown && text.is_char_boundary(shown) && !text.ends_with('\u{fffd}') {
-                rc.sink.stream(&text[shown..]);
-                shown = text.len();
+            if let Some(new) = stream_delta(&text, shown) {
+                rc.sink.stream(new);
+                shown += new.len();
             }
         }
         Ok(())
     });
-    if stream {
+    if stream && shown > 0 {
+        // A reply that printed nothing (only special tokens) leaves no blank line.
         rc.sink.stream("\n");
     }
     let ids = ids.map_err(to_rhai_at(ctx))?;
@@ -374,6 +403,7 @@ pub mod model_module {
     /// Writes the model as an HF checkpoint (`config.json`, `generation_config.json`,
     /// `model.safetensors`) under the output directory; a model with LoRA adapters writes the
     /// adapter in PEFT's layout instead (`adapter_config.json`, `adapter_model.safetensors`).
+    /// Prints where it wrote.
     ///
     /// ```rhai
     /// model::tiny().save("tiny-checkpoint");
@@ -382,10 +412,11 @@ pub mod model_module {
     pub fn save(ctx: NativeCallContext, m: &mut ModelHandle, dir: &str) -> Res<()> {
         let rc = RunContext::of(&ctx)?;
         let real = rc.resolve_write_dir(dir).map_err(to_rhai_at(&ctx))?;
-        super::save_model_or_shapes(&rc, m, &real).map_err(to_rhai_at(&ctx))
+        super::save_model_or_shapes(&rc, m, &real, None).map_err(to_rhai_at(&ctx))
     }
 
-    /// Writes the model and its tokenizer files, a directory transformers loads as is.
+    /// Writes the model and its tokenizer files, a directory transformers loads as is (the
+    /// tokenizer's whole original config, and the chat template `data::sft` trained with).
     ///
     /// ```rhai
     /// model::tiny().save("tiny-with-tokenizer", tokenizer::builtin());
@@ -399,8 +430,7 @@ pub mod model_module {
     ) -> Res<()> {
         let rc = RunContext::of(&ctx)?;
         let real = rc.resolve_write_dir(dir).map_err(to_rhai_at(&ctx))?;
-        super::save_model_or_shapes(&rc, m, &real).map_err(to_rhai_at(&ctx))?;
-        tok.0.save(&real).map_err(to_rhai_at(&ctx))
+        super::save_model_or_shapes(&rc, m, &real, Some(&tok)).map_err(to_rhai_at(&ctx))
     }
 
     /// Generates text after `prompt` (a string, encoded with special tokens, or an array of
@@ -556,5 +586,21 @@ pub mod model_module {
     #[rhai_fn(global, name = "to_string", name = "to_debug", pure)]
     pub fn describe(m: &mut ModelHandle) -> String {
         m.0.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stream_delta;
+
+    #[test]
+    fn streaming_prints_whole_characters_only() {
+        // "你" is three bytes, cut over tokens: held back until complete.
+        assert_eq!(stream_delta("ab", 0), Some("ab"));
+        assert_eq!(stream_delta("ab\u{fffd}", 2), None);
+        assert_eq!(stream_delta("ab\u{fffd}\u{fffd}", 2), None);
+        assert_eq!(stream_delta("ab你", 2), Some("你"));
+        assert_eq!(stream_delta("x\u{fffd}", 0), Some("x"));
+        assert_eq!(stream_delta("", 0), None);
     }
 }

@@ -170,7 +170,9 @@ pub mod tokenizer_module {
             .map_err(to_rhai_at(&ctx))
     }
 
-    /// Writes `tokenizer.json` and `tokenizer_config.json` under the output directory.
+    /// Writes `tokenizer.json` and `tokenizer_config.json` under the output directory (every key
+    /// of the original config kept; the chat template `data::sft` trained with, if it was given
+    /// one) and says where.
     ///
     /// ```rhai
     /// tokenizer::builtin().save("my-tokenizer");
@@ -179,7 +181,12 @@ pub mod tokenizer_module {
     pub fn save(ctx: NativeCallContext, tok: &mut TokenizerHandle, dir: &str) -> Res<()> {
         let rc = RunContext::of(&ctx)?;
         let real = rc.resolve_write_dir(dir).map_err(to_rhai_at(&ctx))?;
-        tok.0.save(&real).map_err(to_rhai_at(&ctx))
+        tok.0.save(&real).map_err(to_rhai_at(&ctx))?;
+        rc.sink.err(&format!(
+            "saved the tokenizer to `{}`",
+            rc.sandbox.shown(&real).display()
+        ));
+        Ok(())
     }
 
     /// The end-of-sequence token, or `()`.

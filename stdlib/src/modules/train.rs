@@ -151,6 +151,29 @@ fn start(
     };
     let cfg = prepare(ctx, &rc, model, opts)?;
     let (train_ex, train_src) = examples(train, "training").map_err(at)?;
+    if rc.checking() {
+        // The summary's data is the training set's (not the latest one tokenized: an eval
+        // split, say).
+        let fact = crate::context::lock(&rc.sft_facts)
+            .get(&train.address())
+            .filter(|(n, _)| *n == train.len())
+            .map(|(_, f)| f.clone());
+        let longest = train_ex
+            .iter()
+            .map(|e| e.input_ids.len())
+            .max()
+            .unwrap_or(0);
+        rc.check_fact(
+            "data",
+            fact.unwrap_or_else(|| {
+                format!(
+                    "{} examples from `{}` (longest {longest} tokens)",
+                    train_ex.len(),
+                    train_src.0
+                )
+            }),
+        );
+    }
     let eval = eval.map(|d| examples(d, "eval")).transpose().map_err(at)?;
     let mut data = RunData::new(train_ex, None);
     data.tokenized_by.push(train_src);
