@@ -59,3 +59,17 @@ pub fn max_abs(t: &candle_core::Tensor) -> f32 {
         .to_scalar()
         .unwrap()
 }
+
+/// A fresh cancel token that another thread cancels after `after`, and that thread (join it
+/// once the work under test has returned).
+pub fn cancel_after(
+    after: std::time::Duration,
+) -> (crate::cancel::CancelToken, std::thread::JoinHandle<()>) {
+    let cancel = crate::cancel::CancelToken::new();
+    let c = cancel.clone();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(after);
+        c.cancel();
+    });
+    (cancel, stopper)
+}

@@ -371,14 +371,7 @@ mod tests {
             }
         }
         let sb = Sandbox::new(&root, root.join("runs"), &[]).unwrap();
-        let cancel = CancelToken::new();
-        let stopper = {
-            let c = cancel.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(std::time::Duration::from_millis(300));
-                c.cancel();
-            })
-        };
+        let (cancel, stopper) = crate::testing::cancel_after(std::time::Duration::from_millis(300));
         let start = std::time::Instant::now();
         let r = resolve_files(&sb, "tree/L0/**/zz*.qqq", &cancel);
         let took = start.elapsed();

@@ -603,14 +603,7 @@ mod tests {
             rows: vec![conv(); 300_000],
             source: "t".into(),
         };
-        let cancel = CancelToken::new();
-        let stopper = {
-            let c = cancel.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(std::time::Duration::from_millis(300));
-                c.cancel();
-            })
-        };
+        let (cancel, stopper) = crate::testing::cancel_after(std::time::Duration::from_millis(300));
         let start = std::time::Instant::now();
         let r = sft(&ds, &tok, &SftOptions::default(), &cancel);
         let took = start.elapsed();

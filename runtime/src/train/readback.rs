@@ -17,8 +17,10 @@ struct Pending {
 }
 
 /// See the module doc.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Readback {
+    /// Where the values are gathered for the one transfer (the model's device).
+    device: Device,
     pending: Vec<Pending>,
     /// `(step, loss)` of every step read back so far.
     pub losses: Vec<(usize, f64)>,
@@ -28,6 +30,17 @@ pub struct Readback {
 }
 
 impl Readback {
+    /// Nothing read yet; values are gathered on `device` for each read.
+    pub fn new(device: Device) -> Self {
+        Self {
+            device,
+            pending: Vec::new(),
+            losses: Vec::new(),
+            since_log: Vec::new(),
+            last_grad_norm: None,
+        }
+    }
+
     /// Keeps step `step`'s loss and gradient norm (device scalars) of `window` for the next read.
     pub fn push(&mut self, step: usize, loss: Tensor, grad_norm: Tensor, window: &[Vec<usize>]) {
         self.pending.push(Pending {
@@ -38,9 +51,10 @@ impl Readback {
         });
     }
 
-    /// Reads the steps not read yet (one transfer, through `device`), checks them, and returns
-    /// the last step's `(loss, gradient norm)` (NaN when no step was computed).
-    pub fn flush(&mut self, device: &Device) -> Result<(f64, f64)> {
+    /// Reads the steps not read yet (one transfer), checks them, and returns the last step's
+    /// `(loss, gradient norm)` (NaN when no step was computed).
+    pub fn flush(&mut self) -> Result<(f64, f64)> {
+        let device = &self.device;
         if self.pending.is_empty() {
             return Ok(self
                 .losses

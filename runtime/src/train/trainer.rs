@@ -220,6 +220,7 @@ impl Trainer {
             callbacks.push(Box::new(checkpointer));
         }
         let lengths = train.iter().map(|e| e.input_ids.len()).collect();
+        let readback = Readback::new(exec.model().decoder.device().clone());
         Ok(Self {
             exec,
             callbacks,
@@ -232,7 +233,7 @@ impl Trainer {
             eval: data.eval,
             lengths,
             out_dir,
-            readback: Readback::default(),
+            readback,
             tokens_seen: 0,
             examples_seen: 0,
             started: Instant::now(),
@@ -356,7 +357,7 @@ impl Trainer {
                 && (self.cfg.evaluates_at(step, total, epoch_end)
                     || self.cfg.saves_at(step, total, epoch_end)))
         {
-            Some(self.flush()?)
+            Some(self.readback.flush()?)
         } else {
             None
         };
@@ -397,16 +398,10 @@ impl Trainer {
         })
     }
 
-    /// Reads back the steps not read yet (see [`Readback::flush`]).
-    fn flush(&mut self) -> Result<(f64, f64)> {
-        let device = self.exec.model().decoder.device().clone();
-        self.readback.flush(&device)
-    }
-
     /// The loss and gradient norm of the last step, read back now if they were not yet (NaN in
     /// a dry run).
     pub fn read_step(&mut self) -> Result<(f64, f64)> {
-        self.flush()
+        self.readback.flush()
     }
 
     /// Mean loss on the eval dataset (NaN in a dry run).
@@ -430,7 +425,7 @@ impl Trainer {
     /// Writes `checkpoint-{step}` now (Ctrl-C, a script's `t.save_checkpoint()`); its path when
     /// this process wrote it (rank 0 of a real run).
     pub fn checkpoint_now(&mut self) -> Result<Option<PathBuf>> {
-        self.flush()?;
+        self.readback.flush()?;
         let (path, written) = self.exec.save(&self.out_dir, &self.state)?;
         if !written {
             return Ok(None);
@@ -502,7 +497,7 @@ impl Trainer {
     /// Ends the run: restores the best checkpoint if asked, writes the plot (`loss.png`,
     /// `loss.svg`), returns the report.
     pub fn finish(mut self, interrupted: bool) -> Result<TrainReport> {
-        self.flush()?;
+        self.readback.flush()?;
         // Every rank waits for rank 0's last evaluation and checkpoint, and takes its best.
         let mut best = self
             .state

@@ -35,8 +35,7 @@ impl Checkpointer {
     /// Writes this step's checkpoint (its losses read back first); on rank 0 applies the
     /// rotation and returns its path.
     fn save(&mut self, run: &mut Run<'_>) -> Result<Option<PathBuf>> {
-        let device = run.exec.model().decoder.device().clone();
-        run.readback.flush(&device)?;
+        run.readback.flush()?;
         let (path, written) = run.exec.save(run.out_dir, run.state)?;
         if !written {
             return Ok(None);
