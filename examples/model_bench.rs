@@ -237,6 +237,7 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
                 input_ids: ids,
                 labels,
                 packed: Vec::new(),
+                pref: None,
             }
         })
         .collect();

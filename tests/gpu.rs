@@ -388,6 +388,7 @@ fn rows(n: usize) -> Vec<Example> {
                 input_ids: ids,
                 labels,
                 packed: Vec::new(),
+                pref: None,
             }
         })
         .collect()

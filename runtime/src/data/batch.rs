@@ -25,9 +25,23 @@ pub struct Batch {
     pub lens: Vec<usize>,
     /// `labels` on the host, row-major (the loss picks its rows from it without a read-back).
     pub labels_host: Vec<i64>,
+    /// `input_ids` on the host, row-major.
+    pub ids_host: Vec<u32>,
     /// Packed rows: per row, where each example after the first starts (`None`: no row packs
     /// several examples).
     pub segments: Option<Vec<Vec<usize>>>,
+    /// Preference examples: each takes two rows in a row (`2i`, `2i + 1`); what the objective
+    /// needs of each. Empty for one row an example.
+    pub pref: Vec<PrefRows>,
+}
+
+/// A preference example's two rows, as the objective sees them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PrefRows {
+    /// KTO: whether the first row's answer is desirable; `None` for a pair.
+    pub desirable: Option<bool>,
+    /// The reference model's log-probabilities of the rows' learned tokens, once computed.
+    pub ref_logps: Option<[f64; 2]>,
 }
 
 impl Batch {
@@ -44,16 +58,29 @@ pub fn collate(
     pad_to_multiple_of: Option<usize>,
     device: &Device,
 ) -> Result<Batch> {
-    let longest = examples
+    let pref = examples.iter().any(|e| e.pref.is_some());
+    if pref && examples.iter().any(|e| e.pref.is_none()) {
+        return Err(crate::Error::InvalidArgument(
+            "a batch mixes preference examples with single rows".into(),
+        ));
+    }
+    // Each example's rows: one, or a preference example's two.
+    let rows: Vec<(&[u32], &[i64])> = examples
         .iter()
-        .map(|e| e.input_ids.len())
-        .max()
-        .unwrap_or(0);
+        .flat_map(|e| {
+            std::iter::once((e.input_ids.as_slice(), e.labels.as_slice())).chain(
+                e.pref
+                    .as_ref()
+                    .map(|p| (p.second_ids.as_slice(), p.second_labels.as_slice())),
+            )
+        })
+        .collect();
+    let longest = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
     let len = match pad_to_multiple_of {
         Some(m) if m > 1 => longest.div_ceil(m) * m,
         _ => longest,
     };
-    let b = examples.len();
+    let b = rows.len();
     let (mut ids, mut mask, mut labels) = (
         Vec::with_capacity(b * len),
         Vec::with_capacity(b * len),
@@ -61,19 +88,20 @@ pub fn collate(
     );
     let mut tokens = 0;
     let mut lens = Vec::with_capacity(b);
-    for e in examples {
-        let n = e.input_ids.len();
+    for (row_ids, row_labels) in &rows {
+        let n = row_ids.len();
         tokens += n;
         lens.push(n);
-        ids.extend(&e.input_ids);
+        ids.extend(*row_ids);
         ids.extend(std::iter::repeat_n(pad_id, len - n));
         mask.extend(std::iter::repeat_n(1u32, n));
         mask.extend(std::iter::repeat_n(0u32, len - n));
-        labels.extend(&e.labels);
+        labels.extend(*row_labels);
         labels.extend(std::iter::repeat_n(IGNORE, len - n));
     }
     Ok(Batch {
-        input_ids: Tensor::from_vec(ids, (b, len), device)?,
+        input_ids: Tensor::from_slice(&ids, (b, len), device)?,
+        ids_host: ids,
         attention_mask: Tensor::from_vec(mask, (b, len), device)?,
         labels: Tensor::from_slice(&labels, (b, len), device)?,
         tokens,
@@ -83,6 +111,14 @@ pub fn collate(
             .iter()
             .any(|e| !e.packed.is_empty())
             .then(|| examples.iter().map(|e| e.packed.clone()).collect()),
+        pref: examples
+            .iter()
+            .filter_map(|e| e.pref.as_ref())
+            .map(|p| PrefRows {
+                desirable: p.desirable,
+                ref_logps: p.ref_logps,
+            })
+            .collect(),
     })
 }
 
@@ -120,6 +156,7 @@ pub fn pack(examples: &[Example], max_len: usize) -> Vec<Example> {
                 input_ids: Vec::new(),
                 labels: Vec::new(),
                 packed: Vec::new(),
+                pref: None,
             };
             for (k, &i) in row.iter().enumerate() {
                 let e = &examples[i];
@@ -183,11 +220,13 @@ mod tests {
             input_ids: vec![1, 2, 3],
             labels: vec![IGNORE, 2, 3],
             packed: Vec::new(),
+            pref: None,
         };
         let b = Example {
             input_ids: vec![4],
             labels: vec![4],
             packed: Vec::new(),
+            pref: None,
         };
         let batch = collate(&[&a, &b], 0, Some(8), &Device::Cpu).unwrap();
         assert_eq!(batch.input_ids.dims(), [2, 8]);

@@ -27,6 +27,12 @@ pub struct Columns {
     pub messages: Option<String>,
     /// tool definitions (default `tools`).
     pub tools: Option<String>,
+    /// ranking data's chosen answer (default `chosen`).
+    pub chosen: Option<String>,
+    /// ranking data's rejected answer (default `rejected`).
+    pub rejected: Option<String>,
+    /// KTO's desirable-or-not label (default `label`).
+    pub kto_tag: Option<String>,
 }
 
 /// LLaMA-Factory's ShareGPT `tags`.
@@ -63,6 +69,9 @@ pub struct FormatOptions {
     pub tags: Tags,
     /// Joins alpaca instruction and input (LLaMA-Factory: a newline).
     pub input_separator: String,
+    /// Preference (`ranking`) or KTO data (`kto_tag`), from a `dataset_info.json` entry.
+    #[serde(skip)]
+    pub preference: bool,
 }
 
 impl Default for FormatOptions {
@@ -73,6 +82,7 @@ impl Default for FormatOptions {
             columns: Columns::default(),
             tags: Tags::default(),
             input_separator: "\n".into(),
+            preference: false,
         }
     }
 }
@@ -104,8 +114,9 @@ fn fields(r: &Value) -> String {
 }
 
 /// What every refusal of preference data ends with.
-pub const NOT_YET: &str = "not supervised fine-tuning; preference training (DPO, KTO) is not supported yet, \
-     and training it as SFT would learn its rejected answers too";
+pub const NOT_YET: &str = "not supervised fine-tuning: tokenize it with `data::preference(ds, tok)` \
+     and train it with `train::dpo` (pairs) or `train::kto` (a `label` per answer); trained as SFT \
+     it would learn its rejected answers too";
 
 /// What preference or KTO data `record` is, if it is: `DPO preference data (`chosen`/`rejected`)`.
 /// TRL's and LLaMA-Factory's pairs (`chosen`/`rejected`, v1's `chosen_messages`/
@@ -255,6 +266,29 @@ pub fn to_messages(ds: &Dataset, opts: &FormatOptions) -> Result<Converted> {
         format,
         reason,
     })
+}
+
+/// Converts one record of `format` (`alpaca`, `sharegpt`, `messages`, `conversation`) to
+/// `{"messages": [...]}`; the error says what is wrong with the record.
+pub fn convert_record(
+    r: &Value,
+    opts: &FormatOptions,
+    format: &str,
+) -> std::result::Result<Value, String> {
+    match format {
+        "alpaca" => alpaca(r, opts),
+        "sharegpt" => sharegpt(r, opts),
+        "messages" => messages(r, opts),
+        "conversation" => conversation(r, opts),
+        other => Err(format!(
+            "unknown format `{other}`; use `auto`, `alpaca`, `sharegpt`, `messages` or `conversation`"
+        )),
+    }
+}
+
+/// What a record's fields are, for messages that name them.
+pub fn field_names(r: &Value) -> String {
+    fields(r)
 }
 
 fn text_field(r: &Value, key: &str, required: bool) -> std::result::Result<Option<String>, String> {
@@ -528,11 +562,11 @@ mod tests {
     }
 
     #[test]
-    fn preference_and_kto_records_are_refused() {
+    fn preference_and_kto_records_are_not_sft() {
         for (rows, want) in [
             (
                 json!([{"prompt": "p", "chosen": "c", "rejected": "r"}]),
-                "`t.json`: record 0 is DPO preference data (`chosen`/`rejected`), not supervised fine-tuning; preference training (DPO, KTO) is not supported yet",
+                "`t.json`: record 0 is DPO preference data (`chosen`/`rejected`), not supervised fine-tuning: tokenize it with `data::preference(ds, tok)` and train it with `train::dpo`",
             ),
             (
                 json!([{"chosen_messages": [], "rejected_messages": []}]),

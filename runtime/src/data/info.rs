@@ -1,7 +1,8 @@
 //! LLaMA-Factory's `dataset_info.json`: an entry names a file, its `formatting` (alpaca or
 //! sharegpt), its `columns` and its ShareGPT `tags`. An alpaca entry with only a `prompt` column
 //! over records without a response (`c4_demo`, `wiki_demo`: what `stage: pt` trains) is
-//! pretraining text.
+//! pretraining text. A `ranking` entry (or one with a `kto_tag` column) is preference or KTO
+//! data, for `data::preference`.
 
 use std::path::{Path, PathBuf};
 
@@ -60,19 +61,6 @@ pub fn read_info(path: &Path, name: &str) -> Result<(PathBuf, FormatOptions)> {
         Error::InvalidArgument(format!("`{}`: no entry `{name}`; {hint}", path.display()))
     })?;
     let e: Entry = serde_json::from_value(raw.clone()).map_err(|e| bad(e.to_string()))?;
-    if e.ranking || e.columns.contains_key("chosen") {
-        return Err(bad(format!(
-            "preference (`ranking`) data is for DPO/KTO, {}",
-            super::formats::NOT_YET
-        )));
-    }
-    if let Some(tag) = e.columns.get("kto_tag") {
-        return Err(bad(format!(
-            "KTO data (`kto_tag` column `{}`) is for KTO, {}",
-            tag.as_str().unwrap_or_default(),
-            super::formats::NOT_YET
-        )));
-    }
     let Some(file) = e.file_name else {
         let hub = e.hf_hub_url.or(e.ms_hub_url).unwrap_or_default();
         return Err(bad(format!(
@@ -91,6 +79,9 @@ pub fn read_info(path: &Path, name: &str) -> Result<(PathBuf, FormatOptions)> {
             "system" => columns.system = v,
             "messages" => messages_col = v,
             "tools" => columns.tools = v,
+            "chosen" => columns.chosen = v,
+            "rejected" => columns.rejected = v,
+            "kto_tag" => columns.kto_tag = v,
             "images" | "videos" | "audios" => {
                 return Err(bad(format!("multimodal column `{k}` is not supported")));
             }
@@ -109,8 +100,10 @@ pub fn read_info(path: &Path, name: &str) -> Result<(PathBuf, FormatOptions)> {
         }
     };
     let dir = path.parent().unwrap_or(Path::new("."));
+    let preference = e.ranking || columns.chosen.is_some() || columns.kto_tag.is_some();
     let opts = FormatOptions {
         format: format.into(),
+        preference,
         columns,
         tags: e.tags.unwrap_or_default(),
         ..FormatOptions::default()

@@ -3,6 +3,8 @@
 //! - [`records`]: records from JSON and JSONL files, named by a path or a glob the sandbox allows;
 //! - [`info`]: entries of LLaMA-Factory's `dataset_info.json`;
 //! - [`formats`]: alpaca, ShareGPT, messages and conversation records to chat messages;
+//! - [`example`]: one tokenized example (one row, or a preference example's two);
+//! - [`pref`]: preference and KTO records to tokenized pairs;
 //! - [`sft`]: SFT tokenization with label masks, length statistics, the learned spans shown;
 //! - [`tokenized`]: the tokenized dataset the trainer takes ([`TokenizedDataset`]);
 //! - [`ops`]: a dataset of either kind ([`Data`]) and select, shuffle, concat and column edits;
@@ -10,10 +12,12 @@
 //! - [`batch`]: padding, packing and the epoch order.
 
 pub mod batch;
+pub mod example;
 pub mod formats;
 pub mod info;
 pub mod interleave;
 pub mod ops;
+pub mod pref;
 pub mod records;
 pub mod sft;
 pub mod split;

@@ -219,6 +219,7 @@ mod tests {
                     input_ids: vec![i],
                     labels: vec![i64::from(i)],
                     packed: Vec::new(),
+                    pref: None,
                 })
                 .collect(),
             source: source.into(),

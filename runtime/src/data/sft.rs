@@ -16,8 +16,7 @@ use crate::cancel::CancelToken;
 use crate::tokenizer::{TemplateOptions, Tokenizer};
 use crate::{Error, Result};
 
-/// Label of tokens the loss ignores (HF's `ignore_index`).
-pub const IGNORE: i64 = -100;
+pub use super::example::{Example, IGNORE};
 
 /// Options of `data::sft`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -52,17 +51,6 @@ impl Default for SftOptions {
     }
 }
 
-/// One tokenized example.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Example {
-    /// Token ids.
-    pub input_ids: Vec<u32>,
-    /// Ids to learn, -100 elsewhere.
-    pub labels: Vec<i64>,
-    /// When this row packs several examples ([`crate::data::batch::pack`]): where each one after
-    /// the first starts. Empty for one example.
-    pub packed: Vec<usize>,
-}
 
 /// What `sft` did.
 #[derive(Clone, Debug, Default)]
@@ -346,6 +334,7 @@ fn text_example(
         labels: ids.iter().map(|&id| i64::from(id)).collect(),
         input_ids: ids,
         packed: Vec::new(),
+        pref: None,
     })
 }
 
@@ -355,6 +344,7 @@ pub fn encode_segments(tok: &Tokenizer, segs: &[(String, bool)]) -> Result<Examp
         input_ids: Vec::new(),
         labels: Vec::new(),
         packed: Vec::new(),
+        pref: None,
     };
     for (text, train) in segs {
         let ids = tok.encode(text, false)?;

@@ -75,6 +75,7 @@ mod tests {
             input_ids: ids.to_vec(),
             labels: ids.iter().map(|&i| i64::from(i)).collect(),
             packed: Vec::new(),
+            pref: None,
         }
     }
 

@@ -21,8 +21,11 @@ pub struct LossOut {
     pub loss: Tensor,
     /// `d loss / d hidden` `[n, h]`, when gradients were asked for.
     pub d_hidden: Option<Tensor>,
-    /// Targets that counted (not -100).
+    /// Targets that counted (not -100); for a preference objective, examples.
     pub count: usize,
+    /// What the objective adds to the log record: `(name, sum, count)` over the batch (the
+    /// record shows each sum over its count, over the steps since the last record).
+    pub metrics: Vec<(&'static str, f64, f64)>,
 }
 
 /// Bytes one chunk's logits and dlogits may take on CUDA: [`CHUNK_BUDGET_BYTES`], or, when the
@@ -53,26 +56,91 @@ pub fn causal_lm_loss(
     denom: f64,
     grads: Option<&mut dyn GradSink>,
 ) -> Result<LossOut> {
+    let trained = grads.as_ref().is_some_and(|g| g.wants(head));
+    let rows = rows_for(hidden, head, trained)?;
+    loss_in_chunks(hidden, head, targets, Scale::Uniform(denom), grads, rows).map(|(out, _)| out)
+}
+
+/// Rows per chunk of the head's logits for `hidden` and `head`: on CUDA the fused kernel keeps
+/// only the chunk's logits and dlogits, in the model's dtype, under [`chunk_budget`].
+fn rows_for(hidden: &Tensor, head: &Tensor, trained: bool) -> Result<usize> {
     let vocab = head.dim(0)?;
-    let rows = if hidden.device().is_cuda() {
-        // The fused kernel keeps only the chunk's logits and dlogits, in the model's dtype.
-        let trained = grads.as_ref().is_some_and(|g| g.wants(head));
+    Ok(if hidden.device().is_cuda() {
         let budget = chunk_budget(vocab, head.dim(1)?, trained);
         (budget / (vocab.max(1) * 2 * hidden.dtype().size_in_bytes())).max(1)
     } else {
         chunk_rows(vocab)
-    };
-    loss_in_chunks(hidden, head, targets, denom, grads, rows)
+    })
 }
 
+/// The log-probability of each target under `hidden · headᵀ` (0 where the target is -100), in
+/// f32 on the host, without gradients: what a preference objective sums per sequence.
+pub fn token_logps(hidden: &Tensor, head: &Tensor, targets: &[i64]) -> Result<Vec<f32>> {
+    let rows = rows_for(hidden, head, false)?;
+    let (_, ce) = loss_in_chunks(hidden, head, targets, Scale::Uniform(1.0), None, rows)?;
+    let ce = match ce {
+        Some(t) => t.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        None => Vec::new(),
+    };
+    let mut out = vec![0f32; targets.len()];
+    let mut k = 0;
+    for (o, &t) in out.iter_mut().zip(targets) {
+        if t != -100 {
+            *o = -ce[k];
+            k += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// The gradient of `Σ_t weights[t] · log p(targets[t])` into `hidden` (returned) and into the
+/// head when `grads` wants it: the backward of [`token_logps`] once an objective knows how much
+/// each token's log-probability counts.
+pub fn logp_backward(
+    hidden: &Tensor,
+    head: &Tensor,
+    targets: &[i64],
+    weights: &[f32],
+    grads: &mut dyn GradSink,
+) -> Result<Tensor> {
+    if weights.len() != targets.len() {
+        candle_core::bail!("logp_backward: {} weights for {} targets", weights.len(), targets.len());
+    }
+    let rows = rows_for(hidden, head, grads.wants(head))?;
+    // A token's loss is -log p: its gradient is the cross-entropy's, times -weight.
+    let scales: Vec<f32> = targets
+        .iter()
+        .zip(weights)
+        .filter(|(t, _)| **t != -100)
+        .map(|(_, w)| -w)
+        .collect();
+    let (out, _) = loss_in_chunks(hidden, head, targets, Scale::PerTarget(&scales), Some(grads), rows)?;
+    out.d_hidden
+        .ok_or_else(|| candle_core::Error::Msg("logp_backward: no gradient".into()))
+}
+
+/// How each token's cross-entropy gradient is scaled.
+#[derive(Clone, Copy)]
+enum Scale<'a> {
+    /// Every token by `1 / denom` (the loss is the sum over `denom`).
+    Uniform(f64),
+    /// Each counted token (targets not -100, in order) by its own factor.
+    PerTarget(&'a [f32]),
+}
+
+/// The chunked cross-entropy; with it, each counted token's cross-entropy (`[count]`, f32).
 fn loss_in_chunks(
     hidden: &Tensor,
     head: &Tensor,
     targets: &[i64],
-    denom: f64,
+    scale: Scale<'_>,
     grads: Option<&mut dyn GradSink>,
     step: usize,
-) -> Result<LossOut> {
+) -> Result<(LossOut, Option<Tensor>)> {
+    let denom = match scale {
+        Scale::Uniform(d) => d,
+        Scale::PerTarget(_) => 1.0,
+    };
     let (n, h) = hidden.dims2()?;
     let vocab = head.dim(0)?;
     if targets.len() != n {
@@ -96,11 +164,20 @@ fn loss_in_chunks(
     let count = rows.len();
     let want = grads.is_some();
     if count == 0 {
-        return Ok(LossOut {
-            loss: Tensor::zeros((), DType::F32, device)?,
-            d_hidden: want.then(|| hidden.zeros_like()).transpose()?,
-            count,
-        });
+        return Ok((
+            LossOut {
+                loss: Tensor::zeros((), DType::F32, device)?,
+                d_hidden: want.then(|| hidden.zeros_like()).transpose()?,
+                count,
+                metrics: Vec::new(),
+            },
+            None,
+        ));
+    }
+    if let Scale::PerTarget(w) = scale
+        && w.len() != count
+    {
+        candle_core::bail!("loss: {} scales for {count} counted targets", w.len());
     }
     let all = count == n;
     let idx = Tensor::from_vec(rows, count, device)?;
@@ -112,11 +189,17 @@ fn loss_in_chunks(
     let dtype = hidden.dtype();
     let mut total: Option<Tensor> = None;
     let mut d_rows = Vec::new();
+    let mut token_ce = Vec::new();
     let mut grads = grads;
     for start in (0..count).step_by(step) {
         let len = step.min(count - start);
         let hc = picked.narrow(0, start, len)?;
         let target = Tensor::from_slice(&labels[start..start + len], (len, 1), device)?;
+        // A per-token scale multiplies each row of dlogits.
+        let column = match scale {
+            Scale::PerTarget(w) => Some(Tensor::from_slice(&w[start..start + len], (len, 1), device)?),
+            Scale::Uniform(_) => None,
+        };
         #[cfg(feature = "cuda")]
         if crate::nn::ops::fused(&hc, head) {
             let logits = hc.matmul(&head.t()?)?;
@@ -127,7 +210,12 @@ fn loss_in_chunks(
                 (1.0 / denom) as f32,
                 sink.is_some(),
             )?;
+            let dlogits = match (&column, dlogits) {
+                (Some(c), Some(d)) => Some(d.broadcast_mul(&c.to_dtype(d.dtype())?)?),
+                (_, d) => d,
+            };
             let part = rows.sum_all()?;
+            token_ce.push(rows.flatten_all()?);
             total = Some(match total {
                 Some(t) => t.add(&part)?,
                 None => part,
@@ -143,7 +231,9 @@ fn loss_in_chunks(
         let logits = hc.matmul(&head.t()?)?.to_dtype(DType::F32)?;
         let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?)?;
         let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-        let part = lse.sub(&shifted.gather(&target, 1)?)?.sum_all()?;
+        let ce = lse.sub(&shifted.gather(&target, 1)?)?;
+        let part = ce.sum_all()?;
+        token_ce.push(ce.flatten_all()?);
         total = Some(match total {
             Some(t) => t.add(&part)?,
             None => part,
@@ -154,7 +244,11 @@ fn loss_in_chunks(
                 .broadcast_sub(&lse)?
                 .exp()?
                 .scatter_add(&target, &minus_one, 1)?;
-            let dlogits = (dlogits / denom)?.to_dtype(dtype)?;
+            let dlogits = match &column {
+                Some(c) => dlogits.broadcast_mul(c)?,
+                None => (dlogits / denom)?,
+            }
+            .to_dtype(dtype)?;
             if sink.wants(head) {
                 sink.add_matmul(head, &dlogits.t()?, &hc, 1.0)?;
             }
@@ -172,11 +266,15 @@ fn loss_in_chunks(
     } else {
         None
     };
-    Ok(LossOut {
-        loss,
-        d_hidden,
-        count,
-    })
+    Ok((
+        LossOut {
+            loss,
+            d_hidden,
+            count,
+            metrics: Vec::new(),
+        },
+        Some(Tensor::cat(&token_ce, 0)?),
+    ))
 }
 
 #[cfg(test)]
@@ -216,11 +314,11 @@ mod tests {
         let want = (mean * (n as f64 / 3.0)).unwrap();
         let g = want.backward().unwrap();
         let mut sink = Head(head.as_tensor(), None);
-        let out = loss_in_chunks(
+        let (out, _) = loss_in_chunks(
             hidden.as_tensor(),
             head.as_tensor(),
             &targets,
-            3.0,
+            Scale::Uniform(3.0),
             Some(&mut sink),
             2,
         )

@@ -15,7 +15,7 @@ use super::engine::{BlockHook, NoHook, eval_loss, micro_step};
 use super::executor::{Executor, StepAt, StepOut};
 use super::flat::{DeviceGrads, DeviceParams};
 use super::merge::MergePolicy;
-use super::objective::{CausalLm, Objective};
+use super::objective::{CausalLm, Metrics, Objective, add_metrics};
 use super::optim::{AdamWConfig, DeviceAdamW, clip_factor_parts};
 use crate::data::batch::collate;
 use crate::data::sft::Example;
@@ -118,7 +118,7 @@ impl Compute {
         first_row: u64,
         step: usize,
         sum: Option<&mut GradSum>,
-    ) -> std::result::Result<(DeviceGrads<'_>, Tensor, usize), (Error, bool)> {
+    ) -> std::result::Result<(DeviceGrads<'_>, Tensor, usize, Metrics), (Error, bool)> {
         let mut merged = false;
         self.run_groups(examples, window_tokens, first_row, step, sum, &mut merged)
             .map_err(|e| (e, merged))
@@ -132,13 +132,13 @@ impl Compute {
         step: usize,
         sum: Option<&mut GradSum>,
         merged: &mut bool,
-    ) -> Result<(DeviceGrads<'_>, Tensor, usize)> {
+    ) -> Result<(DeviceGrads<'_>, Tensor, usize, Metrics)> {
         let dims: Vec<(usize, usize)> = examples
             .iter()
             .map(|ex| {
                 (
-                    ex.len(),
-                    ex.iter().map(|e| e.input_ids.len()).max().unwrap_or(0),
+                    ex.iter().map(|e| e.rows()).sum(),
+                    ex.iter().map(|e| e.longest()).max().unwrap_or(0),
                 )
             })
             .collect();
@@ -162,7 +162,7 @@ impl Compute {
                 key: seed,
                 first_row,
             };
-            first_row += ex.len() as u64;
+            first_row += ex.iter().map(|e| e.rows()).sum::<usize>() as u64;
             passes.push((batch, key, merged));
         }
         let largest = passes
@@ -177,7 +177,7 @@ impl Compute {
             Some(s) => s.grads(&self.params)?,
             None => self.params.zero_grads()?,
         };
-        let losses: Vec<Tensor> = if let Some(stages) = self
+        let outs: Vec<(Tensor, Metrics)> = if let Some(stages) = self
             .pipeline
             .as_ref()
             .filter(|_| passes.len() > 1 && !every_pass)
@@ -195,8 +195,8 @@ impl Compute {
             )
             .map_err(|e| self.out_of_memory_hint(e, step, passes[0].0.input_ids.dims()))?
             .into_iter()
-            .map(|o| crate::device::to(&o.loss, &self.device))
-            .collect::<candle_core::Result<_>>()?
+            .map(|o| Ok((crate::device::to(&o.loss, &self.device)?, o.metrics)))
+            .collect::<Result<_>>()?
         } else {
             let mut sum = sum;
             let last = passes.len().saturating_sub(1);
@@ -219,16 +219,20 @@ impl Compute {
                     hook,
                 )
                 .map_err(|e| self.out_of_memory_hint(e, step, batch.input_ids.dims()))?;
-                losses.push(out.loss);
+                losses.push((out.loss, out.metrics));
             }
             losses
         };
-        let mut losses = losses.into_iter();
+        let mut metrics = Metrics::new();
+        let mut losses = outs.into_iter().map(|(l, m)| {
+            add_metrics(&mut metrics, m);
+            l
+        });
         let first = losses
             .next()
             .ok_or_else(|| Error::InvalidArgument("an empty accumulation window".into()))?;
         let loss = losses.try_fold(first, |a, l| a.add(&l))?;
-        Ok((grads, loss, largest))
+        Ok((grads, loss, largest, metrics))
     }
 
     /// Turns a device out-of-memory error into one that says what to reduce.
@@ -275,16 +279,21 @@ impl Executor for Compute {
         // (under ZeRO stage 2 every pass's, into the ranks' shares).
         let zero2 = self.cfg.zero_stage == 2;
         let collective = self.collective.clone();
-        let (grads, loss, largest) = {
+        let (grads, loss, largest, metrics) = {
             let mut sum =
                 collective.grad_sum(&self.params, self.model.decoder.blocks.len(), zero2)?;
-            let (mut grads, mut loss, largest) = if mine.is_empty() {
+            let (mut grads, mut loss, largest, metrics) = if mine.is_empty() {
                 // Fewer examples than ranks: this rank adds nothing but still joins the sums.
                 let grads = match &sum {
                     Some(s) => s.grads(&self.params)?,
                     None => self.params.zero_grads()?,
                 };
-                (grads, Tensor::zeros((), DType::F32, &self.device)?, 0)
+                (
+                    grads,
+                    Tensor::zeros((), DType::F32, &self.device)?,
+                    0,
+                    Metrics::new(),
+                )
             } else {
                 match self.run_window(&mine, window_tokens, first_row, at.step, sum.as_mut()) {
                     Err((e, true)) if is_out_of_memory(&e) => {
@@ -315,7 +324,7 @@ impl Executor for Compute {
                     .map(super::flat::FlatGrads::into_buffer)
                     .collect::<Result<_>>()?,
             };
-            (grads, loss, largest)
+            (grads, loss, largest, metrics)
         };
         self.merge.after_step(&self.device, largest);
         let span = crate::profile::span("optimizer", &self.device);
@@ -332,7 +341,11 @@ impl Executor for Compute {
         drop(grads);
         collective.gather_shards(&self.params, &self.opt)?;
         drop(span);
-        Ok(Some(StepOut { loss, grad_norm }))
+        Ok(Some(StepOut {
+            loss,
+            grad_norm,
+            metrics,
+        }))
     }
 
     fn evaluate(&self, data: &[Example]) -> Result<Option<f64>> {
@@ -400,7 +413,7 @@ pub fn evaluate_with(
     for chunk in data.chunks(cfg.per_device_eval_batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = collate(&refs, pad_id, cfg.pad_to_multiple_of, &device)?;
-        let (sum, n) = eval_loss(model, objective, &batch)?;
+        let (sum, n, _) = eval_loss(model, objective, &batch)?;
         total += sum;
         count += n;
     }

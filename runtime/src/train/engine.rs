@@ -14,7 +14,7 @@ use candle_core::Tensor;
 use super::flat::DeviceGrads;
 pub use super::objective::shifted_targets;
 use super::objective::{CausalLm, Labels, Objective};
-use crate::data::batch::Batch;
+use crate::data::batch::{Batch, PrefRows};
 use crate::device::to;
 use crate::model::Model;
 use crate::model::block::{BlockSaved, Step};
@@ -49,8 +49,10 @@ impl BlockHook for NoHook {}
 pub struct MicroOut {
     /// Summed token loss over `denom`, an f32 scalar on the device.
     pub loss: Tensor,
-    /// Learned tokens in the micro-batch.
+    /// Learned tokens in the micro-batch (examples, for a preference objective).
     pub count: usize,
+    /// The objective's metrics: `(name, sum, count)`.
+    pub metrics: Vec<(&'static str, f64, f64)>,
 }
 
 /// One micro-batch: forward, loss divided by `denom`, backward into `grads`. `seed` keys the
@@ -72,6 +74,9 @@ pub fn micro_step(
         input_ids: &batch.input_ids,
         mask: &batch.mask(),
         labels: &batch.labels_host,
+        ids: &batch.ids_host,
+        lens: &batch.lens,
+        pref: &batch.pref,
         denom,
         seed: Some(seed),
         recompute,
@@ -98,11 +103,16 @@ pub fn gradients(
     let mut m = model.clone();
     let params = super::flat::DeviceParams::adopt(&mut m)?;
     let mut grads = params.zero_grads()?;
+    let ids: Vec<u32> = input_ids.flatten_all()?.to_vec1()?;
+    let lens = vec![s; b];
     let pass = Pass {
         objective: &CausalLm,
         input_ids,
         mask,
         labels,
+        ids: &ids,
+        lens: &lens,
+        pref: &[],
         denom: count.max(1) as f64,
         seed,
         recompute,
@@ -126,6 +136,9 @@ struct Pass<'a> {
     input_ids: &'a Tensor,
     mask: &'a AttnMask,
     labels: &'a [i64],
+    ids: &'a [u32],
+    lens: &'a [usize],
+    pref: &'a [PrefRows],
     denom: f64,
     seed: Option<Key>,
     recompute: bool,
@@ -139,7 +152,7 @@ struct InFlight {
     saved: Vec<Option<BlockSaved>>,
     /// The hidden state after the blocks run so far; after the loss, the gradient.
     x: Tensor,
-    loss: Option<(Tensor, usize)>,
+    loss: Option<MicroOut>,
 }
 
 impl Pass<'_> {
@@ -226,7 +239,7 @@ impl Pass<'_> {
         let (b, s) = self.input_ids.dims2()?;
         let eps = d.cfg.rms_norm_eps;
         let span = crate::profile::span("loss", d.device());
-        let (dx, loss, count) = (|| {
+        let (dx, out) = (|| {
             // The final norm on its device, the head on its own (the embedding's when tied).
             let x = to(&f.x, d.norm.device())?;
             let hidden = rms_norm(&x, &d.norm, eps)?;
@@ -239,6 +252,9 @@ impl Pass<'_> {
                 labels: self.labels,
                 rows: b,
                 seq: s,
+                input_ids: self.ids,
+                lens: self.lens,
+                pref: self.pref,
             };
             let out =
                 self.objective
@@ -248,12 +264,19 @@ impl Pass<'_> {
                 .ok_or_else(|| candle_core::Error::Msg("loss returned no gradient".into()))?;
             let dh = to(&dh, x.device())?.reshape(x.shape())?;
             let dx = rms_norm_backward_into(&x, &d.norm, eps, &dh, grads)?;
-            Ok((dx, out.loss, out.count))
+            Ok((
+                dx,
+                MicroOut {
+                    loss: out.loss,
+                    count: out.count,
+                    metrics: out.metrics,
+                },
+            ))
         })()
         .map_err(self.at("loss".into()))?;
         drop(span);
         f.x = dx;
-        f.loss = Some((loss, count));
+        f.loss = Some(out);
         Ok(())
     }
 
@@ -295,10 +318,9 @@ impl Pass<'_> {
         let _span = crate::profile::span("embedding grad", d.device());
         let rows = to(&f.x, d.device())?.reshape((b * s, d.cfg.hidden_size))?;
         grads.add_rows(&d.embed, self.input_ids, &rows)?;
-        let (loss, count) = f.loss.ok_or_else(|| {
+        f.loss.ok_or_else(|| {
             Error::InvalidArgument("a micro-batch finished without its loss".into())
-        })?;
-        Ok(MicroOut { loss, count })
+        })
     }
 }
 
@@ -346,6 +368,9 @@ pub fn window_pipelined(
             input_ids: &b.input_ids,
             mask,
             labels: &b.labels_host,
+            ids: &b.ids_host,
+            lens: &b.lens,
+            pref: &b.pref,
             denom,
             seed: Some(*key),
             recompute,
@@ -400,8 +425,13 @@ pub fn window_pipelined(
         .collect()
 }
 
-/// The loss of `batch` (summed over the objective's count, and the count), without gradients.
-pub fn eval_loss(model: &Model, objective: &dyn Objective, batch: &Batch) -> Result<(f64, usize)> {
+/// The loss of `batch` (summed over the objective's count, and the count), without gradients,
+/// with the objective's metrics.
+pub fn eval_loss(
+    model: &Model,
+    objective: &dyn Objective,
+    batch: &Batch,
+) -> Result<(f64, usize, Vec<(&'static str, f64, f64)>)> {
     let d = &model.decoder;
     let (b, s) = batch.input_ids.dims2()?;
     let mask = batch.mask();
@@ -411,9 +441,12 @@ pub fn eval_loss(model: &Model, objective: &dyn Objective, batch: &Batch) -> Res
         labels: &batch.labels_host,
         rows: b,
         seq: s,
+        input_ids: &batch.ids_host,
+        lens: &batch.lens,
+        pref: &batch.pref,
     };
     let out = objective.loss(&hidden, d.head_weight(), labels, 1.0, None)?;
-    Ok((f64::from(out.loss.to_scalar::<f32>()?), out.count))
+    Ok((f64::from(out.loss.to_scalar::<f32>()?), out.count, out.metrics))
 }
 
 #[cfg(test)]
@@ -460,6 +493,7 @@ mod tests {
                     })
                     .collect(),
                 packed: Vec::new(),
+                pref: None,
             })
             .collect();
         let refs: Vec<&Example> = ex.iter().collect();

@@ -31,6 +31,8 @@ pub struct StepOut {
     pub loss: Tensor,
     /// The gradient norm before clipping, an f32 scalar.
     pub grad_norm: Tensor,
+    /// The objective's metrics over the window: `(name, sum, count)` (this rank's share).
+    pub metrics: Vec<(&'static str, f64, f64)>,
 }
 
 /// See the module doc.

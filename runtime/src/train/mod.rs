@@ -25,6 +25,7 @@ pub mod fit;
 pub mod flat;
 pub mod merge;
 pub mod objective;
+pub mod preference;
 pub mod optim;
 pub mod plan;
 pub mod plot;

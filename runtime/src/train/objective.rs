@@ -1,12 +1,12 @@
 //! The objective: what a batch's loss is, over the model's final hidden states. The engine runs
 //! the blocks forward, hands the normed hidden states and the head to the objective, and runs
 //! the blocks backward from the gradient it returns; the loop divides each window's loss by the
-//! objective's [`Objective::normalizer`]. Supervised fine-tuning ([`CausalLm`]) is the one
-//! objective today; a preference objective (pairs of rows, a reference pass) plugs in here
-//! without touching the loop or the engine.
+//! objective's [`Objective::normalizer`]. Supervised fine-tuning is [`CausalLm`]; preference
+//! training (DPO, IPO, ORPO, SimPO, KTO) is [`super::preference::Preference`].
 
 use candle_core::Tensor;
 
+use crate::data::batch::PrefRows;
 use crate::data::sft::{Example, IGNORE};
 use crate::nn::GradSink;
 use crate::nn::loss::{LossOut, causal_lm_loss};
@@ -21,6 +21,28 @@ pub struct Labels<'a> {
     pub rows: usize,
     /// Tokens a row.
     pub seq: usize,
+    /// The batch's token ids, `[rows, seq]` row-major.
+    pub input_ids: &'a [u32],
+    /// Real (unpadded) tokens of each row.
+    pub lens: &'a [usize],
+    /// Preference examples, two rows each (empty for one row an example).
+    pub pref: &'a [PrefRows],
+}
+
+/// An objective's metrics: `(name, sum, count)`.
+pub type Metrics = Vec<(&'static str, f64, f64)>;
+
+/// Adds `more` into `into`, name by name.
+pub fn add_metrics(into: &mut Metrics, more: Metrics) {
+    for (name, sum, count) in more {
+        match into.iter_mut().find(|m| m.0 == name) {
+            Some(m) => {
+                m.1 += sum;
+                m.2 += count;
+            }
+            None => into.push((name, sum, count)),
+        }
+    }
 }
 
 /// See the module doc.

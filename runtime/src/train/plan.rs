@@ -108,6 +108,13 @@ pub fn plan(
     let eval = data.eval.as_deref().map(|e| &e[..]);
     cfg.validate()?;
     let tensorboard = cfg.tensorboard()?;
+    if cfg.packing && data.train.iter().any(|e| e.pref.is_some()) {
+        return Err(Error::InvalidArgument(
+            "`packing` is for SFT; preference pairs are padded, each pair's two rows in one batch \
+             (drop `packing`)"
+                .into(),
+        ));
+    }
     let train = super::sampler::prepare(data.train.clone(), cfg);
     if train.is_empty() {
         return Err(Error::InvalidArgument(
@@ -145,7 +152,7 @@ pub fn plan(
     let multiple = cfg.pad_to_multiple_of.unwrap_or(1).max(1);
     let longest = train
         .iter()
-        .map(|e| e.input_ids.len())
+        .map(Example::longest)
         .max()
         .unwrap_or(1)
         .div_ceil(multiple)
@@ -161,8 +168,10 @@ pub fn plan(
             .count()
     });
     let workload = Workload {
-        // A micro-batch holds at most every example.
-        tokens: cfg.per_device_train_batch_size.min(train.len()) * longest,
+        // A micro-batch holds at most every example (a preference example is two rows).
+        tokens: cfg.per_device_train_batch_size.min(train.len())
+            * train.first().map_or(1, Example::rows)
+            * longest,
         gradient_checkpointing: cfg.gradient_checkpointing,
         trainable: if model.trainable {
             Trainable::Full
@@ -317,10 +326,19 @@ fn pipelined(model: &Model) -> bool {
 /// Every id of `data` inside the model's vocabulary.
 fn check_ids(what: &str, data: &[Example], vocab: usize) -> Result<()> {
     for (i, e) in data.iter().enumerate() {
-        let labels = e.labels.iter().copied().filter(|&l| l != IGNORE);
+        let (second_ids, second_labels) = e.pref.as_ref().map_or((&[][..], &[][..]), |p| {
+            (p.second_ids.as_slice(), p.second_labels.as_slice())
+        });
+        let labels = e
+            .labels
+            .iter()
+            .chain(second_labels)
+            .copied()
+            .filter(|&l| l != IGNORE);
         let bad = e
             .input_ids
             .iter()
+            .chain(second_ids)
             .map(|&id| i64::from(id))
             .chain(labels)
             .find(|&id| id < 0 || id as usize >= vocab);

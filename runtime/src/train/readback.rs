@@ -14,6 +14,7 @@ struct Pending {
     loss: Tensor,
     grad_norm: Tensor,
     window: Vec<Vec<usize>>,
+    metrics: Vec<(&'static str, f64, f64)>,
 }
 
 /// See the module doc.
@@ -26,6 +27,8 @@ pub struct Readback {
     pub losses: Vec<(usize, f64)>,
     /// `(loss, gradient norm)` read back since the last log record (the logger takes them).
     pub since_log: Vec<(f64, f64)>,
+    /// The objective's metrics since the last log record: `(name, sum, count)`.
+    pub metrics_since_log: Vec<(&'static str, f64, f64)>,
     last_grad_norm: Option<f64>,
 }
 
@@ -37,17 +40,20 @@ impl Readback {
             pending: Vec::new(),
             losses: Vec::new(),
             since_log: Vec::new(),
+            metrics_since_log: Vec::new(),
             last_grad_norm: None,
         }
     }
 
-    /// Keeps step `step`'s loss and gradient norm (device scalars) of `window` for the next read.
-    pub fn push(&mut self, step: usize, loss: Tensor, grad_norm: Tensor, window: &[Vec<usize>]) {
+    /// Keeps step `step`'s loss and gradient norm (device scalars) of `window`, and the
+    /// objective's metrics (host values), for the next read.
+    pub fn push(&mut self, step: usize, out: super::executor::StepOut, window: &[Vec<usize>]) {
         self.pending.push(Pending {
             step,
-            loss,
-            grad_norm,
+            loss: out.loss,
+            grad_norm: out.grad_norm,
             window: window.to_vec(),
+            metrics: out.metrics,
         });
     }
 
@@ -80,6 +86,7 @@ impl Readback {
             }
             self.losses.push((p.step, loss));
             self.since_log.push((loss, norm));
+            super::objective::add_metrics(&mut self.metrics_since_log, p.metrics);
             self.last_grad_norm = Some(norm);
             last = (loss, norm);
         }

@@ -24,13 +24,12 @@ pub fn prepare(examples: Arc<Vec<Example>>, cfg: &TrainConfig) -> Arc<Vec<Exampl
         return Arc::new(rows);
     }
     match cfg.max_length {
-        Some(max) if examples.iter().any(|e| e.input_ids.len() > max) => Arc::new(
+        Some(max) if examples.iter().any(|e| e.longest() > max) => Arc::new(
             examples
                 .iter()
                 .map(|e| {
                     let mut e = e.clone();
-                    e.input_ids.truncate(max);
-                    e.labels.truncate(max);
+                    e.truncate(max);
                     e
                 })
                 .collect(),

@@ -219,7 +219,7 @@ impl Trainer {
             }
             callbacks.push(Box::new(checkpointer));
         }
-        let lengths = train.iter().map(|e| e.input_ids.len()).collect();
+        let lengths = train.iter().map(Example::longest).collect();
         let readback = Readback::new(exec.model().decoder.device().clone());
         Ok(Self {
             exec,
@@ -338,14 +338,14 @@ impl Trainer {
             lr,
         };
         let out = self.exec.step(&examples, at)?;
-        let tokens: usize = examples.iter().flatten().map(|e| e.input_ids.len()).sum();
+        let tokens: usize = examples.iter().flatten().map(|e| e.tokens()).sum();
         self.tokens_seen += tokens;
         self.examples_seen += examples.iter().map(Vec::len).sum::<usize>();
         self.state.global_step += 1;
         self.state.micro_in_epoch += window.len();
         let (step, total) = (self.state.global_step, self.plan.total_steps);
         if let Some(out) = out {
-            self.readback.push(step, out.loss, out.grad_norm, window);
+            self.readback.push(step, out, window);
         }
         // Every rank reads its losses back at the logging cadence (no step's loss stays on the
         // device for the whole run); rank 0 also before it evaluates or saves.

@@ -40,7 +40,7 @@ impl Callback for Logger {
         let read = &mut run.readback.since_log;
         let n = read.len().max(1) as f64;
         let secs = self.last_log.elapsed().as_secs_f64().max(1e-9);
-        let rec = json!({
+        let mut rec = json!({
             "step": run.step,
             "epoch": (run.epoch * 1000.0).round() / 1000.0,
             "loss": read.iter().map(|w| w.0).sum::<f64>() / n,
@@ -49,6 +49,14 @@ impl Callback for Logger {
             "tokens_per_second": (self.tokens_since_log as f64 / secs).round(),
         });
         read.clear();
+        // The objective's metrics (TRL's `rewards/chosen`, ...), each over its count.
+        if let Some(obj) = rec.as_object_mut() {
+            for (name, sum, count) in run.readback.metrics_since_log.drain(..) {
+                if count > 0.0 {
+                    obj.insert(name.into(), json!(sum / count));
+                }
+            }
+        }
         self.tokens_since_log = 0;
         self.last_log = Instant::now();
         run.events.push(Event::Log(rec));
