@@ -331,7 +331,11 @@ impl RunContext {
         let untaken: Vec<(&String, &Override)> = self
             .overrides
             .iter()
-            .filter(|(k, _)| train.contains(k) && !declared.contains(k))
+            .filter(|(k, _)| {
+                (train.contains(k)
+                    || qscript_runtime::train::preference::OPTION_NAMES.contains(&k.as_str()))
+                    && !declared.contains(k)
+            })
             .collect();
         let listed = if declared.is_empty() {
             "none".to_string()

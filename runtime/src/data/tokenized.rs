@@ -46,10 +46,21 @@ impl TokenizedDataset {
         self.examples.is_empty()
     }
 
-    /// Example `i` as a record: `input_ids`, `labels` and `attention_mask` (all ones).
+    /// Example `i` as a record: `input_ids`, `labels` and `attention_mask` (all ones); a
+    /// preference example as TRL shows it: `prompt_ids`, `chosen_ids` and `rejected_ids`, or
+    /// KTO's `prompt_ids`, `completion_ids` and `label`.
     pub fn row_json(&self, i: usize) -> Option<Value> {
-        self.examples.get(i).map(|e| {
-            serde_json::json!({"input_ids": e.input_ids, "labels": e.labels, "attention_mask": vec![1; e.input_ids.len()]})
+        self.examples.get(i).map(|e| match &e.pref {
+            Some(p) => {
+                let pl = p.prompt_len.min(e.input_ids.len());
+                let prompt = &e.input_ids[..pl];
+                let answer = &e.input_ids[pl..];
+                match p.desirable {
+                    None => serde_json::json!({"prompt_ids": prompt, "chosen_ids": answer, "rejected_ids": p.second_ids.get(pl..).unwrap_or_default()}),
+                    Some(d) => serde_json::json!({"prompt_ids": prompt, "completion_ids": answer, "label": d}),
+                }
+            }
+            None => serde_json::json!({"input_ids": e.input_ids, "labels": e.labels, "attention_mask": vec![1; e.input_ids.len()]}),
         })
     }
 

@@ -37,6 +37,15 @@ fn info_entry(ctx: &NativeCallContext, path: &str, name: &str) -> Res<DatasetHan
         ));
         return Ok(DatasetHandle::records(text));
     }
+    if opts.preference {
+        let trl = qscript_runtime::data::pref::to_trl(&ds, &opts).map_err(to_rhai_at(ctx))?;
+        rc.sink.err(&format!(
+            "data: `{name}`: {} records, preference data (`{}`) from dataset_info.json, for `data::preference`",
+            trl.len(),
+            if opts.columns.kto_tag.is_some() { "kto_tag" } else { "ranking" }
+        ));
+        return Ok(DatasetHandle::records(trl));
+    }
     let conv = formats::to_messages(&ds, &opts).map_err(to_rhai_at(ctx))?;
     rc.sink.err(&format!(
         "data: `{name}`: {} records, format `{}` from dataset_info.json",
@@ -557,6 +566,126 @@ pub mod data_module {
         tok: TokenizerHandle,
     ) -> Res<DatasetHandle> {
         sft(ctx, ds, tok, Map::new())
+    }
+
+    /// Tokenizes preference data for `train::dpo` (pairs) or `train::kto` (a `label` per
+    /// answer), as TRL does: the shapes users have are detected (TRL's `{prompt, chosen,
+    /// rejected}` as text or conversations, with or without an explicit prompt; LLaMA-Factory's
+    /// ShareGPT and alpaca ranking data, v1's `chosen_messages` / `rejected_messages`; KTO's
+    /// `{prompt, completion, label}` or a conversation and a `label`). Conversations go through
+    /// the chat template; the answer starts where the prompt's tokens end, so both rows share the
+    /// prompt exactly. Records with a missing side, an empty answer, or the same answer twice are
+    /// skipped and named.
+    ///
+    /// | option | default | meaning |
+    /// |---|---|---|
+    /// | `max_length` | 1024 | each row (prompt + answer) keeps its first this many tokens; a record whose prompt alone fills it is dropped (0: no limit) |
+    /// | `max_prompt_length` | none | a longer prompt keeps its last this many tokens |
+    /// | `template` | `"model"` | the tokenizer's chat template, or a Jinja template |
+    ///
+    /// ```rhai
+    /// io::write_text("p.jsonl", `{"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}`);
+    /// let pairs = data::preference(data::load(io::output_dir() + "/p.jsonl"), tokenizer::builtin(), #{ max_length: 512 });
+    /// assert(pairs.len() == 1);
+    /// assert(pairs[0].chosen_ids != pairs[0].rejected_ids);
+    /// ```
+    #[rhai_fn(global, return_raw)]
+    pub fn preference(
+        ctx: NativeCallContext,
+        ds: DatasetHandle,
+        tok: TokenizerHandle,
+        opts: Map,
+    ) -> Res<DatasetHandle> {
+        use qscript_runtime::data::pref::{self, PrefOptions};
+        let rc = RunContext::of(&ctx)?;
+        let mut o: PrefOptions = from_options(&ctx, "data::preference", opts)?;
+        o.max_record_bytes = rc.max_record_bytes;
+        let Data::Records(records) = &*ds.0 else {
+            return Err(at(
+                &ctx,
+                script_error(
+                    "invalid_argument",
+                    "`data::preference` takes records (pairs or KTO data), not tokenized examples",
+                ),
+            ));
+        };
+        let r = pref::tokenize(records, &tok.0, &o, &rc.cancel).map_err(to_rhai_at(&ctx))?;
+        if o.template != "model" {
+            tok.0.set_trained_template(&o.template);
+        }
+        let what = if r.desirable == (0, 0) {
+            "pairs".to_string()
+        } else {
+            format!(
+                "KTO answers ({} desirable, {} undesirable)",
+                r.desirable.0, r.desirable.1
+            )
+        };
+        rc.sink.err(&format!(
+            "data: tokenized {} {what} ({} truncated, {} dropped with the prompt filling `max_length` {})",
+            r.examples.len(),
+            r.truncated,
+            r.dropped,
+            o.max_length
+        ));
+        if !r.skipped.is_empty() {
+            let shown: Vec<String> = r
+                .skipped
+                .iter()
+                .take(3)
+                .map(|(i, why)| format!("record {i}: {why}"))
+                .collect();
+            rc.sink.err(&format!(
+                "warning: `{}`: {} records skipped ({}{})",
+                records.source,
+                r.skipped.len(),
+                shown.join("; "),
+                if r.skipped.len() > 3 { "; ..." } else { "" }
+            ));
+        }
+        if r.examples.is_empty() {
+            return Err(at(
+                &ctx,
+                script_error(
+                    "data",
+                    format!("`{}`: no example is left to train on", records.source),
+                ),
+            ));
+        }
+        if rc.check_mode.load(std::sync::atomic::Ordering::Relaxed) {
+            let longest = r.examples.iter().map(|e| e.longest()).max().unwrap_or(0);
+            rc.check_fact(
+                "data",
+                format!(
+                    "{} {what} from `{}` (longest row {longest} tokens, two rows an example)",
+                    r.examples.len(),
+                    records.source
+                ),
+            );
+        }
+        Ok(DatasetHandle::new(Data::Tokenized(TokenizedDataset {
+            examples: r.examples,
+            source: records.source.clone(),
+            truncated: r.truncated,
+            dropped: r.dropped,
+            vocab: tok.0.vocab_size(),
+        })))
+    }
+
+    /// `preference` with the default options.
+    ///
+    /// ```rhai
+    /// io::write_text("k.jsonl", "{\"prompt\": \"Q: 2+2? A:\", \"completion\": \" 4\", \"label\": true}\n{\"prompt\": \"Q: 3+3? A:\", \"completion\": \" 7\", \"label\": false}\n");
+    /// let kto = data::preference(data::load(io::output_dir() + "/k.jsonl"), tokenizer::builtin());
+    /// assert(kto.len() == 2 && kto[1].label == false);
+    /// ```
+    #[rhai_fn(global, name = "preference", return_raw)]
+    pub fn preference_default(
+        ctx: NativeCallContext,
+        ds: DatasetHandle,
+        tok: TokenizerHandle,
+    ) -> Res<DatasetHandle> {
+        preference(ctx, ds, tok, Map::new())
     }
 
     /// Number of records.

@@ -23,6 +23,63 @@ type Examples = (
     (String, usize),
 );
 
+/// What a training call optimizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Goal {
+    /// Supervised fine-tuning (`train::fit`).
+    Sft,
+    /// Preference pairs (`train::dpo`: DPO, IPO, hinge, robust, ORPO, SimPO).
+    Dpo,
+    /// Unpaired answers with a label (`train::kto`).
+    Kto,
+}
+
+impl Goal {
+    fn function(self) -> &'static str {
+        match self {
+            Self::Sft => "train::fit",
+            Self::Dpo => "train::dpo",
+            Self::Kto => "train::kto",
+        }
+    }
+
+    /// What `examples` are, as the goal they train: SFT rows, pairs, or KTO answers.
+    fn of(examples: &[qscript_runtime::data::sft::Example]) -> Self {
+        match examples.first().and_then(|e| e.pref.as_ref()) {
+            None => Self::Sft,
+            Some(p) if p.desirable.is_some() => Self::Kto,
+            Some(_) => Self::Dpo,
+        }
+    }
+}
+
+/// The preference objective of a `goal` (`None` for SFT), from the preference keys of `opts`;
+/// the other keys are returned for `TrainConfig`.
+fn objective_of(
+    ctx: &NativeCallContext,
+    goal: Goal,
+    mut opts: Map,
+) -> Result<(Option<qscript_runtime::train::preference::Preference>, Map), Box<EvalAltResult>> {
+    use qscript_runtime::train::preference::{OPTION_NAMES, PrefConfig, Preference};
+    let mut pref = Map::new();
+    for name in OPTION_NAMES {
+        if let Some(v) = opts.remove(*name) {
+            pref.insert((*name).into(), v);
+        }
+    }
+    if goal == Goal::Sft {
+        if let Some(k) = pref.keys().next() {
+            return Err(to_rhai_at(ctx)(qscript_runtime::Error::InvalidArgument(format!(
+                "`{k}` is a preference option: train pairs with `train::dpo` (or KTO data with `train::kto`)"
+            ))));
+        }
+        return Ok((None, opts));
+    }
+    let cfg: PrefConfig = from_options(ctx, goal.function(), pref)?;
+    let objective = Preference::new(cfg, goal == Goal::Kto).map_err(to_rhai_at(ctx))?;
+    Ok((Some(objective), opts))
+}
+
 /// The tokenized examples of `ds` (the `what` dataset), with where they came from.
 fn examples(ds: &DatasetHandle, what: &str) -> Result<Examples, Box<EvalAltResult>> {
     match &*ds.0 {
@@ -136,9 +193,11 @@ fn stopped(
 
 /// A trainer for `model` on `train` (and `eval`) as this run executes it (for real, or as a
 /// dry run), with its reporter, the plan shown.
+#[allow(clippy::too_many_arguments)]
 fn start(
     ctx: &NativeCallContext,
     what: &'static str,
+    goal: Goal,
     model: &ModelHandle,
     train: &DatasetHandle,
     opts: Map,
@@ -149,8 +208,25 @@ fn start(
         e.set_position(ctx.call_position());
         e
     };
+    let (preference, opts) = objective_of(ctx, goal, opts)?;
     let cfg = prepare(ctx, &rc, model, opts)?;
     let (train_ex, train_src) = examples(train, "training").map_err(at)?;
+    let have = Goal::of(&train_ex);
+    if have != goal {
+        let is = match have {
+            Goal::Sft => "SFT examples (from `data::sft`)",
+            Goal::Dpo => "preference pairs (from `data::preference`)",
+            Goal::Kto => "KTO answers with a `label` (from `data::preference`)",
+        };
+        let use_ = match have {
+            Goal::Sft => "train::fit",
+            Goal::Dpo => "train::dpo",
+            Goal::Kto => "train::kto",
+        };
+        return Err(to_rhai_at(ctx)(qscript_runtime::Error::InvalidArgument(
+            format!("`{what}` was given {is}; train them with `{use_}`"),
+        )));
+    }
     if rc.checking() {
         // The summary's data is the training set's (not the latest one tokenized: an eval
         // split, say).
@@ -175,6 +251,13 @@ fn start(
         );
     }
     let eval = eval.map(|d| examples(d, "eval")).transpose().map_err(at)?;
+    if let Some((ex, _)) = &eval
+        && Goal::of(ex) != goal
+    {
+        return Err(to_rhai_at(ctx)(qscript_runtime::Error::InvalidArgument(
+            format!("`{what}`'s eval dataset is not the same kind of data as its training dataset"),
+        )));
+    }
     let mut data = RunData::new(train_ex, None);
     data.tokenized_by.push(train_src);
     if let Some((ex, src)) = eval {
@@ -186,7 +269,16 @@ fn start(
     let trainer = rc
         .training(&model.0)
         .and_then(|(mode, collective)| {
-            let objective = Arc::new(qscript_runtime::train::objective::CausalLm);
+            let objective: Arc<dyn qscript_runtime::train::objective::Objective> =
+                match preference {
+                    None => Arc::new(qscript_runtime::train::objective::CausalLm),
+                    Some(p) => {
+                        if mode == qscript_runtime::train::Mode::Train && p.needs_reference() {
+                            reference_pass(&rc, &model.0, &mut data, &cfg, pad)?;
+                        }
+                        Arc::new(p)
+                    }
+                };
             Trainer::start(&model.0, data, &cfg, pad, collective, objective, mode)
         })
         .map_err(to_rhai_at(ctx))?;
@@ -194,15 +286,46 @@ fn start(
     Ok((trainer, reporter, cfg))
 }
 
+/// The reference model's log-probabilities of every training and eval example, by the model as
+/// the call starts (one forward pass, no gradients).
+fn reference_pass(
+    rc: &RunContext,
+    model: &qscript_runtime::model::Model,
+    data: &mut RunData,
+    cfg: &TrainConfig,
+    pad: u32,
+) -> qscript_runtime::Result<()> {
+    use qscript_runtime::train::preference::reference_logps;
+    let started = std::time::Instant::now();
+    let mut train = (*data.train).clone();
+    let batch = cfg.per_device_eval_batch_size.max(1);
+    reference_logps(model, &mut train, batch, pad, &rc.cancel)?;
+    let mut n = train.len();
+    data.train = Arc::new(train);
+    if let Some(eval) = &data.eval {
+        let mut eval = (**eval).clone();
+        reference_logps(model, &mut eval, batch, pad, &rc.cancel)?;
+        n += eval.len();
+        data.eval = Some(Arc::new(eval));
+    }
+    rc.sink.err(&format!(
+        "reference: log-probabilities of {n} examples by the model as the call starts ({:.1}s)",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
 fn run_fit(
     ctx: &NativeCallContext,
+    goal: Goal,
     model: &ModelHandle,
     train: &DatasetHandle,
     opts: Map,
     eval: Option<&DatasetHandle>,
 ) -> Result<ModelHandle, Box<EvalAltResult>> {
     let rc = RunContext::of(ctx)?;
-    let (trainer, mut reporter, cfg) = start(ctx, "train::fit", model, train, opts, eval)?;
+    let (trainer, mut reporter, cfg) =
+        start(ctx, goal.function(), goal, model, train, opts, eval)?;
     let report = qscript_runtime::train::fit::run(trainer, &rc.cancel, &mut |e| {
         reporter.event(e);
         Ok(())
@@ -262,7 +385,11 @@ fn new_trainer(
     opts: Map,
     eval: Option<&DatasetHandle>,
 ) -> Result<TrainerHandle, Box<EvalAltResult>> {
-    let (trainer, reporter, _) = start(ctx, "train::trainer", model, train, opts, eval)?;
+    let goal = match &*train.0 {
+        Data::Tokenized(t) => Goal::of(&t.examples),
+        Data::Records(_) => Goal::Sft,
+    };
+    let (trainer, reporter, _) = start(ctx, "train::trainer", goal, model, train, opts, eval)?;
     Ok(TrainerHandle(Arc::new(std::sync::Mutex::new(Stepping {
         trainer,
         reporter,
@@ -275,8 +402,9 @@ fn new_trainer(
 fn merged_options(rc: &RunContext, mut opts: Map) -> Map {
     let declared = lock(&rc.params_declared).clone().unwrap_or_default();
     let names = TrainConfig::option_names();
+    let pref = qscript_runtime::train::preference::OPTION_NAMES;
     for (key, o) in &rc.overrides {
-        if !names.contains(key) || declared.contains(key) {
+        if !(names.contains(key) || pref.contains(&key.as_str())) || declared.contains(key) {
             continue;
         }
         let text = serde_json::Value::String(o.raw.clone());
@@ -284,7 +412,13 @@ fn merged_options(rc: &RunContext, mut opts: Map) -> Map {
             // `output_dir: "2024"` is text to `TrainConfig`, `learning_rate: 2e-4` a number.
             Ok(v) if !v.is_string() => {
                 let one = serde_json::json!({ key.as_str(): v.clone() });
-                if serde_json::from_value::<TrainConfig>(one).is_ok() {
+                let fits = if pref.contains(&key.as_str()) {
+                    serde_json::from_value::<qscript_runtime::train::preference::PrefConfig>(one)
+                        .is_ok()
+                } else {
+                    serde_json::from_value::<TrainConfig>(one).is_ok()
+                };
+                if fits {
                     v
                 } else {
                     text
@@ -390,7 +524,7 @@ pub mod train_module {
         train: DatasetHandle,
         opts: Map,
     ) -> Result<ModelHandle, Box<rhai::EvalAltResult>> {
-        run_fit(&ctx, &model, &train, opts, None)
+        run_fit(&ctx, super::Goal::Sft, &model, &train, opts, None)
     }
 
     /// Trains with evaluation on `eval` (`eval_strategy: "steps"`, best-model tracking, early
@@ -409,7 +543,81 @@ pub mod train_module {
         opts: Map,
         eval: DatasetHandle,
     ) -> Result<ModelHandle, Box<rhai::EvalAltResult>> {
-        run_fit(&ctx, &model, &train, opts, Some(&eval))
+        run_fit(&ctx, super::Goal::Sft, &model, &train, opts, Some(&eval))
+    }
+
+    /// Preference training on pairs from `data::preference`, with TRL's names and maths, and
+    /// returns the trained model (the input is not changed). Takes `train::fit`'s options and:
+    ///
+    /// | option | default | meaning |
+    /// |---|---|---|
+    /// | `loss_type` (`pref_loss`) | `"sigmoid"` | DPO (`sigmoid`), `ipo`, `hinge`, `robust`; `orpo` and `simpo` need no reference |
+    /// | `beta` (`pref_beta`) | 0.1 | DPO's β (ORPO's λ, SimPO's β) |
+    /// | `label_smoothing` | 0 | `robust`'s (and `simpo`'s) flipped-label probability, in [0, 0.5) |
+    /// | `rpo_alpha` (`pref_ftx`, `cpo_alpha`) | none | adds the chosen answers' SFT loss with this weight |
+    /// | `simpo_gamma` | 0.5 | SimPO's target margin |
+    ///
+    /// The reference is the model as the call starts: a fresh LoRA adapter's base, or, after
+    /// SFT in the same session, the SFT model (no second copy is loaded); its log-probabilities
+    /// are computed once, before the first step. Logged per step with TRL's names:
+    /// `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`,
+    /// `logps/chosen`, `logps/rejected` (ORPO adds `nll_loss`, `log_odds_ratio`,
+    /// `log_odds_chosen`). `per_device_train_batch_size` counts pairs (two rows each).
+    ///
+    /// ```rhai
+    /// io::write_text("p.jsonl", `{"prompt": "Q: 2+2? A:", "chosen": " 4", "rejected": " 5"}`);
+    /// let pairs = data::preference(data::load(io::output_dir() + "/p.jsonl"), tokenizer::builtin());
+    /// let tuned = train::dpo(lora::attach(model::tiny(), #{ r: 4 }), pairs, #{ beta: 0.1, max_steps: 2, learning_rate: 1e-3, logging_steps: 1, save_steps: 0 });
+    /// let orpo = train::dpo(lora::attach(model::tiny(), #{ r: 4 }), pairs, #{ loss_type: "orpo", max_steps: 1, save_steps: 0 });
+    /// ```
+    #[rhai_fn(return_raw)]
+    pub fn dpo(
+        ctx: NativeCallContext,
+        model: ModelHandle,
+        train: DatasetHandle,
+        opts: Map,
+    ) -> Result<ModelHandle, Box<rhai::EvalAltResult>> {
+        run_fit(&ctx, super::Goal::Dpo, &model, &train, opts, None)
+    }
+
+    /// `dpo` with evaluation on `eval` (pairs too): `eval_loss` is the mean preference loss.
+    ///
+    /// ```rhai
+    /// io::write_text("p.jsonl", `{"prompt": "Q: 2+2? A:", "chosen": " 4", "rejected": " 5"}`);
+    /// let pairs = data::preference(data::load(io::output_dir() + "/p.jsonl"), tokenizer::builtin());
+    /// let tuned = train::dpo(lora::attach(model::tiny(), #{ r: 4 }), pairs, #{ max_steps: 2, eval_strategy: "steps", eval_steps: 1, save_steps: 0 }, pairs);
+    /// ```
+    #[rhai_fn(name = "dpo", return_raw)]
+    pub fn dpo_eval(
+        ctx: NativeCallContext,
+        model: ModelHandle,
+        train: DatasetHandle,
+        opts: Map,
+        eval: DatasetHandle,
+    ) -> Result<ModelHandle, Box<rhai::EvalAltResult>> {
+        run_fit(&ctx, super::Goal::Dpo, &model, &train, opts, Some(&eval))
+    }
+
+    /// KTO on unpaired answers with a `label` (from `data::preference`), TRL's `KTOTrainer`
+    /// maths: each answer's log-ratio against the reference, less (desirable) or more
+    /// (undesirable) than the KL estimate of mismatched prompt/answer pairs of the batch.
+    /// Takes `train::fit`'s options and `beta` (0.1), `desirable_weight` and
+    /// `undesirable_weight` (1.0; LLaMA-Factory's `kto_chosen_weight`, `kto_rejected_weight`).
+    /// Logs `kl`, `rewards/chosen`, `rewards/rejected`, `logps/chosen`, `logps/rejected`.
+    ///
+    /// ```rhai
+    /// io::write_text("k.jsonl", "{\"prompt\": \"Q: 2+2? A:\", \"completion\": \" 4\", \"label\": true}\n{\"prompt\": \"Q: 3+3? A:\", \"completion\": \" 7\", \"label\": false}\n");
+    /// let kto = data::preference(data::load(io::output_dir() + "/k.jsonl"), tokenizer::builtin());
+    /// let tuned = train::kto(lora::attach(model::tiny(), #{ r: 4 }), kto, #{ per_device_train_batch_size: 2, max_steps: 2, save_steps: 0 });
+    /// ```
+    #[rhai_fn(return_raw)]
+    pub fn kto(
+        ctx: NativeCallContext,
+        model: ModelHandle,
+        train: DatasetHandle,
+        opts: Map,
+    ) -> Result<ModelHandle, Box<rhai::EvalAltResult>> {
+        run_fit(&ctx, super::Goal::Kto, &model, &train, opts, None)
     }
 
     /// A trainer for custom loops: `for batch in t.batches() { let out = t.step(batch); }`.
