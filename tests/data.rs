@@ -152,18 +152,9 @@ fn llamafactory_dataset_info_entries() {
         .unwrap_err();
     assert!(
         e.rendered.contains(
-            "entry `kto_en_demo`: KTO data (`kto_tag` column `label`) is for KTO, not supervised \
-             fine-tuning; preference training (DPO, KTO) is not supported yet"
+            "record 0 is KTO data (a boolean `label` marks each answer desirable or not), not \
+             supervised fine-tuning: tokenize it with `data::preference(ds, tok)`"
         ),
-        "{}",
-        e.rendered
-    );
-    let e = s
-        .eval(r#"data::from_info(INFO, "dpo_en_demo")"#)
-        .unwrap_err();
-    assert!(
-        e.rendered
-            .contains("entry `dpo_en_demo`: preference (`ranking`) data is for DPO/KTO"),
         "{}",
         e.rendered
     );
@@ -316,7 +307,7 @@ fn preference_and_kto_records_are_never_trained_as_sft() {
     for (code, want) in [
         (
             r#"data::to_messages(data::load(LF + "kto_en_demo.json"))"#,
-            "kto_en_demo.json`: record 0 is KTO data (a boolean `label` marks each answer desirable or not), not supervised fine-tuning; preference training (DPO, KTO) is not supported yet",
+            "kto_en_demo.json`: record 0 is KTO data (a boolean `label` marks each answer desirable or not), not supervised fine-tuning: tokenize it with `data::preference(ds, tok)` and train it with `train::dpo` (pairs) or `train::kto`",
         ),
         (
             r#"data::sft(data::load(LF + "kto_en_demo.json"), tok)"#,
@@ -339,8 +330,8 @@ fn preference_and_kto_records_are_never_trained_as_sft() {
             "trl_kto.jsonl`: record 0 is KTO data",
         ),
         (
-            r#"data::from_info(LF + "dataset_info.json", "dpo_en_demo")"#,
-            "entry `dpo_en_demo`: preference (`ranking`) data is for DPO/KTO, not supervised fine-tuning; preference training (DPO, KTO) is not supported yet",
+            r#"data::sft(data::from_info(LF + "dataset_info.json", "dpo_en_demo"), tok)"#,
+            "dpo_en_demo.json`: record 0 is DPO preference data (`chosen`/`rejected`), not supervised fine-tuning",
         ),
     ] {
         let e = s.eval(code).unwrap_err();
@@ -525,4 +516,71 @@ fn datasets_combine_and_iterate() {
         let e = s.eval(code).unwrap_err();
         assert!(e.rendered.contains(want), "{code}: {}", e.rendered);
     }
+}
+
+/// Preference data as users have it, tokenized as TRL does: LLaMA-Factory's ranking entry
+/// (`dpo_en_demo`) and KTO entry (`kto_en_demo`) give the ids TRL's `DPOTrainer` and
+/// `KTOTrainer` give with Qwen2.5's tokenizer (`scripts/make_pref_goldens.py`); v1's
+/// `chosen_messages` load too; bad records are skipped and named.
+#[test]
+fn preference_data_tokenizes_as_trl_does() {
+    let env = Env::new();
+    let Some((mut s, _)) = setup(&env) else {
+        return;
+    };
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            qscript_runtime::testing::repo_fixtures().join("pref/tokenized_demo.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    s.eval(
+        r#"const INFO = FX + "/datasets/llamafactory/dataset_info.json";
+let dpo = data::preference(data::from_info(INFO, "dpo_en_demo"), tok, #{ max_length: 0 });
+let kto = data::preference(data::from_info(INFO, "kto_en_demo"), tok, #{ max_length: 0 });
+let v1 = data::preference(data::load(FX + "/datasets/llamafactory/v1_dpo_demo.jsonl"), tok, #{ max_length: 512 });"#,
+    )
+    .unwrap();
+    let log = env.sink.take();
+    assert!(
+        log.contains("data: `dpo_en_demo`: 300 records, preference data (`ranking`)"),
+        "{log}"
+    );
+    for (var, key, fields) in [
+        ("dpo", "dpo_en_demo", &["prompt_ids", "chosen_ids", "rejected_ids"][..]),
+        ("kto", "kto_en_demo", &["prompt_ids", "completion_ids", "label"][..]),
+    ] {
+        for (i, want) in golden[key].as_array().unwrap().iter().enumerate() {
+            for f in fields {
+                // The REPL's display: `=> value: type`.
+                let got = s.eval(&format!("{var}[{i}].{f}")).unwrap().unwrap();
+                let got = got.replace(' ', "");
+                let got = got.trim_start_matches("=>").rsplit_once(':').unwrap().0;
+                assert_eq!(got, want[*f].to_string(), "{key} record {i}: {f}");
+            }
+        }
+    }
+    assert_eq!(s.eval("kto.len()").unwrap().as_deref(), Some("=> 300 : i64"));
+    assert!(log.contains("KTO answers ("), "{log}");
+    assert_eq!(s.eval("v1.len() > 0").unwrap().as_deref(), Some("=> true : bool"));
+    // Bad records: skipped, counted, named.
+    env.write(
+        "bad.jsonl",
+        "{\"prompt\": \"Q\", \"chosen\": \"a\", \"rejected\": \"a\"}\n{\"prompt\": \"Q\", \"chosen\": \"\", \"rejected\": \"b\"}\n{\"prompt\": \"Q\", \"chosen\": \"yes\"}\n{\"prompt\": \"Q\", \"chosen\": \"yes\", \"rejected\": \"no\"}\n",
+    );
+    s.eval(r#"let bad = data::preference(data::load("bad.jsonl"), tok);"#)
+        .unwrap();
+    let log = env.sink.take();
+    assert!(
+        log.contains(
+            "bad.jsonl`: 3 records skipped (record 0: the chosen and rejected answers are the \
+             same; record 1: an answer is empty; record 2: missing `rejected` (the rejected answer))"
+        ),
+        "{log}"
+    );
+    let e = s
+        .eval(r#"data::preference(data::load("bad.jsonl").select(0..3), tok)"#)
+        .unwrap_err();
+    assert!(e.rendered.contains("no example is left to train on"), "{}", e.rendered);
 }

@@ -102,7 +102,7 @@ pub fn gradients(
         .count();
     let mut m = model.clone();
     let params = super::flat::DeviceParams::adopt(&mut m)?;
-    let mut grads = params.zero_grads()?;
+    let grads = params.zero_grads()?;
     let ids: Vec<u32> = input_ids.flatten_all()?.to_vec1()?;
     let lens = vec![s; b];
     let pass = Pass {
@@ -117,7 +117,47 @@ pub fn gradients(
         seed,
         recompute,
     };
-    let out = pass.run(&m, &mut grads, &mut NoHook)?;
+    let (out, named) = run_named(&pass, &m, &params, grads)?;
+    Ok((f64::from(out.loss.to_scalar::<f32>()?), named))
+}
+
+/// The loss of `batch` under `objective` (summed over its examples or tokens and divided by
+/// `denom`), the gradient of every trainable tensor by name, and the objective's metrics: what
+/// the preference tests compare with TRL.
+pub fn objective_gradients(
+    model: &Model,
+    objective: &dyn Objective,
+    batch: &Batch,
+    denom: f64,
+) -> Result<(f64, Vec<(String, Tensor)>, Vec<(&'static str, f64, f64)>)> {
+    let mut m = model.clone();
+    let params = super::flat::DeviceParams::adopt(&mut m)?;
+    let grads = params.zero_grads()?;
+    let mask = batch.mask();
+    let pass = Pass {
+        objective,
+        input_ids: &batch.input_ids,
+        mask: &mask,
+        labels: &batch.labels_host,
+        ids: &batch.ids_host,
+        lens: &batch.lens,
+        pref: &batch.pref,
+        denom,
+        seed: None,
+        recompute: false,
+    };
+    let (out, named) = run_named(&pass, &m, &params, grads)?;
+    Ok((f64::from(out.loss.to_scalar::<f32>()?), named, out.metrics))
+}
+
+/// Runs `pass` and names each trainable tensor's gradient.
+fn run_named(
+    pass: &Pass<'_>,
+    model: &Model,
+    params: &super::flat::DeviceParams,
+    mut grads: DeviceGrads<'_>,
+) -> Result<(MicroOut, Vec<(String, Tensor)>)> {
+    let out = pass.run(model, &mut grads, &mut NoHook)?;
     let bufs = grads
         .parts
         .into_iter()
@@ -127,7 +167,7 @@ pub fn gradients(
         .slots()
         .map(|(k, s)| Ok((s.name.clone(), s.of(&bufs[k])?)))
         .collect::<Result<Vec<_>>>()?;
-    Ok((f64::from(out.loss.to_scalar::<f32>()?), named))
+    Ok((out, named))
 }
 
 /// One forward + backward over a batch.

@@ -1,0 +1,207 @@
+//! Preference objectives against TRL: on one batch of the tiny checkpoints, the loss, TRL's
+//! logged metrics and every trainable tensor's gradient equal what `DPOTrainer` (sigmoid, IPO,
+//! hinge, robust, with an SFT term; LoRA and full fine-tuning), ORPO, SimPO (TRL's CPO) and
+//! `KTOTrainer` give (fixtures by `scripts/make_pref_goldens.py`, f32 on the CPU).
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use qscript_runtime::data::batch::collate;
+use qscript_runtime::data::example::{Example, IGNORE, Pref};
+use qscript_runtime::lora;
+use qscript_runtime::model::{LoadOptions, Model};
+use qscript_runtime::testing::{max_abs, max_abs_diff, repo_fixtures};
+use qscript_runtime::train::engine::objective_gradients;
+use qscript_runtime::train::preference::{PrefConfig, Preference, reference_logps};
+use serde_json::Value;
+
+fn load(dir: &Path, trainable: bool) -> Model {
+    let o = LoadOptions {
+        dtype: "f32".into(),
+        device: "cpu".into(),
+        trainable,
+        ..Default::default()
+    };
+    Model::load(dir, &o).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| u32::try_from(x.as_u64().unwrap()).unwrap())
+        .collect()
+}
+
+/// `prompt` then `answer`, labels on the answer only.
+fn row(prompt: &[u32], answer: &[u32]) -> (Vec<u32>, Vec<i64>) {
+    let mut ids = prompt.to_vec();
+    ids.extend(answer);
+    let labels = ids
+        .iter()
+        .enumerate()
+        .map(|(k, &t)| {
+            if k < prompt.len() {
+                IGNORE
+            } else {
+                i64::from(t)
+            }
+        })
+        .collect();
+    (ids, labels)
+}
+
+/// The batch of `meta` as qscript's two-row examples.
+fn examples(meta: &Value) -> Vec<Example> {
+    let pair = |p: &[u32], first: &[u32], second: &[u32], desirable: Option<bool>| {
+        let (input_ids, labels) = row(p, first);
+        let (second_ids, second_labels) = row(p, second);
+        Example {
+            input_ids,
+            labels,
+            pref: Some(Box::new(Pref {
+                prompt_len: p.len(),
+                second_ids,
+                second_labels,
+                desirable,
+                ref_logps: None,
+            })),
+            ..Example::default()
+        }
+    };
+    if meta["kind"] == "kto" {
+        meta["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                pair(
+                    &ids(&r["prompt_ids"]),
+                    &ids(&r["completion_ids"]),
+                    &ids(&r["KL_completion_ids"]),
+                    r["label"].as_bool(),
+                )
+            })
+            .collect()
+    } else {
+        meta["pairs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                pair(
+                    &ids(&r["prompt_ids"]),
+                    &ids(&r["chosen_ids"]),
+                    &ids(&r["rejected_ids"]),
+                    None,
+                )
+            })
+            .collect()
+    }
+}
+
+/// qscript's options for a case (TRL's `loss_type` list with `sft` is `rpo_alpha`).
+fn config(case: &str, meta: &Value) -> PrefConfig {
+    let o = &meta["options"];
+    let loss_type = match o["loss_type"].as_array() {
+        Some(list) => list[0].as_str().unwrap().to_string(),
+        None => o["loss_type"]
+            .as_str()
+            .map_or_else(|| case.to_string(), str::to_string),
+    };
+    PrefConfig {
+        loss_type,
+        beta: o["beta"].as_f64().unwrap(),
+        label_smoothing: o["label_smoothing"].as_f64().unwrap_or(0.0),
+        rpo_alpha: o["loss_weights"].as_array().map(|w| w[1].as_f64().unwrap()),
+        simpo_gamma: o["simpo_gamma"].as_f64().unwrap_or(0.5),
+        desirable_weight: o["desirable_weight"].as_f64().unwrap_or(1.0),
+        undesirable_weight: o["undesirable_weight"].as_f64().unwrap_or(1.0),
+        ..PrefConfig::default()
+    }
+}
+
+#[test]
+fn preference_objectives_equal_trl_on_loss_metrics_and_gradients() {
+    let root = repo_fixtures().join("pref");
+    let models = repo_fixtures().join("models");
+    let adapter = repo_fixtures().join("lora").join("qwen2-qkvo-r4");
+    let cases = [
+        "dpo-sigmoid",
+        "dpo-ipo",
+        "dpo-hinge",
+        "dpo-robust",
+        "dpo-rpo",
+        "dpo-full",
+        "orpo",
+        "simpo",
+        "kto",
+    ];
+    for case in cases {
+        let dir = root.join(case);
+        let meta: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
+        let golden: HashMap<String, Tensor> =
+            candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
+        let lora = meta["lora"].as_bool().unwrap();
+        // The reference is the model as training started (TRL keeps a copy of the adapter, or of
+        // the whole model); the policy has moved since (saved in `policy/`), except for the
+        // reference-free ORPO and SimPO.
+        let (reference, policy) = if lora {
+            let base = load(&models.join("tiny-qwen2"), false);
+            let reference = lora::load_adapter(&base, &adapter).unwrap();
+            let policy = if dir.join("policy").is_dir() {
+                lora::load_adapter(&base, &dir.join("policy")).unwrap()
+            } else {
+                reference.clone()
+            };
+            (reference, policy)
+        } else {
+            (
+                load(&models.join("tiny-llama3"), true),
+                load(&dir.join("policy"), true),
+            )
+        };
+        let objective = Preference::new(config(case, &meta), meta["kind"] == "kto").unwrap();
+        let mut ex = examples(&meta);
+        if objective.needs_reference() {
+            reference_logps(&reference, &mut ex, 2, 0, &Default::default()).unwrap();
+        }
+        let refs: Vec<&Example> = ex.iter().collect();
+        let batch = collate(&refs, 0, None, &Device::Cpu).unwrap();
+        let (loss, grads, metrics) =
+            objective_gradients(&policy, &objective, &batch, ex.len() as f64).unwrap();
+        let want = meta["loss"].as_f64().unwrap();
+        assert!(
+            (loss - want).abs() <= 1e-5 * want.abs().max(1.0),
+            "{case}: loss {loss} vs TRL's {want}"
+        );
+        for (name, value) in meta["metrics"].as_object().unwrap() {
+            // KTO's margin is TRL's difference of the two means, not a per-example metric.
+            if name == "rewards/margins" && case == "kto" {
+                continue;
+            }
+            let (_, sum, count) = metrics
+                .iter()
+                .find(|m| m.0 == name)
+                .unwrap_or_else(|| panic!("{case}: no metric {name} in {metrics:?}"));
+            let (got, want) = (sum / count, value.as_f64().unwrap());
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{case}: {name} {got} vs TRL's {want}"
+            );
+        }
+        let expected = golden.keys().filter(|k| k.starts_with("grad.")).count();
+        assert_eq!(grads.len(), expected, "{case}: trainable tensors");
+        for (name, got) in &grads {
+            let want = &golden[&format!("grad.{name}")];
+            let (d, scale) = (max_abs_diff(got, want), max_abs(want));
+            assert!(
+                scale > 0.0 && d <= 1e-5 + 1e-3 * scale,
+                "{case}: {name} gradient differs by {d} (scale {scale})"
+            );
+        }
+    }
+}
