@@ -234,21 +234,42 @@ fn start(
             .get(&train.address())
             .filter(|(n, _)| *n == train.len())
             .map(|(_, f)| f.clone());
-        let longest = train_ex
-            .iter()
-            .map(|e| e.input_ids.len())
-            .max()
-            .unwrap_or(0);
-        rc.check_fact(
-            "data",
-            fact.unwrap_or_else(|| {
+        let longest = train_ex.iter().map(|e| e.longest()).max().unwrap_or(0);
+        let n = train_ex.len();
+        let fact = match goal {
+            Goal::Sft => fact.unwrap_or_else(|| {
                 format!(
-                    "{} examples from `{}` (longest {longest} tokens)",
-                    train_ex.len(),
+                    "{n} examples from `{}` (longest {longest} tokens)",
                     train_src.0
                 )
             }),
-        );
+            Goal::Dpo | Goal::Kto => format!(
+                "{n} {} from `{}` (two rows each, longest row {longest} tokens)",
+                if goal == Goal::Dpo {
+                    "preference pairs"
+                } else {
+                    "KTO answers"
+                },
+                train_src.0
+            ),
+        };
+        rc.check_fact("data", fact);
+        if let Some(p) = &preference {
+            rc.check_fact(
+                "objective",
+                if p.needs_reference() {
+                    format!(
+                        "`{}` ({}); the reference: one forward pass over the {n} training \
+                         examples (and the eval set) before the first step, by the model as \
+                         the call starts",
+                        p.name(),
+                        goal.function()
+                    )
+                } else {
+                    format!("`{}` ({}), reference-free", p.name(), goal.function())
+                },
+            );
+        }
     }
     let eval = eval.map(|d| examples(d, "eval")).transpose().map_err(at)?;
     if let Some((ex, _)) = &eval
