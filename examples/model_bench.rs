@@ -8,6 +8,8 @@
 //! # training throughput on fixed-length random rows, the shape of ../shared/bench/hf_peft_lora.py
 //! model_bench train DIR [--batch 8] [--seq 512] [--steps 10] [--warmup 3] [--ckpt] [--full]
 //!     [--accum 1] [--device-map auto] [--no-pipeline]   # under torchrun: data parallel
+//!     [--dpo]   # `--batch` preference pairs of two `--seq` rows (prompt seq/2 + answer), DPO
+//!               # sigmoid beta 0.1 with the reference pass over the timed steps' pairs timed too
 //! ```
 //! Prints one JSON line per measurement. Build with `--features cuda` for the GPU.
 #![allow(clippy::print_stdout, clippy::print_stderr, clippy::unwrap_used)]
@@ -191,7 +193,7 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     };
     let (batch, seq) = (value("--batch", 8)?, value("--seq", 512)?);
     let (steps, warmup) = (value("--steps", 10)?, value("--warmup", 3)?);
-    let (ckpt, full) = (flag("--ckpt"), flag("--full"));
+    let (ckpt, full, dpo) = (flag("--ckpt"), flag("--full"), flag("--dpo"));
     let accum = value("--accum", 1)?;
     let device_map = match args.iter().position(|a| a == "--device-map") {
         Some(i) => Some(qscript_runtime::plan::DeviceMap::from_name(
@@ -213,7 +215,8 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
         let cfg = LoraConfig {
             r: 8,
             lora_alpha: 32.0,
-            lora_dropout: 0.1,
+            // TRL's DPOTrainer turns dropout off (`disable_dropout`).
+            lora_dropout: if dpo { 0.0 } else { 0.1 },
             target_modules: Targets::Names(
                 ["q_proj", "k_proj", "v_proj", "o_proj"]
                     .map(String::from)
@@ -227,20 +230,52 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     // Under data parallel (torchrun) each rank takes `batch` of every micro-batch.
     let ranks = qscript_runtime::dist::planned_size();
-    let rows: Vec<Example> = (0..4 * batch * accum * ranks)
-        .map(|_| {
-            let ids: Vec<u32> = (0..seq)
-                .map(|_| rng.random_range(0..c.vocab_size as u32))
-                .collect();
-            let labels = ids.iter().map(|&i| i64::from(i)).collect();
-            Example {
-                input_ids: ids,
-                labels,
-                packed: Vec::new(),
-                pref: None,
-            }
-        })
-        .collect();
+    let mut random = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| rng.random_range(0..c.vocab_size as u32))
+            .collect()
+    };
+    let per_epoch = 4 * batch * accum * ranks;
+    let rows: Vec<Example> = if dpo {
+        // Each pair: a prompt of seq/2 tokens shared by two answers of seq - seq/2.
+        let prompt_len = seq / 2;
+        (0..(warmup + steps) * batch * accum * ranks)
+            .map(|_| {
+                let prompt = random(prompt_len);
+                let row = |answer: Vec<u32>| -> (Vec<u32>, Vec<i64>) {
+                    let ids: Vec<u32> = prompt.iter().copied().chain(answer).collect();
+                    let labels = ids
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &t)| if k < prompt_len { -100 } else { i64::from(t) })
+                        .collect();
+                    (ids, labels)
+                };
+                let (input_ids, labels) = row(random(seq - prompt_len));
+                let (second_ids, second_labels) = row(random(seq - prompt_len));
+                Example {
+                    input_ids,
+                    labels,
+                    pref: Some(Box::new(qscript_runtime::data::example::Pref {
+                        prompt_len,
+                        second_ids,
+                        second_labels,
+                        desirable: None,
+                        ref_logps: None,
+                    })),
+                    ..Example::default()
+                }
+            })
+            .collect()
+    } else {
+        (0..per_epoch)
+            .map(|_| {
+                let ids = random(seq);
+                let labels = ids.iter().map(|&i| i64::from(i)).collect();
+                Example::new(ids, labels)
+            })
+            .collect()
+    };
     let out = tempfile::tempdir()?;
     let cfg = TrainConfig {
         output_dir: out.path().to_string_lossy().into_owned(),
@@ -258,7 +293,35 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
         gradient_checkpointing: ckpt,
         ..TrainConfig::default()
     };
-    let mut t = Trainer::new(&model, std::sync::Arc::new(rows), None, &cfg, 0)?;
+    // DPO: the reference pass over the pairs of the timed steps is timed with them (TRL without
+    // `precompute_ref_log_probs` runs the reference forward inside each step).
+    let mut rows = rows;
+    let mut ref_secs = 0.0;
+    let mut t = if dpo {
+        use qscript_runtime::train::preference::{PrefConfig, Preference, reference_logps};
+        let timed = warmup * batch * accum * ranks;
+        let (early, later) = rows.split_at_mut(timed);
+        let cancel = qscript_runtime::cancel::CancelToken::new();
+        reference_logps(&model, early, batch, 0, &cancel)?;
+        sync(model.decoder.device())?;
+        let t0 = Instant::now();
+        reference_logps(&model, later, batch, 0, &cancel)?;
+        sync(model.decoder.device())?;
+        ref_secs = t0.elapsed().as_secs_f64();
+        let objective = Preference::new(PrefConfig::default(), false)?;
+        let collective = qscript_runtime::train::collective::from_env(&model)?;
+        Trainer::start(
+            &model,
+            qscript_runtime::train::plan::RunData::new(std::sync::Arc::new(rows), None),
+            &cfg,
+            0,
+            collective,
+            std::sync::Arc::new(objective),
+            qscript_runtime::train::Mode::Train,
+        )?
+    } else {
+        Trainer::new(&model, std::sync::Arc::new(std::mem::take(&mut rows)), None, &cfg, 0)?
+    };
     let dev = model.decoder.device().clone();
     // Every device the model lies on (one per stage), each waited for around the timed steps.
     let stages = qscript_runtime::train::engine::stages(&model, None);
@@ -288,18 +351,22 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let loss = run(&mut t, steps)?;
     sync_all()?;
-    let dt = t0.elapsed().as_secs_f64() / steps as f64;
+    let dt = (t0.elapsed().as_secs_f64() + ref_secs) / steps as f64;
     let profile = qscript_runtime::profile::report();
     if !profile.is_empty() {
         eprintln!("profile over {steps} steps (synchronized spans):\n{profile}");
     }
-    // Tokens of one optimizer step over every rank.
-    let tokens = (batch * seq * accum * ranks) as f64;
+    // Tokens of one optimizer step over every rank (a pair is two rows).
+    let tokens = (batch * seq * accum * ranks * if dpo { 2 } else { 1 }) as f64;
     let n_params = model.decoder.num_params() as f64;
     let (v, h) = (c.vocab_size as f64, c.hidden_size as f64);
     let n_nonembed = n_params - v * h * if c.tie_word_embeddings { 1.0 } else { 2.0 };
     let n_matmul = n_nonembed + v * h;
-    let lin = (if ckpt { 3.0 } else { 2.0 } + if full { 1.0 } else { 0.0 }) * 2.0 * n_matmul;
+    let lin = (if ckpt { 3.0 } else { 2.0 }
+        + if full { 1.0 } else { 0.0 }
+        + if dpo { 1.0 } else { 0.0 })
+        * 2.0
+        * n_matmul;
     let attn_fwd = c.num_hidden_layers as f64 * 4.0 * seq as f64 * h / 2.0;
     let attn = attn_fwd * if ckpt { 4.0 } else { 3.0 };
     let flops = tokens * (lin + attn);
@@ -312,7 +379,8 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     let peak = qscript_runtime::device::pool(&dev).map(|p| qscript_runtime::device::gib(p.peak));
     println!(
         "{}",
-        serde_json::json!({"system": if full { "qscript-full" } else { "qscript-lora" }, "model": model.to_string(),
+        serde_json::json!({"system": if dpo { "qscript-dpo" } else if full { "qscript-full" } else { "qscript-lora" }, "model": model.to_string(),
+            "ref_pass_ms_per_step": (ref_secs / steps as f64 * 1e5).round() / 100.0,
             "seq": seq, "batch": batch, "accum": accum, "ranks": ranks,
             "pipeline": cfg.pipeline && devices.len() > 1, "grad_ckpt": ckpt, "step_ms": (dt * 1e5).round() / 100.0,
             "tokens_per_s": (tokens / dt * 10.0).round() / 10.0, "mfu": ((flops / dt / (989e12 * gpus)) * 1e4).round() / 1e4,
