@@ -320,7 +320,13 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
             qscript_runtime::train::Mode::Train,
         )?
     } else {
-        Trainer::new(&model, std::sync::Arc::new(std::mem::take(&mut rows)), None, &cfg, 0)?
+        Trainer::new(
+            &model,
+            std::sync::Arc::new(std::mem::take(&mut rows)),
+            None,
+            &cfg,
+            0,
+        )?
     };
     let dev = model.decoder.device().clone();
     // Every device the model lies on (one per stage), each waited for around the timed steps.
@@ -362,11 +368,10 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     let (v, h) = (c.vocab_size as f64, c.hidden_size as f64);
     let n_nonembed = n_params - v * h * if c.tie_word_embeddings { 1.0 } else { 2.0 };
     let n_matmul = n_nonembed + v * h;
-    let lin = (if ckpt { 3.0 } else { 2.0 }
-        + if full { 1.0 } else { 0.0 }
-        + if dpo { 1.0 } else { 0.0 })
-        * 2.0
-        * n_matmul;
+    let lin =
+        (if ckpt { 3.0 } else { 2.0 } + if full { 1.0 } else { 0.0 } + if dpo { 1.0 } else { 0.0 })
+            * 2.0
+            * n_matmul;
     let attn_fwd = c.num_hidden_layers as f64 * 4.0 * seq as f64 * h / 2.0;
     let attn = attn_fwd * if ckpt { 4.0 } else { 3.0 };
     let flops = tokens * (lin + attn);

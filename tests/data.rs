@@ -548,8 +548,16 @@ let v1 = data::preference(data::load(FX + "/datasets/llamafactory/v1_dpo_demo.js
         "{log}"
     );
     for (var, key, fields) in [
-        ("dpo", "dpo_en_demo", &["prompt_ids", "chosen_ids", "rejected_ids"][..]),
-        ("kto", "kto_en_demo", &["prompt_ids", "completion_ids", "label"][..]),
+        (
+            "dpo",
+            "dpo_en_demo",
+            &["prompt_ids", "chosen_ids", "rejected_ids"][..],
+        ),
+        (
+            "kto",
+            "kto_en_demo",
+            &["prompt_ids", "completion_ids", "label"][..],
+        ),
     ] {
         for (i, want) in golden[key].as_array().unwrap().iter().enumerate() {
             for f in fields {
@@ -561,9 +569,15 @@ let v1 = data::preference(data::load(FX + "/datasets/llamafactory/v1_dpo_demo.js
             }
         }
     }
-    assert_eq!(s.eval("kto.len()").unwrap().as_deref(), Some("=> 300 : i64"));
+    assert_eq!(
+        s.eval("kto.len()").unwrap().as_deref(),
+        Some("=> 300 : i64")
+    );
     assert!(log.contains("KTO answers ("), "{log}");
-    assert_eq!(s.eval("v1.len() > 0").unwrap().as_deref(), Some("=> true : bool"));
+    assert_eq!(
+        s.eval("v1.len() > 0").unwrap().as_deref(),
+        Some("=> true : bool")
+    );
     // Bad records: skipped, counted, named.
     env.write(
         "bad.jsonl",
@@ -582,5 +596,9 @@ let v1 = data::preference(data::load(FX + "/datasets/llamafactory/v1_dpo_demo.js
     let e = s
         .eval(r#"data::preference(data::load("bad.jsonl").select(0..3), tok)"#)
         .unwrap_err();
-    assert!(e.rendered.contains("no example is left to train on"), "{}", e.rendered);
+    assert!(
+        e.rendered.contains("no example is left to train on"),
+        "{}",
+        e.rendered
+    );
 }

@@ -437,6 +437,138 @@ fn engine_gradients_agree(full: bool) {
     }
 }
 
+/// Preference training on the GPU: the per-token log-probabilities (the fused cross-entropy
+/// kernel without gradients) and their per-token-weighted backward give the CPU's values, and
+/// DPO / ORPO / KTO losses, metrics and gradients through the engine equal the CPU's (LoRA and
+/// full fine-tuning, the head trained).
+#[test]
+fn preference_objectives_on_the_gpu_equal_the_cpu() {
+    use qscript_runtime::data::example::Pref;
+    use qscript_runtime::nn::loss::{logp_backward, token_logps};
+    use qscript_runtime::train::engine::objective_gradients;
+    use qscript_runtime::train::preference::{PrefConfig, Preference, reference_logps};
+    struct Head(Tensor, Option<Tensor>);
+    impl qscript_runtime::nn::GradSink for Head {
+        fn wants(&self, p: &Tensor) -> bool {
+            p.id() == self.0.id()
+        }
+        fn add(&mut self, _: &Tensor, g: &Tensor) -> candle_core::Result<()> {
+            let g = g.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+            self.1 = Some(match self.1.take() {
+                Some(a) => (a + g)?,
+                None => g,
+            });
+            Ok(())
+        }
+    }
+    let cpu = Device::Cpu;
+    let (n, h, vocab) = (21usize, 24usize, 259usize);
+    let hidden = Tensor::randn(0f32, 1.0, (n, h), &cpu).unwrap();
+    let head = (Tensor::randn(0f32, 1.0, (vocab, h), &cpu).unwrap() * 0.5).unwrap();
+    let targets: Vec<i64> = (0..n)
+        .map(|i| {
+            if i % 5 == 2 {
+                -100
+            } else {
+                ((i * 41) % vocab) as i64
+            }
+        })
+        .collect();
+    let weights: Vec<f32> = (0..n).map(|i| (i as f32 - 7.0) * 0.1).collect();
+    for dtype in [DType::F32, DType::BF16] {
+        let run = |dev: &Device| {
+            let hd = hidden.to_device(dev).unwrap().to_dtype(dtype).unwrap();
+            let wd = head.to_device(dev).unwrap().to_dtype(dtype).unwrap();
+            let lp = token_logps(&hd, &wd, &targets).unwrap();
+            let mut sink = Head(wd.clone(), None);
+            let dh = logp_backward(&hd, &wd, &targets, &weights, &mut sink).unwrap();
+            let dh = dh.to_device(&cpu).unwrap().to_dtype(DType::F32).unwrap();
+            (lp, dh, sink.1.unwrap())
+        };
+        let ((lc, dc, hc), (lg, dg, hg)) = (run(&cpu), run(&gpu()));
+        let tol = if dtype == DType::F32 { 1e-5 } else { 3e-2 };
+        for (a, b) in lc.iter().zip(&lg) {
+            assert!(
+                (a - b).abs() <= tol * a.abs().max(1.0),
+                "logp {dtype:?}: {a} vs {b}"
+            );
+        }
+        assert!(
+            rel(&dg, &dc) < tol * 2.0,
+            "dHidden {dtype:?}: {}",
+            rel(&dg, &dc)
+        );
+        assert!(
+            rel(&hg, &hc) < tol * 2.0,
+            "dHead {dtype:?}: {}",
+            rel(&hg, &hc)
+        );
+    }
+    // Through the engine: pairs (and KTO answers) of the tiny model on both devices.
+    let pairs: Vec<Example> = rows(6)
+        .chunks(2)
+        .enumerate()
+        .map(|(k, two)| {
+            let mut e = two[0].clone();
+            e.pref = Some(Box::new(Pref {
+                prompt_len: 3,
+                second_ids: two[1].input_ids.clone(),
+                second_labels: two[1].labels.clone(),
+                desirable: None,
+                ref_logps: None,
+            }));
+            let _ = k;
+            e
+        })
+        .collect();
+    for (loss, full, kto) in [
+        ("sigmoid", false, false),
+        ("orpo", true, false),
+        ("kto", false, true),
+    ] {
+        let (c, g) = (tiny_model("cpu", 2, full), tiny_model("cuda:0", 2, full));
+        let mut ex = pairs.clone();
+        for (i, e) in ex.iter_mut().enumerate() {
+            if let Some(p) = &mut e.pref {
+                p.desirable = kto.then_some(i % 2 == 0);
+            }
+        }
+        let objective = Preference::new(
+            PrefConfig {
+                loss_type: loss.into(),
+                ..PrefConfig::default()
+            },
+            kto,
+        )
+        .unwrap();
+        let cancel = qscript_runtime::cancel::CancelToken::new();
+        let (mut ec, mut eg) = (ex.clone(), ex);
+        if objective.needs_reference() {
+            reference_logps(&c, &mut ec, 2, 0, &cancel).unwrap();
+            reference_logps(&g, &mut eg, 2, 0, &cancel).unwrap();
+        }
+        let rc: Vec<&Example> = ec.iter().collect();
+        let rg: Vec<&Example> = eg.iter().collect();
+        let bc = qscript_runtime::data::batch::collate(&rc, 0, None, &Device::Cpu).unwrap();
+        let bg = qscript_runtime::data::batch::collate(&rg, 0, None, &gpu()).unwrap();
+        let (lc, gc, mc) = objective_gradients(&c, &objective, &bc, 3.0).unwrap();
+        let (lg, gg, mg) = objective_gradients(&g, &objective, &bg, 3.0).unwrap();
+        assert!(
+            (lc - lg).abs() < 1e-5 * lc.abs().max(1.0),
+            "{loss}: loss {lc} vs {lg}"
+        );
+        for ((name, a, _), (_, b, _)) in mc.iter().zip(&mg) {
+            assert!(
+                (a - b).abs() < 1e-4 * a.abs().max(1.0),
+                "{loss}: {name} {a} vs {b}"
+            );
+        }
+        for ((name, a), (_, b)) in gg.iter().zip(&gc) {
+            assert!(rel(a, b) < 1e-4, "{loss}, {name}: {}", rel(a, b));
+        }
+    }
+}
+
 /// Packed rows on the GPU (softmax kernels with per-query example starts, per-row RoPE
 /// tables) give the CPU's unpacked loss and gradients.
 #[test]

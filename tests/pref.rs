@@ -167,7 +167,14 @@ fn preference_objectives_equal_trl_on_loss_metrics_and_gradients() {
         let objective = Preference::new(config(case, &meta), meta["kind"] == "kto").unwrap();
         let mut ex = examples(&meta);
         if objective.needs_reference() {
-            reference_logps(&reference, &mut ex, 2, 0, &Default::default()).unwrap();
+            reference_logps(
+                &reference,
+                &mut ex,
+                2,
+                0,
+                &qscript_runtime::cancel::CancelToken::new(),
+            )
+            .unwrap();
         }
         let refs: Vec<&Example> = ex.iter().collect();
         let batch = collate(&refs, 0, None, &Device::Cpu).unwrap();

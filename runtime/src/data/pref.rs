@@ -116,7 +116,10 @@ impl Normalized {
 /// LLaMA-Factory v1's `[{type: "text", value}]` parts, joined).
 fn plain_messages(v: &Value, what: &str) -> std::result::Result<Vec<Value>, String> {
     let Value::Array(list) = v else {
-        return Err(format!("`{what}` is {}, expected a list of messages", kind(v)));
+        return Err(format!(
+            "`{what}` is {}, expected a list of messages",
+            kind(v)
+        ));
     };
     list.iter()
         .enumerate()
@@ -221,11 +224,7 @@ fn with_answer(
             return Err(format!(
                 "a `{f}` record's answers are {}, expected {}",
                 kind(a),
-                if f == "alpaca" {
-                    "strings"
-                } else {
-                    "messages"
-                }
+                if f == "alpaca" { "strings" } else { "messages" }
             ));
         }
     }
@@ -365,9 +364,9 @@ pub fn to_trl(ds: &Dataset, opts: &FormatOptions) -> Result<Dataset> {
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            normalize(r, opts).map(|n| n.to_json()).map_err(|m| {
-                Error::InvalidArgument(format!("`{}`: record {i}: {m}", ds.source))
-            })
+            normalize(r, opts)
+                .map(|n| n.to_json())
+                .map_err(|m| Error::InvalidArgument(format!("`{}`: record {i}: {m}", ds.source)))
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Dataset {
@@ -506,8 +505,8 @@ pub fn tokenize(
             }
             e => e,
         };
-        let (p, first) = encode(tok, template, &n.prompt, &n.answer, opts.max_record_bytes)
-            .map_err(named)?;
+        let (p, first) =
+            encode(tok, template, &n.prompt, &n.answer, opts.max_record_bytes).map_err(named)?;
         let (prompt_len, second) = match &n.rejected {
             Some(rj) => {
                 let (_, second) =
@@ -517,9 +516,7 @@ pub fn tokenize(
             }
             None => (common_prefix(&p, &first), Vec::new()),
         };
-        if first.len() == prompt_len
-            || (n.rejected.is_some() && second.len() == prompt_len)
-        {
+        if first.len() == prompt_len || (n.rejected.is_some() && second.len() == prompt_len) {
             return Ok(Outcome::Skipped(
                 "an answer has no tokens after the prompt".into(),
             ));
@@ -676,10 +673,7 @@ mod tests {
         assert_eq!(text.answer, Side::Text("yes".into()));
         // KTO: prompt + completion, and a conversation whose last turn is the answer.
         let kto = norm(json!({"prompt": "Q: ", "completion": "yes", "label": false})).unwrap();
-        assert_eq!(
-            (kto.desirable, kto.rejected.is_none()),
-            (Some(false), true)
-        );
+        assert_eq!((kto.desirable, kto.rejected.is_none()), (Some(false), true));
         let kto = norm(json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "label": true})).unwrap();
         assert_eq!(kto.prompt, msgs(user));
         assert_eq!(kto.desirable, Some(true));

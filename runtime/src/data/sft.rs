@@ -51,7 +51,6 @@ impl Default for SftOptions {
     }
 }
 
-
 /// What `sft` did.
 #[derive(Clone, Debug, Default)]
 pub struct SftReport {

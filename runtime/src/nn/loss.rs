@@ -104,7 +104,11 @@ pub fn logp_backward(
     grads: &mut dyn GradSink,
 ) -> Result<Tensor> {
     if weights.len() != targets.len() {
-        candle_core::bail!("logp_backward: {} weights for {} targets", weights.len(), targets.len());
+        candle_core::bail!(
+            "logp_backward: {} weights for {} targets",
+            weights.len(),
+            targets.len()
+        );
     }
     let rows = rows_for(hidden, head, grads.wants(head))?;
     // A token's loss is -log p: its gradient is the cross-entropy's, times -weight.
@@ -114,7 +118,14 @@ pub fn logp_backward(
         .filter(|(t, _)| **t != -100)
         .map(|(_, w)| -w)
         .collect();
-    let (out, _) = loss_in_chunks(hidden, head, targets, Scale::PerTarget(&scales), Some(grads), rows)?;
+    let (out, _) = loss_in_chunks(
+        hidden,
+        head,
+        targets,
+        Scale::PerTarget(&scales),
+        Some(grads),
+        rows,
+    )?;
     out.d_hidden
         .ok_or_else(|| candle_core::Error::Msg("logp_backward: no gradient".into()))
 }
@@ -197,7 +208,11 @@ fn loss_in_chunks(
         let target = Tensor::from_slice(&labels[start..start + len], (len, 1), device)?;
         // A per-token scale multiplies each row of dlogits.
         let column = match scale {
-            Scale::PerTarget(w) => Some(Tensor::from_slice(&w[start..start + len], (len, 1), device)?),
+            Scale::PerTarget(w) => Some(Tensor::from_slice(
+                &w[start..start + len],
+                (len, 1),
+                device,
+            )?),
             Scale::Uniform(_) => None,
         };
         #[cfg(feature = "cuda")]

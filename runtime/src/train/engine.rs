@@ -13,7 +13,7 @@ use candle_core::Tensor;
 
 use super::flat::DeviceGrads;
 pub use super::objective::shifted_targets;
-use super::objective::{CausalLm, Labels, Objective};
+use super::objective::{CausalLm, Labels, Metrics, Objective};
 use crate::data::batch::{Batch, PrefRows};
 use crate::device::to;
 use crate::model::Model;
@@ -52,7 +52,7 @@ pub struct MicroOut {
     /// Learned tokens in the micro-batch (examples, for a preference objective).
     pub count: usize,
     /// The objective's metrics: `(name, sum, count)`.
-    pub metrics: Vec<(&'static str, f64, f64)>,
+    pub metrics: Metrics,
 }
 
 /// One micro-batch: forward, loss divided by `denom`, backward into `grads`. `seed` keys the
@@ -121,6 +121,9 @@ pub fn gradients(
     Ok((f64::from(out.loss.to_scalar::<f32>()?), named))
 }
 
+/// Each trainable tensor's gradient, by name.
+pub type NamedGrads = Vec<(String, Tensor)>;
+
 /// The loss of `batch` under `objective` (summed over its examples or tokens and divided by
 /// `denom`), the gradient of every trainable tensor by name, and the objective's metrics: what
 /// the preference tests compare with TRL.
@@ -129,7 +132,7 @@ pub fn objective_gradients(
     objective: &dyn Objective,
     batch: &Batch,
     denom: f64,
-) -> Result<(f64, Vec<(String, Tensor)>, Vec<(&'static str, f64, f64)>)> {
+) -> Result<(f64, NamedGrads, Metrics)> {
     let mut m = model.clone();
     let params = super::flat::DeviceParams::adopt(&mut m)?;
     let grads = params.zero_grads()?;
@@ -358,9 +361,8 @@ impl Pass<'_> {
         let _span = crate::profile::span("embedding grad", d.device());
         let rows = to(&f.x, d.device())?.reshape((b * s, d.cfg.hidden_size))?;
         grads.add_rows(&d.embed, self.input_ids, &rows)?;
-        f.loss.ok_or_else(|| {
-            Error::InvalidArgument("a micro-batch finished without its loss".into())
-        })
+        f.loss
+            .ok_or_else(|| Error::InvalidArgument("a micro-batch finished without its loss".into()))
     }
 }
 
@@ -471,7 +473,7 @@ pub fn eval_loss(
     model: &Model,
     objective: &dyn Objective,
     batch: &Batch,
-) -> Result<(f64, usize, Vec<(&'static str, f64, f64)>)> {
+) -> Result<(f64, usize, Metrics)> {
     let d = &model.decoder;
     let (b, s) = batch.input_ids.dims2()?;
     let mask = batch.mask();
@@ -486,7 +488,11 @@ pub fn eval_loss(
         pref: &batch.pref,
     };
     let out = objective.loss(&hidden, d.head_weight(), labels, 1.0, None)?;
-    Ok((f64::from(out.loss.to_scalar::<f32>()?), out.count, out.metrics))
+    Ok((
+        f64::from(out.loss.to_scalar::<f32>()?),
+        out.count,
+        out.metrics,
+    ))
 }
 
 #[cfg(test)]

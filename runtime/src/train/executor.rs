@@ -32,7 +32,7 @@ pub struct StepOut {
     /// The gradient norm before clipping, an f32 scalar.
     pub grad_norm: Tensor,
     /// The objective's metrics over the window: `(name, sum, count)` (this rank's share).
-    pub metrics: Vec<(&'static str, f64, f64)>,
+    pub metrics: super::objective::Metrics,
 }
 
 /// See the module doc.

@@ -2,7 +2,8 @@
 //! steps on top, learning rate (left axis) and gradient norm (right axis) below, each with axes,
 //! ticks, labels and a legend (plotters, with the DejaVu Sans font built in so a machine without
 //! fonts draws the same). The data is the run's whole log history, so a resumed run's plot covers
-//! the steps before the resume too.
+//! the steps before the resume too. A preference run (DPO, KTO) adds a third panel: the reward
+//! accuracy (left axis) and the mean reward margin (right axis), as TRL logs them.
 
 use std::path::Path;
 
@@ -23,6 +24,10 @@ pub struct Series {
     pub learning_rate: Vec<(f64, f64)>,
     /// Gradient norm per logged step.
     pub grad_norm: Vec<(f64, f64)>,
+    /// Preference runs: `rewards/accuracies` per logged step.
+    pub accuracies: Vec<(f64, f64)>,
+    /// Preference runs: `rewards/margins` per logged step.
+    pub margins: Vec<(f64, f64)>,
 }
 
 impl Series {
@@ -45,6 +50,8 @@ impl Series {
             push("eval_loss", &mut s.eval_loss);
             push("learning_rate", &mut s.learning_rate);
             push("grad_norm", &mut s.grad_norm);
+            push("rewards/accuracies", &mut s.accuracies);
+            push("rewards/margins", &mut s.margins);
         }
         s
     }
@@ -98,7 +105,14 @@ where
         .chain(&s.learning_rate)
         .map(|p| p.0)
         .fold(1.0f64, f64::max);
-    let (top, bottom) = root.split_vertically(SIZE.1 * 11 / 20);
+    let pref = !s.accuracies.is_empty() || !s.margins.is_empty();
+    let (top, rest) = root.split_vertically(SIZE.1 * if pref { 9 } else { 11 } / 20);
+    let (bottom, third) = if pref {
+        let (a, b) = rest.split_vertically(SIZE.1 * 11 / 40);
+        (a, Some(b))
+    } else {
+        (rest, None)
+    };
     let (lo, hi) = range(&[&s.loss, &s.eval_loss]);
     let mut c = ChartBuilder::on(&top)
         .caption("loss", ("sans-serif", 20))
@@ -181,6 +195,47 @@ where
         .border_style(BLACK)
         .draw()
         .map_err(|x| e(&x))?;
+    if let Some(area) = third {
+        let (mlo, mhi) = range(&[&s.margins]);
+        let mut c = ChartBuilder::on(&area)
+            .caption("preference rewards", ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
+            .right_y_label_area_size(64)
+            .build_cartesian_2d(0f64..steps, 0f64..1.0)
+            .map_err(|x| e(&x))?
+            .set_secondary_coord(0f64..steps, mlo..mhi);
+        c.configure_mesh()
+            .x_desc("step")
+            .y_desc("reward accuracy")
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .draw()
+            .map_err(|x| e(&x))?;
+        c.configure_secondary_axes()
+            .y_desc("reward margin")
+            .draw()
+            .map_err(|x| e(&x))?;
+        c.draw_series(LineSeries::new(
+            s.accuracies.iter().copied(),
+            BLUE.stroke_width(2),
+        ))
+        .map_err(|x| e(&x))?
+        .label("reward accuracy")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLUE.stroke_width(2)));
+        c.draw_secondary_series(LineSeries::new(
+            s.margins.iter().copied(),
+            ORANGE.stroke_width(2),
+        ))
+        .map_err(|x| e(&x))?
+        .label("reward margin (right)")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], ORANGE.stroke_width(2)));
+        c.configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|x| e(&x))?;
+    }
     root.present().map_err(|x| e(&x))
 }
 
@@ -238,5 +293,22 @@ mod tests {
         let png = std::fs::read(dir.path().join("loss.png")).unwrap();
         assert_eq!(&png[1..4], b"PNG");
         assert!(png.len() > 10_000, "a drawn image, {} bytes", png.len());
+        assert!(
+            !svg.contains("reward accuracy"),
+            "no preference panel for SFT"
+        );
+        // A preference run's rewards get their panel.
+        let pref: Vec<serde_json::Value> = (1..=10)
+            .map(|i| serde_json::json!({"step": i, "loss": 0.7, "learning_rate": 1e-4, "grad_norm": 1.0, "rewards/accuracies": f64::from(i) / 10.0, "rewards/margins": 0.1 * f64::from(i)}))
+            .collect();
+        write(dir.path(), &pref).unwrap();
+        let svg = std::fs::read_to_string(dir.path().join("loss.svg")).unwrap();
+        for text in [
+            "preference rewards",
+            "reward accuracy",
+            "reward margin (right)",
+        ] {
+            assert!(svg.contains(text), "`{text}` in the SVG");
+        }
     }
 }

@@ -15,7 +15,7 @@
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use super::objective::{Labels, Objective};
+use super::objective::{Labels, Metrics, Objective};
 use crate::cancel::CancelToken;
 use crate::data::batch::collate;
 use crate::data::sft::{Example, IGNORE};
@@ -172,7 +172,10 @@ impl Preference {
             }
         }
         if !cfg.simpo_gamma.is_finite() {
-            return bad(format!("`simpo_gamma` must be a number, got {}", cfg.simpo_gamma));
+            return bad(format!(
+                "`simpo_gamma` must be a number, got {}",
+                cfg.simpo_gamma
+            ));
         }
         Ok(Self { loss, cfg })
     }
@@ -345,8 +348,6 @@ impl Objective for Preference {
     }
 }
 
-type Metrics = Vec<(&'static str, f64, f64)>;
-
 impl Preference {
     /// Each example's loss and derivatives, the metrics, and KTO's KL estimate.
     fn per_example(
@@ -451,8 +452,8 @@ impl Preference {
                             let eps = self.cfg.label_smoothing;
                             let loss = (-(1.0 - eps) * log_sigmoid(z) + eps * log_sigmoid(-z))
                                 / (1.0 - 2.0 * eps);
-                            let dz = (-(1.0 - eps) * sigmoid(-z) - eps * sigmoid(z))
-                                / (1.0 - 2.0 * eps);
+                            let dz =
+                                (-(1.0 - eps) * sigmoid(-z) - eps * sigmoid(z)) / (1.0 - 2.0 * eps);
                             (loss, beta * dz, -beta * dz)
                         }
                         Loss::Ipo => {

@@ -14,7 +14,7 @@ struct Pending {
     loss: Tensor,
     grad_norm: Tensor,
     window: Vec<Vec<usize>>,
-    metrics: Vec<(&'static str, f64, f64)>,
+    metrics: super::objective::Metrics,
 }
 
 /// See the module doc.
@@ -28,7 +28,7 @@ pub struct Readback {
     /// `(loss, gradient norm)` read back since the last log record (the logger takes them).
     pub since_log: Vec<(f64, f64)>,
     /// The objective's metrics since the last log record: `(name, sum, count)`.
-    pub metrics_since_log: Vec<(&'static str, f64, f64)>,
+    pub metrics_since_log: super::objective::Metrics,
     last_grad_norm: Option<f64>,
 }
 

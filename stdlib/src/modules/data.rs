@@ -266,7 +266,8 @@ pub mod data_module {
     /// `columns`, `tags`) and converts it to chat messages. An entry of pretraining text (only a
     /// `prompt` column, records without a response: `c4_demo`, `wiki_demo`) gives `#{ text }`
     /// records, which `data::sft` trains as plain causal LM. Preference and KTO entries
-    /// (`ranking`, `kto_tag`) are an error: preference training is not supported yet.
+    /// (`ranking`, `kto_tag`) give TRL's records (`{prompt, chosen, rejected}` or `{prompt,
+    /// completion, label}`, conversations), for `data::preference`.
     ///
     /// ```rhai
     /// io::write_text("info/d.json", `[{"q": "hi", "a": "hello"}]`);
@@ -653,7 +654,12 @@ pub mod data_module {
             ));
         }
         if rc.check_mode.load(std::sync::atomic::Ordering::Relaxed) {
-            let longest = r.examples.iter().map(|e| e.longest()).max().unwrap_or(0);
+            let longest = r
+                .examples
+                .iter()
+                .map(qscript_runtime::data::example::Example::longest)
+                .max()
+                .unwrap_or(0);
             rc.check_fact(
                 "data",
                 format!(

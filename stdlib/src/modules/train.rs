@@ -69,9 +69,11 @@ fn objective_of(
     }
     if goal == Goal::Sft {
         if let Some(k) = pref.keys().next() {
-            return Err(to_rhai_at(ctx)(qscript_runtime::Error::InvalidArgument(format!(
-                "`{k}` is a preference option: train pairs with `train::dpo` (or KTO data with `train::kto`)"
-            ))));
+            return Err(to_rhai_at(ctx)(qscript_runtime::Error::InvalidArgument(
+                format!(
+                    "`{k}` is a preference option: train pairs with `train::dpo` (or KTO data with `train::kto`)"
+                ),
+            )));
         }
         return Ok((None, opts));
     }
@@ -234,7 +236,11 @@ fn start(
             .get(&train.address())
             .filter(|(n, _)| *n == train.len())
             .map(|(_, f)| f.clone());
-        let longest = train_ex.iter().map(|e| e.longest()).max().unwrap_or(0);
+        let longest = train_ex
+            .iter()
+            .map(qscript_runtime::data::example::Example::longest)
+            .max()
+            .unwrap_or(0);
         let n = train_ex.len();
         let fact = match goal {
             Goal::Sft => fact.unwrap_or_else(|| {
@@ -290,16 +296,16 @@ fn start(
     let trainer = rc
         .training(&model.0)
         .and_then(|(mode, collective)| {
-            let objective: Arc<dyn qscript_runtime::train::objective::Objective> =
-                match preference {
-                    None => Arc::new(qscript_runtime::train::objective::CausalLm),
-                    Some(p) => {
-                        if mode == qscript_runtime::train::Mode::Train && p.needs_reference() {
-                            reference_pass(&rc, &model.0, &mut data, &cfg, pad)?;
-                        }
-                        Arc::new(p)
+            let objective: Arc<dyn qscript_runtime::train::objective::Objective> = match preference
+            {
+                None => Arc::new(qscript_runtime::train::objective::CausalLm),
+                Some(p) => {
+                    if mode == qscript_runtime::train::Mode::Train && p.needs_reference() {
+                        reference_pass(&rc, &model.0, &mut data, &cfg, pad)?;
                     }
-                };
+                    Arc::new(p)
+                }
+            };
             Trainer::start(&model.0, data, &cfg, pad, collective, objective, mode)
         })
         .map_err(to_rhai_at(ctx))?;
@@ -345,8 +351,7 @@ fn run_fit(
     eval: Option<&DatasetHandle>,
 ) -> Result<ModelHandle, Box<EvalAltResult>> {
     let rc = RunContext::of(ctx)?;
-    let (trainer, mut reporter, cfg) =
-        start(ctx, goal.function(), goal, model, train, opts, eval)?;
+    let (trainer, mut reporter, cfg) = start(ctx, goal.function(), goal, model, train, opts, eval)?;
     let report = qscript_runtime::train::fit::run(trainer, &rc.cancel, &mut |e| {
         reporter.event(e);
         Ok(())
@@ -439,11 +444,7 @@ fn merged_options(rc: &RunContext, mut opts: Map) -> Map {
                 } else {
                     serde_json::from_value::<TrainConfig>(one).is_ok()
                 };
-                if fits {
-                    v
-                } else {
-                    text
-                }
+                if fits { v } else { text }
             }
             _ => text,
         };
