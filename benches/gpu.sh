@@ -7,7 +7,10 @@
 #
 # On the GPU machine, from the repo root (see benches/README.md for building and shipping):
 #   BIN=/tmp/qs PEER=.devbin bash benches/gpu.sh [CONFIG...]
-# CONFIG: 05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000 seed000-packed (default: all but the last).
+# CONFIG: 05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000 seed000-packed dpo-05b dpo-7b (default:
+# all but the last three). dpo-*: TRL's DPOTrainer + PEFT (benches/trl_dpo.py; trl, datasets,
+# dill and multiprocess carried as wheels in .whl/, see benches/README.md) against
+# `model_bench train --dpo`, 4 pairs of a 256-token prompt and two 256-token answers, checkpointing.
 # BASE=/tmp/qs-old: also run that build's binaries after this one's on each config (rows
 # `NAME-base`), so two builds are compared in one call; SKIP_PEER=1: no peer runs (the peer
 # still writes the random-weight checkpoints).
@@ -126,6 +129,21 @@ seed000_packed() {
     --set accumulation=1 --set learning_rate=1e-4 --set max_steps=20 --set packing=true
 }
 
+# dpo NAME MODEL PAIRS SEQ STEPS WARMUP: DPO (sigmoid, beta 0.1, LoRA r8 q/k/v/o, checkpointing)
+# on pairs of two SEQ-token rows (the prompt SEQ/2); the peer runs the reference forward in each
+# step, qscript's reference pass over the timed steps' pairs is timed with them.
+dpo() {
+  local name=$1 model=$2 pairs=$3 seq=$4 steps=$5 warmup=$6
+  local dir=$WORK/$model
+  if [ ! -f "$dir/config.json" ]; then
+    python3 "$PEER/hf_peft_lora.py" --model "$model" --save-model "$dir" > /dev/null || return
+  fi
+  [ "${SKIP_PEER:-0}" = 1 ] || run "$name-peer" "$name" python3 benches/trl_dpo.py --load-model "$dir" \
+    --pairs "$pairs" --prompt $((seq / 2)) --answer $((seq - seq / 2)) --steps "$steps" --warmup "$warmup" --grad-ckpt
+  run "$name-qscript" "$name" "$BIN/model_bench" train "$dir" --dpo --batch "$pairs" --seq "$seq" \
+    --steps "$steps" --warmup "$warmup" --ckpt
+}
+
 configs=("$@")
 [ ${#configs[@]} -eq 0 ] && configs=(05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000)
 for c in "${configs[@]}"; do
@@ -137,6 +155,8 @@ for c in "${configs[@]}"; do
     05b-full) config 05b-full qwen2.5-0.5b 8 512 10 3 --full ;;
     seed000) seed000 ;;
     seed000-packed) seed000_packed ;;
+    dpo-05b) dpo dpo-05b qwen2.5-0.5b 4 512 10 3 ;;
+    dpo-7b) dpo dpo-7b qwen2.5-7b 4 512 6 2 ;;
     *) echo "unknown config $c" >&2 ;;
   esac
 done

@@ -19,6 +19,11 @@ if compgen -G ".devbin/base/*.xz" > /dev/null; then
   done
   export BASE=/tmp/qs-base
 fi
+# Python packages the device lacks (TRL and its needs for the DPO peer), carried as wheels.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm --format=csv,noheader
 if [ -x /tmp/qs/gpu ] && [ "${SKIP_TESTS:-0}" != 1 ]; then
   /tmp/qs/gpu --test-threads=1 > "${OUT:-/tmp}/gpu-tests.log" 2>&1
