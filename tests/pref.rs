@@ -212,3 +212,95 @@ fn preference_objectives_equal_trl_on_loss_metrics_and_gradients() {
         }
     }
 }
+
+mod support;
+
+/// `train::dpo` and `train::kto` as users meet them: a run that checkpoints and resumes from
+/// its checkpoint (the reference pass again before the restore), and every mistake named.
+#[test]
+fn preference_runs_resume_and_explain_their_mistakes() {
+    let env = support::Env::new();
+    let mut s = env.session();
+    env.write(
+        "p.jsonl",
+        "{\"prompt\": \"Q: 2+2? A:\", \"chosen\": \" 4\", \"rejected\": \" 5\"}\n\
+         {\"prompt\": \"Q: 3+3? A:\", \"chosen\": \" 6\", \"rejected\": \" 7\"}\n\
+         {\"prompt\": \"Q: 1+1? A:\", \"chosen\": \" 2\", \"rejected\": \" 3\"}\n",
+    );
+    env.write(
+        "k.jsonl",
+        "{\"prompt\": \"Q: 2+2? A:\", \"completion\": \" 4\", \"label\": true}\n\
+         {\"prompt\": \"Q: 3+3? A:\", \"completion\": \" 7\", \"label\": false}\n",
+    );
+    s.eval(
+        r#"let tok = tokenizer::builtin();
+let pairs = data::preference(data::load("p.jsonl"), tok);
+let kto = data::preference(data::load("k.jsonl"), tok);
+let sft = data::sft(data::to_messages(data::load("p.jsonl").map(|r| #{ instruction: r.prompt, output: r.chosen })), tok);
+let peft = lora::attach(model::tiny(#{ seed: 1 }), #{ r: 4 });
+let opts = #{ per_device_train_batch_size: 1, learning_rate: 1e-2, lr_scheduler_type: "constant", logging_steps: 1, save_steps: 2, seed: 3 };"#,
+    )
+    .unwrap();
+    // The whole run, then the same run stopped after 2 steps and resumed: the same last loss.
+    s.eval(r#"let full = train::dpo(peft, pairs, opts + #{ max_steps: 4, output_dir: "whole" });"#)
+        .unwrap();
+    let whole = std::fs::read_to_string(env.out_dir().join("whole/metrics.jsonl")).unwrap();
+    s.eval(r#"let half = train::dpo(peft, pairs, opts + #{ max_steps: 2, output_dir: "part" });"#)
+        .unwrap();
+    s.eval(r#"let rest = train::dpo(peft, pairs, opts + #{ max_steps: 4, output_dir: "part", resume_from_checkpoint: true });"#)
+        .unwrap();
+    let part = std::fs::read_to_string(env.out_dir().join("part/metrics.jsonl")).unwrap();
+    let last = |t: &str| -> Value { serde_json::from_str(t.lines().last().unwrap()).unwrap() };
+    let (a, b) = (last(&whole), last(&part));
+    assert_eq!(a["step"], 4);
+    for key in ["loss", "rewards/margins", "logps/chosen"] {
+        let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+        assert!(
+            (x - y).abs() < 1e-5 * x.abs().max(1.0),
+            "{key}: {x} vs {y} resumed"
+        );
+    }
+    s.eval(r#"let k = train::kto(peft, kto, #{ per_device_train_batch_size: 2, max_steps: 1, save_steps: 0, output_dir: "kto" });"#)
+        .unwrap();
+    for (code, want) in [
+        (
+            r#"train::fit(peft, pairs, #{ max_steps: 1 })"#,
+            "`train::fit` was given preference pairs (from `data::preference`); train them with `train::dpo`",
+        ),
+        (
+            r#"train::dpo(peft, sft, #{ max_steps: 1 })"#,
+            "`train::dpo` was given SFT examples (from `data::sft`); train them with `train::fit`",
+        ),
+        (
+            r#"train::dpo(peft, kto, #{ max_steps: 1 })"#,
+            "was given KTO answers with a `label` (from `data::preference`); train them with `train::kto`",
+        ),
+        (
+            r#"train::dpo(peft, pairs, #{ loss_type: "sigmod" })"#,
+            "unknown `loss_type` `sigmod`; use `sigmoid` (DPO), `ipo`, `hinge`, `robust`, `orpo` or `simpo`",
+        ),
+        (
+            r#"train::dpo(peft, pairs, #{ beta: -1.0 })"#,
+            "`beta` must be above 0, got -1",
+        ),
+        (
+            r#"train::dpo(peft, pairs, #{ label_smoothing: 0.1 })"#,
+            "`label_smoothing` is for `loss_type` `robust` or `simpo`",
+        ),
+        (
+            r#"train::dpo(peft, pairs, #{ packing: true })"#,
+            "`packing` is for SFT; preference pairs are padded",
+        ),
+        (
+            r#"train::fit(peft, sft, #{ beta: 0.1 })"#,
+            "`beta` is a preference option: train pairs with `train::dpo`",
+        ),
+        (
+            r#"train::kto(peft, kto, #{ loss_type: "ipo" })"#,
+            "`loss_type: \"ipo\"` is for preference pairs; KTO data trains with `loss_type: \"kto\"`",
+        ),
+    ] {
+        let e = s.eval(code).unwrap_err();
+        assert!(e.rendered.contains(want), "{code}: {}", e.rendered);
+    }
+}

@@ -12,7 +12,7 @@ use super::TrainConfig;
 use super::checkpoint::{self, TrainerState};
 use super::collective::{Collective, GradSum, zero};
 use super::engine::{BlockHook, NoHook, eval_loss, micro_step};
-use super::executor::{Executor, StepAt, StepOut};
+use super::executor::{Evaluation, Executor, StepAt, StepOut};
 use super::flat::{DeviceGrads, DeviceParams};
 use super::merge::MergePolicy;
 use super::objective::{CausalLm, Metrics, Objective, add_metrics};
@@ -348,7 +348,7 @@ impl Executor for Compute {
         }))
     }
 
-    fn evaluate(&self, data: &[Example]) -> Result<Option<f64>> {
+    fn evaluate(&self, data: &[Example]) -> Result<Option<Evaluation>> {
         evaluate_with(&self.model, &*self.objective, data, &self.cfg, self.pad_id).map(Some)
     }
 
@@ -400,27 +400,32 @@ fn is_out_of_memory(e: &Error) -> bool {
     text.contains("OUT_OF_MEMORY") || text.to_lowercase().contains("out of memory")
 }
 
-/// Mean loss of `data` under `objective` (no gradients kept).
+/// Mean loss of `data` under `objective` (no gradients kept), with the objective's metrics.
 pub fn evaluate_with(
     model: &Model,
     objective: &dyn Objective,
     data: &[Example],
     cfg: &TrainConfig,
     pad_id: u32,
-) -> Result<f64> {
+) -> Result<Evaluation> {
     let device = model.decoder.device().clone();
     let (mut total, mut count) = (0f64, 0usize);
+    let mut metrics = Metrics::new();
     for chunk in data.chunks(cfg.per_device_eval_batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = collate(&refs, pad_id, cfg.pad_to_multiple_of, &device)?;
-        let (sum, n, _) = eval_loss(model, objective, &batch)?;
+        let (sum, n, m) = eval_loss(model, objective, &batch)?;
         total += sum;
         count += n;
+        add_metrics(&mut metrics, m);
     }
-    Ok(total / count.max(1) as f64)
+    Ok(Evaluation {
+        loss: total / count.max(1) as f64,
+        metrics,
+    })
 }
 
 /// Mean token loss of `data` (no gradients kept).
 pub fn evaluate(model: &Model, data: &[Example], cfg: &TrainConfig, pad_id: u32) -> Result<f64> {
-    evaluate_with(model, &CausalLm, data, cfg, pad_id)
+    evaluate_with(model, &CausalLm, data, cfg, pad_id).map(|e| e.loss)
 }

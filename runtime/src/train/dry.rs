@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::checkpoint::TrainerState;
-use super::executor::{Executor, StepAt, StepOut};
+use super::executor::{Evaluation, Executor, StepAt, StepOut};
 use crate::Result;
 use crate::data::sft::Example;
 use crate::model::Model;
@@ -42,7 +42,7 @@ impl Executor for DryRun {
         Ok(None)
     }
 
-    fn evaluate(&self, _: &[Example]) -> Result<Option<f64>> {
+    fn evaluate(&self, _: &[Example]) -> Result<Option<Evaluation>> {
         Ok(None)
     }
 

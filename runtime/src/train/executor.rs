@@ -35,6 +35,15 @@ pub struct StepOut {
     pub metrics: super::objective::Metrics,
 }
 
+/// What an evaluation gives: the mean loss, and the objective's metrics (`(name, sum, count)`).
+#[derive(Debug)]
+pub struct Evaluation {
+    /// The mean loss over the eval set.
+    pub loss: f64,
+    /// The objective's metrics over the eval set.
+    pub metrics: super::objective::Metrics,
+}
+
 /// See the module doc.
 pub trait Executor: Send {
     /// The model being trained (a real step updates its trainable tensors in place).
@@ -50,8 +59,8 @@ pub trait Executor: Send {
     /// computed.
     fn step(&mut self, window: &[Vec<&Example>], at: StepAt) -> Result<Option<StepOut>>;
 
-    /// The mean loss over `data`; `None` when nothing was computed.
-    fn evaluate(&self, data: &[Example]) -> Result<Option<f64>>;
+    /// The mean loss over `data` (and the objective's metrics); `None` when nothing was computed.
+    fn evaluate(&self, data: &[Example]) -> Result<Option<Evaluation>>;
 
     /// Whether the optimizer state is sharded over the ranks (ZeRO): every rank then takes part
     /// in each checkpoint.

@@ -410,7 +410,7 @@ impl Trainer {
             .eval
             .as_deref()
             .ok_or_else(|| Error::InvalidArgument("no eval dataset was given".into()))?;
-        Ok(self.exec.evaluate(data)?.unwrap_or(f64::NAN))
+        Ok(self.exec.evaluate(data)?.map_or(f64::NAN, |e| e.loss))
     }
 
     /// Writes `checkpoint-{step}` (atomically) and applies `save_total_limit`; returns its path

@@ -18,11 +18,20 @@ impl Callback for Evaluator {
         let data = run
             .eval
             .ok_or_else(|| Error::InvalidArgument("no eval dataset was given".into()))?;
-        let Some(loss) = run.exec.evaluate(data)? else {
+        let Some(eval) = run.exec.evaluate(data)? else {
             return Ok(());
         };
-        run.events
-            .push(Event::Eval(json!({"step": run.step, "eval_loss": loss})));
+        let loss = eval.loss;
+        let mut rec = json!({"step": run.step, "eval_loss": loss});
+        // The objective's metrics with HF's `eval_` prefix (`eval_rewards/accuracies`, ...).
+        if let Some(obj) = rec.as_object_mut() {
+            for (name, sum, count) in eval.metrics {
+                if count > 0.0 {
+                    obj.insert(format!("eval_{name}"), json!(sum / count));
+                }
+            }
+        }
+        run.events.push(Event::Eval(rec));
         let improved = run.state.best_metric.is_none_or(|b| loss < b);
         if improved {
             run.state.best_metric = Some(loss);
