@@ -264,15 +264,15 @@ let opts = #{ per_device_train_batch_size: 1, learning_rate: 1e-2, lr_scheduler_
         .unwrap();
     for (code, want) in [
         (
-            r#"train::fit(peft, pairs, #{ max_steps: 1 })"#,
+            r"train::fit(peft, pairs, #{ max_steps: 1 })",
             "`train::fit` was given preference pairs (from `data::preference`); train them with `train::dpo`",
         ),
         (
-            r#"train::dpo(peft, sft, #{ max_steps: 1 })"#,
+            r"train::dpo(peft, sft, #{ max_steps: 1 })",
             "`train::dpo` was given SFT examples (from `data::sft`); train them with `train::fit`",
         ),
         (
-            r#"train::dpo(peft, kto, #{ max_steps: 1 })"#,
+            r"train::dpo(peft, kto, #{ max_steps: 1 })",
             "was given KTO answers with a `label` (from `data::preference`); train them with `train::kto`",
         ),
         (
@@ -280,19 +280,19 @@ let opts = #{ per_device_train_batch_size: 1, learning_rate: 1e-2, lr_scheduler_
             "unknown `loss_type` `sigmod`; use `sigmoid` (DPO), `ipo`, `hinge`, `robust`, `orpo` or `simpo`",
         ),
         (
-            r#"train::dpo(peft, pairs, #{ beta: -1.0 })"#,
+            r"train::dpo(peft, pairs, #{ beta: -1.0 })",
             "`beta` must be above 0, got -1",
         ),
         (
-            r#"train::dpo(peft, pairs, #{ label_smoothing: 0.1 })"#,
+            r"train::dpo(peft, pairs, #{ label_smoothing: 0.1 })",
             "`label_smoothing` is for `loss_type` `robust` or `simpo`",
         ),
         (
-            r#"train::dpo(peft, pairs, #{ packing: true })"#,
+            r"train::dpo(peft, pairs, #{ packing: true })",
             "`packing` is for SFT; preference pairs are padded",
         ),
         (
-            r#"train::fit(peft, sft, #{ beta: 0.1 })"#,
+            r"train::fit(peft, sft, #{ beta: 0.1 })",
             "`beta` is a preference option: train pairs with `train::dpo`",
         ),
         (
