@@ -304,3 +304,120 @@ let opts = #{ per_device_train_batch_size: 1, learning_rate: 1e-2, lr_scheduler_
         assert!(e.rendered.contains(want), "{code}: {}", e.rendered);
     }
 }
+
+/// DPO on two data-parallel ranks (threads over the TCP group) trains like one process with the
+/// same global batch: the same losses, and the logged rewards summed over both ranks' shares.
+#[test]
+fn two_ranks_train_dpo_like_one_process() {
+    use qscript_runtime::cancel::CancelToken;
+    use qscript_runtime::dist::{Group, World, set_thread_group};
+    use qscript_runtime::train::plan::RunData;
+    use qscript_runtime::train::{Mode, TrainConfig, TrainReport, Trainer, collective, fit};
+    use std::sync::Arc;
+    let base = load(&repo_fixtures().join("models").join("tiny-qwen2"), false);
+    let m = lora::load_adapter(&base, &repo_fixtures().join("lora").join("qwen2-qkvo-r4")).unwrap();
+    let mut ex: Vec<Example> = (0..8u32)
+        .map(|i| {
+            let t = |k: u32| (i * 13 + k * 7) % 120 + 3;
+            let p: Vec<u32> = (0..4 + i % 3).map(t).collect();
+            let c: Vec<u32> = (10..13 + i % 2).map(t).collect();
+            let r: Vec<u32> = (20..22 + i % 4).map(t).collect();
+            let (input_ids, labels) = row(&p, &c);
+            let (second_ids, second_labels) = row(&p, &r);
+            Example {
+                input_ids,
+                labels,
+                pref: Some(Box::new(Pref {
+                    prompt_len: p.len(),
+                    second_ids,
+                    second_labels,
+                    desirable: None,
+                    ref_logps: None,
+                })),
+                ..Example::default()
+            }
+        })
+        .collect();
+    reference_logps(&m, &mut ex, 4, 0, &CancelToken::new()).unwrap();
+    let cfg = |dir: &Path, batch: usize| TrainConfig {
+        output_dir: dir.to_string_lossy().into_owned(),
+        per_device_train_batch_size: batch,
+        gradient_accumulation_steps: 2,
+        max_steps: 3,
+        learning_rate: 1e-2,
+        logging_steps: 1,
+        save_steps: 0,
+        ..TrainConfig::default()
+    };
+    let dpo = |m: &Model, ex: &[Example], cfg: &TrainConfig| -> TrainReport {
+        let objective = Arc::new(Preference::new(PrefConfig::default(), false).unwrap());
+        let t = Trainer::start(
+            m,
+            RunData::new(Arc::new(ex.to_vec()), None),
+            cfg,
+            0,
+            collective::from_env(m).unwrap(),
+            objective,
+            Mode::Train,
+        )
+        .unwrap();
+        fit::run(t, &CancelToken::new(), &mut |_| Ok(())).unwrap()
+    };
+    let one_dir = tempfile::tempdir().unwrap();
+    let one = dpo(&m, &ex, &cfg(one_dir.path(), 4));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let root = tempfile::tempdir().unwrap();
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            let (m, ex) = (m.clone(), ex.clone());
+            let c = cfg(&root.path().join(format!("r{rank}")), 2);
+            std::thread::spawn(move || {
+                let world = World {
+                    rank,
+                    size: 2,
+                    local_rank: rank,
+                    local_size: 2,
+                    master_addr: "127.0.0.1".into(),
+                    master_port: port,
+                };
+                let g = Group::connect(&world, std::time::Duration::from_secs(30)).unwrap();
+                set_thread_group(Some(Arc::new(g)));
+                let r = dpo(&m, &ex, &c);
+                set_thread_group(None);
+                r
+            })
+        })
+        .collect();
+    let reports: Vec<TrainReport> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+    for ((s, a), (_, b)) in one.losses.iter().zip(&reports[0].losses) {
+        assert!(
+            (a - b).abs() < 1e-5,
+            "step {s}: one process {a}, two ranks {b}"
+        );
+    }
+    let logged = |r: &TrainReport| -> Vec<Value> {
+        r.log_history
+            .iter()
+            .filter(|x| x.get("loss").is_some())
+            .cloned()
+            .collect()
+    };
+    let (a, b) = (logged(&one), logged(&reports[0]));
+    assert_eq!(a.len(), 3);
+    // Step 1's rewards are 0 up to rounding (the policy is the reference): its accuracy is a tie.
+    for (x, y) in a.iter().zip(&b).skip(1) {
+        for key in [
+            "rewards/chosen",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/rejected",
+        ] {
+            let (p, q) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!((p - q).abs() < 1e-4 * p.abs().max(1.0), "{key}: {p} vs {q}");
+        }
+    }
+}

@@ -182,6 +182,11 @@ impl std::fmt::Debug for Nccl {
 }
 
 impl Nccl {
+    /// The GPU the communicator sums on.
+    pub fn device(&self) -> candle_core::Device {
+        candle_core::Device::Cuda(self.dev.clone())
+    }
+
     /// The communicator of `group`'s ranks on `dev`, or `None` (with a notice) when any rank
     /// has no NCCL: then every rank sums through the group instead. Every rank must call this.
     pub fn connect(group: &Group, dev: &CudaDevice) -> Result<Option<Self>> {

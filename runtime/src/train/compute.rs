@@ -235,6 +235,29 @@ impl Compute {
         Ok((grads, loss, largest, metrics))
     }
 
+    /// The objective's metrics summed over the ranks (each rank's share of the window), in the
+    /// objective's layout; as they are with one rank.
+    fn sum_metrics(&self, collective: &dyn Collective, metrics: Metrics) -> Result<Metrics> {
+        let names = self.objective.metric_names();
+        if collective.size() < 2 || names.is_empty() {
+            return Ok(metrics);
+        }
+        let mut values: Vec<f32> = names
+            .iter()
+            .flat_map(|n| {
+                let m = metrics.iter().find(|m| m.0 == *n);
+                [m.map_or(0.0, |m| m.1 as f32), m.map_or(0.0, |m| m.2 as f32)]
+            })
+            .collect();
+        collective.sum_values(&mut values)?;
+        Ok(names
+            .iter()
+            .zip(values.chunks(2))
+            .filter(|(_, v)| v[1] > 0.0)
+            .map(|(n, v)| (*n, f64::from(v[0]), f64::from(v[1])))
+            .collect())
+    }
+
     /// Turns a device out-of-memory error into one that says what to reduce.
     fn out_of_memory_hint(&self, e: Error, step: usize, dims: &[usize]) -> Error {
         if !is_out_of_memory(&e) {
@@ -326,6 +349,7 @@ impl Executor for Compute {
             };
             (grads, loss, largest, metrics)
         };
+        let metrics = self.sum_metrics(&*collective, metrics)?;
         self.merge.after_step(&self.device, largest);
         let span = crate::profile::span("optimizer", &self.device);
         let bufs: Vec<&Tensor> = grads.iter().collect();

@@ -63,6 +63,12 @@ pub trait Objective: Send + Sync + std::fmt::Debug {
     /// What a window's loss is divided by, so that accumulating k micro-batches equals one batch
     /// k times larger: the whole window's count.
     fn normalizer(&self, examples: &[&Example]) -> usize;
+
+    /// The names of the metrics [`Objective::loss`] reports, in one order (the ranks sum them
+    /// in this layout, whichever of them a rank's share gave).
+    fn metric_names(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
 }
 
 /// Supervised fine-tuning (and continued pretraining): the mean cross-entropy of each learned

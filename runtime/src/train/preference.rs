@@ -346,6 +346,32 @@ impl Objective for Preference {
     fn normalizer(&self, examples: &[&Example]) -> usize {
         examples.len()
     }
+
+    fn metric_names(&self) -> Vec<&'static str> {
+        let mut names = match self.loss {
+            Loss::Kto => vec![
+                "rewards/chosen",
+                "logps/chosen",
+                "rewards/rejected",
+                "logps/rejected",
+                "kl",
+            ],
+            _ => vec![
+                "rewards/chosen",
+                "rewards/rejected",
+                "rewards/accuracies",
+                "rewards/margins",
+                "logps/chosen",
+                "logps/rejected",
+            ],
+        };
+        if self.loss == Loss::Orpo {
+            names.extend(["log_odds_ratio", "log_odds_chosen", "nll_loss"]);
+        } else if self.cfg.rpo_alpha.is_some_and(|a| a > 0.0) {
+            names.push("nll_loss");
+        }
+        names
+    }
 }
 
 impl Preference {

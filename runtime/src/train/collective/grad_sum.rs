@@ -96,6 +96,24 @@ impl Via<'_> {
             }
         }
     }
+
+    /// `values` summed over the ranks in place (one exchange).
+    pub(super) fn sum_values(self, values: &mut [f32]) -> Result<()> {
+        if values.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Via::Host(g) => g.all_reduce_sum(values),
+            #[cfg(feature = "cuda")]
+            Via::Nccl(n) => {
+                let t = Tensor::from_slice(values, values.len(), &n.device())?;
+                n.start_sum(&t, 0..values.len())?;
+                n.wait()?;
+                values.copy_from_slice(&t.to_vec1::<f32>()?);
+                Ok(())
+            }
+        }
+    }
 }
 
 /// ZeRO stage 2's state for one step: this rank's share of the summed gradient.

@@ -46,6 +46,9 @@ pub trait Collective: Send + Sync {
     /// `t` (a scalar) summed over the ranks, on `t`'s device.
     fn sum_scalar(&self, t: &Tensor) -> Result<Tensor>;
 
+    /// `values` (host numbers, the same length on every rank) summed over the ranks in place.
+    fn sum_values(&self, values: &mut [f32]) -> Result<()>;
+
     /// The sum of one step's gradients over the ranks (`None` for one process): laid out as
     /// `params`, for a model of `blocks` blocks, kept as this rank's share with `zero2`.
     fn grad_sum<'a>(
@@ -119,6 +122,10 @@ impl Collective for Single {
 
     fn sum_scalar(&self, t: &Tensor) -> Result<Tensor> {
         Ok(t.clone())
+    }
+
+    fn sum_values(&self, _: &mut [f32]) -> Result<()> {
+        Ok(())
     }
 
     fn grad_sum<'a>(&'a self, _: &DeviceParams, _: usize, _: bool) -> Result<Option<GradSum<'a>>> {
@@ -195,6 +202,10 @@ impl Collective for Ranks {
 
     fn sum_scalar(&self, t: &Tensor) -> Result<Tensor> {
         self.via().sum_scalar(t)
+    }
+
+    fn sum_values(&self, values: &mut [f32]) -> Result<()> {
+        self.via().sum_values(values)
     }
 
     fn grad_sum<'a>(
