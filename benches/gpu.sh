@@ -140,6 +140,12 @@ dpo() {
   fi
   [ "${SKIP_PEER:-0}" = 1 ] || run "$name-peer" "$name" python3 benches/trl_dpo.py --load-model "$dir" \
     --pairs "$pairs" --prompt $((seq / 2)) --answer $((seq - seq / 2)) --steps "$steps" --warmup "$warmup" --grad-ckpt
+  # TRL with Liger's layer kernels (its log-probabilities already come from a chunked LM head),
+  # when liger-kernel is carried: a second peer row, `NAME-liger` in the table.
+  if [ "${SKIP_PEER:-0}" != 1 ] && python3 -c "import liger_kernel" 2> /dev/null; then
+    run "$name-liger-peer" "$name-liger" python3 benches/trl_dpo.py --load-model "$dir" --liger \
+      --pairs "$pairs" --prompt $((seq / 2)) --answer $((seq - seq / 2)) --steps "$steps" --warmup "$warmup" --grad-ckpt
+  fi
   run "$name-qscript" "$name" "$BIN/model_bench" train "$dir" --dpo --batch "$pairs" --seq "$seq" \
     --steps "$steps" --warmup "$warmup" --ckpt
 }
