@@ -202,3 +202,52 @@ fn editing_the_training_cell_reuses_the_model_and_the_tokenized_data() {
     );
     assert!(log.contains("Total optimization steps = 2"), "{log}");
 }
+
+/// `recipes/dpo.rhai` under hot reload: editing the DPO cell re-runs DPO (and the chat after
+/// it) only; the SFT model it starts from is the one already trained.
+#[test]
+fn editing_the_dpo_cell_reruns_dpo_only() {
+    use std::sync::Arc;
+    let out = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
+    let dir = out.path().join("recipes");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    std::fs::copy(
+        src.join("data/dpo_demo.jsonl"),
+        dir.join("data/dpo_demo.jsonl"),
+    )
+    .unwrap();
+    let recipe = std::fs::read_to_string(src.join("dpo.rhai")).unwrap();
+    let path = dir.join("d.rhai");
+    std::fs::write(&path, &recipe).unwrap();
+    let mut opts = qscript_stdlib::RunOptions::new(&dir, out.path().join("o"));
+    opts.overrides = vec![
+        ("sft_steps".into(), "2".into()),
+        ("dpo_steps".into(), "2".into()),
+    ];
+    let sink = qscript_stdlib::BufferSink::default();
+    let mut s = qscript_stdlib::Session::new(&opts, Arc::new(sink.clone())).unwrap();
+    let first = s.load_file(&path).unwrap();
+    assert!(first.error.is_none(), "{:?}", first.error);
+    let log = sink.take();
+    assert!(log.contains("rewards/accuracies"), "{log}");
+    std::fs::write(
+        &path,
+        recipe.replace("warmup_ratio: 0.1,", "warmup_ratio: 0.2,"),
+    )
+    .unwrap();
+    let again = s.load_file(&path).unwrap();
+    assert!(again.error.is_none(), "{:?}", again.error);
+    // The header, params, data, model + LoRA and SFT reused; DPO and the chat run again.
+    assert_eq!(again.reused, 5, "{}", again.summary());
+    let log = sink.take();
+    assert_eq!(
+        log.matches("***** Running training *****").count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.contains("reference: log-probabilities of 24 examples"),
+        "{log}"
+    );
+}
