@@ -602,3 +602,60 @@ let v1 = data::preference(data::load(FX + "/datasets/llamafactory/v1_dpo_demo.js
         e.rendered
     );
 }
+
+/// Parquet files as HF datasets ship them (`data/train-00000-of-00001.parquet`): pyarrow's
+/// snappy, zstd and gzip files read as records (lists of structs as message lists), train as
+/// SFT and preference data; a damaged file is named.
+#[test]
+fn parquet_files_load_as_records() {
+    let env = Env::new();
+    let mut s = env.session();
+    let dir = qscript_runtime::testing::repo_fixtures().join("data");
+    std::fs::copy(
+        dir.join("alpaca-snappy.parquet"),
+        env.recipe_dir().join("a.parquet"),
+    )
+    .unwrap();
+    std::fs::copy(
+        dir.join("messages-zstd.parquet"),
+        env.recipe_dir().join("m.parquet"),
+    )
+    .unwrap();
+    std::fs::copy(
+        dir.join("pref-gzip.parquet"),
+        env.recipe_dir().join("p.parquet"),
+    )
+    .unwrap();
+    s.eval(
+        r#"let tok = tokenizer::builtin();
+let a = data::load("a.parquet");
+let m = data::load("m.parquet");
+let sft = data::sft(data::to_messages(a), tok);
+let chat = data::sft(m, tok);
+let pairs = data::preference(data::load("p.parquet"), tok);"#,
+    )
+    .unwrap();
+    for (code, want) in [
+        ("a[1].output", "\"4\""),
+        ("m[0].messages[1].content", "\"hello\""),
+        ("m[1].score == ()", "true"),
+        ("sft.len() + chat.len()", "4"),
+        ("pairs.len()", "1"),
+    ] {
+        let got = s.eval(code).unwrap().unwrap();
+        assert!(got.contains(want), "{code}: {got}");
+    }
+    let bytes = std::fs::read(dir.join("alpaca-snappy.parquet")).unwrap();
+    std::fs::write(
+        env.recipe_dir().join("cut.parquet"),
+        &bytes[..bytes.len() / 2],
+    )
+    .unwrap();
+    let e = s.eval(r#"data::load("cut.parquet")"#).unwrap_err();
+    assert!(
+        e.rendered
+            .contains("cut.parquet`: not a parquet file the reader can read: Parquet error"),
+        "{}",
+        e.rendered
+    );
+}

@@ -143,7 +143,8 @@ pub fn load(paths: &[PathBuf], opts: &LoadOptions) -> Result<Dataset> {
 }
 
 /// Reads every file in `paths` (in order) into one dataset. A file is a JSON array of objects,
-/// JSONL (one object per line; blank lines skipped), or plain text (`.txt`: one `{"text": line}`
+/// JSONL (one object per line; blank lines skipped), parquet (`.parquet`, a record a row), or
+/// plain text (`.txt`: one `{"text": line}`
 /// record per non-blank line, as HF datasets' `text` loader and LLaMA-Factory's `wiki_demo.txt`
 /// have it). An empty result is an error.
 pub fn load_files(paths: &[PathBuf]) -> Result<Dataset> {
@@ -164,6 +165,12 @@ pub fn load_files(paths: &[PathBuf]) -> Result<Dataset> {
 }
 
 fn load_file(path: &Path) -> Result<Vec<Value>> {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+    {
+        return load_parquet(path);
+    }
     let text = crate::files::read_text(path)?;
     if path
         .extension()
@@ -229,6 +236,33 @@ fn load_file(path: &Path) -> Result<Vec<Value>> {
             kind(v)
         )));
     }
+    Ok(rows)
+}
+
+/// A parquet file's rows as records (HF datasets' `data/train-00000-of-00001.parquet`): each
+/// row an object of its columns; lists and structs (a `messages` column of `{role, content}`) as
+/// JSON arrays and objects. A file the parquet reader cannot read (or that makes it panic) is an
+/// error naming the file, and the row when one row is bad.
+fn load_parquet(path: &Path) -> Result<Vec<Value>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let bytes = bytes::Bytes::from(crate::sandbox::read(path)?);
+    let bad = |m: String| {
+        Error::InvalidArgument(format!(
+            "`{}`: not a parquet file the reader can read: {m}",
+            path.display()
+        ))
+    };
+    let rows = crate::panic::catch(|| -> Result<Vec<Value>> {
+        let reader = SerializedFileReader::new(bytes).map_err(|e| bad(e.to_string()))?;
+        let iter = reader.get_row_iter(None).map_err(|e| bad(e.to_string()))?;
+        let mut rows = Vec::new();
+        for (i, row) in iter.enumerate() {
+            let row = row.map_err(|e| bad(format!("row {i}: {e}")))?;
+            rows.push(row.to_json_value());
+        }
+        Ok(rows)
+    })
+    .map_err(|m| bad(m))??;
     Ok(rows)
 }
 

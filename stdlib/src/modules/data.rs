@@ -225,10 +225,11 @@ pub mod data_module {
     use crate::handles::{Data, DatasetHandle, TokenizerHandle};
     use crate::options::{from_options, to_usize};
 
-    /// Loads records from a JSON array, a JSONL file, or a glob of them (`data/*.jsonl`),
-    /// relative to the recipe. A bad JSONL line is reported with its file and line number. A
-    /// `.txt` file is plain text: one `#{ text }` record per non-blank line (HF datasets' `text`
-    /// loader), for pretraining with `data::sft`.
+    /// Loads records from a JSON array, a JSONL file, a parquet file (HF datasets'
+    /// `data/train-00000-of-00001.parquet`: each row a record, lists and structs as arrays and
+    /// maps), or a glob of them (`data/*.jsonl`), relative to the recipe. A bad JSONL line is
+    /// reported with its file and line number. A `.txt` file is plain text: one `#{ text }`
+    /// record per non-blank line (HF datasets' `text` loader), for pretraining with `data::sft`.
     ///
     /// ```rhai
     /// io::write_text("d.jsonl", "{\"instruction\": \"hi\", \"output\": \"hello\"}\n");
