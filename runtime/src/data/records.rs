@@ -262,7 +262,7 @@ fn load_parquet(path: &Path) -> Result<Vec<Value>> {
         }
         Ok(rows)
     })
-    .map_err(|m| bad(m))??;
+    .map_err(bad)??;
     Ok(rows)
 }
 
