@@ -719,3 +719,136 @@ fn unknown_config_keys_are_one_error_with_did_you_mean() {
         "{e}"
     );
 }
+
+/// Puts `files` (relative path, bytes) into a fake HF cache repo at `commit`, laid out as
+/// `huggingface_hub` lays it out: blobs by hash, snapshot entries linking to them, `refs/main`.
+fn hf_cache_repo(root: &std::path::Path, folder: &str, commit: &str, files: &[(&str, Vec<u8>)]) {
+    let repo = root.join(folder);
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    for (i, (name, bytes)) in files.iter().enumerate() {
+        let blob = repo.join("blobs").join(format!("blob{i}"));
+        std::fs::write(&blob, bytes).unwrap();
+        let link = snap.join(name);
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        let depth = name.matches('/').count() + 2;
+        let up = "../".repeat(depth);
+        std::os::unix::fs::symlink(format!("{up}blobs/blob{i}"), &link).unwrap();
+    }
+}
+
+/// Models, tokenizers and datasets by hub id from the HF cache (`$HF_HUB_CACHE`), as
+/// `huggingface-cli download` leaves them: the snapshot of `refs/main`, a dataset's split by its
+/// file names; the rest of the cache stays unreadable; a repo not in the cache says how to get it.
+#[test]
+fn hub_ids_load_from_the_hf_cache() {
+    let env = Env::new();
+    let cache = tempfile::tempdir().unwrap();
+    // A tiny model saved as an HF checkpoint, then moved into the cache layout.
+    let saved = tempfile::tempdir().unwrap();
+    env.write(
+        "save.rhai",
+        r#"model::tiny(#{ seed: 1 }).save("m", tokenizer::builtin());"#,
+    );
+    let o = run_in(
+        &env.recipe_dir(),
+        &["save.rhai", "--output-dir", &saved.path().to_string_lossy()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(saved.path().join("m"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    hf_cache_repo(cache.path(), "models--org--tiny", commit, &files);
+    let parquet =
+        std::fs::read(qscript_runtime::testing::repo_fixtures().join("data/alpaca-snappy.parquet"))
+            .unwrap();
+    hf_cache_repo(
+        cache.path(),
+        "datasets--org--alpaca",
+        commit,
+        &[
+            ("data/train-00000-of-00001.parquet", parquet),
+            (
+                "data/test.jsonl",
+                b"{\"instruction\": \"a\", \"output\": \"b\"}\n".to_vec(),
+            ),
+            ("README.md", b"# card".to_vec()),
+        ],
+    );
+    std::fs::write(cache.path().join("secret.txt"), "not for recipes").unwrap();
+    env.write(
+        "hub.rhai",
+        &format!(
+            r#"let m = model::load("org/tiny", #{{ dtype: "f32", device: "cpu" }});
+let tok = tokenizer::load("org/tiny");
+let train = data::load("org/alpaca");
+let test = data::load("org/alpaca", #{{ split: "test" }});
+print(`model ${{m.arch}}, train ${{train.len()}}, test ${{test.len()}}, eos ${{tok.eos_token}}`);
+let ds = data::sft(data::to_messages(train), tok);
+print(`sft ${{ds.len()}}`);
+try {{ io::read_text({:?}); }} catch (e) {{ print(`refused: ${{e}}`); }}
+"#,
+            cache.path().join("secret.txt").to_string_lossy()
+        ),
+    );
+    let o = qscript()
+        .current_dir(env.recipe_dir())
+        .env("HF_HUB_CACHE", cache.path())
+        .args(["hub.rhai"])
+        .output()
+        .unwrap();
+    let (out, err) = (stdout(&o), stderr(&o));
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains("model Qwen2ForCausalLM, train 2, test 1, eos <|endoftext|>"),
+        "{out}"
+    );
+    assert!(out.contains("sft 2"), "{out}");
+    assert!(
+        out.contains("refused: ") && out.contains("outside the recipe's sandbox"),
+        "{out}"
+    );
+    assert!(
+        err.contains("hub: `org/tiny` from the HF cache") && err.contains("commit 0123456789ab"),
+        "{err}"
+    );
+    for (code, want) in [
+        (
+            r#"model::load("org/missing")"#,
+            "`org/missing` is not a local directory, and the model is not in the HF cache",
+        ),
+        (
+            r#"model::load("org/tiny", #{ revision: "v9" })"#,
+            "the HF cache has no revision `v9` (refs there: `main`)",
+        ),
+        (
+            r#"data::load("org/alpaca", #{ split: "validation" })"#,
+            "the dataset has no `validation` split",
+        ),
+        (
+            r#"data::load("org/missing")"#,
+            "huggingface-cli download org/missing --repo-type dataset",
+        ),
+    ] {
+        env.write("bad.rhai", code);
+        let o = qscript()
+            .current_dir(env.recipe_dir())
+            .env("HF_HUB_CACHE", cache.path())
+            .args(["bad.rhai"])
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{code}");
+        assert!(stderr(&o).contains(want), "{code}: {}", stderr(&o));
+    }
+}

@@ -38,6 +38,7 @@ pub mod dist;
 pub mod error;
 pub mod files;
 pub mod hash;
+pub mod hub;
 pub mod lora;
 pub mod model;
 pub mod nn;

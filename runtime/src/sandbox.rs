@@ -20,6 +20,9 @@ pub struct Sandbox {
     base: Arc<Mutex<PathBuf>>,
     output: PathBuf,
     read_roots: Vec<PathBuf>,
+    /// HF cache repos the recipe named by hub id (`model::load("org/name")`): readable, each
+    /// its own folder only.
+    hub_repos: Arc<Mutex<Vec<PathBuf>>>,
     /// The dry run's overlay of the output directory (see the module doc).
     overlay: Arc<Mutex<Option<PathBuf>>>,
 }
@@ -42,8 +45,25 @@ impl Sandbox {
             base: Arc::new(Mutex::new(base)),
             output,
             read_roots,
+            hub_repos: Arc::new(Mutex::new(Vec::new())),
             overlay: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// Lets the recipe read the HF cache folder of a repo it named by hub id
+    /// ([`crate::hub::Snapshot::repo_dir`]), and nothing else of the cache.
+    pub fn allow_hub_repo(&self, repo_dir: &Path) -> Result<()> {
+        let real = repo_dir
+            .canonicalize()
+            .map_err(|e| Error::io(repo_dir, e))?;
+        let mut repos = self
+            .hub_repos
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !repos.contains(&real) {
+            repos.push(real);
+        }
+        Ok(())
     }
 
     /// Sends writes to `dir` instead of the output directory (and lets reads of the output
@@ -152,11 +172,17 @@ impl Sandbox {
     fn may_read(&self, p: &Path) -> bool {
         let output = self.output.canonicalize().ok();
         let overlay = self.overlay();
+        let hub = self
+            .hub_repos
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         self.read_roots
             .iter()
             .chain(output.as_ref())
             .chain(std::iter::once(&self.output))
             .chain(overlay.as_ref())
+            .chain(hub.iter())
             .any(|r| p.starts_with(r))
     }
 

@@ -391,6 +391,36 @@ impl RunContext {
         Ok(real)
     }
 
+    /// A directory a recipe names to read: a path (relative to the recipe), or, when no such
+    /// path exists and the name has a hub id's shape, that repo's snapshot at `revision` in the
+    /// HF cache ([`qscript_runtime::hub`]), whose cache folder becomes readable.
+    pub fn resolve_repo_dir(
+        &self,
+        dir: &str,
+        kind: qscript_runtime::hub::RepoType,
+        revision: Option<&str>,
+    ) -> qscript_runtime::Result<PathBuf> {
+        use qscript_runtime::hub;
+        let local = self.sandbox.base().join(dir);
+        let hub_id = hub::looks_like_id(dir) && std::fs::symlink_metadata(&local).is_err();
+        if !hub_id {
+            if revision.is_some() {
+                return Err(qscript_runtime::Error::InvalidArgument(format!(
+                    "`revision` is for a hub id in the HF cache; `{dir}` is a path"
+                )));
+            }
+            return self.resolve_read_dir(dir);
+        }
+        let snap = hub::resolve(dir, kind, revision)?;
+        self.sandbox.allow_hub_repo(&snap.repo_dir)?;
+        self.sink.err(&format!(
+            "hub: `{dir}` from the HF cache (`{}`, commit {})",
+            snap.repo_dir.display(),
+            &snap.commit[..snap.commit.len().min(12)]
+        ));
+        self.resolve_read_dir(&snap.dir.to_string_lossy())
+    }
+
     /// Resolves a directory for writing under the output directory, creating it.
     pub fn resolve_write_dir(&self, dir: &str) -> qscript_runtime::Result<PathBuf> {
         let probe = self

@@ -53,6 +53,74 @@ impl Dataset {
 pub struct LoadOptions {
     /// Keep the first N records (LLaMA-Factory's `max_samples`).
     pub max_samples: Option<usize>,
+    /// A hub dataset's split (`train` when unset): its data files.
+    pub split: Option<String>,
+    /// A hub dataset's branch, tag or commit in the HF cache (`main` when unset).
+    pub revision: Option<String>,
+}
+
+/// The data files of `split` in a hub dataset's snapshot, as HF datasets finds them: the
+/// `.parquet`, `.json`, `.jsonl` and `.txt` files whose name starts with the split
+/// (`data/train-00000-of-00001.parquet`, `train.jsonl`) or that lie in a folder named after it
+/// (`data/train/...`); a repo whose files name no split has them all as `train`. Sorted;
+/// `cancel` is polled at every entry.
+pub fn split_files(snapshot: &Path, split: &str, cancel: &CancelToken) -> Result<Vec<PathBuf>> {
+    const SPLITS: [&str; 4] = ["train", "test", "validation", "dev"];
+    let mut data = Vec::new();
+    for entry in walkdir::WalkDir::new(snapshot).sort_by_file_name() {
+        cancel.check()?;
+        let entry =
+            entry.map_err(|e| Error::InvalidArgument(format!("`{}`: {e}", snapshot.display())))?;
+        let p = entry.path();
+        let supported = p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+            ["parquet", "json", "jsonl", "txt"]
+                .iter()
+                .any(|x| e.eq_ignore_ascii_case(x))
+        });
+        if supported && !entry.file_type().is_dir() {
+            data.push(p.to_path_buf());
+        }
+    }
+    let named = |p: &Path, split: &str| {
+        let rel = p.strip_prefix(snapshot).unwrap_or(p);
+        let file = rel
+            .file_name()
+            .map(|f| f.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
+        rel.parent()
+            .is_some_and(|d| d.components().any(|c| c.as_os_str() == split))
+            || [
+                format!("{split}-"),
+                format!("{split}."),
+                format!("{split}_"),
+            ]
+            .iter()
+            .any(|pre| file.starts_with(pre.as_str()))
+    };
+    let any_split = data.iter().any(|p| SPLITS.iter().any(|s| named(p, s)));
+    let files: Vec<PathBuf> = if any_split {
+        data.iter().filter(|p| named(p, split)).cloned().collect()
+    } else if split == "train" {
+        data.clone()
+    } else {
+        Vec::new()
+    };
+    if files.is_empty() {
+        let shown: Vec<String> = data
+            .iter()
+            .take(8)
+            .map(|p| format!("`{}`", p.strip_prefix(snapshot).unwrap_or(p).display()))
+            .collect();
+        return Err(Error::InvalidArgument(format!(
+            "the dataset has no `{split}` split: no data file is named for it (its files: {})",
+            if shown.is_empty() {
+                "none of .parquet, .json, .jsonl or .txt".to_string()
+            } else {
+                shown.join(", ")
+            }
+        )));
+    }
+    Ok(files)
 }
 
 /// The files `pattern` names (relative to the recipe directory; `*`, `?`, `[..]` and `**` glob),

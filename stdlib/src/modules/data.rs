@@ -241,7 +241,10 @@ pub mod data_module {
         load_with(ctx, path, Map::new())
     }
 
-    /// Loads records with options: `max_samples` keeps the first N.
+    /// Loads records with options: `max_samples` keeps the first N. A hub id
+    /// (`"llamafactory/DPO-En-Zh-20k"`) that is not a local path loads the dataset from the HF
+    /// cache where `huggingface-cli download --repo-type dataset` put it: `split` (default
+    /// `train`) picks the data files named for it, `revision` a branch, tag or commit.
     ///
     /// ```rhai
     /// io::write_text("d.json", `[{"x": 1}, {"x": 2}, {"x": 3}]`);
@@ -252,8 +255,47 @@ pub mod data_module {
     pub fn load_with(ctx: NativeCallContext, path: &str, opts: Map) -> Res<DatasetHandle> {
         let rc = RunContext::of(&ctx)?;
         let o: LoadOptions = from_options(&ctx, "data::load", opts)?;
-        let files =
-            records::resolve_files(&rc.sandbox, path, &rc.cancel).map_err(to_rhai_at(&ctx))?;
+        let local = rc.sandbox.base().join(path);
+        let files = if qscript_runtime::hub::looks_like_id(path)
+            && std::fs::symlink_metadata(&local).is_err()
+        {
+            // A hub dataset in the HF cache: its split's data files.
+            let dir = rc
+                .resolve_repo_dir(
+                    path,
+                    qscript_runtime::hub::RepoType::Dataset,
+                    o.revision.as_deref(),
+                )
+                .map_err(to_rhai_at(&ctx))?;
+            let split = o.split.as_deref().unwrap_or("train");
+            // The snapshot's names (links into the repo's blobs) are kept: the format is
+            // read off them; each is checked against the sandbox.
+            records::split_files(&dir, split, &rc.cancel)
+                .and_then(|fs| {
+                    for f in &fs {
+                        rc.sandbox.resolve_read(f)?;
+                    }
+                    Ok(fs)
+                })
+                .map_err(|e| {
+                    to_rhai_at(&ctx)(qscript_runtime::Error::InvalidArgument(format!(
+                        "`{path}` (HF cache): {e}"
+                    )))
+                })?
+        } else {
+            if o.split.is_some() || o.revision.is_some() {
+                return Err(at(
+                    &ctx,
+                    script_error(
+                        "invalid_argument",
+                        format!(
+                            "`split` and `revision` are for a hub dataset in the HF cache; `{path}` is a path"
+                        ),
+                    ),
+                ));
+            }
+            records::resolve_files(&rc.sandbox, path, &rc.cancel).map_err(to_rhai_at(&ctx))?
+        };
         let refs: Vec<&std::path::Path> = files.iter().map(PathBuf::as_path).collect();
         let key = Memo::key("data::load", &format!("{files:?} {o:?}"), &refs).map_err(to_rhai)?;
         let v = rc.memo.get_or_try_insert(&key, || {

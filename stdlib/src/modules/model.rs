@@ -22,6 +22,8 @@ struct LoadOpts {
     trainable: bool,
     device_map: Option<serde_json::Value>,
     max_memory: Option<std::collections::BTreeMap<String, serde_json::Value>>,
+    /// A hub id's branch, tag or commit in the HF cache (`main` when unset).
+    revision: Option<String>,
 }
 
 impl Default for LoadOpts {
@@ -32,6 +34,7 @@ impl Default for LoadOpts {
             trainable: false,
             device_map: None,
             max_memory: None,
+            revision: None,
         }
     }
 }
@@ -318,8 +321,12 @@ pub mod model_module {
     type Res<T> = Result<T, Box<EvalAltResult>>;
 
     /// Loads an HF checkpoint directory (`config.json`, `model.safetensors` or a sharded index,
-    /// `generation_config.json`) with `dtype: "auto"` and `device: "auto"`. Memoized by path,
-    /// options and file contents, so a re-run cell does not reload.
+    /// `generation_config.json`) with `dtype: "auto"` and `device: "auto"`. A hub id
+    /// (`"Qwen/Qwen2.5-0.5B-Instruct"`) that is not a local path loads from the HF cache where
+    /// `huggingface-cli download` put it (`$HF_HUB_CACHE`, `$HF_HOME/hub` or
+    /// `~/.cache/huggingface/hub`; `revision` picks a branch, tag or commit); the recipe may then
+    /// read that repo's cache folder, nothing else of the cache. Memoized by path, options and
+    /// file contents, so a re-run cell does not reload.
     ///
     /// ```rhai
     /// model::tiny(#{ seed: 1 }).save("ckpt");
@@ -341,6 +348,7 @@ pub mod model_module {
     /// | `trainable` | `true` makes every weight trainable: full fine-tuning with `train::fit` |
     /// | `device_map` | HF's: `"auto"` / `"balanced"` (even over the GPUs, the CPU for what does not fit), `"sequential"` (fill in order), or a map of module names (or prefixes) to devices: `#{ "model.layers.20": "cuda:1", model: "cuda:0", lm_head: "cuda:1" }` |
     /// | `max_memory` | with `device_map`, the most each device may hold: `#{ "cuda:0": "20GiB", cpu: "64GiB" }` (unset devices are probed; `GB` = 10^9, `GiB` = 2^30) |
+    /// | `revision` | a hub id's branch, tag or commit in the HF cache (default `main`) |
     ///
     /// ```rhai
     /// model::tiny(#{ seed: 1 }).save("ckpt");
@@ -353,7 +361,13 @@ pub mod model_module {
     pub fn load_with(ctx: NativeCallContext, dir: &str, opts: Map) -> Res<ModelHandle> {
         let rc = RunContext::of(&ctx)?;
         let o: LoadOpts = from_options(&ctx, "model::load", opts)?;
-        let real = rc.resolve_read_dir(dir).map_err(to_rhai_at(&ctx))?;
+        let real = rc
+            .resolve_repo_dir(
+                dir,
+                qscript_runtime::hub::RepoType::Model,
+                o.revision.as_deref(),
+            )
+            .map_err(to_rhai_at(&ctx))?;
         let lo = o
             .to_runtime()
             .map_err(|e| to_rhai_at(&ctx)(qscript_runtime::Error::InvalidArgument(e)))?;

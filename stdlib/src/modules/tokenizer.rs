@@ -32,7 +32,9 @@ pub mod tokenizer_module {
     #[rhai_fn(return_raw)]
     pub fn load(ctx: NativeCallContext, dir: &str) -> Res<TokenizerHandle> {
         let rc = RunContext::of(&ctx)?;
-        let real = rc.resolve_read_dir(dir).map_err(to_rhai_at(&ctx))?;
+        let real = rc
+            .resolve_repo_dir(dir, qscript_runtime::hub::RepoType::Model, None)
+            .map_err(to_rhai_at(&ctx))?;
         let key =
             Memo::key("tokenizer::load", &real.to_string_lossy(), &[&real]).map_err(to_rhai)?;
         let value = rc.memo.get_or_try_insert(&key, || {

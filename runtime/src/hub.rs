@@ -1,0 +1,228 @@
+//! The Hugging Face cache, as `huggingface-cli download` and `from_pretrained` leave it: a hub id
+//! (`Qwen/Qwen2.5-0.5B-Instruct`) names `<cache>/models--Qwen--Qwen2.5-0.5B-Instruct`, whose
+//! `refs/<revision>` file holds the commit whose files are in `snapshots/<commit>/` (links into
+//! the repo's `blobs/`). The cache is `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+//! `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`, as `huggingface_hub` has
+//! it. Nothing is downloaded: a repo not in the cache is an error that says how to get it.
+
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// What kind of hub repo an id names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RepoType {
+    /// A model (`models--org--name`).
+    Model,
+    /// A dataset (`datasets--org--name`).
+    Dataset,
+}
+
+impl RepoType {
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Model => "models",
+            Self::Dataset => "datasets",
+        }
+    }
+}
+
+/// A repo's files at one revision in the cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The repo's folder (`<cache>/models--org--name`): what a reader of its files needs to
+    /// reach (the snapshot's files are links into its `blobs/`).
+    pub repo_dir: PathBuf,
+    /// The snapshot (`<repo_dir>/snapshots/<commit>`).
+    pub dir: PathBuf,
+    /// The commit.
+    pub commit: String,
+}
+
+/// Whether `s` has the shape of a hub id: `org/name`, each part of letters, digits, `-`, `_` and
+/// `.`, neither starting with `.` (so `./x`, `../x` and `data/x.json` with more parts are paths).
+pub fn looks_like_id(s: &str) -> bool {
+    let mut parts = s.split('/');
+    let (Some(org), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let ok = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 96
+            && !p.starts_with('.')
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    ok(org) && ok(name)
+}
+
+/// The hub cache directory (see the module doc), whether or not it exists.
+pub fn cache_root() -> Option<PathBuf> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(p) = var("HF_HUB_CACHE").or_else(|| var("HUGGINGFACE_HUB_CACHE")) {
+        return Some(p);
+    }
+    if let Some(home) = var("HF_HOME") {
+        return Some(home.join("hub"));
+    }
+    let cache = var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache")))?;
+    Some(cache.join("huggingface").join("hub"))
+}
+
+/// The snapshot of `id` at `revision` (`main` when none: a branch or tag name in `refs/`, or a
+/// commit hash) in the cache at `root`.
+pub fn resolve_in(
+    root: &Path,
+    id: &str,
+    kind: RepoType,
+    revision: Option<&str>,
+) -> Result<Snapshot> {
+    let folder = format!("{}--{}", kind.prefix(), id.replace('/', "--"));
+    let repo_dir = root.join(&folder);
+    let what = match kind {
+        RepoType::Model => "model",
+        RepoType::Dataset => "dataset",
+    };
+    let get = match kind {
+        RepoType::Model => format!("huggingface-cli download {id}"),
+        RepoType::Dataset => format!("huggingface-cli download {id} --repo-type dataset"),
+    };
+    if !repo_dir.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "`{id}` is not a local directory, and the {what} is not in the HF cache (`{}` has no \
+             `{folder}`; the cache is `$HF_HUB_CACHE`, `$HF_HOME/hub` or \
+             `~/.cache/huggingface/hub`); download it with `{get}` (qscript does not download)",
+            root.display()
+        )));
+    }
+    let revision = revision.unwrap_or("main");
+    let is_commit = revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit());
+    let commit = if is_commit {
+        revision.to_string()
+    } else {
+        // `refs/<branch or tag>`: one line, the commit. A name with `..` or a leading `/` would
+        // leave `refs/`.
+        if revision
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
+        {
+            return Err(Error::InvalidArgument(format!(
+                "`revision: \"{revision}\"` is not a branch, tag or commit name"
+            )));
+        }
+        let r = repo_dir.join("refs").join(revision);
+        match std::fs::read_to_string(&r) {
+            Ok(c) => c.trim().to_string(),
+            Err(_) => {
+                let mut refs: Vec<String> = std::fs::read_dir(repo_dir.join("refs"))
+                    .map(|d| {
+                        d.filter_map(|e| e.ok())
+                            .map(|e| format!("`{}`", e.file_name().to_string_lossy()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                refs.sort();
+                return Err(Error::InvalidArgument(format!(
+                    "`{id}`: the HF cache has no revision `{revision}` (refs there: {}); \
+                     download it with `{get} --revision {revision}`",
+                    if refs.is_empty() {
+                        "none".to_string()
+                    } else {
+                        refs.join(", ")
+                    }
+                )));
+            }
+        }
+    };
+    let dir = repo_dir.join("snapshots").join(&commit);
+    if !dir.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "`{id}`: revision `{revision}` is commit {commit}, whose files are not in the HF \
+             cache (`{}` is missing); download it with `{get} --revision {revision}`",
+            dir.display()
+        )));
+    }
+    Ok(Snapshot {
+        repo_dir,
+        dir,
+        commit,
+    })
+}
+
+/// [`resolve_in`] the cache of [`cache_root`].
+pub fn resolve(id: &str, kind: RepoType, revision: Option<&str>) -> Result<Snapshot> {
+    let root = cache_root().ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "`{id}` is not a local directory, and no HF cache is set (`$HF_HUB_CACHE`, \
+             `$HF_HOME` or `$HOME`)"
+        ))
+    })?;
+    resolve_in(&root, id, kind, revision)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_paths() {
+        for id in [
+            "Qwen/Qwen2.5-0.5B-Instruct",
+            "llamafactory/DPO-En-Zh-20k",
+            "a/b",
+        ] {
+            assert!(looks_like_id(id), "{id}");
+        }
+        for p in [
+            "./a",
+            "../a/b",
+            "data/x/y.json",
+            "/abs/b",
+            "a",
+            "a/",
+            "a/.b",
+            "a b/c",
+        ] {
+            assert!(!looks_like_id(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn revisions_resolve_through_refs() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = d.path().join("models--org--m");
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        std::fs::create_dir_all(repo.join("snapshots").join(commit)).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), format!("{commit}\n")).unwrap();
+        let s = resolve_in(d.path(), "org/m", RepoType::Model, None).unwrap();
+        assert_eq!(s.dir, repo.join("snapshots").join(commit));
+        assert_eq!(
+            resolve_in(d.path(), "org/m", RepoType::Model, Some(commit))
+                .unwrap()
+                .commit,
+            commit
+        );
+        let e = resolve_in(d.path(), "org/m", RepoType::Model, Some("v2"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no revision `v2` (refs there: `main`)"), "{e}");
+        let e = resolve_in(d.path(), "org/other", RepoType::Dataset, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("has no `datasets--org--other`"), "{e}");
+        assert!(
+            e.contains("huggingface-cli download org/other --repo-type dataset"),
+            "{e}"
+        );
+        let e = resolve_in(d.path(), "org/m", RepoType::Model, Some("../../x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not a branch, tag or commit name"), "{e}");
+    }
+}
