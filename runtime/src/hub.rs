@@ -115,28 +115,26 @@ pub fn resolve_in(
             )));
         }
         let r = repo_dir.join("refs").join(revision);
-        match std::fs::read_to_string(&r) {
-            Ok(c) => c.trim().to_string(),
-            Err(_) => {
-                let mut refs: Vec<String> = std::fs::read_dir(repo_dir.join("refs"))
-                    .map(|d| {
-                        d.filter_map(|e| e.ok())
-                            .map(|e| format!("`{}`", e.file_name().to_string_lossy()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                refs.sort();
-                return Err(Error::InvalidArgument(format!(
-                    "`{id}`: the HF cache has no revision `{revision}` (refs there: {}); \
-                     download it with `{get} --revision {revision}`",
-                    if refs.is_empty() {
-                        "none".to_string()
-                    } else {
-                        refs.join(", ")
-                    }
-                )));
-            }
-        }
+        let Ok(c) = std::fs::read_to_string(&r) else {
+            let mut refs: Vec<String> = std::fs::read_dir(repo_dir.join("refs"))
+                .map(|d| {
+                    d.filter_map(std::result::Result::ok)
+                        .map(|e| format!("`{}`", e.file_name().to_string_lossy()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            refs.sort();
+            return Err(Error::InvalidArgument(format!(
+                "`{id}`: the HF cache has no revision `{revision}` (refs there: {}); \
+                 download it with `{get} --revision {revision}`",
+                if refs.is_empty() {
+                    "none".to_string()
+                } else {
+                    refs.join(", ")
+                }
+            )));
+        };
+        c.trim().to_string()
     };
     let dir = repo_dir.join("snapshots").join(&commit);
     if !dir.is_dir() {

@@ -446,6 +446,7 @@ mod tests {
             &resolve_files(&sb, "data/*", &CancelToken::new()).unwrap(),
             &LoadOptions {
                 max_samples: Some(2),
+                ..LoadOptions::default()
             },
         )
         .unwrap();
