@@ -40,7 +40,7 @@ def main():
                                              target_modules="all-linear"))
     conf = DPOConfig(output_dir="/tmp/trl-dpo-curve", report_to=[], per_device_train_batch_size=args.batch,
                      max_steps=args.max_steps, learning_rate=args.lr, lr_scheduler_type="cosine",
-                     warmup_ratio=0.1, bf16=True, logging_steps=10, save_strategy="no",
+                     warmup_steps=max(1, round(0.1 * args.max_steps)), bf16=True, logging_steps=10, save_strategy="no",
                      max_length=args.max_length, beta=0.1, loss_type=["sigmoid"], seed=42)
     DPOTrainer(model=model, ref_model=None, args=conf, train_dataset=Dataset.from_list(rows),
                processing_class=tok, callbacks=[Log()]).train()
