@@ -659,3 +659,85 @@ let pairs = data::preference(data::load("p.parquet"), tok);"#,
         e.rendered
     );
 }
+
+/// Seed 001's real model: Qwen3's template drops earlier turns' `<think>` blocks, so SFT renders
+/// each conversation through its training variant (every turn kept, `{% generation %}` marking
+/// what is learned): the ids and the learned tokens equal TRL's `assistant_only_loss`
+/// tokenization with Qwen3's tokenizer (`scripts/make_template_goldens.py`), multi-turn and with
+/// reasoning; `train_on: "last_assistant"` learns the last turn only (rendered through the
+/// original template, as inference renders it: the same tokens for that turn).
+#[test]
+fn qwen3_multi_turn_sft_learns_what_trl_learns() {
+    let env = Env::new();
+    let Some((mut s, _)) = setup(&env) else {
+        return;
+    };
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            qscript_runtime::testing::repo_fixtures().join("templates/qwen3_multiturn.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let convs = golden["conversations"].as_array().unwrap();
+    let mut lines = String::new();
+    for c in convs {
+        lines.push_str(&serde_json::json!({"messages": c["messages"]}).to_string());
+        lines.push('\n');
+    }
+    env.write("conv.jsonl", &lines);
+    s.eval(
+        r#"let tok3 = tokenizer::load(FX + "/tokenizers/qwen3");
+let ds = data::sft(data::load("conv.jsonl"), tok3, #{ max_length: 4096 });
+let last = data::sft(data::load("conv.jsonl"), tok3, #{ max_length: 4096, train_on: "last_assistant" });"#,
+    )
+    .unwrap();
+    for (i, c) in convs.iter().enumerate() {
+        let ids = s.eval(&format!("ds[{i}].input_ids")).unwrap().unwrap();
+        let want_ids: Vec<u64> = c["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        let got = ids.replace(' ', "");
+        let got = got.trim_start_matches("=>").rsplit_once(':').unwrap().0;
+        assert_eq!(
+            got,
+            serde_json::to_string(&want_ids).unwrap(),
+            "conversation {i}: ids"
+        );
+        let learned = s
+            .eval(&format!(
+                "ds[{i}].labels.map(|l| if l == -100 {{ 0 }} else {{ 1 }})"
+            ))
+            .unwrap()
+            .unwrap();
+        let got = learned.replace(' ', "");
+        let got = got.trim_start_matches("=>").rsplit_once(':').unwrap().0;
+        assert_eq!(
+            got,
+            c["assistant_masks"].to_string(),
+            "conversation {i}: learned tokens"
+        );
+        // The last turn only: a suffix of the learned tokens.
+        let n: i64 = s
+            .eval(&format!("last[{i}].labels.filter(|l| l != -100).len()"))
+            .unwrap()
+            .unwrap()
+            .trim_start_matches("=> ")
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let all = c["assistant_masks"].as_array().unwrap();
+        let last_run = all
+            .iter()
+            .rev()
+            .skip_while(|m| m.as_u64() == Some(0))
+            .take_while(|m| m.as_u64() == Some(1))
+            .count();
+        assert_eq!(n as usize, last_run, "conversation {i}: the last turn");
+    }
+}

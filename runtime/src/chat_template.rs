@@ -11,6 +11,52 @@ use crate::{Error, Result};
 /// ChatML, the template of the built-in tokenizer (and of Qwen without tools).
 pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
+/// Where a `{% generation %}` block opens in a render made with [`mark_generation`] (a Unicode
+/// private-use character, which no record may hold).
+pub const GENERATION_OPEN: char = '\u{E000}';
+/// Where a `{% generation %}` block closes (see [`GENERATION_OPEN`]).
+pub const GENERATION_CLOSE: char = '\u{E001}';
+
+/// `template` with transformers' `{% generation %}` / `{% endgeneration %}` blocks (what an
+/// assistant turn outputs, the tokens SFT learns) rendering as [`GENERATION_OPEN`] and
+/// [`GENERATION_CLOSE`], their whitespace control kept; `None` when it has no such block.
+pub fn mark_generation(template: &str) -> Option<String> {
+    static TAG: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"\{%(-?)\s*(end)?generation\s*(-?)%\}")
+            .unwrap_or_else(|_| unreachable!())
+    });
+    if !TAG.is_match(template) {
+        return None;
+    }
+    Some(
+        TAG.replace_all(template, |c: &regex::Captures<'_>| {
+            let mark = if c.get(2).is_some() {
+                GENERATION_CLOSE
+            } else {
+                GENERATION_OPEN
+            };
+            format!("{{{{{} \"{mark}\" {}}}}}", &c[1], &c[3])
+        })
+        .into_owned(),
+    )
+}
+
+/// The training variant qscript uses for SFT in place of a known chat template that rewrites
+/// earlier turns (Qwen3's drops their `<think>` blocks, so a conversation's rendering does not
+/// extend its prefixes'): the same rendering with every turn kept and `{% generation %}` marking
+/// what is learned, as TRL trains these models with `assistant_only_loss`. `None` for others.
+pub fn training_variant(template: &str) -> Option<&'static str> {
+    // blake3 of Qwen3's template as the Qwen3 checkpoints shipped it, and of its later revision.
+    const QWEN3: [&str; 2] = [
+        "45fdf00a05e3daa5751bcd1de40a0a8280bde6328765dfe3828f9dac093b584b",
+        "72a1a5e64f5ff443c86b9332e82c85afd838c9e398b8e8f8bb38579d0e76d892",
+    ];
+    let h = blake3::hash(template.as_bytes()).to_hex();
+    QWEN3
+        .contains(&h.as_str())
+        .then_some(include_str!("templates/qwen3_training.jinja"))
+}
+
 /// The most template instructions one render may run (minijinja's fuel): a real chat template
 /// uses thousands per conversation; a hostile one with nested loops stops here, in bounded time
 /// and memory, instead of running past Ctrl-C. `--max-template-steps` changes it.

@@ -139,6 +139,24 @@ pub fn segments(
         .map(|(i, _)| i)
         .collect();
     let last = *assistant.last().ok_or("no assistant message")?;
+    // A template that marks what is learned (`{% generation %}`), or, to learn every turn, the
+    // training variant of a known one that rewrites earlier turns (Qwen3's): one render, the
+    // marked spans learned. (The last turn alone renders as inference does without it.)
+    if train_on != "all" {
+        let source = template.or(tok.chat_template.as_deref());
+        let marked = source
+            .map(|t| {
+                if train_on == "assistant" {
+                    crate::chat_template::training_variant(t).unwrap_or(t)
+                } else {
+                    t
+                }
+            })
+            .and_then(crate::chat_template::mark_generation);
+        if let Some(marked) = marked {
+            return generation_segments(tok, &marked, messages, &extra, train_on);
+        }
+    }
     let mut out = Segments::default();
     let tools = tool_names(record.get("tools"));
     if !tools.is_empty() {
@@ -176,6 +194,79 @@ pub fn segments(
         done = full;
     }
     Ok(out)
+}
+
+/// The segments of one render of `messages` through `marked` (a template whose `{% generation
+/// %}` blocks render as [`crate::chat_template::GENERATION_OPEN`] / `CLOSE`): the blocks are
+/// learned (with `train_on: "last_assistant"`, the last one only), the rest is not.
+fn generation_segments(
+    tok: &Tokenizer,
+    marked: &str,
+    messages: &[Value],
+    extra: &serde_json::Map<String, Value>,
+    train_on: &str,
+) -> std::result::Result<Segments, SegmentError> {
+    use crate::chat_template::{GENERATION_CLOSE, GENERATION_OPEN};
+    let text = serde_json::to_string(messages).unwrap_or_default();
+    if text.contains(GENERATION_OPEN) || text.contains(GENERATION_CLOSE) {
+        return Err(SegmentError::Data(
+            "the messages hold the private-use characters U+E000 or U+E001, which mark what is \
+             learned in a chat template's render"
+                .into(),
+        ));
+    }
+    let opts = TemplateOptions {
+        add_generation_prompt: false,
+        extra: extra.clone(),
+    };
+    let rendered = tok
+        .render_template(marked, &Value::Array(messages.to_vec()), &opts)
+        .map_err(|e| match e {
+            Error::Template(m) => SegmentError::Template(m),
+            other => SegmentError::Data(other.to_string()),
+        })?;
+    let mut parts: Vec<(String, bool)> = Vec::new();
+    let mut cur = String::new();
+    let mut inside = false;
+    for c in rendered.chars() {
+        if c == GENERATION_OPEN || c == GENERATION_CLOSE {
+            if (c == GENERATION_OPEN) == inside {
+                return Err(SegmentError::Template(
+                    "its `{% generation %}` and `{% endgeneration %}` blocks do not pair up".into(),
+                ));
+            }
+            if !cur.is_empty() {
+                parts.push((std::mem::take(&mut cur), inside));
+            }
+            inside = c == GENERATION_OPEN;
+        } else {
+            cur.push(c);
+        }
+    }
+    if inside {
+        return Err(SegmentError::Template(
+            "a `{% generation %}` block is not closed".into(),
+        ));
+    }
+    if !cur.is_empty() {
+        parts.push((cur, false));
+    }
+    if train_on == "last_assistant"
+        && let Some(lastk) = parts.iter().rposition(|p| p.1)
+    {
+        for (k, p) in parts.iter_mut().enumerate() {
+            p.1 &= k == lastk;
+        }
+    }
+    if !parts.iter().any(|p| p.1) {
+        return Err(SegmentError::Template(
+            "its `{% generation %}` blocks rendered nothing for the assistant turns".into(),
+        ));
+    }
+    Ok(Segments {
+        parts,
+        ..Segments::default()
+    })
 }
 
 /// Why a record gave no segments: its data, or the chat template.

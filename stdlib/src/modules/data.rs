@@ -516,6 +516,21 @@ pub mod data_module {
             ));
         };
         let r = sft_impl::sft(records, &tok.0, &o, &rc.cancel).map_err(to_rhai_at(&ctx))?;
+        if o.template == "model"
+            && o.train_on == "assistant"
+            && tok
+                .0
+                .chat_template
+                .as_deref()
+                .and_then(qscript_runtime::chat_template::training_variant)
+                .is_some()
+        {
+            rc.sink.err(
+                "data: the tokenizer's chat template (Qwen3's) drops earlier turns' <think> blocks; \
+                 SFT renders every assistant turn with its block and learns each, as TRL's \
+                 `assistant_only_loss` does",
+            );
+        }
         if o.template != "model" {
             // Saved with the tokenizer: the exported model chats as it was trained.
             tok.0.set_trained_template(&o.template);
