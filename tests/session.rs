@@ -489,3 +489,32 @@ let m = lora::attach(model::tiny(), #{ r: 2 });"#,
     assert!(e.rendered.contains("stopped at step"), "{}", e.rendered);
     assert!(!e.rendered.contains("checkpoint"), "{}", e.rendered);
 }
+
+/// Ctrl-C during training in the REPL says how to resume there (the option), not with a
+/// command-line flag the REPL has no place for.
+#[test]
+fn a_training_stopped_in_the_repl_says_how_to_resume_there() {
+    let env = support::Env::new();
+    let mut s = env.session();
+    s.context()
+        .in_repl
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    env.write("d.json", r#"[{"instruction": "hi", "output": "hello"}]"#);
+    s.eval(r#"let ds = data::sft(data::to_messages(data::load("d.json")), tokenizer::builtin());"#)
+        .unwrap();
+    let cancel = s.context().cancel.clone();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        cancel.cancel();
+    });
+    let e = s
+        .eval(r#"train::fit(lora::attach(model::tiny(), #{ r: 4 }), ds, #{ max_steps: 100000, save_steps: 0, logging_steps: 1000 })"#)
+        .unwrap_err();
+    stopper.join().unwrap();
+    assert!(
+        e.rendered
+            .contains("run the call again with `resume_from_checkpoint: true` in its options"),
+        "{}",
+        e.rendered
+    );
+}

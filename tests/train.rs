@@ -1252,3 +1252,32 @@ fn hf_optim_and_scheduler_names() {
         "{e}"
     );
 }
+
+/// A run stopped because `--watch` saw the recipe change (`cancel_superseded`) keeps no Ctrl-C
+/// checkpoint: the edited recipe runs again, and no stale "unfinished run" blocks the next one.
+#[test]
+fn a_run_superseded_by_an_edit_leaves_no_checkpoint() {
+    let data = examples(12);
+    let d = tempfile::tempdir().unwrap();
+    let cancel = CancelToken::new();
+    let c2 = cancel.clone();
+    let r = fit(
+        &peft(2),
+        &data,
+        None,
+        &cfg(d.path()),
+        256,
+        &cancel,
+        &mut |e| {
+            if let Event::Step { step: 3, .. } = e {
+                c2.cancel_superseded();
+            }
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert!(r.interrupted);
+    assert!(r.last_checkpoint.is_none());
+    assert!(!d.path().join("checkpoint-3").exists());
+    assert!(qscript_runtime::train::checkpoint::unfinished(d.path()).is_none());
+}

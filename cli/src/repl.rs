@@ -107,6 +107,10 @@ fn watch_hang_up() {
 
 /// The interactive REPL.
 pub fn interactive(session: &mut Session) -> anyhow::Result<ExitCode> {
+    session
+        .context()
+        .in_repl
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let names = Arc::new(Mutex::new(Names {
         functions: session.functions().to_vec(),
         variables: session.variable_types(),

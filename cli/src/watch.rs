@@ -49,7 +49,7 @@ pub fn watch(session: &mut Session, file: &Path) -> anyhow::Result<ExitCode> {
         });
         if relevant {
             if r.load(Ordering::SeqCst) {
-                cancel.cancel();
+                cancel.cancel_superseded();
             }
             let _ = tx.send(());
         }

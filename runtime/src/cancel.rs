@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A cheap, cloneable flag. All clones see the same state.
 #[derive(Clone, Debug, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
+pub struct CancelToken(Arc<AtomicBool>, Arc<AtomicBool>);
 
 impl CancelToken {
     /// A fresh token, not cancelled.
@@ -21,6 +21,19 @@ impl CancelToken {
         self.0.store(true, Ordering::SeqCst);
     }
 
+    /// Asks every holder to stop because its work is superseded (`--watch` saw the recipe
+    /// change and runs it again): nothing of it is worth keeping, so a training run stops without
+    /// its Ctrl-C checkpoint (which would be a stale "unfinished run" in its output dir).
+    pub fn cancel_superseded(&self) {
+        self.1.store(true, Ordering::SeqCst);
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the stop asked for is [`CancelToken::cancel_superseded`]'s.
+    pub fn is_superseded(&self) -> bool {
+        self.1.load(Ordering::SeqCst)
+    }
+
     /// Whether a stop was asked for.
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::SeqCst)
@@ -29,6 +42,7 @@ impl CancelToken {
     /// Clears the flag before the next run.
     pub fn reset(&self) {
         self.0.store(false, Ordering::SeqCst);
+        self.1.store(false, Ordering::SeqCst);
     }
 
     /// `Err(Error::Cancelled)` once cancelled: the one-line cancellation point for native loops.

@@ -235,6 +235,8 @@ pub struct RunContext {
     pub(crate) dry_models: Mutex<HashMap<PathBuf, crate::handles::ModelHandle>>,
     /// Whether generation streams token by token by default (the interactive REPL).
     pub stream_by_default: std::sync::atomic::AtomicBool,
+    /// Whether the session is the interactive REPL (no command line to add a flag to).
+    pub in_repl: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for RunContext {
@@ -270,6 +272,7 @@ impl RunContext {
             check_facts: Mutex::new(Vec::new()),
             sft_facts: Mutex::new(HashMap::new()),
             stream_by_default: std::sync::atomic::AtomicBool::new(false),
+            in_repl: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

@@ -48,7 +48,11 @@ pub fn run(
         }
         for w in windows {
             if t.should_stop(cancel)? {
-                if let Some(path) = t.checkpoint_now()? {
+                // Ctrl-C keeps a checkpoint to resume from; a run superseded by an edit under
+                // `--watch` keeps none (the edited recipe runs again from its cell).
+                if !cancel.is_superseded()
+                    && let Some(path) = t.checkpoint_now()?
+                {
                     on_event(&Event::Saved(path))?;
                 }
                 return t.finish(true);

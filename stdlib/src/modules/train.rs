@@ -181,14 +181,19 @@ fn prepare(
 /// checkpoint saved and how to go on.
 fn stopped(
     ctx: &NativeCallContext,
+    rc: &RunContext,
     step: usize,
     checkpoint: Option<&std::path::Path>,
 ) -> Box<EvalAltResult> {
     let saved = checkpoint.map_or_else(String::new, |p| format!("; checkpoint `{}`", p.display()));
+    // In the REPL there is no command line to add `--resume` to: the option does it.
+    let how = if rc.in_repl.load(std::sync::atomic::Ordering::Relaxed) {
+        "run the call again with `resume_from_checkpoint: true` in its options"
+    } else {
+        "resume with `--resume`"
+    };
     Box::new(EvalAltResult::ErrorTerminated(
-        Dynamic::from(format!(
-            "stopped at step {step}{saved}; resume with `--resume`"
-        )),
+        Dynamic::from(format!("stopped at step {step}{saved}; {how}")),
         ctx.call_position(),
     ))
 }
@@ -361,6 +366,7 @@ fn run_fit(
     if report.interrupted {
         return Err(stopped(
             ctx,
+            &rc,
             report.steps,
             report.last_checkpoint.as_deref(),
         ));
@@ -769,10 +775,15 @@ pub mod train_module {
             .should_stop(&rc.cancel)
             .map_err(crate::error::to_rhai_at(&ctx))?;
         if stop && !out.done {
-            let path = trainer
-                .checkpoint_now()
-                .map_err(crate::error::to_rhai_at(&ctx))?;
-            return Err(super::stopped(&ctx, out.step, path.as_deref()));
+            // A run superseded by an edit (`--watch`) keeps no checkpoint.
+            let path = if rc.cancel.is_superseded() {
+                None
+            } else {
+                trainer
+                    .checkpoint_now()
+                    .map_err(crate::error::to_rhai_at(&ctx))?
+            };
+            return Err(super::stopped(&ctx, &rc, out.step, path.as_deref()));
         }
         let (loss, grad_norm) = trainer
             .read_step()
