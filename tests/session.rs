@@ -508,7 +508,7 @@ fn a_training_stopped_in_the_repl_says_how_to_resume_there() {
         cancel.cancel();
     });
     let e = s
-        .eval(r#"train::fit(lora::attach(model::tiny(), #{ r: 4 }), ds, #{ max_steps: 100000, save_steps: 0, logging_steps: 1000 })"#)
+        .eval(r"train::fit(lora::attach(model::tiny(), #{ r: 4 }), ds, #{ max_steps: 100000, save_steps: 0, logging_steps: 1000 })")
         .unwrap_err();
     stopper.join().unwrap();
     assert!(
