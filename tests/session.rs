@@ -518,3 +518,60 @@ fn a_training_stopped_in_the_repl_says_how_to_resume_there() {
         e.rendered
     );
 }
+
+/// `:load` keeps what the REPL held: a recipe loaded after some lines sees their variables and
+/// functions, and they are still there after it runs (a reload of the same recipe too).
+#[test]
+fn loading_a_recipe_keeps_the_repl_variables() {
+    let env = support::Env::new();
+    let mut s = env.session();
+    s.eval("let keep = 41; fn twice(x) { x * 2 }").unwrap();
+    let path = env.write(
+        "r.rhai",
+        "// %% a\nlet got = keep + 1;\n// %% b\nlet t = twice(got);\n",
+    );
+    let r = s.load_file(&path).unwrap();
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert_eq!(s.eval("t").unwrap().as_deref(), Some("=> 84 : i64"));
+    assert_eq!(s.eval("keep").unwrap().as_deref(), Some("=> 41 : i64"));
+    std::fs::write(
+        &path,
+        "// %% a\nlet got = keep + 2;\n// %% b\nlet t = twice(got);\n",
+    )
+    .unwrap();
+    let r = s.load_file(&path).unwrap();
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert_eq!(s.eval("t").unwrap().as_deref(), Some("=> 86 : i64"));
+}
+
+/// A shared recipe's helper-module pattern: an `import` in one cell is visible in the cells
+/// after it; the module runs once (not again for each cell), and an edited module runs anew.
+#[test]
+fn an_import_carries_to_the_next_cells() {
+    let env = support::Env::new();
+    let mut s = env.session();
+    env.write(
+        "helper.rhai",
+        "print(\"helper ran\");\nfn greet(x) { `hi ${x}` }\n",
+    );
+    let path = env.write(
+        "r.rhai",
+        "// %% imports\nimport \"helper\" as h;\n// %% use\nlet a = h::greet(\"a\");\n// %% again\nlet b = h::greet(\"b\");\n",
+    );
+    let r = s.load_file(&path).unwrap();
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert_eq!(
+        s.eval("a + \" \" + b").unwrap().as_deref(),
+        Some("=> \"hi a hi b\" : string")
+    );
+    let log = env.sink.take();
+    assert_eq!(log.matches("helper ran").count(), 1, "{log}");
+    // The module edited: the cells from the first that imports it run again, with the new one.
+    env.write("helper.rhai", "fn greet(x) { `hello ${x}` }\n");
+    let r = s.load_file(&path).unwrap();
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert_eq!(
+        s.eval("b").unwrap().as_deref(),
+        Some("=> \"hello b\" : string")
+    );
+}

@@ -32,6 +32,18 @@ impl Cell {
     }
 }
 
+/// The top-level `import "x" as y;` statements of `text`, on one line (what later cells see).
+pub fn imports(text: &str) -> String {
+    static IMPORT: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r#"(?m)^\s*import\s+"[^"\n]*"\s+as\s+[A-Za-z_][A-Za-z0-9_]*\s*;"#)
+            .unwrap_or_else(|_| unreachable!())
+    });
+    IMPORT
+        .find_iter(text)
+        .map(|m| format!("{} ", m.as_str().trim()))
+        .collect()
+}
+
 /// Splits `source` into cells. Text before the first marker is a cell of its own unless it is
 /// blank; a file without markers is one cell.
 pub fn split(source: &str) -> Vec<Cell> {

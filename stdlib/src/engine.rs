@@ -106,17 +106,25 @@ pub fn build_engine(ctx: &Arc<RunContext>, max_operations: u64, max_value_size: 
 
 /// Resolves `import "x" as y` relative to the importing file (the recipe's directory for the
 /// recipe itself), through the sandbox, and records each imported file so the session can re-run
-/// the cells that import a file when it changes. No caching: a re-run sees the file as it is now.
+/// the cells that import a file when it changes. A module is kept by its file's content: the
+/// later cells that import it again (a cell's imports carry to the next ones) get the same
+/// module without running it again, and an edited file is run anew.
 struct SandboxedResolver {
     ctx: Arc<RunContext>,
     files: FileModuleResolver,
+    loaded:
+        std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, (String, Shared<Module>)>>,
 }
 
 impl SandboxedResolver {
     fn new(ctx: Arc<RunContext>) -> Self {
         let mut files = FileModuleResolver::new();
         files.enable_cache(false);
-        Self { ctx, files }
+        Self {
+            ctx,
+            files,
+            loaded: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
     }
 }
 
@@ -172,10 +180,24 @@ impl ModuleResolver for SandboxedResolver {
                 pos,
             )));
         }
+        let content = qscript_runtime::hash::hash_path(&real).unwrap_or_default();
+        let lock = || {
+            self.loaded
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some((h, m)) = lock().get(&real)
+            && *h == content
+        {
+            return Ok(m.clone());
+        }
         IMPORTING.with(|stack| stack.borrow_mut().push(real.clone()));
         let _pop = PopOnDrop;
-        self.files
-            .resolve(engine, None, &real.to_string_lossy(), pos)
+        let module = self
+            .files
+            .resolve(engine, None, &real.to_string_lossy(), pos)?;
+        lock().insert(real, (content, module.clone()));
+        Ok(module)
     }
 }
 

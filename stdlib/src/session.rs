@@ -138,6 +138,9 @@ pub struct Session {
     scope: Scope<'static>,
     repl_functions: AST,
     notebook: Option<Notebook>,
+    /// What the session held when the loaded recipe was first loaded (the REPL's variables and
+    /// functions before `:load`): its first cell starts from it, so loading keeps them.
+    before_notebook: (Scope<'static>, AST),
 }
 
 impl Session {
@@ -174,6 +177,7 @@ impl Session {
             std_names,
             scope: Scope::new(),
             repl_functions: AST::empty(),
+            before_notebook: (Scope::new(), AST::empty()),
             notebook: None,
         })
     }
@@ -278,7 +282,11 @@ impl Session {
             .collect();
         let mut old = match self.notebook.take() {
             Some(nb) if nb.path == path => nb.cells,
-            _ => Vec::new(),
+            _ => {
+                // Another recipe: it starts from what the session holds now.
+                self.before_notebook = (self.scope.clone(), self.repl_functions.clone());
+                Vec::new()
+            }
         };
         let reused = first_changed(&old, &fresh);
         for (new, prev) in fresh.iter_mut().zip(old.drain(..)).take(reused) {
@@ -302,10 +310,18 @@ impl Session {
             qscript_runtime::files::read_text(&path).map_err(|e| plain_error(&e.to_string()))?;
         let label = path.to_string_lossy().into_owned();
         let mut out = Vec::new();
+        // A cell's `import "x" as y;` lines carry to the cells after it (the module runs once:
+        // the resolver keeps it by content), put on the padding line before each later cell.
+        let mut imports = String::new();
         for cell in cells::split(&source) {
+            let mut text = cell.padded_source();
+            if !imports.is_empty() && text.starts_with('\n') {
+                text.insert_str(0, &imports);
+            }
+            imports.push_str(&cells::imports(&cell.text));
             let mut ast = self
                 .engine
-                .compile(cell.padded_source())
+                .compile(text)
                 .map_err(|e| self.render(&e.into(), &label, &source))?;
             ast.set_source(label.as_str());
             out.push((cell, ast));
@@ -348,6 +364,7 @@ impl Session {
             source,
             cells: fresh,
         });
+        self.before_notebook = (Scope::new(), AST::empty());
         // Writes land in a throw-away overlay that later reads see; nothing under the output dir.
         let overlay = tempfile::tempdir().map_err(|e| ScriptError {
             failure: Failure::Script,
@@ -386,7 +403,7 @@ impl Session {
         let (mut scope, mut functions) =
             match start.checked_sub(1).and_then(|i| nb.cells[i].done.as_ref()) {
                 Some(s) => (s.scope.clone(), s.functions.clone()),
-                None => (Scope::new(), AST::empty()),
+                None => self.before_notebook.clone(),
             };
         let mut report = RunReport {
             reused: start,
