@@ -38,10 +38,12 @@ pub fn imports(text: &str) -> String {
         regex::Regex::new(r#"(?m)^\s*import\s+"[^"\n]*"\s+as\s+[A-Za-z_][A-Za-z0-9_]*\s*;"#)
             .unwrap_or_else(|_| unreachable!())
     });
-    IMPORT
-        .find_iter(text)
-        .map(|m| format!("{} ", m.as_str().trim()))
-        .collect()
+    let mut out = String::new();
+    for m in IMPORT.find_iter(text) {
+        out.push_str(m.as_str().trim());
+        out.push(' ');
+    }
+    out
 }
 
 /// Splits `source` into cells. Text before the first marker is a cell of its own unless it is
