@@ -251,3 +251,62 @@ fn editing_the_dpo_cell_reruns_dpo_only() {
         "{log}"
     );
 }
+
+/// Seed 002's TRL YAML (`trl sft --config recipe.yaml`, as TRL's docs write it) with
+/// `recipes/trl_sft.rhai`: its ModelConfig/ScriptArguments keys are the recipe's params and its
+/// SFTConfig keys reach `train::fit` (LoRA r16 on q/v from `use_peft`); the hub model it names
+/// and no HF cache holds is an error saying how to download it.
+#[test]
+fn the_trl_recipe_runs_trls_yaml() {
+    let out = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let recipe = root.join("recipes/trl_sft.rhai");
+    let yaml = root.join("tests/fixtures/configs/trl_sft.yaml");
+    let o_dir = out.path().join("o");
+    let cache = out.path().join("empty-cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let base = [
+        recipe.to_str().unwrap(),
+        "--config",
+        yaml.to_str().unwrap(),
+        "--allow-read",
+        yaml.parent().unwrap().to_str().unwrap(),
+        "--output-dir",
+        o_dir.to_str().unwrap(),
+    ];
+    let o = support::qscript()
+        .current_dir(out.path())
+        .env("HF_HUB_CACHE", &cache)
+        .args(base)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o)
+            .contains("download it with `huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct`"),
+        "{}",
+        stderr(&o)
+    );
+    let mut args = base.to_vec();
+    args.extend([
+        "--set",
+        "model_name_or_path=tiny",
+        "--set",
+        "dataset_name=data/sharegpt_demo.json",
+        "--set",
+        "max_steps=2",
+    ]);
+    let o = support::qscript()
+        .current_dir(out.path())
+        .env("HF_HUB_CACHE", &cache)
+        .args(&args)
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("Number of trainable parameters = 7168"),
+        "{err}"
+    );
+    assert!(err.contains("Gradient Accumulation steps = 2"), "{err}");
+}
