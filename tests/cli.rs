@@ -823,6 +823,34 @@ try {{ io::read_text({:?}); }} catch (e) {{ print(`refused: ${{e}}`); }}
         err.contains("hub: `org/tiny` from the HF cache") && err.contains("commit 0123456789ab"),
         "{err}"
     );
+    // A dataset `datasets.load_dataset` built into its own cache (Arrow stream files), not in
+    // the hub cache.
+    let dcache = tempfile::tempdir().unwrap();
+    let build = dcache.path().join("org___chats/default/0.0.0/0a1b2c");
+    std::fs::create_dir_all(&build).unwrap();
+    std::fs::copy(
+        qscript_runtime::testing::repo_fixtures().join("data/messages-stream.arrow"),
+        build.join("chats-train.arrow"),
+    )
+    .unwrap();
+    env.write(
+        "built.rhai",
+        "let d = data::load(\"org/chats\"); print(`built ${d.len()} ${d[1].messages[1].content}`);",
+    );
+    let o = qscript()
+        .current_dir(env.recipe_dir())
+        .env("HF_HUB_CACHE", cache.path())
+        .env("HF_DATASETS_CACHE", dcache.path())
+        .args(["built.rhai"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("built 2 4"), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("hub: `org/chats` (train) from the datasets cache"),
+        "{}",
+        stderr(&o)
+    );
     for (code, want) in [
         (
             r#"model::load("org/missing")"#,

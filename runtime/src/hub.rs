@@ -3,7 +3,8 @@
 //! `refs/<revision>` file holds the commit whose files are in `snapshots/<commit>/` (links into
 //! the repo's `blobs/`). The cache is `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
 //! `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`, as `huggingface_hub` has
-//! it. Nothing is downloaded: a repo not in the cache is an error that says how to get it.
+//! it. HF datasets' own cache of built Arrow files is read too ([`datasets_cache_split`]).
+//! Nothing is downloaded: a repo not in the cache is an error that says how to get it.
 
 use std::path::{Path, PathBuf};
 
@@ -151,6 +152,70 @@ pub fn resolve_in(
     })
 }
 
+/// HF datasets' own cache, where `datasets.load_dataset` keeps the Arrow files it builds:
+/// `$HF_DATASETS_CACHE`, else `$HF_HOME/datasets`, else `~/.cache/huggingface/datasets`.
+pub fn datasets_cache_root() -> Option<PathBuf> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(p) = var("HF_DATASETS_CACHE") {
+        return Some(p);
+    }
+    if let Some(home) = var("HF_HOME") {
+        return Some(home.join("datasets"));
+    }
+    let cache = var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache")))?;
+    Some(cache.join("huggingface").join("datasets"))
+}
+
+/// The Arrow files of `id`'s `split` in the datasets cache at `root`: under the folder
+/// `{org}___{name}` (returned first), the files of the most recently written build named
+/// `<name>-<split>.arrow` or `<name>-<split>-NNNNN-of-NNNNN.arrow`, sorted. `None` when the cache
+/// has no such folder or no file of that split.
+pub fn datasets_cache_split(root: &Path, id: &str, split: &str) -> Option<(PathBuf, Vec<PathBuf>)> {
+    let folder = root.join(id.replace('/', "___"));
+    if !folder.is_dir() {
+        return None;
+    }
+    let mut builds: std::collections::BTreeMap<PathBuf, (std::time::SystemTime, Vec<PathBuf>)> =
+        std::collections::BTreeMap::new();
+    for e in walkdir::WalkDir::new(&folder)
+        .max_depth(6)
+        .into_iter()
+        .flatten()
+    {
+        let p = e.path();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let Some(stem) = name.strip_suffix(".arrow") else {
+            continue;
+        };
+        let of_split = stem.ends_with(&format!("-{split}"))
+            || stem
+                .rsplit_once(&format!("-{split}-"))
+                .is_some_and(|(_, shard)| shard.contains("-of-"));
+        if !of_split || !e.file_type().is_file() {
+            continue;
+        }
+        let dir = p.parent().unwrap_or(&folder).to_path_buf();
+        let modified = e
+            .metadata()
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let slot = builds.entry(dir).or_insert((modified, Vec::new()));
+        slot.0 = slot.0.max(modified);
+        slot.1.push(p.to_path_buf());
+    }
+    let (_, (_, mut files)) = builds.into_iter().max_by_key(|(_, (t, _))| *t)?;
+    files.sort();
+    Some((folder, files))
+}
+
 /// [`resolve_in`] the cache of [`cache_root`].
 pub fn resolve(id: &str, kind: RepoType, revision: Option<&str>) -> Result<Snapshot> {
     let root = cache_root().ok_or_else(|| {
@@ -166,6 +231,28 @@ pub fn resolve(id: &str, kind: RepoType, revision: Option<&str>) -> Result<Snaps
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_datasets_cache_gives_a_splits_arrow_files() {
+        let d = tempfile::tempdir().unwrap();
+        let build = d.path().join("org___data/default/0.0.0/abc123");
+        std::fs::create_dir_all(&build).unwrap();
+        for f in [
+            "data-train-00000-of-00002.arrow",
+            "data-train-00001-of-00002.arrow",
+            "data-test.arrow",
+            "dataset_info.json",
+        ] {
+            std::fs::write(build.join(f), b"x").unwrap();
+        }
+        let (folder, files) = datasets_cache_split(d.path(), "org/data", "train").unwrap();
+        assert_eq!(folder, d.path().join("org___data"));
+        assert_eq!(files.len(), 2);
+        let (_, test) = datasets_cache_split(d.path(), "org/data", "test").unwrap();
+        assert_eq!(test, [build.join("data-test.arrow")]);
+        assert!(datasets_cache_split(d.path(), "org/data", "validation").is_none());
+        assert!(datasets_cache_split(d.path(), "org/other", "train").is_none());
+    }
 
     #[test]
     fn ids_and_paths() {

@@ -1,6 +1,6 @@
 //! Datasets, from files to the trainer's batches:
 //!
-//! - [`records`]: records from JSON, JSONL, parquet and text files, named by a path or a glob the sandbox allows;
+//! - [`records`]: records from JSON, JSONL, parquet, Arrow and text files, named by a path or a glob the sandbox allows;
 //! - [`info`]: entries of LLaMA-Factory's `dataset_info.json`;
 //! - [`formats`]: alpaca, ShareGPT, messages and conversation records to chat messages;
 //! - [`example`]: one tokenized example (one row, or a preference example's two);

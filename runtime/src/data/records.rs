@@ -239,6 +239,12 @@ fn load_file(path: &Path) -> Result<Vec<Value>> {
     {
         return load_parquet(path);
     }
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("arrow"))
+    {
+        return load_arrow(path);
+    }
     let text = crate::files::read_text(path)?;
     if path
         .extension()
@@ -327,6 +333,47 @@ fn load_parquet(path: &Path) -> Result<Vec<Value>> {
         for (i, row) in iter.enumerate() {
             let row = row.map_err(|e| bad(format!("row {i}: {e}")))?;
             rows.push(row.to_json_value());
+        }
+        Ok(rows)
+    })
+    .map_err(bad)??;
+    Ok(rows)
+}
+
+/// An Arrow IPC file's rows as records: what HF datasets keeps in its cache
+/// (`~/.cache/huggingface/datasets/.../name-train.arrow`, the stream format) or the file format.
+fn load_arrow(path: &Path) -> Result<Vec<Value>> {
+    use arrow_array::RecordBatch;
+    let bytes = crate::sandbox::read(path)?;
+    let bad = |m: String| {
+        Error::InvalidArgument(format!(
+            "`{}`: not an Arrow file the reader can read: {m}",
+            path.display()
+        ))
+    };
+    let rows = crate::panic::catch(|| -> Result<Vec<Value>> {
+        let batches: Vec<RecordBatch> = if bytes.starts_with(b"ARROW1") {
+            arrow_ipc::reader::FileReader::try_new(std::io::Cursor::new(&bytes), None)
+                .map_err(|e| bad(e.to_string()))?
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| bad(e.to_string()))?
+        } else {
+            arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(&bytes), None)
+                .map_err(|e| bad(e.to_string()))?
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| bad(e.to_string()))?
+        };
+        let mut rows = Vec::new();
+        for batch in &batches {
+            let mut w = arrow_json::ArrayWriter::new(Vec::new());
+            w.write(batch).map_err(|e| bad(e.to_string()))?;
+            w.finish().map_err(|e| bad(e.to_string()))?;
+            let out = w.into_inner();
+            if out.is_empty() {
+                continue;
+            }
+            let v: Vec<Value> = serde_json::from_slice(&out).map_err(|e| bad(e.to_string()))?;
+            rows.extend(v);
         }
         Ok(rows)
     })

@@ -227,7 +227,7 @@ pub mod data_module {
 
     /// Loads records from a JSON array, a JSONL file, a parquet file (HF datasets'
     /// `data/train-00000-of-00001.parquet`: each row a record, lists and structs as arrays and
-    /// maps), or a glob of them (`data/*.jsonl`), relative to the recipe. A bad JSONL line is
+    /// maps), an Arrow IPC file (`.arrow`, as HF datasets caches them), or a glob of them (`data/*.jsonl`), relative to the recipe. A bad JSONL line is
     /// reported with its file and line number. A `.txt` file is plain text: one `#{ text }`
     /// record per non-blank line (HF datasets' `text` loader), for pretraining with `data::sft`.
     ///
@@ -244,7 +244,9 @@ pub mod data_module {
     /// Loads records with options: `max_samples` keeps the first N. A hub id
     /// (`"llamafactory/DPO-En-Zh-20k"`) that is not a local path loads the dataset from the HF
     /// cache where `huggingface-cli download --repo-type dataset` put it: `split` (default
-    /// `train`) picks the data files named for it, `revision` a branch, tag or commit.
+    /// `train`) picks the data files named for it, `revision` a branch, tag or commit; a
+    /// dataset only `datasets.load_dataset` built (its Arrow files in `$HF_DATASETS_CACHE` or
+    /// `~/.cache/huggingface/datasets`) loads from there.
     ///
     /// ```rhai
     /// io::write_text("d.json", `[{"x": 1}, {"x": 2}, {"x": 3}]`);
@@ -259,29 +261,49 @@ pub mod data_module {
         let files = if qscript_runtime::hub::looks_like_id(path)
             && std::fs::symlink_metadata(&local).is_err()
         {
-            // A hub dataset in the HF cache: its split's data files.
-            let dir = rc
-                .resolve_repo_dir(
-                    path,
-                    qscript_runtime::hub::RepoType::Dataset,
-                    o.revision.as_deref(),
-                )
-                .map_err(to_rhai_at(&ctx))?;
+            // A hub dataset in the HF cache: its split's data files; or, when the hub cache
+            // has not got it, the Arrow files `datasets.load_dataset` built.
             let split = o.split.as_deref().unwrap_or("train");
-            // The snapshot's names (links into the repo's blobs) are kept: the format is
-            // read off them; each is checked against the sandbox.
-            records::split_files(&dir, split, &rc.cancel)
-                .and_then(|fs| {
-                    for f in &fs {
-                        rc.sandbox.resolve_read(f)?;
+            let named = |e: qscript_runtime::Error| {
+                to_rhai_at(&ctx)(qscript_runtime::Error::InvalidArgument(format!(
+                    "`{path}` (HF cache): {e}"
+                )))
+            };
+            match rc.resolve_repo_dir(
+                path,
+                qscript_runtime::hub::RepoType::Dataset,
+                o.revision.as_deref(),
+            ) {
+                // The snapshot's names (links into the repo's blobs) are kept: the format is
+                // read off them; each is checked against the sandbox.
+                Ok(dir) => records::split_files(&dir, split, &rc.cancel)
+                    .and_then(|fs| {
+                        for f in &fs {
+                            rc.sandbox.resolve_read(f)?;
+                        }
+                        Ok(fs)
+                    })
+                    .map_err(named)?,
+                Err(e) => {
+                    let built = qscript_runtime::hub::datasets_cache_root().and_then(|root| {
+                        qscript_runtime::hub::datasets_cache_split(&root, path, split)
+                    });
+                    let Some((folder, files)) = built.filter(|_| o.revision.is_none()) else {
+                        return Err(to_rhai_at(&ctx)(e));
+                    };
+                    rc.sandbox.allow_hub_repo(&folder).map_err(named)?;
+                    for f in &files {
+                        rc.sandbox.resolve_read(f).map_err(named)?;
                     }
-                    Ok(fs)
-                })
-                .map_err(|e| {
-                    to_rhai_at(&ctx)(qscript_runtime::Error::InvalidArgument(format!(
-                        "`{path}` (HF cache): {e}"
-                    )))
-                })?
+                    rc.sink.err(&format!(
+                        "hub: `{path}` ({split}) from the datasets cache (`{}`, {} Arrow file{})",
+                        folder.display(),
+                        files.len(),
+                        if files.len() == 1 { "" } else { "s" }
+                    ));
+                    files
+                }
+            }
         } else {
             if o.split.is_some() || o.revision.is_some() {
                 return Err(at(
