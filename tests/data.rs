@@ -741,3 +741,53 @@ let last = data::sft(data::load("conv.jsonl"), tok3, #{ max_length: 4096, train_
         assert_eq!(n as usize, last_run, "conversation {i}: the last turn");
     }
 }
+
+/// A dataset directory as a hub dataset repo lays it out (`data/train-*.parquet`,
+/// `data/test-*.parquet`) loads by `split`; a parquet file saved under another name is read as
+/// what its bytes say.
+#[test]
+fn dataset_directories_load_by_split_and_binary_files_by_content() {
+    let env = Env::new();
+    let mut s = env.session();
+    let fx = qscript_runtime::testing::repo_fixtures().join("data");
+    let data = env.recipe_dir().join("repo/data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::copy(
+        fx.join("alpaca-snappy.parquet"),
+        data.join("train-00000-of-00001.parquet"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fx.join("messages-zstd.parquet"),
+        data.join("test-00000-of-00001.parquet"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fx.join("alpaca-snappy.parquet"),
+        env.recipe_dir().join("misnamed.json"),
+    )
+    .unwrap();
+    s.eval(
+        r#"let train = data::load("repo");
+let test = data::load("repo", #{ split: "test" });
+let misnamed = data::load("misnamed.json");"#,
+    )
+    .unwrap();
+    assert_eq!(
+        s.eval("train[0].output").unwrap().as_deref(),
+        Some("=> \"hello\" : string")
+    );
+    assert_eq!(s.eval("test.len()").unwrap().as_deref(), Some("=> 2 : i64"));
+    assert_eq!(
+        s.eval("misnamed.len()").unwrap().as_deref(),
+        Some("=> 2 : i64")
+    );
+    let e = s
+        .eval(r#"data::load("repo", #{ split: "validation" })"#)
+        .unwrap_err();
+    assert!(
+        e.rendered.contains("the dataset has no `validation` split"),
+        "{}",
+        e.rendered
+    );
+}

@@ -310,3 +310,60 @@ fn the_trl_recipe_runs_trls_yaml() {
     );
     assert!(err.contains("Gradient Accumulation steps = 2"), "{err}");
 }
+
+/// Seed 001 on its real model's files: `recipes/psychology_full_sft.rhai` on a Qwen3 checkpoint
+/// (tiny random weights with Qwen3's vocabulary) with Qwen3's real tokenizer: every assistant
+/// turn of the multi-turn conversations is learned through the template's training variant.
+#[test]
+fn seed_001_runs_on_a_qwen3_checkpoint_with_the_real_tokenizer() {
+    let Some(fx) = qscript_runtime::testing::fixtures_dir("Qwen3's tokenizer") else {
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let make = out.path().join("make.rhai");
+    std::fs::write(
+        &make,
+        format!(
+            r#"let tok = tokenizer::load({:?});
+model::tiny(#{{ arch: "qwen3", vocab: 151936, hidden: 16, layers: 1, heads: 2, kv_heads: 1, intermediate: 32, seed: 1 }}).save("qwen3-tiny", tok);"#,
+            fx.join("tokenizers/qwen3").to_string_lossy()
+        ),
+    )
+    .unwrap();
+    let o = run_in(
+        out.path(),
+        &[
+            make.to_str().unwrap(),
+            "--allow-read",
+            fx.to_str().unwrap(),
+            "--output-dir",
+            out.path().join("m").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let model = out.path().join("m/qwen3-tiny");
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/psychology_full_sft.rhai");
+    let o = run_in(
+        out.path(),
+        &[
+            recipe.to_str().unwrap(),
+            "--allow-read",
+            model.to_str().unwrap(),
+            "--output-dir",
+            out.path().join("o").to_str().unwrap(),
+            "--set",
+            &format!("model={}", model.to_string_lossy()),
+            "--set",
+            "max_steps=2",
+            "--set",
+            "eval_steps=1",
+        ],
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("drops earlier turns' <think> blocks; SFT renders every assistant turn"),
+        "{err}"
+    );
+    assert!(err.contains("Total optimization steps = 2"), "{err}");
+}

@@ -7,7 +7,11 @@ use crate::{Error, Result};
 /// A text file as a string: UTF-8 (an invalid byte is an error naming its line and column), a
 /// leading byte-order mark dropped.
 pub fn read_text(path: &std::path::Path) -> Result<String> {
-    let bytes = crate::sandbox::read(path)?;
+    text_of(path, crate::sandbox::read(path)?)
+}
+
+/// `bytes` read from `path` as text (see [`read_text`]).
+pub fn text_of(path: &std::path::Path, bytes: Vec<u8>) -> Result<String> {
     let text = match String::from_utf8(bytes) {
         Ok(t) => t,
         Err(e) => {

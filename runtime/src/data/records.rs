@@ -233,19 +233,18 @@ pub fn load_files(paths: &[PathBuf]) -> Result<Dataset> {
 }
 
 fn load_file(path: &Path) -> Result<Vec<Value>> {
-    if path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
-    {
-        return load_parquet(path);
+    let bytes = crate::sandbox::read(path)?;
+    let ext = |x: &str| path.extension().is_some_and(|e| e.eq_ignore_ascii_case(x));
+    // Binary formats by their content as well as their name (a parquet file saved as `.json`
+    // is read as what it is).
+    if ext("parquet") || bytes.starts_with(b"PAR1") {
+        return parquet_rows(path, bytes);
     }
-    if path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("arrow"))
+    if ext("arrow") || bytes.starts_with(b"ARROW1") || bytes.starts_with(&[0xff, 0xff, 0xff, 0xff])
     {
-        return load_arrow(path);
+        return arrow_rows(path, bytes);
     }
-    let text = crate::files::read_text(path)?;
+    let text = crate::files::text_of(path, bytes)?;
     if path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("txt"))
@@ -317,9 +316,9 @@ fn load_file(path: &Path) -> Result<Vec<Value>> {
 /// row an object of its columns; lists and structs (a `messages` column of `{role, content}`) as
 /// JSON arrays and objects. A file the parquet reader cannot read (or that makes it panic) is an
 /// error naming the file, and the row when one row is bad.
-fn load_parquet(path: &Path) -> Result<Vec<Value>> {
+fn parquet_rows(path: &Path, bytes: Vec<u8>) -> Result<Vec<Value>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
-    let bytes = bytes::Bytes::from(crate::sandbox::read(path)?);
+    let bytes = bytes::Bytes::from(bytes);
     let bad = |m: String| {
         Error::InvalidArgument(format!(
             "`{}`: not a parquet file the reader can read: {m}",
@@ -342,9 +341,8 @@ fn load_parquet(path: &Path) -> Result<Vec<Value>> {
 
 /// An Arrow IPC file's rows as records: what HF datasets keeps in its cache
 /// (`~/.cache/huggingface/datasets/.../name-train.arrow`, the stream format) or the file format.
-fn load_arrow(path: &Path) -> Result<Vec<Value>> {
+fn arrow_rows(path: &Path, bytes: Vec<u8>) -> Result<Vec<Value>> {
     use arrow_array::RecordBatch;
-    let bytes = crate::sandbox::read(path)?;
     let bad = |m: String| {
         Error::InvalidArgument(format!(
             "`{}`: not an Arrow file the reader can read: {m}",

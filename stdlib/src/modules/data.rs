@@ -246,7 +246,8 @@ pub mod data_module {
     /// cache where `huggingface-cli download --repo-type dataset` put it: `split` (default
     /// `train`) picks the data files named for it, `revision` a branch, tag or commit; a
     /// dataset only `datasets.load_dataset` built (its Arrow files in `$HF_DATASETS_CACHE` or
-    /// `~/.cache/huggingface/datasets`) loads from there.
+    /// `~/.cache/huggingface/datasets`) loads from there. A directory (a dataset repo's files,
+    /// `data/train-00000-of-00001.parquet`, `test.jsonl`) loads its `split` the same way.
     ///
     /// ```rhai
     /// io::write_text("d.json", `[{"x": 1}, {"x": 2}, {"x": 3}]`);
@@ -304,6 +305,37 @@ pub mod data_module {
                     files
                 }
             }
+        } else if let Some(dir) = rc
+            .sandbox
+            .resolve_read(path)
+            .ok()
+            .filter(|p| p.is_dir() && !path.contains(['*', '?', '[']))
+        {
+            // A dataset directory (a hub dataset's files, `data/train-*.parquet`): its split.
+            if o.revision.is_some() {
+                return Err(at(
+                    &ctx,
+                    script_error(
+                        "invalid_argument",
+                        format!(
+                            "`revision` is for a hub dataset in the HF cache; `{path}` is a directory"
+                        ),
+                    ),
+                ));
+            }
+            let split = o.split.as_deref().unwrap_or("train");
+            records::split_files(&dir, split, &rc.cancel)
+                .and_then(|fs| {
+                    for f in &fs {
+                        rc.sandbox.resolve_read(f)?;
+                    }
+                    Ok(fs)
+                })
+                .map_err(|e| {
+                    to_rhai_at(&ctx)(qscript_runtime::Error::InvalidArgument(format!(
+                        "`{path}`: {e}"
+                    )))
+                })?
         } else {
             if o.split.is_some() || o.revision.is_some() {
                 return Err(at(
@@ -311,7 +343,7 @@ pub mod data_module {
                     script_error(
                         "invalid_argument",
                         format!(
-                            "`split` and `revision` are for a hub dataset in the HF cache; `{path}` is a path"
+                            "`split` and `revision` are for a dataset directory or a hub dataset in the HF cache; `{path}` is a file"
                         ),
                     ),
                 ));
