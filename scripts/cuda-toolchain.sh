@@ -85,7 +85,13 @@ if [ "$mode" = full ]; then
    ln -sf libcurand.so.10 libcurand.so)
   ln -sfn lib "$ROOT/lib64"
   if [ ! -f "$ROOT/lib/stubs/libcuda.so" ]; then
-    # Every driver entry point cuda.h declares, returning CUDA_ERROR_STUB_LIBRARY (34).
+    # Every driver entry point cuda.h declares, returning CUDA_ERROR_STUB_LIBRARY (34), and
+    # those cudarc loads by name: its source comes from cargo's registry (fetched first on a
+    # fresh machine, where no build has put it there yet).
+    registry=${CARGO_HOME:-${HOME:-/root}/.cargo}/registry/src
+    if ! compgen -G "$registry/*/cudarc-0.19.*/src/driver/sys/mod.rs" > /dev/null; then
+      (cd "$(dirname "$0")/.." && cargo fetch --quiet) || echo "cargo fetch failed: the stub has cuda.h's entry points only" >&2
+    fi
     mkdir -p "$ROOT/lib/stubs"
     src=$(mktemp --suffix=.c)
     {
@@ -94,7 +100,7 @@ if [ "$mode" = full ]; then
       for api in "" -D__CUDA_API_VERSION_INTERNAL; do
         gcc -E -P $api -I"$ROOT/include" "$ROOT/include/cuda.h"
         # and the entry points cudarc loads by name that cuda.h declares under other macros
-        cat ~/.cargo/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs 2>/dev/null |
+        cat "$registry"/*/cudarc-0.19.*/src/driver/sys/mod.rs 2>/dev/null |
           grep -oP 'load::<_F>\("\K(cu\w+)' | sed 's/.*/CUresult &(/'
       done | grep -oP '\bCUresult\s+\K(cu\w+)(?=\s*\()' | sort -u |
         grep -vx -e cuGetErrorString -e cuGetErrorName | sed 's/.*/int &(void) { return 34; }/'
