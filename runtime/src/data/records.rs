@@ -233,18 +233,23 @@ pub fn load_files(paths: &[PathBuf]) -> Result<Dataset> {
 }
 
 fn load_file(path: &Path) -> Result<Vec<Value>> {
-    let bytes = crate::sandbox::read(path)?;
+    use std::io::Read as _;
     let ext = |x: &str| path.extension().is_some_and(|e| e.eq_ignore_ascii_case(x));
     // Binary formats by their content as well as their name (a parquet file saved as `.json`
-    // is read as what it is).
-    if ext("parquet") || bytes.starts_with(b"PAR1") {
-        return parquet_rows(path, bytes);
+    // is read as what it is): the first bytes tell.
+    let mut head = [0u8; 6];
+    let n = crate::sandbox::open(path)?
+        .read(&mut head)
+        .map_err(|e| Error::io(path, e))?;
+    let head = &head[..n];
+    if ext("parquet") || head.starts_with(b"PAR1") {
+        // Row groups are read from the file as the rows reach them.
+        return parquet_rows(path, crate::sandbox::open(path)?);
     }
-    if ext("arrow") || bytes.starts_with(b"ARROW1") || bytes.starts_with(&[0xff, 0xff, 0xff, 0xff])
-    {
-        return arrow_rows(path, bytes);
+    if ext("arrow") || head.starts_with(b"ARROW1") || head.starts_with(&[0xff, 0xff, 0xff, 0xff]) {
+        return arrow_rows(path, crate::sandbox::read(path)?);
     }
-    let text = crate::files::text_of(path, bytes)?;
+    let text = crate::files::read_text(path)?;
     if path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("txt"))
@@ -316,9 +321,8 @@ fn load_file(path: &Path) -> Result<Vec<Value>> {
 /// row an object of its columns; lists and structs (a `messages` column of `{role, content}`) as
 /// JSON arrays and objects. A file the parquet reader cannot read (or that makes it panic) is an
 /// error naming the file, and the row when one row is bad.
-fn parquet_rows(path: &Path, bytes: Vec<u8>) -> Result<Vec<Value>> {
+fn parquet_rows(path: &Path, file: std::fs::File) -> Result<Vec<Value>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
-    let bytes = bytes::Bytes::from(bytes);
     let bad = |m: String| {
         Error::InvalidArgument(format!(
             "`{}`: not a parquet file the reader can read: {m}",
@@ -326,7 +330,7 @@ fn parquet_rows(path: &Path, bytes: Vec<u8>) -> Result<Vec<Value>> {
         ))
     };
     let rows = crate::panic::catch(|| -> Result<Vec<Value>> {
-        let reader = SerializedFileReader::new(bytes).map_err(|e| bad(e.to_string()))?;
+        let reader = SerializedFileReader::new(file).map_err(|e| bad(e.to_string()))?;
         let iter = reader.get_row_iter(None).map_err(|e| bad(e.to_string()))?;
         let mut rows = Vec::new();
         for (i, row) in iter.enumerate() {
