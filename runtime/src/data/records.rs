@@ -249,6 +249,28 @@ fn load_file(path: &Path) -> Result<Vec<Value>> {
     if ext("arrow") || head.starts_with(b"ARROW1") || head.starts_with(&[0xff, 0xff, 0xff, 0xff]) {
         return arrow_rows(path, crate::sandbox::read(path)?);
     }
+    // Other binary files: say what they look like rather than "not UTF-8".
+    let looks = [
+        (
+            &[0x1f, 0x8b][..],
+            "a gzip-compressed file: decompress it first (`gunzip`)",
+        ),
+        (&b"PK\x03\x04"[..], "a zip archive: unpack it first"),
+        (
+            &[0x28, 0xb5, 0x2f, 0xfd][..],
+            "a zstd-compressed file: decompress it first (`unzstd`)",
+        ),
+        (
+            &b"BZh"[..],
+            "a bzip2-compressed file: decompress it first (`bunzip2`)",
+        ),
+    ];
+    if let Some((_, what)) = looks.iter().find(|(magic, _)| head.starts_with(magic)) {
+        return Err(Error::InvalidArgument(format!(
+            "`{}`: {what}; data::load reads JSON, JSONL, parquet, Arrow and text files",
+            path.display()
+        )));
+    }
     let text = crate::files::read_text(path)?;
     if path
         .extension()
@@ -423,6 +445,18 @@ mod tests {
                 serde_json::json!({"text": "First doc."}),
                 serde_json::json!({"text": "Second {doc}."})
             ]
+        );
+    }
+
+    #[test]
+    fn compressed_files_are_named_for_what_they_are() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("data.json");
+        std::fs::write(&p, [0x1f, 0x8b, 8, 0, 0, 0]).unwrap();
+        let e = load_files(&[p]).unwrap_err().to_string();
+        assert!(
+            e.contains("data.json`: a gzip-compressed file: decompress it first"),
+            "{e}"
         );
     }
 
