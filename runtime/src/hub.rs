@@ -57,21 +57,26 @@ pub fn looks_like_id(s: &str) -> bool {
     ok(org) && ok(name)
 }
 
+/// A non-empty environment variable as a path.
+fn var(k: &str) -> Option<PathBuf> {
+    std::env::var_os(k)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// `$HF_HOME`, else `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`.
+fn hf_home() -> Option<PathBuf> {
+    var("HF_HOME").or_else(|| {
+        let cache = var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache")))?;
+        Some(cache.join("huggingface"))
+    })
+}
+
 /// The hub cache directory (see the module doc), whether or not it exists.
 pub fn cache_root() -> Option<PathBuf> {
-    let var = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(p) = var("HF_HUB_CACHE").or_else(|| var("HUGGINGFACE_HUB_CACHE")) {
-        return Some(p);
-    }
-    if let Some(home) = var("HF_HOME") {
-        return Some(home.join("hub"));
-    }
-    let cache = var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache")))?;
-    Some(cache.join("huggingface").join("hub"))
+    var("HF_HUB_CACHE")
+        .or_else(|| var("HUGGINGFACE_HUB_CACHE"))
+        .or_else(|| Some(hf_home()?.join("hub")))
 }
 
 /// The snapshot of `id` at `revision` (`main` when none: a branch or tag name in `refs/`, or a
@@ -155,19 +160,7 @@ pub fn resolve_in(
 /// HF datasets' own cache, where `datasets.load_dataset` keeps the Arrow files it builds:
 /// `$HF_DATASETS_CACHE`, else `$HF_HOME/datasets`, else `~/.cache/huggingface/datasets`.
 pub fn datasets_cache_root() -> Option<PathBuf> {
-    let var = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(p) = var("HF_DATASETS_CACHE") {
-        return Some(p);
-    }
-    if let Some(home) = var("HF_HOME") {
-        return Some(home.join("datasets"));
-    }
-    let cache = var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache")))?;
-    Some(cache.join("huggingface").join("datasets"))
+    var("HF_DATASETS_CACHE").or_else(|| Some(hf_home()?.join("datasets")))
 }
 
 /// The Arrow files of `id`'s `split` in the datasets cache at `root`: under the folder

@@ -394,6 +394,22 @@ impl RunContext {
         Ok(real)
     }
 
+    /// Whether `name` is a hub id to look up in the HF cache: it has an id's shape and no such
+    /// path exists relative to the recipe (a local path wins, as in `from_pretrained`).
+    pub fn is_hub_id(&self, name: &str) -> bool {
+        qscript_runtime::hub::looks_like_id(name)
+            && std::fs::symlink_metadata(self.sandbox.base().join(name)).is_err()
+    }
+
+    /// `files`, each checked against the sandbox (their names kept: a hub snapshot's links name
+    /// the format their blobs do not).
+    pub fn readable_files(&self, files: Vec<PathBuf>) -> qscript_runtime::Result<Vec<PathBuf>> {
+        for f in &files {
+            self.sandbox.resolve_read(f)?;
+        }
+        Ok(files)
+    }
+
     /// A directory a recipe names to read: a path (relative to the recipe), or, when no such
     /// path exists and the name has a hub id's shape, that repo's snapshot at `revision` in the
     /// HF cache ([`qscript_runtime::hub`]), whose cache folder becomes readable.
@@ -404,9 +420,7 @@ impl RunContext {
         revision: Option<&str>,
     ) -> qscript_runtime::Result<PathBuf> {
         use qscript_runtime::hub;
-        let local = self.sandbox.base().join(dir);
-        let hub_id = hub::looks_like_id(dir) && std::fs::symlink_metadata(&local).is_err();
-        if !hub_id {
+        if !self.is_hub_id(dir) {
             if revision.is_some() {
                 return Err(qscript_runtime::Error::InvalidArgument(format!(
                     "`revision` is for a hub id in the HF cache; `{dir}` is a path"

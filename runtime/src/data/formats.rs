@@ -466,30 +466,30 @@ fn messages(r: &Value, opts: &FormatOptions) -> std::result::Result<Value, Strin
                 "message {k} has role `{role}`; expected one of `system`, `user`, `assistant`, `tool`"
             ));
         }
-        let content = match m.get("content") {
-            Some(Value::String(s)) => s.clone(),
-            // LLaMA-Factory v1: [{type: "text", value}]
-            Some(Value::Array(parts)) => parts
-                .iter()
-                .filter_map(|p| {
-                    p.get("value")
-                        .or_else(|| p.get("text"))
-                        .and_then(Value::as_str)
-                })
-                .collect(),
-            Some(other) => {
-                return Err(format!(
-                    "message {k}: `content` is {}, expected a string",
-                    kind(other)
-                ));
-            }
-            None => return Err(format!("message {k} has no `content`")),
-        };
+        let content = message_content(m).map_err(|e| format!("message {k}{e}"))?;
         let mut mm = m.as_object().cloned().unwrap_or_default();
         mm.insert("content".into(), Value::String(content));
         out.push(Value::Object(mm));
     }
     finish(out, None, r, opts)
+}
+
+/// A message's `content` as text: a string, or LLaMA-Factory v1's `[{type: "text", value}]`
+/// parts joined. The error continues "message k": ` has no `content``, or what it is instead.
+pub fn message_content(m: &Value) -> std::result::Result<String, String> {
+    match m.get("content") {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => Ok(parts
+            .iter()
+            .filter_map(|p| {
+                p.get("value")
+                    .or_else(|| p.get("text"))
+                    .and_then(Value::as_str)
+            })
+            .collect()),
+        Some(other) => Err(format!(": `content` is {}, expected a string", kind(other))),
+        None => Err(" has no `content`".into()),
+    }
 }
 
 fn conversation(r: &Value, opts: &FormatOptions) -> std::result::Result<Value, String> {

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::example::{Example, IGNORE, Pref};
-use super::formats::{FormatOptions, convert_record, detect, field_names};
+use super::formats::{FormatOptions, convert_record, detect, field_names, message_content};
 use super::records::{Dataset, kind};
 use crate::cancel::CancelToken;
 use crate::tokenizer::{TemplateOptions, Tokenizer};
@@ -128,24 +128,7 @@ fn plain_messages(v: &Value, what: &str) -> std::result::Result<Vec<Value>, Stri
                 .get("role")
                 .and_then(Value::as_str)
                 .ok_or_else(|| format!("`{what}` message {k} has no string `role`"))?;
-            let content = match m.get("content") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(parts)) => parts
-                    .iter()
-                    .filter_map(|p| {
-                        p.get("value")
-                            .or_else(|| p.get("text"))
-                            .and_then(Value::as_str)
-                    })
-                    .collect(),
-                Some(other) => {
-                    return Err(format!(
-                        "`{what}` message {k}: `content` is {}, expected a string",
-                        kind(other)
-                    ));
-                }
-                None => return Err(format!("`{what}` message {k} has no `content`")),
-            };
+            let content = message_content(m).map_err(|e| format!("`{what}` message {k}{e}"))?;
             Ok(json!({"role": role, "content": content}))
         })
         .collect()
@@ -453,8 +436,9 @@ fn row(ids: Vec<u32>, prompt_len: usize) -> (Vec<u32>, Vec<i64>) {
     (ids, labels)
 }
 
-/// Why record `i` failed in tokenizing: skipped (its data) or an error (the template, the
-/// tokenizer, a limit).
+/// What tokenizing one record gave: an example (and whether it was cut), a skip (its data,
+/// with why), or a drop (the prompt fills `max_length`); errors (the template, the tokenizer, a
+/// limit) stop the dataset.
 enum Outcome {
     Kept(Box<Example>, bool),
     Skipped(String),

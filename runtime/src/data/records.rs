@@ -233,21 +233,20 @@ pub fn load_files(paths: &[PathBuf]) -> Result<Dataset> {
 }
 
 fn load_file(path: &Path) -> Result<Vec<Value>> {
-    use std::io::Read as _;
     let ext = |x: &str| path.extension().is_some_and(|e| e.eq_ignore_ascii_case(x));
-    // Binary formats by their content as well as their name (a parquet file saved as `.json`
-    // is read as what it is): the first bytes tell.
-    let mut head = [0u8; 6];
-    let n = crate::sandbox::open(path)?
-        .read(&mut head)
-        .map_err(|e| Error::io(path, e))?;
-    let head = &head[..n];
-    if ext("parquet") || head.starts_with(b"PAR1") {
+    if ext("parquet") {
         // Row groups are read from the file as the rows reach them.
         return parquet_rows(path, crate::sandbox::open(path)?);
     }
-    if ext("arrow") || head.starts_with(b"ARROW1") || head.starts_with(&[0xff, 0xff, 0xff, 0xff]) {
-        return arrow_rows(path, crate::sandbox::read(path)?);
+    let bytes = crate::sandbox::read(path)?;
+    // Binary formats by their content as well as their name (a parquet file saved as `.json`
+    // is read as what it is).
+    if bytes.starts_with(b"PAR1") {
+        return parquet_rows(path, crate::sandbox::open(path)?);
+    }
+    if ext("arrow") || bytes.starts_with(b"ARROW1") || bytes.starts_with(&[0xff, 0xff, 0xff, 0xff])
+    {
+        return arrow_rows(path, bytes);
     }
     // Other binary files: say what they look like rather than "not UTF-8".
     let looks = [
@@ -265,17 +264,14 @@ fn load_file(path: &Path) -> Result<Vec<Value>> {
             "a bzip2-compressed file: decompress it first (`bunzip2`)",
         ),
     ];
-    if let Some((_, what)) = looks.iter().find(|(magic, _)| head.starts_with(magic)) {
+    if let Some((_, what)) = looks.iter().find(|(magic, _)| bytes.starts_with(magic)) {
         return Err(Error::InvalidArgument(format!(
             "`{}`: {what}; data::load reads JSON, JSONL, parquet, Arrow and text files",
             path.display()
         )));
     }
-    let text = crate::files::read_text(path)?;
-    if path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("txt"))
-    {
+    let text = crate::files::text_of(path, bytes)?;
+    if ext("txt") {
         return Ok(text
             .lines()
             .filter(|l| !l.trim().is_empty())

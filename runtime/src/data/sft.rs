@@ -101,10 +101,32 @@ fn tool_names(v: Option<&Value>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The text segments of one conversation, each marked trainable or not.
+/// The template whose `{% generation %}` blocks say what is learned, made once for a dataset:
+/// `template` (or the tokenizer's) when it has such blocks, or, to learn every turn, the training
+/// variant of a known one that rewrites earlier turns (Qwen3's). `None` for `train_on: "all"` and
+/// for templates with neither (the last turn alone renders as inference does without it).
+pub fn learned_template(tok: &Tokenizer, template: Option<&str>, train_on: &str) -> Option<String> {
+    if train_on == "all" {
+        return None;
+    }
+    template
+        .or(tok.chat_template.as_deref())
+        .map(|t| {
+            if train_on == "assistant" {
+                crate::chat_template::training_variant(t).unwrap_or(t)
+            } else {
+                t
+            }
+        })
+        .and_then(crate::chat_template::mark_generation)
+}
+
+/// The text segments of one conversation, each marked trainable or not: one render through
+/// `marked` ([`learned_template`]) when there is one, else turn by turn through `template`.
 pub fn segments(
     tok: &Tokenizer,
     template: Option<&str>,
+    marked: Option<&str>,
     record: &Value,
     train_on: &str,
 ) -> std::result::Result<Segments, SegmentError> {
@@ -139,23 +161,8 @@ pub fn segments(
         .map(|(i, _)| i)
         .collect();
     let last = *assistant.last().ok_or("no assistant message")?;
-    // A template that marks what is learned (`{% generation %}`), or, to learn every turn, the
-    // training variant of a known one that rewrites earlier turns (Qwen3's): one render, the
-    // marked spans learned. (The last turn alone renders as inference does without it.)
-    if train_on != "all" {
-        let source = template.or(tok.chat_template.as_deref());
-        let marked = source
-            .map(|t| {
-                if train_on == "assistant" {
-                    crate::chat_template::training_variant(t).unwrap_or(t)
-                } else {
-                    t
-                }
-            })
-            .and_then(crate::chat_template::mark_generation);
-        if let Some(marked) = marked {
-            return generation_segments(tok, &marked, messages, &extra, train_on);
-        }
+    if let Some(marked) = marked {
+        return generation_segments(tok, marked, messages, &extra, train_on);
     }
     let mut out = Segments::default();
     let tools = tool_names(record.get("tools"));
@@ -315,6 +322,7 @@ pub fn sft(
         ));
     }
     let template = (opts.template != "model").then_some(opts.template.as_str());
+    let marked = learned_template(tok, template, &opts.train_on);
     // Render and tokenize every record in parallel (on the workers, with the main thread's
     // stack); keep the order, report the first error.
     let encoded: Vec<Result<(Example, usize, bool, bool)>> = crate::panic::in_workers(|| {
@@ -331,7 +339,7 @@ pub fn sft(
             {
                 return text_example(tok, ds, i, t, opts).map(|ex| (ex, 0, false, true));
             }
-            let segs = segments(tok, template, r, &opts.train_on).map_err(|e| match e {
+            let segs = segments(tok, template, marked.as_deref(), r, &opts.train_on).map_err(|e| match e {
                 SegmentError::Data(m) => {
                     Error::InvalidArgument(format!("`{}`: record {i}: {m}", ds.source))
                 }

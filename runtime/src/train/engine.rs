@@ -467,6 +467,16 @@ pub fn window_pipelined(
         .collect()
 }
 
+/// The final (normed) hidden states of `batch`, without gradients: `[rows * seq, hidden]` on
+/// the head's device, what an objective scores outside training (evaluation, the reference pass).
+pub fn final_hidden(model: &Model, batch: &Batch) -> Result<Tensor> {
+    let d = &model.decoder;
+    let (b, s) = batch.input_ids.dims2()?;
+    let x = d.hidden(&batch.input_ids, &batch.mask(), None, None)?;
+    let hidden = d.normed(&x)?.reshape((b * s, d.cfg.hidden_size))?;
+    Ok(to(&hidden, d.head_weight().device())?)
+}
+
 /// The loss of `batch` (summed over the objective's count, and the count), without gradients,
 /// with the objective's metrics.
 pub fn eval_loss(
@@ -476,9 +486,7 @@ pub fn eval_loss(
 ) -> Result<(f64, usize, Metrics)> {
     let d = &model.decoder;
     let (b, s) = batch.input_ids.dims2()?;
-    let mask = batch.mask();
-    let x = d.hidden(&batch.input_ids, &mask, None, None)?;
-    let hidden = d.normed(&x)?.reshape((b * s, d.cfg.hidden_size))?;
+    let hidden = final_hidden(model, batch)?;
     let labels = Labels {
         labels: &batch.labels_host,
         rows: b,

@@ -266,20 +266,26 @@ impl Objective for Preference {
                 }
             }
         }
+        // The tokens of an SFT term: the chosen rows' answers (ORPO: every real token of them).
+        let in_nll: Vec<bool> = (0..rows * seq)
+            .map(|at| {
+                (at / seq) % 2 == 0
+                    && match self.loss {
+                        Loss::Orpo => targets[at] != IGNORE,
+                        _ => answer[at],
+                    }
+            })
+            .collect();
         let logps = token_logps(hidden, head, &targets)?;
         let mut sums = vec![RowSum::default(); rows];
-        let mut nll = RowSum::default(); // the chosen rows' tokens for an SFT term
+        let mut nll = RowSum::default();
         for (at, &lp) in logps.iter().enumerate() {
             let r = at / seq;
             if answer[at] {
                 sums[r].sum += f64::from(lp);
                 sums[r].n += 1.0;
             }
-            let counts_for_nll = match self.loss {
-                Loss::Orpo => targets[at] != IGNORE && r % 2 == 0,
-                _ => answer[at] && r % 2 == 0,
-            };
-            if counts_for_nll {
+            if in_nll[at] {
                 nll.sum += f64::from(lp);
                 nll.n += 1.0;
             }
@@ -317,11 +323,7 @@ impl Objective for Preference {
                         let e = &per[r / 2];
                         g += if r % 2 == 0 { e.d_first } else { e.d_second };
                     }
-                    let in_nll = match self.loss {
-                        Loss::Orpo => targets[at] != IGNORE && r % 2 == 0,
-                        _ => answer[at] && r % 2 == 0,
-                    };
-                    if in_nll && nll_weight > 0.0 && nll.n > 0.0 {
+                    if in_nll[at] && nll_weight > 0.0 && nll.n > 0.0 {
                         g -= nll_weight * n / nll.n;
                     }
                     *w = (g / denom) as f32;
@@ -528,10 +530,7 @@ pub fn reference_logps(
         let refs: Vec<&Example> = chunk.iter().collect();
         let b = collate(&refs, pad_id, None, &device)?;
         let (rows, seq) = b.input_ids.dims2()?;
-        let mask = b.mask();
-        let x = d.hidden(&b.input_ids, &mask, None, None)?;
-        let hidden = d.normed(&x)?.reshape((rows * seq, d.cfg.hidden_size))?;
-        let hidden = crate::device::to(&hidden, d.head_weight().device())?;
+        let hidden = super::engine::final_hidden(model, &b)?;
         let targets = super::objective::shifted_targets(&b.labels_host, rows, seq);
         let logps = token_logps(&hidden, d.head_weight(), &targets)?;
         let mut sums = vec![0f64; rows];

@@ -258,10 +258,7 @@ pub mod data_module {
     pub fn load_with(ctx: NativeCallContext, path: &str, opts: Map) -> Res<DatasetHandle> {
         let rc = RunContext::of(&ctx)?;
         let o: LoadOptions = from_options(&ctx, "data::load", opts)?;
-        let local = rc.sandbox.base().join(path);
-        let files = if qscript_runtime::hub::looks_like_id(path)
-            && std::fs::symlink_metadata(&local).is_err()
-        {
+        let files = if rc.is_hub_id(path) {
             // A hub dataset in the HF cache: its split's data files; or, when the hub cache
             // has not got it, the Arrow files `datasets.load_dataset` built.
             let split = o.split.as_deref().unwrap_or("train");
@@ -275,15 +272,8 @@ pub mod data_module {
                 qscript_runtime::hub::RepoType::Dataset,
                 o.revision.as_deref(),
             ) {
-                // The snapshot's names (links into the repo's blobs) are kept: the format is
-                // read off them; each is checked against the sandbox.
                 Ok(dir) => records::split_files(&dir, split, &rc.cancel)
-                    .and_then(|fs| {
-                        for f in &fs {
-                            rc.sandbox.resolve_read(f)?;
-                        }
-                        Ok(fs)
-                    })
+                    .and_then(|fs| rc.readable_files(fs))
                     .map_err(named)?,
                 Err(e) => {
                     let built = qscript_runtime::hub::datasets_cache_root().and_then(|root| {
@@ -293,9 +283,7 @@ pub mod data_module {
                         return Err(to_rhai_at(&ctx)(e));
                     };
                     rc.sandbox.allow_hub_repo(&folder).map_err(named)?;
-                    for f in &files {
-                        rc.sandbox.resolve_read(f).map_err(named)?;
-                    }
+                    let files = rc.readable_files(files).map_err(named)?;
                     rc.sink.err(&format!(
                         "hub: `{path}` ({split}) from the datasets cache (`{}`, {} Arrow file{})",
                         folder.display(),
@@ -325,12 +313,7 @@ pub mod data_module {
             }
             let split = o.split.as_deref().unwrap_or("train");
             records::split_files(&dir, split, &rc.cancel)
-                .and_then(|fs| {
-                    for f in &fs {
-                        rc.sandbox.resolve_read(f)?;
-                    }
-                    Ok(fs)
-                })
+                .and_then(|fs| rc.readable_files(fs))
                 .map_err(|e| {
                     to_rhai_at(&ctx)(qscript_runtime::Error::InvalidArgument(format!(
                         "`{path}`: {e}"

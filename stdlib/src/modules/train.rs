@@ -225,13 +225,11 @@ fn start(
             Goal::Dpo => "preference pairs (from `data::preference`)",
             Goal::Kto => "KTO answers with a `label` (from `data::preference`)",
         };
-        let use_ = match have {
-            Goal::Sft => "train::fit",
-            Goal::Dpo => "train::dpo",
-            Goal::Kto => "train::kto",
-        };
         return Err(to_rhai_at(ctx)(qscript_runtime::Error::InvalidArgument(
-            format!("`{what}` was given {is}; train them with `{use_}`"),
+            format!(
+                "`{what}` was given {is}; train them with `{}`",
+                have.function()
+            ),
         )));
     }
     if rc.checking() {
