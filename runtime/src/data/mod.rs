@@ -4,6 +4,7 @@
 //! - [`info`]: entries of LLaMA-Factory's `dataset_info.json`;
 //! - [`formats`]: alpaca, ShareGPT, messages and conversation records to chat messages;
 //! - [`example`]: one tokenized example (one row, or a preference example's two);
+//! - [`pref_records`]: preference and KTO records in their shapes, read into TRL's terms;
 //! - [`pref`]: preference and KTO records to tokenized pairs;
 //! - [`sft`]: SFT tokenization with label masks, length statistics, the learned spans shown;
 //! - [`tokenized`]: the tokenized dataset the trainer takes ([`TokenizedDataset`]);
@@ -18,6 +19,7 @@ pub mod info;
 pub mod interleave;
 pub mod ops;
 pub mod pref;
+pub mod pref_records;
 pub mod records;
 pub mod sft;
 pub mod split;

@@ -38,7 +38,8 @@ fn info_entry(ctx: &NativeCallContext, path: &str, name: &str) -> Res<DatasetHan
         return Ok(DatasetHandle::records(text));
     }
     if opts.preference {
-        let trl = qscript_runtime::data::pref::to_trl(&ds, &opts).map_err(to_rhai_at(ctx))?;
+        let trl =
+            qscript_runtime::data::pref_records::to_trl(&ds, &opts).map_err(to_rhai_at(ctx))?;
         rc.sink.err(&format!(
             "data: `{name}`: {} records, preference data (`{}`) from dataset_info.json, for `data::preference`",
             trl.len(),
