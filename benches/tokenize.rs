@@ -21,7 +21,11 @@ fn main() {
         return;
     };
     let t = Instant::now();
-    let tok = Tokenizer::load(&fx.join("tokenizers/qwen2.5")).unwrap();
+    let tok = Tokenizer::load(
+        &fx.join("tokenizers/qwen2.5"),
+        &qscript_runtime::cancel::CancelToken::new(),
+    )
+    .unwrap();
     println!("tokenizer load: {:.3} s", t.elapsed().as_secs_f64());
     let fmt = FormatOptions {
         system: Some("现在你要扮演皇帝身边的女人--甄嬛".into()),

@@ -433,6 +433,35 @@ fn a_tokenizer_file_that_panics_the_tokenizer_is_named() {
     assert!(!err.contains("retry-limit"), "{err}");
 }
 
+/// A pre-tokenizer regex with catastrophic backtracking (`(a|aa)+$`) on one long record: onig
+/// bounds one match attempt but not a search over every start position, so without a search
+/// budget this record runs for minutes, deaf to Ctrl-C. With it, the record is an error naming
+/// the file within seconds.
+#[test]
+fn a_catastrophic_regex_on_one_record_ends_in_seconds() {
+    let env = Env::new();
+    hostile_tokenizer(&env, "cat", |j| {
+        j["pre_tokenizer"] = serde_json::json!({"type": "Split", "pattern": {"Regex": "(a|aa)+$"},
+            "behavior": "Isolated", "invert": false});
+    });
+    // Each start position stays under onig's per-match limit (10M steps); the positions together
+    // do not.
+    let a = format!("{}b", "a".repeat(30)).repeat(300);
+    let start = Instant::now();
+    let err = fails_with(
+        &env,
+        "cat.rhai",
+        &format!("tokenizer::load(\"cat\").encode(\"{a}\");\n"),
+        "cat/tokenizer.json` failed while encoding a text",
+    );
+    assert!(!err.contains("retry-limit"), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
 /// A module that imports itself, or two that import each other, is an error naming the chain,
 /// not a stack overflow.
 #[test]
@@ -657,6 +686,105 @@ train::fit(lora::attach(model::tiny(), #{ r: 2 }), ds, #{ max_steps: 2, save_ste
         "{err}"
     );
     assert!(!out.join("checkpoint-3").exists());
+}
+
+/// The bundle ships its default output dir `runs/<name>` as a link to an outside directory:
+/// the recipe can neither read through it (`io::output_dir() + "/secret"`) nor write there.
+#[test]
+fn a_bundled_output_dir_link_reads_and_writes_nothing() {
+    let env = Env::new();
+    let victim = env.dir.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("secret"), "TOP SECRET").unwrap();
+    std::fs::create_dir(env.dir.path().join("runs")).unwrap();
+    symlink(&victim, env.dir.path().join("runs/r")).unwrap();
+    env.write(
+        "r.rhai",
+        "print(io::read_text(io::output_dir() + \"/secret\"));\n",
+    );
+    let o = run_bounded(&env, &["recipe/r.rhai"], 60);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the output directory") && err.contains("is a symbolic link"),
+        "{err}"
+    );
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("SECRET"));
+    assert!(!err.contains("SECRET"), "{err}");
+    // A missing file there is refused alike (nothing tells what exists in the victim's dir).
+    env.write(
+        "m.rhai",
+        "print(io::read_text(io::output_dir() + \"/missing\"));\n",
+    );
+    symlink(&victim, env.dir.path().join("runs/m")).unwrap();
+    let o = run_bounded(&env, &["recipe/m.rhai"], 60);
+    let missing = stderr(&o);
+    let shown = |e: &str, run: &str, file: &str| {
+        e.replace(&format!("{run}.rhai"), "R")
+            .replace(&format!("runs/{run}"), "runs/R")
+            .replace(file, "F")
+    };
+    assert_eq!(
+        shown(&err, "r", "secret"),
+        shown(&missing, "m", "missing"),
+        "an existing and a missing file read alike"
+    );
+    env.write("w.rhai", "io::write_text(\"x.txt\", \"pwned\");\n");
+    symlink(&victim, env.dir.path().join("runs/w")).unwrap();
+    let o = run_bounded(&env, &["recipe/w.rhai"], 60);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("symbolic link"), "{}", stderr(&o));
+    let names: Vec<_> = std::fs::read_dir(&victim).unwrap().flatten().collect();
+    assert_eq!(names.len(), 1, "nothing new in the victim's directory");
+}
+
+/// A link planted where TensorBoard's events go (`<out>/runs`) or where the output dir's lock
+/// is taken (`<out>/.qscript.lock`): the run stops naming it, and the link's target is neither
+/// written nor truncated.
+#[test]
+fn tensorboard_and_the_lock_never_write_through_a_planted_link() {
+    let env = Env::new();
+    let victim = env.dir.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("notes"), "mine").unwrap();
+    env.write("d.json", r#"[{"instruction": "a", "output": "b"}]"#);
+    env.write(
+        "tb.rhai",
+        r#"let ds = data::sft(data::to_messages(data::load("d.json")), tokenizer::builtin());
+train::fit(lora::attach(model::tiny(), #{ r: 2 }), ds, #{ max_steps: 1, save_steps: 0, report_to: "tensorboard" });
+"#,
+    );
+    let out = env.dir.path().join("out-tb");
+    std::fs::create_dir(&out).unwrap();
+    symlink(&victim, out.join("runs")).unwrap();
+    let o = run_bounded(
+        &env,
+        &["recipe/tb.rhai", "--output-dir", out.to_str().unwrap()],
+        120,
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("symbolic link"), "{err}");
+    let out = env.dir.path().join("out-lock");
+    std::fs::create_dir(&out).unwrap();
+    symlink(victim.join("notes"), out.join(".qscript.lock")).unwrap();
+    let o = run_bounded(
+        &env,
+        &["recipe/tb.rhai", "--output-dir", out.to_str().unwrap()],
+        120,
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(".qscript.lock") && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(victim.join("notes")).unwrap(),
+        "mine"
+    );
+    let names: Vec<_> = std::fs::read_dir(&victim).unwrap().flatten().collect();
+    assert_eq!(names.len(), 1, "nothing new in the victim's directory");
 }
 
 /// A recipe named `...rhai` (stem `..`) or `..rhai` (stem `.`) gets a default output dir under `runs/`,

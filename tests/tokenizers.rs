@@ -22,7 +22,7 @@ fn encodings_decodings_and_chat_templates_match_the_goldens() {
     };
     for name in ["qwen2.5", "qwen3", "mistral-7b-v0.1"] {
         let dir = fx.join("tokenizers").join(name);
-        let tok = Tokenizer::load(&dir).unwrap();
+        let tok = Tokenizer::load(&dir, &qscript_runtime::cancel::CancelToken::new()).unwrap();
         let golden: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
                 .unwrap();
@@ -74,7 +74,11 @@ fn stories260k_tokenizer_matches_its_golden() {
         return;
     };
     let root = fx.join("models/stories260K");
-    let tok = Tokenizer::load(&root.join("hf")).unwrap();
+    let tok = Tokenizer::load(
+        &root.join("hf"),
+        &qscript_runtime::cancel::CancelToken::new(),
+    )
+    .unwrap();
     let golden: Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("golden_greedy.json")).unwrap())
             .unwrap();
@@ -98,7 +102,11 @@ fn a_template_that_raises_shows_its_message() {
     let Some(fx) = fixtures_dir("the Mistral tokenizer") else {
         return;
     };
-    let mut tok = Tokenizer::load(&fx.join("tokenizers/mistral-7b-v0.1")).unwrap();
+    let mut tok = Tokenizer::load(
+        &fx.join("tokenizers/mistral-7b-v0.1"),
+        &qscript_runtime::cancel::CancelToken::new(),
+    )
+    .unwrap();
     let none = tok
         .apply_chat_template(&serde_json::json!([]), &TemplateOptions::default())
         .unwrap_err();

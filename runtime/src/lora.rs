@@ -162,7 +162,7 @@ pub fn save_adapter(model: &Model, dir: &Path) -> Result<()> {
         .lora
         .as_ref()
         .ok_or_else(|| Error::InvalidArgument("this model has no LoRA adapters to save".into()))?;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    crate::sandbox::create_dir_all(dir)?;
     let mut cfg = cfg.clone();
     cfg.base_model_name_or_path = cfg
         .base_model_name_or_path

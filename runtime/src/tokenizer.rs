@@ -112,10 +112,30 @@ pub struct Tokenizer {
     trained_template: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
+/// The most backtracking steps one regex search of a tokenizer's pre-tokenizer may take (a
+/// catastrophic pattern such as `(a|aa)+$` on a long record stops at about a second, as an error
+/// naming the record, instead of running for hours deaf to Ctrl-C). Onig's default bounds one
+/// match attempt (10M) but not a search over every start position.
+const REGEX_SEARCH_BUDGET: u32 = 50_000_000;
+
+/// Sets [`REGEX_SEARCH_BUDGET`] for the process (once).
+fn budget_regexes() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: sets one global integer of oniguruma's; no pointer, no precondition.
+        #[allow(unsafe_code)]
+        unsafe {
+            onig_sys::onig_set_retry_limit_in_search(REGEX_SEARCH_BUDGET.into());
+        }
+    });
+}
+
 impl Tokenizer {
     /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` and `chat_template.jinja`
-    /// from `dir`.
-    pub fn load(dir: &Path) -> Result<Self> {
+    /// from `dir`. Building the tokenizer (seconds for a large vocabulary) answers `cancel`
+    /// within a fraction of a second.
+    pub fn load(dir: &Path, cancel: &crate::cancel::CancelToken) -> Result<Self> {
+        budget_regexes();
         let file = dir.join("tokenizer.json");
         if !file.is_file() {
             return Err(Error::io(
@@ -127,15 +147,17 @@ impl Tokenizer {
         let bytes = crate::sandbox::read(&file)?;
         // A hostile file can make `tokenizers` panic (a `Precompiled` charsmap too short for its
         // trie, for one): caught, and named as the file's fault.
-        let inner = crate::panic::catch(|| tokenizers::Tokenizer::from_bytes(&bytes))
-            .map_err(|_| {
-                Error::Tokenizer(format!(
-                    "`{}`: the tokenizer cannot be built from this file (a broken normalizer, \
+        let inner = crate::cancel::detached(cancel, move || {
+            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| e.to_string())
+        })?
+        .map_err(|_| {
+            Error::Tokenizer(format!(
+                "`{}`: the tokenizer cannot be built from this file (a broken normalizer, \
                      pre-tokenizer or model)",
-                    file.display()
-                ))
-            })?
-            .map_err(|e| Error::Tokenizer(format!("`{}`: {e}", file.display())))?;
+                file.display()
+            ))
+        })?
+        .map_err(|e| Error::Tokenizer(format!("`{}`: {e}", file.display())))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let (cfg, raw): (TokenizerConfig, serde_json::Map<String, Value>) = if cfg_path.is_file() {
             (
@@ -357,7 +379,7 @@ impl Tokenizer {
     /// Writes `tokenizer.json` and `tokenizer_config.json` to `dir`: every key of the original
     /// config, with the special tokens and the chat template (the one trained with) set.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        crate::sandbox::create_dir_all(dir)?;
         let json = self
             .inner
             .to_string(true)
@@ -412,6 +434,24 @@ fn byte_chars() -> Vec<char> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Loading answers a cancel: the build runs detached while the caller polls the token
+    /// (here set before the call, so the load stops at its first poll).
+    #[test]
+    fn loading_answers_a_cancel() {
+        let Some(fx) = crate::testing::fixtures_dir("loading_answers_a_cancel") else {
+            return;
+        };
+        let dir = fx.join("tokenizers/qwen2.5");
+        let cancel = crate::cancel::CancelToken::new();
+        cancel.cancel();
+        assert!(matches!(
+            Tokenizer::load(&dir, &cancel),
+            Err(Error::Cancelled)
+        ));
+        cancel.reset();
+        assert!(Tokenizer::load(&dir, &cancel).is_ok());
+    }
 
     #[test]
     fn builtin_round_trips_any_text_and_knows_chatml() {

@@ -438,14 +438,13 @@ impl RunContext {
         self.resolve_read_dir(&snap.dir.to_string_lossy())
     }
 
-    /// Resolves a directory for writing under the output directory, creating it.
+    /// Resolves a directory for writing under the output directory, creating it (through the
+    /// output directory's handle, no link followed).
     pub fn resolve_write_dir(&self, dir: &str) -> qscript_runtime::Result<PathBuf> {
         let probe = self
             .sandbox
             .resolve_write(Path::new(dir).join("config.json"))?;
-        let real = probe.parent().map(Path::to_path_buf).unwrap_or(probe);
-        std::fs::create_dir_all(&real).map_err(|e| qscript_runtime::Error::io(&real, e))?;
-        Ok(real)
+        Ok(probe.parent().map(Path::to_path_buf).unwrap_or(probe))
     }
 
     /// Records a file the current cell imported.

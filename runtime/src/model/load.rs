@@ -397,7 +397,7 @@ impl Model {
     /// `model.safetensors` (each file atomically).
     pub fn save(&self, dir: &Path) -> Result<()> {
         self.needs_weights("saving a model")?;
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        crate::sandbox::create_dir_all(dir)?;
         let mut cfg = self.config().clone();
         cfg.dtype = Some(dtype_name(self.decoder.dtype()).into());
         cfg.model_type = Some(self.arch.model_type().into());

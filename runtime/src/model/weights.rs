@@ -312,25 +312,47 @@ pub fn load_all(
     Ok(out)
 }
 
-/// Writes `tensors` as the safetensors file `path` (safetensors writes a temporary sibling and
-/// renames it, so a crash never leaves a half-written `path`). Every failure, a full disk
-/// included, names `path`.
+/// Writes `tensors` as the safetensors file `path`, through the sandbox's writer (a temporary
+/// sibling created new, then a rename, no link followed), so a crash never leaves a half-written
+/// `path`. Every failure, a full disk included, names `path`.
+///
+/// The safetensors crate writes only to a path it opens itself, so its layout is written here:
+/// the header's length (u64, little-endian), the JSON header padded with spaces to 8 bytes, then
+/// each tensor's bytes in the header's order (names sorted). The crate reads it back in tests.
 pub fn save_file<S: std::hash::BuildHasher>(
     tensors: &HashMap<String, Tensor, S>,
     path: &Path,
 ) -> Result<()> {
-    safetensors::serialize_to_file(tensors, None, path).map_err(|e| write_error(path, e))
-}
-
-/// A failed safetensors write as an error naming the file.
-fn write_error(path: &Path, e: safetensors::SafeTensorError) -> Error {
-    match e {
-        safetensors::SafeTensorError::IoError(io) => Error::io(path, io),
-        other => Error::Config {
-            path: path.to_path_buf(),
-            message: other.to_string(),
-        },
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for n in &names {
+        let t = &tensors[*n];
+        let len = safetensors::View::data_len(t);
+        header.insert(
+            (*n).clone(),
+            serde_json::json!({
+                "dtype": safetensors::View::dtype(t),
+                "shape": safetensors::View::shape(t),
+                "data_offsets": [offset, offset + len],
+            }),
+        );
+        offset += len;
     }
+    let mut head = serde_json::to_vec(&header).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    head.resize(head.len().next_multiple_of(8), b' ');
+    crate::sandbox::write_atomic_with(path, &mut |w| {
+        w.write_all(&(head.len() as u64).to_le_bytes())?;
+        w.write_all(&head)?;
+        for n in &names {
+            w.write_all(&safetensors::View::data(&tensors[*n]))?;
+        }
+        Ok(())
+    })
 }
 
 /// A memory-mapped safetensors file, mapped from the descriptor the sandbox checked (so the
@@ -468,16 +490,45 @@ mod tests {
         ));
     }
 
-    /// A write that fails for want of space (ENOSPC, injected) names the file being written;
-    /// so does a write into a directory that is not there.
+    /// A write that fails for want of space (ENOSPC, injected) names the file being written and
+    /// leaves nothing behind; so does a write into a directory that is not there. What is
+    /// written, the safetensors crate reads back.
     #[test]
     fn a_failed_write_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.safetensors");
-        let full = safetensors::SafeTensorError::IoError(std::io::Error::from_raw_os_error(28));
-        let e = write_error(&path, full).to_string();
+        let e = crate::sandbox::write_atomic_with(&path, &mut |w| {
+            w.write_all(b"partial")?;
+            Err(std::io::Error::from_raw_os_error(28))
+        })
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with(&format!("`{}`: ", path.display())), "{e}");
         assert!(e.contains("No space left"), "{e}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let t = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let b = Tensor::zeros(3, DType::BF16, &Device::Cpu).unwrap();
+        let tensors = HashMap::from([("w".to_string(), t.clone()), ("b".to_string(), b)]);
+        save_file(&tensors, &path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let w = st.tensor("w").unwrap();
+        assert_eq!(w.shape(), [2, 3]);
+        assert_eq!(w.dtype(), safetensors::Dtype::F32);
+        assert_eq!(
+            w.data(),
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect::<Vec<u8>>()
+        );
+        assert_eq!(st.tensor("b").unwrap().dtype(), safetensors::Dtype::BF16);
         let gone = dir.path().join("gone/model.safetensors");
         let t = Tensor::zeros(1000, DType::F32, &Device::Cpu).unwrap();
         let tensors = HashMap::from([("w".to_string(), t)]);

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::flat::DeviceParams;
 use super::optim::DeviceAdamW;
 use crate::model::Model;
+use crate::sandbox;
 use crate::{Error, Result};
 
 /// What `trainer_state.json` holds, written in transformers' `TrainerState` layout (so HF tooling
@@ -192,10 +193,10 @@ pub fn save(
         state.global_step,
         std::process::id()
     ));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    if sandbox::exists_for_write(&tmp)? {
+        sandbox::remove_dir_all(&tmp)?;
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    sandbox::create_dir_all(&tmp)?;
     if model.lora.is_some() {
         crate::lora::save_adapter(model, &tmp)?;
     } else {
@@ -209,7 +210,7 @@ pub fn save(
     crate::model::weights::save_file(&moments, &tmp.join("optimizer.safetensors"))?;
     let json = serde_json::to_string_pretty(state).unwrap_or_default();
     let state_file = tmp.join("trainer_state.json");
-    std::fs::write(&state_file, json).map_err(|e| Error::io(&state_file, e))?;
+    sandbox::write_atomic(&state_file, json.as_bytes())?;
     // Re-saving a step: the old directory is moved aside first and removed only after the new one
     // is in place, so a kill at any point leaves a complete checkpoint-N (or its `.old` copy, which
     // `recover` puts back).
@@ -218,12 +219,12 @@ pub fn save(
         state.global_step,
         std::process::id()
     ));
-    if final_dir.exists() {
-        std::fs::rename(&final_dir, &old).map_err(|e| Error::io(&final_dir, e))?;
+    if sandbox::exists_for_write(&final_dir)? {
+        sandbox::rename(&final_dir, &old)?;
     }
-    std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    sandbox::rename(&tmp, &final_dir)?;
+    if sandbox::exists_for_write(&old)? {
+        sandbox::remove_dir_all(&old)?;
     }
     Ok(final_dir)
 }
@@ -319,24 +320,23 @@ fn check_restored(path: &Path, name: &str, t: &Tensor) -> Result<()> {
 /// and every other temporary directory is removed. Returns what it did, for a notice.
 pub fn recover(output_dir: &Path) -> Result<Vec<String>> {
     let mut done = Vec::new();
-    let Ok(entries) = std::fs::read_dir(output_dir) else {
+    let Ok(entries) = sandbox::list_dir(output_dir) else {
         return Ok(done);
     };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
+    for path in entries {
+        let name = file_name(&path);
         let Some(rest) = name.strip_prefix(".checkpoint-") else {
             continue;
         };
         let step = rest.split('.').next().unwrap_or("");
-        let path = e.path();
         let fin = output_dir.join(format!("checkpoint-{step}"));
-        if rest.contains(".old") && !fin.exists() && path.join("trainer_state.json").is_file() {
-            std::fs::rename(&path, &fin).map_err(|err| Error::io(&path, err))?;
+        if rest.contains(".old") && !sandbox::exists_for_write(&fin)? && is_checkpoint(&path) {
+            sandbox::rename(&path, &fin)?;
             done.push(format!(
                 "restored `checkpoint-{step}` from an interrupted save"
             ));
         } else if rest.contains(".old") || rest.contains(".tmp") {
-            std::fs::remove_dir_all(&path).map_err(|err| Error::io(&path, err))?;
+            sandbox::remove_dir_all(&path)?;
             done.push(format!("removed `{name}`, left by an interrupted save"));
         }
     }
@@ -354,13 +354,8 @@ impl DirLock {
     pub fn take(output_dir: &Path) -> Result<Self> {
         use std::io::{Read, Seek, Write};
         let path = output_dir.join(".qscript.lock");
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
+        // Never through a link: a planted `.qscript.lock` link is refused, its target untouched.
+        let mut f = sandbox::open_write(&path, sandbox::WriteMode::Keep)?;
         match f.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -387,19 +382,26 @@ impl DirLock {
     }
 }
 
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Whether `dir` holds a complete checkpoint (its `trainer_state.json`, the last file a save
+/// writes, is a readable regular file).
+fn is_checkpoint(dir: &Path) -> bool {
+    sandbox::open(&dir.join("trainer_state.json")).is_ok()
+}
+
 /// Checkpoint directories in `output_dir`, oldest first.
 pub fn list(output_dir: &Path) -> Vec<(usize, PathBuf)> {
-    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)
+    let mut out: Vec<(usize, PathBuf)> = sandbox::list_dir(output_dir)
+        .unwrap_or_default()
         .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path()
-                .join("trainer_state.json")
-                .is_file()
-                .then(|| (step, e.path()))
+        .filter_map(|p| {
+            let step = file_name(&p).strip_prefix("checkpoint-")?.parse().ok()?;
+            is_checkpoint(&p).then_some((step, p))
         })
         .collect();
     out.sort();
@@ -417,7 +419,7 @@ pub fn rotate(output_dir: &Path, limit: usize, keep: Option<&str>) -> Result<()>
         if keep.is_some_and(|k| p.ends_with(k)) {
             continue;
         }
-        std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+        sandbox::remove_dir_all(&p)?;
         excess -= 1;
     }
     Ok(())

@@ -252,12 +252,17 @@ pub fn write(dir: &Path, log: &[serde_json::Value]) -> Result<()> {
     }
     crate::sandbox::write_atomic(&svg_path, svg.as_bytes())?;
     let png_path = dir.join("loss.png");
-    let tmp = dir.join(format!(".loss.png.tmp{}.png", std::process::id()));
+    let mut rgb = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
     {
-        let root = BitMapBackend::new(&tmp, SIZE).into_drawing_area();
+        let root = BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area();
         draw(&root, &s).map_err(|m| fail(&png_path, m))?;
     }
-    std::fs::rename(&tmp, &png_path).map_err(|e| Error::io(&png_path, e))
+    crate::sandbox::write_atomic_with(&png_path, &mut |w| {
+        use image::ImageEncoder as _;
+        image::codecs::png::PngEncoder::new(w)
+            .write_image(&rgb, SIZE.0, SIZE.1, image::ColorType::Rgb8)
+            .map_err(std::io::Error::other)
+    })
 }
 
 #[cfg(test)]

@@ -69,7 +69,7 @@ impl EventWriter {
     /// A new `events.out.tfevents.<seconds>.<host>.qscript` in `dir` (created), starting with the
     /// file-version event.
     pub fn create(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        crate::sandbox::create_dir_all(dir)?;
         let host = std::fs::read_to_string("/etc/hostname")
             .ok()
             .map(|h| h.trim().to_string())
@@ -80,11 +80,7 @@ impl EventWriter {
             now() as u64,
             std::process::id()
         ));
-        let file = std::fs::OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
+        let file = crate::sandbox::open_write(&path, crate::sandbox::WriteMode::CreateNew)?;
         let mut w = Self { path, file };
         w.write(&Event {
             wall_time: now(),

@@ -173,13 +173,16 @@ fn par_call(
     let f = &f;
     // On the workers: the main thread's stack, so a callback within the call-depth limit is as
     // safe there as on the main thread.
+    // The callback's file reads go through the run's sandbox there too.
+    let sandbox = qscript_runtime::sandbox::active();
     let results: Vec<Res<Dynamic>> = qscript_runtime::panic::in_workers(|| {
         (0..n)
             .into_par_iter()
             .map(|i| {
                 let row = ds.row_json(i).unwrap_or_default();
                 let arg = rhai::serde::to_dynamic(&row)?;
-                let r = f.call::<Dynamic>(engine, &ast, (arg,)).map_err(|e| {
+                let call = || f.call::<Dynamic>(engine, &ast, (arg,));
+                let r = qscript_runtime::sandbox::with_active(sandbox.clone(), call).map_err(|e| {
                     let shown = serde_json::to_string(&row).unwrap_or_default();
                     let shown: String = shown.chars().take(400).collect();
                     script_error(what, format!("record {i}: {e}\n  record: {shown}"))

@@ -38,7 +38,7 @@ pub mod tokenizer_module {
         let key =
             Memo::key("tokenizer::load", &real.to_string_lossy(), &[&real]).map_err(to_rhai)?;
         let value = rc.memo.get_or_try_insert(&key, || {
-            let tok = Tokenizer::load(&real).map_err(to_rhai_at(&ctx))?;
+            let tok = Tokenizer::load(&real, &rc.cancel).map_err(to_rhai_at(&ctx))?;
             if tok.pad_is_eos_fallback {
                 rc.sink.err(&format!(
                     "notice: the tokenizer has no pad token; using the eos token `{}` for padding",

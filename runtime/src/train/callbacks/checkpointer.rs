@@ -24,7 +24,7 @@ impl Checkpointer {
         if !lead {
             return Ok(Self { _lock: None });
         }
-        std::fs::create_dir_all(out_dir).map_err(|e| crate::Error::io(out_dir, e))?;
+        crate::sandbox::create_dir_all(out_dir)?;
         let lock = DirLock::take(out_dir)?;
         for done in checkpoint::recover(out_dir)? {
             crate::notice::say(format!("note: `{}`: {done}", out_dir.display()));

@@ -36,11 +36,7 @@ impl Metrics {
         crate::sandbox::write_atomic(&out_dir.join("training_args.json"), json.as_bytes())?;
         let path = out_dir.join("metrics.jsonl");
         own_metrics(&path, resumed_at)?;
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
+        let file = crate::sandbox::open_write(&path, crate::sandbox::WriteMode::Append)?;
         let tensorboard = if tensorboard {
             let dir = cfg
                 .logging_dir
@@ -81,19 +77,15 @@ impl Callback for Metrics {
 /// Makes `metrics.jsonl` this run's: a fresh run (`resumed_at` 0) starts it empty, a resumed one
 /// keeps the records up to its checkpoint's step (a later, abandoned stretch is dropped).
 fn own_metrics(path: &Path, resumed_at: usize) -> Result<()> {
-    if std::fs::symlink_metadata(path).is_ok_and(|m| !m.is_file()) {
-        return Err(Error::Sandbox(format!(
-            "`{}` is a symbolic link or not a file; the run's metrics are not written through it",
-            path.display()
-        )));
-    }
     let kept = if resumed_at == 0 {
         String::new()
     } else {
-        let old = match std::fs::read_to_string(path) {
+        let old = match crate::files::read_text(path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(Error::io(path, e)),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
         };
         let mut kept = String::new();
         for l in old.lines().filter(|l| {
