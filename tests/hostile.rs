@@ -239,6 +239,31 @@ fn refusals_do_not_tell_what_exists_outside() {
         "`../*.json` matches files outside the recipe's sandbox",
     );
     assert!(!g.contains("secret"), "the match is not named: {g}");
+    // A name shaped like a hub id through a planted link out of the tree: an existing and a
+    // missing target are refused alike (neither is looked up in the HF cache).
+    symlink(env.dir.path(), env.recipe_dir().join("l")).unwrap();
+    std::fs::create_dir(env.dir.path().join("model")).unwrap();
+    let h = fails_with(
+        &env,
+        "h.rhai",
+        "model::load(\"l/model\");\n",
+        "outside the recipe's sandbox",
+    );
+    let i = fails_with(
+        &env,
+        "i.rhai",
+        "model::load(\"l/absent\");\n",
+        "outside the recipe's sandbox",
+    );
+    assert_eq!(
+        h.replace("h.rhai", "r")
+            .replace("runs/h", "runs/r")
+            .replace("model\")", "X\")")
+            .replace("l/model", "l/X"),
+        i.replace("i.rhai", "r")
+            .replace("runs/i", "runs/r")
+            .replace("absent", "X"),
+    );
 }
 
 #[test]

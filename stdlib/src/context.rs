@@ -395,10 +395,16 @@ impl RunContext {
     }
 
     /// Whether `name` is a hub id to look up in the HF cache: it has an id's shape and no such
-    /// path exists relative to the recipe (a local path wins, as in `from_pretrained`).
+    /// path exists relative to the recipe (a local path wins, as in `from_pretrained`). Asked of
+    /// the sandbox, so a link out of the tree reads as a path (refused alike whether its target
+    /// exists or not), never as a missing one.
     pub fn is_hub_id(&self, name: &str) -> bool {
         qscript_runtime::hub::looks_like_id(name)
-            && std::fs::symlink_metadata(self.sandbox.base().join(name)).is_err()
+            && matches!(
+                self.sandbox.resolve_read(name),
+                Err(qscript_runtime::Error::Io { ref source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound
+            )
     }
 
     /// `files`, each checked against the sandbox (their names kept: a hub snapshot's links name

@@ -204,3 +204,34 @@ fn allow_read_extends_and_names_bad_paths() {
     let e = Sandbox::new(d.path(), d.path().join("o"), &["/no/such".into()]).unwrap_err();
     assert!(e.to_string().contains("--allow-read /no/such"), "{e}");
 }
+
+/// A walk lists through the sandbox: a link loop is entered once, a link out of the tree is
+/// listed as refused ([`Kind::Other`]) and not entered, and a cancel stops it.
+#[cfg(unix)]
+#[test]
+fn a_walk_enters_each_directory_once_and_never_leaves_the_tree() {
+    let (d, sb) = setup();
+    let base = sb.base();
+    std::fs::create_dir_all(base.join("a/b")).unwrap();
+    std::fs::write(base.join("a/b/f.json"), "[]").unwrap();
+    std::os::unix::fs::symlink(base.join("a"), base.join("a/b/loop")).unwrap();
+    std::fs::create_dir(d.path().join("outside")).unwrap();
+    std::fs::write(d.path().join("outside/s.json"), "[]").unwrap();
+    std::os::unix::fs::symlink(d.path().join("outside"), base.join("a/out")).unwrap();
+    activate(Some(sb.clone()));
+    let cancel = crate::cancel::CancelToken::new();
+    let all = walk(&base.join("a"), usize::MAX, &cancel).unwrap();
+    let names: Vec<String> = all
+        .iter()
+        .map(|(p, _)| p.strip_prefix(&base).unwrap().display().to_string())
+        .collect();
+    assert_eq!(names, ["a/b", "a/b/f.json", "a/b/loop", "a/out"]);
+    assert_eq!(all[3].1, Kind::Other, "the link out of the tree is refused");
+    assert!(matches!(all[1].1, Kind::File));
+    cancel.cancel();
+    assert!(matches!(
+        walk(&base.join("a"), usize::MAX, &cancel),
+        Err(Error::Cancelled)
+    ));
+    activate(None);
+}
