@@ -46,6 +46,7 @@ pub mod notice;
 pub mod panic;
 pub mod plan;
 pub mod profile;
+pub mod quant;
 pub mod sandbox;
 pub mod testing;
 pub mod tokenizer;
