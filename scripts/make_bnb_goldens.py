@@ -9,8 +9,9 @@ Writes tests/fixtures/bnb/:
 - tiny-bf16/ and tiny-nf4/: a tiny random Qwen2 checkpoint in bf16, and the same loaded by
   transformers with BitsAndBytesConfig (nf4, double quantization, bf16 compute) and saved: a
   pre-quantized checkpoint as bitsandbytes writes it.
-- lora_step.json: one PEFT LoRA step on the 4-bit model (r 4, all linear layers, B set to
-  fixed values so every gradient is non-zero): the loss and every adapter gradient.
+- qlora-adapter/ and qlora_step.safetensors: a PEFT LoRA adapter on the 4-bit model (r 4, all
+  linear layers, B set to fixed values so every gradient is non-zero), and one step of it in f32
+  compute: the input ids, the loss and every adapter gradient.
 
 Runs on the CPU (bitsandbytes >= 0.49 has CPU kernels), or on the GPU machine. Usage:
   python scripts/make_bnb_goldens.py [OUT_DIR]
@@ -56,7 +57,9 @@ save_file(tensors, os.path.join(OUT, "quant.safetensors"), metadata={"cases": js
 # A tiny checkpoint, in bf16 and as bitsandbytes saves it quantized.
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config
 
-cfg = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+# Every input width a multiple of 64: bitsandbytes 0.50's CPU kernels mis-index blocks that
+# straddle rows (a 64x160 down_proj dequantizes up to 0.03 off in f32); its CUDA kernels do not.
+cfg = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                   tie_word_embeddings=False, rms_norm_eps=1e-6)
 torch.manual_seed(1)
@@ -75,6 +78,17 @@ bnb_cfg32 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
 q32 = AutoModelForCausalLM.from_pretrained(bf16_dir, quantization_config=bnb_cfg32, device_map="cpu",
                                            dtype=torch.float32)
+# The weights the step runs on are bitsandbytes' formula's (codes times the blockwise absmax).
+from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+for layer in q32.model.layers:
+    for lin in [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]:
+        qs = lin.weight.quant_state
+        absmax = F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+        ref = _dequantize_4bit_compute(lin.weight.data.reshape(-1), absmax, qs.code, qs.blocksize,
+                                       qs.shape, torch.float32)
+        assert torch.equal(F.dequantize_4bit(lin.weight.data, qs), ref), "bitsandbytes CPU kernel"
 targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 pm = get_peft_model(q32, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
 gen = torch.Generator().manual_seed(2)
@@ -82,17 +96,19 @@ for n, p in pm.named_parameters():
     if "lora_B" in n:
         with torch.no_grad():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+# Train mode: bitsandbytes' CPU inference path (eval mode) runs another kernel than training's
+# dequantize-then-matmul.
+pm.train()
 ids = torch.tensor([[5, 17, 42, 7, 88, 3, 11, 60], [9, 1, 33, 70, 2, 45, 8, 19]])
 out = pm(input_ids=ids, labels=ids)
 out.loss.backward()
 grads = {}
-weights = {}
 for n, p in pm.named_parameters():
     if p.requires_grad:
-        key = n.replace(".default", "")
-        grads[key] = p.grad.float().tolist()
-        weights[key] = p.detach().float().tolist()
-json.dump({"input_ids": ids.tolist(), "r": 4, "alpha": 8, "targets": targets,
-           "loss": out.loss.item(), "weights": weights, "grads": grads},
-          open(os.path.join(OUT, "lora_step.json"), "w"))
+        grads[n.replace(".default", "")] = p.grad.float().contiguous()
+pm.save_pretrained(os.path.join(OUT, "qlora-adapter"))
+os.remove(os.path.join(OUT, "qlora-adapter", "README.md"))  # PEFT's model card
+grads["input_ids"] = ids
+grads["loss"] = out.loss.detach().reshape(1)
+save_file(grads, os.path.join(OUT, "qlora_step.safetensors"))
 print("wrote", OUT, len(cases), "cases")

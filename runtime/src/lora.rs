@@ -17,7 +17,7 @@ use crate::model::block::Proj;
 pub use crate::model::lora_config::{LoraConfig, Targets, is_target};
 use crate::model::params::PEFT_PREFIX;
 use crate::model::{Model, ModuleId};
-use crate::nn::linear::{Linear, LoraAdapter};
+use crate::nn::linear::{Linear, LoraAdapter, Weight};
 use crate::{Error, Result};
 
 fn linear_mut(model: &mut Model, layer: usize, proj: Proj) -> &mut Linear {
@@ -245,9 +245,13 @@ pub fn merge(model: &Model) -> Result<Model> {
         if let Some(ad) = lin.lora.take()
             && !model.is_shapes_only()
         {
+            // A 4-bit base is dequantized on the way (HF's merge of a QLoRA adapter): the merged
+            // weight is a float weight in the compute dtype.
+            let dtype = model.decoder.dtype();
             let delta = (ad.b.matmul(&ad.a)? * ad.scale)?;
-            lin.weight =
-                (lin.weight.to_dtype(DType::F32)? + delta)?.to_dtype(lin.weight.dtype())?;
+            let base = lin.weight.matrix(dtype)?.to_dtype(DType::F32)?;
+            let delta = delta.to_device(base.device())?;
+            lin.weight = Weight::Dense((base + delta)?.to_dtype(dtype)?);
         }
     }
     out.lora = None;

@@ -172,6 +172,10 @@ pub struct ModelConfig {
     /// `llama`, `qwen2`, ...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_type: Option<String>,
+    /// How the checkpoint's weights are quantized (bitsandbytes' `BitsAndBytesConfig` as
+    /// transformers saves it); kept as written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization_config: Option<serde_json::Value>,
 }
 
 /// The largest `vocab_size` [`ModelConfig::check_ranges`] takes (16 M; real ones reach 262 k).
@@ -208,8 +212,43 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// Whether the checkpoint holds 4-bit weights bitsandbytes quantized.
+    pub fn is_quantized_4bit(&self) -> bool {
+        self.quantization_config.as_ref().is_some_and(|q| {
+            q.get("load_in_4bit").and_then(serde_json::Value::as_bool) == Some(true)
+                || q.get("_load_in_4bit").and_then(serde_json::Value::as_bool) == Some(true)
+        })
+    }
+
+    /// The checkpoint's quantization, refused unless it is bitsandbytes' 4-bit.
+    fn check_quantization(&self) -> Result<(), String> {
+        let Some(q) = &self.quantization_config else {
+            return Ok(());
+        };
+        let method = q
+            .get("quant_method")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("");
+        if method != "bitsandbytes" {
+            return Err(format!(
+                "`quantization_config.quant_method` is `{method}`; qscript loads bitsandbytes' \
+                 4-bit checkpoints (nf4, fp4) and float ones"
+            ));
+        }
+        let flag = |k: &str| q.get(k).and_then(serde_json::Value::as_bool) == Some(true);
+        if flag("load_in_8bit") || flag("_load_in_8bit") {
+            return Err(
+                "`quantization_config` is bitsandbytes' 8-bit (LLM.int8); qscript loads its \
+                 4-bit checkpoints (nf4, fp4) and float ones"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     /// Checks what serde cannot: a known architecture, consistent head counts, a known RoPE type.
     pub fn validate(&self) -> Result<(), String> {
+        self.check_quantization()?;
         let name = self
             .architectures
             .first()

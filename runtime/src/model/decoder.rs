@@ -53,7 +53,7 @@ pub struct Decoder {
     /// Final `norm`.
     pub norm: Tensor,
     /// `lm_head`, or `None` when tied to the embedding.
-    pub lm_head: Option<Linear>,
+    pub lm_head: Option<Tensor>,
     /// RoPE frequencies.
     pub rope: Rope,
 }
@@ -161,7 +161,7 @@ impl Decoder {
 
     /// The LM head's weight `[vocab, hidden]` (the embedding when tied).
     pub fn head_weight(&self) -> &Tensor {
-        self.lm_head.as_ref().map_or(&self.embed, |h| &h.weight)
+        self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
     /// Final norm and LM head: hidden states -> logits.
@@ -183,8 +183,9 @@ impl Decoder {
     pub fn num_params(&self) -> usize {
         let lin =
             |l: &Linear| l.weight.elem_count() + l.bias.as_ref().map_or(0, Tensor::elem_count);
-        let mut n =
-            self.embed.elem_count() + self.norm.elem_count() + self.lm_head.as_ref().map_or(0, lin);
+        let mut n = self.embed.elem_count()
+            + self.norm.elem_count()
+            + self.lm_head.as_ref().map_or(0, Tensor::elem_count);
         for b in &self.blocks {
             let a = &b.attn;
             n += b.input_norm.elem_count() + b.post_norm.elem_count();

@@ -16,8 +16,10 @@ use super::rope::Rope;
 use super::weights::WeightSource;
 use crate::cancel::CancelToken;
 use crate::device::DeviceSpec;
-use crate::nn::Linear;
+use crate::nn::{Linear, Weight};
+use crate::quant::Quant4;
 use crate::{Error, Result};
+use std::sync::Arc;
 
 /// `dtype` and `device` choices for loading, as scripts spell them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +36,9 @@ pub struct LoadOptions {
     /// Per device (`cpu`, `cuda:N` or `N`), the bytes placement may use (HF's `max_memory`);
     /// unset devices are probed.
     pub max_memory: Vec<(String, u64)>,
+    /// Quantize the layers' linear weights to 4 bits on load (HF's `load_in_4bit`); a checkpoint
+    /// bitsandbytes already quantized loads as it is, with or without this.
+    pub quant: Option<crate::quant::Quant4Config>,
 }
 
 impl Default for LoadOptions {
@@ -44,6 +49,7 @@ impl Default for LoadOptions {
             trainable: false,
             device_map: None,
             max_memory: Vec::new(),
+            quant: None,
         }
     }
 }
@@ -222,7 +228,7 @@ impl Model {
         let c = Checkpoint::open(dir, opts)?;
         let src = WeightSource::open(dir, cancel)?;
         let placement = place(&c.cfg, c.dtype, opts)?;
-        let mut m = Self::build_placed(c.cfg, &src, c.dtype, &c.device, opts.trainable, placement)?;
+        let mut m = Self::build_placed(c.cfg, &src, c.dtype, &c.device, opts, placement)?;
         m.generation = c.generation;
         m.source = Some(dir.to_path_buf());
         Ok(m)
@@ -240,7 +246,7 @@ impl Model {
         let c = Checkpoint::open(dir, opts)?;
         let src = WeightSource::headers(dir, cancel)?;
         let placement = place(&c.cfg, c.dtype, opts)?;
-        let mut m = Self::build(c.cfg, &src, c.dtype, &Device::Cpu, opts.trainable)?;
+        let mut m = Self::build_placed(c.cfg, &src, c.dtype, &Device::Cpu, opts, None)?;
         m.placement = placement;
         m.generation = c.generation;
         m.source = Some(dir.to_path_buf());
@@ -271,22 +277,35 @@ impl Model {
         device: &Device,
         trainable: bool,
     ) -> Result<Self> {
-        Self::build_placed(cfg, src, dtype, device, trainable, None)
+        let opts = LoadOptions {
+            trainable,
+            ..LoadOptions::default()
+        };
+        Self::build_placed(cfg, src, dtype, device, &opts, None)
     }
 
-    /// [`Model::build`] with each module on the device `placement` gives it.
+    /// [`Model::build`] with each module on the device `placement` gives it and the layers'
+    /// linear weights in 4 bits when `opts.quant` asks (or the checkpoint has them so).
     pub fn build_placed(
         cfg: ModelConfig,
         src: &WeightSource,
         dtype: DType,
         device: &Device,
-        trainable: bool,
+        opts: &LoadOptions,
         placement: Option<crate::plan::Placement>,
     ) -> Result<Self> {
         cfg.validate().map_err(|message| Error::Config {
             path: src.dir().join("config.json"),
             message,
         })?;
+        let trainable = opts.trainable;
+        if trainable && (opts.quant.is_some() || cfg.is_quantized_4bit()) {
+            return Err(Error::InvalidArgument(
+                "a 4-bit model trains adapters only (QLoRA): load it without `trainable: true` \
+                 and attach LoRA, or load it without `load_in_4bit` to train every weight"
+                    .into(),
+            ));
+        }
         let arch = cfg.arch()?;
         let mut devices = HashMap::new();
         if let Some(p) = &placement {
@@ -300,6 +319,7 @@ impl Model {
             device,
             placement: placement.as_ref(),
             devices,
+            quant: opts.quant,
         };
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         let (q_out, kv_out) = (cfg.num_attention_heads * hd, cfg.num_kv_heads() * hd);
@@ -339,7 +359,7 @@ impl Model {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(l.linear(ModuleId::Head, "", cfg.vocab_size, h, false)?)
+            Some(l.dense(ModuleId::Head, "weight", (cfg.vocab_size, h))?)
         };
         let rope = Rope::new(&cfg);
         let generation = GenerationConfig {
@@ -393,6 +413,18 @@ impl Model {
         }
     }
 
+    /// The first 4-bit weight of the layers, if the model has any.
+    pub fn quant4(&self) -> Option<&crate::quant::Quant4> {
+        self.decoder.blocks.iter().find_map(|b| {
+            super::block::Proj::ALL
+                .iter()
+                .find_map(|&p| match &b.proj(p).weight {
+                    Weight::Quant4(q) => Some(q.as_ref()),
+                    Weight::Dense(_) => None,
+                })
+        })
+    }
+
     /// Writes an HF checkpoint directory: `config.json`, `generation_config.json` and
     /// `model.safetensors` (each file atomically).
     pub fn save(&self, dir: &Path) -> Result<()> {
@@ -401,6 +433,23 @@ impl Model {
         let mut cfg = self.config().clone();
         cfg.dtype = Some(dtype_name(self.decoder.dtype()).into());
         cfg.model_type = Some(self.arch.model_type().into());
+        // 4-bit weights are saved as bitsandbytes saves them, under its config (transformers
+        // loads the directory as a 4-bit model); a merged or float model has none.
+        cfg.quantization_config = self.quant4().map(|q| {
+            serde_json::json!({
+                "quant_method": "bitsandbytes",
+                "load_in_4bit": true,
+                "load_in_8bit": false,
+                "bnb_4bit_quant_type": q.quant_type.name(),
+                "bnb_4bit_use_double_quant": matches!(q.absmax, crate::quant::Absmax::Nested { .. }),
+                "bnb_4bit_compute_dtype": dtype_name(self.decoder.dtype()),
+                "bnb_4bit_quant_storage": "uint8",
+                "llm_int8_skip_modules": null,
+                "llm_int8_threshold": 6.0,
+                "llm_int8_has_fp16_weight": false,
+                "llm_int8_enable_fp32_cpu_offload": false,
+            })
+        });
         let json = |v: &dyn erased::Json| v.to_json();
         crate::sandbox::write_atomic(&dir.join("config.json"), json(&cfg).as_bytes())?;
         crate::sandbox::write_atomic(
@@ -453,7 +502,14 @@ impl fmt::Display for Model {
             c.num_attention_heads,
             c.num_kv_heads(),
             c.vocab_size,
-            dtype_name(self.decoder.dtype()),
+            match self.quant4() {
+                Some(q) => format!(
+                    "{} ({} compute)",
+                    q.quant_type.name(),
+                    dtype_name(self.decoder.dtype())
+                ),
+                None => dtype_name(self.decoder.dtype()).to_string(),
+            },
             match &self.placement {
                 Some(p) if p.devices.len() > 1 => p
                     .devices
@@ -473,6 +529,8 @@ struct Loader<'a> {
     device: &'a Device,
     placement: Option<&'a crate::plan::Placement>,
     devices: HashMap<DeviceSpec, Device>,
+    /// Quantize the layers' linear weights on load.
+    quant: Option<crate::quant::Quant4Config>,
 }
 
 impl Loader<'_> {
@@ -509,12 +567,76 @@ impl Loader<'_> {
                 format!("{path}.{kind}")
             }
         };
-        let w = self.get(module, &sub("weight"), &[out, inp])?;
+        let name = module.tensor(&sub("weight"));
+        let device = self.device_of(module);
+        let weight = if self.src.contains(&format!("{name}.absmax")) {
+            Weight::Quant4(Arc::new(self.stored_4bit(&name, (out, inp), device)?))
+        } else if let (Some(q), ModuleId::Layer(_)) = (self.quant, module) {
+            // Read in the compute dtype on the host (bitsandbytes quantizes what transformers
+            // loaded), one weight at a time: the float model is never whole in memory.
+            let q4 = if self.src.is_headers() {
+                self.src.get(&name, &[out, inp], self.dtype, &Device::Cpu)?;
+                Quant4::planned((out, inp), &q, self.dtype)?
+            } else {
+                let w = self.src.get(&name, &[out, inp], self.dtype, &Device::Cpu)?;
+                Quant4::quantize(&w, &q, device)?
+            };
+            Weight::Quant4(Arc::new(q4))
+        } else {
+            Weight::Dense(self.get(module, &sub("weight"), &[out, inp])?)
+        };
         let b = if bias {
             Some(self.get(module, &sub("bias"), &[out])?)
         } else {
             None
         };
-        Ok(Linear::new(w, b))
+        Ok(Linear::with_weight(weight, b))
+    }
+
+    /// The float matrix `path` of `module` (`[out, in]`): a weight bitsandbytes stored in 4 bits
+    /// is dequantized (the head stays in the compute dtype, as in HF).
+    fn dense(&self, module: ModuleId, path: &str, shape: (usize, usize)) -> Result<Tensor> {
+        let name = module.tensor(path);
+        if self.src.contains(&format!("{name}.absmax")) {
+            let q = self.stored_4bit(&name, shape, self.device_of(module))?;
+            return Ok(q.dequantize(self.dtype)?);
+        }
+        self.get(module, path, &[shape.0, shape.1])
+    }
+
+    /// The 4-bit weight `name` as bitsandbytes saved it (in a dry run: its parts' sizes checked,
+    /// no data).
+    fn stored_4bit(&self, name: &str, shape: (usize, usize), device: &Device) -> Result<Quant4> {
+        let part = |suffix: &str| {
+            if suffix.is_empty() {
+                name.to_string()
+            } else {
+                format!("{name}.{suffix}")
+            }
+        };
+        let has = |suffix: &str| self.src.contains(&part(suffix));
+        let fetch = |suffix: &str, dtype: DType, dims: Option<&[usize]>| {
+            let on = if suffix.starts_with("quant_state") {
+                &Device::Cpu
+            } else {
+                device
+            };
+            self.src.get_stored(&part(suffix), dims, dtype, on)
+        };
+        if self.src.is_headers() {
+            let quant_type = if has("quant_state.bitsandbytes__fp4") {
+                crate::quant::QuantType::Fp4
+            } else {
+                crate::quant::QuantType::Nf4
+            };
+            let cfg = crate::quant::Quant4Config {
+                quant_type,
+                double_quant: has("nested_absmax"),
+            };
+            let n = shape.0 * shape.1;
+            fetch("", DType::U8, Some(&[n.div_ceil(2), 1]))?;
+            return Quant4::planned(shape, &cfg, self.dtype);
+        }
+        crate::quant::read_bnb(name, shape, &has, &fetch)
     }
 }

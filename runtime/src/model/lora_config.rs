@@ -54,7 +54,8 @@ pub struct LoraConfig {
     pub bias: String,
     /// Scale by `alpha / sqrt(r)` instead of `alpha / r`.
     pub use_rslora: bool,
-    /// `CAUSAL_LM`.
+    /// `CAUSAL_LM` (PEFT writes `null` when none was given: read as `CAUSAL_LM`).
+    #[serde(deserialize_with = "task_type_or_causal_lm")]
     pub task_type: String,
     /// `LORA`.
     pub peft_type: String,
@@ -148,4 +149,11 @@ pub fn is_target(targets: &Targets, path: &str) -> Result<bool> {
             re.is_match(path)
         }
     })
+}
+
+/// `task_type`, `null` read as `CAUSAL_LM` (PEFT writes `null` when none was given).
+fn task_type_or_causal_lm<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_else(|| "CAUSAL_LM".into()))
 }

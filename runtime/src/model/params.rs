@@ -10,11 +10,13 @@ use super::decoder::Decoder;
 use super::load::Model;
 use super::module_id::ModuleId;
 use crate::Result;
+use crate::nn::Weight;
 
 /// What PEFT puts before a module's HF name in an adapter's tensor names.
 pub const PEFT_PREFIX: &str = "base_model.model.";
 
-/// Calls `f` on every weight of `d` by HF name, mutably.
+/// Calls `f` on every weight of `d` by HF name, mutably (a 4-bit weight: on copies of the
+/// tensors bitsandbytes saves for it).
 pub fn visit_mut(
     d: &mut Decoder,
     f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>,
@@ -25,10 +27,22 @@ pub fn visit_mut(
         f(&layer.tensor(&Norm::Input.weight()), &mut b.input_norm)?;
         for proj in Proj::ALL {
             let lin = b.proj_mut(proj);
-            f(
-                &layer.tensor(&format!("{}.weight", proj.path())),
-                &mut lin.weight,
-            )?;
+            let name = layer.tensor(&format!("{}.weight", proj.path()));
+            match &mut lin.weight {
+                Weight::Dense(w) => f(&name, w)?,
+                // Visited as the tensors bitsandbytes saves (copies: changing them changes
+                // nothing; a 4-bit weight is never trained).
+                Weight::Quant4(q) => {
+                    for (suffix, mut t) in q.bnb_tensors()? {
+                        let part = if suffix.is_empty() {
+                            name.clone()
+                        } else {
+                            format!("{name}.{suffix}")
+                        };
+                        f(&part, &mut t)?;
+                    }
+                }
+            }
             if let Some(bias) = &mut lin.bias {
                 f(&layer.tensor(&format!("{}.bias", proj.path())), bias)?;
             }
@@ -46,7 +60,7 @@ pub fn visit_mut(
     }
     f(&ModuleId::FinalNorm.tensor("weight"), &mut d.norm)?;
     if let Some(h) = &mut d.lm_head {
-        f(&ModuleId::Head.tensor("weight"), &mut h.weight)?;
+        f(&ModuleId::Head.tensor("weight"), h)?;
     }
     Ok(())
 }

@@ -108,6 +108,7 @@ impl TinyConfig {
             eos_token_id: Some(OneOrMany::One(256.min(self.vocab.saturating_sub(1)) as u32)),
             dtype: None,
             model_type: Some(arch.model_type().into()),
+            quantization_config: None,
         };
         cfg.validate()
             .map_err(|m| Error::InvalidArgument(format!("tiny model: {m}")))?;

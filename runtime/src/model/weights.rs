@@ -218,6 +218,106 @@ impl WeightSource {
     }
 }
 
+impl WeightSource {
+    /// The tensor `name` as stored, which must be `dtype` (bitsandbytes' u8 codes, f32 absmax)
+    /// and `shape` (`None`: any), on `device`; nothing is converted.
+    pub fn get_stored(
+        &self,
+        name: &str,
+        shape: Option<&[usize]>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let stored = match self {
+            WeightSource::Headers { tensors, .. } => tensors.get(name).map(|(_, _, d)| match d {
+                safetensors::Dtype::U8 => DType::U8,
+                safetensors::Dtype::F32 => DType::F32,
+                safetensors::Dtype::BF16 => DType::BF16,
+                safetensors::Dtype::F16 => DType::F16,
+                _ => DType::F64,
+            }),
+            _ => None,
+        };
+        if let Some(stored) = stored {
+            if stored != dtype {
+                return Err(self.wrong_dtype(name, stored, dtype));
+            }
+            if let WeightSource::Headers {
+                tensors, cancel, ..
+            } = self
+            {
+                cancel.check()?;
+                let found = &tensors[name].1;
+                if let Some(shape) = shape
+                    && found.as_slice() != shape
+                {
+                    return Err(Error::ShapeMismatch {
+                        name: name.into(),
+                        path: self.dir().into(),
+                        expected: shape.to_vec(),
+                        found: found.clone(),
+                    });
+                }
+                return Ok(Tensor::zeros((), dtype, &Device::Cpu)?.broadcast_as(found.as_slice())?);
+            }
+        }
+        let t = match self {
+            WeightSource::Files {
+                files,
+                routing,
+                cancel,
+                ..
+            } => {
+                cancel.check()?;
+                let i = *routing.get(name).ok_or_else(|| Error::MissingTensor {
+                    name: name.into(),
+                    path: self.dir().into(),
+                })?;
+                files[i].load(name, device)?
+            }
+            WeightSource::Memory { tensors, .. } => tensors
+                .get(name)
+                .ok_or_else(|| Error::MissingTensor {
+                    name: name.into(),
+                    path: self.dir().into(),
+                })?
+                .to_device(device)?,
+            WeightSource::Headers { .. } => {
+                return Err(Error::MissingTensor {
+                    name: name.into(),
+                    path: self.dir().into(),
+                });
+            }
+        };
+        if t.dtype() != dtype {
+            return Err(self.wrong_dtype(name, t.dtype(), dtype));
+        }
+        if let Some(shape) = shape
+            && t.dims() != shape
+        {
+            return Err(Error::ShapeMismatch {
+                name: name.into(),
+                path: self.dir().into(),
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        Ok(t)
+    }
+
+    /// Whether tensors come back as shapes only (`qscript check`).
+    pub fn is_headers(&self) -> bool {
+        matches!(self, WeightSource::Headers { .. })
+    }
+
+    fn wrong_dtype(&self, name: &str, found: DType, want: DType) -> Error {
+        Error::Safetensors {
+            path: self.dir().into(),
+            message: format!("`{name}` is {found:?}; a 4-bit checkpoint stores it as {want:?}"),
+        }
+    }
+}
+
 /// The tensors a safetensors file declares, from its header alone: each tensor's bytes must lie
 /// inside the file, and the file must end where the last one does.
 fn read_header(path: &Path) -> Result<Vec<(String, Vec<usize>, safetensors::Dtype)>> {

@@ -1,7 +1,7 @@
 //! The one seam every projection goes through, so LoRA can replace it by module name, with its
 //! explicit backward. A frozen weight gets no gradient and no weight-gradient matmul: only `dX`.
 
-use candle_core::{D, DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use super::GradSink;
 use super::dropout;
@@ -33,11 +33,69 @@ impl LoraAdapter {
     }
 }
 
+/// A linear layer's weight `[out, in]`: a float tensor, or 4 bits as bitsandbytes stores them
+/// (QLoRA's frozen base), dequantized for each product.
+#[derive(Clone, Debug)]
+pub enum Weight {
+    /// In the model's dtype.
+    Dense(Tensor),
+    /// NF4 or FP4 codes and their absmax ([`crate::quant`]); never trained.
+    Quant4(std::sync::Arc<crate::quant::Quant4>),
+}
+
+impl Weight {
+    /// The weight as a float matrix in `dtype` (a dense weight as it is).
+    pub fn matrix(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            Weight::Dense(t) => Ok(t.clone()),
+            Weight::Quant4(q) => q.dequantize(dtype),
+        }
+    }
+
+    /// The float tensor of a dense weight.
+    pub fn as_dense(&self) -> Option<&Tensor> {
+        match self {
+            Weight::Dense(t) => Some(t),
+            Weight::Quant4(_) => None,
+        }
+    }
+
+    /// `(out, in)`.
+    pub fn dims2(&self) -> (usize, usize) {
+        match self {
+            Weight::Dense(t) => t.dims2().unwrap_or((0, 0)),
+            Weight::Quant4(q) => q.shape,
+        }
+    }
+
+    /// The values it stands for (`out * in`).
+    pub fn elem_count(&self) -> usize {
+        let (o, i) = self.dims2();
+        o * i
+    }
+
+    /// The device it is on.
+    pub fn device(&self) -> &candle_core::Device {
+        match self {
+            Weight::Dense(t) => t.device(),
+            Weight::Quant4(q) => q.device(),
+        }
+    }
+
+    /// The dtype it computes in (a 4-bit weight: the dtype it was quantized from).
+    pub fn dtype(&self) -> DType {
+        match self {
+            Weight::Dense(t) => t.dtype(),
+            Weight::Quant4(q) => q.dtype,
+        }
+    }
+}
+
 /// `y = x W^T + b`, with `W: [out, in]` as HF stores it, plus a LoRA adapter when attached.
 #[derive(Clone, Debug)]
 pub struct Linear {
     /// `[out, in]`.
-    pub weight: Tensor,
+    pub weight: Weight,
     /// `[out]`.
     pub bias: Option<Tensor>,
     /// The adapter, if any.
@@ -58,6 +116,11 @@ pub struct LinearSaved {
 impl Linear {
     /// A linear layer from HF tensors.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::with_weight(Weight::Dense(weight), bias)
+    }
+
+    /// A linear layer over `weight` (dense or 4-bit).
+    pub fn with_weight(weight: Weight, bias: Option<Tensor>) -> Self {
         Self {
             weight,
             bias,
@@ -94,7 +157,8 @@ impl Linear {
             rows * inner
         };
         let x2 = x.reshape((rows, inner))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let w = self.weight.matrix(x2.dtype())?;
+        let mut y = x2.matmul(&w.t()?)?;
         if let Some(b) = &self.bias {
             y = add_bias(y, b)?;
         }
@@ -118,7 +182,7 @@ impl Linear {
             });
         }
         let mut out = dims;
-        *out.last_mut().unwrap_or(&mut 0) = self.weight.dim(0)?;
+        *out.last_mut().unwrap_or(&mut 0) = self.out_features();
         y.reshape(out)
     }
 
@@ -145,17 +209,15 @@ impl Linear {
     ) -> Result<Tensor> {
         let rows = saved.x.dim(0)?;
         let dy = dy.reshape((rows, self.out_features()))?;
+        let w = self.weight.matrix(dy.dtype())?;
         let mut dx = match acc {
-            Some(acc) => add_matmul(
-                acc.reshape((rows, self.in_features()))?,
-                &dy,
-                &self.weight,
-                1.0,
-            )?,
-            None => dy.matmul(&self.weight)?,
+            Some(acc) => add_matmul(acc.reshape((rows, self.in_features()))?, &dy, &w, 1.0)?,
+            None => dy.matmul(&w)?,
         };
-        if grads.wants(&self.weight) {
-            grads.add_matmul(&self.weight, &dy.t()?, &saved.x, 1.0)?;
+        if let Weight::Dense(wd) = &self.weight
+            && grads.wants(wd)
+        {
+            grads.add_matmul(wd, &dy.t()?, &saved.x, 1.0)?;
         }
         if let Some(b) = &self.bias
             && grads.wants(b)
@@ -194,11 +256,11 @@ impl Linear {
 
     /// Output features.
     pub fn out_features(&self) -> usize {
-        self.weight.dims().first().copied().unwrap_or(0)
+        self.weight.dims2().0
     }
 
     /// Input features.
     pub fn in_features(&self) -> usize {
-        self.weight.dim(D::Minus1).unwrap_or(0)
+        self.weight.dims2().1
     }
 }

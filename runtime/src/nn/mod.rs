@@ -28,7 +28,7 @@ pub mod unpack;
 
 use candle_core::{Result, Tensor};
 
-pub use linear::Linear;
+pub use linear::{Linear, Weight};
 pub use mask::AttnMask;
 
 /// Where backward functions put parameter gradients. `wants` says whether a tensor is trained

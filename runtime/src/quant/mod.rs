@@ -8,8 +8,11 @@
 //! arithmetic bitsandbytes uses, in candle ops that run on any device. The frozen 4-bit linear
 //! layer (`nn::linear`) dequantizes for each product.
 
+mod bnb;
 pub mod codebook;
 mod host;
+
+pub use bnb::{Fetch, read as read_bnb};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -99,7 +102,8 @@ pub enum Absmax {
 /// A `[out, in]` weight in 4 bits, as bitsandbytes stores it.
 #[derive(Clone, Debug)]
 pub struct Quant4 {
-    /// u8 `[ceil(out * in / 2)]`: two codes a byte, the first in the high nibble.
+    /// u8, `ceil(out * in / 2)` of them (`[n]` or bitsandbytes' `[n, 1]`): two codes a byte, the
+    /// first in the high nibble.
     pub packed: Tensor,
     /// Each block's absmax.
     pub absmax: Absmax,
@@ -253,7 +257,7 @@ impl Quant4 {
         let device = packed.device().clone();
         let code = quant_type.code();
         Ok(Self {
-            packed: packed.flatten_all()?,
+            packed,
             absmax,
             code: Tensor::from_vec(code.to_vec(), 16, &device)?,
             table: byte_table(&code, &device)?,
@@ -289,7 +293,7 @@ impl Quant4 {
         let n = self.shape.0 * self.shape.1;
         let vals = self
             .table
-            .index_select(&self.packed.to_dtype(DType::U32)?, 0)?
+            .index_select(&self.packed.flatten_all()?.to_dtype(DType::U32)?, 0)?
             .flatten_all()?
             .narrow(0, 0, n)?;
         scale_blocks(&vals, &self.absmax_f32()?, self.blocksize)?

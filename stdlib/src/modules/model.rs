@@ -24,6 +24,14 @@ struct LoadOpts {
     max_memory: Option<std::collections::BTreeMap<String, serde_json::Value>>,
     /// A hub id's branch, tag or commit in the HF cache (`main` when unset).
     revision: Option<String>,
+    /// HF's `BitsAndBytesConfig` names: quantize the layers' linear weights to 4 bits on load.
+    load_in_4bit: bool,
+    load_in_8bit: bool,
+    bnb_4bit_quant_type: Option<String>,
+    bnb_4bit_use_double_quant: Option<bool>,
+    bnb_4bit_compute_dtype: Option<String>,
+    /// LLaMA-Factory's name: 4 is `load_in_4bit`.
+    quantization_bit: Option<i64>,
 }
 
 impl Default for LoadOpts {
@@ -35,6 +43,12 @@ impl Default for LoadOpts {
             device_map: None,
             max_memory: None,
             revision: None,
+            load_in_4bit: false,
+            load_in_8bit: false,
+            bnb_4bit_quant_type: None,
+            bnb_4bit_use_double_quant: None,
+            bnb_4bit_compute_dtype: None,
+            quantization_bit: None,
         }
     }
 }
@@ -76,13 +90,76 @@ impl LoadOpts {
         for (k, v) in self.max_memory.iter().flatten() {
             max_memory.push((k.clone(), size(k, v)?));
         }
+        let (quant, dtype) = self.quantization()?;
         Ok(qscript_runtime::model::LoadOptions {
-            dtype: self.dtype.clone(),
+            dtype,
             device: self.device.clone(),
             trainable: self.trainable,
             device_map,
             max_memory,
+            quant,
         })
+    }
+
+    /// The 4-bit quantization the options ask for, and the dtype the model computes in
+    /// (`bnb_4bit_compute_dtype` stands for `dtype`).
+    fn quantization(
+        &self,
+    ) -> Result<(Option<qscript_runtime::quant::Quant4Config>, String), String> {
+        use qscript_runtime::quant::{Quant4Config, QuantType};
+        let eight = "8-bit weights (LLM.int8) are not supported; use `load_in_4bit: true` \
+                     (QLoRA's 4-bit NF4) or a float dtype";
+        if self.load_in_8bit {
+            return Err(format!("`load_in_8bit`: {eight}"));
+        }
+        let four = match self.quantization_bit {
+            None => self.load_in_4bit,
+            Some(4) => true,
+            Some(8) => return Err(format!("`quantization_bit: 8`: {eight}")),
+            Some(b) => {
+                return Err(format!(
+                    "`quantization_bit: {b}`: 4 is the quantization qscript has (NF4)"
+                ));
+            }
+        };
+        let mut dtype = self.dtype.clone();
+        if !four {
+            for (set, name) in [
+                (self.bnb_4bit_quant_type.is_some(), "bnb_4bit_quant_type"),
+                (
+                    self.bnb_4bit_use_double_quant.is_some(),
+                    "bnb_4bit_use_double_quant",
+                ),
+                (
+                    self.bnb_4bit_compute_dtype.is_some(),
+                    "bnb_4bit_compute_dtype",
+                ),
+            ] {
+                if set {
+                    return Err(format!("`{name}` goes with `load_in_4bit: true`"));
+                }
+            }
+            return Ok((None, dtype));
+        }
+        if let Some(c) = &self.bnb_4bit_compute_dtype {
+            let c = c.trim_start_matches("torch.").to_string();
+            if dtype != "auto" && dtype != c {
+                return Err(format!(
+                    "`bnb_4bit_compute_dtype: \"{c}\"` and `dtype: \"{dtype}\"` disagree; the \
+                     model computes in one dtype (give one of them)"
+                ));
+            }
+            dtype = c;
+        }
+        let quant_type = QuantType::parse(self.bnb_4bit_quant_type.as_deref().unwrap_or("nf4"))
+            .map_err(|e| e.to_string())?;
+        Ok((
+            Some(Quant4Config {
+                quant_type,
+                double_quant: self.bnb_4bit_use_double_quant.unwrap_or(false),
+            }),
+            dtype,
+        ))
     }
 }
 
@@ -349,11 +426,18 @@ pub mod model_module {
     /// | `device_map` | HF's: `"auto"` / `"balanced"` (even over the GPUs, the CPU for what does not fit), `"sequential"` (fill in order), or a map of module names (or prefixes) to devices: `#{ "model.layers.20": "cuda:1", model: "cuda:0", lm_head: "cuda:1" }` |
     /// | `max_memory` | with `device_map`, the most each device may hold: `#{ "cuda:0": "20GiB", cpu: "64GiB" }` (unset devices are probed; `GB` = 10^9, `GiB` = 2^30) |
     /// | `revision` | a hub id's branch, tag or commit in the HF cache (default `main`) |
+    /// | `load_in_4bit` | `true`: the layers' linear weights in 4 bits (QLoRA), as bitsandbytes quantizes them (blocks of 64; the head, embedding and norms stay in `dtype`); adapters train on it. A checkpoint bitsandbytes saved in 4 bits loads as it is |
+    /// | `bnb_4bit_quant_type` | `"nf4"` (default) or `"fp4"` |
+    /// | `bnb_4bit_use_double_quant` | `true`: the absmax in 8 bits too (about 0.4 bits a weight less) |
+    /// | `bnb_4bit_compute_dtype` | the dtype the model computes in (`dtype`'s values) |
+    /// | `quantization_bit` | LLaMA-Factory's: `4` is `load_in_4bit: true` |
     ///
     /// ```rhai
     /// model::tiny(#{ seed: 1 }).save("ckpt");
     /// let m = model::load(io::output_dir() + "/ckpt", #{ dtype: "f32", device: "cpu" });
     /// print(m);
+    /// let q = model::load(io::output_dir() + "/ckpt", #{ load_in_4bit: true, bnb_4bit_use_double_quant: true, device: "cpu" });
+    /// print(q.generate(tokenizer::builtin(), "Once upon a time", #{ max_new_tokens: 2 }));
     /// let placed = model::load(io::output_dir() + "/ckpt", #{ dtype: "f32", device_map: "auto", max_memory: #{ cpu: "1GiB" } });
     /// assert(placed.device == "cpu");
     /// ```
