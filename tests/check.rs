@@ -314,6 +314,23 @@ train::fit(peft, ds, #{ per_device_train_batch_size: 1, gradient_accumulation_st
         "{err}"
     );
     assert!(secs < 30.0, "check took {secs:.1} s");
+    // The same run on a 4-bit base (QLoRA): the layers' weights counted as bitsandbytes stores
+    // them, planned from the same headers.
+    let text = std::fs::read_to_string(env.recipe_dir().join("big.rhai"))
+        .unwrap()
+        .replace(
+            r#"#{ dtype: "bf16" }"#,
+            r#"#{ dtype: "bf16", load_in_4bit: true, bnb_4bit_use_double_quant: true }"#,
+        );
+    env.write("q4.rhai", &text);
+    let o = run_in(env.dir.path(), &["check", "recipe/q4.rhai"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("nf4 (bfloat16 compute)"), "{err}");
+    assert!(
+        err.contains("check:   weights                       5.16 GiB"),
+        "{err}"
+    );
 }
 
 /// A run that cannot fit is refused before anything loads, with the memory it needs, what the

@@ -56,6 +56,8 @@ pub struct Workload {
     /// Micro-batches whose activations are held at once (a pipelined window holds all of its
     /// own; 1 otherwise).
     pub held_micro_batches: usize,
+    /// The layers' linear weights in 4 bits (QLoRA); `Some(true)` with double quantization.
+    pub quant4: Option<bool>,
 }
 
 /// Bytes per term; [`Estimate::total`] is their sum.
@@ -229,8 +231,24 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
             (trained / n as f64 + outside + layers.min(3.0) * per_block) * 4.0
         }
     };
+    // 4-bit layers: the linear weights' codes (half a byte each) and absmax (a byte, or four
+    // without double quantization, per 64), and at each product one weight dequantized: its
+    // f32 values, their blockwise product and the result in the compute dtype (`quant::Quant4`).
+    let layer_linear = h * q * 2.0 + h * kv * 2.0 + 3.0 * h * i;
+    let (weights, temporaries) = match w.quant4 {
+        None => (params * b, temporaries),
+        Some(double) => {
+            let absmax = if double { 1.0 } else { 4.0 } / 64.0;
+            let quantized = layers * layer_linear;
+            let largest = (h * i).max(h * q);
+            (
+                (params - quantized) * b + quantized * (0.5 + absmax),
+                temporaries + largest * (8.0 + b),
+            )
+        }
+    };
     let terms = [
-        params * b,
+        weights,
         if training { trained_bytes } else { 0.0 },
         gradients,
         optimizer,
@@ -393,6 +411,7 @@ mod tests {
                     optimizer_shards: 1,
                     gradient_shards: 1,
                     held_micro_batches: 1,
+                    quant4: None,
                 },
             )
             .unwrap();
@@ -427,6 +446,7 @@ mod tests {
                     optimizer_shards,
                     gradient_shards,
                     held_micro_batches: 1,
+                    quant4: None,
                 },
             )
             .unwrap()
@@ -447,6 +467,45 @@ mod tests {
         assert!(two.gradients * 2 < none.gradients);
     }
 
+    /// 4-bit layers: Qwen2.5-7B's 6.53e9 layer-linear weights in 0.5 + 1/64 bytes each (double
+    /// quantization), its embedding, head and norms (1.09e9) in bf16: 5.545e9 bytes; and one
+    /// weight's dequantization temporaries (the 3584 x 18944 MLP weights, 10 bytes a value).
+    #[test]
+    fn four_bit_weights_are_counted_as_stored() {
+        let c = config(
+            r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 3584, "intermediate_size": 18944,
+            "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+            "vocab_size": 152064, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": false, "hidden_act": "silu"}"#,
+        );
+        let w = |quant4| Workload {
+            tokens: 1024,
+            gradient_checkpointing: true,
+            trainable: Trainable::Adapters(40_370_176),
+            weight_decay: false,
+            lora: Some((16, 7)),
+            gpu: true,
+            optimizer_shards: 1,
+            gradient_shards: 1,
+            held_micro_batches: 1,
+            quant4,
+        };
+        let dense = estimate(&c, DType::BF16, &w(None)).unwrap();
+        let q = estimate(&c, DType::BF16, &w(Some(true))).unwrap();
+        let plain = estimate(&c, DType::BF16, &w(Some(false))).unwrap();
+        assert_eq!(dense.weights, 15_231_233_024);
+        assert!(
+            (q.weights as f64 - 5.545_257_484e9).abs() < 1e3,
+            "{}",
+            q.weights
+        );
+        // Without double quantization: 3/64 of a byte more per quantized weight.
+        assert!(
+            (plain.weights as f64 - q.weights as f64 - 6_525_288_448.0 * 3.0 / 64.0).abs() < 1e3
+        );
+        assert_eq!(q.temporaries - dense.temporaries, 3584 * 18944 * 10);
+    }
+
     #[test]
     fn absurd_sizes_are_errors_not_allocations() {
         let mut c = qwen15_7b();
@@ -462,6 +521,7 @@ mod tests {
             optimizer_shards: 1,
             gradient_shards: 1,
             held_micro_batches: 1,
+            quant4: None,
         };
         let e = estimate(&c, DType::BF16, &w).err().unwrap().to_string();
         assert!(e.contains("`hidden_size` 1000000000000"), "{e}");

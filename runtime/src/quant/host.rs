@@ -30,31 +30,30 @@ fn buckets(code: &[f32]) -> (Vec<f32>, Vec<u8>) {
 pub fn quantize_blocks(x: &[f32], blocksize: usize, code: &[f32]) -> (Vec<u8>, Vec<f32>) {
     let (mids, order) = buckets(code);
     let full = x.len() / blocksize * blocksize;
-    let per_block = |chunk: &[f32], whole: bool| -> (Vec<u8>, f32) {
-        let absmax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let am = absmax.max(TINY);
-        let inv = 1.0 / am;
-        let q = chunk
-            .iter()
-            .map(|&v| {
-                let s = if whole { v * inv } else { v / am }.clamp(-1.0, 1.0);
-                order[mids.partition_point(|m| *m < s)]
-            })
-            .collect();
-        (q, absmax)
+    let mut codes = vec![0u8; x.len()];
+    let mut absmax = vec![0f32; x.len().div_ceil(blocksize)];
+    let block = |(chunk, (q, am)): (&[f32], (&mut [u8], &mut f32))| {
+        let whole = chunk.len() == blocksize;
+        *am = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let a = am.max(TINY);
+        let inv = 1.0 / a;
+        for (v, c) in chunk.iter().zip(q.iter_mut()) {
+            let s = if whole { v * inv } else { v / a }.clamp(-1.0, 1.0);
+            *c = order[mids.partition_point(|m| *m < s)];
+        }
     };
-    let mut parts: Vec<(Vec<u8>, f32)> = x[..full]
+    let (head_codes, tail_codes) = codes.split_at_mut(full);
+    let (head_am, tail_am) = absmax.split_at_mut(full / blocksize);
+    x[..full]
         .par_chunks(blocksize)
-        .map(|c| per_block(c, true))
-        .collect();
+        .zip(
+            head_codes
+                .par_chunks_mut(blocksize)
+                .zip(head_am.par_iter_mut()),
+        )
+        .for_each(block);
     if full < x.len() {
-        parts.push(per_block(&x[full..], false));
-    }
-    let mut codes = Vec::with_capacity(x.len());
-    let mut absmax = Vec::with_capacity(parts.len());
-    for (q, a) in parts {
-        codes.extend(q);
-        absmax.push(a);
+        block((&x[full..], (tail_codes, &mut tail_am[0])));
     }
     (codes, absmax)
 }

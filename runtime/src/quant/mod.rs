@@ -22,6 +22,8 @@ use crate::{Error, Result};
 pub const BLOCKSIZE: usize = 64;
 /// The absmax per block of the double-quantized absmax.
 pub const NESTED_BLOCKSIZE: usize = 256;
+/// Values quantized at a time on load: whole blocks, an even count (256 KiB of f32).
+const QUANTIZE_CHUNK: usize = 1 << 16;
 
 /// The 4-bit code book.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,10 +154,26 @@ impl Quant4 {
     pub fn quantize(w: &Tensor, cfg: &Quant4Config, device: &Device) -> Result<Self> {
         let (out, inp) = w.dims2()?;
         let dtype = w.dtype();
-        let x = w.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let code = cfg.quant_type.code();
-        let (codes, absmax) = host::quantize_blocks(&x, BLOCKSIZE, &code);
-        let packed = host::pack(&codes, host::code_of_zero(&code));
+        let zero = host::code_of_zero(&code);
+        // In chunks of whole blocks, so the host never holds the weight in f32: its codes and
+        // absmax grow as the chunks go.
+        let flat = w.flatten_all()?;
+        let n = out * inp;
+        let mut packed = Vec::with_capacity(n.div_ceil(2));
+        let mut absmax = Vec::with_capacity(n.div_ceil(BLOCKSIZE));
+        let mut start = 0;
+        while start < n {
+            let len = QUANTIZE_CHUNK.min(n - start);
+            let x = flat
+                .narrow(0, start, len)?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            let (codes, am) = host::quantize_blocks(&x, BLOCKSIZE, &code);
+            packed.extend(host::pack(&codes, zero));
+            absmax.extend(am);
+            start += len;
+        }
         let n_packed = packed.len();
         let absmax = if cfg.double_quant {
             let offset = host::mean(&absmax);

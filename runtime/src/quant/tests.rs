@@ -181,3 +181,26 @@ fn parts_that_do_not_fit_are_named() {
     assert!(e.contains("`q_proj.weight`") && e.contains("16 u8"), "{e}");
     assert!(QuantType::parse("int4").is_err());
 }
+
+/// Quantizing in chunks on load gives the codes and absmax of the whole weight at once (a weight
+/// over two chunks, with a partial last block).
+#[test]
+fn chunked_quantization_is_the_whole_weights() {
+    let w = Tensor::randn(0f32, 0.02, (3000, 700), &Device::Cpu).unwrap();
+    let cfg = Quant4Config {
+        quant_type: QuantType::Nf4,
+        double_quant: false,
+    };
+    let q = Quant4::quantize(&w, &cfg, &Device::Cpu).unwrap();
+    let x = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let code = QuantType::Nf4.code();
+    let (codes, absmax) = host::quantize_blocks(&x, BLOCKSIZE, &code);
+    assert_eq!(
+        q.packed.to_vec1::<u8>().unwrap(),
+        host::pack(&codes, host::code_of_zero(&code))
+    );
+    let Absmax::Plain(a) = &q.absmax else {
+        panic!("plain absmax");
+    };
+    assert_eq!(a.to_vec1::<f32>().unwrap(), absmax);
+}

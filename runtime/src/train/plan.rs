@@ -189,6 +189,9 @@ pub fn plan(
         } else {
             1
         },
+        quant4: model
+            .quant4()
+            .map(|q| matches!(q.absmax, crate::quant::Absmax::Nested { .. })),
     };
     let estimate = memory::estimate(model.config(), model.decoder.dtype(), &workload)?;
     // What the run may use on a device: what is free there plus what the model's weights already
