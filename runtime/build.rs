@@ -14,6 +14,7 @@ use std::process::Command;
 const FAMILIES: &[&str] = &[
     "src/nn/cuda/accumulate.cu",
     "src/nn/cuda/cross_entropy.cu",
+    "src/nn/cuda/dequant.cu",
     "src/nn/cuda/dropout.cu",
     "src/nn/cuda/rms_norm.cu",
     "src/nn/cuda/rope.cu",

@@ -437,6 +437,88 @@ fn engine_gradients_agree(full: bool) {
     }
 }
 
+/// The 4-bit dequantization kernel gives its reference op's values bit for bit (NF4 and FP4,
+/// with and without double quantization, partial blocks, odd counts; f32, bf16, f16), and the
+/// bf16 weights bitsandbytes' own `dequantize_4bit` gave for the same codes.
+#[test]
+fn dequant_kernel_matches_the_reference_and_bitsandbytes() {
+    use qscript_runtime::quant::{Quant4, Quant4Config, QuantType};
+    let fx = qscript_runtime::testing::repo_fixtures().join("bnb/quant.safetensors");
+    let t = candle_core::safetensors::load(&fx, &gpu()).unwrap();
+    let bits = |x: &Tensor| -> Vec<u32> {
+        x.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| if *v == 0.0 { 0 } else { v.to_bits() })
+            .collect()
+    };
+    let mut cases = 0;
+    for (name, w) in &t {
+        let Some(case) = name.strip_suffix(".w") else {
+            continue;
+        };
+        let cfg = Quant4Config {
+            quant_type: QuantType::parse(&case[..3]).unwrap(),
+            double_quant: case.contains("_dq_"),
+        };
+        let q = Quant4::quantize(w, &cfg, &gpu()).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let k = q.dequantize(dtype).unwrap();
+            let r = q.dequantize_ops(dtype).unwrap();
+            assert_eq!(k.dtype(), dtype);
+            assert_eq!(bits(&k), bits(&r), "{case} {dtype:?}");
+        }
+        if !case.contains("_dq_") {
+            // Same codes as bitsandbytes (double quantization's absmax codes may differ by one:
+            // those fixtures come from its CPU kernel).
+            let k = q.dequantize(DType::BF16).unwrap();
+            assert_eq!(bits(&k), bits(&t[&format!("{case}.deq")]), "{case} vs bitsandbytes");
+        }
+        cases += 1;
+    }
+    assert_eq!(cases, 16);
+}
+
+/// A QLoRA step on the GPU (4-bit base quantized on load, the kernel dequantizing) gives the
+/// CPU's loss and adapter gradients.
+#[test]
+fn qlora_gradients_on_the_gpu_equal_the_cpu() {
+    let dir = save_tiny(2);
+    let quant = Some(qscript_runtime::quant::Quant4Config {
+        quant_type: qscript_runtime::quant::QuantType::Nf4,
+        double_quant: true,
+    });
+    let load = |device: &str| {
+        load_tiny(
+            dir.path(),
+            &LoadOptions {
+                dtype: "f32".into(),
+                device: device.into(),
+                quant,
+                ..Default::default()
+            },
+        )
+    };
+    let (c, g) = (load("cpu"), load("cuda:0"));
+    assert!(g.quant4().is_some_and(|q| q.device().is_cuda()));
+    let ex = rows(3);
+    let refs: Vec<&Example> = ex.iter().collect();
+    let bc = qscript_runtime::data::batch::collate(&refs, 0, Some(8), &Device::Cpu).unwrap();
+    let bg = qscript_runtime::data::batch::collate(&refs, 0, Some(8), &gpu()).unwrap();
+    let mask = AttnMask::right_padded(&bc.lens);
+    let (lc, gc) = gradients(&c, &bc.input_ids, &mask, &bc.labels_host, None, true).unwrap();
+    let (lg, gg) = gradients(&g, &bg.input_ids, &mask, &bg.labels_host, None, true).unwrap();
+    assert!((lc - lg).abs() < 1e-5, "loss {lc} vs {lg}");
+    assert_eq!(gg.len(), gc.len());
+    for ((n, a), (_, b)) in gg.iter().zip(&gc) {
+        assert!(rel(a, b) < 1e-4, "{n}: {}", rel(a, b));
+    }
+}
+
 /// Preference training on the GPU: the per-token log-probabilities (the fused cross-entropy
 /// kernel without gradients) and their per-token-weighted backward give the CPU's values, and
 /// DPO / ORPO / KTO losses, metrics and gradients through the engine equal the CPU's (LoRA and
@@ -652,6 +734,7 @@ fn gpu_and_cpu_offload_train_like_one_device() {
                 trainable: full,
                 device_map: map,
                 max_memory,
+                quant: None,
             };
             load_tiny(dir.path(), &opts)
         };

@@ -306,8 +306,18 @@ impl Quant4 {
     }
 
     /// The weight in `dtype`, `[out, in]`: each code's value times its block's absmax in f32,
-    /// then cast (bitsandbytes' `dequantize_4bit`, value for value).
+    /// then cast (bitsandbytes' `dequantize_4bit`, value for value). On a GPU one kernel does it
+    /// (`nn::cuda::dequant`); elsewhere, and as its reference, [`Quant4::dequantize_ops`].
     pub fn dequantize(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.device().is_cuda() && self.packed.is_contiguous() {
+            return crate::nn::cuda::dequant::dequant4(self, dtype);
+        }
+        self.dequantize_ops(dtype)
+    }
+
+    /// [`Quant4::dequantize`] in candle ops (any device): the reference of the GPU kernel.
+    pub fn dequantize_ops(&self, dtype: DType) -> candle_core::Result<Tensor> {
         let n = self.shape.0 * self.shape.1;
         let vals = self
             .table

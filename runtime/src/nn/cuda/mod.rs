@@ -14,6 +14,7 @@
 //! | [`cross_entropy`] | per-row losses and the logits' gradient | [`crate::nn::loss::causal_lm_loss`]'s composite path |
 //! | [`dropout`] | the mask, dropout added into a destination | [`crate::nn::dropout`] |
 //! | [`accumulate`] | in-place adds, row scatter and put | [`crate::nn::ops::add_into`], [`crate::nn::ops::add_bias`], [`crate::nn::ops::put_rows`] |
+//! | [`dequant`] | bitsandbytes' 4-bit codes to the compute dtype | [`crate::quant::Quant4::dequantize`]'s candle path |
 //!
 //! The optimizer's kernels live with it, launched through `launch.rs` too:
 //! [`crate::train::optim::adamw`] (AdamW's step) and [`crate::train::optim::grad_norm`] (the
@@ -28,6 +29,7 @@
 pub mod accumulate;
 pub mod blas;
 pub mod cross_entropy;
+pub mod dequant;
 pub mod dropout;
 pub(crate) mod launch;
 pub mod rms_norm;
