@@ -7,8 +7,8 @@
 #
 # On the GPU machine, from the repo root (see benches/README.md for building and shipping):
 #   BIN=/tmp/qs PEER=.devbin bash benches/gpu.sh [CONFIG...]
-# CONFIG: 05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000 seed000-packed dpo-05b dpo-7b (default:
-# all but the last three). dpo-*: TRL's DPOTrainer + PEFT (benches/trl_dpo.py; trl, datasets,
+# CONFIG: 05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000 seed000-packed dpo-05b dpo-7b qlora-05b
+# qlora-7b qlora-7b-long (default: 05b to seed000). dpo-*: TRL's DPOTrainer + PEFT (benches/trl_dpo.py; trl, datasets,
 # dill and multiprocess carried as wheels in .whl/, see benches/README.md) against
 # `model_bench train --dpo`, 4 pairs of a 256-token prompt and two 256-token answers, checkpointing.
 # BASE=/tmp/qs-old: also run that build's binaries after this one's on each config (rows
@@ -150,6 +150,30 @@ dpo() {
     --steps "$steps" --warmup "$warmup" --ckpt
 }
 
+# qlora NAME MODEL BATCH SEQ STEPS WARMUP: QLoRA r16 on every linear layer with checkpointing;
+# the peers are HF + PEFT + bitsandbytes (nf4, double quantization, bf16 compute;
+# benches/hf_qlora.py) and the same with Liger-Kernel when liger-kernel is carried; qscript runs
+# `--4bit`, and its own bf16 LoRA of the same shape (`NAME-bf16` in the table).
+qlora() {
+  local name=$1 model=$2 batch=$3 seq=$4 steps=$5 warmup=$6
+  local dir=$WORK/$model
+  if [ ! -f "$dir/config.json" ]; then
+    python3 "$PEER/hf_peft_lora.py" --model "$model" --save-model "$dir" > /dev/null || return
+  fi
+  if [ "${SKIP_PEER:-0}" != 1 ]; then
+    run "$name-peer" "$name" python3 benches/hf_qlora.py --load-model "$dir" --batch "$batch" \
+      --seq "$seq" --steps "$steps" --warmup "$warmup" --rank 16 --targets all --grad-ckpt
+    if python3 -c "import liger_kernel" 2> /dev/null; then
+      run "$name-liger-peer" "$name-liger" python3 benches/hf_qlora.py --load-model "$dir" --liger \
+        --batch "$batch" --seq "$seq" --steps "$steps" --warmup "$warmup" --rank 16 --targets all --grad-ckpt
+    fi
+  fi
+  run "$name-qscript" "$name" "$BIN/model_bench" train "$dir" --4bit --rank 16 --all-linear \
+    --batch "$batch" --seq "$seq" --steps "$steps" --warmup "$warmup" --ckpt
+  run "$name-bf16-qscript" "$name-bf16" "$BIN/model_bench" train "$dir" --rank 16 --all-linear \
+    --batch "$batch" --seq "$seq" --steps "$steps" --warmup "$warmup" --ckpt
+}
+
 configs=("$@")
 [ ${#configs[@]} -eq 0 ] && configs=(05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000)
 for c in "${configs[@]}"; do
@@ -163,6 +187,9 @@ for c in "${configs[@]}"; do
     seed000-packed) seed000_packed ;;
     dpo-05b) dpo dpo-05b qwen2.5-0.5b 4 512 10 3 ;;
     dpo-7b) dpo dpo-7b qwen2.5-7b 4 512 6 2 ;;
+    qlora-05b) qlora qlora-05b qwen2.5-0.5b 2 512 10 3 ;;
+    qlora-7b) qlora qlora-7b qwen2.5-7b 2 512 6 2 ;;
+    qlora-7b-long) qlora qlora-7b-long qwen2.5-7b 8 2048 4 1 ;;
     *) echo "unknown config $c" >&2 ;;
   esac
 done

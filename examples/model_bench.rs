@@ -174,6 +174,7 @@ fn speed(
 }
 
 /// Trains like `hf_peft_lora.py` does (LoRA r8 alpha 32 dropout 0.1 on q/k/v/o, or `--full`;
+/// `--rank R`, `--all-linear`, and `--4bit` for QLoRA as `benches/hf_qlora.py` trains;
 /// AdamW lr 1e-4, weight decay 0.01, clipping at 0.3) on random rows of exactly `--seq` tokens
 /// with labels = ids, and prints tokens/s, step time, MFU (the peer's formula) and the loss.
 fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
@@ -201,27 +202,40 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
         )?),
         None => None,
     };
+    // `--4bit`: QLoRA's base (nf4, double quantization, bf16 compute), as benches/hf_qlora.py.
+    let quant = flag("--4bit").then_some(qscript_runtime::quant::Quant4Config {
+        quant_type: qscript_runtime::quant::QuantType::Nf4,
+        double_quant: true,
+    });
     let opts = LoadOptions {
         dtype: "bf16".into(),
         device: "auto".into(),
         trainable: full,
         device_map,
+        quant,
         ..Default::default()
     };
+    let load_started = std::time::Instant::now();
     let base = Model::load(dir, &opts)?;
+    let load_secs = load_started.elapsed().as_secs_f64();
     let model = if full {
         base
     } else {
         let cfg = LoraConfig {
-            r: 8,
+            r: value("--rank", 8)?,
             lora_alpha: 32.0,
             // TRL's DPOTrainer turns dropout off (`disable_dropout`).
             lora_dropout: if dpo { 0.0 } else { 0.1 },
-            target_modules: Targets::Names(
-                ["q_proj", "k_proj", "v_proj", "o_proj"]
-                    .map(String::from)
-                    .to_vec(),
-            ),
+            // `--all-linear`: every linear layer of the blocks (QLoRA's usual targets).
+            target_modules: if flag("--all-linear") {
+                Targets::Pattern("all-linear".into())
+            } else {
+                Targets::Names(
+                    ["q_proj", "k_proj", "v_proj", "o_proj"]
+                        .map(String::from)
+                        .to_vec(),
+                )
+            },
             ..LoraConfig::default()
         };
         lora::attach(&base, &cfg, 0)?
@@ -384,7 +398,8 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     let peak = qscript_runtime::device::pool(&dev).map(|p| qscript_runtime::device::gib(p.peak));
     println!(
         "{}",
-        serde_json::json!({"system": if dpo { "qscript-dpo" } else if full { "qscript-full" } else { "qscript-lora" }, "model": model.to_string(),
+        serde_json::json!({"system": if dpo { "qscript-dpo" } else if full { "qscript-full" } else if quant.is_some() { "qscript-qlora" } else { "qscript-lora" }, "model": model.to_string(),
+            "load_s": (load_secs * 100.0).round() / 100.0,
             "ref_pass_ms_per_step": (ref_secs / steps as f64 * 1e5).round() / 100.0,
             "seq": seq, "batch": batch, "accum": accum, "ranks": ranks,
             "pipeline": cfg.pipeline && devices.len() > 1, "grad_ckpt": ckpt, "step_ms": (dt * 1e5).round() / 100.0,
