@@ -476,7 +476,11 @@ fn dequant_kernel_matches_the_reference_and_bitsandbytes() {
             // Same codes as bitsandbytes (double quantization's absmax codes may differ by one:
             // those fixtures come from its CPU kernel).
             let k = q.dequantize(DType::BF16).unwrap();
-            assert_eq!(bits(&k), bits(&t[&format!("{case}.deq")]), "{case} vs bitsandbytes");
+            assert_eq!(
+                bits(&k),
+                bits(&t[&format!("{case}.deq")]),
+                "{case} vs bitsandbytes"
+            );
         }
         cases += 1;
     }

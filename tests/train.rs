@@ -1281,3 +1281,88 @@ fn a_run_superseded_by_an_edit_leaves_no_checkpoint() {
     assert!(!d.path().join("checkpoint-3").exists());
     assert!(qscript_runtime::train::checkpoint::unfinished(d.path()).is_none());
 }
+
+/// LoRA on a 4-bit base (QLoRA, the CPU reference path): the loss falls, a resumed run
+/// reproduces the uninterrupted one, checkpointing gives the same gradients, and the merged
+/// model is a float model.
+#[test]
+fn qlora_trains_resumes_and_merges_on_a_4bit_base() {
+    use qscript_runtime::quant::{Quant4Config, QuantType};
+    let saved = tempfile::tempdir().unwrap();
+    tiny(&TinyConfig {
+        hidden: 64,
+        layers: 2,
+        intermediate: 128,
+        seed: 4,
+        ..TinyConfig::default()
+    })
+    .unwrap()
+    .save(saved.path())
+    .unwrap();
+    let qlora = || {
+        let opts = qscript_runtime::model::LoadOptions {
+            dtype: "f32".into(),
+            device: "cpu".into(),
+            quant: Some(Quant4Config {
+                quant_type: QuantType::Nf4,
+                double_quant: true,
+            }),
+            ..Default::default()
+        };
+        let base = Model::load(saved.path(), &opts).unwrap();
+        let cfg = LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            lora_dropout: 0.1,
+            target_modules: Targets::Pattern("all-linear".into()),
+            ..LoraConfig::default()
+        };
+        lora::attach(&base, &cfg, 4).unwrap()
+    };
+    let data = examples(12);
+    let d1 = tempfile::tempdir().unwrap();
+    let long = run(
+        &qlora(),
+        &data,
+        &TrainConfig {
+            max_steps: 40,
+            learning_rate: 3e-2,
+            ..cfg(d1.path())
+        },
+        None,
+    );
+    let (first, last) = (long.losses[0].1, long.losses.last().unwrap().1);
+    assert!(last < 0.8 * first, "QLoRA: loss {first} -> {last}");
+    let d2 = tempfile::tempdir().unwrap();
+    let full = run(&qlora(), &data, &cfg(d2.path()), None);
+    let d3 = tempfile::tempdir().unwrap();
+    let c = TrainConfig {
+        gradient_checkpointing: true,
+        ..cfg(d3.path())
+    };
+    let first = run(&qlora(), &data, &c, Some(3));
+    assert!(first.interrupted);
+    let resumed = run(
+        &qlora(),
+        &data,
+        &TrainConfig {
+            resume_from_checkpoint: Some(serde_json::json!(true)),
+            ..c
+        },
+        None,
+    );
+    let tail: Vec<f64> = full.losses.iter().skip(3).map(|l| l.1).collect();
+    let got: Vec<f64> = resumed.losses.iter().map(|l| l.1).collect();
+    assert_eq!(tail.len(), got.len());
+    for (a, b) in tail.iter().zip(&got) {
+        assert!((a - b).abs() < 1e-5, "{tail:?} vs {got:?}");
+    }
+    let merged = lora::merge(&resumed_model(&qlora(), d3.path())).unwrap();
+    assert!(merged.quant4().is_none());
+}
+
+/// `model` with the adapter of the newest checkpoint in `dir`.
+fn resumed_model(model: &Model, dir: &std::path::Path) -> Model {
+    let (_, ck) = qscript_runtime::train::checkpoint::list(dir).pop().unwrap();
+    lora::load_adapter(model, &ck).unwrap()
+}

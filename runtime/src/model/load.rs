@@ -134,7 +134,11 @@ fn place(
     };
     let max_memory = crate::device::budget::max_memory(&opts.max_memory)?;
     let budgets = crate::device::budgets(&max_memory)?;
-    let modules = crate::plan::memory::modules(cfg, dtype);
+    let quant4 = opts
+        .quant
+        .map(|q| q.double_quant)
+        .or_else(|| cfg.is_quantized_4bit().then_some(true));
+    let modules = crate::plan::memory::modules(cfg, dtype, quant4);
     crate::plan::place(&modules, &budgets, map).map(Some)
 }
 

@@ -121,12 +121,25 @@ pub fn param_count(c: &ModelConfig) -> f64 {
 
 /// The top-level modules of a model of this config in order (the head only when it is not
 /// tied) with their weights' bytes.
-pub fn modules(c: &ModelConfig, dtype: DType) -> Vec<super::placement::Module> {
+/// With `quant4` (`Some(double quantization)`) the layers' linear weights count as 4-bit.
+pub fn modules(
+    c: &ModelConfig,
+    dtype: DType,
+    quant4: Option<bool>,
+) -> Vec<super::placement::Module> {
     let b = dtype.size_in_bytes() as f64;
     let (h, v) = (c.hidden_size as f64, c.vocab_size as f64);
     let layers = c.num_hidden_layers.max(1) as f64;
     let head = if c.tie_word_embeddings { 0.0 } else { v * h };
-    let layer = (param_count(c) - v * h - h - head) / layers;
+    let layer_params = (param_count(c) - v * h - h - head) / layers;
+    // A layer's bytes, in elements of `dtype`.
+    let layer = match quant4 {
+        None => layer_params,
+        Some(double) => {
+            let lin = layer_linear(c);
+            layer_params - lin + lin * quant4_bytes(double) / b
+        }
+    };
     ModuleId::all(c.num_hidden_layers, c.tie_word_embeddings)
         .into_iter()
         .map(|id| {
@@ -141,6 +154,20 @@ pub fn modules(c: &ModelConfig, dtype: DType) -> Vec<super::placement::Module> {
             }
         })
         .collect()
+}
+
+/// The elements of one layer's linear weights (q, k, v, o, gate, up, down).
+fn layer_linear(c: &ModelConfig) -> f64 {
+    let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+    let q = (c.num_attention_heads * c.head_dim()) as f64;
+    let kv = (c.num_kv_heads() * c.head_dim()) as f64;
+    h * q * 2.0 + h * kv * 2.0 + 3.0 * h * i
+}
+
+/// Bytes a 4-bit weight takes per value: half a byte of code, and the block's absmax over 64
+/// values (a byte with double quantization, else an f32).
+fn quant4_bytes(double: bool) -> f64 {
+    0.5 + if double { 1.0 } else { 4.0 } / 64.0
 }
 
 /// The estimate for `cfg` in `dtype` under `w`; sizes no device could hold (a hidden size of
@@ -231,19 +258,18 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
             (trained / n as f64 + outside + layers.min(3.0) * per_block) * 4.0
         }
     };
-    // 4-bit layers: the linear weights' codes (half a byte each) and absmax (a byte, or four
-    // without double quantization, per 64), and at each product one weight dequantized: its
-    // f32 values, their blockwise product and the result in the compute dtype (`quant::Quant4`).
-    let layer_linear = h * q * 2.0 + h * kv * 2.0 + 3.0 * h * i;
+    // 4-bit layers: the linear weights as stored (`quant4_bytes`), and at each product one
+    // weight dequantized: its f32 values, their blockwise product and the result in the compute
+    // dtype (`quant::Quant4::dequantize_ops`; the GPU kernel writes the result only).
     let (weights, temporaries) = match w.quant4 {
         None => (params * b, temporaries),
         Some(double) => {
-            let absmax = if double { 1.0 } else { 4.0 } / 64.0;
-            let quantized = layers * layer_linear;
+            let quantized = layers * layer_linear(cfg);
             let largest = (h * i).max(h * q);
+            let per = if w.gpu { b } else { 8.0 + b };
             (
-                (params - quantized) * b + quantized * (0.5 + absmax),
-                temporaries + largest * (8.0 + b),
+                (params - quantized) * b + quantized * quant4_bytes(double),
+                temporaries + largest * per,
             )
         }
     };
@@ -503,7 +529,8 @@ mod tests {
         assert!(
             (plain.weights as f64 - q.weights as f64 - 6_525_288_448.0 * 3.0 / 64.0).abs() < 1e3
         );
-        assert_eq!(q.temporaries - dense.temporaries, 3584 * 18944 * 10);
+        // On a GPU the dequantization kernel writes the bf16 result only.
+        assert_eq!(q.temporaries - dense.temporaries, 3584 * 18944 * 2);
     }
 
     #[test]
