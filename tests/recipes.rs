@@ -87,6 +87,37 @@ fn the_huanhuan_recipe_trains_saves_and_chats() {
     }
 }
 
+/// Seed 000's recipe with `--set load_in_4bit=true`: QLoRA on the CPU (the tiny model saved, then
+/// quantized on load), its loss falling, its adapter saved.
+#[test]
+fn the_huanhuan_recipe_runs_on_a_4bit_base() {
+    let out = tempfile::tempdir().unwrap();
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/huanhuan_lora.rhai");
+    let o_dir = out.path().join("o");
+    let o = run_in(
+        out.path(),
+        &[
+            recipe.to_str().unwrap(),
+            "--output-dir",
+            o_dir.to_str().unwrap(),
+            "--set",
+            "load_in_4bit=true",
+            "--set",
+            "max_steps=12",
+        ],
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        support::stdout(&o).contains("nf4 (float32 compute)"),
+        "{}",
+        support::stdout(&o)
+    );
+    let (first, last) = first_and_last_loss(&err);
+    assert!(last < first, "loss {first} -> {last}");
+    assert!(o_dir.join("adapter/adapter_model.safetensors").is_file());
+}
+
 /// `loss A -> B` of a run's summary line.
 fn first_and_last_loss(err: &str) -> (f64, f64) {
     let tail = err
