@@ -7,8 +7,8 @@
 #
 # On the GPU machine, from the repo root (see benches/README.md for building and shipping):
 #   BIN=/tmp/qs PEER=.devbin bash benches/gpu.sh [CONFIG...]
-# CONFIG: 05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000 seed000-packed dpo-05b dpo-7b qlora-05b
-# qlora-7b qlora-7b-long (default: 05b to seed000). dpo-*: TRL's DPOTrainer + PEFT (benches/trl_dpo.py; trl, datasets,
+# CONFIG: 05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000 seed000-packed seed000-4bit dpo-05b dpo-7b
+# qlora-05b qlora-7b qlora-7b-long (default: 05b to seed000). dpo-*: TRL's DPOTrainer + PEFT (benches/trl_dpo.py; trl, datasets,
 # dill and multiprocess carried as wheels in .whl/, see benches/README.md) against
 # `model_bench train --dpo`, 4 pairs of a 256-token prompt and two 256-token answers, checkpointing.
 # BASE=/tmp/qs-old: also run that build's binaries after this one's on each config (rows
@@ -115,6 +115,23 @@ seed000() {
   done
 }
 
+# seed 000 as written with its model in 4 bits: the peer is hf_seed000.py loading with bitsandbytes'
+# NF4 (benches/hf_seed000_4bit.py); qscript runs the recipe with --set load_in_4bit=true.
+seed000_4bit() {
+  local dir=$WORK/qwen1.5-7b
+  if [ ! -f "$dir/config.json" ]; then
+    python3 "$PEER/hf_peft_lora.py" --model qwen1.5-7b --save-model "$dir" > /dev/null || return
+  fi
+  cp "$PEER"/tokenizer.json "$PEER"/tokenizer_config.json "$dir/"
+  [ "${SKIP_PEER:-0}" = 1 ] || run seed000-4bit-peer seed000-4bit python3 benches/hf_seed000_4bit.py \
+    "$PEER/hf_seed000.py" "$dir" "$PEER/huanhuan.json" --max-steps 20
+  rm -rf "$WORK/runs-4bit"
+  run seed000-4bit-qscript seed000-4bit "$BIN/qscript" recipes/huanhuan_lora.rhai --allow-read "$WORK" \
+    --allow-read "$PWD/$PEER" --output-dir "$WORK/runs-4bit" --set model="$dir" \
+    --set data="$PWD/$PEER/huanhuan.json" --set max_length=128 --set batch_size=1 \
+    --set accumulation=16 --set learning_rate=1e-4 --set max_steps=20 --set load_in_4bit=true
+}
+
 # seed 000 with TRL's packing (rows of 1024 tokens, batch 1 x accumulation 1: about the 16
 # examples of a seed 000 step per step), qscript only: compare its unpadded tokens/s with seed000's.
 seed000_packed() {
@@ -185,6 +202,7 @@ for c in "${configs[@]}"; do
     05b-full) config 05b-full qwen2.5-0.5b 8 512 10 3 --full ;;
     seed000) seed000 ;;
     seed000-packed) seed000_packed ;;
+    seed000-4bit) seed000_4bit ;;
     dpo-05b) dpo dpo-05b qwen2.5-0.5b 4 512 10 3 ;;
     dpo-7b) dpo dpo-7b qwen2.5-7b 4 512 6 2 ;;
     qlora-05b) qlora qlora-05b qwen2.5-0.5b 2 512 10 3 ;;
