@@ -36,10 +36,14 @@ fn main() -> anyhow::Result<()> {
             let prompt_len = args.get(3).map_or(Ok(32), |s| s.parse())?;
             speed(Path::new(&args[1]), new_tokens, prompt_len, &opts)
         }
-        Some("export") => export(Path::new(&args[1]), Path::new(&args[2])),
+        Some("export") => export(
+            Path::new(&args[1]),
+            Path::new(&args[2]),
+            args.iter().any(|a| a == "--4bit"),
+        ),
         Some("train") => train(Path::new(&args[1]), &args[2..]),
         _ => anyhow::bail!(
-            "usage: model_bench logits DIR REF | speed DIR [NEW] [PROMPT] | export BASE OUT | train DIR [OPTIONS]"
+            "usage: model_bench logits DIR REF | speed DIR [NEW] [PROMPT] | export BASE OUT [--4bit] | train DIR [OPTIONS]"
         ),
     }
 }
@@ -94,13 +98,18 @@ fn logits(dir: &Path, reference: &Path, opts: &LoadOptions) -> anyhow::Result<()
 }
 
 /// Writes what `scripts/verify_exports.py` loads with PEFT and transformers: a LoRA adapter with
-/// random B on the checkpoint `base`, the merged model, and qscript's logits for both.
-fn export(base: &Path, out: &Path) -> anyhow::Result<()> {
+/// random B on the checkpoint `base` (with `four_bit`, on its NF4 quantization with double
+/// quantization: QLoRA), the merged model, and qscript's logits for both.
+fn export(base: &Path, out: &Path, four_bit: bool) -> anyhow::Result<()> {
     use qscript_runtime::lora::{self, LoraConfig, Targets};
     let cpu = LoadOptions {
         dtype: "f32".into(),
         device: "cpu".into(),
         trainable: false,
+        quant: four_bit.then_some(qscript_runtime::quant::Quant4Config {
+            quant_type: qscript_runtime::quant::QuantType::Nf4,
+            double_quant: true,
+        }),
         ..Default::default()
     };
     let m = Model::load(base, &cpu)?;
@@ -120,7 +129,11 @@ fn export(base: &Path, out: &Path) -> anyhow::Result<()> {
     lora::save_adapter(&peft, &out.join("adapter"))?;
     let merged = lora::merge(&peft)?;
     merged.save(&out.join("merged"))?;
-    let ids = Tensor::new(&[[3u32, 17, 42, 99, 5, 64, 11]], &Device::Cpu)?;
+    let vocab = m.config().vocab_size as u32;
+    let ids = Tensor::new(
+        &[[3u32, 17, 42, 99, 5, 64, 11].map(|i| i % vocab)],
+        &Device::Cpu,
+    )?;
     let mut t = std::collections::HashMap::new();
     t.insert("input_ids".to_string(), ids.to_dtype(DType::I64)?);
     t.insert(
