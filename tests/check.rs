@@ -140,6 +140,79 @@ fn each_mistake_fails_check_with_a_clear_message() {
     assert!(!env.dir.path().join("runs").exists(), "check wrote nothing");
 }
 
+/// 4-bit options a load cannot take are named before anything loads; LLaMA-Factory's
+/// `quantization_bit: 4` checks and trains on a 4-bit base.
+#[test]
+fn four_bit_options_a_load_cannot_take_are_named() {
+    let env = env_with_model();
+    let load = "model::load(\"models/m\")";
+    let cases = [
+        (
+            "eight",
+            "#{ load_in_8bit: true }",
+            "8-bit weights (LLM.int8) are not supported",
+        ),
+        ("bit8", "#{ quantization_bit: 8 }", "`quantization_bit: 8`"),
+        (
+            "bit3",
+            "#{ quantization_bit: 3 }",
+            "4 is the quantization qscript has",
+        ),
+        (
+            "qtype",
+            "#{ load_in_4bit: true, bnb_4bit_quant_type: \"int4\" }",
+            "`bnb_4bit_quant_type: \"int4\"`",
+        ),
+        (
+            "alone",
+            "#{ bnb_4bit_use_double_quant: true }",
+            "goes with `load_in_4bit: true`",
+        ),
+        (
+            "cdtype",
+            "#{ load_in_4bit: true, bnb_4bit_compute_dtype: \"int8\" }",
+            "`bnb_4bit_compute_dtype: \"int8\"`",
+        ),
+        (
+            "clash",
+            "#{ load_in_4bit: true, dtype: \"f32\", bnb_4bit_compute_dtype: \"bf16\" }",
+            "disagree",
+        ),
+        (
+            "full",
+            "#{ load_in_4bit: true, trainable: true }",
+            "trains adapters only",
+        ),
+    ];
+    for (name, opts, want) in cases {
+        let to = format!("model::load(\"models/m\", {opts})");
+        env.write(&format!("{name}.rhai"), &RECIPE.replacen(load, &to, 1));
+        for mode in [&["check"][..], &[][..]] {
+            let mut args = mode.to_vec();
+            let path = format!("recipe/{name}.rhai");
+            args.push(&path);
+            let o = run_in(env.dir.path(), &args);
+            let err = stderr(&o);
+            assert_eq!(o.status.code(), Some(1), "{name}: {err}");
+            assert!(err.contains(want), "{name}: wanted `{want}` in\n{err}");
+            assert!(!err.contains("Running training"), "{name}: {err}");
+        }
+    }
+    env.write(
+        "q4.rhai",
+        &RECIPE.replacen(
+            load,
+            "model::load(\"models/m\", #{ quantization_bit: 4 })",
+            1,
+        ),
+    );
+    let o = run_in(env.dir.path(), &["check", "recipe/q4.rhai"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("nf4"), "{}", stderr(&o));
+    let o = run_in(env.dir.path(), &["recipe/q4.rhai"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
 /// A custom loop runs to its end in a dry run, step by step, without training.
 /// The summary's data is the training set, not the eval split tokenized after it (issue 26).
 #[test]

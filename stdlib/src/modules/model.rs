@@ -143,6 +143,11 @@ impl LoadOpts {
         }
         if let Some(c) = &self.bnb_4bit_compute_dtype {
             let c = c.trim_start_matches("torch.").to_string();
+            if !["f32", "float32", "bf16", "bfloat16", "f16", "float16"].contains(&c.as_str()) {
+                return Err(format!(
+                    "`bnb_4bit_compute_dtype: \"{c}\"`: 4-bit weights compute in \"bf16\", \"f16\" or \"f32\""
+                ));
+            }
             if dtype != "auto" && dtype != c {
                 return Err(format!(
                     "`bnb_4bit_compute_dtype: \"{c}\"` and `dtype: \"{dtype}\"` disagree; the \
