@@ -37,6 +37,7 @@ pub mod device;
 pub mod dist;
 pub mod error;
 pub mod files;
+pub mod gguf;
 pub mod hash;
 pub mod hub;
 pub mod lora;

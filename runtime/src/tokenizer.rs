@@ -376,6 +376,16 @@ impl Tokenizer {
             .or_else(|| self.chat_template.clone())
     }
 
+    /// The tokenizer as `tokenizer.json` holds it (its model's vocabulary and merges, the added
+    /// tokens), for exporters that write it another way (GGUF).
+    pub fn json(&self) -> Result<Value> {
+        let text = self
+            .inner
+            .to_string(false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
     /// Writes `tokenizer.json` and `tokenizer_config.json` to `dir`: every key of the original
     /// config, with the special tokens and the chat template (the one trained with) set.
     pub fn save(&self, dir: &Path) -> Result<()> {

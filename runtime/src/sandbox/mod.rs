@@ -20,8 +20,9 @@ mod ops;
 mod tests;
 
 pub use ops::{
-    Kind, WriteMode, activate, active, create_dir_all, exists_for_write, kind, list_dir, open,
-    open_write, read, remove_dir_all, rename, walk, with_active, write_atomic, write_atomic_with,
+    Kind, WriteMode, WriteSeek, activate, active, create_dir_all, exists_for_write, kind, list_dir,
+    open, open_write, read, remove_dir_all, rename, walk, with_active, write_atomic,
+    write_atomic_with,
 };
 
 use std::path::{Component, Path, PathBuf};

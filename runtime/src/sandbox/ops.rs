@@ -97,7 +97,7 @@ impl Sandbox {
     pub(super) fn write_with(
         &self,
         path: &Path,
-        fill: &mut dyn FnMut(&mut dyn std::io::Write) -> std::io::Result<()>,
+        fill: &mut dyn FnMut(&mut dyn WriteSeek) -> std::io::Result<()>,
     ) -> Result<()> {
         let (dir, name) = self.write_parent(path)?;
         write_in(&dir, &name, path, fill)
@@ -110,7 +110,7 @@ fn write_in(
     dir: &cap_std::fs::Dir,
     name: &std::ffi::OsStr,
     path: &Path,
-    fill: &mut dyn FnMut(&mut dyn std::io::Write) -> std::io::Result<()>,
+    fill: &mut dyn FnMut(&mut dyn WriteSeek) -> std::io::Result<()>,
 ) -> Result<()> {
     // A link there is refused, whatever it points to (the rename below would only replace it,
     // but a planted link is a mistake or an attack the user should hear of).
@@ -143,6 +143,12 @@ fn write_in(
     }
     dir.rename(&tmp, dir, name).map_err(|e| Error::io(path, e))
 }
+
+/// What an atomic write's fill gets: a writer that can also seek (a format that writes offsets
+/// before the data, GGUF's, needs its position).
+pub trait WriteSeek: std::io::Write + std::io::Seek {}
+
+impl<T: std::io::Write + std::io::Seek> WriteSeek for T {}
 
 /// `f` (opened as `path`) if it is a regular file.
 fn regular(f: std::fs::File, path: &Path) -> Result<std::fs::File> {
@@ -289,7 +295,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// full disk included) name `path`.
 pub fn write_atomic_with(
     path: &Path,
-    fill: &mut dyn FnMut(&mut dyn std::io::Write) -> std::io::Result<()>,
+    fill: &mut dyn FnMut(&mut dyn WriteSeek) -> std::io::Result<()>,
 ) -> Result<()> {
     let (dir, name) = parent_for_write(path)?;
     write_in(&dir, &name, path, fill)

@@ -536,6 +536,90 @@ pub mod model_module {
         super::save_model_or_shapes(&rc, m, &real, Some(&tok)).map_err(to_rhai_at(&ctx))
     }
 
+    /// Writes the model as one GGUF file for llama.cpp and Ollama (`quant` `"f16"`, the default),
+    /// with `tok` and its chat template in the file's metadata and an Ollama `Modelfile` beside
+    /// it. A model with adapters is merged on the way, a 4-bit base dequantized. Prints where it
+    /// wrote.
+    ///
+    /// ```rhai
+    /// model::tiny().export_gguf("tiny.gguf", tokenizer::builtin());
+    /// ```
+    #[rhai_fn(global, pure, name = "export_gguf", return_raw)]
+    pub fn export_gguf(
+        ctx: NativeCallContext,
+        m: &mut ModelHandle,
+        path: &str,
+        tok: TokenizerHandle,
+    ) -> Res<()> {
+        export_gguf_with(ctx, m, path, tok, Map::new())
+    }
+
+    /// [`export_gguf`] with options.
+    ///
+    /// # Options
+    /// | key | values |
+    /// |---|---|
+    /// | `quant` | `"f16"` (default), `"q8_0"`, or `"q4_k_m"` (llama.cpp's mix: Q4_K, with Q6_K for the head and some layers' `attn_v` and `ffn_down`) |
+    ///
+    /// ```rhai
+    /// model::tiny().export_gguf("tiny-q8.gguf", tokenizer::builtin(), #{ quant: "q8_0" });
+    /// ```
+    #[rhai_fn(global, pure, name = "export_gguf", return_raw)]
+    pub fn export_gguf_with(
+        ctx: NativeCallContext,
+        m: &mut ModelHandle,
+        path: &str,
+        tok: TokenizerHandle,
+        opts: Map,
+    ) -> Res<()> {
+        #[derive(Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        struct GgufOpts {
+            quant: String,
+        }
+        impl Default for GgufOpts {
+            fn default() -> Self {
+                Self {
+                    quant: "f16".into(),
+                }
+            }
+        }
+        let rc = RunContext::of(&ctx)?;
+        let o: GgufOpts = crate::options::from_options(&ctx, "export_gguf", opts)?;
+        let quant = qscript_runtime::gguf::GgufQuant::parse(&o.quant).map_err(to_rhai_at(&ctx))?;
+        let real = rc.sandbox.resolve_write(path).map_err(to_rhai_at(&ctx))?;
+        if m.0.is_shapes_only() {
+            rc.sink.err(&format!(
+                "check: would write the GGUF ({}) to `{}`",
+                quant.name(),
+                rc.sandbox.shown(&real).display()
+            ));
+            return Ok(());
+        }
+        let e =
+            qscript_runtime::gguf::export(&m.0, &tok.0, &real, quant).map_err(to_rhai_at(&ctx))?;
+        let mut how = Vec::new();
+        if e.merged {
+            how.push("adapters merged");
+        }
+        if e.dequantized {
+            how.push("4-bit base dequantized");
+        }
+        rc.sink.err(&format!(
+            "exported GGUF ({}, {} tensors, {}{}) to `{}` and an Ollama Modelfile beside it",
+            quant.name(),
+            e.tensors,
+            qscript_runtime::bytes::human(e.bytes as f64),
+            if how.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", how.join(", "))
+            },
+            rc.sandbox.shown(&e.path).display()
+        ));
+        Ok(())
+    }
+
     /// Generates text after `prompt` (a string, encoded with special tokens, or an array of
     /// token ids) and returns the new text. Greedy unless a `temperature` is given.
     ///
