@@ -76,6 +76,25 @@ pub fn metadata(tok: &Tokenizer, rows: usize, pre: &str) -> Result<Vec<(String, 
             other => Value::String(other.to_string()),
         })
         .collect();
+    let mut merges = merges;
+    if merges.is_empty() {
+        // candle's writer types an empty array as u32 and llama.cpp reads merges as strings only:
+        // a tokenizer without merges (the built-in byte tokenizer) gets one merge of two control
+        // tokens, which never meet inside a word (control tokens are matched whole, first).
+        let controls: Vec<&str> = json["added_tokens"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["special"] == true)
+            .filter_map(|t| t["content"].as_str())
+            .collect();
+        let [a, b, ..] = controls.as_slice() else {
+            return Err(Error::InvalidArgument(
+                "GGUF export needs a tokenizer with BPE merges or two special tokens".into(),
+            ));
+        };
+        merges.push(Value::String(format!("{a} {b}")));
+    }
     let mut out = vec![
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String(pre.into())),

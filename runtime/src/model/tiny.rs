@@ -95,7 +95,8 @@ impl TinyConfig {
             num_hidden_layers: self.layers,
             num_attention_heads: self.heads,
             num_key_value_heads: Some(self.kv_heads),
-            head_dim: None,
+            // Qwen3's config always names it (transformers' default is 128, not hidden/heads).
+            head_dim: (arch == Arch::Qwen3).then_some(self.hidden / self.heads),
             rms_norm_eps: 1e-6,
             rope_theta: Some(10_000.0),
             rope_scaling: None,
