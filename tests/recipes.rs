@@ -149,6 +149,7 @@ fn the_seed_recipes_run_as_shipped() {
                 "eval_loss",
                 "best eval loss ",
                 "the returned model is that checkpoint's",
+                "> How can I sleep better?",
             ],
             vec!["best/model.safetensors", "metrics.jsonl"],
         ),

@@ -324,6 +324,43 @@ fn stream_delta(text: &str, shown: usize) -> Option<&str> {
     (ready.len() > shown && ready.is_char_boundary(shown)).then(|| &ready[shown..])
 }
 
+/// The reply of `m` to one user `prompt` (after `system`, if given) through `tok`'s chat template:
+/// greedy, at most `max_new_tokens`, not streamed (for side-by-side comparisons).
+pub(crate) fn reply(
+    ctx: &NativeCallContext,
+    m: &ModelHandle,
+    tok: &TokenizerHandle,
+    system: Option<&str>,
+    prompt: &str,
+    max_new_tokens: usize,
+    enable_thinking: Option<bool>,
+) -> Result<String, Box<EvalAltResult>> {
+    let mut messages = Vec::new();
+    if let Some(s) = system {
+        messages.push(serde_json::json!({"role": "system", "content": s}));
+    }
+    messages.push(serde_json::json!({"role": "user", "content": prompt}));
+    let mut extra = serde_json::Map::new();
+    if let Some(t) = enable_thinking {
+        extra.insert("enable_thinking".into(), t.into());
+    }
+    let topts = qscript_runtime::tokenizer::TemplateOptions {
+        add_generation_prompt: true,
+        extra,
+    };
+    let text = tok
+        .0
+        .apply_chat_template(&serde_json::Value::Array(messages), &topts)
+        .map_err(to_rhai_at(ctx))?;
+    let ids = tok.0.encode(&text, false).map_err(to_rhai_at(ctx))?;
+    let opts = GenOpts {
+        max_new_tokens,
+        stream: Some(false),
+        ..GenOpts::default()
+    };
+    run_generate(ctx, m, tok, &ids, &opts)
+}
+
 /// Generates after `prompt` and returns the new text, streaming it when asked (or by default in
 /// the interactive REPL).
 fn run_generate(

@@ -404,6 +404,40 @@ impl std::fmt::Debug for TrainerHandle {
 }
 
 /// Registers the `Trainer` type.
+/// `train::compare`'s answers, `[prompt, base, tuned]` each, printed side by side in two columns
+/// of `width` characters under the prompt.
+fn side_by_side(rows: &[[String; 3]], width: usize) -> String {
+    let wrap = |text: &str| -> Vec<String> {
+        let mut lines = Vec::new();
+        // Blank lines dropped: a reply is read as its text, not its layout.
+        for para in text.trim().lines().filter(|l| !l.trim().is_empty()) {
+            let mut line = String::new();
+            for ch in para.chars() {
+                if line.chars().count() == width {
+                    lines.push(std::mem::take(&mut line));
+                }
+                line.push(ch);
+            }
+            lines.push(line);
+        }
+        lines
+    };
+    let mut out = String::new();
+    for [prompt, base, tuned] in rows {
+        out.push_str(&format!("> {prompt}\n"));
+        out.push_str(&format!("  {:<width$} | {}\n", "base", "tuned"));
+        let (a, b) = (wrap(base), wrap(tuned));
+        for i in 0..a.len().max(b.len()) {
+            let l = a.get(i).map_or("", String::as_str);
+            let r = b.get(i).map_or("", String::as_str);
+            let pad = width.saturating_sub(l.chars().count());
+            out.push_str(&format!("  {l}{} | {r}\n", " ".repeat(pad)));
+        }
+        out.push('\n');
+    }
+    out
+}
+
 pub(crate) fn register(engine: &mut rhai::Engine) {
     engine.register_type_with_name::<TrainerHandle>("Trainer");
 }
@@ -465,11 +499,89 @@ fn merged_options(rc: &RunContext, mut opts: Map) -> Map {
 #[allow(clippy::unwrap_used)]
 #[export_module]
 pub mod train_module {
-    use rhai::Map;
+    use rhai::{Array, Map};
 
     use super::run_fit;
     use crate::context::RunContext;
-    use crate::handles::{DatasetHandle, ModelHandle};
+    use crate::handles::{DatasetHandle, ModelHandle, TokenizerHandle};
+
+    /// The answers of a base model and a tuned one to the same prompts, printed side by side (a
+    /// model's chat reply, greedy): `base`, `tuned` (models), `tokenizer`, `prompts` (strings),
+    /// and optionally `system`, `max_new_tokens` (default 128) and `enable_thinking` (Qwen3's
+    /// templates). Returns the rows as maps of
+    /// `prompt`, `base`, `tuned`.
+    ///
+    /// ```rhai
+    /// let tok = tokenizer::builtin();
+    /// let rows = train::compare(#{ base: model::tiny(#{ seed: 1 }), tuned: model::tiny(#{ seed: 2 }),
+    ///     tokenizer: tok, prompts: ["你是谁？", "hi"], max_new_tokens: 4 });
+    /// assert(rows.len() == 2 && rows[0].prompt == "你是谁？");
+    /// ```
+    #[rhai_fn(return_raw)]
+    pub fn compare(ctx: NativeCallContext, opts: Map) -> Result<Array, Box<rhai::EvalAltResult>> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Opts {
+            prompts: Vec<String>,
+            system: Option<String>,
+            #[serde(default = "default_new")]
+            max_new_tokens: usize,
+            enable_thinking: Option<bool>,
+        }
+        fn default_new() -> usize {
+            128
+        }
+        let mut opts = opts;
+        let mut take = |k: &str| {
+            opts.remove(k).ok_or_else(|| {
+                crate::error::script_error(
+                    "train::compare",
+                    format!("`{k}` is missing (base, tuned, tokenizer and prompts are needed)"),
+                )
+            })
+        };
+        let base = take("base")?;
+        let tuned = take("tuned")?;
+        let tok = take("tokenizer")?;
+        let (Some(base), Some(tuned), Some(tok)) = (
+            base.try_cast::<ModelHandle>(),
+            tuned.try_cast::<ModelHandle>(),
+            tok.try_cast::<TokenizerHandle>(),
+        ) else {
+            return Err(crate::error::script_error(
+                "train::compare",
+                "`base` and `tuned` are models and `tokenizer` a tokenizer".to_string(),
+            ));
+        };
+        let o: Opts = crate::options::from_options(&ctx, "train::compare", opts)?;
+        let rc = RunContext::of(&ctx)?;
+        let mut rows = Vec::new();
+        for p in &o.prompts {
+            let reply = |m: &ModelHandle| {
+                crate::modules::model::reply(
+                    &ctx,
+                    m,
+                    &tok,
+                    o.system.as_deref(),
+                    p,
+                    o.max_new_tokens,
+                    o.enable_thinking,
+                )
+            };
+            rows.push([p.clone(), reply(&base)?, reply(&tuned)?]);
+        }
+        rc.sink.out(&super::side_by_side(&rows, 48));
+        Ok(rows
+            .into_iter()
+            .map(|[prompt, base, tuned]| {
+                let mut m = Map::new();
+                m.insert("prompt".into(), prompt.into());
+                m.insert("base".into(), base.into());
+                m.insert("tuned".into(), tuned.into());
+                Dynamic::from_map(m)
+            })
+            .collect())
+    }
 
     /// The recipe's training options with those of `--config FILE` and `--set key=value` on top:
     /// the keys that are `train::fit` options (HF's `TrainingArguments` names, as in a TRL or
