@@ -4,6 +4,7 @@
 //! - `qscript-fuzz run TARGET --secs N [--seed S]`: a supervised run of one target;
 //! - `qscript-fuzz all --secs N`: N seconds spread over every target;
 //! - `qscript-fuzz repro FILE --target T`: one input, in-process, its outcome printed;
+//! - `qscript-fuzz keep FILE --target T`: an input found by hand saved as a regression;
 //! - `qscript-fuzz worker TARGET`: the child a run starts (not for people).
 //!
 //! Exit status: 0 when nothing was found, 1 on findings, 2 on usage or internal errors.
@@ -51,6 +52,14 @@ enum Cmd {
         /// The time bound, in seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+    },
+    /// Save an input (found by hand) as `fuzz/regressions/<target>/<short-hash>`.
+    Keep {
+        /// The input file.
+        file: PathBuf,
+        /// Its target.
+        #[arg(long)]
+        target: String,
     },
     /// The worker a run starts.
     #[command(hide = true)]
@@ -179,6 +188,17 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             println!("total: {execs} execs, {found} findings");
             Ok(found == 0)
+        }
+        Cmd::Keep { file, target: name } => {
+            let t = target(&name)?;
+            let (path, new) =
+                corpus::save_finding(&corpus::regressions_root(), t.name, &std::fs::read(&file)?)?;
+            println!(
+                "{}{}",
+                path.display(),
+                if new { "" } else { " (already kept)" }
+            );
+            Ok(true)
         }
         Cmd::Repro {
             file,

@@ -188,6 +188,39 @@ fn digits_near(v: &[u8], at: usize) -> (usize, usize) {
     (a, b)
 }
 
+/// A line-level mutation (recipes, YAML, templates, text): a line repeated, dropped, moved,
+/// or taken from another input.
+pub fn lines(rng: &mut StdRng, input: &[u8], corpus: &[Vec<u8>]) -> Vec<u8> {
+    let split =
+        |b: &[u8]| -> Vec<Vec<u8>> { b.split(|&c| c == b'\n').map(<[u8]>::to_vec).collect() };
+    let mut ls = split(input);
+    for _ in 0..rng.random_range(1..=3) {
+        let i = rng.random_range(0..ls.len().max(1));
+        match rng.random_range(0..4) {
+            0 if !ls.is_empty() => {
+                let l = ls[i].clone();
+                let n = rng.random_range(1..=50);
+                ls.splice(i..i, std::iter::repeat_n(l, n));
+            }
+            1 if ls.len() > 1 => {
+                ls.remove(i);
+            }
+            2 if !ls.is_empty() => {
+                let l = ls.remove(i);
+                let j = rng.random_range(0..=ls.len());
+                ls.insert(j, l);
+            }
+            _ if !corpus.is_empty() => {
+                let other = split(&corpus[rng.random_range(0..corpus.len())]);
+                let l = other[rng.random_range(0..other.len())].clone();
+                ls.insert(i.min(ls.len()), l);
+            }
+            _ => {}
+        }
+    }
+    ls.join(&b'\n')
+}
+
 /// The next input for `target`: a fresh one from the safetensors generator, a structure-aware
 /// JSON mutation, or byte mutations of a corpus input, by chance.
 pub fn next(rng: &mut StdRng, corpus: &[Vec<u8>], target: &Target) -> Vec<u8> {
@@ -197,6 +230,7 @@ pub fn next(rng: &mut StdRng, corpus: &[Vec<u8>], target: &Target) -> Vec<u8> {
         &corpus[rng.random_range(0..corpus.len())]
     };
     let out = match target.shape {
+        Shape::Plain if rng.random_bool(0.3) => lines(rng, base, corpus),
         Shape::Safetensors if rng.random_bool(0.3) => crate::synth::safetensors(rng, corpus),
         Shape::Json if rng.random_bool(0.5) => crate::json::mutate(rng, base, target)
             .unwrap_or_else(|| bytes(rng, base, corpus, target)),

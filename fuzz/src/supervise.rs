@@ -262,17 +262,25 @@ pub fn outcome_hash(o: &Outcome) -> u64 {
         Ok(()) => return 0,
         Err(e) => e,
     };
-    let norm: String = text
+    // What the message says, not what it quotes: quoted names and values, paths and numbers
+    // dropped, the first 24 words kept.
+    let mut unquoted = String::with_capacity(text.len());
+    let mut quoted = false;
+    for c in text.chars() {
+        match c {
+            '`' => quoted = !quoted,
+            _ if quoted => {}
+            _ => unquoted.push(c),
+        }
+    }
+    let norm: String = unquoted
         .split_whitespace()
+        .filter(|w| !w.contains('/') && !w.starts_with('"'))
         .take(24)
         .map(|w| {
-            if w.contains('/') {
-                "<path>".to_string()
-            } else {
-                w.chars()
-                    .map(|c| if c.is_ascii_digit() { '#' } else { c })
-                    .collect()
-            }
+            w.chars()
+                .filter(|c| !c.is_ascii_digit())
+                .collect::<String>()
         })
         .collect::<Vec<_>>()
         .join(" ");

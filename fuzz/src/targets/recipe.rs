@@ -102,7 +102,7 @@ pub static RECIPE: Target = Target {
         Tokenizer::builtin()?.save(&dir.join("tok"))?;
         std::fs::write(
             dir.join("d.jsonl"),
-            "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}\n{\"instruction\": \"a\", \"input\": \"\", \"output\": \"b\"}\n",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}\n{\"messages\": [{\"role\": \"system\", \"content\": \"s\"}, {\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}\n",
         )?;
         let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/data");
         if data.is_dir() {
