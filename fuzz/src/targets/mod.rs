@@ -9,6 +9,7 @@
 mod checkpoint;
 mod config;
 mod data;
+mod hub;
 mod model;
 mod recipe;
 mod text;
@@ -69,6 +70,7 @@ pub fn all() -> Vec<&'static Target> {
     out.extend(data::TARGETS);
     out.extend(checkpoint::TARGETS);
     out.extend(config::TARGETS);
+    out.extend(hub::TARGETS);
     out.extend(recipe::TARGETS);
     out
 }
