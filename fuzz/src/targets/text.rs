@@ -266,6 +266,8 @@ pub static CHAT_TEMPLATE: Target = Target {
         "m.content",
         "m['role']",
         "|tojson",
+        "|tojson(indent=2)",
+        "|tojson(indent=4000000000, sort_keys=true)",
         "|length",
         "|join",
         "* 100000",
