@@ -97,7 +97,7 @@ impl RunArgs {
         Options {
             duration: Duration::from_secs_f64(secs.max(0.0)),
             seed,
-            timeout: Duration::from_secs_f64(self.timeout.max(0.1)),
+            timeout: Duration::from_secs_f64(self.timeout.max(0.001)),
             mem_mb: self.mem_mb,
             out: self.out.clone().unwrap_or_else(corpus::regressions_root),
             progress: (self.progress > 0.0).then(|| Duration::from_secs_f64(self.progress)),
