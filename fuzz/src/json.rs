@@ -30,7 +30,10 @@ pub fn mutate(rng: &mut StdRng, input: &[u8], target: &Target) -> Option<Vec<u8>
     let i = parsed[rng.random_range(0..parsed.len())];
     match rng.random_range(0..6) {
         0 => {
-            let n = rng.random_range(1..=1000);
+            let n = rng
+                .random_range(1..=1000)
+                .min(target.max_len / (lines[i].len() + 1))
+                .max(1);
             let l = lines[i].clone();
             lines.splice(i..i, std::iter::repeat_n(l, n));
         }
@@ -46,12 +49,17 @@ pub fn mutate(rng: &mut StdRng, input: &[u8], target: &Target) -> Option<Vec<u8>
     Some((lines.join("\n") + "\n").into_bytes())
 }
 
+/// `v` written compact, or pretty by chance (not for deep nesting, whose indentation grows with
+/// the square of its depth).
 fn write(rng: &mut StdRng, v: &Value) -> Option<Vec<u8>> {
+    let compact = serde_json::to_vec(v).ok()?;
     if rng.random_bool(0.5) {
-        serde_json::to_vec(v).ok()
-    } else {
-        serde_json::to_vec_pretty(v).ok()
+        let pretty = serde_json::to_vec_pretty(v).ok()?;
+        if pretty.len() <= compact.len() * 4 {
+            return Some(pretty);
+        }
     }
+    Some(compact)
 }
 
 /// Descends to a random node of `v` (stopping early by chance) and mutates it.
@@ -123,7 +131,7 @@ fn hostile(rng: &mut StdRng, target: &Target) -> Value {
             .clone(),
         8 => {
             // Deep nesting of arrays or objects.
-            let depth = rng.random_range(10..=3000);
+            let depth = rng.random_range(10..=1000);
             let mut v = json!(1);
             for _ in 0..depth {
                 v = if rng.random_bool(0.5) {
@@ -145,8 +153,11 @@ fn change(rng: &mut StdRng, node: &mut Value, target: &Target) {
             let i = rng.random_range(0..a.len());
             match rng.random_range(0..3) {
                 0 => {
+                    // Repeated, within the target's size (a value many times the largest
+                    // input only costs the parent time).
                     let x = a[i].clone();
-                    let n = rng.random_range(1..=500);
+                    let size = serde_json::to_vec(&x).map_or(1, |b| b.len() + 1);
+                    let n = rng.random_range(1..=500).min(target.max_len / size).max(1);
                     a.splice(i..i, std::iter::repeat_n(x, n));
                 }
                 1 => {
@@ -193,7 +204,7 @@ fn change(rng: &mut StdRng, node: &mut Value, target: &Target) {
         Value::String(s) if rng.random_bool(0.5) => {
             let k = rng.random_range(1..=2000);
             *s = match rng.random_range(0..3) {
-                0 => s.repeat(k.min(100_000 / (s.len() + 1) + 1)),
+                0 => s.repeat(k.min(target.max_len / (s.len() + 1) + 1)),
                 1 => format!("{s}{}", dict_key(rng, target)),
                 _ => String::new(),
             };
@@ -204,5 +215,65 @@ fn change(rng: &mut StdRng, node: &mut Value, target: &Target) {
         && m.len() > 10_000
     {
         *m = Map::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+    use crate::targets::{Harness, Shape};
+
+    struct Nothing;
+
+    impl Harness for Nothing {
+        fn run(&mut self, _: &[u8]) -> crate::targets::Outcome {
+            Ok(())
+        }
+    }
+
+    static SMALL: Target = Target {
+        name: "small",
+        entry: "a test target",
+        max_len: 4096,
+        shape: Shape::Json,
+        dict: &["\"k\""],
+        seeds: Vec::new,
+        harness: || Ok(Box::new(Nothing)),
+    };
+
+    /// Mutations stay near the target's size: repeating elements and lines of a growing
+    /// document once built values of gigabytes in the parent (seconds per input).
+    #[test]
+    fn mutations_stay_near_the_size_limit() {
+        // The parent mutates on its main thread (8 MiB of stack); a test thread has 2.
+        std::thread::Builder::new()
+            .stack_size(8 << 20)
+            .spawn(mutate_a_while)
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    fn mutate_a_while() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut doc = br#"{"a": [{"b": "xxxxxxxxxxxxxxxx", "c": [1, 2, 3]}], "d": "s"}"#.to_vec();
+        let line = b"{\"text\": \"hello\"}\n".repeat(20);
+        for i in 0..1000 {
+            let input = if i % 2 == 0 { &doc } else { &line };
+            let out = mutate(&mut rng, input, &SMALL).unwrap_or_default();
+            assert!(
+                out.len() < 64 * SMALL.max_len + (256 << 10),
+                "{}",
+                out.len()
+            );
+            if i % 2 == 0
+                && out.len() <= SMALL.max_len
+                && serde_json::from_slice::<Value>(&out).is_ok()
+            {
+                doc = out;
+            }
+        }
     }
 }
