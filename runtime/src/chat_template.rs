@@ -181,12 +181,24 @@ fn describe(e: &minijinja::Error) -> String {
     msg
 }
 
+/// The widest `tojson` indent (real templates use 2 or 4): the indent is written before every
+/// line, outside the render's size limit until the text is done.
+const MAX_INDENT: usize = 64;
+
 /// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`: `", "` and `": "` separators
 /// without indent, `","` and `": "` with it.
 fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> Result<Value, minijinja::Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     kwargs.assert_all_used()?;
+    if let Some(n) = indent
+        && n > MAX_INDENT
+    {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("`tojson(indent={n})`: the indent is at most {MAX_INDENT}"),
+        ));
+    }
     let mut json = serde_json::to_value(&value)
         .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
     if sort_keys.unwrap_or(false) {
@@ -316,6 +328,23 @@ mod tests {
             out,
             "{\"b\": [1, 2.5], \"a\": \"é<\\\"/\"}|{\n  \"b\": [\n    1,\n    2.5\n  ],\n  \"a\": \"é<\\\"/\"\n}"
         );
+    }
+
+    /// `tojson(indent=4000000000)` once allocated its 4 GB indent (an abort); an indent over
+    /// the limit is an error naming the call.
+    #[test]
+    fn a_huge_tojson_indent_is_an_error() {
+        let ctx = json!({"x": [1]});
+        for n in ["4000000000", "65"] {
+            let e = render(&format!("{{{{ x | tojson(indent={n}) }}}}"), &ctx).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains(&format!("`tojson(indent={n})`: the indent is at most 64")),
+                "{e}"
+            );
+        }
+        let out = render("{{ x | tojson(indent=64) }}", &ctx).unwrap();
+        assert_eq!(out, format!("[\n{}1\n]", " ".repeat(64)));
     }
 
     #[test]

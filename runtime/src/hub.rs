@@ -106,8 +106,7 @@ pub fn resolve_in(
         )));
     }
     let revision = revision.unwrap_or("main");
-    let is_commit = revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit());
-    let commit = if is_commit {
+    let commit = if is_commit_id(revision) {
         revision.to_string()
     } else {
         // `refs/<branch or tag>`: one line, the commit. A name with `..` or a leading `/` would
@@ -121,7 +120,7 @@ pub fn resolve_in(
             )));
         }
         let r = repo_dir.join("refs").join(revision);
-        let Ok(c) = std::fs::read_to_string(&r) else {
+        let Some(c) = read_ref(&r) else {
             let mut refs: Vec<String> = std::fs::read_dir(repo_dir.join("refs"))
                 .map(|d| {
                     d.filter_map(std::result::Result::ok)
@@ -140,7 +139,13 @@ pub fn resolve_in(
                 }
             )));
         };
-        c.trim().to_string()
+        if !is_commit_id(&c) {
+            return Err(Error::InvalidArgument(format!(
+                "`{id}`: `{}` in the HF cache does not hold a commit (40 hex digits)",
+                r.display()
+            )));
+        }
+        c
     };
     let dir = repo_dir.join("snapshots").join(&commit);
     if !dir.is_dir() {
@@ -155,6 +160,27 @@ pub fn resolve_in(
         dir,
         commit,
     })
+}
+
+/// Whether `s` is a commit id: 40 hex digits (so a snapshot path made from it stays inside
+/// `snapshots/`).
+fn is_commit_id(s: &str) -> bool {
+    s.len() == 40 && s.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// The first line of the ref file `path`, trimmed: `None` when it is missing or not a regular
+/// file (a FIFO would block, a link to `/dev/zero` never end). Only its first 128 bytes are read;
+/// a ref holds one commit id.
+fn read_ref(path: &Path) -> Option<String> {
+    use std::io::Read as _;
+    let f = std::fs::File::open(path).ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut head = Vec::new();
+    f.take(128).read_to_end(&mut head).ok()?;
+    let text = String::from_utf8_lossy(&head);
+    Some(text.lines().next().unwrap_or("").trim().to_string())
 }
 
 /// HF datasets' own cache, where `datasets.load_dataset` keeps the Arrow files it builds:
@@ -302,5 +328,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("is not a branch, tag or commit name"), "{e}");
+    }
+
+    /// A ref file is read as a commit id and nothing else: one naming `../../..` (a snapshot
+    /// outside the cache) or a link to `/dev/zero` (read without end) is refused, in bounded time.
+    #[cfg(unix)]
+    #[test]
+    fn a_ref_that_is_not_a_commit_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = d.path().join("models--org--m");
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::create_dir_all(d.path().join("outside")).unwrap();
+        std::fs::write(repo.join("refs/main"), "../../outside\n").unwrap();
+        let e = resolve_in(d.path(), "org/m", RepoType::Model, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not hold a commit (40 hex digits)"), "{e}");
+        assert!(e.contains("refs/main"), "{e}");
+        std::os::unix::fs::symlink("/dev/zero", repo.join("refs/zero")).unwrap();
+        let e = resolve_in(d.path(), "org/m", RepoType::Model, Some("zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no revision `zero`"), "{e}");
     }
 }

@@ -147,7 +147,7 @@ impl Tokenizer {
         let bytes = crate::sandbox::read(&file)?;
         // A hostile file can make `tokenizers` panic (a `Precompiled` charsmap too short for its
         // trie, for one): caught, and named as the file's fault.
-        let inner = crate::cancel::detached(cancel, move || {
+        let mut inner = crate::cancel::detached(cancel, move || {
             tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| e.to_string())
         })?
         .map_err(|_| {
@@ -158,6 +158,13 @@ impl Tokenizer {
             ))
         })?
         .map_err(|e| Error::Tokenizer(format!("`{}`: {e}", file.display())))?;
+        // The file's own padding and truncation are dropped, as transformers drops them when it
+        // encodes without padding or truncation asked for (qscript pads and cuts batches
+        // itself). Kept, a `Fixed` padding of 10^12 allocated terabytes per text (an abort).
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::Tokenizer(format!("`{}`: {e}", file.display())))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let (cfg, raw): (TokenizerConfig, serde_json::Map<String, Value>) = if cfg_path.is_file() {
             (
@@ -477,5 +484,43 @@ mod tests {
         assert_eq!(*ids.last().unwrap(), 258);
         assert_eq!(t.eos_id(), Some(256));
         assert_eq!(t.pad_id(), Some(256));
+    }
+
+    /// A `tokenizer.json` whose own padding is `Fixed` to 10^12 (or a multiple of 10^12) once
+    /// aborted the process allocating 4 TB per text; its padding and truncation are dropped on
+    /// load, as transformers drops them, and texts encode to their own tokens.
+    #[test]
+    fn a_file_s_own_padding_and_truncation_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |padding: Value, truncation: Value| {
+            let v = serde_json::json!({
+                "version": "1.0", "truncation": truncation, "padding": padding,
+                "added_tokens": [], "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+                "post_processor": null, "decoder": null,
+                "model": {"type": "WordLevel", "vocab": {"<unk>": 0, "hello": 1, "world": 2}, "unk_token": "<unk>"}
+            });
+            std::fs::write(dir.path().join("tokenizer.json"), v.to_string()).unwrap();
+            Tokenizer::load(dir.path(), &crate::cancel::CancelToken::new()).unwrap()
+        };
+        let pad = |strategy: Value, multiple: Value| {
+            serde_json::json!({"strategy": strategy, "direction": "Right", "pad_to_multiple_of": multiple,
+                "pad_id": 0, "pad_type_id": 0, "pad_token": "<unk>"})
+        };
+        for padding in [
+            pad(
+                serde_json::json!({"Fixed": 1_000_000_000_000u64}),
+                Value::Null,
+            ),
+            pad(
+                serde_json::json!("BatchLongest"),
+                serde_json::json!(1_000_000_000_000u64),
+            ),
+        ] {
+            let t = file(padding, Value::Null);
+            assert_eq!(t.encode("hello world", false).unwrap(), [1, 2]);
+        }
+        let cut = serde_json::json!({"direction": "Right", "max_length": 1, "strategy": "LongestFirst", "stride": 0});
+        let t = file(Value::Null, cut);
+        assert_eq!(t.encode("hello world", false).unwrap(), [1, 2]);
     }
 }

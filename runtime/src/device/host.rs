@@ -86,3 +86,59 @@ pub fn memory_pressure() -> Option<String> {
 pub fn host_available() -> Option<u64> {
     proc_kb("/proc/meminfo", "MemAvailable:")
 }
+
+/// Bytes this process can still allocate: what the system can give ([`host_available`]), or
+/// less where the container's memory limit (cgroup v2) or the address-space limit (`ulimit -v`)
+/// leaves less. Of the address space left, half counts, as in [`heap_budget`] (the allocator
+/// reserves more than it hands out). `None` when nothing says.
+pub fn host_room() -> Option<u64> {
+    room(
+        host_available(),
+        cgroup_value("memory.max").zip(cgroup_value("memory.current")),
+        address_space_limit(),
+        proc_kb("/proc/self/status", "VmSize:"),
+    )
+}
+
+/// [`host_room`] from what the system has available, the cgroup's `(max, current)`, the
+/// address-space limit and the address space mapped now.
+fn room(
+    available: Option<u64>,
+    cgroup: Option<(u64, u64)>,
+    address_limit: Option<u64>,
+    mapped: Option<u64>,
+) -> Option<u64> {
+    let cgroup = cgroup.map(|(max, cur)| max.saturating_sub(cur));
+    let address_space = address_limit.map(|max| max.saturating_sub(mapped.unwrap_or(0)) / 2);
+    [available, cgroup, address_space]
+        .into_iter()
+        .flatten()
+        .min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The room left is the tightest of the machine's, the container's and the address space's
+    /// (half of what is left of it): under `ulimit -v 4G` a 6.5 GB model on a machine with 20 GB
+    /// available once passed the check and aborted on its allocation.
+    #[test]
+    fn the_room_is_the_tightest_limit() {
+        const G: u64 = 1 << 30;
+        assert_eq!(
+            room(Some(20 * G), None, Some(4 * G), Some(G)),
+            Some(3 * G / 2)
+        );
+        assert_eq!(
+            room(Some(20 * G), Some((8 * G, 7 * G)), None, None),
+            Some(G)
+        );
+        assert_eq!(
+            room(Some(2 * G), Some((8 * G, G)), Some(64 * G), Some(G)),
+            Some(2 * G)
+        );
+        assert_eq!(room(None, None, Some(4 * G), Some(5 * G)), Some(0));
+        assert_eq!(room(None, None, None, Some(G)), None);
+    }
+}

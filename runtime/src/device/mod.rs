@@ -19,7 +19,7 @@ pub mod spec;
 use candle_core::Device;
 
 pub use budget::{Budget, CUDA_RUNTIME_BYTES};
-pub use host::{HEAP_BYTES, heap_budget, host_available, memory_pressure};
+pub use host::{HEAP_BYTES, heap_budget, host_available, host_room, memory_pressure};
 pub use spec::DeviceSpec;
 
 use crate::{Error, Result};
@@ -106,12 +106,13 @@ pub fn to(t: &candle_core::Tensor, device: &Device) -> candle_core::Result<candl
     t.to_device(device)
 }
 
-/// Free bytes on `device`: a GPU's free memory, or for the CPU the memory the system can still
-/// give; `None` when neither says.
+/// Free bytes on `device`: a GPU's free memory, or for the CPU what this process can still
+/// allocate ([`host_room`]: the system's available memory, within the container's and the
+/// address-space limits); `None` when neither says.
 pub fn free_bytes(device: &Device) -> Option<u64> {
     match memory(device) {
         Some((used, total)) => Some(total.saturating_sub(used)),
-        None if device.is_cpu() => host_available(),
+        None if device.is_cpu() => host_room(),
         None => None,
     }
 }
@@ -130,7 +131,7 @@ pub fn budgets(max_memory: &[(DeviceSpec, u64)]) -> Result<Vec<Budget>> {
         max_memory,
         gpus,
         |i| Ok(free_bytes(&cuda(i)?).unwrap_or(0)),
-        if probe { host_available() } else { None },
+        if probe { host_room() } else { None },
     )
 }
 
@@ -142,7 +143,7 @@ pub fn check_fits(bytes: f64, device: &Device, what: &str) -> Result<()> {
         return Ok(());
     };
     let name = if device.is_cpu() {
-        "available on this machine"
+        "available to this process"
     } else {
         "free on the GPU"
     };

@@ -151,7 +151,9 @@ impl Model {
             } else {
                 last
             };
-            let next = sampler.sample(&last)?;
+            let next = sampler
+                .sample(&last)
+                .map_err(|_| self.sampling_error(&last, out.len(), temperature))?;
             out.push(next);
             context.push(next);
             on_token(next)?;
@@ -161,5 +163,92 @@ impl Model {
             input = Tensor::new(&[next], device)?.unsqueeze(0)?;
         }
         Ok(out)
+    }
+
+    /// Why sampling new token `step` (from 0) failed, in the model's terms: its logits are NaN
+    /// or infinite, or `temperature` is so small that the scaled logits overflow. (candle's own
+    /// words, "A weight is negative, too large or not a valid number", name neither.)
+    fn sampling_error(&self, logits: &Tensor, step: usize, temperature: f64) -> Error {
+        let source = self.source.as_ref().map_or_else(
+            || "the model".to_string(),
+            |p| format!("the model from `{}`", p.display()),
+        );
+        let finite = crate::train::checkpoint::all_finite(logits).unwrap_or(false);
+        Error::InvalidArgument(if finite {
+            format!(
+                "generating new token {}: sampling at `temperature` {temperature:?} overflows the \
+                 logits of {source}; use a larger temperature, or 0 for greedy decoding",
+                step + 1
+            )
+        } else {
+            format!(
+                "generating new token {}: the logits of {source} are NaN or infinite (do its \
+                 weights hold NaN or infinite values?)",
+                step + 1
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::model::tiny::{TinyConfig, tiny};
+
+    /// Sampling from NaN logits (a checkpoint of NaN weights) or at a temperature that
+    /// overflows them is an error naming the model and the cause, not candle's "A weight is
+    /// negative, too large or not a valid number".
+    #[test]
+    fn a_sampling_failure_names_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = tiny(&TinyConfig {
+            hidden: 16,
+            layers: 1,
+            heads: 2,
+            kv_heads: 1,
+            intermediate: 24,
+            vocab: 64,
+            ..TinyConfig::default()
+        })
+        .unwrap();
+        let sample = |m: &Model, temperature: f64| {
+            let opts = GenerateOptions {
+                max_new_tokens: 2,
+                temperature: Some(temperature),
+                ..GenerateOptions::default()
+            };
+            m.generate(&[1, 2], &opts, &CancelToken::new(), &mut |_| Ok(()))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        sample(&m, 1.0).unwrap();
+        let e = sample(&m, 1e-300).unwrap_err();
+        assert!(
+            e.contains("sampling at `temperature` 1e-300 overflows"),
+            "{e}"
+        );
+        m.save(dir.path()).unwrap();
+        let file = dir.path().join("model.safetensors");
+        let bytes = std::fs::read(&file).unwrap();
+        let tensors = crate::model::weights::load_all(
+            &file,
+            &bytes,
+            &candle_core::Device::Cpu,
+            &CancelToken::new(),
+        )
+        .unwrap();
+        let nan: std::collections::HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(k, t)| (k, t.affine(0.0, f64::NAN).unwrap()))
+            .collect();
+        crate::model::weights::save_file(&nan, &file).unwrap();
+        let m = Model::load(dir.path(), &crate::model::load::LoadOptions::default()).unwrap();
+        let e = sample(&m, 1.0).unwrap_err();
+        assert!(
+            e.contains("generating new token 1: the logits of the model from"),
+            "{e}"
+        );
+        assert!(e.contains("are NaN or infinite"), "{e}");
     }
 }
