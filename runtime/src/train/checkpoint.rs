@@ -128,7 +128,14 @@ impl<'de> Deserialize<'de> for TrainerState {
                     int(Some(r), "epoch_index", true)?,
                     int(Some(r), "micro_in_epoch", false)?,
                     int(Some(r), "evals_without_improvement", false)?,
-                    top.get("epoch").and_then(Value::as_f64).unwrap_or(0.0),
+                    match top.get("epoch").and_then(Value::as_f64).unwrap_or(0.0) {
+                        e if e.is_finite() && (0.0..=1e9).contains(&e) => e,
+                        e => {
+                            return Err(D::Error::custom(format!(
+                                "`epoch` {e} is not an epoch count (0 to 1e9)"
+                            )));
+                        }
+                    },
                 )
             } else {
                 let e = int(t, "epoch", true)?;
@@ -556,6 +563,13 @@ mod tests {
             train_batch_size: 4,
         };
         let v = serde_json::to_value(&state).unwrap();
+        // An epoch that is no epoch count is refused, naming the field.
+        for bad in [-1.0, 1e308] {
+            let mut w = v.clone();
+            w["epoch"] = bad.into();
+            let e = serde_json::from_value::<TrainerState>(w).unwrap_err().to_string();
+            assert!(e.contains("`epoch`"), "{e}");
+        }
         // transformers' TrainerState fields, as `TrainerState.load_from_json` takes them
         let hf = [
             "epoch",
