@@ -567,7 +567,9 @@ mod tests {
         for bad in [-1.0, 1e308] {
             let mut w = v.clone();
             w["epoch"] = bad.into();
-            let e = serde_json::from_value::<TrainerState>(w).unwrap_err().to_string();
+            let e = serde_json::from_value::<TrainerState>(w)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("`epoch`"), "{e}");
         }
         // transformers' TrainerState fields, as `TrainerState.load_from_json` takes them
