@@ -158,35 +158,14 @@ impl WeightSource {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let missing = || Error::MissingTensor {
-            name: name.into(),
-            path: self.dir().into(),
-        };
         let t = match self {
-            WeightSource::Files {
-                files,
-                routing,
-                cancel,
-                ..
-            } => {
-                cancel.check()?;
-                let i = *routing.get(name).ok_or_else(missing)?;
-                // Straight from the mapped file to the target device (no intermediate CPU copy).
-                files[i].load(name, device)?
-            }
             WeightSource::Headers {
                 tensors, cancel, ..
             } => {
                 cancel.check()?;
-                let (path, found, st_dtype) = tensors.get(name).ok_or_else(missing)?;
-                if found.as_slice() != shape {
-                    return Err(Error::ShapeMismatch {
-                        name: name.into(),
-                        path: self.dir().into(),
-                        expected: shape.to_vec(),
-                        found: found.clone(),
-                    });
-                }
+                let (path, found, st_dtype) =
+                    tensors.get(name).ok_or_else(|| self.missing(name))?;
+                self.check_shape(name, found, shape)?;
                 if !matches!(
                     st_dtype,
                     safetensors::Dtype::F32
@@ -204,21 +183,12 @@ impl WeightSource {
                 // Shapes and dtype, no data: one element seen with zero strides.
                 return Ok(Tensor::zeros((), dtype, &Device::Cpu)?.broadcast_as(shape)?);
             }
-            WeightSource::Memory { tensors, .. } => tensors.get(name).ok_or_else(missing)?.clone(),
+            _ => self.load(name, device)?,
         };
-        if t.dims() != shape {
-            return Err(Error::ShapeMismatch {
-                name: name.into(),
-                path: self.dir().into(),
-                expected: shape.to_vec(),
-                found: t.dims().to_vec(),
-            });
-        }
+        self.check_shape(name, t.dims(), shape)?;
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
-}
 
-impl WeightSource {
     /// The tensor `name` as stored, which must be `dtype` (bitsandbytes' u8 codes, f32 absmax)
     /// and `shape` (`None`: any), on `device`; nothing is converted.
     pub fn get_stored(
@@ -228,40 +198,40 @@ impl WeightSource {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let stored = match self {
-            WeightSource::Headers { tensors, .. } => tensors.get(name).map(|(_, _, d)| match d {
-                safetensors::Dtype::U8 => DType::U8,
-                safetensors::Dtype::F32 => DType::F32,
-                safetensors::Dtype::BF16 => DType::BF16,
-                safetensors::Dtype::F16 => DType::F16,
-                _ => DType::F64,
-            }),
-            _ => None,
-        };
-        if let Some(stored) = stored {
-            if stored != dtype {
-                return Err(self.wrong_dtype(name, stored, dtype));
-            }
-            if let WeightSource::Headers {
-                tensors, cancel, ..
-            } = self
-            {
-                cancel.check()?;
-                let found = &tensors[name].1;
-                if let Some(shape) = shape
-                    && found.as_slice() != shape
-                {
-                    return Err(Error::ShapeMismatch {
-                        name: name.into(),
-                        path: self.dir().into(),
-                        expected: shape.to_vec(),
-                        found: found.clone(),
-                    });
-                }
-                return Ok(Tensor::zeros((), dtype, &Device::Cpu)?.broadcast_as(found.as_slice())?);
-            }
-        }
         let t = match self {
+            WeightSource::Headers {
+                tensors, cancel, ..
+            } => {
+                cancel.check()?;
+                let (_, found, st_dtype) = tensors.get(name).ok_or_else(|| self.missing(name))?;
+                let stored = match st_dtype {
+                    safetensors::Dtype::U8 => DType::U8,
+                    safetensors::Dtype::F32 => DType::F32,
+                    safetensors::Dtype::BF16 => DType::BF16,
+                    safetensors::Dtype::F16 => DType::F16,
+                    _ => DType::F64,
+                };
+                if stored != dtype {
+                    return Err(self.wrong_dtype(name, stored, dtype));
+                }
+                // Shapes and dtype, no data: one element seen with zero strides.
+                Tensor::zeros((), dtype, &Device::Cpu)?.broadcast_as(found.as_slice())?
+            }
+            _ => self.load(name, device)?,
+        };
+        if t.dtype() != dtype {
+            return Err(self.wrong_dtype(name, t.dtype(), dtype));
+        }
+        if let Some(shape) = shape {
+            self.check_shape(name, t.dims(), shape)?;
+        }
+        Ok(t)
+    }
+
+    /// The tensor `name` of a source with data, as stored, on `device` (from a mapped file
+    /// straight to the device, no intermediate CPU copy).
+    fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        match self {
             WeightSource::Files {
                 files,
                 routing,
@@ -269,40 +239,35 @@ impl WeightSource {
                 ..
             } => {
                 cancel.check()?;
-                let i = *routing.get(name).ok_or_else(|| Error::MissingTensor {
-                    name: name.into(),
-                    path: self.dir().into(),
-                })?;
-                files[i].load(name, device)?
+                let i = *routing.get(name).ok_or_else(|| self.missing(name))?;
+                Ok(files[i].load(name, device)?)
             }
-            WeightSource::Memory { tensors, .. } => tensors
+            WeightSource::Memory { tensors, .. } => Ok(tensors
                 .get(name)
-                .ok_or_else(|| Error::MissingTensor {
-                    name: name.into(),
-                    path: self.dir().into(),
-                })?
-                .to_device(device)?,
-            WeightSource::Headers { .. } => {
-                return Err(Error::MissingTensor {
-                    name: name.into(),
-                    path: self.dir().into(),
-                });
-            }
-        };
-        if t.dtype() != dtype {
-            return Err(self.wrong_dtype(name, t.dtype(), dtype));
+                .ok_or_else(|| self.missing(name))?
+                .to_device(device)?),
+            WeightSource::Headers { .. } => Err(self.missing(name)),
         }
-        if let Some(shape) = shape
-            && t.dims() != shape
-        {
-            return Err(Error::ShapeMismatch {
-                name: name.into(),
-                path: self.dir().into(),
-                expected: shape.to_vec(),
-                found: t.dims().to_vec(),
-            });
+    }
+
+    fn missing(&self, name: &str) -> Error {
+        Error::MissingTensor {
+            name: name.into(),
+            path: self.dir().into(),
         }
-        Ok(t)
+    }
+
+    /// An error unless `found` is `want`.
+    fn check_shape(&self, name: &str, found: &[usize], want: &[usize]) -> Result<()> {
+        if found == want {
+            return Ok(());
+        }
+        Err(Error::ShapeMismatch {
+            name: name.into(),
+            path: self.dir().into(),
+            expected: want.to_vec(),
+            found: found.to_vec(),
+        })
     }
 
     /// Whether tensors come back as shapes only (`qscript check`).
