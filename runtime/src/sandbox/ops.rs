@@ -9,30 +9,29 @@ use crate::{Error, Result};
 
 /// The capability operations behind the free functions of this file, for a run's sandbox.
 impl Sandbox {
-    /// `path` (absolute) opened for reading through the handle of a readable root it lies
-    /// under; a regular file only.
-    pub(super) fn open_read(&self, path: &Path) -> Result<std::fs::File> {
+    /// `op` on `path` (absolute) beneath each readable root it lies under, deepest first (a
+    /// root's handle and `path` relative to it): the first success; else "not found" when a root
+    /// that would hold `path` lacks it, and otherwise the sandbox's one refusal.
+    fn beneath<T>(
+        &self,
+        path: &Path,
+        op: impl Fn(&cap_std::fs::Dir, &Path) -> std::io::Result<T>,
+    ) -> Result<T> {
         let target = normalize(path);
         let mut missing = None;
         for root in self.read_roots_of(&target) {
             let rel = target.strip_prefix(&root).unwrap_or(Path::new(""));
             let dir = if root == self.output {
-                match self.output_handle(false) {
-                    Ok(d) => d,
-                    Err(Error::Io { source, .. }) => {
-                        missing.get_or_insert(source);
-                        continue;
-                    }
-                    Err(_) => continue,
-                }
+                self.output_handle(false).map_err(|e| match e {
+                    Error::Io { source, .. } => source,
+                    // Refused (a link, another user's): as an entry the sandbox refuses.
+                    other => std::io::Error::other(other.to_string()),
+                })
             } else {
-                match cap::open_root(&root) {
-                    Ok(d) => d,
-                    Err(_) => continue,
-                }
+                cap::open_root(&root)
             };
-            match cap::open_beneath(&dir, rel) {
-                Ok(f) => return regular(f.into_std(), path),
+            match dir.and_then(|d| op(&d, rel)) {
+                Ok(v) => return Ok(v),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     missing.get_or_insert(e);
                 }
@@ -45,30 +44,17 @@ impl Sandbox {
         })
     }
 
+    /// `path` (absolute) opened for reading through the handle of a readable root it lies
+    /// under; a regular file only.
+    pub(super) fn open_read(&self, path: &Path) -> Result<std::fs::File> {
+        let f = self.beneath(path, cap::open_beneath)?;
+        regular(f.into_std(), path)
+    }
+
     /// The directory `path` (absolute) opened through the handle of a readable root it lies
     /// under.
     pub(super) fn open_dir_read(&self, path: &Path) -> Result<cap_std::fs::Dir> {
-        let target = normalize(path);
-        let mut missing = None;
-        for root in self.read_roots_of(&target) {
-            let rel = target.strip_prefix(&root).unwrap_or(Path::new(""));
-            let dir = if root == self.output {
-                self.output_handle(false)
-            } else {
-                cap::open_root(&root).map_err(|e| Error::io(&root, e))
-            };
-            match dir.and_then(|d| cap::open_dir_beneath(&d, rel).map_err(|e| Error::io(path, e))) {
-                Ok(d) => return Ok(d),
-                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                    missing.get_or_insert(source);
-                }
-                Err(_) => {}
-            }
-        }
-        Err(match missing {
-            Some(e) => Error::io(path, e),
-            None => self.refuse_read(path),
-        })
+        self.beneath(path, cap::open_dir_beneath)
     }
 
     /// Creates the directory `path` and its missing parents, under the output directory (or
@@ -399,33 +385,14 @@ impl Sandbox {
     /// What `path` (absolute) is, looked up through the handle of a readable root it lies under.
     pub(super) fn kind(&self, path: &Path) -> Result<Kind> {
         use cap_std::fs::MetadataExt as _;
-        let target = normalize(path);
-        let mut missing = None;
-        for root in self.read_roots_of(&target) {
-            let rel = target.strip_prefix(&root).unwrap_or(Path::new(""));
-            let dir = if root == self.output {
-                self.output_handle(false).ok()
-            } else {
-                cap::open_root(&root).ok()
-            };
-            let Some(dir) = dir else { continue };
-            let meta = if rel.as_os_str().is_empty() {
+        let m = self.beneath(path, |dir, rel| {
+            if rel.as_os_str().is_empty() {
                 dir.dir_metadata()
             } else {
                 dir.metadata(rel)
-            };
-            match meta {
-                Ok(m) => return Ok(kind_of(m.is_file(), m.is_dir(), m.dev(), m.ino())),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    missing.get_or_insert(e);
-                }
-                Err(_) => {}
             }
-        }
-        Err(match missing {
-            Some(e) => Error::io(path, e),
-            None => self.refuse_read(path),
-        })
+        })?;
+        Ok(kind_of(m.is_file(), m.is_dir(), m.dev(), m.ino()))
     }
 }
 
