@@ -25,37 +25,36 @@ fn buckets(code: &[f32]) -> (Vec<f32>, Vec<u8>) {
     (mids, order)
 }
 
+/// Each block of `blocksize` values of `x` (the last one may be shorter) quantized by `block`,
+/// which writes the block's codes and returns its absmax; blocks in parallel.
+fn over_blocks(
+    x: &[f32],
+    blocksize: usize,
+    block: impl Fn(&[f32], &mut [u8]) -> f32 + Sync,
+) -> (Vec<u8>, Vec<f32>) {
+    let mut codes = vec![0u8; x.len()];
+    let mut absmax = vec![0f32; x.len().div_ceil(blocksize)];
+    x.par_chunks(blocksize)
+        .zip(codes.par_chunks_mut(blocksize).zip(absmax.par_iter_mut()))
+        .for_each(|(chunk, (q, am))| *am = block(chunk, q));
+    (codes, absmax)
+}
+
 /// `x` quantized over blocks of `blocksize` with `code`: one code index per value and each
 /// block's absmax.
 pub fn quantize_blocks(x: &[f32], blocksize: usize, code: &[f32]) -> (Vec<u8>, Vec<f32>) {
     let (mids, order) = buckets(code);
-    let full = x.len() / blocksize * blocksize;
-    let mut codes = vec![0u8; x.len()];
-    let mut absmax = vec![0f32; x.len().div_ceil(blocksize)];
-    let block = |(chunk, (q, am)): (&[f32], (&mut [u8], &mut f32))| {
+    over_blocks(x, blocksize, |chunk, q| {
         let whole = chunk.len() == blocksize;
-        *am = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let a = am.max(TINY);
+        let absmax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let a = absmax.max(TINY);
         let inv = 1.0 / a;
         for (v, c) in chunk.iter().zip(q.iter_mut()) {
             let s = if whole { v * inv } else { v / a }.clamp(-1.0, 1.0);
             *c = order[mids.partition_point(|m| *m < s)];
         }
-    };
-    let (head_codes, tail_codes) = codes.split_at_mut(full);
-    let (head_am, tail_am) = absmax.split_at_mut(full / blocksize);
-    x[..full]
-        .par_chunks(blocksize)
-        .zip(
-            head_codes
-                .par_chunks_mut(blocksize)
-                .zip(head_am.par_iter_mut()),
-        )
-        .for_each(block);
-    if full < x.len() {
-        block((&x[full..], (tail_codes, &mut tail_am[0])));
-    }
-    (codes, absmax)
+        absmax
+    })
 }
 
 /// `x` quantized over blocks of `blocksize` to the 256 values of the sorted 8-bit map `code`,
@@ -63,20 +62,14 @@ pub fn quantize_blocks(x: &[f32], blocksize: usize, code: &[f32]) -> (Vec<u8>, V
 /// the reciprocal of its block's absmax, a binary search over the code's midpoints. One code per
 /// value and each block's absmax.
 pub fn quantize_blocks_8bit(x: &[f32], blocksize: usize, code: &[f32]) -> (Vec<u8>, Vec<f32>) {
-    let per_block = |chunk: &[f32]| -> (Vec<u8>, f32) {
+    over_blocks(x, blocksize, |chunk, q| {
         let absmax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
         let inv = 1.0 / absmax;
-        let q = chunk.iter().map(|&v| dquantize(code, v * inv)).collect();
-        (q, absmax)
-    };
-    let parts: Vec<(Vec<u8>, f32)> = x.par_chunks(blocksize).map(per_block).collect();
-    let mut codes = Vec::with_capacity(x.len());
-    let mut absmax = Vec::with_capacity(parts.len());
-    for (q, a) in parts {
-        codes.extend(q);
-        absmax.push(a);
-    }
-    (codes, absmax)
+        for (v, c) in chunk.iter().zip(q.iter_mut()) {
+            *c = dquantize(code, v * inv);
+        }
+        absmax
+    })
 }
 
 /// bitsandbytes' `dQuantize<0>`: the code of `x` in the sorted 256-value map `code`.
