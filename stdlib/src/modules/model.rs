@@ -340,8 +340,26 @@ pub(crate) fn reply(
         messages.push(serde_json::json!({"role": "system", "content": s}));
     }
     messages.push(serde_json::json!({"role": "user", "content": prompt}));
+    let opts = GenOpts {
+        max_new_tokens,
+        stream: Some(false),
+        enable_thinking,
+        ..GenOpts::default()
+    };
+    chat_reply(ctx, m, tok, &serde_json::Value::Array(messages), &opts)
+}
+
+/// The reply of `m` to `messages` rendered with `tok`'s chat template (the generation prompt
+/// added; `enable_thinking` passed to it when given), generated as `opts` says.
+fn chat_reply(
+    ctx: &NativeCallContext,
+    m: &ModelHandle,
+    tok: &TokenizerHandle,
+    messages: &serde_json::Value,
+    opts: &GenOpts,
+) -> Result<String, Box<EvalAltResult>> {
     let mut extra = serde_json::Map::new();
-    if let Some(t) = enable_thinking {
+    if let Some(t) = opts.enable_thinking {
         extra.insert("enable_thinking".into(), t.into());
     }
     let topts = qscript_runtime::tokenizer::TemplateOptions {
@@ -350,15 +368,10 @@ pub(crate) fn reply(
     };
     let text = tok
         .0
-        .apply_chat_template(&serde_json::Value::Array(messages), &topts)
+        .apply_chat_template(messages, &topts)
         .map_err(to_rhai_at(ctx))?;
     let ids = tok.0.encode(&text, false).map_err(to_rhai_at(ctx))?;
-    let opts = GenOpts {
-        max_new_tokens,
-        stream: Some(false),
-        ..GenOpts::default()
-    };
-    run_generate(ctx, m, tok, &ids, &opts)
+    run_generate(ctx, m, tok, &ids, opts)
 }
 
 /// Generates after `prompt` and returns the new text, streaming it when asked (or by default in
@@ -729,20 +742,7 @@ pub mod model_module {
         let o: GenOpts = from_options(&ctx, "chat", opts)?;
         let messages: serde_json::Value =
             rhai::serde::from_dynamic(&Dynamic::from_array(messages))?;
-        let mut extra = serde_json::Map::new();
-        if let Some(t) = o.enable_thinking {
-            extra.insert("enable_thinking".into(), t.into());
-        }
-        let topts = qscript_runtime::tokenizer::TemplateOptions {
-            add_generation_prompt: true,
-            extra,
-        };
-        let text = tok
-            .0
-            .apply_chat_template(&messages, &topts)
-            .map_err(to_rhai_at(&ctx))?;
-        let ids = tok.0.encode(&text, false).map_err(to_rhai_at(&ctx))?;
-        run_generate(&ctx, m, &tok, &ids, &o)
+        super::chat_reply(&ctx, m, &tok, &messages, &o)
     }
 
     /// `chat` with the default options.
