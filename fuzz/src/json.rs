@@ -7,7 +7,7 @@ use rand::Rng;
 use rand::rngs::StdRng;
 use serde_json::{Map, Value, json};
 
-use crate::mutate::INTERESTING;
+use crate::interesting::INTERESTING;
 use crate::targets::Target;
 
 /// A mutation of the JSON in `input`, or `None` when it is not JSON (nor JSON Lines).

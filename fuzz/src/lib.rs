@@ -21,6 +21,7 @@
 
 pub mod bounded;
 pub mod corpus;
+pub mod interesting;
 pub mod json;
 pub mod mutate;
 pub mod supervise;

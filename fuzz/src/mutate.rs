@@ -6,41 +6,8 @@
 use rand::Rng;
 use rand::rngs::StdRng;
 
+use crate::interesting::INTERESTING;
 use crate::targets::{Shape, Target};
-
-/// Integers that find off-by-ones, overflows and huge allocations.
-pub const INTERESTING: &[i128] = &[
-    0,
-    1,
-    -1,
-    2,
-    7,
-    8,
-    16,
-    127,
-    128,
-    255,
-    256,
-    1024,
-    4096,
-    32767,
-    32768,
-    65535,
-    65536,
-    1_000_000,
-    i32::MAX as i128,
-    i32::MIN as i128,
-    u32::MAX as i128,
-    1 << 32,
-    1 << 40,
-    1_000_000_000_000,
-    1 << 53,
-    (1 << 53) + 1,
-    i64::MAX as i128,
-    i64::MIN as i128,
-    u64::MAX as i128,
-    (u64::MAX as i128) + 1,
-];
 
 /// Number spellings only text formats have.
 const NUMBER_TEXT: &[&str] = &[

@@ -311,7 +311,24 @@ impl Quant4 {
     pub fn dequantize(&self, dtype: DType) -> candle_core::Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.device().is_cuda() && self.packed.is_contiguous() {
-            return crate::nn::cuda::dequant::dequant4(self, dtype);
+            use crate::nn::cuda::dequant::{Absmax4, Dequant4, dequant4};
+            let absmax = match &self.absmax {
+                Absmax::Plain(a) => Absmax4::Plain(a),
+                Absmax::Nested {
+                    codes,
+                    scales,
+                    code,
+                    offset,
+                } => Absmax4::Nested(codes, scales, code, *offset),
+            };
+            let parts = Dequant4 {
+                packed: &self.packed,
+                code: &self.code,
+                absmax,
+                shape: self.shape,
+                blocksize: self.blocksize,
+            };
+            return dequant4(&parts, dtype);
         }
         self.dequantize_ops(dtype)
     }

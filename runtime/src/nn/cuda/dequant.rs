@@ -1,32 +1,51 @@
 //! 4-bit weights dequantized on CUDA (`dequant.cu`): bitsandbytes' codes and absmax straight to
 //! the compute dtype in one pass, reading half a byte and writing one value per weight. Reference
-//! op: the candle path of [`crate::quant::Quant4::dequantize`] (the same f32 products, rounded
+//! op: the candle path of `quant::Quant4::dequantize` (the same f32 products, rounded
 //! once), which a test on the GPU machine compares value for value.
 
 use candle_core::{DType, Result, Tensor};
 
 use super::launch::{Arg, Module, addr, empty, launch, launch_1d, ptx};
-use crate::quant::{Absmax, Quant4};
 
 const PTX: Module = ptx!("dequant");
 
-/// `q` as an `[out, in]` matrix of `dtype` (f32, bf16 or f16).
-pub fn dequant4(q: &Quant4, dtype: DType) -> Result<Tensor> {
-    let (pp, dev) = addr(&q.packed, "codes")?;
-    let pc = addr(&q.code, "code book")?.0;
-    let (pa, pq, ps, p256, offset) = match &q.absmax {
-        Absmax::Plain(a) => (addr(a, "absmax")?.0, 0, 0, 0, 0.0f32),
-        Absmax::Nested {
-            codes,
-            scales,
-            code,
-            offset,
-        } => (
+/// A 4-bit weight's parts as the kernel reads them (`quant::Quant4` lays them out).
+#[derive(Debug)]
+pub struct Dequant4<'a> {
+    /// u8, two codes a byte, the first in the high nibble.
+    pub packed: &'a Tensor,
+    /// f32 `[16]`: the code book.
+    pub code: &'a Tensor,
+    /// f32, each block's absmax; or, double-quantized, `(u8 codes, f32 scales per 256 blocks,
+    /// f32 [256] code book, offset)`.
+    pub absmax: Absmax4<'a>,
+    /// `[out, in]`.
+    pub shape: (usize, usize),
+    /// Values per absmax block.
+    pub blocksize: usize,
+}
+
+/// Each block's absmax, plain or double-quantized.
+#[derive(Debug)]
+pub enum Absmax4<'a> {
+    /// f32, one per block.
+    Plain(&'a Tensor),
+    /// u8 codes, f32 scales per 256 blocks, the f32 `[256]` code book, the offset.
+    Nested(&'a Tensor, &'a Tensor, &'a Tensor, f32),
+}
+
+/// The weight `q` describes as an `[out, in]` matrix of `dtype` (f32, bf16 or f16).
+pub fn dequant4(q: &Dequant4<'_>, dtype: DType) -> Result<Tensor> {
+    let (pp, dev) = addr(q.packed, "codes")?;
+    let pc = addr(q.code, "code book")?.0;
+    let (pa, pq, ps, p256, offset) = match q.absmax {
+        Absmax4::Plain(a) => (addr(a, "absmax")?.0, 0, 0, 0, 0.0f32),
+        Absmax4::Nested(codes, scales, code, offset) => (
             0,
             addr(codes, "absmax codes")?.0,
             addr(scales, "absmax scales")?.0,
             addr(code, "absmax code book")?.0,
-            *offset,
+            offset,
         ),
     };
     let (rows, cols) = q.shape;
