@@ -314,7 +314,7 @@ print("done");
 }
 
 /// The shape of every tensor of a Qwen2 checkpoint with `cfg`'s sizes, HF's names.
-fn qwen2_tensors(cfg: &serde_json::Value) -> Vec<(String, Vec<usize>)> {
+fn decoder_tensors(cfg: &serde_json::Value) -> Vec<(String, Vec<usize>)> {
     let n = |k: &str| cfg[k].as_u64().unwrap() as usize;
     let (h, i, v, layers) = (
         n("hidden_size"),
@@ -322,25 +322,34 @@ fn qwen2_tensors(cfg: &serde_json::Value) -> Vec<(String, Vec<usize>)> {
         n("vocab_size"),
         n("num_hidden_layers"),
     );
-    let hd = h / n("num_attention_heads");
-    let kv = n("num_key_value_heads") * hd;
+    let qwen3 = cfg["model_type"] == "qwen3";
+    let hd = cfg["head_dim"]
+        .as_u64()
+        .map_or(h / n("num_attention_heads"), |d| d as usize);
+    let (q, kv) = (n("num_attention_heads") * hd, n("num_key_value_heads") * hd);
     let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
     for l in 0..layers {
         let p = format!("model.layers.{l}");
-        for (name, shape) in [
-            ("self_attn.q_proj.weight", vec![h, h]),
-            ("self_attn.q_proj.bias", vec![h]),
+        let mut names = vec![
+            ("self_attn.q_proj.weight", vec![q, h]),
             ("self_attn.k_proj.weight", vec![kv, h]),
-            ("self_attn.k_proj.bias", vec![kv]),
             ("self_attn.v_proj.weight", vec![kv, h]),
-            ("self_attn.v_proj.bias", vec![kv]),
-            ("self_attn.o_proj.weight", vec![h, h]),
+            ("self_attn.o_proj.weight", vec![h, q]),
             ("mlp.gate_proj.weight", vec![i, h]),
             ("mlp.up_proj.weight", vec![i, h]),
             ("mlp.down_proj.weight", vec![h, i]),
             ("input_layernorm.weight", vec![h]),
             ("post_attention_layernorm.weight", vec![h]),
-        ] {
+        ];
+        if qwen3 {
+            names.push(("self_attn.q_norm.weight", vec![hd]));
+            names.push(("self_attn.k_norm.weight", vec![hd]));
+        } else {
+            names.push(("self_attn.q_proj.bias", vec![q]));
+            names.push(("self_attn.k_proj.bias", vec![kv]));
+            names.push(("self_attn.v_proj.bias", vec![kv]));
+        }
+        for (name, shape) in names {
             out.push((format!("{p}.{name}"), shape));
         }
     }
@@ -433,11 +442,17 @@ train::fit(m, ds, #{{ per_device_train_batch_size: 2, max_steps: 1 }});
     assert_ne!(o.status.code(), Some(0), "{err}");
     assert!(err.contains("this run needs about"), "{err}");
     assert!(err.contains("is free"), "{err}");
+    assert!(err.contains("what would make it fit"), "{err}");
     assert!(
-        err.contains("`per_device_train_batch_size` (2 now"),
+        err.contains("- `gradient_checkpointing: true`: about"),
         "{err}"
     );
-    assert!(err.contains("`gradient_checkpointing: true`"), "{err}");
+    assert!(
+        err.contains(
+            "- LoRA instead of full fine-tuning (`lora::attach`, r 16 on every linear layer): about"
+        ),
+        "{err}"
+    );
     env.write(
         "placed.rhai",
         &recipe(r#", device_map: "auto", max_memory: #{ cpu: "1000GiB" }"#),
@@ -448,16 +463,29 @@ train::fit(m, ds, #{{ per_device_train_batch_size: 2, max_steps: 1 }});
     assert!(err.contains("training needs about"), "{err}");
     assert!(err.contains("on cpu and it holds"), "{err}");
     assert!(err.contains("place less on it"), "{err}");
+    assert!(err.contains("what would make it fit"), "{err}");
 }
 
 /// Writes a Qwen2.5-7B-Instruct checkpoint (the real config, `layers` of them if given, the real
 /// tokenizer) named `name` beside the recipes, its bf16 weights a sparse file (only headers are
 /// real); returns the weights' bytes.
 fn sparse_qwen7b(env: &Env, fx: &std::path::Path, name: &str, layers: Option<usize>) -> usize {
+    sparse_checkpoint(env, fx, "Qwen2.5-7B-Instruct", name, layers)
+}
+
+/// [`sparse_qwen7b`] for the real config in `configs/<config>` (Qwen2 or Qwen3), with the
+/// Qwen2.5 tokenizer.
+fn sparse_checkpoint(
+    env: &Env,
+    fx: &std::path::Path,
+    config: &str,
+    name: &str,
+    layers: Option<usize>,
+) -> usize {
     let dir = env.recipe_dir().join(name);
     std::fs::create_dir(&dir).unwrap();
     let mut cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fx.join("configs/Qwen2.5-7B-Instruct/config.json")).unwrap(),
+        &std::fs::read_to_string(fx.join("configs").join(config).join("config.json")).unwrap(),
     )
     .unwrap();
     if let Some(n) = layers {
@@ -470,7 +498,7 @@ fn sparse_qwen7b(env: &Env, fx: &std::path::Path, name: &str, layers: Option<usi
     }
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
-    for (name, shape) in qwen2_tensors(&cfg) {
+    for (name, shape) in decoder_tensors(&cfg) {
         let bytes = shape.iter().product::<usize>() * 2;
         header.insert(
             name,
@@ -487,4 +515,206 @@ fn sparse_qwen7b(env: &Env, fx: &std::path::Path, name: &str, layers: Option<usi
     f.write_all(text.as_bytes()).unwrap();
     f.set_len((8 + text.len() + offset) as u64).unwrap();
     offset
+}
+
+/// The fit solver's proposals for fixed models and budgets, planned with `--gpu` on a machine
+/// without a GPU: each lever alone with its estimated peak and speed, cheapest first, and the
+/// cheapest that fits (a 7B LoRA at 16/24/40/80 GiB, a 32B LoRA at 80 GiB, a 4B full
+/// fine-tuning at 40 GiB). The figures are the estimate's; a change to it shows here.
+#[test]
+fn check_names_what_would_fit_for_each_budget() {
+    let Some(fx) = qscript_runtime::testing::fixtures_dir("real model configs") else {
+        return;
+    };
+    let env = Env::new();
+    sparse_checkpoint(&env, &fx, "Qwen2.5-7B-Instruct", "q7", None);
+    sparse_checkpoint(&env, &fx, "Qwen3-32B", "q32", None);
+    sparse_checkpoint(&env, &fx, "Qwen3-4B", "q4", None);
+    let long = "the quick brown fox jumps over the lazy dog ".repeat(400);
+    let records: Vec<serde_json::Value> = (0..8)
+        .map(|i| serde_json::json!({"instruction": format!("story {i}"), "output": long}))
+        .collect();
+    env.write("long.json", &serde_json::to_string(&records).unwrap());
+    let recipe = |model: &str, load: &str, lora: bool, train: &str| {
+        let attach = if lora {
+            r#"let m = lora::attach(m, #{ r: 8, lora_alpha: 16, target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"] });"#
+        } else {
+            ""
+        };
+        format!(
+            r#"let tok = tokenizer::load("{model}");
+let ds = data::sft(data::to_messages(data::load("long.json")), tok, #{{ max_length: 2048 }});
+let m = model::load("{model}", #{{ dtype: "bf16"{load} }});
+{attach}
+train::fit(m, ds, #{{ {train}, max_steps: 1 }});
+"#
+        )
+    };
+    env.write(
+        "lora7.rhai",
+        &recipe(
+            "q7",
+            "",
+            true,
+            "per_device_train_batch_size: 8, gradient_accumulation_steps: 2",
+        ),
+    );
+    env.write(
+        "lora32.rhai",
+        &recipe("q32", "", true, "per_device_train_batch_size: 4"),
+    );
+    env.write(
+        "full4.rhai",
+        &recipe(
+            "q4",
+            ", trainable: true",
+            false,
+            "per_device_train_batch_size: 4, gradient_checkpointing: true",
+        ),
+    );
+    let mut got = String::new();
+    for (recipe, gpu) in [
+        ("lora7", "16GiB"),
+        ("lora7", "24GiB"),
+        ("lora7", "40GiB"),
+        ("lora7", "80GiB"),
+        ("lora32", "80GiB"),
+        ("full4", "40GiB"),
+    ] {
+        let o = run_in(
+            env.dir.path(),
+            &["check", &format!("recipe/{recipe}.rhai"), "--gpu", gpu],
+        );
+        let err = stderr(&o);
+        got.push_str(&format!("{recipe} at {gpu}:\n"));
+        for line in err.lines().filter(|l| {
+            l.starts_with("  - ")
+                || l.starts_with("the cheapest")
+                || l.starts_with("nothing here")
+                || l.starts_with("check:   total")
+        }) {
+            got.push_str(line);
+            got.push('\n');
+        }
+    }
+    assert_eq!(
+        got.trim_end(),
+        FIT_SNAPSHOT.trim_end(),
+        "the proposals changed:\n{got}"
+    );
+}
+
+const FIT_SNAPSHOT: &str = r#"lora7 at 16GiB:
+  - `per_device_train_batch_size: 1, gradient_accumulation_steps: 16`: about 23.96 GiB of 16.00 GiB (does not fit), ~0.90x the speed
+  - `load_in_4bit: true` in `model::load` (QLoRA): about 75.77 GiB of 16.00 GiB (does not fit), ~0.88x the speed
+  - `gradient_checkpointing: true`: about 22.26 GiB of 16.00 GiB (does not fit), ~0.75x the speed
+  - 24 of 28 layers on the CPU (`device_map: "auto"` with `max_memory`): about 15.99 GiB of 16.00 GiB (fits), ~0.02x the speed
+the cheapest that fits: `load_in_4bit: true` in `model::load` (QLoRA) + `per_device_train_batch_size: 1, gradient_accumulation_steps: 16`: about 15.07 GiB of 16.00 GiB (fits), ~0.79x the speed
+lora7 at 24GiB:
+  - `per_device_train_batch_size: 1, gradient_accumulation_steps: 16`: about 23.96 GiB of 24.00 GiB (fits), ~0.90x the speed
+  - `load_in_4bit: true` in `model::load` (QLoRA): about 75.77 GiB of 24.00 GiB (does not fit), ~0.88x the speed
+  - `gradient_checkpointing: true`: about 22.26 GiB of 24.00 GiB (fits), ~0.75x the speed
+  - 22 of 28 layers on the CPU (`device_map: "auto"` with `max_memory`): about 21.71 GiB of 24.00 GiB (fits), ~0.03x the speed
+the cheapest that fits: `per_device_train_batch_size: 1, gradient_accumulation_steps: 16`: about 23.96 GiB of 24.00 GiB (fits), ~0.90x the speed; `auto_fit: true` (or `qscript --fit`) applies it
+lora7 at 40GiB:
+  - `per_device_train_batch_size: 2, gradient_accumulation_steps: 8`: about 32.63 GiB of 40.00 GiB (fits), ~0.96x the speed
+  - `load_in_4bit: true` in `model::load` (QLoRA): about 75.77 GiB of 40.00 GiB (does not fit), ~0.88x the speed
+  - `gradient_checkpointing: true`: about 22.26 GiB of 40.00 GiB (fits), ~0.75x the speed
+  - 16 of 28 layers on the CPU (`device_map: "auto"` with `max_memory`): about 38.88 GiB of 40.00 GiB (fits), ~0.03x the speed
+the cheapest that fits: `per_device_train_batch_size: 2, gradient_accumulation_steps: 8`: about 32.63 GiB of 40.00 GiB (fits), ~0.96x the speed; `auto_fit: true` (or `qscript --fit`) applies it
+lora7 at 80GiB:
+  - `per_device_train_batch_size: 4, gradient_accumulation_steps: 4`: about 49.98 GiB of 80.00 GiB (fits), ~0.98x the speed
+  - `load_in_4bit: true` in `model::load` (QLoRA): about 75.77 GiB of 80.00 GiB (fits), ~0.88x the speed
+  - `gradient_checkpointing: true`: about 22.26 GiB of 80.00 GiB (fits), ~0.75x the speed
+  - 2 of 28 layers on the CPU (`device_map: "auto"` with `max_memory`): about 78.94 GiB of 80.00 GiB (fits), ~0.22x the speed
+the cheapest that fits: `per_device_train_batch_size: 4, gradient_accumulation_steps: 4`: about 49.98 GiB of 80.00 GiB (fits), ~0.98x the speed; `auto_fit: true` (or `qscript --fit`) applies it
+lora32 at 80GiB:
+  - `per_device_train_batch_size: 1, gradient_accumulation_steps: 4`: about 93.15 GiB of 80.00 GiB (does not fit), ~0.92x the speed
+  - `load_in_4bit: true` in `model::load` (QLoRA): about 142.63 GiB of 80.00 GiB (does not fit), ~0.88x the speed
+  - `gradient_checkpointing: true`: about 70.28 GiB of 80.00 GiB (fits), ~0.75x the speed
+  - 38 of 64 layers on the CPU (`device_map: "auto"` with `max_memory`): about 78.31 GiB of 80.00 GiB (fits), ~0.03x the speed
+the cheapest that fits: `load_in_4bit: true` in `model::load` (QLoRA) + `per_device_train_batch_size: 1, gradient_accumulation_steps: 4`: about 50.25 GiB of 80.00 GiB (fits), ~0.81x the speed
+the cheapest training can apply to the model as loaded: `gradient_checkpointing: true`: about 70.28 GiB of 80.00 GiB (fits), ~0.75x the speed; `auto_fit: true` (or `qscript --fit`) applies it
+full4 at 40GiB:
+  - LoRA instead of full fine-tuning (`lora::attach`, r 16 on every linear layer): about 11.67 GiB of 40.00 GiB (fits), ~1.00x the speed
+  - `per_device_train_batch_size: 1, gradient_accumulation_steps: 4`: about 62.39 GiB of 40.00 GiB (does not fit), ~0.92x the speed
+  - 15 of 36 layers on the CPU (`device_map: "auto"` with `max_memory`): about 38.77 GiB of 40.00 GiB (fits), ~0.05x the speed
+the cheapest that fits: 15 of 36 layers on the CPU (`device_map: "auto"` with `max_memory`): about 38.77 GiB of 40.00 GiB (fits), ~0.05x the speed
+
+"#;
+
+/// `--fit` (or `auto_fit: true`) applies the cheapest change training can make and says so; an
+/// eval batch that would not fit beside the training state is split; `--gpu` names the machine
+/// planned for, and a card it does not know is refused with the ones it does.
+#[test]
+fn fit_applies_the_cheapest_change_and_splits_the_eval_batch() {
+    let Some(fx) = qscript_runtime::testing::fixtures_dir("real model configs") else {
+        return;
+    };
+    let env = Env::new();
+    sparse_checkpoint(&env, &fx, "Qwen2.5-7B-Instruct", "q7", None);
+    let long = "the quick brown fox jumps over the lazy dog ".repeat(400);
+    let records: Vec<serde_json::Value> = (0..8)
+        .map(|i| serde_json::json!({"instruction": format!("story {i}"), "output": long}))
+        .collect();
+    env.write("long.json", &serde_json::to_string(&records).unwrap());
+    let many: Vec<serde_json::Value> = (0..64).map(|i| records[i % 8].clone()).collect();
+    env.write("eval.json", &serde_json::to_string(&many).unwrap());
+    env.write(
+        "fit.rhai",
+        r#"let tok = tokenizer::load("q7");
+let ds = data::sft(data::to_messages(data::load("long.json")), tok, #{ max_length: 2048 });
+let m = lora::attach(model::load("q7", #{ dtype: "bf16" }), #{ r: 8, target_modules: ["q_proj", "v_proj"] });
+train::fit(m, ds, #{ per_device_train_batch_size: 8, max_steps: 1, eval_strategy: "steps",
+    eval_steps: 1, per_device_eval_batch_size: 64 },
+    data::sft(data::to_messages(data::load("eval.json")), tok, #{ max_length: 2048 }));
+"#,
+    );
+    let o = run_in(
+        env.dir.path(),
+        &["check", "recipe/fit.rhai", "--gpu", "24GiB", "--fit"],
+    );
+    let (out, err) = (stdout(&o), stderr(&o));
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        out.contains("planned for: 24GiB (24.00 GiB each), named by `--gpu`"),
+        "{out}"
+    );
+    assert!(
+        err.contains("check: auto_fit: the options as given need about 84.61 GiB on cuda:0, which holds 24.00 GiB; training with `per_device_train_batch_size: 1, gradient_accumulation_steps: 8` instead"),
+        "{err}"
+    );
+    assert!(
+        err.contains("eval: batches of 50 examples (`per_device_eval_batch_size` 64 would need about 26.25 GiB"),
+        "{err}"
+    );
+    assert!(
+        err.contains("check: steps: 8 examples / batch 1 = 8 micro-batches"),
+        "{err}"
+    );
+    // Without `--fit` the same run is refused, with the change listed.
+    let o = run_in(
+        env.dir.path(),
+        &["check", "recipe/fit.rhai", "--gpu", "24GiB"],
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("`auto_fit: true` (or `qscript --fit`) applies it"),
+        "{err}"
+    );
+    // A card it does not know, and `--gpu` outside `check`.
+    let o = run_in(
+        env.dir.path(),
+        &["check", "recipe/fit.rhai", "--gpu", "h900"],
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("`--gpu h900`: expected a card (h200-141gb, "),
+        "{err}"
+    );
+    let o = run_in(env.dir.path(), &["recipe/fit.rhai", "--gpu", "h100"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("`--gpu` plans a run for other GPUs: use it with `qscript check`"));
 }

@@ -132,6 +132,16 @@ struct RunArgs {
     /// container's limit and `ulimit -v`; 0 = no limit).
     #[arg(long, value_name = "BYTES")]
     max_memory: Option<usize>,
+    /// `check` only: plan for these GPUs instead of this machine's, e.g. `h100-80gb`,
+    /// `2xa100-40gb`, `rtx4090-24gb` or a size (`24GiB`), so a machine without a GPU checks a
+    /// cluster's run.
+    #[arg(long, value_name = "CARD")]
+    gpu: Option<String>,
+    /// When a training run would not fit its device, apply the cheapest change that fits (a
+    /// smaller micro-batch with more accumulation, checkpointing) and say so (`auto_fit: true`
+    /// in every `train::fit`).
+    #[arg(long)]
+    fit: bool,
 }
 
 fn parse_set(s: &str) -> Result<(String, String), String> {
@@ -235,7 +245,21 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
             .nproc_per_node
             .unwrap_or_else(qscript_runtime::dist::planned_size);
     }
+    if let Some(card) = &args.gpu {
+        if !check {
+            eprintln!("error: `--gpu` plans a run for other GPUs: use it with `qscript check`");
+            return Ok(ExitCode::from(2));
+        }
+        match card.parse::<qscript_runtime::device::Card>() {
+            Ok(c) => opts.machine = qscript_runtime::device::Machine::Named(c),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(2));
+            }
+        }
+    }
     opts.overrides.clone_from(&args.set);
+    opts.auto_fit = args.fit;
     // Relative to where qscript was started (an absolute path stays as it is).
     opts.resume = args.resume.as_ref().map(|p| {
         if p.is_empty() {

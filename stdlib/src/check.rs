@@ -44,6 +44,9 @@ pub fn check(session: &Session, path: &Path) -> Result<String, ScriptError> {
     } = session.compile_file(path)?;
     let mut out = String::new();
     let _ = writeln!(out, "recipe: {}", path.display());
+    if let qscript_runtime::device::Machine::Named(card) = &session.context().machine {
+        let _ = writeln!(out, "planned for: {card}, named by `--gpu`");
+    }
     let _ = writeln!(out, "cells:");
     for (cell, _) in &cells {
         let _ = writeln!(out, "  {:<28} line {}", cell.label(), cell.start_line);

@@ -108,6 +108,10 @@ pub struct RunOptions {
     /// The data-parallel ranks a dry run plans for (`qscript check --nproc-per-node N`); a real
     /// run takes its ranks from its environment (the launcher's or torchrun's variables).
     pub planned_ranks: usize,
+    /// The machine a dry run plans for (`qscript check --gpu h100-80gb`); this one by default.
+    pub machine: qscript_runtime::device::Machine,
+    /// `--fit`: every `train::fit` runs with `auto_fit: true`.
+    pub auto_fit: bool,
 }
 
 impl RunOptions {
@@ -124,6 +128,8 @@ impl RunOptions {
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
             max_template_steps: qscript_runtime::chat_template::DEFAULT_FUEL,
             planned_ranks: 1,
+            machine: qscript_runtime::device::Machine::Here,
+            auto_fit: false,
             max_record_bytes: qscript_runtime::data::sft::DEFAULT_MAX_RECORD_BYTES,
             max_memory: None,
         }
@@ -224,6 +230,10 @@ pub struct RunContext {
     pub max_memory: Option<usize>,
     /// See [`RunOptions::planned_ranks`].
     pub planned_ranks: usize,
+    /// See [`RunOptions::machine`].
+    pub machine: qscript_runtime::device::Machine,
+    /// See [`RunOptions::auto_fit`].
+    pub auto_fit: bool,
     /// What a dry run found, by topic (`data`, `model`, `adapters`, `steps`, `memory`, `plan`),
     /// for `qscript check`'s summary; the latest fact of a topic wins.
     pub(crate) check_facts: Mutex<Vec<(String, String)>>,
@@ -269,6 +279,8 @@ impl RunContext {
             max_record_bytes: opts.max_record_bytes,
             max_memory: opts.max_memory,
             planned_ranks: opts.planned_ranks,
+            machine: opts.machine.clone(),
+            auto_fit: opts.auto_fit,
             check_facts: Mutex::new(Vec::new()),
             sft_facts: Mutex::new(HashMap::new()),
             stream_by_default: std::sync::atomic::AtomicBool::new(false),

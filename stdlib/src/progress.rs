@@ -113,6 +113,9 @@ impl Reporter for Progress {
         if self.lead {
             self.notices();
             let plan = t.plan();
+            if let Some((_, note)) = &plan.fitted {
+                self.sink.err(note);
+            }
             self.header(&t.start_event(), plan.batch, plan.accumulation);
         }
     }
@@ -280,6 +283,9 @@ fn show_plan(rc: &RunContext, what: &str, plan: &RunPlan) {
                 .map_or_else(String::new, |b| format!(" ({} free)", human(b)))
         ),
     );
+    if let Some((_, note)) = &plan.fitted {
+        rc.check_fact("fit", note.clone());
+    }
     rc.check_fact(
         "plan",
         match &plan.placement {

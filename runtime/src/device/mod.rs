@@ -8,6 +8,7 @@ pub mod budget;
 pub mod host;
 #[cfg(feature = "cuda")]
 pub mod libs;
+pub mod machine;
 #[cfg(feature = "cuda")]
 pub mod memory;
 #[cfg(feature = "cuda")]
@@ -20,6 +21,7 @@ use candle_core::Device;
 
 pub use budget::{Budget, CUDA_RUNTIME_BYTES};
 pub use host::{HEAP_BYTES, heap_budget, host_available, host_room, memory_pressure};
+pub use machine::{Card, Machine};
 pub use spec::DeviceSpec;
 
 use crate::{Error, Result};

@@ -24,6 +24,14 @@ impl DeviceSpec {
         DeviceSpec::Cuda(Some(ordinal))
     }
 
+    /// The one device `device` is (`cpu`, `cuda:N`).
+    pub fn of(device: &candle_core::Device) -> Self {
+        match device.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => DeviceSpec::gpu(gpu_id),
+            _ => DeviceSpec::Cpu,
+        }
+    }
+
     /// Whether this is the CPU.
     pub fn is_cpu(self) -> bool {
         self == DeviceSpec::Cpu

@@ -15,7 +15,7 @@ use super::module_id::ModuleId;
 use super::rope::Rope;
 use super::weights::WeightSource;
 use crate::cancel::CancelToken;
-use crate::device::DeviceSpec;
+use crate::device::{DeviceSpec, Machine};
 use crate::nn::{Linear, Weight};
 use crate::quant::Quant4;
 use crate::{Error, Result};
@@ -62,9 +62,14 @@ impl LoadOptions {
 
     /// The dtype named by `dtype` for `device`.
     pub fn resolve_dtype(&self, device: &Device) -> Result<DType> {
+        self.dtype_for(device.is_cpu(), device.supports_bf16())
+    }
+
+    /// The dtype named by `dtype` on the CPU (`cpu`) or a GPU that computes in bf16 or not.
+    pub fn dtype_for(&self, cpu: bool, bf16: bool) -> Result<DType> {
         Ok(match self.dtype.as_str() {
-            "auto" if device.is_cpu() => DType::F32,
-            "auto" if device.supports_bf16() => DType::BF16,
+            "auto" if cpu => DType::F32,
+            "auto" if bf16 => DType::BF16,
             "auto" => DType::F16,
             "f32" | "float32" => DType::F32,
             "bf16" | "bfloat16" => DType::BF16,
@@ -79,16 +84,16 @@ impl LoadOptions {
 }
 
 /// What both loads read before the weights: the config, the generation defaults, and the
-/// device and dtype the options resolve to.
+/// device (of `machine`) and dtype the options resolve to.
 struct Checkpoint {
     cfg: ModelConfig,
     generation: GenerationConfig,
-    device: Device,
+    device: DeviceSpec,
     dtype: DType,
 }
 
 impl Checkpoint {
-    fn open(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+    fn open(dir: &Path, opts: &LoadOptions, machine: &Machine) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::io(
                 dir,
@@ -96,8 +101,8 @@ impl Checkpoint {
             ));
         }
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-        let device = opts.resolve_device()?;
-        let dtype = opts.resolve_dtype(&device)?;
+        let device = machine.resolve(opts.device.parse()?)?;
+        let dtype = opts.dtype_for(device.is_cpu(), machine.supports_bf16(device))?;
         let gen_path = dir.join("generation_config.json");
         let generation = if gen_path.is_file() {
             let g: GenerationConfig = crate::files::read_config(&gen_path)?;
@@ -123,6 +128,7 @@ fn place(
     cfg: &ModelConfig,
     dtype: DType,
     opts: &LoadOptions,
+    machine: &Machine,
 ) -> Result<Option<crate::plan::Placement>> {
     let Some(map) = &opts.device_map else {
         if !opts.max_memory.is_empty() {
@@ -133,7 +139,7 @@ fn place(
         return Ok(None);
     };
     let max_memory = crate::device::budget::max_memory(&opts.max_memory)?;
-    let budgets = crate::device::budgets(&max_memory)?;
+    let budgets = machine.budgets(&max_memory)?;
     let quant4 = opts
         .quant
         .map(|q| q.double_quant)
@@ -198,6 +204,15 @@ impl GenerationConfig {
     }
 }
 
+/// Where a dry-run model is planned to lie: one device of a machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Planned {
+    /// `cpu` or `cuda:N`.
+    pub device: DeviceSpec,
+    /// This machine, or GPUs named by `qscript check --gpu`.
+    pub machine: Machine,
+}
+
 /// A loaded causal LM: the decoder plus what came with it.
 #[derive(Clone, Debug)]
 pub struct Model {
@@ -216,8 +231,8 @@ pub struct Model {
     /// Where each module lies when `device_map` placed the model over several devices.
     pub placement: Option<crate::plan::Placement>,
     /// `Some`: a dry-run model (`qscript check`, [`Model::load_shapes`]) with the shapes and
-    /// dtypes of the checkpoint's headers and no weights, planned for this device.
-    pub planned_device: Option<Device>,
+    /// dtypes of the checkpoint's headers and no weights, planned for a device of a machine.
+    pub planned: Option<Planned>,
 }
 
 impl Model {
@@ -229,10 +244,11 @@ impl Model {
 
     /// [`Model::load`], polling `cancel` before each file and each tensor.
     pub fn load_with(dir: &Path, opts: &LoadOptions, cancel: &CancelToken) -> Result<Self> {
-        let c = Checkpoint::open(dir, opts)?;
+        let c = Checkpoint::open(dir, opts, &Machine::Here)?;
         let src = WeightSource::open(dir, cancel)?;
-        let placement = place(&c.cfg, c.dtype, opts)?;
-        let mut m = Self::build_placed(c.cfg, &src, c.dtype, &c.device, opts, placement)?;
+        let placement = place(&c.cfg, c.dtype, opts, &Machine::Here)?;
+        let device = crate::device::resolve(c.device)?;
+        let mut m = Self::build_placed(c.cfg, &src, c.dtype, &device, opts, placement)?;
         m.generation = c.generation;
         m.source = Some(dir.to_path_buf());
         Ok(m)
@@ -240,27 +256,36 @@ impl Model {
 
     /// What [`Model::load`] would load, from `config.json` and the safetensors headers alone (no
     /// weight is read): every tensor's presence, shape and dtype checked, each file's size
-    /// checked against its header. The model has no weights (see [`Model::planned_device`]).
+    /// checked against its header. The model has no weights (see [`Model::planned`]).
     pub fn load_shapes(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        Self::load_shapes_with(dir, opts, &CancelToken::new())
+        Self::load_shapes_with(dir, opts, &Machine::Here, &CancelToken::new())
     }
 
-    /// [`Model::load_shapes`], polling `cancel` before each file and each tensor.
-    pub fn load_shapes_with(dir: &Path, opts: &LoadOptions, cancel: &CancelToken) -> Result<Self> {
-        let c = Checkpoint::open(dir, opts)?;
+    /// [`Model::load_shapes`] planned for `machine` (this one, or GPUs named by `qscript check
+    /// --gpu`), polling `cancel` before each file and each tensor.
+    pub fn load_shapes_with(
+        dir: &Path,
+        opts: &LoadOptions,
+        machine: &Machine,
+        cancel: &CancelToken,
+    ) -> Result<Self> {
+        let c = Checkpoint::open(dir, opts, machine)?;
         let src = WeightSource::headers(dir, cancel)?;
-        let placement = place(&c.cfg, c.dtype, opts)?;
+        let placement = place(&c.cfg, c.dtype, opts, machine)?;
         let mut m = Self::build_placed(c.cfg, &src, c.dtype, &Device::Cpu, opts, None)?;
         m.placement = placement;
         m.generation = c.generation;
         m.source = Some(dir.to_path_buf());
-        m.planned_device = Some(c.device);
+        m.planned = Some(Planned {
+            device: c.device,
+            machine: machine.clone(),
+        });
         Ok(m)
     }
 
     /// Whether this is a dry-run model (shapes only).
     pub fn is_shapes_only(&self) -> bool {
-        self.planned_device.is_some()
+        self.planned.is_some()
     }
 
     /// An error when this model has no weights (a dry run's): `what` needs them.
@@ -387,7 +412,7 @@ impl Model {
             trainable,
             lora: None,
             placement,
-            planned_device: None,
+            planned: None,
         })
     }
 
@@ -398,11 +423,10 @@ impl Model {
 
     /// `cpu` or `cuda:N`.
     pub fn device_name(&self) -> String {
-        let device = self
-            .planned_device
-            .as_ref()
-            .unwrap_or(self.decoder.device());
-        match device.location() {
+        if let Some(p) = &self.planned {
+            return p.device.to_string();
+        }
+        match self.decoder.device().location() {
             candle_core::DeviceLocation::Cuda { gpu_id } => DeviceSpec::gpu(gpu_id).to_string(),
             candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
             candle_core::DeviceLocation::Cpu => DeviceSpec::Cpu.to_string(),

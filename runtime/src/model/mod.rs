@@ -17,6 +17,6 @@ pub use config::{Arch, ModelConfig};
 pub use decoder::Decoder;
 pub use generate::GenerateOptions;
 pub use kv_cache::KvCache;
-pub use load::{LoadOptions, Model};
+pub use load::{LoadOptions, Model, Planned};
 pub use module_id::ModuleId;
 pub use tiny::{TinyConfig, tiny};

@@ -1,6 +1,7 @@
 //! Planning a run before anything loads: the memory it needs per device, and where each module
 //! goes (`device_map`).
 
+pub mod fit;
 pub mod memory;
 pub mod placement;
 

@@ -53,6 +53,10 @@ pub struct TrainConfig {
     pub fp16: bool,
     /// Recompute each decoder block in backward.
     pub gradient_checkpointing: bool,
+    /// When the run would not fit its device, apply the cheapest change that makes it fit and
+    /// that training can make (a smaller micro-batch with more accumulation, checkpointing; see
+    /// `crate::plan::fit`) and say so; without it such a run is refused with the changes listed.
+    pub auto_fit: bool,
     /// Put examples of similar length in the same batch (still shuffled per epoch).
     pub group_by_length: bool,
     /// Round padded lengths up to a multiple of this.
@@ -134,6 +138,7 @@ impl Default for TrainConfig {
             bf16: false,
             fp16: false,
             gradient_checkpointing: false,
+            auto_fit: false,
             group_by_length: false,
             pad_to_multiple_of: None,
             packing: false,

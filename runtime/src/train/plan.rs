@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::data::sft::{Example, IGNORE};
 use crate::model::Model;
 use crate::model::block::Proj;
+use crate::plan::fit;
 use crate::plan::memory::{self, Estimate, Trainable, Workload, human};
 use crate::{Error, Result};
 
@@ -57,6 +58,9 @@ pub struct RunPlan {
     pub schedule: Schedule,
     /// With `device_map`: where each module lies, and per device the estimate and its budget.
     pub placement: Option<(crate::plan::Placement, Vec<DeviceNeed>)>,
+    /// With `auto_fit`, when the options as given would not fit: the options the run uses
+    /// instead, and what changed.
+    pub fitted: Option<(Box<TrainConfig>, String)>,
 }
 
 /// The datasets of a run, with where their ids came from.
@@ -157,10 +161,14 @@ pub fn plan(
         .unwrap_or(1)
         .div_ceil(multiple)
         * multiple;
-    let device = model
-        .planned_device
-        .clone()
-        .unwrap_or_else(|| model.decoder.device().clone());
+    // The device and machine planned for: a dry run's, else where the weights are.
+    let (device, machine) = match &model.planned {
+        Some(p) => (p.device, p.machine.clone()),
+        None => (
+            crate::device::DeviceSpec::of(model.decoder.device()),
+            crate::device::Machine::Here,
+        ),
+    };
     let per_layer_adapters = model.decoder.blocks.first().map_or(0, |b| {
         Proj::ALL
             .iter()
@@ -180,7 +188,7 @@ pub fn plan(
         },
         weight_decay: cfg.weight_decay > 0.0,
         lora: model.lora.as_ref().map(|l| (l.r, per_layer_adapters)),
-        gpu: device.is_cuda(),
+        gpu: device.is_gpu(),
         optimizer_shards: if cfg.zero_stage >= 1 { ranks } else { 1 },
         gradient_shards: if cfg.zero_stage == 2 { ranks } else { 1 },
         // Over several GPUs a window runs as a pipeline, every micro-batch held until its backward.
@@ -194,48 +202,122 @@ pub fn plan(
             .map(|q| matches!(q.absmax, crate::quant::Absmax::Nested { .. })),
     };
     let estimate = memory::estimate(model.config(), model.decoder.dtype(), &workload)?;
-    // What the run may use on a device: what is free there plus what the model's weights already
-    // hold (loaded for a real run; a dry run has loaded nothing).
-    let loaded = model.planned_device.is_none();
-    let capacity = |dev: &candle_core::Device, weights: u64| {
-        crate::device::free_bytes(dev).map(|f| f + if loaded { weights } else { 0 })
+    let fit = Fit {
+        model,
+        machine: &machine,
+        device,
+        loaded: model.planned.is_none(),
+        weights: estimate.weights,
     };
-    let budget = capacity(&device, estimate.weights);
+    let budget = fit.capacity(device, estimate.weights);
     let epochs = if cfg.max_steps > 0 {
         total.div_ceil(steps_per_epoch) as f64
     } else {
         cfg.num_train_epochs
     };
-    let placement = match &model.placement {
-        Some(p) => {
-            let mut per = per_device(p, &estimate, model);
-            // `max_memory` decides where weights go (as in accelerate); the run is checked
-            // against each device's real capacity.
-            for ((_, _, budget), d) in per.iter_mut().zip(&p.devices) {
-                if let Some(c) = crate::device::resolve(d.device)
-                    .ok()
-                    .and_then(|dev| capacity(&dev, d.used))
-                {
-                    *budget = c;
+    let placement = model
+        .placement
+        .as_ref()
+        .map(|p| (p.clone(), fit.per_device(p, &estimate)));
+    let tight = match &placement {
+        Some((_, per)) => per
+            .iter()
+            .find(|(_, n, b)| n > b)
+            .map(|(d, n, b)| (d.clone(), *n, *b)),
+        None => budget
+            .filter(|b| estimate.total() > *b)
+            .map(|b| (model.device_name(), estimate.total(), b)),
+    };
+    if let Some((dev, need, held)) = tight {
+        let knobs = fit::Knobs {
+            batch: cfg.per_device_train_batch_size.min(train.len()).max(1),
+            accumulation: cfg.gradient_accumulation_steps,
+            example_tokens: train.first().map_or(1, Example::rows) * longest,
+            quant4_possible: !model.trainable && model.quant4().is_none(),
+            lora_instead: model.trainable.then(|| lora_all_linear(model.config(), 16)),
+            cpu_layers_possible: model.placement.is_none() && device.is_gpu(),
+            layers: model.config().num_hidden_layers,
+        };
+        let solution = fit::solve(&workload, &knobs, &fit)?;
+        let listing = solution.describe();
+        if cfg.auto_fit
+            && let Some(b) = &solution.best_in_training
+        {
+            let mut fitted = cfg.clone();
+            for lever in &b.levers {
+                match *lever {
+                    fit::Lever::Checkpointing => fitted.gradient_checkpointing = true,
+                    fit::Lever::MicroBatch {
+                        batch,
+                        accumulation,
+                    } => {
+                        fitted.per_device_train_batch_size = batch;
+                        fitted.gradient_accumulation_steps = accumulation;
+                    }
+                    _ => {}
                 }
             }
-            Some((p.clone(), per))
+            fitted.auto_fit = false;
+            let (mut plan, train) = plan(model, data, &fitted, ranks)?;
+            let changes: Vec<String> = b.levers.iter().map(fit::Lever::to_string).collect();
+            // The eval split the new options may have needed comes with them.
+            let (fitted, eval) = match plan.fitted.take() {
+                Some((c, note)) => (c, format!("\n{note}")),
+                None => (Box::new(fitted), String::new()),
+            };
+            let cheaper = match &solution.best {
+                Some(best) if best != b => format!(
+                    "; cheaper, with `model::load` options: {}",
+                    best.levers
+                        .iter()
+                        .map(fit::Lever::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" + ")
+                ),
+                _ => String::new(),
+            };
+            plan.fitted = Some((
+                fitted,
+                format!(
+                    "auto_fit: the options as given need about {} on {dev}, which holds {}; \
+                     training with {} instead (about {}, ~{:.2}x the speed){}{}",
+                    human(need as f64),
+                    human(held as f64),
+                    changes.join(" + "),
+                    human(b.need as f64),
+                    b.speed,
+                    cheaper,
+                    eval
+                ),
+            ));
+            return Ok((plan, train));
         }
-        None => None,
-    };
-    if let Some((_, per)) = &placement
-        && let Some((dev, need, budget)) = per.iter().find(|(_, n, b)| n > b)
-    {
-        return Err(Error::InvalidArgument(format!(
-            "training needs about {} on {dev} and it holds {} (free memory and the weights \
-             placed there): place less on it (a lower `max_memory` for it, or a `device_map` \
-             that moves modules off it), or need less (a smaller `per_device_train_batch_size`, \
-             a shorter `max_length`, `gradient_checkpointing: true`)",
-            human(*need as f64),
-            human(*budget as f64)
-        )));
+        let auto = if cfg.auto_fit {
+            "\n`auto_fit` changes only what training can (the micro-batch, checkpointing), and \
+             those do not fit; the rest are `model::load` options"
+        } else {
+            ""
+        };
+        return Err(Error::InvalidArgument(match &placement {
+            Some(_) => format!(
+                "training needs about {} on {dev} and it holds {} (free memory and the weights \
+                 placed there): place less on it (a lower `max_memory` for it, or a `device_map` \
+                 that moves modules off it), or need less:\n{listing}{auto}",
+                human(need as f64),
+                human(held as f64)
+            ),
+            None => format!(
+                "this run needs about {} on {dev} and {} is free:\n{estimate}\n{listing}{auto}",
+                human(need as f64),
+                human(held as f64),
+            ),
+        }));
     }
-    let plan = RunPlan {
+    let eval_split = match (eval, &placement) {
+        (Some(e), None) if !e.is_empty() => eval_batch(&fit, &workload, &estimate, e, cfg)?,
+        _ => None,
+    };
+    let mut plan = RunPlan {
         examples: train.len(),
         micro_per_epoch,
         steps_per_epoch,
@@ -256,66 +338,202 @@ pub fn plan(
             cfg.merge_micro_batches,
             model.decoder.num_params(),
         )
-        .describe(device.is_cuda()),
+        .describe(device.is_gpu()),
         tensorboard,
         schedule,
+        fitted: None,
     };
-    if plan.placement.is_none()
-        && let Some(budget) = plan.budget
-        && plan.memory.total() > budget
-    {
-        return Err(Error::InvalidArgument(format!(
-            "this run needs about {} on {} and {} is free:\n{}\nto fit: a smaller \
-             `per_device_train_batch_size` ({} now; raise `gradient_accumulation_steps` to keep \
-             the step), a shorter `max_length` (rows of {} tokens now), \
-             `gradient_checkpointing: true`{}, or LoRA instead of full fine-tuning",
-            human(plan.memory.total() as f64),
-            plan.device,
-            human(budget as f64),
-            plan.memory,
-            plan.batch,
-            plan.longest,
-            if cfg.gradient_checkpointing {
-                " (on)"
-            } else {
-                ""
-            },
-        )));
+    if let Some((batch, note)) = eval_split {
+        let mut fitted = cfg.clone();
+        fitted.per_device_eval_batch_size = batch;
+        plan.fitted = Some((Box::new(fitted), note));
     }
     Ok((plan, train))
 }
 
-/// The estimate split over a placement's devices: each device's weights, its layers' share of
-/// the activations and of the trainable state (adapters by layer; full fine-tuning by weight),
-/// the loss chunk and temporaries on the head's device, the CUDA runtime on each GPU.
-fn per_device(p: &crate::plan::Placement, e: &Estimate, model: &Model) -> Vec<DeviceNeed> {
-    use crate::device::DeviceSpec;
-    use crate::model::ModuleId;
-    let layers = model.config().num_hidden_layers.max(1) as f64;
-    let weights: u64 = p.devices.iter().map(|d| d.used).sum::<u64>().max(1);
-    let head = if model.decoder.lm_head.is_some() {
-        ModuleId::Head
-    } else {
-        ModuleId::Embedding
+/// Evaluation runs beside the training state (weights, adapters, gradients, moments): when
+/// `per_device_eval_batch_size` examples of the longest eval example would not fit beside it,
+/// the eval batches are split to the most that do, never an out-of-memory error at the first
+/// eval. `Some((batch, what changed))` when split; an error when not even one example fits.
+fn eval_batch(
+    fit: &Fit,
+    train: &Workload,
+    trained: &Estimate,
+    eval: &[Example],
+    cfg: &TrainConfig,
+) -> Result<Option<(usize, String)>> {
+    let Some(budget) = fit.capacity(fit.device, fit.weights) else {
+        return Ok(None);
     };
-    let head_dev = p.device(head).unwrap_or(DeviceSpec::Cpu);
-    let state = (e.trainable + e.gradients + e.optimizer) as f64;
-    p.devices
+    let model = fit.model;
+    let per_example = eval
         .iter()
-        .map(|d| {
-            let on = p.layers_on(d.device) as f64 / layers;
-            let by_weight = d.used as f64 / weights as f64;
-            let share = if model.trainable { by_weight } else { on };
-            let mut b = d.used as f64 + state * share + e.activations as f64 * on;
-            if d.device == head_dev {
-                b += (e.loss + e.temporaries) as f64;
-            }
-            if !d.device.is_cpu() {
-                b += e.runtime.max(crate::device::CUDA_RUNTIME_BYTES) as f64;
-            }
-            (d.device.to_string(), b as u64, d.budget)
-        })
-        .collect()
+        .map(|e| e.rows() * e.longest())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let need = |batch: usize| -> Result<u64> {
+        let tokens = batch * per_example;
+        let forward = memory::estimate(
+            model.config(),
+            model.decoder.dtype(),
+            &Workload {
+                tokens,
+                trainable: Trainable::Nothing,
+                ..*train
+            },
+        )?;
+        let with_loss = memory::estimate(
+            model.config(),
+            model.decoder.dtype(),
+            &Workload { tokens, ..*train },
+        )?;
+        Ok(forward.total()
+            + trained.trainable
+            + trained.gradients
+            + trained.optimizer
+            + with_loss.loss)
+    };
+    let asked = cfg.per_device_eval_batch_size.min(eval.len()).max(1);
+    let asked_need = need(asked)?;
+    if asked_need <= budget {
+        return Ok(None);
+    }
+    // The most examples that fit: the need grows with the batch.
+    let (mut lo, mut hi) = (0usize, asked - 1);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if need(mid)? <= budget {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    if lo == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "evaluating one example of {per_example} tokens (the longest eval example) beside \
+             the training state needs about {} on {} and it holds {}: shorten the eval examples \
+             (`max_length`) or make training need less",
+            human(need(1)? as f64),
+            model.device_name(),
+            human(budget as f64)
+        )));
+    }
+    Ok(Some((
+        lo,
+        format!(
+            "eval: batches of {lo} examples (`per_device_eval_batch_size` {asked} would need \
+             about {} beside the training state on {}, which holds {})",
+            human(asked_need as f64),
+            model.device_name(),
+            human(budget as f64)
+        ),
+    )))
+}
+
+/// The elements LoRA of rank `r` on every linear layer of a model of `c` trains.
+fn lora_all_linear(c: &crate::model::ModelConfig, r: usize) -> usize {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim(),
+        c.num_kv_heads() * c.head_dim(),
+    );
+    // Each projection's A (r x in) and B (out x r).
+    let per_layer = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h);
+    c.num_hidden_layers * r * per_layer
+}
+
+/// What a workload needs on the run's devices (one, or each of a placement's) and what they
+/// hold: the plan's check and the fit solver's measure.
+struct Fit<'a> {
+    model: &'a Model,
+    machine: &'a crate::device::Machine,
+    /// The device of a run without a placement.
+    device: crate::device::DeviceSpec,
+    /// The model's weights are on the devices (a real run; a dry run has loaded nothing).
+    loaded: bool,
+    /// The weights' bytes as the model is now.
+    weights: u64,
+}
+
+impl Fit<'_> {
+    /// What the run may use on `dev`: what is free there plus what the model's weights
+    /// (`weights` of them there) already hold.
+    fn capacity(&self, dev: crate::device::DeviceSpec, weights: u64) -> Option<u64> {
+        self.machine
+            .free_bytes(dev)
+            .map(|f| f + if self.loaded { weights } else { 0 })
+    }
+
+    /// The estimate split over a placement's devices: each device's weights, its layers' share
+    /// of the activations and of the trainable state (adapters by layer; full fine-tuning by
+    /// weight), the loss chunk and temporaries on the head's device, the CUDA runtime on each
+    /// GPU; each against the device's capacity (`max_memory` decides where weights go, as in
+    /// accelerate; the run is checked against what the device really holds). Weights scale
+    /// with the estimate's (a 4-bit base in the fit solver's levers).
+    fn per_device(&self, p: &crate::plan::Placement, e: &Estimate) -> Vec<DeviceNeed> {
+        use crate::device::DeviceSpec;
+        use crate::model::ModuleId;
+        let model = self.model;
+        let layers = model.config().num_hidden_layers.max(1) as f64;
+        let weights: u64 = p.devices.iter().map(|d| d.used).sum::<u64>().max(1);
+        let scale = e.weights as f64 / self.weights.max(1) as f64;
+        let head = if model.decoder.lm_head.is_some() {
+            ModuleId::Head
+        } else {
+            ModuleId::Embedding
+        };
+        let head_dev = p.device(head).unwrap_or(DeviceSpec::Cpu);
+        let state = (e.trainable + e.gradients + e.optimizer) as f64;
+        p.devices
+            .iter()
+            .map(|d| {
+                let on = p.layers_on(d.device) as f64 / layers;
+                let by_weight = d.used as f64 / weights as f64;
+                let share = if model.trainable { by_weight } else { on };
+                let mut b = d.used as f64 * scale + state * share + e.activations as f64 * on;
+                if d.device == head_dev {
+                    b += (e.loss + e.temporaries) as f64;
+                }
+                if !d.device.is_cpu() {
+                    b += e.runtime.max(crate::device::CUDA_RUNTIME_BYTES) as f64;
+                }
+                let budget = self.capacity(d.device, d.used).unwrap_or(d.budget);
+                (d.device.to_string(), b as u64, budget)
+            })
+            .collect()
+    }
+}
+
+impl fit::Need for Fit<'_> {
+    fn need(&self, w: &Workload, on_gpu: Option<usize>) -> Result<(u64, u64)> {
+        let model = self.model;
+        let e = memory::estimate(model.config(), model.decoder.dtype(), w)?;
+        if let Some(p) = &model.placement {
+            // The device furthest over its budget.
+            let per = self.per_device(p, &e);
+            let worst = per
+                .iter()
+                .max_by_key(|(_, n, b)| i128::from(*n) - i128::from(*b))
+                .map_or((0, u64::MAX), |(_, n, b)| (*n, *b));
+            return Ok(worst);
+        }
+        let mut need = e.total();
+        if let Some(k) = on_gpu {
+            // Each layer moved off takes its weights and its share of the activations and of
+            // the trainable state with it.
+            let layers = model.config().num_hidden_layers.max(1);
+            let layer_weights = memory::modules(model.config(), model.decoder.dtype(), w.quant4)
+                .iter()
+                .find(|m| matches!(m.id, crate::model::ModuleId::Layer(_)))
+                .map_or(0, |m| m.bytes);
+            let per_layer = layer_weights
+                + (e.trainable + e.gradients + e.optimizer + e.activations) / layers as u64;
+            need = need.saturating_sub(per_layer * (layers - k.min(layers)) as u64);
+        }
+        let budget = self.capacity(self.device, self.weights).unwrap_or(u64::MAX);
+        Ok((need, budget))
+    }
 }
 
 /// Whether the model's blocks lie over several GPUs (its windows then run as a pipeline).
@@ -384,6 +602,9 @@ impl fmt::Display for RunPlan {
         }
         if let Some(p) = &self.resume_from {
             writeln!(f, "resume from: {}", p.display())?;
+        }
+        if let Some((_, note)) = &self.fitted {
+            writeln!(f, "{note}")?;
         }
         let budget = self
             .budget

@@ -167,6 +167,9 @@ impl Trainer {
         mode: Mode,
     ) -> Result<Self> {
         let (plan, train) = super::plan::plan(model, &data, cfg, collective.size())?;
+        // With `auto_fit`, the options the plan chose for the run to fit.
+        let fitted = plan.fitted.as_ref().map(|(c, _)| c.as_ref().clone());
+        let cfg = fitted.as_ref().unwrap_or(cfg);
         let out_dir = PathBuf::from(&cfg.output_dir);
         let lead = collective.lead();
         let writes = mode == Mode::Train;

@@ -178,26 +178,8 @@ fn size(key: &str, v: &serde_json::Value) -> Result<u64, String> {
     if let Some(n) = v.as_u64() {
         return Ok(n);
     }
-    let s = v.as_str().ok_or_else(bad)?.trim();
-    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let num: f64 = num.trim().parse().map_err(|_| bad())?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        "tb" => 1e12,
-        "kib" => 1024.0,
-        "mib" => 1024f64.powi(2),
-        "gib" => 1024f64.powi(3),
-        "tib" => 1024f64.powi(4),
-        _ => return Err(bad()),
-    };
-    if !(num.is_finite() && num >= 0.0) {
-        return Err(bad());
-    }
-    Ok((num * mult) as u64)
+    let s = v.as_str().ok_or_else(bad)?;
+    qscript_runtime::bytes::parse_size(s).map_err(|()| bad())
 }
 
 /// Options of `generate` and `chat`.
@@ -255,21 +237,26 @@ fn load_shapes(
     if let Some(m) = crate::context::lock(&rc.dry_models).get(dir) {
         return Ok(m.clone());
     }
-    let m = qscript_runtime::model::Model::load_shapes_with(dir, lo, &rc.cancel).map_err(|e| {
-        if let Ok(cfg) = qscript_runtime::model::ModelConfig::from_file(&dir.join("config.json"))
-            && let Ok(dtype) = lo.resolve_device().and_then(|d| lo.resolve_dtype(&d))
-        {
-            let params = qscript_runtime::plan::memory::param_count(&cfg);
-            let bytes = params * dtype.size_in_bytes() as f64;
-            rc.sink.err(&format!(
+    let machine = &rc.machine;
+    let m = qscript_runtime::model::Model::load_shapes_with(dir, lo, machine, &rc.cancel).map_err(
+        |e| {
+            if let Ok(cfg) =
+                qscript_runtime::model::ModelConfig::from_file(&dir.join("config.json"))
+                && let Ok(device) = lo.device.parse().and_then(|d| machine.resolve(d))
+                && let Ok(dtype) = lo.dtype_for(device.is_cpu(), machine.supports_bf16(device))
+            {
+                let params = qscript_runtime::plan::memory::param_count(&cfg);
+                let bytes = params * dtype.size_in_bytes() as f64;
+                rc.sink.err(&format!(
                 "check: `{}`: config.json describes {params:.3e} parameters, {} of weights in {}",
                 dir.display(),
                 qscript_runtime::plan::memory::human(bytes),
                 qscript_runtime::model::load::dtype_name(dtype)
             ));
-        }
-        to_rhai_at(ctx)(e)
-    })?;
+            }
+            to_rhai_at(ctx)(e)
+        },
+    )?;
     rc.sink.err(&format!(
         "check: model `{}`: {m}; weights not read",
         rc.sandbox.shown(dir).display()

@@ -107,6 +107,7 @@ fn prepare(
         return Err(to_rhai_at(ctx)(qscript_runtime::Error::InvalidArgument(m)));
     }
     let mut cfg: TrainConfig = from_options(ctx, "train::fit", opts)?;
+    cfg.auto_fit |= rc.auto_fit;
     let out = rc
         .resolve_write_dir(if cfg.output_dir.is_empty() {
             "."
@@ -627,6 +628,7 @@ pub mod train_module {
     /// | `max_grad_norm` | 1.0 | global-norm clipping (0: off) |
     /// | `bf16`, `fp16` | false | train in the dtype the model was loaded with (a note if they differ) |
     /// | `gradient_checkpointing` | false | recompute each block in backward |
+    /// | `auto_fit` | false | when the run would not fit its device: apply the cheapest of a smaller micro-batch (more accumulation, the same examples a step) and checkpointing that fits, and say so (`qscript --fit` sets it for every run); without it the run is refused with each change that would fit, its estimated peak and speed |
     /// | `group_by_length` | false | similar lengths in a batch (still shuffled per epoch) |
     /// | `pad_to_multiple_of` | none | round padded lengths up |
     /// | `packing` | false | TRL's: examples packed into rows of `max_length` (default 1024); attention never crosses an example, positions restart, the loss is the unpacked one; a row counts as one example |
