@@ -33,9 +33,14 @@ CONFIGS = {
                                tie_word_embeddings=False,
                                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    # Last, so the models above keep their random draws.
+    "tiny-qwen2-yarn": Qwen2Config(**COMMON, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6,
+                                   tie_word_embeddings=True, use_sliding_window=False,
+                                   rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                 "original_max_position_embeddings": 16}),
 }
 
-def main(out):
+def main(out, only=None):
     torch.manual_seed(0)
     for name, cfg in CONFIGS.items():
         d = os.path.join(out, name)

@@ -12,7 +12,7 @@ use qscript_runtime::nn::ops::cross_entropy;
 use qscript_runtime::testing::repo_fixtures;
 use qscript_runtime::train::engine::gradients;
 
-const MODELS: &[&str] = &["tiny-qwen2", "tiny-qwen3", "tiny-llama3"];
+const MODELS: &[&str] = &["tiny-qwen2", "tiny-qwen3", "tiny-llama3", "tiny-qwen2-yarn"];
 
 fn cpu_f32(trainable: bool) -> LoadOptions {
     LoadOptions {

@@ -105,9 +105,27 @@ pub struct RopeParams {
     /// `llama3`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub high_freq_factor: Option<f64>,
-    /// `llama3`.
+    /// `llama3`, `yarn` (default: `max_position_embeddings`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_max_position_embeddings: Option<usize>,
+    /// `yarn`: the scale of cos and sin (default from `factor`, `mscale`, `mscale_all_dim`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_factor: Option<f64>,
+    /// `yarn`: the rotations bounding extrapolation (default 32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta_fast: Option<f64>,
+    /// `yarn`: the rotations bounding interpolation (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta_slow: Option<f64>,
+    /// `yarn`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mscale: Option<f64>,
+    /// `yarn`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mscale_all_dim: Option<f64>,
+    /// `yarn`: round the correction range outwards (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncate: Option<bool>,
 }
 
 /// The fields of `config.json` the decoder uses. Unknown fields are ignored (checkpoints carry
@@ -279,9 +297,9 @@ impl ModelConfig {
             ));
         }
         match self.rope().rope_type.as_deref().unwrap_or("default") {
-            "default" | "linear" | "llama3" => Ok(()),
+            "default" | "linear" | "llama3" | "yarn" => Ok(()),
             other => Err(format!(
-                "unsupported RoPE type `{other}`; supported: `default`, `linear`, `llama3`"
+                "unsupported RoPE type `{other}`; supported: `default`, `linear`, `llama3`, `yarn`"
             )),
         }
     }
@@ -335,6 +353,9 @@ impl ModelConfig {
             ("factor", rope.factor),
             ("low_freq_factor", rope.low_freq_factor),
             ("high_freq_factor", rope.high_freq_factor),
+            ("attention_factor", rope.attention_factor),
+            ("beta_fast", rope.beta_fast),
+            ("beta_slow", rope.beta_slow),
         ] {
             if let Some(v) = v {
                 positive(&format!("{scaling}.{name}"), v)?;
@@ -454,10 +475,15 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("multiple of `num_key_value_heads` (3)"), "{e}");
         let e = parse(&format!(
-            r#"{{"architectures": ["LlamaForCausalLM"], {BASE}, "rope_scaling": {{"type": "yarn", "factor": 2.0}}}}"#
+            r#"{{"architectures": ["LlamaForCausalLM"], {BASE}, "rope_scaling": {{"type": "longrope", "factor": 2.0}}}}"#
         ))
         .unwrap_err();
-        assert!(e.contains("unsupported RoPE type `yarn`"), "{e}");
+        assert!(
+            e.contains(
+                "unsupported RoPE type `longrope`; supported: `default`, `linear`, `llama3`, `yarn`"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Rotary position embeddings: inverse frequencies from the config (default, linear, llama3
-//! scaling, as transformers computes them) and cos/sin tables for a range of positions, built
+//! Rotary position embeddings: inverse frequencies from the config (default, linear, llama3,
+//! yarn scaling, as transformers computes them; yarn also scales cos and sin) and cos/sin tables for a range of positions, built
 //! once per device and dtype (grown when a longer sequence comes) and sliced per forward.
 
 use std::sync::{Arc, Mutex};
@@ -12,6 +12,8 @@ use super::config::ModelConfig;
 #[derive(Clone, Debug)]
 pub struct Rope {
     inv_freq: Vec<f32>,
+    /// The factor on cos and sin (yarn's attention factor; 1 otherwise).
+    scale: f32,
     cache: Arc<Mutex<Vec<Cached>>>,
 }
 
@@ -33,6 +35,7 @@ impl Rope {
         let mut inv: Vec<f64> = (0..dim / 2)
             .map(|i| 1.0 / base.powf((2 * i) as f64 / dim as f64))
             .collect();
+        let mut scale = 1.0;
         match p.rope_type.as_deref() {
             Some("linear") => {
                 let f = p.factor.unwrap_or(1.0);
@@ -62,9 +65,15 @@ impl Rope {
                     };
                 }
             }
+            Some("yarn") => {
+                let (v, s) = yarn(&p, cfg, dim, base);
+                inv = v;
+                scale = s;
+            }
             _ => {}
         }
         Self {
+            scale: scale as f32,
             inv_freq: inv.into_iter().map(|v| v as f32).collect(),
             cache: Arc::default(),
         }
@@ -128,14 +137,73 @@ impl Rope {
         for p in offset..offset + len {
             let row: Vec<f32> = self.inv_freq.iter().map(|f| p as f32 * f).collect();
             for _ in 0..2 {
-                cos.extend(row.iter().map(|a| a.cos()));
-                sin.extend(row.iter().map(|a| a.sin()));
+                cos.extend(row.iter().map(|a| a.cos() * self.scale));
+                sin.extend(row.iter().map(|a| a.sin() * self.scale));
             }
         }
         let cos = Tensor::from_vec(cos, (len, half * 2), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (len, half * 2), device)?.to_dtype(dtype)?;
         Ok((cos, sin))
     }
+}
+
+/// YaRN's inverse frequencies and attention factor, as transformers' `_compute_yarn_parameters`:
+/// each frequency between its interpolated (`/ factor`) and extrapolated value by a linear ramp
+/// over the dimensions whose rotations in the original context lie between `beta_slow` and
+/// `beta_fast`; cos and sin scaled by `0.1 ln(factor) + 1` (or the `mscale` ratio).
+fn yarn(
+    p: &super::config::RopeParams,
+    cfg: &ModelConfig,
+    dim: usize,
+    base: f64,
+) -> (Vec<f64>, f64) {
+    use std::f64::consts::PI;
+    let original = p
+        .original_max_position_embeddings
+        .unwrap_or(cfg.max_position_embeddings) as f64;
+    let factor = p
+        .factor
+        .unwrap_or(cfg.max_position_embeddings as f64 / original);
+    let get_mscale = |scale: f64, m: f64| {
+        if scale <= 1.0 {
+            1.0
+        } else {
+            0.1 * m * scale.ln() + 1.0
+        }
+    };
+    let attention = p
+        .attention_factor
+        .unwrap_or_else(|| match (p.mscale, p.mscale_all_dim) {
+            (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                get_mscale(factor, m) / get_mscale(factor, all)
+            }
+            _ => get_mscale(factor, 1.0),
+        });
+    let beta_fast = p.beta_fast.filter(|&b| b != 0.0).unwrap_or(32.0);
+    let beta_slow = p.beta_slow.filter(|&b| b != 0.0).unwrap_or(1.0);
+    let d = dim as f64;
+    let correction =
+        |rotations: f64| d * (original / (rotations * 2.0 * PI)).ln() / (2.0 * base.ln());
+    let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
+    if p.truncate.unwrap_or(true) {
+        low = low.floor();
+        high = high.ceil();
+    }
+    let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+    if low == high {
+        high += 0.001;
+    }
+    // In f32 as transformers computes them.
+    let inv = (0..dim / 2)
+        .map(|i| {
+            let pos = (base as f32).powf((2 * i) as f32 / dim as f32);
+            let (extra, inter) = (1.0 / pos, 1.0 / (factor as f32 * pos));
+            let ramp = ((i as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
+            let keep = 1.0 - ramp;
+            f64::from(inter * (1.0 - keep) + extra * keep)
+        })
+        .collect();
+    (inv, attention)
 }
 
 impl Cached {
