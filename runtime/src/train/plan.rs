@@ -202,14 +202,8 @@ pub fn plan(
             .map(|q| matches!(q.absmax, crate::quant::Absmax::Nested { .. })),
     };
     let estimate = memory::estimate(model.config(), model.decoder.dtype(), &workload)?;
-    let fit = Fit {
-        model,
-        machine: &machine,
-        device,
-        loaded: model.planned.is_none(),
-        weights: estimate.weights,
-    };
-    let budget = fit.capacity(device, estimate.weights);
+    let fit = Fit::new(model, &machine, device, estimate.weights);
+    let budget = fit.budget;
     let epochs = if cfg.max_steps > 0 {
         total.div_ceil(steps_per_epoch) as f64
     } else {
@@ -362,7 +356,7 @@ fn eval_batch(
     eval: &[Example],
     cfg: &TrainConfig,
 ) -> Result<Option<(usize, String)>> {
-    let Some(budget) = fit.capacity(fit.device, fit.weights) else {
+    let Some(budget) = fit.budget else {
         return Ok(None);
     };
     let model = fit.model;
@@ -447,22 +441,41 @@ fn lora_all_linear(c: &crate::model::ModelConfig, r: usize) -> usize {
 /// hold: the plan's check and the fit solver's measure.
 struct Fit<'a> {
     model: &'a Model,
-    machine: &'a crate::device::Machine,
-    /// The device of a run without a placement.
-    device: crate::device::DeviceSpec,
-    /// The model's weights are on the devices (a real run; a dry run has loaded nothing).
-    loaded: bool,
     /// The weights' bytes as the model is now.
     weights: u64,
+    /// What a run without a placement may use on its device, when it says.
+    budget: Option<u64>,
+    /// The same for each of a placement's devices, in its order.
+    held: Vec<Option<u64>>,
 }
 
-impl Fit<'_> {
-    /// What the run may use on `dev`: what is free there plus what the model's weights
-    /// (`weights` of them there) already hold.
-    fn capacity(&self, dev: crate::device::DeviceSpec, weights: u64) -> Option<u64> {
-        self.machine
-            .free_bytes(dev)
-            .map(|f| f + if self.loaded { weights } else { 0 })
+impl<'a> Fit<'a> {
+    /// Asks `machine` once what each device holds: what is free there plus what the model's
+    /// weights already hold on it (loaded for a real run; a dry run has loaded nothing).
+    fn new(
+        model: &'a Model,
+        machine: &crate::device::Machine,
+        device: crate::device::DeviceSpec,
+        weights: u64,
+    ) -> Self {
+        let loaded = model.planned.is_none();
+        let capacity = |dev, on: u64| {
+            machine
+                .free_bytes(dev)
+                .map(|f| f + if loaded { on } else { 0 })
+        };
+        let held = model.placement.as_ref().map_or_else(Vec::new, |p| {
+            p.devices
+                .iter()
+                .map(|d| capacity(d.device, d.used))
+                .collect()
+        });
+        Self {
+            model,
+            weights,
+            budget: capacity(device, weights),
+            held,
+        }
     }
 
     /// The estimate split over a placement's devices: each device's weights, its layers' share
@@ -487,7 +500,8 @@ impl Fit<'_> {
         let state = (e.trainable + e.gradients + e.optimizer) as f64;
         p.devices
             .iter()
-            .map(|d| {
+            .zip(&self.held)
+            .map(|(d, held)| {
                 let on = p.layers_on(d.device) as f64 / layers;
                 let by_weight = d.used as f64 / weights as f64;
                 let share = if model.trainable { by_weight } else { on };
@@ -498,7 +512,7 @@ impl Fit<'_> {
                 if !d.device.is_cpu() {
                     b += e.runtime.max(crate::device::CUDA_RUNTIME_BYTES) as f64;
                 }
-                let budget = self.capacity(d.device, d.used).unwrap_or(d.budget);
+                let budget = held.unwrap_or(d.budget);
                 (d.device.to_string(), b as u64, budget)
             })
             .collect()
@@ -531,7 +545,7 @@ impl fit::Need for Fit<'_> {
                 + (e.trainable + e.gradients + e.optimizer + e.activations) / layers as u64;
             need = need.saturating_sub(per_layer * (layers - k.min(layers)) as u64);
         }
-        let budget = self.capacity(self.device, self.weights).unwrap_or(u64::MAX);
+        let budget = self.budget.unwrap_or(u64::MAX);
         Ok((need, budget))
     }
 }
