@@ -5,6 +5,7 @@
 mod config;
 mod launch;
 mod repl;
+mod serve;
 mod watch;
 
 /// mimalloc keeps freed memory for reuse: the CPU engine allocates and frees tensors of tens of
@@ -85,6 +86,9 @@ enum Command {
     Run(RunArgs),
     /// Check a recipe: parse it, resolve its params and run it as a dry run (no weights read, nothing trained or written).
     Check(RunArgs),
+    /// Serve a model and its adapters over the OpenAI API (chat and text completions, streamed
+    /// or not; continuous batching).
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -159,6 +163,15 @@ fn main() -> ExitCode {
     let (args, check) = match cli.command {
         Some(Command::Run(a)) => (a, false),
         Some(Command::Check(a)) => (a, true),
+        Some(Command::Serve(a)) => {
+            let cancel = qscript_runtime::cancel::CancelToken::new();
+            let c = cancel.clone();
+            if let Err(e) = ctrlc::set_handler(move || c.cancel()) {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+            return serve::serve(&a, &cancel);
+        }
         None => (cli.run, false),
     };
     match run(&args, check) {

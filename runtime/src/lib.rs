@@ -49,6 +49,7 @@ pub mod plan;
 pub mod profile;
 pub mod quant;
 pub mod sandbox;
+pub mod serve;
 pub mod testing;
 pub mod tokenizer;
 pub mod train;

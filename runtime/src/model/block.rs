@@ -252,11 +252,11 @@ impl Block {
     ///
     /// # Shapes
     /// `x: [b, seq, hidden]` -> `[b, seq, hidden]`.
-    pub fn forward(
+    pub fn forward<'c>(
         &self,
         x: &Tensor,
         step: &Step,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut (dyn super::kv_cache::DecodeCache + 'c)>,
         layer: usize,
         mut saved: Option<&mut BlockSaved>,
     ) -> Result<Tensor> {
@@ -294,7 +294,7 @@ impl Block {
         let k = rope(&kn, step.cos, step.sin)?.transpose(1, 2)?;
         let v = v.transpose(1, 2)?;
         let (k, v) = match cache {
-            Some(slot) => super::kv_cache::kv_append(slot, &k, &v, step.mask.offset)?,
+            Some(c) => c.append(layer, &k, &v, step.mask.offset)?,
             None => (k, v),
         };
         drop(span);

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::block::{Block, Proj, Step};
 use super::config::ModelConfig;
-use super::kv_cache::KvCache;
+use super::kv_cache::{DecodeCache, KvCache};
 use super::rope::Rope;
 use crate::nn::ops::rms_norm;
 use crate::nn::{AttnMask, Linear};
@@ -98,6 +98,7 @@ impl Decoder {
             Some(m) => AttnMask::from_attention_mask(m, offset)?,
             None => AttnMask::causal(offset),
         };
+        let cache = cache.map(|c| c as &mut dyn DecodeCache);
         self.head(&self.hidden(input_ids, &mask, cache, train_seed)?)
     }
 
@@ -110,14 +111,29 @@ impl Decoder {
         &self,
         input_ids: &Tensor,
         mask: &AttnMask,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut dyn DecodeCache>,
         train_seed: Option<crate::nn::dropout::Key>,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
-        let mut tables = DeviceTables::new(self.rope_tables(mask, b, s)?, self.device());
+        let tables = self.rope_tables(mask, b, s)?;
+        self.hidden_with(input_ids, mask, tables, cache, train_seed)
+    }
+
+    /// [`Decoder::hidden`] with the RoPE `(cos, sin)` tables given (`[s, d]`, or `[b, s, d]`
+    /// for rows at positions of their own, as a server's batch of sequences is).
+    pub fn hidden_with(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttnMask,
+        tables: (Tensor, Tensor),
+        mut cache: Option<&mut dyn DecodeCache>,
+        train_seed: Option<crate::nn::dropout::Key>,
+    ) -> Result<Tensor> {
+        let (_, s) = input_ids.dims2()?;
+        let mut tables = DeviceTables::new(tables, self.device());
         let mut x = self.embed_tokens(input_ids)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
+            let slot = cache.as_deref_mut();
             // Placement: the hidden state follows the blocks over their devices.
             x = crate::device::to(&x, block.device())?;
             let (cos, sin) = tables.on(block.device())?;

@@ -106,6 +106,34 @@ impl Model {
             // A dry run: the prompt and options are checked; nothing is computed.
             return Ok(Vec::new());
         }
+        let mut sampler = self.sampler(opts);
+        let mut cache = KvCache::new(self.config().num_hidden_layers);
+        let device = self.decoder.device();
+        let mut context: Vec<u32> = prompt.to_vec();
+        let mut input = Tensor::new(prompt, device)?.unsqueeze(0)?;
+        let mut out = Vec::new();
+        for _ in 0..opts.max_new_tokens {
+            cancel.check()?;
+            // Only the last position's logits are needed: the head runs on one row.
+            let mask = crate::nn::AttnMask::causal(cache.len());
+            let h = self.decoder.hidden(&input, &mask, Some(&mut cache), None)?;
+            let h = h.narrow(1, h.dim(1)? - 1, 1)?;
+            let last = self.decoder.head(&h)?.i((0, 0))?;
+            let next = sampler.sample(&last, &context, out.len())?;
+            out.push(next);
+            context.push(next);
+            on_token(next)?;
+            if sampler.is_stop(next) {
+                break;
+            }
+            input = Tensor::new(&[next], device)?.unsqueeze(0)?;
+        }
+        Ok(out)
+    }
+
+    /// How new tokens are chosen for `opts` (the model's `generation_config.json` filling what
+    /// `opts` leaves out) and where generation stops.
+    pub fn sampler(&self, opts: &GenerateOptions) -> Sampler {
         let g = &self.generation;
         let sampled = g.do_sample.unwrap_or(false) || opts.temperature.is_some();
         let temperature = opts
@@ -133,46 +161,61 @@ impl Model {
             .unwrap_or(1.0);
         let mut stops = self.eos_ids();
         stops.extend(&opts.stop_ids);
-        let mut sampler = LogitsProcessor::from_sampling(opts.seed, sampling);
-        let mut cache = KvCache::new(self.config().num_hidden_layers);
-        let device = self.decoder.device();
-        let mut context: Vec<u32> = prompt.to_vec();
-        let mut input = Tensor::new(prompt, device)?.unsqueeze(0)?;
-        let mut out = Vec::new();
-        for _ in 0..opts.max_new_tokens {
-            cancel.check()?;
-            // Only the last position's logits are needed: the head runs on one row.
-            let mask = crate::nn::AttnMask::causal(cache.len());
-            let h = self.decoder.hidden(&input, &mask, Some(&mut cache), None)?;
-            let h = h.narrow(1, h.dim(1)? - 1, 1)?;
-            let last = self.decoder.head(&h)?.i((0, 0))?.to_dtype(DType::F32)?;
-            let last = if (penalty - 1.0).abs() > f32::EPSILON {
-                candle_transformers::utils::apply_repeat_penalty(&last, penalty, &context)?
-            } else {
-                last
-            };
-            let next = sampler
-                .sample(&last)
-                .map_err(|_| self.sampling_error(&last, out.len(), temperature))?;
-            out.push(next);
-            context.push(next);
-            on_token(next)?;
-            if stops.contains(&next) {
-                break;
-            }
-            input = Tensor::new(&[next], device)?.unsqueeze(0)?;
+        Sampler {
+            processor: LogitsProcessor::from_sampling(opts.seed, sampling),
+            penalty,
+            temperature,
+            stops,
+            source: self.source.as_ref().map_or_else(
+                || "the model".to_string(),
+                |p| format!("the model from `{}`", p.display()),
+            ),
         }
-        Ok(out)
+    }
+}
+
+/// One sequence's choice of new tokens: greedy or sampled (its own seeded generator), the
+/// repetition penalty, and the ids that end it.
+pub struct Sampler {
+    processor: LogitsProcessor,
+    penalty: f32,
+    temperature: f64,
+    stops: Vec<u32>,
+    /// The model as errors name it.
+    source: String,
+}
+
+impl Sampler {
+    /// Whether the next token is the logits' argmax and nothing else (no penalty): a batch of
+    /// such sequences can take its argmax on the device in one call.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature <= 0.0 && (self.penalty - 1.0).abs() <= f32::EPSILON
+    }
+
+    /// Whether `id` ends the sequence.
+    pub fn is_stop(&self, id: u32) -> bool {
+        self.stops.contains(&id)
+    }
+
+    /// The next token from one position's `logits` `[vocab]` after `context` (the prompt and
+    /// the tokens so far); `step` counts new tokens from 0, for the error.
+    pub fn sample(&mut self, logits: &Tensor, context: &[u32], step: usize) -> Result<u32> {
+        let last = logits.to_dtype(DType::F32)?;
+        let last = if (self.penalty - 1.0).abs() > f32::EPSILON {
+            candle_transformers::utils::apply_repeat_penalty(&last, self.penalty, context)?
+        } else {
+            last
+        };
+        self.processor
+            .sample(&last)
+            .map_err(|_| self.error(&last, step))
     }
 
     /// Why sampling new token `step` (from 0) failed, in the model's terms: its logits are NaN
     /// or infinite, or `temperature` is so small that the scaled logits overflow. (candle's own
     /// words, "A weight is negative, too large or not a valid number", name neither.)
-    fn sampling_error(&self, logits: &Tensor, step: usize, temperature: f64) -> Error {
-        let source = self.source.as_ref().map_or_else(
-            || "the model".to_string(),
-            |p| format!("the model from `{}`", p.display()),
-        );
+    fn error(&self, logits: &Tensor, step: usize) -> Error {
+        let (source, temperature) = (&self.source, self.temperature);
         let finite = crate::train::checkpoint::all_finite(logits).unwrap_or(false);
         Error::InvalidArgument(if finite {
             format!(

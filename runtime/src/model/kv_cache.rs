@@ -1,8 +1,26 @@
 //! The KV cache of generation: per layer, preallocated key and value buffers that each step
-//! writes its new positions into. The decoder owns the cache's position count; each block
-//! appends its own keys and values (`kv_append`).
+//! writes its new positions into. Each block appends its own keys and values through
+//! [`DecodeCache`]; the decoder counts the positions once every block did. [`KvCache`] holds one
+//! sequence's (or a batch that advances together); the server's cache of many sequences of their
+//! own lengths (`crate::serve::slots`) is the other implementation.
 
 use candle_core::{Result, Tensor};
+
+/// Where the blocks keep the keys and values of past positions while decoding.
+pub trait DecodeCache {
+    /// Stores layer `layer`'s new keys and values `k`, `v` (`[b, kv heads, s, d]`, any layout;
+    /// the queries' first position is `offset`) and returns every key and value they attend to.
+    fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        offset: usize,
+    ) -> Result<(Tensor, Tensor)>;
+
+    /// Counts `s` more positions as cached (after every layer appended them).
+    fn advance(&mut self, s: usize);
+}
 
 /// Keys and values of past positions, per layer: preallocated `[b, kv heads, capacity, d]`
 /// buffers that each step writes its new positions into (no concatenation per token), grown by
@@ -64,14 +82,26 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
 
-    /// The buffers of layer `i` (see [`kv_append`]).
-    pub(crate) fn layer_mut(&mut self, i: usize) -> &mut Option<(Tensor, Tensor)> {
-        &mut self.layers[i]
+impl DecodeCache for KvCache {
+    fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        offset: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let Some(slot) = self.layers.get_mut(layer) else {
+            candle_core::bail!(
+                "KV cache has {} layers, asked for {layer}",
+                self.layers.len()
+            );
+        };
+        kv_append(slot, k, v, offset)
     }
 
-    /// Counts `s` more positions as cached (after every layer appended them).
-    pub(crate) fn advance(&mut self, s: usize) {
+    fn advance(&mut self, s: usize) {
         self.len += s;
     }
 }

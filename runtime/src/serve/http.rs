@@ -1,0 +1,478 @@
+//! The OpenAI-compatible HTTP routes (axum on tokio): `POST /v1/chat/completions`,
+//! `POST /v1/completions` (both streamed as server-sent events with `stream: true`),
+//! `GET /v1/models`, `GET /health`; an optional API key checked on every route. Each request
+//! becomes a [`Job`] for the engine; its tokens come back over a channel, and a client that goes
+//! away drops the channel, which ends its sequence.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Request as HttpRequest, State};
+use axum::http::{Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::stream::{self, Stream};
+use serde_json::{Value, json};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::api::{self, ApiError, Detok, Prompt, Request};
+use super::engine::{EngineHandle, Event, Finish, Job};
+use crate::model::generate::GenerateOptions;
+use crate::tokenizer::{TemplateOptions, Tokenizer};
+
+/// What every route shares.
+pub struct AppState {
+    /// The engine's queue.
+    pub engine: EngineHandle,
+    /// Served names, in the engine's order.
+    pub names: Vec<String>,
+    /// The tokenizer of the base model (adapters share it).
+    pub tokenizer: Arc<Tokenizer>,
+    /// Ids that end a reply besides the model's eos (the tokenizer's eos, `<|im_end|>`).
+    pub stop_ids: Vec<u32>,
+    /// `Authorization: Bearer` key every route requires, if set.
+    pub api_key: Option<String>,
+    /// When the server started (the models' `created`).
+    pub started: u64,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    /// The state of a server of `names` over `engine`.
+    pub fn new(
+        engine: EngineHandle,
+        names: Vec<String>,
+        tokenizer: Arc<Tokenizer>,
+        api_key: Option<String>,
+    ) -> Self {
+        let mut stop_ids: Vec<u32> = tokenizer.eos_id().into_iter().collect();
+        stop_ids.extend(tokenizer.token_to_id("<|im_end|>"));
+        stop_ids.extend(tokenizer.token_to_id("<|eot_id|>"));
+        Self {
+            engine,
+            names,
+            tokenizer,
+            stop_ids,
+            api_key,
+            started: now(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
+        (status, axum::Json(self.body())).into_response()
+    }
+}
+
+/// The routes over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completion))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .fallback(no_route)
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state)
+}
+
+/// Serves `router` on `addr` until `shutdown` completes; returns the address bound (port 0
+/// picks a free one) through `bound` before serving.
+pub async fn serve(
+    state: Arc<AppState>,
+    addr: SocketAddr,
+    bound: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    bound(listener.local_addr()?);
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn auth(State(state): State<Arc<AppState>>, req: HttpRequest, next: Next) -> Response {
+    if let Some(key) = &state.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(key.as_str()) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::no_route(method.as_str(), uri.path())
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> axum::Json<Value> {
+    let s = &state.engine.stats;
+    axum::Json(json!({
+        "status": "ok",
+        "running": s.running.load(Ordering::Relaxed),
+        "waiting": s.waiting.load(Ordering::Relaxed),
+        "max_seqs": state.engine.config.max_seqs,
+        "max_model_len": state.engine.config.max_len,
+    }))
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> axum::Json<Value> {
+    let data: Vec<Value> = state
+        .names
+        .iter()
+        .map(|n| {
+            json!({
+                "id": n,
+                "object": "model",
+                "created": state.started,
+                "owned_by": "qscript",
+                "max_model_len": state.engine.config.max_len,
+            })
+        })
+        .collect();
+    axum::Json(json!({"object": "list", "data": data}))
+}
+
+async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    respond(&state, api::chat(&body), Kind::Chat)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn completion(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    respond(&state, api::completion(&body), Kind::Text)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+impl Kind {
+    fn object(self, chunk: bool) -> &'static str {
+        match (self, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Text, _) => "text_completion",
+        }
+    }
+
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Kind::Chat => "chatcmpl",
+            Kind::Text => "cmpl",
+        }
+    }
+}
+
+/// One request, from its checked body to the response.
+async fn respond(
+    state: &Arc<AppState>,
+    req: Result<Request, ApiError>,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let req = req?;
+    let model = state
+        .names
+        .iter()
+        .position(|n| *n == req.model)
+        .ok_or_else(|| ApiError::unknown_model(&req.model, &state.names))?;
+    let prompt = prompt_ids(state, &req)?;
+    let max_len = state.engine.config.max_len;
+    if prompt.len() >= max_len {
+        return Err(ApiError::invalid(
+            if kind == Kind::Chat { "messages" } else { "prompt" },
+            format!(
+                "This model's maximum context length is {max_len} tokens; the prompt has {} (leave room for at least one new token)",
+                prompt.len()
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    let room = max_len - prompt.len();
+    let max_new = req.max_tokens.unwrap_or(room).min(room);
+    let opts = GenerateOptions {
+        max_new_tokens: max_new,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        repetition_penalty: req.repetition_penalty,
+        seed: req.seed.unwrap_or_else(rand::random),
+        stop_ids: state.stop_ids.clone(),
+    };
+    opts.validate()
+        .map_err(|e| ApiError::invalid("body", e.to_string()))?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let prompt_tokens = prompt.len();
+    state
+        .engine
+        .submit(Job {
+            model,
+            prompt,
+            opts,
+            events: tx,
+        })
+        .map_err(|e| ApiError::server(e.to_string()))?;
+    let n = state.next_id.fetch_add(1, Ordering::Relaxed);
+    let reply = Reply {
+        state: state.clone(),
+        kind,
+        id: format!("{}-{:x}{n:06}", kind.id_prefix(), state.started),
+        created: now(),
+        model: req.model.clone(),
+        prompt_tokens,
+        include_usage: req.include_usage,
+    };
+    let detok = Detok::new(req.stop);
+    if req.stream {
+        Ok(stream_reply(reply, rx, detok).into_response())
+    } else {
+        Ok(whole_reply(reply, rx, detok).await)
+    }
+}
+
+/// The prompt's ids: chat messages through the chat template, or the text as it is.
+fn prompt_ids(state: &AppState, req: &Request) -> Result<Vec<u32>, ApiError> {
+    let tok = &state.tokenizer;
+    let (text, param, special) = match &req.prompt {
+        Prompt::Chat { messages, extra } => {
+            let opts = TemplateOptions {
+                add_generation_prompt: true,
+                extra: extra.clone(),
+            };
+            let text = tok
+                .apply_chat_template(messages, &opts)
+                .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+            (text, "messages", false)
+        }
+        Prompt::Text(t) => (t.clone(), "prompt", true),
+    };
+    let ids = tok
+        .encode(&text, special)
+        .map_err(|e| ApiError::invalid(param, e.to_string()))?;
+    if ids.is_empty() {
+        return Err(ApiError::invalid(param, "the prompt has no tokens"));
+    }
+    Ok(ids)
+}
+
+/// What every chunk and reply of one request names.
+struct Reply {
+    state: Arc<AppState>,
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    prompt_tokens: usize,
+    include_usage: bool,
+}
+
+impl Reply {
+    fn decode(&self) -> impl Fn(&[u32]) -> crate::Result<String> + '_ {
+        |ids| self.state.tokenizer.decode(ids, true)
+    }
+
+    fn usage(&self, completion: usize) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        })
+    }
+
+    fn choice(&self, text: &str, finish: Option<&str>, chunk: bool, first: bool) -> Value {
+        match (self.kind, chunk) {
+            (Kind::Chat, false) => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish,
+                "logprobs": null,
+            }),
+            (Kind::Chat, true) => {
+                let delta = if first {
+                    json!({"role": "assistant", "content": text})
+                } else if finish.is_some() && text.is_empty() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
+                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
+            }
+            (Kind::Text, _) => json!({
+                "index": 0,
+                "text": text,
+                "finish_reason": finish,
+                "logprobs": null,
+            }),
+        }
+    }
+
+    fn envelope(&self, choices: Vec<Value>, chunk: bool) -> Value {
+        json!({
+            "id": self.id,
+            "object": self.kind.object(chunk),
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        })
+    }
+}
+
+fn finish_name(f: Finish, stopped: bool) -> &'static str {
+    match (f, stopped) {
+        (_, true) | (Finish::Stop, _) => "stop",
+        (Finish::Length, false) => "length",
+    }
+}
+
+/// The whole reply as one JSON body.
+async fn whole_reply(reply: Reply, mut rx: UnboundedReceiver<Event>, mut detok: Detok) -> Response {
+    let mut text = String::new();
+    let finish = loop {
+        match rx.recv().await {
+            Some(Event::Token(id)) => match detok.push(id, reply.decode()) {
+                Ok(t) => {
+                    text.push_str(&t);
+                    if detok.stopped {
+                        break Finish::Stop;
+                    }
+                }
+                Err(e) => return ApiError::server(e.to_string()).into_response(),
+            },
+            Some(Event::Done(f)) => {
+                match detok.finish(reply.decode()) {
+                    Ok(t) => text.push_str(&t),
+                    Err(e) => return ApiError::server(e.to_string()).into_response(),
+                }
+                break f;
+            }
+            Some(Event::Failed(e)) => return ApiError::server(e).into_response(),
+            None => return ApiError::server("the server's engine stopped").into_response(),
+        }
+    };
+    let mut body = reply.envelope(
+        vec![reply.choice(
+            &text,
+            Some(finish_name(finish, detok.stopped)),
+            false,
+            false,
+        )],
+        false,
+    );
+    body["usage"] = reply.usage(detok.tokens());
+    axum::Json(body).into_response()
+}
+
+/// Server-sent events: a chunk for each piece of text, the final chunk with the finish reason,
+/// the usage chunk when asked, then `[DONE]`.
+fn stream_reply(
+    reply: Reply,
+    rx: UnboundedReceiver<Event>,
+    detok: Detok,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    struct St {
+        reply: Reply,
+        rx: UnboundedReceiver<Event>,
+        detok: Detok,
+        first: bool,
+        done: bool,
+        pending: std::collections::VecDeque<String>,
+    }
+    let st = St {
+        reply,
+        rx,
+        detok,
+        first: true,
+        done: false,
+        pending: std::collections::VecDeque::new(),
+    };
+    let s = stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(data) = st.pending.pop_front() {
+                return Some((Ok(SseEvent::default().data(data)), st));
+            }
+            if st.done {
+                return None;
+            }
+            let chunk = |st: &St, text: &str, finish: Option<&str>, first: bool| {
+                st.reply
+                    .envelope(vec![st.reply.choice(text, finish, true, first)], true)
+                    .to_string()
+            };
+            let end = |st: &mut St, finish: &str, text: String| {
+                let c = chunk(st, &text, Some(finish), false);
+                st.pending.push_back(c);
+                if st.reply.include_usage {
+                    let mut u = st.reply.envelope(Vec::new(), true);
+                    u["usage"] = st.reply.usage(st.detok.tokens());
+                    st.pending.push_back(u.to_string());
+                }
+                st.pending.push_back("[DONE]".into());
+                st.done = true;
+            };
+            match st.rx.recv().await {
+                Some(Event::Token(id)) => {
+                    let text = match st.detok.push(id, st.reply.decode()) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            fail(&mut st.pending, &e.to_string());
+                            st.done = true;
+                            continue;
+                        }
+                    };
+                    if st.first || !text.is_empty() {
+                        let first = st.first;
+                        st.first = false;
+                        let c = chunk(&st, &text, None, first);
+                        st.pending.push_back(c);
+                    }
+                    if st.detok.stopped {
+                        end(&mut st, "stop", String::new());
+                    }
+                }
+                Some(Event::Done(f)) => {
+                    let text = st.detok.finish(st.reply.decode()).unwrap_or_default();
+                    let name = finish_name(f, st.detok.stopped);
+                    end(&mut st, name, text);
+                }
+                Some(Event::Failed(e)) => {
+                    fail(&mut st.pending, &e);
+                    st.done = true;
+                }
+                None => {
+                    fail(&mut st.pending, "the server's engine stopped");
+                    st.done = true;
+                }
+            }
+        }
+    });
+    Sse::new(s)
+}
+
+fn fail(pending: &mut std::collections::VecDeque<String>, message: &str) {
+    pending.push_back(ApiError::server(message).body().to_string());
+    pending.push_back("[DONE]".into());
+}

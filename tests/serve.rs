@@ -1,0 +1,490 @@
+//! `qscript serve` and the OpenAI-compatible server: routes, streaming, errors, concurrent
+//! clients (continuous batching gives each stream exactly its own tokens), clients that leave,
+//! adapters under their own names. A tiny model on the CPU, talked to over HTTP as clients do.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::sync::Arc;
+use std::time::Duration;
+
+use qscript_runtime::cancel::CancelToken;
+use qscript_runtime::model::generate::GenerateOptions;
+use qscript_runtime::model::load::Model;
+use qscript_runtime::model::tiny::{TinyConfig, tiny};
+use qscript_runtime::serve::{ServeOptions, ServedModel, Server};
+use qscript_runtime::tokenizer::{TemplateOptions, Tokenizer};
+use serde_json::{Value, json};
+
+const KEY: &str = "sk-test";
+
+fn base() -> Model {
+    tiny(&TinyConfig {
+        seed: 3,
+        embed_std: 1.0,
+        ..TinyConfig::default()
+    })
+    .unwrap()
+}
+
+/// The base with a LoRA adapter of fixed, non-zero values (a fresh adapter changes nothing).
+fn adapted(m: &Model) -> Model {
+    let cfg = qscript_runtime::lora::LoraConfig {
+        r: 4,
+        target_modules: qscript_runtime::lora::Targets::Pattern("all-linear".into()),
+        ..qscript_runtime::lora::LoraConfig::default()
+    };
+    let mut peft = qscript_runtime::lora::attach(m, &cfg, 1).unwrap();
+    let mut k = 0usize;
+    qscript_runtime::model::params::visit_adapters_mut(&mut peft.decoder, &mut |_, t| {
+        k += 1;
+        let v: Vec<f32> = (0..t.elem_count())
+            .map(|i| 0.5 * ((i * 7 + k * 13) as f32 * 0.61).sin())
+            .collect();
+        *t = candle_core::Tensor::from_vec(v, t.shape(), t.device())?;
+        Ok(())
+    })
+    .unwrap();
+    peft
+}
+
+struct Fixture {
+    server: Server,
+    base: Model,
+    adapted: Model,
+    tok: Tokenizer,
+    agent: ureq::Agent,
+}
+
+fn start(max_seqs: usize, max_len: Option<usize>) -> Fixture {
+    let base = base();
+    let adapted = adapted(&base);
+    let tok = Tokenizer::builtin().unwrap();
+    let models = vec![
+        Arc::new(ServedModel::new("tiny", base.clone())),
+        Arc::new(ServedModel::new("tiny-lora", adapted.clone())),
+    ];
+    let opts = ServeOptions {
+        port: 0,
+        api_key: Some(KEY.into()),
+        max_seqs,
+        max_len,
+        ..ServeOptions::default()
+    };
+    let server = Server::start(models, Arc::new(Tokenizer::builtin().unwrap()), &opts).unwrap();
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_mins(2)))
+        .build()
+        .new_agent();
+    Fixture {
+        server,
+        base,
+        adapted,
+        tok,
+        agent,
+    }
+}
+
+impl Fixture {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.server.addr)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let mut r = self
+            .agent
+            .post(&self.url(path))
+            .header("Authorization", &format!("Bearer {KEY}"))
+            .send_json(body)
+            .unwrap();
+        (r.status().as_u16(), r.body_mut().read_json().unwrap())
+    }
+
+    fn post_raw(&self, path: &str, body: &str) -> (u16, Value) {
+        let mut r = self
+            .agent
+            .post(&self.url(path))
+            .header("Authorization", &format!("Bearer {KEY}"))
+            .header("Content-Type", "application/json")
+            .send(body)
+            .unwrap();
+        (r.status().as_u16(), r.body_mut().read_json().unwrap())
+    }
+
+    fn get(&self, path: &str, key: Option<&str>) -> (u16, Value) {
+        let mut req = self.agent.get(&self.url(path));
+        if let Some(k) = key {
+            req = req.header("Authorization", &format!("Bearer {k}"));
+        }
+        let mut r = req.call().unwrap();
+        (r.status().as_u16(), r.body_mut().read_json().unwrap())
+    }
+
+    /// The `data:` payloads of a streamed request, `[DONE]` included.
+    fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let r = self
+            .agent
+            .post(&self.url(path))
+            .header("Authorization", &format!("Bearer {KEY}"))
+            .send_json(body)
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let reader = BufReader::new(r.into_body().into_reader());
+        reader
+            .lines()
+            .map(Result::unwrap)
+            .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+            .collect()
+    }
+
+    /// What the model alone generates (greedy) after `ids`, decoded as the server decodes.
+    fn alone(&self, m: &Model, ids: &[u32], max: usize) -> (String, usize, bool) {
+        let mut stop_ids: Vec<u32> = self.tok.eos_id().into_iter().collect();
+        stop_ids.extend(self.tok.token_to_id("<|im_end|>"));
+        let opts = GenerateOptions {
+            max_new_tokens: max,
+            stop_ids: stop_ids.clone(),
+            temperature: Some(0.0),
+            ..GenerateOptions::default()
+        };
+        let out = m
+            .generate(ids, &opts, &CancelToken::new(), &mut |_| Ok(()))
+            .unwrap();
+        let stopped = out
+            .last()
+            .is_some_and(|t| stop_ids.contains(t) || m.eos_ids().contains(t));
+        (self.tok.decode(&out, true).unwrap(), out.len(), stopped)
+    }
+
+    fn chat_ids(&self, text: &str) -> Vec<u32> {
+        let msgs = json!([{"role": "user", "content": text}]);
+        let opts = TemplateOptions {
+            add_generation_prompt: true,
+            extra: serde_json::Map::new(),
+        };
+        let rendered = self.tok.apply_chat_template(&msgs, &opts).unwrap();
+        self.tok.encode(&rendered, false).unwrap()
+    }
+}
+
+fn chat_body(model: &str, text: &str, max: usize) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": text}],
+           "max_tokens": max, "temperature": 0})
+}
+
+/// Chat and text completions, streamed and not, for the base and an adapter, equal what the
+/// model generates alone; models, health and the API key answer as OpenAI's API does.
+#[test]
+fn routes_answer_as_the_openai_api_does() {
+    let f = start(4, None);
+    let (s, e) = f.get("/health", None);
+    assert_eq!(s, 401, "{e}");
+    assert_eq!(e["error"]["code"], "invalid_api_key");
+    assert_eq!(f.get("/health", Some("wrong")).0, 401);
+    let (s, h) = f.get("/health", Some(KEY));
+    assert_eq!((s, h["status"].as_str()), (200, Some("ok")));
+    let (s, m) = f.get("/v1/models", Some(KEY));
+    assert_eq!(s, 200);
+    let ids: Vec<&str> = m["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["tiny", "tiny-lora"]);
+    assert_eq!(m["object"], "list");
+
+    for (name, model) in [("tiny", &f.base), ("tiny-lora", &f.adapted)] {
+        let (s, r) = f.post("/v1/chat/completions", &chat_body(name, "hello there", 12));
+        assert_eq!(s, 200, "{r}");
+        assert_eq!(r["object"], "chat.completion");
+        assert_eq!(r["model"], name);
+        let (want, n, stopped) = f.alone(model, &f.chat_ids("hello there"), 12);
+        let got = r["choices"][0]["message"]["content"].as_str().unwrap();
+        assert_eq!(got, want, "{name}");
+        assert_eq!(r["choices"][0]["message"]["role"], "assistant");
+        assert_eq!(
+            r["choices"][0]["finish_reason"],
+            if stopped { "stop" } else { "length" }
+        );
+        let prompt = f.chat_ids("hello there").len();
+        assert_eq!(
+            r["usage"],
+            json!({"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n})
+        );
+
+        // The same, streamed: a role first, deltas, the finish reason, usage, [DONE].
+        let mut body = chat_body(name, "hello there", 12);
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        let events = f.stream("/v1/chat/completions", &body);
+        assert_eq!(events.last().unwrap(), "[DONE]");
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c["object"] == "chat.completion.chunk")
+        );
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(text, want);
+        let usage = chunks.last().unwrap();
+        assert_eq!(usage["choices"], json!([]));
+        assert_eq!(usage["usage"]["completion_tokens"], n);
+        let fin = &chunks[chunks.len() - 2]["choices"][0]["finish_reason"];
+        assert_eq!(fin, if stopped { "stop" } else { "length" });
+    }
+    assert_ne!(
+        f.alone(&f.base, &f.chat_ids("hello there"), 12).0,
+        f.alone(&f.adapted, &f.chat_ids("hello there"), 12).0,
+        "the adapter changes the reply"
+    );
+
+    // Text completions take the prompt as it is.
+    let (s, r) = f.post(
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "Once upon", "max_tokens": 9, "temperature": 0}),
+    );
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["object"], "text_completion");
+    let ids = f.tok.encode("Once upon", true).unwrap();
+    assert_eq!(r["choices"][0]["text"], f.alone(&f.base, &ids, 9).0);
+    let events = f.stream(
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "Once upon", "max_tokens": 9, "temperature": 0, "stream": true}),
+    );
+    let text: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(text, f.alone(&f.base, &ids, 9).0);
+
+    // A stop string ends the reply before it.
+    let (full, _, _) = f.alone(&f.base, &ids, 9);
+    let chars: Vec<char> = full.chars().collect();
+    if chars.len() >= 4 && !chars[2].is_whitespace() {
+        let stop: String = chars[2..4].iter().collect();
+        let cut = full.find(&stop).unwrap();
+        let (s, r) = f.post(
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": "Once upon", "max_tokens": 9, "temperature": 0, "stop": [stop]}),
+        );
+        assert_eq!(s, 200, "{r}");
+        assert_eq!(r["choices"][0]["text"], &full[..cut]);
+        assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    }
+
+    // Sampling with a seed repeats itself.
+    let sampled = json!({"model": "tiny", "prompt": "Once upon", "max_tokens": 8, "temperature": 1.0, "top_p": 0.9, "seed": 7});
+    let a = f.post("/v1/completions", &sampled).1;
+    let b = f.post("/v1/completions", &sampled).1;
+    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+}
+
+/// Each bad request gets OpenAI's error body and status, naming the field and its range, and
+/// the server goes on serving.
+#[test]
+fn bad_requests_get_openai_errors_and_disturb_nothing() {
+    let f = start(2, Some(64));
+    let cases: Vec<(&str, String, u16, &str, &str)> = vec![
+        ("/v1/chat/completions", "{\"model\": \"tiny\", \"messages\": [".into(), 400, "body", "not valid JSON"),
+        ("/v1/chat/completions", "[1, 2]".into(), 400, "body", "JSON object"),
+        ("/v1/chat/completions", chat_body("gpt-4", "hi", 4).to_string(), 404, "model", "`gpt-4` does not exist"),
+        ("/v1/chat/completions", json!({"model": "tiny"}).to_string(), 400, "messages", "`messages` is required"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": []}).to_string(), 400, "messages", "empty"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}).to_string(), 400, "messages[0].role", "`robot`"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}).to_string(), 400, "max_tokens", "at least 1, got -5"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 3}).to_string(), 400, "temperature", "between 0 and 2"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_p": 0}).to_string(), 400, "top_p", "(0, 1]"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}).to_string(), 400, "n", "must be 1"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}).to_string(), 400, "stop", "at most 4"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x".repeat(200)}]}).to_string(), 400, "messages", "maximum context length is 64"),
+        ("/v1/completions", json!({"model": "tiny", "prompt": 5}).to_string(), 400, "prompt", "must be a string"),
+        ("/v1/completions", json!({"model": "tiny-lora-2", "prompt": "x"}).to_string(), 404, "model", "serves: tiny, tiny-lora"),
+    ];
+    for (path, body, status, param, says) in &cases {
+        let (s, e) = f.post_raw(path, body);
+        assert_eq!(s, *status, "{body}: {e}");
+        assert_eq!(e["error"]["param"], *param, "{body}: {e}");
+        let msg = e["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(says), "{body}: {msg}");
+        assert_eq!(e["error"]["type"], "invalid_request_error");
+    }
+    let (s, e) = f.post_raw(
+        "/v1/chat/completions",
+        &json!({"model": "tiny", "messages": [{"role": "user", "content": "x".repeat(200)}]})
+            .to_string(),
+    );
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (400, Some("context_length_exceeded"))
+    );
+    let (s, e) = f.get("/v2/nothing", Some(KEY));
+    assert_eq!((s, e["error"]["code"].as_str()), (404, Some("unknown_url")));
+    // A reply that would pass the context stops there ("length").
+    let (s, r) = f.post(
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "x".repeat(50), "max_tokens": 1000, "temperature": 0}),
+    );
+    assert_eq!(s, 200, "{r}");
+    let n = r["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(n <= 14, "{r}");
+    // Still serving.
+    let (s, r) = f.post("/v1/chat/completions", &chat_body("tiny", "hi", 4));
+    assert_eq!(s, 200, "{r}");
+}
+
+/// Concurrent clients of both models, batched into shared decode steps, each get exactly the
+/// tokens they get alone.
+#[test]
+fn concurrent_streams_each_get_their_own_tokens() {
+    let f = Arc::new(start(6, None));
+    let prompts: Vec<(String, &str)> = (0..10)
+        .map(|i| {
+            (
+                format!("request number {i}: {}", "ab".repeat(i)),
+                if i % 3 == 0 { "tiny-lora" } else { "tiny" },
+            )
+        })
+        .collect();
+    let want: Vec<String> = prompts
+        .iter()
+        .map(|(p, m)| {
+            let model = if *m == "tiny" { &f.base } else { &f.adapted };
+            f.alone(model, &f.chat_ids(p), 20 + p.len() % 7).0
+        })
+        .collect();
+    let handles: Vec<_> = prompts
+        .iter()
+        .cloned()
+        .map(|(p, m)| {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                let mut body = chat_body(m, &p, 20 + p.len() % 7);
+                body["stream"] = json!(true);
+                let events = f.stream("/v1/chat/completions", &body);
+                events[..events.len() - 1]
+                    .iter()
+                    .map(|e| serde_json::from_str::<Value>(e).unwrap())
+                    .filter_map(|c| {
+                        c["choices"][0]["delta"]["content"]
+                            .as_str()
+                            .map(str::to_string)
+                    })
+                    .collect::<String>()
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(h.join().unwrap(), want[i], "client {i}");
+    }
+}
+
+/// A client that disconnects mid-stream frees its sequence: a server of one slot serves the
+/// next request.
+#[test]
+fn a_client_that_leaves_mid_stream_frees_its_slot() {
+    let f = start(1, Some(256));
+    {
+        let body = json!({"model": "tiny", "prompt": "go on", "max_tokens": 200, "temperature": 0, "stream": true});
+        let r = f
+            .agent
+            .post(&f.url("/v1/completions"))
+            .header("Authorization", &format!("Bearer {KEY}"))
+            .send_json(&body)
+            .unwrap();
+        let mut reader = BufReader::new(r.into_body().into_reader());
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("data: "), "{line}");
+        // Dropped here: the connection closes.
+    }
+    let (s, r) = f.post(
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "next", "max_tokens": 3}),
+    );
+    assert_eq!(s, 200, "{r}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while f.get("/health", Some(KEY)).1["running"] != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sequence never ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `qscript serve DIR` serves on the port it prints, and Ctrl-C stops it cleanly; a missing
+/// model is an error naming it.
+#[test]
+fn the_serve_command_serves_until_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    base().save(dir.path()).unwrap();
+    Tokenizer::builtin().unwrap().save(dir.path()).unwrap();
+    let adapter = dir.path().join("adapter");
+    qscript_runtime::lora::save_adapter(&adapted(&base()), &adapter).unwrap();
+    let bin = env!("CARGO_BIN_EXE_qscript");
+    let mut child = std::process::Command::new(bin)
+        .args([
+            "serve",
+            dir.path().to_str().unwrap(),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+        ])
+        .arg("--lora-modules")
+        .arg(format!("mine={}", adapter.display()))
+        .args(["--served-model-name", "base"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let mut r = agent
+        .get(&format!("http://{addr}/v1/models"))
+        .call()
+        .unwrap();
+    let m: Value = r.body_mut().read_json().unwrap();
+    assert_eq!(m["data"][0]["id"], "base");
+    assert_eq!(m["data"][1]["id"], "mine");
+    let mut r = agent
+        .post(&format!("http://{addr}/v1/chat/completions"))
+        .send_json(chat_body("mine", "hi", 3))
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let _: Value = r.body_mut().read_json().unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+
+    let out = std::process::Command::new(bin)
+        .args(["serve", "/nonexistent/model", "--port", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("/nonexistent/model"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+}
