@@ -3,6 +3,9 @@
 //! adapters under their own names. A tiny model on the CPU, talked to over HTTP as clients do.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::sync::Arc;
 use std::time::Duration;
@@ -487,4 +490,82 @@ fn the_serve_command_serves_until_interrupted() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("/nonexistent/model"), "{e}");
     assert!(!e.contains("panicked"), "{e}");
+}
+
+/// A recipe serves the model it trains: requests during `train::fit` are answered (each from
+/// one optimizer step's weights), the replies change as it learns, and at the end the server
+/// answers as the returned model does.
+#[test]
+fn a_recipe_serves_its_model_while_it_trains() {
+    let env = support::Env::new();
+    let mut s = env.session();
+    s.eval(
+        r#"
+        let peft = lora::attach(model::tiny(#{ seed: 3 }), #{ r: 8, lora_alpha: 32, target_modules: "all-linear" });
+        let srv = peft.serve(#{ port: 0, name: "live" });
+        io::write_text("d.json", `[{"instruction": "Once upon", "output": "a time there was a cat"},
+                                   {"instruction": "Tell me", "output": "a story about a cat"}]`);
+        let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/d.json")), tokenizer::builtin());
+        "#,
+    )
+    .unwrap();
+    let out = env.sink.take();
+    let url = out
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no url in {out}"))
+        .to_string();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poll = {
+        let (url, done) = (url.clone(), done.clone());
+        std::thread::spawn(move || {
+            let agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .new_agent();
+            let mut replies = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let mut r = agent
+                    .post(&format!("{url}/v1/completions"))
+                    .send_json(json!({"model": "live", "prompt": "Once upon", "max_tokens": 8, "temperature": 0}))
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 200);
+                let v: Value = r.body_mut().read_json().unwrap();
+                replies.push(v["choices"][0]["text"].as_str().unwrap().to_string());
+            }
+            replies
+        })
+    };
+    s.eval(
+        r#"
+        let trained = train::fit(peft, ds, #{ max_steps: 40, learning_rate: 3e-2, save_steps: 0, logging_steps: 100 });
+        print("FINAL[" + trained.generate(tokenizer::builtin(), "Once upon", #{ max_new_tokens: 8 }) + "]");
+        "#,
+    )
+    .unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let replies = poll.join().unwrap();
+    let out = env.sink.take();
+    let want = out
+        .split("FINAL[")
+        .nth(1)
+        .and_then(|r| r.rsplit_once(']'))
+        .map_or_else(|| panic!("no final reply in {out}"), |(t, _)| t.to_string());
+    let mut distinct = replies.clone();
+    distinct.dedup();
+    assert!(
+        distinct.len() >= 2,
+        "the served replies never changed: {replies:?}"
+    );
+    let agent = ureq::Agent::new_with_defaults();
+    let v: Value = agent
+        .post(&format!("{url}/v1/completions"))
+        .send_json(
+            json!({"model": "live", "prompt": "Once upon", "max_tokens": 8, "temperature": 0}),
+        )
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    assert_eq!(v["choices"][0]["text"], want.as_str());
 }

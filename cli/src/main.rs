@@ -367,7 +367,25 @@ fn run(args: &RunArgs, check: bool) -> anyhow::Result<ExitCode> {
     {
         return Ok(fail(&e));
     }
+    serve_on(&session);
     Ok(ExitCode::SUCCESS)
+}
+
+/// A recipe that ended with servers running (`m.serve(...)`) serves until Ctrl-C.
+fn serve_on(session: &Session) {
+    let ctx = session.context();
+    let urls = ctx.servers.urls();
+    if urls.is_empty() {
+        return;
+    }
+    eprintln!(
+        "the recipe ended; still serving on {} (Ctrl-C stops)",
+        urls.join(", ")
+    );
+    while !ctx.cancel.is_cancelled() {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    ctx.servers.stop_all();
 }
 
 /// Prints `e`; a stop (Ctrl-C) is not an error: exit 130, as shells report SIGINT.

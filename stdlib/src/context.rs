@@ -247,6 +247,8 @@ pub struct RunContext {
     pub stream_by_default: std::sync::atomic::AtomicBool,
     /// Whether the session is the interactive REPL (no command line to add a flag to).
     pub in_repl: std::sync::atomic::AtomicBool,
+    /// The servers `m.serve(...)` started (they live as long as the session).
+    pub servers: crate::servers::Servers,
 }
 
 impl std::fmt::Debug for RunContext {
@@ -285,6 +287,7 @@ impl RunContext {
             sft_facts: Mutex::new(HashMap::new()),
             stream_by_default: std::sync::atomic::AtomicBool::new(false),
             in_repl: std::sync::atomic::AtomicBool::new(false),
+            servers: crate::servers::Servers::default(),
         })
     }
 

@@ -98,6 +98,10 @@ pub fn build_engine(ctx: &Arc<RunContext>, max_operations: u64, max_value_size: 
         rhai::exported_module!(modules::model::model_module).into(),
     );
     engine.register_static_module(
+        "serve",
+        rhai::exported_module!(modules::serve::serve_module).into(),
+    );
+    engine.register_static_module(
         "tokenizer",
         rhai::exported_module!(modules::tokenizer::tokenizer_module).into(),
     );

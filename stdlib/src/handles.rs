@@ -72,10 +72,21 @@ impl IntoIterator for DatasetHandle {
     }
 }
 
+/// A server a recipe started (`Server` in scripts): where it listens, and its id in the
+/// session's [`crate::servers::Servers`].
+#[derive(Clone, Debug)]
+pub struct ServerHandle {
+    /// `http://host:port`.
+    pub url: String,
+    /// The session's id of it (`None`: a dry run started nothing).
+    pub id: Option<usize>,
+}
+
 /// Registers the handle types with their script names.
 pub fn register(engine: &mut rhai::Engine) {
     engine.register_type_with_name::<ModelHandle>("Model");
     engine.register_type_with_name::<TokenizerHandle>("Tokenizer");
     engine.register_type_with_name::<DatasetHandle>("Dataset");
+    engine.register_type_with_name::<ServerHandle>("Server");
     engine.register_iterator::<DatasetHandle>();
 }

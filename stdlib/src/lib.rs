@@ -39,6 +39,7 @@ pub mod modules;
 pub mod options;
 pub mod progress;
 pub mod repl;
+pub mod servers;
 pub mod session;
 
 pub use context::{BufferSink, OutputSink, RunContext, RunOptions, StdSink};

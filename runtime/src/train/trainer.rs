@@ -245,6 +245,11 @@ impl Trainer {
         })
     }
 
+    /// Adds `callback` after the run's own (a publisher of the weights to a server, for one).
+    pub fn add_callback(&mut self, callback: Box<dyn Callback>) {
+        self.callbacks.push(callback);
+    }
+
     /// Whether `cancel` (Ctrl-C) stops the run now: on any rank, for every rank at the same step.
     pub fn should_stop(&self, cancel: &CancelToken) -> Result<bool> {
         self.collective.any(cancel.is_cancelled())

@@ -7,5 +7,6 @@ pub mod io;
 pub mod lora;
 pub mod model;
 pub mod params;
+pub mod serve;
 pub mod tokenizer;
 pub mod train;

@@ -313,8 +313,35 @@ fn start(
             Trainer::start(&model.0, data, &cfg, pad, collective, objective, mode)
         })
         .map_err(to_rhai_at(ctx))?;
+    let mut trainer = trainer;
+    publish_to_servers(&rc, &model.0, &mut trainer);
     reporter.start(&trainer);
     Ok((trainer, reporter, cfg))
+}
+
+/// A model being served (`m.serve`) is served as it trains: each optimizer step's adapters go
+/// to its servers (a copy of the LoRA weights; full fine-tuning would copy the whole model each
+/// step, so its servers keep the weights from before the run, and say so).
+fn publish_to_servers(
+    rc: &RunContext,
+    model: &Arc<qscript_runtime::model::Model>,
+    trainer: &mut Trainer,
+) {
+    let served = rc.servers.serving(model);
+    if served.is_empty() {
+        return;
+    }
+    if model.lora.is_none() {
+        rc.sink.err(
+            "note: the model being served trains every weight; its server keeps the weights              from before this run (serving while training follows LoRA adapters)",
+        );
+        return;
+    }
+    for s in served {
+        trainer.add_callback(Box::new(
+            qscript_runtime::train::callbacks::publish::Publisher::new(move |m| s.publish(m)),
+        ));
+    }
 }
 
 /// The reference model's log-probabilities of every training and eval example, by the model as
@@ -371,6 +398,12 @@ fn run_fit(
         ));
     }
     reporter.summary(&report, &cfg);
+    // Servers of the input model serve what the run returns (the best checkpoint's, say).
+    if model.0.lora.is_some() {
+        for s in rc.servers.serving(&model.0) {
+            s.publish(report.model.clone());
+        }
+    }
     Ok(ModelHandle(Arc::new(report.model)))
 }
 

@@ -8,7 +8,9 @@
 //!   better one;
 //! - [`metrics::Metrics`]: `metrics.jsonl`, TensorBoard, the log history, the loss plot;
 //! - [`checkpointer::Checkpointer`]: the output dir's lock, checkpoints at the save cadence and
-//!   for a new best, rotation, loading the best at the end.
+//!   for a new best, rotation, loading the best at the end;
+//! - [`publish::Publisher`]: the weights after each step to a reader (a server), when asked
+//!   ([`super::Trainer::add_callback`]).
 //!
 //! The progress printer is the caller's (`on_event` of [`super::fit()`], or the step outcome's
 //! events). A dry run (`qscript check`) has no callbacks: it writes nothing.
@@ -18,6 +20,7 @@ pub mod early_stopping;
 pub mod evaluation;
 pub mod logger;
 pub mod metrics;
+pub mod publish;
 
 use std::path::{Path, PathBuf};
 
