@@ -28,6 +28,9 @@ pub struct GenerateOptions {
     pub seed: u64,
     /// Extra stop ids (the tokenizer's eos, for instance).
     pub stop_ids: Vec<u32>,
+    /// Generate `max_new_tokens` whatever comes (vLLM's `ignore_eos`: benchmarks): no stop id
+    /// ends the sequence.
+    pub ignore_eos: bool,
 }
 
 /// The most new tokens one call may ask for.
@@ -161,6 +164,9 @@ impl Model {
             .unwrap_or(1.0);
         let mut stops = self.eos_ids();
         stops.extend(&opts.stop_ids);
+        if opts.ignore_eos {
+            stops.clear();
+        }
         Sampler {
             processor: LogitsProcessor::from_sampling(opts.seed, sampling),
             penalty,

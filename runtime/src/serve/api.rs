@@ -137,6 +137,8 @@ pub struct Request {
     pub stream: bool,
     /// `stream_options.include_usage`.
     pub include_usage: bool,
+    /// vLLM's `ignore_eos`: `max_tokens` new tokens whatever comes (benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// The most stop strings a request may give (OpenAI's limit).
@@ -454,7 +456,18 @@ fn options(o: &Map<String, Value>, prompt: Prompt, max_name: &str) -> Result<Req
         .and_then(|s| s.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    let ignore_eos = match o.get("ignore_eos") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "ignore_eos",
+                "`ignore_eos` must be true or false",
+            ));
+        }
+    };
     Ok(Request {
+        ignore_eos,
         model,
         prompt,
         max_tokens,

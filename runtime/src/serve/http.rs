@@ -222,6 +222,7 @@ async fn respond(
         repetition_penalty: req.repetition_penalty,
         seed: req.seed.unwrap_or_else(rand::random),
         stop_ids: state.stop_ids.clone(),
+        ignore_eos: req.ignore_eos,
     };
     opts.validate()
         .map_err(|e| ApiError::invalid("body", e.to_string()))?;

@@ -90,12 +90,12 @@ impl Server {
         let max_len = opts.max_len.unwrap_or(positions.min(DEFAULT_MAX_LEN));
         if max_len < 2 || max_len > positions {
             return Err(Error::InvalidArgument(format!(
-                "`--max-model-len` is {max_len}; this model takes 2 to {positions} positions (its `max_position_embeddings`)"
+                "the context (`--max-model-len`, `max_model_len`) is {max_len}; this model takes 2 to {positions} positions (its `max_position_embeddings`)"
             )));
         }
         if opts.max_seqs == 0 || opts.max_seqs > 4096 {
             return Err(Error::InvalidArgument(format!(
-                "`--max-seqs` is {}; expected 1 to 4096",
+                "the sequences at once (`--max-num-seqs`, `max_num_seqs`) are {}; expected 1 to 4096",
                 opts.max_seqs
             )));
         }

@@ -384,6 +384,7 @@ fn run_generate(
         repetition_penalty: opts.repetition_penalty,
         seed: opts.seed,
         stop_ids,
+        ignore_eos: false,
     };
     // A tokenizer whose ids the model's embedding cannot hold is an error naming both sizes.
     qscript_runtime::tokenizer::check_fits(tok.0.vocab_size(), m.0.config().vocab_size, None)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One device call for serving (issue 24): Qwen2.5-7B random weights in bf16 (written by the HF
+# peer script), `qscript serve` measured by benches/serve_bench.py (one client against the
+# bandwidth limit; 32 concurrent clients), then serving while training
+# (benches/serve_train.rhai, with and without a client asking once a second).
+set -uo pipefail
+mkdir -p /tmp/qs
+for f in .devbin/qscript.xz; do xz -dc "$f" > "/tmp/qs/$(basename "$f" .xz)" && chmod +x "/tmp/qs/$(basename "$f" .xz)"; done
+OUT=${OUT:-/tmp}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+dir=/tmp/qsbench/qwen2.5-7b
+if [ ! -f "$dir/config.json" ]; then
+  python3 .devbin/hf_peft_lora.py --model qwen2.5-7b --save-model "$dir" > /dev/null || exit 1
+fi
+cp .devbin/tokenizer.json .devbin/tokenizer_config.json "$dir/"
+/tmp/qs/qscript serve "$dir" --served-model-name m --port 8011 --max-num-seqs 32 --max-model-len 1024 \
+  --dtype bf16 2> "$OUT/serve.log" &
+pid=$!
+for _ in $(seq 600); do grep -q "http://" "$OUT/serve.log" && break; kill -0 $pid 2>/dev/null || break; sleep 0.5; done
+python3 benches/serve_bench.py http://127.0.0.1:8011 --model m --weights "$dir" | tee "$OUT/serve.jsonl"
+kill -INT $pid; wait $pid
+tail -3 "$OUT/serve.log"
+# serving while training: alone, then with a client asking once a second
+run_train() {
+  /tmp/qs/qscript benches/serve_train.rhai --allow-read /tmp/qsbench --allow-read "$PWD/.devbin" \
+    --output-dir /tmp/qsbench/serve-train --set model="$dir" --set data="$PWD/.devbin/huanhuan.json" "$@" 2>&1 |
+    grep -E "^trained|error" | tail -2
+}
+echo "train alone: $(run_train)"
+: > "$OUT/client.codes"
+( while true; do
+    curl -s -o /dev/null -w '%{http_code}\n' -m 30 http://127.0.0.1:8012/v1/completions \
+      -H 'Content-Type: application/json' \
+      -d '{"model": "m", "prompt": "hello", "max_tokens": 32, "temperature": 0}' >> "$OUT/client.codes"
+    sleep 1; done ) &
+cl=$!
+echo "train serving: $(run_train --set serve=true)"
+kill $cl 2>/dev/null
+echo "client requests answered 200 while the recipe ran: $(grep -c '^200' "$OUT/client.codes")"
+true
