@@ -21,6 +21,7 @@ const FAMILIES: &[&str] = &[
     "src/nn/cuda/softmax.cu",
     "src/nn/cuda/swiglu.cu",
     "src/train/optim/adamw.cu",
+    "src/train/optim/adamw8.cu",
     "src/train/optim/grad_norm.cu",
 ];
 

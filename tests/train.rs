@@ -1206,11 +1206,21 @@ fn hf_optim_and_scheduler_names() {
         );
     }
     let e = go(TrainConfig {
-        optim: "adamw_8bit".into(),
+        optim: "adafactor".into(),
         ..cfg(dir.path())
     })
     .unwrap_err();
-    assert!(e.contains("`optim` `adamw_8bit` is not supported; qscript's optimizer is AdamW: use `adamw_torch` (also spelled `adamw_torch_fused` or `adamw_hf`)"), "{e}");
+    assert!(e.contains("`optim` `adafactor` is not supported; qscript's optimizer is AdamW: use `adamw_torch` (also spelled `adamw_torch_fused` or `adamw_hf`), or `adamw_8bit` (`adamw_bnb_8bit`, `paged_adamw_8bit`)"), "{e}");
+    let e = go(TrainConfig {
+        optim: "adamw_8bit".into(),
+        zero_stage: 1,
+        ..cfg(dir.path())
+    })
+    .unwrap_err();
+    assert!(
+        e.contains("`optim` `adamw_8bit` with `zero_stage` 1: 8-bit states are not sharded"),
+        "{e}"
+    );
     let e = go(TrainConfig {
         neftune_noise_alpha: Some(5.0),
         ..cfg(dir.path())
@@ -1251,6 +1261,44 @@ fn hf_optim_and_scheduler_names() {
         e.contains("`save_strategy` `best` is not supported; use `steps`, `epoch` or `no`"),
         "{e}"
     );
+}
+
+/// `optim: "adamw_8bit"` (bitsandbytes' 8-bit states; the arithmetic is checked against
+/// bitsandbytes in `train::optim::eight_bit`) trains full fine-tuning as AdamW does, within the
+/// states' rounding, and a resumed run reproduces the uninterrupted one exactly (the blocks'
+/// absmax are saved beside the moments).
+#[test]
+fn eight_bit_adamw_trains_and_resumes_exactly() {
+    let data = examples(12);
+    let c8 = |d: &std::path::Path| TrainConfig {
+        optim: "adamw_8bit".into(),
+        weight_decay: 0.01,
+        ..cfg(d)
+    };
+    let d0 = tempfile::tempdir().unwrap();
+    let f32_run = run(&full_tiny(4), &data, &cfg(d0.path()), None);
+    let d1 = tempfile::tempdir().unwrap();
+    let full = run(&full_tiny(4), &data, &c8(d1.path()), None);
+    let (first, last) = (full.losses[0].1, full.losses.last().unwrap().1);
+    assert!(last < first * 0.9, "{:?}", full.losses);
+    for (a, b) in full.losses.iter().zip(&f32_run.losses) {
+        assert!((a.1 - b.1).abs() < 0.02 * b.1, "8-bit {a:?} vs f32 {b:?}");
+    }
+    let d2 = tempfile::tempdir().unwrap();
+    let c = c8(d2.path());
+    assert!(run(&full_tiny(4), &data, &c, Some(3)).interrupted);
+    let resumed = run(
+        &full_tiny(4),
+        &data,
+        &TrainConfig {
+            resume_from_checkpoint: Some(serde_json::json!(true)),
+            ..c
+        },
+        None,
+    );
+    let tail: Vec<f64> = full.losses.iter().skip(3).map(|l| l.1).collect();
+    let got: Vec<f64> = resumed.losses.iter().map(|l| l.1).collect();
+    assert_eq!(got, tail);
 }
 
 /// A run stopped because `--watch` saw the recipe change (`cancel_superseded`) keeps no Ctrl-C

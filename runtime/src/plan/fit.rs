@@ -19,6 +19,9 @@ use crate::Result;
 const CHECKPOINTING_SPEED: f64 = 0.75;
 /// Tokens/s kept with a 4-bit base (dequantization at each product).
 const QUANT4_SPEED: f64 = 0.88;
+/// Tokens/s kept with 8-bit optimizer states: the step reads and writes a quarter of the bytes
+/// with a little more arithmetic; an estimate (the step is a small part of a training step).
+const OPTIM8_SPEED: f64 = 0.99;
 /// How many times slower a layer runs on the CPU than on a GPU.
 const CPU_LAYER_COST: f64 = 50.0;
 /// Tokens in a micro-batch at which the products run at half their peak rate.
@@ -39,6 +42,8 @@ pub enum Lever {
     },
     /// `load_in_4bit: true` at `model::load` (LoRA on a 4-bit base).
     Quant4,
+    /// `optim: "adamw_8bit"`: bitsandbytes' 8-bit AdamW states.
+    Optim8,
     /// LoRA instead of full fine-tuning (`lora::attach`, r 16 on every linear layer): it trains
     /// something else, so it is listed, never applied.
     Lora {
@@ -58,7 +63,10 @@ impl Lever {
     /// Whether training can apply it to the model it was given (`auto_fit`); the others need
     /// `model::load` options.
     pub fn applies_in_training(self) -> bool {
-        matches!(self, Lever::Checkpointing | Lever::MicroBatch { .. })
+        matches!(
+            self,
+            Lever::Checkpointing | Lever::MicroBatch { .. } | Lever::Optim8
+        )
     }
 }
 
@@ -74,6 +82,7 @@ impl fmt::Display for Lever {
                 "`per_device_train_batch_size: {batch}, gradient_accumulation_steps: {accumulation}`"
             ),
             Lever::Quant4 => f.write_str("`load_in_4bit: true` in `model::load` (QLoRA)"),
+            Lever::Optim8 => f.write_str("`optim: \"adamw_8bit\"` (8-bit optimizer states)"),
             Lever::Lora { .. } => f.write_str(
                 "LoRA instead of full fine-tuning (`lora::attach`, r 16 on every linear layer)",
             ),
@@ -97,6 +106,8 @@ pub struct Knobs {
     pub example_tokens: usize,
     /// Whether a 4-bit base is possible (LoRA on a dense base).
     pub quant4_possible: bool,
+    /// Whether 8-bit optimizer states are possible (32-bit ones now, not sharded by ZeRO).
+    pub optim8_possible: bool,
     /// Full fine-tuning: the elements LoRA r 16 on every linear layer would train instead.
     pub lora_instead: Option<usize>,
     /// Whether layers may move to the CPU (one GPU, no `device_map` yet).
@@ -140,6 +151,7 @@ impl Proposal {
                 Lever::Checkpointing => w.gradient_checkpointing = true,
                 Lever::MicroBatch { batch, .. } => w.tokens = batch * k.example_tokens,
                 Lever::Quant4 => w.quant4 = Some(true),
+                Lever::Optim8 => w.optim8 = true,
                 Lever::Lora { params } => {
                     w.trainable = super::memory::Trainable::Adapters(params);
                     w.lora = Some((16, 7));
@@ -213,6 +225,9 @@ pub fn solve(base: &Workload, k: &Knobs, need: &dyn Need) -> Result<Solution> {
     }
     if k.quant4_possible && base.quant4.is_none() {
         basics.push(vec![Lever::Quant4]);
+    }
+    if k.optim8_possible && !base.optim8 {
+        basics.push(vec![Lever::Optim8]);
     }
     if let Some(params) = k.lora_instead {
         basics.push(vec![Lever::Lora { params }]);
@@ -317,6 +332,7 @@ fn speed(lever: Lever, k: &Knobs) -> f64 {
     match lever {
         Lever::Checkpointing => CHECKPOINTING_SPEED,
         Lever::Quant4 => QUANT4_SPEED,
+        Lever::Optim8 => OPTIM8_SPEED,
         // No gradients of the weights to compute: at least as fast.
         Lever::Lora { .. } => 1.0,
         Lever::MicroBatch { batch, .. } => {
@@ -392,6 +408,7 @@ mod tests {
             gradient_shards: 1,
             held_micro_batches: 1,
             quant4: None,
+            optim8: false,
         }
     }
 
@@ -401,6 +418,7 @@ mod tests {
             accumulation: 2,
             example_tokens: 4,
             quant4_possible: true,
+            optim8_possible: false,
             lora_instead: None,
             cpu_layers_possible: true,
             layers: 10,

@@ -58,7 +58,12 @@ pub struct Workload {
     pub held_micro_batches: usize,
     /// The layers' linear weights in 4 bits (QLoRA); `Some(true)` with double quantization.
     pub quant4: Option<bool>,
+    /// 8-bit AdamW states (`optim: "adamw_8bit"`): a byte a moment and a block's absmax.
+    pub optim8: bool,
 }
+
+/// Values an 8-bit optimizer block's absmax covers (bitsandbytes' 256; `train::optim::eight_bit`).
+const OPTIM8_BLOCK: f64 = 256.0;
 
 /// Bytes per term; [`Estimate::total`] is their sum.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -230,7 +235,10 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
     } else {
         tokens * (2.0 * i + h) * b
     };
-    let optimizer = if training {
+    let optimizer = if training && w.optim8 {
+        // A byte per moment and an f32 absmax per 256 of each (the decay flag is per block).
+        trained * (2.0 + 8.0 / OPTIM8_BLOCK)
+    } else if training {
         // Two f32 moments, and the decay flags: a bit per element on the GPU, f32 elsewhere.
         (trained * 8.0
             + match (w.weight_decay, w.gpu) {
@@ -323,7 +331,7 @@ impl fmt::Display for Estimate {
         line("weights", self.weights)?;
         line("trainable copy", self.trainable)?;
         line("gradients (f32)", self.gradients)?;
-        line("optimizer (f32 moments)", self.optimizer)?;
+        line("optimizer (moments)", self.optimizer)?;
         line("activations", self.activations)?;
         line("loss chunk", self.loss)?;
         line("backward temporaries", self.temporaries)?;
@@ -438,6 +446,7 @@ mod tests {
                     gradient_shards: 1,
                     held_micro_batches: 1,
                     quant4: None,
+                    optim8: false,
                 },
             )
             .unwrap();
@@ -473,6 +482,7 @@ mod tests {
                     gradient_shards,
                     held_micro_batches: 1,
                     quant4: None,
+                    optim8: false,
                 },
             )
             .unwrap()
@@ -515,6 +525,7 @@ mod tests {
             gradient_shards: 1,
             held_micro_batches: 1,
             quant4,
+            optim8: false,
         };
         let dense = estimate(&c, DType::BF16, &w(None)).unwrap();
         let q = estimate(&c, DType::BF16, &w(Some(true))).unwrap();
@@ -549,6 +560,7 @@ mod tests {
             gradient_shards: 1,
             held_micro_batches: 1,
             quant4: None,
+            optim8: false,
         };
         let e = estimate(&c, DType::BF16, &w).err().unwrap().to_string();
         assert!(e.contains("`hidden_size` 1000000000000"), "{e}");

@@ -210,9 +210,21 @@ pub fn save(
         model.save(&tmp)?;
     }
     let mut moments: HashMap<String, Tensor> = HashMap::new();
+    let whole = opt
+        .parts
+        .iter()
+        .map(crate::train::optim::AdamW::moments)
+        .collect::<Result<Vec<_>>>()?;
     for (k, s) in params.slots() {
-        moments.insert(format!("m.{}", s.name), s.of(&opt.parts[k].m)?);
-        moments.insert(format!("v.{}", s.name), s.of(&opt.parts[k].v)?);
+        moments.insert(format!("m.{}", s.name), s.of(&whole[k].0)?);
+        moments.insert(format!("v.{}", s.name), s.of(&whole[k].1)?);
+    }
+    // 8-bit states: each block's absmax, so a resumed run gets the same codes back.
+    for (k, o) in opt.parts.iter().enumerate() {
+        if let Some((am, av)) = o.absmax() {
+            moments.insert(format!("absmax_m.{k}"), am);
+            moments.insert(format!("absmax_v.{k}"), av);
+        }
     }
     crate::model::weights::save_file(&moments, &tmp.join("optimizer.safetensors"))?;
     let json = serde_json::to_string_pretty(state).unwrap_or_default();
@@ -272,7 +284,8 @@ fn min_value(t: &Tensor) -> Result<Option<f32>> {
 /// whole buffers are checked; the tensor is named from its slot.
 fn check_state(params: &DeviceParams, opt: &DeviceAdamW, final_dir: &Path) -> Result<()> {
     for (k, (part, o)) in params.parts.iter().zip(&opt.parts).enumerate() {
-        for (prefix, flat) in [("", part.data.as_tensor()), ("m.", &o.m), ("v.", &o.v)] {
+        let (m, v) = o.moments()?;
+        for (prefix, flat) in [("", part.data.as_tensor()), ("m.", &m), ("v.", &v)] {
             if all_finite(flat)? {
                 continue;
             }
@@ -506,7 +519,7 @@ pub fn restore(
         name: n.to_string(),
         path: dir.to_path_buf(),
     };
-    for (part, o) in params.parts.iter().zip(opt.parts.iter_mut()) {
+    for (k, (part, o)) in params.parts.iter().zip(opt.parts.iter_mut()).enumerate() {
         let (mut m, mut v) = (Vec::new(), Vec::new());
         for (i, s) in part.slots.iter().enumerate() {
             let w = weights.get(&s.name).ok_or_else(|| missing(&s.name))?;
@@ -528,10 +541,19 @@ pub fn restore(
                 out.push(t);
             }
         }
-        o.m = Tensor::cat(&m, 0)?.to_device(part.device())?;
-        o.v = Tensor::cat(&v, 0)?.to_device(part.device())?;
         // A sharded optimizer (ZeRO) keeps only its share of the whole moments saved.
-        o.cut_to_shard()?;
+        let absmax = match (
+            moments.get(&format!("absmax_m.{k}")),
+            moments.get(&format!("absmax_v.{k}")),
+        ) {
+            (Some(a), Some(b)) => Some((a.clone(), b.clone())),
+            _ => None,
+        };
+        o.set_moments(
+            Tensor::cat(&m, 0)?.to_device(part.device())?,
+            Tensor::cat(&v, 0)?.to_device(part.device())?,
+            absmax,
+        )?;
     }
     opt.set_step(state.global_step);
     Ok(state)
@@ -690,10 +712,17 @@ mod tests {
         };
         save(out.path(), &model, &params, &opt, &state).unwrap();
         std::fs::remove_dir_all(out.path().join("checkpoint-3")).unwrap();
-        let n = opt.parts[0].m.elem_count();
+        let (m, v) = opt.parts[0].moments().unwrap();
+        let n = m.elem_count();
         let mut host = vec![0f32; n];
         host[n - 1] = f32::NAN;
-        opt.parts[0].m = Tensor::from_vec(host, n, &candle_core::Device::Cpu).unwrap();
+        opt.parts[0]
+            .set_moments(
+                Tensor::from_vec(host, n, &candle_core::Device::Cpu).unwrap(),
+                v,
+                None,
+            )
+            .unwrap();
         let last = params.slots().last().unwrap().1.name.clone();
         let e = save(out.path(), &model, &params, &opt, &state)
             .unwrap_err()

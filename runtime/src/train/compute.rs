@@ -57,6 +57,7 @@ impl Compute {
             beta2: cfg.adam_beta2,
             eps: cfg.adam_epsilon,
             weight_decay: cfg.weight_decay,
+            eight_bit: cfg.eight_bit_optim(),
         };
         let opt = match cfg.zero_stage {
             stage @ (1 | 2) if collective.size() > 1 => {

@@ -166,6 +166,10 @@ impl Default for TrainConfig {
 /// HF's `optim` names that are qscript's AdamW (decoupled weight decay, bias correction).
 const ADAMW_NAMES: [&str; 3] = ["adamw_torch", "adamw_torch_fused", "adamw_hf"];
 
+/// HF's `optim` names of bitsandbytes' 8-bit AdamW (`paged_` pages nothing here: the states are
+/// a quarter of AdamW's and stay on the device).
+pub const ADAMW_8BIT_NAMES: [&str; 3] = ["adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"];
+
 /// Integrations HF's `report_to` knows that qscript does not write (a notice, not an error).
 const OTHER_REPORTERS: [&str; 9] = [
     "wandb",
@@ -347,11 +351,20 @@ impl TrainConfig {
                 self.save_strategy
             ));
         }
-        if !ADAMW_NAMES.contains(&self.optim.as_str()) {
+        if !ADAMW_NAMES.contains(&self.optim.as_str()) && !self.eight_bit_optim() {
             return bad(format!(
                 "`optim` `{}` is not supported; qscript's optimizer is AdamW: use `adamw_torch` \
-                 (also spelled `adamw_torch_fused` or `adamw_hf`)",
+                 (also spelled `adamw_torch_fused` or `adamw_hf`), or `adamw_8bit` \
+                 (`adamw_bnb_8bit`, `paged_adamw_8bit`) for bitsandbytes' 8-bit states",
                 self.optim
+            ));
+        }
+        if self.eight_bit_optim() && self.zero_stage > 0 {
+            return bad(format!(
+                "`optim` `{}` with `zero_stage` {}: 8-bit states are not sharded over ranks yet; \
+                 use `zero_stage: 0` (8-bit states are a quarter of AdamW's already) or \
+                 `adamw_torch`",
+                self.optim, self.zero_stage
             ));
         }
         if let Some(alpha) = self.neftune_noise_alpha {
@@ -385,6 +398,11 @@ impl TrainConfig {
             return bad("set `max_steps` or a positive `num_train_epochs`".into());
         }
         Ok(())
+    }
+
+    /// Whether `optim` names bitsandbytes' 8-bit AdamW.
+    pub fn eight_bit_optim(&self) -> bool {
+        ADAMW_8BIT_NAMES.contains(&self.optim.as_str())
     }
 
     /// Micro-batches per epoch for `n` examples over `ranks` data-parallel ranks, optimizer steps

@@ -200,6 +200,7 @@ pub fn plan(
         quant4: model
             .quant4()
             .map(|q| matches!(q.absmax, crate::quant::Absmax::Nested { .. })),
+        optim8: cfg.eight_bit_optim(),
     };
     let estimate = memory::estimate(model.config(), model.decoder.dtype(), &workload)?;
     let fit = Fit::new(model, &machine, device, estimate.weights);
@@ -228,6 +229,7 @@ pub fn plan(
             accumulation: cfg.gradient_accumulation_steps,
             example_tokens: train.first().map_or(1, Example::rows) * longest,
             quant4_possible: !model.trainable && model.quant4().is_none(),
+            optim8_possible: cfg.zero_stage == 0,
             lora_instead: model.trainable.then(|| lora_all_linear(model.config(), 16)),
             cpu_layers_possible: model.placement.is_none() && device.is_gpu(),
             layers: model.config().num_hidden_layers,
@@ -241,6 +243,7 @@ pub fn plan(
             for lever in &b.levers {
                 match *lever {
                     fit::Lever::Checkpointing => fitted.gradient_checkpointing = true,
+                    fit::Lever::Optim8 => fitted.optim = "adamw_8bit".into(),
                     fit::Lever::MicroBatch {
                         batch,
                         accumulation,
@@ -287,7 +290,7 @@ pub fn plan(
             return Ok((plan, train));
         }
         let auto = if cfg.auto_fit {
-            "\n`auto_fit` changes only what training can (the micro-batch, checkpointing), and \
+            "\n`auto_fit` changes only what training can (the micro-batch, checkpointing, 8-bit optimizer states), and \
              those do not fit; the rest are `model::load` options"
         } else {
             ""

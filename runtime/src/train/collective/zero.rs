@@ -72,9 +72,10 @@ pub(super) fn gather_moments(
     let mut parts = Vec::with_capacity(opt.parts.len());
     for (part, o) in params.parts.iter().zip(&opt.parts) {
         let a = o.shard.map_or(0, |s| s.0);
+        let (m, v) = o.moments()?;
         parts.push(o.with_moments(
-            sum_shares(g, part.len(), a, &o.m)?,
-            sum_shares(g, part.len(), a, &o.v)?,
+            sum_shares(g, part.len(), a, &m)?,
+            sum_shares(g, part.len(), a, &v)?,
         ));
     }
     Ok(DeviceAdamW { parts })

@@ -6,6 +6,9 @@
 #[cfg(feature = "cuda")]
 pub mod adamw;
 #[cfg(feature = "cuda")]
+pub mod adamw8;
+pub mod eight_bit;
+#[cfg(feature = "cuda")]
 pub mod grad_norm;
 
 use candle_core::{DType, Tensor};
@@ -24,6 +27,8 @@ pub struct AdamWConfig {
     pub eps: f64,
     /// `weight_decay` (not applied to biases and norms).
     pub weight_decay: f64,
+    /// 8-bit states as bitsandbytes keeps them (`optim: "adamw_8bit"`; see [`eight_bit`]).
+    pub eight_bit: bool,
 }
 
 impl Default for AdamWConfig {
@@ -33,8 +38,23 @@ impl Default for AdamWConfig {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.0,
+            eight_bit: false,
         }
     }
+}
+
+/// Where AdamW keeps its moments.
+#[derive(Debug)]
+pub(super) enum Moments {
+    /// f32, in the flat buffer's layout (or its shard's).
+    F32 {
+        /// First moments.
+        m: Tensor,
+        /// Second moments.
+        v: Tensor,
+    },
+    /// bitsandbytes' 8-bit blocks.
+    Eight(Box<eight_bit::Blockwise8>),
 }
 
 /// AdamW over the flat parameter buffer: f32 moments in the same layout, one update for every
@@ -43,10 +63,8 @@ impl Default for AdamWConfig {
 pub struct AdamW {
     /// Hyper-parameters.
     pub cfg: AdamWConfig,
-    /// First moments `[len]` f32.
-    pub m: Tensor,
-    /// Second moments `[len]` f32.
-    pub v: Tensor,
+    /// The moments.
+    pub(super) moments: Moments,
     /// Where weight decay applies (`None` without weight decay): an f32 `1`/`0` mask for the
     /// reference ops, a bit per element on CUDA (the fused kernel's form: n / 8 bytes, not 4n).
     decay_mask: Option<Tensor>,
@@ -70,6 +88,22 @@ impl AdamW {
         shard: Option<(usize, usize)>,
     ) -> Result<Self> {
         let device = params.device();
+        if cfg.eight_bit {
+            if shard.is_some() {
+                return Err(crate::Error::InvalidArgument(
+                    "`optim: \"adamw_8bit\"` does not shard its states over ranks (ZeRO) yet; \
+                     use `zero_stage: 0` or a 32-bit optimizer"
+                        .into(),
+                ));
+            }
+            return Ok(Self {
+                moments: Moments::Eight(Box::new(eight_bit::Blockwise8::new(params)?)),
+                cfg,
+                decay_mask: None,
+                step: 0,
+                shard: None,
+            });
+        }
         let (start, end) = shard.unwrap_or((0, params.len()));
         let len = end - start;
         // Two buffers: the fused kernel updates both in place.
@@ -103,8 +137,10 @@ impl AdamW {
         };
         Ok(Self {
             cfg,
-            m: zeros()?,
-            v: zeros()?,
+            moments: Moments::F32 {
+                m: zeros()?,
+                v: zeros()?,
+            },
             decay_mask,
             step: 0,
             shard,
@@ -116,23 +152,55 @@ impl AdamW {
     pub fn with_moments(&self, m: Tensor, v: Tensor) -> Self {
         Self {
             cfg: self.cfg.clone(),
-            m,
-            v,
+            moments: Moments::F32 { m, v },
             decay_mask: None,
             step: self.step,
             shard: None,
         }
     }
 
-    /// Keeps only the shard's part of full-length moments (after a checkpoint restored them).
-    pub fn cut_to_shard(&mut self) -> Result<()> {
-        if let Some((a, b)) = self.shard
-            && self.m.elem_count() != b - a
-        {
-            self.m = self.m.narrow(0, a, b - a)?.contiguous()?;
-            self.v = self.v.narrow(0, a, b - a)?.contiguous()?;
+    /// The moments as f32 buffers (8-bit ones dequantized): the flat buffer's length, or the
+    /// shard's.
+    pub fn moments(&self) -> Result<(Tensor, Tensor)> {
+        match &self.moments {
+            Moments::F32 { m, v } => Ok((m.clone(), v.clone())),
+            Moments::Eight(e) => e.moments(),
         }
-        Ok(())
+    }
+
+    /// The 8-bit states' per-block absmax of each moment (saved beside the dequantized moments,
+    /// so a resumed run gets the same codes back); `None` for f32 moments.
+    pub fn absmax(&self) -> Option<(Tensor, Tensor)> {
+        match &self.moments {
+            Moments::Eight(e) => Some((e.absmax_m.clone(), e.absmax_v.clone())),
+            Moments::F32 { .. } => None,
+        }
+    }
+
+    /// Sets the moments from f32 buffers of the whole flat buffer (a restored checkpoint): a
+    /// sharded optimizer keeps its share, an 8-bit one quantizes them (with the saved `absmax`
+    /// when there is one).
+    pub fn set_moments(
+        &mut self,
+        m: Tensor,
+        v: Tensor,
+        absmax: Option<(Tensor, Tensor)>,
+    ) -> Result<()> {
+        match &mut self.moments {
+            Moments::Eight(e) => e.set_moments(&m, &v, absmax.as_ref().map(|(a, b)| (a, b))),
+            Moments::F32 { m: mm, v: vv } => {
+                let (m, v) = match self.shard {
+                    Some((a, b)) if m.elem_count() != b - a => (
+                        m.narrow(0, a, b - a)?.contiguous()?,
+                        v.narrow(0, a, b - a)?.contiguous()?,
+                    ),
+                    _ => (m, v),
+                };
+                *mm = m;
+                *vv = v;
+                Ok(())
+            }
+        }
     }
 
     /// One update of `params` with learning rate `lr` from the flat f32 `grads` (the whole
@@ -164,6 +232,16 @@ impl AdamW {
                 )));
             }
         };
+        let (m, v) = match &mut self.moments {
+            Moments::F32 { m, v } => (m, v),
+            Moments::Eight(e) => {
+                #[cfg(feature = "cuda")]
+                if params.device().is_cuda() {
+                    return Ok(adamw8::step(e, params, grads, clip, c, lr, t)?);
+                }
+                return e.step_host(params, grads, clip, c, lr, t);
+            }
+        };
         #[cfg(feature = "cuda")]
         if params.device().is_cuda() {
             let args = adamw::AdamWArgs {
@@ -178,23 +256,15 @@ impl AdamW {
                 bc2: bc2 as f32,
             };
             let p = &params.data.as_tensor().narrow(0, start, len)?;
-            adamw::adamw(
-                p,
-                &self.m,
-                &self.v,
-                grads,
-                clip,
-                self.decay_mask.as_ref(),
-                args,
-            )?;
+            adamw::adamw(p, m, v, grads, clip, self.decay_mask.as_ref(), args)?;
             return Ok(());
         }
         let grads = &match clip {
             Some(f) => grads.broadcast_mul(f)?,
             None => grads.clone(),
         };
-        self.m = (self.m.affine(c.beta1, 0.0)? + grads.affine(1.0 - c.beta1, 0.0)?)?;
-        self.v = (self.v.affine(c.beta2, 0.0)? + grads.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
+        *m = (m.affine(c.beta1, 0.0)? + grads.affine(1.0 - c.beta1, 0.0)?)?;
+        *v = (v.affine(c.beta2, 0.0)? + grads.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
         let p = params
             .data
             .as_tensor()
@@ -204,8 +274,8 @@ impl AdamW {
             Some(mask) => p.mul(&mask.affine(-lr * c.weight_decay, 1.0)?)?,
             None => p,
         };
-        let denom = (self.v.affine(1.0 / bc2, 0.0)?.sqrt()? + c.eps)?;
-        let update = self.m.affine(lr / bc1, 0.0)?.div(&denom)?;
+        let denom = (v.affine(1.0 / bc2, 0.0)?.sqrt()? + c.eps)?;
+        let update = m.affine(lr / bc1, 0.0)?.div(&denom)?;
         let p = (p - update)?.to_dtype(params.data.dtype())?;
         if len == params.len() {
             params.data.set(&p)?;
@@ -423,7 +493,7 @@ mod tests {
             split.data.as_tensor().to_vec1::<f32>().unwrap(),
         );
         assert_eq!(a, b);
-        assert_eq!(halves[1].m.elem_count(), 3);
+        assert_eq!(halves[1].moments().unwrap().0.elem_count(), 3);
     }
 
     fn one(name: &str, values: &[f32]) -> (FlatParams, Vec<Tensor>) {
