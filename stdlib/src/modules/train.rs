@@ -654,7 +654,7 @@ pub mod train_module {
     /// | `learning_rate` | 5e-5 | peak learning rate |
     /// | `lr_scheduler_type` | `"linear"` | `linear`, `cosine`, `cosine_with_min_lr`, `constant`, `constant_with_warmup` |
     /// | `lr_scheduler_kwargs` | none | HF's: `cosine_with_min_lr` takes `min_lr` or `min_lr_rate` (and `num_cycles`), `cosine` `num_cycles` |
-    /// | `optim` | `"adamw_torch"` | HF's name for AdamW (`adamw_torch_fused`, `adamw_hf` too); other optimizers are not there yet |
+    /// | `optim` | `"adamw_torch"` | HF's name for AdamW (`adamw_torch_fused`, `adamw_hf` too), or `adamw_8bit` (`adamw_bnb_8bit`, `paged_adamw_8bit`): bitsandbytes' 8-bit states, 2 bytes a parameter instead of 8; other optimizers are not there yet |
     /// | `warmup_ratio`, `warmup_steps` | 0 | warmup as a fraction of the steps, or steps (wins) |
     /// | `weight_decay` | 0.0 | AdamW's decoupled decay (not on biases and norms) |
     /// | `adam_beta1`, `adam_beta2`, `adam_epsilon` | 0.9, 0.999, 1e-8 | AdamW |
