@@ -4,8 +4,20 @@
 #[allow(clippy::wildcard_imports)]
 use rhai::plugin::*;
 
+use std::sync::Arc;
+
+use qscript_runtime::model::Model;
+use qscript_runtime::serve::{ServeOptions, ServedModel, Server};
 use qscript_runtime::tokenizer::Tokenizer;
+use rhai::{EvalAltResult, Map};
 use serde::Deserialize;
+
+use crate::context::RunContext;
+use crate::error::{script_error, to_rhai_at};
+use crate::handles::{ServerHandle, TokenizerHandle};
+use crate::options::from_options;
+
+type Res<T> = Result<T, Box<EvalAltResult>>;
 
 /// Options of `m.serve` (vLLM's names where it has them).
 #[derive(Debug, Deserialize)]
@@ -56,20 +68,91 @@ fn default_tokenizer(m: &qscript_runtime::model::Model) -> qscript_runtime::Resu
     }
 }
 
+/// Starts serving `model` (a copy of `source`'s weights, or a trainer's) as `m.serve` and
+/// `t.serve` do; the server is kept in the session under `source`. Returns its handle and, when
+/// one started (not in a dry run), the served model to publish new weights to.
+pub(crate) fn start(
+    ctx: &NativeCallContext,
+    source: &Arc<Model>,
+    model: Model,
+    opts: Map,
+) -> Res<(ServerHandle, Option<Arc<ServedModel>>)> {
+    let rc = RunContext::of(ctx)?;
+    let mut opts = opts;
+    let tok = match opts.remove("tokenizer") {
+        None => None,
+        Some(t) => Some(t.try_cast::<TokenizerHandle>().ok_or_else(|| {
+            let mut e = script_error("serve", "`tokenizer` must be a tokenizer");
+            e.set_position(ctx.call_position());
+            e
+        })?),
+    };
+    let o: ServeOpts = from_options(ctx, "serve", opts)?;
+    if !loopback(&o.host) {
+        let mut e = script_error(
+            "serve",
+            format!(
+                "`host: \"{}\"`: a recipe serves this machine only (`127.0.0.1`); \
+                 `qscript serve --host` opens a server to the network",
+                o.host
+            ),
+        );
+        e.set_position(ctx.call_position());
+        return Err(e);
+    }
+    let tok = match tok {
+        Some(t) => t.0,
+        None => Arc::new(default_tokenizer(&model).map_err(to_rhai_at(ctx))?),
+    };
+    let name = o.name.clone().unwrap_or_else(|| {
+        model
+            .source
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map_or_else(|| "tiny".into(), |n| n.to_string_lossy().into_owned())
+    });
+    if rc.checking() || model.is_shapes_only() {
+        // A dry run starts nothing.
+        rc.check_fact(
+            "serve",
+            format!(
+                "`{name}` on http://{}:{} (not started in a dry run)",
+                o.host, o.port
+            ),
+        );
+        return Ok((
+            ServerHandle {
+                url: format!("http://{}:{}", o.host, o.port),
+                id: None,
+            },
+            None,
+        ));
+    }
+    let sopts = ServeOptions {
+        host: o.host,
+        port: o.port,
+        api_key: o.api_key,
+        max_seqs: o.max_num_seqs,
+        max_len: o.max_model_len,
+    };
+    let served = Arc::new(ServedModel::new(name.clone(), model));
+    let server = Server::start(vec![served.clone()], tok, &sopts).map_err(to_rhai_at(ctx))?;
+    let url = format!("http://{}", server.addr);
+    rc.sink.err(&format!(
+        "serving `{name}` on {url} (OpenAI API: /v1/chat/completions, /v1/completions)"
+    ));
+    let id = rc.servers.add(source.clone(), server);
+    Ok((ServerHandle { url, id: Some(id) }, Some(served)))
+}
+
 /// The `serve` module: `Model.serve` and the `Server` handle.
 #[allow(clippy::unwrap_used)]
 #[export_module]
 pub mod serve_module {
-    use std::sync::Arc;
-
-    use qscript_runtime::serve::{ServeOptions, ServedModel, Server};
     use rhai::{EvalAltResult, Map};
 
-    use super::{ServeOpts, default_tokenizer, loopback};
     use crate::context::RunContext;
-    use crate::error::{script_error, to_rhai_at};
-    use crate::handles::{ModelHandle, ServerHandle, TokenizerHandle};
-    use crate::options::from_options;
+    use crate::handles::{ModelHandle, ServerHandle};
 
     type Res<T> = Result<T, Box<EvalAltResult>>;
 
@@ -91,68 +174,7 @@ pub mod serve_module {
     /// ```
     #[rhai_fn(global, pure, return_raw)]
     pub fn serve(ctx: NativeCallContext, m: &mut ModelHandle, opts: Map) -> Res<ServerHandle> {
-        let rc = RunContext::of(&ctx)?;
-        let mut opts = opts;
-        let tok = match opts.remove("tokenizer") {
-            None => None,
-            Some(t) => Some(t.try_cast::<TokenizerHandle>().ok_or_else(|| {
-                let mut e = script_error("serve", "`tokenizer` must be a tokenizer");
-                e.set_position(ctx.call_position());
-                e
-            })?),
-        };
-        let o: ServeOpts = from_options(&ctx, "serve", opts)?;
-        if !loopback(&o.host) {
-            let mut e = script_error(
-                "serve",
-                format!(
-                    "`host: \"{}\"`: a recipe serves this machine only (`127.0.0.1`); \
-                     `qscript serve --host` opens a server to the network",
-                    o.host
-                ),
-            );
-            e.set_position(ctx.call_position());
-            return Err(e);
-        }
-        let tok = match tok {
-            Some(t) => t.0,
-            None => Arc::new(default_tokenizer(&m.0).map_err(to_rhai_at(&ctx))?),
-        };
-        let name = o.name.clone().unwrap_or_else(|| {
-            m.0.source
-                .as_ref()
-                .and_then(|p| p.file_name())
-                .map_or_else(|| "tiny".into(), |n| n.to_string_lossy().into_owned())
-        });
-        if rc.checking() || m.0.is_shapes_only() {
-            // A dry run starts nothing.
-            rc.check_fact(
-                "serve",
-                format!(
-                    "`{name}` on http://{}:{} (not started in a dry run)",
-                    o.host, o.port
-                ),
-            );
-            return Ok(ServerHandle {
-                url: format!("http://{}:{}", o.host, o.port),
-                id: None,
-            });
-        }
-        let sopts = ServeOptions {
-            host: o.host,
-            port: o.port,
-            api_key: o.api_key,
-            max_seqs: o.max_num_seqs,
-            max_len: o.max_model_len,
-        };
-        let served = Arc::new(ServedModel::new(name.clone(), (*m.0).clone()));
-        let server = Server::start(vec![served], tok, &sopts).map_err(to_rhai_at(&ctx))?;
-        let url = format!("http://{}", server.addr);
-        rc.sink.err(&format!(
-            "serving `{name}` on {url} (OpenAI API: /v1/chat/completions, /v1/completions)"
-        ));
-        let id = rc.servers.add(m.0.clone(), server);
-        Ok(ServerHandle { url, id: Some(id) })
+        Ok(super::start(&ctx, &m.0, (*m.0).clone(), opts)?.0)
     }
 
     /// `serve` with the default options (port 8000).

@@ -865,6 +865,38 @@ pub mod train_module {
             .collect()
     }
 
+    /// Serves the model being trained over the OpenAI API (`m.serve`'s options): each `t.step`
+    /// publishes its weights to the server, so requests see the latest optimizer step.
+    ///
+    /// ```rhai
+    /// io::write_text("d.json", `[{"instruction": "a", "output": "b"}]`);
+    /// let ds = data::sft(data::to_messages(data::load(io::output_dir() + "/d.json")), tokenizer::builtin());
+    /// let t = train::trainer(lora::attach(model::tiny(), #{ r: 4 }), ds, #{ max_steps: 1, save_steps: 0 });
+    /// let srv = t.serve(#{ port: 0 });
+    /// t.step(t.batches()[0]);
+    /// srv.stop();
+    /// ```
+    #[rhai_fn(global, pure, return_raw)]
+    pub fn serve(
+        ctx: NativeCallContext,
+        t: &mut super::TrainerHandle,
+        opts: Map,
+    ) -> Result<crate::handles::ServerHandle, Box<rhai::EvalAltResult>> {
+        let mut guard = crate::context::lock(&t.0);
+        let model = guard
+            .trainer
+            .snapshot()
+            .map_err(crate::error::to_rhai_at(&ctx))?;
+        let source = std::sync::Arc::new(model.clone());
+        let (handle, served) = crate::modules::serve::start(&ctx, &source, model, opts)?;
+        if let Some(s) = served {
+            guard.trainer.add_callback(Box::new(
+                qscript_runtime::train::callbacks::publish::Publisher::new(move |m| s.publish(m)),
+            ));
+        }
+        Ok(handle)
+    }
+
     /// One optimizer step on `batch` (from `t.batches()`); returns `#{ step, loss, grad_norm,
     /// learning_rate, done }`.
     ///
