@@ -65,6 +65,13 @@ impl LoadOptions {
         self.dtype_for(device.is_cpu(), device.supports_bf16())
     }
 
+    /// The device of `machine` and the dtype these options name there.
+    pub fn resolve(&self, machine: &crate::device::Machine) -> Result<(DeviceSpec, DType)> {
+        let device = machine.resolve(self.device.parse()?)?;
+        let dtype = self.dtype_for(device.is_cpu(), machine.supports_bf16(device))?;
+        Ok((device, dtype))
+    }
+
     /// The dtype named by `dtype` on the CPU (`cpu`) or a GPU that computes in bf16 or not.
     pub fn dtype_for(&self, cpu: bool, bf16: bool) -> Result<DType> {
         Ok(match self.dtype.as_str() {
@@ -101,8 +108,7 @@ impl Checkpoint {
             ));
         }
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-        let device = machine.resolve(opts.device.parse()?)?;
-        let dtype = opts.dtype_for(device.is_cpu(), machine.supports_bf16(device))?;
+        let (device, dtype) = opts.resolve(machine)?;
         let gen_path = dir.join("generation_config.json");
         let generation = if gen_path.is_file() {
             let g: GenerationConfig = crate::files::read_config(&gen_path)?;

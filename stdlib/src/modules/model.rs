@@ -242,8 +242,7 @@ fn load_shapes(
         |e| {
             if let Ok(cfg) =
                 qscript_runtime::model::ModelConfig::from_file(&dir.join("config.json"))
-                && let Ok(device) = lo.device.parse().and_then(|d| machine.resolve(d))
-                && let Ok(dtype) = lo.dtype_for(device.is_cpu(), machine.supports_bf16(device))
+                && let Ok((_, dtype)) = lo.resolve(machine)
             {
                 let params = qscript_runtime::plan::memory::param_count(&cfg);
                 let bytes = params * dtype.size_in_bytes() as f64;
