@@ -27,7 +27,7 @@ tail -3 "$OUT/serve.log"
 run_train() {
   /tmp/qs/qscript benches/serve_train.rhai --allow-read /tmp/qsbench --allow-read "$PWD/.devbin" \
     --output-dir /tmp/qsbench/serve-train --set model="$dir" --set data="$PWD/.devbin/huanhuan.json" "$@" 2>&1 |
-    grep -E "^trained|error" | tail -2
+    grep -E "^trained|error" -A4 | grep -v "^ *[0-9]*: \|^ *at " | tail -8
 }
 echo "train alone: $(run_train)"
 : > "$OUT/client.codes"

@@ -98,9 +98,33 @@ pub enum Error {
         /// What candle said.
         source: Box<candle_core::Error>,
     },
-    /// An error from candle.
+    /// An error from candle (its message only: a backtrace candle captured under
+    /// `RUST_BACKTRACE` is dropped, never shown to a user).
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(without_backtrace(e))
+    }
+}
+
+/// `e` without the backtraces candle adds when `RUST_BACKTRACE` is set (they are internals:
+/// Rust frames and type names).
+pub fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        candle_core::Error::WithPath { inner, path } => candle_core::Error::WithPath {
+            inner: Box::new(without_backtrace(*inner)),
+            path,
+        },
+        candle_core::Error::Context { inner, context } => candle_core::Error::Context {
+            inner: Box::new(without_backtrace(*inner)),
+            context,
+        },
+        other => other,
+    }
 }
 
 impl Error {

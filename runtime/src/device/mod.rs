@@ -83,6 +83,15 @@ pub fn cuda(ordinal: usize) -> Result<Device> {
     Ok(device)
 }
 
+/// Turns at the GPUs for the threads of this process that compute on them: a training step and a
+/// server's decode step (a recipe serving the model it trains) take turns instead of running at
+/// once; each holds the guard for one step. Work of one thread needs none.
+pub fn turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// GPUs this process sees (0 in a build without CUDA or without a driver).
 pub fn gpu_count() -> usize {
     #[cfg(feature = "cuda")]

@@ -85,12 +85,7 @@ fn row_mask(
             if r.len() != b {
                 candle_core::bail!("attention mask has {} rows, the batch has {b}", r.len());
             }
-            let starts: Vec<u32> = r.iter().map(|x| x.0 as u32).collect();
-            let ends: Vec<u32> = r.iter().map(|x| x.1 as u32).collect();
-            Some((
-                Tensor::from_vec(starts, b, device)?,
-                Tensor::from_vec(ends, b, device)?,
-            ))
+            Some(uploaded_ranges(r, device)?)
         }
         None => None,
     };
@@ -105,6 +100,35 @@ fn row_mask(
         causal: mask.causal,
         ranges,
         query_starts,
+    })
+}
+
+/// The key ranges as the kernels read them (starts, ends), uploaded once for every layer of a
+/// pass: the last upload is kept per thread and reused while the ranges and the device are the
+/// same (a copy from pageable host memory waits for the stream, so one a layer would stall a
+/// decode step 28 times).
+#[cfg(feature = "cuda")]
+fn uploaded_ranges(r: &[(usize, usize)], device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+    type Kept = Option<(Vec<(usize, usize)>, candle_core::Device, Tensor, Tensor)>;
+    thread_local! {
+        static LAST: std::cell::RefCell<Kept> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((kr, kd, s, e)) = last.as_ref()
+            && kr.as_slice() == r
+            && kd.same_device(device)
+        {
+            return Ok((s.clone(), e.clone()));
+        }
+        let starts: Vec<u32> = r.iter().map(|x| x.0 as u32).collect();
+        let ends: Vec<u32> = r.iter().map(|x| x.1 as u32).collect();
+        let (s, e) = (
+            Tensor::from_vec(starts, r.len(), device)?,
+            Tensor::from_vec(ends, r.len(), device)?,
+        );
+        *last = Some((r.to_vec(), device.clone(), s.clone(), e.clone()));
+        Ok((s, e))
     })
 }
 

@@ -226,10 +226,13 @@ impl Engine {
             while let Ok(j) = jobs.try_recv() {
                 self.waiting.push_back(j);
             }
+            // A training step of this process (serving while training) and this step take turns.
+            let turn = crate::device::turn();
             self.admit();
             if !self.running.is_empty() {
                 self.step();
             }
+            drop(turn);
             self.stats
                 .running
                 .store(self.running.len(), Ordering::Relaxed);
@@ -378,15 +381,31 @@ impl Engine {
             ids[s.slot - lo] = s.last();
         }
         let capacity = self.slots.capacity();
+        // One sequence alone: plain causal attention after its cached positions and RoPE rows
+        // cut from the table (nothing to upload but the token and the cache's row).
+        let single = span == 1;
+        let at = self.slots.len(lo);
         let mut cache = self.slots.decode(lo, &live)?;
-        let tables = tables_at(d, cache.positions(), capacity)?;
-        let mask = cache.mask().clone();
+        let (mask, tables) = if single {
+            let mask = AttnMask::causal(at);
+            let tables = d.rope_tables(&mask, 1, 1)?;
+            (mask, tables)
+        } else {
+            (
+                cache.mask().clone(),
+                tables_at(d, cache.positions(), capacity)?,
+            )
+        };
         let input = Tensor::from_vec(ids, (span, 1), d.device())?;
         let h = d.hidden_with(&input, &mask, tables, Some(&mut cache), None)?;
         // Only the live rows go through the head, in the group's order.
-        let rows: Vec<u32> = group.iter().map(|s| (s.slot - lo) as u32).collect();
-        let idx = Tensor::from_slice(&rows, rows.len(), h.device())?;
-        let h = h.index_select(&idx, 0)?;
+        let h = if single {
+            h
+        } else {
+            let rows: Vec<u32> = group.iter().map(|s| (s.slot - lo) as u32).collect();
+            let idx = Tensor::from_slice(&rows, rows.len(), h.device())?;
+            h.index_select(&idx, 0)?
+        };
         let logits = d.head(&h)?.squeeze(1)?;
         let greedy = if group.iter().all(|s| s.sampler.is_plain_greedy()) {
             Some(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)

@@ -213,7 +213,7 @@ impl Pass<'_> {
         move |source: candle_core::Error| Error::Engine {
             op,
             shape,
-            source: Box::new(source),
+            source: Box::new(crate::error::without_backtrace(source)),
         }
     }
 

@@ -321,6 +321,8 @@ impl Trainer {
 
     /// One optimizer step on `window` (micro-batches of example indices).
     pub fn step(&mut self, window: &[Vec<usize>]) -> Result<StepOutcome> {
+        // A server of this process (a recipe serving the model it trains) waits for the step.
+        let _turn = crate::device::turn();
         if self.is_done() {
             return Err(Error::InvalidArgument(format!(
                 "training is done: all {} steps have run",
@@ -414,6 +416,7 @@ impl Trainer {
 
     /// Mean loss on the eval dataset (NaN in a dry run).
     pub fn evaluate(&self) -> Result<f64> {
+        let _turn = crate::device::turn();
         let data = self
             .eval
             .as_deref()
