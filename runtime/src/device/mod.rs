@@ -83,13 +83,29 @@ pub fn cuda(ordinal: usize) -> Result<Device> {
     Ok(device)
 }
 
-/// Turns at the GPUs for the threads of this process that compute on them: a training step and a
-/// server's decode step (a recipe serving the model it trains) take turns instead of running at
-/// once; each holds the guard for one step. Work of one thread needs none.
-pub fn turn() -> std::sync::MutexGuard<'static, ()> {
+/// Servers of this process decoding on its devices (see [`turn`]).
+static SERVING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts a server of this process as running (`true`) or stopped (`false`).
+pub fn serving(on: bool) {
+    use std::sync::atomic::Ordering::SeqCst;
+    if on {
+        SERVING.fetch_add(1, SeqCst);
+    } else {
+        SERVING.fetch_sub(1, SeqCst);
+    }
+}
+
+/// Turns at the devices while this process serves: a training step and a server's decode step
+/// (a recipe serving the model it trains) take turns instead of running at once; each holds the
+/// guard for one step. `None` (no turn to take) while nothing serves, so the ranks of a
+/// data-parallel run in one process never wait on each other here.
+pub fn turn() -> Option<std::sync::MutexGuard<'static, ()>> {
     static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    TURN.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    (SERVING.load(std::sync::atomic::Ordering::SeqCst) > 0).then(|| {
+        TURN.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    })
 }
 
 /// GPUs this process sees (0 in a build without CUDA or without a driver).

@@ -166,10 +166,17 @@ pub fn start(
         stats: stats.clone(),
         cancel,
     };
+    crate::device::serving(true);
     let thread = std::thread::Builder::new()
         .name("qscript-serve".into())
-        .spawn(move || engine.run(&rx))
-        .map_err(|e| Error::InvalidArgument(format!("cannot start the server's engine: {e}")))?;
+        .spawn(move || {
+            engine.run(&rx);
+            crate::device::serving(false);
+        })
+        .map_err(|e| {
+            crate::device::serving(false);
+            Error::InvalidArgument(format!("cannot start the server's engine: {e}"))
+        })?;
     Ok((
         EngineHandle {
             jobs: tx,
