@@ -569,3 +569,63 @@ fn a_recipe_serves_its_model_while_it_trains() {
         .unwrap();
     assert_eq!(v["choices"][0]["text"], want.as_str());
 }
+
+/// A served model with a tokenizer of its own (an adapter saved with the template it was trained
+/// with) renders chats with its template; the others keep the server's.
+#[test]
+fn an_adapter_renders_with_its_own_tokenizer() {
+    let base = base();
+    let adapted = adapted(&base);
+    let mut own = Tokenizer::builtin().unwrap();
+    own.chat_template =
+        Some("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}>".into());
+    let own = Arc::new(own);
+    let models = vec![
+        Arc::new(ServedModel::new("tiny", base.clone())),
+        Arc::new(ServedModel::new("tuned", adapted.clone()).with_tokenizer(own.clone())),
+    ];
+    let opts = ServeOptions {
+        port: 0,
+        max_seqs: 2,
+        ..ServeOptions::default()
+    };
+    let server = Server::start(models, Arc::new(Tokenizer::builtin().unwrap()), &opts).unwrap();
+    let agent = ureq::Agent::new_with_defaults();
+    let ask = |model: &str| -> Value {
+        agent
+            .post(&format!("http://{}/v1/chat/completions", server.addr))
+            .send_json(chat_body(model, "hi", 6))
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap()
+    };
+    let f = Fixture {
+        server: Server::start(
+            vec![Arc::new(ServedModel::new("x", base.clone()))],
+            Arc::new(Tokenizer::builtin().unwrap()),
+            &opts,
+        )
+        .unwrap(),
+        base: base.clone(),
+        adapted: adapted.clone(),
+        tok: Tokenizer::builtin().unwrap(),
+        agent: ureq::Agent::new_with_defaults(),
+    };
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let topts = TemplateOptions {
+        add_generation_prompt: true,
+        extra: serde_json::Map::new(),
+    };
+    let own_ids = own
+        .encode(&own.apply_chat_template(&msgs, &topts).unwrap(), false)
+        .unwrap();
+    let r = ask("tuned");
+    assert_eq!(r["usage"]["prompt_tokens"], own_ids.len());
+    assert_eq!(
+        r["choices"][0]["message"]["content"],
+        f.alone(&adapted, &own_ids, 6).0.as_str()
+    );
+    let r = ask("tiny");
+    assert_eq!(r["usage"]["prompt_tokens"], f.chat_ids("hi").len());
+}

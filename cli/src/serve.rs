@@ -102,17 +102,25 @@ fn start(args: &ServeArgs) -> qscript_runtime::Result<Server> {
     let tok_dir = std::iter::once(dir.as_path())
         .chain(adapters.iter().map(|(_, p, _)| p.as_path()))
         .find(|d| d.join("tokenizer.json").is_file())
+        .map(Path::to_path_buf)
         .ok_or_else(|| {
             qscript_runtime::Error::InvalidArgument(format!(
                 "no `tokenizer.json` in `{}` or beside an adapter",
                 dir.display()
             ))
         })?;
-    let tokenizer = Arc::new(Tokenizer::load(tok_dir, &CancelToken::new())?);
+    let tokenizer = Arc::new(Tokenizer::load(&tok_dir, &CancelToken::new())?);
     let name = args.served_model_name.clone().unwrap_or(args.model.clone());
     let mut models = vec![Arc::new(ServedModel::new(name, base))];
-    for (n, _, m) in adapters {
-        models.push(Arc::new(ServedModel::new(n, m)));
+    for (n, path, m) in adapters {
+        // An adapter saved with its tokenizer (the template it was trained with) renders with it.
+        let served = if path.join("tokenizer.json").is_file() && path != tok_dir {
+            ServedModel::new(n, m)
+                .with_tokenizer(Arc::new(Tokenizer::load(&path, &CancelToken::new())?))
+        } else {
+            ServedModel::new(n, m)
+        };
+        models.push(Arc::new(served));
     }
     let opts = ServeOptions {
         host: args.host.clone(),

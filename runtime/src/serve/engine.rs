@@ -26,6 +26,9 @@ use crate::{Error, Result};
 pub struct ServedModel {
     /// The name clients ask for (`model` in a request).
     pub name: String,
+    /// Its own tokenizer (an adapter saved with the template it was trained with); `None`: the
+    /// server's.
+    pub tokenizer: Option<Arc<crate::tokenizer::Tokenizer>>,
     current: RwLock<Arc<Model>>,
 }
 
@@ -34,8 +37,15 @@ impl ServedModel {
     pub fn new(name: impl Into<String>, model: Model) -> Self {
         Self {
             name: name.into(),
+            tokenizer: None,
             current: RwLock::new(Arc::new(model)),
         }
+    }
+
+    /// The same, rendering and decoding with `tokenizer`.
+    pub fn with_tokenizer(mut self, tokenizer: Arc<crate::tokenizer::Tokenizer>) -> Self {
+        self.tokenizer = Some(tokenizer);
+        self
     }
 
     /// The version requests use now.

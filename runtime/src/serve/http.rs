@@ -33,10 +33,9 @@ pub struct AppState {
     pub engine: EngineHandle,
     /// Served names, in the engine's order.
     pub names: Vec<String>,
-    /// The tokenizer of the base model (adapters share it).
-    pub tokenizer: Arc<Tokenizer>,
-    /// Ids that end a reply besides the model's eos (the tokenizer's eos, `<|im_end|>`).
-    pub stop_ids: Vec<u32>,
+    /// Per served model, its tokenizer and the ids that end a reply besides the model's eos (the
+    /// tokenizer's eos, `<|im_end|>`, `<|eot_id|>`).
+    pub tokenizers: Vec<(Arc<Tokenizer>, Vec<u32>)>,
     /// `Authorization: Bearer` key every route requires, if set.
     pub api_key: Option<String>,
     /// When the server started (the models' `created`).
@@ -49,17 +48,22 @@ impl AppState {
     pub fn new(
         engine: EngineHandle,
         names: Vec<String>,
-        tokenizer: Arc<Tokenizer>,
+        tokenizers: Vec<Arc<Tokenizer>>,
         api_key: Option<String>,
     ) -> Self {
-        let mut stop_ids: Vec<u32> = tokenizer.eos_id().into_iter().collect();
-        stop_ids.extend(tokenizer.token_to_id("<|im_end|>"));
-        stop_ids.extend(tokenizer.token_to_id("<|eot_id|>"));
+        let tokenizers = tokenizers
+            .into_iter()
+            .map(|t| {
+                let mut stop_ids: Vec<u32> = t.eos_id().into_iter().collect();
+                stop_ids.extend(t.token_to_id("<|im_end|>"));
+                stop_ids.extend(t.token_to_id("<|eot_id|>"));
+                (t, stop_ids)
+            })
+            .collect();
         Self {
             engine,
             names,
-            tokenizer,
-            stop_ids,
+            tokenizers,
             api_key,
             started: now(),
             next_id: AtomicU64::new(1),
@@ -200,7 +204,8 @@ async fn respond(
         .iter()
         .position(|n| *n == req.model)
         .ok_or_else(|| ApiError::unknown_model(&req.model, &state.names))?;
-    let prompt = prompt_ids(state, &req)?;
+    let (tok, stop_ids) = &state.tokenizers[model];
+    let prompt = prompt_ids(tok, &req)?;
     let max_len = state.engine.config.max_len;
     if prompt.len() >= max_len {
         return Err(ApiError::invalid(
@@ -221,7 +226,7 @@ async fn respond(
         top_k: req.top_k,
         repetition_penalty: req.repetition_penalty,
         seed: req.seed.unwrap_or_else(rand::random),
-        stop_ids: state.stop_ids.clone(),
+        stop_ids: stop_ids.clone(),
         ignore_eos: req.ignore_eos,
     };
     opts.validate()
@@ -239,7 +244,7 @@ async fn respond(
         .map_err(|e| ApiError::server(e.to_string()))?;
     let n = state.next_id.fetch_add(1, Ordering::Relaxed);
     let reply = Reply {
-        state: state.clone(),
+        tokenizer: tok.clone(),
         kind,
         id: format!("{}-{:x}{n:06}", kind.id_prefix(), state.started),
         created: now(),
@@ -256,8 +261,7 @@ async fn respond(
 }
 
 /// The prompt's ids: chat messages through the chat template, or the text as it is.
-fn prompt_ids(state: &AppState, req: &Request) -> Result<Vec<u32>, ApiError> {
-    let tok = &state.tokenizer;
+fn prompt_ids(tok: &Tokenizer, req: &Request) -> Result<Vec<u32>, ApiError> {
     let (text, param, special) = match &req.prompt {
         Prompt::Chat { messages, extra } => {
             let opts = TemplateOptions {
@@ -282,7 +286,7 @@ fn prompt_ids(state: &AppState, req: &Request) -> Result<Vec<u32>, ApiError> {
 
 /// What every chunk and reply of one request names.
 struct Reply {
-    state: Arc<AppState>,
+    tokenizer: Arc<Tokenizer>,
     kind: Kind,
     id: String,
     created: u64,
@@ -293,7 +297,7 @@ struct Reply {
 
 impl Reply {
     fn decode(&self) -> impl Fn(&[u32]) -> crate::Result<String> + '_ {
-        |ids| self.state.tokenizer.decode(ids, true)
+        |ids| self.tokenizer.decode(ids, true)
     }
 
     fn usage(&self, completion: usize) -> Value {

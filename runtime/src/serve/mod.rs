@@ -99,8 +99,15 @@ impl Server {
                 opts.max_seqs
             )));
         }
-        // A tokenizer whose ids the model's embedding cannot hold is refused before serving.
-        crate::tokenizer::check_fits(tokenizer.vocab_size(), base.config().vocab_size, None)?;
+        // Each model's tokenizer (its own, or the server's); one whose ids the model's embedding
+        // cannot hold is refused before serving.
+        let tokenizers: Vec<Arc<Tokenizer>> = models
+            .iter()
+            .map(|m| m.tokenizer.clone().unwrap_or_else(|| tokenizer.clone()))
+            .collect();
+        for t in &tokenizers {
+            crate::tokenizer::check_fits(t.vocab_size(), base.config().vocab_size, None)?;
+        }
         let need = slots::Slots::bytes(&base.decoder, opts.max_seqs, max_len);
         if let Some(free) = crate::device::free_bytes(base.decoder.device())
             && need as u64 > free
@@ -138,7 +145,7 @@ impl Server {
         let state = Arc::new(http::AppState::new(
             engine,
             names,
-            tokenizer,
+            tokenizers,
             opts.api_key.clone(),
         ));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
