@@ -71,6 +71,7 @@ fn start(max_seqs: usize, max_len: Option<usize>) -> Fixture {
         api_key: Some(KEY.into()),
         max_seqs,
         max_len,
+        max_body: 64 << 10,
         ..ServeOptions::default()
     };
     let server = Server::start(models, Arc::new(Tokenizer::builtin().unwrap()), &opts).unwrap();
@@ -331,6 +332,14 @@ fn bad_requests_get_openai_errors_and_disturb_nothing() {
     );
     let (s, e) = f.get("/v2/nothing", Some(KEY));
     assert_eq!((s, e["error"]["code"].as_str()), (404, Some("unknown_url")));
+    // A body past the limit (64 KiB here) is a JSON error too (413). One byte over: the server
+    // reads it all before it answers, so the client is never cut off mid-write.
+    let head = "{\"model\": \"tiny\", \"prompt\": \"";
+    let big = format!("{head}{}\"}}", "x".repeat((64 << 10) + 1 - head.len() - 2));
+    assert_eq!(big.len(), (64 << 10) + 1);
+    let (s, e) = f.post_raw("/v1/completions", &big);
+    assert_eq!(s, 413, "{e}");
+    assert_eq!(e["error"]["param"], "body");
     // A reply that would pass the context stops there ("length").
     let (s, r) = f.post(
         "/v1/completions",

@@ -128,6 +128,7 @@ fn start(args: &ServeArgs) -> qscript_runtime::Result<Server> {
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         max_seqs: args.max_num_seqs,
         max_len: args.max_model_len,
+        ..ServeOptions::default()
     };
     Server::start(models, tokenizer, &opts)
 }

@@ -12,7 +12,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Request as HttpRequest, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request as HttpRequest, State};
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, Sse};
@@ -40,6 +41,8 @@ pub struct AppState {
     pub api_key: Option<String>,
     /// When the server started (the models' `created`).
     pub started: u64,
+    /// The largest request body taken, bytes.
+    pub max_body: usize,
     next_id: AtomicU64,
 }
 
@@ -66,6 +69,7 @@ impl AppState {
             tokenizers,
             api_key,
             started: now(),
+            max_body: MAX_BODY,
             next_id: AtomicU64::new(1),
         }
     }
@@ -92,6 +96,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .fallback(no_route)
+        .layer(DefaultBodyLimit::max(state.max_body))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)
 }
@@ -157,16 +162,37 @@ async fn models(State(state): State<Arc<AppState>>) -> axum::Json<Value> {
     axum::Json(json!({"object": "list", "data": data}))
 }
 
-async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    respond(&state, api::chat(&body), Kind::Chat)
+/// The largest request body taken unless told otherwise (a chat of this many bytes is far past
+/// any context).
+pub const MAX_BODY: usize = 16 << 20;
+
+async fn chat(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let req = body.map_err(too_large).and_then(|b| api::chat(&b));
+    respond(&state, req, Kind::Chat)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn completion(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    respond(&state, api::completion(&body), Kind::Text)
+async fn completion(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let req = body.map_err(too_large).and_then(|b| api::completion(&b));
+    respond(&state, req, Kind::Text)
         .await
         .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// A body that could not be read (over the limit, or cut off) as OpenAI's JSON error.
+fn too_large(e: BytesRejection) -> ApiError {
+    let mut err = ApiError::invalid(
+        "body",
+        format!(
+            "the request body could not be read ({e}); bodies up to {MAX_BODY} bytes are taken"
+        ),
+    );
+    err.status = e.status().as_u16();
+    err
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

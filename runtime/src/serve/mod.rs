@@ -34,6 +34,8 @@ pub struct ServeOptions {
     /// Positions a sequence may hold (prompt and reply); `None`: the model's
     /// `max_position_embeddings`, at most [`DEFAULT_MAX_LEN`].
     pub max_len: Option<usize>,
+    /// The largest request body taken, bytes.
+    pub max_body: usize,
 }
 
 /// The context a server gives each sequence unless told otherwise.
@@ -47,6 +49,7 @@ impl Default for ServeOptions {
             api_key: None,
             max_seqs: 32,
             max_len: None,
+            max_body: http::MAX_BODY,
         }
     }
 }
@@ -142,12 +145,9 @@ impl Server {
             max_len,
         };
         let (engine, engine_thread) = engine::start(models.clone(), config, cancel.clone())?;
-        let state = Arc::new(http::AppState::new(
-            engine,
-            names,
-            tokenizers,
-            opts.api_key.clone(),
-        ));
+        let mut state = http::AppState::new(engine, names, tokenizers, opts.api_key.clone());
+        state.max_body = opts.max_body;
+        let state = Arc::new(state);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (bound_tx, bound_rx) = std::sync::mpsc::channel::<std::io::Result<SocketAddr>>();
         let http = std::thread::Builder::new()

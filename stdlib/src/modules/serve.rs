@@ -134,6 +134,7 @@ pub(crate) fn start(
         api_key: o.api_key,
         max_seqs: o.max_num_seqs,
         max_len: o.max_model_len,
+        ..ServeOptions::default()
     };
     let served = Arc::new(ServedModel::new(name.clone(), model));
     let server = Server::start(vec![served.clone()], tok, &sopts).map_err(to_rhai_at(ctx))?;
