@@ -8,7 +8,7 @@
 use candle_core::{Device, Result, Tensor};
 
 use crate::model::decoder::Decoder;
-use crate::model::kv_cache::DecodeCache;
+use crate::model::kv_cache::{DecodeCache, kv_append};
 use crate::nn::AttnMask;
 
 /// Every slot's keys and values, and how many positions each holds.
@@ -143,11 +143,11 @@ impl DecodeCache for Prefill<'_> {
                 self.slots.capacity
             );
         }
+        // The slot's row of the buffers, written as generation's cache writes (it never grows:
+        // the capacity was checked above).
         let (kb, vb) = &self.slots.layers[layer];
-        let (kr, vr) = (kb.narrow(0, self.slot, 1)?, vb.narrow(0, self.slot, 1)?);
-        kr.slice_set(&k.contiguous()?, 2, offset)?;
-        vr.slice_set(&v.contiguous()?, 2, offset)?;
-        Ok((kr.narrow(2, 0, need)?, vr.narrow(2, 0, need)?))
+        let mut row = Some((kb.narrow(0, self.slot, 1)?, vb.narrow(0, self.slot, 1)?));
+        kv_append(&mut row, k, v, offset)
     }
 
     fn advance(&mut self, s: usize) {
