@@ -8,7 +8,7 @@
 # On the GPU machine, from the repo root (see benches/README.md for building and shipping):
 #   BIN=/tmp/qs PEER=.devbin bash benches/gpu.sh [CONFIG...]
 # CONFIG: 05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000 seed000-packed seed000-4bit dpo-05b dpo-7b
-# qlora-05b qlora-7b qlora-7b-long (default: 05b to seed000). dpo-*: TRL's DPOTrainer + PEFT (benches/trl_dpo.py; trl, datasets,
+# qlora-05b qlora-7b qlora-7b-long long-7b-K (K thousand tokens; default: 05b to seed000). dpo-*: TRL's DPOTrainer + PEFT (benches/trl_dpo.py; trl, datasets,
 # dill and multiprocess carried as wheels in .whl/, see benches/README.md) against
 # `model_bench train --dpo`, 4 pairs of a 256-token prompt and two 256-token answers, checkpointing.
 # BASE=/tmp/qs-old: also run that build's binaries after this one's on each config (rows
@@ -191,6 +191,22 @@ qlora() {
     --batch "$batch" --seq "$seq" --steps "$steps" --warmup "$warmup" --ckpt
 }
 
+# long NAME MODEL SEQ: one row of SEQ tokens a step (batch 1), LoRA r8 q/k/v/o, qscript with
+# checkpointing and with activation offload (`NAME-offload`), 3 timed steps; the peers (HF + PEFT
+# with checkpointing) only with LONG_PEER=1 (they run out of memory from 32k tokens on a 7B).
+long() {
+  local name=$1 model=$2 seq=$3
+  local dir=$WORK/$model
+  if [ ! -f "$dir/config.json" ]; then
+    python3 "$PEER/hf_peft_lora.py" --model "$model" --save-model "$dir" > /dev/null || return
+  fi
+  [ "${LONG_PEER:-0}" = 1 ] && run "$name-peer" "$name" python3 "$PEER/hf_peft_lora.py" --model "$model" \
+    --load-model "$dir" --batch 1 --seq "$seq" --steps 3 --warmup 1 --grad-ckpt
+  run "$name-qscript" "$name" "$BIN/model_bench" train "$dir" --batch 1 --seq "$seq" --steps 3 --warmup 1 --ckpt
+  run "$name-offload-qscript" "$name-offload" "$BIN/model_bench" train "$dir" --batch 1 --seq "$seq" \
+    --steps 3 --warmup 1 --offload
+}
+
 configs=("$@")
 [ ${#configs[@]} -eq 0 ] && configs=(05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000)
 for c in "${configs[@]}"; do
@@ -208,6 +224,7 @@ for c in "${configs[@]}"; do
     qlora-05b) qlora qlora-05b qwen2.5-0.5b 2 512 10 3 ;;
     qlora-7b) qlora qlora-7b qwen2.5-7b 2 512 6 2 ;;
     qlora-7b-long) qlora qlora-7b-long qwen2.5-7b 8 2048 4 1 ;;
+    long-7b-*) long "$c" qwen2.5-7b $(( ${c#long-7b-} * 1024 )) ;;   # long-7b-64: 64k tokens
     *) echo "unknown config $c" >&2 ;;
   esac
 done

@@ -7,6 +7,7 @@
 //! model_bench speed DIR [NEW_TOKENS] [PROMPT_LEN]
 //! # training throughput on fixed-length random rows, the shape of ../shared/bench/hf_peft_lora.py
 //! model_bench train DIR [--batch 8] [--seq 512] [--steps 10] [--warmup 3] [--ckpt] [--full]
+//!     [--offload]   # checkpointing with the block inputs in host memory
 //!     [--accum 1] [--device-map auto] [--no-pipeline]   # under torchrun: data parallel
 //!     [--dpo]   # `--batch` preference pairs of two `--seq` rows (prompt seq/2 + answer), DPO
 //!               # sigmoid beta 0.1 with the reference pass over the timed steps' pairs timed too
@@ -207,7 +208,8 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     };
     let (batch, seq) = (value("--batch", 8)?, value("--seq", 512)?);
     let (steps, warmup) = (value("--steps", 10)?, value("--warmup", 3)?);
-    let (ckpt, full, dpo) = (flag("--ckpt"), flag("--full"), flag("--dpo"));
+    let offload = flag("--offload");
+    let (ckpt, full, dpo) = (flag("--ckpt") || offload, flag("--full"), flag("--dpo"));
     let accum = value("--accum", 1)?;
     let device_map = match args.iter().position(|a| a == "--device-map") {
         Some(i) => Some(qscript_runtime::plan::DeviceMap::from_name(
@@ -317,7 +319,11 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
         max_grad_norm: 0.3,
         logging_steps: 1_000_000,
         save_steps: 0,
-        gradient_checkpointing: ckpt,
+        gradient_checkpointing: if offload {
+            qscript_runtime::train::Checkpointing::Offload
+        } else {
+            ckpt.into()
+        },
         ..TrainConfig::default()
     };
     // DPO: the reference pass over the pairs of the timed steps is timed with them (TRL without
@@ -415,7 +421,7 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
             "load_s": (load_secs * 100.0).round() / 100.0,
             "ref_pass_ms_per_step": (ref_secs / steps as f64 * 1e5).round() / 100.0,
             "seq": seq, "batch": batch, "accum": accum, "ranks": ranks,
-            "pipeline": cfg.pipeline && devices.len() > 1, "grad_ckpt": ckpt, "step_ms": (dt * 1e5).round() / 100.0,
+            "pipeline": cfg.pipeline && devices.len() > 1, "grad_ckpt": ckpt, "offload": offload, "step_ms": (dt * 1e5).round() / 100.0,
             "tokens_per_s": (tokens / dt * 10.0).round() / 10.0, "mfu": ((flops / dt / (989e12 * gpus)) * 1e4).round() / 1e4,
             "loss": loss, "device_used_gib_at_end": mem, "pool_peak_gib": peak})
     );

@@ -698,7 +698,7 @@ fn thirty_lora_steps_give_the_cpu_losses() {
             learning_rate: 5e-3,
             logging_steps: 1,
             save_steps: 0,
-            gradient_checkpointing: true,
+            gradient_checkpointing: qscript_runtime::train::Checkpointing::On,
             ..TrainConfig::default()
         };
         fit(
@@ -1138,4 +1138,77 @@ fn peer_copies_wait_for_their_source_and_keep_it() {
     let ids = Tensor::new(&[3u32, 1, 4, 1, 5], &a).unwrap();
     let back = qscript_runtime::device::to(&ids, &b).unwrap();
     assert_eq!(back.to_vec1::<u32>().unwrap(), vec![3, 1, 4, 1, 5]);
+}
+
+/// Activation offload's copies are ordered on the GPU: a tensor parked while the work that
+/// writes it is still queued, its device memory let go and overwritten at once, comes back
+/// with its values; a parked tensor dropped unfetched (a failed step) frees nothing early.
+#[test]
+fn offloaded_tensors_come_back_whole() {
+    use qscript_runtime::device::offload::{park, trim};
+    let a = gpu();
+    let m = Tensor::randn(0f32, 1.0, (2048, 2048), &a).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let m = m.to_dtype(dtype).unwrap();
+        let mut x = m.clone();
+        for _ in 0..8 {
+            x = x.matmul(&m).unwrap().affine(1e-2, 0.0).unwrap();
+        }
+        let want = x.copy().unwrap();
+        let mut parked = park(&x).unwrap();
+        parked.release().unwrap();
+        drop(x);
+        for i in 0..16 {
+            let _ = Tensor::full(i as f32, (2048, 2048), &a).unwrap();
+        }
+        let back = parked.fetch().unwrap().ready().unwrap();
+        // Parked, never fetched: dropped with its copy out still queued.
+        drop(park(&want).unwrap());
+        let d = back
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sub(&want.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{dtype:?}");
+    }
+    trim().unwrap();
+}
+
+/// `gradient_checkpointing: "offload"` gives plain checkpointing's loss and gradients bit for bit
+/// on the GPU (the same kernels on the same inputs, the inputs through host memory), LoRA and
+/// full fine-tuning, dropout on.
+#[test]
+fn activation_offload_gives_the_checkpointed_gradients() {
+    use qscript_runtime::train::Checkpointing;
+    for full in [false, true] {
+        let g = tiny_model("cuda:0", 6, full);
+        let ex = rows(8);
+        let refs: Vec<&Example> = ex.iter().collect();
+        let b = qscript_runtime::data::batch::collate(&refs, 0, Some(8), &gpu()).unwrap();
+        let mask = AttnMask::right_padded(&b.lens);
+        let run = |ckpt: Checkpointing| {
+            gradients(
+                &g,
+                &b.input_ids,
+                &mask,
+                &b.labels_host,
+                Some(dropout::Key::new(9)),
+                ckpt,
+            )
+            .unwrap()
+        };
+        let (l1, g1) = run(Checkpointing::On);
+        let (l2, g2) = run(Checkpointing::Offload);
+        assert_eq!(l1, l2, "full {full}");
+        for ((n, a), (_, b)) in g1.iter().zip(&g2) {
+            assert_eq!(rel(b, a), 0.0, "full {full}, {n}");
+        }
+    }
+    qscript_runtime::device::offload::trim().unwrap();
 }

@@ -340,6 +340,44 @@ fn gradient_checkpointing_gives_the_same_gradients() {
 }
 
 /// Sets every LoRA B of `m` to `value` (so adapters contribute).
+/// Activation offload, by each of its names, trains as plain checkpointing does (on the CPU the
+/// block inputs already lie in host memory: the engine's bookkeeping of parking, releasing and
+/// fetching them runs, and its order shows in the losses); an unknown value names the valid ones.
+#[test]
+fn offloaded_checkpointing_trains_as_checkpointing_does() {
+    let data = examples(8);
+    let model = peft(3);
+    let losses = |opts: serde_json::Value| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = serde_json::to_value(cfg(dir.path())).unwrap();
+        for (k, x) in opts.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        let c: TrainConfig = serde_json::from_value(v).unwrap();
+        run(&model, &data, &c, None).losses
+    };
+    let want = losses(serde_json::json!({"gradient_checkpointing": true}));
+    for opts in [
+        serde_json::json!({"gradient_checkpointing": "offload"}),
+        serde_json::json!({"gradient_checkpointing": "unsloth"}),
+        serde_json::json!({"offload_activations": true}),
+    ] {
+        let got = losses(opts.clone());
+        assert_eq!(got.len(), want.len());
+        for (a, b) in got.iter().zip(&want) {
+            assert!(
+                a.0 == b.0 && (a.1 - b.1).abs() < 1e-6,
+                "{opts}: {got:?} vs {want:?}"
+            );
+        }
+    }
+    let e =
+        serde_json::from_value::<TrainConfig>(serde_json::json!({"gradient_checkpointing": "yes"}))
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains(r#"expected true, false or "offload""#), "{e}");
+}
+
 fn set_lora_b(m: &mut Model, value: f64) {
     qscript_runtime::model::params::visit_adapters_mut(&mut m.decoder, &mut |name, t| {
         if name.ends_with("lora_B.weight") {
@@ -1385,7 +1423,7 @@ fn qlora_trains_resumes_and_merges_on_a_4bit_base() {
     let full = run(&qlora(), &data, &cfg(d2.path()), None);
     let d3 = tempfile::tempdir().unwrap();
     let c = TrainConfig {
-        gradient_checkpointing: true,
+        gradient_checkpointing: qscript_runtime::train::Checkpointing::On,
         ..cfg(d3.path())
     };
     let first = run(&qlora(), &data, &c, Some(3));

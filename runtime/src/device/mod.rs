@@ -11,6 +11,7 @@ pub mod libs;
 pub mod machine;
 #[cfg(feature = "cuda")]
 pub mod memory;
+pub mod offload;
 #[cfg(feature = "cuda")]
 pub mod peer;
 #[cfg(feature = "cuda")]

@@ -8,7 +8,8 @@
 //! checkpointing runs each block's forward twice (a step is about a forward and a backward of
 //! twice its cost: 3 units become 4); a 4-bit base dequantizes each weight at each product
 //! (measured on a 7B's shapes: about 12%); a smaller micro-batch runs smaller products
-//! ([`efficiency`]); a layer on the CPU runs some 50 times slower than on a GPU.
+//! ([`efficiency`]); a layer on the CPU runs some 50 times slower than on a GPU; offloading the
+//! checkpointed block inputs costs the waits for copies that did not finish beside the compute.
 
 use std::fmt;
 
@@ -22,6 +23,10 @@ const QUANT4_SPEED: f64 = 0.88;
 /// Tokens/s kept with 8-bit optimizer states: the step reads and writes a quarter of the bytes
 /// with a little more arithmetic; an estimate (the step is a small part of a training step).
 const OPTIM8_SPEED: f64 = 0.99;
+/// Tokens/s kept by activation offload over plain checkpointing: the copies run on the copy
+/// engines beside the GEMMs (a block's input is a small part of its work); an estimate for what
+/// is left of the waits, to be measured.
+const OFFLOAD_SPEED: f64 = 0.97;
 /// How many times slower a layer runs on the CPU than on a GPU.
 const CPU_LAYER_COST: f64 = 50.0;
 /// Tokens in a micro-batch at which the products run at half their peak rate.
@@ -32,6 +37,8 @@ const HALF_RATE_TOKENS: f64 = 256.0;
 pub enum Lever {
     /// `gradient_checkpointing: true`.
     Checkpointing,
+    /// `gradient_checkpointing: "offload"`: checkpointing with the block inputs in host memory.
+    Offload,
     /// `per_device_train_batch_size` and `gradient_accumulation_steps` (the same examples a
     /// step).
     MicroBatch {
@@ -65,7 +72,7 @@ impl Lever {
     pub fn applies_in_training(self) -> bool {
         matches!(
             self,
-            Lever::Checkpointing | Lever::MicroBatch { .. } | Lever::Optim8
+            Lever::Checkpointing | Lever::Offload | Lever::MicroBatch { .. } | Lever::Optim8
         )
     }
 }
@@ -74,6 +81,9 @@ impl fmt::Display for Lever {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Lever::Checkpointing => f.write_str("`gradient_checkpointing: true`"),
+            Lever::Offload => {
+                f.write_str("`gradient_checkpointing: \"offload\"` (block inputs in host memory)")
+            }
             Lever::MicroBatch {
                 batch,
                 accumulation,
@@ -110,6 +120,8 @@ pub struct Knobs {
     pub optim8_possible: bool,
     /// Full fine-tuning: the elements LoRA r 16 on every linear layer would train instead.
     pub lora_instead: Option<usize>,
+    /// Whether the block inputs may be offloaded (a GPU, with the host memory for them).
+    pub offload_possible: bool,
     /// Whether layers may move to the CPU (one GPU, no `device_map` yet).
     pub cpu_layers_possible: bool,
     /// The model's layers.
@@ -149,6 +161,10 @@ impl Proposal {
         for lever in levers {
             match *lever {
                 Lever::Checkpointing => w.gradient_checkpointing = true,
+                Lever::Offload => {
+                    w.gradient_checkpointing = true;
+                    w.offload_activations = true;
+                }
                 Lever::MicroBatch { batch, .. } => w.tokens = batch * k.example_tokens,
                 Lever::Quant4 => w.quant4 = Some(true),
                 Lever::Optim8 => w.optim8 = true,
@@ -201,7 +217,7 @@ pub fn solve(base: &Workload, k: &Knobs, need: &dyn Need) -> Result<Solution> {
     let eval = |levers: Vec<Lever>| -> Result<Proposal> {
         let (w, on_gpu) = Proposal::apply(&levers, base, k);
         let (need, budget) = need.need(&w, on_gpu)?;
-        let speed = levers.iter().map(|l| speed(*l, k)).product();
+        let speed = levers.iter().map(|l| speed(*l, k, base)).product();
         Ok(Proposal {
             levers,
             need,
@@ -219,9 +235,17 @@ pub fn solve(base: &Workload, k: &Knobs, need: &dyn Need) -> Result<Solution> {
             accumulation: k.accumulation * (k.batch / b),
         })
         .collect();
-    let mut basics = Vec::new();
+    // Groups of levers that exclude each other (checkpointing, or checkpointing with offload).
+    let mut basics: Vec<Vec<Lever>> = Vec::new();
+    let mut ckpt = Vec::new();
     if !base.gradient_checkpointing {
-        basics.push(vec![Lever::Checkpointing]);
+        ckpt.push(Lever::Checkpointing);
+    }
+    if k.offload_possible && !base.offload_activations {
+        ckpt.push(Lever::Offload);
+    }
+    if !ckpt.is_empty() {
+        basics.push(ckpt);
     }
     if k.quant4_possible && base.quant4.is_none() {
         basics.push(vec![Lever::Quant4]);
@@ -232,13 +256,17 @@ pub fn solve(base: &Workload, k: &Knobs, need: &dyn Need) -> Result<Solution> {
     if let Some(params) = k.lora_instead {
         basics.push(vec![Lever::Lora { params }]);
     }
-    // Every subset of the basic levers, with each micro-batch or none.
+    // Every subset of the groups (one lever of each group taken), with each micro-batch or none.
     let mut combos: Vec<Vec<Lever>> = vec![vec![]];
-    for b in &basics {
-        let with: Vec<Vec<Lever>> = combos
-            .iter()
-            .map(|c| c.iter().chain(b).copied().collect())
-            .collect();
+    for group in &basics {
+        let mut with: Vec<Vec<Lever>> = Vec::new();
+        for lever in group {
+            with.extend(combos.iter().map(|c| {
+                let mut c = c.clone();
+                c.push(*lever);
+                c
+            }));
+        }
         combos.extend(with);
     }
     let mut tried: Vec<Proposal> = Vec::new();
@@ -254,7 +282,8 @@ pub fn solve(base: &Workload, k: &Knobs, need: &dyn Need) -> Result<Solution> {
     }
     // Layers on the CPU, last: with every other lever on, the most layers the GPU holds.
     if k.cpu_layers_possible && k.layers > 1 {
-        let mut rest: Vec<Lever> = basics.iter().flatten().copied().collect();
+        // The last of each group: the one that saves the most.
+        let mut rest: Vec<Lever> = basics.iter().filter_map(|g| g.last()).copied().collect();
         rest.extend(batches.last());
         for keep in [vec![], rest] {
             if let Some(p) = cpu_layers(&keep, k, &eval)? {
@@ -327,10 +356,12 @@ fn cpu_layers(
     with(lo).map(Some)
 }
 
-/// The fraction of tokens/s `lever` keeps.
-fn speed(lever: Lever, k: &Knobs) -> f64 {
+/// The fraction of tokens/s `lever` keeps on a run of `base`.
+fn speed(lever: Lever, k: &Knobs, base: &Workload) -> f64 {
     match lever {
         Lever::Checkpointing => CHECKPOINTING_SPEED,
+        Lever::Offload if base.gradient_checkpointing => OFFLOAD_SPEED,
+        Lever::Offload => CHECKPOINTING_SPEED * OFFLOAD_SPEED,
         Lever::Quant4 => QUANT4_SPEED,
         Lever::Optim8 => OPTIM8_SPEED,
         // No gradients of the weights to compute: at least as fast.
@@ -400,6 +431,7 @@ mod tests {
         Workload {
             tokens,
             gradient_checkpointing: false,
+            offload_activations: false,
             trainable: Trainable::Adapters(1),
             weight_decay: false,
             lora: Some((8, 4)),
@@ -420,6 +452,7 @@ mod tests {
             quant4_possible: true,
             optim8_possible: false,
             lora_instead: None,
+            offload_possible: false,
             cpu_layers_possible: true,
             layers: 10,
         }

@@ -40,6 +40,9 @@ pub struct Workload {
     pub tokens: usize,
     /// Gradient checkpointing.
     pub gradient_checkpointing: bool,
+    /// Activation offload (with checkpointing): the block inputs wait in host memory, two at a
+    /// time on the device.
+    pub offload_activations: bool,
     /// What is trained.
     pub trainable: Trainable,
     /// Weight decay on (the optimizer keeps a decay mask).
@@ -87,6 +90,8 @@ pub struct Estimate {
     pub temporaries: u64,
     /// CUDA context and library workspaces (0 on the CPU).
     pub runtime: u64,
+    /// Host memory the offloaded block inputs take (pinned; not part of [`Estimate::total`]).
+    pub offloaded: u64,
 }
 
 impl Estimate {
@@ -212,8 +217,14 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
     let (activations, per_token) = if !training {
         (0.0, 0.0)
     } else if w.gradient_checkpointing {
-        // Every block input, and one block recomputed with all it saves.
-        let per = layers * h * b;
+        // Every block input (two at a time with offload: the one in use and the one coming or
+        // going), and one block recomputed with all it saves.
+        let kept = if w.offload_activations {
+            layers.min(2.0)
+        } else {
+            layers
+        };
+        let per = kept * h * b;
         (tokens * (per * held + per_layer), per)
     } else {
         (tokens * layers * per_layer * held, per_layer)
@@ -316,6 +327,11 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
         loss: u(terms[5]),
         temporaries: u(terms[6]),
         runtime: if w.gpu { CUDA_RUNTIME_BYTES } else { 0 },
+        offloaded: if training && w.gradient_checkpointing && w.offload_activations {
+            u(tokens * (layers - 2.0).max(0.0) * h * b * held)
+        } else {
+            0
+        },
     })
 }
 
@@ -336,7 +352,16 @@ impl fmt::Display for Estimate {
         line("loss chunk", self.loss)?;
         line("backward temporaries", self.temporaries)?;
         line("CUDA runtime", self.runtime)?;
-        write!(f, "  {:<26}{:>12}", "total", h(self.total()))
+        write!(f, "  {:<26}{:>12}", "total", h(self.total()))?;
+        if self.offloaded > 0 {
+            write!(
+                f,
+                "\n  {:<26}{:>12}",
+                "offloaded (host, pinned)",
+                h(self.offloaded)
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -434,6 +459,7 @@ mod tests {
                 &Workload {
                     tokens,
                     gradient_checkpointing: ckpt,
+                    offload_activations: false,
                     trainable: if full {
                         Trainable::Full
                     } else {
@@ -474,6 +500,7 @@ mod tests {
                 &Workload {
                     tokens: 2048,
                     gradient_checkpointing: true,
+                    offload_activations: false,
                     trainable: Trainable::Full,
                     weight_decay: true,
                     lora: None,
@@ -517,6 +544,7 @@ mod tests {
         let w = |quant4| Workload {
             tokens: 1024,
             gradient_checkpointing: true,
+            offload_activations: false,
             trainable: Trainable::Adapters(40_370_176),
             weight_decay: false,
             lora: Some((16, 7)),
@@ -552,6 +580,7 @@ mod tests {
         let w = Workload {
             tokens: 8,
             gradient_checkpointing: false,
+            offload_activations: false,
             trainable: Trainable::Nothing,
             weight_decay: false,
             lora: None,

@@ -172,7 +172,7 @@ impl Compute {
             .max()
             .unwrap_or(0);
         let denom = window_tokens.max(1) as f64;
-        let recompute = self.cfg.gradient_checkpointing;
+        let ckpt = self.cfg.checkpointing();
         let objective = &*self.objective;
         let mut grads = match &sum {
             Some(s) => s.grads(&self.params)?,
@@ -190,7 +190,7 @@ impl Compute {
                 objective,
                 &keyed,
                 denom,
-                recompute,
+                ckpt,
                 stages,
                 &mut grads,
             )
@@ -215,7 +215,7 @@ impl Compute {
                     batch,
                     denom,
                     *key,
-                    recompute,
+                    ckpt,
                     &mut grads,
                     hook,
                 )
@@ -272,7 +272,7 @@ impl Compute {
             step + 1,
             dims,
             self.cfg.per_device_train_batch_size * self.cfg.gradient_accumulation_steps,
-            if self.cfg.gradient_checkpointing {
+            if self.cfg.checkpointing().recompute() {
                 " (already on)"
             } else {
                 ""

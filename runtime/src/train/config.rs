@@ -51,8 +51,11 @@ pub struct TrainConfig {
     pub bf16: bool,
     /// Train in float16.
     pub fp16: bool,
-    /// Recompute each decoder block in backward.
-    pub gradient_checkpointing: bool,
+    /// Recompute each decoder block in backward (`true`), and park the block inputs it keeps
+    /// in host memory (`"offload"`; Unsloth's `"unsloth"` is the same).
+    pub gradient_checkpointing: Checkpointing,
+    /// `gradient_checkpointing: "offload"` by another name (checkpointing on, inputs offloaded).
+    pub offload_activations: bool,
     /// When the run would not fit its device, apply the cheapest change that makes it fit and
     /// that training can make (a smaller micro-batch with more accumulation, checkpointing; see
     /// `crate::plan::fit`) and say so; without it such a run is refused with the changes listed.
@@ -137,7 +140,8 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             bf16: false,
             fp16: false,
-            gradient_checkpointing: false,
+            gradient_checkpointing: Checkpointing::Off,
+            offload_activations: false,
             auto_fit: false,
             group_by_length: false,
             pad_to_multiple_of: None,
@@ -160,6 +164,77 @@ impl Default for TrainConfig {
             report_to: None,
             logging_dir: None,
         }
+    }
+}
+
+/// Gradient checkpointing: off, on (each block recomputed from its input in backward), or on
+/// with the kept block inputs parked in host memory until their backward (activation offload).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Checkpointing {
+    /// Every block keeps what its backward reads.
+    #[default]
+    Off,
+    /// Blocks keep their input only, and are recomputed in backward.
+    On,
+    /// As `On`, with the inputs in pinned host memory, copied out and back beside the compute.
+    Offload,
+}
+
+impl Checkpointing {
+    /// Blocks are recomputed in backward.
+    pub fn recompute(self) -> bool {
+        self != Self::Off
+    }
+
+    /// Block inputs are offloaded to host memory.
+    pub fn offload(self) -> bool {
+        self == Self::Offload
+    }
+}
+
+impl From<bool> for Checkpointing {
+    fn from(on: bool) -> Self {
+        if on { Self::On } else { Self::Off }
+    }
+}
+
+impl Serialize for Checkpointing {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Self::Off => s.serialize_bool(false),
+            Self::On => s.serialize_bool(true),
+            Self::Offload => s.serialize_str("offload"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Checkpointing {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Checkpointing;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false or \"offload\"")
+            }
+            fn visit_bool<E: serde::de::Error>(
+                self,
+                v: bool,
+            ) -> std::result::Result<Self::Value, E> {
+                Ok(v.into())
+            }
+            fn visit_str<E: serde::de::Error>(
+                self,
+                v: &str,
+            ) -> std::result::Result<Self::Value, E> {
+                match v {
+                    "offload" | "unsloth" => Ok(Checkpointing::Offload),
+                    "true" => Ok(Checkpointing::On),
+                    "false" => Ok(Checkpointing::Off),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -398,6 +473,15 @@ impl TrainConfig {
             return bad("set `max_steps` or a positive `num_train_epochs`".into());
         }
         Ok(())
+    }
+
+    /// Checkpointing as the options set it (`offload_activations: true` is `"offload"`).
+    pub fn checkpointing(&self) -> Checkpointing {
+        if self.offload_activations {
+            Checkpointing::Offload
+        } else {
+            self.gradient_checkpointing
+        }
     }
 
     /// Whether `optim` names bitsandbytes' 8-bit AdamW.

@@ -1,8 +1,9 @@
 //! The training engine: one micro-step (forward, loss, backward) of a model, block by block;
 //! the loss is the [`Objective`]'s, over the final hidden states.
-//! This is the only backward path. Forward keeps each block's input; with `recompute` off it
-//! also keeps what each block's backward needs, with it on (gradient checkpointing) the block is
-//! re-run from its input just before its backward. Backward goes from the loss's `dHidden`
+//! This is the only backward path. Forward keeps each block's input; without checkpointing it
+//! also keeps what each block's backward needs, with it (gradient checkpointing) the block is
+//! re-run from its input just before its backward, and with offload the inputs wait in host
+//! memory ([`BlockInputs`]). Backward goes from the loss's `dHidden`
 //! through the final norm and then each block in reverse, calling the ops' own backward
 //! functions ([`crate::nn`]), so every block's activations are freed as soon as its backward is
 //! done and frozen weights cost only their `dX` matmul. Gradients land in place in the flat f32
@@ -11,6 +12,8 @@
 
 use candle_core::Tensor;
 
+use super::block_inputs::BlockInputs;
+use super::config::Checkpointing;
 use super::flat::DeviceGrads;
 pub use super::objective::shifted_targets;
 use super::objective::{CausalLm, Labels, Metrics, Objective};
@@ -55,7 +58,8 @@ pub struct MicroOut {
     pub metrics: Metrics,
 }
 
-/// One micro-batch: forward, loss divided by `denom`, backward into `grads`. `seed` keys the
+/// One micro-batch: forward, loss divided by `denom`, backward into `grads`, with `ckpt`'s
+/// checkpointing. `seed` keys the
 /// dropout masks (per example of the window), so a recomputed block draws the masks of its
 /// forward and a window gives the same gradients however its examples are split into micro-batches.
 #[allow(clippy::too_many_arguments)]
@@ -65,7 +69,7 @@ pub fn micro_step(
     batch: &Batch,
     denom: f64,
     seed: Key,
-    recompute: bool,
+    ckpt: Checkpointing,
     grads: &mut DeviceGrads,
     hook: &mut dyn BlockHook,
 ) -> Result<MicroOut> {
@@ -79,7 +83,7 @@ pub fn micro_step(
         pref: &batch.pref,
         denom,
         seed: Some(seed),
-        recompute,
+        ckpt,
     };
     pass.run(model, grads, hook)
 }
@@ -93,7 +97,7 @@ pub fn gradients(
     mask: &AttnMask,
     labels: &[i64],
     seed: Option<Key>,
-    recompute: bool,
+    ckpt: impl Into<Checkpointing>,
 ) -> Result<(f64, Vec<(String, Tensor)>)> {
     let (b, s) = input_ids.dims2()?;
     let count = shifted_targets(labels, b, s)
@@ -115,7 +119,7 @@ pub fn gradients(
         pref: &[],
         denom: count.max(1) as f64,
         seed,
-        recompute,
+        ckpt: ckpt.into(),
     };
     let (out, named) = run_named(&pass, &m, &params, grads)?;
     Ok((f64::from(out.loss.to_scalar::<f32>()?), named))
@@ -147,7 +151,7 @@ pub fn objective_gradients(
         pref: &batch.pref,
         denom,
         seed: None,
-        recompute: false,
+        ckpt: Checkpointing::Off,
     };
     let (out, named) = run_named(&pass, &m, &params, grads)?;
     Ok((f64::from(out.loss.to_scalar::<f32>()?), named, out.metrics))
@@ -184,14 +188,14 @@ struct Pass<'a> {
     pref: &'a [PrefRows],
     denom: f64,
     seed: Option<Key>,
-    recompute: bool,
+    ckpt: Checkpointing,
 }
 
 /// One micro-batch between its stages: what its blocks saved, its hidden state (forward) or
 /// gradient (backward).
 struct InFlight {
     tables: DeviceTables,
-    inputs: Vec<Tensor>,
+    inputs: BlockInputs,
     saved: Vec<Option<BlockSaved>>,
     /// The hidden state after the blocks run so far; after the loss, the gradient.
     x: Tensor,
@@ -244,7 +248,7 @@ impl Pass<'_> {
             .map_err(self.at("embedding".into()))?;
         Ok(InFlight {
             tables: DeviceTables::new(tables, d.device()),
-            inputs: Vec::with_capacity(d.blocks.len()),
+            inputs: BlockInputs::new(self.ckpt.offload(), d.blocks.len()),
             saved: Vec::with_capacity(d.blocks.len()),
             x,
             loss: None,
@@ -265,11 +269,11 @@ impl Pass<'_> {
             let x = hook.before_forward(i, to(&f.x, blk.device())?)?;
             let (cos, sin) = f.tables.on(blk.device())?;
             let step = self.step(&cos, &sin);
-            let mut sv = (!self.recompute).then(BlockSaved::default);
+            let mut sv = (!self.ckpt.recompute()).then(BlockSaved::default);
             let y = blk
                 .forward(&x, &step, None, i, sv.as_mut())
                 .map_err(self.at(format!("forward of layer {i}")))?;
-            f.inputs.push(x);
+            f.inputs.push(x)?;
             f.saved.push(sv);
             f.x = y;
         }
@@ -340,7 +344,8 @@ impl Pass<'_> {
                 sv
             } else {
                 let mut sv = BlockSaved::default();
-                blk.forward(&f.inputs[i], &step, None, i, Some(&mut sv))
+                let x = f.inputs.take(i)?;
+                blk.forward(&x, &step, None, i, Some(&mut sv))
                     .map_err(self.at(format!("recompute of layer {i}")))?;
                 sv
             };
@@ -397,7 +402,7 @@ pub fn window_pipelined(
     objective: &dyn Objective,
     batches: &[(&Batch, Key)],
     denom: f64,
-    recompute: bool,
+    ckpt: Checkpointing,
     stages: &[std::ops::Range<usize>],
     grads: &mut DeviceGrads,
 ) -> Result<Vec<MicroOut>> {
@@ -415,7 +420,7 @@ pub fn window_pipelined(
             pref: &b.pref,
             denom,
             seed: Some(*key),
-            recompute,
+            ckpt,
         })
         .collect();
     let (m, k) = (passes.len(), stages.len());
@@ -513,7 +518,8 @@ mod tests {
     use crate::model::{TinyConfig, tiny};
     use candle_core::Device;
 
-    /// GPipe's schedule over 1, 2 and 3 stages (with and without recompute, dropout on) gives the
+    /// GPipe's schedule over 1, 2 and 3 stages (without checkpointing, with it, with offload;
+    /// dropout on) gives the
     /// gradients and losses of running the window's micro-batches one after the other.
     #[test]
     fn the_pipelined_window_equals_the_sequential_one() {
@@ -569,7 +575,11 @@ mod tests {
             })
             .collect();
         use crate::testing::{max_abs, max_abs_diff};
-        for recompute in [false, true] {
+        for ckpt in [
+            Checkpointing::Off,
+            Checkpointing::On,
+            Checkpointing::Offload,
+        ] {
             let mut want = params.zero_grads().unwrap();
             let mut losses = Vec::new();
             for (b, key) in &keyed {
@@ -579,7 +589,7 @@ mod tests {
                     b,
                     20.0,
                     *key,
-                    recompute,
+                    ckpt,
                     &mut want,
                     &mut NoHook,
                 )
@@ -591,8 +601,7 @@ mod tests {
                 assert_eq!(st.len(), k);
                 let mut got = params.zero_grads().unwrap();
                 let outs =
-                    window_pipelined(&model, &CausalLm, &keyed, 20.0, recompute, &st, &mut got)
-                        .unwrap();
+                    window_pipelined(&model, &CausalLm, &keyed, 20.0, ckpt, &st, &mut got).unwrap();
                 for (o, l) in outs.iter().zip(&losses) {
                     assert!((o.loss.to_scalar::<f32>().unwrap() - l).abs() < 1e-6);
                 }
@@ -603,7 +612,7 @@ mod tests {
                 let (worst, scale) = (max_abs_diff(a, b), max_abs(a));
                 assert!(
                     worst <= 1e-5 * scale,
-                    "{k} stages, recompute {recompute}: {worst} of {scale}"
+                    "{k} stages, {ckpt:?}: {worst} of {scale}"
                 );
             }
         }

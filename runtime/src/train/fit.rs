@@ -38,6 +38,14 @@ pub fn run(
     cancel: &CancelToken,
     on_event: &mut dyn FnMut(&Event) -> Result<()>,
 ) -> Result<TrainReport> {
+    // Offloaded activations' pinned host memory goes back when the run ends, however it ends.
+    struct Unpin;
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            let _ = crate::device::offload::trim();
+        }
+    }
+    let _unpin = Unpin;
     let lead = t.lead();
     let mut on_event = |e: &Event| if lead { on_event(e) } else { Ok(()) };
     on_event(&t.start_event())?;

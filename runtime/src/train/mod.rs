@@ -13,6 +13,7 @@
 //!   (micro-batches merged into fewer passes), [`schedule`] (learning rates);
 //! - the files: [`config`] (the options), [`checkpoint`], [`tensorboard`], [`plot`].
 
+mod block_inputs;
 pub mod callbacks;
 pub mod checkpoint;
 pub mod collective;
@@ -35,6 +36,6 @@ pub mod schedule;
 pub mod tensorboard;
 pub mod trainer;
 
-pub use config::TrainConfig;
+pub use config::{Checkpointing, TrainConfig};
 pub use fit::fit;
 pub use trainer::{Event, Mode, StepOutcome, TrainReport, Trainer};

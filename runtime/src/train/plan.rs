@@ -15,6 +15,7 @@ use crate::plan::memory::{self, Estimate, Trainable, Workload, human};
 use crate::{Error, Result};
 
 use super::TrainConfig;
+use super::config::Checkpointing;
 use super::schedule::Schedule;
 
 /// A run's plan (see the module doc).
@@ -180,7 +181,8 @@ pub fn plan(
         tokens: cfg.per_device_train_batch_size.min(train.len())
             * train.first().map_or(1, Example::rows)
             * longest,
-        gradient_checkpointing: cfg.gradient_checkpointing,
+        gradient_checkpointing: cfg.checkpointing().recompute(),
+        offload_activations: cfg.checkpointing().offload(),
         trainable: if model.trainable {
             Trainable::Full
         } else {
@@ -203,6 +205,24 @@ pub fn plan(
         optim8: cfg.eight_bit_optim(),
     };
     let estimate = memory::estimate(model.config(), model.decoder.dtype(), &workload)?;
+    // Offloaded block inputs wait in pinned host memory: this machine's must hold them (a named
+    // GPU's host is not known).
+    let host = matches!(machine, crate::device::Machine::Here)
+        .then(crate::device::host_available)
+        .flatten();
+    let host_holds = |w: &Workload| -> Result<bool> {
+        let e = memory::estimate(model.config(), model.decoder.dtype(), w)?;
+        Ok(host.is_none_or(|h| e.offloaded <= h))
+    };
+    if !host_holds(&workload)? {
+        return Err(Error::InvalidArgument(format!(
+            "`gradient_checkpointing: \"offload\"` parks about {} of block inputs in host memory \
+             and this machine has {} free: use `gradient_checkpointing: true`, or a smaller \
+             micro-batch or `max_length`",
+            human(estimate.offloaded as f64),
+            human(host.unwrap_or(0) as f64)
+        )));
+    }
     let fit = Fit::new(model, &machine, device, estimate.weights);
     let budget = fit.budget;
     let epochs = if cfg.max_steps > 0 {
@@ -231,6 +251,12 @@ pub fn plan(
             quant4_possible: !model.trainable && model.quant4().is_none(),
             optim8_possible: cfg.zero_stage == 0,
             lora_instead: model.trainable.then(|| lora_all_linear(model.config(), 16)),
+            offload_possible: device.is_gpu()
+                && host_holds(&Workload {
+                    gradient_checkpointing: true,
+                    offload_activations: true,
+                    ..workload
+                })?,
             cpu_layers_possible: model.placement.is_none() && device.is_gpu(),
             layers: model.config().num_hidden_layers,
         };
@@ -242,7 +268,12 @@ pub fn plan(
             let mut fitted = cfg.clone();
             for lever in &b.levers {
                 match *lever {
-                    fit::Lever::Checkpointing => fitted.gradient_checkpointing = true,
+                    fit::Lever::Checkpointing => {
+                        fitted.gradient_checkpointing = Checkpointing::On;
+                    }
+                    fit::Lever::Offload => {
+                        fitted.gradient_checkpointing = Checkpointing::Offload;
+                    }
                     fit::Lever::Optim8 => fitted.optim = "adamw_8bit".into(),
                     fit::Lever::MicroBatch {
                         batch,
@@ -290,7 +321,7 @@ pub fn plan(
             return Ok((plan, train));
         }
         let auto = if cfg.auto_fit {
-            "\n`auto_fit` changes only what training can (the micro-batch, checkpointing, 8-bit optimizer states), and \
+            "\n`auto_fit` changes only what training can (the micro-batch, checkpointing, activation offload, 8-bit optimizer states), and \
              those do not fit; the rest are `model::load` options"
         } else {
             ""
