@@ -192,19 +192,22 @@ qlora() {
 }
 
 # long NAME MODEL SEQ: one row of SEQ tokens a step (batch 1), LoRA r8 q/k/v/o, qscript with
-# checkpointing and with activation offload (`NAME-offload`), 3 timed steps; the peers (HF + PEFT
-# with checkpointing) only with LONG_PEER=1 (they run out of memory from 32k tokens on a 7B).
+# checkpointing (`--ckpt`) and with activation offload (`NAME-offload`), or only the modes in
+# LONG_MODES ("ckpt offload"), LONG_STEPS timed steps (3) after one; the peers (HF + PEFT with
+# checkpointing) only with LONG_PEER=1 (they run out of memory from 32k tokens on a 7B).
 long() {
-  local name=$1 model=$2 seq=$3
+  local name=$1 model=$2 seq=$3 steps=${LONG_STEPS:-3} mode
   local dir=$WORK/$model
   if [ ! -f "$dir/config.json" ]; then
     python3 "$PEER/hf_peft_lora.py" --model "$model" --save-model "$dir" > /dev/null || return
   fi
   [ "${LONG_PEER:-0}" = 1 ] && run "$name-peer" "$name" python3 "$PEER/hf_peft_lora.py" --model "$model" \
-    --load-model "$dir" --batch 1 --seq "$seq" --steps 3 --warmup 1 --grad-ckpt
-  run "$name-qscript" "$name" "$BIN/model_bench" train "$dir" --batch 1 --seq "$seq" --steps 3 --warmup 1 --ckpt
-  run "$name-offload-qscript" "$name-offload" "$BIN/model_bench" train "$dir" --batch 1 --seq "$seq" \
-    --steps 3 --warmup 1 --offload
+    --load-model "$dir" --batch 1 --seq "$seq" --steps "$steps" --warmup 1 --grad-ckpt
+  for mode in ${LONG_MODES:-ckpt offload}; do
+    run "$name-$( [ "$mode" = ckpt ] && echo qscript || echo offload-qscript)" \
+      "$name$( [ "$mode" = ckpt ] || echo -offload)" "$BIN/model_bench" train "$dir" --batch 1 \
+      --seq "$seq" --steps "$steps" --warmup 1 "--$mode"
+  done
 }
 
 configs=("$@")

@@ -361,6 +361,10 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
             0,
         )?
     };
+    // The plan's estimate of the memory pool's peak (without the CUDA runtime's share, which
+    // the pool does not hold), beside the measured one.
+    let est = &t.plan().memory;
+    let estimate = (est.total() - est.runtime) as f64 / (1u64 << 30) as f64;
     let dev = model.decoder.device().clone();
     // Every device the model lies on (one per stage), each waited for around the timed steps.
     let stages = qscript_runtime::train::engine::stages(&model, None);
@@ -423,7 +427,8 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
             "seq": seq, "batch": batch, "accum": accum, "ranks": ranks,
             "pipeline": cfg.pipeline && devices.len() > 1, "grad_ckpt": ckpt, "offload": offload, "step_ms": (dt * 1e5).round() / 100.0,
             "tokens_per_s": (tokens / dt * 10.0).round() / 10.0, "mfu": ((flops / dt / (989e12 * gpus)) * 1e4).round() / 1e4,
-            "loss": loss, "device_used_gib_at_end": mem, "pool_peak_gib": peak})
+            "loss": loss, "device_used_gib_at_end": mem, "pool_peak_gib": peak,
+            "pool_estimate_gib": (estimate * 100.0).round() / 100.0})
     );
     Ok(())
 }

@@ -38,7 +38,22 @@ CONFIGS = {
                                    tie_word_embeddings=True, use_sliding_window=False,
                                    rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                  "original_max_position_embeddings": 16}),
+    # Dynamic NTK past 4 positions: the 7-token inputs and the cached decoding steps (positions
+    # 4..6, each with the base of the length it reaches) go through the scaled base.
+    "tiny-llama-dynamic": LlamaConfig(**{**COMMON, "max_position_embeddings": 4}, num_key_value_heads=2,
+                                      rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                                      rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
 }
+
+def fresh_rope(model):
+    """Dynamic RoPE keeps the longest length it saw and uses its base for every shorter forward
+    until one is under `max_position_embeddings`: start the cached decoding from a fresh state, as
+    a newly loaded model decodes (each step then uses the base of the length it reaches)."""
+    for m in model.modules():
+        if getattr(m, "rope_type", None) == "dynamic" and hasattr(m, "original_inv_freq"):
+            m.register_buffer("inv_freq", m.original_inv_freq.clone(), persistent=False)
+            m.max_seq_len_cached = m.original_max_seq_len
+
 
 def main(out, only=None):
     torch.manual_seed(0)
@@ -62,6 +77,7 @@ def main(out, only=None):
         out_t = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         with torch.no_grad():
             out_t["logits"] = model(input_ids=ids, attention_mask=mask).logits
+            fresh_rope(model)
             pre = model(input_ids=ids[:1, :4], use_cache=True)
             out_t["prefill_logits"] = pre.logits
             past, steps = pre.past_key_values, []

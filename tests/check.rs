@@ -669,7 +669,7 @@ fn fit_applies_the_cheapest_change_and_splits_the_eval_batch() {
         .map(|i| serde_json::json!({"instruction": format!("story {i}"), "output": long}))
         .collect();
     env.write("long.json", &serde_json::to_string(&records).unwrap());
-    let many: Vec<serde_json::Value> = (0..64).map(|i| records[i % 8].clone()).collect();
+    let many: Vec<serde_json::Value> = (0..256).map(|i| records[i % 8].clone()).collect();
     env.write("eval.json", &serde_json::to_string(&many).unwrap());
     env.write(
         "fit.rhai",
@@ -677,7 +677,7 @@ fn fit_applies_the_cheapest_change_and_splits_the_eval_batch() {
 let ds = data::sft(data::to_messages(data::load("long.json")), tok, #{ max_length: 2048 });
 let m = lora::attach(model::load("q7", #{ dtype: "bf16" }), #{ r: 8, target_modules: ["q_proj", "v_proj"] });
 train::fit(m, ds, #{ per_device_train_batch_size: 8, max_steps: 1, eval_strategy: "steps",
-    eval_steps: 1, per_device_eval_batch_size: 64 },
+    eval_steps: 1, per_device_eval_batch_size: 256 },
     data::sft(data::to_messages(data::load("eval.json")), tok, #{ max_length: 2048 }));
 "#,
     );
@@ -696,7 +696,7 @@ train::fit(m, ds, #{ per_device_train_batch_size: 8, max_steps: 1, eval_strategy
         "{err}"
     );
     assert!(
-        err.contains("eval: batches of 50 examples (`per_device_eval_batch_size` 64 would need about 26.25 GiB"),
+        err.contains("eval: batches of 79 examples (`per_device_eval_batch_size` 256 would need about 36.73 GiB"),
         "{err}"
     );
     assert!(

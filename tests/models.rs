@@ -12,7 +12,13 @@ use qscript_runtime::nn::ops::cross_entropy;
 use qscript_runtime::testing::repo_fixtures;
 use qscript_runtime::train::engine::gradients;
 
-const MODELS: &[&str] = &["tiny-qwen2", "tiny-qwen3", "tiny-llama3", "tiny-qwen2-yarn"];
+const MODELS: &[&str] = &[
+    "tiny-qwen2",
+    "tiny-qwen3",
+    "tiny-llama3",
+    "tiny-qwen2-yarn",
+    "tiny-llama-dynamic",
+];
 
 fn cpu_f32(trainable: bool) -> LoadOptions {
     LoadOptions {
@@ -78,8 +84,10 @@ fn kv_cache_decoding_matches_transformers_and_the_full_forward() {
                 max_diff(&step, &g["step_logits"].i(k).unwrap()) < 1e-4,
                 "{name} step {k}"
             );
+            // Dynamic RoPE rotates the cached keys with the base of the length they were made at,
+            // so only its full forward sees one base (as in transformers).
             assert!(
-                max_diff(&step, &full.i((0, t)).unwrap()) < 1e-4,
+                name.contains("dynamic") || max_diff(&step, &full.i((0, t)).unwrap()) < 1e-4,
                 "{name} step {k} vs full"
             );
         }

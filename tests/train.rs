@@ -340,6 +340,50 @@ fn gradient_checkpointing_gives_the_same_gradients() {
 }
 
 /// Sets every LoRA B of `m` to `value` (so adapters contribute).
+/// The MLP in row tiles (Unsloth's tiled MLP, here forced on a tiny model by a small tile size:
+/// tiles of 8 rows, the last one partial) gives the untiled loss and gradients, for LoRA on every
+/// linear layer and for full fine-tuning, with and without checkpointing.
+#[test]
+fn the_tiled_mlp_gives_the_untiled_gradients() {
+    use qscript_runtime::data::batch::collate;
+    use qscript_runtime::model::block::with_mlp_tile_bytes;
+    use qscript_runtime::nn::AttnMask;
+    use qscript_runtime::train::engine::gradients;
+    let data = examples(3);
+    let refs: Vec<&Example> = data.iter().collect();
+    let batch = collate(&refs, 256, Some(8), &candle_core::Device::Cpu).unwrap();
+    let mask = AttnMask::right_padded(&batch.lens);
+    let full = full_tiny(5);
+    let mut lora_model = peft_with(5, 0.0);
+    set_lora_b(&mut lora_model, 0.05);
+    for (name, m) in [("lora", &lora_model), ("full", &full)] {
+        for recompute in [false, true] {
+            let run = || {
+                gradients(
+                    m,
+                    &batch.input_ids,
+                    &mask,
+                    &batch.labels_host,
+                    Some(Key::new(7)),
+                    recompute,
+                )
+                .unwrap()
+            };
+            let (l1, g1) = run();
+            // 64 intermediate features in f32: 8 rows a tile.
+            let (l2, g2) = with_mlp_tile_bytes(64 * 4 * 8, run);
+            assert!((l1 - l2).abs() < 1e-6, "{name}: loss {l1} vs {l2}");
+            for ((n, a), (_, b)) in g1.iter().zip(&g2) {
+                let (d, scale) = (max_abs_diff(a, b), max_abs(a));
+                assert!(
+                    scale > 0.0 && d <= 1e-6 + 1e-5 * scale,
+                    "{name}, recompute {recompute}: {n} differs by {d} (scale {scale})"
+                );
+            }
+        }
+    }
+}
+
 /// Activation offload, by each of its names, trains as plain checkpointing does (on the CPU the
 /// block inputs already lie in host memory: the engine's bookkeeping of parking, releasing and
 /// fetching them runs, and its order shows in the losses); an unknown value names the valid ones.

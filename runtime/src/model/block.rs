@@ -3,7 +3,7 @@
 //! parameter visitor all use.
 //! Qwen2 adds q/k/v bias, Qwen3 adds q/k RMS norms over the head dimension.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use super::config::ModelConfig;
 use crate::nn::attention::{AttnSaved, attention, attention_backward};
@@ -158,6 +158,41 @@ pub struct Step<'a> {
     pub train_seed: Option<crate::nn::dropout::Key>,
 }
 
+/// Bytes of one of the MLP's intermediates (`gate`, `up`, their product) for a whole micro-batch
+/// above which a block runs its MLP in row tiles of at most this size (Unsloth's tiled MLP): a
+/// long sequence then never holds a sequence-long intermediate, in forward or backward.
+pub const MLP_TILE_BYTES: usize = 1 << 30;
+
+/// Rows per MLP tile for `rows` tokens, an MLP of `intermediate` features and `dtype_bytes` a
+/// value, when the MLP runs in tiles (its intermediates would exceed `limit` bytes, normally
+/// [`MLP_TILE_BYTES`]): a multiple of 256 rows where one fits.
+pub fn mlp_tile_rows(
+    rows: usize,
+    intermediate: usize,
+    dtype_bytes: usize,
+    limit: usize,
+) -> Option<usize> {
+    let per_row = (intermediate * dtype_bytes).max(1);
+    if rows.saturating_mul(per_row) <= limit {
+        return None;
+    }
+    let t = (limit / per_row).max(1);
+    Some(if t >= 256 { t / 256 * 256 } else { t })
+}
+
+thread_local! {
+    static TILE_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(MLP_TILE_BYTES) };
+}
+
+/// Runs `f` with the blocks this thread runs tiling their MLP above `bytes` instead of
+/// [`MLP_TILE_BYTES`] (tests and benchmarks: a small model's MLP in tiles).
+pub fn with_mlp_tile_bytes<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
+    let before = TILE_BYTES.with(|c| c.replace(bytes));
+    let out = f();
+    TILE_BYTES.with(|c| c.set(before));
+    out
+}
+
 /// What a block's backward needs from its forward.
 #[derive(Debug, Default)]
 pub struct BlockSaved {
@@ -169,6 +204,9 @@ pub struct BlockSaved {
     mid: Option<Tensor>,
     gate: Option<Tensor>,
     up: Option<Tensor>,
+    /// The MLP ran in tiles of this many rows: backward recomputes it tile by tile from `mid`
+    /// (nothing of it is saved).
+    tile: Option<usize>,
 }
 
 fn missing() -> candle_core::Error {
@@ -258,8 +296,47 @@ impl Block {
         step: &Step,
         cache: Option<&mut (dyn super::kv_cache::DecodeCache + 'c)>,
         layer: usize,
-        mut saved: Option<&mut BlockSaved>,
+        saved: Option<&mut BlockSaved>,
     ) -> Result<Tensor> {
+        self.run(x, step, cache, layer, saved, true)?
+            .ok_or_else(|| candle_core::Error::Msg("a block's forward gave no output".into()))
+    }
+
+    /// What [`Block::backward`] needs, recomputed from the block's input (gradient
+    /// checkpointing). A tiled MLP is left for the backward, which recomputes it tile by tile.
+    pub fn recompute(&self, x: &Tensor, step: &Step, layer: usize) -> Result<BlockSaved> {
+        let mut sv = BlockSaved::default();
+        self.run(x, step, None, layer, Some(&mut sv), false)?;
+        Ok(sv)
+    }
+
+    /// Rows per MLP tile for `rows` tokens in `dtype` ([`mlp_tile_rows`]); never where training
+    /// draws dropout masks in the MLP's adapters (a tile would need its rows' masks).
+    fn mlp_tile(&self, rows: usize, dtype: DType, step: &Step) -> Option<usize> {
+        let m = &self.mlp;
+        let dropout =
+            step.train_seed.is_some() && [&m.gate, &m.up, &m.down].iter().any(|l| l.has_dropout());
+        if dropout {
+            return None;
+        }
+        mlp_tile_rows(
+            rows,
+            m.up.out_features(),
+            dtype.size_in_bytes(),
+            TILE_BYTES.with(std::cell::Cell::get),
+        )
+    }
+
+    /// The forward; with `output` off (a recompute) the output may be left out.
+    fn run<'c>(
+        &self,
+        x: &Tensor,
+        step: &Step,
+        cache: Option<&mut (dyn super::kv_cache::DecodeCache + 'c)>,
+        layer: usize,
+        mut saved: Option<&mut BlockSaved>,
+        output: bool,
+    ) -> Result<Option<Tensor>> {
         let a = &self.attn;
         let (b, s, _) = x.dims3()?;
         let hd = a.head_dim;
@@ -306,6 +383,20 @@ impl Block {
         drop(span);
         let span = crate::profile::span("fwd.o+mlp", dev);
         let mid = add_into(self.linear(Proj::O, &out, step, layer, &mut saved)?, x)?;
+        if let Some(t) = self.mlp_tile(b * s, x.dtype(), step) {
+            let y = if output {
+                Some(add_into(self.mlp_tiled(&mid, t)?, &mid)?)
+            } else {
+                None
+            };
+            drop(span);
+            if let Some(sv) = saved {
+                sv.x = Some(x.clone());
+                sv.mid = Some(mid);
+                sv.tile = Some(t);
+            }
+            return Ok(y);
+        }
         let h2 = rms_norm(&mid, &self.post_norm, self.eps)?;
         let gate = self.linear(Proj::Gate, &h2, step, layer, &mut saved)?;
         let up = self.linear(Proj::Up, &h2, step, layer, &mut saved)?;
@@ -318,7 +409,66 @@ impl Block {
             sv.gate = Some(gate);
             sv.up = Some(up);
         }
-        Ok(y)
+        Ok(Some(y))
+    }
+
+    /// `down(swiglu(gate(h), up(h)))` with `h` the post-attention norm of `mid`, in tiles of
+    /// `tile` rows (inference or a forward whose backward recomputes it): `[b, s, hidden]`.
+    fn mlp_tiled(&self, mid: &Tensor, tile: usize) -> Result<Tensor> {
+        let (b, s, hidden) = mid.dims3()?;
+        let rows = b * s;
+        let mid2 = mid.reshape((rows, hidden))?;
+        let m = &self.mlp;
+        let mut parts = Vec::with_capacity(rows.div_ceil(tile));
+        for r0 in (0..rows).step_by(tile) {
+            let h = rms_norm(
+                &mid2.narrow(0, r0, tile.min(rows - r0))?,
+                &self.post_norm,
+                self.eps,
+            )?;
+            let act = swiglu(&m.gate.forward(&h)?, &m.up.forward(&h)?)?;
+            parts.push(m.down.forward(&act)?);
+        }
+        Tensor::cat(&parts, 0)?.reshape((b, s, hidden))
+    }
+
+    /// The MLP's backward in tiles of `tile` rows, each recomputed from `mid` first: the gradient
+    /// into `mid` through the post-attention norm (`[b, s, hidden]`), the MLP's parameter
+    /// gradients added to `grads`.
+    fn mlp_backward_tiled(
+        &self,
+        mid: &Tensor,
+        dy: &Tensor,
+        tile: usize,
+        grads: &mut dyn GradSink,
+    ) -> Result<Tensor> {
+        let (b, s, hidden) = mid.dims3()?;
+        let rows = b * s;
+        let (mid2, dy2) = (mid.reshape((rows, hidden))?, dy.reshape((rows, hidden))?);
+        let m = &self.mlp;
+        let mut parts = Vec::with_capacity(rows.div_ceil(tile));
+        for r0 in (0..rows).step_by(tile) {
+            let n = tile.min(rows - r0);
+            let mt = mid2.narrow(0, r0, n)?;
+            let h = rms_norm(&mt, &self.post_norm, self.eps)?;
+            let (mut sg, mut su) = (None, None);
+            let gate = m.gate.forward_t(&h, None, Some(&mut sg))?;
+            let up = m.up.forward_t(&h, None, Some(&mut su))?;
+            let (sg, su) = (sg.ok_or_else(missing)?, su.ok_or_else(missing)?);
+            let sd = m.down.saved_for(&swiglu(&gate, &up)?)?;
+            let dh = m.down.backward(&sd, &dy2.narrow(0, r0, n)?, grads)?;
+            let (dgate, dup) = swiglu_backward(&gate, &up, &dh.reshape(gate.shape())?)?;
+            let dh2 = m.gate.backward(&sg, &dgate, grads)?;
+            let dh2 = m.up.backward_into(&su, &dup, Some(dh2), grads)?;
+            parts.push(rms_norm_backward_into(
+                &mt,
+                &self.post_norm,
+                self.eps,
+                &dh2,
+                grads,
+            )?);
+        }
+        Tensor::cat(&parts, 0)?.reshape((b, s, hidden))
     }
 
     /// Backward of [`Block::forward`] from `dy`: returns `dx` and adds parameter gradients to
@@ -336,28 +486,32 @@ impl Block {
         let hd = a.head_dim;
         let lin = |p: Proj| saved.lin[p as usize].as_ref().ok_or_else(missing);
         let mid = saved.mid.as_ref().ok_or_else(missing)?;
-        let (gate, up) = (
-            saved.gate.as_ref().ok_or_else(missing)?,
-            saved.up.as_ref().ok_or_else(missing)?,
-        );
         let dev = x.device();
         let span = crate::profile::span("bwd.mlp+o", dev);
-        let dh = self.mlp.down.backward(lin(Proj::Down)?, dy, grads)?;
-        let shape = gate.shape().clone();
-        let (dgate, dup) = swiglu_backward(gate, up, &dh.reshape(&shape)?)?;
-        // The gate's and up's dx sum inside the second GEMM.
-        let dh2 = self.mlp.gate.backward(lin(Proj::Gate)?, &dgate, grads)?;
-        let dh2 = self
-            .mlp
-            .up
-            .backward_into(lin(Proj::Up)?, &dup, Some(dh2), grads)?;
-        let dmid = rms_norm_backward_into(
-            mid,
-            &self.post_norm,
-            self.eps,
-            &dh2.reshape((b, s, hidden))?,
-            grads,
-        )?;
+        let dmid = if let Some(t) = saved.tile {
+            self.mlp_backward_tiled(mid, dy, t, grads)?
+        } else {
+            let (gate, up) = (
+                saved.gate.as_ref().ok_or_else(missing)?,
+                saved.up.as_ref().ok_or_else(missing)?,
+            );
+            let dh = self.mlp.down.backward(lin(Proj::Down)?, dy, grads)?;
+            let shape = gate.shape().clone();
+            let (dgate, dup) = swiglu_backward(gate, up, &dh.reshape(&shape)?)?;
+            // The gate's and up's dx sum inside the second GEMM.
+            let dh2 = self.mlp.gate.backward(lin(Proj::Gate)?, &dgate, grads)?;
+            let dh2 = self
+                .mlp
+                .up
+                .backward_into(lin(Proj::Up)?, &dup, Some(dh2), grads)?;
+            rms_norm_backward_into(
+                mid,
+                &self.post_norm,
+                self.eps,
+                &dh2.reshape((b, s, hidden))?,
+                grads,
+            )?
+        };
         let dmid = add_into(dmid, dy)?;
         // attention
         let dout = a.o.backward(lin(Proj::O)?, &dmid, grads)?;

@@ -297,9 +297,14 @@ impl ModelConfig {
             ));
         }
         match self.rope().rope_type.as_deref().unwrap_or("default") {
-            "default" | "linear" | "llama3" | "yarn" => Ok(()),
+            "dynamic" if self.head_dim() <= 2 => Err(format!(
+                "dynamic RoPE scaling needs a `head_dim` over 2, got {}",
+                self.head_dim()
+            )),
+            "default" | "linear" | "llama3" | "yarn" | "dynamic" => Ok(()),
             other => Err(format!(
-                "unsupported RoPE type `{other}`; supported: `default`, `linear`, `llama3`, `yarn`"
+                "unsupported RoPE type `{other}`; supported: `default`, `linear`, `llama3`, \
+                 `yarn`, `dynamic`"
             )),
         }
     }
@@ -480,7 +485,7 @@ mod tests {
         .unwrap_err();
         assert!(
             e.contains(
-                "unsupported RoPE type `longrope`; supported: `default`, `linear`, `llama3`, `yarn`"
+                "unsupported RoPE type `longrope`; supported: `default`, `linear`, `llama3`, `yarn`, `dynamic`"
             ),
             "{e}"
         );

@@ -1,6 +1,8 @@
 //! Rotary position embeddings: inverse frequencies from the config (default, linear, llama3,
-//! yarn scaling, as transformers computes them; yarn also scales cos and sin) and cos/sin tables for a range of positions, built
-//! once per device and dtype (grown when a longer sequence comes) and sliced per forward.
+//! yarn and dynamic NTK scaling, as transformers computes them; yarn also scales cos and sin) and
+//! cos/sin tables for a range of positions, built once per device and dtype (grown when a longer
+//! sequence comes) and sliced per forward. Dynamic scaling past `max_position_embeddings` depends
+//! on the length a forward reaches, so those tables are built for that forward.
 
 use std::sync::{Arc, Mutex};
 
@@ -14,7 +16,33 @@ pub struct Rope {
     inv_freq: Vec<f32>,
     /// The factor on cos and sin (yarn's attention factor; 1 otherwise).
     scale: f32,
+    /// Dynamic NTK scaling (`rope_type: "dynamic"`).
+    dynamic: Option<Dynamic>,
     cache: Arc<Mutex<Vec<Cached>>>,
+}
+
+/// Dynamic NTK scaling: past `max_position_embeddings` positions, a forward reaching `len`
+/// positions rotates with the base raised to `base ((factor len / max) - (factor - 1))^(d / (d - 2))`
+/// (transformers' `_compute_dynamic_ntk_parameters`; shorter forwards use the plain base).
+#[derive(Clone, Copy, Debug)]
+struct Dynamic {
+    factor: f64,
+    max: usize,
+    base: f64,
+    dim: usize,
+}
+
+impl Dynamic {
+    /// Inverse frequencies for a forward reaching `len` positions (past `max`), in f32 as
+    /// transformers computes them.
+    fn inv_freq(&self, len: usize) -> Vec<f32> {
+        let d = self.dim as f64;
+        let ratio = self.factor * len as f64 / self.max as f64 - (self.factor - 1.0);
+        let base = (self.base * ratio.powf(d / (d - 2.0))) as f32;
+        (0..self.dim / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / self.dim as f32))
+            .collect()
+    }
 }
 
 #[derive(Debug)]
@@ -72,8 +100,15 @@ impl Rope {
             }
             _ => {}
         }
+        let dynamic = (p.rope_type.as_deref() == Some("dynamic")).then(|| Dynamic {
+            factor: p.factor.unwrap_or(1.0),
+            max: cfg.max_position_embeddings.max(1),
+            base,
+            dim,
+        });
         Self {
             scale: scale as f32,
+            dynamic,
             inv_freq: inv.into_iter().map(|v| v as f32).collect(),
             cache: Arc::default(),
         }
@@ -91,6 +126,9 @@ impl Rope {
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
         let need = offset + len;
+        if let Some(d) = self.dynamic.filter(|d| need > d.max) {
+            return build(&d.inv_freq(need), self.scale, offset, len, dtype, device);
+        }
         let location = device.location();
         let mut cache = self
             .cache
@@ -103,7 +141,7 @@ impl Rope {
             Some(i) if cache[i].len >= need => i,
             found => {
                 let n = need.next_power_of_two().max(256);
-                let (cos, sin) = self.build(0, n, dtype, device)?;
+                let (cos, sin) = build(&self.inv_freq, self.scale, 0, n, dtype, device)?;
                 let entry = Cached {
                     location,
                     dtype,
@@ -123,28 +161,30 @@ impl Rope {
         let c = &cache[pos];
         Ok((c.cos.narrow(0, offset, len)?, c.sin.narrow(0, offset, len)?))
     }
+}
 
-    fn build(
-        &self,
-        offset: usize,
-        len: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half * 2);
-        let mut sin = Vec::with_capacity(len * half * 2);
-        for p in offset..offset + len {
-            let row: Vec<f32> = self.inv_freq.iter().map(|f| p as f32 * f).collect();
-            for _ in 0..2 {
-                cos.extend(row.iter().map(|a| a.cos() * self.scale));
-                sin.extend(row.iter().map(|a| a.sin() * self.scale));
-            }
+/// `(cos, sin)` of positions `offset..offset + len` for `inv_freq`, times `scale`.
+fn build(
+    inv_freq: &[f32],
+    scale: f32,
+    offset: usize,
+    len: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let mut cos = Vec::with_capacity(len * half * 2);
+    let mut sin = Vec::with_capacity(len * half * 2);
+    for p in offset..offset + len {
+        let row: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
+        for _ in 0..2 {
+            cos.extend(row.iter().map(|a| a.cos() * scale));
+            sin.extend(row.iter().map(|a| a.sin() * scale));
         }
-        let cos = Tensor::from_vec(cos, (len, half * 2), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (len, half * 2), device)?.to_dtype(dtype)?;
-        Ok((cos, sin))
     }
+    let cos = Tensor::from_vec(cos, (len, half * 2), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (len, half * 2), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
 }
 
 /// YaRN's inverse frequencies and attention factor, as transformers' `_compute_yarn_parameters`:

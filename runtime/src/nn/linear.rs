@@ -254,6 +254,27 @@ impl Linear {
         Ok(dx)
     }
 
+    /// What [`Linear::backward`] needs for the input `x` (`[rows, in]`), without the product
+    /// itself (nothing reads it): the input, and the adapter's `x A` rows. No dropout (the
+    /// tiled MLP, its only caller, runs where the adapters have none).
+    pub fn saved_for(&self, x: &Tensor) -> Result<LinearSaved> {
+        let (rows, inner) = x.dims2()?;
+        let lora = match &self.lora {
+            Some(l) => Some((x.matmul(&l.a.to_dtype(x.dtype())?.t()?)?, None)),
+            None => None,
+        };
+        Ok(LinearSaved {
+            x: x.clone(),
+            lora,
+            row_elems: rows * inner,
+        })
+    }
+
+    /// Whether training draws dropout masks here (an adapter with `lora_dropout` above 0).
+    pub fn has_dropout(&self) -> bool {
+        self.lora.as_ref().is_some_and(|l| l.dropout > 0.0)
+    }
+
     /// Output features.
     pub fn out_features(&self) -> usize {
         self.weight.dims2().0

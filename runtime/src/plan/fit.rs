@@ -441,6 +441,7 @@ mod tests {
             held_micro_batches: 1,
             quant4: None,
             optim8: false,
+            mlp_dropout: false,
         }
     }
 

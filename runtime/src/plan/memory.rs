@@ -14,6 +14,7 @@ use candle_core::DType;
 
 pub use crate::bytes::human;
 use crate::device::budget::CUDA_RUNTIME_BYTES;
+use crate::model::block::{MLP_TILE_BYTES, mlp_tile_rows};
 use crate::model::{ModelConfig, ModuleId};
 use crate::nn::loss::chunk_budget;
 use crate::{Error, Result};
@@ -63,6 +64,8 @@ pub struct Workload {
     pub quant4: Option<bool>,
     /// 8-bit AdamW states (`optim: "adamw_8bit"`): a byte a moment and a block's absmax.
     pub optim8: bool,
+    /// Training draws dropout masks in the MLP's adapters (its MLP then never runs in tiles).
+    pub mlp_dropout: bool,
 }
 
 /// Values an 8-bit optimizer block's absmax covers (bitsandbytes' 256; `train::optim::eight_bit`).
@@ -210,9 +213,25 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
         0.0
     };
     let lora_rows = w.lora.map_or(0.0, |(r, n)| (r * n) as f64 * b);
-    let per_layer = (4.0 * h + 3.0 * i + 2.0 * q + 2.0 * kv + qk_pre) * b
+    // A long micro-batch runs its MLP in tiles (`model::block::mlp_tile_rows`): a layer keeps
+    // none of the MLP's per-token values, and one tile's (its norm, gate, up and their product,
+    // and the backward's two gradients) stand in for them.
+    let tile = if w.mlp_dropout {
+        None
+    } else {
+        mlp_tile_rows(
+            w.tokens,
+            cfg.intermediate_size,
+            dtype.size_in_bytes(),
+            MLP_TILE_BYTES,
+        )
+    }
+    .map(|t| t as f64);
+    let mlp_per_token = if tile.is_some() { 0.0 } else { h + 3.0 * i };
+    let per_layer = (3.0 * h + mlp_per_token + 2.0 * q + 2.0 * kv + qk_pre) * b
         + cfg.num_attention_heads as f64 * 4.0
         + lora_rows;
+    let tile_bytes = tile.map_or(0.0, |t| t * (h + 5.0 * i) * b);
     let held = w.held_micro_batches.max(1) as f64;
     let (activations, per_token) = if !training {
         (0.0, 0.0)
@@ -225,9 +244,9 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
             layers
         };
         let per = kept * h * b;
-        (tokens * (per * held + per_layer), per)
+        (tokens * (per * held + per_layer) + tile_bytes, per)
     } else {
-        (tokens * layers * per_layer * held, per_layer)
+        (tokens * layers * per_layer * held + tile_bytes, per_layer)
     };
     let vocab = cfg.vocab_size as f64;
     let budget = chunk_budget(
@@ -241,10 +260,15 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
     } else {
         0.0
     };
+    // The MLP's intermediates of the whole micro-batch, or of one tile (counted above).
+    let mlp_rows = if tile.is_some() { 0.0 } else { tokens };
     let temporaries = if training {
-        tokens * (2.0 * i + 2.0 * h) * b
+        (mlp_rows * 2.0 * i + tokens * 2.0 * h) * b
     } else {
-        tokens * (2.0 * i + h) * b
+        // A block's forward holds its input, its norm, q, k, v, the attention's output and the
+        // residual beside the MLP's intermediates.
+        (mlp_rows * 2.0 * i + tokens * (3.0 * h + q + 2.0 * kv)) * b
+            + tile.map_or(0.0, |t| t * 3.0 * i * b)
     };
     let optimizer = if training && w.optim8 {
         // A byte per moment and an f32 absmax per 256 of each (the decay flag is per block).
@@ -473,6 +497,7 @@ mod tests {
                     held_micro_batches: 1,
                     quant4: None,
                     optim8: false,
+                    mlp_dropout: false,
                 },
             )
             .unwrap();
@@ -510,6 +535,7 @@ mod tests {
                     held_micro_batches: 1,
                     quant4: None,
                     optim8: false,
+                    mlp_dropout: false,
                 },
             )
             .unwrap()
@@ -554,6 +580,7 @@ mod tests {
             held_micro_batches: 1,
             quant4,
             optim8: false,
+            mlp_dropout: false,
         };
         let dense = estimate(&c, DType::BF16, &w(None)).unwrap();
         let q = estimate(&c, DType::BF16, &w(Some(true))).unwrap();
@@ -590,6 +617,7 @@ mod tests {
             held_micro_batches: 1,
             quant4: None,
             optim8: false,
+            mlp_dropout: false,
         };
         let e = estimate(&c, DType::BF16, &w).err().unwrap().to_string();
         assert!(e.contains("`hidden_size` 1000000000000"), "{e}");

@@ -343,11 +343,9 @@ impl Pass<'_> {
             let sv = if let Some(sv) = f.saved[i].take() {
                 sv
             } else {
-                let mut sv = BlockSaved::default();
                 let x = f.inputs.take(i)?;
-                blk.forward(&x, &step, None, i, Some(&mut sv))
-                    .map_err(self.at(format!("recompute of layer {i}")))?;
-                sv
+                blk.recompute(&x, &step, i)
+                    .map_err(self.at(format!("recompute of layer {i}")))?
             };
             f.x = blk
                 .backward(&sv, &to(&f.x, blk.device())?, &step, grads)

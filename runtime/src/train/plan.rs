@@ -203,6 +203,11 @@ pub fn plan(
             .quant4()
             .map(|q| matches!(q.absmax, crate::quant::Absmax::Nested { .. })),
         optim8: cfg.eight_bit_optim(),
+        mlp_dropout: model.decoder.blocks.first().is_some_and(|b| {
+            [Proj::Gate, Proj::Up, Proj::Down]
+                .iter()
+                .any(|&p| b.proj(p).has_dropout())
+        }),
     };
     let estimate = memory::estimate(model.config(), model.decoder.dtype(), &workload)?;
     // Offloaded block inputs wait in pinned host memory: this machine's must hold them (a named

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One device call for the memory work (issues 22 and 27): the binaries shipped in .devbin/, the
+# wheels in .whl/; the GPU tests of activation offload, the tiled MLP and the 4-bit path; then the
+# harness configs given (default: qlora-7b, and a 7B at 64k tokens with checkpointing and with
+# offload). Results and logs go to $OUT.
+set -uo pipefail
+mkdir -p /tmp/qs
+for f in .devbin/*.xz; do xz -dc "$f" > "/tmp/qs/$(basename "$f" .xz)" && chmod +x "/tmp/qs/$(basename "$f" .xz)"; done
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+/tmp/qs/gpu --test-threads=1 offload tiled dequant qlora > "${OUT:-/tmp}/gpu-tests.log" 2>&1
+echo "gpu tests: exit $?"; grep -E "^test |test result|panicked" "${OUT:-/tmp}/gpu-tests.log" | tail -8
+[ $# -eq 0 ] && set -- qlora-7b long-7b-64
+BIN=/tmp/qs PEER=.devbin bash benches/gpu.sh "$@"
+cp /tmp/qsbench/results.jsonl "${OUT:-/tmp}/" 2>/dev/null
+for f in /tmp/qsbench/*.err; do tail -20 "$f" > "${OUT:-/tmp}/$(basename "$f")"; done 2>/dev/null
+true
