@@ -33,6 +33,7 @@ pub mod bytes;
 pub mod cancel;
 pub mod chat_template;
 pub mod data;
+pub mod detok;
 pub mod device;
 pub mod dist;
 pub mod error;

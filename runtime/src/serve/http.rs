@@ -23,8 +23,9 @@ use futures_util::stream::{self, Stream};
 use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::api::{self, ApiError, Detok, Prompt, Request};
+use super::api::{self, ApiError, Prompt, Request};
 use super::engine::{EngineHandle, Event, Finish, Job};
+use crate::detok::Detok;
 use crate::model::generate::GenerateOptions;
 use crate::tokenizer::{TemplateOptions, Tokenizer};
 

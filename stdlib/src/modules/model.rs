@@ -302,14 +302,6 @@ fn save_model_or_shapes(
     Ok(())
 }
 
-/// What to print of `text` (the reply decoded so far) after the `shown` bytes already printed:
-/// the complete characters only. A character cut between tokens decodes as U+FFFD at the end
-/// until its next token completes it, so that end is held back (never printed as `�`).
-fn stream_delta(text: &str, shown: usize) -> Option<&str> {
-    let ready = text.trim_end_matches('\u{fffd}');
-    (ready.len() > shown && ready.is_char_boundary(shown)).then(|| &ready[shown..])
-}
-
 /// The reply of `m` to one user `prompt` (after `system`, if given) through `tok`'s chat template:
 /// greedy, at most `max_new_tokens`, not streamed (for side-by-side comparisons).
 pub(crate) fn reply(
@@ -393,21 +385,20 @@ fn run_generate(
         m.0.check_generate(prompt, &g).map_err(to_rhai_at(ctx))?;
         return Ok(String::new());
     }
-    let mut new_ids: Vec<u32> = Vec::new();
-    let mut shown = 0usize;
+    let mut text = qscript_runtime::detok::Detok::new(Vec::new());
+    let mut shown = false;
     let skip = opts.skip_special_tokens;
     let ids = m.0.generate(prompt, &g, &rc.cancel, &mut |id| {
         if stream {
-            new_ids.push(id);
-            let text = tok.0.decode(&new_ids, skip)?;
-            if let Some(new) = stream_delta(&text, shown) {
-                rc.sink.stream(new);
-                shown += new.len();
+            let new = text.push(id, |ids| tok.0.decode(ids, skip))?;
+            if !new.is_empty() {
+                rc.sink.stream(&new);
+                shown = true;
             }
         }
         Ok(())
     });
-    if stream && shown > 0 {
+    if stream && shown {
         // A reply that printed nothing (only special tokens) leaves no blank line.
         rc.sink.stream("\n");
     }
@@ -797,21 +788,5 @@ pub mod model_module {
     #[rhai_fn(global, name = "to_string", name = "to_debug", pure)]
     pub fn describe(m: &mut ModelHandle) -> String {
         m.0.to_string()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::stream_delta;
-
-    #[test]
-    fn streaming_prints_whole_characters_only() {
-        // "你" is three bytes, cut over tokens: held back until complete.
-        assert_eq!(stream_delta("ab", 0), Some("ab"));
-        assert_eq!(stream_delta("ab\u{fffd}", 2), None);
-        assert_eq!(stream_delta("ab\u{fffd}\u{fffd}", 2), None);
-        assert_eq!(stream_delta("ab你", 2), Some("你"));
-        assert_eq!(stream_delta("x\u{fffd}", 0), Some("x"));
-        assert_eq!(stream_delta("", 0), None);
     }
 }
