@@ -466,6 +466,74 @@ train::fit(m, ds, #{{ per_device_train_batch_size: 2, max_steps: 1 }});
     assert!(err.contains("what would make it fit"), "{err}");
 }
 
+/// A long-context LoRA run planned for an 80 GB GPU: offloading the block inputs keeps two of
+/// them on the device (the activations drop by the other 26 layers' inputs, which the plan shows
+/// as host memory), and a 64k-token row runs its MLP in tiles (no sequence-long intermediates).
+#[test]
+fn offload_and_the_tiled_mlp_show_in_the_plan() {
+    let Some(fx) = qscript_runtime::testing::fixtures_dir("real model configs") else {
+        return;
+    };
+    let env = Env::new();
+    sparse_checkpoint(&env, &fx, "Qwen2.5-7B-Instruct", "q7", None);
+    let long = "the quick brown fox jumps over the lazy dog ".repeat(8000);
+    env.write(
+        "long.json",
+        &serde_json::to_string(&[serde_json::json!({"instruction": "story", "output": long})])
+            .unwrap(),
+    );
+    let recipe = |ckpt: &str| {
+        format!(
+            r#"let tok = tokenizer::load("q7");
+let ds = data::sft(data::to_messages(data::load("long.json")), tok, #{{ max_length: 65536 }});
+let m = lora::attach(model::load("q7", #{{ dtype: "bf16" }}), #{{ r: 8, target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"] }});
+train::fit(m, ds, #{{ per_device_train_batch_size: 1, max_steps: 1, gradient_checkpointing: {ckpt} }});
+"#
+        )
+    };
+    let mut activations = Vec::new();
+    for (name, ckpt) in [("plain", "true"), ("offload", r#""offload""#)] {
+        env.write(&format!("{name}.rhai"), &recipe(ckpt));
+        let o = run_in(
+            env.dir.path(),
+            &[
+                "check",
+                &format!("recipe/{name}.rhai"),
+                "--gpu",
+                "h100-80gb",
+            ],
+        );
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(0), "{err}");
+        let line = |what: &str| {
+            err.lines()
+                .find(|l| l.starts_with(&format!("check:   {what}")))
+                .map(|l| l.to_string())
+        };
+        activations.push(line("activations").unwrap_or_default());
+        assert_eq!(
+            line("offloaded (host, pinned)").is_some(),
+            name == "offload",
+            "{err}"
+        );
+    }
+    let gib = |l: &str| -> f64 {
+        let v: Vec<&str> = l.split_whitespace().collect();
+        let n: f64 = v[v.len() - 2].parse().unwrap();
+        if v[v.len() - 1] == "MiB" {
+            n / 1024.0
+        } else {
+            n
+        }
+    };
+    let (plain, offload) = (gib(&activations[0]), gib(&activations[1]));
+    // 26 of 28 block inputs of about 0.45 GiB each leave the device.
+    assert!(
+        plain - offload > 10.0 && plain - offload < 13.0,
+        "{activations:?}"
+    );
+}
+
 /// Writes a Qwen2.5-7B-Instruct checkpoint (the real config, `layers` of them if given, the real
 /// tokenizer) named `name` beside the recipes, its bf16 weights a sparse file (only headers are
 /// real); returns the weights' bytes.

@@ -182,7 +182,8 @@ pub fn plan(
             * train.first().map_or(1, Example::rows)
             * longest,
         gradient_checkpointing: cfg.checkpointing().recompute(),
-        offload_activations: cfg.checkpointing().offload(),
+        // On the CPU the inputs already lie in host memory: offload is plain checkpointing there.
+        offload_activations: cfg.checkpointing().offload() && device.is_gpu(),
         trainable: if model.trainable {
             Trainable::Full
         } else {
