@@ -508,7 +508,7 @@ train::fit(m, ds, #{{ per_device_train_batch_size: 1, max_steps: 1, gradient_che
         let line = |what: &str| {
             err.lines()
                 .find(|l| l.starts_with(&format!("check:   {what}")))
-                .map(|l| l.to_string())
+                .map(ToString::to_string)
         };
         activations.push(line("activations").unwrap_or_default());
         assert_eq!(
