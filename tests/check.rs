@@ -534,6 +534,46 @@ train::fit(m, ds, #{{ per_device_train_batch_size: 1, max_steps: 1, gradient_che
     );
 }
 
+/// Generation is planned too: a KV cache past what the GPU holds is refused before anything is
+/// computed, with how many new tokens would fit; one that fits passes.
+#[test]
+fn generation_that_would_not_fit_is_refused_with_what_fits() {
+    let Some(fx) = qscript_runtime::testing::fixtures_dir("real model configs") else {
+        return;
+    };
+    let env = Env::new();
+    sparse_checkpoint(&env, &fx, "Qwen2.5-7B-Instruct", "q7", None);
+    let recipe = |n: usize| {
+        format!(
+            r#"let tok = tokenizer::load("q7");
+let m = model::load("q7", #{{ dtype: "bf16" }});
+m.generate(tok, "hello", #{{ max_new_tokens: {n} }});
+"#
+        )
+    };
+    env.write("big.rhai", &recipe(1_000_000));
+    let o = run_in(
+        env.dir.path(),
+        &["check", "recipe/big.rhai", "--gpu", "24GiB"],
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("generating 1000000 tokens after a 1-token prompt needs about 71.97 GiB on cuda:0 (the KV cache 57.00 GiB) and it has 24.00 GiB free"),
+        "{err}"
+    );
+    assert!(
+        err.contains("lower `max_new_tokens` (about 125000 fit)"),
+        "{err}"
+    );
+    env.write("small.rhai", &recipe(4096));
+    let o = run_in(
+        env.dir.path(),
+        &["check", "recipe/small.rhai", "--gpu", "24GiB"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
 /// Writes a Qwen2.5-7B-Instruct checkpoint (the real config, `layers` of them if given, the real
 /// tokenizer) named `name` beside the recipes, its bf16 weights a sparse file (only headers are
 /// real); returns the weights' bytes.

@@ -134,12 +134,16 @@ pub fn to(t: &candle_core::Tensor, device: &Device) -> candle_core::Result<candl
     t.to_device(device)
 }
 
-/// Free bytes on `device`: a GPU's free memory, or for the CPU what this process can still
-/// allocate ([`host_room`]: the system's available memory, within the container's and the
-/// address-space limits); `None` when neither says.
+/// Free bytes on `device`: a GPU's free memory with what its pool keeps for reuse and no
+/// tensor holds (this process's to use; the driver counts it as used), or for the CPU what this
+/// process can still allocate ([`host_room`]: the system's available memory, within the
+/// container's and the address-space limits); `None` when neither says.
 pub fn free_bytes(device: &Device) -> Option<u64> {
     match memory(device) {
-        Some((used, total)) => Some(total.saturating_sub(used)),
+        Some((used, total)) => {
+            let kept = pool(device).map_or(0, |p| p.reserved.saturating_sub(p.in_use));
+            Some(total.saturating_sub(used) + kept)
+        }
         None if device.is_cpu() => host_room(),
         None => None,
     }

@@ -92,7 +92,77 @@ impl Model {
                 "prompt token {i} is id {id}, outside the model's vocabulary (0..{vocab}): is the tokenizer this model's?"
             )));
         }
-        Ok(())
+        self.check_generation_memory(prompt.len(), opts.max_new_tokens)
+    }
+
+    /// Generation on one GPU, planned before anything is computed: the prompt's forward and the
+    /// KV cache of every position must fit what the GPU has free (the card `qscript check --gpu`
+    /// names, for a dry run); else an error that says how many new tokens would fit.
+    fn check_generation_memory(&self, prompt: usize, new: usize) -> Result<()> {
+        use crate::device::{DeviceSpec, Machine};
+        use crate::plan::memory::{self, Trainable, Workload, human};
+        let (device, machine) = match &self.planned {
+            Some(p) => (p.device, p.machine.clone()),
+            None => (DeviceSpec::of(self.decoder.device()), Machine::Here),
+        };
+        if !device.is_gpu() || self.placement.is_some() {
+            return Ok(());
+        }
+        let Some(free) = machine.free_bytes(device) else {
+            return Ok(());
+        };
+        let cfg = self.config();
+        let dtype = self.decoder.dtype();
+        let prefill = memory::estimate(
+            cfg,
+            dtype,
+            &Workload {
+                tokens: prompt,
+                gradient_checkpointing: false,
+                offload_activations: false,
+                trainable: Trainable::Nothing,
+                weight_decay: false,
+                lora: None,
+                gpu: true,
+                optimizer_shards: 1,
+                gradient_shards: 1,
+                held_micro_batches: 1,
+                quant4: self
+                    .quant4()
+                    .map(|q| matches!(q.absmax, crate::quant::Absmax::Nested { .. })),
+                optim8: false,
+                mlp_dropout: false,
+            },
+        )?;
+        // A loaded model's weights and the CUDA runtime already hold their share of the GPU.
+        let fixed = if self.planned.is_some() {
+            prefill.total()
+        } else {
+            prefill.total() - prefill.weights - prefill.runtime
+        } + (cfg.vocab_size * 4) as u64;
+        let kv = |n: usize| memory::kv_cache_bytes(cfg, dtype, 1, prompt + n);
+        if fixed + kv(new) <= free {
+            return Ok(());
+        }
+        let fits = (0..=new)
+            .rev()
+            .step_by(new.div_ceil(64).max(1))
+            .find(|&n| fixed + kv(n) <= free);
+        let advice = match fits {
+            Some(n) if n > 0 => {
+                format!("lower `max_new_tokens` (about {n} fit) or shorten the prompt")
+            }
+            _ => "shorten the prompt, or load the model in 4 bits (`load_in_4bit: true`) or over \
+                  more devices (`device_map: \"auto\"`)"
+                .into(),
+        };
+        Err(Error::InvalidArgument(format!(
+            "generating {new} tokens after a {prompt}-token prompt needs about {} on {device} \
+             (the KV cache {}) and it has {} free: {advice}",
+            human((fixed + kv(new)) as f64),
+            human(kv(new) as f64),
+            human(free as f64),
+        )))
     }
 
     /// Generates up to `max_new_tokens` after `prompt`, calling `on_token` with each new id.

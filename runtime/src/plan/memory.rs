@@ -359,6 +359,17 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
     })
 }
 
+/// Bytes generation's KV cache holds for `positions` (prompt and new tokens) of `rows` rows:
+/// each layer's keys and values in buffers grown to the next power of two (256 at least), and
+/// while the last growth copies one layer, that layer's old buffers beside its new ones.
+pub fn kv_cache_bytes(cfg: &ModelConfig, dtype: DType, rows: usize, positions: usize) -> u64 {
+    let cap = positions.max(1).next_power_of_two().max(256) as f64;
+    let per_position = (2 * cfg.num_kv_heads() * cfg.head_dim() * dtype.size_in_bytes()) as f64;
+    let layers = cfg.num_hidden_layers as f64;
+    let bytes = rows as f64 * per_position * cap * (layers + 0.5);
+    bytes.min(ABSURD_BYTES).round() as u64
+}
+
 impl fmt::Display for Estimate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let h = |b: u64| human(b as f64);
