@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 /tmp/qs/gpu --test-threads=1 offload tiled dequant qlora > "${OUT:-/tmp}/gpu-tests.log" 2>&1
 echo "gpu tests: exit $?"; grep -E "^test |test result|panicked" "${OUT:-/tmp}/gpu-tests.log" | tail -8
 [ $# -eq 0 ] && set -- qlora-7b long-7b-64
-BIN=/tmp/qs PEER=.devbin bash benches/gpu.sh "$@"
-cp /tmp/qsbench/results.jsonl "${OUT:-/tmp}/" 2>/dev/null
+# Rows land in $OUT as they come (a call cut off at its limit keeps the ones done).
+RESULTS=${OUT:-/tmp}/results.jsonl BIN=/tmp/qs PEER=.devbin bash benches/gpu.sh "$@"
 for f in /tmp/qsbench/*.err; do tail -20 "$f" > "${OUT:-/tmp}/$(basename "$f")"; done 2>/dev/null
 true
