@@ -187,9 +187,23 @@ mod cuda {
         if let Some(i) = best {
             return Ok(list.swap_remove(i));
         }
+        // A longer batch than any before: the free buffers too small for it go (after the side
+        // stream's copies that may still read them), so the pool holds about one set of the
+        // largest inputs, not one per length seen; the new one has room to grow by a quarter.
+        if list.iter().any(|b| b.bytes < bytes) {
+            if let Some(s) = p.side.get(&o) {
+                s.synchronize().map_err(wrap)?;
+            }
+            let list = p.free.entry(o).or_default();
+            let before: u64 = list.iter().map(|b| b.bytes as u64).sum();
+            list.retain(|b| b.bytes >= bytes);
+            let after: u64 = list.iter().map(|b| b.bytes as u64).sum();
+            p.pinned -= before - after;
+        }
+        let bytes = bytes.max(1).saturating_add(bytes / 4);
         dev.cuda_stream().context().bind_to_thread().map_err(wrap)?;
         // SAFETY: a plain allocation; the buffer is written by the copy out before any read.
-        let ptr = unsafe { result::malloc_host(bytes.max(1), 0) }.map_err(|e| {
+        let ptr = unsafe { result::malloc_host(bytes, 0) }.map_err(|e| {
             candle_core::Error::Msg(format!(
                 "activation offload could not pin {} of host memory ({e}): the host has too \
                  little free memory for the block inputs; use `gradient_checkpointing: true` \
