@@ -1180,9 +1180,10 @@ fn offloaded_tensors_come_back_whole() {
     trim().unwrap();
 }
 
-/// `gradient_checkpointing: "offload"` gives plain checkpointing's loss and gradients bit for bit
-/// on the GPU (the same kernels on the same inputs, the inputs through host memory), LoRA and
-/// full fine-tuning, dropout on.
+/// `gradient_checkpointing: "offload"` gives plain checkpointing's loss and gradients on the GPU
+/// (the same kernels on the same inputs, the inputs through host memory): bit for bit but for the
+/// embedding's gradient, whose rows are summed by atomic adds in any order (1.2e-8 apart on an
+/// H100); LoRA and full fine-tuning, dropout on.
 #[test]
 fn activation_offload_gives_the_checkpointed_gradients() {
     use qscript_runtime::train::Checkpointing;
@@ -1207,7 +1208,12 @@ fn activation_offload_gives_the_checkpointed_gradients() {
         let (l2, g2) = run(Checkpointing::Offload);
         assert_eq!(l1, l2, "full {full}");
         for ((n, a), (_, b)) in g1.iter().zip(&g2) {
-            assert_eq!(rel(b, a), 0.0, "full {full}, {n}");
+            let bound = if n.contains("embed_tokens") {
+                1e-6
+            } else {
+                0.0
+            };
+            assert!(rel(b, a) <= bound, "full {full}, {n}: {}", rel(b, a));
         }
     }
     qscript_runtime::device::offload::trim().unwrap();

@@ -445,23 +445,43 @@ mod tests {
         let small = load("Qwen2.5-0.5B-Instruct");
         let q15 = load("Qwen1.5-7B");
         let q25 = load("Qwen2.5-7B-Instruct");
-        // (config, model, tokens, checkpointing, full, driver figure?, measured GiB)
+        // (config, model, tokens, checkpointing, offload, full, driver figure?, measured GiB)
         let rows = [
-            ("0.5B LoRA b8 s512", &small, 4096, false, false, true, 5.86),
+            (
+                "0.5B LoRA b8 s512",
+                &small,
+                4096,
+                false,
+                false,
+                false,
+                true,
+                5.86,
+            ),
             (
                 "0.5B LoRA b8 s512 ckpt",
                 &small,
                 4096,
                 true,
                 false,
+                false,
                 true,
                 2.26,
             ),
-            ("0.5B full b8 s512", &small, 4096, false, true, true, 12.86),
+            (
+                "0.5B full b8 s512",
+                &small,
+                4096,
+                false,
+                false,
+                true,
+                true,
+                12.86,
+            ),
             (
                 "Qwen1.5-7B LoRA b4 s512",
                 &q15,
                 2048,
+                false,
                 false,
                 false,
                 false,
@@ -474,6 +494,7 @@ mod tests {
                 true,
                 false,
                 false,
+                false,
                 14.66,
             ),
             (
@@ -482,19 +503,53 @@ mod tests {
                 2048,
                 true,
                 false,
+                false,
                 true,
                 16.08,
             ),
+            // Measured 2026-12-07 on an H100 (`bash benches/memory_device.sh`, the pool's peak):
+            // one row of 64k tokens with the tiled MLP, without and with offload, and of 256k
+            // with offload.
+            (
+                "Qwen2.5-7B LoRA 64k ckpt",
+                &q25,
+                65536,
+                true,
+                false,
+                false,
+                false,
+                35.60,
+            ),
+            (
+                "Qwen2.5-7B LoRA 64k offload",
+                &q25,
+                65536,
+                true,
+                true,
+                false,
+                false,
+                24.22,
+            ),
+            (
+                "Qwen2.5-7B LoRA 256k offload",
+                &q25,
+                262144,
+                true,
+                true,
+                false,
+                false,
+                39.98,
+            ),
         ];
         let mut table = String::new();
-        for (name, c, tokens, ckpt, full, driver, measured) in rows {
+        for (name, c, tokens, ckpt, offload, full, driver, measured) in rows {
             let e = estimate(
                 c,
                 DType::BF16,
                 &Workload {
                     tokens,
                     gradient_checkpointing: ckpt,
-                    offload_activations: false,
+                    offload_activations: offload,
                     trainable: if full {
                         Trainable::Full
                     } else {

@@ -1,5 +1,6 @@
 //! 4-bit weights dequantized on CUDA (`dequant.cu`): bitsandbytes' codes and absmax straight to
-//! the compute dtype in one pass, reading half a byte and writing one value per weight. Reference
+//! the compute dtype in one pass, reading half a byte and writing one value per weight (16 values
+//! a thread with vector loads and stores where the shape allows, else a byte a thread). Reference
 //! op: the candle path of `quant::Quant4::dequantize` (the same f32 products, rounded
 //! once), which a test on the GPU machine compares value for value.
 
@@ -52,6 +53,36 @@ pub fn dequant4(q: &Dequant4<'_>, dtype: DType) -> Result<Tensor> {
     let n = (rows * cols) as u64;
     let out = empty(&dev, &[rows, cols], dtype)?;
     let po = addr(&out, "out")?.0;
+    // 16 values a thread where the shape allows it (every real weight does).
+    let groups = n / 16;
+    if n.is_multiple_of(16)
+        && q.blocksize.is_multiple_of(16)
+        && q.blocksize > 0
+        && pp.is_multiple_of(8)
+        && po.is_multiple_of(16)
+        && u32::try_from(groups).is_ok()
+    {
+        launch(
+            &dev,
+            &PTX,
+            "dequant4v",
+            dtype,
+            launch_1d(groups as usize),
+            &[
+                Arg::from(pp),
+                Arg::from(pc),
+                Arg::from(pa),
+                Arg::from(pq),
+                Arg::from(ps),
+                Arg::from(p256),
+                Arg::from(offset),
+                Arg::from(po),
+                Arg::from(groups as u32),
+                Arg::from((q.blocksize / 16) as u32),
+            ],
+        )?;
+        return Ok(out);
+    }
     launch(
         &dev,
         &PTX,
