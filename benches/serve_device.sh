@@ -24,10 +24,20 @@ python3 benches/serve_bench.py http://127.0.0.1:8011 --model m --weights "$dir" 
 kill -INT $pid; wait $pid
 tail -3 "$OUT/serve.log"
 # serving while training: alone, then with a client asking once a second
+# Each run's whole stderr goes to $OUT/train-N.err, and the GPU's used memory every 0.3 s beside
+# it to $OUT/train-N.mem (a run that fails shows how its memory grew).
+runs=0
 run_train() {
-  /tmp/qs/qscript benches/serve_train.rhai --allow-read /tmp/qsbench --allow-read "$PWD/.devbin" \
-    --output-dir /tmp/qsbench/serve-train --set model="$dir" --set data="$PWD/.devbin/huanhuan.json" "$@" 2>&1 |
-    grep -E "^trained|error" -A4 | grep -v "^ *[0-9]*: \|^ *at " | tail -8
+  runs=$((runs + 1))
+  ( while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.3; done ) \
+    > "$OUT/train-$runs.mem" &
+  local smi=$!
+  RUST_BACKTRACE=1 /tmp/qs/qscript benches/serve_train.rhai --allow-read /tmp/qsbench --allow-read "$PWD/.devbin" \
+    --output-dir /tmp/qsbench/serve-train --set model="$dir" --set data="$PWD/.devbin/huanhuan.json" "$@" \
+    2> "$OUT/train-$runs.err" > /dev/null
+  kill $smi 2>/dev/null
+  grep -E "^trained|error" -A4 "$OUT/train-$runs.err" | grep -v "^ *[0-9]*: \|^ *at " | tail -8
+  echo "  (peak GPU memory used: $(sort -n "$OUT/train-$runs.mem" | tail -1) MiB)"
 }
 echo "train alone: $(run_train)"
 : > "$OUT/client.codes"
