@@ -421,41 +421,6 @@ pub fn snapshot(model: &Model) -> Result<Model> {
     Ok(m)
 }
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use candle_core::Storage;
-
-    use crate::lora::{LoraConfig, Targets};
-    use crate::model::{TinyConfig, tiny};
-
-    /// A snapshot of a model whose adapters live in one flat buffer holds each adapter's values
-    /// and no more: its storage is the adapter's size, and the values are the model's.
-    #[test]
-    fn a_snapshot_copies_each_view_not_its_buffer() {
-        let m = tiny(&TinyConfig::default()).unwrap();
-        let cfg = LoraConfig {
-            r: 4,
-            target_modules: Targets::Pattern("all-linear".into()),
-            ..LoraConfig::default()
-        };
-        let mut model = crate::lora::attach(&m, &cfg, 1).unwrap();
-        let _params = super::super::flat::DeviceParams::adopt(&mut model).unwrap();
-        let snap = super::snapshot(&model).unwrap();
-        let want = crate::model::params::trainable(&model);
-        let got = crate::model::params::trainable(&snap);
-        assert!(want.len() > 4);
-        for ((_, a), (_, b)) in want.iter().zip(&got) {
-            let (st, _) = b.storage_and_layout();
-            let Storage::Cpu(c) = &*st else {
-                panic!("not on the CPU")
-            };
-            assert_eq!(c.as_slice::<f32>().unwrap().len(), b.elem_count());
-            assert_eq!(crate::testing::max_abs_diff(a, b), 0.0);
-        }
-    }
-}
-
 /// Whether `e` is the device running out of memory.
 fn is_out_of_memory(e: &Error) -> bool {
     let text = e.to_string();
@@ -490,4 +455,39 @@ pub fn evaluate_with(
 /// Mean token loss of `data` (no gradients kept).
 pub fn evaluate(model: &Model, data: &[Example], cfg: &TrainConfig, pad_id: u32) -> Result<f64> {
     evaluate_with(model, &CausalLm, data, cfg, pad_id).map(|e| e.loss)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use candle_core::Storage;
+
+    use crate::lora::{LoraConfig, Targets};
+    use crate::model::{TinyConfig, tiny};
+
+    /// A snapshot of a model whose adapters live in one flat buffer holds each adapter's values
+    /// and no more: its storage is the adapter's size, and the values are the model's.
+    #[test]
+    fn a_snapshot_copies_each_view_not_its_buffer() {
+        let m = tiny(&TinyConfig::default()).unwrap();
+        let cfg = LoraConfig {
+            r: 4,
+            target_modules: Targets::Pattern("all-linear".into()),
+            ..LoraConfig::default()
+        };
+        let mut model = crate::lora::attach(&m, &cfg, 1).unwrap();
+        let _params = super::super::flat::DeviceParams::adopt(&mut model).unwrap();
+        let snap = super::snapshot(&model).unwrap();
+        let want = crate::model::params::trainable(&model);
+        let got = crate::model::params::trainable(&snap);
+        assert!(want.len() > 4);
+        for ((_, a), (_, b)) in want.iter().zip(&got) {
+            let (st, _) = b.storage_and_layout();
+            let Storage::Cpu(c) = &*st else {
+                panic!("not on the CPU")
+            };
+            assert_eq!(c.as_slice::<f32>().unwrap().len(), b.elem_count());
+            assert_eq!(crate::testing::max_abs_diff(a, b), 0.0);
+        }
+    }
 }
