@@ -193,8 +193,9 @@ qlora() {
 
 # long NAME MODEL SEQ: one row of SEQ tokens a step (batch 1), LoRA r8 q/k/v/o, qscript with
 # checkpointing (`--ckpt`) and with activation offload (`NAME-offload`), or only the modes in
-# LONG_MODES ("ckpt offload"), LONG_STEPS timed steps (3) after one; the peers (HF + PEFT with
-# checkpointing) only with LONG_PEER=1 (they run out of memory from 32k tokens on a 7B).
+# LONG_MODES ("ckpt offload"), LONG_STEPS timed steps (3) after one; LONG_FLAGS are added to
+# qscript's (`--4bit`: QLoRA); the peers (HF + PEFT with checkpointing) only with LONG_PEER=1
+# (they run out of memory from 32k tokens on a 7B).
 long() {
   local name=$1 model=$2 seq=$3 steps=${LONG_STEPS:-3} mode
   local dir=$WORK/$model
@@ -206,7 +207,7 @@ long() {
   for mode in ${LONG_MODES:-ckpt offload}; do
     run "$name-$( [ "$mode" = ckpt ] && echo qscript || echo offload-qscript)" \
       "$name$( [ "$mode" = ckpt ] || echo -offload)" "$BIN/model_bench" train "$dir" --batch 1 \
-      --seq "$seq" --steps "$steps" --warmup 1 "--$mode"
+      --seq "$seq" --steps "$steps" --warmup 1 "--$mode" ${LONG_FLAGS:-}
   done
 }
 
