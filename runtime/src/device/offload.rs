@@ -32,6 +32,8 @@ pub struct Fetching {
 
 enum FetchInner {
     Host(Tensor),
+    /// Given out by `ready` (the drop has nothing to wait for).
+    Taken,
     #[cfg(feature = "cuda")]
     Copying(Tensor, candle_core::cuda_backend::cudarc::driver::CudaEvent),
 }
@@ -77,17 +79,32 @@ impl Parked {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl Drop for Fetching {
+    /// Dropped before [`Fetching::ready`] (a step that failed half-way): the tensor's memory
+    /// goes back to the compute stream's pool only after the copy back into it is done.
+    fn drop(&mut self) {
+        if let FetchInner::Copying(t, done) = &self.inner {
+            let _ = cuda::wait_for(t, done);
+        }
+    }
+}
+
 impl Fetching {
     /// The tensor, for work queued on its device after this call (which waits for the copy back
     /// on the GPU).
-    pub fn ready(self) -> Result<Tensor> {
-        match self.inner {
+    pub fn ready(mut self) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let FetchInner::Copying(t, done) = &self.inner {
+            cuda::wait_for(t, done)?;
+        }
+        match std::mem::replace(&mut self.inner, FetchInner::Taken) {
             FetchInner::Host(t) => Ok(t),
             #[cfg(feature = "cuda")]
-            FetchInner::Copying(t, done) => {
-                cuda::wait_for(&t, &done)?;
-                Ok(t)
-            }
+            FetchInner::Copying(t, _) => Ok(t),
+            FetchInner::Taken => Err(candle_core::Error::Msg(
+                "an offloaded tensor fetched twice".into(),
+            )),
         }
     }
 }
@@ -198,7 +215,7 @@ mod cuda {
             let before: u64 = list.iter().map(|b| b.bytes as u64).sum();
             list.retain(|b| b.bytes >= bytes);
             let after: u64 = list.iter().map(|b| b.bytes as u64).sum();
-            p.pinned -= before - after;
+            p.pinned = p.pinned.saturating_sub(before - after);
         }
         let bytes = bytes.max(1).saturating_add(bytes / 4);
         dev.cuda_stream().context().bind_to_thread().map_err(wrap)?;
@@ -235,17 +252,28 @@ mod cuda {
     pub(super) fn park(x: &Tensor, dev: &CudaDevice) -> Result<Pinned> {
         let x = x.contiguous()?;
         let bytes = x.elem_count() * x.dtype().size_in_bytes();
-        let buf = take(ordinal(dev), dev, bytes)?;
         let side = side(dev)?;
         let (src, _) = crate::device::memory::first(&x, "the offloaded tensor")?;
-        // The copy starts after the work that wrote `x`.
-        side.join(&dev.cuda_stream()).map_err(wrap)?;
-        // SAFETY: `src` holds `bytes` bytes (`x` is kept until `release`, which orders its free
-        // after this copy), `buf` at least as many; the stream is live.
-        unsafe { sys::cuMemcpyDtoHAsync_v2(buf.ptr, src, bytes, side.cu_stream()) }
-            .result()
-            .map_err(wrap)?;
-        let copied = side.record_event(None).map_err(wrap)?;
+        let buf = take(ordinal(dev), dev, bytes)?;
+        let queued = (|| {
+            // The copy starts after the work that wrote `x`.
+            side.join(&dev.cuda_stream()).map_err(wrap)?;
+            // SAFETY: `src` holds `bytes` bytes (`x` is kept until `release`, which orders its
+            // free after this copy), `buf` at least as many; the stream is live.
+            unsafe { sys::cuMemcpyDtoHAsync_v2(buf.ptr, src, bytes, side.cu_stream()) }
+                .result()
+                .map_err(wrap)?;
+            side.record_event(None).map_err(wrap)
+        })();
+        let copied = match queued {
+            Ok(e) => e,
+            Err(e) => {
+                // A copy may be queued: the buffer goes back to the pool, which frees it only
+                // after the side stream is done.
+                give(ordinal(dev), buf);
+                return Err(e);
+            }
+        };
         Ok(Pinned {
             dev: dev.clone(),
             buf: Some(buf),
@@ -269,12 +297,15 @@ mod cuda {
 
         pub(super) fn fetch(mut self) -> Result<(Tensor, CudaEvent)> {
             self.release()?;
-            let buf = self.buf.take().ok_or_else(|| {
-                candle_core::Error::Msg("an offloaded tensor fetched twice".into())
-            })?;
+            // What may fail comes before the buffer is taken: on failure the drop gives it back
+            // to the pool (freed only after the side stream is done), never frees it under a
+            // queued copy.
             let out = crate::device::memory::empty(&self.dev, &self.dims, self.dtype)?;
             let (dst, _) = crate::device::memory::first(&out, "the fetched tensor")?;
             let side = side(&self.dev)?;
+            let buf = self.buf.take().ok_or_else(|| {
+                candle_core::Error::Msg("an offloaded tensor fetched twice".into())
+            })?;
             // The copy back writes memory the compute stream just allocated.
             side.join(&self.dev.cuda_stream()).map_err(wrap)?;
             let bytes = out.elem_count() * self.dtype.size_in_bytes();

@@ -160,7 +160,9 @@ impl Decoder {
                 .rope
                 .tables(mask.offset, s, self.dtype(), self.device());
         };
-        let (cos, sin) = self.rope.tables(0, s, self.dtype(), self.device())?;
+        // Tables up to the furthest position a row reaches (what dynamic RoPE scales by).
+        let reach = pos.iter().max().map_or(s, |&p| p as usize + 1);
+        let (cos, sin) = self.rope.tables(0, reach, self.dtype(), self.device())?;
         let idx = Tensor::from_vec(pos, b * s, self.device())?;
         let d = cos.dim(1)?;
         let rows = |t: &Tensor| t.index_select(&idx, 0)?.reshape((b, s, d));

@@ -73,9 +73,16 @@ impl GenerateOptions {
 }
 
 impl Model {
-    /// What [`Model::generate`] checks before it computes: a prompt of ids inside the
-    /// vocabulary, and options in range.
+    /// What [`Model::generate`] checks before it computes: [`Model::check_request`], and that
+    /// the prompt's forward and the KV cache fit the GPU.
     pub fn check_generate(&self, prompt: &[u32], opts: &GenerateOptions) -> Result<()> {
+        self.check_request(prompt, opts)?;
+        self.check_generation_memory(prompt.len(), opts.max_new_tokens)
+    }
+
+    /// A prompt of ids inside the vocabulary and options in range (what a server checks of a
+    /// request: its KV cache is allocated once, already).
+    pub fn check_request(&self, prompt: &[u32], opts: &GenerateOptions) -> Result<()> {
         if prompt.is_empty() {
             return Err(Error::InvalidArgument(
                 "`generate` needs a non-empty prompt".into(),
@@ -92,7 +99,7 @@ impl Model {
                 "prompt token {i} is id {id}, outside the model's vocabulary (0..{vocab}): is the tokenizer this model's?"
             )));
         }
-        self.check_generation_memory(prompt.len(), opts.max_new_tokens)
+        Ok(())
     }
 
     /// Generation on one GPU, planned before anything is computed: the prompt's forward and the

@@ -2,7 +2,9 @@
 //! yarn and dynamic NTK scaling, as transformers computes them; yarn also scales cos and sin) and
 //! cos/sin tables for a range of positions, built once per device and dtype (grown when a longer
 //! sequence comes) and sliced per forward. Dynamic scaling past `max_position_embeddings` depends
-//! on the length a forward reaches, so those tables are built for that forward.
+//! on the length a forward reaches, so those tables are built for that forward (transformers
+//! keeps the longest length it saw and its base for later, shorter forwards above the maximum;
+//! here each forward's own length counts, as a freshly loaded model's does there).
 
 use std::sync::{Arc, Mutex};
 

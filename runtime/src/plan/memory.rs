@@ -351,8 +351,10 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
         loss: u(terms[5]),
         temporaries: u(terms[6]),
         runtime: if w.gpu { CUDA_RUNTIME_BYTES } else { 0 },
+        // Every block's input but the last's, in buffers pinned a quarter larger than the
+        // first batch that needed them (`device::offload`).
         offloaded: if training && w.gradient_checkpointing && w.offload_activations {
-            u(tokens * (layers - 2.0).max(0.0) * h * b * held)
+            u(tokens * (layers - 1.0).max(0.0) * h * b * held * 1.25)
         } else {
             0
         },

@@ -288,7 +288,7 @@ impl Engine {
             .get(job.model)
             .ok_or_else(|| Error::InvalidArgument(format!("no served model {}", job.model)))?
             .current();
-        model.check_generate(&job.prompt, &job.opts)?;
+        model.check_request(&job.prompt, &job.opts)?;
         let room = self.slots.capacity().saturating_sub(job.prompt.len());
         if room == 0 {
             return Err(Error::InvalidArgument(format!(

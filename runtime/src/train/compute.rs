@@ -268,11 +268,13 @@ impl Compute {
         Error::InvalidArgument(format!(
             "out of memory at step {} on a batch of {:?} (examples x tokens): lower `per_device_train_batch_size` \
              (raise `gradient_accumulation_steps` to keep the effective batch of {}), lower `max_length` in `data::sft`, \
-             or set `gradient_checkpointing: true`{}; the device said: {text}",
+             or set `gradient_checkpointing: true` (`\"offload\"` also keeps the block inputs in host memory){}; the device said: {text}",
             step + 1,
             dims,
             self.cfg.per_device_train_batch_size * self.cfg.gradient_accumulation_steps,
-            if self.cfg.checkpointing().recompute() {
+            if self.cfg.checkpointing().offload() {
+                " (offload already on)"
+            } else if self.cfg.checkpointing().recompute() {
                 " (already on)"
             } else {
                 ""
