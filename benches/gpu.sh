@@ -8,7 +8,7 @@
 # On the GPU machine, from the repo root (see benches/README.md for building and shipping):
 #   BIN=/tmp/qs PEER=.devbin bash benches/gpu.sh [CONFIG...]
 # CONFIG: 05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000 seed000-packed seed000-4bit dpo-05b dpo-7b
-# qlora-05b qlora-7b qlora-7b-long long-7b-K (K thousand tokens; default: 05b to seed000). dpo-*: TRL's DPOTrainer + PEFT (benches/trl_dpo.py; trl, datasets,
+# qlora-05b qlora-7b qlora-7b-long long-7b-K (K thousand tokens) seed001 (default: 05b to seed000). dpo-*: TRL's DPOTrainer + PEFT (benches/trl_dpo.py; trl, datasets,
 # dill and multiprocess carried as wheels in .whl/, see benches/README.md) against
 # `model_bench train --dpo`, 4 pairs of a 256-token prompt and two 256-token answers, checkpointing.
 # BASE=/tmp/qs-old: also run that build's binaries after this one's on each config (rows
@@ -211,6 +211,33 @@ long() {
   done
 }
 
+# seed 001 on one GPU (issue 22): Qwen3-4B-sized full fine-tuning (random weights from the real
+# config, benches/write_random.py; Qwen3's tokenizer) on EmoLLM's multi-turn counselling
+# conversations, recipes/psychology_full_sft.rhai as written, 200 steps of 1 x 4 rows of at most
+# 1,024 tokens: with 8-bit AdamW states and offloaded checkpointing (`seed001`), and with f32
+# states and plain checkpointing (`seed001-f32`), whose losses the 8-bit run must follow within
+# 2%. The files come from .devbin/qwen3/ (config.json, tokenizer.json, tokenizer_config.json)
+# and .devbin/emollm_firefly.jsonl.
+seed001() {
+  local dir=$WORK/qwen3-4b
+  if [ ! -f "$dir/config.json" ]; then
+    python3 benches/write_random.py "$PEER/qwen3" "$dir" "$PEER/qwen3/tokenizer.json" \
+      "$PEER/qwen3/tokenizer_config.json" > /dev/null || return
+  fi
+  local name optim ckpt
+  for name in seed001 seed001-f32; do
+    if [ "$name" = seed001 ]; then optim=adamw_8bit; ckpt=offload; else optim=adamw_torch; ckpt=true; fi
+    printf 'optim: %s\ngradient_checkpointing: %s\n' "$optim" "$ckpt" > "$WORK/$name.yaml"
+    rm -rf "$WORK/runs-$name"
+    run "$name-qscript" "$name" "$BIN/qscript" recipes/psychology_full_sft.rhai --allow-read "$WORK" \
+      --allow-read "$PWD/$PEER" --output-dir "$WORK/runs-$name" --config "$WORK/$name.yaml" \
+      --set model="$dir" --set data="$PWD/$PEER/emollm_firefly.jsonl" --set max_length=1024 \
+      --set batch_size=1 --set accumulation=4 --set max_steps=200 --set learning_rate=1e-5 \
+      --set eval_steps=100
+    cp "$WORK/runs-$name/metrics.jsonl" "${OUT:-$WORK}/$name-metrics.jsonl" 2>/dev/null
+  done
+}
+
 configs=("$@")
 [ ${#configs[@]} -eq 0 ] && configs=(05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000)
 for c in "${configs[@]}"; do
@@ -229,6 +256,7 @@ for c in "${configs[@]}"; do
     qlora-7b) qlora qlora-7b qwen2.5-7b 2 512 6 2 ;;
     qlora-7b-long) qlora qlora-7b-long qwen2.5-7b 8 2048 4 1 ;;
     long-7b-*) long "$c" qwen2.5-7b $(( ${c#long-7b-} * 1024 )) ;;   # long-7b-64: 64k tokens
+    seed001) seed001 ;;
     *) echo "unknown config $c" >&2 ;;
   esac
 done
