@@ -8,7 +8,8 @@
 # On the GPU machine, from the repo root (see benches/README.md for building and shipping):
 #   BIN=/tmp/qs PEER=.devbin bash benches/gpu.sh [CONFIG...]
 # CONFIG: 05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000 seed000-packed seed000-4bit dpo-05b dpo-7b
-# qlora-05b qlora-7b qlora-7b-long long-7b-K (K thousand tokens) seed001 (default: 05b to seed000). dpo-*: TRL's DPOTrainer + PEFT (benches/trl_dpo.py; trl, datasets,
+# qlora-05b qlora-7b qlora-7b-long long-7b-K (K thousand tokens; LONG_PEER=1|hf|liger adds the
+# peers) seed001 (default: 05b to seed000). dpo-*: TRL's DPOTrainer + PEFT (benches/trl_dpo.py; trl, datasets,
 # dill and multiprocess carried as wheels in .whl/, see benches/README.md) against
 # `model_bench train --dpo`, 4 pairs of a 256-token prompt and two 256-token answers, checkpointing.
 # BASE=/tmp/qs-old: also run that build's binaries after this one's on each config (rows
@@ -194,17 +195,32 @@ qlora() {
 # long NAME MODEL SEQ: one row of SEQ tokens a step (batch 1), LoRA r8 q/k/v/o, qscript with
 # checkpointing (`--ckpt`) and with activation offload (`NAME-offload`), or only the modes in
 # LONG_MODES ("ckpt offload"), LONG_STEPS timed steps (3) after one; LONG_FLAGS are added to
-# qscript's (`--4bit`: QLoRA); the peers (HF + PEFT with checkpointing) only with LONG_PEER=1
-# (they run out of memory from 32k tokens on a 7B).
+# qscript's (`--4bit`: QLoRA); the peers (benches/hf_qlora.py: HF + PEFT with checkpointing, and
+# with Liger) only with LONG_PEER=1 (both), hf or liger (HF + PEFT runs out of memory from 32k
+# tokens on a 7B). benches/max_seq.sh searches the longest row each trains.
 long() {
   local name=$1 model=$2 seq=$3 steps=${LONG_STEPS:-3} mode
   local dir=$WORK/$model
   if [ ! -f "$dir/config.json" ]; then
     python3 "$PEER/hf_peft_lora.py" --model "$model" --save-model "$dir" > /dev/null || return
   fi
-  [ "${LONG_PEER:-0}" = 1 ] && run "$name-peer" "$name" python3 "$PEER/hf_peft_lora.py" --model "$model" \
-    --load-model "$dir" --batch 1 --seq "$seq" --steps "$steps" --warmup 1 --grad-ckpt
-  for mode in ${LONG_MODES:-ckpt offload}; do
+  # The peers: HF + PEFT (and + Liger when carried) with the same LoRA and checkpointing, in 4
+  # bits when qscript runs `--4bit`.
+  local quant=--bf16
+  case " ${LONG_FLAGS:-} " in *" --4bit "*) quant="" ;; esac
+  local peers=${LONG_PEER:-0}
+  if [ "$peers" = 1 ] || [ "$peers" = hf ]; then
+    run "$name-peer" "$name" python3 benches/hf_qlora.py $quant --load-model "$dir" --batch 1 \
+      --seq "$seq" --steps "$steps" --warmup 1 --rank 8 --targets q_proj,k_proj,v_proj,o_proj --grad-ckpt
+  fi
+  if [ "$peers" = 1 ] || [ "$peers" = liger ]; then
+    if python3 -c "import liger_kernel" 2> /dev/null; then
+      run "$name-liger-peer" "$name-liger" python3 benches/hf_qlora.py $quant --liger --load-model "$dir" \
+        --batch 1 --seq "$seq" --steps "$steps" --warmup 1 --rank 8 \
+        --targets q_proj,k_proj,v_proj,o_proj --grad-ckpt
+    fi
+  fi
+  for mode in ${LONG_MODES-ckpt offload}; do
     run "$name-$( [ "$mode" = ckpt ] && echo qscript || echo offload-qscript)" \
       "$name$( [ "$mode" = ckpt ] || echo -offload)" "$BIN/model_bench" train "$dir" --batch 1 \
       --seq "$seq" --steps "$steps" --warmup 1 "--$mode" ${LONG_FLAGS:-}

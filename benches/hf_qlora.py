@@ -3,7 +3,8 @@
 prepare_model_for_kbit_training (with gradient checkpointing when asked), LoRA on the given
 modules; AdamW lr 1e-4, weight decay 0.01, clipping at 0.3, random rows of exactly --seq tokens
 with labels = ids, as ../shared/bench/hf_peft_lora.py trains. --liger patches Qwen2 with
-Liger-Kernel's layers first (its fused linear cross-entropy included). Prints one JSON line.
+Liger-Kernel's layers first (its fused linear cross-entropy included). --bf16 leaves the base in
+bf16 (plain HF + PEFT LoRA, the long-sequence peer of issue 22). Prints one JSON line.
 
   python3 benches/hf_qlora.py --load-model DIR --batch 2 --seq 512 --rank 16 --targets all --grad-ckpt
 """
@@ -26,6 +27,7 @@ def main():
     ap.add_argument("--targets", default="all", help="all (every linear layer) or q_proj,k_proj,...")
     ap.add_argument("--grad-ckpt", action="store_true")
     ap.add_argument("--liger", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="no quantization: LoRA on the bf16 base")
     args = ap.parse_args()
 
     import torch
@@ -38,13 +40,19 @@ def main():
     torch.manual_seed(0)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(args.load_model, quantization_config=bnb,
+    model = AutoModelForCausalLM.from_pretrained(args.load_model,
+                                                 quantization_config=None if args.bf16 else bnb,
                                                  dtype=torch.bfloat16, device_map={"": 0},
                                                  attn_implementation="sdpa")
     cfg = model.config
-    model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=args.grad_ckpt,
-        gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.bf16:
+        if args.grad_ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    else:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=args.grad_ckpt,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
                if args.targets == "all" else args.targets.split(","))
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=args.rank, lora_alpha=args.alpha,
@@ -79,7 +87,8 @@ def main():
     dt = (time.perf_counter() - t0) / args.steps
     tokens = args.batch * args.seq
     print(json.dumps({
-        "system": "hf-qlora-liger" if args.liger else "hf-qlora", "seq": args.seq,
+        "system": ("hf-lora" if args.bf16 else "hf-qlora") + ("-liger" if args.liger else ""),
+        "seq": args.seq,
         "batch": args.batch, "rank": args.rank, "targets": args.targets, "grad_ckpt": args.grad_ckpt,
         "step_ms": round(dt * 1000, 2), "tokens_per_s": round(tokens / dt, 1),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
