@@ -784,67 +784,87 @@ fn gpu_and_cpu_offload_train_like_one_device() {
     }
 }
 
+/// AdamW (`cfg`) over `params` on the CPU and on the GPU, `steps` steps of the same gradients
+/// (`grad(len)`, clipped at `clip`): after each, the parameters agree within `tol` and the moments
+/// within `moments_tol`.
+#[allow(clippy::too_many_arguments)]
+fn adamw_agrees(
+    params: &[(&str, Tensor)],
+    cfg: qscript_runtime::train::optim::AdamWConfig,
+    steps: usize,
+    clip: f64,
+    grad: &dyn Fn(usize) -> Tensor,
+    tol: f32,
+    moments_tol: f32,
+    what: &str,
+) {
+    use qscript_runtime::train::flat::FlatParams;
+    use qscript_runtime::train::optim::{AdamW, clip_factor};
+    let named = |d: &Device| -> Vec<(String, Tensor)> {
+        params
+            .iter()
+            .map(|(n, t)| ((*n).to_string(), t.to_device(d).unwrap()))
+            .collect()
+    };
+    let (fc, vc) = FlatParams::new(&named(&Device::Cpu)).unwrap();
+    let (fg, vg) = FlatParams::new(&named(&gpu())).unwrap();
+    let (mut oc, mut og) = (
+        AdamW::new(&fc, cfg.clone()).unwrap(),
+        AdamW::new(&fg, cfg).unwrap(),
+    );
+    for step in 0..steps {
+        let g = grad(fc.len());
+        let (_, cc) = clip_factor(&g, clip).unwrap();
+        let gg = g.to_device(&gpu()).unwrap();
+        let (_, cg) = clip_factor(&gg, clip).unwrap();
+        oc.step(&fc, &g, cc.as_ref(), 1e-2).unwrap();
+        og.step(&fg, &gg, cg.as_ref(), 1e-2).unwrap();
+        for (a, b) in vg.iter().zip(&vc) {
+            assert!(rel(a, b) < tol, "{what} step {step}: {}", rel(a, b));
+        }
+        let ((gm, gv), (cm, cv)) = (og.moments().unwrap(), oc.moments().unwrap());
+        let (dm, dv) = (rel(&gm, &cm), rel(&gv, &cv));
+        assert!(
+            dm < moments_tol && dv < moments_tol,
+            "{what} step {step} moments: m {dm} v {dv}"
+        );
+    }
+}
+
+/// A random `shape` tensor of `dtype` on the CPU.
+fn randn_as(std: f32, shape: &[usize], dtype: DType) -> Tensor {
+    Tensor::randn(0f32, std, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
 /// The fused AdamW kernel against the reference ops: f32 LoRA-style and bf16 parameters, with
 /// clipping and weight decay on part of the buffer.
 #[test]
 fn fused_adamw_matches_the_reference() {
-    use qscript_runtime::train::flat::FlatParams;
-    use qscript_runtime::train::optim::{AdamW, AdamWConfig, clip_factor};
+    use qscript_runtime::train::optim::AdamWConfig;
     for dtype in [DType::F32, DType::BF16] {
-        let w = Tensor::randn(0f32, 1.0, (37, 11), &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
-        let bias = Tensor::randn(0f32, 1.0, 5, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
-        let named = |d: &Device| {
-            vec![
-                ("layer.weight".to_string(), w.to_device(d).unwrap()),
-                ("layer.bias".to_string(), bias.to_device(d).unwrap()),
-            ]
-        };
+        let params = [
+            ("layer.weight", randn_as(1.0, &[37, 11], dtype)),
+            ("layer.bias", randn_as(1.0, &[5], dtype)),
+        ];
         let cfg = AdamWConfig {
             weight_decay: 0.1,
             ..AdamWConfig::default()
         };
-        let (fc, vc) = FlatParams::new(&named(&Device::Cpu)).unwrap();
-        let (fg, vg) = FlatParams::new(&named(&gpu())).unwrap();
-        let (mut oc, mut og) = (
-            AdamW::new(&fc, cfg.clone()).unwrap(),
-            AdamW::new(&fg, cfg).unwrap(),
+        let grad = |n: usize| Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap();
+        let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+        adamw_agrees(
+            &params,
+            cfg,
+            3,
+            0.5,
+            &grad,
+            tol,
+            1e-5,
+            &format!("{dtype:?}"),
         );
-        for step in 0..3 {
-            let g = Tensor::randn(0f32, 1.0, fc.len(), &Device::Cpu).unwrap();
-            let (_, cc) = clip_factor(&g, 0.5).unwrap();
-            let gg = g.to_device(&gpu()).unwrap();
-            let (_, cg) = clip_factor(&gg, 0.5).unwrap();
-            oc.step(&fc, &g, cc.as_ref(), 1e-2).unwrap();
-            og.step(&fg, &gg, cg.as_ref(), 1e-2).unwrap();
-            let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
-            for (a, b) in vg.iter().zip(&vc) {
-                assert!(rel(a, b) < tol, "{dtype:?} step {step}: {}", rel(a, b));
-            }
-            let ((gm, gv), (cm, cv)) = (og.moments().unwrap(), oc.moments().unwrap());
-            let (dm, dv) = (rel(&gm, &cm), rel(&gv, &cv));
-            let show = |t: &Tensor| {
-                t.to_device(&Device::Cpu)
-                    .unwrap()
-                    .narrow(0, 0, 4)
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            };
-            assert!(
-                dm < 1e-5 && dv < 1e-5,
-                "{dtype:?} step {step} moments: m {dm} v {dv}; gpu m {:?} cpu m {:?}; gpu v {:?} cpu v {:?}",
-                show(&gm),
-                show(&cm),
-                show(&gv),
-                show(&cv)
-            );
-        }
     }
 }
 
@@ -853,57 +873,37 @@ fn fused_adamw_matches_the_reference() {
 /// `min_8bit_size` with f32 states, f32 and bf16 parameters, clipping and weight decay.
 #[test]
 fn eight_bit_adamw_kernel_matches_the_reference() {
-    use qscript_runtime::train::flat::FlatParams;
-    use qscript_runtime::train::optim::{AdamW, AdamWConfig, clip_factor};
+    use qscript_runtime::train::optim::AdamWConfig;
     for dtype in [DType::F32, DType::BF16] {
-        let w = Tensor::randn(0f32, 0.5, (50, 100), &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
-        let norm = Tensor::randn(0f32, 0.5, 300, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
-        let named = |d: &Device| {
-            vec![
-                ("layer.weight".to_string(), w.to_device(d).unwrap()),
-                ("layer.norm".to_string(), norm.to_device(d).unwrap()),
-            ]
-        };
+        let params = [
+            ("layer.weight", randn_as(0.5, &[50, 100], dtype)),
+            ("layer.norm", randn_as(0.5, &[300], dtype)),
+        ];
         let cfg = AdamWConfig {
             weight_decay: 0.1,
             eight_bit: true,
             ..AdamWConfig::default()
         };
-        let (fc, vc) = FlatParams::new(&named(&Device::Cpu)).unwrap();
-        let (fg, vg) = FlatParams::new(&named(&gpu())).unwrap();
-        let (mut oc, mut og) = (
-            AdamW::new(&fc, cfg.clone()).unwrap(),
-            AdamW::new(&fg, cfg).unwrap(),
-        );
-        for step in 0..4 {
-            let scale = Tensor::arange(0f32, fc.len() as f32, &Device::Cpu)
+        // Gradients of growing size along the buffer, so blocks see different absmax.
+        let grad = |n: usize| {
+            let scale = Tensor::arange(0f32, n as f32, &Device::Cpu)
                 .unwrap()
-                .affine(2.0 / fc.len() as f64, 0.01)
+                .affine(2.0 / n as f64, 0.01)
                 .unwrap();
-            let g = (Tensor::randn(0f32, 1.0, fc.len(), &Device::Cpu).unwrap() * scale).unwrap();
-            let (_, cc) = clip_factor(&g, 5.0).unwrap();
-            let gg = g.to_device(&gpu()).unwrap();
-            let (_, cg) = clip_factor(&gg, 5.0).unwrap();
-            oc.step(&fc, &g, cc.as_ref(), 1e-2).unwrap();
-            og.step(&fg, &gg, cg.as_ref(), 1e-2).unwrap();
-            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
-            for (a, b) in vg.iter().zip(&vc) {
-                assert!(rel(a, b) < tol, "{dtype:?} step {step}: {}", rel(a, b));
-            }
-            let ((gm, gv), (cm, cv)) = (og.moments().unwrap(), oc.moments().unwrap());
-            let (dm, dv) = (rel(&gm, &cm), rel(&gv, &cv));
-            // A value on a code's edge may round the other way with the GPU's fused multiply-add.
-            assert!(
-                dm < 1e-3 && dv < 1e-3,
-                "{dtype:?} step {step} moments: m {dm} v {dv}"
-            );
-        }
+            (Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap() * scale).unwrap()
+        };
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        // A value on a code's edge may round the other way with the GPU's fused multiply-add.
+        adamw_agrees(
+            &params,
+            cfg,
+            4,
+            5.0,
+            &grad,
+            tol,
+            1e-3,
+            &format!("{dtype:?}"),
+        );
     }
 }
 

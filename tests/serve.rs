@@ -638,3 +638,46 @@ fn an_adapter_renders_with_its_own_tokenizer() {
     let r = ask("tiny");
     assert_eq!(r["usage"]["prompt_tokens"], f.chat_ids("hi").len());
 }
+
+/// What a server cannot serve is refused before it starts, naming it: two models under one name,
+/// two architectures, a context past the model's positions, no sequences.
+#[test]
+fn a_server_that_cannot_serve_is_refused_at_start() {
+    let base = base();
+    let other = qscript_runtime::model::tiny(&qscript_runtime::model::TinyConfig {
+        hidden: 48,
+        ..qscript_runtime::model::TinyConfig::default()
+    })
+    .unwrap();
+    let tok = Arc::new(Tokenizer::builtin().unwrap());
+    let opts = ServeOptions {
+        port: 0,
+        ..ServeOptions::default()
+    };
+    let err = |models: Vec<(&str, &Model)>, opts: &ServeOptions| -> String {
+        let models = models
+            .into_iter()
+            .map(|(n, m)| Arc::new(ServedModel::new(n, m.clone())))
+            .collect();
+        match Server::start(models, tok.clone(), opts) {
+            Ok(_) => panic!("started"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let e = err(vec![("a", &base), ("a", &base)], &opts);
+    assert!(e.contains("two served models are named `a`"), "{e}");
+    let e = err(vec![("a", &base), ("b", &other)], &opts);
+    assert!(e.contains("`b` is not the same architecture as `a`"), "{e}");
+    let long = ServeOptions {
+        max_len: Some(1 << 30),
+        ..opts.clone()
+    };
+    let e = err(vec![("a", &base)], &long);
+    assert!(e.contains("this model takes 2 to"), "{e}");
+    let none = ServeOptions {
+        max_seqs: 0,
+        ..opts.clone()
+    };
+    let e = err(vec![("a", &base)], &none);
+    assert!(e.contains("expected 1 to 4096"), "{e}");
+}

@@ -138,31 +138,18 @@ impl EngineHandle {
     }
 }
 
-/// Starts the engine's thread over `models` (they must share one architecture: a base and its
-/// adapters), allocating its KV cache first (an error if it cannot be).
-pub fn start(
+/// Starts the engine's thread over `models` (one base and its adapters), allocating its KV cache
+/// first (an error if it cannot be). What is served and the sizes were checked by
+/// [`super::Server::start`], the one caller.
+pub(super) fn start(
     models: Vec<Arc<ServedModel>>,
     config: EngineConfig,
     cancel: CancelToken,
 ) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
-    let Some(first) = models.first() else {
-        return Err(Error::InvalidArgument("nothing to serve".into()));
-    };
-    let base = first.current();
-    for m in &models[1..] {
-        if m.current().config() != base.config() {
-            return Err(Error::InvalidArgument(format!(
-                "`{}` is not the same architecture as `{}`: one server serves one base model and its adapters",
-                m.name, first.name
-            )));
-        }
-    }
-    if config.max_seqs == 0 || config.max_len < 2 {
-        return Err(Error::InvalidArgument(format!(
-            "the server needs at least 1 sequence of 2 positions, got {} of {}",
-            config.max_seqs, config.max_len
-        )));
-    }
+    let base = models
+        .first()
+        .ok_or_else(|| Error::InvalidArgument("nothing to serve".into()))?
+        .current();
     let slots = Slots::new(&base.decoder, config.max_seqs, config.max_len)?;
     drop(base);
     let (tx, rx) = std::sync::mpsc::channel();

@@ -89,6 +89,14 @@ impl Server {
             names.push(m.name.clone());
         }
         let base = first.current();
+        for m in &models[1..] {
+            if m.current().config() != base.config() {
+                return Err(Error::InvalidArgument(format!(
+                    "`{}` is not the same architecture as `{}`: one server serves one base model and its adapters",
+                    m.name, first.name
+                )));
+            }
+        }
         let positions = base.config().max_position_embeddings.max(2);
         let max_len = opts.max_len.unwrap_or(positions.min(DEFAULT_MAX_LEN));
         if max_len < 2 || max_len > positions {
