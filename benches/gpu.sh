@@ -8,7 +8,7 @@
 # On the GPU machine, from the repo root (see benches/README.md for building and shipping):
 #   BIN=/tmp/qs PEER=.devbin bash benches/gpu.sh [CONFIG...]
 # CONFIG: 05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000 seed000-packed seed000-4bit dpo-05b dpo-7b
-# qlora-05b qlora-7b qlora-7b-long long-7b-K (K thousand tokens; LONG_PEER=1|hf|liger adds the
+# qlora-05b qlora-7b qlora-7b-long qlora-32b long-7b-K (K thousand tokens; LONG_PEER=1|hf|liger adds the
 # peers) seed001 (default: 05b to seed000). dpo-*: TRL's DPOTrainer + PEFT (benches/trl_dpo.py; trl, datasets,
 # dill and multiprocess carried as wheels in .whl/, see benches/README.md) against
 # `model_bench train --dpo`, 4 pairs of a 256-token prompt and two 256-token answers, checkpointing.
@@ -192,6 +192,21 @@ qlora() {
     --batch "$batch" --seq "$seq" --steps "$steps" --warmup "$warmup" --ckpt
 }
 
+# qlora-32b: issue 27's Qwen3-32B row (seed 003's model): QLoRA r8 q/k/v/o, batch 1 x 1,024
+# tokens, checkpointing, one GPU; HF + PEFT + bitsandbytes beside it. Its bf16 weights (65 GB)
+# would not fit the machine's disk: the checkpoint is sparse (benches/write_sparse.py: the large
+# matrices read as zeros; a throughput and peak-memory run only), from .devbin/qwen3-32b/config.json.
+qlora32() {
+  local dir=$WORK/qwen3-32b-sparse
+  if [ ! -f "$dir/config.json" ]; then
+    python3 benches/write_sparse.py "$PEER/qwen3-32b" "$dir" > /dev/null || return
+  fi
+  [ "${SKIP_PEER:-0}" = 1 ] || run qlora-32b-peer qlora-32b python3 benches/hf_qlora.py --load-model "$dir" \
+    --batch 1 --seq 1024 --steps 3 --warmup 1 --rank 8 --targets q_proj,k_proj,v_proj,o_proj --grad-ckpt
+  run qlora-32b-qscript qlora-32b "$BIN/model_bench" train "$dir" --4bit --rank 8 --batch 1 --seq 1024 \
+    --steps 3 --warmup 1 --ckpt
+}
+
 # long NAME MODEL SEQ: one row of SEQ tokens a step (batch 1), LoRA r8 q/k/v/o, qscript with
 # checkpointing (`--ckpt`) and with activation offload (`NAME-offload`), or only the modes in
 # LONG_MODES ("ckpt offload"), LONG_STEPS timed steps (3) after one; LONG_FLAGS are added to
@@ -273,6 +288,7 @@ for c in "${configs[@]}"; do
     qlora-7b-long) qlora qlora-7b-long qwen2.5-7b 8 2048 4 1 ;;
     long-7b-*) long "$c" qwen2.5-7b $(( ${c#long-7b-} * 1024 )) ;;   # long-7b-64: 64k tokens
     seed001) seed001 ;;
+    qlora-32b) qlora32 ;;
     *) echo "unknown config $c" >&2 ;;
   esac
 done
