@@ -171,7 +171,8 @@ dpo() {
 # qlora NAME MODEL BATCH SEQ STEPS WARMUP: QLoRA r16 on every linear layer with checkpointing;
 # the peers are HF + PEFT + bitsandbytes (nf4, double quantization, bf16 compute;
 # benches/hf_qlora.py) and the same with Liger-Kernel when liger-kernel is carried; qscript runs
-# `--4bit`, and its own bf16 LoRA of the same shape (`NAME-bf16` in the table).
+# `--4bit`, and its own bf16 LoRA of the same shape (`NAME-bf16` in the table), and `--4bit` with
+# offloaded checkpointing (`NAME-offload`).
 qlora() {
   local name=$1 model=$2 batch=$3 seq=$4 steps=$5 warmup=$6
   local dir=$WORK/$model
@@ -190,6 +191,9 @@ qlora() {
     --batch "$batch" --seq "$seq" --steps "$steps" --warmup "$warmup" --ckpt
   run "$name-bf16-qscript" "$name-bf16" "$BIN/model_bench" train "$dir" --rank 16 --all-linear \
     --batch "$batch" --seq "$seq" --steps "$steps" --warmup "$warmup" --ckpt
+  # Checkpointing with the block inputs offloaded (`NAME-offload`): 26 of 28 inputs off the GPU.
+  run "$name-offload-qscript" "$name-offload" "$BIN/model_bench" train "$dir" --4bit --rank 16 \
+    --all-linear --batch "$batch" --seq "$seq" --steps "$steps" --warmup "$warmup" --offload
 }
 
 # qlora-32b: issue 27's Qwen3-32B row (seed 003's model): QLoRA r8 q/k/v/o, batch 1 x 1,024
