@@ -7,7 +7,7 @@
 //! The speed costs are estimates, stated as the fraction of today's tokens/s a lever keeps:
 //! checkpointing runs each block's forward twice (a step is about a forward and a backward of
 //! twice its cost: 3 units become 4); a 4-bit base dequantizes each weight at each product
-//! (measured on a 7B's shapes: about 12%); a smaller micro-batch runs smaller products
+//! (measured on a 7B: 0.71x); a smaller micro-batch runs smaller products
 //! ([`efficiency`]); a layer on the CPU runs some 50 times slower than on a GPU; offloading the
 //! checkpointed block inputs costs the waits for copies that did not finish beside the compute.
 
@@ -18,15 +18,17 @@ use crate::Result;
 
 /// Tokens/s kept with gradient checkpointing (one more forward per step: 3 units become 4).
 const CHECKPOINTING_SPEED: f64 = 0.75;
-/// Tokens/s kept with a 4-bit base (dequantization at each product).
-const QUANT4_SPEED: f64 = 0.88;
+/// Tokens/s kept with a 4-bit base (dequantization at each product): 0.71x of bf16 LoRA measured
+/// on a 7B on an H100 (benches/README.md, before the 16-values-a-thread kernel, predicted 0.86x).
+const QUANT4_SPEED: f64 = 0.71;
 /// Tokens/s kept with 8-bit optimizer states: the step reads and writes a quarter of the bytes
 /// with a little more arithmetic; an estimate (the step is a small part of a training step).
 const OPTIM8_SPEED: f64 = 0.99;
 /// Tokens/s kept by activation offload over plain checkpointing: the copies run on the copy
-/// engines beside the GEMMs (a block's input is a small part of its work); an estimate for what
-/// is left of the waits, to be measured.
-const OFFLOAD_SPEED: f64 = 0.97;
+/// engines beside the GEMMs (a block's input is a small part of its work). Measured 0.997x on a
+/// 7B at 64k tokens on an H100 (benches/README.md); a little kept back for short rows, where the
+/// copies' fixed costs weigh more.
+const OFFLOAD_SPEED: f64 = 0.99;
 /// How many times slower a layer runs on the CPU than on a GPU.
 const CPU_LAYER_COST: f64 = 50.0;
 /// Tokens in a micro-batch at which the products run at half their peak rate.
