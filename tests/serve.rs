@@ -307,7 +307,7 @@ fn bad_requests_get_openai_errors_and_disturb_nothing() {
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}).to_string(), 400, "max_tokens", "at least 1, got -5"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 3}).to_string(), 400, "temperature", "between 0 and 2"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_p": 0}).to_string(), 400, "top_p", "(0, 1]"),
-        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}).to_string(), 400, "n", "must be 1"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 17}).to_string(), 400, "n", "must be in 1..=16"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}).to_string(), 400, "stop", "at most 4"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x".repeat(200)}]}).to_string(), 400, "messages", "maximum context length is 64"),
         ("/v1/completions", json!({"model": "tiny", "prompt": 5}).to_string(), 400, "prompt", "must be a string"),
@@ -680,4 +680,69 @@ fn a_server_that_cannot_serve_is_refused_at_start() {
     };
     let e = err(vec![("a", &base)], &none);
     assert!(e.contains("expected 1 to 4096"), "{e}");
+}
+
+/// `n` choices a request, whole and streamed: each choice is its own sequence (greedy: each is the
+/// model's text alone), indexed 0..n, the usage counting every choice's tokens; sampled choices
+/// with a seed repeat, choice i sampling with the seed + i.
+#[test]
+fn n_choices_are_n_sequences() {
+    let f = start(8, None);
+    let ids = f.chat_ids("hi");
+    let (want, tokens, _) = f.alone(&f.base, &ids, 6);
+    let mut body = chat_body("tiny", "hi", 6);
+    body["n"] = json!(3);
+    let (code, r) = f.post("/v1/chat/completions", &body);
+    assert_eq!(code, 200, "{r}");
+    let choices = r["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["message"]["content"], want.as_str());
+    }
+    assert_eq!(r["usage"]["completion_tokens"], 3 * tokens);
+    // Streamed: every choice's deltas, in its own index, add up to its text.
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let events = f.stream("/v1/chat/completions", &body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let mut texts = vec![String::new(); 3];
+    let mut finished = 0;
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        if let Some(u) = v.get("usage") {
+            assert_eq!(u["completion_tokens"], 3 * tokens);
+            continue;
+        }
+        let c = &v["choices"][0];
+        let i = c["index"].as_u64().unwrap() as usize;
+        texts[i].push_str(c["delta"]["content"].as_str().unwrap_or(""));
+        if !c["finish_reason"].is_null() {
+            finished += 1;
+        }
+    }
+    assert_eq!(finished, 3);
+    assert!(texts.iter().all(|t| *t == want), "{texts:?}");
+    // Sampled: a seed repeats the choices; the choices are not all the same.
+    let sampled = json!({"model": "tiny", "prompt": "hello", "max_tokens": 8, "temperature": 1.0,
+                         "seed": 5, "n": 4});
+    let (_, a) = f.post("/v1/completions", &sampled);
+    let (_, b) = f.post("/v1/completions", &sampled);
+    let text = |r: &Value| -> Vec<String> {
+        r["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["text"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(text(&a), text(&b));
+    // Choice i samples with the request's seed + i: the one choice of a request seeded so.
+    for (i, t) in text(&a).iter().enumerate() {
+        let mut one = sampled.clone();
+        one["n"] = json!(1);
+        one["seed"] = json!(5 + i);
+        let (_, r) = f.post("/v1/completions", &one);
+        assert_eq!(text(&r), [t.clone()]);
+    }
 }

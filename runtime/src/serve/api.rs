@@ -139,7 +139,12 @@ pub struct Request {
     pub include_usage: bool,
     /// vLLM's `ignore_eos`: `max_tokens` new tokens whatever comes (benchmarks).
     pub ignore_eos: bool,
+    /// Choices to generate for the prompt (`n`), each its own sequence.
+    pub n: usize,
 }
+
+/// The most choices a request may ask for (`n`).
+pub const MAX_N: usize = 16;
 
 /// The most stop strings a request may give (OpenAI's limit).
 pub const MAX_STOPS: usize = 4;
@@ -383,15 +388,16 @@ fn options(o: &Map<String, Value>, prompt: Prompt, max_name: &str) -> Result<Req
             format!("`repetition_penalty` must be in (0, 10], got {r}"),
         ));
     }
-    match int("n")? {
-        None | Some(1) => {}
+    let n = match int("n")? {
+        None => 1,
+        Some(n) if (1..=MAX_N as i64).contains(&n) => n as usize,
         Some(n) => {
             return Err(ApiError::invalid(
                 "n",
-                format!("`n` must be 1 (one choice a request), got {n}"),
+                format!("`n` must be in 1..={MAX_N} (choices a request), got {n}"),
             ));
         }
-    }
+    };
     for k in ["presence_penalty", "frequency_penalty"] {
         if num(k)?.is_some_and(|v| v != 0.0) {
             return Err(ApiError::invalid(
@@ -468,6 +474,7 @@ fn options(o: &Map<String, Value>, prompt: Prompt, max_name: &str) -> Result<Req
     };
     Ok(Request {
         ignore_eos,
+        n,
         model,
         prompt,
         max_tokens,

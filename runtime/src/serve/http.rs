@@ -246,29 +246,36 @@ async fn respond(
     }
     let room = max_len - prompt.len();
     let max_new = req.max_tokens.unwrap_or(room).min(room);
-    let opts = GenerateOptions {
-        max_new_tokens: max_new,
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        repetition_penalty: req.repetition_penalty,
-        seed: req.seed.unwrap_or_else(rand::random),
-        stop_ids: stop_ids.clone(),
-        ignore_eos: req.ignore_eos,
-    };
-    opts.validate()
-        .map_err(|e| ApiError::invalid("body", e.to_string()))?;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let seed = req.seed.unwrap_or_else(rand::random);
     let prompt_tokens = prompt.len();
-    state
-        .engine
-        .submit(Job {
-            model,
-            prompt,
-            opts,
-            events: tx,
-        })
-        .map_err(|e| ApiError::server(e.to_string()))?;
+    // One sequence a choice, each with its own seed (the request's, then the next ones).
+    let mut receivers = Vec::with_capacity(req.n);
+    for i in 0..req.n {
+        let opts = GenerateOptions {
+            max_new_tokens: max_new,
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            repetition_penalty: req.repetition_penalty,
+            seed: seed.wrapping_add(i as u64),
+            stop_ids: stop_ids.clone(),
+            ignore_eos: req.ignore_eos,
+        };
+        opts.validate()
+            .map_err(|e| ApiError::invalid("body", e.to_string()))?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        state
+            .engine
+            .submit(Job {
+                model,
+                prompt: prompt.clone(),
+                opts,
+                events: tx,
+            })
+            .map_err(|e| ApiError::server(e.to_string()))?;
+        receivers.push(rx);
+    }
+    let choices = Choices::merge(receivers, &req.stop);
     let n = state.next_id.fetch_add(1, Ordering::Relaxed);
     let reply = Reply {
         tokenizer: tok.clone(),
@@ -279,11 +286,71 @@ async fn respond(
         prompt_tokens,
         include_usage: req.include_usage,
     };
-    let detok = Detok::new(req.stop);
     if req.stream {
-        Ok(stream_reply(reply, rx, detok).into_response())
+        Ok(stream_reply(reply, choices).into_response())
     } else {
-        Ok(whole_reply(reply, rx, detok).await)
+        Ok(whole_reply(reply, choices).await)
+    }
+}
+
+/// The choices of one request: their engine events merged into one channel (each tagged with its
+/// choice's index), and each choice's text so far. A choice that ends early (a stop string) stops
+/// its forwarding, which drops its receiver: the engine frees its slot at its next token, as for
+/// a client that went away.
+struct Choices {
+    rx: UnboundedReceiver<(usize, Event)>,
+    forwards: Vec<tokio::task::JoinHandle<()>>,
+    detok: Vec<Detok>,
+    done: Vec<bool>,
+}
+
+impl Choices {
+    fn merge(receivers: Vec<UnboundedReceiver<Event>>, stop: &[String]) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let forwards = receivers
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut r)| {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    while let Some(e) = r.recv().await {
+                        if tx.send((i, e)).is_err() {
+                            break;
+                        }
+                    }
+                })
+            })
+            .collect::<Vec<_>>();
+        let n = forwards.len();
+        Self {
+            rx,
+            forwards,
+            detok: (0..n).map(|_| Detok::new(stop.to_vec())).collect(),
+            done: vec![false; n],
+        }
+    }
+
+    /// A choice is done: nothing more of it is wanted.
+    fn end(&mut self, i: usize) {
+        self.done[i] = true;
+        self.forwards[i].abort();
+    }
+
+    fn all_done(&self) -> bool {
+        self.done.iter().all(|d| *d)
+    }
+
+    /// Completion tokens of every choice.
+    fn tokens(&self) -> usize {
+        self.detok.iter().map(Detok::tokens).sum()
+    }
+}
+
+impl Drop for Choices {
+    fn drop(&mut self) {
+        for f in &self.forwards {
+            f.abort();
+        }
     }
 }
 
@@ -335,10 +402,17 @@ impl Reply {
         })
     }
 
-    fn choice(&self, text: &str, finish: Option<&str>, chunk: bool, first: bool) -> Value {
+    fn choice(
+        &self,
+        index: usize,
+        text: &str,
+        finish: Option<&str>,
+        chunk: bool,
+        first: bool,
+    ) -> Value {
         match (self.kind, chunk) {
             (Kind::Chat, false) => json!({
-                "index": 0,
+                "index": index,
                 "message": {"role": "assistant", "content": text},
                 "finish_reason": finish,
                 "logprobs": null,
@@ -351,10 +425,10 @@ impl Reply {
                 } else {
                     json!({"content": text})
                 };
-                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
+                json!({"index": index, "delta": delta, "finish_reason": finish, "logprobs": null})
             }
             (Kind::Text, _) => json!({
-                "index": 0,
+                "index": index,
                 "text": text,
                 "finish_reason": finish,
                 "logprobs": null,
@@ -380,64 +454,76 @@ fn finish_name(f: Finish, stopped: bool) -> &'static str {
     }
 }
 
-/// The whole reply as one JSON body.
-async fn whole_reply(reply: Reply, mut rx: UnboundedReceiver<Event>, mut detok: Detok) -> Response {
-    let mut text = String::new();
-    let finish = loop {
-        match rx.recv().await {
-            Some(Event::Token(id)) => match detok.push(id, reply.decode()) {
+/// The whole reply as one JSON body (every choice in order of its index).
+async fn whole_reply(reply: Reply, mut ch: Choices) -> Response {
+    let n = ch.done.len();
+    let mut text = vec![String::new(); n];
+    let mut finish: Vec<Option<Finish>> = vec![None; n];
+    while !ch.all_done() {
+        let Some((i, event)) = ch.rx.recv().await else {
+            return ApiError::server("the server's engine stopped").into_response();
+        };
+        if ch.done[i] {
+            continue;
+        }
+        match event {
+            Event::Token(id) => match ch.detok[i].push(id, reply.decode()) {
                 Ok(t) => {
-                    text.push_str(&t);
-                    if detok.stopped {
-                        break Finish::Stop;
+                    text[i].push_str(&t);
+                    if ch.detok[i].stopped {
+                        finish[i] = Some(Finish::Stop);
+                        ch.end(i);
                     }
                 }
                 Err(e) => return ApiError::server(e.to_string()).into_response(),
             },
-            Some(Event::Done(f)) => {
-                match detok.finish(reply.decode()) {
-                    Ok(t) => text.push_str(&t),
+            Event::Done(f) => {
+                match ch.detok[i].finish(reply.decode()) {
+                    Ok(t) => text[i].push_str(&t),
                     Err(e) => return ApiError::server(e.to_string()).into_response(),
                 }
-                break f;
+                finish[i] = Some(f);
+                ch.end(i);
             }
-            Some(Event::Failed(e)) => return ApiError::server(e).into_response(),
-            None => return ApiError::server("the server's engine stopped").into_response(),
+            Event::Failed(e) => return ApiError::server(e).into_response(),
         }
-    };
-    let mut body = reply.envelope(
-        vec![reply.choice(
-            &text,
-            Some(finish_name(finish, detok.stopped)),
-            false,
-            false,
-        )],
-        false,
-    );
-    body["usage"] = reply.usage(detok.tokens());
+    }
+    let choices = (0..n)
+        .map(|i| {
+            let f = finish[i].unwrap_or(Finish::Stop);
+            reply.choice(
+                i,
+                &text[i],
+                Some(finish_name(f, ch.detok[i].stopped)),
+                false,
+                false,
+            )
+        })
+        .collect();
+    let mut body = reply.envelope(choices, false);
+    body["usage"] = reply.usage(ch.tokens());
     axum::Json(body).into_response()
 }
 
-/// Server-sent events: a chunk for each piece of text, the final chunk with the finish reason,
-/// the usage chunk when asked, then `[DONE]`.
+/// Server-sent events: a chunk for each piece of text of each choice (tagged with its index),
+/// each choice's final chunk with its finish reason, then, once every choice is done, the usage
+/// chunk when asked and `[DONE]`.
 fn stream_reply(
     reply: Reply,
-    rx: UnboundedReceiver<Event>,
-    detok: Detok,
+    ch: Choices,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     struct St {
         reply: Reply,
-        rx: UnboundedReceiver<Event>,
-        detok: Detok,
-        first: bool,
+        ch: Choices,
+        first: Vec<bool>,
         done: bool,
         pending: std::collections::VecDeque<String>,
     }
+    let n = ch.done.len();
     let st = St {
         reply,
-        rx,
-        detok,
-        first: true,
+        ch,
+        first: vec![true; n],
         done: false,
         pending: std::collections::VecDeque::new(),
     };
@@ -449,25 +535,30 @@ fn stream_reply(
             if st.done {
                 return None;
             }
-            let chunk = |st: &St, text: &str, finish: Option<&str>, first: bool| {
+            let chunk = |st: &St, i: usize, text: &str, finish: Option<&str>, first: bool| {
                 st.reply
-                    .envelope(vec![st.reply.choice(text, finish, true, first)], true)
+                    .envelope(vec![st.reply.choice(i, text, finish, true, first)], true)
                     .to_string()
             };
-            let end = |st: &mut St, finish: &str, text: String| {
-                let c = chunk(st, &text, Some(finish), false);
+            // Choice `i` ends with `finish`; after the last one, the usage and `[DONE]`.
+            let end = |st: &mut St, i: usize, finish: &str, text: String| {
+                let c = chunk(st, i, &text, Some(finish), false);
                 st.pending.push_back(c);
-                if st.reply.include_usage {
-                    let mut u = st.reply.envelope(Vec::new(), true);
-                    u["usage"] = st.reply.usage(st.detok.tokens());
-                    st.pending.push_back(u.to_string());
+                st.ch.end(i);
+                if st.ch.all_done() {
+                    if st.reply.include_usage {
+                        let mut u = st.reply.envelope(Vec::new(), true);
+                        u["usage"] = st.reply.usage(st.ch.tokens());
+                        st.pending.push_back(u.to_string());
+                    }
+                    st.pending.push_back("[DONE]".into());
+                    st.done = true;
                 }
-                st.pending.push_back("[DONE]".into());
-                st.done = true;
             };
-            match st.rx.recv().await {
-                Some(Event::Token(id)) => {
-                    let text = match st.detok.push(id, st.reply.decode()) {
+            match st.ch.rx.recv().await {
+                Some((i, _)) if st.ch.done[i] => {}
+                Some((i, Event::Token(id))) => {
+                    let text = match st.ch.detok[i].push(id, st.reply.decode()) {
                         Ok(t) => t,
                         Err(e) => {
                             fail(&mut st.pending, &e.to_string());
@@ -475,22 +566,22 @@ fn stream_reply(
                             continue;
                         }
                     };
-                    if st.first || !text.is_empty() {
-                        let first = st.first;
-                        st.first = false;
-                        let c = chunk(&st, &text, None, first);
+                    if st.first[i] || !text.is_empty() {
+                        let first = st.first[i];
+                        st.first[i] = false;
+                        let c = chunk(&st, i, &text, None, first);
                         st.pending.push_back(c);
                     }
-                    if st.detok.stopped {
-                        end(&mut st, "stop", String::new());
+                    if st.ch.detok[i].stopped {
+                        end(&mut st, i, "stop", String::new());
                     }
                 }
-                Some(Event::Done(f)) => {
-                    let text = st.detok.finish(st.reply.decode()).unwrap_or_default();
-                    let name = finish_name(f, st.detok.stopped);
-                    end(&mut st, name, text);
+                Some((i, Event::Done(f))) => {
+                    let text = st.ch.detok[i].finish(st.reply.decode()).unwrap_or_default();
+                    let name = finish_name(f, st.ch.detok[i].stopped);
+                    end(&mut st, i, name, text);
                 }
-                Some(Event::Failed(e)) => {
+                Some((_, Event::Failed(e))) => {
                     fail(&mut st.pending, &e);
                     st.done = true;
                 }
