@@ -1,5 +1,5 @@
 """`qscript serve` through the official `openai` client: models, chat and completions (whole and
-streamed), errors as the client raises them, and concurrent streams that each get exactly their
+streamed), `n` choices, errors as the client raises them, and concurrent streams that each get exactly their
 own tokens. Run by scripts/serve_openai_check.sh (which starts the server on a tiny model)."""
 
 import concurrent.futures
@@ -45,6 +45,14 @@ s = "".join(
     )
 )
 assert c.choices[0].text == s, (c.choices[0].text, s)
+
+# n choices: each the greedy text, indexed 0..n.
+r = client.chat.completions.create(
+    model="tiny", messages=[{"role": "user", "content": "hello there"}], max_tokens=16,
+    temperature=0, n=3,
+)
+assert [x.index for x in r.choices] == [0, 1, 2], r.choices
+assert all(x.message.content == chat("tiny", "hello there")[0] for x in r.choices), r.choices
 
 for call, exc, says in [
     (lambda: chat("gpt-4", "hi"), openai.NotFoundError, "does not exist"),
