@@ -574,6 +574,70 @@ m.generate(tok, "hello", #{{ max_new_tokens: {n} }});
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
 
+/// Seed 000 as written (Qwen1.5-7B LoRA on huanhuan, batch 1 x 16, 128 tokens) planned for a
+/// 16 GiB card with `--fit`: it fits as it is (weights and all, before anything loads); on a 12 GiB
+/// card nothing training can change fits, and the 4-bit base is named.
+#[test]
+fn seed_000_is_planned_for_a_16_gib_card() {
+    let Some(fx) = qscript_runtime::testing::fixtures_dir("real model configs") else {
+        return;
+    };
+    let env = Env::new();
+    sparse_checkpoint(&env, &fx, "Qwen1.5-7B", "q15", None);
+    let recipe =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/huanhuan_lora.rhai");
+    let model = env.recipe_dir().join("q15");
+    let data = fx.join("datasets/huanhuan/huanhuan.json");
+    let run = |gpu: &str| {
+        let o = run_in(
+            env.dir.path(),
+            &[
+                "check",
+                recipe.to_str().unwrap(),
+                "--gpu",
+                gpu,
+                "--fit",
+                "--allow-read",
+                env.dir.path().to_str().unwrap(),
+                "--allow-read",
+                fx.to_str().unwrap(),
+                "--set",
+                &format!("model={}", model.display()),
+                "--set",
+                &format!("data={}", data.display()),
+                "--set",
+                "max_length=128",
+                "--set",
+                "batch_size=1",
+                "--set",
+                "accumulation=16",
+            ],
+        );
+        (o.status.code(), stderr(&o))
+    };
+    let (code, err) = run("16GiB");
+    assert_eq!(code, Some(0), "{err}");
+    let total = err
+        .lines()
+        .find(|l| l.starts_with("check:   total"))
+        .unwrap_or_else(|| panic!("{err}"));
+    let gib: f64 = total
+        .split_whitespace()
+        .rev()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(gib < 16.0, "{total}");
+    assert!(!err.contains("auto_fit:"), "{err}");
+    let (code, err) = run("12GiB");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("`load_in_4bit: true` in `model::load` (QLoRA)"),
+        "{err}"
+    );
+}
+
 /// Writes a Qwen2.5-7B-Instruct checkpoint (the real config, `layers` of them if given, the real
 /// tokenizer) named `name` beside the recipes, its bf16 weights a sparse file (only headers are
 /// real); returns the weights' bytes.
