@@ -340,6 +340,54 @@ fn gradient_checkpointing_gives_the_same_gradients() {
 }
 
 /// Sets every LoRA B of `m` to `value` (so adapters contribute).
+/// A trainer's snapshot holds the weights of the step it was taken at: later steps do not change
+/// it, and it equals the model the run returns when taken last (what a server is published).
+#[test]
+fn a_snapshot_keeps_its_step() {
+    use qscript_runtime::train::Trainer;
+    let data = examples(8);
+    let model = peft(3);
+    let dir = tempfile::tempdir().unwrap();
+    let c = TrainConfig {
+        max_steps: 2,
+        per_device_train_batch_size: 4,
+        ..cfg(dir.path())
+    };
+    let mut t = Trainer::new(&model, std::sync::Arc::new(data), None, &c, 256).unwrap();
+    let mut windows = t.windows();
+    windows.reverse();
+    t.step(&windows.pop().unwrap()).unwrap();
+    let first = t.snapshot().unwrap();
+    let before: Vec<(String, candle_core::Tensor)> =
+        qscript_runtime::model::params::trainable(&first)
+            .into_iter()
+            .map(|(n, x)| (n, x.copy().unwrap()))
+            .collect();
+    t.step(&windows.pop().unwrap()).unwrap();
+    let last = t.snapshot().unwrap();
+    let mut moved = false;
+    for ((n, a), (_, b)) in qscript_runtime::model::params::trainable(&first)
+        .iter()
+        .zip(&before)
+    {
+        assert_eq!(max_abs_diff(a, b), 0.0, "{n} changed after its step");
+    }
+    for ((_, a), (_, b)) in qscript_runtime::model::params::trainable(&last)
+        .iter()
+        .zip(&before)
+    {
+        moved |= max_abs_diff(a, b) > 0.0;
+    }
+    assert!(moved, "the second step changed nothing");
+    let report = t.finish(false).unwrap();
+    for ((n, a), (_, b)) in qscript_runtime::model::params::trainable(&last)
+        .iter()
+        .zip(&qscript_runtime::model::params::trainable(&report.model))
+    {
+        assert_eq!(max_abs_diff(a, b), 0.0, "{n}");
+    }
+}
+
 /// The MLP in row tiles (Unsloth's tiled MLP, here forced on a tiny model by a small tile size:
 /// tiles of 8 rows, the last one partial) gives the untiled loss and gradients, for LoRA on every
 /// linear layer and for full fine-tuning, with and without checkpointing.

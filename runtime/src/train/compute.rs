@@ -289,7 +289,28 @@ impl Executor for Compute {
     }
 
     fn snapshot(&self) -> Result<Model> {
-        snapshot(&self.model)
+        // One copy of each device's flat buffer (one kernel, not one a tensor: a publish each
+        // step stays cheap), the copy's trainable tensors views of it.
+        let copies = self
+            .params
+            .parts
+            .iter()
+            .map(|p| p.data.as_tensor().copy())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let slots: std::collections::HashMap<&str, (usize, &super::flat::Slot)> = self
+            .params
+            .slots()
+            .map(|(k, s)| (s.name.as_str(), (k, s)))
+            .collect();
+        let mut m = self.model.clone();
+        crate::model::params::visit_trainable_mut(&mut m, &mut |name, t| {
+            *t = match slots.get(name) {
+                Some(&(k, slot)) => slot.of(&copies[k])?,
+                None => t.force_contiguous()?,
+            };
+            Ok(())
+        })?;
+        Ok(m)
     }
 
     fn into_model(self: Box<Self>) -> Model {
