@@ -251,13 +251,17 @@ long() {
 # conversations, recipes/psychology_full_sft.rhai as written, 200 steps of 1 x 4 rows of at most
 # 1,024 tokens: with 8-bit AdamW states and offloaded checkpointing (`seed001`), and with f32
 # states and plain checkpointing (`seed001-f32`), whose losses the 8-bit run must follow within
-# 2%. The files come from .devbin/qwen3/ (config.json, tokenizer.json, tokenizer_config.json)
-# and .devbin/emollm_firefly.jsonl.
+# 2%. The files come from .devbin/qwen3/ (config.json, tokenizer.json.xz, tokenizer_config.json)
+# and .devbin/emollm_firefly.jsonl.xz (compressed: the carried files stay under the tool's limit).
 seed001() {
   local dir=$WORK/qwen3-4b
+  mkdir -p "$WORK/qwen3-files"
+  xz -dc "$PEER/qwen3/tokenizer.json.xz" > "$WORK/qwen3-files/tokenizer.json" || return
+  cp "$PEER/qwen3/config.json" "$PEER/qwen3/tokenizer_config.json" "$WORK/qwen3-files/"
+  xz -dc "$PEER/emollm_firefly.jsonl.xz" > "$WORK/emollm_firefly.jsonl" || return
   if [ ! -f "$dir/config.json" ]; then
-    python3 benches/write_random.py "$PEER/qwen3" "$dir" "$PEER/qwen3/tokenizer.json" \
-      "$PEER/qwen3/tokenizer_config.json" > /dev/null || return
+    python3 benches/write_random.py "$WORK/qwen3-files" "$dir" "$WORK/qwen3-files/tokenizer.json" \
+      "$WORK/qwen3-files/tokenizer_config.json" > /dev/null || return
   fi
   local name optim ckpt
   for name in seed001 seed001-f32; do
@@ -266,7 +270,7 @@ seed001() {
     rm -rf "$WORK/runs-$name"
     run "$name-qscript" "$name" "$BIN/qscript" recipes/psychology_full_sft.rhai --allow-read "$WORK" \
       --allow-read "$PWD/$PEER" --output-dir "$WORK/runs-$name" --config "$WORK/$name.yaml" \
-      --set model="$dir" --set data="$PWD/$PEER/emollm_firefly.jsonl" --set max_length=1024 \
+      --set model="$dir" --set data="$WORK/emollm_firefly.jsonl" --set max_length=1024 \
       --set batch_size=1 --set accumulation=4 --set max_steps=200 --set learning_rate=1e-5 \
       --set eval_steps=100
     cp "$WORK/runs-$name/metrics.jsonl" "${OUT:-$WORK}/$name-metrics.jsonl" 2>/dev/null
