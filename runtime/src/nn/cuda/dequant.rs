@@ -53,43 +53,38 @@ pub fn dequant4(q: &Dequant4<'_>, dtype: DType) -> Result<Tensor> {
     let n = (rows * cols) as u64;
     let out = empty(&dev, &[rows, cols], dtype)?;
     let po = addr(&out, "out")?.0;
-    // 16 values a thread where the shape allows it (every real weight does).
+    // 16 values a thread where the shape allows it (every real weight does), else a byte a
+    // thread; the two kernels differ only in their last two arguments.
     let groups = n / 16;
-    if n.is_multiple_of(16)
+    let vector = n.is_multiple_of(16)
         && q.blocksize.is_multiple_of(16)
         && q.blocksize > 0
         && pp.is_multiple_of(8)
         && po.is_multiple_of(16)
         // The kernel's u32 grid-stride counter never wraps.
-        && groups <= u64::from(u32::MAX / 2)
-    {
-        launch(
-            &dev,
-            &PTX,
+        && groups <= u64::from(u32::MAX / 2);
+    let (kernel, threads, [count, block]) = if vector {
+        (
             "dequant4v",
-            dtype,
-            launch_1d(groups as usize),
-            &[
-                Arg::from(pp),
-                Arg::from(pc),
-                Arg::from(pa),
-                Arg::from(pq),
-                Arg::from(ps),
-                Arg::from(p256),
-                Arg::from(offset),
-                Arg::from(po),
+            groups,
+            [
                 Arg::from(groups as u32),
                 Arg::from((q.blocksize / 16) as u32),
             ],
-        )?;
-        return Ok(out);
-    }
+        )
+    } else {
+        (
+            "dequant4",
+            n.div_ceil(2),
+            [Arg::from(n), Arg::from(q.blocksize as u32)],
+        )
+    };
     launch(
         &dev,
         &PTX,
-        "dequant4",
+        kernel,
         dtype,
-        launch_1d(n.div_ceil(2) as usize),
+        launch_1d(threads as usize),
         &[
             Arg::from(pp),
             Arg::from(pc),
@@ -99,8 +94,8 @@ pub fn dequant4(q: &Dequant4<'_>, dtype: DType) -> Result<Tensor> {
             Arg::from(p256),
             Arg::from(offset),
             Arg::from(po),
-            Arg::from(n),
-            Arg::from(q.blocksize as u32),
+            count,
+            block,
         ],
     )?;
     Ok(out)
