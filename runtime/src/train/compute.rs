@@ -289,28 +289,7 @@ impl Executor for Compute {
     }
 
     fn snapshot(&self) -> Result<Model> {
-        // One copy of each device's flat buffer (one kernel, not one a tensor: a publish each
-        // step stays cheap), the copy's trainable tensors views of it.
-        let copies = self
-            .params
-            .parts
-            .iter()
-            .map(|p| p.data.as_tensor().copy())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let slots: std::collections::HashMap<&str, (usize, &super::flat::Slot)> = self
-            .params
-            .slots()
-            .map(|(k, s)| (s.name.as_str(), (k, s)))
-            .collect();
-        let mut m = self.model.clone();
-        crate::model::params::visit_trainable_mut(&mut m, &mut |name, t| {
-            *t = match slots.get(name) {
-                Some(&(k, slot)) => slot.of(&copies[k])?,
-                None => t.force_contiguous()?,
-            };
-            Ok(())
-        })?;
-        Ok(m)
+        snapshot(&self.model, &self.params)
     }
 
     fn into_model(self: Box<Self>) -> Model {
@@ -431,14 +410,27 @@ impl Executor for Compute {
     }
 }
 
-/// A copy of `model` whose trainable tensors are copies (training never changes the input
-/// handle, and later steps never change the copy). Each copy holds its own elements only: the
-/// trainable tensors are views of the flat buffers, and candle's `copy` clones a view's whole
-/// storage (each adapter of a 7B would take the whole 160 MB buffer with it: 63 GB a snapshot).
-pub fn snapshot(model: &Model) -> Result<Model> {
+/// A copy of `model` (whose trainable tensors are views of `params`' flat buffers) that later
+/// steps do not change: one copy of each device's flat buffer, the copy's trainable tensors views
+/// of it. One kernel a snapshot, not one a tensor (a publish each step stays cheap); and not
+/// candle's `copy` of each view, which clones the view's whole storage (each adapter of a 7B
+/// would take the whole 160 MB buffer with it: 63 GB a snapshot).
+pub fn snapshot(model: &Model, params: &DeviceParams) -> Result<Model> {
+    let copies = params
+        .parts
+        .iter()
+        .map(|p| p.data.as_tensor().copy())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let slots: std::collections::HashMap<&str, (usize, &super::flat::Slot)> = params
+        .slots()
+        .map(|(k, s)| (s.name.as_str(), (k, s)))
+        .collect();
     let mut m = model.clone();
-    crate::model::params::visit_trainable_mut(&mut m, &mut |_, t| {
-        *t = t.force_contiguous()?;
+    crate::model::params::visit_trainable_mut(&mut m, &mut |name, t| {
+        *t = match slots.get(name) {
+            Some(&(k, slot)) => slot.of(&copies[k])?,
+            None => t.force_contiguous()?,
+        };
         Ok(())
     })?;
     Ok(m)
@@ -488,10 +480,11 @@ mod tests {
     use crate::lora::{LoraConfig, Targets};
     use crate::model::{TinyConfig, tiny};
 
-    /// A snapshot of a model whose adapters live in one flat buffer holds each adapter's values
-    /// and no more: its storage is the adapter's size, and the values are the model's.
+    /// A snapshot of a model whose adapters live in one flat buffer holds the model's values in
+    /// one copy of that buffer: every adapter a view of the same storage, of the buffer's size
+    /// (not a whole buffer an adapter, as candle's `copy` of each view would make).
     #[test]
-    fn a_snapshot_copies_each_view_not_its_buffer() {
+    fn a_snapshot_copies_the_buffer_once() {
         let m = tiny(&TinyConfig::default()).unwrap();
         let cfg = LoraConfig {
             r: 4,
@@ -499,18 +492,28 @@ mod tests {
             ..LoraConfig::default()
         };
         let mut model = crate::lora::attach(&m, &cfg, 1).unwrap();
-        let _params = super::super::flat::DeviceParams::adopt(&mut model).unwrap();
-        let snap = super::snapshot(&model).unwrap();
+        let params = super::super::flat::DeviceParams::adopt(&mut model).unwrap();
+        let snap = super::snapshot(&model, &params).unwrap();
         let want = crate::model::params::trainable(&model);
         let got = crate::model::params::trainable(&snap);
         assert!(want.len() > 4);
+        let mut storages = std::collections::HashSet::new();
         for ((_, a), (_, b)) in want.iter().zip(&got) {
             let (st, _) = b.storage_and_layout();
             let Storage::Cpu(c) = &*st else {
                 panic!("not on the CPU")
             };
-            assert_eq!(c.as_slice::<f32>().unwrap().len(), b.elem_count());
+            let data = c.as_slice::<f32>().unwrap();
+            assert_eq!(data.len(), params.len());
+            storages.insert(data.as_ptr() as usize);
             assert_eq!(crate::testing::max_abs_diff(a, b), 0.0);
         }
+        // One copy, and not the training buffer itself.
+        assert_eq!(storages.len(), 1);
+        let (live, _) = params.parts[0].data.as_tensor().storage_and_layout();
+        let Storage::Cpu(live) = &*live else {
+            panic!("not on the CPU")
+        };
+        assert!(!storages.contains(&(live.as_slice::<f32>().unwrap().as_ptr() as usize)));
     }
 }
