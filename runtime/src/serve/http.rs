@@ -1,10 +1,9 @@
 //! The OpenAI-compatible HTTP routes (axum on tokio): `POST /v1/chat/completions`,
 //! `POST /v1/completions` (both streamed as server-sent events with `stream: true`),
 //! `GET /v1/models`, `GET /health`; an optional API key checked on every route. Each request
-//! becomes a [`Job`] for the engine; its tokens come back over a channel, and a client that goes
-//! away drops the channel, which ends its sequence.
+//! becomes a [`Job`] for the engine a choice; their tokens come back over channels and become the
+//! reply in `reply.rs`, and a client that goes away drops the channels, which ends its sequences.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,16 +15,13 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request as HttpRequest, State};
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use futures_util::stream::{self, Stream};
 use serde_json::{Value, json};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::api::{self, ApiError, Prompt, Request};
-use super::engine::{EngineHandle, Event, Finish, Job};
-use crate::detok::Detok;
+use super::engine::{EngineHandle, Job};
+use super::reply::{Choices, Kind, Reply, stream_reply, whole_reply};
 use crate::model::generate::GenerateOptions;
 use crate::tokenizer::{TemplateOptions, Tokenizer};
 
@@ -196,29 +192,6 @@ fn too_large(e: BytesRejection) -> ApiError {
     err
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Chat,
-    Text,
-}
-
-impl Kind {
-    fn object(self, chunk: bool) -> &'static str {
-        match (self, chunk) {
-            (Kind::Chat, false) => "chat.completion",
-            (Kind::Chat, true) => "chat.completion.chunk",
-            (Kind::Text, _) => "text_completion",
-        }
-    }
-
-    fn id_prefix(self) -> &'static str {
-        match self {
-            Kind::Chat => "chatcmpl",
-            Kind::Text => "cmpl",
-        }
-    }
-}
-
 /// One request, from its checked body to the response.
 async fn respond(
     state: &Arc<AppState>,
@@ -293,67 +266,6 @@ async fn respond(
     }
 }
 
-/// The choices of one request: their engine events merged into one channel (each tagged with its
-/// choice's index), and each choice's text so far. A choice that ends early (a stop string) stops
-/// its forwarding, which drops its receiver: the engine frees its slot at its next token, as for
-/// a client that went away.
-struct Choices {
-    rx: UnboundedReceiver<(usize, Event)>,
-    forwards: Vec<tokio::task::JoinHandle<()>>,
-    detok: Vec<Detok>,
-    done: Vec<bool>,
-}
-
-impl Choices {
-    fn merge(receivers: Vec<UnboundedReceiver<Event>>, stop: &[String]) -> Self {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let forwards = receivers
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut r)| {
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    while let Some(e) = r.recv().await {
-                        if tx.send((i, e)).is_err() {
-                            break;
-                        }
-                    }
-                })
-            })
-            .collect::<Vec<_>>();
-        let n = forwards.len();
-        Self {
-            rx,
-            forwards,
-            detok: (0..n).map(|_| Detok::new(stop.to_vec())).collect(),
-            done: vec![false; n],
-        }
-    }
-
-    /// A choice is done: nothing more of it is wanted.
-    fn end(&mut self, i: usize) {
-        self.done[i] = true;
-        self.forwards[i].abort();
-    }
-
-    fn all_done(&self) -> bool {
-        self.done.iter().all(|d| *d)
-    }
-
-    /// Completion tokens of every choice.
-    fn tokens(&self) -> usize {
-        self.detok.iter().map(Detok::tokens).sum()
-    }
-}
-
-impl Drop for Choices {
-    fn drop(&mut self) {
-        for f in &self.forwards {
-            f.abort();
-        }
-    }
-}
-
 /// The prompt's ids: chat messages through the chat template, or the text as it is.
 fn prompt_ids(tok: &Tokenizer, req: &Request) -> Result<Vec<u32>, ApiError> {
     let (text, param, special) = match &req.prompt {
@@ -376,226 +288,4 @@ fn prompt_ids(tok: &Tokenizer, req: &Request) -> Result<Vec<u32>, ApiError> {
         return Err(ApiError::invalid(param, "the prompt has no tokens"));
     }
     Ok(ids)
-}
-
-/// What every chunk and reply of one request names.
-struct Reply {
-    tokenizer: Arc<Tokenizer>,
-    kind: Kind,
-    id: String,
-    created: u64,
-    model: String,
-    prompt_tokens: usize,
-    include_usage: bool,
-}
-
-impl Reply {
-    fn decode(&self) -> impl Fn(&[u32]) -> crate::Result<String> + '_ {
-        |ids| self.tokenizer.decode(ids, true)
-    }
-
-    fn usage(&self, completion: usize) -> Value {
-        json!({
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": self.prompt_tokens + completion,
-        })
-    }
-
-    fn choice(
-        &self,
-        index: usize,
-        text: &str,
-        finish: Option<&str>,
-        chunk: bool,
-        first: bool,
-    ) -> Value {
-        match (self.kind, chunk) {
-            (Kind::Chat, false) => json!({
-                "index": index,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish,
-                "logprobs": null,
-            }),
-            (Kind::Chat, true) => {
-                let delta = if first {
-                    json!({"role": "assistant", "content": text})
-                } else if finish.is_some() && text.is_empty() {
-                    json!({})
-                } else {
-                    json!({"content": text})
-                };
-                json!({"index": index, "delta": delta, "finish_reason": finish, "logprobs": null})
-            }
-            (Kind::Text, _) => json!({
-                "index": index,
-                "text": text,
-                "finish_reason": finish,
-                "logprobs": null,
-            }),
-        }
-    }
-
-    fn envelope(&self, choices: Vec<Value>, chunk: bool) -> Value {
-        json!({
-            "id": self.id,
-            "object": self.kind.object(chunk),
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        })
-    }
-}
-
-fn finish_name(f: Finish, stopped: bool) -> &'static str {
-    match (f, stopped) {
-        (_, true) | (Finish::Stop, _) => "stop",
-        (Finish::Length, false) => "length",
-    }
-}
-
-/// The whole reply as one JSON body (every choice in order of its index).
-async fn whole_reply(reply: Reply, mut ch: Choices) -> Response {
-    let n = ch.done.len();
-    let mut text = vec![String::new(); n];
-    let mut finish: Vec<Option<Finish>> = vec![None; n];
-    while !ch.all_done() {
-        let Some((i, event)) = ch.rx.recv().await else {
-            return ApiError::server("the server's engine stopped").into_response();
-        };
-        if ch.done[i] {
-            continue;
-        }
-        match event {
-            Event::Token(id) => match ch.detok[i].push(id, reply.decode()) {
-                Ok(t) => {
-                    text[i].push_str(&t);
-                    if ch.detok[i].stopped {
-                        finish[i] = Some(Finish::Stop);
-                        ch.end(i);
-                    }
-                }
-                Err(e) => return ApiError::server(e.to_string()).into_response(),
-            },
-            Event::Done(f) => {
-                match ch.detok[i].finish(reply.decode()) {
-                    Ok(t) => text[i].push_str(&t),
-                    Err(e) => return ApiError::server(e.to_string()).into_response(),
-                }
-                finish[i] = Some(f);
-                ch.end(i);
-            }
-            Event::Failed(e) => return ApiError::server(e).into_response(),
-        }
-    }
-    let choices = (0..n)
-        .map(|i| {
-            let f = finish[i].unwrap_or(Finish::Stop);
-            reply.choice(
-                i,
-                &text[i],
-                Some(finish_name(f, ch.detok[i].stopped)),
-                false,
-                false,
-            )
-        })
-        .collect();
-    let mut body = reply.envelope(choices, false);
-    body["usage"] = reply.usage(ch.tokens());
-    axum::Json(body).into_response()
-}
-
-/// Server-sent events: a chunk for each piece of text of each choice (tagged with its index),
-/// each choice's final chunk with its finish reason, then, once every choice is done, the usage
-/// chunk when asked and `[DONE]`.
-fn stream_reply(
-    reply: Reply,
-    ch: Choices,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    struct St {
-        reply: Reply,
-        ch: Choices,
-        first: Vec<bool>,
-        done: bool,
-        pending: std::collections::VecDeque<String>,
-    }
-    let n = ch.done.len();
-    let st = St {
-        reply,
-        ch,
-        first: vec![true; n],
-        done: false,
-        pending: std::collections::VecDeque::new(),
-    };
-    let s = stream::unfold(st, |mut st| async move {
-        loop {
-            if let Some(data) = st.pending.pop_front() {
-                return Some((Ok(SseEvent::default().data(data)), st));
-            }
-            if st.done {
-                return None;
-            }
-            let chunk = |st: &St, i: usize, text: &str, finish: Option<&str>, first: bool| {
-                st.reply
-                    .envelope(vec![st.reply.choice(i, text, finish, true, first)], true)
-                    .to_string()
-            };
-            // Choice `i` ends with `finish`; after the last one, the usage and `[DONE]`.
-            let end = |st: &mut St, i: usize, finish: &str, text: String| {
-                let c = chunk(st, i, &text, Some(finish), false);
-                st.pending.push_back(c);
-                st.ch.end(i);
-                if st.ch.all_done() {
-                    if st.reply.include_usage {
-                        let mut u = st.reply.envelope(Vec::new(), true);
-                        u["usage"] = st.reply.usage(st.ch.tokens());
-                        st.pending.push_back(u.to_string());
-                    }
-                    st.pending.push_back("[DONE]".into());
-                    st.done = true;
-                }
-            };
-            match st.ch.rx.recv().await {
-                Some((i, _)) if st.ch.done[i] => {}
-                Some((i, Event::Token(id))) => {
-                    let text = match st.ch.detok[i].push(id, st.reply.decode()) {
-                        Ok(t) => t,
-                        Err(e) => {
-                            fail(&mut st.pending, &e.to_string());
-                            st.done = true;
-                            continue;
-                        }
-                    };
-                    if st.first[i] || !text.is_empty() {
-                        let first = st.first[i];
-                        st.first[i] = false;
-                        let c = chunk(&st, i, &text, None, first);
-                        st.pending.push_back(c);
-                    }
-                    if st.ch.detok[i].stopped {
-                        end(&mut st, i, "stop", String::new());
-                    }
-                }
-                Some((i, Event::Done(f))) => {
-                    let text = st.ch.detok[i].finish(st.reply.decode()).unwrap_or_default();
-                    let name = finish_name(f, st.ch.detok[i].stopped);
-                    end(&mut st, i, name, text);
-                }
-                Some((_, Event::Failed(e))) => {
-                    fail(&mut st.pending, &e);
-                    st.done = true;
-                }
-                None => {
-                    fail(&mut st.pending, "the server's engine stopped");
-                    st.done = true;
-                }
-            }
-        }
-    });
-    Sse::new(s)
-}
-
-fn fail(pending: &mut std::collections::VecDeque<String>, message: &str) {
-    pending.push_back(ApiError::server(message).body().to_string());
-    pending.push_back("[DONE]".into());
 }

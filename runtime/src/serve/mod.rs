@@ -9,6 +9,7 @@
 pub mod api;
 pub mod engine;
 pub mod http;
+mod reply;
 pub mod slots;
 
 use std::net::SocketAddr;
