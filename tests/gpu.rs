@@ -190,42 +190,61 @@ fn ops_match_the_cpu_reference_in_f32_and_bf16() {
                         .collect()
                 })
                 .collect();
-            let packed = AttnMask::right_padded(&lens).with_segments(Some(starts));
-            if dtype != DType::F32 {
-                // Packed rows run as the padded batch of their examples, through cuDNN.
-                let u = qscript_runtime::nn::unpack::Unpacked::of(&packed, b, s, &gpu())
-                    .unwrap()
-                    .unwrap_or_else(|| panic!("case {i}: packed rows not taken as a padded batch"));
-                let why = qscript_runtime::nn::cuda::sdpa::unsupported(
-                    &u.gather(&bshd(&q)).unwrap(),
-                    &u.gather(&bshd(&k)).unwrap(),
-                    &u.mask(),
-                );
+            // And rows whose later examples share the row's first tokens (a preference
+            // pair's prompt, then its two answers).
+            let answers: Vec<Vec<usize>> = lens.iter().map(|&n| vec![2 * n / 3]).collect();
+            let shared: Vec<usize> = lens.iter().map(|&n| n / 3).collect();
+            for (what, packed) in [
+                (
+                    "packed",
+                    AttnMask::right_padded(&lens).with_segments(Some(starts.clone())),
+                ),
+                (
+                    "shared prompt",
+                    AttnMask::right_padded(&lens)
+                        .with_segments(Some(answers.clone()))
+                        .with_shared(Some(shared.clone())),
+                ),
+            ] {
+                if dtype != DType::F32 {
+                    // Packed rows run as the padded batch of their examples, through cuDNN.
+                    let u = qscript_runtime::nn::unpack::Unpacked::of(&packed, b, s, &gpu())
+                        .unwrap()
+                        .unwrap_or_else(|| {
+                            panic!("case {i}: {what} rows not taken as a padded batch")
+                        });
+                    let why = qscript_runtime::nn::cuda::sdpa::unsupported(
+                        &u.gather(&bshd(&q)).unwrap(),
+                        &u.gather(&bshd(&k)).unwrap(),
+                        &u.mask(),
+                    );
+                    assert!(
+                        why.is_none(),
+                        "case {i} {dtype:?}: {what} rows not on cuDNN: {why:?}"
+                    );
+                }
+                let mut sp = None;
+                let pc = attention(&q, &k, &v, &packed, Some(&mut sp)).unwrap();
+                let mut sq = None;
+                let pg =
+                    attention(&bshd(&q), &bshd(&k), &bshd(&v), &packed, Some(&mut sq)).unwrap();
                 assert!(
-                    why.is_none(),
-                    "case {i} {dtype:?}: packed rows not on cuDNN: {why:?}"
+                    rel(&pg, &pc) < tol,
+                    "case {i} {dtype:?} {what} attention forward"
                 );
-            }
-            let mut sp = None;
-            let pc = attention(&q, &k, &v, &packed, Some(&mut sp)).unwrap();
-            let mut sq = None;
-            let pg = attention(&bshd(&q), &bshd(&k), &bshd(&v), &packed, Some(&mut sq)).unwrap();
-            assert!(
-                rel(&pg, &pc) < tol,
-                "case {i} {dtype:?} packed attention forward"
-            );
-            let gc = attention_backward(sp.as_ref().unwrap(), &dy).unwrap();
-            let gq = attention_backward(sq.as_ref().unwrap(), &bshd(&dy)).unwrap();
-            for (n, (a, c)) in
-                ["dq", "dk", "dv"]
-                    .iter()
-                    .zip([(&gq.0, &gc.0), (&gq.1, &gc.1), (&gq.2, &gc.2)])
-            {
-                assert!(
-                    rel(a, c) < tol * 2.0,
-                    "case {i} {dtype:?} packed attention {n}: {}",
-                    rel(a, c)
-                );
+                let gc = attention_backward(sp.as_ref().unwrap(), &dy).unwrap();
+                let gq = attention_backward(sq.as_ref().unwrap(), &bshd(&dy)).unwrap();
+                for (n, (a, c)) in
+                    ["dq", "dk", "dv"]
+                        .iter()
+                        .zip([(&gq.0, &gc.0), (&gq.1, &gc.1), (&gq.2, &gc.2)])
+                {
+                    assert!(
+                        rel(a, c) < tol * 2.0,
+                        "case {i} {dtype:?} {what} attention {n}: {}",
+                        rel(a, c)
+                    );
+                }
             }
             // The RoPE kernel on [b, s, h, d], from a contiguous tensor and from a transposed
             // view (cuDNN's gradients), against the reference on [b, h, s, d].
@@ -915,7 +934,7 @@ fn eight_bit_adamw_kernel_matches_the_reference() {
 fn small_fused_kernels_match_the_reference() {
     use qscript_runtime::nn::NoGrads;
     use qscript_runtime::nn::loss::causal_lm_loss;
-    use qscript_runtime::nn::ops::{add_bias, add_into, put_rows};
+    use qscript_runtime::nn::ops::{add_bias, add_into, move_rows, put_rows};
     let cpu = Device::Cpu;
     let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &cpu).unwrap();
     let on = |t: &Tensor, d: DType| t.to_device(&gpu()).unwrap().to_dtype(d).unwrap();
@@ -947,6 +966,22 @@ fn small_fused_kernels_match_the_reference() {
             )
             .unwrap();
             assert!(rel(&got, &want) < 1e-7, "put_rows {dtype:?} {d}");
+            // Rows picked from `x` by `from` and added in place (a shared prompt's gradients
+            // summed over its copies).
+            let from = Tensor::new(&[2u32, 2, 0], &cpu).unwrap();
+            let base = r(&[9, d]).to_dtype(dtype).unwrap();
+            let want = base
+                .index_add(&ids, &x.index_select(&from, 0).unwrap(), 0)
+                .unwrap();
+            let got = move_rows(
+                base.to_device(&gpu()).unwrap(),
+                &ids.to_device(&gpu()).unwrap(),
+                &x.to_device(&gpu()).unwrap(),
+                Some(&from.to_device(&gpu()).unwrap()),
+                true,
+            )
+            .unwrap();
+            assert!(rel(&got, &want) < tol, "move_rows {dtype:?} {d}");
         }
         for vocab in [256usize, 259] {
             let (n, h) = (13, 24);

@@ -178,6 +178,12 @@ fn preference_objectives_equal_trl_on_loss_metrics_and_gradients() {
         }
         let refs: Vec<&Example> = ex.iter().collect();
         let batch = collate(&refs, 0, None, &Device::Cpu).unwrap();
+        // One row a pair: the prompt once, both answers after it (read back as TRL's two rows).
+        assert_eq!(batch.input_ids.dims2().unwrap().0, ex.len(), "{case}");
+        assert!(
+            batch.shared.as_ref().unwrap().iter().all(|&n| n > 0),
+            "{case}"
+        );
         let (loss, grads, metrics) =
             objective_gradients(&policy, &objective, &batch, ex.len() as f64).unwrap();
         let want = meta["loss"].as_f64().unwrap();

@@ -7,6 +7,7 @@ use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
+use super::pair_rows::{PairRow, PairView, pair_row};
 use super::sft::{Example, IGNORE};
 use crate::Result;
 
@@ -19,7 +20,8 @@ pub struct Batch {
     pub attention_mask: Tensor,
     /// `[b, len]` i64, -100 on padding and unlearned tokens.
     pub labels: Tensor,
-    /// Real (unpadded) tokens in the batch.
+    /// Real (unpadded) tokens in the batch (a preference example's both rows, its shared prompt
+    /// counted twice, as TRL counts them).
     pub tokens: usize,
     /// Real tokens of each row (the rest is right padding).
     pub lens: Vec<usize>,
@@ -30,9 +32,14 @@ pub struct Batch {
     /// Packed rows: per row, where each example after the first starts (`None`: no row packs
     /// several examples).
     pub segments: Option<Vec<Vec<usize>>>,
-    /// Preference examples: each takes two rows in a row (`2i`, `2i + 1`); what the objective
-    /// needs of each. Empty for one row an example.
+    /// Per row, the tokens at its start that each of its packed examples sees (a preference
+    /// example's shared prompt); `None`: none.
+    pub shared: Option<Vec<usize>>,
+    /// Preference examples: what the objective needs of each. Empty for SFT rows.
     pub pref: Vec<PrefRows>,
+    /// Preference examples (one row each: [`super::pair_rows`]) as the two rows a pair is to
+    /// the objective.
+    pub view: Option<PairView>,
 }
 
 /// A preference example's two rows, as the objective sees them.
@@ -47,7 +54,9 @@ pub struct PrefRows {
 impl Batch {
     /// Which keys each query sees: causal, right padding, and packed examples kept apart.
     pub fn mask(&self) -> crate::nn::AttnMask {
-        crate::nn::AttnMask::right_padded(&self.lens).with_segments(self.segments.clone())
+        crate::nn::AttnMask::right_padded(&self.lens)
+            .with_segments(self.segments.clone())
+            .with_shared(self.shared.clone())
     }
 }
 
@@ -64,17 +73,23 @@ pub fn collate(
             "a batch mixes preference examples with single rows".into(),
         ));
     }
-    // Each example's rows: one, or a preference example's two.
-    let rows: Vec<(&[u32], &[i64])> = examples
-        .iter()
-        .flat_map(|e| {
-            std::iter::once((e.input_ids.as_slice(), e.labels.as_slice())).chain(
-                e.pref
-                    .as_ref()
-                    .map(|p| (p.second_ids.as_slice(), p.second_labels.as_slice())),
-            )
-        })
-        .collect();
+    // Each example's row: its own, or a preference example's prompt once and both answers.
+    let pairs: Vec<PairRow> = if pref {
+        examples.iter().map(|e| pair_row(e)).collect()
+    } else {
+        Vec::new()
+    };
+    let rows: Vec<(&[u32], &[i64])> = if pref {
+        pairs
+            .iter()
+            .map(|r| (r.ids.as_slice(), r.labels.as_slice()))
+            .collect()
+    } else {
+        examples
+            .iter()
+            .map(|e| (e.input_ids.as_slice(), e.labels.as_slice()))
+            .collect()
+    };
     let longest = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
     let len = match pad_to_multiple_of {
         Some(m) if m > 1 => longest.div_ceil(m) * m,
@@ -86,11 +101,10 @@ pub fn collate(
         Vec::with_capacity(b * len),
         Vec::with_capacity(b * len),
     );
-    let mut tokens = 0;
+    let tokens = examples.iter().map(|e| e.tokens()).sum();
     let mut lens = Vec::with_capacity(b);
     for (row_ids, row_labels) in &rows {
         let n = row_ids.len();
-        tokens += n;
         lens.push(n);
         ids.extend(*row_ids);
         ids.extend(std::iter::repeat_n(pad_id, len - n));
@@ -107,10 +121,25 @@ pub fn collate(
         tokens,
         lens,
         labels_host: labels,
-        segments: examples
-            .iter()
-            .any(|e| !e.packed.is_empty())
-            .then(|| examples.iter().map(|e| e.packed.clone()).collect()),
+        segments: if pref {
+            Some(
+                pairs
+                    .iter()
+                    .map(|r| r.second_start.into_iter().collect())
+                    .collect(),
+            )
+        } else {
+            examples
+                .iter()
+                .any(|e| !e.packed.is_empty())
+                .then(|| examples.iter().map(|e| e.packed.clone()).collect())
+        },
+        shared: pref.then(|| pairs.iter().map(|r| r.shared).collect()),
+        view: if pref {
+            Some(PairView::new(examples, &pairs, len, pad_id, device)?)
+        } else {
+            None
+        },
         pref: examples
             .iter()
             .filter_map(|e| e.pref.as_ref())

@@ -47,12 +47,13 @@ impl Example {
         }
     }
 
-    /// Rows the example takes in a batch: 2 for a preference example, else 1.
-    pub fn rows(&self) -> usize {
-        1 + usize::from(self.pref.is_some())
+    /// Tokens of the row it takes in a batch: its own, or a preference example's prompt once
+    /// and both answers ([`super::pair_rows`]).
+    pub fn row_len(&self) -> usize {
+        self.tokens() - super::pair_rows::shared_len(self)
     }
 
-    /// Its longest row's tokens (what a batch pads to).
+    /// Its longest row's tokens (what `max_length` cuts).
     pub fn longest(&self) -> usize {
         let second = self.pref.as_ref().map_or(0, |p| p.second_ids.len());
         self.input_ids.len().max(second)

@@ -18,6 +18,7 @@ pub mod formats;
 pub mod info;
 pub mod interleave;
 pub mod ops;
+pub mod pair_rows;
 pub mod pref;
 pub mod pref_records;
 pub mod records;

@@ -65,10 +65,13 @@ fn cudnn_ok(q: &Tensor, k: &Tensor, mask: &AttnMask) -> bool {
     }
 }
 
-/// Whether the fused softmax kernels serve attention on `q`'s device and dtype.
+/// Whether the fused softmax kernels serve attention on `q`'s device and dtype under `mask` (not
+/// shared keys: the reference's bias says those).
 #[cfg(feature = "cuda")]
-fn fused_ok(q: &Tensor) -> bool {
-    q.device().is_cuda() && matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16)
+fn fused_ok(q: &Tensor, mask: &AttnMask) -> bool {
+    q.device().is_cuda()
+        && matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && (mask.shared.is_none() || mask.segments.is_none())
 }
 
 /// The mask as the softmax kernels take it (key ranges uploaded once per call).
@@ -236,7 +239,7 @@ fn forward_parts(
 ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
     let (b, _, _, s, t) = dims;
     #[cfg(feature = "cuda")]
-    if fused_ok(qg) {
+    if fused_ok(qg, mask) {
         let (_, kv, rep, _, _) = dims;
         let rm = row_mask(mask, b, kv * rep, s, qg.device())?;
         let raw = qg.matmul(&k.t()?)?.reshape((b * kv * rep * s, t))?;
@@ -318,8 +321,12 @@ pub fn attention_backward(saved: &AttnSaved, d_out: &Tensor) -> Result<(Tensor, 
         Rows::Softmax { max, log_sum, bias } => (max, log_sum, bias),
         Rows::Unpacked(inner, u, s) => {
             let s = *s;
-            let (dq, dk, dv) = attention_backward(inner, &u.gather(d_out)?)?;
-            return Ok((u.scatter(&dq, s)?, u.scatter(&dk, s)?, u.scatter(&dv, s)?));
+            let (dq, dk, dv) = attention_backward(inner, &u.gather_grad(d_out)?)?;
+            return Ok((
+                u.scatter_sum(&dq, s)?,
+                u.scatter_sum(&dk, s)?,
+                u.scatter_sum(&dv, s)?,
+            ));
         }
         #[cfg(feature = "cuda")]
         Rows::Cudnn(lse) => {
@@ -333,7 +340,7 @@ pub fn attention_backward(saved: &AttnSaved, d_out: &Tensor) -> Result<(Tensor, 
     let dout = d_out.contiguous()?.reshape((b, kv, rep * s, d))?;
     let dtype = q.dtype();
     #[cfg(feature = "cuda")]
-    if fused_ok(q) {
+    if fused_ok(q, &saved.mask) {
         let rm = row_mask(&saved.mask, b, h, s, q.device())?;
         let rows = b * h * s;
         let raw = qg.matmul(&k.t()?)?.reshape((rows, t))?;
@@ -417,6 +424,7 @@ mod tests {
                 offset: 0,
                 key_ranges: Some(vec![(2, 5), (0, 5)]),
                 segments: None,
+                shared: None,
             },
             AttnMask::right_padded(&[5, 4]).with_segments(Some(vec![vec![2], vec![1, 3]])),
         ] {

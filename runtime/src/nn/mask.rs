@@ -16,6 +16,10 @@ pub struct AttnMask {
     /// Packed rows: per row, where each example after the first starts (a query sees only the
     /// keys of its own example); `None`: one example a row.
     pub segments: Option<Vec<Vec<usize>>>,
+    /// Per row of packed rows, the keys at its start that every example of the row sees: a
+    /// prompt shared by the answers after it (`[prompt | answer 1 | answer 2]`, where answer 2
+    /// sees the prompt and itself, and its positions continue from the prompt's). `None`: 0.
+    pub shared: Option<Vec<usize>>,
 }
 
 impl AttnMask {
@@ -26,6 +30,7 @@ impl AttnMask {
             offset,
             key_ranges: None,
             segments: None,
+            shared: None,
         }
     }
 
@@ -36,6 +41,7 @@ impl AttnMask {
             offset: 0,
             key_ranges: Some(lens.iter().map(|&n| (0, n)).collect()),
             segments: None,
+            shared: None,
         }
     }
 
@@ -44,6 +50,22 @@ impl AttnMask {
     pub fn with_segments(mut self, starts: Option<Vec<Vec<usize>>>) -> Self {
         self.segments = starts.filter(|s| s.iter().any(|r| !r.is_empty()));
         self
+    }
+
+    /// The same packed rows with `shared[r]` keys at the start of row `r` seen by each of its
+    /// examples (see [`AttnMask::shared`]); each later example must start at or after them.
+    pub fn with_shared(mut self, shared: Option<Vec<usize>>) -> Self {
+        self.shared = shared.filter(|s| s.iter().any(|&n| n > 0));
+        self
+    }
+
+    /// The shared keys of row `r` (0 when none).
+    pub fn shared_of(&self, r: usize) -> usize {
+        self.shared
+            .as_ref()
+            .and_then(|s| s.get(r))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Per position of `b` rows of `s`, the first key its query may see (the start of its
@@ -69,14 +91,21 @@ impl AttnMask {
         Ok(Some(out))
     }
 
-    /// RoPE positions of packed rows (restarting at each example), `b * s` of them; `None` when
-    /// rows are not packed (positions `offset..`).
+    /// RoPE positions of packed rows (restarting at each example, or after the row's shared
+    /// keys), `b * s` of them; `None` when rows are not packed (positions `offset..`).
     pub fn positions(&self, b: usize, s: usize) -> Result<Option<Vec<u32>>> {
         Ok(self.segment_starts(b, s)?.map(|starts| {
             starts
                 .iter()
                 .enumerate()
-                .map(|(i, &st)| (i % s) as u32 - st)
+                .map(|(i, &st)| {
+                    let from = if st == 0 {
+                        0
+                    } else {
+                        self.shared_of(i / s) as u32
+                    };
+                    from + (i % s) as u32 - st
+                })
                 .collect()
         }))
     }
@@ -102,6 +131,7 @@ impl AttnMask {
             offset,
             key_ranges: (!full).then_some(ranges),
             segments: None,
+            shared: None,
         })
     }
 
@@ -147,9 +177,14 @@ impl AttnMask {
         }
         if let Some(starts) = self.segment_starts(b, s)? {
             // Same example: the key is at or after the query's example start (causal keeps it
-            // at or before the query).
+            // at or before the query), or among the row's shared keys.
             let starts = Tensor::from_vec(starts, (b, s, 1), device)?;
-            let same = keys.broadcast_ge(&starts)?;
+            let mut same = keys.broadcast_ge(&starts)?;
+            if self.shared.is_some() {
+                let shared: Vec<u32> = (0..b).map(|r| self.shared_of(r) as u32).collect();
+                let shared = Tensor::from_vec(shared, (b, 1, 1), device)?;
+                same = same.broadcast_maximum(&keys.broadcast_lt(&shared)?)?;
+            }
             visible = Some(match visible {
                 Some(v) => v.mul(&same)?,
                 None => same,
@@ -165,5 +200,51 @@ impl AttnMask {
                 .where_cond(&zero, &masked)?
                 .reshape((b, 1, 1, s, t))?,
         ))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// `[prompt | answer 1 | answer 2]`: the second answer sees the prompt and itself, not the
+    /// first answer, and its positions continue from the prompt's.
+    #[test]
+    fn a_shared_prompt_is_seen_by_each_answer() {
+        let dev = Device::Cpu;
+        // Prompt 0..2, answer 1 at 2..4, answer 2 at 4..6 (one padding key after it).
+        let mask = AttnMask::right_padded(&[6])
+            .with_segments(Some(vec![vec![4]]))
+            .with_shared(Some(vec![2]));
+        let bias = mask.bias(1, 7, 7, &dev).unwrap().unwrap();
+        let seen: Vec<Vec<u8>> = bias
+            .reshape((7, 7))
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+            .iter()
+            .map(|r| r.iter().map(|&v| u8::from(v == 0.0)).collect())
+            .collect();
+        let want: [[u8; 7]; 7] = [
+            [1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0],
+            [1, 1, 0, 0, 1, 0, 0],
+            [1, 1, 0, 0, 1, 1, 0],
+            [1, 1, 0, 0, 1, 1, 0],
+        ];
+        assert_eq!(seen, want.map(|r| r.to_vec()).to_vec());
+        assert_eq!(
+            mask.positions(1, 7).unwrap().unwrap(),
+            [0, 1, 2, 3, 2, 3, 4]
+        );
+        // Without shared keys the second example starts from nothing.
+        let packed = AttnMask::right_padded(&[6]).with_segments(Some(vec![vec![4]]));
+        assert_eq!(
+            packed.positions(1, 7).unwrap().unwrap(),
+            [0, 1, 2, 3, 0, 1, 2]
+        );
     }
 }

@@ -61,11 +61,28 @@ pub fn add_bias(y: Tensor, bias: &Tensor) -> Result<Tensor> {
 /// `dst` (`[n, h]`, held by nothing else) with row `ids[r]` set to row `r` of `x` (`[rows, h]`,
 /// distinct ids): on CUDA written in place, elsewhere an index-add (`dst` is zero there).
 pub fn put_rows(dst: Tensor, ids: &Tensor, x: &Tensor) -> Result<Tensor> {
+    move_rows(dst, ids, x, None, false)
+}
+
+/// `dst` (`[n, h]`, held by nothing else) with row `ids[r]` set to (`add`: plus) row `from[r]` of
+/// `x` (row `r` when `from` is `None`), distinct ids: on CUDA in place, elsewhere an index-add
+/// (without `add`, the rows written are zero there).
+pub fn move_rows(
+    dst: Tensor,
+    ids: &Tensor,
+    x: &Tensor,
+    from: Option<&Tensor>,
+    add: bool,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused(&dst, x) && dst.is_contiguous() {
-        return super::cuda::accumulate::put_rows(dst, ids, x);
+        return super::cuda::accumulate::put_rows(dst, ids, x, from, add);
     }
-    dst.index_add(ids, x, 0)
+    let _ = add;
+    match from {
+        Some(f) => dst.index_add(ids, &x.index_select(f, 0)?, 0),
+        None => dst.index_add(ids, x, 0),
+    }
 }
 
 /// Backward of [`rms_norm`] from its input: `dx`, and `dweight` when `want_dw`.

@@ -114,7 +114,7 @@ pub struct Knobs {
     pub batch: usize,
     /// `gradient_accumulation_steps`.
     pub accumulation: usize,
-    /// Padded tokens of one example (its rows x the longest row).
+    /// Padded tokens of one example's batch row (a preference example: prompt once, both answers).
     pub example_tokens: usize,
     /// Whether a 4-bit base is possible (LoRA on a dense base).
     pub quant4_possible: bool,

@@ -115,6 +115,7 @@ impl Slots {
                 offset: 0,
                 key_ranges: Some(ranges),
                 segments: None,
+                shared: None,
             },
             positions,
         })

@@ -136,12 +136,7 @@ impl Compute {
     ) -> Result<(DeviceGrads<'_>, Tensor, usize, Metrics)> {
         let dims: Vec<(usize, usize)> = examples
             .iter()
-            .map(|ex| {
-                (
-                    ex.iter().map(|e| e.rows()).sum(),
-                    ex.iter().map(|e| e.longest()).max().unwrap_or(0),
-                )
-            })
+            .map(|ex| (ex.len(), ex.iter().map(|e| e.row_len()).max().unwrap_or(0)))
             .collect();
         // ZeRO stage 2 sums every pass's blocks as its backward leaves them: the same passes on
         // every rank, never merged, in the sequential schedule.
@@ -163,7 +158,7 @@ impl Compute {
                 key: seed,
                 first_row,
             };
-            first_row += ex.iter().map(|e| e.rows()).sum::<usize>() as u64;
+            first_row += ex.len() as u64;
             passes.push((batch, key, merged));
         }
         let largest = passes

@@ -18,6 +18,7 @@ use super::flat::DeviceGrads;
 pub use super::objective::shifted_targets;
 use super::objective::{CausalLm, Labels, Metrics, Objective};
 use crate::data::batch::{Batch, PrefRows};
+use crate::data::pair_rows::PairView;
 use crate::device::to;
 use crate::model::Model;
 use crate::model::block::{BlockSaved, Step};
@@ -81,6 +82,7 @@ pub fn micro_step(
         ids: &batch.ids_host,
         lens: &batch.lens,
         pref: &batch.pref,
+        view: batch.view.as_ref(),
         denom,
         seed: Some(seed),
         ckpt,
@@ -117,6 +119,7 @@ pub fn gradients(
         ids: &ids,
         lens: &lens,
         pref: &[],
+        view: None,
         denom: count.max(1) as f64,
         seed,
         ckpt: ckpt.into(),
@@ -149,6 +152,7 @@ pub fn objective_gradients(
         ids: &batch.ids_host,
         lens: &batch.lens,
         pref: &batch.pref,
+        view: batch.view.as_ref(),
         denom,
         seed: None,
         ckpt: Checkpointing::Off,
@@ -186,6 +190,8 @@ struct Pass<'a> {
     ids: &'a [u32],
     lens: &'a [usize],
     pref: &'a [PrefRows],
+    /// A preference batch's two rows a pair, as the objective reads them.
+    view: Option<&'a PairView>,
     denom: f64,
     seed: Option<Key>,
     ckpt: Checkpointing,
@@ -303,12 +309,17 @@ impl Pass<'_> {
                 lens: self.lens,
                 pref: self.pref,
             };
+            let (seen, labels) = labels.viewed(&rows, self.view)?;
             let out =
                 self.objective
-                    .loss(&rows, d.head_weight(), labels, self.denom, Some(sink))?;
+                    .loss(&seen, d.head_weight(), labels, self.denom, Some(sink))?;
             let dh = out
                 .d_hidden
                 .ok_or_else(|| candle_core::Error::Msg("loss returned no gradient".into()))?;
+            let dh = match self.view {
+                Some(v) => v.unpick(&dh, b * s)?,
+                None => dh,
+            };
             let dh = to(&dh, x.device())?.reshape(x.shape())?;
             let dx = rms_norm_backward_into(&x, &d.norm, eps, &dh, grads)?;
             Ok((
@@ -416,6 +427,7 @@ pub fn window_pipelined(
             ids: &b.ids_host,
             lens: &b.lens,
             pref: &b.pref,
+            view: b.view.as_ref(),
             denom,
             seed: Some(*key),
             ckpt,
@@ -488,16 +500,8 @@ pub fn eval_loss(
     batch: &Batch,
 ) -> Result<(f64, usize, Metrics)> {
     let d = &model.decoder;
-    let (b, s) = batch.input_ids.dims2()?;
     let hidden = final_hidden(model, batch)?;
-    let labels = Labels {
-        labels: &batch.labels_host,
-        rows: b,
-        seq: s,
-        input_ids: &batch.ids_host,
-        lens: &batch.lens,
-        pref: &batch.pref,
-    };
+    let (hidden, labels) = Labels::of(batch)?.viewed(&hidden, batch.view.as_ref())?;
     let out = objective.loss(&hidden, d.head_weight(), labels, 1.0, None)?;
     Ok((
         f64::from(out.loss.to_scalar::<f32>()?),

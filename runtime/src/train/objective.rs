@@ -6,7 +6,8 @@
 
 use candle_core::Tensor;
 
-use crate::data::batch::PrefRows;
+use crate::data::batch::{Batch, PrefRows};
+use crate::data::pair_rows::PairView;
 use crate::data::sft::{Example, IGNORE};
 use crate::nn::GradSink;
 use crate::nn::loss::{LossOut, causal_lm_loss};
@@ -27,6 +28,42 @@ pub struct Labels<'a> {
     pub lens: &'a [usize],
     /// Preference examples, two rows each (empty for one row an example).
     pub pref: &'a [PrefRows],
+}
+
+impl<'a> Labels<'a> {
+    /// `batch`'s labels, `[b, s]` as its rows lie.
+    pub fn of(batch: &'a Batch) -> candle_core::Result<Self> {
+        let (rows, seq) = batch.input_ids.dims2()?;
+        Ok(Self {
+            labels: &batch.labels_host,
+            rows,
+            seq,
+            input_ids: &batch.ids_host,
+            lens: &batch.lens,
+            pref: &batch.pref,
+        })
+    }
+
+    /// The final hidden states `hidden` (`[rows * seq, h]`) and these labels as the objective
+    /// reads them: as they are, or a preference batch's two rows a pair (`view`).
+    pub fn viewed(
+        self,
+        hidden: &Tensor,
+        view: Option<&'a PairView>,
+    ) -> candle_core::Result<(Tensor, Self)> {
+        let Some(v) = view else {
+            return Ok((hidden.clone(), self));
+        };
+        let labels = Self {
+            labels: &v.labels,
+            rows: v.rows,
+            seq: v.seq,
+            input_ids: &v.ids,
+            lens: &v.lens,
+            pref: self.pref,
+        };
+        Ok((v.pick(hidden)?, labels))
+    }
 }
 
 /// An objective's metrics: `(name, sum, count)`.

@@ -157,7 +157,7 @@ pub fn plan(
     let multiple = cfg.pad_to_multiple_of.unwrap_or(1).max(1);
     let longest = train
         .iter()
-        .map(Example::longest)
+        .map(Example::row_len)
         .max()
         .unwrap_or(1)
         .div_ceil(multiple)
@@ -177,10 +177,9 @@ pub fn plan(
             .count()
     });
     let workload = Workload {
-        // A micro-batch holds at most every example (a preference example is two rows).
-        tokens: cfg.per_device_train_batch_size.min(train.len())
-            * train.first().map_or(1, Example::rows)
-            * longest,
+        // A micro-batch holds at most every example (a preference example is one row: its
+        // prompt once, both answers).
+        tokens: cfg.per_device_train_batch_size.min(train.len()) * longest,
         gradient_checkpointing: cfg.checkpointing().recompute(),
         // On the CPU the inputs already lie in host memory: offload is plain checkpointing there.
         offload_activations: cfg.checkpointing().offload() && device.is_gpu(),
@@ -253,7 +252,7 @@ pub fn plan(
         let knobs = fit::Knobs {
             batch: cfg.per_device_train_batch_size.min(train.len()).max(1),
             accumulation: cfg.gradient_accumulation_steps,
-            example_tokens: train.first().map_or(1, Example::rows) * longest,
+            example_tokens: longest,
             quant4_possible: !model.trainable && model.quant4().is_none(),
             optim8_possible: cfg.zero_stage == 0,
             lora_instead: model.trainable.then(|| lora_all_linear(model.config(), 16)),
@@ -400,12 +399,7 @@ fn eval_batch(
         return Ok(None);
     };
     let model = fit.model;
-    let per_example = eval
-        .iter()
-        .map(|e| e.rows() * e.longest())
-        .max()
-        .unwrap_or(1)
-        .max(1);
+    let per_example = eval.iter().map(Example::row_len).max().unwrap_or(1).max(1);
     let need = |batch: usize| -> Result<u64> {
         let tokens = batch * per_example;
         let forward = memory::estimate(

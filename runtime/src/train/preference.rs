@@ -2,7 +2,9 @@
 //! `robust`, with `label_smoothing` and `rpo_alpha`), ORPO and SimPO (reference-free), and KTO
 //! (unpaired answers, the KL estimate from mismatched pairs).
 //!
-//! Each preference example is two rows of a batch ([`crate::data::example::Pref`]). The loss
+//! Each preference example is one row of a batch, its prompt once and both answers after it
+//! ([`crate::data::pair_rows`]), so the prompt's tokens run through the model once; the
+//! objective reads it as TRL's two rows (prompt + answer each). The loss
 //! takes the final hidden states once: the log-probability of every learned token comes from
 //! the chunked linear + log-softmax (no full logits), each row's sum (or mean) goes into the
 //! objective's formula on the host in f64, and the formula's derivative with respect to each
@@ -529,9 +531,10 @@ pub fn reference_logps(
         cancel.check()?;
         let refs: Vec<&Example> = chunk.iter().collect();
         let b = collate(&refs, pad_id, None, &device)?;
-        let (rows, seq) = b.input_ids.dims2()?;
         let hidden = super::engine::final_hidden(model, &b)?;
-        let targets = super::objective::shifted_targets(&b.labels_host, rows, seq);
+        let (hidden, labels) = Labels::of(&b)?.viewed(&hidden, b.view.as_ref())?;
+        let (rows, seq) = (labels.rows, labels.seq);
+        let targets = super::objective::shifted_targets(labels.labels, rows, seq);
         let logps = token_logps(&hidden, d.head_weight(), &targets)?;
         let mut sums = vec![0f64; rows];
         for (at, lp) in logps.iter().enumerate() {

@@ -222,7 +222,7 @@ impl Trainer {
             }
             callbacks.push(Box::new(checkpointer));
         }
-        let lengths = train.iter().map(Example::longest).collect();
+        let lengths = train.iter().map(Example::row_len).collect();
         let readback = Readback::new(exec.model().decoder.device().clone());
         Ok(Self {
             exec,

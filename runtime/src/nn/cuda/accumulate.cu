@@ -65,14 +65,18 @@ __device__ void bias_add(T *y, const T *bias, uint64_t rows, uint64_t d, int vec
         }
     }
 }
-// Row ids[r] of dst [*, h] = row r of x [rows, h] (distinct ids; the other rows untouched), a block
-// per row.
+// Row ids[r] of dst [*, h] = (add: += ) row from[r] of x (row r when from is null) (distinct ids;
+// the other rows untouched), a block per row.
 template <typename T>
-__device__ void put_rows(T *dst, const uint32_t *ids, const T *x, uint64_t rows, uint64_t h) {
+__device__ void put_rows(T *dst, const uint32_t *ids, const T *x, const uint32_t *from, uint64_t rows,
+                         uint64_t h, int add) {
     for (uint64_t r = blockIdx.x; r < rows; r += gridDim.x) {
         T *dr = dst + (uint64_t)ids[r] * h;
-        const T *xr = x + r * h;
-        for (uint64_t j = threadIdx.x; j < h; j += blockDim.x) dr[j] = xr[j];
+        const T *xr = x + (from ? (uint64_t)from[r] : r) * h;
+        if (add)
+            for (uint64_t j = threadIdx.x; j < h; j += blockDim.x) dr[j] = st<T>(ld(dr[j]) + ld(xr[j]));
+        else
+            for (uint64_t j = threadIdx.x; j < h; j += blockDim.x) dr[j] = xr[j];
     }
 }
 #define ADDS(T, SFX)                                                                            \
@@ -82,9 +86,9 @@ __device__ void put_rows(T *dst, const uint32_t *ids, const T *x, uint64_t rows,
     extern "C" __global__ void bias_add_##SFX(T *y, const T *b, uint64_t rows, uint64_t d, int vec) { \
         bias_add<T>(y, b, rows, d, vec);                                                        \
     }                                                                                           \
-    extern "C" __global__ void put_rows_##SFX(T *dst, const uint32_t *ids, const T *x, uint64_t rows, \
-                                              uint64_t h) {                                     \
-        put_rows<T>(dst, ids, x, rows, h);                                                      \
+    extern "C" __global__ void put_rows_##SFX(T *dst, const uint32_t *ids, const T *x,             \
+                                              const uint32_t *from, uint64_t rows, uint64_t h, int add) { \
+        put_rows<T>(dst, ids, x, from, rows, h, add);                                           \
     }
 ADDS(float, f32)
 ADDS(__nv_bfloat16, bf16)

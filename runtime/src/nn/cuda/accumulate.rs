@@ -129,27 +129,44 @@ pub fn add_bias(y: Tensor, bias: &Tensor) -> Result<Tensor> {
     Ok(y)
 }
 
-/// Row `ids[r]` of `dst` (contiguous `[n, h]`) `= x[r]` (`[rows, h]`, distinct ids) in place, and
-/// `dst` returned: rows put back where they were picked from.
-pub fn put_rows(dst: Tensor, ids: &Tensor, x: &Tensor) -> Result<Tensor> {
-    let (rows, h) = x.dims2()?;
+/// Row `ids[r]` of `dst` (contiguous `[n, h]`) `= x[from[r]]` (`add`: `+=`; row `r` of `x`
+/// when `from` is `None`; distinct ids) in place, and `dst` returned: rows put back where they
+/// were picked from, or added there.
+pub fn put_rows(
+    dst: Tensor,
+    ids: &Tensor,
+    x: &Tensor,
+    from: Option<&Tensor>,
+    add: bool,
+) -> Result<Tensor> {
+    let (xrows, h) = x.dims2()?;
     let (_, dh) = dst.dims2()?;
+    let rows = ids.elem_count();
     if dh != h
-        || ids.elem_count() != rows
+        || from.map_or(xrows, Tensor::elem_count) != rows
         || ids.dtype() != DType::U32
+        || from.is_some_and(|f| f.dtype() != DType::U32 || !f.device().same_device(dst.device()))
         || x.dtype() != dst.dtype()
         || !x.device().same_device(dst.device())
         || !ids.device().same_device(dst.device())
     {
         candle_core::bail!(
-            "put_rows: {rows} rows of {h} into {:?}, {} ids",
+            "put_rows: {rows} rows of {xrows} x {h} into {:?}, {} ids",
             dst.dims(),
             ids.elem_count()
         );
     }
+    if rows == 0 {
+        return Ok(dst);
+    }
     let (x, ids) = (x.contiguous()?, ids.contiguous()?);
+    let from = from.map(Tensor::contiguous).transpose()?;
     let (pd, dev) = addr(&dst, "dst")?;
     let (pi, px) = (addr(&ids, "ids")?.0, addr(&x, "x")?.0);
+    let pf = match &from {
+        Some(f) => addr(f, "from")?.0,
+        None => 0,
+    };
     launch(
         &dev,
         &PTX,
@@ -160,8 +177,10 @@ pub fn put_rows(dst: Tensor, ids: &Tensor, x: &Tensor) -> Result<Tensor> {
             Arg::from(pd),
             Arg::from(pi),
             Arg::from(px),
+            Arg::from(pf),
             Arg::from(rows as u64),
             Arg::from(h as u64),
+            Arg::from(i32::from(add)),
         ],
     )?;
     Ok(dst)
