@@ -411,7 +411,13 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
             * n_matmul;
     let attn_fwd = c.num_hidden_layers as f64 * 4.0 * seq as f64 * h / 2.0;
     let attn = attn_fwd * if ckpt { 4.0 } else { 3.0 };
-    let flops = tokens * (lin + attn);
+    // What runs: a pair's prompt goes through the model once (one row: prompt, both answers).
+    let computed = if dpo {
+        (batch * (2 * seq - seq / 2) * accum * ranks) as f64
+    } else {
+        tokens
+    };
+    let flops = computed * (lin + attn);
     let gpus = (ranks * devices.len().max(1)) as f64;
     if qscript_runtime::dist::rank() != 0 {
         return Ok(());
