@@ -35,10 +35,13 @@ sample() {
   echo "$max" > "$out"
 }
 
-# run NAME CONFIG CMD...: runs CMD, samples its peak memory, appends its JSON line + peak
+# run NAME CONFIG CMD...: runs CMD, samples its peak memory, appends its JSON line + peak.
+# RUN_LIMIT=SECONDS stops a run that takes longer (a failed row; the device call goes on to the
+# next); each run's last log lines are copied to $OUT as it ends, so a call cut short keeps them.
 run() {
   local name=$1 config=$2; shift 2
   local log=$WORK/$name.log
+  if [ -n "${RUN_LIMIT:-}" ]; then set -- timeout --signal=INT --kill-after=20 "$RUN_LIMIT" "$@"; fi
   "$@" > "$log" 2> "$log.err" &
   local pid=$!
   sample "$pid" "$log.mem" &
@@ -72,6 +75,7 @@ rec["peak_driver_gib"] = round(int(sys.argv[3] or 0) / 1024, 2)
 print(json.dumps(rec))
 EOF
   tail -1 "$RESULTS"
+  if [ -n "${OUT:-}" ]; then tail -c 4000 "$log.err" > "$OUT/$name.err.txt"; fi
 }
 
 # config NAME MODEL BATCH SEQ STEPS WARMUP [--ckpt] [--full]

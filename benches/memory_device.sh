@@ -14,5 +14,4 @@ echo "gpu tests: exit $?"; grep -E "^test |test result|panicked" "${OUT:-/tmp}/g
 [ $# -eq 0 ] && set -- qlora-7b long-7b-64
 # Rows land in $OUT as they come (a call cut off at its limit keeps the ones done).
 RESULTS=${OUT:-/tmp}/results.jsonl BIN=/tmp/qs PEER=.devbin bash benches/gpu.sh "$@"
-for f in /tmp/qsbench/*.err; do tail -20 "$f" > "${OUT:-/tmp}/$(basename "$f")"; done 2>/dev/null
 true
