@@ -62,6 +62,9 @@ pub struct TrainConfig {
     pub auto_fit: bool,
     /// Put examples of similar length in the same batch (still shuffled per epoch).
     pub group_by_length: bool,
+    /// Train on the examples in the dataset's order, every epoch (LLaMA-Factory's name): for
+    /// curricula, and for runs compared step by step with another trainer's.
+    pub disable_shuffling: bool,
     /// Round padded lengths up to a multiple of this.
     pub pad_to_multiple_of: Option<usize>,
     /// TRL's `packing`: concatenate examples into rows of `max_length` tokens (attention never
@@ -144,6 +147,7 @@ impl Default for TrainConfig {
             offload_activations: false,
             auto_fit: false,
             group_by_length: false,
+            disable_shuffling: false,
             pad_to_multiple_of: None,
             packing: false,
             max_length: None,
@@ -413,6 +417,13 @@ impl TrainConfig {
         }
         if self.bf16 && self.fp16 {
             return bad("`bf16` and `fp16` cannot both be true".into());
+        }
+        if self.group_by_length && self.disable_shuffling {
+            return bad(
+                "`group_by_length` reorders the examples and `disable_shuffling` keeps their order: \
+                 choose one"
+                    .into(),
+            );
         }
         if !matches!(self.eval_strategy.as_str(), "no" | "steps" | "epoch") {
             return bad(format!(

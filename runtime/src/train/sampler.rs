@@ -51,13 +51,17 @@ pub fn next_windows(
     // One micro-batch for all ranks: each takes its share (see `Compute::shard`).
     let batch = cfg.per_device_train_batch_size * ranks;
     for _ in 0..2 {
-        let order = epoch_order(
-            lengths,
-            batch,
-            cfg.group_by_length,
-            cfg.seed,
-            state.epoch as u64,
-        );
+        let order = if cfg.disable_shuffling {
+            (0..lengths.len()).collect()
+        } else {
+            epoch_order(
+                lengths,
+                batch,
+                cfg.group_by_length,
+                cfg.seed,
+                state.epoch as u64,
+            )
+        };
         let micro: Vec<Vec<usize>> = order.chunks(batch).map(<[usize]>::to_vec).collect();
         let k = cfg.gradient_accumulation_steps;
         let full_windows_only = micro_per_epoch >= k;
@@ -80,4 +84,47 @@ pub fn next_windows(
         state.micro_in_epoch = 0;
     }
     Vec::new()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// `disable_shuffling` trains in the dataset's order, each epoch; with `group_by_length` it
+    /// is refused by name.
+    #[test]
+    fn disabled_shuffling_keeps_the_dataset_order() {
+        let cfg = TrainConfig {
+            per_device_train_batch_size: 2,
+            gradient_accumulation_steps: 2,
+            disable_shuffling: true,
+            ..TrainConfig::default()
+        };
+        let lengths = [5, 9, 3, 7, 4, 8, 6, 2];
+        let mut state = TrainerState::default();
+        let first = next_windows(&lengths, &cfg, 1, 4, &mut state);
+        assert_eq!(
+            first,
+            vec![vec![vec![0, 1], vec![2, 3]], vec![vec![4, 5], vec![6, 7]]]
+        );
+        state.micro_in_epoch = 4;
+        assert_eq!(next_windows(&lengths, &cfg, 1, 4, &mut state), first);
+        assert_eq!(state.epoch, 1);
+        let shuffled = TrainConfig {
+            disable_shuffling: false,
+            ..cfg.clone()
+        };
+        let mut state = TrainerState::default();
+        assert_ne!(next_windows(&lengths, &shuffled, 1, 4, &mut state), first);
+        let both = TrainConfig {
+            group_by_length: true,
+            ..cfg
+        };
+        let e = both.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("`group_by_length`") && e.contains("`disable_shuffling`"),
+            "{e}"
+        );
+    }
 }

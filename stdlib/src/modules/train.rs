@@ -664,6 +664,7 @@ pub mod train_module {
     /// | `offload_activations` | false | `gradient_checkpointing: "offload"` by another name |
     /// | `auto_fit` | false | when the run would not fit its device: apply the cheapest of a smaller micro-batch (more accumulation, the same examples a step) and checkpointing that fits, and say so (`qscript --fit` sets it for every run); without it the run is refused with each change that would fit, its estimated peak and speed |
     /// | `group_by_length` | false | similar lengths in a batch (still shuffled per epoch) |
+    /// | `disable_shuffling` | false | LLaMA-Factory's: the dataset's order every epoch (curricula; runs compared step by step with another trainer's) |
     /// | `pad_to_multiple_of` | none | round padded lengths up |
     /// | `packing` | false | TRL's: examples packed into rows of `max_length` (default 1024); attention never crosses an example, positions restart, the loss is the unpacked one; a row counts as one example |
     /// | `max_length` | none | TRL's: the packed row length; without `packing`, longer examples are cut |
