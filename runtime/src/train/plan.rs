@@ -115,8 +115,8 @@ pub fn plan(
     let tensorboard = cfg.tensorboard()?;
     if cfg.packing && data.train.iter().any(|e| e.pref.is_some()) {
         return Err(Error::InvalidArgument(
-            "`packing` is for SFT; preference pairs are padded, each pair's two rows in one batch \
-             (drop `packing`)"
+            "`packing` is for SFT; preference pairs are padded, each pair one row (its prompt once, \
+             then both answers) in one batch (drop `packing`)"
                 .into(),
         ));
     }
