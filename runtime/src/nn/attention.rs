@@ -135,6 +135,41 @@ fn uploaded_ranges(r: &[(usize, usize)], device: &candle_core::Device) -> Result
     })
 }
 
+/// The padded layout of `mask`'s packed rows ([`super::unpack::Unpacked::of`]), made once for
+/// every layer of a pass: the last one is kept per thread and reused while the mask, the shape
+/// and the device are the same (its index tensors are uploaded from pageable host memory, which
+/// waits for the stream: once a layer would stall the host 28 times a pass).
+#[cfg(feature = "cuda")]
+fn unpacked(
+    mask: &AttnMask,
+    b: usize,
+    s: usize,
+    device: &candle_core::Device,
+) -> Result<Option<super::unpack::Unpacked>> {
+    type Kept = Option<(
+        AttnMask,
+        (usize, usize),
+        candle_core::Device,
+        Option<super::unpack::Unpacked>,
+    )>;
+    thread_local! {
+        static LAST: std::cell::RefCell<Kept> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((m, dims, d, u)) = last.as_ref()
+            && *dims == (b, s)
+            && d.same_device(device)
+            && m == mask
+        {
+            return Ok(u.clone());
+        }
+        let u = super::unpack::Unpacked::of(mask, b, s, device)?;
+        *last = Some((mask.clone(), (b, s), device.clone(), u.clone()));
+        Ok(u)
+    })
+}
+
 /// `t` `[b, h, t, d]` as the matmuls take it: as it is when it is a window of positions of a
 /// contiguous buffer (the KV cache's: rows of `d` contiguous, heads evenly spaced), else a
 /// contiguous copy.
@@ -178,7 +213,7 @@ pub fn attention(
         && matches!(q.dtype(), DType::BF16 | DType::F16)
     {
         let (b, _, s, _) = q.dims4()?;
-        if let Some(u) = super::unpack::Unpacked::of(mask, b, s, q.device())?
+        if let Some(u) = unpacked(mask, b, s, q.device())?
             && cudnn_ok(q, k, &u.mask())
         {
             return attention_unpacked(&u, q, k, v, saved);
