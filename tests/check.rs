@@ -534,6 +534,51 @@ train::fit(m, ds, #{{ per_device_train_batch_size: 1, max_steps: 1, gradient_che
     );
 }
 
+/// `gradient_checkpointing: "auto"` recomputes only as many blocks as the card needs: a 64k-token
+/// row of a 7B keeps more of its last blocks' activations on an 80 GB card than on a 40 GB one,
+/// and the plan says how many.
+#[test]
+fn auto_checkpointing_keeps_what_the_card_holds() {
+    let Some(fx) = qscript_runtime::testing::fixtures_dir("real model configs") else {
+        return;
+    };
+    let env = Env::new();
+    sparse_checkpoint(&env, &fx, "Qwen2.5-7B-Instruct", "q7", None);
+    let long = "the quick brown fox jumps over the lazy dog ".repeat(2000);
+    env.write(
+        "long.json",
+        &serde_json::to_string(&[serde_json::json!({"instruction": "story", "output": long})])
+            .unwrap(),
+    );
+    env.write(
+        "auto.rhai",
+        r#"let tok = tokenizer::load("q7");
+let ds = data::sft(data::to_messages(data::load("long.json")), tok, #{ max_length: 16384 });
+let m = lora::attach(model::load("q7", #{ dtype: "bf16" }), #{ r: 8, target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"] });
+train::fit(m, ds, #{ per_device_train_batch_size: 1, max_steps: 1, gradient_checkpointing: "auto" });
+"#,
+    );
+    let kept = |gpu: &str| -> usize {
+        let o = run_in(env.dir.path(), &["check", "recipe/auto.rhai", "--gpu", gpu]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(0), "{err}");
+        let at = err
+            .find("gradient_checkpointing: \"auto\": ")
+            .unwrap_or_else(|| panic!("no auto note: {err}"));
+        let rest = &err[at..];
+        let k = rest
+            .split("the last ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{rest}"));
+        k.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let (big, small) = (kept("h100-80gb"), kept("a100-40gb"));
+    assert!(
+        small < big && big < 28,
+        "kept {small} on 40 GB, {big} on 80 GB"
+    );
+}
+
 /// Generation is planned too: a KV cache past what the GPU holds is refused before anything is
 /// computed, with how many new tokens would fit; one that fits passes.
 #[test]

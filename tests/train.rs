@@ -314,7 +314,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     set_lora_b(&mut lora_model, 0.05);
     let mask = AttnMask::right_padded(&batch.lens);
     for (name, m) in [("lora", &lora_model), ("full", &full)] {
-        let run = |recompute| {
+        let run = |recompute: qscript_runtime::train::Checkpointing| {
             gradients(
                 m,
                 &batch.input_ids,
@@ -325,7 +325,16 @@ fn gradient_checkpointing_gives_the_same_gradients() {
             )
             .unwrap()
         };
-        assert_same_gradients(name, &run(false), &run(true), 1e-4);
+        assert_same_gradients(name, &run(false.into()), &run(true.into()), 1e-4);
+        // `"auto"` resolved: the last blocks keep their activations, the others are recomputed.
+        for keep in [1, 2] {
+            assert_same_gradients(
+                &format!("{name}, the last {keep} kept"),
+                &run(false.into()),
+                &run(qscript_runtime::train::Checkpointing::KeepLast(keep)),
+                1e-4,
+            );
+        }
     }
 }
 
@@ -458,6 +467,8 @@ fn offloaded_checkpointing_trains_as_checkpointing_does() {
         serde_json::json!({"gradient_checkpointing": "offload"}),
         serde_json::json!({"gradient_checkpointing": "unsloth"}),
         serde_json::json!({"offload_activations": true}),
+        // Planned: as many blocks keep their activations as fit (all of this tiny model's).
+        serde_json::json!({"gradient_checkpointing": "auto"}),
     ] {
         let got = losses(opts.clone());
         assert_eq!(got.len(), want.len());
@@ -472,7 +483,10 @@ fn offloaded_checkpointing_trains_as_checkpointing_does() {
         serde_json::from_value::<TrainConfig>(serde_json::json!({"gradient_checkpointing": "yes"}))
             .unwrap_err()
             .to_string();
-    assert!(e.contains(r#"expected true, false or "offload""#), "{e}");
+    assert!(
+        e.contains(r#"expected true, false, "offload" or "auto""#),
+        "{e}"
+    );
 }
 
 /// Sets every LoRA B of `m` to `value` (so adapters contribute).

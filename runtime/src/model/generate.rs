@@ -139,6 +139,7 @@ impl Model {
                     .map(|q| matches!(q.absmax, crate::quant::Absmax::Nested { .. })),
                 optim8: false,
                 mlp_dropout: false,
+                kept_blocks: 0,
             },
         )?;
         // A loaded model's weights and the CUDA runtime already hold their share of the GPU.

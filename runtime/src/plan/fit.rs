@@ -162,10 +162,14 @@ impl Proposal {
         let mut on_gpu = None;
         for lever in levers {
             match *lever {
-                Lever::Checkpointing => w.gradient_checkpointing = true,
+                Lever::Checkpointing => {
+                    w.gradient_checkpointing = true;
+                    w.kept_blocks = 0;
+                }
                 Lever::Offload => {
                     w.gradient_checkpointing = true;
                     w.offload_activations = true;
+                    w.kept_blocks = 0;
                 }
                 Lever::MicroBatch { batch, .. } => w.tokens = batch * k.example_tokens,
                 Lever::Quant4 => w.quant4 = Some(true),
@@ -444,6 +448,7 @@ mod tests {
             quant4: None,
             optim8: false,
             mlp_dropout: false,
+            kept_blocks: 0,
         }
     }
 

@@ -66,6 +66,9 @@ pub struct Workload {
     pub optim8: bool,
     /// Training draws dropout masks in the MLP's adapters (its MLP then never runs in tiles).
     pub mlp_dropout: bool,
+    /// With checkpointing, the last blocks that keep what their backward reads instead of being
+    /// recomputed (`gradient_checkpointing: "auto"`).
+    pub kept_blocks: usize,
 }
 
 /// Values an 8-bit optimizer block's absmax covers (bitsandbytes' 256; `train::optim::eight_bit`).
@@ -236,15 +239,22 @@ pub fn estimate(cfg: &ModelConfig, dtype: DType, w: &Workload) -> Result<Estimat
     let (activations, per_token) = if !training {
         (0.0, 0.0)
     } else if w.gradient_checkpointing {
-        // Every block input (two at a time with offload: the one in use and the one coming or
-        // going), and one block recomputed with all it saves.
-        let kept = if w.offload_activations {
-            layers.min(2.0)
+        // Every recomputed block's input (two at a time with offload: the one in use and the
+        // one coming or going), and one block recomputed with all it saves; the last blocks
+        // that are not recomputed keep all they save.
+        let keep = (w.kept_blocks as f64).min(layers);
+        let inputs = if w.offload_activations {
+            (layers - keep).min(2.0)
         } else {
-            layers
+            layers - keep
         };
-        let per = kept * h * b;
-        (tokens * (per * held + per_layer) + tile_bytes, per)
+        // One block's working set is there at every backward: a kept block's, or the one
+        // being recomputed (the kept ones are gone by then).
+        let per = inputs * h * b + keep * per_layer;
+        (
+            tokens * (inputs * h * b * held + (keep * held).max(1.0) * per_layer) + tile_bytes,
+            per,
+        )
     } else {
         (tokens * layers * per_layer * held + tile_bytes, per_layer)
     };
@@ -566,6 +576,7 @@ mod tests {
                     quant4: None,
                     optim8: false,
                     mlp_dropout: false,
+                    kept_blocks: 0,
                 },
             )
             .unwrap();
@@ -604,6 +615,7 @@ mod tests {
                     quant4: None,
                     optim8: false,
                     mlp_dropout: false,
+                    kept_blocks: 0,
                 },
             )
             .unwrap()
@@ -649,6 +661,7 @@ mod tests {
             quant4,
             optim8: false,
             mlp_dropout: false,
+            kept_blocks: 0,
         };
         let dense = estimate(&c, DType::BF16, &w(None)).unwrap();
         let q = estimate(&c, DType::BF16, &w(Some(true))).unwrap();
@@ -665,6 +678,40 @@ mod tests {
         );
         // On a GPU the dequantization kernel writes the bf16 result only.
         assert_eq!(q.temporaries - dense.temporaries, 3584 * 18944 * 2);
+    }
+
+    /// `gradient_checkpointing: "auto"` resolved: keeping the last k blocks' activations costs
+    /// between checkpointing (k = 0) and none (every block kept), growing with k past the first.
+    #[test]
+    fn kept_blocks_lie_between_checkpointing_and_none() {
+        let c = qwen15_7b();
+        let w = |ckpt: bool, kept_blocks: usize| Workload {
+            tokens: 4096,
+            gradient_checkpointing: ckpt,
+            offload_activations: false,
+            trainable: Trainable::Adapters(4_194_304),
+            weight_decay: false,
+            lora: Some((8, 4)),
+            gpu: true,
+            optimizer_shards: 1,
+            gradient_shards: 1,
+            held_micro_batches: 1,
+            quant4: None,
+            optim8: false,
+            mlp_dropout: false,
+            kept_blocks,
+        };
+        let act = |ckpt, k| estimate(&c, DType::BF16, &w(ckpt, k)).unwrap().activations;
+        let layers = c.num_hidden_layers;
+        assert_eq!(act(true, layers), act(false, 0));
+        // The last block's working set is there at its backward either way.
+        assert!(act(true, 1) <= act(true, 0));
+        let mut last = act(true, 1);
+        for k in 2..=layers {
+            let now = act(true, k);
+            assert!(now > last, "{k} kept: {now} after {last}");
+            last = now;
+        }
     }
 
     #[test]
@@ -686,6 +733,7 @@ mod tests {
             quant4: None,
             optim8: false,
             mlp_dropout: false,
+            kept_blocks: 0,
         };
         let e = estimate(&c, DType::BF16, &w).err().unwrap().to_string();
         assert!(e.contains("`hidden_size` 1000000000000"), "{e}");

@@ -182,12 +182,27 @@ pub enum Checkpointing {
     On,
     /// As `On`, with the inputs in pinned host memory, copied out and back beside the compute.
     Offload,
+    /// `"auto"`: the plan recomputes as few blocks as the device's memory allows
+    /// ([`Checkpointing::KeepLast`] once resolved).
+    Auto,
+    /// Blocks are recomputed in backward but for the last `n`, which keep what their backward
+    /// reads (how `"auto"` resolves).
+    KeepLast(usize),
 }
 
 impl Checkpointing {
-    /// Blocks are recomputed in backward.
+    /// Blocks (some, or all) are recomputed in backward.
     pub fn recompute(self) -> bool {
         self != Self::Off
+    }
+
+    /// Whether block `layer` of `layers` is recomputed in backward.
+    pub fn recomputes(self, layer: usize, layers: usize) -> bool {
+        match self {
+            Self::Off => false,
+            Self::On | Self::Offload | Self::Auto => true,
+            Self::KeepLast(n) => layer + n < layers,
+        }
     }
 
     /// Block inputs are offloaded to host memory.
@@ -208,6 +223,7 @@ impl Serialize for Checkpointing {
             Self::Off => s.serialize_bool(false),
             Self::On => s.serialize_bool(true),
             Self::Offload => s.serialize_str("offload"),
+            Self::Auto | Self::KeepLast(_) => s.serialize_str("auto"),
         }
     }
 }
@@ -218,7 +234,7 @@ impl<'de> Deserialize<'de> for Checkpointing {
         impl serde::de::Visitor<'_> for V {
             type Value = Checkpointing;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("true, false or \"offload\"")
+                f.write_str("true, false, \"offload\" or \"auto\"")
             }
             fn visit_bool<E: serde::de::Error>(
                 self,
@@ -232,6 +248,7 @@ impl<'de> Deserialize<'de> for Checkpointing {
             ) -> std::result::Result<Self::Value, E> {
                 match v {
                     "offload" | "unsloth" => Ok(Checkpointing::Offload),
+                    "auto" => Ok(Checkpointing::Auto),
                     "true" => Ok(Checkpointing::On),
                     "false" => Ok(Checkpointing::Off),
                     other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),

@@ -275,7 +275,8 @@ impl Pass<'_> {
             let x = hook.before_forward(i, to(&f.x, blk.device())?)?;
             let (cos, sin) = f.tables.on(blk.device())?;
             let step = self.step(&cos, &sin);
-            let mut sv = (!self.ckpt.recompute()).then(BlockSaved::default);
+            let n = model.decoder.blocks.len();
+            let mut sv = (!self.ckpt.recomputes(i, n)).then(BlockSaved::default);
             let y = blk
                 .forward(&x, &step, None, i, sv.as_mut())
                 .map_err(self.at(format!("forward of layer {i}")))?;

@@ -208,6 +208,11 @@ pub fn plan(
                 .iter()
                 .any(|&p| b.proj(p).has_dropout())
         }),
+        // `gradient_checkpointing: "auto"` as the plan resolved it.
+        kept_blocks: match cfg.checkpointing() {
+            Checkpointing::KeepLast(n) => n,
+            _ => 0,
+        },
     };
     let estimate = memory::estimate(model.config(), model.decoder.dtype(), &workload)?;
     // Offloaded block inputs wait in pinned host memory: this machine's must hold them (a named
@@ -230,6 +235,9 @@ pub fn plan(
     }
     let fit = Fit::new(model, &machine, device, estimate.weights);
     let budget = fit.budget;
+    if cfg.checkpointing() == Checkpointing::Auto {
+        return plan_auto_checkpointing(model, data, cfg, ranks, &workload, budget);
+    }
     let epochs = if cfg.max_steps > 0 {
         total.div_ceil(steps_per_epoch) as f64
     } else {
@@ -469,6 +477,69 @@ fn lora_all_linear(c: &crate::model::ModelConfig, r: usize) -> usize {
     // Each projection's A (r x in) and B (out x r).
     let per_layer = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h);
     c.num_hidden_layers * r * per_layer
+}
+
+/// Share of a device's memory `gradient_checkpointing: "auto"` plans to fill (the estimate is
+/// within a few percent of the measured peak; the rest is headroom).
+const AUTO_CHECKPOINTING_SHARE: f64 = 0.9;
+
+/// `gradient_checkpointing: "auto"`: the plan with as many of the last blocks keeping their
+/// activations (not recomputed) as fit in [`AUTO_CHECKPOINTING_SHARE`] of the device's
+/// `budget` (every block recomputed when the budget is not known, or the model is placed over
+/// several devices), and a note that says what was chosen.
+fn plan_auto_checkpointing(
+    model: &Model,
+    data: &RunData,
+    cfg: &TrainConfig,
+    ranks: usize,
+    workload: &Workload,
+    budget: Option<u64>,
+) -> Result<(RunPlan, Arc<Vec<Example>>)> {
+    let layers = model.config().num_hidden_layers;
+    let need = |keep: usize| -> Result<u64> {
+        let w = Workload {
+            gradient_checkpointing: keep < layers,
+            kept_blocks: keep,
+            ..*workload
+        };
+        Ok(memory::estimate(model.config(), model.decoder.dtype(), &w)?.total())
+    };
+    let room = budget
+        .filter(|_| model.placement.is_none())
+        .map(|b| (b as f64 * AUTO_CHECKPOINTING_SHARE) as u64);
+    let mut keep = 0;
+    if let Some(room) = room {
+        for k in (0..=layers).rev() {
+            if need(k)? <= room {
+                keep = k;
+                break;
+            }
+        }
+    }
+    let mut resolved = cfg.clone();
+    resolved.gradient_checkpointing = match keep {
+        0 => Checkpointing::On,
+        k if k == layers => Checkpointing::Off,
+        k => Checkpointing::KeepLast(k),
+    };
+    let (mut plan, train) = plan(model, data, &resolved, ranks)?;
+    let chosen = match room {
+        None => "every block recomputed (the device's free memory is not known here)".to_string(),
+        Some(room) => format!(
+            "{} of the {layers} blocks recomputed in backward, the last {keep} keeping their \
+             activations (about {} of the {} planned for: {:.0}% of what the device holds)",
+            layers - keep,
+            human(need(keep)? as f64),
+            human(room as f64),
+            AUTO_CHECKPOINTING_SHARE * 100.0
+        ),
+    };
+    let note = format!("gradient_checkpointing: \"auto\": {chosen}");
+    plan.fitted = Some(match plan.fitted.take() {
+        Some((c, more)) => (c, format!("{note}\n{more}")),
+        None => (Box::new(resolved), note),
+    });
+    Ok((plan, train))
 }
 
 /// What a workload needs on the run's devices (one, or each of a placement's) and what they

@@ -167,7 +167,7 @@ impl Trainer {
         mode: Mode,
     ) -> Result<Self> {
         let (plan, train) = super::plan::plan(model, &data, cfg, collective.size())?;
-        // With `auto_fit`, the options the plan chose for the run to fit.
+        // With `auto_fit` or `gradient_checkpointing: "auto"`, the options the plan chose.
         let fitted = plan.fitted.as_ref().map(|(c, _)| c.as_ref().clone());
         let cfg = fitted.as_ref().unwrap_or(cfg);
         let out_dir = PathBuf::from(&cfg.output_dir);

@@ -660,7 +660,7 @@ pub mod train_module {
     /// | `adam_beta1`, `adam_beta2`, `adam_epsilon` | 0.9, 0.999, 1e-8 | AdamW |
     /// | `max_grad_norm` | 1.0 | global-norm clipping (0: off) |
     /// | `bf16`, `fp16` | false | train in the dtype the model was loaded with (a note if they differ) |
-    /// | `gradient_checkpointing` | false | recompute each block in backward; `"offload"` (Unsloth's `"unsloth"`): also keep the block inputs in pinned host memory until their backward, copied beside the compute (the GPU holds two blocks' inputs instead of every layer's) |
+    /// | `gradient_checkpointing` | false | recompute each block in backward; `"offload"` (Unsloth's `"unsloth"`): also keep the block inputs in pinned host memory until their backward, copied beside the compute (the GPU holds two blocks' inputs instead of every layer's); `"auto"`: recompute only as many blocks as the device's memory needs (the last blocks keep their activations while 90% of the device holds them; the plan says how many) |
     /// | `offload_activations` | false | `gradient_checkpointing: "offload"` by another name |
     /// | `auto_fit` | false | when the run would not fit its device: apply the cheapest of a smaller micro-batch (more accumulation, the same examples a step) and checkpointing that fits, and say so (`qscript --fit` sets it for every run); without it the run is refused with each change that would fit, its estimated peak and speed |
     /// | `group_by_length` | false | similar lengths in a batch (still shuffled per epoch) |
