@@ -170,6 +170,10 @@ dpo() {
   fi
   run "$name-qscript" "$name" "$BIN/model_bench" train "$dir" --dpo --batch "$pairs" --seq "$seq" \
     --steps "$steps" --warmup "$warmup" --ckpt
+  # `gradient_checkpointing: "auto"`: only the blocks the GPU needs recomputed (a row of its own,
+  # `NAME-auto`: the peers above recompute every block).
+  run "$name-auto-qscript" "$name-auto" "$BIN/model_bench" train "$dir" --dpo --batch "$pairs" \
+    --seq "$seq" --steps "$steps" --warmup "$warmup" --auto-ckpt
 }
 
 # qlora NAME MODEL BATCH SEQ STEPS WARMUP: QLoRA r16 on every linear layer with checkpointing;

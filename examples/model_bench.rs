@@ -8,6 +8,7 @@
 //! # training throughput on fixed-length random rows, the shape of ../shared/bench/hf_peft_lora.py
 //! model_bench train DIR [--batch 8] [--seq 512] [--steps 10] [--warmup 3] [--ckpt] [--full]
 //!     [--offload]   # checkpointing with the block inputs in host memory
+//!     [--auto-ckpt] # `gradient_checkpointing: "auto"`: only the blocks the GPU needs recomputed
 //!     [--accum 1] [--device-map auto] [--no-pipeline]   # under torchrun: data parallel
 //!     [--dpo]   # `--batch` preference pairs of two `--seq` rows (prompt seq/2 + answer), DPO
 //!               # sigmoid beta 0.1 with the reference pass over the timed steps' pairs timed too
@@ -208,8 +209,12 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     };
     let (batch, seq) = (value("--batch", 8)?, value("--seq", 512)?);
     let (steps, warmup) = (value("--steps", 10)?, value("--warmup", 3)?);
-    let offload = flag("--offload");
-    let (ckpt, full, dpo) = (flag("--ckpt") || offload, flag("--full"), flag("--dpo"));
+    let (offload, auto_ckpt) = (flag("--offload"), flag("--auto-ckpt"));
+    let (ckpt, full, dpo) = (
+        flag("--ckpt") || offload || auto_ckpt,
+        flag("--full"),
+        flag("--dpo"),
+    );
     let accum = value("--accum", 1)?;
     let device_map = match args.iter().position(|a| a == "--device-map") {
         Some(i) => Some(qscript_runtime::plan::DeviceMap::from_name(
@@ -321,6 +326,8 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
         save_steps: 0,
         gradient_checkpointing: if offload {
             qscript_runtime::train::Checkpointing::Offload
+        } else if auto_ckpt {
+            qscript_runtime::train::Checkpointing::Auto
         } else {
             ckpt.into()
         },
@@ -365,6 +372,17 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     // the pool does not hold), beside the measured one.
     let est = &t.plan().memory;
     let estimate = (est.total() - est.runtime) as f64 / (1u64 << 30) as f64;
+    // The share of blocks recomputed in backward (`"auto"` as the plan resolved it).
+    let layers = c.num_hidden_layers;
+    let resolved = t
+        .plan()
+        .fitted
+        .as_ref()
+        .map_or(cfg.checkpointing(), |(f, _)| f.checkpointing());
+    let recomputed = (0..layers)
+        .filter(|&l| resolved.recomputes(l, layers))
+        .count() as f64
+        / layers.max(1) as f64;
     let dev = model.decoder.device().clone();
     // Every device the model lies on (one per stage), each waited for around the timed steps.
     let stages = qscript_runtime::train::engine::stages(&model, None);
@@ -405,12 +423,11 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     let (v, h) = (c.vocab_size as f64, c.hidden_size as f64);
     let n_nonembed = n_params - v * h * if c.tie_word_embeddings { 1.0 } else { 2.0 };
     let n_matmul = n_nonembed + v * h;
-    let lin =
-        (if ckpt { 3.0 } else { 2.0 } + if full { 1.0 } else { 0.0 } + if dpo { 1.0 } else { 0.0 })
-            * 2.0
-            * n_matmul;
+    let lin = (2.0 + recomputed + if full { 1.0 } else { 0.0 } + if dpo { 1.0 } else { 0.0 })
+        * 2.0
+        * n_matmul;
     let attn_fwd = c.num_hidden_layers as f64 * 4.0 * seq as f64 * h / 2.0;
-    let attn = attn_fwd * if ckpt { 4.0 } else { 3.0 };
+    let attn = attn_fwd * (3.0 + recomputed);
     // What runs: a pair's prompt goes through the model once (one row: prompt, both answers).
     let computed = if dpo {
         (batch * (2 * seq - seq / 2) * accum * ranks) as f64
@@ -431,7 +448,7 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
             "load_s": (load_secs * 100.0).round() / 100.0,
             "ref_pass_ms_per_step": (ref_secs / steps as f64 * 1e5).round() / 100.0,
             "seq": seq, "batch": batch, "accum": accum, "ranks": ranks,
-            "pipeline": cfg.pipeline && devices.len() > 1, "grad_ckpt": ckpt, "offload": offload, "step_ms": (dt * 1e5).round() / 100.0,
+            "pipeline": cfg.pipeline && devices.len() > 1, "grad_ckpt": ckpt, "offload": offload, "recomputed_share": recomputed, "step_ms": (dt * 1e5).round() / 100.0,
             "tokens_per_s": (tokens / dt * 10.0).round() / 10.0, "mfu": ((flops / dt / (989e12 * gpus)) * 1e4).round() / 1e4,
             "loss": loss, "device_used_gib_at_end": mem, "pool_peak_gib": peak,
             "pool_estimate_gib": (estimate * 100.0).round() / 100.0})
