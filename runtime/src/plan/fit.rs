@@ -6,7 +6,8 @@
 //!
 //! The speed costs are estimates, stated as the fraction of today's tokens/s a lever keeps:
 //! checkpointing runs each block's forward twice (a step is about a forward and a backward of
-//! twice its cost: 3 units become 4); a 4-bit base dequantizes each weight at each product
+//! twice its cost: 3 units become 4), partial checkpointing (`"auto"`) only the blocks it
+//! recomputes, the fewest that fit in 90% of the device; a 4-bit base dequantizes each weight at each product
 //! (measured on a 7B: 0.71x); a smaller micro-batch runs smaller products
 //! ([`efficiency`]); a layer on the CPU runs some 50 times slower than on a GPU; offloading the
 //! checkpointed block inputs costs the waits for copies that did not finish beside the compute.
@@ -29,6 +30,10 @@ const OPTIM8_SPEED: f64 = 0.99;
 /// 7B at 64k tokens on an H100 (benches/README.md); a little kept back for short rows, where the
 /// copies' fixed costs weigh more.
 const OFFLOAD_SPEED: f64 = 0.99;
+/// Share of a device's memory partial checkpointing (`gradient_checkpointing: "auto"`) plans to
+/// fill: it can fill a device to the byte, and the estimate is within a few percent of the
+/// measured peak; the rest is headroom.
+pub const PARTIAL_CHECKPOINTING_SHARE: f64 = 0.9;
 /// How many times slower a layer runs on the CPU than on a GPU.
 const CPU_LAYER_COST: f64 = 50.0;
 /// Tokens in a micro-batch at which the products run at half their peak rate.
@@ -39,6 +44,14 @@ const HALF_RATE_TOKENS: f64 = 256.0;
 pub enum Lever {
     /// `gradient_checkpointing: true`.
     Checkpointing,
+    /// `gradient_checkpointing: "auto"`: the first `recomputed` blocks recomputed, the last ones
+    /// keeping their activations.
+    PartialCheckpointing {
+        /// Blocks recomputed in backward.
+        recomputed: usize,
+        /// The model's layers.
+        layers: usize,
+    },
     /// `gradient_checkpointing: "offload"`: checkpointing with the block inputs in host memory.
     Offload,
     /// `per_device_train_batch_size` and `gradient_accumulation_steps` (the same examples a
@@ -74,7 +87,11 @@ impl Lever {
     pub fn applies_in_training(self) -> bool {
         matches!(
             self,
-            Lever::Checkpointing | Lever::Offload | Lever::MicroBatch { .. } | Lever::Optim8
+            Lever::Checkpointing
+                | Lever::PartialCheckpointing { .. }
+                | Lever::Offload
+                | Lever::MicroBatch { .. }
+                | Lever::Optim8
         )
     }
 }
@@ -83,6 +100,10 @@ impl fmt::Display for Lever {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Lever::Checkpointing => f.write_str("`gradient_checkpointing: true`"),
+            Lever::PartialCheckpointing { recomputed, layers } => write!(
+                f,
+                "`gradient_checkpointing: \"auto\"` ({recomputed} of {layers} blocks recomputed)"
+            ),
             Lever::Offload => {
                 f.write_str("`gradient_checkpointing: \"offload\"` (block inputs in host memory)")
             }
@@ -166,6 +187,10 @@ impl Proposal {
                     w.gradient_checkpointing = true;
                     w.kept_blocks = 0;
                 }
+                Lever::PartialCheckpointing { recomputed, layers } => {
+                    w.gradient_checkpointing = true;
+                    w.kept_blocks = layers.saturating_sub(recomputed);
+                }
                 Lever::Offload => {
                     w.gradient_checkpointing = true;
                     w.offload_activations = true;
@@ -220,7 +245,7 @@ pub struct Solution {
 
 /// What the levers would do to a run of `base` and `k` (see [`Solution`]).
 pub fn solve(base: &Workload, k: &Knobs, need: &dyn Need) -> Result<Solution> {
-    let eval = |levers: Vec<Lever>| -> Result<Proposal> {
+    let eval_as_is = |levers: Vec<Lever>| -> Result<Proposal> {
         let (w, on_gpu) = Proposal::apply(&levers, base, k);
         let (need, budget) = need.need(&w, on_gpu)?;
         let speed = levers.iter().map(|l| speed(*l, k, base)).product();
@@ -230,6 +255,36 @@ pub fn solve(base: &Workload, k: &Knobs, need: &dyn Need) -> Result<Solution> {
             budget,
             speed,
         })
+    };
+    // Partial checkpointing with the other levers: the fewest blocks recomputed that fit in
+    // `PARTIAL_CHECKPOINTING_SHARE` of the device (the need shrinks with each one), else all
+    // but one.
+    let eval = |levers: Vec<Lever>| -> Result<Proposal> {
+        let Some(at) = levers
+            .iter()
+            .position(|l| matches!(l, Lever::PartialCheckpointing { .. }))
+        else {
+            return eval_as_is(levers);
+        };
+        let with = |recomputed: usize| {
+            let mut l = levers.clone();
+            l[at] = Lever::PartialCheckpointing {
+                recomputed,
+                layers: k.layers,
+            };
+            eval_as_is(l)
+        };
+        let (mut lo, mut hi) = (1usize, k.layers - 1);
+        while lo < hi {
+            let mid = usize::midpoint(lo, hi);
+            let p = with(mid)?;
+            if p.need as f64 <= p.budget as f64 * PARTIAL_CHECKPOINTING_SHARE {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        with(lo)
     };
     // The micro-batches the levers try: the divisors of the batch, largest first (the same
     // examples a step), as `batch` with its accumulation.
@@ -244,6 +299,12 @@ pub fn solve(base: &Workload, k: &Knobs, need: &dyn Need) -> Result<Solution> {
     // Groups of levers that exclude each other (checkpointing, or checkpointing with offload).
     let mut basics: Vec<Vec<Lever>> = Vec::new();
     let mut ckpt = Vec::new();
+    if !base.gradient_checkpointing && k.layers > 1 {
+        ckpt.push(Lever::PartialCheckpointing {
+            recomputed: k.layers - 1,
+            layers: k.layers,
+        });
+    }
     if !base.gradient_checkpointing {
         ckpt.push(Lever::Checkpointing);
     }
@@ -366,6 +427,12 @@ fn cpu_layers(
 fn speed(lever: Lever, k: &Knobs, base: &Workload) -> f64 {
     match lever {
         Lever::Checkpointing => CHECKPOINTING_SPEED,
+        // A recomputed block is one more forward of its share of the step (3 units become 3 +
+        // the share).
+        Lever::PartialCheckpointing { recomputed, layers } => {
+            let share = recomputed as f64 / layers.max(1) as f64;
+            3.0 / (3.0 + share)
+        }
         Lever::Offload if base.gradient_checkpointing => OFFLOAD_SPEED,
         Lever::Offload => CHECKPOINTING_SPEED * OFFLOAD_SPEED,
         Lever::Quant4 => QUANT4_SPEED,
@@ -427,7 +494,14 @@ mod tests {
     impl Need for Linear {
         fn need(&self, w: &Workload, on_gpu: Option<usize>) -> Result<(u64, u64)> {
             let weights = if w.quant4.is_some() { 3.0 } else { 10.0 };
-            let act = w.tokens as f64 * if w.gradient_checkpointing { 0.1 } else { 1.0 };
+            // A kept block (partial checkpointing) holds a tenth of a token's units.
+            let kept = w.kept_blocks as f64 / 10.0;
+            let act = w.tokens as f64
+                * if w.gradient_checkpointing {
+                    0.1 + 0.9 * kept
+                } else {
+                    1.0
+                };
             let share = on_gpu.map_or(1.0, |k| k as f64 / 10.0);
             Ok((((weights + act) * share).ceil() as u64, 20))
         }
@@ -471,7 +545,27 @@ mod tests {
         // 8 examples of 4 tokens: 42 units of 20.
         let s = solve(&base(32), &knobs(8), &Linear).unwrap();
         let names: Vec<String> = s.alone.iter().map(|p| p.levers[0].to_string()).collect();
-        assert_eq!(names.len(), 4, "{names:?}");
+        assert_eq!(names.len(), 5, "{names:?}");
+        // Partial checkpointing: the fewest blocks recomputed that fit in 90% of the device (9
+        // of 10: 17 units; 8 would need 19), cheaper than recomputing every block.
+        let part = s
+            .alone
+            .iter()
+            .position(|p| matches!(p.levers[0], Lever::PartialCheckpointing { .. }))
+            .unwrap();
+        let full = s
+            .alone
+            .iter()
+            .position(|p| p.levers[0] == Lever::Checkpointing)
+            .unwrap();
+        assert_eq!(
+            s.alone[part].levers[0],
+            Lever::PartialCheckpointing {
+                recomputed: 9,
+                layers: 10
+            }
+        );
+        assert!(s.alone[part].fits() && s.alone[part].need == 17 && part < full);
         // Cheapest first: the speeds never rise down the list.
         assert!(s.alone.windows(2).all(|w| w[0].speed >= w[1].speed));
         // The micro-batch alone: the largest that fits (2 examples: 18 units), with the same

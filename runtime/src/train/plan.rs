@@ -284,6 +284,10 @@ pub fn plan(
                     fit::Lever::Checkpointing => {
                         fitted.gradient_checkpointing = Checkpointing::On;
                     }
+                    fit::Lever::PartialCheckpointing { recomputed, layers } => {
+                        fitted.gradient_checkpointing =
+                            Checkpointing::KeepLast(layers.saturating_sub(recomputed));
+                    }
                     fit::Lever::Offload => {
                         fitted.gradient_checkpointing = Checkpointing::Offload;
                     }
@@ -479,12 +483,8 @@ fn lora_all_linear(c: &crate::model::ModelConfig, r: usize) -> usize {
     c.num_hidden_layers * r * per_layer
 }
 
-/// Share of a device's memory `gradient_checkpointing: "auto"` plans to fill (the estimate is
-/// within a few percent of the measured peak; the rest is headroom).
-const AUTO_CHECKPOINTING_SHARE: f64 = 0.9;
-
 /// `gradient_checkpointing: "auto"`: the plan with as many of the last blocks keeping their
-/// activations (not recomputed) as fit in [`AUTO_CHECKPOINTING_SHARE`] of the device's
+/// activations (not recomputed) as fit in [`fit::PARTIAL_CHECKPOINTING_SHARE`] of the device's
 /// `budget` (every block recomputed when the budget is not known, or the model is placed over
 /// several devices), and a note that says what was chosen.
 fn plan_auto_checkpointing(
@@ -506,7 +506,7 @@ fn plan_auto_checkpointing(
     };
     let room = budget
         .filter(|_| model.placement.is_none())
-        .map(|b| (b as f64 * AUTO_CHECKPOINTING_SHARE) as u64);
+        .map(|b| (b as f64 * fit::PARTIAL_CHECKPOINTING_SHARE) as u64);
     let mut keep = 0;
     if let Some(room) = room {
         for k in (0..=layers).rev() {
@@ -531,7 +531,7 @@ fn plan_auto_checkpointing(
             layers - keep,
             human(need(keep)? as f64),
             human(room as f64),
-            AUTO_CHECKPOINTING_SHARE * 100.0
+            fit::PARTIAL_CHECKPOINTING_SHARE * 100.0
         ),
     };
     let note = format!("gradient_checkpointing: \"auto\": {chosen}");
