@@ -824,48 +824,50 @@ train::fit(m, ds, #{{ {train}, max_steps: 1 }});
 const FIT_SNAPSHOT: &str = r#"lora7 at 16GiB:
   - `optim: "adamw_8bit"` (8-bit optimizer states): about 84.64 GiB of 16.00 GiB (does not fit), ~0.99x the speed
   - `per_device_train_batch_size: 1, gradient_accumulation_steps: 16`: about 23.96 GiB of 16.00 GiB (does not fit), ~0.90x the speed
+  - `load_in_4bit: true` in `model::load` (QLoRA): about 75.77 GiB of 16.00 GiB (does not fit), ~0.83x the speed
   - `gradient_checkpointing: "auto"` (27 of 28 blocks recomputed): about 22.15 GiB of 16.00 GiB (does not fit), ~0.76x the speed
   - `gradient_checkpointing: true`: about 22.26 GiB of 16.00 GiB (does not fit), ~0.75x the speed
   - `gradient_checkpointing: "offload"` (block inputs in host memory): about 19.42 GiB of 16.00 GiB (does not fit), ~0.74x the speed
-  - `load_in_4bit: true` in `model::load` (QLoRA): about 75.77 GiB of 16.00 GiB (does not fit), ~0.71x the speed
   - 24 of 28 layers on the CPU (`device_map: "auto"` with `max_memory`): about 15.99 GiB of 16.00 GiB (fits), ~0.02x the speed
-the cheapest that fits: `gradient_checkpointing: "offload"` (block inputs in host memory) + `per_device_train_batch_size: 1, gradient_accumulation_steps: 16`: about 15.81 GiB of 16.00 GiB (fits), ~0.67x the speed; `auto_fit: true` (or `qscript --fit`) applies it
+the cheapest that fits: `load_in_4bit: true` in `model::load` (QLoRA) + `per_device_train_batch_size: 1, gradient_accumulation_steps: 16`: about 15.07 GiB of 16.00 GiB (fits), ~0.75x the speed
+the cheapest training can apply to the model as loaded: `gradient_checkpointing: "offload"` (block inputs in host memory) + `per_device_train_batch_size: 1, gradient_accumulation_steps: 16`: about 15.81 GiB of 16.00 GiB (fits), ~0.67x the speed; `auto_fit: true` (or `qscript --fit`) applies it
 lora7 at 24GiB:
   - `optim: "adamw_8bit"` (8-bit optimizer states): about 84.64 GiB of 24.00 GiB (does not fit), ~0.99x the speed
   - `per_device_train_batch_size: 1, gradient_accumulation_steps: 16`: about 23.96 GiB of 24.00 GiB (fits), ~0.90x the speed
+  - `load_in_4bit: true` in `model::load` (QLoRA): about 75.77 GiB of 24.00 GiB (does not fit), ~0.83x the speed
   - `gradient_checkpointing: "auto"` (27 of 28 blocks recomputed): about 22.15 GiB of 24.00 GiB (fits), ~0.76x the speed
   - `gradient_checkpointing: true`: about 22.26 GiB of 24.00 GiB (fits), ~0.75x the speed
   - `gradient_checkpointing: "offload"` (block inputs in host memory): about 19.42 GiB of 24.00 GiB (fits), ~0.74x the speed
-  - `load_in_4bit: true` in `model::load` (QLoRA): about 75.77 GiB of 24.00 GiB (does not fit), ~0.71x the speed
   - 22 of 28 layers on the CPU (`device_map: "auto"` with `max_memory`): about 21.71 GiB of 24.00 GiB (fits), ~0.03x the speed
 the cheapest that fits: `per_device_train_batch_size: 1, gradient_accumulation_steps: 16`: about 23.96 GiB of 24.00 GiB (fits), ~0.90x the speed; `auto_fit: true` (or `qscript --fit`) applies it
 lora7 at 40GiB:
   - `optim: "adamw_8bit"` (8-bit optimizer states): about 84.64 GiB of 40.00 GiB (does not fit), ~0.99x the speed
   - `per_device_train_batch_size: 2, gradient_accumulation_steps: 8`: about 32.63 GiB of 40.00 GiB (fits), ~0.96x the speed
+  - `load_in_4bit: true` in `model::load` (QLoRA): about 75.77 GiB of 40.00 GiB (does not fit), ~0.83x the speed
   - `gradient_checkpointing: "auto"` (22 of 28 blocks recomputed): about 33.73 GiB of 40.00 GiB (fits), ~0.79x the speed
   - `gradient_checkpointing: true`: about 22.26 GiB of 40.00 GiB (fits), ~0.75x the speed
   - `gradient_checkpointing: "offload"` (block inputs in host memory): about 19.42 GiB of 40.00 GiB (fits), ~0.74x the speed
-  - `load_in_4bit: true` in `model::load` (QLoRA): about 75.77 GiB of 40.00 GiB (does not fit), ~0.71x the speed
   - 16 of 28 layers on the CPU (`device_map: "auto"` with `max_memory`): about 38.88 GiB of 40.00 GiB (fits), ~0.03x the speed
 the cheapest that fits: `per_device_train_batch_size: 2, gradient_accumulation_steps: 8`: about 32.63 GiB of 40.00 GiB (fits), ~0.96x the speed; `auto_fit: true` (or `qscript --fit`) applies it
 lora7 at 80GiB:
   - `optim: "adamw_8bit"` (8-bit optimizer states): about 84.64 GiB of 80.00 GiB (does not fit), ~0.99x the speed
   - `per_device_train_batch_size: 4, gradient_accumulation_steps: 4`: about 49.98 GiB of 80.00 GiB (fits), ~0.98x the speed
   - `gradient_checkpointing: "auto"` (6 of 28 blocks recomputed): about 70.77 GiB of 80.00 GiB (fits), ~0.93x the speed
+  - `load_in_4bit: true` in `model::load` (QLoRA): about 75.77 GiB of 80.00 GiB (fits), ~0.83x the speed
   - `gradient_checkpointing: true`: about 22.26 GiB of 80.00 GiB (fits), ~0.75x the speed
   - `gradient_checkpointing: "offload"` (block inputs in host memory): about 19.42 GiB of 80.00 GiB (fits), ~0.74x the speed
-  - `load_in_4bit: true` in `model::load` (QLoRA): about 75.77 GiB of 80.00 GiB (fits), ~0.71x the speed
   - 2 of 28 layers on the CPU (`device_map: "auto"` with `max_memory`): about 78.94 GiB of 80.00 GiB (fits), ~0.22x the speed
 the cheapest that fits: `per_device_train_batch_size: 4, gradient_accumulation_steps: 4`: about 49.98 GiB of 80.00 GiB (fits), ~0.98x the speed; `auto_fit: true` (or `qscript --fit`) applies it
 lora32 at 80GiB:
   - `optim: "adamw_8bit"` (8-bit optimizer states): about 185.41 GiB of 80.00 GiB (does not fit), ~0.99x the speed
   - `per_device_train_batch_size: 1, gradient_accumulation_steps: 4`: about 93.15 GiB of 80.00 GiB (does not fit), ~0.92x the speed
+  - `load_in_4bit: true` in `model::load` (QLoRA): about 142.63 GiB of 80.00 GiB (does not fit), ~0.83x the speed
   - `gradient_checkpointing: "auto"` (63 of 64 blocks recomputed): about 70.20 GiB of 80.00 GiB (fits), ~0.75x the speed
   - `gradient_checkpointing: true`: about 70.28 GiB of 80.00 GiB (fits), ~0.75x the speed
   - `gradient_checkpointing: "offload"` (block inputs in host memory): about 65.43 GiB of 80.00 GiB (fits), ~0.74x the speed
-  - `load_in_4bit: true` in `model::load` (QLoRA): about 142.63 GiB of 80.00 GiB (does not fit), ~0.71x the speed
   - 38 of 64 layers on the CPU (`device_map: "auto"` with `max_memory`): about 78.31 GiB of 80.00 GiB (fits), ~0.03x the speed
-the cheapest that fits: `gradient_checkpointing: "auto"` (63 of 64 blocks recomputed): about 70.20 GiB of 80.00 GiB (fits), ~0.75x the speed; `auto_fit: true` (or `qscript --fit`) applies it
+the cheapest that fits: `gradient_checkpointing: "auto"` (10 of 64 blocks recomputed) + `load_in_4bit: true` in `model::load` (QLoRA) + `per_device_train_batch_size: 2, gradient_accumulation_steps: 2`: about 71.89 GiB of 80.00 GiB (fits), ~0.77x the speed
+the cheapest training can apply to the model as loaded: `gradient_checkpointing: "auto"` (63 of 64 blocks recomputed): about 70.20 GiB of 80.00 GiB (fits), ~0.75x the speed; `auto_fit: true` (or `qscript --fit`) applies it
 full4 at 40GiB:
   - LoRA instead of full fine-tuning (`lora::attach`, r 16 on every linear layer): about 11.67 GiB of 40.00 GiB (fits), ~1.00x the speed
   - `gradient_checkpointing: "offload"` (block inputs in host memory): about 63.05 GiB of 40.00 GiB (does not fit), ~0.99x the speed

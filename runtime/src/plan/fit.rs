@@ -8,7 +8,7 @@
 //! checkpointing runs each block's forward twice (a step is about a forward and a backward of
 //! twice its cost: 3 units become 4), partial checkpointing (`"auto"`) only the blocks it
 //! recomputes, the fewest that fit in 90% of the device; a 4-bit base dequantizes each weight at each product
-//! (measured on a 7B: 0.71x); a smaller micro-batch runs smaller products
+//! (measured on a 7B: 0.83x); a smaller micro-batch runs smaller products
 //! ([`efficiency`]); a layer on the CPU runs some 50 times slower than on a GPU; offloading the
 //! checkpointed block inputs costs the waits for copies that did not finish beside the compute.
 
@@ -19,9 +19,9 @@ use crate::Result;
 
 /// Tokens/s kept with gradient checkpointing (one more forward per step: 3 units become 4).
 const CHECKPOINTING_SPEED: f64 = 0.75;
-/// Tokens/s kept with a 4-bit base (dequantization at each product): 0.71x of bf16 LoRA measured
-/// on a 7B on an H100 (benches/README.md, before the 16-values-a-thread kernel, predicted 0.86x).
-const QUANT4_SPEED: f64 = 0.71;
+/// Tokens/s kept with a 4-bit base (dequantization at each product): 0.83x of bf16 LoRA measured
+/// on a 7B on an H100 with the 16-values-a-thread kernel (benches/README.md; 0.71x before it).
+const QUANT4_SPEED: f64 = 0.83;
 /// Tokens/s kept with 8-bit optimizer states: the step reads and writes a quarter of the bytes
 /// with a little more arithmetic; an estimate (the step is a small part of a training step).
 const OPTIM8_SPEED: f64 = 0.99;
