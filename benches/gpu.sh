@@ -221,7 +221,7 @@ qlora32() {
 
 # long NAME MODEL SEQ: one row of SEQ tokens a step (batch 1), LoRA r8 q/k/v/o, qscript with
 # checkpointing (`--ckpt`) and with activation offload (`NAME-offload`), or only the modes in
-# LONG_MODES ("ckpt offload"), LONG_STEPS timed steps (3) after one; LONG_FLAGS are added to
+# LONG_MODES ("ckpt offload"; `auto-ckpt` too), LONG_STEPS timed steps (3) after one; LONG_FLAGS are added to
 # qscript's (`--4bit`: QLoRA); the peers (benches/hf_qlora.py: HF + PEFT with checkpointing, and
 # with Liger) only with LONG_PEER=1 (both), hf or liger (HF + PEFT runs out of memory from 32k
 # tokens on a 7B). benches/max_seq.sh searches the longest row each trains.
@@ -247,9 +247,11 @@ long() {
         --targets q_proj,k_proj,v_proj,o_proj --grad-ckpt
     fi
   fi
+  # Modes: ckpt, offload, auto-ckpt (`gradient_checkpointing: "auto"`: rows NAME-MODE).
+  local tag
   for mode in ${LONG_MODES-ckpt offload}; do
-    run "$name-$( [ "$mode" = ckpt ] && echo qscript || echo offload-qscript)" \
-      "$name$( [ "$mode" = ckpt ] || echo -offload)" "$BIN/model_bench" train "$dir" --batch 1 \
+    tag=$( [ "$mode" = ckpt ] || echo "-$mode")
+    run "$name$tag-qscript" "$name$tag" "$BIN/model_bench" train "$dir" --batch 1 \
       --seq "$seq" --steps "$steps" --warmup 1 "--$mode" ${LONG_FLAGS:-}
   done
 }
