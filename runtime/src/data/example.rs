@@ -50,7 +50,19 @@ impl Example {
     /// Tokens of the row it takes in a batch: its own, or a preference example's prompt once
     /// and both answers ([`super::pair_rows`]).
     pub fn row_len(&self) -> usize {
-        self.tokens() - super::pair_rows::shared_len(self)
+        self.tokens() - self.shared_len()
+    }
+
+    /// The tokens a preference example's two rows start with alike (0 for one row): its batch
+    /// row keeps the first row whole and the second from there on.
+    pub fn shared_len(&self) -> usize {
+        self.pref.as_ref().map_or(0, |p| {
+            self.input_ids
+                .iter()
+                .zip(&p.second_ids)
+                .take_while(|(a, b)| a == b)
+                .count()
+        })
     }
 
     /// Its longest row's tokens (what `max_length` cuts).

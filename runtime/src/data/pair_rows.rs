@@ -9,17 +9,8 @@
 use candle_core::{Device, Tensor};
 
 use super::example::{Example, IGNORE};
-use super::pref_records::common_prefix;
 use crate::Result;
 use crate::nn::ops::move_rows;
-
-/// The tokens a preference example's two rows start with alike: the first row is kept whole,
-/// the second from there on.
-pub fn shared_len(e: &Example) -> usize {
-    e.pref
-        .as_ref()
-        .map_or(0, |p| common_prefix(&e.input_ids, &p.second_ids))
-}
 
 /// One example's row.
 pub struct PairRow {
@@ -47,7 +38,7 @@ pub fn pair_row(e: &Example) -> PairRow {
             lens: [n, 0],
         };
     };
-    let cp = shared_len(e);
+    let cp = e.shared_len();
     let first = e.input_ids.len();
     let mut ids = e.input_ids.clone();
     ids.extend(&p.second_ids[cp..]);
