@@ -150,6 +150,46 @@ fn overfitting_one_batch_drives_the_loss_down() {
     assert_eq!(lines.lines().count(), 60);
 }
 
+/// Each log record holds the mean loss of the steps since the last one and the gradient norm of
+/// the step it is logged at, as HF's Trainer logs them.
+#[test]
+fn a_log_record_has_the_mean_loss_and_the_last_steps_gradient_norm() {
+    let data = examples(8);
+    let records = |every: usize| -> Vec<serde_json::Value> {
+        let dir = tempfile::tempdir().unwrap();
+        let c = TrainConfig {
+            max_steps: 4,
+            per_device_train_batch_size: 2,
+            logging_steps: every,
+            ..cfg(dir.path())
+        };
+        run(&peft(2), &data, &c, None);
+        std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (each, pairs) = (records(1), records(2));
+    assert_eq!((each.len(), pairs.len()), (4, 2));
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap();
+    for (i, r) in pairs.iter().enumerate() {
+        let (a, b) = (&each[2 * i], &each[2 * i + 1]);
+        assert!(
+            (f(r, "loss") - (f(a, "loss") + f(b, "loss")) / 2.0).abs() < 1e-9,
+            "{r}"
+        );
+        assert!(
+            (f(r, "grad_norm") - f(b, "grad_norm")).abs() < 1e-9,
+            "{r} vs {b}"
+        );
+        assert!(
+            (f(a, "grad_norm") - f(b, "grad_norm")).abs() > 1e-9,
+            "{a} {b}"
+        );
+    }
+}
+
 #[test]
 fn accumulating_k_micro_batches_equals_a_k_times_larger_batch_and_merging_them() {
     // With dropout: the masks are keyed per example of the window, so the split does not matter.

@@ -1,5 +1,6 @@
-//! The log record at the logging cadence, as HF's Trainer logs it: the mean loss and gradient
-//! norm of the steps since the last record, the learning rate, the epoch and the speed.
+//! The log record at the logging cadence, as HF's Trainer logs it: the mean loss of the steps
+//! since the last record, the last step's gradient norm (HF logs the norm of the step it logs
+//! at, not a mean), the learning rate, the epoch and the speed.
 
 use std::time::Instant;
 
@@ -44,7 +45,7 @@ impl Callback for Logger {
             "step": run.step,
             "epoch": (run.epoch * 1000.0).round() / 1000.0,
             "loss": read.iter().map(|w| w.0).sum::<f64>() / n,
-            "grad_norm": read.iter().map(|w| w.1).sum::<f64>() / n,
+            "grad_norm": read.last().map_or(0.0, |w| w.1),
             "learning_rate": run.lr,
             "tokens_per_second": (self.tokens_since_log as f64 / secs).round(),
         });
