@@ -176,7 +176,7 @@ fn a_log_record_has_the_mean_loss_and_the_last_steps_gradient_norm() {
     for (i, r) in pairs.iter().enumerate() {
         let (a, b) = (&each[2 * i], &each[2 * i + 1]);
         assert!(
-            (f(r, "loss") - (f(a, "loss") + f(b, "loss")) / 2.0).abs() < 1e-9,
+            (f(r, "loss") - f64::midpoint(f(a, "loss"), f(b, "loss"))).abs() < 1e-9,
             "{r}"
         );
         assert!(
