@@ -54,8 +54,8 @@ rm -rf "$WORK/init-adapter" "$WORK/runs"
 find "$WORK/runs" -path '*dpo/metrics.jsonl' -exec cp {} "$OUT/same-run-qscript.jsonl" \;
 "$PY" - "$OUT/same-run-peer.jsonl" "$OUT/same-run-qscript.jsonl" <<'PY'
 import json, sys
-keys = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-        "logps/chosen", "logps/rejected"]
+keys = ["loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+        "rewards/margins", "logps/chosen", "logps/rejected"]
 def records(path):
     out = {}
     for line in open(path):
