@@ -274,17 +274,11 @@ pub fn solve(base: &Workload, k: &Knobs, need: &dyn Need) -> Result<Solution> {
             };
             eval_as_is(l)
         };
-        let (mut lo, mut hi) = (1usize, k.layers - 1);
-        while lo < hi {
-            let mid = usize::midpoint(lo, hi);
-            let p = with(mid)?;
-            if p.need as f64 <= p.budget as f64 * PARTIAL_CHECKPOINTING_SHARE {
-                hi = mid;
-            } else {
-                lo = mid + 1;
-            }
-        }
-        with(lo)
+        let recomputed = fewest_recomputed(1..k.layers - 1, |r| {
+            let p = with(r)?;
+            Ok(p.need as f64 <= p.budget as f64 * PARTIAL_CHECKPOINTING_SHARE)
+        })?;
+        with(recomputed)
     };
     // The micro-batches the levers try: the divisors of the batch, largest first (the same
     // examples a step), as `batch` with its accumulation.
@@ -421,6 +415,25 @@ fn cpu_layers(
         }
     }
     with(lo).map(Some)
+}
+
+/// The fewest blocks to recompute in `range` for which `fits` holds (recomputing more keeps fewer
+/// activations, so `fits` turns true from some count on), else `range.end`: partial
+/// checkpointing's search, for the solver's lever and for `gradient_checkpointing: "auto"`.
+pub fn fewest_recomputed(
+    range: std::ops::Range<usize>,
+    mut fits: impl FnMut(usize) -> Result<bool>,
+) -> Result<usize> {
+    let (mut lo, mut hi) = (range.start, range.end);
+    while lo < hi {
+        let mid = usize::midpoint(lo, hi);
+        if fits(mid)? {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Ok(lo)
 }
 
 /// The fraction of tokens/s `lever` keeps on a run of `base`.

@@ -507,15 +507,12 @@ fn plan_auto_checkpointing(
     let room = budget
         .filter(|_| model.placement.is_none())
         .map(|b| (b as f64 * fit::PARTIAL_CHECKPOINTING_SHARE) as u64);
-    let mut keep = 0;
-    if let Some(room) = room {
-        for k in (0..=layers).rev() {
-            if need(k)? <= room {
-                keep = k;
-                break;
-            }
+    let keep = match room {
+        Some(room) => {
+            layers - fit::fewest_recomputed(0..layers, |r| Ok(need(layers - r)? <= room))?
         }
-    }
+        None => 0,
+    };
     let mut resolved = cfg.clone();
     resolved.gradient_checkpointing = match keep {
         0 => Checkpointing::On,
