@@ -7,6 +7,7 @@ use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
+use super::example::Pref;
 use super::pair_rows::{PairRow, PairView, pair_row};
 use super::sft::{Example, IGNORE};
 use crate::Result;
@@ -74,21 +75,23 @@ pub fn collate(
         ));
     }
     // Each example's row: its own, or a preference example's prompt once and both answers.
-    let pairs: Vec<PairRow> = if pref {
-        examples.iter().map(|e| pair_row(e)).collect()
-    } else {
-        Vec::new()
-    };
-    let rows: Vec<(&[u32], &[i64])> = if pref {
-        pairs
+    let pairs = pref.then(|| {
+        let prefs: Vec<(&Example, &Pref)> = examples
+            .iter()
+            .filter_map(|e| Some((*e, e.pref.as_deref()?)))
+            .collect();
+        let rows: Vec<PairRow> = prefs.iter().map(|&(e, p)| pair_row(e, p)).collect();
+        (prefs, rows)
+    });
+    let rows: Vec<(&[u32], &[i64])> = match &pairs {
+        Some((_, rows)) => rows
             .iter()
             .map(|r| (r.ids.as_slice(), r.labels.as_slice()))
-            .collect()
-    } else {
-        examples
+            .collect(),
+        None => examples
             .iter()
             .map(|e| (e.input_ids.as_slice(), e.labels.as_slice()))
-            .collect()
+            .collect(),
     };
     let longest = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
     let len = match pad_to_multiple_of {
@@ -113,6 +116,26 @@ pub fn collate(
         labels.extend(*row_labels);
         labels.extend(std::iter::repeat_n(IGNORE, len - n));
     }
+    // Packed examples, or each pair's second answer after its first, sharing the prompt.
+    let (segments, shared, view) = match &pairs {
+        Some((prefs, rows)) => (
+            Some(
+                rows.iter()
+                    .map(|r| r.second_start.into_iter().collect())
+                    .collect(),
+            ),
+            Some(rows.iter().map(|r| r.shared).collect()),
+            Some(PairView::new(prefs, rows, len, pad_id, device)?),
+        ),
+        None => (
+            examples
+                .iter()
+                .any(|e| !e.packed.is_empty())
+                .then(|| examples.iter().map(|e| e.packed.clone()).collect()),
+            None,
+            None,
+        ),
+    };
     Ok(Batch {
         input_ids: Tensor::from_slice(&ids, (b, len), device)?,
         ids_host: ids,
@@ -121,25 +144,9 @@ pub fn collate(
         tokens,
         lens,
         labels_host: labels,
-        segments: if pref {
-            Some(
-                pairs
-                    .iter()
-                    .map(|r| r.second_start.into_iter().collect())
-                    .collect(),
-            )
-        } else {
-            examples
-                .iter()
-                .any(|e| !e.packed.is_empty())
-                .then(|| examples.iter().map(|e| e.packed.clone()).collect())
-        },
-        shared: pref.then(|| pairs.iter().map(|r| r.shared).collect()),
-        view: if pref {
-            Some(PairView::new(examples, &pairs, len, pad_id, device)?)
-        } else {
-            None
-        },
+        segments,
+        shared,
+        view,
         pref: examples
             .iter()
             .filter_map(|e| e.pref.as_ref())

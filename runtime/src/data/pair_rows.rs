@@ -8,7 +8,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::example::{Example, IGNORE};
+use super::example::{Example, IGNORE, Pref};
 use crate::Result;
 use crate::nn::ops::move_rows;
 
@@ -26,18 +26,8 @@ pub struct PairRow {
     pub lens: [usize; 2],
 }
 
-/// The row of preference example `e` (see the module doc).
-pub fn pair_row(e: &Example) -> PairRow {
-    let Some(p) = &e.pref else {
-        let n = e.input_ids.len();
-        return PairRow {
-            ids: e.input_ids.clone(),
-            labels: e.labels.clone(),
-            second_start: None,
-            shared: 0,
-            lens: [n, 0],
-        };
-    };
+/// The row of preference example `e`, whose second row `p` holds (see the module doc).
+pub fn pair_row(e: &Example, p: &Pref) -> PairRow {
     let cp = e.shared_len();
     let first = e.input_ids.len();
     let mut ids = e.input_ids.clone();
@@ -76,9 +66,10 @@ pub struct PairView {
 }
 
 impl PairView {
-    /// The view of `examples` laid out as `rows` (each of `s` tokens) on `device`.
+    /// The view of the preference examples `prefs` laid out as `rows` (each of `s` tokens) on
+    /// `device`.
     pub fn new(
-        examples: &[&Example],
+        prefs: &[(&Example, &Pref)],
         rows: &[PairRow],
         s: usize,
         pad_id: u32,
@@ -93,14 +84,11 @@ impl PairView {
         let (mut labels, mut ids) = (vec![IGNORE; n * seq], vec![pad_id; n * seq]);
         let mut index = vec![0u32; n * seq];
         let (mut first, mut second) = ((vec![], vec![]), (vec![], vec![]));
-        for (i, (e, r)) in examples.iter().zip(rows).enumerate() {
+        for (i, (&(e, p), r)) in prefs.iter().zip(rows).enumerate() {
             let base = i * s;
-            let p = e.pref.as_deref();
             let sides = [
                 (&e.input_ids[..], &e.labels[..]),
-                p.map_or((&[][..], &[][..]), |p| {
-                    (&p.second_ids[..], &p.second_labels[..])
-                }),
+                (&p.second_ids[..], &p.second_labels[..]),
             ];
             for (k, (row_ids, row_labels)) in sides.into_iter().enumerate() {
                 let at = (2 * i + k) * seq;
@@ -159,7 +147,6 @@ impl PairView {
 mod tests {
     use super::*;
     use crate::data::batch::collate;
-    use crate::data::example::Pref;
 
     fn pair(first: &[u32], second: &[u32], prompt: usize) -> Example {
         let labels = |ids: &[u32]| -> Vec<i64> {

@@ -269,13 +269,13 @@ impl Pass<'_> {
         blocks: std::ops::Range<usize>,
         hook: &mut dyn BlockHook,
     ) -> Result<()> {
+        let n = model.decoder.blocks.len();
         for i in blocks {
             let blk = &model.decoder.blocks[i];
             // Placement: the hidden state moves to each block's device (nothing when it is there).
             let x = hook.before_forward(i, to(&f.x, blk.device())?)?;
             let (cos, sin) = f.tables.on(blk.device())?;
             let step = self.step(&cos, &sin);
-            let n = model.decoder.blocks.len();
             let mut sv = (!self.ckpt.recomputes(i, n)).then(BlockSaved::default);
             let y = blk
                 .forward(&x, &step, None, i, sv.as_mut())
