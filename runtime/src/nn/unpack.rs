@@ -202,20 +202,28 @@ mod tests {
         // tokens (that would be over 2x the rows' 69 tokens).
         assert_eq!((u.n, u.m), (8, 23));
         assert_eq!(u.lens, [5, 7, 11, 19, 3, 1, 6, 1]);
-        let (mut sp, mut su) = (None, None);
-        let want = attention(&q, &k, &v, &mask, Some(&mut sp)).unwrap();
-        let got = attention_unpacked(&u, &q, &k, &v, Some(&mut su)).unwrap();
-        let diff = crate::testing::max_abs_diff;
-        assert!(diff(&got, &want) < 1e-5, "forward {}", diff(&got, &want));
-        let gw = attention_backward(sp.as_ref().unwrap(), &dy).unwrap();
-        let gg = attention_backward(su.as_ref().unwrap(), &dy).unwrap();
-        for (n, (a, c)) in
-            ["dq", "dk", "dv"]
-                .iter()
-                .zip([(&gg.0, &gw.0), (&gg.1, &gw.1), (&gg.2, &gw.2)])
-        {
-            assert!(diff(a, c) < 1e-5, "{n} {}", diff(a, c));
-        }
+        // The padded batch's outputs and dq, dk, dv against the masked reference's.
+        let same = |what: &str, mask: &AttnMask, u: &Unpacked| {
+            let diff = crate::testing::max_abs_diff;
+            let (mut sp, mut su) = (None, None);
+            let want = attention(&q, &k, &v, mask, Some(&mut sp)).unwrap();
+            let got = attention_unpacked(u, &q, &k, &v, Some(&mut su)).unwrap();
+            assert!(
+                diff(&got, &want) < 1e-5,
+                "{what} forward {}",
+                diff(&got, &want)
+            );
+            let gw = attention_backward(sp.as_ref().unwrap(), &dy).unwrap();
+            let gg = attention_backward(su.as_ref().unwrap(), &dy).unwrap();
+            for (n, (a, c)) in
+                ["dq", "dk", "dv"]
+                    .iter()
+                    .zip([(&gg.0, &gw.0), (&gg.1, &gw.1), (&gg.2, &gw.2)])
+            {
+                assert!(diff(a, c) < 1e-5, "{what} {n} {}", diff(a, c));
+            }
+        };
+        same("packed", &mask, &u);
         // Rows sharing a prompt ([prompt | answer | answer], and a row of one example): the
         // prompt copied in front of each later answer, its gradients summed over the copies.
         let mask = AttnMask::right_padded(&[23, 19, 11])
@@ -224,23 +232,7 @@ mod tests {
         let u = Unpacked::of(&mask, b, s, &dev).unwrap().unwrap();
         assert_eq!(u.lens, [9, 11, 13, 19, 6, 11]);
         assert_eq!(u.copies.len(), 2);
-        let (mut sp, mut su) = (None, None);
-        let want = attention(&q, &k, &v, &mask, Some(&mut sp)).unwrap();
-        let got = attention_unpacked(&u, &q, &k, &v, Some(&mut su)).unwrap();
-        assert!(
-            diff(&got, &want) < 1e-5,
-            "shared forward {}",
-            diff(&got, &want)
-        );
-        let gw = attention_backward(sp.as_ref().unwrap(), &dy).unwrap();
-        let gg = attention_backward(su.as_ref().unwrap(), &dy).unwrap();
-        for (n, (a, c)) in
-            ["dq", "dk", "dv"]
-                .iter()
-                .zip([(&gg.0, &gw.0), (&gg.1, &gw.1), (&gg.2, &gw.2)])
-        {
-            assert!(diff(a, c) < 1e-5, "shared {n} {}", diff(a, c));
-        }
+        same("shared", &mask, &u);
         // An answer may not start inside the shared prompt.
         let inside = AttnMask::right_padded(&[23, 19, 11])
             .with_segments(Some(vec![vec![4], vec![], vec![]]))
