@@ -101,7 +101,8 @@ fn logits(dir: &Path, reference: &Path, opts: &LoadOptions) -> anyhow::Result<()
 
 /// Writes what `scripts/verify_exports.py` loads with PEFT and transformers: a LoRA adapter with
 /// random B on the checkpoint `base` (with `four_bit`, on its NF4 quantization with double
-/// quantization: QLoRA), the merged model, and qscript's logits for both.
+/// quantization: QLoRA), the merged model, qscript's logits for both and its greedy continuation
+/// on the adapter.
 fn export(base: &Path, out: &Path, four_bit: bool) -> anyhow::Result<()> {
     use qscript_runtime::lora::{self, LoraConfig, Targets};
     let cpu = LoadOptions {
@@ -124,7 +125,7 @@ fn export(base: &Path, out: &Path, four_bit: bool) -> anyhow::Result<()> {
     let mut peft = lora::attach(&m, &cfg, 3)?;
     qscript_runtime::model::params::visit_adapters_mut(&mut peft.decoder, &mut |name, t| {
         if name.ends_with("lora_B.weight") {
-            *t = t.randn_like(0.0, 0.1)?;
+            *t = t.randn_like(0.0, 0.05)?;
         }
         Ok(())
     })?;
@@ -132,10 +133,13 @@ fn export(base: &Path, out: &Path, four_bit: bool) -> anyhow::Result<()> {
     let merged = lora::merge(&peft)?;
     merged.save(&out.join("merged"))?;
     let vocab = m.config().vocab_size as u32;
-    let ids = Tensor::new(
-        &[[3u32, 17, 42, 99, 5, 64, 11].map(|i| i % vocab)],
-        &Device::Cpu,
-    )?;
+    // A sentence where the base has a tokenizer (greedy text of a real model reads as text),
+    // else fixed ids.
+    let prompt: Vec<u32> = match qscript_runtime::tokenizer::Tokenizer::load(base, &CancelToken::new()) {
+        Ok(tok) => tok.encode("Once upon a time, there was a little girl named", true)?,
+        Err(_) => [3u32, 17, 42, 99, 5, 64, 11].map(|i| i % vocab).to_vec(),
+    };
+    let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
     let mut t = std::collections::HashMap::new();
     t.insert("input_ids".to_string(), ids.to_dtype(DType::I64)?);
     t.insert(
@@ -145,6 +149,18 @@ fn export(base: &Path, out: &Path, four_bit: bool) -> anyhow::Result<()> {
     t.insert(
         "merged_logits".to_string(),
         merged.decoder.forward(&ids, None, None)?,
+    );
+    // Greedy text on the adapter: 24 new tokens with no stop token, for PEFT's to equal.
+    peft.generation.eos_token_id = None;
+    peft.decoder.cfg.eos_token_id = None;
+    let g = GenerateOptions {
+        max_new_tokens: 24,
+        ..Default::default()
+    };
+    let greedy = peft.generate(&prompt, &g, &CancelToken::new(), &mut |_| Ok(()))?;
+    t.insert(
+        "greedy_ids".to_string(),
+        Tensor::new(greedy.as_slice(), &Device::Cpu)?.to_dtype(DType::I64)?,
     );
     candle_core::safetensors::save(&t, out.join("qscript_logits.safetensors"))?;
     println!("wrote {}", out.display());

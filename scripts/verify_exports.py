@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Checks that what qscript writes loads in the ecosystem: a qscript LoRA adapter through PEFT, a
-qscript merged checkpoint through transformers, each giving qscript's logits.
+qscript merged checkpoint through transformers, each giving qscript's logits, and PEFT's greedy
+continuation of the adapter equal to qscript's (exit 1 when it is not).
 
   model_bench export tests/fixtures/models/tiny-qwen2 OUT     # (examples/model_bench.rs)
   python3 scripts/verify_exports.py tests/fixtures/models/tiny-qwen2 OUT
@@ -39,8 +40,25 @@ else:
     peft = PeftModel.from_pretrained(base, f"{out}/adapter").eval()
 merged = AutoModelForCausalLM.from_pretrained(f"{out}/merged", dtype=torch.float32, attn_implementation="eager").eval()
 merged = merged.to(ids.device)
+
+
+def greedy(model, ids, n):
+    """n new tokens by argmax over the whole context each step (no cache, no stop token)."""
+    ctx = ids
+    for _ in range(n):
+        nxt = model(input_ids=ctx).logits[:, -1].argmax(-1, keepdim=True)
+        ctx = torch.cat([ctx, nxt], dim=1)
+    return ctx[0, ids.shape[1]:].tolist()
+
+
 with torch.no_grad():
     a = (peft(input_ids=ids).logits - ref["adapter_logits"]).abs().max().item()
     m = (merged(input_ids=ids).logits - ref["merged_logits"]).abs().max().item()
+    want = ref["greedy_ids"].tolist()
+    got = greedy(peft, ids, len(want))
+same = next((i for i, (x, y) in enumerate(zip(want, got)) if x != y), len(want))
 print(json.dumps({"peft_loads_qscript_adapter_max_abs_diff": a, "transformers_loads_qscript_merged_max_abs_diff": m,
+                  "greedy_tokens": len(want), "greedy_tokens_equal": same, "qscript_greedy": want, "peft_greedy": got,
+                  "device": str(ids.device),
                   "adapter_config": json.load(open(f"{out}/adapter/adapter_config.json"))["target_modules"]}))
+sys.exit(0 if same == len(want) else 1)
