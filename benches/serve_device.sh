@@ -8,8 +8,8 @@ mkdir -p /tmp/qs
 for f in .devbin/qscript.xz .devbin/gpu.xz; do xz -dc "$f" > "/tmp/qs/$(basename "$f" .xz)" && chmod +x "/tmp/qs/$(basename "$f" .xz)"; done
 OUT=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-# The GPU tests of the kernels this call's work added (8-bit AdamW) and AdamW's.
-/tmp/qs/gpu --test-threads=1 adamw > "$OUT/gpu-tests.log" 2>&1
+# The GPU tests of decoding's kernels (GPU_TESTS picks others).
+/tmp/qs/gpu --test-threads=1 ${GPU_TESTS:-decode} > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests: exit $?"; grep -E "^test |test result|panicked" "$OUT/gpu-tests.log" | tail -6
 dir=/tmp/qsbench/qwen2.5-7b
 if [ ! -f "$dir/config.json" ]; then

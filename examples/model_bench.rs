@@ -135,10 +135,11 @@ fn export(base: &Path, out: &Path, four_bit: bool) -> anyhow::Result<()> {
     let vocab = m.config().vocab_size as u32;
     // A sentence where the base has a tokenizer (greedy text of a real model reads as text),
     // else fixed ids.
-    let prompt: Vec<u32> = match qscript_runtime::tokenizer::Tokenizer::load(base, &CancelToken::new()) {
-        Ok(tok) => tok.encode("Once upon a time, there was a little girl named", true)?,
-        Err(_) => [3u32, 17, 42, 99, 5, 64, 11].map(|i| i % vocab).to_vec(),
-    };
+    let prompt: Vec<u32> =
+        match qscript_runtime::tokenizer::Tokenizer::load(base, &CancelToken::new()) {
+            Ok(tok) => tok.encode("Once upon a time, there was a little girl named", true)?,
+            Err(_) => [3u32, 17, 42, 99, 5, 64, 11].map(|i| i % vocab).to_vec(),
+        };
     let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
     let mut t = std::collections::HashMap::new();
     t.insert("input_ids".to_string(), ids.to_dtype(DType::I64)?);

@@ -16,6 +16,7 @@ const FAMILIES: &[&str] = &[
     "src/nn/cuda/cross_entropy.cu",
     "src/nn/cuda/dequant.cu",
     "src/nn/cuda/dropout.cu",
+    "src/nn/cuda/gemv.cu",
     "src/nn/cuda/rms_norm.cu",
     "src/nn/cuda/rope.cu",
     "src/nn/cuda/softmax.cu",

@@ -7,6 +7,7 @@ use candle_core::{DType, Result, Tensor};
 
 use super::config::ModelConfig;
 use crate::nn::attention::{AttnSaved, attention, attention_backward};
+use crate::nn::decode;
 use crate::nn::linear::LinearSaved;
 use crate::nn::ops::{
     add_into, rms_norm, rms_norm_backward_into, rope, rope_bwd, swiglu, swiglu_backward,
@@ -342,17 +343,34 @@ impl Block {
         let hd = a.head_dim;
         let dev = x.device();
         let span = crate::profile::span("fwd.norm+qkv+rope", dev);
+        // Decoding (generation, serving: a KV cache, nothing saved): the projections grouped as
+        // `nn::decode` runs them (one kernel a group for a decode step's few rows on a GPU).
+        let infer = cache.is_some() && saved.is_none();
+        let hidden = x.dim(2)?;
         let h = rms_norm(x, &self.input_norm, self.eps)?;
         let heads = |t: Tensor, n: usize| t.reshape((b, s, n, hd));
-        let q = heads(self.linear(Proj::Q, &h, step, layer, &mut saved)?, a.heads)?;
-        let k = heads(
-            self.linear(Proj::K, &h, step, layer, &mut saved)?,
-            a.kv_heads,
-        )?;
-        let v = heads(
-            self.linear(Proj::V, &h, step, layer, &mut saved)?,
-            a.kv_heads,
-        )?;
+        let (q, k, v) = if infer {
+            let h2 = h.reshape((b * s, hidden))?;
+            let mut qkv = decode::projections(&h2, &[&a.q, &a.k, &a.v])?.into_iter();
+            let mut next = |n: usize| match qkv.next() {
+                Some(t) => heads(t, n),
+                None => Err(candle_core::Error::Msg(
+                    "q/k/v: a projection is missing".into(),
+                )),
+            };
+            (next(a.heads)?, next(a.kv_heads)?, next(a.kv_heads)?)
+        } else {
+            let q = heads(self.linear(Proj::Q, &h, step, layer, &mut saved)?, a.heads)?;
+            let k = heads(
+                self.linear(Proj::K, &h, step, layer, &mut saved)?,
+                a.kv_heads,
+            )?;
+            let v = heads(
+                self.linear(Proj::V, &h, step, layer, &mut saved)?,
+                a.kv_heads,
+            )?;
+            (q, k, v)
+        };
         let norm_heads = |t: Tensor, w: Option<&Tensor>| match w {
             Some(w) => rms_norm(&t, w, self.eps),
             None => Ok(t),
@@ -382,7 +400,17 @@ impl Block {
             .reshape((b, s, a.heads * hd))?;
         drop(span);
         let span = crate::profile::span("fwd.o+mlp", dev);
-        let mid = add_into(self.linear(Proj::O, &out, step, layer, &mut saved)?, x)?;
+        let mid = if infer {
+            let rows = b * s;
+            decode::residual(
+                &out.reshape((rows, a.heads * hd))?,
+                &a.o,
+                &x.reshape((rows, hidden))?,
+            )?
+            .reshape((b, s, hidden))?
+        } else {
+            add_into(self.linear(Proj::O, &out, step, layer, &mut saved)?, x)?
+        };
         if let Some(t) = self.mlp_tile(b * s, x.dtype(), step) {
             let y = if output {
                 Some(add_into(self.mlp_tiled(&mid, t)?, &mid)?)
@@ -398,6 +426,14 @@ impl Block {
             return Ok(y);
         }
         let h2 = rms_norm(&mid, &self.post_norm, self.eps)?;
+        if infer {
+            let rows = b * s;
+            let m = &self.mlp;
+            let act = decode::swiglu(&h2.reshape((rows, hidden))?, &m.gate, &m.up)?;
+            let y = decode::residual(&act, &m.down, &mid.reshape((rows, hidden))?)?;
+            drop(span);
+            return Ok(Some(y.reshape((b, s, hidden))?));
+        }
         let gate = self.linear(Proj::Gate, &h2, step, layer, &mut saved)?;
         let up = self.linear(Proj::Up, &h2, step, layer, &mut saved)?;
         let down = self.linear(Proj::Down, &swiglu(&gate, &up)?, step, layer, &mut saved)?;

@@ -22,6 +22,15 @@ pub struct LoraAdapter {
 }
 
 impl LoraAdapter {
+    /// `y + scale * (x A^T) B^T` for `y` `[rows, out]` (held by nothing else) and the input
+    /// `x` `[rows, in]` (after any dropout), and `x A^T`.
+    pub fn add_to(&self, y: Tensor, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let dtype = x.dtype();
+        let xa = x.matmul(&self.a.to_dtype(dtype)?.t()?)?;
+        let y = add_matmul(y, &xa, &self.b.to_dtype(dtype)?.t()?, self.scale)?;
+        Ok((y, xa))
+    }
+
     /// An adapter from initial A and B.
     pub fn new(a: Tensor, b: Tensor, scale: f64, dropout: f64) -> Result<Self> {
         Ok(Self {
@@ -169,9 +178,8 @@ impl Linear {
                 Some(k) => dropout::apply(&x2, l.dropout, k, row_elems)?,
                 None => x2.clone(),
             };
-            let dtype = x2.dtype();
-            let xa = h.matmul(&l.a.to_dtype(dtype)?.t()?)?;
-            y = add_matmul(y, &xa, &l.b.to_dtype(dtype)?.t()?, l.scale)?;
+            let (yl, xa) = l.add_to(y, &h)?;
+            y = yl;
             lora_saved = Some((xa, key));
         }
         if let Some(slot) = saved {

@@ -1,0 +1,149 @@
+//! Decoding's projections on CUDA (`gemv.cu`): for the few rows of a decode step, the products
+//! with a block's weights as matrix-vector kernels that read each weight once at the memory's
+//! speed, with what follows each product done before it is written: q, k and v (and their
+//! biases) in one launch, o and down with the residual added, gate and up with SwiGLU. A decode
+//! step then launches 4 kernels for a block's 7 projections instead of 12 (their GEMMs, bias
+//! adds, residual adds and SwiGLU). Inference only: nothing here is differentiated. Reference
+//! ops: [`crate::nn::decode::projections`], [`crate::nn::decode::residual`] and
+//! [`crate::nn::decode::swiglu`], which take these kernels where [`applies`] says so.
+
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+use candle_core::{DType, Result, Tensor};
+
+use super::launch::{Arg, Module, addr, empty, launch, ptx};
+
+const PTX: Module = ptx!("gemv");
+
+/// The most rows (tokens) a launch takes (`MAX_ROWS` in `gemv.cu`); more go to cuBLAS.
+pub const MAX_ROWS: usize = 8;
+
+/// Whether the kernels take `x` (`[rows, k]`) with `weights` (`[n, k]` each): 16-bit floats on
+/// one GPU, at most [`MAX_ROWS`] rows, `k` a multiple of 8, every tensor contiguous and 16-byte
+/// aligned.
+pub fn applies(x: &Tensor, weights: &[&Tensor]) -> bool {
+    let Ok((rows, k)) = x.dims2() else {
+        return false;
+    };
+    let aligned = |t: &Tensor| {
+        t.device().same_device(x.device()) && addr(t, "x").is_ok_and(|(p, _)| p.is_multiple_of(16))
+    };
+    x.device().is_cuda()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && (1..=MAX_ROWS).contains(&rows)
+        && k.is_multiple_of(8)
+        && aligned(x)
+        && weights
+            .iter()
+            .all(|w| w.dtype() == x.dtype() && w.dims2().is_ok_and(|(_, wk)| wk == k) && aligned(w))
+}
+
+/// One warp an output feature, 8 warps a block.
+fn grid(features: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (features.div_ceil(8).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `x W_i^T + b_i` for each of up to three `(W_i, b_i)`, in one launch (`x` `[rows, k]` ->
+/// `[rows, n_i]` each). The caller checked [`applies`].
+pub fn many(x: &Tensor, ws: &[(&Tensor, Option<&Tensor>)]) -> Result<Vec<Tensor>> {
+    if ws.is_empty() || ws.len() > 3 {
+        candle_core::bail!("gemv many: 1 to 3 weights, not {}", ws.len());
+    }
+    let (rows, k) = x.dims2()?;
+    let (px, dev) = addr(x, "x")?;
+    let mut outs = Vec::with_capacity(ws.len());
+    let mut args = vec![Arg::from(px), Arg::I32(rows as i32), Arg::from(k as u64)];
+    let mut features = 0;
+    // The biases as the kernel reads them, alive until it is launched.
+    let biases = ws
+        .iter()
+        .map(|(_, b)| b.map(Tensor::contiguous).transpose())
+        .collect::<Result<Vec<_>>>()?;
+    for (w, b) in ws.iter().map(|(w, _)| w).zip(&biases) {
+        let n = w.dims2()?.0;
+        if let Some(b) = b
+            && (b.dims() != [n] || b.dtype() != x.dtype())
+        {
+            candle_core::bail!("gemv many: bias {:?} for {n} features", b.dims());
+        }
+        let y = empty(&dev, &[rows, n], x.dtype())?;
+        let pb = match b {
+            Some(b) => addr(b, "bias")?.0,
+            None => 0,
+        };
+        args.extend([
+            Arg::from(addr(w, "weight")?.0),
+            Arg::from(pb),
+            Arg::from(addr(&y, "y")?.0),
+            Arg::from(n as u64),
+        ]);
+        features += n;
+        outs.push(y);
+    }
+    // The kernel takes three; the ones not given have no features.
+    for _ in ws.len()..3 {
+        args.extend([Arg::U64(0), Arg::U64(0), Arg::U64(0), Arg::U64(0)]);
+    }
+    launch(&dev, &PTX, "gemv_many", x.dtype(), grid(features), &args)?;
+    Ok(outs)
+}
+
+/// `res + x W^T` (`res` `[rows, n]`). The caller checked [`applies`].
+pub fn residual(x: &Tensor, w: &Tensor, res: &Tensor) -> Result<Tensor> {
+    let (rows, k) = x.dims2()?;
+    let n = w.dims2()?.0;
+    if res.dims() != [rows, n] || res.dtype() != x.dtype() {
+        candle_core::bail!("gemv residual: {:?} onto [{rows}, {n}]", res.dims());
+    }
+    let res = res.contiguous()?;
+    let (px, dev) = addr(x, "x")?;
+    let y = empty(&dev, &[rows, n], x.dtype())?;
+    launch(
+        &dev,
+        &PTX,
+        "gemv_residual",
+        x.dtype(),
+        grid(n),
+        &[
+            Arg::from(px),
+            Arg::I32(rows as i32),
+            Arg::from(k as u64),
+            Arg::from(addr(w, "weight")?.0),
+            Arg::from(n as u64),
+            Arg::from(addr(&res, "res")?.0),
+            Arg::from(addr(&y, "y")?.0),
+        ],
+    )?;
+    Ok(y)
+}
+
+/// `silu(x Wg^T) * (x Wu^T)` (`[rows, n]`). The caller checked [`applies`].
+pub fn swiglu(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
+    let (rows, k) = x.dims2()?;
+    let n = wg.dims2()?.0;
+    if wu.dims2()?.0 != n {
+        candle_core::bail!("gemv swiglu: gate {:?}, up {:?}", wg.dims(), wu.dims());
+    }
+    let (px, dev) = addr(x, "x")?;
+    let y = empty(&dev, &[rows, n], x.dtype())?;
+    launch(
+        &dev,
+        &PTX,
+        "gemv_swiglu",
+        x.dtype(),
+        grid(n),
+        &[
+            Arg::from(px),
+            Arg::I32(rows as i32),
+            Arg::from(k as u64),
+            Arg::from(addr(wg, "gate")?.0),
+            Arg::from(addr(wu, "up")?.0),
+            Arg::from(n as u64),
+            Arg::from(addr(&y, "y")?.0),
+        ],
+    )?;
+    Ok(y)
+}
