@@ -19,6 +19,7 @@ ap.add_argument("--weights", help="model dir: its safetensors bytes give the ban
 ap.add_argument("--clients", type=int, default=32)
 ap.add_argument("--single-tokens", type=int, default=128)
 ap.add_argument("--tokens", type=int, default=256)
+ap.add_argument("--one-client", action="store_true", help="the one-client measure only")
 args = ap.parse_args()
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wise owls watch from an old oak tree".split()
@@ -75,6 +76,8 @@ if args.weights:
     rec.update({"gpu": name, "weights_gib": round(wbytes / 2**30, 2),
                 "bandwidth_limit_tokens_per_s": round(limit, 1), "of_limit": round(rate / limit, 3)})
 print(json.dumps(rec), flush=True)
+if args.one_client:
+    raise SystemExit(0)
 
 results = [None] * args.clients
 barrier = threading.Barrier(args.clients)

@@ -5,7 +5,7 @@
 # (benches/serve_train.rhai, with and without a client asking once a second).
 set -uo pipefail
 mkdir -p /tmp/qs
-for f in .devbin/qscript.xz .devbin/gpu.xz; do xz -dc "$f" > "/tmp/qs/$(basename "$f" .xz)" && chmod +x "/tmp/qs/$(basename "$f" .xz)"; done
+for f in .devbin/qscript.xz .devbin/qscript-base.xz .devbin/gpu.xz; do [ -f "$f" ] || continue xz -dc "$f" > "/tmp/qs/$(basename "$f" .xz)" && chmod +x "/tmp/qs/$(basename "$f" .xz)"; done
 OUT=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # The GPU tests of decoding's kernels (GPU_TESTS picks others).
@@ -16,13 +16,20 @@ if [ ! -f "$dir/config.json" ]; then
   python3 .devbin/hf_peft_lora.py --model qwen2.5-7b --save-model "$dir" > /dev/null || exit 1
 fi
 cp .devbin/tokenizer.json .devbin/tokenizer_config.json "$dir/"
-/tmp/qs/qscript serve "$dir" --served-model-name m --port 8011 --max-num-seqs 32 --max-model-len 1024 \
-  --dtype bf16 2> "$OUT/serve.log" &
-pid=$!
-for _ in $(seq 600); do grep -q "http://" "$OUT/serve.log" && break; kill -0 $pid 2>/dev/null || break; sleep 0.5; done
-python3 benches/serve_bench.py http://127.0.0.1:8011 --model m --weights "$dir" | tee "$OUT/serve.jsonl"
-kill -INT $pid; wait $pid
-tail -3 "$OUT/serve.log"
+# serve BIN LOG [BENCH ARGS]: serve_bench.py against BIN's server.
+serve() {
+  local bin=$1 log=$2; shift 2
+  $bin serve "$dir" --served-model-name m --port 8011 --max-num-seqs 32 --max-model-len 1024 \
+    --dtype bf16 2> "$OUT/$log.log" &
+  local pid=$!
+  for _ in $(seq 600); do grep -q "http://" "$OUT/$log.log" && break; kill -0 $pid 2>/dev/null || break; sleep 0.5; done
+  python3 benches/serve_bench.py http://127.0.0.1:8011 --model m --weights "$dir" "$@" | tee "$OUT/$log.jsonl"
+  kill -INT $pid; wait $pid
+  tail -3 "$OUT/$log.log"
+}
+# The build in .devbin/qscript-base.xz first (one client only), so the two compare in one call.
+[ -x /tmp/qs/qscript-base ] && { echo "base build:"; serve /tmp/qs/qscript-base serve-base --one-client; }
+serve /tmp/qs/qscript serve
 # serving while training: alone, then with a client asking once a second
 # Each run's whole stderr goes to $OUT/train-N.err, and the GPU's used memory every 0.3 s beside
 # it to $OUT/train-N.mem (a run that fails shows how its memory grew).
