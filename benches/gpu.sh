@@ -23,12 +23,14 @@ RESULTS=${RESULTS:-$WORK/results.jsonl}
 mkdir -p "$WORK"
 : > "$RESULTS"
 
-# peak MiB of process $1 (driver's per-process used memory), written to $2 when it exits
+# peak MiB of process $1 and its children (driver's per-process used memory; RUN_LIMIT's
+# `timeout` is the process, the run its child), written to $2 when it exits
 sample() {
-  local pid=$1 out=$2 max=0 v
+  local pid=$1 out=$2 max=0 v tree
   while kill -0 "$pid" 2>/dev/null; do
+    tree=" $pid $(pgrep -P "$pid" | tr '\n' ' ')"
     v=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null |
-      awk -F', *' -v p="$pid" '$1 == p { print $2 }')
+      awk -F', *' -v t="$tree" 'index(t, " " $1 " ") { s += $2 } END { if (s) print s }')
     if [ -n "$v" ] && [ "$v" -gt "$max" ]; then max=$v; fi
     sleep 0.2
   done
