@@ -5,7 +5,7 @@
 # (benches/serve_train.rhai, with and without a client asking once a second).
 set -uo pipefail
 mkdir -p /tmp/qs
-for f in .devbin/qscript.xz .devbin/qscript-base.xz .devbin/gpu.xz; do [ -f "$f" ] || continue xz -dc "$f" > "/tmp/qs/$(basename "$f" .xz)" && chmod +x "/tmp/qs/$(basename "$f" .xz)"; done
+for f in .devbin/qscript.xz .devbin/qscript-base.xz .devbin/gpu.xz; do [ -f "$f" ] || continue; xz -dc "$f" > "/tmp/qs/$(basename "$f" .xz)" && chmod +x "/tmp/qs/$(basename "$f" .xz)"; done
 OUT=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # The GPU tests of decoding's kernels (GPU_TESTS picks others).
