@@ -1330,7 +1330,15 @@ fn decode_projections_match_the_reference() {
             let lora = LoraAdapter::new(r(&[4, k], std), r(&[n1, 4], 0.5), 2.0, 0.0).unwrap();
             // On the GPU: q (bias), k (bias, adapter), v (neither).
             let mut lk = Linear::new(on(&ws[1]), Some(on(&bs[1])));
-            lk.lora = Some(lora.clone());
+            lk.lora = Some(
+                LoraAdapter::new(
+                    lora.a.to_device(&gpu()).unwrap(),
+                    lora.b.to_device(&gpu()).unwrap(),
+                    2.0,
+                    0.0,
+                )
+                .unwrap(),
+            );
             let lin = [
                 Linear::new(on(&ws[0]), Some(on(&bs[0]))),
                 lk,
