@@ -1,7 +1,7 @@
 // Decoding's projections (launchers in gemv.rs; reference ops: `nn::decode::projections`,
 // `residual` and `swiglu`): y[m, j] = sum_k x[m, k] W[j, k] for at most MAX_ROWS
 // rows m of x (the tokens of one decode step), one warp an output feature j, the weight read once
-// in 16-byte loads (four in flight a lane), accumulated in f32. The epilogues round as the
+// in 16-byte loads (eight in flight a lane), accumulated in f32. The epilogues round as the
 // reference ops' separate kernels do: the product to T, then the bias, the residual or SwiGLU.
 #include "common.cuh"
 
@@ -32,9 +32,14 @@ __device__ __forceinline__ void fma_chunk(const uint4 &wr, const T *__restrict__
     }
 }
 
-// This lane's share of the dot products of x's rows with the weight row w (k values, a multiple
-// of 8): chunks lane, lane + 32, ...; NW weight rows at once (SwiGLU's gate and up), their loads
-// issued together, four chunks a row in flight.
+// Chunks (of 8 values) a lane has in flight: its loads of one pass are all issued before any is
+// used, predicated on the row's end (no serial tail), so a row of k values costs
+// ceil(k / (8 * 32 * UNROLL)) memory round trips.
+#define UNROLL 8
+
+// This lane's share of the dot products of x's rows with the weight rows w (k values, a multiple
+// of 8): chunks lane, lane + 32, ...; NW weight rows at once (SwiGLU's gate and up). Every array
+// is indexed by constants only (unrolled loops), so the accumulators stay in registers.
 template <typename T, int NW>
 __device__ __forceinline__ void row_dots(const T *__restrict__ x, const T *const *w, uint64_t k,
                                          int rows, float (*acc)[MAX_ROWS]) {
@@ -43,21 +48,18 @@ __device__ __forceinline__ void row_dots(const T *__restrict__ x, const T *const
     const uint4 *wp[NW];
 #pragma unroll
     for (int r = 0; r < NW; r++) wp[r] = reinterpret_cast<const uint4 *>(w[r]);
-    int c = lane;
-    for (; c + 96 < chunks; c += 128) {
-        uint4 a[NW][4];
+    for (int c = lane; c < chunks; c += 32 * UNROLL) {
+        uint4 a[NW][UNROLL];
 #pragma unroll
         for (int r = 0; r < NW; r++)
 #pragma unroll
-            for (int u = 0; u < 4; u++) a[r][u] = __ldcs(wp[r] + c + 32 * u);
+            for (int u = 0; u < UNROLL; u++)
+                if (c + 32 * u < chunks) a[r][u] = __ldcs(wp[r] + c + 32 * u);
 #pragma unroll
         for (int r = 0; r < NW; r++)
 #pragma unroll
-            for (int u = 0; u < 4; u++) fma_chunk<T>(a[r][u], x, k, c + 32 * u, rows, acc[r]);
-    }
-    for (; c < chunks; c += 32) {
-#pragma unroll
-        for (int r = 0; r < NW; r++) fma_chunk<T>(__ldcs(wp[r] + c), x, k, c, rows, acc[r]);
+            for (int u = 0; u < UNROLL; u++)
+                if (c + 32 * u < chunks) fma_chunk<T>(a[r][u], x, k, c + 32 * u, rows, acc[r]);
     }
 #pragma unroll
     for (int r = 0; r < NW; r++)
@@ -90,10 +92,12 @@ __device__ void gemv_many(const T *x, int rows, uint64_t k, const T *w0, const T
     row_dots<T, 1>(x, wr, k, rows, acc);
     if ((threadIdx.x & 31) == 0) {
         float bias = b ? ld(b[j]) : 0.0f;
-        for (int m = 0; m < rows; m++) {
-            float v = ld(st<T>(acc[0][m]));
-            y[m * n + j] = b ? st<T>(v + bias) : st<T>(v);
-        }
+#pragma unroll
+        for (int m = 0; m < MAX_ROWS; m++)
+            if (m < rows) {
+                float v = ld(st<T>(acc[0][m]));
+                y[m * n + j] = b ? st<T>(v + bias) : st<T>(v);
+            }
     }
 }
 
@@ -107,8 +111,9 @@ __device__ void gemv_residual(const T *x, int rows, uint64_t k, const T *w, uint
     const T *wr[1] = {w + j * k};
     row_dots<T, 1>(x, wr, k, rows, acc);
     if ((threadIdx.x & 31) == 0)
-        for (int m = 0; m < rows; m++)
-            y[m * n + j] = st<T>(ld(st<T>(acc[0][m])) + ld(res[m * n + j]));
+#pragma unroll
+        for (int m = 0; m < MAX_ROWS; m++)
+            if (m < rows) y[m * n + j] = st<T>(ld(st<T>(acc[0][m])) + ld(res[m * n + j]));
 }
 
 // y = silu(x Wg^T) * (x Wu^T): gate_proj, up_proj and SwiGLU in one pass.
@@ -121,11 +126,13 @@ __device__ void gemv_swiglu(const T *x, int rows, uint64_t k, const T *wg, const
     const T *wr[2] = {wg + j * k, wu + j * k};
     row_dots<T, 2>(x, wr, k, rows, acc);
     if ((threadIdx.x & 31) == 0)
-        for (int m = 0; m < rows; m++) {
-            float g = ld(st<T>(acc[0][m])), u = ld(st<T>(acc[1][m]));
-            float silu = ld(st<T>(g / (1.0f + __expf(-g))));
-            y[m * n + j] = st<T>(silu * u);
-        }
+#pragma unroll
+        for (int m = 0; m < MAX_ROWS; m++)
+            if (m < rows) {
+                float g = ld(st<T>(acc[0][m])), u = ld(st<T>(acc[1][m]));
+                float silu = ld(st<T>(g / (1.0f + __expf(-g))));
+                y[m * n + j] = st<T>(silu * u);
+            }
 }
 
 #define GEMV(T, SFX)                                                                            \
