@@ -13,7 +13,7 @@
 //! | SwiGLU | [`ops::swiglu`] | [`ops::swiglu_backward`] |
 //! | attention | [`attention::attention`] | [`attention::attention_backward`] (cuDNN's fused SDPA on a GPU with cuDNN, else our softmax kernels) |
 //! | linear + LoRA | [`Linear::forward_t`] | [`Linear::backward`] |
-//! | a block's projections in inference (q/k/v, + residual, SwiGLU) | [`decode`] | none (inference only) |
+//! | a block's q/k/v in decoding | [`decode::projections`] | none (inference only) |
 //! | dropout | [`dropout::apply`] | the same mask, re-derived from its key |
 //! | causal-LM loss | [`loss::causal_lm_loss`] (from the final hidden states) | returns dHidden |
 

@@ -1,8 +1,8 @@
-// Decoding's projections (launchers in gemv.rs; reference ops: `nn::decode::projections`,
-// `residual` and `swiglu`): y[m, j] = sum_k x[m, k] W[j, k] for at most MAX_ROWS
-// rows m of x (the tokens of one decode step), one warp an output feature j, the weight read once
-// in 16-byte loads (eight in flight a lane), accumulated in f32. The epilogues round as the
-// reference ops' separate kernels do: the product to T, then the bias, the residual or SwiGLU.
+// Decoding's q/k/v projections (launcher in gemv.rs; reference op: `nn::decode::projections`):
+// y[m, j] = sum_k x[m, k] W[j, k] for at most MAX_ROWS rows m of x (the tokens of one decode
+// step), one warp an output feature j, the weight read once in 16-byte loads (eight in flight a
+// lane), accumulated in f32. The bias is added as the reference's separate kernel adds it: the
+// product rounded to T, then the bias.
 #include "common.cuh"
 
 #define MAX_ROWS 8
@@ -38,7 +38,7 @@ __device__ __forceinline__ void fma_chunk(const uint4 &wr, const T *__restrict__
 #define UNROLL 8
 
 // This lane's share of the dot products of x's rows with the weight rows w (k values, a multiple
-// of 8): chunks lane, lane + 32, ...; NW weight rows at once (SwiGLU's gate and up). Every array
+// of 8): chunks lane, lane + 32, ...; NW weight rows at once. Every array
 // is indexed by constants only (unrolled loops), so the accumulators stay in registers.
 template <typename T, int NW>
 __device__ __forceinline__ void row_dots(const T *__restrict__ x, const T *const *w, uint64_t k,
@@ -101,54 +101,12 @@ __device__ void gemv_many(const T *x, int rows, uint64_t k, const T *w0, const T
     }
 }
 
-// y = res + x W^T (o_proj and down_proj with the residual stream).
-template <typename T>
-__device__ void gemv_residual(const T *x, int rows, uint64_t k, const T *w, uint64_t n,
-                              const T *res, T *y) {
-    uint64_t j = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) >> 5;
-    if (j >= n) return;
-    float acc[1][MAX_ROWS] = {};
-    const T *wr[1] = {w + j * k};
-    row_dots<T, 1>(x, wr, k, rows, acc);
-    if ((threadIdx.x & 31) == 0)
-#pragma unroll
-        for (int m = 0; m < MAX_ROWS; m++)
-            if (m < rows) y[m * n + j] = st<T>(ld(st<T>(acc[0][m])) + ld(res[m * n + j]));
-}
-
-// y = silu(x Wg^T) * (x Wu^T): gate_proj, up_proj and SwiGLU in one pass.
-template <typename T>
-__device__ void gemv_swiglu(const T *x, int rows, uint64_t k, const T *wg, const T *wu,
-                            uint64_t n, T *y) {
-    uint64_t j = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) >> 5;
-    if (j >= n) return;
-    float acc[2][MAX_ROWS] = {};
-    const T *wr[2] = {wg + j * k, wu + j * k};
-    row_dots<T, 2>(x, wr, k, rows, acc);
-    if ((threadIdx.x & 31) == 0)
-#pragma unroll
-        for (int m = 0; m < MAX_ROWS; m++)
-            if (m < rows) {
-                float g = ld(st<T>(acc[0][m])), u = ld(st<T>(acc[1][m]));
-                float silu = ld(st<T>(g / (1.0f + __expf(-g))));
-                y[m * n + j] = st<T>(silu * u);
-            }
-}
-
 #define GEMV(T, SFX)                                                                            \
     extern "C" __global__ void gemv_many_##SFX(const T *x, int rows, uint64_t k, const T *w0,   \
                                                const T *b0, T *y0, uint64_t n0, const T *w1,    \
                                                const T *b1, T *y1, uint64_t n1, const T *w2,    \
                                                const T *b2, T *y2, uint64_t n2) {               \
         gemv_many<T>(x, rows, k, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);               \
-    }                                                                                           \
-    extern "C" __global__ void gemv_residual_##SFX(const T *x, int rows, uint64_t k, const T *w, \
-                                                   uint64_t n, const T *res, T *y) {            \
-        gemv_residual<T>(x, rows, k, w, n, res, y);                                             \
-    }                                                                                           \
-    extern "C" __global__ void gemv_swiglu_##SFX(const T *x, int rows, uint64_t k, const T *wg, \
-                                                 const T *wu, uint64_t n, T *y) {               \
-        gemv_swiglu<T>(x, rows, k, wg, wu, n, y);                                               \
     }
 GEMV(__nv_bfloat16, bf16)
 GEMV(__half, f16)

@@ -1,11 +1,8 @@
-//! Decoding's projections on CUDA (`gemv.cu`): for the few rows of a decode step, the products
-//! with a block's weights as matrix-vector kernels that read each weight once at the memory's
-//! speed, with what follows each product done before it is written: q, k and v (and their
-//! biases) in one launch, o and down with the residual added, gate and up with SwiGLU. A decode
-//! step then launches 4 kernels for a block's 7 projections instead of 12 (their GEMMs, bias
-//! adds, residual adds and SwiGLU). Inference only: nothing here is differentiated. Reference
-//! ops: [`crate::nn::decode::projections`], [`crate::nn::decode::residual`] and
-//! [`crate::nn::decode::swiglu`], which take these kernels where [`applies`] says so.
+//! Decoding's q/k/v on CUDA (`gemv.cu`): for the few rows of a decode step, the three
+//! projections of a block's normed input and their biases as one matrix-vector kernel that reads
+//! each weight once (6 launches a block become 1). Inference only: nothing here is
+//! differentiated. Reference op: [`crate::nn::decode::projections`], which takes this kernel where
+//! [`applies`] says so.
 
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{DType, Result, Tensor};
@@ -89,61 +86,4 @@ pub fn many(x: &Tensor, ws: &[(&Tensor, Option<&Tensor>)]) -> Result<Vec<Tensor>
     }
     launch(&dev, &PTX, "gemv_many", x.dtype(), grid(features), &args)?;
     Ok(outs)
-}
-
-/// `res + x W^T` (`res` `[rows, n]`). The caller checked [`applies`].
-pub fn residual(x: &Tensor, w: &Tensor, res: &Tensor) -> Result<Tensor> {
-    let (rows, k) = x.dims2()?;
-    let n = w.dims2()?.0;
-    if res.dims() != [rows, n] || res.dtype() != x.dtype() {
-        candle_core::bail!("gemv residual: {:?} onto [{rows}, {n}]", res.dims());
-    }
-    let res = res.contiguous()?;
-    let (px, dev) = addr(x, "x")?;
-    let y = empty(&dev, &[rows, n], x.dtype())?;
-    launch(
-        &dev,
-        &PTX,
-        "gemv_residual",
-        x.dtype(),
-        grid(n),
-        &[
-            Arg::from(px),
-            Arg::I32(rows as i32),
-            Arg::from(k as u64),
-            Arg::from(addr(w, "weight")?.0),
-            Arg::from(n as u64),
-            Arg::from(addr(&res, "res")?.0),
-            Arg::from(addr(&y, "y")?.0),
-        ],
-    )?;
-    Ok(y)
-}
-
-/// `silu(x Wg^T) * (x Wu^T)` (`[rows, n]`). The caller checked [`applies`].
-pub fn swiglu(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
-    let (rows, k) = x.dims2()?;
-    let n = wg.dims2()?.0;
-    if wu.dims2()?.0 != n {
-        candle_core::bail!("gemv swiglu: gate {:?}, up {:?}", wg.dims(), wu.dims());
-    }
-    let (px, dev) = addr(x, "x")?;
-    let y = empty(&dev, &[rows, n], x.dtype())?;
-    launch(
-        &dev,
-        &PTX,
-        "gemv_swiglu",
-        x.dtype(),
-        grid(n),
-        &[
-            Arg::from(px),
-            Arg::I32(rows as i32),
-            Arg::from(k as u64),
-            Arg::from(addr(wg, "gate")?.0),
-            Arg::from(addr(wu, "up")?.0),
-            Arg::from(n as u64),
-            Arg::from(addr(&y, "y")?.0),
-        ],
-    )?;
-    Ok(y)
 }

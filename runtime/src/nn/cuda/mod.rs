@@ -14,7 +14,7 @@
 //! | [`cross_entropy`] | per-row losses and the logits' gradient | [`crate::nn::loss::causal_lm_loss`]'s composite path |
 //! | [`dropout`] | the mask, dropout added into a destination | [`crate::nn::dropout`] |
 //! | [`accumulate`] | in-place adds, row scatter and put | [`crate::nn::ops::add_into`], [`crate::nn::ops::add_bias`], [`crate::nn::ops::put_rows`] |
-//! | [`gemv`] | decoding's projections with their bias, residual or SwiGLU (inference only) | [`crate::nn::decode`] |
+//! | [`gemv`] | decoding's q/k/v with their biases (inference only) | [`crate::nn::decode::projections`] |
 //! | [`dequant`] | bitsandbytes' 4-bit codes to the compute dtype | [`crate::quant::Quant4::dequantize`]'s candle path |
 //!
 //! The optimizer's kernels live with it, launched through `launch.rs` too:
