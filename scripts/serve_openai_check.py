@@ -54,6 +54,18 @@ r = client.chat.completions.create(
 assert [x.index for x in r.choices] == [0, 1, 2], r.choices
 assert all(x.message.content == chat("tiny", "hello there")[0] for x in r.choices), r.choices
 
+# Log-probabilities through the client's types: one entry a token, the greedy token first among
+# its alternatives; completions' legacy fields.
+r = client.chat.completions.create(
+    model="tiny", messages=[{"role": "user", "content": "hello there"}], max_tokens=8,
+    temperature=0, logprobs=True, top_logprobs=3,
+)
+lp = r.choices[0].logprobs.content
+assert len(lp) == r.usage.completion_tokens, lp
+assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token and e.logprob <= 0 for e in lp), lp
+c = client.completions.create(model="tiny", prompt="Once upon", max_tokens=8, temperature=0, logprobs=2)
+assert len(c.choices[0].logprobs.tokens) == c.usage.completion_tokens, c.choices[0].logprobs
+
 for call, exc, says in [
     (lambda: chat("gpt-4", "hi"), openai.NotFoundError, "does not exist"),
     (
@@ -87,4 +99,4 @@ alone = [chat(m, p, 24) for p, m in prompts]
 with concurrent.futures.ThreadPoolExecutor(24) as pool:
     together = list(pool.map(lambda pm: chat(pm[1], pm[0], 24, stream=True), prompts))
 assert together == alone, [i for i, (a, b) in enumerate(zip(alone, together)) if a != b]
-print(f"openai {openai.__version__}: models, chat, completions, streams, errors and 24 concurrent streams as served alone: ok")
+print(f"openai {openai.__version__}: models, chat, completions, streams, logprobs, errors and 24 concurrent streams as served alone: ok")

@@ -311,6 +311,10 @@ fn bad_requests_get_openai_errors_and_disturb_nothing() {
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}).to_string(), 400, "stop", "at most 4"),
         ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x".repeat(200)}]}).to_string(), 400, "messages", "maximum context length is 64"),
         ("/v1/completions", json!({"model": "tiny", "prompt": 5}).to_string(), 400, "prompt", "must be a string"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}).to_string(), 400, "top_logprobs", "in 0..=20, got 21"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}).to_string(), 400, "top_logprobs", "needs `logprobs: true`"),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": 3}).to_string(), 400, "logprobs", "true or false"),
+        ("/v1/completions", json!({"model": "tiny", "prompt": "x", "logprobs": -1}).to_string(), 400, "logprobs", "in 0..=20, got -1"),
         ("/v1/completions", json!({"model": "tiny-lora-2", "prompt": "x"}).to_string(), 404, "model", "serves: tiny, tiny-lora"),
     ];
     for (path, body, status, param, says) in &cases {
@@ -744,5 +748,121 @@ fn n_choices_are_n_sequences() {
         one["seed"] = json!(5 + i);
         let (_, r) = f.post("/v1/completions", &one);
         assert_eq!(text(&r), std::slice::from_ref(t));
+    }
+}
+
+/// Log-probabilities (chat's `logprobs`/`top_logprobs`, completions' `logprobs: N`) are the
+/// model's own: each token's equals the log-softmax of the logits of a whole-sequence forward
+/// at its position, greedy picks the most likely, the alternatives come most likely first, and
+/// a stream carries the same values as the whole reply, each token once.
+#[test]
+fn logprobs_are_the_models_own() {
+    use candle_core::Tensor;
+    let f = start(2, None);
+    let ids = f.chat_ids("hello there");
+    let mut body = chat_body("tiny", "hello there", 8);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(3);
+    let (s, r) = f.post("/v1/chat/completions", &body);
+    assert_eq!(s, 200, "{r}");
+    let content = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    let n = r["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(content.len(), n, "{r}");
+    // The model's log-softmax at each generated position, from one forward of the whole text.
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        temperature: Some(0.0),
+        stop_ids: f
+            .tok
+            .eos_id()
+            .into_iter()
+            .chain(f.tok.token_to_id("<|im_end|>"))
+            .collect(),
+        ..GenerateOptions::default()
+    };
+    let out = f
+        .base
+        .generate(&ids, &opts, &CancelToken::new(), &mut |_| Ok(()))
+        .unwrap();
+    assert_eq!(out.len(), n);
+    let all: Vec<u32> = ids.iter().chain(&out).copied().collect();
+    let input = Tensor::new(all.as_slice(), &candle_core::Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = f.base.decoder.forward(&input, None, None).unwrap();
+    let logits = logits.squeeze(0).unwrap();
+    for (t, e) in content.iter().enumerate() {
+        let row: Vec<f32> = logits.get(ids.len() - 1 + t).unwrap().to_vec1().unwrap();
+        let max = row.iter().copied().fold(f32::MIN, f32::max);
+        let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+        let want = row[out[t] as usize] - lse;
+        let got = e["logprob"].as_f64().unwrap() as f32;
+        assert!((got - want).abs() < 1e-4, "token {t}: {got} against {want}");
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        let tl: Vec<f64> = top.iter().map(|x| x["logprob"].as_f64().unwrap()).collect();
+        assert!(tl.windows(2).all(|w| w[0] >= w[1]), "{tl:?}");
+        assert!(
+            (tl[0] as f32 - got).abs() < 1e-6,
+            "greedy took the most likely"
+        );
+        assert_eq!(e["token"], top[0]["token"]);
+        let bytes: Vec<u8> = e["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(bytes, e["token"].as_str().unwrap().as_bytes());
+    }
+    // Streamed: the same entries, each once, over the chunks.
+    body["stream"] = json!(true);
+    let events = f.stream("/v1/chat/completions", &body);
+    let streamed: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(&streamed, content);
+    // Without the option: null.
+    let (_, r) = f.post("/v1/chat/completions", &chat_body("tiny", "hello there", 4));
+    assert!(r["choices"][0]["logprobs"].is_null(), "{r}");
+
+    // Completions: tokens, their log-probabilities, N alternatives each, offsets into the text.
+    let (s, r) = f.post(
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "once upon", "max_tokens": 6, "temperature": 0, "logprobs": 2}),
+    );
+    assert_eq!(s, 200, "{r}");
+    let lp = &r["choices"][0]["logprobs"];
+    let n = r["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), n, "{r}");
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), n);
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    for (t, w) in offsets.windows(2).enumerate() {
+        let len = tokens[t].as_str().unwrap().chars().count() as u64;
+        assert_eq!(w[1], w[0] + len);
+    }
+    for (t, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        let top = top.as_object().unwrap();
+        assert!((1..=2).contains(&top.len()), "{top:?}");
+        let best = top
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        let chosen = lp["token_logprobs"][t].as_f64().unwrap();
+        assert!(
+            (best - chosen).abs() < 1e-6,
+            "greedy: {chosen} against {best}"
+        );
     }
 }

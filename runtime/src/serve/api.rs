@@ -141,7 +141,14 @@ pub struct Request {
     pub ignore_eos: bool,
     /// Choices to generate for the prompt (`n`), each its own sequence.
     pub n: usize,
+    /// Each new token's log-probability with this many most likely alternatives (chat:
+    /// `logprobs: true` and `top_logprobs`; completions: `logprobs: N`); `None`: none.
+    pub logprobs: Option<usize>,
 }
+
+/// The most alternatives a token's log-probabilities list (`top_logprobs`, completions'
+/// `logprobs`), OpenAI's chat limit.
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// The most choices a request may ask for (`n`).
 pub const MAX_N: usize = 16;
@@ -406,11 +413,7 @@ fn options(o: &Map<String, Value>, prompt: Prompt, max_name: &str) -> Result<Req
             ));
         }
     }
-    if o.get("logprobs")
-        .is_some_and(|l| !l.is_null() && l != &json!(false))
-    {
-        return Err(ApiError::invalid("logprobs", "`logprobs` is not supported"));
-    }
+    let logprobs = logprobs(o, &prompt)?;
     let stop = match o.get("stop") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
@@ -475,6 +478,7 @@ fn options(o: &Map<String, Value>, prompt: Prompt, max_name: &str) -> Result<Req
     Ok(Request {
         ignore_eos,
         n,
+        logprobs,
         model,
         prompt,
         max_tokens,
@@ -487,4 +491,47 @@ fn options(o: &Map<String, Value>, prompt: Prompt, max_name: &str) -> Result<Req
         stream,
         include_usage,
     })
+}
+
+/// The log-probabilities asked for: chat's `logprobs` (true or false) with `top_logprobs`
+/// (0..=20, only with `logprobs: true`), completions' `logprobs` (0..=20 alternatives).
+fn logprobs(o: &Map<String, Value>, prompt: &Prompt) -> Result<Option<usize>, ApiError> {
+    let count = |k: &str, v: &Value| -> Result<usize, ApiError> {
+        match v.as_i64() {
+            Some(n) if (0..=MAX_TOP_LOGPROBS as i64).contains(&n) => Ok(n as usize),
+            _ => Err(ApiError::invalid(
+                k,
+                format!("`{k}` must be an integer in 0..={MAX_TOP_LOGPROBS}, got {v}"),
+            )),
+        }
+    };
+    let get = |k: &str| o.get(k).filter(|v| !v.is_null());
+    match prompt {
+        Prompt::Chat { .. } => {
+            let on = match get("logprobs") {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(v) => {
+                    return Err(ApiError::invalid(
+                        "logprobs",
+                        format!("`logprobs` must be true or false, got {v}"),
+                    ));
+                }
+            };
+            match get("top_logprobs") {
+                None => Ok(on.then_some(0)),
+                Some(v) => {
+                    let n = count("top_logprobs", v)?;
+                    if !on {
+                        return Err(ApiError::invalid(
+                            "top_logprobs",
+                            "`top_logprobs` needs `logprobs: true`",
+                        ));
+                    }
+                    Ok(Some(n))
+                }
+            }
+        }
+        Prompt::Text(_) => get("logprobs").map(|v| count("logprobs", v)).transpose(),
+    }
 }

@@ -66,11 +66,41 @@ impl ServedModel {
     }
 }
 
+/// A new token's log-probability under the model (the raw logits' log-softmax, before
+/// temperature or penalties, as vLLM reports it) and the most likely tokens at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The chosen token's.
+    pub logprob: f32,
+    /// The `top_logprobs` most likely tokens and theirs, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprobs {
+    /// Of `token` and the `top` most likely tokens under `logits` (`[vocab]`, any float dtype).
+    pub fn of(logits: &Tensor, token: u32, top: usize) -> Result<Self> {
+        let v: Vec<f32> = logits.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = max + v.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+        let logprob = v.get(token as usize).map_or(f32::NEG_INFINITY, |x| x - lse);
+        let mut ids: Vec<u32> = (0..v.len() as u32).collect();
+        let k = top.min(ids.len());
+        let by_logit = |a: &u32, b: &u32| v[*b as usize].total_cmp(&v[*a as usize]);
+        if k > 0 && k < ids.len() {
+            ids.select_nth_unstable_by(k - 1, by_logit);
+        }
+        ids.truncate(k);
+        ids.sort_by(by_logit);
+        let top = ids.into_iter().map(|i| (i, v[i as usize] - lse)).collect();
+        Ok(Self { logprob, top })
+    }
+}
+
 /// What a request hears from the engine.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// The next token.
-    Token(u32),
+    /// The next token, with its log-probabilities when the request asked for them.
+    Token(u32, Option<TokenLogprobs>),
     /// The sequence ended.
     Done(Finish),
     /// It failed; the message says why.
@@ -96,6 +126,8 @@ pub struct Job {
     pub opts: GenerateOptions,
     /// Where its tokens go; dropping the receiver ends the sequence.
     pub events: UnboundedSender<Event>,
+    /// Each token's log-probability and this many alternatives (`None`: none).
+    pub logprobs: Option<usize>,
 }
 
 /// How many sequences the engine runs and holds.
@@ -194,6 +226,10 @@ struct Seq {
     generated: usize,
     max_new: usize,
     events: UnboundedSender<Event>,
+    /// Alternatives a token's log-probabilities list (`None`: none asked).
+    logprobs: Option<usize>,
+    /// The newest token's, until it is delivered.
+    last_logprobs: Option<TokenLogprobs>,
 }
 
 impl Seq {
@@ -295,6 +331,10 @@ impl Engine {
         let logits = d.head(&h)?.squeeze(1)?.squeeze(0)?;
         let mut sampler = model.sampler(&job.opts);
         let first = sampler.sample(&logits, &job.prompt, 0)?;
+        let last_logprobs = job
+            .logprobs
+            .map(|k| TokenLogprobs::of(&logits, first, k))
+            .transpose()?;
         let mut context = job.prompt.clone();
         context.push(first);
         Ok(Seq {
@@ -305,13 +345,19 @@ impl Engine {
             generated: 1,
             max_new: job.opts.max_new_tokens.min(room),
             events: job.events.clone(),
+            logprobs: job.logprobs,
+            last_logprobs,
         })
     }
 
     /// Sends `seq`'s newest token and returns it if it goes on.
-    fn deliver(&mut self, seq: Seq) -> Option<Seq> {
+    fn deliver(&mut self, mut seq: Seq) -> Option<Seq> {
         let tok = seq.last();
-        if seq.events.send(Event::Token(tok)).is_err() {
+        if seq
+            .events
+            .send(Event::Token(tok, seq.last_logprobs.take()))
+            .is_err()
+        {
             self.release(seq.slot);
             return None;
         }
@@ -352,8 +398,9 @@ impl Engine {
         for (model, mut group) in groups {
             match self.decode(model, &mut group) {
                 Ok(tokens) => {
-                    for (mut seq, tok) in group.into_iter().zip(tokens) {
+                    for (mut seq, (tok, lp)) in group.into_iter().zip(tokens) {
                         seq.context.push(tok);
+                        seq.last_logprobs = lp;
                         seq.generated += 1;
                         if let Some(seq) = self.deliver(seq) {
                             self.running.push(seq);
@@ -371,8 +418,13 @@ impl Engine {
         }
     }
 
-    /// The next token of each sequence of `group` (all of one model).
-    fn decode(&mut self, model: usize, group: &mut [Seq]) -> Result<Vec<u32>> {
+    /// The next token of each sequence of `group` (all of one model), with its
+    /// log-probabilities where the sequence asked for them.
+    fn decode(
+        &mut self,
+        model: usize,
+        group: &mut [Seq],
+    ) -> Result<Vec<(u32, Option<TokenLogprobs>)>> {
         let model = self.models[model].current();
         let d = &model.decoder;
         let lo = group.iter().map(|s| s.slot).min().unwrap_or(0);
@@ -424,7 +476,11 @@ impl Engine {
                     .sampler
                     .sample(&logits.get(i)?, &seq.context, seq.generated)?,
             };
-            out.push(tok);
+            let lp = seq
+                .logprobs
+                .map(|k| TokenLogprobs::of(&logits.get(i)?, tok, k))
+                .transpose()?;
+            out.push((tok, lp));
         }
         Ok(out)
     }

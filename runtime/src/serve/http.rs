@@ -244,6 +244,7 @@ async fn respond(
                 prompt: prompt.clone(),
                 opts,
                 events: tx,
+                logprobs: req.logprobs,
             })
             .map_err(|e| ApiError::server(e.to_string()))?;
         receivers.push(rx);
@@ -258,6 +259,7 @@ async fn respond(
         model: req.model.clone(),
         prompt_tokens,
         include_usage: req.include_usage,
+        logprobs: req.logprobs.is_some(),
     };
     if req.stream {
         Ok(stream_reply(reply, choices).into_response())

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::api::ApiError;
-use super::engine::{Event, Finish};
+use super::engine::{Event, Finish, TokenLogprobs};
 use crate::detok::Detok;
 use crate::tokenizer::Tokenizer;
 
@@ -112,7 +112,12 @@ pub(super) struct Reply {
     pub(super) model: String,
     pub(super) prompt_tokens: usize,
     pub(super) include_usage: bool,
+    /// The request asked for log-probabilities.
+    pub(super) logprobs: bool,
 }
+
+/// Tokens of one choice with their log-probabilities, not yet in a reply.
+type Logprobs = Vec<(u32, TokenLogprobs)>;
 
 impl Reply {
     fn decode(&self) -> impl Fn(&[u32]) -> crate::Result<String> + '_ {
@@ -127,20 +132,76 @@ impl Reply {
         })
     }
 
+    /// A token as the log-probabilities name it: its text (special tokens included) and bytes.
+    fn token(&self, id: u32) -> (String, Vec<u8>) {
+        let t = self.tokenizer.decode(&[id], false).unwrap_or_default();
+        let b = t.as_bytes().to_vec();
+        (t, b)
+    }
+
+    /// A choice's `logprobs` for `tokens` (null when the request asked for none): chat's
+    /// `{content: [{token, logprob, bytes, top_logprobs}]}`, or completions' `{tokens,
+    /// token_logprobs, top_logprobs, text_offset}` with offsets from `offset` (characters of the
+    /// choice's text before these tokens; advanced past them).
+    fn logprobs(&self, tokens: Logprobs, offset: &mut usize) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        match self.kind {
+            Kind::Chat => {
+                let content: Vec<Value> = tokens
+                    .iter()
+                    .map(|(id, lp)| {
+                        let (t, b) = self.token(*id);
+                        let top: Vec<Value> = lp
+                            .top
+                            .iter()
+                            .map(|(a, l)| {
+                                let (t, b) = self.token(*a);
+                                json!({"token": t, "logprob": l, "bytes": b})
+                            })
+                            .collect();
+                        json!({"token": t, "logprob": lp.logprob, "bytes": b, "top_logprobs": top})
+                    })
+                    .collect();
+                json!({ "content": content })
+            }
+            Kind::Text => {
+                let (mut names, mut lps, mut tops, mut offsets) =
+                    (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for (id, lp) in &tokens {
+                    let (t, _) = self.token(*id);
+                    offsets.push(*offset);
+                    *offset += t.chars().count();
+                    let top: serde_json::Map<String, Value> = lp
+                        .top
+                        .iter()
+                        .map(|(a, l)| (self.token(*a).0, json!(l)))
+                        .collect();
+                    names.push(t);
+                    lps.push(lp.logprob);
+                    tops.push(Value::Object(top));
+                }
+                json!({"tokens": names, "token_logprobs": lps, "top_logprobs": tops,
+                       "text_offset": offsets})
+            }
+        }
+    }
+
     fn choice(
         &self,
         index: usize,
         text: &str,
         finish: Option<&str>,
-        chunk: bool,
-        first: bool,
+        (chunk, first): (bool, bool),
+        logprobs: Value,
     ) -> Value {
         match (self.kind, chunk) {
             (Kind::Chat, false) => json!({
                 "index": index,
                 "message": {"role": "assistant", "content": text},
                 "finish_reason": finish,
-                "logprobs": null,
+                "logprobs": logprobs,
             }),
             (Kind::Chat, true) => {
                 let delta = if first {
@@ -150,13 +211,13 @@ impl Reply {
                 } else {
                     json!({"content": text})
                 };
-                json!({"index": index, "delta": delta, "finish_reason": finish, "logprobs": null})
+                json!({"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs})
             }
             (Kind::Text, _) => json!({
                 "index": index,
                 "text": text,
                 "finish_reason": finish,
-                "logprobs": null,
+                "logprobs": logprobs,
             }),
         }
     }
@@ -184,6 +245,7 @@ pub(super) async fn whole_reply(reply: Reply, mut ch: Choices) -> Response {
     let n = ch.done.len();
     let mut text = vec![String::new(); n];
     let mut finish: Vec<Option<Finish>> = vec![None; n];
+    let mut lps: Vec<Logprobs> = vec![Vec::new(); n];
     while !ch.all_done() {
         let Some((i, event)) = ch.rx.recv().await else {
             return ApiError::server("the server's engine stopped").into_response();
@@ -192,8 +254,9 @@ pub(super) async fn whole_reply(reply: Reply, mut ch: Choices) -> Response {
             continue;
         }
         match event {
-            Event::Token(id) => match ch.detok[i].push(id, reply.decode()) {
+            Event::Token(id, lp) => match ch.detok[i].push(id, reply.decode()) {
                 Ok(t) => {
+                    lps[i].extend(lp.map(|lp| (id, lp)));
                     text[i].push_str(&t);
                     if ch.detok[i].stopped {
                         finish[i] = Some(Finish::Stop);
@@ -213,15 +276,17 @@ pub(super) async fn whole_reply(reply: Reply, mut ch: Choices) -> Response {
             Event::Failed(e) => return ApiError::server(e).into_response(),
         }
     }
-    let choices = (0..n)
-        .map(|i| {
+    let choices = lps
+        .into_iter()
+        .enumerate()
+        .map(|(i, lp)| {
             let f = finish[i].unwrap_or(Finish::Stop);
             reply.choice(
                 i,
                 &text[i],
                 Some(finish_name(f, ch.detok[i].stopped)),
-                false,
-                false,
+                (false, false),
+                reply.logprobs(lp, &mut 0),
             )
         })
         .collect();
@@ -243,6 +308,10 @@ pub(super) fn stream_reply(
         first: Vec<bool>,
         done: bool,
         pending: std::collections::VecDeque<String>,
+        /// Each choice's tokens whose log-probabilities no chunk carried yet (a token whose
+        /// text is held back goes with the next chunk), and its text's length so far.
+        lps: Vec<Logprobs>,
+        offsets: Vec<usize>,
     }
     let n = ch.done.len();
     let st = St {
@@ -251,6 +320,8 @@ pub(super) fn stream_reply(
         first: vec![true; n],
         done: false,
         pending: std::collections::VecDeque::new(),
+        lps: vec![Vec::new(); n],
+        offsets: vec![0; n],
     };
     let s = stream::unfold(st, |mut st| async move {
         loop {
@@ -260,14 +331,20 @@ pub(super) fn stream_reply(
             if st.done {
                 return None;
             }
-            let chunk = |st: &St, i: usize, text: &str, finish: Option<&str>, first: bool| {
+            // Choice `i`'s chunk of `text`, with the log-probabilities of its tokens so far.
+            let chunk = |st: &mut St, i: usize, text: &str, finish: Option<&str>, first: bool| {
+                let lp = std::mem::take(&mut st.lps[i]);
+                let lp = st.reply.logprobs(lp, &mut st.offsets[i]);
                 st.reply
-                    .envelope(vec![st.reply.choice(i, text, finish, true, first)], true)
+                    .envelope(
+                        vec![st.reply.choice(i, text, finish, (true, first), lp)],
+                        true,
+                    )
                     .to_string()
             };
             // Choice `i` ends with `finish`; after the last one, the usage and `[DONE]`.
             let end = |st: &mut St, i: usize, finish: &str, text: String| {
-                let c = chunk(st, i, &text, Some(finish), false);
+                let c = chunk(&mut *st, i, &text, Some(finish), false);
                 st.pending.push_back(c);
                 st.ch.end(i);
                 if st.ch.all_done() {
@@ -282,7 +359,8 @@ pub(super) fn stream_reply(
             };
             match st.ch.rx.recv().await {
                 Some((i, _)) if st.ch.done[i] => {}
-                Some((i, Event::Token(id))) => {
+                Some((i, Event::Token(id, lp))) => {
+                    st.lps[i].extend(lp.map(|lp| (id, lp)));
                     let text = match st.ch.detok[i].push(id, st.reply.decode()) {
                         Ok(t) => t,
                         Err(e) => {
@@ -294,7 +372,7 @@ pub(super) fn stream_reply(
                     if st.first[i] || !text.is_empty() {
                         let first = st.first[i];
                         st.first[i] = false;
-                        let c = chunk(&st, i, &text, None, first);
+                        let c = chunk(&mut st, i, &text, None, first);
                         st.pending.push_back(c);
                     }
                     if st.ch.detok[i].stopped {
