@@ -5,6 +5,7 @@
 # (benches/serve_train.rhai, with and without a client asking once a second).
 set -uo pipefail
 mkdir -p /tmp/qs
+rm -f /tmp/qs/qscript-base  # a warm machine's earlier call may have left one
 for f in .devbin/qscript.xz .devbin/qscript-base.xz .devbin/gpu.xz; do [ -f "$f" ] || continue; xz -dc "$f" > "/tmp/qs/$(basename "$f" .xz)" && chmod +x "/tmp/qs/$(basename "$f" .xz)"; done
 OUT=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -33,9 +34,10 @@ serve /tmp/qs/qscript serve
 # serving while training: alone, then with a client asking once a second
 # Each run's whole stderr goes to $OUT/train-N.err, and the GPU's used memory every 0.3 s beside
 # it to $OUT/train-N.mem (a run that fails shows how its memory grew).
-runs=0
+# run_train NAME [--set ...]: its logs are $OUT/train-NAME.* (a name, not a counter: the runs
+# are called in $(...) subshells).
 run_train() {
-  runs=$((runs + 1))
+  local runs=$1; shift
   ( while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.3; done ) \
     > "$OUT/train-$runs.mem" &
   local smi=$!
@@ -48,8 +50,8 @@ run_train() {
 }
 # A short run first: on a fresh machine the driver compiles our kernels' PTX once (~13 s), which
 # would land in the first timed run. Then 120 steps each (16 left the client a window of ~3 s).
-run_train --set steps=4 > /dev/null
-echo "train alone: $(run_train --set steps=120)"
+run_train warmup --set steps=4 > /dev/null
+echo "train alone: $(run_train alone --set steps=120)"
 : > "$OUT/client.codes"
 ( while true; do
     curl -s -o /dev/null -w '%{http_code}\n' -m 30 http://127.0.0.1:8012/v1/completions \
@@ -57,7 +59,7 @@ echo "train alone: $(run_train --set steps=120)"
       -d '{"model": "m", "prompt": "hello", "max_tokens": 32, "temperature": 0}' >> "$OUT/client.codes"
     sleep 1; done ) &
 cl=$!
-echo "train serving: $(run_train --set steps=120 --set serve=true)"
+echo "train serving: $(run_train serving --set steps=120 --set serve=true)"
 kill $cl 2>/dev/null
 echo "client requests answered 200 while the recipe ran: $(grep -c '^200' "$OUT/client.codes")"
 true

@@ -1306,9 +1306,10 @@ fn the_tiled_mlp_on_the_gpu_gives_the_untiled_gradients() {
 }
 
 /// Decoding's q/k/v (`nn::decode::projections`: one matrix-vector kernel with their biases)
-/// equal the projections one by one on the CPU in f32, in bf16 and f16, for 1 to 8 rows, widths
-/// of one pass of the kernel's loop and of several, with and without an adapter; past 8 rows the
-/// same function takes cuBLAS. Then a bf16 model decoding token by token (the kernels) gives the
+/// equal the projections one by one on the CPU in f32, in bf16 and f16, for 1 to 4 rows, widths
+/// of one pass of the kernel's loop and of several (the last partial), three projections of
+/// different sizes, with and without an adapter; the kernel alone equals the reference too;
+/// past 4 rows the same function takes cuBLAS. Then a bf16 model decoding token by token (the kernels) gives the
 /// logits of its whole-sequence forward (cuBLAS).
 #[test]
 fn decode_projections_match_the_reference() {
@@ -1320,11 +1321,11 @@ fn decode_projections_match_the_reference() {
     for dtype in [DType::BF16, DType::F16] {
         let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&gpu()).unwrap();
         let f32_of = |t: &Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
-        for &(k, rows) in &[(4096usize, 1usize), (200, 3), (1032, 8), (64, 9)] {
+        for &(k, rows) in &[(4096usize, 1usize), (200, 3), (2056, 4), (64, 5)] {
             let std = 1.0 / (k as f32).sqrt();
-            let (n0, n1) = (37usize, 19usize);
+            let (n0, n1, n2) = (37usize, 19usize, 23usize);
             let x = r(&[rows, k], 1.0);
-            let ws = [r(&[n0, k], std), r(&[n1, k], std), r(&[n1, k], std)];
+            let ws = [r(&[n0, k], std), r(&[n1, k], std), r(&[n2, k], std)];
             let bs = [r(&[n0], 0.5), r(&[n1], 0.5)];
             let lora = LoraAdapter::new(r(&[4, k], std), r(&[n1, 4], 0.5), 2.0, 0.0).unwrap();
             // On the GPU: q (bias), k (bias, adapter), v (neither).
@@ -1370,6 +1371,23 @@ fn decode_projections_match_the_reference() {
                     "projection {i} {dtype:?} k {k} rows {rows}: {}",
                     rel(g, w)
                 );
+            }
+            // The kernel alone (no adapter): what `projections` ran where it applies.
+            if taken {
+                let pairs = [
+                    (&wsg[0], lin[0].bias.as_ref()),
+                    (&wsg[1], lin[1].bias.as_ref()),
+                    (&wsg[2], None),
+                ];
+                let alone = gemv::many(&xg, &pairs).unwrap();
+                let base = [
+                    want[0].clone(),
+                    mm(&ws[1]).broadcast_add(&f32_of(&bs[1])).unwrap(),
+                    want[2].clone(),
+                ];
+                for (i, (g, w)) in alone.iter().zip(&base).enumerate() {
+                    assert!(rel(g, w) < 1e-2, "kernel {i} {dtype:?} k {k} rows {rows}");
+                }
             }
         }
     }

@@ -814,7 +814,11 @@ fn logprobs_are_the_models_own() {
             .iter()
             .map(|b| b.as_u64().unwrap() as u8)
             .collect();
-        assert_eq!(bytes, e["token"].as_str().unwrap().as_bytes());
+        assert_eq!(bytes, f.tok.token_bytes(out[t]).unwrap());
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            e["token"].as_str().unwrap()
+        );
     }
     // Streamed: the same entries, each once, over the chunks.
     body["stream"] = json!(true);
@@ -826,6 +830,34 @@ fn logprobs_are_the_models_own() {
         .flatten()
         .collect();
     assert_eq!(&streamed, content);
+    // A stop string cutting the reply: whole and streamed still carry the same entries.
+    let text = r["choices"][0]["message"]["content"].as_str().unwrap();
+    let cut: String = text
+        .chars()
+        .skip(text.chars().count() / 2)
+        .take(2)
+        .collect();
+    if !cut.is_empty() {
+        let mut stopped = body.clone();
+        stopped["stream"] = json!(false);
+        stopped["stop"] = json!([cut]);
+        let (_, whole) = f.post("/v1/chat/completions", &stopped);
+        assert_eq!(whole["choices"][0]["finish_reason"], "stop", "{whole}");
+        stopped["stream"] = json!(true);
+        let events = f.stream("/v1/chat/completions", &stopped);
+        let streamed: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str::<Value>(e).unwrap())
+            .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+            .flatten()
+            .collect();
+        assert_eq!(
+            &streamed,
+            whole["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .unwrap()
+        );
+    }
     // Without the option: null.
     let (_, r) = f.post("/v1/chat/completions", &chat_body("tiny", "hello there", 4));
     assert!(r["choices"][0]["logprobs"].is_null(), "{r}");
@@ -848,13 +880,36 @@ fn logprobs_are_the_models_own() {
         .map(|o| o.as_u64().unwrap())
         .collect();
     assert_eq!(offsets[0], 0);
-    for (t, w) in offsets.windows(2).enumerate() {
-        let len = tokens[t].as_str().unwrap().chars().count() as u64;
-        assert_eq!(w[1], w[0] + len);
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+    // Each offset is where the token's text starts in the reply: the characters of the text
+    // of the tokens before it (where that text ends on a whole character).
+    let text = r["choices"][0]["text"].as_str().unwrap();
+    let new_ids = f
+        .base
+        .generate(
+            &f.tok.encode("once upon", false).unwrap(),
+            &GenerateOptions {
+                max_new_tokens: 6,
+                temperature: Some(0.0),
+                stop_ids: f.tok.eos_id().into_iter().collect(),
+                ..GenerateOptions::default()
+            },
+            &CancelToken::new(),
+            &mut |_| Ok(()),
+        )
+        .unwrap();
+    for (t, &o) in offsets.iter().enumerate() {
+        let before = f.tok.decode(&new_ids[..t], true).unwrap();
+        if !before.contains('\u{FFFD}') {
+            assert_eq!(o as usize, before.chars().count(), "token {t}");
+            assert!(text.starts_with(&before), "{text:?} / {before:?}");
+        }
     }
     for (t, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
         let top = top.as_object().unwrap();
-        assert!((1..=2).contains(&top.len()), "{top:?}");
+        // Two alternatives, the chosen token among them (a third where it is not).
+        assert!((1..=3).contains(&top.len()), "{top:?}");
+        assert!(top.contains_key(tokens[t].as_str().unwrap()), "{top:?}");
         let best = top
             .values()
             .map(|v| v.as_f64().unwrap())

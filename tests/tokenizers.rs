@@ -135,3 +135,34 @@ fn a_template_that_raises_shows_its_message() {
         "{e}"
     );
 }
+
+/// Each token's bytes (a log-probability's `bytes`) put together give the text's bytes, split
+/// characters included: byte-level BPE (Qwen2.5) through GPT-2's byte table, SentencePiece with
+/// byte fallback (Mistral) through `▁` and `<0xNN>`.
+#[test]
+fn token_bytes_put_together_give_the_text() {
+    let Some(fx) = fixtures_dir("the real tokenizers") else {
+        return;
+    };
+    let text = "Hello 你好, wörld 🦀!";
+    for (name, prefix) in [("qwen2.5", ""), ("mistral-7b-v0.1", " ")] {
+        let dir = fx.join("tokenizers").join(name);
+        let tok = Tokenizer::load(&dir, &qscript_runtime::cancel::CancelToken::new()).unwrap();
+        let ids = tok.encode(text, false).unwrap();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&i| tok.token_bytes(i).unwrap())
+            .collect();
+        assert_eq!(
+            String::from_utf8(bytes).unwrap(),
+            format!("{prefix}{text}"),
+            "{name}: {ids:?}"
+        );
+        // Some token holds part of a character: its own decode cannot say it, its bytes do.
+        assert!(
+            ids.iter()
+                .any(|&i| std::str::from_utf8(&tok.token_bytes(i).unwrap()).is_err()),
+            "{name}: no split character in {ids:?}"
+        );
+    }
+}

@@ -309,6 +309,49 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
+    /// The bytes token `id` stands for (a log-probability's `bytes` in OpenAI's API; one token
+    /// may hold part of a character): a byte-level BPE token's characters mapped back through
+    /// GPT-2's byte table, a byte-fallback token `<0xNN>` its byte, a SentencePiece piece with
+    /// `▁` read as a space. `None` for an id outside the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        use tokenizers::decoders::DecoderWrapper;
+        let t = self.inner.id_to_token(id)?;
+        let byte_level = match self.inner.get_decoder() {
+            Some(DecoderWrapper::ByteLevel(_)) => true,
+            Some(DecoderWrapper::Sequence(s)) => s
+                .get_decoders()
+                .iter()
+                .any(|d| matches!(d, DecoderWrapper::ByteLevel(_))),
+            _ => false,
+        };
+        if byte_level {
+            static TABLE: std::sync::OnceLock<std::collections::HashMap<char, u8>> =
+                std::sync::OnceLock::new();
+            let table = TABLE.get_or_init(|| {
+                byte_chars()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(b, c)| (c, b as u8))
+                    .collect()
+            });
+            let mut out = Vec::with_capacity(t.len());
+            for c in t.chars() {
+                match table.get(&c) {
+                    Some(b) => out.push(*b),
+                    None => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                }
+            }
+            return Some(out);
+        }
+        if let Some(hex) = t.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'))
+            && hex.len() == 2
+            && let Ok(b) = u8::from_str_radix(hex, 16)
+        {
+            return Some(vec![b]);
+        }
+        Some(t.replace('\u{2581}', " ").into_bytes())
+    }
+
     /// The id of a token string.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

@@ -345,7 +345,7 @@ impl Block {
         let span = crate::profile::span("fwd.norm+qkv+rope", dev);
         // Decoding (generation, serving: a KV cache, nothing saved): q/k/v as `nn::decode` runs
         // them (one kernel for a decode step's few rows on a GPU).
-        let infer = cache.is_some() && saved.is_none();
+        let infer = cache.is_some() && saved.is_none() && step.train_seed.is_none();
         let hidden = x.dim(2)?;
         let h = rms_norm(x, &self.input_norm, self.eps)?;
         let heads = |t: Tensor, n: usize| t.reshape((b, s, n, hd));

@@ -532,6 +532,9 @@ fn logprobs(o: &Map<String, Value>, prompt: &Prompt) -> Result<Option<usize>, Ap
                 }
             }
         }
-        Prompt::Text(_) => get("logprobs").map(|v| count("logprobs", v)).transpose(),
+        Prompt::Text(_) => get("logprobs")
+            .filter(|v| **v != Value::Bool(false))
+            .map(|v| count("logprobs", v))
+            .transpose(),
     }
 }

@@ -82,7 +82,18 @@ impl TokenLogprobs {
         let v: Vec<f32> = logits.to_dtype(candle_core::DType::F32)?.to_vec1()?;
         let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let lse = max + v.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+        if !lse.is_finite() {
+            return Err(Error::InvalidArgument(
+                "the model's logits are NaN or infinite: no log-probabilities to report".into(),
+            ));
+        }
         let logprob = v.get(token as usize).map_or(f32::NEG_INFINITY, |x| x - lse);
+        if top == 0 {
+            return Ok(Self {
+                logprob,
+                top: Vec::new(),
+            });
+        }
         let mut ids: Vec<u32> = (0..v.len() as u32).collect();
         let k = top.min(ids.len());
         let by_logit = |a: &u32, b: &u32| v[*b as usize].total_cmp(&v[*a as usize]);

@@ -116,8 +116,9 @@ pub(super) struct Reply {
     pub(super) logprobs: bool,
 }
 
-/// Tokens of one choice with their log-probabilities, not yet in a reply.
-type Logprobs = Vec<(u32, TokenLogprobs)>;
+/// Tokens of one choice with their log-probabilities, not yet in a reply, each with the number
+/// of characters of the choice's text before it (completions' `text_offset`).
+type Logprobs = Vec<(u32, TokenLogprobs, usize)>;
 
 impl Reply {
     fn decode(&self) -> impl Fn(&[u32]) -> crate::Result<String> + '_ {
@@ -132,18 +133,18 @@ impl Reply {
         })
     }
 
-    /// A token as the log-probabilities name it: its text (special tokens included) and bytes.
+    /// A token as the log-probabilities name it: the bytes it stands for (part of a character,
+    /// or a special token's text) and their text (lossy where a character is split).
     fn token(&self, id: u32) -> (String, Vec<u8>) {
-        let t = self.tokenizer.decode(&[id], false).unwrap_or_default();
-        let b = t.as_bytes().to_vec();
-        (t, b)
+        let b = self.tokenizer.token_bytes(id).unwrap_or_default();
+        (String::from_utf8_lossy(&b).into_owned(), b)
     }
 
     /// A choice's `logprobs` for `tokens` (null when the request asked for none): chat's
     /// `{content: [{token, logprob, bytes, top_logprobs}]}`, or completions' `{tokens,
-    /// token_logprobs, top_logprobs, text_offset}` with offsets from `offset` (characters of the
-    /// choice's text before these tokens; advanced past them).
-    fn logprobs(&self, tokens: Logprobs, offset: &mut usize) -> Value {
+    /// token_logprobs, top_logprobs, text_offset}` (the alternatives with the chosen token among
+    /// them, as OpenAI's legacy field; two that read the same keep the likelier).
+    fn logprobs(&self, tokens: Logprobs) -> Value {
         if !self.logprobs {
             return Value::Null;
         }
@@ -151,7 +152,7 @@ impl Reply {
             Kind::Chat => {
                 let content: Vec<Value> = tokens
                     .iter()
-                    .map(|(id, lp)| {
+                    .map(|(id, lp, _)| {
                         let (t, b) = self.token(*id);
                         let top: Vec<Value> = lp
                             .top
@@ -169,15 +170,13 @@ impl Reply {
             Kind::Text => {
                 let (mut names, mut lps, mut tops, mut offsets) =
                     (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                for (id, lp) in &tokens {
+                for (id, lp, offset) in &tokens {
                     let (t, _) = self.token(*id);
                     offsets.push(*offset);
-                    *offset += t.chars().count();
-                    let top: serde_json::Map<String, Value> = lp
-                        .top
-                        .iter()
-                        .map(|(a, l)| (self.token(*a).0, json!(l)))
-                        .collect();
+                    let mut top = serde_json::Map::new();
+                    for (a, l) in lp.top.iter().chain([(*id, lp.logprob)].iter()) {
+                        top.entry(self.token(*a).0).or_insert(json!(l));
+                    }
                     names.push(t);
                     lps.push(lp.logprob);
                     tops.push(Value::Object(top));
@@ -246,6 +245,7 @@ pub(super) async fn whole_reply(reply: Reply, mut ch: Choices) -> Response {
     let mut text = vec![String::new(); n];
     let mut finish: Vec<Option<Finish>> = vec![None; n];
     let mut lps: Vec<Logprobs> = vec![Vec::new(); n];
+    let mut chars = vec![0usize; n];
     while !ch.all_done() {
         let Some((i, event)) = ch.rx.recv().await else {
             return ApiError::server("the server's engine stopped").into_response();
@@ -256,7 +256,8 @@ pub(super) async fn whole_reply(reply: Reply, mut ch: Choices) -> Response {
         match event {
             Event::Token(id, lp) => match ch.detok[i].push(id, reply.decode()) {
                 Ok(t) => {
-                    lps[i].extend(lp.map(|lp| (id, lp)));
+                    lps[i].extend(lp.map(|lp| (id, lp, chars[i])));
+                    chars[i] += t.chars().count();
                     text[i].push_str(&t);
                     if ch.detok[i].stopped {
                         finish[i] = Some(Finish::Stop);
@@ -286,7 +287,7 @@ pub(super) async fn whole_reply(reply: Reply, mut ch: Choices) -> Response {
                 &text[i],
                 Some(finish_name(f, ch.detok[i].stopped)),
                 (false, false),
-                reply.logprobs(lp, &mut 0),
+                reply.logprobs(lp),
             )
         })
         .collect();
@@ -309,9 +310,9 @@ pub(super) fn stream_reply(
         done: bool,
         pending: std::collections::VecDeque<String>,
         /// Each choice's tokens whose log-probabilities no chunk carried yet (a token whose
-        /// text is held back goes with the next chunk), and its text's length so far.
+        /// text is held back goes with the next chunk), and the characters of its text so far.
         lps: Vec<Logprobs>,
-        offsets: Vec<usize>,
+        chars: Vec<usize>,
     }
     let n = ch.done.len();
     let st = St {
@@ -321,7 +322,7 @@ pub(super) fn stream_reply(
         done: false,
         pending: std::collections::VecDeque::new(),
         lps: vec![Vec::new(); n],
-        offsets: vec![0; n],
+        chars: vec![0; n],
     };
     let s = stream::unfold(st, |mut st| async move {
         loop {
@@ -333,8 +334,7 @@ pub(super) fn stream_reply(
             }
             // Choice `i`'s chunk of `text`, with the log-probabilities of its tokens so far.
             let chunk = |st: &mut St, i: usize, text: &str, finish: Option<&str>, first: bool| {
-                let lp = std::mem::take(&mut st.lps[i]);
-                let lp = st.reply.logprobs(lp, &mut st.offsets[i]);
+                let lp = st.reply.logprobs(std::mem::take(&mut st.lps[i]));
                 st.reply
                     .envelope(
                         vec![st.reply.choice(i, text, finish, (true, first), lp)],
@@ -360,7 +360,7 @@ pub(super) fn stream_reply(
             match st.ch.rx.recv().await {
                 Some((i, _)) if st.ch.done[i] => {}
                 Some((i, Event::Token(id, lp))) => {
-                    st.lps[i].extend(lp.map(|lp| (id, lp)));
+                    st.lps[i].extend(lp.map(|lp| (id, lp, st.chars[i])));
                     let text = match st.ch.detok[i].push(id, st.reply.decode()) {
                         Ok(t) => t,
                         Err(e) => {
@@ -369,6 +369,7 @@ pub(super) fn stream_reply(
                             continue;
                         }
                     };
+                    st.chars[i] += text.chars().count();
                     if st.first[i] || !text.is_empty() {
                         let first = st.first[i];
                         st.first[i] = false;

@@ -5,7 +5,7 @@
 // product rounded to T, then the bias.
 #include "common.cuh"
 
-#define MAX_ROWS 8
+#define MAX_ROWS 4
 
 // 8 values of T (16 bytes) to f32.
 template <typename T>

@@ -12,7 +12,7 @@ use super::launch::{Arg, Module, addr, empty, launch, ptx};
 const PTX: Module = ptx!("gemv");
 
 /// The most rows (tokens) a launch takes (`MAX_ROWS` in `gemv.cu`); more go to cuBLAS.
-pub const MAX_ROWS: usize = 8;
+pub const MAX_ROWS: usize = 4;
 
 /// Whether the kernels take `x` (`[rows, k]`) with `weights` (`[n, k]` each): 16-bit floats on
 /// one GPU, at most [`MAX_ROWS`] rows, `k` a multiple of 8, every tensor contiguous and 16-byte
