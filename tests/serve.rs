@@ -141,6 +141,17 @@ impl Fixture {
             .collect()
     }
 
+    /// The chat log-probability entries of a streamed request, over all its chunks in order.
+    fn streamed_logprobs(&self, body: &Value) -> Vec<Value> {
+        let events = self.stream("/v1/chat/completions", body);
+        events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str::<Value>(e).unwrap())
+            .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+            .flatten()
+            .collect()
+    }
+
     /// What the model alone generates (greedy) after `ids`, decoded as the server decodes.
     fn alone(&self, m: &Model, ids: &[u32], max: usize) -> (String, usize, bool) {
         let mut stop_ids: Vec<u32> = self.tok.eos_id().into_iter().collect();
@@ -822,13 +833,7 @@ fn logprobs_are_the_models_own() {
     }
     // Streamed: the same entries, each once, over the chunks.
     body["stream"] = json!(true);
-    let events = f.stream("/v1/chat/completions", &body);
-    let streamed: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str::<Value>(e).unwrap())
-        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
-        .flatten()
-        .collect();
+    let streamed = f.streamed_logprobs(&body);
     assert_eq!(&streamed, content);
     // A stop string cutting the reply: whole and streamed still carry the same entries.
     let text = r["choices"][0]["message"]["content"].as_str().unwrap();
@@ -844,13 +849,7 @@ fn logprobs_are_the_models_own() {
         let (_, whole) = f.post("/v1/chat/completions", &stopped);
         assert_eq!(whole["choices"][0]["finish_reason"], "stop", "{whole}");
         stopped["stream"] = json!(true);
-        let events = f.stream("/v1/chat/completions", &stopped);
-        let streamed: Vec<Value> = events[..events.len() - 1]
-            .iter()
-            .map(|e| serde_json::from_str::<Value>(e).unwrap())
-            .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
-            .flatten()
-            .collect();
+        let streamed = f.streamed_logprobs(&stopped);
         assert_eq!(
             &streamed,
             whole["choices"][0]["logprobs"]["content"]
