@@ -7,8 +7,11 @@
 
 pub(crate) use crate::device::memory::{addr, empty, first};
 
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
 use candle_core::{DType, Result};
 
 /// A kernel family's PTX module: its name among the device's loaded modules, and its code.
@@ -70,18 +73,37 @@ fn suffix(dtype: DType) -> Result<&'static str> {
     })
 }
 
+type FuncKey = (DeviceId, &'static str, &'static str, DType);
+
+thread_local! {
+    /// Kernels found once per device, thread and name: candle's lookup formats the name, takes
+    /// a lock and asks the driver for the function on every call (a decode step launches a few
+    /// hundred of ours).
+    static FUNCS: RefCell<HashMap<FuncKey, CudaFunction>> = RefCell::new(HashMap::new());
+}
+
 /// Launches `{name}_{suffix of dtype}` of `module` on `grid` with `args` in order.
 pub(crate) fn launch(
     dev: &CudaDevice,
     module: &Module,
-    name: &str,
+    name: &'static str,
     dtype: DType,
     grid: LaunchConfig,
     args: &[Arg],
 ) -> Result<()> {
-    let full = format!("{name}_{}", suffix(dtype)?);
-    let func = dev.get_or_load_custom_func(&full, module.name, module.ptx)?;
-    let mut b = func.builder();
+    let key = (dev.id(), module.name, name, dtype);
+    let func = if let Some(f) = FUNCS.with(|f| f.borrow().get(&key).cloned()) {
+        f
+    } else {
+        let full = format!("{name}_{}", suffix(dtype)?);
+        let f = dev
+            .get_or_load_custom_func(&full, module.name, module.ptx)?
+            .into_cuda_function();
+        FUNCS.with(|c| c.borrow_mut().insert(key, f.clone()));
+        f
+    };
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
     for a in args {
         match a {
             Arg::U64(x) => b.arg(x),
