@@ -1,11 +1,15 @@
 // Decoding's q/k/v projections (launcher in gemv.rs; reference op: `nn::decode::projections`):
 // y[m, j] = sum_k x[m, k] W[j, k] for at most MAX_ROWS rows m of x (the tokens of one decode
-// step), one warp an output feature j, the weight read once in 16-byte loads (eight in flight a
-// lane), accumulated in f32. The bias is added as the reference's separate kernel adds it: the
-// product rounded to T, then the bias.
+// step; the launcher passes at most 4), one warp an output feature j, the weight read once in
+// 16-byte loads (four in flight a lane), accumulated in f32. The bias is added as the
+// reference's separate kernel adds it: the product rounded to T, then the bias.
+// This is the form tested and measured on the GPU (2026-12-07). Known and not yet changed: the
+// epilogue's loop over a runtime row count indexes the accumulators dynamically, which puts them
+// in local memory, and the tail loop has one load in flight; a form without either is in the
+// history (commit 1c6d195's gemv.cu), waiting for its GPU test and measurement.
 #include "common.cuh"
 
-#define MAX_ROWS 4
+#define MAX_ROWS 8
 
 // 8 values of T (16 bytes) to f32.
 template <typename T>
@@ -32,14 +36,9 @@ __device__ __forceinline__ void fma_chunk(const uint4 &wr, const T *__restrict__
     }
 }
 
-// Chunks (of 8 values) a lane has in flight: its loads of one pass are all issued before any is
-// used, predicated on the row's end (no serial tail), so a row of k values costs
-// ceil(k / (8 * 32 * UNROLL)) memory round trips.
-#define UNROLL 8
-
-// This lane's share of the dot products of x's rows with the weight rows w (k values, a multiple
-// of 8): chunks lane, lane + 32, ...; NW weight rows at once. Every array
-// is indexed by constants only (unrolled loops), so the accumulators stay in registers.
+// This lane's share of the dot products of x's rows with the weight row w (k values, a multiple
+// of 8): chunks lane, lane + 32, ...; NW weight rows at once, their loads issued together, four
+// chunks a row in flight.
 template <typename T, int NW>
 __device__ __forceinline__ void row_dots(const T *__restrict__ x, const T *const *w, uint64_t k,
                                          int rows, float (*acc)[MAX_ROWS]) {
@@ -48,18 +47,21 @@ __device__ __forceinline__ void row_dots(const T *__restrict__ x, const T *const
     const uint4 *wp[NW];
 #pragma unroll
     for (int r = 0; r < NW; r++) wp[r] = reinterpret_cast<const uint4 *>(w[r]);
-    for (int c = lane; c < chunks; c += 32 * UNROLL) {
-        uint4 a[NW][UNROLL];
+    int c = lane;
+    for (; c + 96 < chunks; c += 128) {
+        uint4 a[NW][4];
 #pragma unroll
         for (int r = 0; r < NW; r++)
 #pragma unroll
-            for (int u = 0; u < UNROLL; u++)
-                if (c + 32 * u < chunks) a[r][u] = __ldcs(wp[r] + c + 32 * u);
+            for (int u = 0; u < 4; u++) a[r][u] = __ldcs(wp[r] + c + 32 * u);
 #pragma unroll
         for (int r = 0; r < NW; r++)
 #pragma unroll
-            for (int u = 0; u < UNROLL; u++)
-                if (c + 32 * u < chunks) fma_chunk<T>(a[r][u], x, k, c + 32 * u, rows, acc[r]);
+            for (int u = 0; u < 4; u++) fma_chunk<T>(a[r][u], x, k, c + 32 * u, rows, acc[r]);
+    }
+    for (; c < chunks; c += 32) {
+#pragma unroll
+        for (int r = 0; r < NW; r++) fma_chunk<T>(__ldcs(wp[r] + c), x, k, c, rows, acc[r]);
     }
 #pragma unroll
     for (int r = 0; r < NW; r++)
@@ -92,12 +94,10 @@ __device__ void gemv_many(const T *x, int rows, uint64_t k, const T *w0, const T
     row_dots<T, 1>(x, wr, k, rows, acc);
     if ((threadIdx.x & 31) == 0) {
         float bias = b ? ld(b[j]) : 0.0f;
-#pragma unroll
-        for (int m = 0; m < MAX_ROWS; m++)
-            if (m < rows) {
-                float v = ld(st<T>(acc[0][m]));
-                y[m * n + j] = b ? st<T>(v + bias) : st<T>(v);
-            }
+        for (int m = 0; m < rows; m++) {
+            float v = ld(st<T>(acc[0][m]));
+            y[m * n + j] = b ? st<T>(v + bias) : st<T>(v);
+        }
     }
 }
 
