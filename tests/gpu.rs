@@ -1309,8 +1309,8 @@ fn the_tiled_mlp_on_the_gpu_gives_the_untiled_gradients() {
 /// equal the projections one by one on the CPU in f32, in bf16 and f16, for 1 to 4 rows, widths
 /// of one pass of the kernel's loop and of several (the last partial), three projections of
 /// different sizes, with and without an adapter; the kernel alone equals the reference too;
-/// past 4 rows the same function takes cuBLAS. Then a bf16 model decoding token by token (the kernels) gives the
-/// logits of its whole-sequence forward (cuBLAS).
+/// past 4 rows the same function takes cuBLAS. Then a bf16 model decoding token by token (the
+/// kernel) gives the logits of its whole-sequence forward (cuBLAS).
 #[test]
 fn decode_projections_match_the_reference() {
     use qscript_runtime::nn::cuda::gemv;

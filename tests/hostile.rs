@@ -405,27 +405,40 @@ fn hostile_tokenizer(env: &Env, dir: &str, edit: impl FnOnce(&mut serde_json::Va
     .unwrap();
 }
 
-/// A `tokenizer.json` that makes the `tokenizers` crate panic, on load (a `Precompiled`
-/// normalizer whose charsmap is shorter than its trie) or on encode (a `Split` regex that runs
-/// over onig's match limit), is an error naming the file (and the record), no panic text.
+/// A `tokenizer.json` that would make the `tokenizers` crate panic or abort, on load (a
+/// `Precompiled` normalizer whose charsmap is shorter than the trie it declares: `tokenizers`
+/// reserves the declared size first, up to 8 GiB for 4 bytes, found by the fuzzer) or on encode
+/// (a `Split` regex that runs over onig's match limit), is an error naming the file and the field
+/// (or the record), no panic text.
 #[test]
 fn a_tokenizer_file_that_panics_the_tokenizer_is_named() {
     let env = Env::new();
-    hostile_tokenizer(&env, "short", |j| {
-        // A trie of 1000 bytes announced, 4 bytes given.
-        j["normalizer"] =
-            serde_json::json!({"type": "Precompiled", "precompiled_charsmap": "6AMAAA=="});
-    });
-    let err = fails_with(
-        &env,
-        "short.rhai",
-        "tokenizer::load(\"short\");\n",
-        "short/tokenizer.json`: the tokenizer cannot be built from this file",
-    );
-    assert!(
-        !err.contains("index out of") && !err.contains(".rs:"),
-        "{err}"
-    );
+    // A trie of 1000 bytes announced, none given; then 2.7 GB announced, nested in a sequence.
+    for (dir, normalizer, says) in [
+        (
+            "short",
+            serde_json::json!({"type": "Precompiled", "precompiled_charsmap": "6AMAAA=="}),
+            "normalizer.precompiled_charsmap declares a trie of 1000 bytes but holds 0",
+        ),
+        (
+            "huge",
+            serde_json::json!({"type": "Sequence", "normalizers": [{"type": "NFC"},
+                {"type": "Precompiled", "precompiled_charsmap": "AAAAoG9yZExldmVs"}]}),
+            "normalizer.normalizers.1.precompiled_charsmap declares a trie of 2684354560 bytes",
+        ),
+    ] {
+        hostile_tokenizer(&env, dir, |j| j["normalizer"] = normalizer);
+        let err = fails_with(
+            &env,
+            &format!("{dir}.rhai"),
+            &format!("tokenizer::load(\"{dir}\");\n"),
+            &format!("{dir}/tokenizer.json`: {says}"),
+        );
+        assert!(
+            !err.contains("index out of") && !err.contains(".rs:"),
+            "{err}"
+        );
+    }
     hostile_tokenizer(&env, "split", |j| {
         j["pre_tokenizer"] = serde_json::json!({"type": "Split", "pattern": {"Regex": "(a+)+$"},
             "behavior": "Isolated", "invert": false});

@@ -145,6 +145,7 @@ impl Tokenizer {
         }
         // Read through the sandbox's check on the opened file, then parsed from the bytes.
         let bytes = crate::sandbox::read(&file)?;
+        check_charsmaps(&bytes, &file)?;
         // A hostile file can make `tokenizers` panic (a `Precompiled` charsmap too short for its
         // trie, for one): caught, and named as the file's fault.
         let mut inner = crate::cancel::detached(cancel, move || {
@@ -469,6 +470,56 @@ impl Tokenizer {
         let text = serde_json::to_string_pretty(&Value::Object(cfg)).unwrap_or_default();
         crate::sandbox::write_atomic(&dir.join("tokenizer_config.json"), text.as_bytes())
     }
+}
+
+/// Refuses a `Precompiled` normalizer whose `precompiled_charsmap` declares a trie longer than
+/// the charsmap itself: `tokenizers` (spm_precompiled) reserves the declared size before it reads
+/// it, so 4 hostile bytes ask for up to 8 GiB and abort the process. The file is refused first,
+/// naming the field.
+fn check_charsmaps(bytes: &[u8], file: &Path) -> Result<()> {
+    use base64::Engine;
+    fn walk(v: &Value, path: &mut Vec<String>, file: &Path) -> Result<()> {
+        match v {
+            Value::Object(o) => {
+                if o.get("type").and_then(Value::as_str) == Some("Precompiled")
+                    && let Some(map) = o.get("precompiled_charsmap").and_then(Value::as_str)
+                    && let Ok(blob) = base64::engine::general_purpose::STANDARD.decode(map)
+                {
+                    let declared = blob
+                        .first_chunk::<4>()
+                        .map_or(0, |b| u32::from_le_bytes(*b) as usize);
+                    if blob.len() < 4 || declared > blob.len() - 4 {
+                        return Err(Error::Tokenizer(format!(
+                            "`{}`: {}.precompiled_charsmap declares a trie of {declared} bytes but holds \
+                             {} after its 4-byte size: the file is broken",
+                            file.display(),
+                            path.join("."),
+                            blob.len().saturating_sub(4)
+                        )));
+                    }
+                }
+                for (k, x) in o {
+                    path.push(k.clone());
+                    walk(x, path, file)?;
+                    path.pop();
+                }
+            }
+            Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    path.push(i.to_string());
+                    walk(x, path, file)?;
+                    path.pop();
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+    // Not JSON: `tokenizers` says so below.
+    let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
+        return Ok(());
+    };
+    walk(&v, &mut Vec::new(), file)
 }
 
 /// GPT-2's byte -> printable char table (index = byte).

@@ -7,10 +7,11 @@
 //!
 //! Measured (H100, `model_bench decode-ops`, Qwen2.5-7B's shapes): q/k/v 22.3 us as one kernel
 //! against 51.9 us one by one at one row, 56.0 against 70.8 at four; the kernel takes at most
-//! four rows (each row re-reads its input a chunk of weights; more were not measured). The same kernels for o and down with the residual added and
-//! for gate/up with SwiGLU were slower than cuBLAS (21.0 against 13.7 us, 86.1 against 55.6,
-//! 136.3 against 110.4: their accumulators sat in local memory, as they still do in the q/k/v
-//! kernel as measured), so those projections stay on cuBLAS until a corrected kernel is measured.
+//! four rows (each row re-reads its input for every chunk of weights; more were not measured).
+//! The same kernels for o and down with the residual added and for gate/up with SwiGLU were
+//! slower than cuBLAS (21.0 against 13.7 us, 86.1 against 55.6, 136.3 against 110.4: their
+//! accumulators sat in local memory, as they still do in the q/k/v kernel as measured), so those
+//! projections stay on cuBLAS until a corrected kernel is measured.
 
 use candle_core::{Result, Tensor};
 
