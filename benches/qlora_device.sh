@@ -12,10 +12,14 @@ echo "gpu tests: exit $?"; grep -E "^test |test result|panicked" "${OUT:-/tmp}/g
 # PEFT loads an adapter trained on qscript's NF4 base onto bitsandbytes' NF4 base on the GPU:
 # logits and greedy text (the real stories260K checkpoint, carried in .devbin/stories260K).
 if [ -f .devbin/stories260K/config.json ]; then
-  rm -rf /tmp/qs-export && /tmp/qs/model_bench export .devbin/stories260K /tmp/qs-export --4bit > /dev/null &&
+  rm -rf /tmp/qs-export
+  if /tmp/qs/model_bench export .devbin/stories260K /tmp/qs-export --4bit > /dev/null; then
     python3 scripts/verify_exports.py .devbin/stories260K /tmp/qs-export --4bit 2> "${OUT:-/tmp}/peft-4bit.err" |
-    tee "${OUT:-/tmp}/peft-4bit.json"
-  echo "peft 4-bit check: exit ${PIPESTATUS[0]}"
+      tee "${OUT:-/tmp}/peft-4bit.json"
+    echo "peft 4-bit check: exit ${PIPESTATUS[0]}"
+  else
+    echo "peft 4-bit check: model_bench export failed"
+  fi
 fi
 BIN=/tmp/qs PEER=.devbin bash benches/gpu.sh "${@:-qlora-7b}"
 cp /tmp/qsbench/results.jsonl "${OUT:-/tmp}/" 2>/dev/null
