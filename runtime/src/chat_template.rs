@@ -132,8 +132,13 @@ pub fn render(template: &str, context: &serde_json::Value) -> Result<String> {
 type Cache =
     std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Environment<'static>>>>;
 
+/// The most compiled templates kept: a run renders with a handful; a process that meets many
+/// (a recipe making templates in a loop, a fuzzer) would otherwise grow without bound.
+const CACHED_TEMPLATES: usize = 32;
+
+static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+
 fn compiled(template: &str) -> Result<std::sync::Arc<Environment<'static>>> {
-    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
     let cache = CACHE.get_or_init(Cache::default);
     if let Some(env) = cache
         .lock()
@@ -163,10 +168,14 @@ fn compiled(template: &str) -> Result<std::sync::Arc<Environment<'static>>> {
     env.add_template_owned("chat", template.to_string())
         .map_err(|e| Error::Template(describe(&e)))?;
     let env = std::sync::Arc::new(env);
-    cache
+    let mut kept = cache
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .insert(template.to_string(), env.clone());
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if kept.len() >= CACHED_TEMPLATES {
+        // Forgetting them all is as good as any order here: each costs one compile to rebuild.
+        kept.clear();
+    }
+    kept.insert(template.to_string(), env.clone());
     Ok(env)
 }
 
@@ -356,6 +365,18 @@ mod tests {
                 .starts_with("chat template: Conversation roles must alternate"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_compiled_templates_kept_are_bounded() {
+        for i in 0..3 * CACHED_TEMPLATES {
+            let out = render(&format!("{{{{ {i} }}}}"), &serde_json::json!({})).unwrap();
+            assert_eq!(out, i.to_string());
+        }
+        let kept = CACHE
+            .get()
+            .map_or(0, |c| c.lock().map_or(usize::MAX, |c| c.len()));
+        assert!(kept <= CACHED_TEMPLATES, "{kept} templates kept");
     }
 
     #[test]
