@@ -14,6 +14,7 @@ use std::process::Command;
 const FAMILIES: &[&str] = &[
     "src/nn/cuda/accumulate.cu",
     "src/nn/cuda/cross_entropy.cu",
+    "src/nn/cuda/decode_attn.cu",
     "src/nn/cuda/dequant.cu",
     "src/nn/cuda/dropout.cu",
     "src/nn/cuda/gemv.cu",

@@ -207,6 +207,15 @@ pub fn attention(
 ) -> Result<Tensor> {
     let kv = k.dim(1)?;
     let scale = 1.0 / (q.dim(3)? as f64).sqrt();
+    // Decoding (one query position a row, nothing to save): one kernel a layer.
+    #[cfg(feature = "cuda")]
+    if saved.is_none() && super::cuda::decode_attn::applies(q, k, v, mask) {
+        let ranges = match &mask.key_ranges {
+            Some(r) => Some(uploaded_ranges(r, q.device())?),
+            None => None,
+        };
+        return super::cuda::decode_attn::forward(q, k, v, mask, ranges.as_ref(), scale);
+    }
     #[cfg(feature = "cuda")]
     if mask.segments.is_some()
         && q.device().is_cuda()

@@ -15,6 +15,7 @@
 //! | [`dropout`] | the mask, dropout added into a destination | [`crate::nn::dropout`] |
 //! | [`accumulate`] | in-place adds, row scatter and put | [`crate::nn::ops::add_into`], [`crate::nn::ops::add_bias`], [`crate::nn::ops::put_rows`] |
 //! | [`gemv`] | decoding's q/k/v with their biases (inference only) | [`crate::nn::decode::projections`] |
+//! | [`decode_attn`] | decoding's attention, one query position a row against the KV cache (inference only) | [`crate::nn::attention`]'s composite path |
 //! | [`dequant`] | bitsandbytes' 4-bit codes to the compute dtype | [`crate::quant::Quant4::dequantize`]'s candle path |
 //!
 //! The optimizer's kernels live with it, launched through `launch.rs` too:
@@ -30,6 +31,7 @@
 pub mod accumulate;
 pub mod blas;
 pub mod cross_entropy;
+pub mod decode_attn;
 pub mod dequant;
 pub mod dropout;
 pub mod gemv;
