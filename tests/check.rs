@@ -633,7 +633,7 @@ fn seed_000_is_planned_for_a_16_gib_card() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/huanhuan_lora.rhai");
     let model = env.recipe_dir().join("q15");
     let data = fx.join("datasets/huanhuan/huanhuan.json");
-    let run = |gpu: &str| {
+    let run_with = |gpu: &str, max_memory: &str| {
         let o = run_in(
             env.dir.path(),
             &[
@@ -641,6 +641,8 @@ fn seed_000_is_planned_for_a_16_gib_card() {
                 recipe.to_str().unwrap(),
                 "--gpu",
                 gpu,
+                "--set",
+                &format!("max_memory={max_memory}"),
                 "--fit",
                 "--allow-read",
                 env.dir.path().to_str().unwrap(),
@@ -660,22 +662,44 @@ fn seed_000_is_planned_for_a_16_gib_card() {
         );
         (o.status.code(), stderr(&o))
     };
+    let run = |gpu: &str| run_with(gpu, "");
+    let total_gib = |err: &str| -> f64 {
+        let total = err
+            .lines()
+            .find(|l| l.starts_with("check:   total"))
+            .unwrap_or_else(|| panic!("{err}"));
+        total
+            .split_whitespace()
+            .rev()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
     let (code, err) = run("16GiB");
     assert_eq!(code, Some(0), "{err}");
-    let total = err
-        .lines()
-        .find(|l| l.starts_with("check:   total"))
-        .unwrap_or_else(|| panic!("{err}"));
-    let gib: f64 = total
-        .split_whitespace()
-        .rev()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(gib < 16.0, "{total}");
+    assert!(total_gib(&err) < 16.0, "{err}");
     assert!(!err.contains("auto_fit:"), "{err}");
     let (code, err) = run("12GiB");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("`load_in_4bit: true` in `model::load` (QLoRA)"),
+        "{err}"
+    );
+    // On an 80 GB card, `max_memory` is the budget: 16 GiB fits as it is; at 15 GiB the
+    // weights are placed (14.38 GiB) but the run does not fit beside them, which the card alone
+    // would hold, and the 4-bit base is named; 12 GiB does not hold the weights.
+    let (code, err) = run_with("h100-80gb", "16GiB");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(total_gib(&err) < 16.0, "{err}");
+    let (code, err) = run_with("h100-80gb", "15GiB");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("15.00 GiB"), "{err}");
+    assert!(
+        err.contains("`load_in_4bit: true` in `model::load` (QLoRA)"),
+        "{err}"
+    );
+    let (code, err) = run_with("h100-80gb", "12GiB");
     assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("`load_in_4bit: true` in `model::load` (QLoRA)"),

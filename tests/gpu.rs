@@ -761,10 +761,16 @@ fn gpu_and_cpu_offload_train_like_one_device() {
             };
             load_tiny(dir.path(), &opts)
         };
-        // The embedding (259 x 64 f32, 66 KB) and about one layer (~115 KB) fit on the GPU.
+        // The embedding and the first layer on the GPU, the rest on the CPU (a `max_memory` that
+        // small would also bound the run's need on the GPU, which its CUDA runtime alone passes).
+        let on = |m: &str, d: &str| (m.to_string(), d.to_string());
         let offload = load(
-            Some(DeviceMap::Auto),
-            vec![("cuda:0".into(), 200_000), ("cpu".into(), 1 << 30)],
+            Some(DeviceMap::Explicit(vec![
+                on("", "cpu"),
+                on("model.embed_tokens", "cuda:0"),
+                on("model.layers.0", "cuda:0"),
+            ])),
+            Vec::new(),
         );
         let p = offload.placement.as_ref().unwrap();
         assert_eq!(p.device_of("model.embed_tokens"), Some("cuda:0"), "{p}");
@@ -1311,6 +1317,69 @@ fn the_tiled_mlp_on_the_gpu_gives_the_untiled_gradients() {
 /// different sizes, with and without an adapter; the kernel alone equals the reference too;
 /// past 4 rows the same function takes cuBLAS. Then a bf16 model decoding token by token (the
 /// kernel) gives the logits of its whole-sequence forward (cuBLAS).
+/// Decoding's attention kernel (`nn::cuda::decode_attn`) against the composite path on the CPU
+/// in f32, from the same rounded inputs: GQA and not, head sizes 64/128/256, a KV cache read as
+/// a view of a larger buffer (the server's slots), a causal bound, key ranges with a start, and a
+/// row that sees one key.
+#[test]
+fn decode_attention_matches_the_reference() {
+    use qscript_runtime::nn::cuda::decode_attn;
+    let cpu = Device::Cpu;
+    let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &cpu).unwrap();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        for &(d, heads, kv, b, cap) in &[
+            (128usize, 28usize, 4usize, 1usize, 300usize),
+            (64, 8, 8, 3, 64),
+            (256, 4, 2, 2, 1000),
+            (128, 12, 2, 5, 37),
+        ] {
+            let t = cap - 3;
+            let round = |x: &Tensor| x.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+            // The cache: `[b + 1, kv, cap, d]` buffers read as the first b rows' first t keys.
+            let (kbuf, vbuf) = (
+                round(&r(&[b + 1, kv, cap, d])),
+                round(&r(&[b + 1, kv, cap, d])),
+            );
+            // q as the projections lay it out, `[b, 1, heads, d]` seen as `[b, heads, 1, d]`.
+            let q = round(&r(&[b, 1, heads, d])).transpose(1, 2).unwrap();
+            let on = |x: &Tensor| x.to_dtype(dtype).unwrap().to_device(&gpu()).unwrap();
+            let view = |x: &Tensor| x.narrow(0, 0, b).unwrap().narrow(2, 0, t).unwrap();
+            let (kg, vg) = (view(&on(&kbuf)), view(&on(&vbuf)));
+            let (kc, vc) = (view(&kbuf), view(&vbuf));
+            let qg = on(&q).transpose(1, 2).unwrap().contiguous().unwrap();
+            let qg = qg.transpose(1, 2).unwrap();
+            let ranges: Vec<(usize, usize)> = (0..b)
+                .map(|i| match i % 3 {
+                    0 => (0, t),
+                    1 => (3, t / 2),
+                    _ => (0, 1),
+                })
+                .collect();
+            let masks = [
+                AttnMask::causal(t - 1),
+                AttnMask::causal(t / 2),
+                AttnMask {
+                    causal: false,
+                    offset: 0,
+                    key_ranges: Some(ranges),
+                    segments: None,
+                    shared: None,
+                },
+            ];
+            for (i, mask) in masks.iter().enumerate() {
+                let what = format!("{dtype:?} d {d} heads {heads}/{kv} b {b} t {t} mask {i}");
+                assert!(decode_attn::applies(&qg, &kg, &vg, mask), "{what}");
+                let got = attention(&qg, &kg, &vg, mask, None).unwrap();
+                let want = attention(&q, &kc, &vc, mask, None).unwrap();
+                assert_eq!(got.dims(), want.dims(), "{what}");
+                let e = rel(&got, &want);
+                assert!(e < tol, "{what}: {e}");
+            }
+        }
+    }
+}
+
 #[test]
 fn decode_projections_match_the_reference() {
     use qscript_runtime::nn::cuda::gemv;

@@ -151,7 +151,25 @@ fn place(
         .map(|q| q.double_quant)
         .or_else(|| cfg.is_quantized_4bit().then_some(true));
     let modules = crate::plan::memory::modules(cfg, dtype, quant4);
-    crate::plan::place(&modules, &budgets, map).map(Some)
+    let mut placement = match crate::plan::place(&modules, &budgets, map) {
+        Ok(p) => p,
+        // Weights that do not fit in 16 bits may in 4: say so, with what they would take.
+        Err(Error::InvalidArgument(msg)) if quant4.is_none() => {
+            let in4 = crate::plan::memory::modules(cfg, dtype, Some(true));
+            if crate::plan::place(&in4, &budgets, map).is_err() {
+                return Err(Error::InvalidArgument(msg));
+            }
+            let bytes: u64 = in4.iter().map(|m| m.bytes).sum();
+            return Err(Error::InvalidArgument(format!(
+                "{msg}; in 4 bits they would fit: `load_in_4bit: true` in `model::load` (QLoRA), \
+                 about {} of weights",
+                crate::bytes::human(bytes as f64)
+            )));
+        }
+        Err(e) => return Err(e),
+    };
+    placement.capped = !max_memory.is_empty();
+    Ok(Some(placement))
 }
 
 /// `generation_config.json`: the defaults `generate` starts from.

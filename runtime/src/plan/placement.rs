@@ -78,6 +78,10 @@ pub struct Placement {
     pub modules: Vec<(ModuleId, DeviceSpec)>,
     /// Per device used, in budget order: bytes placed and its budget.
     pub devices: Vec<PlacedDevice>,
+    /// The budgets are the user's `max_memory`: a run on this placement is checked against
+    /// them as well as against what each device holds (a recipe checked for a 16 GiB card on an
+    /// 80 GB one plans for 16 GiB).
+    pub capped: bool,
 }
 
 impl Placement {
@@ -173,6 +177,7 @@ pub fn place(modules: &[Module], budgets: &[Budget], map: &DeviceMap) -> Result<
             .map(|(m, &d)| (m.id, budgets[d].device))
             .collect(),
         devices,
+        capped: false,
     })
 }
 
@@ -234,7 +239,7 @@ fn too_big(modules: &[Module], budgets: &[Budget]) -> Error {
         .join(", ");
     Error::InvalidArgument(format!(
         "the model needs {} and the devices allow {} ({list}): raise `max_memory`, add devices, \
-         or need less (a smaller batch or `max_length`, `gradient_checkpointing: true`, LoRA)",
+         or give `cpu` a share in `max_memory` (the layers placed there run on the CPU)",
         human(total as f64),
         human(have as f64)
     ))

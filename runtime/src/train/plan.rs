@@ -566,16 +566,30 @@ impl<'a> Fit<'a> {
                 .free_bytes(dev)
                 .map(|f| f + if loaded { on } else { 0 })
         };
+        // Where `max_memory` set the budgets, what a device may hold is the smaller of the two.
         let held = model.placement.as_ref().map_or_else(Vec::new, |p| {
             p.devices
                 .iter()
-                .map(|d| capacity(d.device, d.used))
+                .map(|d| match capacity(d.device, d.used) {
+                    Some(c) if p.capped => Some(c.min(d.budget)),
+                    c => c,
+                })
                 .collect()
         });
+        let cap = model
+            .placement
+            .as_ref()
+            .filter(|p| p.capped)
+            .and_then(|p| p.devices.iter().find(|d| d.device == device))
+            .map(|d| d.budget);
+        let budget = match (capacity(device, weights), cap) {
+            (Some(c), Some(cap)) => Some(c.min(cap)),
+            (c, cap) => c.or(cap),
+        };
         Self {
             model,
             weights,
-            budget: capacity(device, weights),
+            budget,
             held,
         }
     }
@@ -584,7 +598,8 @@ impl<'a> Fit<'a> {
     /// of the activations and of the trainable state (adapters by layer; full fine-tuning by
     /// weight), the loss chunk and temporaries on the head's device, the CUDA runtime on each
     /// GPU; each against the device's capacity (`max_memory` decides where weights go, as in
-    /// accelerate; the run is checked against what the device really holds). Weights scale
+    /// accelerate, and bounds what the run may use there; the run is also checked against what
+    /// the device really holds). Weights scale
     /// with the estimate's (a 4-bit base in the fit solver's levers).
     fn per_device(&self, p: &crate::plan::Placement, e: &Estimate) -> Vec<DeviceNeed> {
         use crate::device::DeviceSpec;

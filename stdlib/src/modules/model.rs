@@ -457,7 +457,7 @@ pub mod model_module {
     /// | `device` | `"auto"` (first GPU, else CPU), `"cpu"`, `"cuda:N"` |
     /// | `trainable` | `true` makes every weight trainable: full fine-tuning with `train::fit` |
     /// | `device_map` | HF's: `"auto"` / `"balanced"` (even over the GPUs, the CPU for what does not fit), `"sequential"` (fill in order), or a map of module names (or prefixes) to devices: `#{ "model.layers.20": "cuda:1", model: "cuda:0", lm_head: "cuda:1" }` |
-    /// | `max_memory` | with `device_map`, the most each device may hold: `#{ "cuda:0": "20GiB", cpu: "64GiB" }` (unset devices are probed; `GB` = 10^9, `GiB` = 2^30) |
+    /// | `max_memory` | with `device_map`, the most each device may hold: `#{ "cuda:0": "20GiB", cpu: "64GiB" }` (unset devices are probed; `GB` = 10^9, `GiB` = 2^30). Weights are placed within it, and a training run's whole need on the device (weights, activations, optimizer state, the CUDA runtime) is planned against it: a 16 GiB card's run can be checked and fitted on a larger one |
     /// | `revision` | a hub id's branch, tag or commit in the HF cache (default `main`) |
     /// | `load_in_4bit` | `true`: the layers' linear weights in 4 bits (QLoRA), as bitsandbytes quantizes them (blocks of 64; the head, embedding and norms stay in `dtype`); adapters train on it. A checkpoint bitsandbytes saved in 4 bits loads as it is |
     /// | `bnb_4bit_quant_type` | `"nf4"` (default) or `"fp4"` |
