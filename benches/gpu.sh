@@ -7,7 +7,7 @@
 #
 # On the GPU machine, from the repo root (see benches/README.md for building and shipping):
 #   BIN=/tmp/qs PEER=.devbin bash benches/gpu.sh [CONFIG...]
-# CONFIG: 05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000 seed000-packed seed000-4bit dpo-05b dpo-7b
+# CONFIG: 05b 05b-ckpt 7b-ckpt q15-7b 05b-full seed000 seed000-packed seed000-4bit seed000-16g dpo-05b dpo-7b
 # qlora-05b qlora-7b qlora-7b-long qlora-32b long-7b-K (K thousand tokens; LONG_PEER=1|hf|liger adds the
 # peers) seed001 (default: 05b to seed000). dpo-*: TRL's DPOTrainer + PEFT (benches/trl_dpo.py; trl, datasets,
 # dill and multiprocess carried as wheels in .whl/, see benches/README.md) against
@@ -122,6 +122,25 @@ seed000() {
   done
 }
 
+# seed 000 under a 16 GiB budget (issue 22): `qscript check --fit` with `max_memory` 16 GiB for
+# GPU 0 (the plan, before anything loads, in $OUT/seed000-16g-check.txt), then the run with
+# `--fit`; its row's driver and pool peaks show whether it kept to the budget.
+seed000_16g() {
+  local dir=$WORK/qwen1.5-7b
+  if [ ! -f "$dir/config.json" ]; then
+    python3 "$PEER/hf_peft_lora.py" --model qwen1.5-7b --save-model "$dir" > /dev/null || return
+  fi
+  cp "$PEER"/tokenizer.json "$PEER"/tokenizer_config.json "$dir/"
+  local args=(recipes/huanhuan_lora.rhai --fit --allow-read "$WORK" --allow-read "$PWD/$PEER"
+    --set model="$dir" --set data="$PWD/$PEER/huanhuan.json" --set max_length=128
+    --set batch_size=1 --set accumulation=16 --set learning_rate=1e-4 --set max_steps=20
+    --set max_memory=16GiB)
+  "$BIN/qscript" check "${args[@]}" > "${OUT:-$WORK}/seed000-16g-check.txt" 2>&1
+  echo "check: exit $?"; grep -E "total|auto_fit|fits|error" "${OUT:-$WORK}/seed000-16g-check.txt" | head -8
+  rm -rf "$WORK/runs-16g"
+  run seed000-16g-qscript seed000-16g "$BIN/qscript" "${args[0]}" --output-dir "$WORK/runs-16g" "${args[@]:1}"
+}
+
 # seed 000 as written with its model in 4 bits: the peer is hf_seed000.py loading with bitsandbytes'
 # NF4 (benches/hf_seed000_4bit.py); qscript runs the recipe with --set load_in_4bit=true.
 seed000_4bit() {
@@ -223,7 +242,7 @@ qlora32() {
 
 # long NAME MODEL SEQ: one row of SEQ tokens a step (batch 1), LoRA r8 q/k/v/o, qscript with
 # checkpointing (`--ckpt`) and with activation offload (`NAME-offload`), or only the modes in
-# LONG_MODES ("ckpt offload"; `auto-ckpt` too), LONG_STEPS timed steps (3) after one; LONG_FLAGS are added to
+# LONG_MODES ("ckpt offload"; `auto-ckpt` too), LONG_STEPS timed steps (3) after LONG_WARMUP (1); LONG_FLAGS are added to
 # qscript's (`--4bit`: QLoRA); the peers (benches/hf_qlora.py: HF + PEFT with checkpointing, and
 # with Liger) only with LONG_PEER=1 (both), hf or liger (HF + PEFT runs out of memory from 32k
 # tokens on a 7B). benches/max_seq.sh searches the longest row each trains.
@@ -254,7 +273,7 @@ long() {
   for mode in ${LONG_MODES-ckpt offload}; do
     tag=$( [ "$mode" = ckpt ] || echo "-$mode")
     run "$name$tag-qscript" "$name$tag" "$BIN/model_bench" train "$dir" --batch 1 \
-      --seq "$seq" --steps "$steps" --warmup 1 "--$mode" ${LONG_FLAGS:-}
+      --seq "$seq" --steps "$steps" --warmup "${LONG_WARMUP:-1}" "--$mode" ${LONG_FLAGS:-}
   done
 }
 
@@ -302,6 +321,7 @@ for c in "${configs[@]}"; do
     q15-7b) config q15-7b qwen1.5-7b 4 512 6 2 ;;
     05b-full) config 05b-full qwen2.5-0.5b 8 512 10 3 --full ;;
     seed000) seed000 ;;
+    seed000-16g) seed000_16g ;;
     seed000-packed) seed000_packed ;;
     seed000-4bit) seed000_4bit ;;
     dpo-05b) dpo dpo-05b qwen2.5-0.5b 4 512 10 3 ;;

@@ -15,7 +15,7 @@ probe() {   # probe K: 0 when a step of K thousand tokens trained
   local out
   out=$(mktemp)
   case $mode in
-    offload|ckpt) LONG_MODES=$mode LONG_STEPS=1 LONG_PEER=0 RESULTS=$out bash benches/gpu.sh "long-7b-$1" > /dev/null 2>&1 ;;
+    offload|ckpt) LONG_MODES=$mode LONG_STEPS=1 LONG_WARMUP=0 LONG_PEER=0 RESULTS=$out bash benches/gpu.sh "long-7b-$1" > /dev/null 2>&1 ;;
     peer) LONG_MODES="" LONG_STEPS=1 LONG_PEER=hf RESULTS=$out bash benches/gpu.sh "long-7b-$1" > /dev/null 2>&1 ;;
     liger-peer) LONG_MODES="" LONG_STEPS=1 LONG_PEER=liger RESULTS=$out bash benches/gpu.sh "long-7b-$1" > /dev/null 2>&1 ;;
   esac
