@@ -410,6 +410,30 @@ mod tests {
         }
     }
 
+    /// Lists concatenated with themselves past minijinja's lazy depth (32) were materialized
+    /// without charging fuel: 33 doublings hung the process (the patched minijinja in
+    /// vendor/). Each runs out of its limit now, in bounded time.
+    #[test]
+    fn a_list_doubled_in_a_loop_stops_at_the_limit() {
+        for t in [
+            "{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|length }}",
+            "{% set ns = namespace(l=[1]) %}{% for i in range(31) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|sum }}",
+            "{% set ns = namespace(l=(1,)) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|length }}",
+            "{% set ns = namespace(l=[1]|map('string')) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|list|length }}",
+            "{% set ns = namespace(l=[]) %}{% for i in range(100000) %}{% for j in range(100) %}{% set ns.l = ns.l + [j] %}{% endfor %}{% endfor %}{{ ns.l|length }}",
+        ] {
+            let start = std::time::Instant::now();
+            let e = render(t, &json!({})).unwrap_err().to_string();
+            assert!(e.contains("--max-template-steps"), "{t}: {e}");
+            assert!(start.elapsed().as_secs() < 30, "{t}: {:?}", start.elapsed());
+        }
+        // A real template's lists still concatenate.
+        let t = "{% set ns = namespace(l=[]) %}{% for m in messages %}{% set ns.l = ns.l + [m.role] %}{% endfor %}{{ ns.l|join(',') }}";
+        let msgs: Vec<_> = (0..100).map(|i| json!({"role": format!("r{i}")})).collect();
+        let out = render(t, &json!({ "messages": msgs })).unwrap();
+        assert!(out.starts_with("r0,r1,") && out.ends_with(",r99"), "{out}");
+    }
+
     #[test]
     fn dates() {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
