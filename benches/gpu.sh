@@ -63,10 +63,14 @@ if m:
 EOF
 )
   fi
-  if [ "$rc" -ne 0 ] || [ -z "$line" ]; then
+  if [ -z "$line" ]; then
     echo "$name ($config) failed (exit $rc):" >&2
     tail -5 "$log.err" >&2
     line='{"failed": true}'
+  elif [ "$rc" -ne 0 ]; then
+    # Trained and said so, then stopped (a recipe's saving or answers after training cut off by
+    # RUN_LIMIT): the row stands, with the exit beside it.
+    line=$(python3 -c 'import json, sys; r = json.loads(sys.argv[1]); r["exit_after_training"] = int(sys.argv[2]); print(json.dumps(r))' "$line" "$rc")
   fi
   python3 - "$line" "$config" "$(cat "$log.mem")" "$name" >> "$RESULTS" <<'EOF'
 import json, sys
