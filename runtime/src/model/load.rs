@@ -161,8 +161,8 @@ fn place(
             }
             let bytes: u64 = in4.iter().map(|m| m.bytes).sum();
             return Err(Error::InvalidArgument(format!(
-                "{msg}; in 4 bits they would fit: `load_in_4bit: true` in `model::load` (QLoRA), \
-                 about {} of weights",
+                "{msg}; in 4 bits they would fit: {}, about {} of weights",
+                crate::plan::fit::Lever::Quant4,
                 crate::bytes::human(bytes as f64)
             )));
         }

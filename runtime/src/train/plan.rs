@@ -567,25 +567,25 @@ impl<'a> Fit<'a> {
                 .map(|f| f + if loaded { on } else { 0 })
         };
         // Where `max_memory` set the budgets, what a device may hold is the smaller of the two.
+        let bounded = |dev, held: Option<u64>| {
+            let cap = model
+                .placement
+                .as_ref()
+                .filter(|p| p.capped)
+                .and_then(|p| p.devices.iter().find(|d| d.device == dev))
+                .map(|d| d.budget);
+            match (held, cap) {
+                (Some(h), Some(c)) => Some(h.min(c)),
+                (h, c) => h.or(c),
+            }
+        };
         let held = model.placement.as_ref().map_or_else(Vec::new, |p| {
             p.devices
                 .iter()
-                .map(|d| match capacity(d.device, d.used) {
-                    Some(c) if p.capped => Some(c.min(d.budget)),
-                    c => c,
-                })
+                .map(|d| bounded(d.device, capacity(d.device, d.used)))
                 .collect()
         });
-        let cap = model
-            .placement
-            .as_ref()
-            .filter(|p| p.capped)
-            .and_then(|p| p.devices.iter().find(|d| d.device == device))
-            .map(|d| d.budget);
-        let budget = match (capacity(device, weights), cap) {
-            (Some(c), Some(cap)) => Some(c.min(cap)),
-            (c, cap) => c.or(cap),
-        };
+        let budget = bounded(device, capacity(device, weights));
         Self {
             model,
             weights,
