@@ -107,14 +107,20 @@ config() {
   done
 }
 
+# Seed 000's model in DIR: Qwen1.5-7B random weights (written by the peer script once), the
+# Qwen2.5 tokenizer beside them.
+seed000_model() {
+  if [ ! -f "$1/config.json" ]; then
+    python3 "$PEER/hf_peft_lora.py" --model qwen1.5-7b --save-model "$1" > /dev/null || return
+  fi
+  cp "$PEER"/tokenizer.json "$PEER"/tokenizer_config.json "$1/"
+}
+
 # seed 000 as written: Qwen1.5-7B (random weights, the Qwen2.5 tokenizer from the fixtures) on
 # huanhuan.json, batch 1 x accumulation 16, 20 optimizer steps; the peer is hf_seed000.py.
 seed000() {
   local dir=$WORK/qwen1.5-7b
-  if [ ! -f "$dir/config.json" ]; then
-    python3 "$PEER/hf_peft_lora.py" --model qwen1.5-7b --save-model "$dir" > /dev/null || return
-  fi
-  cp "$PEER"/tokenizer.json "$PEER"/tokenizer_config.json "$dir/"
+  seed000_model "$dir" || return
   [ "${SKIP_PEER:-0}" = 1 ] || run seed000-peer seed000 python3 "$PEER/hf_seed000.py" "$dir" "$PEER/huanhuan.json" --max-steps 20
   local bin
   for bin in "$BIN" ${BASE:+"$BASE"}; do
@@ -131,10 +137,7 @@ seed000() {
 # `--fit`; its row's driver and pool peaks show whether it kept to the budget.
 seed000_16g() {
   local dir=$WORK/qwen1.5-7b
-  if [ ! -f "$dir/config.json" ]; then
-    python3 "$PEER/hf_peft_lora.py" --model qwen1.5-7b --save-model "$dir" > /dev/null || return
-  fi
-  cp "$PEER"/tokenizer.json "$PEER"/tokenizer_config.json "$dir/"
+  seed000_model "$dir" || return
   local args=(recipes/huanhuan_lora.rhai --fit --allow-read "$WORK" --allow-read "$PWD/$PEER"
     --set model="$dir" --set data="$PWD/$PEER/huanhuan.json" --set max_length=128
     --set batch_size=1 --set accumulation=16 --set learning_rate=1e-4 --set max_steps=20
@@ -149,10 +152,7 @@ seed000_16g() {
 # NF4 (benches/hf_seed000_4bit.py); qscript runs the recipe with --set load_in_4bit=true.
 seed000_4bit() {
   local dir=$WORK/qwen1.5-7b
-  if [ ! -f "$dir/config.json" ]; then
-    python3 "$PEER/hf_peft_lora.py" --model qwen1.5-7b --save-model "$dir" > /dev/null || return
-  fi
-  cp "$PEER"/tokenizer.json "$PEER"/tokenizer_config.json "$dir/"
+  seed000_model "$dir" || return
   [ "${SKIP_PEER:-0}" = 1 ] || run seed000-4bit-peer seed000-4bit python3 benches/hf_seed000_4bit.py \
     "$PEER/hf_seed000.py" "$dir" "$PEER/huanhuan.json" --max-steps 20
   rm -rf "$WORK/runs-4bit"
@@ -166,10 +166,7 @@ seed000_4bit() {
 # examples of a seed 000 step per step), qscript only: compare its unpadded tokens/s with seed000's.
 seed000_packed() {
   local dir=$WORK/qwen1.5-7b
-  if [ ! -f "$dir/config.json" ]; then
-    python3 "$PEER/hf_peft_lora.py" --model qwen1.5-7b --save-model "$dir" > /dev/null || return
-  fi
-  cp "$PEER"/tokenizer.json "$PEER"/tokenizer_config.json "$dir/"
+  seed000_model "$dir" || return
   run seed000-packed-qscript seed000-packed "$BIN/qscript" recipes/huanhuan_lora.rhai --allow-read "$WORK" \
     --allow-read "$PWD/$PEER" --output-dir "$WORK/runs-packed" --set model="$dir" \
     --set data="$PWD/$PEER/huanhuan.json" --set max_length=128 --set batch_size=1 \
