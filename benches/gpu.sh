@@ -260,12 +260,12 @@ long() {
   local peers=${LONG_PEER:-0}
   if [ "$peers" = 1 ] || [ "$peers" = hf ]; then
     run "$name-peer" "$name" python3 benches/hf_qlora.py $quant --load-model "$dir" --batch 1 \
-      --seq "$seq" --steps "$steps" --warmup 1 --rank 8 --targets q_proj,k_proj,v_proj,o_proj --grad-ckpt
+      --seq "$seq" --steps "$steps" --warmup "${LONG_WARMUP:-1}" --rank 8 --targets q_proj,k_proj,v_proj,o_proj --grad-ckpt
   fi
   if [ "$peers" = 1 ] || [ "$peers" = liger ]; then
     if python3 -c "import liger_kernel" 2> /dev/null; then
       run "$name-liger-peer" "$name-liger" python3 benches/hf_qlora.py $quant --liger --load-model "$dir" \
-        --batch 1 --seq "$seq" --steps "$steps" --warmup 1 --rank 8 \
+        --batch 1 --seq "$seq" --steps "$steps" --warmup "${LONG_WARMUP:-1}" --rank 8 \
         --targets q_proj,k_proj,v_proj,o_proj --grad-ckpt
     fi
   fi

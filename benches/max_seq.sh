@@ -16,8 +16,8 @@ probe() {   # probe K: 0 when a step of K thousand tokens trained
   out=$(mktemp)
   case $mode in
     offload|ckpt) LONG_MODES=$mode LONG_STEPS=1 LONG_WARMUP=0 LONG_PEER=0 RESULTS=$out bash benches/gpu.sh "long-7b-$1" > /dev/null 2>&1 ;;
-    peer) LONG_MODES="" LONG_STEPS=1 LONG_PEER=hf RESULTS=$out bash benches/gpu.sh "long-7b-$1" > /dev/null 2>&1 ;;
-    liger-peer) LONG_MODES="" LONG_STEPS=1 LONG_PEER=liger RESULTS=$out bash benches/gpu.sh "long-7b-$1" > /dev/null 2>&1 ;;
+    peer) LONG_MODES="" LONG_STEPS=1 LONG_WARMUP=0 LONG_PEER=hf RESULTS=$out bash benches/gpu.sh "long-7b-$1" > /dev/null 2>&1 ;;
+    liger-peer) LONG_MODES="" LONG_STEPS=1 LONG_WARMUP=0 LONG_PEER=liger RESULTS=$out bash benches/gpu.sh "long-7b-$1" > /dev/null 2>&1 ;;
   esac
   local want=qscript
   [ "$mode" = peer ] && want=long-7b-$1-peer
@@ -30,6 +30,9 @@ ok = [r for r in rows if (r.get("run", "").endswith("qscript") if want == "qscri
       and not r.get("failed")]
 sys.exit(0 if ok else 1)
 PY
+  local rc=$?
+  echo "probe ${1}k: $([ $rc = 0 ] && echo trained || echo failed)" >&2
+  return $rc
 }
 # Double until a failure, then bisect.
 while probe "$k"; do lo=$k; k=$((k * 2)); done

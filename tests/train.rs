@@ -352,8 +352,15 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     let full = full_tiny(5);
     let mut lora_model = peft(5);
     set_lora_b(&mut lora_model, 0.05);
+    // Without dropout a recompute skips the down projection's GEMM and keeps its adapter's input.
+    let mut lora_plain = peft_with(5, 0.0);
+    set_lora_b(&mut lora_plain, 0.05);
     let mask = AttnMask::right_padded(&batch.lens);
-    for (name, m) in [("lora", &lora_model), ("full", &full)] {
+    for (name, m) in [
+        ("lora", &lora_model),
+        ("lora without dropout", &lora_plain),
+        ("full", &full),
+    ] {
         let run = |recompute: qscript_runtime::train::Checkpointing| {
             gradients(
                 m,

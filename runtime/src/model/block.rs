@@ -418,8 +418,20 @@ impl Block {
         let h2 = rms_norm(&mid, &self.post_norm, self.eps)?;
         let gate = self.linear(Proj::Gate, &h2, step, layer, &mut saved)?;
         let up = self.linear(Proj::Up, &h2, step, layer, &mut saved)?;
-        let down = self.linear(Proj::Down, &swiglu(&gate, &up)?, step, layer, &mut saved)?;
-        let y = add_into(down, &mid)?;
+        let act = swiglu(&gate, &up)?;
+        // A recompute needs no output: the block's output is the next block's kept input, so the
+        // down projection's GEMM (a third of the MLP's) is skipped and only what its backward
+        // reads is kept (not where its adapter draws a dropout mask the backward must replay).
+        let y = if output || self.mlp.down.has_dropout() {
+            let down = self.linear(Proj::Down, &act, step, layer, &mut saved)?;
+            Some(add_into(down, &mid)?)
+        } else {
+            if let Some(sv) = saved.as_deref_mut() {
+                let flat = act.reshape((b * s, act.dim(2)?))?;
+                sv.lin[Proj::Down as usize] = Some(self.mlp.down.saved_for(&flat)?);
+            }
+            None
+        };
         drop(span);
         if let Some(sv) = saved {
             sv.x = Some(x.clone());
@@ -427,7 +439,7 @@ impl Block {
             sv.gate = Some(gate);
             sv.up = Some(up);
         }
-        Ok(Some(y))
+        Ok(y)
     }
 
     /// `down(swiglu(gate(h), up(h)))` with `h` the post-attention norm of `mid`, in tiles of
