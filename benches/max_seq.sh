@@ -11,6 +11,11 @@
 set -uo pipefail
 mode=$1 lo=0 hi=0 k=${2:-64} step=${3:-16}
 WORK=${WORK:-/tmp/qsbench}
+# Without Liger every probe would "fail" at once (gpu.sh skips a peer it cannot import).
+if [ "$mode" = liger-peer ] && ! python3 -c "import liger_kernel" 2> /dev/null; then
+  echo "max_seq.sh liger-peer: liger_kernel cannot be imported; install the wheels carried in .whl/ (benches/on_device.sh does)" >&2
+  exit 1
+fi
 probe() {   # probe K: 0 when a step of K thousand tokens trained
   local out
   out=$(mktemp)
