@@ -190,8 +190,11 @@ dpo() {
     run "$name-liger-peer" "$name-liger" python3 benches/trl_dpo.py --load-model "$dir" --liger \
       --pairs "$pairs" --prompt $((seq / 2)) --answer $((seq - seq / 2)) --steps "$steps" --warmup "$warmup" --grad-ckpt
   fi
-  run "$name-qscript" "$name" "$BIN/model_bench" train "$dir" --dpo --batch "$pairs" --seq "$seq" \
-    --steps "$steps" --warmup "$warmup" --ckpt
+  local bin
+  for bin in "$BIN" ${BASE:+"$BASE"}; do
+    run "$name-$( [ "$bin" = "$BIN" ] && echo qscript || echo base)" "$name" "$bin/model_bench" train "$dir" \
+      --dpo --batch "$pairs" --seq "$seq" --steps "$steps" --warmup "$warmup" --ckpt
+  done
   # `gradient_checkpointing: "auto"`: only the blocks the GPU needs recomputed (a row of its own,
   # `NAME-auto`: the peers above recompute every block).
   run "$name-auto-qscript" "$name-auto" "$BIN/model_bench" train "$dir" --dpo --batch "$pairs" \

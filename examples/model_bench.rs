@@ -427,6 +427,7 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     run(&mut t, warmup)?;
     sync_all()?;
     let _ = qscript_runtime::profile::report();
+    qscript_runtime::device::trace::clear();
     let t0 = Instant::now();
     let loss = run(&mut t, steps)?;
     sync_all()?;
@@ -434,6 +435,10 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     let profile = qscript_runtime::profile::report();
     if !profile.is_empty() {
         eprintln!("profile over {steps} steps (synchronized spans):\n{profile}");
+    }
+    // `QSCRIPT_TRACE=FILE`: the timed steps' GPU timeline (blocks, offload's copies).
+    if let Some(summary) = qscript_runtime::device::trace::finish()? {
+        eprintln!("trace over {steps} steps: {summary}");
     }
     // Tokens of one optimizer step over every rank (a pair is two rows).
     let tokens = (batch * seq * accum * ranks * if dpo { 2 } else { 1 }) as f64;

@@ -17,6 +17,7 @@ pub mod peer;
 #[cfg(feature = "cuda")]
 pub mod pool;
 pub mod spec;
+pub mod trace;
 
 use candle_core::Device;
 

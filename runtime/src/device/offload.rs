@@ -139,6 +139,13 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream, result, sys};
     use candle_core::{DType, Result, Tensor};
 
+    use crate::device::trace;
+
+    /// A copy's name in a trace: its direction and size.
+    fn copy_name(way: &str, bytes: usize) -> String {
+        format!("copy {way} {:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
+    }
+
     fn wrap(e: impl std::error::Error + Send + Sync + 'static) -> candle_core::Error {
         candle_core::Error::wrap(e)
     }
@@ -258,11 +265,13 @@ mod cuda {
         let queued = (|| {
             // The copy starts after the work that wrote `x`.
             side.join(&dev.cuda_stream()).map_err(wrap)?;
+            let span = trace::span_on(trace::Track::Copy, || copy_name("out", bytes), &side);
             // SAFETY: `src` holds `bytes` bytes (`x` is kept until `release`, which orders its
             // free after this copy), `buf` at least as many; the stream is live.
             unsafe { sys::cuMemcpyDtoHAsync_v2(buf.ptr, src, bytes, side.cu_stream()) }
                 .result()
                 .map_err(wrap)?;
+            drop(span);
             side.record_event(None).map_err(wrap)
         })();
         let copied = match queued {
@@ -309,12 +318,14 @@ mod cuda {
             // The copy back writes memory the compute stream just allocated.
             side.join(&self.dev.cuda_stream()).map_err(wrap)?;
             let bytes = out.elem_count() * self.dtype.size_in_bytes();
+            let span = trace::span_on(trace::Track::Copy, || copy_name("back", bytes), &side);
             // SAFETY: `dst` is `bytes` fresh bytes of `out`, the buffer holds the copy out
             // (queued earlier on this stream); the buffer goes back to the pool, where its next
             // user queues its copy on this same stream, after this one.
             unsafe { sys::cuMemcpyHtoDAsync_v2(dst, buf.ptr, bytes, side.cu_stream()) }
                 .result()
                 .map_err(wrap)?;
+            drop(span);
             let done = side.record_event(None).map_err(wrap)?;
             give(ordinal(&self.dev), buf);
             Ok((out, done))

@@ -19,7 +19,7 @@ pub use super::objective::shifted_targets;
 use super::objective::{CausalLm, Labels, Metrics, Objective};
 use crate::data::batch::{Batch, PrefRows};
 use crate::data::pair_rows::PairView;
-use crate::device::to;
+use crate::device::{to, trace};
 use crate::model::Model;
 use crate::model::block::{BlockSaved, Step};
 use crate::model::decoder::DeviceTables;
@@ -277,9 +277,11 @@ impl Pass<'_> {
             let (cos, sin) = f.tables.on(blk.device())?;
             let step = self.step(&cos, &sin);
             let mut sv = (!self.ckpt.recomputes(i, n)).then(BlockSaved::default);
+            let span = trace::span(|| format!("forward {i}"), blk.device());
             let y = blk
                 .forward(&x, &step, None, i, sv.as_mut())
                 .map_err(self.at(format!("forward of layer {i}")))?;
+            drop(span);
             f.inputs.push(x)?;
             f.saved.push(sv);
             f.x = y;
@@ -293,6 +295,7 @@ impl Pass<'_> {
         let (b, s) = self.input_ids.dims2()?;
         let eps = d.cfg.rms_norm_eps;
         let span = crate::profile::span("loss", d.device());
+        let _trace = trace::span(|| "loss".into(), d.device());
         let (dx, out) = (|| {
             // The final norm on its device, the head on its own (the embedding's when tied).
             let x = to(&f.x, d.norm.device())?;
@@ -356,12 +359,15 @@ impl Pass<'_> {
                 sv
             } else {
                 let x = f.inputs.take(i)?;
+                let _span = trace::span(|| format!("recompute {i}"), blk.device());
                 blk.recompute(&x, &step, i)
                     .map_err(self.at(format!("recompute of layer {i}")))?
             };
+            let span = trace::span(|| format!("backward {i}"), blk.device());
             f.x = blk
                 .backward(&sv, &to(&f.x, blk.device())?, &step, grads)
                 .map_err(self.at(format!("backward of layer {i}")))?;
+            drop(span);
             drop(sv);
             f.inputs.truncate(i);
             hook.after_backward(i, grads)?;
