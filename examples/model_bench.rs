@@ -479,13 +479,24 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Decoding's q/k/v (`nn::decode::projections`) on Qwen2.5-7B's shapes in bf16 on the GPU, timed
-/// as the kernel runs them and as the projections one by one (cuBLAS, then the bias kernel):
-/// microseconds a call and the weights' bytes a second.
+/// Decoding's projection groups (`nn::decode`: q/k/v with their biases, o and down onto the
+/// residual, gate/up through SwiGLU) on Qwen2.5-7B's shapes in bf16 on the GPU, timed as the
+/// matrix-vector kernels run them (each form) and one by one (cuBLAS, then the epilogue's
+/// kernel): microseconds a call and the weights' bytes a second; then a block's four groups as
+/// `nn::decode` takes them under each `Kernels` setting.
+#[cfg(not(feature = "cuda"))]
 fn decode_ops() -> anyhow::Result<()> {
+    anyhow::bail!("decode-ops times CUDA kernels: build with --features cuda")
+}
+
+/// See the CPU build's `decode_ops`.
+#[cfg(feature = "cuda")]
+fn decode_ops() -> anyhow::Result<()> {
+    use qscript_runtime::nn::cuda::gemv::{self, Form};
+    use qscript_runtime::nn::ops::{add_into, swiglu};
     use qscript_runtime::nn::{Linear, decode};
     let dev = qscript_runtime::device::cuda(0)?;
-    let (h, kv) = (3584usize, 512usize);
+    let (h, kv, inter) = (3584usize, 512usize, 18944usize);
     let w = |o: usize, i: usize| -> anyhow::Result<Tensor> {
         Ok(Tensor::randn(0f32, 0.02, (o, i), &dev)?.to_dtype(DType::BF16)?)
     };
@@ -495,6 +506,10 @@ fn decode_ops() -> anyhow::Result<()> {
     let q = Linear::new(w(h, h)?, Some(bias(h)?));
     let k = Linear::new(w(kv, h)?, Some(bias(kv)?));
     let v = Linear::new(w(kv, h)?, Some(bias(kv)?));
+    let o = Linear::new(w(h, h)?, None);
+    let gate = Linear::new(w(inter, h)?, None);
+    let up = Linear::new(w(inter, h)?, None);
+    let down = Linear::new(w(h, inter)?, None);
     let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> anyhow::Result<f64> {
         for _ in 0..20 {
             f()?;
@@ -508,26 +523,108 @@ fn decode_ops() -> anyhow::Result<()> {
         sync(&dev)?;
         Ok(t.elapsed().as_secs_f64() * 1e6 / f64::from(n))
     };
+    let dense = |l: &Linear| -> anyhow::Result<Tensor> {
+        l.weight
+            .as_dense()
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("a dense weight"))
+    };
+    let (wq, wk, wv) = (dense(&q)?, dense(&k)?, dense(&v)?);
+    let (wo, wg, wu, wd) = (dense(&o)?, dense(&gate)?, dense(&up)?, dense(&down)?);
+    // Each group: the kernel(s) against cuBLAS one by one with the separate epilogue kernels.
     for rows in [1usize, 4] {
         let x = Tensor::randn(0f32, 1.0, (rows, h), &dev)?.to_dtype(DType::BF16)?;
-        let cases: Vec<(&str, usize, f64, f64)> = vec![(
-            "q/k/v + bias",
-            (h + 2 * kv) * h,
-            time(&|| Ok(decode::projections(&x, &[&q, &k, &v])?.remove(0)))?,
-            time(&|| {
-                let _ = (k.forward(&x)?, v.forward(&x)?);
-                q.forward(&x)
-            })?,
-        )];
-        for (name, elems, fused, split) in cases {
-            let gbs = |us: f64| (elems * 2) as f64 / us / 1e3;
+        let xi = Tensor::randn(0f32, 1.0, (rows, inter), &dev)?.to_dtype(DType::BF16)?;
+        let res = Tensor::randn(0f32, 1.0, (rows, h), &dev)?.to_dtype(DType::BF16)?;
+        let qkv = [
+            (&wq, q.bias.as_ref()),
+            (&wk, k.bias.as_ref()),
+            (&wv, v.bias.as_ref()),
+        ];
+        // (group, weight elements, (how it ran, microseconds a call))
+        type Case<'a> = (&'a str, usize, Vec<(&'a str, f64)>);
+        let cases: Vec<Case> = vec![
+            (
+                "q/k/v + bias",
+                (h + 2 * kv) * h,
+                vec![
+                    (
+                        "measured form",
+                        time(&|| Ok(gemv::many(&x, &qkv, Form::Measured)?.remove(0)))?,
+                    ),
+                    (
+                        "eight form",
+                        time(&|| Ok(gemv::many(&x, &qkv, Form::Eight)?.remove(0)))?,
+                    ),
+                    (
+                        "one by one",
+                        time(&|| {
+                            let _ = (k.forward(&x)?, v.forward(&x)?);
+                            q.forward(&x)
+                        })?,
+                    ),
+                ],
+            ),
+            (
+                "o + residual",
+                h * h,
+                vec![
+                    ("eight form", time(&|| gemv::residual(&x, &wo, &res))?),
+                    ("one by one", time(&|| add_into(o.forward(&x)?, &res))?),
+                ],
+            ),
+            (
+                "gate/up + SwiGLU",
+                2 * inter * h,
+                vec![
+                    ("eight form", time(&|| gemv::swiglu(&x, &wg, &wu))?),
+                    (
+                        "one by one",
+                        time(&|| swiglu(&gate.forward(&x)?, &up.forward(&x)?))?,
+                    ),
+                ],
+            ),
+            (
+                "down + residual",
+                inter * h,
+                vec![
+                    ("eight form", time(&|| gemv::residual(&xi, &wd, &res))?),
+                    ("one by one", time(&|| add_into(down.forward(&xi)?, &res))?),
+                ],
+            ),
+        ];
+        for (name, elems, runs) in cases {
+            let gbs = |us: f64| ((elems * 2) as f64 / us / 1e3).round();
+            let runs: serde_json::Map<String, serde_json::Value> = runs
+                .into_iter()
+                .map(|(form, us)| {
+                    (
+                        form.to_string(),
+                        serde_json::json!({"us": (us * 10.0).round() / 10.0, "gb_s": gbs(us)}),
+                    )
+                })
+                .collect();
             println!(
                 "{}",
-                serde_json::json!({"op": name, "rows": rows, "kernel_us": (fused * 10.0).round() / 10.0,
-                    "kernel_gb_s": gbs(fused).round(), "one_by_one_us": (split * 10.0).round() / 10.0,
-                    "one_by_one_gb_s": gbs(split).round()})
+                serde_json::json!({"op": name, "rows": rows, "runs": runs})
             );
         }
+    }
+    // What `nn::decode` takes for a block's groups under each setting.
+    for setting in [decode::Kernels::Qkv, decode::Kernels::All] {
+        decode::set_kernels(setting);
+        let x = Tensor::randn(0f32, 1.0, (1, h), &dev)?.to_dtype(DType::BF16)?;
+        let res = x.clone();
+        let us = time(&|| {
+            let _ = decode::projections(&x, &[&q, &k, &v])?;
+            let mid = decode::residual(&x, &o, &res)?;
+            let act = decode::swiglu(&mid, &gate, &up)?;
+            decode::residual(&act, &down, &mid)
+        })?;
+        println!(
+            "{}",
+            serde_json::json!({"op": "a block's projections", "kernels": format!("{setting:?}"), "us": (us * 10.0).round() / 10.0})
+        );
     }
     Ok(())
 }

@@ -1448,15 +1448,39 @@ fn decode_projections_match_the_reference() {
                     (&wsg[1], lin[1].bias.as_ref()),
                     (&wsg[2], None),
                 ];
-                let alone = gemv::many(&xg, &pairs).unwrap();
                 let base = [
                     want[0].clone(),
                     mm(&ws[1]).broadcast_add(&f32_of(&bs[1])).unwrap(),
                     want[2].clone(),
                 ];
-                for (i, (g, w)) in alone.iter().zip(&base).enumerate() {
-                    assert!(rel(g, w) < 1e-2, "kernel {i} {dtype:?} k {k} rows {rows}");
+                for form in [gemv::Form::Measured, gemv::Form::Eight] {
+                    let alone = gemv::many(&xg, &pairs, form).unwrap();
+                    for (i, (g, w)) in alone.iter().zip(&base).enumerate() {
+                        assert!(
+                            rel(g, w) < 1e-2,
+                            "kernel {i} {form:?} {dtype:?} k {k} rows {rows}"
+                        );
+                    }
                 }
+                // o/down onto the residual, gate/up through SwiGLU (the `8` form).
+                let res = r(&[rows, n0], 1.0);
+                let got = gemv::residual(&xg, &wsg[0], &on(&res)).unwrap();
+                let want_res = (mm(&ws[0]) + f32_of(&res)).unwrap();
+                assert!(
+                    rel(&got, &want_res) < 1e-2,
+                    "residual {dtype:?} k {k} rows {rows}: {}",
+                    rel(&got, &want_res)
+                );
+                let wu = r(&[n0, k], std);
+                let got = gemv::swiglu(&xg, &wsg[0], &on(&wu)).unwrap();
+                let g = mm(&ws[0]);
+                let silu = (&g / (g.neg().unwrap().exp().unwrap() + 1.0).unwrap()).unwrap();
+                let want_sw = (silu * mm(&wu)).unwrap();
+                assert!(
+                    rel(&got, &want_sw) < 2e-2,
+                    "swiglu {dtype:?} k {k} rows {rows}: {}",
+                    rel(&got, &want_sw)
+                );
             }
         }
     }
@@ -1481,21 +1505,26 @@ fn decode_projections_match_the_reference() {
             None,
         )
         .unwrap();
-    let mut cache = qscript_runtime::model::KvCache::new(m.config().num_hidden_layers);
-    for (t, &id) in ids.iter().enumerate() {
-        let step = m
-            .decoder
-            .forward(
-                &Tensor::new(&[[id]], &gpu()).unwrap(),
-                None,
-                Some(&mut cache),
-            )
-            .unwrap();
-        let want = whole.narrow(1, t, 1).unwrap();
-        assert!(
-            rel(&step, &want) < 2e-2,
-            "decode step {t}: {}",
-            rel(&step, &want)
-        );
+    // Under both settings: q/k/v alone through the kernel, and every group through one.
+    for setting in [decode::Kernels::Qkv, decode::Kernels::All] {
+        decode::set_kernels(setting);
+        let mut cache = qscript_runtime::model::KvCache::new(m.config().num_hidden_layers);
+        for (t, &id) in ids.iter().enumerate() {
+            let step = m
+                .decoder
+                .forward(
+                    &Tensor::new(&[[id]], &gpu()).unwrap(),
+                    None,
+                    Some(&mut cache),
+                )
+                .unwrap();
+            let want = whole.narrow(1, t, 1).unwrap();
+            assert!(
+                rel(&step, &want) < 2e-2,
+                "decode step {t} ({setting:?}): {}",
+                rel(&step, &want)
+            );
+        }
     }
+    decode::set_kernels(decode::Kernels::Qkv);
 }

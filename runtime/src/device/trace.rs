@@ -34,7 +34,6 @@ impl Track {
     }
 }
 
-
 fn path() -> Option<&'static std::path::Path> {
     static PATH: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
     PATH.get_or_init(|| {

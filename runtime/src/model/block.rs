@@ -343,8 +343,8 @@ impl Block {
         let hd = a.head_dim;
         let dev = x.device();
         let span = crate::profile::span("fwd.norm+qkv+rope", dev);
-        // Decoding (generation, serving: a KV cache, nothing saved): q/k/v as `nn::decode` runs
-        // them (one kernel for a decode step's few rows on a GPU).
+        // Decoding (generation, serving: a KV cache, nothing saved): the projections grouped as
+        // `nn::decode` runs them (on a GPU, one kernel a group for a decode step's few rows).
         let infer = cache.is_some() && saved.is_none() && step.train_seed.is_none();
         let hidden = x.dim(2)?;
         let h = rms_norm(x, &self.input_norm, self.eps)?;
@@ -400,7 +400,17 @@ impl Block {
             .reshape((b, s, a.heads * hd))?;
         drop(span);
         let span = crate::profile::span("fwd.o+mlp", dev);
-        let mid = add_into(self.linear(Proj::O, &out, step, layer, &mut saved)?, x)?;
+        let rows = b * s;
+        let mid = if infer {
+            decode::residual(
+                &out.reshape((rows, a.heads * hd))?,
+                &a.o,
+                &x.reshape((rows, hidden))?,
+            )?
+            .reshape((b, s, hidden))?
+        } else {
+            add_into(self.linear(Proj::O, &out, step, layer, &mut saved)?, x)?
+        };
         if let Some(t) = self.mlp_tile(b * s, x.dtype(), step) {
             let y = if output {
                 Some(add_into(self.mlp_tiled(&mid, t)?, &mid)?)
@@ -416,6 +426,13 @@ impl Block {
             return Ok(y);
         }
         let h2 = rms_norm(&mid, &self.post_norm, self.eps)?;
+        if infer {
+            let m = &self.mlp;
+            let act = decode::swiglu(&h2.reshape((rows, hidden))?, &m.gate, &m.up)?;
+            let y = decode::residual(&act, &m.down, &mid.reshape((rows, hidden))?)?;
+            drop(span);
+            return Ok(Some(y.reshape((b, s, hidden))?));
+        }
         let gate = self.linear(Proj::Gate, &h2, step, layer, &mut saved)?;
         let up = self.linear(Proj::Up, &h2, step, layer, &mut saved)?;
         let act = swiglu(&gate, &up)?;

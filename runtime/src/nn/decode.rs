@@ -1,21 +1,64 @@
-//! A block's q/k/v in decoding: [`projections`] is the reference op (the projections one by one,
-//! each with its bias, as the training path computes them); on a GPU, for the few rows of a
-//! decode step, the dense weights go through one matrix-vector kernel instead
-//! ([`crate::nn::cuda::gemv`]), one launch where the projections take six (three GEMMs, three
-//! bias adds). Adapters are added after the base product. No dropout, no saved state: inference
-//! only.
+//! A block's projections in decoding, grouped as a decode step runs them: q/k/v of one input
+//! ([`projections`]), a projection added to the residual stream ([`residual`]: o, down), and
+//! gate/up through SwiGLU ([`swiglu`]). Each function here is the reference op (the projections
+//! one by one, then the bias, residual or SwiGLU, as the training path computes them); on a GPU,
+//! for the few rows of a decode step, the dense weights go through one matrix-vector kernel a group
+//! instead ([`crate::nn::cuda::gemv`]) where [`kernels`] allows it. Adapters are added after the
+//! base product (q/k/v, o, down) or keep the group on the reference path (gate/up: SwiGLU
+//! follows their sum). No dropout, no saved state: inference only.
 //!
 //! Measured (H100, `model_bench decode-ops`, Qwen2.5-7B's shapes): q/k/v 22.3 us as one kernel
-//! against 51.9 us one by one at one row, 56.0 against 70.8 at four; the kernel takes at most
-//! four rows (each row re-reads its input for every chunk of weights; more were not measured).
-//! The same kernels for o and down with the residual added and for gate/up with SwiGLU were
-//! slower than cuBLAS (21.0 against 13.7 us, 86.1 against 55.6, 136.3 against 110.4: their
-//! accumulators sat in local memory, as they still do in the q/k/v kernel as measured), so those
-//! projections stay on cuBLAS until a corrected kernel is measured.
+//! against 51.9 us one by one at one row, 56.0 against 70.8 at four. A first form of the o/down
+//! and gate/up kernels was slower than cuBLAS (21.0 against 13.7 us, 86.1 against 55.6, 136.3
+//! against 110.4: its accumulators sat in local memory, as the measured q/k/v kernel's still do).
+//! Their corrected form (registers only, eight loads in flight a lane) is what [`Kernels::All`]
+//! runs, q/k/v included; it is taken only when asked for (`QSCRIPT_DECODE_GEMV=all`, or
+//! [`set_kernels`]) until its GPU test and measurement have run.
+
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::{Result, Tensor};
 
 use super::Linear;
+use super::ops::{add_into, swiglu as swiglu_op};
+
+/// Which of a decode step's projection groups go through the matrix-vector kernels on a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// q/k/v only, in the kernel's measured form; o, down and gate/up on cuBLAS.
+    Qkv,
+    /// Every group, in the kernels' corrected form (`QSCRIPT_DECODE_GEMV=all`).
+    All,
+}
+
+/// 0: not read yet; 1: [`Kernels::Qkv`]; 2: [`Kernels::All`].
+static KERNELS: AtomicU8 = AtomicU8::new(0);
+
+/// What decoding runs ([`Kernels`]): set by [`set_kernels`], else `QSCRIPT_DECODE_GEMV`
+/// (`all`; anything else or nothing: [`Kernels::Qkv`]).
+pub fn kernels() -> Kernels {
+    match KERNELS.load(Ordering::Relaxed) {
+        1 => Kernels::Qkv,
+        2 => Kernels::All,
+        _ => {
+            let k = match std::env::var("QSCRIPT_DECODE_GEMV").as_deref() {
+                Ok("all") => Kernels::All,
+                _ => Kernels::Qkv,
+            };
+            set_kernels(k);
+            k
+        }
+    }
+}
+
+/// Chooses what decoding runs from now on, for the whole process (benchmarks, GPU tests).
+pub fn set_kernels(k: Kernels) {
+    let v = match k {
+        Kernels::Qkv => 1,
+        Kernels::All => 2,
+    };
+    KERNELS.store(v, Ordering::Relaxed);
+}
 
 /// The dense weights of `linears` where the decode kernels take them for `x` (`[rows, in]`).
 #[cfg(feature = "cuda")]
@@ -34,12 +77,17 @@ pub fn projections(x: &Tensor, linears: &[&Linear]) -> Result<Vec<Tensor>> {
     if let Some(ws) = dense(x, linears)
         && linears.len() <= 3
     {
+        use super::cuda::gemv::{Form, many};
         let pairs: Vec<_> = ws
             .iter()
             .zip(linears)
             .map(|(w, l)| (*w, l.bias.as_ref()))
             .collect();
-        let ys = super::cuda::gemv::many(x, &pairs)?;
+        let form = match kernels() {
+            Kernels::Qkv => Form::Measured,
+            Kernels::All => Form::Eight,
+        };
+        let ys = many(x, &pairs, form)?;
         return ys
             .into_iter()
             .zip(linears)
@@ -50,4 +98,71 @@ pub fn projections(x: &Tensor, linears: &[&Linear]) -> Result<Vec<Tensor>> {
             .collect();
     }
     linears.iter().map(|l| l.forward(x)).collect()
+}
+
+/// `res + l(x)` (`x` `[rows, in]`, `res` `[rows, out]`): o_proj and down_proj onto the residual
+/// stream.
+pub fn residual(x: &Tensor, l: &Linear, res: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if kernels() == Kernels::All
+        && l.bias.is_none()
+        && let Some(ws) = dense(x, &[l])
+    {
+        let y = super::cuda::gemv::residual(x, ws[0], res)?;
+        return match &l.lora {
+            Some(a) => Ok(a.add_to(y, x)?.0),
+            None => Ok(y),
+        };
+    }
+    add_into(l.forward(x)?, res)
+}
+
+/// `silu(gate(x)) * up(x)` (`x` `[rows, in]` -> `[rows, intermediate]`).
+pub fn swiglu(x: &Tensor, gate: &Linear, up: &Linear) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if kernels() == Kernels::All
+        && [gate, up]
+            .iter()
+            .all(|l| l.lora.is_none() && l.bias.is_none())
+        && let Some(ws) = dense(x, &[gate, up])
+    {
+        return super::cuda::gemv::swiglu(x, ws[0], ws[1]);
+    }
+    swiglu_op(&gate.forward(x)?, &up.forward(x)?)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// On the CPU the grouped ops are the training path's ops, whatever [`kernels`] says.
+    #[test]
+    fn the_reference_ops_are_the_training_paths() {
+        let dev = Device::Cpu;
+        let r = |s: &[usize]| Tensor::randn(0f32, 0.5, s, &dev).unwrap();
+        let (x, res) = (r(&[3, 16]), r(&[3, 8]));
+        let gate = Linear::new(r(&[24, 16]), None);
+        let up = Linear::new(r(&[24, 16]), None);
+        let o = Linear::new(r(&[8, 16]), None);
+        let same = |a: &Tensor, b: &Tensor| {
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            d.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap()
+        };
+        for k in [Kernels::Qkv, Kernels::All] {
+            set_kernels(k);
+            assert_eq!(kernels(), k);
+            let want = (o.forward(&x).unwrap() + &res).unwrap();
+            assert_eq!(same(&residual(&x, &o, &res).unwrap(), &want), 0.0);
+            let g = gate.forward(&x).unwrap();
+            let want = (candle_nn_silu(&g) * up.forward(&x).unwrap()).unwrap();
+            assert!(same(&swiglu(&x, &gate, &up).unwrap(), &want) < 1e-5);
+        }
+        set_kernels(Kernels::Qkv);
+    }
+
+    fn candle_nn_silu(x: &Tensor) -> Tensor {
+        (x / (x.neg().unwrap().exp().unwrap() + 1.0).unwrap()).unwrap()
+    }
 }

@@ -1,12 +1,15 @@
-// Decoding's q/k/v projections (launcher in gemv.rs; reference op: `nn::decode::projections`):
-// y[m, j] = sum_k x[m, k] W[j, k] for at most MAX_ROWS rows m of x (the tokens of one decode
-// step; the launcher passes at most 4), one warp an output feature j, the weight read once in
-// 16-byte loads (four in flight a lane), accumulated in f32. The bias is added as the
-// reference's separate kernel adds it: the product rounded to T, then the bias.
-// This is the form tested and measured on the GPU (2026-12-07). Known and not yet changed: the
-// epilogue's loop over a runtime row count indexes the accumulators dynamically, which puts them
-// in local memory, and the tail loop has one load in flight; a form without either is in the
-// history (commit 1c6d195's gemv.cu), waiting for its GPU test and measurement.
+// Decoding's projections (launchers in gemv.rs; reference ops: `nn::decode::projections`,
+// `residual` and `swiglu`): y[m, j] = sum_k x[m, k] W[j, k] for at most MAX_ROWS rows m of x
+// (the tokens of one decode step; the launcher passes at most 4), one warp an output feature j,
+// the weight read once in 16-byte loads, accumulated in f32. The epilogues round as the reference
+// ops' separate kernels do: the product to T, then the bias, the residual or SwiGLU.
+//
+// Two forms. `gemv_many` is the q/k/v kernel as tested and measured on the GPU (2026-12-07):
+// four loads in flight a lane with a serial tail, and an epilogue whose loop over a runtime row
+// count indexes the accumulators dynamically (local memory). The `8` form (`gemv_many8`,
+// `gemv_residual`, `gemv_swiglu`) keeps eight loads in flight a lane, predicated, no tail, and
+// indexes every array by constants only (registers); `nn::decode` takes it only when told to
+// (`QSCRIPT_DECODE_GEMV=all`) until its GPU test and measurement have run.
 #include "common.cuh"
 
 #define MAX_ROWS 8
@@ -70,9 +73,44 @@ __device__ __forceinline__ void row_dots(const T *__restrict__ x, const T *const
             if (m < rows) acc[r][m] = warp_sum(acc[r][m]);
 }
 
+// Chunks (of 8 values) a lane has in flight in the `8` form: its loads of one pass are all
+// issued before any is used, predicated on the row's end (no serial tail), so a row of k values
+// costs ceil(k / (8 * 32 * UNROLL)) memory round trips.
+#define UNROLL 8
+
+// `row_dots` in the `8` form: every array indexed by constants only (unrolled loops), so the
+// accumulators stay in registers.
+template <typename T, int NW>
+__device__ __forceinline__ void row_dots8(const T *__restrict__ x, const T *const *w, uint64_t k,
+                                          int rows, float (*acc)[MAX_ROWS]) {
+    const int lane = threadIdx.x & 31;
+    const int chunks = (int)(k / 8);
+    const uint4 *wp[NW];
+#pragma unroll
+    for (int r = 0; r < NW; r++) wp[r] = reinterpret_cast<const uint4 *>(w[r]);
+    for (int c = lane; c < chunks; c += 32 * UNROLL) {
+        uint4 a[NW][UNROLL];
+#pragma unroll
+        for (int r = 0; r < NW; r++)
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++)
+                if (c + 32 * u < chunks) a[r][u] = __ldcs(wp[r] + c + 32 * u);
+#pragma unroll
+        for (int r = 0; r < NW; r++)
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++)
+                if (c + 32 * u < chunks) fma_chunk<T>(a[r][u], x, k, c + 32 * u, rows, acc[r]);
+    }
+#pragma unroll
+    for (int r = 0; r < NW; r++)
+#pragma unroll
+        for (int m = 0; m < MAX_ROWS; m++)
+            if (m < rows) acc[r][m] = warp_sum(acc[r][m]);
+}
+
 // Up to three projections of one input (q, k, v) in one launch: output feature j of the
 // concatenation n0 | n1 | n2 picks its weight, bias (null: none) and output.
-template <typename T>
+template <typename T, bool EIGHT>
 __device__ void gemv_many(const T *x, int rows, uint64_t k, const T *w0, const T *b0, T *y0,
                           uint64_t n0, const T *w1, const T *b1, T *y1, uint64_t n1,
                           const T *w2, const T *b2, T *y2, uint64_t n2) {
@@ -91,14 +129,61 @@ __device__ void gemv_many(const T *x, int rows, uint64_t k, const T *w0, const T
     }
     float acc[1][MAX_ROWS] = {};
     const T *wr[1] = {w + j * k};
-    row_dots<T, 1>(x, wr, k, rows, acc);
-    if ((threadIdx.x & 31) == 0) {
-        float bias = b ? ld(b[j]) : 0.0f;
-        for (int m = 0; m < rows; m++) {
-            float v = ld(st<T>(acc[0][m]));
-            y[m * n + j] = b ? st<T>(v + bias) : st<T>(v);
+    if constexpr (EIGHT) {
+        row_dots8<T, 1>(x, wr, k, rows, acc);
+        if ((threadIdx.x & 31) == 0) {
+            float bias = b ? ld(b[j]) : 0.0f;
+#pragma unroll
+            for (int m = 0; m < MAX_ROWS; m++)
+                if (m < rows) {
+                    float v = ld(st<T>(acc[0][m]));
+                    y[m * n + j] = b ? st<T>(v + bias) : st<T>(v);
+                }
+        }
+    } else {
+        row_dots<T, 1>(x, wr, k, rows, acc);
+        if ((threadIdx.x & 31) == 0) {
+            float bias = b ? ld(b[j]) : 0.0f;
+            for (int m = 0; m < rows; m++) {
+                float v = ld(st<T>(acc[0][m]));
+                y[m * n + j] = b ? st<T>(v + bias) : st<T>(v);
+            }
         }
     }
+}
+
+// y = res + x W^T (o_proj and down_proj onto the residual stream; `8` form).
+template <typename T>
+__device__ void gemv_residual(const T *x, int rows, uint64_t k, const T *w, uint64_t n,
+                              const T *res, T *y) {
+    uint64_t j = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) >> 5;
+    if (j >= n) return;
+    float acc[1][MAX_ROWS] = {};
+    const T *wr[1] = {w + j * k};
+    row_dots8<T, 1>(x, wr, k, rows, acc);
+    if ((threadIdx.x & 31) == 0)
+#pragma unroll
+        for (int m = 0; m < MAX_ROWS; m++)
+            if (m < rows) y[m * n + j] = st<T>(ld(st<T>(acc[0][m])) + ld(res[m * n + j]));
+}
+
+// y = silu(x Wg^T) * (x Wu^T): gate_proj, up_proj and SwiGLU in one pass (`8` form).
+template <typename T>
+__device__ void gemv_swiglu(const T *x, int rows, uint64_t k, const T *wg, const T *wu,
+                            uint64_t n, T *y) {
+    uint64_t j = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) >> 5;
+    if (j >= n) return;
+    float acc[2][MAX_ROWS] = {};
+    const T *wr[2] = {wg + j * k, wu + j * k};
+    row_dots8<T, 2>(x, wr, k, rows, acc);
+    if ((threadIdx.x & 31) == 0)
+#pragma unroll
+        for (int m = 0; m < MAX_ROWS; m++)
+            if (m < rows) {
+                float g = ld(st<T>(acc[0][m])), u = ld(st<T>(acc[1][m]));
+                float silu = ld(st<T>(g / (1.0f + __expf(-g))));
+                y[m * n + j] = st<T>(silu * u);
+            }
 }
 
 #define GEMV(T, SFX)                                                                            \
@@ -106,7 +191,21 @@ __device__ void gemv_many(const T *x, int rows, uint64_t k, const T *w0, const T
                                                const T *b0, T *y0, uint64_t n0, const T *w1,    \
                                                const T *b1, T *y1, uint64_t n1, const T *w2,    \
                                                const T *b2, T *y2, uint64_t n2) {               \
-        gemv_many<T>(x, rows, k, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);               \
+        gemv_many<T, false>(x, rows, k, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);        \
+    }                                                                                           \
+    extern "C" __global__ void gemv_many8_##SFX(const T *x, int rows, uint64_t k, const T *w0,  \
+                                                const T *b0, T *y0, uint64_t n0, const T *w1,   \
+                                                const T *b1, T *y1, uint64_t n1, const T *w2,   \
+                                                const T *b2, T *y2, uint64_t n2) {              \
+        gemv_many<T, true>(x, rows, k, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);         \
+    }                                                                                           \
+    extern "C" __global__ void gemv_residual_##SFX(const T *x, int rows, uint64_t k, const T *w, \
+                                                   uint64_t n, const T *res, T *y) {            \
+        gemv_residual<T>(x, rows, k, w, n, res, y);                                             \
+    }                                                                                           \
+    extern "C" __global__ void gemv_swiglu_##SFX(const T *x, int rows, uint64_t k, const T *wg, \
+                                                 const T *wu, uint64_t n, T *y) {               \
+        gemv_swiglu<T>(x, rows, k, wg, wu, n, y);                                               \
     }
 GEMV(__nv_bfloat16, bf16)
 GEMV(__half, f16)

@@ -1,8 +1,9 @@
-//! Decoding's q/k/v on CUDA (`gemv.cu`): for the few rows of a decode step, the three
-//! projections of a block's normed input and their biases as one matrix-vector kernel that reads
-//! each weight once (6 launches a block become 1). Inference only: nothing here is
-//! differentiated. Reference op: [`crate::nn::decode::projections`], which takes this kernel where
-//! [`applies`] says so.
+//! Decoding's projections on CUDA (`gemv.cu`): for the few rows of a decode step, the products
+//! with a block's weights as matrix-vector kernels that read each weight once, with what follows
+//! each product done before it is written: q, k and v with their biases in one launch ([`many`]),
+//! o and down with the residual added ([`residual`]), gate and up through SwiGLU ([`swiglu`]).
+//! Inference only: nothing here is differentiated. Reference ops: [`crate::nn::decode`]'s, which
+//! take these kernels where [`applies`] says so and as [`crate::nn::decode::kernels`] allows.
 
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{DType, Result, Tensor};
@@ -43,9 +44,20 @@ fn grid(features: usize) -> LaunchConfig {
     }
 }
 
+/// The kernels' two forms (see `gemv.cu`): q/k/v as tested and measured, and the form with
+/// eight loads in flight a lane and its accumulators in registers, which [`residual`] and
+/// [`swiglu`] always use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// `gemv_many`: measured 22.3 us for a 7B's q/k/v at one row (H100).
+    Measured,
+    /// `gemv_many8`: not yet run on a GPU.
+    Eight,
+}
+
 /// `x W_i^T + b_i` for each of up to three `(W_i, b_i)`, in one launch (`x` `[rows, k]` ->
 /// `[rows, n_i]` each). The caller checked [`applies`].
-pub fn many(x: &Tensor, ws: &[(&Tensor, Option<&Tensor>)]) -> Result<Vec<Tensor>> {
+pub fn many(x: &Tensor, ws: &[(&Tensor, Option<&Tensor>)], form: Form) -> Result<Vec<Tensor>> {
     if ws.is_empty() || ws.len() > 3 {
         candle_core::bail!("gemv many: 1 to 3 weights, not {}", ws.len());
     }
@@ -84,6 +96,57 @@ pub fn many(x: &Tensor, ws: &[(&Tensor, Option<&Tensor>)]) -> Result<Vec<Tensor>
     for _ in ws.len()..3 {
         args.extend([Arg::U64(0), Arg::U64(0), Arg::U64(0), Arg::U64(0)]);
     }
-    launch(&dev, &PTX, "gemv_many", x.dtype(), grid(features), &args)?;
+    let name = match form {
+        Form::Measured => "gemv_many",
+        Form::Eight => "gemv_many8",
+    };
+    launch(&dev, &PTX, name, x.dtype(), grid(features), &args)?;
     Ok(outs)
+}
+
+/// `res + x W^T` (`x` `[rows, k]`, `W` `[n, k]`, `res` `[rows, n]`). The caller checked
+/// [`applies`].
+pub fn residual(x: &Tensor, w: &Tensor, res: &Tensor) -> Result<Tensor> {
+    let (rows, k) = x.dims2()?;
+    let n = w.dims2()?.0;
+    if res.dims() != [rows, n] || res.dtype() != x.dtype() {
+        candle_core::bail!("gemv residual: {:?} onto [{rows}, {n}]", res.dims());
+    }
+    let res = res.contiguous()?;
+    let (px, dev) = addr(x, "x")?;
+    let y = empty(&dev, &[rows, n], x.dtype())?;
+    let args = [
+        Arg::from(px),
+        Arg::I32(rows as i32),
+        Arg::from(k as u64),
+        Arg::from(addr(w, "weight")?.0),
+        Arg::from(n as u64),
+        Arg::from(addr(&res, "res")?.0),
+        Arg::from(addr(&y, "y")?.0),
+    ];
+    launch(&dev, &PTX, "gemv_residual", x.dtype(), grid(n), &args)?;
+    Ok(y)
+}
+
+/// `silu(x Wg^T) * (x Wu^T)` (`x` `[rows, k]`, `Wg` and `Wu` `[n, k]` -> `[rows, n]`). The caller
+/// checked [`applies`].
+pub fn swiglu(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
+    let (rows, k) = x.dims2()?;
+    let n = wg.dims2()?.0;
+    if wu.dims2()?.0 != n {
+        candle_core::bail!("gemv swiglu: gate {:?}, up {:?}", wg.dims(), wu.dims());
+    }
+    let (px, dev) = addr(x, "x")?;
+    let y = empty(&dev, &[rows, n], x.dtype())?;
+    let args = [
+        Arg::from(px),
+        Arg::I32(rows as i32),
+        Arg::from(k as u64),
+        Arg::from(addr(wg, "gate")?.0),
+        Arg::from(addr(wu, "up")?.0),
+        Arg::from(n as u64),
+        Arg::from(addr(&y, "y")?.0),
+    ];
+    launch(&dev, &PTX, "gemv_swiglu", x.dtype(), grid(n), &args)?;
+    Ok(y)
 }
