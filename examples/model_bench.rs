@@ -531,6 +531,9 @@ fn decode_ops() -> anyhow::Result<()> {
     };
     let (wq, wk, wv) = (dense(&q)?, dense(&k)?, dense(&v)?);
     let (wo, wg, wu, wd) = (dense(&o)?, dense(&gate)?, dense(&up)?, dense(&down)?);
+    let vocab = 152_064usize;
+    let head = Linear::new(w(vocab, h)?, None);
+    let wh = dense(&head)?;
     // Each group: the kernel(s) against cuBLAS one by one with the separate epilogue kernels.
     for rows in [1usize, 4] {
         let x = Tensor::randn(0f32, 1.0, (rows, h), &dev)?.to_dtype(DType::BF16)?;
@@ -590,6 +593,17 @@ fn decode_ops() -> anyhow::Result<()> {
                 vec![
                     ("eight form", time(&|| gemv::residual(&xi, &wd, &res))?),
                     ("one by one", time(&|| add_into(down.forward(&xi)?, &res))?),
+                ],
+            ),
+            (
+                "LM head",
+                vocab * h,
+                vec![
+                    (
+                        "eight form",
+                        time(&|| Ok(gemv::many(&x, &[(&wh, None)], Form::Eight)?.remove(0)))?,
+                    ),
+                    ("one by one", time(&|| head.forward(&x))?),
                 ],
             ),
         ];

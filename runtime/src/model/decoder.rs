@@ -184,7 +184,18 @@ impl Decoder {
 
     /// Final norm and LM head: hidden states -> logits.
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
-        Linear::new(self.head_weight().clone(), None).forward(&self.normed(x)?)
+        let x = self.normed(x)?;
+        let mut dims = x.dims().to_vec();
+        let hidden = dims.pop().unwrap_or(1);
+        let rows = dims.iter().product::<usize>();
+        // A decode step's few rows as `nn::decode` runs a product (a matrix-vector kernel on a
+        // GPU where it may), anything longer as the linear layer does.
+        let y = crate::nn::decode::product(
+            &x.reshape((rows, hidden))?,
+            &Linear::new(self.head_weight().clone(), None),
+        )?;
+        dims.push(y.dim(1)?);
+        y.reshape(dims)
     }
 
     /// The final norm of `x` (on the norm's device), moved to the head's device.

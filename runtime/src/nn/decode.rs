@@ -1,6 +1,6 @@
 //! A block's projections in decoding, grouped as a decode step runs them: q/k/v of one input
 //! ([`projections`]), a projection added to the residual stream ([`residual`]: o, down), and
-//! gate/up through SwiGLU ([`swiglu`]). Each function here is the reference op (the projections
+//! gate/up through SwiGLU ([`swiglu`]); and the LM head ([`product`]). Each function here is the reference op (the projections
 //! one by one, then the bias, residual or SwiGLU, as the training path computes them); on a GPU,
 //! for the few rows of a decode step, the dense weights go through one matrix-vector kernel a group
 //! instead ([`crate::nn::cuda::gemv`]) where [`kernels`] allows it. Adapters are added after the
@@ -98,6 +98,22 @@ pub fn projections(x: &Tensor, linears: &[&Linear]) -> Result<Vec<Tensor>> {
             .collect();
     }
     linears.iter().map(|l| l.forward(x)).collect()
+}
+
+/// `l(x)` alone (`x` `[rows, in]`): the LM head of a decode step.
+pub fn product(x: &Tensor, l: &Linear) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if kernels() == Kernels::All
+        && let Some(ws) = dense(x, &[l])
+    {
+        use super::cuda::gemv::{Form, many};
+        let y = many(x, &[(ws[0], l.bias.as_ref())], Form::Eight)?.remove(0);
+        return match &l.lora {
+            Some(a) => Ok(a.add_to(y, x)?.0),
+            None => Ok(y),
+        };
+    }
+    l.forward(x)
 }
 
 /// `res + l(x)` (`x` `[rows, in]`, `res` `[rows, out]`): o_proj and down_proj onto the residual
