@@ -39,6 +39,8 @@ if [ -f .devbin/model_bench.xz ]; then
 fi
 echo "every group through the kernels:"
 QSCRIPT_DECODE_GEMV=all serve /tmp/qs/qscript serve-all --one-client
+echo "and each decode step a CUDA graph:"
+QSCRIPT_DECODE_GEMV=all QSCRIPT_DECODE_GRAPH=1 serve /tmp/qs/qscript serve-graph --one-client
 serve /tmp/qs/qscript serve
 # serving while training: alone, then with a client asking once a second
 # Each run's whole stderr goes to $OUT/train-N.err, and the GPU's used memory every 0.3 s beside

@@ -1528,3 +1528,65 @@ fn decode_projections_match_the_reference() {
     }
     decode::set_kernels(decode::Kernels::Qkv);
 }
+
+/// Decode steps recorded as CUDA graphs give the tokens of the steps run as they are: greedy
+/// completions of five concurrent requests over four slots (spans of slots that change as rows
+/// join and leave, idle rows among them), graphs off and then on; and steps were replayed.
+#[test]
+fn decode_graphs_give_the_eager_tokens() {
+    use qscript_runtime::serve::engine::ServedModel;
+    use qscript_runtime::serve::{ServeOptions, Server, graph};
+    use qscript_runtime::tokenizer::Tokenizer;
+    // Head size 128: decoding's attention kernel applies, as on a real model.
+    let model = tiny(&TinyConfig {
+        hidden: 256,
+        heads: 2,
+        kv_heads: 1,
+        layers: 2,
+        intermediate: 512,
+        seed: 5,
+        embed_std: 1.0,
+        dtype: "bf16".into(),
+        device: "cuda".into(),
+        ..TinyConfig::default()
+    })
+    .unwrap();
+    let run = |graphs: bool| -> Vec<String> {
+        graph::set_enabled(graphs);
+        let opts = ServeOptions {
+            port: 0,
+            max_seqs: 4,
+            max_len: Some(256),
+            ..ServeOptions::default()
+        };
+        let served = vec![std::sync::Arc::new(ServedModel::new("tiny", model.clone()))];
+        let server = Server::start(
+            served,
+            std::sync::Arc::new(Tokenizer::builtin().unwrap()),
+            &opts,
+        )
+        .unwrap();
+        let url = format!("http://{}/v1/completions", server.addr);
+        let handles: Vec<_> = (0..5)
+            .map(|i| {
+                let url = url.clone();
+                std::thread::spawn(move || {
+                    let body = serde_json::json!({"model": "tiny", "temperature": 0,
+                        "prompt": format!("prompt {i}: {}", "xy".repeat(i)),
+                        "max_tokens": 16 + 3 * i});
+                    let mut r = ureq::post(&url).send_json(&body).unwrap();
+                    let v: serde_json::Value = r.body_mut().read_json().unwrap();
+                    v["choices"][0]["text"].as_str().unwrap().to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    };
+    let eager = run(false);
+    let before = graph::replays();
+    let graphed = run(true);
+    graph::set_enabled(false);
+    assert!(graph::replays() > before, "no decode step was replayed");
+    assert_eq!(graphed, eager);
+    assert!(eager.iter().any(|t| !t.is_empty()), "every completion was empty");
+}

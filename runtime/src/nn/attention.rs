@@ -112,11 +112,7 @@ fn row_mask(
 /// decode step 28 times).
 #[cfg(feature = "cuda")]
 fn uploaded_ranges(r: &[(usize, usize)], device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
-    type Kept = Option<(Vec<(usize, usize)>, candle_core::Device, Tensor, Tensor)>;
-    thread_local! {
-        static LAST: std::cell::RefCell<Kept> = const { std::cell::RefCell::new(None) };
-    }
-    LAST.with(|last| {
+    RANGES.with(|last| {
         let mut last = last.borrow_mut();
         if let Some((kr, kd, s, e)) = last.as_ref()
             && kr.as_slice() == r
@@ -133,6 +129,38 @@ fn uploaded_ranges(r: &[(usize, usize)], device: &candle_core::Device) -> Result
         *last = Some((r.to_vec(), device.clone(), s.clone(), e.clone()));
         Ok((s, e))
     })
+}
+
+/// Runs `f` with the key ranges `r` read from `starts` and `ends` (`[rows]` u32 each, on the
+/// device) wherever attention would upload them: a CUDA graph of a decode step captures these
+/// tensors, whose contents the next replay's ranges replace. The tensors are forgotten after `f`.
+#[cfg(feature = "cuda")]
+pub fn with_ranges_in<R>(
+    r: &[(usize, usize)],
+    starts: &Tensor,
+    ends: &Tensor,
+    f: impl FnOnce() -> R,
+) -> R {
+    RANGES.with(|last| {
+        *last.borrow_mut() = Some((
+            r.to_vec(),
+            starts.device().clone(),
+            starts.clone(),
+            ends.clone(),
+        ));
+    });
+    let out = f();
+    RANGES.with(|last| *last.borrow_mut() = None);
+    out
+}
+
+#[cfg(feature = "cuda")]
+type KeptRanges = Option<(Vec<(usize, usize)>, candle_core::Device, Tensor, Tensor)>;
+
+#[cfg(feature = "cuda")]
+thread_local! {
+    /// The last key ranges uploaded on this thread (see [`uploaded_ranges`]).
+    static RANGES: std::cell::RefCell<KeptRanges> = const { std::cell::RefCell::new(None) };
 }
 
 /// The padded layout of `mask`'s packed rows ([`super::unpack::Unpacked::of`]), made once for

@@ -433,10 +433,10 @@ impl Engine {
     /// log-probabilities where the sequence asked for them.
     fn decode(
         &mut self,
-        model: usize,
+        served: usize,
         group: &mut [Seq],
     ) -> Result<Vec<(u32, Option<TokenLogprobs>)>> {
-        let model = self.models[model].current();
+        let model = self.models[served].current();
         let d = &model.decoder;
         let lo = group.iter().map(|s| s.slot).min().unwrap_or(0);
         let hi = group.iter().map(|s| s.slot).max().unwrap_or(0);
@@ -446,6 +446,22 @@ impl Engine {
         for s in group.iter() {
             live[s.slot - lo] = true;
             ids[s.slot - lo] = s.last();
+        }
+        // Rows of the span in the group's order.
+        let order = || {
+            let rows: Vec<u32> = group.iter().map(|s| (s.slot - lo) as u32).collect();
+            Tensor::from_slice(&rows, rows.len(), d.device())
+        };
+        // Recorded as a CUDA graph where it may be (`QSCRIPT_DECODE_GRAPH=1`).
+        #[cfg(feature = "cuda")]
+        if let Some(logits) = super::graph::step(served, &model, &mut self.slots, lo, &live, &ids)?
+        {
+            let logits = if span == 1 {
+                logits
+            } else {
+                logits.index_select(&order()?, 0)?
+            };
+            return pick(group, &logits);
         }
         let capacity = self.slots.capacity();
         // One sequence alone: plain causal attention after its cached positions and RoPE rows
@@ -469,30 +485,34 @@ impl Engine {
         let h = if single {
             h
         } else {
-            let rows: Vec<u32> = group.iter().map(|s| (s.slot - lo) as u32).collect();
-            let idx = Tensor::from_slice(&rows, rows.len(), h.device())?;
-            h.index_select(&idx, 0)?
+            h.index_select(&order()?, 0)?
         };
         let logits = d.head(&h)?.squeeze(1)?;
-        let greedy = if group.iter().all(|s| s.sampler.is_plain_greedy()) {
-            Some(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
-        } else {
-            None
-        };
-        let mut out = Vec::with_capacity(group.len());
-        for (i, seq) in group.iter_mut().enumerate() {
-            let tok = match &greedy {
-                Some(g) => g[i],
-                None => seq
-                    .sampler
-                    .sample(&logits.get(i)?, &seq.context, seq.generated)?,
-            };
-            let lp = seq
-                .logprobs
-                .map(|k| TokenLogprobs::of(&logits.get(i)?, tok, k))
-                .transpose()?;
-            out.push((tok, lp));
-        }
-        Ok(out)
+        pick(group, &logits)
     }
+}
+
+/// Each sequence's next token from its row of `logits` (`[group, vocab]`), with its
+/// log-probabilities where it asked for them.
+fn pick(group: &mut [Seq], logits: &Tensor) -> Result<Vec<(u32, Option<TokenLogprobs>)>> {
+    let greedy = if group.iter().all(|s| s.sampler.is_plain_greedy()) {
+        Some(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+    } else {
+        None
+    };
+    let mut out = Vec::with_capacity(group.len());
+    for (i, seq) in group.iter_mut().enumerate() {
+        let tok = match &greedy {
+            Some(g) => g[i],
+            None => seq
+                .sampler
+                .sample(&logits.get(i)?, &seq.context, seq.generated)?,
+        };
+        let lp = seq
+            .logprobs
+            .map(|k| TokenLogprobs::of(&logits.get(i)?, tok, k))
+            .transpose()?;
+        out.push((tok, lp));
+    }
+    Ok(out)
 }

@@ -8,6 +8,8 @@
 
 pub mod api;
 pub mod engine;
+#[cfg(feature = "cuda")]
+pub mod graph;
 pub mod http;
 mod reply;
 pub mod slots;

@@ -182,6 +182,21 @@ impl Decode<'_> {
         &self.positions
     }
 
+    /// The scatter's row index (`[rows * kv, d]`, u32) as the host computed it: what a CUDA
+    /// graph's step copies into the tensor it captured.
+    pub fn index(&self) -> &[u32] {
+        &self.index
+    }
+
+    /// The step as a CUDA graph records it: the scatter reads `index` (a tensor whose contents
+    /// each replay replaces) and attention sees every slot's whole capacity, bounded by the
+    /// rows' key ranges alone (the longest row's length would be baked into the graph).
+    pub fn for_graph(mut self, index: Tensor) -> Self {
+        self.on_device = vec![(index.device().clone(), index)];
+        self.keys = self.slots.capacity;
+        self
+    }
+
     fn index_on(&mut self, device: &Device) -> Result<Tensor> {
         if let Some((_, t)) = self.on_device.iter().find(|(d, _)| d.same_device(device)) {
             return Ok(t.clone());
@@ -233,10 +248,20 @@ pub fn tables_at(
     positions: &[u32],
     capacity: usize,
 ) -> Result<(Tensor, Tensor)> {
-    let dev = decoder.device();
-    let (cos, sin) = decoder.rope.tables(0, capacity, decoder.dtype(), dev)?;
-    let idx = Tensor::from_slice(positions, positions.len(), dev)?;
-    let d = cos.dim(1)?;
-    let rows = |t: &Tensor| t.index_select(&idx, 0)?.reshape((positions.len(), 1, d));
+    let idx = Tensor::from_slice(positions, positions.len(), decoder.device())?;
+    tables_on(decoder, &idx, capacity)
+}
+
+/// [`tables_at`] for positions already on the device (`[b]` u32).
+pub fn tables_on(
+    decoder: &Decoder,
+    positions: &Tensor,
+    capacity: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (cos, sin) = decoder
+        .rope
+        .tables(0, capacity, decoder.dtype(), decoder.device())?;
+    let (b, d) = (positions.dim(0)?, cos.dim(1)?);
+    let rows = |t: &Tensor| t.index_select(positions, 0)?.reshape((b, 1, d));
     Ok((rows(&cos)?, rows(&sin)?))
 }
