@@ -1588,5 +1588,8 @@ fn decode_graphs_give_the_eager_tokens() {
     graph::set_enabled(false);
     assert!(graph::replays() > before, "no decode step was replayed");
     assert_eq!(graphed, eager);
-    assert!(eager.iter().any(|t| !t.is_empty()), "every completion was empty");
+    assert!(
+        eager.iter().any(|t| !t.is_empty()),
+        "every completion was empty"
+    );
 }

@@ -65,6 +65,8 @@ struct Recorded {
     /// `[rows, vocab]`, written by each replay.
     logits: Tensor,
     graph: CudaGraph,
+    /// The version recorded, kept alive while the graph reads its weights (dropped after it).
+    _model: Arc<Model>,
     /// When it was last used (for dropping the oldest).
     used: u64,
 }
@@ -73,10 +75,11 @@ struct Recorded {
 /// replayed and dropped on the thread that recorded it).
 #[derive(Default)]
 struct Graphs {
+    /// Per served model, span start and rows.
     recorded: HashMap<(usize, usize, usize), Recorded>,
-    /// Model versions seen per served model (by its `Arc`'s address): one seen replaced is
-    /// published by a run that trains.
-    versions: HashMap<usize, usize>,
+    /// The version last seen per served model: one seen replaced is published by a run that
+    /// trains.
+    versions: HashMap<usize, Arc<Model>>,
     live: std::collections::HashSet<usize>,
     clock: u64,
     off: bool,
@@ -164,20 +167,18 @@ impl Graphs {
             return Ok(None);
         }
         // A version replaced while served: its run trains, so nothing of it is recorded.
-        let version = Arc::as_ptr(model) as usize;
-        match self.versions.insert(key, version) {
-            Some(v) if v != version => {
-                self.live.insert(key);
-                self.recorded.retain(|k, _| k.0 != v);
-            }
-            _ => {}
+        if let Some(old) = self.versions.insert(key, model.clone())
+            && !Arc::ptr_eq(&old, model)
+        {
+            self.live.insert(key);
+            self.recorded.retain(|k, _| k.0 != key);
         }
         if self.live.contains(&key) {
             return Ok(None);
         }
         self.clock += 1;
         let rows = live.len();
-        let id = (version, lo, rows);
+        let id = (key, lo, rows);
         let capacity = slots.capacity();
         let mut cache = slots.decode(lo, live)?;
         let (starts, ends) = ranges_of(cache.mask(), rows);
@@ -259,6 +260,7 @@ impl Graphs {
                         ends: en,
                         logits: out.clone(),
                         graph,
+                        _model: model.clone(),
                         used: self.clock,
                     },
                 );
