@@ -438,7 +438,7 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
     }
     // `QSCRIPT_TRACE=FILE`: the timed steps' GPU timeline (blocks, offload's copies).
     if let Some(summary) = qscript_runtime::device::trace::finish()? {
-        eprintln!("trace over {steps} steps: {summary}");
+        eprintln!("trace over {steps} steps: {summary}\n{}", summary.table());
     }
     // Tokens of one optimizer step over every rank (a pair is two rows).
     let tokens = (batch * seq * accum * ranks * if dpo { 2 } else { 1 }) as f64;

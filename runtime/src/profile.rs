@@ -1,7 +1,9 @@
 //! A coarse GPU-time profile for engine work, off unless `QSCRIPT_PROFILE=1`: each span
 //! synchronizes the device when it starts and ends and adds the wall time to a table, so the
 //! table tells where a step's device time goes (the synchronizations slow the run down; use it to
-//! find what to fix, never to report speed). `report()` prints the table.
+//! find what to fix, never to report speed). `report()` prints the table. The same spans are
+//! spans of the GPU timeline under `QSCRIPT_TRACE` (`device::trace`), which times them without
+//! synchronizing.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
@@ -19,31 +21,36 @@ fn table() -> &'static Mutex<BTreeMap<&'static str, (f64, u64)>> {
     T.get_or_init(Mutex::default)
 }
 
-/// A running span; its time is recorded when it is dropped.
-#[derive(Debug)]
+/// A running span; its time is recorded when it is dropped. With `QSCRIPT_TRACE` it is also a
+/// span of the GPU timeline (`device::trace`), which synchronizes nothing.
 pub struct Span {
     name: &'static str,
-    device: Device,
-    start: Instant,
+    /// With `QSCRIPT_PROFILE=1`: the device and when the span started.
+    timed: Option<(Device, Instant)>,
+    _trace: crate::device::trace::Span,
 }
 
-/// Starts span `name` on `device` when profiling is on.
-pub fn span(name: &'static str, device: &Device) -> Option<Span> {
-    if !enabled() {
-        return None;
-    }
-    let _ = device.synchronize();
-    Some(Span {
+/// Starts span `name` on `device`.
+pub fn span(name: &'static str, device: &Device) -> Span {
+    let trace = crate::device::trace::span(|| name.to_string(), device);
+    let timed = enabled().then(|| {
+        let _ = device.synchronize();
+        (device.clone(), Instant::now())
+    });
+    Span {
         name,
-        device: device.clone(),
-        start: Instant::now(),
-    })
+        timed,
+        _trace: trace,
+    }
 }
 
 impl Drop for Span {
     fn drop(&mut self) {
-        let _ = self.device.synchronize();
-        let dt = self.start.elapsed().as_secs_f64();
+        let Some((device, start)) = self.timed.take() else {
+            return;
+        };
+        let _ = device.synchronize();
+        let dt = start.elapsed().as_secs_f64();
         if let Ok(mut t) = table().lock() {
             let e = t.entry(self.name).or_insert((0.0, 0));
             e.0 += dt;

@@ -109,9 +109,12 @@ pub struct Timed {
     pub end_ms: f64,
 }
 
-/// What a timeline says about overlap.
+/// What a timeline says about overlap, and where the compute stream's time went.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Summary {
+    /// Per kind of compute span (its name without the layer number: `forward`, `fwd.attention`),
+    /// its total time and count, longest first. Spans nest (a block's forward holds its parts).
+    pub by_name: Vec<(String, f64, usize)>,
     /// Spans in the timeline.
     pub spans: usize,
     /// The copies' time.
@@ -122,6 +125,18 @@ pub struct Summary {
     pub compute_window_ms: f64,
     /// The time within that window covered by no compute span.
     pub compute_idle_ms: f64,
+}
+
+impl Summary {
+    /// The compute spans' kinds as lines: `name  total ms  count`.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        for (n, ms, k) in &self.by_name {
+            let _ = writeln!(out, "{n:24} {ms:10.1} ms {k:6} spans");
+        }
+        out
+    }
 }
 
 impl std::fmt::Display for Summary {
@@ -170,7 +185,23 @@ pub fn summarize(spans: &[Timed]) -> Summary {
             .map(|(u0, u1)| (b.min(*u1) - a.max(*u0)).max(0.0))
             .sum::<f64>();
     }
+    let mut by_name: Vec<(String, f64, usize)> = Vec::new();
+    for s in spans.iter().filter(|s| s.track == Track::Compute) {
+        let kind = s
+            .name
+            .trim_end_matches(|c: char| c.is_ascii_digit() || c == ' ');
+        let dt = (s.end_ms - s.start_ms).max(0.0);
+        match by_name.iter_mut().find(|(n, _, _)| n == kind) {
+            Some(e) => {
+                e.1 += dt;
+                e.2 += 1;
+            }
+            None => by_name.push((kind.to_string(), dt, 1)),
+        }
+    }
+    by_name.sort_by(|a, b| b.1.total_cmp(&a.1));
     Summary {
+        by_name,
         spans: spans.len(),
         copy_ms: copy,
         copy_overlapped_ms: overlapped,
@@ -351,6 +382,27 @@ mod tests {
         assert_eq!(events.len(), 2 + 5);
         assert_eq!(events[2]["dur"], 4000.0);
         assert!(sum.to_string().contains("66.7% of it beside compute work"));
+        // Kinds of compute spans, the layer number dropped, longest first.
+        let named = [
+            Timed {
+                name: "forward 0".into(),
+                ..s(Track::Compute, 0.0, 2.0)
+            },
+            Timed {
+                name: "forward 12".into(),
+                ..s(Track::Compute, 2.0, 5.0)
+            },
+            Timed {
+                name: "fwd.attention".into(),
+                ..s(Track::Compute, 2.5, 3.0)
+            },
+        ];
+        let sum = summarize(&named);
+        assert_eq!(
+            sum.by_name,
+            vec![("forward".into(), 5.0, 2), ("fwd.attention".into(), 0.5, 1)]
+        );
+        assert!(sum.table().starts_with("forward "));
     }
 
     #[test]

@@ -295,7 +295,6 @@ impl Pass<'_> {
         let (b, s) = self.input_ids.dims2()?;
         let eps = d.cfg.rms_norm_eps;
         let span = crate::profile::span("loss", d.device());
-        let _trace = trace::span(|| "loss".into(), d.device());
         let (dx, out) = (|| {
             // The final norm on its device, the head on its own (the embedding's when tied).
             let x = to(&f.x, d.norm.device())?;

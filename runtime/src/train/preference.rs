@@ -529,6 +529,7 @@ pub fn reference_logps(
     let device = d.device().clone();
     for chunk in examples.chunks_mut(batch.max(1)) {
         cancel.check()?;
+        let _span = crate::profile::span("reference pass", &device);
         let refs: Vec<&Example> = chunk.iter().collect();
         let b = collate(&refs, pad_id, None, &device)?;
         let hidden = super::engine::final_hidden(model, &b)?;
