@@ -38,15 +38,27 @@ pub fn run(
     cancel: &CancelToken,
     on_event: &mut dyn FnMut(&Event) -> Result<()>,
 ) -> Result<TrainReport> {
-    // Offloaded activations' pinned host memory goes back when the run ends, however it ends.
-    struct Unpin;
-    impl Drop for Unpin {
+    let lead = t.lead();
+    // When the run ends, however it ends: offloaded activations' pinned host memory goes back,
+    // and under `QSCRIPT_TRACE` the lead rank writes the run's GPU timeline.
+    struct Ending {
+        lead: bool,
+    }
+    impl Drop for Ending {
         fn drop(&mut self) {
             let _ = crate::device::offload::trim();
+            if !self.lead {
+                return;
+            }
+            let said = match crate::device::trace::finish() {
+                Ok(Some(s)) => format!("QSCRIPT_TRACE: the run's GPU timeline: {s}"),
+                Ok(None) => return,
+                Err(e) => format!("QSCRIPT_TRACE: the timeline was not written: {e}"),
+            };
+            crate::notice::say(said);
         }
     }
-    let _unpin = Unpin;
-    let lead = t.lead();
+    let _ending = Ending { lead };
     let mut on_event = |e: &Event| if lead { on_event(e) } else { Ok(()) };
     on_event(&t.start_event())?;
     while !t.is_done() {
