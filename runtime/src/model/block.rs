@@ -411,7 +411,7 @@ impl Block {
         } else {
             add_into(self.linear(Proj::O, &out, step, layer, &mut saved)?, x)?
         };
-        if let Some(t) = self.mlp_tile(b * s, x.dtype(), step) {
+        if let Some(t) = self.mlp_tile(rows, x.dtype(), step) {
             let y = if output {
                 Some(add_into(self.mlp_tiled(&mid, t)?, &mid)?)
             } else {
@@ -444,7 +444,7 @@ impl Block {
             Some(add_into(down, &mid)?)
         } else {
             if let Some(sv) = saved.as_deref_mut() {
-                let flat = act.reshape((b * s, act.dim(2)?))?;
+                let flat = act.reshape((rows, act.dim(2)?))?;
                 sv.lin[Proj::Down as usize] = Some(self.mlp.down.saved_for(&flat)?);
             }
             None

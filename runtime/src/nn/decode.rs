@@ -70,6 +70,15 @@ fn dense<'a>(x: &Tensor, linears: &[&'a Linear]) -> Option<Vec<&'a Tensor>> {
     super::cuda::gemv::applies(x, &ws).then_some(ws)
 }
 
+/// `y` (a kernel's base product of `x`) with `l`'s adapter added, where it has one.
+#[cfg(feature = "cuda")]
+fn with_adapter(l: &Linear, y: Tensor, x: &Tensor) -> Result<Tensor> {
+    match &l.lora {
+        Some(a) => Ok(a.add_to(y, x)?.0),
+        None => Ok(y),
+    }
+}
+
 /// `l(x)` for each of `linears` (up to three sharing the input: q, k, v), `x` `[rows, in]` ->
 /// `[rows, out_i]` each.
 pub fn projections(x: &Tensor, linears: &[&Linear]) -> Result<Vec<Tensor>> {
@@ -91,10 +100,7 @@ pub fn projections(x: &Tensor, linears: &[&Linear]) -> Result<Vec<Tensor>> {
         return ys
             .into_iter()
             .zip(linears)
-            .map(|(y, l)| match &l.lora {
-                Some(a) => Ok(a.add_to(y, x)?.0),
-                None => Ok(y),
-            })
+            .map(|(y, l)| with_adapter(l, y, x))
             .collect();
     }
     linears.iter().map(|l| l.forward(x)).collect()
@@ -108,10 +114,7 @@ pub fn product(x: &Tensor, l: &Linear) -> Result<Tensor> {
     {
         use super::cuda::gemv::{Form, many};
         let y = many(x, &[(ws[0], l.bias.as_ref())], Form::Eight)?.remove(0);
-        return match &l.lora {
-            Some(a) => Ok(a.add_to(y, x)?.0),
-            None => Ok(y),
-        };
+        return with_adapter(l, y, x);
     }
     l.forward(x)
 }
@@ -125,10 +128,7 @@ pub fn residual(x: &Tensor, l: &Linear, res: &Tensor) -> Result<Tensor> {
         && let Some(ws) = dense(x, &[l])
     {
         let y = super::cuda::gemv::residual(x, ws[0], res)?;
-        return match &l.lora {
-            Some(a) => Ok(a.add_to(y, x)?.0),
-            None => Ok(y),
-        };
+        return with_adapter(l, y, x);
     }
     add_into(l.forward(x)?, res)
 }
