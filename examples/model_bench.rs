@@ -556,8 +556,8 @@ fn decode_ops() -> anyhow::Result<()> {
                         time(&|| Ok(gemv::many(&x, &qkv, Form::Measured)?.remove(0)))?,
                     ),
                     (
-                        "eight form",
-                        time(&|| Ok(gemv::many(&x, &qkv, Form::Eight)?.remove(0)))?,
+                        "lean form",
+                        time(&|| Ok(gemv::many(&x, &qkv, Form::Lean)?.remove(0)))?,
                     ),
                     (
                         "one by one",
@@ -572,7 +572,7 @@ fn decode_ops() -> anyhow::Result<()> {
                 "o + residual",
                 h * h,
                 vec![
-                    ("eight form", time(&|| gemv::residual(&x, &wo, &res))?),
+                    ("lean form", time(&|| gemv::residual(&x, &wo, &res))?),
                     ("one by one", time(&|| add_into(o.forward(&x)?, &res))?),
                 ],
             ),
@@ -580,7 +580,7 @@ fn decode_ops() -> anyhow::Result<()> {
                 "gate/up + SwiGLU",
                 2 * inter * h,
                 vec![
-                    ("eight form", time(&|| gemv::swiglu(&x, &wg, &wu))?),
+                    ("lean form", time(&|| gemv::swiglu(&x, &wg, &wu))?),
                     (
                         "one by one",
                         time(&|| swiglu(&gate.forward(&x)?, &up.forward(&x)?))?,
@@ -591,7 +591,7 @@ fn decode_ops() -> anyhow::Result<()> {
                 "down + residual",
                 inter * h,
                 vec![
-                    ("eight form", time(&|| gemv::residual(&xi, &wd, &res))?),
+                    ("lean form", time(&|| gemv::residual(&xi, &wd, &res))?),
                     ("one by one", time(&|| add_into(down.forward(&xi)?, &res))?),
                 ],
             ),
@@ -600,8 +600,8 @@ fn decode_ops() -> anyhow::Result<()> {
                 vocab * h,
                 vec![
                     (
-                        "eight form",
-                        time(&|| Ok(gemv::many(&x, &[(&wh, None)], Form::Eight)?.remove(0)))?,
+                        "lean form",
+                        time(&|| Ok(gemv::many(&x, &[(&wh, None)], Form::Lean)?.remove(0)))?,
                     ),
                     ("one by one", time(&|| head.forward(&x))?),
                 ],

@@ -1390,7 +1390,7 @@ fn decode_projections_match_the_reference() {
     for dtype in [DType::BF16, DType::F16] {
         let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&gpu()).unwrap();
         let f32_of = |t: &Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
-        for &(k, rows) in &[(4096usize, 1usize), (200, 3), (2056, 4), (64, 5)] {
+        for &(k, rows) in &[(4096usize, 1usize), (1032, 2), (200, 3), (2056, 4), (64, 5)] {
             let std = 1.0 / (k as f32).sqrt();
             let (n0, n1, n2) = (37usize, 19usize, 23usize);
             let x = r(&[rows, k], 1.0);
@@ -1453,7 +1453,7 @@ fn decode_projections_match_the_reference() {
                     mm(&ws[1]).broadcast_add(&f32_of(&bs[1])).unwrap(),
                     want[2].clone(),
                 ];
-                for form in [gemv::Form::Measured, gemv::Form::Eight] {
+                for form in [gemv::Form::Measured, gemv::Form::Lean] {
                     let alone = gemv::many(&xg, &pairs, form).unwrap();
                     for (i, (g, w)) in alone.iter().zip(&base).enumerate() {
                         assert!(
@@ -1462,7 +1462,7 @@ fn decode_projections_match_the_reference() {
                         );
                     }
                 }
-                // o/down onto the residual, gate/up through SwiGLU (the `8` form).
+                // o/down onto the residual, gate/up through SwiGLU (the lean form).
                 let res = r(&[rows, n0], 1.0);
                 let got = gemv::residual(&xg, &wsg[0], &on(&res)).unwrap();
                 let want_res = (mm(&ws[0]) + f32_of(&res)).unwrap();
@@ -1582,14 +1582,24 @@ fn decode_graphs_give_the_eager_tokens() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     };
-    let eager = run(false);
-    let before = graph::replays();
-    let graphed = run(true);
-    graph::set_enabled(false);
-    assert!(graph::replays() > before, "no decode step was replayed");
-    assert_eq!(graphed, eager);
-    assert!(
-        eager.iter().any(|t| !t.is_empty()),
-        "every completion was empty"
-    );
+    // cuBLAS and the q/k/v kernel (the default), then every group through the kernels.
+    use qscript_runtime::nn::decode::{Kernels, kernels, set_kernels};
+    let was = kernels();
+    for k in [Kernels::Qkv, Kernels::All] {
+        set_kernels(k);
+        let eager = run(false);
+        let before = graph::replays();
+        let graphed = run(true);
+        graph::set_enabled(false);
+        assert!(
+            graph::replays() > before,
+            "{k:?}: no decode step was replayed"
+        );
+        assert_eq!(graphed, eager, "{k:?}");
+        assert!(
+            eager.iter().any(|t| !t.is_empty()),
+            "{k:?}: every completion was empty"
+        );
+    }
+    set_kernels(was);
 }

@@ -8,12 +8,13 @@
 //! follows their sum). No dropout, no saved state: inference only.
 //!
 //! Measured (H100, `model_bench decode-ops`, Qwen2.5-7B's shapes): q/k/v 22.3 us as one kernel
-//! against 51.9 us one by one at one row, 56.0 against 70.8 at four. A first form of the o/down
-//! and gate/up kernels was slower than cuBLAS (21.0 against 13.7 us, 86.1 against 55.6, 136.3
-//! against 110.4: its accumulators sat in local memory, as the measured q/k/v kernel's still do).
-//! Their corrected form (registers only, eight loads in flight a lane) is what [`Kernels::All`]
-//! runs, q/k/v included; it is taken only when asked for (`QSCRIPT_DECODE_GEMV=all`, or
-//! [`set_kernels`]) until its GPU test and measurement have run.
+//! against 51.9 us one by one at one row, 56.0 against 70.8 at four. Two first forms of the o/down
+//! and gate/up kernels were slower than cuBLAS: accumulators in local memory (H100: 21.0 against
+//! 13.7 us, 86.1 against 55.6, 136.3 against 110.4), then in registers but 137 of them a thread
+//! for gate/up (H200: 249.3 against 79.2 us, down 73.5 against 41.7, the LM head 435.8 against
+//! 259.3; only o beat cuBLAS, 19.2 against 25.4). Their lean form (the row count compiled in) is
+//! what [`Kernels::All`] runs, q/k/v included; it is taken only when asked for
+//! (`QSCRIPT_DECODE_GEMV=all`, or [`set_kernels`]) until it is measured.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -27,7 +28,7 @@ use super::ops::{add_into, swiglu as swiglu_op};
 pub enum Kernels {
     /// q/k/v only, in the kernel's measured form; o, down and gate/up on cuBLAS.
     Qkv,
-    /// Every group, in the kernels' corrected form (`QSCRIPT_DECODE_GEMV=all`).
+    /// Every group, in the kernels' lean form (`QSCRIPT_DECODE_GEMV=all`).
     All,
 }
 
@@ -94,7 +95,7 @@ pub fn projections(x: &Tensor, linears: &[&Linear]) -> Result<Vec<Tensor>> {
             .collect();
         let form = match kernels() {
             Kernels::Qkv => Form::Measured,
-            Kernels::All => Form::Eight,
+            Kernels::All => Form::Lean,
         };
         let ys = many(x, &pairs, form)?;
         return ys
@@ -113,7 +114,7 @@ pub fn product(x: &Tensor, l: &Linear) -> Result<Tensor> {
         && let Some(ws) = dense(x, &[l])
     {
         use super::cuda::gemv::{Form, many};
-        let y = many(x, &[(ws[0], l.bias.as_ref())], Form::Eight)?.remove(0);
+        let y = many(x, &[(ws[0], l.bias.as_ref())], Form::Lean)?.remove(0);
         return with_adapter(l, y, x);
     }
     l.forward(x)

@@ -202,19 +202,21 @@ fn loss_in_chunks(
     let mut d_rows = Vec::new();
     let mut token_ce = Vec::new();
     let mut grads = grads;
+    // Uploaded once, not a chunk at a time: a copy from pageable host memory waits for the stream.
+    let targets = Tensor::from_vec(labels, (count, 1), device)?;
+    let scales = match scale {
+        Scale::PerTarget(w) => Some(Tensor::from_slice(w, (count, 1), device)?),
+        Scale::Uniform(_) => None,
+    };
     for start in (0..count).step_by(step) {
         let len = step.min(count - start);
         let hc = picked.narrow(0, start, len)?;
-        let target = Tensor::from_slice(&labels[start..start + len], (len, 1), device)?;
+        let target = targets.narrow(0, start, len)?;
         // A per-token scale multiplies each row of dlogits.
-        let column = match scale {
-            Scale::PerTarget(w) => Some(Tensor::from_slice(
-                &w[start..start + len],
-                (len, 1),
-                device,
-            )?),
-            Scale::Uniform(_) => None,
-        };
+        let column = scales
+            .as_ref()
+            .map(|c| c.narrow(0, start, len))
+            .transpose()?;
         #[cfg(feature = "cuda")]
         if crate::nn::ops::fused(&hc, head) {
             let logits = hc.matmul(&head.t()?)?;

@@ -4,12 +4,13 @@
 // the weight read once in 16-byte loads, accumulated in f32. The epilogues round as the reference
 // ops' separate kernels do: the product to T, then the bias, the residual or SwiGLU.
 //
-// Two forms. `gemv_many` is the q/k/v kernel as tested and measured on the GPU (2026-12-07):
-// four loads in flight a lane with a serial tail, and an epilogue whose loop over a runtime row
-// count indexes the accumulators dynamically (local memory). The `8` form (`gemv_many8`,
-// `gemv_residual`, `gemv_swiglu`) keeps eight loads in flight a lane, predicated, no tail, and
-// indexes every array by constants only (registers); `nn::decode` takes it only when told to
-// (`QSCRIPT_DECODE_GEMV=all`) until its GPU test and measurement have run.
+// Two forms. `gemv_many` is the q/k/v kernel as measured on the GPU (2026-12-07): four loads in
+// flight a lane with a serial tail, and an epilogue whose loop over a runtime row count indexes
+// the accumulators dynamically (local memory). The lean form (`gemv_lean_rR`,
+// `gemv_residual_rR`, `gemv_swiglu_rR`, R rows compiled in) keeps eight loads in flight a lane
+// in few registers; `nn::decode` takes it only when told to (`QSCRIPT_DECODE_GEMV=all`) until it
+// is measured. Its first version (a runtime row count up to 8 in registers, 137 a thread for
+// gate/up) was correct and 1.1-3.1x slower than cuBLAS on every group but o (H200).
 #include "common.cuh"
 
 #define MAX_ROWS 8
@@ -73,44 +74,78 @@ __device__ __forceinline__ void row_dots(const T *__restrict__ x, const T *const
             if (m < rows) acc[r][m] = warp_sum(acc[r][m]);
 }
 
-// Chunks (of 8 values) a lane has in flight in the `8` form: its loads of one pass are all
-// issued before any is used, predicated on the row's end (no serial tail), so a row of k values
-// costs ceil(k / (8 * 32 * UNROLL)) memory round trips.
-#define UNROLL 8
-
-// `row_dots` in the `8` form: every array indexed by constants only (unrolled loops), so the
-// accumulators stay in registers.
-template <typename T, int NW>
-__device__ __forceinline__ void row_dots8(const T *__restrict__ x, const T *const *w, uint64_t k,
-                                          int rows, float (*acc)[MAX_ROWS]) {
+// The lean form: the row count R compiled in (the launcher picks 1, 2 or 4 for at most that
+// many rows), eight 16-byte weight loads in flight a lane over the NW weight rows, issued
+// before any is used and predicated on the row's end (zeros past it: no serial tail), each
+// chunk of x read once for the NW rows. Every array is indexed by constants (registers), and
+// few of them: 1 block of 8 warps an SM was all the first `8` form's 137 registers a thread
+// left room for (2.7x slower than cuBLAS for gate/up, H200).
+template <typename T, int NW, int R>
+__device__ __forceinline__ void lean_dots(const T *__restrict__ x, const T *const *w, uint64_t k,
+                                          int rows, float (*acc)[R]) {
+    constexpr int U = 8 / NW;
     const int lane = threadIdx.x & 31;
     const int chunks = (int)(k / 8);
-    const uint4 *wp[NW];
+    for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+        uint4 a[NW][U];
 #pragma unroll
-    for (int r = 0; r < NW; r++) wp[r] = reinterpret_cast<const uint4 *>(w[r]);
-    for (int c = lane; c < chunks; c += 32 * UNROLL) {
-        uint4 a[NW][UNROLL];
+        for (int u = 0; u < U; u++) {
+            const int c = c0 + 32 * u;
 #pragma unroll
-        for (int r = 0; r < NW; r++)
+            for (int r = 0; r < NW; r++)
+                a[r][u] = c < chunks ? __ldcs(reinterpret_cast<const uint4 *>(w[r]) + c)
+                                     : make_uint4(0, 0, 0, 0);
+        }
 #pragma unroll
-            for (int u = 0; u < UNROLL; u++)
-                if (c + 32 * u < chunks) a[r][u] = __ldcs(wp[r] + c + 32 * u);
+        for (int u = 0; u < U; u++) {
+            const int c = c0 + 32 * u;
+            if (c < chunks) {
 #pragma unroll
-        for (int r = 0; r < NW; r++)
+                for (int m = 0; m < R; m++) {
+                    if (m < rows) {
+                        float xv[8];
+                        unpack8<T>(*reinterpret_cast<const uint4 *>(x + m * k + (uint64_t)c * 8),
+                                   xv);
 #pragma unroll
-            for (int u = 0; u < UNROLL; u++)
-                if (c + 32 * u < chunks) fma_chunk<T>(a[r][u], x, k, c + 32 * u, rows, acc[r]);
+                        for (int r = 0; r < NW; r++) {
+                            float wv[8];
+                            unpack8<T>(a[r][u], wv);
+#pragma unroll
+                            for (int i = 0; i < 8; i++) acc[r][m] = fmaf(wv[i], xv[i], acc[r][m]);
+                        }
+                    }
+                }
+            }
+        }
     }
 #pragma unroll
     for (int r = 0; r < NW; r++)
 #pragma unroll
-        for (int m = 0; m < MAX_ROWS; m++)
+        for (int m = 0; m < R; m++)
             if (m < rows) acc[r][m] = warp_sum(acc[r][m]);
 }
 
-// Up to three projections of one input (q, k, v) in one launch: output feature j of the
-// concatenation n0 | n1 | n2 picks its weight, bias (null: none) and output.
-template <typename T, bool EIGHT>
+// Which of up to three projections of one input (q, k, v) output feature j of the
+// concatenation n0 | n1 | n2 belongs to: its weight, bias (null: none), output and count, and
+// j within it; false past the last.
+template <typename T>
+__device__ __forceinline__ bool pick(uint64_t &j, const T *&w, const T *&b, T *&y, uint64_t &n,
+                                     const T *w1, const T *b1, T *y1, uint64_t n1, const T *w2,
+                                     const T *b2, T *y2, uint64_t n2) {
+    if (j >= n) {
+        j -= n;
+        w = w1, b = b1, y = y1, n = n1;
+        if (j >= n) {
+            j -= n;
+            w = w2, b = b2, y = y2, n = n2;
+            if (j >= n) return false;
+        }
+    }
+    return true;
+}
+
+// Up to three projections of one input (q, k, v) in one launch, the measured form.
+template <typename T>
 __device__ void gemv_many(const T *x, int rows, uint64_t k, const T *w0, const T *b0, T *y0,
                           uint64_t n0, const T *w1, const T *b1, T *y1, uint64_t n1,
                           const T *w2, const T *b2, T *y2, uint64_t n2) {
@@ -118,67 +153,70 @@ __device__ void gemv_many(const T *x, int rows, uint64_t k, const T *w0, const T
     const T *w = w0, *b = b0;
     T *y = y0;
     uint64_t n = n0;
-    if (j >= n0) {
-        j -= n0;
-        w = w1, b = b1, y = y1, n = n1;
-        if (j >= n1) {
-            j -= n1;
-            w = w2, b = b2, y = y2, n = n2;
-            if (j >= n2) return;
-        }
-    }
+    if (!pick<T>(j, w, b, y, n, w1, b1, y1, n1, w2, b2, y2, n2)) return;
     float acc[1][MAX_ROWS] = {};
     const T *wr[1] = {w + j * k};
-    if constexpr (EIGHT) {
-        row_dots8<T, 1>(x, wr, k, rows, acc);
-        if ((threadIdx.x & 31) == 0) {
-            float bias = b ? ld(b[j]) : 0.0f;
-#pragma unroll
-            for (int m = 0; m < MAX_ROWS; m++)
-                if (m < rows) {
-                    float v = ld(st<T>(acc[0][m]));
-                    y[m * n + j] = b ? st<T>(v + bias) : st<T>(v);
-                }
-        }
-    } else {
-        row_dots<T, 1>(x, wr, k, rows, acc);
-        if ((threadIdx.x & 31) == 0) {
-            float bias = b ? ld(b[j]) : 0.0f;
-            for (int m = 0; m < rows; m++) {
-                float v = ld(st<T>(acc[0][m]));
-                y[m * n + j] = b ? st<T>(v + bias) : st<T>(v);
-            }
+    row_dots<T, 1>(x, wr, k, rows, acc);
+    if ((threadIdx.x & 31) == 0) {
+        float bias = b ? ld(b[j]) : 0.0f;
+        for (int m = 0; m < rows; m++) {
+            float v = ld(st<T>(acc[0][m]));
+            y[m * n + j] = b ? st<T>(v + bias) : st<T>(v);
         }
     }
 }
 
-// y = res + x W^T (o_proj and down_proj onto the residual stream; `8` form).
-template <typename T>
+// The same in the lean form, R rows compiled in.
+template <typename T, int R>
+__device__ void gemv_lean(const T *x, int rows, uint64_t k, const T *w0, const T *b0, T *y0,
+                          uint64_t n0, const T *w1, const T *b1, T *y1, uint64_t n1,
+                          const T *w2, const T *b2, T *y2, uint64_t n2) {
+    uint64_t j = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) >> 5;
+    const T *w = w0, *b = b0;
+    T *y = y0;
+    uint64_t n = n0;
+    if (!pick<T>(j, w, b, y, n, w1, b1, y1, n1, w2, b2, y2, n2)) return;
+    float acc[1][R] = {};
+    const T *wr[1] = {w + j * k};
+    lean_dots<T, 1, R>(x, wr, k, rows, acc);
+    if ((threadIdx.x & 31) == 0) {
+        float bias = b ? ld(b[j]) : 0.0f;
+#pragma unroll
+        for (int m = 0; m < R; m++)
+            if (m < rows) {
+                float v = ld(st<T>(acc[0][m]));
+                y[m * n + j] = b ? st<T>(v + bias) : st<T>(v);
+            }
+    }
+}
+
+// y = res + x W^T (o_proj and down_proj onto the residual stream; lean form).
+template <typename T, int R>
 __device__ void gemv_residual(const T *x, int rows, uint64_t k, const T *w, uint64_t n,
                               const T *res, T *y) {
     uint64_t j = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) >> 5;
     if (j >= n) return;
-    float acc[1][MAX_ROWS] = {};
+    float acc[1][R] = {};
     const T *wr[1] = {w + j * k};
-    row_dots8<T, 1>(x, wr, k, rows, acc);
+    lean_dots<T, 1, R>(x, wr, k, rows, acc);
     if ((threadIdx.x & 31) == 0)
 #pragma unroll
-        for (int m = 0; m < MAX_ROWS; m++)
+        for (int m = 0; m < R; m++)
             if (m < rows) y[m * n + j] = st<T>(ld(st<T>(acc[0][m])) + ld(res[m * n + j]));
 }
 
-// y = silu(x Wg^T) * (x Wu^T): gate_proj, up_proj and SwiGLU in one pass (`8` form).
-template <typename T>
+// y = silu(x Wg^T) * (x Wu^T): gate_proj, up_proj and SwiGLU in one pass (lean form).
+template <typename T, int R>
 __device__ void gemv_swiglu(const T *x, int rows, uint64_t k, const T *wg, const T *wu,
                             uint64_t n, T *y) {
     uint64_t j = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) >> 5;
     if (j >= n) return;
-    float acc[2][MAX_ROWS] = {};
+    float acc[2][R] = {};
     const T *wr[2] = {wg + j * k, wu + j * k};
-    row_dots8<T, 2>(x, wr, k, rows, acc);
+    lean_dots<T, 2, R>(x, wr, k, rows, acc);
     if ((threadIdx.x & 31) == 0)
 #pragma unroll
-        for (int m = 0; m < MAX_ROWS; m++)
+        for (int m = 0; m < R; m++)
             if (m < rows) {
                 float g = ld(st<T>(acc[0][m])), u = ld(st<T>(acc[1][m]));
                 float silu = ld(st<T>(g / (1.0f + __expf(-g))));
@@ -186,26 +224,29 @@ __device__ void gemv_swiglu(const T *x, int rows, uint64_t k, const T *wg, const
             }
 }
 
-#define GEMV(T, SFX)                                                                            \
-    extern "C" __global__ void gemv_many_##SFX(const T *x, int rows, uint64_t k, const T *w0,   \
-                                               const T *b0, T *y0, uint64_t n0, const T *w1,    \
-                                               const T *b1, T *y1, uint64_t n1, const T *w2,    \
-                                               const T *b2, T *y2, uint64_t n2) {               \
-        gemv_many<T, false>(x, rows, k, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);        \
+#define MANY_ARGS(T)                                                                            \
+    const T *x, int rows, uint64_t k, const T *w0, const T *b0, T *y0, uint64_t n0, const T *w1, \
+        const T *b1, T *y1, uint64_t n1, const T *w2, const T *b2, T *y2, uint64_t n2
+#define LEAN(T, SFX, R)                                                                         \
+    extern "C" __global__ void gemv_lean_r##R##_##SFX(MANY_ARGS(T)) {                              \
+        gemv_lean<T, R>(x, rows, k, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);           \
     }                                                                                           \
-    extern "C" __global__ void gemv_many8_##SFX(const T *x, int rows, uint64_t k, const T *w0,  \
-                                                const T *b0, T *y0, uint64_t n0, const T *w1,   \
-                                                const T *b1, T *y1, uint64_t n1, const T *w2,   \
-                                                const T *b2, T *y2, uint64_t n2) {              \
-        gemv_many<T, true>(x, rows, k, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);         \
+    extern "C" __global__ void gemv_residual_r##R##_##SFX(const T *x, int rows, uint64_t k,     \
+                                                          const T *w, uint64_t n, const T *res, \
+                                                          T *y) {                               \
+        gemv_residual<T, R>(x, rows, k, w, n, res, y);                                          \
     }                                                                                           \
-    extern "C" __global__ void gemv_residual_##SFX(const T *x, int rows, uint64_t k, const T *w, \
-                                                   uint64_t n, const T *res, T *y) {            \
-        gemv_residual<T>(x, rows, k, w, n, res, y);                                             \
-    }                                                                                           \
-    extern "C" __global__ void gemv_swiglu_##SFX(const T *x, int rows, uint64_t k, const T *wg, \
-                                                 const T *wu, uint64_t n, T *y) {               \
-        gemv_swiglu<T>(x, rows, k, wg, wu, n, y);                                               \
+    extern "C" __global__ void gemv_swiglu_r##R##_##SFX(const T *x, int rows, uint64_t k,       \
+                                                        const T *wg, const T *wu, uint64_t n,   \
+                                                        T *y) {                                 \
+        gemv_swiglu<T, R>(x, rows, k, wg, wu, n, y);                                            \
     }
+#define GEMV(T, SFX)                                                                            \
+    extern "C" __global__ void gemv_many_##SFX(MANY_ARGS(T)) {                                     \
+        gemv_many<T>(x, rows, k, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);               \
+    }                                                                                           \
+    LEAN(T, SFX, 1)                                                                             \
+    LEAN(T, SFX, 2)                                                                             \
+    LEAN(T, SFX, 4)
 GEMV(__nv_bfloat16, bf16)
 GEMV(__half, f16)

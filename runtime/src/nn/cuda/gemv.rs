@@ -44,15 +44,31 @@ fn grid(features: usize) -> LaunchConfig {
     }
 }
 
-/// The kernels' two forms (see `gemv.cu`): q/k/v as tested and measured, and the form with
-/// eight loads in flight a lane and its accumulators in registers, which [`residual`] and
+/// The kernels' two forms (see `gemv.cu`): q/k/v as measured, and the lean form (the row count
+/// compiled in, eight loads in flight a lane in few registers), which [`residual`] and
 /// [`swiglu`] always use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Form {
-    /// `gemv_many`: measured 22.3 us for a 7B's q/k/v at one row (H100).
+    /// `gemv_many`: measured 22.3 us for a 7B's q/k/v at one row (H100), 21.2 (H200).
     Measured,
-    /// `gemv_many8`: not yet run on a GPU.
-    Eight,
+    /// `gemv_lean_rR`.
+    Lean,
+}
+
+/// The lean form's kernel of `base` for `rows` rows: the one compiled for 1, 2 or 4.
+fn lean(base: &str, rows: usize) -> Result<&'static str> {
+    Ok(match (base, rows) {
+        ("gemv_lean", 1) => "gemv_lean_r1",
+        ("gemv_lean", 2) => "gemv_lean_r2",
+        ("gemv_lean", 3 | 4) => "gemv_lean_r4",
+        ("gemv_residual", 1) => "gemv_residual_r1",
+        ("gemv_residual", 2) => "gemv_residual_r2",
+        ("gemv_residual", 3 | 4) => "gemv_residual_r4",
+        ("gemv_swiglu", 1) => "gemv_swiglu_r1",
+        ("gemv_swiglu", 2) => "gemv_swiglu_r2",
+        ("gemv_swiglu", 3 | 4) => "gemv_swiglu_r4",
+        _ => candle_core::bail!("{base}: {rows} rows (1 to {MAX_ROWS})"),
+    })
 }
 
 /// `x W_i^T + b_i` for each of up to three `(W_i, b_i)`, in one launch (`x` `[rows, k]` ->
@@ -98,7 +114,7 @@ pub fn many(x: &Tensor, ws: &[(&Tensor, Option<&Tensor>)], form: Form) -> Result
     }
     let name = match form {
         Form::Measured => "gemv_many",
-        Form::Eight => "gemv_many8",
+        Form::Lean => lean("gemv_lean", rows)?,
     };
     launch(&dev, &PTX, name, x.dtype(), grid(features), &args)?;
     Ok(outs)
@@ -124,7 +140,14 @@ pub fn residual(x: &Tensor, w: &Tensor, res: &Tensor) -> Result<Tensor> {
         Arg::from(addr(&res, "res")?.0),
         Arg::from(addr(&y, "y")?.0),
     ];
-    launch(&dev, &PTX, "gemv_residual", x.dtype(), grid(n), &args)?;
+    launch(
+        &dev,
+        &PTX,
+        lean("gemv_residual", rows)?,
+        x.dtype(),
+        grid(n),
+        &args,
+    )?;
     Ok(y)
 }
 
@@ -147,6 +170,13 @@ pub fn swiglu(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
         Arg::from(n as u64),
         Arg::from(addr(&y, "y")?.0),
     ];
-    launch(&dev, &PTX, "gemv_swiglu", x.dtype(), grid(n), &args)?;
+    launch(
+        &dev,
+        &PTX,
+        lean("gemv_swiglu", rows)?,
+        x.dtype(),
+        grid(n),
+        &args,
+    )?;
     Ok(y)
 }

@@ -273,8 +273,19 @@ fn run(dev: &CudaDevice, p: &Pass, ptrs: &[u64], lens: Option<(&Tensor, &Tensor)
     Ok(())
 }
 
+/// The last per-row lengths uploaded on this thread: queries a row, the key lengths, the device
+/// and their two tensors.
+type KeptLens = Option<(usize, Vec<u32>, candle_core::Device, Tensor, Tensor)>;
+
+thread_local! {
+    static LENS: std::cell::RefCell<KeptLens> = const { std::cell::RefCell::new(None) };
+}
+
 /// Per-row key lengths for the shim (queries are never padded: every query row is computed, so a
-/// padding row sees the real keys, as in the reference).
+/// padding row sees the real keys, as in the reference), uploaded once for every layer of a pass:
+/// the last upload is kept per thread and reused while the lengths and the device are the same
+/// (a copy from pageable host memory waits for the stream: two a call stalled the host at every
+/// layer's attention, forward and backward, of a padded batch).
 fn lens(
     mask: &AttnMask,
     b: usize,
@@ -288,10 +299,20 @@ fn lens(
         candle_core::bail!("attention mask has {} rows, the batch has {b}", r.len());
     }
     let kv: Vec<u32> = r.iter().map(|x| x.1 as u32).collect();
-    Ok(Some((
-        Tensor::from_vec(vec![s as u32; b], b, dev)?,
-        Tensor::from_vec(kv, b, dev)?,
-    )))
+    LENS.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((ks, kk, kd, q, k)) = last.as_ref()
+            && *ks == s
+            && *kk == kv
+            && kd.same_device(dev)
+        {
+            return Ok(Some((q.clone(), k.clone())));
+        }
+        let q = Tensor::from_vec(vec![s as u32; b], b, dev)?;
+        let k = Tensor::from_vec(kv.clone(), b, dev)?;
+        *last = Some((s, kv, dev.clone(), q.clone(), k.clone()));
+        Ok(Some((q, k)))
+    })
 }
 
 /// `(q, k, v, out [b, h, s, d], lse [b, h, s] f32)`: `q` `[b, heads, s, d]`, `k`, `v`
