@@ -1,6 +1,7 @@
 //! A GPU tensor's memory, as the code that hands it to CUDA sees it: the device address of its
 //! first element ([`addr`], [`first`]) and fresh uninitialised tensors ([`empty`]), for our
-//! kernels, cuBLAS, cuDNN, NCCL and peer copies.
+//! kernels, cuBLAS, cuDNN, NCCL and peer copies; and small per-call index tensors uploaded once
+//! while they stay the same ([`kept`]).
 #![allow(unsafe_code)]
 
 use candle_core::cuda_backend::cudarc::driver::DevicePtr;
@@ -10,6 +11,34 @@ use candle_core::{DType, Result, Storage, Tensor};
 
 fn wrap(storage: CudaStorage, shape: &[usize]) -> Tensor {
     Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+}
+
+/// The last upload kept in a thread's slot: what it was made from, its device, its tensors.
+pub(crate) type Kept<K> = Option<(K, candle_core::Device, Tensor, Tensor)>;
+
+/// The two tensors `upload` makes for `key` on `device`, or the ones the slot kept from the last
+/// call with the same key and device. A copy from pageable host memory waits for the stream to
+/// drain, so an upload at every layer's call would leave the GPU idle while the host queues the
+/// next kernels; the tensors are only read, and stream order keeps a replaced pair alive for the
+/// kernels already queued.
+pub(crate) fn kept<K: PartialEq + Clone>(
+    slot: &'static std::thread::LocalKey<std::cell::RefCell<Kept<K>>>,
+    key: &K,
+    device: &candle_core::Device,
+    upload: impl FnOnce() -> Result<(Tensor, Tensor)>,
+) -> Result<(Tensor, Tensor)> {
+    slot.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((k, d, a, b)) = last.as_ref()
+            && k == key
+            && d.same_device(device)
+        {
+            return Ok((a.clone(), b.clone()));
+        }
+        let (a, b) = upload()?;
+        *last = Some((key.clone(), device.clone(), a.clone(), b.clone()));
+        Ok((a, b))
+    })
 }
 
 /// The device address of a contiguous tensor's first element, and its device.

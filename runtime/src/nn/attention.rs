@@ -107,27 +107,16 @@ fn row_mask(
 }
 
 /// The key ranges as the kernels read them (starts, ends), uploaded once for every layer of a
-/// pass: the last upload is kept per thread and reused while the ranges and the device are the
-/// same (a copy from pageable host memory waits for the stream, so one a layer would stall a
-/// decode step 28 times).
+/// pass ([`crate::device::memory::kept`]: one upload a layer would stall a decode step 28 times).
 #[cfg(feature = "cuda")]
 fn uploaded_ranges(r: &[(usize, usize)], device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
-    RANGES.with(|last| {
-        let mut last = last.borrow_mut();
-        if let Some((kr, kd, s, e)) = last.as_ref()
-            && kr.as_slice() == r
-            && kd.same_device(device)
-        {
-            return Ok((s.clone(), e.clone()));
-        }
+    crate::device::memory::kept(&RANGES, &r.to_vec(), device, || {
         let starts: Vec<u32> = r.iter().map(|x| x.0 as u32).collect();
         let ends: Vec<u32> = r.iter().map(|x| x.1 as u32).collect();
-        let (s, e) = (
+        Ok((
             Tensor::from_vec(starts, r.len(), device)?,
             Tensor::from_vec(ends, r.len(), device)?,
-        );
-        *last = Some((r.to_vec(), device.clone(), s.clone(), e.clone()));
-        Ok((s, e))
+        ))
     })
 }
 
@@ -155,12 +144,10 @@ pub fn with_ranges_in<R>(
 }
 
 #[cfg(feature = "cuda")]
-type KeptRanges = Option<(Vec<(usize, usize)>, candle_core::Device, Tensor, Tensor)>;
-
-#[cfg(feature = "cuda")]
 thread_local! {
     /// The last key ranges uploaded on this thread (see [`uploaded_ranges`]).
-    static RANGES: std::cell::RefCell<KeptRanges> = const { std::cell::RefCell::new(None) };
+    static RANGES: std::cell::RefCell<crate::device::memory::Kept<Vec<(usize, usize)>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// The padded layout of `mask`'s packed rows ([`super::unpack::Unpacked::of`]), made once for

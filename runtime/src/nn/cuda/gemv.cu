@@ -125,13 +125,16 @@ __device__ __forceinline__ void lean_dots(const T *__restrict__ x, const T *cons
             if (m < rows) acc[r][m] = warp_sum(acc[r][m]);
 }
 
-// Which of up to three projections of one input (q, k, v) output feature j of the
-// concatenation n0 | n1 | n2 belongs to: its weight, bias (null: none), output and count, and
-// j within it; false past the last.
+// This warp's output feature j of the concatenation n0 | n1 | n2 of up to three projections of
+// one input (q, k, v): its weight, bias (null: none), output and count, and j within it; false
+// past the last.
 template <typename T>
 __device__ __forceinline__ bool pick(uint64_t &j, const T *&w, const T *&b, T *&y, uint64_t &n,
-                                     const T *w1, const T *b1, T *y1, uint64_t n1, const T *w2,
-                                     const T *b2, T *y2, uint64_t n2) {
+                                     const T *w0, const T *b0, T *y0, uint64_t n0, const T *w1,
+                                     const T *b1, T *y1, uint64_t n1, const T *w2, const T *b2,
+                                     T *y2, uint64_t n2) {
+    j = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) >> 5;
+    w = w0, b = b0, y = y0, n = n0;
     if (j >= n) {
         j -= n;
         w = w1, b = b1, y = y1, n = n1;
@@ -149,11 +152,10 @@ template <typename T>
 __device__ void gemv_many(const T *x, int rows, uint64_t k, const T *w0, const T *b0, T *y0,
                           uint64_t n0, const T *w1, const T *b1, T *y1, uint64_t n1,
                           const T *w2, const T *b2, T *y2, uint64_t n2) {
-    uint64_t j = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) >> 5;
-    const T *w = w0, *b = b0;
-    T *y = y0;
-    uint64_t n = n0;
-    if (!pick<T>(j, w, b, y, n, w1, b1, y1, n1, w2, b2, y2, n2)) return;
+    uint64_t j, n;
+    const T *w, *b;
+    T *y;
+    if (!pick<T>(j, w, b, y, n, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2)) return;
     float acc[1][MAX_ROWS] = {};
     const T *wr[1] = {w + j * k};
     row_dots<T, 1>(x, wr, k, rows, acc);
@@ -171,11 +173,10 @@ template <typename T, int R>
 __device__ void gemv_lean(const T *x, int rows, uint64_t k, const T *w0, const T *b0, T *y0,
                           uint64_t n0, const T *w1, const T *b1, T *y1, uint64_t n1,
                           const T *w2, const T *b2, T *y2, uint64_t n2) {
-    uint64_t j = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) >> 5;
-    const T *w = w0, *b = b0;
-    T *y = y0;
-    uint64_t n = n0;
-    if (!pick<T>(j, w, b, y, n, w1, b1, y1, n1, w2, b2, y2, n2)) return;
+    uint64_t j, n;
+    const T *w, *b;
+    T *y;
+    if (!pick<T>(j, w, b, y, n, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2)) return;
     float acc[1][R] = {};
     const T *wr[1] = {w + j * k};
     lean_dots<T, 1, R>(x, wr, k, rows, acc);

@@ -13,6 +13,7 @@ use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::{DType, Result, Tensor};
 
 use super::launch::{addr, empty};
+use crate::device::memory::{Kept, kept};
 use crate::nn::AttnMask;
 
 unsafe extern "C" {
@@ -273,19 +274,14 @@ fn run(dev: &CudaDevice, p: &Pass, ptrs: &[u64], lens: Option<(&Tensor, &Tensor)
     Ok(())
 }
 
-/// The last per-row lengths uploaded on this thread: queries a row, the key lengths, the device
-/// and their two tensors.
-type KeptLens = Option<(usize, Vec<u32>, candle_core::Device, Tensor, Tensor)>;
-
 thread_local! {
-    static LENS: std::cell::RefCell<KeptLens> = const { std::cell::RefCell::new(None) };
+    /// The last per-row lengths uploaded on this thread: (queries a row, key lengths).
+    static LENS: std::cell::RefCell<Kept<(usize, Vec<u32>)>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Per-row key lengths for the shim (queries are never padded: every query row is computed, so a
-/// padding row sees the real keys, as in the reference), uploaded once for every layer of a pass:
-/// the last upload is kept per thread and reused while the lengths and the device are the same
-/// (a copy from pageable host memory waits for the stream: two a call stalled the host at every
-/// layer's attention, forward and backward, of a padded batch).
+/// padding row sees the real keys, as in the reference), uploaded once for every layer of a pass
+/// ([`kept`]).
 fn lens(
     mask: &AttnMask,
     b: usize,
@@ -298,21 +294,14 @@ fn lens(
     if r.len() != b {
         candle_core::bail!("attention mask has {} rows, the batch has {b}", r.len());
     }
-    let kv: Vec<u32> = r.iter().map(|x| x.1 as u32).collect();
-    LENS.with(|last| {
-        let mut last = last.borrow_mut();
-        if let Some((ks, kk, kd, q, k)) = last.as_ref()
-            && *ks == s
-            && *kk == kv
-            && kd.same_device(dev)
-        {
-            return Ok(Some((q.clone(), k.clone())));
-        }
-        let q = Tensor::from_vec(vec![s as u32; b], b, dev)?;
-        let k = Tensor::from_vec(kv.clone(), b, dev)?;
-        *last = Some((s, kv, dev.clone(), q.clone(), k.clone()));
-        Ok(Some((q, k)))
+    let key = (s, r.iter().map(|x| x.1 as u32).collect::<Vec<u32>>());
+    kept(&LENS, &key, dev, || {
+        Ok((
+            Tensor::from_vec(vec![s as u32; b], b, dev)?,
+            Tensor::from_slice(&key.1, b, dev)?,
+        ))
     })
+    .map(Some)
 }
 
 /// `(q, k, v, out [b, h, s, d], lse [b, h, s] f32)`: `q` `[b, heads, s, d]`, `k`, `v`
