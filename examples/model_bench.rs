@@ -545,66 +545,68 @@ fn decode_ops() -> anyhow::Result<()> {
             (&wv, v.bias.as_ref()),
         ];
         // (group, weight elements, (how it ran, microseconds a call))
-        type Case<'a> = (&'a str, usize, Vec<(&'a str, f64)>);
+        type Case<'a> = (&'a str, usize, Vec<(String, f64)>);
+        // The lean form (one row only) split K 1, 2 and 4 ways.
+        let lean = if rows == 1 {
+            &[1usize, 2, 4][..]
+        } else {
+            &[][..]
+        };
+        let each = |f: &dyn Fn(usize) -> candle_core::Result<Tensor>| -> anyhow::Result<Vec<(String, f64)>> {
+            lean.iter()
+                .map(|&sp| Ok((format!("lean s{sp}"), time(&|| f(sp))?)))
+                .collect()
+        };
+        let with = |mut v: Vec<(String, f64)>, cublas: f64| {
+            v.push(("one by one".to_string(), cublas));
+            v
+        };
         let cases: Vec<Case> = vec![
             (
                 "q/k/v + bias",
                 (h + 2 * kv) * h,
-                vec![
-                    (
-                        "measured form",
+                with(
+                    vec![(
+                        "measured form".to_string(),
                         time(&|| Ok(gemv::many(&x, &qkv, Form::Measured)?.remove(0)))?,
-                    ),
-                    (
-                        "lean form",
-                        time(&|| Ok(gemv::many(&x, &qkv, Form::Lean)?.remove(0)))?,
-                    ),
-                    (
-                        "one by one",
-                        time(&|| {
-                            let _ = (k.forward(&x)?, v.forward(&x)?);
-                            q.forward(&x)
-                        })?,
-                    ),
-                ],
+                    )],
+                    time(&|| {
+                        let _ = (k.forward(&x)?, v.forward(&x)?);
+                        q.forward(&x)
+                    })?,
+                ),
             ),
             (
                 "o + residual",
                 h * h,
-                vec![
-                    ("lean form", time(&|| gemv::residual(&x, &wo, &res))?),
-                    ("one by one", time(&|| add_into(o.forward(&x)?, &res))?),
-                ],
+                with(
+                    each(&|sp| gemv::residual(&x, &wo, &res, sp))?,
+                    time(&|| add_into(o.forward(&x)?, &res))?,
+                ),
             ),
             (
                 "gate/up + SwiGLU",
                 2 * inter * h,
-                vec![
-                    ("lean form", time(&|| gemv::swiglu(&x, &wg, &wu))?),
-                    (
-                        "one by one",
-                        time(&|| swiglu(&gate.forward(&x)?, &up.forward(&x)?))?,
-                    ),
-                ],
+                with(
+                    each(&|sp| gemv::swiglu(&x, &wg, &wu, sp))?,
+                    time(&|| swiglu(&gate.forward(&x)?, &up.forward(&x)?))?,
+                ),
             ),
             (
                 "down + residual",
                 inter * h,
-                vec![
-                    ("lean form", time(&|| gemv::residual(&xi, &wd, &res))?),
-                    ("one by one", time(&|| add_into(down.forward(&xi)?, &res))?),
-                ],
+                with(
+                    each(&|sp| gemv::residual(&xi, &wd, &res, sp))?,
+                    time(&|| add_into(down.forward(&xi)?, &res))?,
+                ),
             ),
             (
                 "LM head",
                 vocab * h,
-                vec![
-                    (
-                        "lean form",
-                        time(&|| Ok(gemv::many(&x, &[(&wh, None)], Form::Lean)?.remove(0)))?,
-                    ),
-                    ("one by one", time(&|| head.forward(&x))?),
-                ],
+                with(
+                    each(&|sp| Ok(gemv::many(&x, &[(&wh, None)], Form::Lean(sp))?.remove(0)))?,
+                    time(&|| head.forward(&x))?,
+                ),
             ),
         ];
         for (name, elems, runs) in cases {
@@ -613,7 +615,7 @@ fn decode_ops() -> anyhow::Result<()> {
                 .into_iter()
                 .map(|(form, us)| {
                     (
-                        form.to_string(),
+                        form,
                         serde_json::json!({"us": (us * 10.0).round() / 10.0, "gb_s": gbs(us)}),
                     )
                 })

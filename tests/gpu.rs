@@ -940,7 +940,7 @@ fn eight_bit_adamw_kernel_matches_the_reference() {
 fn small_fused_kernels_match_the_reference() {
     use qscript_runtime::nn::NoGrads;
     use qscript_runtime::nn::loss::causal_lm_loss;
-    use qscript_runtime::nn::ops::{add_bias, add_into, move_rows, put_rows};
+    use qscript_runtime::nn::ops::{add_bias, add_into, move_rows, put_rows, take_rows};
     let cpu = Device::Cpu;
     let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &cpu).unwrap();
     let on = |t: &Tensor, d: DType| t.to_device(&gpu()).unwrap().to_dtype(d).unwrap();
@@ -972,6 +972,15 @@ fn small_fused_kernels_match_the_reference() {
             )
             .unwrap();
             assert!(rel(&got, &want) < 1e-7, "put_rows {dtype:?} {d}");
+            // Rows picked (with repeats) into a new tensor: index_select.
+            let pick = Tensor::new(&[2u32, 0, 2, 1], &cpu).unwrap();
+            let want = x.index_select(&pick, 0).unwrap();
+            let got = take_rows(
+                &x.to_device(&gpu()).unwrap(),
+                &pick.to_device(&gpu()).unwrap(),
+            )
+            .unwrap();
+            assert!(rel(&got, &want) < 1e-7, "take_rows {dtype:?} {d}");
             // Rows picked from `x` by `from` and added in place (a shared prompt's gradients
             // summed over its copies).
             let from = Tensor::new(&[2u32, 2, 0], &cpu).unwrap();
@@ -1390,7 +1399,17 @@ fn decode_projections_match_the_reference() {
     for dtype in [DType::BF16, DType::F16] {
         let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&gpu()).unwrap();
         let f32_of = |t: &Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
-        for &(k, rows) in &[(4096usize, 1usize), (1032, 2), (200, 3), (2056, 4), (64, 5)] {
+        // One row (the lean form, split K) with short, long and uneven rows; then 2 to 5 rows.
+        let cases = [
+            (4096usize, 1usize),
+            (20008, 1),
+            (200, 1),
+            (1032, 2),
+            (200, 3),
+            (2056, 4),
+            (64, 5),
+        ];
+        for &(k, rows) in &cases {
             let std = 1.0 / (k as f32).sqrt();
             let (n0, n1, n2) = (37usize, 19usize, 23usize);
             let x = r(&[rows, k], 1.0);
@@ -1453,7 +1472,11 @@ fn decode_projections_match_the_reference() {
                     mm(&ws[1]).broadcast_add(&f32_of(&bs[1])).unwrap(),
                     want[2].clone(),
                 ];
-                for form in [gemv::Form::Measured, gemv::Form::Lean] {
+                // The lean form at one row, split K 1, 2 and 4 ways.
+                let lean = if rows == 1 { &[1, 2, 4][..] } else { &[][..] };
+                let forms = std::iter::once(gemv::Form::Measured)
+                    .chain(lean.iter().map(|&s| gemv::Form::Lean(s)));
+                for form in forms {
                     let alone = gemv::many(&xg, &pairs, form).unwrap();
                     for (i, (g, w)) in alone.iter().zip(&base).enumerate() {
                         assert!(
@@ -1464,23 +1487,29 @@ fn decode_projections_match_the_reference() {
                 }
                 // o/down onto the residual, gate/up through SwiGLU (the lean form).
                 let res = r(&[rows, n0], 1.0);
-                let got = gemv::residual(&xg, &wsg[0], &on(&res)).unwrap();
                 let want_res = (mm(&ws[0]) + f32_of(&res)).unwrap();
-                assert!(
-                    rel(&got, &want_res) < 1e-2,
-                    "residual {dtype:?} k {k} rows {rows}: {}",
-                    rel(&got, &want_res)
-                );
                 let wu = r(&[n0, k], std);
-                let got = gemv::swiglu(&xg, &wsg[0], &on(&wu)).unwrap();
                 let g = mm(&ws[0]);
                 let silu = (&g / (g.neg().unwrap().exp().unwrap() + 1.0).unwrap()).unwrap();
                 let want_sw = (silu * mm(&wu)).unwrap();
-                assert!(
-                    rel(&got, &want_sw) < 2e-2,
-                    "swiglu {dtype:?} k {k} rows {rows}: {}",
-                    rel(&got, &want_sw)
-                );
+                for &splits in lean {
+                    let got = gemv::residual(&xg, &wsg[0], &on(&res), splits).unwrap();
+                    assert!(
+                        rel(&got, &want_res) < 1e-2,
+                        "residual {dtype:?} k {k} split {splits}: {}",
+                        rel(&got, &want_res)
+                    );
+                    let got = gemv::swiglu(&xg, &wsg[0], &on(&wu), splits).unwrap();
+                    assert!(
+                        rel(&got, &want_sw) < 2e-2,
+                        "swiglu {dtype:?} k {k} split {splits}: {}",
+                        rel(&got, &want_sw)
+                    );
+                }
+                // More than one row is the measured form's alone.
+                if rows > 1 {
+                    assert!(gemv::residual(&xg, &wsg[0], &on(&res), 1).is_err());
+                }
             }
         }
     }
@@ -1526,7 +1555,7 @@ fn decode_projections_match_the_reference() {
             );
         }
     }
-    decode::set_kernels(decode::Kernels::Qkv);
+    decode::set_kernels(decode::Kernels::All);
 }
 
 /// Decode steps recorded as CUDA graphs give the tokens of the steps run as they are: greedy

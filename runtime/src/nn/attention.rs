@@ -345,10 +345,15 @@ pub fn attention_unpacked(
     saved: Option<&mut Option<AttnSaved>>,
 ) -> Result<Tensor> {
     let s = q.dim(2)?;
+    let dev = q.device();
+    let span = crate::profile::span("attn.gather", dev);
     let (qg, kg, vg) = (u.gather(q)?, u.gather(k)?, u.gather(v)?);
+    drop(span);
     let mut inner = None;
     let want = saved.is_some();
+    let span = crate::profile::span("attn.padded", dev);
     let out = attention(&qg, &kg, &vg, &u.mask(), want.then_some(&mut inner))?;
+    drop(span);
     if let (Some(slot), Some(inner)) = (saved, inner) {
         // The padded batch's own saved tensors (the packed q, k, v are not kept a second time).
         *slot = Some(AttnSaved {
@@ -361,6 +366,7 @@ pub fn attention_unpacked(
             rows: Rows::Unpacked(Box::new(inner), u.clone(), s),
         });
     }
+    let _span = crate::profile::span("attn.scatter", dev);
     u.scatter(&out, s)
 }
 
@@ -380,7 +386,14 @@ pub fn attention_backward(saved: &AttnSaved, d_out: &Tensor) -> Result<(Tensor, 
         Rows::Softmax { max, log_sum, bias } => (max, log_sum, bias),
         Rows::Unpacked(inner, u, s) => {
             let s = *s;
-            let (dq, dk, dv) = attention_backward(inner, &u.gather_grad(d_out)?)?;
+            let dev = d_out.device();
+            let span = crate::profile::span("attn.bwd.gather", dev);
+            let d_padded = u.gather_grad(d_out)?;
+            drop(span);
+            let span = crate::profile::span("attn.bwd.padded", dev);
+            let (dq, dk, dv) = attention_backward(inner, &d_padded)?;
+            drop(span);
+            let _span = crate::profile::span("attn.bwd.scatter", dev);
             return Ok((
                 u.scatter_sum(&dq, s)?,
                 u.scatter_sum(&dk, s)?,

@@ -1,20 +1,21 @@
 //! A block's projections in decoding, grouped as a decode step runs them: q/k/v of one input
 //! ([`projections`]), a projection added to the residual stream ([`residual`]: o, down), and
-//! gate/up through SwiGLU ([`swiglu`]); and the LM head ([`product`]). Each function here is the reference op (the projections
-//! one by one, then the bias, residual or SwiGLU, as the training path computes them); on a GPU,
-//! for the few rows of a decode step, the dense weights go through one matrix-vector kernel a group
-//! instead ([`crate::nn::cuda::gemv`]) where [`kernels`] allows it. Adapters are added after the
+//! gate/up through SwiGLU ([`swiglu`]); and the LM head ([`product`]). Each function here is the
+//! reference op (the projections one by one, then the bias, residual or SwiGLU, as the training
+//! path computes them); on a GPU, for the few rows of a decode step, the dense weights go through
+//! one matrix-vector kernel a group instead ([`crate::nn::cuda::gemv`]) where [`kernels`] allows it. Adapters are added after the
 //! base product (q/k/v, o, down) or keep the group on the reference path (gate/up: SwiGLU
 //! follows their sum). No dropout, no saved state: inference only.
 //!
-//! Measured (H100, `model_bench decode-ops`, Qwen2.5-7B's shapes): q/k/v 22.3 us as one kernel
-//! against 51.9 us one by one at one row, 56.0 against 70.8 at four. Two first forms of the o/down
-//! and gate/up kernels were slower than cuBLAS: accumulators in local memory (H100: 21.0 against
-//! 13.7 us, 86.1 against 55.6, 136.3 against 110.4), then in registers but 137 of them a thread
-//! for gate/up (H200: 249.3 against 79.2 us, down 73.5 against 41.7, the LM head 435.8 against
-//! 259.3; only o beat cuBLAS, 19.2 against 25.4). Their lean form (the row count compiled in) is
-//! what [`Kernels::All`] runs, q/k/v included; it is taken only when asked for
-//! (`QSCRIPT_DECODE_GEMV=all`, or [`set_kernels`]) until it is measured.
+//! Measured (H100, `model_bench decode-ops`, Qwen2.5-7B's shapes): q/k/v 22.2 us as one kernel
+//! against 57-87 us one by one at one row, 55 against 70-78 at four. At one row (a sequence
+//! decoding alone, the latency that matters most) the lean form of the other groups beat cuBLAS:
+//! o + residual 17.2 against 21.6 us, gate/up + SwiGLU 93.1 against 106.6, the LM head 348 against
+//! 360; down (18,944 values a row) 62.3 against 55.1, hence its split K. At four rows the lean
+//! form was 1.5-3x slower than cuBLAS, so with more rows those groups go to cuBLAS. One client
+//! serving a 7B: 146.2 tokens/s with these kernels and CUDA graphs, 144.6 with q/k/v alone and
+//! graphs, 135.9 with neither (H100). [`Kernels::All`] is the default; `QSCRIPT_DECODE_GEMV=qkv`
+//! keeps the other groups on cuBLAS.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -26,9 +27,9 @@ use super::ops::{add_into, swiglu as swiglu_op};
 /// Which of a decode step's projection groups go through the matrix-vector kernels on a GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernels {
-    /// q/k/v only, in the kernel's measured form; o, down and gate/up on cuBLAS.
+    /// q/k/v only; o, down, gate/up and the LM head on cuBLAS (`QSCRIPT_DECODE_GEMV=qkv`).
     Qkv,
-    /// Every group, in the kernels' lean form (`QSCRIPT_DECODE_GEMV=all`).
+    /// q/k/v, and at one row every other group in the lean form (the default).
     All,
 }
 
@@ -36,15 +37,15 @@ pub enum Kernels {
 static KERNELS: AtomicU8 = AtomicU8::new(0);
 
 /// What decoding runs ([`Kernels`]): set by [`set_kernels`], else `QSCRIPT_DECODE_GEMV`
-/// (`all`; anything else or nothing: [`Kernels::Qkv`]).
+/// (`qkv`; anything else or nothing: [`Kernels::All`]).
 pub fn kernels() -> Kernels {
     match KERNELS.load(Ordering::Relaxed) {
         1 => Kernels::Qkv,
         2 => Kernels::All,
         _ => {
             let k = match std::env::var("QSCRIPT_DECODE_GEMV").as_deref() {
-                Ok("all") => Kernels::All,
-                _ => Kernels::Qkv,
+                Ok("qkv") => Kernels::Qkv,
+                _ => Kernels::All,
             };
             set_kernels(k);
             k
@@ -71,6 +72,15 @@ fn dense<'a>(x: &Tensor, linears: &[&'a Linear]) -> Option<Vec<&'a Tensor>> {
     super::cuda::gemv::applies(x, &ws).then_some(ws)
 }
 
+/// The dense weights of `linears` where the lean form takes them: [`Kernels::All`], one row.
+#[cfg(feature = "cuda")]
+fn lean<'a>(x: &Tensor, linears: &[&'a Linear]) -> Option<Vec<&'a Tensor>> {
+    if kernels() != Kernels::All || x.dim(0).ok() != Some(1) {
+        return None;
+    }
+    dense(x, linears)
+}
+
 /// `y` (a kernel's base product of `x`) with `l`'s adapter added, where it has one.
 #[cfg(feature = "cuda")]
 fn with_adapter(l: &Linear, y: Tensor, x: &Tensor) -> Result<Tensor> {
@@ -93,11 +103,7 @@ pub fn projections(x: &Tensor, linears: &[&Linear]) -> Result<Vec<Tensor>> {
             .zip(linears)
             .map(|(w, l)| (*w, l.bias.as_ref()))
             .collect();
-        let form = match kernels() {
-            Kernels::Qkv => Form::Measured,
-            Kernels::All => Form::Lean,
-        };
-        let ys = many(x, &pairs, form)?;
+        let ys = many(x, &pairs, Form::Measured)?;
         return ys
             .into_iter()
             .zip(linears)
@@ -110,11 +116,10 @@ pub fn projections(x: &Tensor, linears: &[&Linear]) -> Result<Vec<Tensor>> {
 /// `l(x)` alone (`x` `[rows, in]`): the LM head of a decode step.
 pub fn product(x: &Tensor, l: &Linear) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if kernels() == Kernels::All
-        && let Some(ws) = dense(x, &[l])
-    {
-        use super::cuda::gemv::{Form, many};
-        let y = many(x, &[(ws[0], l.bias.as_ref())], Form::Lean)?.remove(0);
+    if let Some(ws) = lean(x, &[l]) {
+        use super::cuda::gemv::{Form, many, splits};
+        let form = Form::Lean(splits(ws[0].dim(1)?));
+        let y = many(x, &[(ws[0], l.bias.as_ref())], form)?.remove(0);
         return with_adapter(l, y, x);
     }
     l.forward(x)
@@ -124,11 +129,11 @@ pub fn product(x: &Tensor, l: &Linear) -> Result<Tensor> {
 /// stream.
 pub fn residual(x: &Tensor, l: &Linear, res: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if kernels() == Kernels::All
-        && l.bias.is_none()
-        && let Some(ws) = dense(x, &[l])
+    if l.bias.is_none()
+        && let Some(ws) = lean(x, &[l])
     {
-        let y = super::cuda::gemv::residual(x, ws[0], res)?;
+        use super::cuda::gemv::{residual, splits};
+        let y = residual(x, ws[0], res, splits(ws[0].dim(1)?))?;
         return with_adapter(l, y, x);
     }
     add_into(l.forward(x)?, res)
@@ -137,13 +142,13 @@ pub fn residual(x: &Tensor, l: &Linear, res: &Tensor) -> Result<Tensor> {
 /// `silu(gate(x)) * up(x)` (`x` `[rows, in]` -> `[rows, intermediate]`).
 pub fn swiglu(x: &Tensor, gate: &Linear, up: &Linear) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if kernels() == Kernels::All
-        && [gate, up]
-            .iter()
-            .all(|l| l.lora.is_none() && l.bias.is_none())
-        && let Some(ws) = dense(x, &[gate, up])
+    if [gate, up]
+        .iter()
+        .all(|l| l.lora.is_none() && l.bias.is_none())
+        && let Some(ws) = lean(x, &[gate, up])
     {
-        return super::cuda::gemv::swiglu(x, ws[0], ws[1]);
+        use super::cuda::gemv::{splits, swiglu};
+        return swiglu(x, ws[0], ws[1], splits(ws[0].dim(1)?));
     }
     swiglu_op(&gate.forward(x)?, &up.forward(x)?)
 }
@@ -176,7 +181,7 @@ mod tests {
             let want = (candle_nn_silu(&g) * up.forward(&x).unwrap()).unwrap();
             assert!(same(&swiglu(&x, &gate, &up).unwrap(), &want) < 1e-5);
         }
-        set_kernels(Kernels::Qkv);
+        set_kernels(Kernels::All);
     }
 
     fn candle_nn_silu(x: &Tensor) -> Tensor {

@@ -452,7 +452,7 @@ impl Engine {
             let rows: Vec<u32> = group.iter().map(|s| (s.slot - lo) as u32).collect();
             Tensor::from_slice(&rows, rows.len(), d.device())
         };
-        // Recorded as a CUDA graph where it may be (`QSCRIPT_DECODE_GRAPH=1`).
+        // Recorded as a CUDA graph where it may be (off with `QSCRIPT_DECODE_GRAPH=0`).
         #[cfg(feature = "cuda")]
         if let Some(logits) = super::graph::step(served, &model, &mut self.slots, lo, &live, &ids)?
         {

@@ -4,13 +4,12 @@
 // the weight read once in 16-byte loads, accumulated in f32. The epilogues round as the reference
 // ops' separate kernels do: the product to T, then the bias, the residual or SwiGLU.
 //
-// Two forms. `gemv_many` is the q/k/v kernel as measured on the GPU (2026-12-07): four loads in
-// flight a lane with a serial tail, and an epilogue whose loop over a runtime row count indexes
-// the accumulators dynamically (local memory). The lean form (`gemv_lean_rR`,
-// `gemv_residual_rR`, `gemv_swiglu_rR`, R rows compiled in) keeps eight loads in flight a lane
-// in few registers; `nn::decode` takes it only when told to (`QSCRIPT_DECODE_GEMV=all`) until it
-// is measured. Its first version (a runtime row count up to 8 in registers, 137 a thread for
-// gate/up) was correct and 1.1-3.1x slower than cuBLAS on every group but o (H200).
+// Two forms. `gemv_many` is the q/k/v kernel (measured 2026-12-07: 22.2 us for a 7B's q/k/v at
+// one row, H100): four loads in flight a lane with a serial tail, and an epilogue whose loop over
+// a runtime row count indexes the accumulators dynamically (local memory); it takes up to four
+// rows. The lean form (`gemv_lean_sS`, `gemv_residual_sS`, `gemv_swiglu_sS`) is for one row, S
+// warps a feature: o + residual 17.2 us against cuBLAS's 21.6, gate/up + SwiGLU 93.1 against
+// 106.6, the LM head 348 against 360, down 62.3 against 55.1 before the split (H100).
 #include "common.cuh"
 
 #define MAX_ROWS 8
@@ -74,66 +73,92 @@ __device__ __forceinline__ void row_dots(const T *__restrict__ x, const T *const
             if (m < rows) acc[r][m] = warp_sum(acc[r][m]);
 }
 
-// The lean form: the row count R compiled in (the launcher picks 1, 2 or 4 for at most that
-// many rows), eight 16-byte weight loads in flight a lane over the NW weight rows, issued
-// before any is used and predicated on the row's end (zeros past it: no serial tail), each
-// chunk of x read once for the NW rows. Every array is indexed by constants (registers), and
-// few of them: 1 block of 8 warps an SM was all the first `8` form's 137 registers a thread
-// left room for (2.7x slower than cuBLAS for gate/up, H200).
-template <typename T, int NW, int R>
-__device__ __forceinline__ void lean_dots(const T *__restrict__ x, const T *const *w, uint64_t k,
-                                          int rows, float (*acc)[R]) {
+// The lean form, for one row (a decode step of one sequence): eight 16-byte weight loads in
+// flight a lane over the NW weight rows, issued before any is used and predicated on the range's
+// end (zeros past it: no serial tail), each chunk of x read once for the NW rows; every array
+// indexed by constants (registers). S warps share a feature's row (split K: S consecutive warps of
+// a block, each a 1/S share of the chunks): a long row (down_proj's 18,944 values) is then read by
+// more warps at once, in more, shorter pieces. The first form (a runtime row count up to 8, 137
+// registers a thread) left one block of 8 warps an SM (2.7x slower than cuBLAS for gate/up, H200);
+// at four rows this form was 1.5-3x slower than cuBLAS (H100), so it is taken for one row only.
+template <typename T, int NW>
+__device__ __forceinline__ void lean_dots(const T *__restrict__ x, const T *const *w, int c_begin,
+                                          int c_end, float *acc) {
     constexpr int U = 8 / NW;
     const int lane = threadIdx.x & 31;
-    const int chunks = (int)(k / 8);
-    for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+    for (int c0 = c_begin + lane; c0 < c_end; c0 += 32 * U) {
         uint4 a[NW][U];
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int c = c0 + 32 * u;
 #pragma unroll
             for (int r = 0; r < NW; r++)
-                a[r][u] = c < chunks ? __ldcs(reinterpret_cast<const uint4 *>(w[r]) + c)
-                                     : make_uint4(0, 0, 0, 0);
+                a[r][u] = c < c_end ? __ldcs(reinterpret_cast<const uint4 *>(w[r]) + c)
+                                    : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int c = c0 + 32 * u;
-            if (c < chunks) {
+            if (c < c_end) {
+                float xv[8];
+                unpack8<T>(*reinterpret_cast<const uint4 *>(x + (uint64_t)c * 8), xv);
 #pragma unroll
-                for (int m = 0; m < R; m++) {
-                    if (m < rows) {
-                        float xv[8];
-                        unpack8<T>(*reinterpret_cast<const uint4 *>(x + m * k + (uint64_t)c * 8),
-                                   xv);
+                for (int r = 0; r < NW; r++) {
+                    float wv[8];
+                    unpack8<T>(a[r][u], wv);
 #pragma unroll
-                        for (int r = 0; r < NW; r++) {
-                            float wv[8];
-                            unpack8<T>(a[r][u], wv);
-#pragma unroll
-                            for (int i = 0; i < 8; i++) acc[r][m] = fmaf(wv[i], xv[i], acc[r][m]);
-                        }
-                    }
+                    for (int i = 0; i < 8; i++) acc[r] = fmaf(wv[i], xv[i], acc[r]);
                 }
             }
         }
     }
 #pragma unroll
-    for (int r = 0; r < NW; r++)
-#pragma unroll
-        for (int m = 0; m < R; m++)
-            if (m < rows) acc[r][m] = warp_sum(acc[r][m]);
+    for (int r = 0; r < NW; r++) acc[r] = warp_sum(acc[r]);
 }
 
-// This warp's output feature j of the concatenation n0 | n1 | n2 of up to three projections of
-// one input (q, k, v): its weight, bias (null: none), output and count, and j within it; false
-// past the last.
+// This warp's feature (of `features`) and its share of the k / 8 chunks under S-way split K.
+template <int S>
+struct Share {
+    uint64_t j;
+    int c_begin, c_end;
+    bool live;
+    __device__ __forceinline__ Share(uint64_t k, uint64_t features) {
+        const uint64_t warp = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) >> 5;
+        j = warp / S;
+        const int chunks = (int)(k / 8), per = (chunks + S - 1) / S, p = (int)(warp % S);
+        c_begin = min(chunks, p * per);
+        c_end = min(chunks, c_begin + per);
+        live = j < features;
+    }
+};
+
+// The S partial dot products of each feature summed into its first warp's `acc` (every warp of
+// the block calls this: it synchronizes the block). True for the lane that writes the feature.
+template <int NW, int S>
+__device__ __forceinline__ bool join(float *acc) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if constexpr (S > 1) {
+        __shared__ float part[8][NW];
+        if (lane == 0)
+#pragma unroll
+            for (int r = 0; r < NW; r++) part[warp][r] = acc[r];
+        __syncthreads();
+        if (lane == 0 && warp % S == 0)
+#pragma unroll
+            for (int s = 1; s < S; s++)
+#pragma unroll
+                for (int r = 0; r < NW; r++) acc[r] += part[warp + s][r];
+    }
+    return lane == 0 && warp % S == 0;
+}
+
+// Feature j of the concatenation n0 | n1 | n2 of up to three projections of one input (q, k, v):
+// its weight, bias (null: none), output and count, and j within it; false past the last.
 template <typename T>
 __device__ __forceinline__ bool pick(uint64_t &j, const T *&w, const T *&b, T *&y, uint64_t &n,
                                      const T *w0, const T *b0, T *y0, uint64_t n0, const T *w1,
                                      const T *b1, T *y1, uint64_t n1, const T *w2, const T *b2,
                                      T *y2, uint64_t n2) {
-    j = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) >> 5;
     w = w0, b = b0, y = y0, n = n0;
     if (j >= n) {
         j -= n;
@@ -152,7 +177,7 @@ template <typename T>
 __device__ void gemv_many(const T *x, int rows, uint64_t k, const T *w0, const T *b0, T *y0,
                           uint64_t n0, const T *w1, const T *b1, T *y1, uint64_t n1,
                           const T *w2, const T *b2, T *y2, uint64_t n2) {
-    uint64_t j, n;
+    uint64_t j = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) >> 5, n;
     const T *w, *b;
     T *y;
     if (!pick<T>(j, w, b, y, n, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2)) return;
@@ -168,79 +193,69 @@ __device__ void gemv_many(const T *x, int rows, uint64_t k, const T *w0, const T
     }
 }
 
-// The same in the lean form, R rows compiled in.
-template <typename T, int R>
-__device__ void gemv_lean(const T *x, int rows, uint64_t k, const T *w0, const T *b0, T *y0,
-                          uint64_t n0, const T *w1, const T *b1, T *y1, uint64_t n1,
-                          const T *w2, const T *b2, T *y2, uint64_t n2) {
-    uint64_t j, n;
-    const T *w, *b;
-    T *y;
-    if (!pick<T>(j, w, b, y, n, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2)) return;
-    float acc[1][R] = {};
-    const T *wr[1] = {w + j * k};
-    lean_dots<T, 1, R>(x, wr, k, rows, acc);
-    if ((threadIdx.x & 31) == 0) {
-        float bias = b ? ld(b[j]) : 0.0f;
-#pragma unroll
-        for (int m = 0; m < R; m++)
-            if (m < rows) {
-                float v = ld(st<T>(acc[0][m]));
-                y[m * n + j] = b ? st<T>(v + bias) : st<T>(v);
-            }
+// The lean form's products, one row of x: up to three projections with their biases (the LM
+// head: one, no bias), S warps a feature.
+template <typename T, int S>
+__device__ void gemv_lean(const T *x, uint64_t k, const T *w0, const T *b0, T *y0, uint64_t n0,
+                          const T *w1, const T *b1, T *y1, uint64_t n1, const T *w2, const T *b2,
+                          T *y2, uint64_t n2) {
+    Share<S> sh(k, n0 + n1 + n2);
+    uint64_t j = sh.j, n = 0;
+    const T *w = nullptr, *b = nullptr;
+    T *y = nullptr;
+    float acc[1] = {};
+    if (sh.live && pick<T>(j, w, b, y, n, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2)) {
+        const T *wr[1] = {w + j * k};
+        lean_dots<T, 1>(x, wr, sh.c_begin, sh.c_end, acc);
+    }
+    if (join<1, S>(acc) && sh.live) {
+        float v = ld(st<T>(acc[0]));
+        y[j] = b ? st<T>(v + ld(b[j])) : st<T>(v);
     }
 }
 
-// y = res + x W^T (o_proj and down_proj onto the residual stream; lean form).
-template <typename T, int R>
-__device__ void gemv_residual(const T *x, int rows, uint64_t k, const T *w, uint64_t n,
-                              const T *res, T *y) {
-    uint64_t j = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) >> 5;
-    if (j >= n) return;
-    float acc[1][R] = {};
-    const T *wr[1] = {w + j * k};
-    lean_dots<T, 1, R>(x, wr, k, rows, acc);
-    if ((threadIdx.x & 31) == 0)
-#pragma unroll
-        for (int m = 0; m < R; m++)
-            if (m < rows) y[m * n + j] = st<T>(ld(st<T>(acc[0][m])) + ld(res[m * n + j]));
+// y = res + x W^T (o_proj and down_proj onto the residual stream).
+template <typename T, int S>
+__device__ void gemv_residual(const T *x, uint64_t k, const T *w, uint64_t n, const T *res, T *y) {
+    Share<S> sh(k, n);
+    float acc[1] = {};
+    if (sh.live) {
+        const T *wr[1] = {w + sh.j * k};
+        lean_dots<T, 1>(x, wr, sh.c_begin, sh.c_end, acc);
+    }
+    if (join<1, S>(acc) && sh.live) y[sh.j] = st<T>(ld(st<T>(acc[0])) + ld(res[sh.j]));
 }
 
-// y = silu(x Wg^T) * (x Wu^T): gate_proj, up_proj and SwiGLU in one pass (lean form).
-template <typename T, int R>
-__device__ void gemv_swiglu(const T *x, int rows, uint64_t k, const T *wg, const T *wu,
-                            uint64_t n, T *y) {
-    uint64_t j = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) >> 5;
-    if (j >= n) return;
-    float acc[2][R] = {};
-    const T *wr[2] = {wg + j * k, wu + j * k};
-    lean_dots<T, 2, R>(x, wr, k, rows, acc);
-    if ((threadIdx.x & 31) == 0)
-#pragma unroll
-        for (int m = 0; m < R; m++)
-            if (m < rows) {
-                float g = ld(st<T>(acc[0][m])), u = ld(st<T>(acc[1][m]));
-                float silu = ld(st<T>(g / (1.0f + __expf(-g))));
-                y[m * n + j] = st<T>(silu * u);
-            }
+// y = silu(x Wg^T) * (x Wu^T): gate_proj, up_proj and SwiGLU in one pass.
+template <typename T, int S>
+__device__ void gemv_swiglu(const T *x, uint64_t k, const T *wg, const T *wu, uint64_t n, T *y) {
+    Share<S> sh(k, n);
+    float acc[2] = {};
+    if (sh.live) {
+        const T *wr[2] = {wg + sh.j * k, wu + sh.j * k};
+        lean_dots<T, 2>(x, wr, sh.c_begin, sh.c_end, acc);
+    }
+    if (join<2, S>(acc) && sh.live) {
+        float g = ld(st<T>(acc[0])), u = ld(st<T>(acc[1]));
+        float silu = ld(st<T>(g / (1.0f + __expf(-g))));
+        y[sh.j] = st<T>(silu * u);
+    }
 }
 
 #define MANY_ARGS(T)                                                                            \
     const T *x, int rows, uint64_t k, const T *w0, const T *b0, T *y0, uint64_t n0, const T *w1, \
         const T *b1, T *y1, uint64_t n1, const T *w2, const T *b2, T *y2, uint64_t n2
-#define LEAN(T, SFX, R)                                                                         \
-    extern "C" __global__ void gemv_lean_r##R##_##SFX(MANY_ARGS(T)) {                              \
-        gemv_lean<T, R>(x, rows, k, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);           \
+#define LEAN(T, SFX, S)                                                                         \
+    extern "C" __global__ void gemv_lean_s##S##_##SFX(MANY_ARGS(T)) {                              \
+        gemv_lean<T, S>(x, k, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);                 \
     }                                                                                           \
-    extern "C" __global__ void gemv_residual_r##R##_##SFX(const T *x, int rows, uint64_t k,     \
-                                                          const T *w, uint64_t n, const T *res, \
-                                                          T *y) {                               \
-        gemv_residual<T, R>(x, rows, k, w, n, res, y);                                          \
+    extern "C" __global__ void gemv_residual_s##S##_##SFX(const T *x, uint64_t k, const T *w,   \
+                                                          uint64_t n, const T *res, T *y) {     \
+        gemv_residual<T, S>(x, k, w, n, res, y);                                                \
     }                                                                                           \
-    extern "C" __global__ void gemv_swiglu_r##R##_##SFX(const T *x, int rows, uint64_t k,       \
-                                                        const T *wg, const T *wu, uint64_t n,   \
-                                                        T *y) {                                 \
-        gemv_swiglu<T, R>(x, rows, k, wg, wu, n, y);                                            \
+    extern "C" __global__ void gemv_swiglu_s##S##_##SFX(const T *x, uint64_t k, const T *wg,    \
+                                                        const T *wu, uint64_t n, T *y) {        \
+        gemv_swiglu<T, S>(x, k, wg, wu, n, y);                                                  \
     }
 #define GEMV(T, SFX)                                                                            \
     extern "C" __global__ void gemv_many_##SFX(MANY_ARGS(T)) {                                     \

@@ -35,39 +35,51 @@ pub fn applies(x: &Tensor, weights: &[&Tensor]) -> bool {
             .all(|w| w.dtype() == x.dtype() && w.dims2().is_ok_and(|(_, wk)| wk == k) && aligned(w))
 }
 
-/// One warp an output feature, 8 warps a block.
-fn grid(features: usize) -> LaunchConfig {
+/// `splits` warps an output feature, 8 warps a block.
+fn grid(features: usize, splits: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (features.div_ceil(8).max(1) as u32, 1, 1),
+        grid_dim: ((features * splits).div_ceil(8).max(1) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
 }
 
-/// The kernels' two forms (see `gemv.cu`): q/k/v as measured, and the lean form (the row count
-/// compiled in, eight loads in flight a lane in few registers), which [`residual`] and
-/// [`swiglu`] always use.
+/// The kernels' two forms (see `gemv.cu`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Form {
-    /// `gemv_many`: measured 22.3 us for a 7B's q/k/v at one row (H100), 21.2 (H200).
+    /// `gemv_many`, up to [`MAX_ROWS`] rows: q/k/v (22.2 us for a 7B's at one row, H100).
     Measured,
-    /// `gemv_lean_rR`.
-    Lean,
+    /// `gemv_lean_sS`: one row, `S` warps a feature (1, 2 or 4: split K).
+    Lean(usize),
 }
 
-/// The lean form's kernel of `base` for `rows` rows: the one compiled for 1, 2 or 4.
-fn lean(base: &str, rows: usize) -> Result<&'static str> {
-    Ok(match (base, rows) {
-        ("gemv_lean", 1) => "gemv_lean_r1",
-        ("gemv_lean", 2) => "gemv_lean_r2",
-        ("gemv_lean", 3 | 4) => "gemv_lean_r4",
-        ("gemv_residual", 1) => "gemv_residual_r1",
-        ("gemv_residual", 2) => "gemv_residual_r2",
-        ("gemv_residual", 3 | 4) => "gemv_residual_r4",
-        ("gemv_swiglu", 1) => "gemv_swiglu_r1",
-        ("gemv_swiglu", 2) => "gemv_swiglu_r2",
-        ("gemv_swiglu", 3 | 4) => "gemv_swiglu_r4",
-        _ => candle_core::bail!("{base}: {rows} rows (1 to {MAX_ROWS})"),
+/// How many warps share a feature's weight row of `k` values in the lean form: rows of more
+/// than 8,192 values (down_proj's) are split in four, so each warp reads at most a few thousand
+/// values and the launch has more, shorter pieces of work.
+pub fn splits(k: usize) -> usize {
+    match k {
+        0..=8192 => 1,
+        _ => 4,
+    }
+}
+
+/// The lean kernel of `base` split `splits` ways, for `x` `[rows, k]`: one row only.
+fn lean(base: &str, x: &Tensor, splits: usize) -> Result<&'static str> {
+    let rows = x.dim(0)?;
+    if rows != 1 {
+        candle_core::bail!("{base}: the lean form takes one row, not {rows}");
+    }
+    Ok(match (base, splits) {
+        ("gemv_lean", 1) => "gemv_lean_s1",
+        ("gemv_lean", 2) => "gemv_lean_s2",
+        ("gemv_lean", 4) => "gemv_lean_s4",
+        ("gemv_residual", 1) => "gemv_residual_s1",
+        ("gemv_residual", 2) => "gemv_residual_s2",
+        ("gemv_residual", 4) => "gemv_residual_s4",
+        ("gemv_swiglu", 1) => "gemv_swiglu_s1",
+        ("gemv_swiglu", 2) => "gemv_swiglu_s2",
+        ("gemv_swiglu", 4) => "gemv_swiglu_s4",
+        _ => candle_core::bail!("{base}: split {splits} ways (1, 2 or 4)"),
     })
 }
 
@@ -112,17 +124,17 @@ pub fn many(x: &Tensor, ws: &[(&Tensor, Option<&Tensor>)], form: Form) -> Result
     for _ in ws.len()..3 {
         args.extend([Arg::U64(0), Arg::U64(0), Arg::U64(0), Arg::U64(0)]);
     }
-    let name = match form {
-        Form::Measured => "gemv_many",
-        Form::Lean => lean("gemv_lean", rows)?,
+    let (name, splits) = match form {
+        Form::Measured => ("gemv_many", 1),
+        Form::Lean(s) => (lean("gemv_lean", x, s)?, s),
     };
-    launch(&dev, &PTX, name, x.dtype(), grid(features), &args)?;
+    launch(&dev, &PTX, name, x.dtype(), grid(features, splits), &args)?;
     Ok(outs)
 }
 
-/// `res + x W^T` (`x` `[rows, k]`, `W` `[n, k]`, `res` `[rows, n]`). The caller checked
-/// [`applies`].
-pub fn residual(x: &Tensor, w: &Tensor, res: &Tensor) -> Result<Tensor> {
+/// `res + x W^T` (`x` `[1, k]`, `W` `[n, k]`, `res` `[1, n]`), `splits` warps a feature. The
+/// caller checked [`applies`].
+pub fn residual(x: &Tensor, w: &Tensor, res: &Tensor, splits: usize) -> Result<Tensor> {
     let (rows, k) = x.dims2()?;
     let n = w.dims2()?.0;
     if res.dims() != [rows, n] || res.dtype() != x.dtype() {
@@ -133,7 +145,6 @@ pub fn residual(x: &Tensor, w: &Tensor, res: &Tensor) -> Result<Tensor> {
     let y = empty(&dev, &[rows, n], x.dtype())?;
     let args = [
         Arg::from(px),
-        Arg::I32(rows as i32),
         Arg::from(k as u64),
         Arg::from(addr(w, "weight")?.0),
         Arg::from(n as u64),
@@ -143,17 +154,17 @@ pub fn residual(x: &Tensor, w: &Tensor, res: &Tensor) -> Result<Tensor> {
     launch(
         &dev,
         &PTX,
-        lean("gemv_residual", rows)?,
+        lean("gemv_residual", x, splits)?,
         x.dtype(),
-        grid(n),
+        grid(n, splits),
         &args,
     )?;
     Ok(y)
 }
 
-/// `silu(x Wg^T) * (x Wu^T)` (`x` `[rows, k]`, `Wg` and `Wu` `[n, k]` -> `[rows, n]`). The caller
-/// checked [`applies`].
-pub fn swiglu(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
+/// `silu(x Wg^T) * (x Wu^T)` (`x` `[1, k]`, `Wg` and `Wu` `[n, k]` -> `[1, n]`), `splits` warps a
+/// feature. The caller checked [`applies`].
+pub fn swiglu(x: &Tensor, wg: &Tensor, wu: &Tensor, splits: usize) -> Result<Tensor> {
     let (rows, k) = x.dims2()?;
     let n = wg.dims2()?.0;
     if wu.dims2()?.0 != n {
@@ -163,7 +174,6 @@ pub fn swiglu(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
     let y = empty(&dev, &[rows, n], x.dtype())?;
     let args = [
         Arg::from(px),
-        Arg::I32(rows as i32),
         Arg::from(k as u64),
         Arg::from(addr(wg, "gate")?.0),
         Arg::from(addr(wu, "up")?.0),
@@ -173,9 +183,9 @@ pub fn swiglu(x: &Tensor, wg: &Tensor, wu: &Tensor) -> Result<Tensor> {
     launch(
         &dev,
         &PTX,
-        lean("gemv_swiglu", rows)?,
+        lean("gemv_swiglu", x, splits)?,
         x.dtype(),
-        grid(n),
+        grid(n, splits),
         &args,
     )?;
     Ok(y)
