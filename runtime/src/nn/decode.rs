@@ -14,8 +14,9 @@
 //! 360; down (18,944 values a row) 62.3 against 55.1, hence its split K. At four rows the lean
 //! form was 1.5-3x slower than cuBLAS, so with more rows those groups go to cuBLAS. One client
 //! serving a 7B: 146.2 tokens/s with these kernels and CUDA graphs, 144.6 with q/k/v alone and
-//! graphs, 135.9 with neither (H100). [`Kernels::All`] is the default; `QSCRIPT_DECODE_GEMV=qkv`
-//! keeps the other groups on cuBLAS.
+//! graphs, 135.9 with neither (H100). Split K for down (its rows of 18,944 values) is built and
+//! not yet run on a GPU, so [`Kernels::Qkv`] stays the default until it is; `QSCRIPT_DECODE_GEMV=all`
+//! takes the lean form.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -27,9 +28,9 @@ use super::ops::{add_into, swiglu as swiglu_op};
 /// Which of a decode step's projection groups go through the matrix-vector kernels on a GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernels {
-    /// q/k/v only; o, down, gate/up and the LM head on cuBLAS (`QSCRIPT_DECODE_GEMV=qkv`).
+    /// q/k/v only; o, down, gate/up and the LM head on cuBLAS (the default).
     Qkv,
-    /// q/k/v, and at one row every other group in the lean form (the default).
+    /// q/k/v, and at one row every other group in the lean form (`QSCRIPT_DECODE_GEMV=all`).
     All,
 }
 
@@ -37,15 +38,15 @@ pub enum Kernels {
 static KERNELS: AtomicU8 = AtomicU8::new(0);
 
 /// What decoding runs ([`Kernels`]): set by [`set_kernels`], else `QSCRIPT_DECODE_GEMV`
-/// (`qkv`; anything else or nothing: [`Kernels::All`]).
+/// (`all`; anything else or nothing: [`Kernels::Qkv`]).
 pub fn kernels() -> Kernels {
     match KERNELS.load(Ordering::Relaxed) {
         1 => Kernels::Qkv,
         2 => Kernels::All,
         _ => {
             let k = match std::env::var("QSCRIPT_DECODE_GEMV").as_deref() {
-                Ok("qkv") => Kernels::Qkv,
-                _ => Kernels::All,
+                Ok("all") => Kernels::All,
+                _ => Kernels::Qkv,
             };
             set_kernels(k);
             k
@@ -181,7 +182,7 @@ mod tests {
             let want = (candle_nn_silu(&g) * up.forward(&x).unwrap()).unwrap();
             assert!(same(&swiglu(&x, &gate, &up).unwrap(), &want) < 1e-5);
         }
-        set_kernels(Kernels::All);
+        set_kernels(Kernels::Qkv);
     }
 
     fn candle_nn_silu(x: &Tensor) -> Tensor {
