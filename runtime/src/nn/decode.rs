@@ -15,8 +15,8 @@
 //! form was 1.5-3x slower than cuBLAS, so with more rows those groups go to cuBLAS. One client
 //! serving a 7B: 146.2 tokens/s with these kernels and CUDA graphs, 144.6 with q/k/v alone and
 //! graphs, 135.9 with neither (H100). Split K for down (its rows of 18,944 values) is built and
-//! not yet run on a GPU, so [`Kernels::Qkv`] stays the default until it is; `QSCRIPT_DECODE_GEMV=all`
-//! takes the lean form.
+//! not yet run on a GPU, so [`Kernels::Qkv`] stays the default until it is;
+//! `QSCRIPT_DECODE_GEMV=all` takes the lean form.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
