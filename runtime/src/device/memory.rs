@@ -17,26 +17,30 @@ fn wrap(storage: CudaStorage, shape: &[usize]) -> Tensor {
 pub(crate) type Kept<K> = Option<(K, candle_core::Device, Tensor, Tensor)>;
 
 /// The two tensors `upload` makes for `key` on `device`, or the ones the slot kept from the last
-/// call with the same key and device. A copy from pageable host memory waits for the stream to
+/// call with an equal key (compared borrowed: a hit copies nothing) and the same device. A copy from pageable host memory waits for the stream to
 /// drain, so an upload at every layer's call would leave the GPU idle while the host queues the
 /// next kernels; the tensors are only read, and stream order keeps a replaced pair alive for the
 /// kernels already queued.
-pub(crate) fn kept<K: PartialEq + Clone>(
+pub(crate) fn kept<K, Q>(
     slot: &'static std::thread::LocalKey<std::cell::RefCell<Kept<K>>>,
-    key: &K,
+    key: &Q,
     device: &candle_core::Device,
     upload: impl FnOnce() -> Result<(Tensor, Tensor)>,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor)>
+where
+    Q: PartialEq + ToOwned<Owned = K> + ?Sized,
+    K: std::borrow::Borrow<Q>,
+{
     slot.with(|last| {
         let mut last = last.borrow_mut();
         if let Some((k, d, a, b)) = last.as_ref()
-            && k == key
+            && k.borrow() == key
             && d.same_device(device)
         {
             return Ok((a.clone(), b.clone()));
         }
         let (a, b) = upload()?;
-        *last = Some((key.clone(), device.clone(), a.clone(), b.clone()));
+        *last = Some((key.to_owned(), device.clone(), a.clone(), b.clone()));
         Ok((a, b))
     })
 }

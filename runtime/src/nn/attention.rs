@@ -110,7 +110,7 @@ fn row_mask(
 /// pass ([`crate::device::memory::kept`]: one upload a layer would stall a decode step 28 times).
 #[cfg(feature = "cuda")]
 fn uploaded_ranges(r: &[(usize, usize)], device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
-    crate::device::memory::kept(&RANGES, &r.to_vec(), device, || {
+    crate::device::memory::kept(&RANGES, r, device, || {
         let starts: Vec<u32> = r.iter().map(|x| x.0 as u32).collect();
         let ends: Vec<u32> = r.iter().map(|x| x.1 as u32).collect();
         Ok((

@@ -3,9 +3,9 @@
 //! gate/up through SwiGLU ([`swiglu`]); and the LM head ([`product`]). Each function here is the
 //! reference op (the projections one by one, then the bias, residual or SwiGLU, as the training
 //! path computes them); on a GPU, for the few rows of a decode step, the dense weights go through
-//! one matrix-vector kernel a group instead ([`crate::nn::cuda::gemv`]) where [`kernels`] allows it. Adapters are added after the
-//! base product (q/k/v, o, down) or keep the group on the reference path (gate/up: SwiGLU
-//! follows their sum). No dropout, no saved state: inference only.
+//! one matrix-vector kernel a group instead ([`crate::nn::cuda::gemv`]) where [`kernels`] allows
+//! it. Adapters are added after the base product (q/k/v, o, down) or keep the group on the
+//! reference path (gate/up: SwiGLU follows their sum). No dropout, no saved state: inference only.
 //!
 //! Measured (H100, `model_bench decode-ops`, Qwen2.5-7B's shapes): q/k/v 22.2 us as one kernel
 //! against 57-87 us one by one at one row, 55 against 70-78 at four. At one row (a sequence
@@ -73,13 +73,17 @@ fn dense<'a>(x: &Tensor, linears: &[&'a Linear]) -> Option<Vec<&'a Tensor>> {
     super::cuda::gemv::applies(x, &ws).then_some(ws)
 }
 
-/// The dense weights of `linears` where the lean form takes them: [`Kernels::All`], one row.
+/// The dense weights of `linears` where the lean form takes them ([`Kernels::All`], one row),
+/// and the warps a feature for `x`'s row length.
 #[cfg(feature = "cuda")]
-fn lean<'a>(x: &Tensor, linears: &[&'a Linear]) -> Option<Vec<&'a Tensor>> {
-    if kernels() != Kernels::All || x.dim(0).ok() != Some(1) {
+fn lean<'a>(x: &Tensor, linears: &[&'a Linear]) -> Option<(Vec<&'a Tensor>, usize)> {
+    let (1, k) = x.dims2().ok()? else {
+        return None;
+    };
+    if kernels() != Kernels::All {
         return None;
     }
-    dense(x, linears)
+    Some((dense(x, linears)?, super::cuda::gemv::splits(k)))
 }
 
 /// `y` (a kernel's base product of `x`) with `l`'s adapter added, where it has one.
@@ -117,10 +121,9 @@ pub fn projections(x: &Tensor, linears: &[&Linear]) -> Result<Vec<Tensor>> {
 /// `l(x)` alone (`x` `[rows, in]`): the LM head of a decode step.
 pub fn product(x: &Tensor, l: &Linear) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if let Some(ws) = lean(x, &[l]) {
-        use super::cuda::gemv::{Form, many, splits};
-        let form = Form::Lean(splits(ws[0].dim(1)?));
-        let y = many(x, &[(ws[0], l.bias.as_ref())], form)?.remove(0);
+    if let Some((ws, splits)) = lean(x, &[l]) {
+        use super::cuda::gemv::{Form, many};
+        let y = many(x, &[(ws[0], l.bias.as_ref())], Form::Lean(splits))?.remove(0);
         return with_adapter(l, y, x);
     }
     l.forward(x)
@@ -131,10 +134,9 @@ pub fn product(x: &Tensor, l: &Linear) -> Result<Tensor> {
 pub fn residual(x: &Tensor, l: &Linear, res: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if l.bias.is_none()
-        && let Some(ws) = lean(x, &[l])
+        && let Some((ws, splits)) = lean(x, &[l])
     {
-        use super::cuda::gemv::{residual, splits};
-        let y = residual(x, ws[0], res, splits(ws[0].dim(1)?))?;
+        let y = super::cuda::gemv::residual(x, ws[0], res, splits)?;
         return with_adapter(l, y, x);
     }
     add_into(l.forward(x)?, res)
@@ -146,10 +148,9 @@ pub fn swiglu(x: &Tensor, gate: &Linear, up: &Linear) -> Result<Tensor> {
     if [gate, up]
         .iter()
         .all(|l| l.lora.is_none() && l.bias.is_none())
-        && let Some(ws) = lean(x, &[gate, up])
+        && let Some((ws, splits)) = lean(x, &[gate, up])
     {
-        use super::cuda::gemv::{splits, swiglu};
-        return swiglu(x, ws[0], ws[1], splits(ws[0].dim(1)?));
+        return super::cuda::gemv::swiglu(x, ws[0], ws[1], splits);
     }
     swiglu_op(&gate.forward(x)?, &up.forward(x)?)
 }
