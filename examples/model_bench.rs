@@ -482,8 +482,8 @@ fn train(dir: &Path, args: &[String]) -> anyhow::Result<()> {
 /// Decoding's projection groups (`nn::decode`: q/k/v with their biases, o and down onto the
 /// residual, gate/up through SwiGLU) on Qwen2.5-7B's shapes in bf16 on the GPU, timed as the
 /// matrix-vector kernels run them (each form) and one by one (cuBLAS, then the epilogue's
-/// kernel): microseconds a call and the weights' bytes a second; then a block's four groups as
-/// `nn::decode` takes them under each `Kernels` setting.
+/// kernel): microseconds a call and the weights' bytes a second; then a block (its norms and four groups) as
+/// `nn::decode` takes it under each `Kernels` setting.
 #[cfg(not(feature = "cuda"))]
 fn decode_ops() -> anyhow::Result<()> {
     anyhow::bail!("decode-ops times CUDA kernels: build with --features cuda")
@@ -492,8 +492,8 @@ fn decode_ops() -> anyhow::Result<()> {
 /// See the CPU build's `decode_ops`.
 #[cfg(feature = "cuda")]
 fn decode_ops() -> anyhow::Result<()> {
-    use qscript_runtime::nn::cuda::gemv::{self, Form};
-    use qscript_runtime::nn::ops::{add_into, swiglu};
+    use qscript_runtime::nn::cuda::gemv::{self, Form, Lean, Norm};
+    use qscript_runtime::nn::ops::{add_into, rms_norm, swiglu};
     use qscript_runtime::nn::{Linear, decode};
     let dev = qscript_runtime::device::cuda(0)?;
     let (h, kv, inter) = (3584usize, 512usize, 18944usize);
@@ -546,30 +546,71 @@ fn decode_ops() -> anyhow::Result<()> {
         ];
         // (group, weight elements, (how it ran, microseconds a call))
         type Case<'a> = (&'a str, usize, Vec<(String, f64)>);
-        // The lean form (one row only) split K 1, 2 and 4 ways.
-        let lean = if rows == 1 {
-            &[1usize, 2, 4][..]
+        // The lean form (one row only): split K 1, 2 and 4 ways, one or two features a warp.
+        let shapes: Vec<Lean> = if rows == 1 {
+            [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2)]
+                .iter()
+                .map(|&(splits, features)| Lean { splits, features })
+                .collect()
         } else {
-            &[][..]
+            Vec::new()
         };
-        let each = |f: &dyn Fn(usize) -> candle_core::Result<Tensor>| -> anyhow::Result<Vec<(String, f64)>> {
-            lean.iter()
-                .map(|&sp| Ok((format!("lean s{sp}"), time(&|| f(sp))?)))
+        let each = |f: &dyn Fn(Lean) -> candle_core::Result<Tensor>,
+                    pairs: bool|
+         -> anyhow::Result<Vec<(String, f64)>> {
+            shapes
+                .iter()
+                .filter(|sh| pairs || sh.features == 1)
+                .map(|&sh| {
+                    Ok((
+                        format!("lean s{} f{}", sh.splits, sh.features),
+                        time(&|| f(sh))?,
+                    ))
+                })
                 .collect()
         };
         let with = |mut v: Vec<(String, f64)>, cublas: f64| {
             v.push(("one by one".to_string(), cublas));
             v
         };
+        let gn = Tensor::randn(0f32, 1.0, h, &dev)?.to_dtype(DType::BF16)?;
+        let norm = Some(Norm {
+            weight: &gn,
+            eps: 1e-6,
+        });
+        let mut qkv_runs = vec![(
+            "measured form".to_string(),
+            time(&|| Ok(gemv::many(&x, &qkv, Form::Measured, None)?.remove(0)))?,
+        )];
+        qkv_runs.extend(each(
+            &|sh| Ok(gemv::many(&x, &qkv, Form::Lean(sh), None)?.remove(0)),
+            true,
+        )?);
+        qkv_runs.extend(
+            each(
+                &|sh| Ok(gemv::many(&x, &qkv, Form::Lean(sh), norm)?.remove(0)),
+                true,
+            )?
+            .into_iter()
+            .map(|(n, us)| (format!("{n} + norm"), us)),
+        );
+        let mut gu_runs = each(&|sh| gemv::swiglu(&x, &wg, &wu, sh.splits, None), false)?;
+        gu_runs.extend(
+            each(&|sh| gemv::swiglu(&x, &wg, &wu, sh.splits, norm), false)?
+                .into_iter()
+                .map(|(n, us)| (format!("{n} + norm"), us)),
+        );
         let cases: Vec<Case> = vec![
+            (
+                "rms_norm",
+                h,
+                vec![("kernel".to_string(), time(&|| rms_norm(&x, &gn, 1e-6))?)],
+            ),
             (
                 "q/k/v + bias",
                 (h + 2 * kv) * h,
                 with(
-                    vec![(
-                        "measured form".to_string(),
-                        time(&|| Ok(gemv::many(&x, &qkv, Form::Measured)?.remove(0)))?,
-                    )],
+                    qkv_runs,
                     time(&|| {
                         let _ = (k.forward(&x)?, v.forward(&x)?);
                         q.forward(&x)
@@ -580,7 +621,7 @@ fn decode_ops() -> anyhow::Result<()> {
                 "o + residual",
                 h * h,
                 with(
-                    each(&|sp| gemv::residual(&x, &wo, &res, sp))?,
+                    each(&|sh| gemv::residual(&x, &wo, &res, sh), true)?,
                     time(&|| add_into(o.forward(&x)?, &res))?,
                 ),
             ),
@@ -588,7 +629,7 @@ fn decode_ops() -> anyhow::Result<()> {
                 "gate/up + SwiGLU",
                 2 * inter * h,
                 with(
-                    each(&|sp| gemv::swiglu(&x, &wg, &wu, sp))?,
+                    gu_runs,
                     time(&|| swiglu(&gate.forward(&x)?, &up.forward(&x)?))?,
                 ),
             ),
@@ -596,7 +637,7 @@ fn decode_ops() -> anyhow::Result<()> {
                 "down + residual",
                 inter * h,
                 with(
-                    each(&|sp| gemv::residual(&xi, &wd, &res, sp))?,
+                    each(&|sh| gemv::residual(&xi, &wd, &res, sh), true)?,
                     time(&|| add_into(down.forward(&xi)?, &res))?,
                 ),
             ),
@@ -604,7 +645,10 @@ fn decode_ops() -> anyhow::Result<()> {
                 "LM head",
                 vocab * h,
                 with(
-                    each(&|sp| Ok(gemv::many(&x, &[(&wh, None)], Form::Lean(sp))?.remove(0)))?,
+                    each(
+                        &|sh| Ok(gemv::many(&x, &[(&wh, None)], Form::Lean(sh), None)?.remove(0)),
+                        true,
+                    )?,
                     time(&|| head.forward(&x))?,
                 ),
             ),
@@ -626,21 +670,30 @@ fn decode_ops() -> anyhow::Result<()> {
             );
         }
     }
-    // What `nn::decode` takes for a block's groups under each setting.
-    for setting in [decode::Kernels::Qkv, decode::Kernels::All] {
+    // What `nn::decode` takes for a block (its two norms and its projections) under each setting.
+    let settings = [
+        ("qkv", decode::Kernels::QKV),
+        ("all", decode::Kernels::ALL),
+        ("all,pairs", decode::Kernels::parse("all,pairs")),
+        ("all,norm", decode::Kernels::parse("all,norm")),
+        ("fused", decode::Kernels::FUSED),
+    ];
+    let g_in = Tensor::randn(0f32, 1.0, h, &dev)?.to_dtype(DType::BF16)?;
+    let g_post = Tensor::randn(0f32, 1.0, h, &dev)?.to_dtype(DType::BF16)?;
+    for (name, setting) in settings {
         decode::set_kernels(setting);
         let x = Tensor::randn(0f32, 1.0, (1, h), &dev)?.to_dtype(DType::BF16)?;
-        let res = x.clone();
         let us = time(&|| {
-            let _ = decode::projections(&x, &[&q, &k, &v])?;
-            let mid = decode::residual(&x, &o, &res)?;
-            let act = decode::swiglu(&mid, &gate, &up)?;
+            let _ = decode::normed_projections(&x, &g_in, 1e-6, &[&q, &k, &v])?;
+            let mid = decode::residual(&x, &o, &x)?;
+            let act = decode::swiglu(&mid, Some((&g_post, 1e-6)), &gate, &up)?;
             decode::residual(&act, &down, &mid)
         })?;
         println!(
             "{}",
-            serde_json::json!({"op": "a block's projections", "kernels": format!("{setting:?}"), "us": (us * 10.0).round() / 10.0})
+            serde_json::json!({"op": "a block", "kernels": name, "us": (us * 10.0).round() / 10.0})
         );
     }
+    decode::set_kernels(decode::Kernels::QKV);
     Ok(())
 }

@@ -1402,7 +1402,8 @@ fn decode_projections_match_the_reference() {
         ];
         for &(k, rows) in &cases {
             let std = 1.0 / (k as f32).sqrt();
-            let (n0, n1, n2) = (37usize, 19usize, 23usize);
+            // Even counts (two features a warp take them), none a multiple of 8 warps a block.
+            let (n0, n1, n2) = (38usize, 20usize, 26usize);
             let x = r(&[rows, k], 1.0);
             let ws = [r(&[n0, k], std), r(&[n1, k], std), r(&[n2, k], std)];
             let bs = [r(&[n0], 0.5), r(&[n1], 0.5)];
@@ -1463,12 +1464,19 @@ fn decode_projections_match_the_reference() {
                     mm(&ws[1]).broadcast_add(&f32_of(&bs[1])).unwrap(),
                     want[2].clone(),
                 ];
-                // The lean form at one row, split K 1, 2 and 4 ways.
-                let lean = if rows == 1 { &[1, 2, 4][..] } else { &[][..] };
+                // The lean form at one row: split K 1, 2 and 4 ways, one or two features a warp.
+                let shapes: Vec<gemv::Lean> = if rows == 1 {
+                    [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2)]
+                        .iter()
+                        .map(|&(splits, features)| gemv::Lean { splits, features })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 let forms = std::iter::once(gemv::Form::Measured)
-                    .chain(lean.iter().map(|&s| gemv::Form::Lean(s)));
+                    .chain(shapes.iter().map(|&s| gemv::Form::Lean(s)));
                 for form in forms {
-                    let alone = gemv::many(&xg, &pairs, form).unwrap();
+                    let alone = gemv::many(&xg, &pairs, form, None).unwrap();
                     for (i, (g, w)) in alone.iter().zip(&base).enumerate() {
                         assert!(
                             rel(g, w) < 1e-2,
@@ -1483,23 +1491,56 @@ fn decode_projections_match_the_reference() {
                 let g = mm(&ws[0]);
                 let silu = (&g / (g.neg().unwrap().exp().unwrap() + 1.0).unwrap()).unwrap();
                 let want_sw = (silu * mm(&wu)).unwrap();
-                for &splits in lean {
-                    let got = gemv::residual(&xg, &wsg[0], &on(&res), splits).unwrap();
+                // A norm folded into the product: exactly the norm's kernel, then the product.
+                let gn = on(&r(&[k], 1.0));
+                let norm = Some(gemv::Norm {
+                    weight: &gn,
+                    eps: 1e-6,
+                });
+                let hn = qscript_runtime::nn::ops::rms_norm(&xg, &gn, 1e-6).unwrap();
+                let exact = |a: &Tensor, b: &Tensor| {
+                    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap();
+                    d.to_scalar::<f32>().unwrap() == 0.0
+                };
+                for &sh in &shapes {
+                    let what = format!("{dtype:?} k {k} {sh:?}");
+                    let got = gemv::residual(&xg, &wsg[0], &on(&res), sh).unwrap();
+                    let e = rel(&got, &want_res);
+                    assert!(e < 1e-2, "residual {what}: {e}");
+                    let folded = gemv::many(&xg, &pairs, gemv::Form::Lean(sh), norm).unwrap();
+                    let apart = gemv::many(&hn, &pairs, gemv::Form::Lean(sh), None).unwrap();
+                    for (i, (a, b)) in folded.iter().zip(&apart).enumerate() {
+                        assert!(exact(a, b), "norm folded into projection {i} {what}");
+                    }
+                    if sh.features == 1 {
+                        let got = gemv::swiglu(&xg, &wsg[0], &on(&wu), sh.splits, None).unwrap();
+                        let e = rel(&got, &want_sw);
+                        assert!(e < 2e-2, "swiglu {what}: {e}");
+                        let folded = gemv::swiglu(&xg, &wsg[0], &on(&wu), sh.splits, norm).unwrap();
+                        let apart = gemv::swiglu(&hn, &wsg[0], &on(&wu), sh.splits, None).unwrap();
+                        assert!(exact(&folded, &apart), "norm folded into swiglu {what}");
+                    }
+                }
+                // Two features a warp need an even count.
+                if rows == 1 {
+                    let odd = on(&r(&[37, k], std));
+                    let pair = gemv::Lean {
+                        splits: 1,
+                        features: 2,
+                    };
                     assert!(
-                        rel(&got, &want_res) < 1e-2,
-                        "residual {dtype:?} k {k} split {splits}: {}",
-                        rel(&got, &want_res)
-                    );
-                    let got = gemv::swiglu(&xg, &wsg[0], &on(&wu), splits).unwrap();
-                    assert!(
-                        rel(&got, &want_sw) < 2e-2,
-                        "swiglu {dtype:?} k {k} split {splits}: {}",
-                        rel(&got, &want_sw)
+                        gemv::many(&xg, &[(&odd, None)], gemv::Form::Lean(pair), None).is_err()
                     );
                 }
                 // More than one row is the measured form's alone.
                 if rows > 1 {
-                    assert!(gemv::residual(&xg, &wsg[0], &on(&res), 1).is_err());
+                    let one = gemv::Lean::ONE;
+                    assert!(gemv::residual(&xg, &wsg[0], &on(&res), one).is_err());
                 }
             }
         }
@@ -1525,8 +1566,15 @@ fn decode_projections_match_the_reference() {
             None,
         )
         .unwrap();
-    // Under both settings: q/k/v alone through the kernel, and every group through one.
-    for setting in [decode::Kernels::Qkv, decode::Kernels::All] {
+    // Under each setting: q/k/v alone through the kernel, every group through one, q/k/v two
+    // features a warp, and everything (two features a warp, the norms folded).
+    let settings = [
+        decode::Kernels::QKV,
+        decode::Kernels::ALL,
+        decode::Kernels::parse("pairs"),
+        decode::Kernels::FUSED,
+    ];
+    for setting in settings {
         decode::set_kernels(setting);
         let mut cache = qscript_runtime::model::KvCache::new(m.config().num_hidden_layers);
         for (t, &id) in ids.iter().enumerate() {
@@ -1546,7 +1594,7 @@ fn decode_projections_match_the_reference() {
             );
         }
     }
-    decode::set_kernels(decode::Kernels::Qkv);
+    decode::set_kernels(decode::Kernels::QKV);
 }
 
 /// Decode steps recorded as CUDA graphs give the tokens of the steps run as they are: greedy
@@ -1602,10 +1650,11 @@ fn decode_graphs_give_the_eager_tokens() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     };
-    // cuBLAS and the q/k/v kernel (the default), then every group through the kernels.
+    // cuBLAS and the q/k/v kernel (the default), every group through the kernels, and with two
+    // features a warp and the norms folded.
     use qscript_runtime::nn::decode::{Kernels, kernels, set_kernels};
     let was = kernels();
-    for k in [Kernels::Qkv, Kernels::All] {
+    for k in [Kernels::QKV, Kernels::ALL, Kernels::FUSED] {
         set_kernels(k);
         let eager = run(false);
         let before = graph::replays();

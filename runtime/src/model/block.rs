@@ -347,11 +347,12 @@ impl Block {
         // `nn::decode` runs them (on a GPU, one kernel a group for a decode step's few rows).
         let infer = cache.is_some() && saved.is_none() && step.train_seed.is_none();
         let hidden = x.dim(2)?;
-        let h = rms_norm(x, &self.input_norm, self.eps)?;
         let heads = |t: Tensor, n: usize| t.reshape((b, s, n, hd));
         let (q, k, v) = if infer {
-            let h2 = h.reshape((b * s, hidden))?;
-            let mut qkv = decode::projections(&h2, &[&a.q, &a.k, &a.v])?.into_iter();
+            let x2 = x.reshape((b * s, hidden))?;
+            let mut qkv =
+                decode::normed_projections(&x2, &self.input_norm, self.eps, &[&a.q, &a.k, &a.v])?
+                    .into_iter();
             let mut next = |n: usize| match qkv.next() {
                 Some(t) => heads(t, n),
                 None => Err(candle_core::Error::Msg(
@@ -360,6 +361,7 @@ impl Block {
             };
             (next(a.heads)?, next(a.kv_heads)?, next(a.kv_heads)?)
         } else {
+            let h = rms_norm(x, &self.input_norm, self.eps)?;
             let q = heads(self.linear(Proj::Q, &h, step, layer, &mut saved)?, a.heads)?;
             let k = heads(
                 self.linear(Proj::K, &h, step, layer, &mut saved)?,
@@ -425,14 +427,15 @@ impl Block {
             }
             return Ok(y);
         }
-        let h2 = rms_norm(&mid, &self.post_norm, self.eps)?;
         if infer {
             let m = &self.mlp;
-            let act = decode::swiglu(&h2.reshape((rows, hidden))?, &m.gate, &m.up)?;
+            let norm = Some((&self.post_norm, self.eps));
+            let act = decode::swiglu(&mid.reshape((rows, hidden))?, norm, &m.gate, &m.up)?;
             let y = decode::residual(&act, &m.down, &mid.reshape((rows, hidden))?)?;
             drop(span);
             return Ok(Some(y.reshape((b, s, hidden))?));
         }
+        let h2 = rms_norm(&mid, &self.post_norm, self.eps)?;
         let gate = self.linear(Proj::Gate, &h2, step, layer, &mut saved)?;
         let up = self.linear(Proj::Up, &h2, step, layer, &mut saved)?;
         let act = swiglu(&gate, &up)?;

@@ -184,16 +184,21 @@ impl Decoder {
 
     /// Final norm and LM head: hidden states -> logits.
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.normed(x)?;
         let mut dims = x.dims().to_vec();
         let hidden = dims.pop().unwrap_or(1);
         let rows = dims.iter().product::<usize>();
+        let head = Linear::new(self.head_weight().clone(), None);
         // A decode step's few rows as `nn::decode` runs a product (a matrix-vector kernel on a
-        // GPU where it may), anything longer as the linear layer does.
-        let y = crate::nn::decode::product(
-            &x.reshape((rows, hidden))?,
-            &Linear::new(self.head_weight().clone(), None),
-        )?;
+        // GPU where it may, the norm inside it where both are on one device), anything longer
+        // as the linear layer does.
+        let y = if self.norm.device().same_device(head.weight.device()) {
+            let x = crate::device::to(x, self.norm.device())?;
+            let norm = Some((&self.norm, self.cfg.rms_norm_eps));
+            crate::nn::decode::product(&x.reshape((rows, hidden))?, norm, &head)?
+        } else {
+            let x = self.normed(x)?;
+            crate::nn::decode::product(&x.reshape((rows, hidden))?, None, &head)?
+        };
         dims.push(y.dim(1)?);
         y.reshape(dims)
     }

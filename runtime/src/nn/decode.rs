@@ -14,53 +14,102 @@
 //! 360; down (18,944 values a row) 62.3 against 55.1, hence its split K. At four rows the lean
 //! form was 1.5-3x slower than cuBLAS, so with more rows those groups go to cuBLAS. One client
 //! serving a 7B: 146.2 tokens/s with these kernels and CUDA graphs, 144.6 with q/k/v alone and
-//! graphs, 135.9 with neither (H100). Split K for down (its rows of 18,944 values) is built and
-//! not yet run on a GPU, so [`Kernels::Qkv`] stays the default until it is;
-//! `QSCRIPT_DECODE_GEMV=all` takes the lean form.
+//! graphs, 135.9 with neither (H100).
+//!
+//! Built and not yet run on a GPU, so off by default ([`Kernels::QKV`]) until they are measured:
+//! split K (down), two features a warp (q/k/v in one wave), and the block's norms and the final
+//! norm folded into the products that read them ([`normed_projections`], [`swiglu`] and
+//! [`product`] given the norm). `QSCRIPT_DECODE_GEMV` picks ([`Kernels::parse`]).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::{Result, Tensor};
 
 use super::Linear;
-use super::ops::{add_into, swiglu as swiglu_op};
+use super::ops::{add_into, rms_norm, swiglu as swiglu_op};
 
-/// Which of a decode step's projection groups go through the matrix-vector kernels on a GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernels {
-    /// q/k/v only; o, down, gate/up and the LM head on cuBLAS (the default).
-    Qkv,
-    /// q/k/v, and at one row every other group in the lean form (`QSCRIPT_DECODE_GEMV=all`).
-    All,
+/// Which of a decode step's projection groups go through the matrix-vector kernels on a GPU, and
+/// how. q/k/v always do (at up to four rows); the rest is for one row (a sequence decoding alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Kernels {
+    /// o, down, gate/up and the LM head in the lean form at one row (else cuBLAS).
+    pub lean: bool,
+    /// The lean form two features a warp for q/k/v (then lean too) and o: launches of a few
+    /// thousand features in one wave of the GPU instead of two.
+    pub pairs: bool,
+    /// The block's two RMSNorms folded into the lean products that read them (q/k/v, gate/up):
+    /// two launches a block fewer.
+    pub fold_norms: bool,
 }
 
-/// 0: not read yet; 1: [`Kernels::Qkv`]; 2: [`Kernels::All`].
+impl Kernels {
+    /// q/k/v only (the default).
+    pub const QKV: Kernels = Kernels {
+        lean: false,
+        pairs: false,
+        fold_norms: false,
+    };
+    /// Every group at one row, one feature a warp, the norms on their own.
+    pub const ALL: Kernels = Kernels {
+        lean: true,
+        pairs: false,
+        fold_norms: false,
+    };
+    /// Every kernel there is: the lean form, two features a warp, the norms folded.
+    pub const FUSED: Kernels = Kernels {
+        lean: true,
+        pairs: true,
+        fold_norms: true,
+    };
+
+    /// From `QSCRIPT_DECODE_GEMV`'s words (comma-separated): `all` or `lean`, `pairs`, `norm`;
+    /// `fused` for all three; `qkv` or anything else alone: [`Kernels::QKV`].
+    pub fn parse(words: &str) -> Kernels {
+        let mut k = Kernels::QKV;
+        for w in words.split(',').map(str::trim) {
+            match w {
+                "all" | "lean" => k.lean = true,
+                "pairs" => k.pairs = true,
+                "norm" => k.fold_norms = true,
+                "fused" => k = Kernels::FUSED,
+                _ => {}
+            }
+        }
+        k
+    }
+
+    fn bits(self) -> u8 {
+        1 | u8::from(self.lean) << 1 | u8::from(self.pairs) << 2 | u8::from(self.fold_norms) << 3
+    }
+
+    fn from_bits(b: u8) -> Kernels {
+        Kernels {
+            lean: b & 2 != 0,
+            pairs: b & 4 != 0,
+            fold_norms: b & 8 != 0,
+        }
+    }
+}
+
+/// [`Kernels::bits`]; 0: not read yet.
 static KERNELS: AtomicU8 = AtomicU8::new(0);
 
 /// What decoding runs ([`Kernels`]): set by [`set_kernels`], else `QSCRIPT_DECODE_GEMV`
-/// (`all`; anything else or nothing: [`Kernels::Qkv`]).
+/// ([`Kernels::parse`]; nothing: [`Kernels::QKV`]).
 pub fn kernels() -> Kernels {
     match KERNELS.load(Ordering::Relaxed) {
-        1 => Kernels::Qkv,
-        2 => Kernels::All,
-        _ => {
-            let k = match std::env::var("QSCRIPT_DECODE_GEMV").as_deref() {
-                Ok("all") => Kernels::All,
-                _ => Kernels::Qkv,
-            };
+        0 => {
+            let k = Kernels::parse(&std::env::var("QSCRIPT_DECODE_GEMV").unwrap_or_default());
             set_kernels(k);
             k
         }
+        b => Kernels::from_bits(b),
     }
 }
 
 /// Chooses what decoding runs from now on, for the whole process (benchmarks, GPU tests).
 pub fn set_kernels(k: Kernels) {
-    let v = match k {
-        Kernels::Qkv => 1,
-        Kernels::All => 2,
-    };
-    KERNELS.store(v, Ordering::Relaxed);
+    KERNELS.store(k.bits(), Ordering::Relaxed);
 }
 
 /// The dense weights of `linears` where the decode kernels take them for `x` (`[rows, in]`).
@@ -73,17 +122,34 @@ fn dense<'a>(x: &Tensor, linears: &[&'a Linear]) -> Option<Vec<&'a Tensor>> {
     super::cuda::gemv::applies(x, &ws).then_some(ws)
 }
 
-/// The dense weights of `linears` where the lean form takes them ([`Kernels::All`], one row),
-/// and the warps a feature for `x`'s row length.
+/// The dense weights of `linears` where the lean form takes them (one row, and `wanted`), and its
+/// shape of work for `x`'s row length: split K for long rows, two features a warp where
+/// [`Kernels::pairs`] asks for it (`pairs`: the group takes them) and every output's features
+/// pair up.
 #[cfg(feature = "cuda")]
-fn lean<'a>(x: &Tensor, linears: &[&'a Linear]) -> Option<(Vec<&'a Tensor>, usize)> {
+fn lean<'a>(
+    x: &Tensor,
+    linears: &[&'a Linear],
+    wanted: bool,
+    pairs: bool,
+) -> Option<(Vec<&'a Tensor>, super::cuda::gemv::Lean)> {
     let (1, k) = x.dims2().ok()? else {
         return None;
     };
-    if kernels() != Kernels::All {
+    if !wanted {
         return None;
     }
-    Some((dense(x, linears)?, super::cuda::gemv::splits(k)))
+    let ws = dense(x, linears)?;
+    let even = ws.iter().all(|w| w.dims2().is_ok_and(|(n, _)| n % 2 == 0));
+    let shape = super::cuda::gemv::Lean {
+        splits: super::cuda::gemv::splits(k),
+        features: if pairs && kernels().pairs && even {
+            2
+        } else {
+            1
+        },
+    };
+    Some((ws, shape))
 }
 
 /// `y` (a kernel's base product of `x`) with `l`'s adapter added, where it has one.
@@ -108,7 +174,12 @@ pub fn projections(x: &Tensor, linears: &[&Linear]) -> Result<Vec<Tensor>> {
             .zip(linears)
             .map(|(w, l)| (*w, l.bias.as_ref()))
             .collect();
-        let ys = many(x, &pairs, Form::Measured)?;
+        // The lean form at one row where it runs two features a warp (q/k/v in one wave).
+        let form = match lean(x, linears, kernels().pairs, true) {
+            Some((_, shape)) if shape.features == 2 => Form::Lean(shape),
+            _ => Form::Measured,
+        };
+        let ys = many(x, &pairs, form, None)?;
         return ys
             .into_iter()
             .zip(linears)
@@ -118,15 +189,62 @@ pub fn projections(x: &Tensor, linears: &[&Linear]) -> Result<Vec<Tensor>> {
     linears.iter().map(|l| l.forward(x)).collect()
 }
 
-/// `l(x)` alone (`x` `[rows, in]`): the LM head of a decode step.
-pub fn product(x: &Tensor, l: &Linear) -> Result<Tensor> {
+/// [`projections`] of `rms_norm(x, norm, eps)` (the block's input norm, then q/k/v): on a GPU at
+/// one row with [`Kernels::fold_norms`] and no adapters, the norm runs inside the product's kernel.
+pub fn normed_projections(
+    x: &Tensor,
+    norm: &Tensor,
+    eps: f64,
+    linears: &[&Linear],
+) -> Result<Vec<Tensor>> {
     #[cfg(feature = "cuda")]
-    if let Some((ws, splits)) = lean(x, &[l]) {
-        use super::cuda::gemv::{Form, many};
-        let y = many(x, &[(ws[0], l.bias.as_ref())], Form::Lean(splits))?.remove(0);
-        return with_adapter(l, y, x);
+    if kernels().fold_norms
+        && linears.len() <= 3
+        && linears.iter().all(|l| l.lora.is_none())
+        && let Some((ws, shape)) = lean(x, linears, true, true)
+    {
+        use super::cuda::gemv::{Form, Norm, many};
+        let pairs: Vec<_> = ws
+            .iter()
+            .zip(linears)
+            .map(|(w, l)| (*w, l.bias.as_ref()))
+            .collect();
+        let norm = Norm { weight: norm, eps };
+        return many(x, &pairs, Form::Lean(shape), Some(norm));
     }
-    l.forward(x)
+    projections(&rms_norm(x, norm, eps)?, linears)
+}
+
+/// `l(h)` alone, `h` = `x` (`[rows, in]`) or, given `norm` (weight and eps), `rms_norm(x)`: the
+/// final norm and LM head of a decode step. On a GPU at one row with [`Kernels::fold_norms`], the
+/// norm runs inside the product's kernel.
+pub fn product(x: &Tensor, norm: Option<(&Tensor, f64)>, l: &Linear) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some((weight, eps)) = norm
+        && kernels().fold_norms
+        && l.lora.is_none()
+        && let Some((ws, shape)) = lean(x, &[l], kernels().lean, false)
+    {
+        use super::cuda::gemv::{Form, Norm, many};
+        let fold = Some(Norm { weight, eps });
+        return Ok(many(x, &[(ws[0], l.bias.as_ref())], Form::Lean(shape), fold)?.remove(0));
+    }
+    let h = normed(x, norm)?;
+    #[cfg(feature = "cuda")]
+    if let Some((ws, shape)) = lean(&h, &[l], kernels().lean, false) {
+        use super::cuda::gemv::{Form, many};
+        let y = many(&h, &[(ws[0], l.bias.as_ref())], Form::Lean(shape), None)?.remove(0);
+        return with_adapter(l, y, &h);
+    }
+    l.forward(&h)
+}
+
+/// `x`, or its RMSNorm by `norm`'s weight and eps.
+fn normed(x: &Tensor, norm: Option<(&Tensor, f64)>) -> Result<Tensor> {
+    match norm {
+        Some((w, eps)) => rms_norm(x, w, eps),
+        None => Ok(x.clone()),
+    }
 }
 
 /// `res + l(x)` (`x` `[rows, in]`, `res` `[rows, out]`): o_proj and down_proj onto the residual
@@ -134,25 +252,42 @@ pub fn product(x: &Tensor, l: &Linear) -> Result<Tensor> {
 pub fn residual(x: &Tensor, l: &Linear, res: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if l.bias.is_none()
-        && let Some((ws, splits)) = lean(x, &[l])
+        && let Some((ws, shape)) = lean(x, &[l], kernels().lean, true)
     {
-        let y = super::cuda::gemv::residual(x, ws[0], res, splits)?;
+        let y = super::cuda::gemv::residual(x, ws[0], res, shape)?;
         return with_adapter(l, y, x);
     }
     add_into(l.forward(x)?, res)
 }
 
-/// `silu(gate(x)) * up(x)` (`x` `[rows, in]` -> `[rows, intermediate]`).
-pub fn swiglu(x: &Tensor, gate: &Linear, up: &Linear) -> Result<Tensor> {
+/// `silu(gate(h)) * up(h)` with `h` = `x` or, given `norm` (weight and eps), `rms_norm(x)` (`x`
+/// `[rows, in]` -> `[rows, intermediate]`): on a GPU at one row with [`Kernels::fold_norms`], the
+/// norm runs inside the product's kernel.
+pub fn swiglu(
+    x: &Tensor,
+    norm: Option<(&Tensor, f64)>,
+    gate: &Linear,
+    up: &Linear,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if [gate, up]
+    let plain = [gate, up]
         .iter()
-        .all(|l| l.lora.is_none() && l.bias.is_none())
-        && let Some((ws, splits)) = lean(x, &[gate, up])
+        .all(|l| l.lora.is_none() && l.bias.is_none());
+    #[cfg(feature = "cuda")]
+    if let Some((weight, eps)) = norm
+        && plain
+        && kernels().fold_norms
+        && let Some((ws, shape)) = lean(x, &[gate, up], kernels().lean, false)
     {
-        return super::cuda::gemv::swiglu(x, ws[0], ws[1], splits);
+        let fold = Some(super::cuda::gemv::Norm { weight, eps });
+        return super::cuda::gemv::swiglu(x, ws[0], ws[1], shape.splits, fold);
     }
-    swiglu_op(&gate.forward(x)?, &up.forward(x)?)
+    let h = normed(x, norm)?;
+    #[cfg(feature = "cuda")]
+    if plain && let Some((ws, shape)) = lean(&h, &[gate, up], kernels().lean, false) {
+        return super::cuda::gemv::swiglu(&h, ws[0], ws[1], shape.splits, None);
+    }
+    swiglu_op(&gate.forward(&h)?, &up.forward(&h)?)
 }
 
 #[cfg(test)]
@@ -174,16 +309,44 @@ mod tests {
             let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
             d.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap()
         };
-        for k in [Kernels::Qkv, Kernels::All] {
-            set_kernels(k);
-            assert_eq!(kernels(), k);
+        let (g_in, g_post) = (r(&[16]), r(&[16]));
+        let (q, k) = (
+            Linear::new(r(&[8, 16]), Some(r(&[8]))),
+            Linear::new(r(&[4, 16]), None),
+        );
+        for setting in [Kernels::QKV, Kernels::ALL, Kernels::FUSED] {
+            set_kernels(setting);
+            assert_eq!(kernels(), setting);
             let want = (o.forward(&x).unwrap() + &res).unwrap();
             assert_eq!(same(&residual(&x, &o, &res).unwrap(), &want), 0.0);
             let g = gate.forward(&x).unwrap();
             let want = (candle_nn_silu(&g) * up.forward(&x).unwrap()).unwrap();
-            assert!(same(&swiglu(&x, &gate, &up).unwrap(), &want) < 1e-5);
+            assert!(same(&swiglu(&x, None, &gate, &up).unwrap(), &want) < 1e-5);
+            let h = rms_norm(&x, &g_post, 1e-6).unwrap();
+            let g = gate.forward(&h).unwrap();
+            let want = (candle_nn_silu(&g) * up.forward(&h).unwrap()).unwrap();
+            let got = swiglu(&x, Some((&g_post, 1e-6)), &gate, &up).unwrap();
+            assert!(same(&got, &want) < 1e-5);
+            let h = rms_norm(&x, &g_in, 1e-6).unwrap();
+            let got = normed_projections(&x, &g_in, 1e-6, &[&q, &k]).unwrap();
+            assert_eq!(same(&got[0], &q.forward(&h).unwrap()), 0.0);
+            assert_eq!(same(&got[1], &k.forward(&h).unwrap()), 0.0);
         }
-        set_kernels(Kernels::Qkv);
+        set_kernels(Kernels::QKV);
+    }
+
+    /// `QSCRIPT_DECODE_GEMV`'s words.
+    #[test]
+    fn the_kernel_settings_parse() {
+        assert_eq!(Kernels::parse(""), Kernels::QKV);
+        assert_eq!(Kernels::parse("qkv"), Kernels::QKV);
+        assert_eq!(Kernels::parse("all"), Kernels::ALL);
+        assert_eq!(Kernels::parse("fused"), Kernels::FUSED);
+        let k = Kernels::parse("lean, norm");
+        assert!(k.lean && k.fold_norms && !k.pairs);
+        for k in [Kernels::QKV, Kernels::ALL, Kernels::FUSED, k] {
+            assert_eq!(Kernels::from_bits(k.bits()), k);
+        }
     }
 
     fn candle_nn_silu(x: &Tensor) -> Tensor {

@@ -81,9 +81,10 @@ __device__ __forceinline__ void row_dots(const T *__restrict__ x, const T *const
 // more warps at once, in more, shorter pieces. The first form (a runtime row count up to 8, 137
 // registers a thread) left one block of 8 warps an SM (2.7x slower than cuBLAS for gate/up, H200);
 // at four rows this form was 1.5-3x slower than cuBLAS (H100), so it is taken for one row only.
+// With `g` (not null) x is RMS-normalized on the way in, as `rms_fwd` writes it: T(T(x * rstd) * g).
 template <typename T, int NW>
-__device__ __forceinline__ void lean_dots(const T *__restrict__ x, const T *const *w, int c_begin,
-                                          int c_end, float *acc) {
+__device__ __forceinline__ void lean_dots(const T *__restrict__ x, const T *__restrict__ g, float rstd,
+                                          const T *const *w, int c_begin, int c_end, float *acc) {
     constexpr int U = 8 / NW;
     const int lane = threadIdx.x & 31;
     for (int c0 = c_begin + lane; c0 < c_end; c0 += 32 * U) {
@@ -102,6 +103,12 @@ __device__ __forceinline__ void lean_dots(const T *__restrict__ x, const T *cons
             if (c < c_end) {
                 float xv[8];
                 unpack8<T>(*reinterpret_cast<const uint4 *>(x + (uint64_t)c * 8), xv);
+                if (g) {
+                    float gv[8];
+                    unpack8<T>(*reinterpret_cast<const uint4 *>(g + (uint64_t)c * 8), gv);
+#pragma unroll
+                    for (int i = 0; i < 8; i++) xv[i] = ld(st<T>(ld(st<T>(xv[i] * rstd)) * gv[i]));
+                }
 #pragma unroll
                 for (int r = 0; r < NW; r++) {
                     float wv[8];
@@ -116,15 +123,45 @@ __device__ __forceinline__ void lean_dots(const T *__restrict__ x, const T *cons
     for (int r = 0; r < NW; r++) acc[r] = warp_sum(acc[r]);
 }
 
-// This warp's feature (of `features`) and its share of the k / 8 chunks under S-way split K.
-template <int S>
+// RMSNorm's rstd of the row x (d values) as `rms_fwd` computes it, bit for bit: its launch takes
+// `vthreads` threads a row (`rows_grid`), so this block's warps play its `vthreads / 32` warps
+// (the same strided partial sums, the same shuffles, the same sum over the warps). Every thread
+// of the block calls it (it synchronizes the block); g null: no norm, rstd unused.
+template <typename T>
+__device__ __forceinline__ float norm_rstd(const T *g, const T *x, uint64_t d, float eps, int vthreads) {
+    if (!g) return 0.0f;
+    __shared__ float s[32];
+    __shared__ float total;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, vwarps = vthreads >> 5;
+    for (int vw = w; vw < vwarps; vw += (int)(blockDim.x >> 5)) {
+        float ss = 0.0f;
+        for (uint64_t j = (uint64_t)vw * 32 + lane; j < d; j += vthreads) {
+            float v = ld(x[j]);
+            ss += v * v;
+        }
+        ss = warp_sum(ss);
+        if (lane == 0) s[vw] = ss;
+    }
+    __syncthreads();
+    if (w == 0) {
+        float v = lane < vwarps ? s[lane] : 0.0f;
+        v = warp_sum(v);
+        if (lane == 0) total = v;
+    }
+    __syncthreads();
+    return rsqrtf(total / (float)d + eps);
+}
+
+// This warp's first feature (of `features`, F consecutive ones a warp) and its share of the k / 8
+// chunks under S-way split K.
+template <int S, int F>
 struct Share {
     uint64_t j;
     int c_begin, c_end;
     bool live;
     __device__ __forceinline__ Share(uint64_t k, uint64_t features) {
         const uint64_t warp = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) >> 5;
-        j = warp / S;
+        j = warp / S * F;
         const int chunks = (int)(k / 8), per = (chunks + S - 1) / S, p = (int)(warp % S);
         c_begin = min(chunks, p * per);
         c_end = min(chunks, c_begin + per);
@@ -193,51 +230,66 @@ __device__ void gemv_many(const T *x, int rows, uint64_t k, const T *w0, const T
     }
 }
 
-// The lean form's products, one row of x: up to three projections with their biases (the LM
-// head: one, no bias), S warps a feature.
-template <typename T, int S>
-__device__ void gemv_lean(const T *x, uint64_t k, const T *w0, const T *b0, T *y0, uint64_t n0,
-                          const T *w1, const T *b1, T *y1, uint64_t n1, const T *w2, const T *b2,
-                          T *y2, uint64_t n2) {
-    Share<S> sh(k, n0 + n1 + n2);
+// The lean form's products, one row of x (RMS-normalized by g first where g is not null): up to
+// three projections with their biases (the LM head: one, no bias), S warps a feature, F features
+// a warp (every n_i a multiple of F).
+template <typename T, int S, int F>
+__device__ void gemv_lean(const T *x, const T *g, float eps, int vthreads, uint64_t k, const T *w0,
+                          const T *b0, T *y0, uint64_t n0, const T *w1, const T *b1, T *y1,
+                          uint64_t n1, const T *w2, const T *b2, T *y2, uint64_t n2) {
+    const float rstd = norm_rstd<T>(g, x, k, eps, vthreads);
+    Share<S, F> sh(k, n0 + n1 + n2);
     uint64_t j = sh.j, n = 0;
     const T *w = nullptr, *b = nullptr;
     T *y = nullptr;
-    float acc[1] = {};
-    if (sh.live && pick<T>(j, w, b, y, n, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2)) {
-        const T *wr[1] = {w + j * k};
-        lean_dots<T, 1>(x, wr, sh.c_begin, sh.c_end, acc);
+    float acc[F] = {};
+    const bool live =
+        sh.live && pick<T>(j, w, b, y, n, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);
+    if (live) {
+        const T *wr[F];
+#pragma unroll
+        for (int f = 0; f < F; f++) wr[f] = w + (j + f) * k;
+        lean_dots<T, F>(x, g, rstd, wr, sh.c_begin, sh.c_end, acc);
     }
-    if (join<1, S>(acc) && sh.live) {
-        float v = ld(st<T>(acc[0]));
-        y[j] = b ? st<T>(v + ld(b[j])) : st<T>(v);
-    }
+    if (join<F, S>(acc) && live)
+#pragma unroll
+        for (int f = 0; f < F; f++) {
+            float v = ld(st<T>(acc[f]));
+            y[j + f] = b ? st<T>(v + ld(b[j + f])) : st<T>(v);
+        }
 }
 
-// y = res + x W^T (o_proj and down_proj onto the residual stream).
-template <typename T, int S>
+// y = res + x W^T (o_proj and down_proj onto the residual stream), F features a warp.
+template <typename T, int S, int F>
 __device__ void gemv_residual(const T *x, uint64_t k, const T *w, uint64_t n, const T *res, T *y) {
-    Share<S> sh(k, n);
-    float acc[1] = {};
+    Share<S, F> sh(k, n);
+    float acc[F] = {};
     if (sh.live) {
-        const T *wr[1] = {w + sh.j * k};
-        lean_dots<T, 1>(x, wr, sh.c_begin, sh.c_end, acc);
+        const T *wr[F];
+#pragma unroll
+        for (int f = 0; f < F; f++) wr[f] = w + (sh.j + f) * k;
+        lean_dots<T, F>(x, nullptr, 0.0f, wr, sh.c_begin, sh.c_end, acc);
     }
-    if (join<1, S>(acc) && sh.live) y[sh.j] = st<T>(ld(st<T>(acc[0])) + ld(res[sh.j]));
+    if (join<F, S>(acc) && sh.live)
+#pragma unroll
+        for (int f = 0; f < F; f++) y[sh.j + f] = st<T>(ld(st<T>(acc[f])) + ld(res[sh.j + f]));
 }
 
-// y = silu(x Wg^T) * (x Wu^T): gate_proj, up_proj and SwiGLU in one pass.
+// y = silu(h Wg^T) * (h Wu^T), h = x or its RMSNorm by g: gate_proj, up_proj and SwiGLU in one
+// pass.
 template <typename T, int S>
-__device__ void gemv_swiglu(const T *x, uint64_t k, const T *wg, const T *wu, uint64_t n, T *y) {
-    Share<S> sh(k, n);
+__device__ void gemv_swiglu(const T *x, const T *g, float eps, int vthreads, uint64_t k,
+                            const T *wg, const T *wu, uint64_t n, T *y) {
+    const float rstd = norm_rstd<T>(g, x, k, eps, vthreads);
+    Share<S, 1> sh(k, n);
     float acc[2] = {};
     if (sh.live) {
         const T *wr[2] = {wg + sh.j * k, wu + sh.j * k};
-        lean_dots<T, 2>(x, wr, sh.c_begin, sh.c_end, acc);
+        lean_dots<T, 2>(x, g, rstd, wr, sh.c_begin, sh.c_end, acc);
     }
     if (join<2, S>(acc) && sh.live) {
-        float g = ld(st<T>(acc[0])), u = ld(st<T>(acc[1]));
-        float silu = ld(st<T>(g / (1.0f + __expf(-g))));
+        float gt = ld(st<T>(acc[0])), u = ld(st<T>(acc[1]));
+        float silu = ld(st<T>(gt / (1.0f + __expf(-gt))));
         y[sh.j] = st<T>(silu * u);
     }
 }
@@ -245,17 +297,25 @@ __device__ void gemv_swiglu(const T *x, uint64_t k, const T *wg, const T *wu, ui
 #define MANY_ARGS(T)                                                                            \
     const T *x, int rows, uint64_t k, const T *w0, const T *b0, T *y0, uint64_t n0, const T *w1, \
         const T *b1, T *y1, uint64_t n1, const T *w2, const T *b2, T *y2, uint64_t n2
+#define LEAN_ARGS(T)                                                                            \
+    const T *x, const T *g, float eps, int vthreads, uint64_t k, const T *w0, const T *b0, T *y0, \
+        uint64_t n0, const T *w1, const T *b1, T *y1, uint64_t n1, const T *w2, const T *b2,    \
+        T *y2, uint64_t n2
+#define LEAN_F(T, SFX, S, F)                                                                    \
+    extern "C" __global__ void gemv_lean_s##S##_f##F##_##SFX(LEAN_ARGS(T)) {                     \
+        gemv_lean<T, S, F>(x, g, eps, vthreads, k, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2); \
+    }                                                                                           \
+    extern "C" __global__ void gemv_residual_s##S##_f##F##_##SFX(const T *x, uint64_t k, const T *w, \
+                                                                 uint64_t n, const T *res, T *y) { \
+        gemv_residual<T, S, F>(x, k, w, n, res, y);                                             \
+    }
 #define LEAN(T, SFX, S)                                                                         \
-    extern "C" __global__ void gemv_lean_s##S##_##SFX(MANY_ARGS(T)) {                              \
-        gemv_lean<T, S>(x, k, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);                 \
-    }                                                                                           \
-    extern "C" __global__ void gemv_residual_s##S##_##SFX(const T *x, uint64_t k, const T *w,   \
-                                                          uint64_t n, const T *res, T *y) {     \
-        gemv_residual<T, S>(x, k, w, n, res, y);                                                \
-    }                                                                                           \
-    extern "C" __global__ void gemv_swiglu_s##S##_##SFX(const T *x, uint64_t k, const T *wg,    \
+    LEAN_F(T, SFX, S, 1)                                                                        \
+    LEAN_F(T, SFX, S, 2)                                                                        \
+    extern "C" __global__ void gemv_swiglu_s##S##_##SFX(const T *x, const T *g, float eps,      \
+                                                        int vthreads, uint64_t k, const T *wg,  \
                                                         const T *wu, uint64_t n, T *y) {        \
-        gemv_swiglu<T, S>(x, k, wg, wu, n, y);                                                  \
+        gemv_swiglu<T, S>(x, g, eps, vthreads, k, wg, wu, n, y);                                \
     }
 #define GEMV(T, SFX)                                                                            \
     extern "C" __global__ void gemv_many_##SFX(MANY_ARGS(T)) {                                     \

@@ -35,10 +35,10 @@ pub fn applies(x: &Tensor, weights: &[&Tensor]) -> bool {
             .all(|w| w.dtype() == x.dtype() && w.dims2().is_ok_and(|(_, wk)| wk == k) && aligned(w))
 }
 
-/// `splits` warps an output feature, 8 warps a block.
-fn grid(features: usize, splits: usize) -> LaunchConfig {
+/// `warps` warps, 8 a block.
+fn grid(warps: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: ((features * splits).div_ceil(8).max(1) as u32, 1, 1),
+        grid_dim: (warps.div_ceil(8).max(1) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
@@ -49,8 +49,60 @@ fn grid(features: usize, splits: usize) -> LaunchConfig {
 pub enum Form {
     /// `gemv_many`, up to [`MAX_ROWS`] rows: q/k/v (22.2 us for a 7B's at one row, H100).
     Measured,
-    /// `gemv_lean_sS`: one row, `S` warps a feature (1, 2 or 4: split K).
-    Lean(usize),
+    /// The lean kernels: one row.
+    Lean(Lean),
+}
+
+/// How the lean form shares out a launch's work: `splits` warps a feature (1, 2 or 4: split K),
+/// `features` consecutive features a warp (1 or 2: fewer warps, each with two rows' loads in
+/// flight, so a launch of a few thousand features fits the GPU in one wave).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lean {
+    /// Warps a feature.
+    pub splits: usize,
+    /// Features a warp.
+    pub features: usize,
+}
+
+impl Lean {
+    /// One warp a feature, one feature a warp.
+    pub const ONE: Lean = Lean {
+        splits: 1,
+        features: 1,
+    };
+
+    /// The warps for `n` features.
+    fn warps(self, n: usize) -> usize {
+        n.div_ceil(self.features) * self.splits
+    }
+}
+
+/// RMSNorm folded into a lean product: the input row is normalized by `weight` (`[k]`, `eps`)
+/// inside the kernel, bit for bit as `nn::ops::rms_norm` writes it, so the norm's own launch and
+/// its output's round trip through memory are gone.
+#[derive(Debug, Clone, Copy)]
+pub struct Norm<'a> {
+    /// The norm's weight.
+    pub weight: &'a Tensor,
+    /// `rms_norm_eps`.
+    pub eps: f64,
+}
+
+/// The norm's kernel arguments: the weight's address (0: none), eps, and the threads
+/// `rms_norm`'s launch gives a row of `k` values (the kernel sums the squares in its order).
+fn norm_args(norm: Option<Norm>, x: &Tensor, k: usize) -> Result<[Arg; 3]> {
+    let Some(n) = norm else {
+        return Ok([Arg::U64(0), Arg::F32(0.0), Arg::I32(0)]);
+    };
+    if n.weight.dims() != [k] || n.weight.dtype() != x.dtype() || !n.weight.is_contiguous() {
+        candle_core::bail!("gemv: norm weight {:?} for rows of {k}", n.weight.dims());
+    }
+    let threads = super::launch::rows_grid(1, k).block_dim.0;
+    Ok([
+        Arg::from(addr(n.weight, "norm")?.0),
+        Arg::F32(n.eps as f32),
+        Arg::I32(threads as i32),
+    ])
 }
 
 /// How many warps share a feature's weight row of `k` values in the lean form: rows of more
@@ -63,36 +115,62 @@ pub fn splits(k: usize) -> usize {
     }
 }
 
-/// The lean kernel of `base` split `splits` ways, for `x` `[rows, k]`: one row only.
-fn lean(base: &str, x: &Tensor, splits: usize) -> Result<&'static str> {
+/// The lean kernel `base` for `shape`, for `x` `[rows, k]`: one row only.
+fn lean(base: &str, x: &Tensor, shape: Lean) -> Result<&'static str> {
     let rows = x.dim(0)?;
     if rows != 1 {
         candle_core::bail!("{base}: the lean form takes one row, not {rows}");
     }
-    Ok(match (base, splits) {
-        ("gemv_lean", 1) => "gemv_lean_s1",
-        ("gemv_lean", 2) => "gemv_lean_s2",
-        ("gemv_lean", 4) => "gemv_lean_s4",
-        ("gemv_residual", 1) => "gemv_residual_s1",
-        ("gemv_residual", 2) => "gemv_residual_s2",
-        ("gemv_residual", 4) => "gemv_residual_s4",
-        ("gemv_swiglu", 1) => "gemv_swiglu_s1",
-        ("gemv_swiglu", 2) => "gemv_swiglu_s2",
-        ("gemv_swiglu", 4) => "gemv_swiglu_s4",
-        _ => candle_core::bail!("{base}: split {splits} ways (1, 2 or 4)"),
+    Ok(match (base, shape.splits, shape.features) {
+        ("gemv_lean", 1, 1) => "gemv_lean_s1_f1",
+        ("gemv_lean", 2, 1) => "gemv_lean_s2_f1",
+        ("gemv_lean", 4, 1) => "gemv_lean_s4_f1",
+        ("gemv_lean", 1, 2) => "gemv_lean_s1_f2",
+        ("gemv_lean", 2, 2) => "gemv_lean_s2_f2",
+        ("gemv_lean", 4, 2) => "gemv_lean_s4_f2",
+        ("gemv_residual", 1, 1) => "gemv_residual_s1_f1",
+        ("gemv_residual", 2, 1) => "gemv_residual_s2_f1",
+        ("gemv_residual", 4, 1) => "gemv_residual_s4_f1",
+        ("gemv_residual", 1, 2) => "gemv_residual_s1_f2",
+        ("gemv_residual", 2, 2) => "gemv_residual_s2_f2",
+        ("gemv_residual", 4, 2) => "gemv_residual_s4_f2",
+        ("gemv_swiglu", 1, 1) => "gemv_swiglu_s1",
+        ("gemv_swiglu", 2, 1) => "gemv_swiglu_s2",
+        ("gemv_swiglu", 4, 1) => "gemv_swiglu_s4",
+        (_, s, f) => {
+            candle_core::bail!("{base}: split {s} ways (1, 2 or 4), {f} features a warp (1 or 2)")
+        }
     })
 }
 
-/// `x W_i^T + b_i` for each of up to three `(W_i, b_i)`, in one launch (`x` `[rows, k]` ->
-/// `[rows, n_i]` each). The caller checked [`applies`].
-pub fn many(x: &Tensor, ws: &[(&Tensor, Option<&Tensor>)], form: Form) -> Result<Vec<Tensor>> {
+/// `h W_i^T + b_i` for each of up to three `(W_i, b_i)`, in one launch (`x` `[rows, k]` ->
+/// `[rows, n_i]` each), `h` = `x` or, with `norm` (the lean form only), its RMSNorm. The caller
+/// checked [`applies`].
+pub fn many(
+    x: &Tensor,
+    ws: &[(&Tensor, Option<&Tensor>)],
+    form: Form,
+    norm: Option<Norm>,
+) -> Result<Vec<Tensor>> {
     if ws.is_empty() || ws.len() > 3 {
         candle_core::bail!("gemv many: 1 to 3 weights, not {}", ws.len());
     }
     let (rows, k) = x.dims2()?;
     let (px, dev) = addr(x, "x")?;
     let mut outs = Vec::with_capacity(ws.len());
-    let mut args = vec![Arg::from(px), Arg::I32(rows as i32), Arg::from(k as u64)];
+    let mut args = vec![Arg::from(px)];
+    match form {
+        Form::Measured if norm.is_some() => {
+            candle_core::bail!("gemv many: the measured form takes no norm")
+        }
+        Form::Measured => args.push(Arg::I32(rows as i32)),
+        Form::Lean(_) => args.extend(norm_args(norm, x, k)?),
+    }
+    args.push(Arg::from(k as u64));
+    let per_warp = match form {
+        Form::Measured => 1,
+        Form::Lean(l) => l.features,
+    };
     let mut features = 0;
     // The biases as the kernel reads them, alive until it is launched.
     let biases = ws
@@ -105,6 +183,9 @@ pub fn many(x: &Tensor, ws: &[(&Tensor, Option<&Tensor>)], form: Form) -> Result
             && (b.dims() != [n] || b.dtype() != x.dtype())
         {
             candle_core::bail!("gemv many: bias {:?} for {n} features", b.dims());
+        }
+        if !n.is_multiple_of(per_warp) {
+            candle_core::bail!("gemv many: {n} features, {per_warp} a warp");
         }
         let y = empty(&dev, &[rows, n], x.dtype())?;
         let pb = match b {
@@ -124,20 +205,20 @@ pub fn many(x: &Tensor, ws: &[(&Tensor, Option<&Tensor>)], form: Form) -> Result
     for _ in ws.len()..3 {
         args.extend([Arg::U64(0), Arg::U64(0), Arg::U64(0), Arg::U64(0)]);
     }
-    let (name, splits) = match form {
-        Form::Measured => ("gemv_many", 1),
-        Form::Lean(s) => (lean("gemv_lean", x, s)?, s),
+    let (name, warps) = match form {
+        Form::Measured => ("gemv_many", features),
+        Form::Lean(l) => (lean("gemv_lean", x, l)?, l.warps(features)),
     };
-    launch(&dev, &PTX, name, x.dtype(), grid(features, splits), &args)?;
+    launch(&dev, &PTX, name, x.dtype(), grid(warps), &args)?;
     Ok(outs)
 }
 
-/// `res + x W^T` (`x` `[1, k]`, `W` `[n, k]`, `res` `[1, n]`), `splits` warps a feature. The
+/// `res + x W^T` (`x` `[1, k]`, `W` `[n, k]`, `res` `[1, n]`) in the lean form `shape`. The
 /// caller checked [`applies`].
-pub fn residual(x: &Tensor, w: &Tensor, res: &Tensor, splits: usize) -> Result<Tensor> {
+pub fn residual(x: &Tensor, w: &Tensor, res: &Tensor, shape: Lean) -> Result<Tensor> {
     let (rows, k) = x.dims2()?;
     let n = w.dims2()?.0;
-    if res.dims() != [rows, n] || res.dtype() != x.dtype() {
+    if res.dims() != [rows, n] || res.dtype() != x.dtype() || !n.is_multiple_of(shape.features) {
         candle_core::bail!("gemv residual: {:?} onto [{rows}, {n}]", res.dims());
     }
     let res = res.contiguous()?;
@@ -154,17 +235,23 @@ pub fn residual(x: &Tensor, w: &Tensor, res: &Tensor, splits: usize) -> Result<T
     launch(
         &dev,
         &PTX,
-        lean("gemv_residual", x, splits)?,
+        lean("gemv_residual", x, shape)?,
         x.dtype(),
-        grid(n, splits),
+        grid(shape.warps(n)),
         &args,
     )?;
     Ok(y)
 }
 
-/// `silu(x Wg^T) * (x Wu^T)` (`x` `[1, k]`, `Wg` and `Wu` `[n, k]` -> `[1, n]`), `splits` warps a
-/// feature. The caller checked [`applies`].
-pub fn swiglu(x: &Tensor, wg: &Tensor, wu: &Tensor, splits: usize) -> Result<Tensor> {
+/// `silu(h Wg^T) * (h Wu^T)` (`x` `[1, k]`, `Wg` and `Wu` `[n, k]` -> `[1, n]`), `h` = `x` or,
+/// with `norm`, its RMSNorm; `splits` warps a feature. The caller checked [`applies`].
+pub fn swiglu(
+    x: &Tensor,
+    wg: &Tensor,
+    wu: &Tensor,
+    splits: usize,
+    norm: Option<Norm>,
+) -> Result<Tensor> {
     let (rows, k) = x.dims2()?;
     let n = wg.dims2()?.0;
     if wu.dims2()?.0 != n {
@@ -172,20 +259,28 @@ pub fn swiglu(x: &Tensor, wg: &Tensor, wu: &Tensor, splits: usize) -> Result<Ten
     }
     let (px, dev) = addr(x, "x")?;
     let y = empty(&dev, &[rows, n], x.dtype())?;
+    let [pg, eps, threads] = norm_args(norm, x, k)?;
     let args = [
         Arg::from(px),
+        pg,
+        eps,
+        threads,
         Arg::from(k as u64),
         Arg::from(addr(wg, "gate")?.0),
         Arg::from(addr(wu, "up")?.0),
         Arg::from(n as u64),
         Arg::from(addr(&y, "y")?.0),
     ];
+    let shape = Lean {
+        splits,
+        features: 1,
+    };
     launch(
         &dev,
         &PTX,
-        lean("gemv_swiglu", x, splits)?,
+        lean("gemv_swiglu", x, shape)?,
         x.dtype(),
-        grid(n, splits),
+        grid(shape.warps(n)),
         &args,
     )?;
     Ok(y)
