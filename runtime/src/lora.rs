@@ -254,6 +254,10 @@ pub fn merge(model: &Model) -> Result<Model> {
             lin.weight = Weight::Dense((base + delta)?.to_dtype(dtype)?);
         }
     }
+    // A replaced q/k/v weight ends their one allocation (`model::qkv`).
+    for b in &mut out.decoder.blocks {
+        b.attn.settle()?;
+    }
     out.lora = None;
     Ok(out)
 }

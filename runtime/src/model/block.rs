@@ -8,7 +8,7 @@ use candle_core::{DType, Result, Tensor};
 use super::config::ModelConfig;
 use crate::nn::attention::{AttnSaved, attention, attention_backward};
 use crate::nn::decode;
-use crate::nn::linear::LinearSaved;
+use crate::nn::linear::{LinearSaved, forward_concat};
 use crate::nn::ops::{
     add_into, rms_norm, rms_norm_backward_into, rope, rope_bwd, swiglu, swiglu_backward,
 };
@@ -118,6 +118,8 @@ pub struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// q, k and v's one allocation where they have one ([`super::qkv`]).
+    pub(super) qkv: Option<super::qkv::FusedQkv>,
 }
 
 /// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
@@ -235,6 +237,7 @@ impl Attention {
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_kv_heads(),
             head_dim: cfg.head_dim(),
+            qkv: None,
         }
     }
 }
@@ -360,6 +363,19 @@ impl Block {
                 )),
             };
             (next(a.heads)?, next(a.kv_heads)?, next(a.kv_heads)?)
+        } else if let Some(f) = a.fused(step) {
+            // One product for the three ([`super::qkv`]), seen as [b, s, heads of q | k | v, d].
+            let h = rms_norm(x, &self.input_norm, self.eps)?;
+            let slots = saved.as_deref_mut().map(|sv| &mut sv.lin[..3]);
+            let y = forward_concat(&[&a.q, &a.k, &a.v], &f.weight, f.bias.as_ref(), &h, slots)?
+                .reshape((b, s, a.heads + 2 * a.kv_heads, hd))?;
+            (
+                y.narrow(2, 0, a.heads)?,
+                y.narrow(2, a.heads, a.kv_heads)?,
+                // Its own memory: what attention keeps of it must not hold all of `y`.
+                y.narrow(2, a.heads + a.kv_heads, a.kv_heads)?
+                    .contiguous()?,
+            )
         } else {
             let h = rms_norm(x, &self.input_norm, self.eps)?;
             let q = heads(self.linear(Proj::Q, &h, step, layer, &mut saved)?, a.heads)?;
@@ -380,8 +396,9 @@ impl Block {
         if let Some(sv) = saved.as_deref_mut()
             && a.q_norm.is_some()
         {
-            sv.q_pre = Some(q.clone());
-            sv.k_pre = Some(k.clone());
+            // Their own memory (a fused product's q and k are views of all three).
+            sv.q_pre = Some(q.contiguous()?);
+            sv.k_pre = Some(k.contiguous()?);
         }
         let qn = norm_heads(q, a.q_norm.as_ref())?;
         let kn = norm_heads(k, a.k_norm.as_ref())?;

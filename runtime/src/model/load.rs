@@ -393,7 +393,12 @@ impl Model {
             } else {
                 None
             };
-            let attn = Attention::new(&cfg, q, k, v, o, norms);
+            let mut attn = Attention::new(&cfg, q, k, v, o, norms);
+            // A frozen base's q/k/v as one product (`super::qkv`); full fine-tuning moves its
+            // weights into the optimizer's buffer, so those stay apart.
+            if !trainable && super::qkv::wanted(l.device_of(m)) {
+                attn.fuse_qkv()?;
+            }
             let inter = cfg.intermediate_size;
             let mlp = Mlp {
                 gate: proj(Proj::Gate, inter, h, false)?,

@@ -9,6 +9,7 @@ pub mod load;
 pub mod lora_config;
 pub mod module_id;
 pub mod params;
+pub mod qkv;
 pub mod rope;
 pub mod tiny;
 pub mod weights;

@@ -5,7 +5,7 @@ use candle_core::{DType, Result, Tensor};
 
 use super::GradSink;
 use super::dropout;
-use super::ops::{add_bias, add_matmul};
+use super::ops::{add_bias, add_matmul, add_matmul_cols};
 
 /// A LoRA adapter on a linear layer: `scale * B (A dropout(x))`. A and B are stored in f32 (the
 /// optimizer's master copy) and applied in the dtype of the activations.
@@ -109,6 +109,76 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// The adapter, if any.
     pub lora: Option<LoraAdapter>,
+}
+
+/// The linear layers `linears` of one input `x` (`[.., in]`) whose weights (and biases) are, in
+/// order, the row ranges of `weight` (`[sum of out, in]`) and `bias`: one product for all of them,
+/// their adapters' A side by side in one more, each adapter's B added into its layer's columns.
+/// `[.., sum of out]`: each layer's output in its column range, as its own forward computes it.
+/// `saved` (a slot a layer) gets what [`Linear::backward`] needs, as each layer's forward records
+/// it. No dropout: where an adapter draws masks the caller runs the layers one by one.
+pub fn forward_concat(
+    linears: &[&Linear],
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    x: &Tensor,
+    saved: Option<&mut [Option<LinearSaved>]>,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let inner = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let row_elems = if dims.len() >= 3 {
+        dims[1..].iter().product()
+    } else {
+        rows * inner
+    };
+    let x2 = x.reshape((rows, inner))?;
+    let mut y = x2.matmul(&weight.t()?)?;
+    if let Some(b) = bias {
+        y = add_bias(y, b)?;
+    }
+    let dtype = x2.dtype();
+    let adapters: Vec<(usize, &LoraAdapter)> = linears
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| l.lora.as_ref().map(|a| (i, a)))
+        .collect();
+    let mut xas: Vec<Option<Tensor>> = vec![None; linears.len()];
+    if !adapters.is_empty() {
+        let a = adapters
+            .iter()
+            .map(|(_, l)| l.a.to_dtype(dtype))
+            .collect::<Result<Vec<_>>>()?;
+        let xa = x2.matmul(&Tensor::cat(&a, 0)?.t()?)?;
+        let col0: Vec<usize> = linears
+            .iter()
+            .scan(0, |c, l| {
+                let at = *c;
+                *c += l.out_features();
+                Some(at)
+            })
+            .collect();
+        let mut r0 = 0;
+        for (i, l) in adapters {
+            let r = l.a.dim(0)?;
+            let xa_i = xa.narrow(1, r0, r)?.contiguous()?;
+            y = add_matmul_cols(y, col0[i], &xa_i, &l.b.to_dtype(dtype)?.t()?, l.scale)?;
+            xas[i] = Some(xa_i);
+            r0 += r;
+        }
+    }
+    if let Some(slots) = saved {
+        for (slot, xa) in slots.iter_mut().zip(xas) {
+            *slot = Some(LinearSaved {
+                x: x2.clone(),
+                lora: xa.map(|t| (t, None)),
+                row_elems,
+            });
+        }
+    }
+    let mut out = dims;
+    *out.last_mut().unwrap_or(&mut 0) = y.dim(1)?;
+    y.reshape(out)
 }
 
 /// What [`Linear::backward`] needs from the forward.

@@ -36,6 +36,27 @@ pub fn add_matmul(c: Tensor, a: &Tensor, b: &Tensor, alpha: f64) -> Result<Tenso
     c.add(&if alpha == 1.0 { p } else { (p * alpha)? })
 }
 
+/// `c` with `alpha * a · b` added to its columns `col0..col0 + n` (`c` `[m, N]` held by nothing
+/// else, `a` `[m, k]`, `b` `[k, n]`): on CUDA the GEMM accumulates into that column range in
+/// place, elsewhere the composite ops of [`add_matmul`] on the range.
+pub fn add_matmul_cols(
+    c: Tensor,
+    col0: usize,
+    a: &Tensor,
+    b: &Tensor,
+    alpha: f64,
+) -> Result<Tensor> {
+    let n = b.dim(1)?;
+    #[cfg(feature = "cuda")]
+    if fused(&c, a) && a.dtype() == b.dtype() && c.is_contiguous() && c.rank() == 2 {
+        super::cuda::blas::gemm(&c.narrow(1, col0, n)?, a, b, alpha as f32, 1.0)?;
+        return Ok(c);
+    }
+    let m = c.dim(0)?;
+    let part = add_matmul(c.narrow(1, col0, n)?, a, b, alpha)?;
+    c.slice_assign(&[0..m, col0..col0 + n], &part)
+}
+
 /// `dst + x` (same shape and dtype) for a `dst` nothing else holds: on CUDA the sum lands in
 /// `dst`'s buffer (one pass, no new buffer), elsewhere the plain add.
 pub fn add_into(dst: Tensor, x: &Tensor) -> Result<Tensor> {
