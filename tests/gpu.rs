@@ -1670,5 +1670,14 @@ fn decode_graphs_give_the_eager_tokens() {
             "{k:?}: every completion was empty"
         );
     }
+    // RoPE and the cache write in one launch give the tokens of RoPE and the scatter apart (the
+    // same rounding, bit for bit).
+    set_kernels(Kernels {
+        rope_append: false,
+        ..Kernels::FUSED
+    });
+    let apart = run(false);
+    set_kernels(Kernels::FUSED);
+    assert_eq!(run(false), apart, "rope_append");
     set_kernels(was);
 }

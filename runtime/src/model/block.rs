@@ -402,14 +402,27 @@ impl Block {
         }
         let qn = norm_heads(q, a.q_norm.as_ref())?;
         let kn = norm_heads(k, a.k_norm.as_ref())?;
+        // Decoding: RoPE and the cache write in one pass where the cache runs one.
+        let mut cache = cache;
+        let roped = match cache.as_mut() {
+            Some(c) if infer => c.rope_append(layer, &qn, &kn, &v, step.cos, step.sin)?,
+            _ => None,
+        };
         // [b, s, h, d] as the projections lay them out, seen as [b, h, s, d]: attention takes
         // these views (cuDNN with no copies), so nothing is transposed here.
-        let q = rope(&qn, step.cos, step.sin)?.transpose(1, 2)?;
-        let k = rope(&kn, step.cos, step.sin)?.transpose(1, 2)?;
-        let v = v.transpose(1, 2)?;
-        let (k, v) = match cache {
-            Some(c) => c.append(layer, &k, &v, step.mask.offset)?,
-            None => (k, v),
+        let (q, k, v) = if let Some((q, k, v)) = roped {
+            (q.transpose(1, 2)?, k, v)
+        } else {
+            let q = rope(&qn, step.cos, step.sin)?.transpose(1, 2)?;
+            let k = rope(&kn, step.cos, step.sin)?.transpose(1, 2)?;
+            let v = v.transpose(1, 2)?;
+            match cache {
+                Some(c) => {
+                    let (k, v) = c.append(layer, &k, &v, step.mask.offset)?;
+                    (q, k, v)
+                }
+                None => (q, k, v),
+            }
         };
         drop(span);
         let span = crate::profile::span("fwd.attention", dev);

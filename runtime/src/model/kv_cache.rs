@@ -20,6 +20,23 @@ pub trait DecodeCache {
 
     /// Counts `s` more positions as cached (after every layer appended them).
     fn advance(&mut self, s: usize);
+
+    /// RoPE of the step's queries and keys and the cache write in one pass, where the cache
+    /// has one (a decode step on a GPU): `q` `[b, s, h, d]`, `k` and `v` `[b, s, kv, d]` before
+    /// RoPE (any layout, `d` contiguous), `cos`/`sin` the step's tables. Returns the roped
+    /// queries (`[b, s, h, d]`) and every key and value they attend to; `None`: the caller
+    /// ropes and [`DecodeCache::append`]s.
+    fn rope_append(
+        &mut self,
+        _layer: usize,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _cos: &Tensor,
+        _sin: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        Ok(None)
+    }
 }
 
 /// Keys and values of past positions, per layer: preallocated `[b, kv heads, capacity, d]`

@@ -17,9 +17,11 @@
 //! graphs, 135.9 with neither (H100).
 //!
 //! Built and not yet run on a GPU, so off by default ([`Kernels::QKV`]) until they are measured:
-//! split K (down), two features a warp (q/k/v in one wave), and the block's norms and the final
+//! split K (down), two features a warp (q/k/v in one wave), the block's norms and the final
 //! norm folded into the products that read them ([`normed_projections`], [`swiglu`] and
-//! [`product`] given the norm). `QSCRIPT_DECODE_GEMV` picks ([`Kernels::parse`]).
+//! [`product`] given the norm), and RoPE with the server's cache write in one launch
+//! ([`crate::model::kv_cache::DecodeCache::rope_append`]). `QSCRIPT_DECODE_GEMV` picks
+//! ([`Kernels::parse`]).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -40,6 +42,9 @@ pub struct Kernels {
     /// The block's two RMSNorms folded into the lean products that read them (q/k/v, gate/up):
     /// two launches a block fewer.
     pub fold_norms: bool,
+    /// RoPE of q and k and the KV cache's write of k and v in one launch (the server's decode
+    /// steps, `nn::cuda::rope::rope_append`): three launches a block fewer.
+    pub rope_append: bool,
 }
 
 impl Kernels {
@@ -48,22 +53,26 @@ impl Kernels {
         lean: false,
         pairs: false,
         fold_norms: false,
+        rope_append: false,
     };
     /// Every group at one row, one feature a warp, the norms on their own.
     pub const ALL: Kernels = Kernels {
         lean: true,
         pairs: false,
         fold_norms: false,
+        rope_append: false,
     };
-    /// Every kernel there is: the lean form, two features a warp, the norms folded.
+    /// Every kernel there is: the lean form, two features a warp, the norms folded, RoPE and the
+    /// cache write in one launch.
     pub const FUSED: Kernels = Kernels {
         lean: true,
         pairs: true,
         fold_norms: true,
+        rope_append: true,
     };
 
-    /// From `QSCRIPT_DECODE_GEMV`'s words (comma-separated): `all` or `lean`, `pairs`, `norm`;
-    /// `fused` for all three; `qkv` or anything else alone: [`Kernels::QKV`].
+    /// From `QSCRIPT_DECODE_GEMV`'s words (comma-separated): `all` or `lean`, `pairs`, `norm`,
+    /// `rope`; `fused` for all four; `qkv` or anything else alone: [`Kernels::QKV`].
     pub fn parse(words: &str) -> Kernels {
         let mut k = Kernels::QKV;
         for w in words.split(',').map(str::trim) {
@@ -71,6 +80,7 @@ impl Kernels {
                 "all" | "lean" => k.lean = true,
                 "pairs" => k.pairs = true,
                 "norm" => k.fold_norms = true,
+                "rope" => k.rope_append = true,
                 "fused" => k = Kernels::FUSED,
                 _ => {}
             }
@@ -79,7 +89,10 @@ impl Kernels {
     }
 
     fn bits(self) -> u8 {
-        1 | u8::from(self.lean) << 1 | u8::from(self.pairs) << 2 | u8::from(self.fold_norms) << 3
+        1 | u8::from(self.lean) << 1
+            | u8::from(self.pairs) << 2
+            | u8::from(self.fold_norms) << 3
+            | u8::from(self.rope_append) << 4
     }
 
     fn from_bits(b: u8) -> Kernels {
@@ -87,6 +100,7 @@ impl Kernels {
             lean: b & 2 != 0,
             pairs: b & 4 != 0,
             fold_norms: b & 8 != 0,
+            rope_append: b & 16 != 0,
         }
     }
 }
@@ -343,7 +357,8 @@ mod tests {
         assert_eq!(Kernels::parse("all"), Kernels::ALL);
         assert_eq!(Kernels::parse("fused"), Kernels::FUSED);
         let k = Kernels::parse("lean, norm");
-        assert!(k.lean && k.fold_norms && !k.pairs);
+        assert!(k.lean && k.fold_norms && !k.pairs && !k.rope_append);
+        assert!(Kernels::parse("rope").rope_append);
         for k in [Kernels::QKV, Kernels::ALL, Kernels::FUSED, k] {
             assert_eq!(Kernels::from_bits(k.bits()), k);
         }

@@ -233,6 +233,34 @@ impl DecodeCache for Decode<'_> {
         Ok((view(&kb)?, view(&vb)?))
     }
 
+    fn rope_append(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        #[cfg(feature = "cuda")]
+        if crate::nn::decode::kernels().rope_append && q.device().is_cuda() {
+            let (b, s, kv, d) = k.dims4()?;
+            if b == self.rows.len() && s == 1 {
+                let index = self.index_on(k.device())?;
+                let (kb, vb) = self.slots.layers[layer].clone();
+                let flat = |t: &Tensor| {
+                    t.reshape(((self.slots.lens.len() + 1) * kv * self.slots.capacity, d))
+                };
+                let (kc, vc) = (flat(&kb)?, flat(&vb)?);
+                let q = crate::nn::cuda::rope::rope_append(q, k, v, cos, sin, &kc, &vc, &index)?;
+                let view = |t: &Tensor| t.narrow(0, self.lo, b)?.narrow(2, 0, self.keys);
+                return Ok(Some((q, view(&kb)?, view(&vb)?)));
+            }
+        }
+        let _ = (layer, q, k, v, cos, sin);
+        Ok(None)
+    }
+
     fn advance(&mut self, _s: usize) {
         for (r, &live) in self.rows.iter().enumerate() {
             if live {

@@ -62,3 +62,90 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, backward: bool) -> Result<Te
     )?;
     Ok(y)
 }
+
+/// A decode step's RoPE and cache write in one launch: `q` `[b, 1, h, d]` and `k`, `v`
+/// `[b, 1, kv, d]` (any strides, `d` contiguous; before RoPE), `cos`/`sin` `[b, 1, d]` (each
+/// row's position); `k` roped and `v` copied into rows `index[r * kv + j, 0]` of `kc` and `vc`
+/// (flat `[*, d]` caches, written in place; `index` `[b * kv, d]` u32, the cache's scatter index).
+/// Returns `q` roped, a contiguous `[b, 1, h, d]`: as [`rope`] on `q` and `k` and the scatter.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_append(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    kc: &Tensor,
+    vc: &Tensor,
+    index: &Tensor,
+) -> Result<Tensor> {
+    let (b, s, h, d) = q.dims4()?;
+    let (kb, ks, kv, kd) = k.dims4()?;
+    let ok = s == 1
+        && ks == 1
+        && kb == b
+        && kd == d
+        && v.dims() == k.dims()
+        && d % 2 == 0
+        && [q, k, v]
+            .iter()
+            .all(|t| t.stride()[3] == 1 && t.dtype() == q.dtype())
+        && cos.dims() == [b, 1, d]
+        && sin.dims() == [b, 1, d]
+        && [kc, vc]
+            .iter()
+            .all(|c| c.dims2().is_ok_and(|(_, cd)| cd == d) && c.dtype() == q.dtype())
+        && index.dims() == [b * kv, d]
+        && index.dtype() == candle_core::DType::U32;
+    if !ok {
+        candle_core::bail!(
+            "rope_append: q {:?}, k {:?}, v {:?}, tables {:?}, caches {:?}, index {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            cos.dims(),
+            kc.dims(),
+            index.dims()
+        );
+    }
+    let (cos, sin, index) = (cos.contiguous()?, sin.contiguous()?, index.contiguous()?);
+    let (pq, dev) = first(q, "q")?;
+    let (pk, pv) = (first(k, "k")?.0, first(v, "v")?.0);
+    let (pkc, pvc) = (addr(kc, "k cache")?.0, addr(vc, "v cache")?.0);
+    let y = empty(&dev, &[b, 1, h, d], q.dtype())?;
+    let u = |v: usize| Arg::from(v as u64);
+    let (qs, ks, vs) = (q.stride(), k.stride(), v.stride());
+    launch(
+        &dev,
+        &PTX,
+        "rope_append",
+        q.dtype(),
+        LaunchConfig {
+            grid_dim: ((b * (h + 2 * kv)).clamp(1, 1 << 20) as u32, 1, 1),
+            block_dim: (if d >= 128 { 64 } else { 32 }, 1, 1),
+            shared_mem_bytes: 0,
+        },
+        &[
+            Arg::from(pq),
+            u(qs[0]),
+            u(qs[2]),
+            Arg::from(pk),
+            u(ks[0]),
+            u(ks[2]),
+            Arg::from(pv),
+            u(vs[0]),
+            u(vs[2]),
+            Arg::from(addr(&cos, "cos")?.0),
+            Arg::from(addr(&sin, "sin")?.0),
+            Arg::from(addr(&y, "y")?.0),
+            Arg::from(pkc),
+            Arg::from(pvc),
+            Arg::from(addr(&index, "index")?.0),
+            u(b),
+            u(h),
+            u(kv),
+            u(d),
+        ],
+    )?;
+    Ok(y)
+}
