@@ -67,6 +67,12 @@ impl Proj {
     fn index(self) -> u64 {
         self as u64
     }
+
+    /// The key of this projection's dropout masks in `layer` (training only).
+    fn key(self, step: &Step, layer: usize) -> Option<crate::nn::dropout::Key> {
+        step.train_seed
+            .map(|k| k.with(layer as u64).with(self.index()))
+    }
 }
 
 /// The RMS norms of a block, with HF's names (Qwen3's q/k norms only where the model has them);
@@ -282,11 +288,8 @@ impl Block {
         layer: usize,
         saved: &mut Option<&mut BlockSaved>,
     ) -> Result<Tensor> {
-        let key = step
-            .train_seed
-            .map(|k| k.with(layer as u64).with(p.index()));
         let slot = saved.as_deref_mut().map(|s| &mut s.lin[p as usize]);
-        self.proj(p).forward_t(x, key, slot)
+        self.proj(p).forward_t(x, p.key(step, layer), slot)
     }
 
     /// Pre-norm residual block. With `saved`, records what [`Block::backward`] needs; `cache`
@@ -363,11 +366,13 @@ impl Block {
                 )),
             };
             (next(a.heads)?, next(a.kv_heads)?, next(a.kv_heads)?)
-        } else if let Some(f) = a.fused(step) {
+        } else if let Some(f) = a.fused() {
             // One product for the three ([`super::qkv`]), seen as [b, s, heads of q | k | v, d].
             let h = rms_norm(x, &self.input_norm, self.eps)?;
             let slots = saved.as_deref_mut().map(|sv| &mut sv.lin[..3]);
-            let y = forward_concat(&[&a.q, &a.k, &a.v], &f.weight, f.bias.as_ref(), &h, slots)?
+            let keys = [Proj::Q, Proj::K, Proj::V].map(|p| p.key(step, layer));
+            let lins = [&a.q, &a.k, &a.v];
+            let y = forward_concat(&lins, &f.weight, f.bias.as_ref(), &h, &keys, slots)?
                 .reshape((b, s, a.heads + 2 * a.kv_heads, hd))?;
             (
                 y.narrow(2, 0, a.heads)?,

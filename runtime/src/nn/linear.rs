@@ -113,15 +113,18 @@ pub struct Linear {
 
 /// The linear layers `linears` of one input `x` (`[.., in]`) whose weights (and biases) are, in
 /// order, the row ranges of `weight` (`[sum of out, in]`) and `bias`: one product for all of them,
-/// their adapters' A side by side in one more, each adapter's B added into its layer's columns.
+/// the A of their adapters that draw no dropout mask side by side in one more, each adapter's B
+/// added into its layer's columns. `keys` (one a layer, as [`Linear::forward_t`] takes it) key the
+/// masks of adapters with dropout, which take their own masked input as they would alone.
 /// `[.., sum of out]`: each layer's output in its column range, as its own forward computes it.
 /// `saved` (a slot a layer) gets what [`Linear::backward`] needs, as each layer's forward records
-/// it. No dropout: where an adapter draws masks the caller runs the layers one by one.
+/// it.
 pub fn forward_concat(
     linears: &[&Linear],
     weight: &Tensor,
     bias: Option<&Tensor>,
     x: &Tensor,
+    keys: &[Option<dropout::Key>],
     saved: Option<&mut [Option<LinearSaved>]>,
 ) -> Result<Tensor> {
     let dims = x.dims().to_vec();
@@ -138,40 +141,59 @@ pub fn forward_concat(
         y = add_bias(y, b)?;
     }
     let dtype = x2.dtype();
-    let adapters: Vec<(usize, &LoraAdapter)> = linears
+    let col0: Vec<usize> = linears
+        .iter()
+        .scan(0, |c, l| {
+            let at = *c;
+            *c += l.out_features();
+            Some(at)
+        })
+        .collect();
+    // Each adapter and the key of its mask (none: it reads `x` as it is).
+    let adapters: Vec<(usize, &LoraAdapter, Option<dropout::Key>)> = linears
         .iter()
         .enumerate()
-        .filter_map(|(i, l)| l.lora.as_ref().map(|a| (i, a)))
+        .filter_map(|(i, l)| {
+            let key = keys.get(i).copied().flatten();
+            l.lora
+                .as_ref()
+                .map(|a| (i, a, key.filter(|_| a.dropout > 0.0)))
+        })
         .collect();
-    let mut xas: Vec<Option<Tensor>> = vec![None; linears.len()];
-    if !adapters.is_empty() {
-        let a = adapters
+    let mut xas: Vec<Option<(Tensor, Option<dropout::Key>)>> = vec![None; linears.len()];
+    // The adapters reading `x` itself: their A side by side, one product.
+    let plain: Vec<&(usize, &LoraAdapter, Option<dropout::Key>)> =
+        adapters.iter().filter(|a| a.2.is_none()).collect();
+    if !plain.is_empty() {
+        let a = plain
             .iter()
-            .map(|(_, l)| l.a.to_dtype(dtype))
+            .map(|(_, l, _)| l.a.to_dtype(dtype))
             .collect::<Result<Vec<_>>>()?;
         let xa = x2.matmul(&Tensor::cat(&a, 0)?.t()?)?;
-        let col0: Vec<usize> = linears
-            .iter()
-            .scan(0, |c, l| {
-                let at = *c;
-                *c += l.out_features();
-                Some(at)
-            })
-            .collect();
         let mut r0 = 0;
-        for (i, l) in adapters {
+        for &&(i, l, _) in &plain {
             let r = l.a.dim(0)?;
-            let xa_i = xa.narrow(1, r0, r)?.contiguous()?;
-            y = add_matmul_cols(y, col0[i], &xa_i, &l.b.to_dtype(dtype)?.t()?, l.scale)?;
-            xas[i] = Some(xa_i);
+            xas[i] = Some((xa.narrow(1, r0, r)?.contiguous()?, None));
             r0 += r;
         }
     }
+    for &(i, l, key) in &adapters {
+        let xa = match (key, &xas[i]) {
+            (Some(k), _) => {
+                let h = dropout::apply(&x2, l.dropout, k, row_elems)?;
+                h.matmul(&l.a.to_dtype(dtype)?.t()?)?
+            }
+            (None, Some((xa, _))) => xa.clone(),
+            (None, None) => continue,
+        };
+        y = add_matmul_cols(y, col0[i], &xa, &l.b.to_dtype(dtype)?.t()?, l.scale)?;
+        xas[i] = Some((xa, key));
+    }
     if let Some(slots) = saved {
-        for (slot, xa) in slots.iter_mut().zip(xas) {
+        for (slot, lora) in slots.iter_mut().zip(xas) {
             *slot = Some(LinearSaved {
                 x: x2.clone(),
-                lora: xa.map(|t| (t, None)),
+                lora,
                 row_elems,
             });
         }
