@@ -215,6 +215,7 @@ pub fn normed_projections(
     if kernels().fold_norms
         && linears.len() <= 3
         && linears.iter().all(|l| l.lora.is_none())
+        && super::cuda::gemv::norm_fits(norm, x)
         && let Some((ws, shape)) = lean(x, linears, true, true)
     {
         use super::cuda::gemv::{Form, Norm, many};
@@ -237,6 +238,7 @@ pub fn product(x: &Tensor, norm: Option<(&Tensor, f64)>, l: &Linear) -> Result<T
     if let Some((weight, eps)) = norm
         && kernels().fold_norms
         && l.lora.is_none()
+        && super::cuda::gemv::norm_fits(weight, x)
         && let Some((ws, shape)) = lean(x, &[l], kernels().lean, false)
     {
         use super::cuda::gemv::{Form, Norm, many};
@@ -291,6 +293,7 @@ pub fn swiglu(
     if let Some((weight, eps)) = norm
         && plain
         && kernels().fold_norms
+        && super::cuda::gemv::norm_fits(weight, x)
         && let Some((ws, shape)) = lean(x, &[gate, up], kernels().lean, false)
     {
         let fold = Some(super::cuda::gemv::Norm { weight, eps });

@@ -102,6 +102,18 @@ impl DecodeCache for NoAdvance<'_, '_> {
     }
 
     fn advance(&mut self, _s: usize) {}
+
+    fn rope_append(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> candle_core::Result<Option<(Tensor, Tensor, Tensor)>> {
+        self.0.rope_append(layer, q, k, v, cos, sin)
+    }
 }
 
 fn u32s(v: &[u32], dev: &Device) -> candle_core::Result<Tensor> {

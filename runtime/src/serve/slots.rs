@@ -252,7 +252,13 @@ impl DecodeCache for Decode<'_> {
                     t.reshape(((self.slots.lens.len() + 1) * kv * self.slots.capacity, d))
                 };
                 let (kc, vc) = (flat(&kb)?, flat(&vb)?);
-                let q = crate::nn::cuda::rope::rope_append(q, k, v, cos, sin, &kc, &vc, &index)?;
+                // One sequence decoding alone has the shared `[1, d]` tables: its row's.
+                let row = |t: &Tensor| match t.rank() {
+                    2 if b == 1 => t.reshape((1, 1, d)),
+                    _ => Ok(t.clone()),
+                };
+                let (cos, sin) = (row(cos)?, row(sin)?);
+                let q = crate::nn::cuda::rope::rope_append(q, k, v, &cos, &sin, &kc, &vc, &index)?;
                 let view = |t: &Tensor| t.narrow(0, self.lo, b)?.narrow(2, 0, self.keys);
                 return Ok(Some((q, view(&kb)?, view(&vb)?)));
             }

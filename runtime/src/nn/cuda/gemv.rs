@@ -88,13 +88,22 @@ pub struct Norm<'a> {
     pub eps: f64,
 }
 
+/// Whether the lean kernels take `weight` as the RMSNorm of `x` (`[rows, k]`) folded in: `[k]`,
+/// `x`'s dtype and device, contiguous and 16-byte aligned.
+pub fn norm_fits(weight: &Tensor, x: &Tensor) -> bool {
+    x.dims2().is_ok_and(|(_, k)| weight.dims() == [k])
+        && weight.dtype() == x.dtype()
+        && weight.device().same_device(x.device())
+        && addr(weight, "norm").is_ok_and(|(p, _)| p.is_multiple_of(16))
+}
+
 /// The norm's kernel arguments: the weight's address (0: none), eps, and the threads
 /// `rms_norm`'s launch gives a row of `k` values (the kernel sums the squares in its order).
 fn norm_args(norm: Option<Norm>, x: &Tensor, k: usize) -> Result<[Arg; 3]> {
     let Some(n) = norm else {
         return Ok([Arg::U64(0), Arg::F32(0.0), Arg::I32(0)]);
     };
-    if n.weight.dims() != [k] || n.weight.dtype() != x.dtype() || !n.weight.is_contiguous() {
+    if !norm_fits(n.weight, x) {
         candle_core::bail!("gemv: norm weight {:?} for rows of {k}", n.weight.dims());
     }
     let threads = super::launch::rows_grid(1, k).block_dim.0;
