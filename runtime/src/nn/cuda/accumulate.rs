@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::launch::{Arg, Module, addr, empty, launch, launch_1d, ptx, rows_grid, vec_ok};
+use super::launch::{Arg, Module, addr, empty, first, launch, launch_1d, ptx, rows_grid, vec_ok};
 
 const PTX: Module = ptx!("accumulate");
 
@@ -150,7 +150,7 @@ pub fn put_rows(
 pub fn take_rows(x: &Tensor, from: &Tensor) -> Result<Tensor> {
     let (_, h) = x.dims2()?;
     let n = from.elem_count();
-    let (_, dev) = addr(x, "x")?;
+    let (_, dev) = first(x, "x")?;
     let dst = empty(&dev, &[n, h], x.dtype())?;
     rows(dst, None, x, Some(from), n, false)
 }
