@@ -940,7 +940,7 @@ fn eight_bit_adamw_kernel_matches_the_reference() {
 fn small_fused_kernels_match_the_reference() {
     use qscript_runtime::nn::NoGrads;
     use qscript_runtime::nn::loss::causal_lm_loss;
-    use qscript_runtime::nn::ops::{add_bias, add_into, move_rows, put_rows};
+    use qscript_runtime::nn::ops::{add_bias, add_into, move_rows, put_rows, take_rows};
     let cpu = Device::Cpu;
     let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &cpu).unwrap();
     let on = |t: &Tensor, d: DType| t.to_device(&gpu()).unwrap().to_dtype(d).unwrap();
@@ -972,6 +972,15 @@ fn small_fused_kernels_match_the_reference() {
             )
             .unwrap();
             assert!(rel(&got, &want) < 1e-7, "put_rows {dtype:?} {d}");
+            // Rows picked (with repeats) into a new tensor: index_select.
+            let pick = Tensor::new(&[2u32, 0, 2, 1], &cpu).unwrap();
+            let want = x.index_select(&pick, 0).unwrap();
+            let got = take_rows(
+                &x.to_device(&gpu()).unwrap(),
+                &pick.to_device(&gpu()).unwrap(),
+            )
+            .unwrap();
+            assert!(rel(&got, &want) < 1e-7, "take_rows {dtype:?} {d}");
             // Rows picked from `x` by `from` and added in place (a shared prompt's gradients
             // summed over its copies).
             let from = Tensor::new(&[2u32, 2, 0], &cpu).unwrap();

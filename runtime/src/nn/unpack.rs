@@ -10,7 +10,7 @@
 use candle_core::{Device, Result, Tensor};
 
 use super::AttnMask;
-use super::ops::{move_rows, put_rows};
+use super::ops::{move_rows, put_rows, take_rows};
 
 /// How packed rows map onto the padded batch of their examples.
 #[derive(Clone, Debug)]
@@ -165,7 +165,7 @@ impl Unpacked {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((self.n * self.m, h * d))?;
-        let mut out = flat.index_select(&self.ids, 0)?;
+        let mut out = take_rows(&flat, &self.ids)?;
         for (to, from) in self.copies.iter().filter(|_| sum) {
             out = move_rows(out, from, &flat, Some(to), true)?;
         }

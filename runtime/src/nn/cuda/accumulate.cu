@@ -65,18 +65,37 @@ __device__ void bias_add(T *y, const T *bias, uint64_t rows, uint64_t d, int vec
         }
     }
 }
-// Row ids[r] of dst [*, h] = (add: += ) row from[r] of x (row r when from is null) (distinct ids;
-// the other rows untouched), a block per row.
+// Row ids[r] of dst [*, h] (row r when ids is null) = (add: += ) row from[r] of x (row r when from
+// is null) (distinct ids; the other rows untouched), a block per row, 16 bytes a thread where
+// `vec` (rows of a multiple of 16 bytes, both buffers 16-byte aligned).
 template <typename T>
 __device__ void put_rows(T *dst, const uint32_t *ids, const T *x, const uint32_t *from, uint64_t rows,
-                         uint64_t h, int add) {
+                         uint64_t h, int add, int vec) {
+    constexpr int V = 16 / sizeof(T);
     for (uint64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-        T *dr = dst + (uint64_t)ids[r] * h;
+        T *dr = dst + (ids ? (uint64_t)ids[r] : r) * h;
         const T *xr = x + (from ? (uint64_t)from[r] : r) * h;
-        if (add)
+        if (vec) {
+            uint4 *dv = reinterpret_cast<uint4 *>(dr);
+            const uint4 *xv = reinterpret_cast<const uint4 *>(xr);
+            for (uint64_t j = threadIdx.x; j < h / V; j += blockDim.x) {
+                uint4 b = xv[j];
+                if (add) {
+                    uint4 a = dv[j];
+                    T *pa = reinterpret_cast<T *>(&a);
+                    const T *pb = reinterpret_cast<const T *>(&b);
+#pragma unroll
+                    for (int k = 0; k < V; k++) pa[k] = st<T>(ld(pa[k]) + ld(pb[k]));
+                    dv[j] = a;
+                } else {
+                    dv[j] = b;
+                }
+            }
+        } else if (add) {
             for (uint64_t j = threadIdx.x; j < h; j += blockDim.x) dr[j] = st<T>(ld(dr[j]) + ld(xr[j]));
-        else
+        } else {
             for (uint64_t j = threadIdx.x; j < h; j += blockDim.x) dr[j] = xr[j];
+        }
     }
 }
 #define ADDS(T, SFX)                                                                            \
@@ -87,8 +106,9 @@ __device__ void put_rows(T *dst, const uint32_t *ids, const T *x, const uint32_t
         bias_add<T>(y, b, rows, d, vec);                                                        \
     }                                                                                           \
     extern "C" __global__ void put_rows_##SFX(T *dst, const uint32_t *ids, const T *x,             \
-                                              const uint32_t *from, uint64_t rows, uint64_t h, int add) { \
-        put_rows<T>(dst, ids, x, from, rows, h, add);                                           \
+                                              const uint32_t *from, uint64_t rows, uint64_t h, int add, \
+                                              int vec) {                                        \
+        put_rows<T>(dst, ids, x, from, rows, h, add, vec);                                      \
     }
 ADDS(float, f32)
 ADDS(__nv_bfloat16, bf16)

@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::launch::{Arg, Module, addr, launch, launch_1d, ptx, rows_grid, vec_ok};
+use super::launch::{Arg, Module, addr, empty, first, launch, launch_1d, ptx, rows_grid, vec_ok};
 
 const PTX: Module = ptx!("accumulate");
 
@@ -139,40 +139,63 @@ pub fn put_rows(
     from: Option<&Tensor>,
     add: bool,
 ) -> Result<Tensor> {
+    if ids.dtype() != DType::U32 || !ids.device().same_device(dst.device()) {
+        candle_core::bail!("put_rows: {:?} ids on another device", ids.dtype());
+    }
+    rows(dst, Some(ids), x, from, ids.elem_count(), add)
+}
+
+/// Rows `from[r]` of `x` (`[n, h]`) as a new `[from.len(), h]` tensor: `index_select` on
+/// dimension 0, 16 bytes a thread.
+pub fn take_rows(x: &Tensor, from: &Tensor) -> Result<Tensor> {
+    let (_, h) = x.dims2()?;
+    let n = from.elem_count();
+    let (_, dev) = first(x, "x")?;
+    let dst = empty(&dev, &[n, h], x.dtype())?;
+    rows(dst, None, x, Some(from), n, false)
+}
+
+/// [`put_rows`] and [`take_rows`]: `rows` rows of `x` (picked by `from`) into `dst` (at `ids`).
+fn rows(
+    dst: Tensor,
+    ids: Option<&Tensor>,
+    x: &Tensor,
+    from: Option<&Tensor>,
+    rows: usize,
+    add: bool,
+) -> Result<Tensor> {
     let (xrows, h) = x.dims2()?;
     let (_, dh) = dst.dims2()?;
-    let rows = ids.elem_count();
     if dh != h
         || from.map_or(xrows, Tensor::elem_count) != rows
-        || ids.dtype() != DType::U32
         || from.is_some_and(|f| f.dtype() != DType::U32 || !f.device().same_device(dst.device()))
         || x.dtype() != dst.dtype()
         || !x.device().same_device(dst.device())
-        || !ids.device().same_device(dst.device())
     {
         candle_core::bail!(
-            "put_rows: {rows} rows of {xrows} x {h} into {:?}, {} ids",
-            dst.dims(),
-            ids.elem_count()
+            "put_rows: {rows} rows of {xrows} x {h} into {:?}",
+            dst.dims()
         );
     }
     if rows == 0 {
         return Ok(dst);
     }
-    let (x, ids) = (x.contiguous()?, ids.contiguous()?);
+    let x = x.contiguous()?;
+    let ids = ids.map(Tensor::contiguous).transpose()?;
     let from = from.map(Tensor::contiguous).transpose()?;
     let (pd, dev) = addr(&dst, "dst")?;
-    let (pi, px) = (addr(&ids, "ids")?.0, addr(&x, "x")?.0);
-    let pf = match &from {
-        Some(f) => addr(f, "from")?.0,
-        None => 0,
+    let px = addr(&x, "x")?.0;
+    let index = |t: &Option<Tensor>, what| match t {
+        Some(t) => Ok(addr(t, what)?.0),
+        None => Ok::<u64, candle_core::Error>(0),
     };
+    let (pi, pf) = (index(&ids, "ids")?, index(&from, "from")?);
     launch(
         &dev,
         &PTX,
         "put_rows",
         x.dtype(),
-        rows_grid(rows.min(1 << 20), h),
+        rows_grid(rows.min(1 << 20), h / 8),
         &[
             Arg::from(pd),
             Arg::from(pi),
@@ -181,6 +204,7 @@ pub fn put_rows(
             Arg::from(rows as u64),
             Arg::from(h as u64),
             Arg::from(i32::from(add)),
+            Arg::from(vec_ok(&[pd, px], h, x.dtype())),
         ],
     )?;
     Ok(dst)
