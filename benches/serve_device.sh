@@ -31,16 +31,16 @@ serve() {
 # The build in .devbin/qscript-base.xz first (one client only), so the two compare in one call.
 [ -x /tmp/qs/qscript-base ] && { echo "base build:"; serve /tmp/qs/qscript-base serve-base --one-client; }
 # Decoding's projection groups, kernels against cuBLAS (when model_bench is carried), and one
-# client with every group through the matrix-vector kernels (`QSCRIPT_DECODE_GEMV=all`) before
-# the default's whole run.
+# client with q/k/v alone through the matrix-vector kernel (`QSCRIPT_DECODE_GEMV=qkv`) and with
+# no CUDA graphs before the default's whole run (every kernel, graphs on).
 if [ -f .devbin/model_bench.xz ]; then
   xz -dc .devbin/model_bench.xz > /tmp/qs/model_bench && chmod +x /tmp/qs/model_bench
   /tmp/qs/model_bench decode-ops 2>&1 | tee "$OUT/decode-ops.jsonl"
 fi
-echo "every group through the kernels:"
-QSCRIPT_DECODE_GEMV=all serve /tmp/qs/qscript serve-all --one-client
-echo "and each decode step a CUDA graph:"
-QSCRIPT_DECODE_GEMV=all QSCRIPT_DECODE_GRAPH=1 serve /tmp/qs/qscript serve-graph --one-client
+echo "q/k/v alone through the kernel:"
+QSCRIPT_DECODE_GEMV=qkv serve /tmp/qs/qscript serve-qkv --one-client
+echo "no CUDA graphs:"
+QSCRIPT_DECODE_GRAPH=0 serve /tmp/qs/qscript serve-eager --one-client
 serve /tmp/qs/qscript serve
 # serving while training: alone, then with a client asking once a second
 # Each run's whole stderr goes to $OUT/train-N.err, and the GPU's used memory every 0.3 s beside

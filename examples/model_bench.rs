@@ -694,6 +694,6 @@ fn decode_ops() -> anyhow::Result<()> {
             serde_json::json!({"op": "a block", "kernels": name, "us": (us * 10.0).round() / 10.0})
         );
     }
-    decode::set_kernels(decode::Kernels::QKV);
+    decode::set_kernels(decode::Kernels::FUSED);
     Ok(())
 }

@@ -1603,7 +1603,7 @@ fn decode_projections_match_the_reference() {
             );
         }
     }
-    decode::set_kernels(decode::Kernels::QKV);
+    decode::set_kernels(decode::Kernels::FUSED);
 }
 
 /// Decode steps recorded as CUDA graphs give the tokens of the steps run as they are: greedy

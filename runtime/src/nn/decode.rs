@@ -7,21 +7,15 @@
 //! it. Adapters are added after the base product (q/k/v, o, down) or keep the group on the
 //! reference path (gate/up: SwiGLU follows their sum). No dropout, no saved state: inference only.
 //!
-//! Measured (H100, `model_bench decode-ops`, Qwen2.5-7B's shapes): q/k/v 22.2 us as one kernel
-//! against 57-87 us one by one at one row, 55 against 70-78 at four. At one row (a sequence
-//! decoding alone, the latency that matters most) the lean form of the other groups beat cuBLAS:
-//! o + residual 17.2 against 21.6 us, gate/up + SwiGLU 93.1 against 106.6, the LM head 348 against
-//! 360; down (18,944 values a row) 62.3 against 55.1, hence its split K. At four rows the lean
-//! form was 1.5-3x slower than cuBLAS, so with more rows those groups go to cuBLAS. One client
-//! serving a 7B: 146.2 tokens/s with these kernels and CUDA graphs, 144.6 with q/k/v alone and
-//! graphs, 135.9 with neither (H100).
-//!
-//! Built and not yet run on a GPU, so off by default ([`Kernels::QKV`]) until they are measured:
-//! split K (down), two features a warp (q/k/v in one wave), the block's norms and the final
-//! norm folded into the products that read them ([`normed_projections`], [`swiglu`] and
-//! [`product`] given the norm), and RoPE with the server's cache write in one launch
-//! ([`crate::model::kv_cache::DecodeCache::rope_append`]). `QSCRIPT_DECODE_GEMV` picks
-//! ([`Kernels::parse`]).
+//! Measured (H100, `model_bench decode-ops`, Qwen2.5-7B's shapes, one row): q/k/v 16.6 us as
+//! one kernel two features a warp (22.3 one a warp, 68.3 one by one on cuBLAS), o + residual 13.7
+//! (19.8 on cuBLAS), gate/up + SwiGLU 93.0 (110.4), down + residual split four ways 50.3 (55.3),
+//! the LM head 345 (361); a block's groups 186 us against 221 with q/k/v alone on the kernel. At
+//! four rows the lean form was 1.5-3x slower than cuBLAS, so with more rows those groups go to
+//! cuBLAS. One client serving a 7B with CUDA graphs: **161.3 tokens/s** with every kernel here
+//! ([`Kernels::FUSED`], the default), 148.3 with the lean form one feature a warp and nothing
+//! folded, 142.5 with q/k/v alone (H100, 219.9 the bandwidth limit). `QSCRIPT_DECODE_GEMV` picks
+//! another setting ([`Kernels::parse`]).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -32,7 +26,7 @@ use super::ops::{add_into, rms_norm, swiglu as swiglu_op};
 
 /// Which of a decode step's projection groups go through the matrix-vector kernels on a GPU, and
 /// how. q/k/v always do (at up to four rows); the rest is for one row (a sequence decoding alone).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Kernels {
     /// o, down, gate/up and the LM head in the lean form at one row (else cuBLAS).
     pub lean: bool,
@@ -48,7 +42,7 @@ pub struct Kernels {
 }
 
 impl Kernels {
-    /// q/k/v only (the default).
+    /// q/k/v only.
     pub const QKV: Kernels = Kernels {
         lean: false,
         pairs: false,
@@ -62,8 +56,8 @@ impl Kernels {
         fold_norms: false,
         rope_append: false,
     };
-    /// Every kernel there is: the lean form, two features a warp, the norms folded, RoPE and the
-    /// cache write in one launch.
+    /// Every kernel there is (the default): the lean form, two features a warp, the norms
+    /// folded, RoPE and the cache write in one launch.
     pub const FUSED: Kernels = Kernels {
         lean: true,
         pairs: true,
@@ -71,9 +65,12 @@ impl Kernels {
         rope_append: true,
     };
 
-    /// From `QSCRIPT_DECODE_GEMV`'s words (comma-separated): `all` or `lean`, `pairs`, `norm`,
-    /// `rope`; `fused` for all four; `qkv` or anything else alone: [`Kernels::QKV`].
+    /// From `QSCRIPT_DECODE_GEMV`'s words (comma-separated): `qkv` (q/k/v alone), plus any of
+    /// `all` or `lean`, `pairs`, `norm`, `rope`; `fused` for all four; nothing: [`Kernels::FUSED`].
     pub fn parse(words: &str) -> Kernels {
+        if words.trim().is_empty() {
+            return Kernels::FUSED;
+        }
         let mut k = Kernels::QKV;
         for w in words.split(',').map(str::trim) {
             match w {
@@ -109,7 +106,7 @@ impl Kernels {
 static KERNELS: AtomicU8 = AtomicU8::new(0);
 
 /// What decoding runs ([`Kernels`]): set by [`set_kernels`], else `QSCRIPT_DECODE_GEMV`
-/// ([`Kernels::parse`]; nothing: [`Kernels::QKV`]).
+/// ([`Kernels::parse`]; nothing: [`Kernels::FUSED`]).
 pub fn kernels() -> Kernels {
     match KERNELS.load(Ordering::Relaxed) {
         0 => {
@@ -349,13 +346,13 @@ mod tests {
             assert_eq!(same(&got[0], &q.forward(&h).unwrap()), 0.0);
             assert_eq!(same(&got[1], &k.forward(&h).unwrap()), 0.0);
         }
-        set_kernels(Kernels::QKV);
+        set_kernels(Kernels::FUSED);
     }
 
     /// `QSCRIPT_DECODE_GEMV`'s words.
     #[test]
     fn the_kernel_settings_parse() {
-        assert_eq!(Kernels::parse(""), Kernels::QKV);
+        assert_eq!(Kernels::parse(""), Kernels::FUSED);
         assert_eq!(Kernels::parse("qkv"), Kernels::QKV);
         assert_eq!(Kernels::parse("all"), Kernels::ALL);
         assert_eq!(Kernels::parse("fused"), Kernels::FUSED);
