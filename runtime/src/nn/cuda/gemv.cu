@@ -123,22 +123,6 @@ __device__ __forceinline__ void lean_dots(const T *__restrict__ x, const T *__re
     for (int r = 0; r < NW; r++) acc[r] = warp_sum(acc[r]);
 }
 
-// The first loads of this lane's share of the NW weight rows, asked of L2 ahead (a folded norm's
-// sum of squares runs first, and the weights' DRAM latency overlaps it).
-template <int NW>
-__device__ __forceinline__ void prefetch_rows(const void *const *w, int c_begin, int c_end) {
-    constexpr int U = 8 / NW;
-    const int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-        const int c = c_begin + lane + 32 * u;
-#pragma unroll
-        for (int r = 0; r < NW; r++)
-            if (c < c_end)
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const uint4 *>(w[r]) + c));
-    }
-}
-
 // RMSNorm's rstd of the row x (d values) as `rms_fwd` computes it, bit for bit: its launch takes
 // `vthreads` threads a row (`rows_grid`), so this block's warps play its `vthreads / 32` warps
 // (the same strided partial sums, the same shuffles, the same sum over the warps). Every thread
@@ -151,8 +135,6 @@ __device__ __forceinline__ float norm_rstd(const T *g, const T *x, uint64_t d, f
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, vwarps = vthreads >> 5;
     for (int vw = w; vw < vwarps; vw += (int)(blockDim.x >> 5)) {
         float ss = 0.0f;
-        // Unrolled: the loads issue together; the sum still adds them one by one, in order.
-#pragma unroll 8
         for (uint64_t j = (uint64_t)vw * 32 + lane; j < d; j += vthreads) {
             float v = ld(x[j]);
             ss += v * v;
@@ -255,6 +237,7 @@ template <typename T, int S, int F>
 __device__ void gemv_lean(const T *x, const T *g, float eps, int vthreads, uint64_t k, const T *w0,
                           const T *b0, T *y0, uint64_t n0, const T *w1, const T *b1, T *y1,
                           uint64_t n1, const T *w2, const T *b2, T *y2, uint64_t n2) {
+    const float rstd = norm_rstd<T>(g, x, k, eps, vthreads);
     Share<S, F> sh(k, n0 + n1 + n2);
     uint64_t j = sh.j, n = 0;
     const T *w = nullptr, *b = nullptr;
@@ -262,12 +245,12 @@ __device__ void gemv_lean(const T *x, const T *g, float eps, int vthreads, uint6
     float acc[F] = {};
     const bool live =
         sh.live && pick<T>(j, w, b, y, n, w0, b0, y0, n0, w1, b1, y1, n1, w2, b2, y2, n2);
-    const T *wr[F];
+    if (live) {
+        const T *wr[F];
 #pragma unroll
-    for (int f = 0; f < F; f++) wr[f] = live ? w + (j + f) * k : nullptr;
-    if (g && live) prefetch_rows<F>(reinterpret_cast<const void *const *>(wr), sh.c_begin, sh.c_end);
-    const float rstd = norm_rstd<T>(g, x, k, eps, vthreads);
-    if (live) lean_dots<T, F>(x, g, rstd, wr, sh.c_begin, sh.c_end, acc);
+        for (int f = 0; f < F; f++) wr[f] = w + (j + f) * k;
+        lean_dots<T, F>(x, g, rstd, wr, sh.c_begin, sh.c_end, acc);
+    }
     if (join<F, S>(acc) && live)
 #pragma unroll
         for (int f = 0; f < F; f++) {
@@ -297,12 +280,13 @@ __device__ void gemv_residual(const T *x, uint64_t k, const T *w, uint64_t n, co
 template <typename T, int S>
 __device__ void gemv_swiglu(const T *x, const T *g, float eps, int vthreads, uint64_t k,
                             const T *wg, const T *wu, uint64_t n, T *y) {
+    const float rstd = norm_rstd<T>(g, x, k, eps, vthreads);
     Share<S, 1> sh(k, n);
     float acc[2] = {};
-    const T *wr[2] = {wg + sh.j * k, wu + sh.j * k};
-    if (g && sh.live) prefetch_rows<2>(reinterpret_cast<const void *const *>(wr), sh.c_begin, sh.c_end);
-    const float rstd = norm_rstd<T>(g, x, k, eps, vthreads);
-    if (sh.live) lean_dots<T, 2>(x, g, rstd, wr, sh.c_begin, sh.c_end, acc);
+    if (sh.live) {
+        const T *wr[2] = {wg + sh.j * k, wu + sh.j * k};
+        lean_dots<T, 2>(x, g, rstd, wr, sh.c_begin, sh.c_end, acc);
+    }
     if (join<2, S>(acc) && sh.live) {
         float gt = ld(st<T>(acc[0])), u = ld(st<T>(acc[1]));
         float silu = ld(st<T>(gt / (1.0f + __expf(-gt))));
