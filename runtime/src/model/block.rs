@@ -124,8 +124,17 @@ pub struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
-    /// q, k and v's one allocation where they have one ([`super::qkv`]).
-    pub(super) qkv: Option<super::qkv::FusedQkv>,
+    /// q, k and v's one allocation where they have one ([`FusedQkv`]).
+    pub(super) qkv: Option<FusedQkv>,
+}
+
+/// The one allocation behind q, k and v where they have one (`super::qkv`).
+#[derive(Clone, Debug)]
+pub struct FusedQkv {
+    /// `[q_out + k_out + v_out, in]`: q's rows, then k's, then v's.
+    pub weight: Tensor,
+    /// Their biases, concatenated the same way (all three have one, or none does).
+    pub bias: Option<Tensor>,
 }
 
 /// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
@@ -367,7 +376,7 @@ impl Block {
             };
             (next(a.heads)?, next(a.kv_heads)?, next(a.kv_heads)?)
         } else if let Some(f) = a.fused() {
-            // One product for the three ([`super::qkv`]), seen as [b, s, heads of q | k | v, d].
+            // One product for the three ([`FusedQkv`]), seen as [b, s, heads of q | k | v, d].
             let h = rms_norm(x, &self.input_norm, self.eps)?;
             let slots = saved.as_deref_mut().map(|sv| &mut sv.lin[..3]);
             let keys = [Proj::Q, Proj::K, Proj::V].map(|p| p.key(step, layer));

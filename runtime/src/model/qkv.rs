@@ -13,17 +13,8 @@
 
 use candle_core::{Result, Storage, Tensor};
 
-use super::block::Attention;
+use super::block::{Attention, FusedQkv};
 use crate::nn::Weight;
-
-/// The one allocation behind q, k and v.
-#[derive(Clone, Debug)]
-pub struct FusedQkv {
-    /// `[q_out + k_out + v_out, in]`: q's rows, then k's, then v's.
-    pub weight: Tensor,
-    /// Their biases, concatenated the same way (all three have one, or none does).
-    pub bias: Option<Tensor>,
-}
 
 /// Whether fusion is wanted for models loaded on `device`: on a GPU with `QSCRIPT_FUSED_QKV=1`.
 /// Opt-in until it has run on a GPU (its CPU tests pass; the in-place adapter products into
