@@ -111,6 +111,20 @@ pub struct Linear {
     pub lora: Option<LoraAdapter>,
 }
 
+/// `x` (`[.., in]`) as `[rows, in]`, with its dims and the elements of one example (the first
+/// dimension of a `[b, s, in]` input; the whole input otherwise), which key dropout masks.
+fn flat_rows(x: &Tensor) -> Result<(Vec<usize>, Tensor, usize)> {
+    let dims = x.dims().to_vec();
+    let inner = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let row_elems = if dims.len() >= 3 {
+        dims[1..].iter().product()
+    } else {
+        rows * inner
+    };
+    Ok((dims, x.reshape((rows, inner))?, row_elems))
+}
+
 /// The linear layers `linears` of one input `x` (`[.., in]`) whose weights (and biases) are, in
 /// order, the row ranges of `weight` (`[sum of out, in]`) and `bias`: one product for all of them,
 /// the A of their adapters that draw no dropout mask side by side in one more, each adapter's B
@@ -127,15 +141,7 @@ pub fn forward_concat(
     keys: &[Option<dropout::Key>],
     saved: Option<&mut [Option<LinearSaved>]>,
 ) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let inner = dims[dims.len() - 1];
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let row_elems = if dims.len() >= 3 {
-        dims[1..].iter().product()
-    } else {
-        rows * inner
-    };
-    let x2 = x.reshape((rows, inner))?;
+    let (dims, x2, row_elems) = flat_rows(x)?;
     let mut y = x2.matmul(&weight.t()?)?;
     if let Some(b) = bias {
         y = add_bias(y, b)?;
@@ -249,15 +255,7 @@ impl Linear {
         dropout_key: Option<dropout::Key>,
         saved: Option<&mut Option<LinearSaved>>,
     ) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let inner = dims[dims.len() - 1];
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let row_elems = if dims.len() >= 3 {
-            dims[1..].iter().product()
-        } else {
-            rows * inner
-        };
-        let x2 = x.reshape((rows, inner))?;
+        let (dims, x2, row_elems) = flat_rows(x)?;
         let w = self.weight.matrix(x2.dtype())?;
         let mut y = x2.matmul(&w.t()?)?;
         if let Some(b) = &self.bias {
