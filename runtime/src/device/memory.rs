@@ -17,10 +17,10 @@ fn wrap(storage: CudaStorage, shape: &[usize]) -> Tensor {
 pub(crate) type Kept<K> = Option<(K, candle_core::Device, Tensor, Tensor)>;
 
 /// The two tensors `upload` makes for `key` on `device`, or the ones the slot kept from the last
-/// call with an equal key (compared borrowed: a hit copies nothing) and the same device. A copy from pageable host memory waits for the stream to
-/// drain, so an upload at every layer's call would leave the GPU idle while the host queues the
-/// next kernels; the tensors are only read, and stream order keeps a replaced pair alive for the
-/// kernels already queued.
+/// call with an equal key (compared borrowed: a hit copies nothing) and the same device. A copy
+/// from pageable host memory waits for the stream to drain, so an upload at every layer's call
+/// would leave the GPU idle while the host queues the next kernels; the tensors are only read,
+/// and stream order keeps a replaced pair alive for the kernels already queued.
 pub(crate) fn kept<K, Q>(
     slot: &'static std::thread::LocalKey<std::cell::RefCell<Kept<K>>>,
     key: &Q,

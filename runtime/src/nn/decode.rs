@@ -172,6 +172,43 @@ fn with_adapter(l: &Linear, y: Tensor, x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Where a norm (`weight`, `eps`) of `x` runs inside the lean product of `linears`: with
+/// [`Kernels::fold_norms`], no adapters (they read the normed input), a norm weight the kernel
+/// takes, and the lean form (`wanted`, `pairs` as [`lean`] takes them).
+#[cfg(feature = "cuda")]
+fn folded<'a, 'n>(
+    x: &Tensor,
+    (weight, eps): (&'n Tensor, f64),
+    linears: &[&'a Linear],
+    wanted: bool,
+    pairs: bool,
+) -> Option<(
+    Vec<&'a Tensor>,
+    super::cuda::gemv::Lean,
+    super::cuda::gemv::Norm<'n>,
+)> {
+    if !kernels().fold_norms
+        || linears.iter().any(|l| l.lora.is_some())
+        || !super::cuda::gemv::norm_fits(weight, x)
+    {
+        return None;
+    }
+    let (ws, shape) = lean(x, linears, wanted, pairs)?;
+    Some((ws, shape, super::cuda::gemv::Norm { weight, eps }))
+}
+
+/// Each weight of `ws` with its layer's bias, as the kernels take them.
+#[cfg(feature = "cuda")]
+fn with_biases<'a>(
+    ws: &[&'a Tensor],
+    linears: &[&'a Linear],
+) -> Vec<(&'a Tensor, Option<&'a Tensor>)> {
+    ws.iter()
+        .zip(linears)
+        .map(|(w, l)| (*w, l.bias.as_ref()))
+        .collect()
+}
+
 /// `l(x)` for each of `linears` (up to three sharing the input: q, k, v), `x` `[rows, in]` ->
 /// `[rows, out_i]` each.
 pub fn projections(x: &Tensor, linears: &[&Linear]) -> Result<Vec<Tensor>> {
@@ -180,11 +217,7 @@ pub fn projections(x: &Tensor, linears: &[&Linear]) -> Result<Vec<Tensor>> {
         && linears.len() <= 3
     {
         use super::cuda::gemv::{Form, many};
-        let pairs: Vec<_> = ws
-            .iter()
-            .zip(linears)
-            .map(|(w, l)| (*w, l.bias.as_ref()))
-            .collect();
+        let pairs = with_biases(&ws, linears);
         // The lean form at one row where it runs two features a warp (q/k/v in one wave).
         let form = match lean(x, linears, kernels().pairs, true) {
             Some((_, shape)) if shape.features == 2 => Form::Lean(shape),
@@ -209,20 +242,11 @@ pub fn normed_projections(
     linears: &[&Linear],
 ) -> Result<Vec<Tensor>> {
     #[cfg(feature = "cuda")]
-    if kernels().fold_norms
-        && linears.len() <= 3
-        && linears.iter().all(|l| l.lora.is_none())
-        && super::cuda::gemv::norm_fits(norm, x)
-        && let Some((ws, shape)) = lean(x, linears, true, true)
+    if linears.len() <= 3
+        && let Some((ws, shape, fold)) = folded(x, (norm, eps), linears, true, true)
     {
-        use super::cuda::gemv::{Form, Norm, many};
-        let pairs: Vec<_> = ws
-            .iter()
-            .zip(linears)
-            .map(|(w, l)| (*w, l.bias.as_ref()))
-            .collect();
-        let norm = Norm { weight: norm, eps };
-        return many(x, &pairs, Form::Lean(shape), Some(norm));
+        use super::cuda::gemv::{Form, many};
+        return many(x, &with_biases(&ws, linears), Form::Lean(shape), Some(fold));
     }
     projections(&rms_norm(x, norm, eps)?, linears)
 }
@@ -232,15 +256,12 @@ pub fn normed_projections(
 /// norm runs inside the product's kernel.
 pub fn product(x: &Tensor, norm: Option<(&Tensor, f64)>, l: &Linear) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if let Some((weight, eps)) = norm
-        && kernels().fold_norms
-        && l.lora.is_none()
-        && super::cuda::gemv::norm_fits(weight, x)
-        && let Some((ws, shape)) = lean(x, &[l], kernels().lean, false)
+    if let Some(norm) = norm
+        && let Some((ws, shape, fold)) = folded(x, norm, &[l], kernels().lean, false)
     {
-        use super::cuda::gemv::{Form, Norm, many};
-        let fold = Some(Norm { weight, eps });
-        return Ok(many(x, &[(ws[0], l.bias.as_ref())], Form::Lean(shape), fold)?.remove(0));
+        use super::cuda::gemv::{Form, many};
+        let w = [(ws[0], l.bias.as_ref())];
+        return Ok(many(x, &w, Form::Lean(shape), Some(fold))?.remove(0));
     }
     let h = normed(x, norm)?;
     #[cfg(feature = "cuda")]
@@ -287,14 +308,11 @@ pub fn swiglu(
         .iter()
         .all(|l| l.lora.is_none() && l.bias.is_none());
     #[cfg(feature = "cuda")]
-    if let Some((weight, eps)) = norm
+    if let Some(norm) = norm
         && plain
-        && kernels().fold_norms
-        && super::cuda::gemv::norm_fits(weight, x)
-        && let Some((ws, shape)) = lean(x, &[gate, up], kernels().lean, false)
+        && let Some((ws, shape, fold)) = folded(x, norm, &[gate, up], kernels().lean, false)
     {
-        let fold = Some(super::cuda::gemv::Norm { weight, eps });
-        return super::cuda::gemv::swiglu(x, ws[0], ws[1], shape.splits, fold);
+        return super::cuda::gemv::swiglu(x, ws[0], ws[1], shape.splits, Some(fold));
     }
     let h = normed(x, norm)?;
     #[cfg(feature = "cuda")]

@@ -147,52 +147,44 @@ pub fn forward_concat(
         y = add_bias(y, b)?;
     }
     let dtype = x2.dtype();
-    let col0: Vec<usize> = linears
-        .iter()
-        .scan(0, |c, l| {
-            let at = *c;
-            *c += l.out_features();
-            Some(at)
-        })
-        .collect();
-    // Each adapter and the key of its mask (none: it reads `x` as it is).
-    let adapters: Vec<(usize, &LoraAdapter, Option<dropout::Key>)> = linears
-        .iter()
-        .enumerate()
-        .filter_map(|(i, l)| {
-            let key = keys.get(i).copied().flatten();
-            l.lora
-                .as_ref()
-                .map(|a| (i, a, key.filter(|_| a.dropout > 0.0)))
-        })
-        .collect();
-    let mut xas: Vec<Option<(Tensor, Option<dropout::Key>)>> = vec![None; linears.len()];
-    // The adapters reading `x` itself: their A side by side, one product.
-    let plain: Vec<&(usize, &LoraAdapter, Option<dropout::Key>)> =
-        adapters.iter().filter(|a| a.2.is_none()).collect();
-    if !plain.is_empty() {
-        let a = plain
-            .iter()
-            .map(|(_, l, _)| l.a.to_dtype(dtype))
-            .collect::<Result<Vec<_>>>()?;
-        let xa = x2.matmul(&Tensor::cat(&a, 0)?.t()?)?;
-        let mut r0 = 0;
-        for &&(i, l, _) in &plain {
-            let r = l.a.dim(0)?;
-            xas[i] = Some((xa.narrow(1, r0, r)?.contiguous()?, None));
-            r0 += r;
+    // Each adapter with its layer, its first column and the key of its mask (none: it reads `x`
+    // as it is).
+    let mut adapters = Vec::new();
+    let mut col0 = 0;
+    for (i, l) in linears.iter().enumerate() {
+        if let Some(a) = &l.lora {
+            let key = keys.get(i).copied().flatten().filter(|_| a.dropout > 0.0);
+            adapters.push((i, col0, a, key));
         }
+        col0 += l.out_features();
     }
-    for &(i, l, key) in &adapters {
-        let xa = match (key, &xas[i]) {
+    // The adapters reading `x` itself: their A side by side, one product.
+    let plain = adapters
+        .iter()
+        .filter(|a| a.3.is_none())
+        .map(|a| a.2.a.to_dtype(dtype))
+        .collect::<Result<Vec<_>>>()?;
+    let shared = if plain.is_empty() {
+        None
+    } else {
+        Some(x2.matmul(&Tensor::cat(&plain, 0)?.t()?)?)
+    };
+    let mut xas: Vec<Option<(Tensor, Option<dropout::Key>)>> = vec![None; linears.len()];
+    let mut r0 = 0;
+    for (i, col0, l, key) in adapters {
+        let xa = match (key, &shared) {
             (Some(k), _) => {
-                let h = dropout::apply(&x2, l.dropout, k, row_elems)?;
-                h.matmul(&l.a.to_dtype(dtype)?.t()?)?
+                dropout::apply(&x2, l.dropout, k, row_elems)?.matmul(&l.a.to_dtype(dtype)?.t()?)?
             }
-            (None, Some((xa, _))) => xa.clone(),
+            (None, Some(shared)) => {
+                let r = l.a.dim(0)?;
+                r0 += r;
+                shared.narrow(1, r0 - r, r)?.contiguous()?
+            }
+            // Every adapter without a mask is in the shared product.
             (None, None) => continue,
         };
-        y = add_matmul_cols(y, col0[i], &xa, &l.b.to_dtype(dtype)?.t()?, l.scale)?;
+        y = add_matmul_cols(y, col0, &xa, &l.b.to_dtype(dtype)?.t()?, l.scale)?;
         xas[i] = Some((xa, key));
     }
     if let Some(slots) = saved {
